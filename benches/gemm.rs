@@ -1,0 +1,205 @@
+//! GEMM throughput on the DLRM layer shapes, ours against the `matrixmultiply` crate.
+//!
+//! Ids: `gemm/<form>-<impl>-t<threads>/<M>x<N>x<K>`, form = fwd (Y = X W^T + b, ReLU),
+//! dx (dX = dY W), dw (dW = dY^T X), nn (plain square product); throughput is 2 M N K
+//! elements, so criterion's elem/s reads as FLOP/s.
+//!
+//! `DLRM_BENCH_SWEEP=1` adds an exhaustive sweep of square and skinny shapes.
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use dlrm_kernels::gemm::{self, GemmOps, MatMut, MatRef};
+use std::hint::black_box;
+use std::time::Duration;
+
+#[derive(Clone, Copy)]
+enum Form {
+    Fwd,
+    Dx,
+    Dw,
+    Nn,
+}
+
+impl Form {
+    fn name(self) -> &'static str {
+        match self {
+            Form::Fwd => "fwd",
+            Form::Dx => "dx",
+            Form::Dw => "dw",
+            Form::Nn => "nn",
+        }
+    }
+}
+
+/// One product with its operands stored as an MLP layer stores them.
+struct Problem {
+    form: Form,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    bias: Vec<f32>,
+    c: Vec<f32>,
+}
+
+fn values(len: usize, seed: u32) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / (1u32 << 24) as f32 - 0.5)
+        .collect()
+}
+
+impl Problem {
+    /// A layer `inp -> out` at batch `batch`, in the given form.
+    fn layer(form: Form, batch: usize, inp: usize, out: usize) -> Problem {
+        let (m, n, k) = match form {
+            Form::Fwd => (batch, out, inp),
+            Form::Dx => (batch, inp, out),
+            Form::Dw => (out, inp, batch),
+            Form::Nn => (batch, out, inp),
+        };
+        Problem {
+            form,
+            m,
+            n,
+            k,
+            a: values(m * k, 1),
+            b: values(k * n, 2),
+            bias: values(n, 3),
+            c: vec![0.0; m * n],
+        }
+    }
+
+    /// Operand views: A is m x k, B is k x n, laid out as the layer keeps them
+    /// (fwd reads W^T, dw reads dY^T).
+    fn views(&self) -> (MatRef<'_>, MatRef<'_>) {
+        let (m, n, k) = (self.m, self.n, self.k);
+        match self.form {
+            Form::Fwd => (MatRef::new(&self.a, m, k), MatRef::new(&self.b, n, k).t()),
+            Form::Dw => (MatRef::new(&self.a, k, m).t(), MatRef::new(&self.b, k, n)),
+            Form::Dx | Form::Nn => (MatRef::new(&self.a, m, k), MatRef::new(&self.b, k, n)),
+        }
+    }
+
+    fn run_ours(&mut self) {
+        let (m, n) = (self.m, self.n);
+        let mut c = std::mem::take(&mut self.c);
+        let (a, b) = self.views();
+        let ops = match self.form {
+            Form::Fwd => GemmOps {
+                bias: Some(&self.bias),
+                relu: true,
+                ..GemmOps::default()
+            },
+            Form::Dw => GemmOps {
+                beta: 1.0,
+                ..GemmOps::default()
+            },
+            _ => GemmOps::default(),
+        };
+        gemm::gemm(a, b, MatMut::new(&mut c, m, n), &ops);
+        self.c = c;
+    }
+
+    fn run_matrixmultiply(&mut self) {
+        let (m, n, k) = (self.m, self.n, self.k);
+        let mut c = std::mem::take(&mut self.c);
+        let (a, b) = self.views();
+        let beta = if matches!(self.form, Form::Dw) { 1.0 } else { 0.0 };
+        // SAFETY: the views describe valid m x k and k x n matrices; C is m x n contiguous.
+        unsafe {
+            matrixmultiply::sgemm(
+                m,
+                k,
+                n,
+                1.0,
+                a.as_ptr(),
+                a.row_stride() as isize,
+                a.col_stride() as isize,
+                b.as_ptr(),
+                b.row_stride() as isize,
+                b.col_stride() as isize,
+                beta,
+                c.as_mut_ptr(),
+                n as isize,
+                1,
+            )
+        }
+        self.c = c;
+    }
+}
+
+fn pool(threads: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("thread pool")
+}
+
+fn shapes() -> Vec<(Form, usize, usize, usize)> {
+    // (form, batch, in, out)
+    let mut v = Vec::new();
+    let layers = [
+        (13, 512),
+        (512, 256),
+        (256, 64),
+        (64, 16),
+        (367, 512),
+        (512, 256),
+        (256, 1),
+    ];
+    let mut seen = Vec::new();
+    for (i, o) in layers {
+        if seen.contains(&(i, o)) {
+            continue;
+        }
+        seen.push((i, o));
+        for form in [Form::Fwd, Form::Dx, Form::Dw] {
+            v.push((form, 2048, i, o));
+        }
+    }
+    for (i, o) in [(367, 512), (512, 256)] {
+        for form in [Form::Fwd, Form::Dx, Form::Dw] {
+            v.push((form, 128, i, o));
+        }
+    }
+    v.push((Form::Nn, 512, 512, 512));
+    v.push((Form::Nn, 1024, 1024, 1024));
+    if std::env::var_os("DLRM_BENCH_SWEEP").is_some() {
+        for s in [64, 96, 128, 192, 256, 384, 768, 1536, 2048] {
+            v.push((Form::Nn, s, s, s));
+        }
+        for n in [1, 2, 4, 8, 16, 24, 32, 48, 64] {
+            v.push((Form::Fwd, 2048, 256, n));
+            v.push((Form::Dx, 2048, n, 512));
+        }
+        for m in [1, 8, 16, 32, 48, 64, 96, 128] {
+            v.push((Form::Fwd, m, 512, 512));
+        }
+    }
+    v
+}
+
+fn bench_gemm(c: &mut Criterion) {
+    let mut group = c.benchmark_group("gemm");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_millis(1200));
+    let pools = [(1, pool(1)), (2, pool(2))];
+    for (form, batch, inp, out) in shapes() {
+        let mut p = Problem::layer(form, batch, inp, out);
+        let shape = format!("{}x{}x{}", p.m, p.n, p.k);
+        group.throughput(Throughput::Elements((2 * p.m * p.n * p.k) as u64));
+        for (t, pl) in &pools {
+            let id = BenchmarkId::new(format!("{}-ours-t{t}", form.name()), &shape);
+            group.bench_function(id, |b| pl.install(|| b.iter(|| p.run_ours())));
+        }
+        let id = BenchmarkId::new(format!("{}-matrixmultiply-t1", form.name()), &shape);
+        group.bench_function(id, |b| b.iter(|| p.run_matrixmultiply()));
+        black_box(&p.c);
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_gemm);
+criterion_main!(benches);

@@ -1,0 +1,109 @@
+//! The three products of a fully connected layer with the PyTorch weight layout
+//! W (out x in), y = x W^T + b, all on the one GEMM through strided views:
+//!
+//! | product  | GEMM                          | M     | N   | K     |
+//! |----------|-------------------------------|-------|-----|-------|
+//! | forward  | Y = relu(X . W^T + b)         | batch | out | in    |
+//! | dX       | dX = (dY ⊙ [Y>0]) . W         | batch | in  | out   |
+//! | dW       | dW (+)= (dY ⊙ [Y>0])^T . X    | out   | in  | batch |
+//! | db       | db (+)= column sums of dY ⊙ [Y>0] |   |     |       |
+
+use super::{GemmOps, MatMut, MatRef, gemm};
+use crate::parallel::should_split;
+use crate::simd::{F32s, LANES, load_partial, store_partial};
+use rayon::prelude::*;
+
+/// Y = X . W^T + bias, then ReLU if `relu`. `x` is batch x in, `w` is out x in.
+pub fn linear_forward(x: MatRef, w: MatRef, bias: Option<&[f32]>, relu: bool, y: MatMut) {
+    let ops = GemmOps {
+        bias,
+        relu,
+        ..GemmOps::default()
+    };
+    gemm(x, w.t(), y, &ops);
+}
+
+/// dX = (dY ⊙ [Y > 0]) . W, where `relu_out` is the layer's output Y if a ReLU followed it.
+pub fn linear_backward_input(dy: MatRef, relu_out: Option<MatRef>, w: MatRef, dx: MatMut) {
+    let ops = GemmOps {
+        a_relu_mask: relu_out,
+        ..GemmOps::default()
+    };
+    gemm(dy, w, dx, &ops);
+}
+
+/// dW = (dY ⊙ [Y > 0])^T . X, added to dW's contents if `accumulate`.
+pub fn linear_backward_weight(
+    dy: MatRef,
+    relu_out: Option<MatRef>,
+    x: MatRef,
+    dw: MatMut,
+    accumulate: bool,
+) {
+    let ops = GemmOps {
+        beta: if accumulate { 1.0 } else { 0.0 },
+        a_relu_mask: relu_out.map(|y| y.t()),
+        ..GemmOps::default()
+    };
+    gemm(dy.t(), x, dw, &ops);
+}
+
+/// Columns per parallel task of [`bias_grad`].
+const BIAS_GRAD_COLS_PER_TASK: usize = 4 * LANES;
+
+/// db = column sums of dY ⊙ [Y > 0] (added to db if `accumulate`). Threads split the columns,
+/// and each column is summed over the rows in row order, so the bits never depend on the
+/// thread count.
+pub fn bias_grad(dy: MatRef, relu_out: Option<MatRef>, db: &mut [f32], accumulate: bool) {
+    let (m, n) = (dy.rows(), dy.cols());
+    assert_eq!(db.len(), n, "bias_grad: db has {} values for {n} columns", db.len());
+    if let Some(y) = &relu_out {
+        assert_eq!((y.rows(), y.cols()), (m, n), "bias_grad: mask shape differs from dY");
+    }
+    let columns = |j0: usize, out: &mut [f32]| {
+        for (v, out_v) in out.chunks_mut(LANES).enumerate() {
+            let j = j0 + v * LANES;
+            let w = out_v.len();
+            let mut acc = if accumulate {
+                crate::simd::load_slice_partial(out_v)
+            } else {
+                F32s::splat(0.0)
+            };
+            for i in 0..m {
+                let g = row_vec(&dy, i, j, w);
+                acc += match &relu_out {
+                    None => g,
+                    Some(y) => {
+                        // An all-ones lane mask where Y > 0: AND keeps g there, zero elsewhere.
+                        row_vec(y, i, j, w).simd_gt(F32s::splat(0.0)) & g
+                    }
+                };
+            }
+            // SAFETY: out_v holds w <= LANES writable floats.
+            unsafe { store_partial(out_v.as_mut_ptr(), w, acc) };
+        }
+    };
+    if should_split(m * n, 1 << 16) {
+        db.par_chunks_mut(BIAS_GRAD_COLS_PER_TASK)
+            .enumerate()
+            .for_each(|(t, out)| columns(t * BIAS_GRAD_COLS_PER_TASK, out));
+    } else {
+        columns(0, db);
+    }
+}
+
+/// Up to LANES elements of row i from column j (zero-filled), for any column stride.
+#[inline(always)]
+fn row_vec(x: &MatRef, i: usize, j: usize, w: usize) -> F32s {
+    if x.col_stride() == 1 {
+        let s = x.row_slice(i, j, w);
+        // SAFETY: s holds w <= LANES readable floats.
+        unsafe { load_partial(s.as_ptr(), w) }
+    } else {
+        let mut buf = [0.0f32; LANES];
+        for (q, b) in buf.iter_mut().enumerate().take(w) {
+            *b = x.get(i, j + q);
+        }
+        F32s::new(buf)
+    }
+}

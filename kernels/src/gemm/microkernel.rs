@@ -1,0 +1,163 @@
+//! The register-tile microkernel: C[MR x NR] (op)= A[MR x k] . B[k x NR], NR = NV vectors.
+//!
+//! Per step of k: NV vector loads of one B row, MR broadcasts of one A column, MR * NV FMAs
+//! into accumulators that never leave registers (MR * NV of them: 24 of the 32 zmm registers
+//! on AVX-512, 12 of the 16 ymm on AVX2). That is 2 + 12 loads per 24 FMAs, inside the
+//! two-loads-per-cycle budget that feeds two FMA ports.
+//!
+//! A is either packed (MR values per k step, contiguous) or read in place through strides; B is
+//! either packed (NR values per k step, zero-padded, so full-width loads are always safe) or
+//! read in place from rows of the caller's matrix, with masked loads on a right-edge tile.
+//! The epilogue (alpha, beta, bias, ReLU) is applied as the tile is stored; rows past `m` and
+//! columns past `n` are never written.
+
+use crate::simd::{F32s, LANES, load, load_partial, prefetch_write, store, store_partial};
+
+/// Rows of the wide microkernel's register tile.
+#[cfg(target_feature = "avx512f")]
+pub const WIDE_MR: usize = 12;
+#[cfg(not(target_feature = "avx512f"))]
+pub const WIDE_MR: usize = 6;
+/// Vectors per row of the wide microkernel's tile.
+pub const WIDE_NV: usize = 2;
+/// Columns of the wide microkernel's tile.
+pub const WIDE_NR: usize = WIDE_NV * LANES;
+
+/// Rows of the narrow (one vector wide) microkernel, used when C has at most LANES columns.
+#[cfg(target_feature = "avx512f")]
+pub const NARROW_MR: usize = 24;
+#[cfg(not(target_feature = "avx512f"))]
+pub const NARROW_MR: usize = 12;
+
+/// One tile's operands. Pointers are already offset to the tile's first element.
+pub struct Tile {
+    pub k: usize,
+    pub a: *const f32,
+    /// Stride between rows of A (unused when A is packed).
+    pub a_rs: usize,
+    /// Stride between k steps of A (unused when A is packed).
+    pub a_cs: usize,
+    pub b: *const f32,
+    /// Stride between k steps (rows) of B: NR when packed.
+    pub b_rs: usize,
+    pub c: *mut f32,
+    pub c_rs: usize,
+    /// Valid rows of C in this tile (<= MR).
+    pub m: usize,
+    /// Valid columns of C in this tile (<= NR).
+    pub n: usize,
+}
+
+/// How the accumulated tile is merged into C: C = relu(alpha * acc + beta * C + bias).
+#[derive(Clone, Copy)]
+pub struct StoreOps {
+    pub alpha: f32,
+    /// 0 means C is not read at all (it may hold garbage, as in BLAS).
+    pub beta: f32,
+    /// Bias for the tile's first column, or null.
+    pub bias: *const f32,
+    pub relu: bool,
+}
+
+/// Computes one MR x (NV * LANES) tile.
+///
+/// # Safety
+/// - A: when `A_PACKED`, `MR * k` readable floats at `t.a`; otherwise element (i, p) at
+///   `t.a + i * a_rs + p * a_cs` readable for i < MR, p < k.
+/// - B: row p at `t.b + p * b_rs`, `NV * LANES` readable floats when `B_FULL`, else `t.n`.
+/// - C: row i at `t.c + i * c_rs`, `t.n` writable (and readable if beta != 0) floats, i < t.m.
+/// - bias: null or `t.n` readable floats.
+#[inline(never)]
+pub unsafe fn tile<const MR: usize, const NV: usize, const A_PACKED: bool, const B_FULL: bool>(
+    t: &Tile,
+    s: &StoreOps,
+) {
+    let mut cnt = [LANES; NV];
+    for (v, c) in cnt.iter_mut().enumerate() {
+        *c = t.n.saturating_sub(v * LANES).min(LANES);
+    }
+    for i in 0..MR.min(t.m) {
+        // Warm the C rows for the store while the k loop runs.
+        prefetch_write(t.c.wrapping_add(i * t.c_rs));
+        prefetch_write(t.c.wrapping_add(i * t.c_rs + NV * LANES - 1));
+    }
+
+    let zero = F32s::splat(0.0);
+    let mut acc = [[zero; NV]; MR];
+    let mut a = t.a;
+    let mut b = t.b;
+    let a_step = if A_PACKED { MR } else { t.a_cs };
+    for _ in 0..t.k {
+        let mut bv = [zero; NV];
+        for v in 0..NV {
+            // SAFETY: row p of B has NV*LANES (B_FULL) or cnt[v] readable floats at offset v*LANES.
+            bv[v] = unsafe {
+                if B_FULL {
+                    load(b.add(v * LANES))
+                } else {
+                    load_partial(b.add(v * LANES), cnt[v])
+                }
+            };
+        }
+        for (i, acc_row) in acc.iter_mut().enumerate() {
+            // SAFETY: element (i, p) of A is readable (packed: MR per step; else via strides).
+            let ai = unsafe {
+                if A_PACKED {
+                    *a.add(i)
+                } else {
+                    *a.add(i * t.a_rs)
+                }
+            };
+            let av = F32s::splat(ai);
+            for v in 0..NV {
+                acc_row[v] = av.mul_add(bv[v], acc_row[v]);
+            }
+        }
+        a = a.wrapping_add(a_step);
+        b = b.wrapping_add(t.b_rs);
+    }
+
+    let alpha = F32s::splat(s.alpha);
+    let beta = F32s::splat(s.beta);
+    for (i, acc_row) in acc.iter().enumerate() {
+        if i >= t.m {
+            break;
+        }
+        let crow = t.c.wrapping_add(i * t.c_rs);
+        for v in 0..NV {
+            let n = cnt[v];
+            if n == 0 {
+                continue;
+            }
+            let cp = crow.wrapping_add(v * LANES);
+            let mut r = acc_row[v] * alpha;
+            // SAFETY: n floats of C row i (and of bias) at offset v*LANES are valid.
+            unsafe {
+                if s.beta != 0.0 {
+                    let old = if n == LANES {
+                        load(cp)
+                    } else {
+                        load_partial(cp, n)
+                    };
+                    r = old.mul_add(beta, r);
+                }
+                if !s.bias.is_null() {
+                    let bp = s.bias.add(v * LANES);
+                    r += if n == LANES {
+                        load(bp)
+                    } else {
+                        load_partial(bp, n)
+                    };
+                }
+                if s.relu {
+                    r = r.max(zero);
+                }
+                if n == LANES {
+                    store(cp, r)
+                } else {
+                    store_partial(cp, n, r)
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,705 @@
+//! Single-precision GEMM, BLIS-style: C = relu(alpha * op(A) . op(B) + beta * C + bias).
+//!
+//! One implementation serves every product of an MLP layer with the PyTorch weight layout
+//! W (out x in): operands are strided views, so a transpose is a view, not a copy
+//! ([`MatRef::t`]); see [`linear`] for the three layer products.
+//!
+//! Loop nest (Goto & van de Geijn 2008; Van Zee & van de Geijn, BLIS, 2015):
+//! ```text
+//! for jc in N step NC:                 B panel (KC x NC) packed once, shared by all threads
+//!   for pc in K step KC:
+//!     for ic in M step MC (threads):   A block (MC x KC) packed per thread, lives in L2
+//!       for jr in NC step NR:          B micro-panel (KC x NR) stays in L1
+//!         for ir in MC step MR:        microkernel: MR x NR tile in registers
+//! ```
+//! Threads split the M and N loops only, so each element of C is computed by the same
+//! sequence of operations whatever the thread count. When M * N is too small to occupy the
+//! threads and K is long (dW of a layer with one output), K is cut into chunks fixed by the
+//! shape alone, and the partial products are added in chunk order: still bit-identical.
+//!
+//! Skinny shapes take cheaper paths, chosen by shape with the constants below (measured with
+//! `cargo bench --bench gemm`, see README.md): no packing of a block that is read only once or
+//! twice, a dot-product path for C with a handful of columns.
+
+mod blocking;
+pub mod linear;
+mod microkernel;
+mod pack;
+
+pub use blocking::{BlockSizes, CacheSizes};
+pub use linear::{bias_grad, linear_backward_input, linear_backward_weight, linear_forward};
+pub use microkernel::{NARROW_MR, WIDE_MR, WIDE_NR};
+
+use crate::parallel::should_split;
+use crate::scratch::{PACK_A, PACK_B, PARTIALS, with_scratch};
+use crate::simd::{F32s, LANES, load, load_partial, store};
+use microkernel::{StoreOps, Tile};
+use rayon::prelude::*;
+
+/// A is not packed when C has at most this many rows: the block is small enough to stay in
+/// cache and packing would cost a copy for little reuse.
+pub const NOPACK_A_MAX_M: usize = 64;
+/// B is not packed (when its rows are contiguous) if C has at most this many rows: each B
+/// micro-panel is then read by at most two register tiles, too few to repay the copy.
+pub const NOPACK_B_MAX_M: usize = 2 * WIDE_MR;
+/// C with at most this many columns, A rows and B columns contiguous (Y = X W^T with a
+/// one-output layer), is computed as dot products along K instead of register tiles that
+/// would be mostly padding.
+pub const DOT_MAX_N: usize = 4;
+/// K is split into chunks of this length when C is small (M * N <= SPLIT_K_MAX_MN) and
+/// K >= 2 * SPLIT_K_CHUNK, so that the long reduction of a dW with few outputs runs in
+/// parallel. Both are constants of the shape, never of the thread count.
+pub const SPLIT_K_CHUNK: usize = 256;
+/// See [`SPLIT_K_CHUNK`].
+pub const SPLIT_K_MAX_MN: usize = 64 * 256;
+/// Smallest product (in FLOPs) that is split across threads: below it a fork-join costs more
+/// than it saves.
+pub const MIN_PARALLEL_FLOPS: usize = 1 << 21;
+
+/// An immutable strided matrix view: element (i, j) is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+fn required_len(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * rs + (cols - 1) * cs + 1
+    }
+}
+
+impl<'a> MatRef<'a> {
+    /// A contiguous row-major `rows x cols` matrix.
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self::strided(data, rows, cols, cols, 1)
+    }
+
+    /// A row-major matrix whose rows are `row_stride` floats apart.
+    pub fn with_row_stride(data: &'a [f32], rows: usize, cols: usize, row_stride: usize) -> Self {
+        Self::strided(data, rows, cols, row_stride, 1)
+    }
+
+    /// A general strided view. Panics if `data` is too short.
+    pub fn strided(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
+        let need = required_len(rows, cols, rs, cs);
+        assert!(
+            data.len() >= need,
+            "matrix view {rows}x{cols} (strides {rs}, {cs}) needs {need} floats, slice has {}",
+            data.len()
+        );
+        MatRef {
+            data: &data[..need],
+            rows,
+            cols,
+            rs,
+            cs,
+        }
+    }
+
+    /// The transposed view (no copy).
+    pub fn t(self) -> Self {
+        MatRef {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    pub fn row_stride(&self) -> usize {
+        self.rs
+    }
+    pub fn col_stride(&self) -> usize {
+        self.cs
+    }
+
+    /// Element (i, j).
+    pub fn get(&self, i: usize, j: usize) -> f32 {
+        assert!(i < self.rows && j < self.cols);
+        self.data[i * self.rs + j * self.cs]
+    }
+
+    /// The `rows x cols` sub-matrix starting at (i0, j0).
+    pub fn sub(&self, i0: usize, j0: usize, rows: usize, cols: usize) -> MatRef<'a> {
+        assert!(i0 + rows <= self.rows && j0 + cols <= self.cols);
+        if rows == 0 || cols == 0 {
+            return MatRef::strided(&[], rows, cols, self.rs, self.cs);
+        }
+        MatRef::strided(
+            &self.data[i0 * self.rs + j0 * self.cs..],
+            rows,
+            cols,
+            self.rs,
+            self.cs,
+        )
+    }
+
+    /// The elements of row i, in column order.
+    pub fn row_iter(&self, i: usize) -> impl Iterator<Item = f32> + 'a {
+        let data: &'a [f32] = self.data;
+        data[i * self.rs..]
+            .iter()
+            .step_by(self.cs.max(1))
+            .take(self.cols)
+            .copied()
+    }
+
+    /// The elements of column j, in row order.
+    pub fn col_iter(&self, j: usize) -> impl Iterator<Item = f32> + 'a {
+        let data: &'a [f32] = self.data;
+        data[j * self.cs..]
+            .iter()
+            .step_by(self.rs.max(1))
+            .take(self.rows)
+            .copied()
+    }
+
+    /// `len` contiguous elements of row i from column j0 (requires a unit column stride).
+    pub fn row_slice(&self, i: usize, j0: usize, len: usize) -> &'a [f32] {
+        assert!(self.cs == 1 && j0 + len <= self.cols);
+        let start = i * self.rs + j0;
+        &self.data[start..start + len]
+    }
+
+    /// Pointer to element (0, 0), for handing the view to foreign code.
+    pub fn as_ptr(&self) -> *const f32 {
+        self.data.as_ptr()
+    }
+
+    fn ptr_at(&self, i: usize, j: usize) -> *const f32 {
+        self.data.as_ptr().wrapping_add(i * self.rs + j * self.cs)
+    }
+}
+
+/// A mutable row-major view: element (i, j) is `data[i * rs + j]`.
+#[derive(Debug)]
+pub struct MatMut<'a> {
+    data: &'a mut [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+}
+
+impl<'a> MatMut<'a> {
+    /// A contiguous row-major `rows x cols` matrix.
+    pub fn new(data: &'a mut [f32], rows: usize, cols: usize) -> Self {
+        Self::with_row_stride(data, rows, cols, cols)
+    }
+
+    /// A row-major matrix whose rows are `row_stride >= cols` floats apart.
+    pub fn with_row_stride(data: &'a mut [f32], rows: usize, cols: usize, rs: usize) -> Self {
+        assert!(rs >= cols || rows <= 1, "row stride {rs} < {cols} columns");
+        let need = required_len(rows, cols, rs, 1);
+        assert!(
+            data.len() >= need,
+            "matrix {rows}x{cols} (row stride {rs}) needs {need} floats, slice has {}",
+            data.len()
+        );
+        MatMut {
+            data: &mut data[..need],
+            rows,
+            cols,
+            rs,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    pub fn row_stride(&self) -> usize {
+        self.rs
+    }
+
+    /// Element (i, j).
+    pub fn get(&self, i: usize, j: usize) -> f32 {
+        assert!(i < self.rows && j < self.cols);
+        self.data[i * self.rs + j]
+    }
+
+    /// Row i as a slice.
+    pub fn row_mut(&mut self, i: usize) -> &mut [f32] {
+        assert!(i < self.rows);
+        let start = i * self.rs;
+        &mut self.data[start..start + self.cols]
+    }
+
+    /// A read-only view of the same matrix.
+    pub fn as_ref(&self) -> MatRef<'_> {
+        MatRef::strided(self.data, self.rows, self.cols, self.rs, 1)
+    }
+
+    /// A shorter-lived mutable view (to pass on without giving this one up).
+    pub fn rb_mut(&mut self) -> MatMut<'_> {
+        MatMut {
+            data: self.data,
+            rows: self.rows,
+            cols: self.cols,
+            rs: self.rs,
+        }
+    }
+}
+
+/// What is applied around the product: C = relu(alpha * (A ⊙ mask) . B + beta * C + bias).
+#[derive(Clone, Copy, Debug)]
+pub struct GemmOps<'a> {
+    pub alpha: f32,
+    /// With beta = 0, C is only written (it may hold anything beforehand, NaN included).
+    pub beta: f32,
+    /// Added to every row of C (length N).
+    pub bias: Option<&'a [f32]>,
+    /// C = max(C, 0) after the bias.
+    pub relu: bool,
+    /// If set (same shape as A), A is read as A ⊙ [mask > 0]: the ReLU backward, with the
+    /// layer's output as the mask, fused into the read of dY.
+    pub a_relu_mask: Option<MatRef<'a>>,
+}
+
+impl Default for GemmOps<'_> {
+    fn default() -> Self {
+        GemmOps {
+            alpha: 1.0,
+            beta: 0.0,
+            bias: None,
+            relu: false,
+            a_relu_mask: None,
+        }
+    }
+}
+
+/// C = relu(alpha * op(A) . op(B) + beta * C + bias), with this machine's block sizes.
+pub fn gemm(a: MatRef, b: MatRef, c: MatMut, ops: &GemmOps) {
+    gemm_with_blocks(&BlockSizes::host(), a, b, c, ops)
+}
+
+/// [`gemm`] with explicit block sizes.
+pub fn gemm_with_blocks(bs: &BlockSizes, a: MatRef, b: MatRef, mut c: MatMut, ops: &GemmOps) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(b.rows, k, "gemm: A is {m}x{k} but B is {}x{n}", b.rows);
+    assert_eq!(
+        (c.rows, c.cols),
+        (m, n),
+        "gemm: C is {}x{}, the product is {m}x{n}",
+        c.rows,
+        c.cols
+    );
+    if let Some(bias) = ops.bias {
+        assert_eq!(bias.len(), n, "gemm: bias has {} values for {n} columns", bias.len());
+    }
+    if let Some(mask) = &ops.a_relu_mask {
+        assert_eq!((mask.rows, mask.cols), (m, k), "gemm: mask shape differs from A");
+    }
+    assert!(bs.kc > 0 && bs.mc > 0 && bs.nc > 0, "gemm: zero block size");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        // The product is zero: only the scaling and the epilogue remain.
+        for i in 0..m {
+            epilogue_row(None, c.row_mut(i), ops);
+        }
+        return;
+    }
+    if n <= DOT_MAX_N && a.cs == 1 && b.rs == 1 && ops.a_relu_mask.is_none() {
+        gemm_dot(a, b, c, ops);
+    } else if m * n <= SPLIT_K_MAX_MN && k >= 2 * SPLIT_K_CHUNK {
+        gemm_split_k(bs, a, b, c, ops);
+    } else if n <= LANES {
+        gemm_blocked::<NARROW_MR, 1>(bs, a, b, c.rb_mut(), ops);
+    } else {
+        gemm_blocked::<WIDE_MR, { microkernel::WIDE_NV }>(bs, a, b, c.rb_mut(), ops);
+    }
+}
+
+/// C row = relu(alpha * acc + beta * C + bias) for one row; `acc = None` means a zero product.
+fn epilogue_row(acc: Option<&[f32]>, c: &mut [f32], ops: &GemmOps) {
+    for (j, cj) in c.iter_mut().enumerate() {
+        let mut r = acc.map_or(0.0, |a| a[j] * ops.alpha);
+        if ops.beta != 0.0 {
+            r = cj.mul_add(ops.beta, r);
+        }
+        if let Some(bias) = ops.bias {
+            r += bias[j];
+        }
+        if ops.relu {
+            r = r.max(0.0);
+        }
+        *cj = r;
+    }
+}
+
+/// A raw pointer to C that may cross threads: each task writes a disjoint set of tiles.
+#[derive(Clone, Copy)]
+struct SharedC(*mut f32);
+// SAFETY: tasks write disjoint elements of C (distinct tiles), and the fork-join ends before
+// the exclusive borrow of C that produced the pointer does.
+unsafe impl Send for SharedC {}
+// SAFETY: as above: concurrent use never touches the same element.
+unsafe impl Sync for SharedC {}
+
+/// Splits a grid of `mt x nt` tiles into about `4 * threads` tasks of whole tiles, M first
+/// (each M task packs its own A block; N tasks would repack it).
+fn task_grid(m_tiles: usize, n_tiles: usize, threads: usize) -> (usize, usize) {
+    let want = 4 * threads;
+    let tm = m_tiles.min(want).max(1);
+    let tn = (want / tm).clamp(1, n_tiles.max(1));
+    (tm, tn)
+}
+
+fn gemm_blocked<const MR: usize, const NV: usize>(
+    bs: &BlockSizes,
+    a: MatRef,
+    b: MatRef,
+    c: MatMut,
+    ops: &GemmOps,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let nr = NV * LANES;
+    let pack_a = ops.a_relu_mask.is_some() || (m > NOPACK_A_MAX_M && n > nr);
+    let pack_b = b.cs != 1 || m > NOPACK_B_MAX_M;
+    let kc_max = bs.kc;
+    let mc_max = (bs.mc / MR).max(1) * MR;
+    let nc_max = (bs.nc / nr).max(1) * nr;
+    let parallel = should_split(2 * m * n * k, MIN_PARALLEL_FLOPS);
+    let threads = if parallel {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
+    let c_rs = c.rs;
+    let c_ptr = SharedC(c.data.as_mut_ptr());
+    let b_len = if pack_b {
+        kc_max.min(k) * n.min(nc_max).div_ceil(nr) * nr
+    } else {
+        0
+    };
+    with_scratch(&PACK_B, b_len, |b_buf| {
+        for jc in (0..n).step_by(nc_max) {
+            let nc = nc_max.min(n - jc);
+            for pc in (0..k).step_by(kc_max) {
+                let kc = kc_max.min(k - pc);
+                let last = pc + kc == k;
+                let b_blk = b.sub(pc, jc, kc, nc);
+                let b_panels: &[f32] = if pack_b {
+                    let panels = &mut b_buf[..kc * nc.div_ceil(nr) * nr];
+                    if threads > 1 {
+                        panels
+                            .par_chunks_mut(kc * nr)
+                            .enumerate()
+                            .for_each(|(q, p)| pack::pack_b_panel(b_blk, q * nr, nr, p));
+                    } else {
+                        pack::pack_b(b_blk, nr, panels);
+                    }
+                    panels
+                } else {
+                    &[]
+                };
+                let m_tiles = m.div_ceil(MR);
+                let n_tiles = nc.div_ceil(nr);
+                let (tm, tn) = task_grid(m_tiles, n_tiles, threads);
+                let task = |t: usize| {
+                    let (ti, tj) = (t / tn, t % tn);
+                    let i0 = (m_tiles * ti / tm) * MR;
+                    let i1 = ((m_tiles * (ti + 1) / tm) * MR).min(m);
+                    let j0 = (n_tiles * tj / tn) * nr;
+                    let j1 = ((n_tiles * (tj + 1) / tn) * nr).min(nc);
+                    let blk = Block {
+                        a,
+                        b: b_blk,
+                        b_panels,
+                        pc,
+                        kc,
+                        jc,
+                        pack_a,
+                        pack_b,
+                        c: c_ptr,
+                        c_rs,
+                        bias: ops.bias.filter(|_| last),
+                        mask: ops.a_relu_mask,
+                        alpha: ops.alpha,
+                        beta: if pc == 0 { ops.beta } else { 1.0 },
+                        relu: last && ops.relu,
+                        mc_max,
+                    };
+                    blk.run::<MR, NV>(i0..i1, j0..j1);
+                };
+                if tm * tn > 1 {
+                    (0..tm * tn).into_par_iter().for_each(task);
+                } else {
+                    task(0);
+                }
+            }
+        }
+    });
+}
+
+/// One rank-KC update of the rows/columns a task owns.
+struct Block<'a> {
+    a: MatRef<'a>,
+    /// The kc x nc block of B (unpacked view).
+    b: MatRef<'a>,
+    /// The packed micro-panels of `b`, or empty when B is read in place.
+    b_panels: &'a [f32],
+    pc: usize,
+    kc: usize,
+    jc: usize,
+    pack_a: bool,
+    pack_b: bool,
+    c: SharedC,
+    c_rs: usize,
+    bias: Option<&'a [f32]>,
+    mask: Option<MatRef<'a>>,
+    alpha: f32,
+    /// beta for this K block: the caller's for the first, 1 for the others.
+    beta: f32,
+    /// ReLU only after the last K block.
+    relu: bool,
+    mc_max: usize,
+}
+
+impl Block<'_> {
+    /// Rows `rows` of C (absolute), columns `cols` (relative to jc, multiples of NR but the end).
+    fn run<const MR: usize, const NV: usize>(
+        &self,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+    ) {
+        let nr = NV * LANES;
+        let kc = self.kc;
+        let a_len = if self.pack_a {
+            self.mc_max.min(rows.len()).div_ceil(MR) * MR * kc
+        } else {
+            0
+        };
+        with_scratch(&PACK_A, a_len, |a_buf| {
+            for ic in rows.clone().step_by(self.mc_max) {
+                let mc = self.mc_max.min(rows.end - ic);
+                if self.pack_a {
+                    let mask = self.mask.map(|mk| mk.sub(ic, self.pc, mc, kc));
+                    pack::pack_a::<MR>(self.a.sub(ic, self.pc, mc, kc), mask, a_buf);
+                }
+                for jr in cols.clone().step_by(nr) {
+                    let nv = nr.min(cols.end - jr);
+                    let (b_ptr, b_rs) = if self.pack_b {
+                        (self.b_panels[(jr / nr) * kc * nr..].as_ptr(), nr)
+                    } else {
+                        (self.b.ptr_at(0, jr), self.b.rs)
+                    };
+                    let st = StoreOps {
+                        alpha: self.alpha,
+                        beta: self.beta,
+                        bias: self.bias.map_or(std::ptr::null(), |b| b[self.jc + jr..].as_ptr()),
+                        relu: self.relu,
+                    };
+                    for ir in (0..mc).step_by(MR) {
+                        let mv = MR.min(mc - ir);
+                        let (a_ptr, a_rs, a_cs) = if self.pack_a {
+                            (a_buf[(ir / MR) * MR * kc..].as_ptr(), 1, MR)
+                        } else {
+                            (self.a.ptr_at(ic + ir, self.pc), self.a.rs, self.a.cs)
+                        };
+                        let t = Tile {
+                            k: kc,
+                            a: a_ptr,
+                            a_rs,
+                            a_cs,
+                            b: b_ptr,
+                            b_rs,
+                            c: self
+                                .c
+                                .0
+                                .wrapping_add((ic + ir) * self.c_rs + self.jc + jr),
+                            c_rs: self.c_rs,
+                            m: mv,
+                            n: nv,
+                        };
+                        // SAFETY: the tile lies inside A, B and C as validated at entry: rows
+                        // ic+ir .. ic+ir+mv < m, columns jc+jr .. +nv <= n, k steps pc .. pc+kc;
+                        // packed buffers hold full MR/NR panels; this task alone writes it.
+                        unsafe { run_tile::<MR, NV>(&t, &st, self.pack_a, self.pack_b || nv == nr) };
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Dispatches a tile to the microkernel instance for its operand layout. A tile of fewer than
+/// MR rows whose A is read in place is cut into sub-tiles of 8, 4, 2 and 1 rows (the rows past
+/// `m` do not exist to be read); a packed A is zero-padded and runs the full tile.
+///
+/// # Safety
+/// As for [`microkernel::tile`].
+unsafe fn run_tile<const MR: usize, const NV: usize>(
+    t: &Tile,
+    st: &StoreOps,
+    a_packed: bool,
+    b_full: bool,
+) {
+    use microkernel::tile;
+    // SAFETY (all calls): forwarded from the caller; sub-tiles only shrink the row range.
+    unsafe {
+        match (a_packed, b_full) {
+            (true, true) => tile::<MR, NV, true, true>(t, st),
+            (true, false) => tile::<MR, NV, true, false>(t, st),
+            (false, _) if t.m == MR => {
+                if b_full {
+                    tile::<MR, NV, false, true>(t, st)
+                } else {
+                    tile::<MR, NV, false, false>(t, st)
+                }
+            }
+            (false, _) => {
+                let mut done = 0;
+                macro_rules! sub_tile {
+                    ($rows:literal) => {
+                        if $rows < MR && t.m - done >= $rows {
+                            let s = Tile {
+                                a: t.a.wrapping_add(done * t.a_rs),
+                                c: t.c.wrapping_add(done * t.c_rs),
+                                m: $rows,
+                                ..*t
+                            };
+                            if b_full {
+                                tile::<$rows, NV, false, true>(&s, st)
+                            } else {
+                                tile::<$rows, NV, false, false>(&s, st)
+                            }
+                            done += $rows;
+                        }
+                    };
+                }
+                sub_tile!(16);
+                sub_tile!(8);
+                sub_tile!(4);
+                sub_tile!(2);
+                sub_tile!(1);
+                debug_assert_eq!(done, t.m);
+            }
+        }
+    }
+}
+
+/// C = epilogue(A . B) for C with few columns, as dot products along K: A's rows and B's
+/// columns are contiguous, so each element is one vectorised dot product.
+fn gemm_dot(a: MatRef, b: MatRef, c: MatMut, ops: &GemmOps) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let c_rs = c.rs;
+    let rows_per_task = 64;
+    let run = |i0: usize, c_rows: &mut [f32]| {
+        let mut acc = [0.0f32; DOT_MAX_N];
+        for (r, c_row) in c_rows.chunks_mut(c_rs).enumerate() {
+            let a_row = a.row_slice(i0 + r, 0, k);
+            for (j, acc_j) in acc.iter_mut().enumerate().take(n) {
+                *acc_j = dot(a_row, &b.data[j * b.cs..j * b.cs + k]);
+            }
+            epilogue_row(Some(&acc[..n]), &mut c_row[..n], ops);
+        }
+    };
+    let data = &mut c.data[..];
+    if should_split(2 * m * n * k, MIN_PARALLEL_FLOPS) {
+        data.par_chunks_mut(rows_per_task * c_rs)
+            .enumerate()
+            .for_each(|(t, rows)| run(t * rows_per_task, rows));
+    } else {
+        run(0, data);
+    }
+}
+
+/// Dot product of two equal-length slices with two vector accumulators (to cover FMA
+/// latency) and a masked tail; a fixed order, so the same inputs give the same bits.
+pub fn dot(x: &[f32], y: &[f32]) -> f32 {
+    assert_eq!(x.len(), y.len());
+    let len = x.len();
+    let (mut s0, mut s1) = (F32s::splat(0.0), F32s::splat(0.0));
+    let mut p = 0;
+    // SAFETY (all loads): p + LANES <= len (or the partial count) floats are in bounds.
+    unsafe {
+        while p + 2 * LANES <= len {
+            s0 = load(x.as_ptr().add(p)).mul_add(load(y.as_ptr().add(p)), s0);
+            s1 = load(x.as_ptr().add(p + LANES)).mul_add(load(y.as_ptr().add(p + LANES)), s1);
+            p += 2 * LANES;
+        }
+        if p + LANES <= len {
+            s0 = load(x.as_ptr().add(p)).mul_add(load(y.as_ptr().add(p)), s0);
+            p += LANES;
+        }
+        if p < len {
+            let r = len - p;
+            s1 = load_partial(x.as_ptr().add(p), r).mul_add(load_partial(y.as_ptr().add(p), r), s1);
+        }
+    }
+    (s0 + s1).reduce_add()
+}
+
+/// C = epilogue(sum over fixed K chunks of A_chunk . B_chunk), partial products added in
+/// chunk order. The chunks run in parallel; each is an ordinary serial-or-parallel GEMM.
+fn gemm_split_k(bs: &BlockSizes, a: MatRef, b: MatRef, mut c: MatMut, ops: &GemmOps) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let chunks = k.div_ceil(SPLIT_K_CHUNK);
+    let mn = m * n;
+    with_scratch(&PARTIALS, chunks * mn, |partials| {
+        let chunk_product = |q: usize, part: &mut [f32]| {
+            let p0 = q * SPLIT_K_CHUNK;
+            let kq = SPLIT_K_CHUNK.min(k - p0);
+            let chunk_ops = GemmOps {
+                a_relu_mask: ops.a_relu_mask.map(|mk| mk.sub(0, p0, m, kq)),
+                ..GemmOps::default()
+            };
+            gemm_with_blocks(
+                bs,
+                a.sub(0, p0, m, kq),
+                b.sub(p0, 0, kq, n),
+                MatMut::new(part, m, n),
+                &chunk_ops,
+            );
+        };
+        if should_split(2 * m * n * k, MIN_PARALLEL_FLOPS) {
+            partials
+                .par_chunks_mut(mn)
+                .enumerate()
+                .for_each(|(q, part)| chunk_product(q, part));
+        } else {
+            for (q, part) in partials.chunks_mut(mn).enumerate() {
+                chunk_product(q, part);
+            }
+        }
+        // Sum the partials in chunk order, into the first one, vectorised along the rows.
+        let (first, rest) = partials.split_at_mut(mn);
+        for part in rest.chunks(mn) {
+            add_assign(first, part);
+        }
+        for i in 0..m {
+            epilogue_row(Some(&first[i * n..(i + 1) * n]), c.row_mut(i), ops);
+        }
+    });
+}
+
+/// x += y elementwise.
+fn add_assign(x: &mut [f32], y: &[f32]) {
+    assert_eq!(x.len(), y.len());
+    let mut xc = x.chunks_exact_mut(LANES);
+    let mut yc = y.chunks_exact(LANES);
+    for (xv, yv) in (&mut xc).zip(&mut yc) {
+        // SAFETY: both chunks hold exactly LANES floats.
+        unsafe { store(xv.as_mut_ptr(), load(xv.as_ptr()) + load(yv.as_ptr())) };
+    }
+    for (xi, yi) in xc.into_remainder().iter_mut().zip(yc.remainder()) {
+        *xi += yi;
+    }
+}

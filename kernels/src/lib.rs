@@ -1,0 +1,18 @@
+//! SIMD CPU kernels for DLRM training: pure compute on slices.
+//!
+//! This crate never reads a file, parses a flag or prints: callers pass slices with explicit
+//! shapes and strides (row-major). Shapes are checked once at entry and a mismatch is a
+//! programmer error (a panic with a message); data from users is validated by the caller.
+//!
+//! Parallel kernels take their threads from the current rayon pool, and give bit-identical
+//! results for any thread count: only independent outputs are split between threads, and
+//! reductions are split into chunks fixed by the shape alone.
+//!
+//! Every kernel has a scalar twin in [`reference`], the oracle of the property tests.
+
+pub mod gemm;
+pub mod parallel;
+pub mod reference;
+pub mod roofline;
+mod scratch;
+pub mod simd;

@@ -1,0 +1,156 @@
+//! The SIMD lane type, chosen when this crate is compiled, and the few memory operations that
+//! `wide` does not offer (unaligned, partial and masked loads/stores, prefetch).
+//!
+//! `wide` picks its implementation at compile time from the target features, so `F32s` is a
+//! real 512-bit register only when AVX-512 is enabled for the whole build (target-cpu=native);
+//! otherwise it is `f32x8` (AVX2, or two SSE halves on the default x86_64 target).
+
+#[cfg(target_feature = "avx512f")]
+pub type F32s = wide::f32x16;
+#[cfg(not(target_feature = "avx512f"))]
+pub type F32s = wide::f32x8;
+
+/// Number of f32 lanes in [`F32s`].
+pub const LANES: usize = core::mem::size_of::<F32s>() / core::mem::size_of::<f32>();
+
+/// Loads `LANES` floats from `p`, which need not be aligned.
+///
+/// # Safety
+/// `p .. p + LANES` must be readable.
+#[inline(always)]
+pub unsafe fn load(p: *const f32) -> F32s {
+    // SAFETY: the caller guarantees LANES readable floats; read_unaligned has no alignment
+    // requirement (F32s itself is 32/64-byte aligned, so a plain dereference would be UB).
+    unsafe { core::ptr::read_unaligned(p.cast::<F32s>()) }
+}
+
+/// Stores `LANES` floats to `p`, which need not be aligned.
+///
+/// # Safety
+/// `p .. p + LANES` must be writable.
+#[inline(always)]
+pub unsafe fn store(p: *mut f32, v: F32s) {
+    // SAFETY: the caller guarantees LANES writable floats; write_unaligned needs no alignment.
+    unsafe { core::ptr::write_unaligned(p.cast::<F32s>(), v) }
+}
+
+/// Loads the first `n < LANES` floats from `p` and zeroes the other lanes; never touches
+/// memory past `p + n` (a masked load where the ISA has one).
+///
+/// # Safety
+/// `p .. p + n` must be readable.
+#[inline(always)]
+pub unsafe fn load_partial(p: *const f32, n: usize) -> F32s {
+    debug_assert!(n <= LANES);
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    {
+        use core::arch::x86_64::_mm512_maskz_loadu_ps;
+        let mask = ((1u32 << n) - 1) as u16;
+        // SAFETY: masked-off lanes are not accessed (no fault), the others are readable.
+        F32s::from(unsafe { _mm512_maskz_loadu_ps(mask, p) })
+    }
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", not(target_feature = "avx512f")))]
+    {
+        use core::arch::x86_64::{_mm256_maskload_ps, _mm256_set_epi32};
+        let n = n as i32;
+        let m = |i: i32| if i < n { -1 } else { 0 };
+        let mask = _mm256_set_epi32(m(7), m(6), m(5), m(4), m(3), m(2), m(1), m(0));
+        // SAFETY: lanes whose mask is 0 are not accessed, the others are readable.
+        F32s::from(unsafe { _mm256_maskload_ps(p, mask) })
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+    {
+        let mut buf = [0.0f32; LANES];
+        // SAFETY: the caller guarantees n readable floats; buf holds LANES >= n.
+        unsafe { core::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), n) };
+        F32s::new(buf)
+    }
+}
+
+/// Stores the first `n < LANES` lanes of `v` to `p`; never touches memory past `p + n`.
+///
+/// # Safety
+/// `p .. p + n` must be writable.
+#[inline(always)]
+pub unsafe fn store_partial(p: *mut f32, n: usize, v: F32s) {
+    debug_assert!(n <= LANES);
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    {
+        use core::arch::x86_64::{__m512, _mm512_mask_storeu_ps};
+        let mask = ((1u32 << n) - 1) as u16;
+        // SAFETY: masked-off lanes are not written, the others are writable.
+        unsafe { _mm512_mask_storeu_ps(p, mask, __m512::from(v)) }
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
+    {
+        let buf = v.to_array();
+        // SAFETY: the caller guarantees n writable floats.
+        unsafe { core::ptr::copy_nonoverlapping(buf.as_ptr(), p, n) };
+    }
+}
+
+/// Loads `LANES` floats from the front of a slice (bounds-checked).
+#[inline(always)]
+pub fn load_slice(s: &[f32]) -> F32s {
+    assert!(s.len() >= LANES);
+    // SAFETY: the assert above guarantees LANES readable floats.
+    unsafe { load(s.as_ptr()) }
+}
+
+/// Stores `v` to the front of a slice (bounds-checked).
+#[inline(always)]
+pub fn store_slice(s: &mut [f32], v: F32s) {
+    assert!(s.len() >= LANES);
+    // SAFETY: the assert above guarantees LANES writable floats.
+    unsafe { store(s.as_mut_ptr(), v) }
+}
+
+/// Loads up to `LANES` floats from a slice shorter than or equal to a vector, zero-filled.
+#[inline(always)]
+pub fn load_slice_partial(s: &[f32]) -> F32s {
+    let n = s.len().min(LANES);
+    // SAFETY: n <= s.len() floats are readable.
+    unsafe { load_partial(s.as_ptr(), n) }
+}
+
+/// Stores the first `s.len() <= LANES` lanes of `v` into `s`.
+#[inline(always)]
+pub fn store_slice_partial(s: &mut [f32], v: F32s) {
+    let n = s.len().min(LANES);
+    // SAFETY: n <= s.len() floats are writable.
+    unsafe { store_partial(s.as_mut_ptr(), n, v) }
+}
+
+/// Hints the CPU to fetch the cache line holding `p` into all cache levels. A prefetch never
+/// faults, so any address (even one past the end of an allocation) is allowed.
+#[inline(always)]
+pub fn prefetch_read<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use core::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        // SAFETY: prefetch is a hint; it performs no access that can fault, whatever `p` is.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>()) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// Hints the CPU to fetch the cache line holding `p` for writing (PREFETCHW where available).
+#[inline(always)]
+pub fn prefetch_write<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use core::arch::x86_64::{_MM_HINT_ET0, _mm_prefetch};
+        // SAFETY: prefetch is a hint; it performs no access that can fault, whatever `p` is.
+        unsafe { _mm_prefetch::<_MM_HINT_ET0>(p.cast::<i8>()) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// Horizontal sum of a vector's lanes in a fixed order (pairwise halves), so it is the same
+/// for every call.
+#[inline(always)]
+pub fn reduce_sum(v: F32s) -> f32 {
+    v.reduce_add()
+}

@@ -1,0 +1,4 @@
+//! DLRM (Naumov et al. 2019) for CPUs: the model, its data and its training, built on the
+//! SIMD kernels of `dlrm-kernels`.
+
+pub use dlrm_kernels as kernels;

@@ -1,0 +1,3 @@
+fn main() {
+    println!("dlrm {}", env!("CARGO_PKG_VERSION"));
+}
