@@ -1,4 +1,9 @@
 //! DLRM (Naumov et al. 2019) for CPUs: the model, its data and its training, built on the
 //! SIMD kernels of `dlrm-kernels`.
 
+pub mod data;
+pub mod metrics;
+pub mod model;
+pub mod rng;
+
 pub use dlrm_kernels as kernels;

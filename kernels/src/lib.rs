@@ -10,7 +10,11 @@
 //!
 //! Every kernel has a scalar twin in [`reference`], the oracle of the property tests.
 
+pub mod activation;
+pub mod embedding;
 pub mod gemm;
+pub mod interaction;
+pub mod optim;
 pub mod parallel;
 pub mod reference;
 pub mod roofline;

@@ -3,6 +3,16 @@
 
 use crate::gemm::{GemmOps, MatMut, MatRef};
 
+mod activation;
+mod embedding;
+mod interaction;
+mod optim;
+
+pub use activation::*;
+pub use embedding::*;
+pub use interaction::*;
+pub use optim::*;
+
 /// C = relu(alpha * (A ⊙ [mask > 0]) . B + beta * C + bias), triple loop.
 pub fn gemm(a: MatRef, b: MatRef, c: &mut MatMut, ops: &GemmOps) {
     let (m, k, n) = (a.rows(), a.cols(), b.cols());

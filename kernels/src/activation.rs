@@ -1,0 +1,1 @@
+//! Activations and loss: ReLU, sigmoid, binary cross-entropy with logits and their gradients.

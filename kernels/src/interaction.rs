@@ -1,0 +1,1 @@
+//! Feature interaction of DLRM: the fused pairwise dot products, and concatenation.

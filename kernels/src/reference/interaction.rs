@@ -1,0 +1,1 @@
+//! Scalar twins of the interaction kernels.

@@ -1,0 +1,1 @@
+//! Scalar twins of the optim kernels.

@@ -1,0 +1,1 @@
+//! Evaluation metrics: loss, accuracy, ROC AUC, normalized entropy.

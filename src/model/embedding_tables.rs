@@ -1,0 +1,1 @@
+//! Embedding table storage: memory maps, anonymous (huge pages) or file-backed.

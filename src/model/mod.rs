@@ -1,0 +1,3 @@
+//! The models and their parameters.
+
+pub mod embedding_tables;
