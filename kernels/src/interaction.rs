@@ -20,9 +20,11 @@
 //! Backward: with G the pair gradients scattered into an F x F matrix (zero where no pair),
 //! dF = (G + G^T) F per sample, plus the pass-through of the bottom output's gradient into
 //! dF_0. It is computed as a register-tiled product with SIMD across d: a tile of R rows of dF
-//! and V vectors of d accumulates `coef(i, j) * F_j` over j, reading each coefficient straight
-//! from the pair gradients (contiguous along the row of G below the diagonal, contiguous down
-//! the column above it), so G + G^T is never materialised either.
+//! by V vectors of d accumulates `coef(i, j) * F_j` over j, one loaded vector of F_j feeding
+//! R FMAs whose coefficient is a broadcast memory operand read straight from the pair
+//! gradients: left of the tile's diagonal block each row reads its own row of G, right of it
+//! the R coefficients are consecutive in row j of G, and only the R x R diagonal block is
+//! gathered into a small array. G + G^T is never materialised.
 //!
 //! Samples are independent: large batches are split over the current rayon pool in fixed
 //! chunks of samples, and every output element is computed by the same operations whatever

@@ -43,11 +43,27 @@ fn check_bce(z: &[f32], y: &[f32]) -> Result<(), TestCaseError> {
     let (p, g, sum) = run_bce(z, y, scale, false);
     let (pe, ge, sume) = run_bce(z, y, scale, true);
     for i in 0..z.len() {
-        prop_assert!(p[i].is_finite() && g[i].is_finite(), "z = {}: p {} g {}", z[i], p[i], g[i]);
-        prop_assert!(close(p[i], pe[i], 1e-30, REL), "sigmoid({}) = {}, twin {}", z[i], p[i], pe[i]);
+        prop_assert!(
+            p[i].is_finite() && g[i].is_finite(),
+            "z = {}: p {} g {}",
+            z[i],
+            p[i],
+            g[i]
+        );
+        prop_assert!(
+            close(p[i], pe[i], 1e-30, REL),
+            "sigmoid({}) = {}, twin {}",
+            z[i],
+            p[i],
+            pe[i]
+        );
         prop_assert!(
             close(g[i], ge[i], 1e-30, REL + scale * REL),
-            "grad at z = {}, y = {}: {}, twin {}", z[i], y[i], g[i], ge[i]
+            "grad at z = {}, y = {}: {}, twin {}",
+            z[i],
+            y[i],
+            g[i],
+            ge[i]
         );
     }
     // Each loss term is accurate to a few ulps of itself.
@@ -62,7 +78,10 @@ fn check_bce(z: &[f32], y: &[f32]) -> Result<(), TestCaseError> {
         * 8.0
         * f32::EPSILON as f64;
     prop_assert!(sum.is_finite());
-    prop_assert!((sum - sume).abs() <= bound + 1e-30, "loss sum {sum}, twin {sume}");
+    prop_assert!(
+        (sum - sume).abs() <= bound + 1e-30,
+        "loss sum {sum}, twin {sume}"
+    );
     Ok(())
 }
 
