@@ -1,1 +1,144 @@
-//! Activations and loss: ReLU, sigmoid, binary cross-entropy with logits and their gradients.
+//! Activations and loss: sigmoid, binary cross-entropy with logits and their gradients. (ReLU
+//! and its gradient are fused into the GEMM epilogue and operand read, see
+//! [`crate::gemm::GemmOps`].)
+//!
+//! Everything is computed from e = exp(-|z|), which lies in (0, 1] for every finite z, so
+//! nothing overflows: sigmoid(z) = 1 / (1 + e) for z >= 0 and e / (1 + e) for z < 0, and
+//! ln(1 + exp(-|z|)) = ln_1p(e) keeps its accuracy when e is tiny. These kernels run on one
+//! value per sample, a few dozen operations each, far below the cost of the MLPs on the same
+//! batch, so they are serial (a fork-join would cost more than the work).
+
+use crate::simd::{F32s, LANES, load, load_partial, store, store_partial};
+
+/// Runs `f` over the inputs LANES elements at a time and stores what it returns into the
+/// outputs. The tail is a zero-filled masked load and a masked store; `f` is also told how
+/// many lanes hold real elements.
+#[inline(always)]
+fn map_vectors<const I: usize, const O: usize>(
+    kernel: &str,
+    inputs: [&[f32]; I],
+    mut outputs: [&mut [f32]; O],
+    mut f: impl FnMut([F32s; I], usize) -> [F32s; O],
+) {
+    let n = inputs.first().map_or(0, |x| x.len());
+    for (q, x) in inputs.iter().enumerate() {
+        assert_eq!(
+            x.len(),
+            n,
+            "{kernel}: input {q} has {} values, not {n}",
+            x.len()
+        );
+    }
+    for (q, y) in outputs.iter().enumerate() {
+        assert_eq!(
+            y.len(),
+            n,
+            "{kernel}: output {q} has {} values, not {n}",
+            y.len()
+        );
+    }
+    let mut k = 0;
+    while k < n {
+        let w = LANES.min(n - k);
+        // SAFETY: k + w <= n floats are readable in every input.
+        let x: [F32s; I] = core::array::from_fn(|q| unsafe {
+            let p = inputs[q].as_ptr().add(k);
+            if w == LANES {
+                load(p)
+            } else {
+                load_partial(p, w)
+            }
+        });
+        let y = f(x, w);
+        for (out, v) in outputs.iter_mut().zip(y) {
+            // SAFETY: k + w <= n floats are writable in every output.
+            unsafe {
+                let p = out.as_mut_ptr().add(k);
+                if w == LANES {
+                    store(p, v);
+                } else {
+                    store_partial(p, w, v);
+                }
+            }
+        }
+        k += w;
+    }
+}
+
+/// exp(-|z|), in (0, 1] for every finite z.
+#[inline(always)]
+fn exp_neg_abs(z: F32s) -> F32s {
+    (-z.abs()).exp()
+}
+
+/// The numerators of sigmoid(z) and 1 - sigmoid(z) over the common denominator 1 + e, with
+/// e = exp(-|z|): (1, e) for z >= 0, (e, 1) for z < 0. Both are accurate (no 1 - p
+/// cancellation) and neither overflows.
+#[inline(always)]
+fn sigmoid_parts(z: F32s, e: F32s) -> (F32s, F32s) {
+    let one = F32s::splat(1.0);
+    let nonneg = z.simd_ge(F32s::splat(0.0));
+    (nonneg.select(one, e), nonneg.select(e, one))
+}
+
+/// sigmoid(z) from e = exp(-|z|), without overflow at either end.
+#[inline(always)]
+fn sigmoid_from(z: F32s, e: F32s) -> F32s {
+    sigmoid_parts(z, e).0 / (F32s::splat(1.0) + e)
+}
+
+/// Numerically stable BCE with logits, fused with the gradient of the MEAN loss:
+/// `loss_i = max(z, 0) - z * y + ln(1 + exp(-|z|))`; `probs[i] = sigmoid(z_i)`;
+/// `grad_logits[i] = (sigmoid(z_i) - y_i) * grad_scale` (the caller passes 1/N for a batch
+/// mean). Returns the SUM of loss_i, accumulated in f64. Stable at z = ±100 (no inf/NaN).
+///
+/// The gradient is evaluated as `((1 - y) p - y (1 - p))` with p and 1 - p each taken from
+/// e = exp(-|z|), so that a confident correct prediction (p near y) keeps its small gradient
+/// to full relative precision instead of losing it to the cancellation in p - y.
+pub fn bce_with_logits(
+    logits: &[f32],
+    labels: &[f32],
+    probs: &mut [f32],
+    grad_logits: &mut [f32],
+    grad_scale: f32,
+) -> f64 {
+    let scale = F32s::splat(grad_scale);
+    let (zero, one) = (F32s::splat(0.0), F32s::splat(1.0));
+    // One f64 partial sum per lane, added in lane order at the end.
+    let mut sums = [0.0f64; LANES];
+    map_vectors(
+        "bce_with_logits",
+        [logits, labels],
+        [probs, grad_logits],
+        |[z, y], w| {
+            let e = exp_neg_abs(z);
+            let (p_num, q_num) = sigmoid_parts(z, e);
+            let inv = one / (one + e);
+            let loss = (z.max(zero) - z * y) + e.ln_1p();
+            for (s, l) in sums.iter_mut().zip(loss.to_array()).take(w) {
+                *s += f64::from(l);
+            }
+            let grad = (one - y).mul_sub(p_num, y * q_num) * inv;
+            [p_num * inv, grad * scale]
+        },
+    );
+    sums.iter().sum()
+}
+
+/// `out[i] = 1 / (1 + exp(-x[i]))`, without overflow for any finite x.
+pub fn sigmoid(x: &[f32], out: &mut [f32]) {
+    map_vectors("sigmoid", [x], [out], |[z], _| {
+        [sigmoid_from(z, exp_neg_abs(z))]
+    });
+}
+
+/// Backward of [`sigmoid`] from its output p: `grad_logits[i] = grad_probs[i] * p (1 - p)`.
+pub fn sigmoid_backward(probs: &[f32], grad_probs: &[f32], grad_logits: &mut [f32]) {
+    let one = F32s::splat(1.0);
+    map_vectors(
+        "sigmoid_backward",
+        [probs, grad_probs],
+        [grad_logits],
+        |[p, g], _| [g * p * (one - p)],
+    );
+}

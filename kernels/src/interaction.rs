@@ -1,1 +1,676 @@
 //! Feature interaction of DLRM: the fused pairwise dot products, and concatenation.
+//!
+//! Layout (Naumov et al. 2019, "Deep Learning Recommendation Model for Personalization and
+//! Recommendation Systems", section 2.1): per sample, the F = 1 + tables feature vectors of
+//! width d lie contiguous, `features[b * feature_stride + i * d + k]`; vector 0 is the bottom
+//! MLP's output, vector t + 1 the pooled embedding of table t. The dot interaction writes the
+//! top MLP's input row `[f_0 | <f_i, f_j> for the pairs]`, the pairs in the order of the
+//! PyTorch reference, row-major lower triangle: `for i in 0..F { for j in 0..i }` (`0..=i`
+//! with self-interaction), see [`pairs`].
+//!
+//! Forward: SIMD runs across d (one vector holds d = 16 under AVX-512; longer vectors take
+//! several, a tail of d is a masked load). The lower triangle is covered by register tiles of
+//! TILE_I x TILE_J pairs (4 x 4 under AVX-512): per chunk of d, TILE_I + TILE_J loads feed
+//! LANES FMAs into LANES accumulators, one per pair. The horizontal sums of the LANES
+//! accumulators are then done together by a transposing reduction ([`transpose_sum`]:
+//! log2(LANES) rounds of shuffle + add leave the LANES sums in one vector), and each tile row
+//! is copied straight into its place in the output row: neither the F x F Gram matrix nor a
+//! concatenation buffer exists in memory.
+//!
+//! Backward: with G the pair gradients scattered into an F x F matrix (zero where no pair),
+//! dF = (G + G^T) F per sample, plus the pass-through of the bottom output's gradient into
+//! dF_0. It is computed as a register-tiled product with SIMD across d: a tile of R rows of dF
+//! by V vectors of d accumulates `coef(i, j) * F_j` over j, one loaded vector of F_j feeding
+//! R FMAs whose coefficient is a broadcast memory operand read straight from the pair
+//! gradients: left of the tile's diagonal block each row reads its own row of G, right of it
+//! the R coefficients are consecutive in row j of G, and only the R x R diagonal block is
+//! gathered into a small array. G + G^T is never materialised.
+//!
+//! Samples are independent: large batches are split over the current rayon pool in fixed
+//! chunks of samples, and every output element is computed by the same operations whatever
+//! the thread count.
+
+use crate::parallel::should_split;
+use crate::simd::{F32s, LANES, load, load_partial, store, store_partial};
+use rayon::prelude::*;
+
+/// Samples per parallel task.
+pub const SAMPLES_PER_TASK: usize = 32;
+/// Smallest work (multiply-adds, or floats copied) that is split across threads.
+pub const MIN_PARALLEL_WORK: usize = 1 << 18;
+/// Rows of dF per register tile of the backward.
+const TILE_ROWS: usize = 4;
+/// Rows of dF per register tile of the backward when d fits one vector.
+const TILE_ROWS_ONE_VEC: usize = 8;
+/// Vectors of d per register tile of the backward: TILE_ROWS x TILE_VECS accumulators plus
+/// TILE_VECS loaded vectors must fit the register file (32 vector registers with AVX-512,
+/// 16 with AVX2).
+const TILE_VECS: usize = if LANES >= 16 { 4 } else { 2 };
+
+/// Number of pairwise products of `f` feature vectors: F(F-1)/2, or F(F+1)/2 with
+/// self-interaction.
+pub fn num_pairs(f: usize, self_interaction: bool) -> usize {
+    if self_interaction {
+        f * (f + 1) / 2
+    } else {
+        f * f.saturating_sub(1) / 2
+    }
+}
+
+/// The pairs (i, j) in output order: `for i in 0..f { for j in 0..i }`, or `0..=i` with
+/// self-interaction (facebookresearch/dlrm, `interact_features`).
+pub fn pairs(f: usize, self_interaction: bool) -> Pairs {
+    Pairs {
+        f,
+        diag: usize::from(self_interaction),
+        i: 0,
+        j: 0,
+    }
+}
+
+/// Iterator over the interaction pairs; see [`pairs`].
+#[derive(Clone, Debug)]
+pub struct Pairs {
+    f: usize,
+    /// 1 if pair (i, i) is included.
+    diag: usize,
+    i: usize,
+    j: usize,
+}
+
+impl Iterator for Pairs {
+    type Item = (usize, usize);
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<(usize, usize)> {
+        if self.i >= self.f {
+            return None;
+        }
+        while self.j >= self.i + self.diag {
+            self.i += 1;
+            self.j = 0;
+            if self.i >= self.f {
+                return None;
+            }
+        }
+        let p = (self.i, self.j);
+        self.j += 1;
+        Some(p)
+    }
+}
+
+/// Position of pair (i, 0) in the pair list.
+#[inline(always)]
+fn row_offset(i: usize, self_interaction: bool) -> usize {
+    num_pairs(i, self_interaction)
+}
+
+/// Panics unless `len` floats hold `rows` rows of `width` floats, `stride` apart.
+fn check_rows(kernel: &str, name: &str, len: usize, rows: usize, stride: usize, width: usize) {
+    assert!(
+        stride >= width,
+        "{kernel}: {name} stride {stride} is shorter than its rows ({width} floats)"
+    );
+    if rows > 0 {
+        let need = (rows - 1) * stride + width;
+        assert!(
+            len >= need,
+            "{kernel}: {name} needs {need} floats for {rows} rows of {width} (stride {stride}), \
+             slice has {len}"
+        );
+    }
+}
+
+/// Calls `body(b, row)` for each of `rows` rows of `width` floats, `stride` apart in `dst`,
+/// splitting them over the current pool in fixed chunks when `rows * work_per_row` is large.
+fn for_each_row(
+    dst: &mut [f32],
+    stride: usize,
+    rows: usize,
+    width: usize,
+    work_per_row: usize,
+    body: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    if rows == 0 || width == 0 {
+        return;
+    }
+    let dst = &mut dst[..(rows - 1) * stride + width];
+    let run = |r0: usize, chunk: &mut [f32]| {
+        for (q, row) in chunk.chunks_mut(stride).enumerate() {
+            body(r0 + q, &mut row[..width]);
+        }
+    };
+    if should_split(rows.saturating_mul(work_per_row), MIN_PARALLEL_WORK) {
+        dst.par_chunks_mut(SAMPLES_PER_TASK * stride)
+            .enumerate()
+            .for_each(|(t, chunk)| run(t * SAMPLES_PER_TASK, chunk));
+    } else {
+        run(0, dst);
+    }
+}
+
+/// Fused dot interaction: per sample, the lower triangle of the F x F Gram matrix computed in
+/// registers and written straight after the copied bottom output; no F x F matrix in memory,
+/// no separate concatenation. Parallel over samples when large.
+///
+/// `out[b * out_stride ..][.. d + num_pairs(f, self_interaction)]` is written; padding
+/// between rows is left untouched.
+#[allow(clippy::too_many_arguments)]
+pub fn dot_interaction_forward(
+    features: &[f32],
+    batch: usize,
+    f: usize,
+    d: usize,
+    feature_stride: usize,
+    self_interaction: bool,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    const K: &str = "dot_interaction_forward";
+    assert!(f >= 1, "{K}: no feature vectors (f = 0)");
+    let np = num_pairs(f, self_interaction);
+    check_rows(K, "features", features.len(), batch, feature_stride, f * d);
+    check_rows(K, "out", out.len(), batch, out_stride, d + np);
+    for_each_row(out, out_stride, batch, d + np, np * d, |b, row| {
+        let x = &features[b * feature_stride..][..f * d];
+        let (bottom, dots) = row.split_at_mut(d);
+        bottom.copy_from_slice(&x[..d]);
+        forward_sample(x, f, d, self_interaction, dots);
+    });
+}
+
+/// The pair dot products of one sample (`x` holds its F x d features), written to `dots` in
+/// pair order, one TILE_I x TILE_J block of the lower triangle at a time.
+#[inline(always)]
+fn forward_sample(x: &[f32], f: usize, d: usize, self_interaction: bool, dots: &mut [f32]) {
+    let row_len = |i: usize| i + usize::from(self_interaction);
+    // Rows and columns past the last vector (in the last blocks) read vector f - 1 instead;
+    // their results are not stored.
+    let vector = |i: usize| x.as_ptr().wrapping_add(i.min(f - 1) * d);
+    for i0 in (0..f).step_by(TILE_I) {
+        let rows = TILE_I.min(f - i0);
+        for j0 in (0..row_len(i0 + rows - 1)).step_by(TILE_J) {
+            let vi: [*const f32; TILE_I] = core::array::from_fn(|r| vector(i0 + r));
+            let vj: [*const f32; TILE_J] = core::array::from_fn(|c| vector(j0 + c));
+            // SAFETY: every pointer is one of the f vectors of d floats in x.
+            let sums = unsafe { tile_dots(vi, vj, d) }.to_array();
+            for r in 0..rows {
+                let len = row_len(i0 + r);
+                if len <= j0 {
+                    continue;
+                }
+                let src = &sums[r * TILE_J..][..TILE_J];
+                let dst = &mut dots[row_offset(i0 + r, self_interaction) + j0..];
+                // Copies of constant length compile to a move or two (a variable-length copy
+                // would be a call to memcpy).
+                match len - j0 {
+                    1 => dst[..1].copy_from_slice(&src[..1]),
+                    2 => dst[..2].copy_from_slice(&src[..2]),
+                    3 => dst[..3].copy_from_slice(&src[..3]),
+                    _ => dst[..TILE_J].copy_from_slice(src),
+                }
+            }
+        }
+    }
+}
+
+/// Columns (j) of a forward register tile.
+const TILE_J: usize = 4;
+/// Rows (i) of a forward register tile: its TILE_I x TILE_J dot products fill one vector.
+const TILE_I: usize = LANES / TILE_J;
+
+/// The TILE_I x TILE_J dot products <vi[r], vj[c]> of d-vectors, lane r * TILE_J + c. The
+/// elementwise products accumulate across the chunks of d in LANES registers (TILE_I + TILE_J
+/// loads feed LANES FMAs per chunk; the tail chunk is a masked load), then one transposing
+/// reduction sums each register.
+///
+/// # Safety
+/// `p .. p + d` must be readable for every pointer p of `vi` and `vj`.
+#[inline(always)]
+unsafe fn tile_dots(vi: [*const f32; TILE_I], vj: [*const f32; TILE_J], d: usize) -> F32s {
+    let mut acc = [F32s::splat(0.0); LANES];
+    let mut fma = |a: [F32s; TILE_I], b: [F32s; TILE_J]| {
+        for (r, a) in a.iter().enumerate() {
+            for (c, b) in b.iter().enumerate() {
+                acc[r * TILE_J + c] = a.mul_add(*b, acc[r * TILE_J + c]);
+            }
+        }
+    };
+    let mut k = 0;
+    // SAFETY (all loads): k + LANES <= d, or the d - k < LANES tail, lies inside each vector.
+    unsafe {
+        while k + LANES <= d {
+            fma(
+                core::array::from_fn(|r| load(vi[r].add(k))),
+                core::array::from_fn(|c| load(vj[c].add(k))),
+            );
+            k += LANES;
+        }
+        if k < d {
+            fma(
+                core::array::from_fn(|r| load_partial(vi[r].add(k), d - k)),
+                core::array::from_fn(|c| load_partial(vj[c].add(k), d - k)),
+            );
+        }
+    }
+    transpose_sum(acc)
+}
+
+/// Lane q of the result is the sum of the lanes of `v[q]`: LANES horizontal sums for the cost
+/// of one transpose, each round of shuffles halving the number of vectors while adding the
+/// halves it separates. The order of the additions is fixed.
+#[inline(always)]
+fn transpose_sum(v: [F32s; LANES]) -> F32s {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    {
+        use core::arch::x86_64::{__m512, _mm512_add_ps, _mm512_shuffle_f32x4, _mm512_shuffle_ps};
+        // After the four rounds, lane 4k + l holds the sum of w[4l + k]: feed the inputs in
+        // that (transposed) order so that lane q sums v[q].
+        let w: [__m512; 16] = core::array::from_fn(|s| __m512::from(v[4 * (s % 4) + s / 4]));
+        // SAFETY: these intrinsics only need AVX-512F, which this build enables (cfg above);
+        // they operate on registers and touch no memory.
+        unsafe {
+            // Round 1, 512 -> 256: w1[m] = [halves of w[2m] added | halves of w[2m + 1] added].
+            let w1: [__m512; 8] = core::array::from_fn(|m| {
+                let (a, b) = (w[2 * m], w[2 * m + 1]);
+                _mm512_add_ps(
+                    _mm512_shuffle_f32x4::<0x44>(a, b),
+                    _mm512_shuffle_f32x4::<0xEE>(a, b),
+                )
+            });
+            // Round 2, 256 -> 128: 128-bit block k of w2[m] holds 4 partial sums of w[4m + k].
+            let w2: [__m512; 4] = core::array::from_fn(|m| {
+                let (a, b) = (w1[2 * m], w1[2 * m + 1]);
+                _mm512_add_ps(
+                    _mm512_shuffle_f32x4::<0x88>(a, b),
+                    _mm512_shuffle_f32x4::<0xDD>(a, b),
+                )
+            });
+            // Round 3, 4 -> 2 per block: block k of w3[m] holds 2 partials of w[8m + k],
+            // then 2 of w[8m + 4 + k].
+            let w3: [__m512; 2] = core::array::from_fn(|m| {
+                let (a, b) = (w2[2 * m], w2[2 * m + 1]);
+                _mm512_add_ps(
+                    _mm512_shuffle_ps::<0x44>(a, b),
+                    _mm512_shuffle_ps::<0xEE>(a, b),
+                )
+            });
+            // Round 4, 2 -> 1: lane l of block k sums w[4l + k].
+            let (a, b) = (w3[0], w3[1]);
+            F32s::from(_mm512_add_ps(
+                _mm512_shuffle_ps::<0x88>(a, b),
+                _mm512_shuffle_ps::<0xDD>(a, b),
+            ))
+        }
+    }
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx",
+        not(target_feature = "avx512f")
+    ))]
+    {
+        use core::arch::x86_64::{
+            __m256, _mm256_add_ps, _mm256_permute2f128_ps, _mm256_shuffle_ps,
+        };
+        // After the three rounds, lane 4k + l holds the sum of w[2l + k].
+        let w: [__m256; 8] = core::array::from_fn(|s| __m256::from(v[4 * (s % 2) + s / 2]));
+        // SAFETY: these intrinsics only need AVX, which this build enables (cfg above); they
+        // operate on registers and touch no memory.
+        unsafe {
+            // Round 1, 256 -> 128: w1[m] = [halves of w[2m] added | halves of w[2m + 1] added].
+            let w1: [__m256; 4] = core::array::from_fn(|m| {
+                let (a, b) = (w[2 * m], w[2 * m + 1]);
+                _mm256_add_ps(
+                    _mm256_permute2f128_ps::<0x20>(a, b),
+                    _mm256_permute2f128_ps::<0x31>(a, b),
+                )
+            });
+            // Round 2, 4 -> 2 per block: block k of w2[m] holds 2 partials of w[4m + k],
+            // then 2 of w[4m + 2 + k].
+            let w2: [__m256; 2] = core::array::from_fn(|m| {
+                let (a, b) = (w1[2 * m], w1[2 * m + 1]);
+                _mm256_add_ps(
+                    _mm256_shuffle_ps::<0x44>(a, b),
+                    _mm256_shuffle_ps::<0xEE>(a, b),
+                )
+            });
+            // Round 3, 2 -> 1: lane l of block k sums w[2l + k].
+            let (a, b) = (w2[0], w2[1]);
+            F32s::from(_mm256_add_ps(
+                _mm256_shuffle_ps::<0x88>(a, b),
+                _mm256_shuffle_ps::<0xDD>(a, b),
+            ))
+        }
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx")))]
+    {
+        F32s::new(core::array::from_fn(|q| v[q].reduce_add()))
+    }
+}
+
+/// Backward of [`dot_interaction_forward`]:
+/// ```text
+/// grad_features[b, i, :] = [i == 0] * grad_out[b, 0..d]
+///   + sum over pairs p = (i, j): i != j: dF_i += g_p F_j, dF_j += g_p F_i;
+///                                i == j: dF_i += 2 g_p F_i
+/// ```
+/// i.e. (G + G^T) F per sample with G the pair gradients scattered to F x F, computed without
+/// materialising G. `grad_features` is overwritten (padding between rows is left untouched);
+/// it has the layout of `features`, with its own stride.
+#[allow(clippy::too_many_arguments)]
+pub fn dot_interaction_backward(
+    features: &[f32],
+    batch: usize,
+    f: usize,
+    d: usize,
+    feature_stride: usize,
+    self_interaction: bool,
+    grad_out: &[f32],
+    grad_out_stride: usize,
+    grad_features: &mut [f32],
+    grad_feature_stride: usize,
+) {
+    const K: &str = "dot_interaction_backward";
+    assert!(f >= 1, "{K}: no feature vectors (f = 0)");
+    let np = num_pairs(f, self_interaction);
+    check_rows(K, "features", features.len(), batch, feature_stride, f * d);
+    check_rows(
+        K,
+        "grad_out",
+        grad_out.len(),
+        batch,
+        grad_out_stride,
+        d + np,
+    );
+    check_rows(
+        K,
+        "grad_features",
+        grad_features.len(),
+        batch,
+        grad_feature_stride,
+        f * d,
+    );
+    for_each_row(
+        grad_features,
+        grad_feature_stride,
+        batch,
+        f * d,
+        f * f * d,
+        |b, row| {
+            let s = Sample {
+                x: &features[b * feature_stride..][..f * d],
+                g: &grad_out[b * grad_out_stride..][..d + np],
+                f,
+                d,
+                self_interaction,
+            };
+            s.backward(row);
+        },
+    );
+}
+
+/// One sample of the backward: its features `x` (F x d) and its output gradient `g`
+/// (`[d pass-through values | one per pair]`).
+struct Sample<'a> {
+    x: &'a [f32],
+    g: &'a [f32],
+    f: usize,
+    d: usize,
+    self_interaction: bool,
+}
+
+impl Sample<'_> {
+    /// Writes dF (F x d) into `out`, one register tile at a time: up to TILE_VECS vectors of
+    /// d by up to TILE_ROWS rows (TILE_ROWS_ONE_VEC when d fits one vector, so that the tile
+    /// still runs 8 independent FMA chains: FMA latency 4 x 2 FMA ports). When the rows do
+    /// not divide F, the last tile overlaps the one before: each row is computed by the same
+    /// operations in the same order (j = 0, 1, ...) whatever its tile, so rewriting one
+    /// changes no bit.
+    fn backward(&self, out: &mut [f32]) {
+        let (f, d) = (self.f, self.d);
+        let mut k0 = 0;
+        while k0 < d {
+            let len = (TILE_VECS * LANES).min(d - k0);
+            let nv = len.div_ceil(LANES);
+            let want = if nv == 1 {
+                TILE_ROWS_ONE_VEC
+            } else {
+                TILE_ROWS
+            };
+            let rows = [8, 4, 2, 1]
+                .into_iter()
+                .find(|&r| r <= want && r <= f)
+                .expect("f >= 1");
+            for i0 in (0..f).step_by(rows) {
+                let i0 = i0.min(f - rows);
+                macro_rules! dispatch {
+                    ($(($r:literal, $v:literal))*) => {
+                        match (rows, nv) {
+                            $(($r, $v) => self.tile::<$r, $v>(i0, k0, len, out),)*
+                            _ => unreachable!("no tile of {rows} rows x {nv} vectors"),
+                        }
+                    };
+                }
+                dispatch!(
+                    (8, 1)(4, 1)(4, 2)(4, 3)(4, 4)(2, 1)(2, 2)(2, 3)(2, 4)(1, 1)(1, 2)(1, 3)(1, 4)
+                );
+            }
+            k0 += len;
+        }
+    }
+
+    /// dF rows i0 .. i0 + R, columns k0 .. k0 + len (V = ceil(len / LANES) vectors):
+    /// sum over j of coef(i, j) F_j[k0 ..], plus the pass-through on row 0.
+    #[inline(always)]
+    fn tile<const R: usize, const V: usize>(
+        &self,
+        i0: usize,
+        k0: usize,
+        len: usize,
+        out: &mut [f32],
+    ) {
+        let (f, d, si) = (self.f, self.d, self.self_interaction);
+        assert!(i0 + R <= f && k0 + len <= d && len.div_ceil(LANES) == V);
+        let np = num_pairs(f, si);
+        assert!(out.len() >= f * d && self.x.len() >= f * d && self.g.len() >= d + np);
+        let tail = len - (V - 1) * LANES;
+        let x = self.x.as_ptr().wrapping_add(k0);
+        let g = self.g.as_ptr();
+        let mut acc = [[F32s::splat(0.0); V]; R];
+        if i0 == 0 {
+            // SAFETY: g holds d >= k0 + len floats (asserted above).
+            acc[0] = unsafe { load_vecs::<V>(g.add(k0), tail) };
+        }
+        // Columns left of the tile: coef(i, j) = g_pair(i, j), contiguous along each row i.
+        let row: [*const f32; R] =
+            core::array::from_fn(|r| g.wrapping_add(d + row_offset(i0 + r, si)));
+        for j in 0..i0 {
+            // SAFETY: j < i0 <= i, so pair (i, j) is one of the g.len() - d pairs; j < f, so
+            // F_j[k0 .. k0 + len] lies inside x (asserted above).
+            unsafe { fma_rows(&mut acc, |r| *row[r].add(j), x.add(j * d), tail) };
+        }
+        // The diagonal block: its R x R coefficients gathered once (column-major: block[c][r]
+        // is coef(i0 + r, i0 + c)), then read like the others.
+        let mut block = [[0.0f32; R]; R];
+        for a in 0..R {
+            let row = &self.g[d + row_offset(i0 + a, si) + i0..];
+            for b in 0..a {
+                block[a][b] = row[b];
+                block[b][a] = row[b];
+            }
+            if si {
+                block[a][a] = 2.0 * row[a];
+            }
+        }
+        for (c, coefs) in block.iter().enumerate() {
+            // SAFETY: as above, i0 + c < i0 + R <= f.
+            unsafe { fma_rows(&mut acc, |r| coefs[r], x.add((i0 + c) * d), tail) };
+        }
+        // Columns right of the tile: coef(i, j) = g_pair(j, i), R consecutive values.
+        for j in i0 + R..f {
+            let col = g.wrapping_add(d + row_offset(j, si) + i0);
+            // SAFETY: i0 + r < i0 + R <= j < f, so pair (j, i0 + r) is one of the pairs in g;
+            // F_j lies inside x as above.
+            unsafe { fma_rows(&mut acc, |r| *col.add(r), x.add(j * d), tail) };
+        }
+        for (r, acc_r) in acc.iter().enumerate() {
+            let dst = &mut out[(i0 + r) * d + k0..][..len];
+            // SAFETY: dst holds len = (V - 1) * LANES + tail writable floats.
+            unsafe { store_vecs(dst.as_mut_ptr(), acc_r, tail) };
+        }
+    }
+}
+
+/// `acc[r][v] += coef(r) * x[v]` for the V vectors at `x` (the last one `tail` floats long).
+/// The coefficients are read after the vectors are loaded, so that each read folds into its
+/// FMA as a broadcast operand.
+///
+/// # Safety
+/// `x .. x + (V - 1) * LANES + tail` must be readable, and `coef` safe to call for r < R.
+#[inline(always)]
+unsafe fn fma_rows<const R: usize, const V: usize>(
+    acc: &mut [[F32s; V]; R],
+    coef: impl Fn(usize) -> f32,
+    x: *const f32,
+    tail: usize,
+) {
+    // SAFETY: forwarded from the caller.
+    let xv = unsafe { load_vecs::<V>(x, tail) };
+    for (r, acc_r) in acc.iter_mut().enumerate() {
+        let c = F32s::splat(coef(r));
+        for (a, &xv) in acc_r.iter_mut().zip(&xv) {
+            *a = c.mul_add(xv, *a);
+        }
+    }
+}
+
+/// V vectors from `p`, the last one `tail <= LANES` floats long (zero-filled).
+///
+/// # Safety
+/// `p .. p + (V - 1) * LANES + tail` must be readable.
+#[inline(always)]
+unsafe fn load_vecs<const V: usize>(p: *const f32, tail: usize) -> [F32s; V] {
+    // SAFETY: vector v < V - 1 lies below the last one; the last reads `tail` floats.
+    core::array::from_fn(|v| unsafe {
+        if v + 1 < V || tail == LANES {
+            load(p.add(v * LANES))
+        } else {
+            load_partial(p.add(v * LANES), tail)
+        }
+    })
+}
+
+/// Stores V vectors to `p`, the last one `tail <= LANES` floats long.
+///
+/// # Safety
+/// `p .. p + (V - 1) * LANES + tail` must be writable.
+#[inline(always)]
+unsafe fn store_vecs<const V: usize>(p: *mut f32, v: &[F32s; V], tail: usize) {
+    for (q, &x) in v.iter().enumerate() {
+        // SAFETY: vector q < V - 1 lies below the last one; the last writes `tail` floats.
+        unsafe {
+            if q + 1 < V || tail == LANES {
+                store(p.add(q * LANES), x);
+            } else {
+                store_partial(p.add(q * LANES), tail, x);
+            }
+        }
+    }
+}
+
+/// "cat" interaction: the top MLP's input row is the F * d feature values of the sample.
+pub fn cat_interaction_forward(
+    features: &[f32],
+    batch: usize,
+    f: usize,
+    d: usize,
+    feature_stride: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    copy_rows(
+        "cat_interaction_forward",
+        features,
+        feature_stride,
+        batch,
+        f * d,
+        out,
+        out_stride,
+    );
+}
+
+/// Backward of [`cat_interaction_forward`]: the gradient rows are copied back to the feature
+/// layout (`grad_features` is overwritten).
+pub fn cat_interaction_backward(
+    grad_out: &[f32],
+    grad_out_stride: usize,
+    batch: usize,
+    f: usize,
+    d: usize,
+    grad_features: &mut [f32],
+    grad_feature_stride: usize,
+) {
+    copy_rows(
+        "cat_interaction_backward",
+        grad_out,
+        grad_out_stride,
+        batch,
+        f * d,
+        grad_features,
+        grad_feature_stride,
+    );
+}
+
+/// dst row b = src row b (`width` floats each), rows split over threads when large.
+fn copy_rows(
+    kernel: &str,
+    src: &[f32],
+    src_stride: usize,
+    rows: usize,
+    width: usize,
+    dst: &mut [f32],
+    dst_stride: usize,
+) {
+    check_rows(kernel, "source", src.len(), rows, src_stride, width);
+    check_rows(kernel, "destination", dst.len(), rows, dst_stride, width);
+    for_each_row(dst, dst_stride, rows, width, width, |b, row| {
+        row.copy_from_slice(&src[b * src_stride..][..width]);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose_sum_sums_each_vector_into_its_lane() {
+        let v: [F32s; LANES] = core::array::from_fn(|q| {
+            F32s::new(core::array::from_fn(|l| (q * 100 + l) as f32 * 0.5))
+        });
+        let got = transpose_sum(v).to_array();
+        for (q, g) in got.iter().enumerate() {
+            let want: f32 = (0..LANES).map(|l| (q * 100 + l) as f32 * 0.5).sum();
+            assert_eq!(*g, want, "lane {q}");
+        }
+    }
+
+    #[test]
+    fn pairs_follow_the_reference_order_and_count() {
+        for f in 0..8 {
+            for si in [false, true] {
+                let mut want = Vec::new();
+                for i in 0..f {
+                    for j in 0..i + usize::from(si) {
+                        want.push((i, j));
+                    }
+                }
+                let got: Vec<_> = pairs(f, si).collect();
+                assert_eq!(got, want);
+                assert_eq!(num_pairs(f, si), want.len());
+                for (p, &(i, j)) in want.iter().enumerate() {
+                    assert_eq!(row_offset(i, si) + j, p);
+                }
+            }
+        }
+    }
+}

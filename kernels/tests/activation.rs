@@ -1,0 +1,152 @@
+//! The activation and loss kernels against their f64 twins: lengths on and off the lane width
+//! (0 and 1 included), logits over the whole range the losses meet, the extremes (±30, ±100,
+//! 0) at every position of a vector and in the masked tail.
+
+mod common;
+
+use dlrm_kernels::{activation, reference};
+use proptest::prelude::*;
+
+/// Logits: ordinary values, the extremes, and values around where exp over/underflows.
+fn logit() -> impl Strategy<Value = f32> {
+    prop_oneof![
+        3 => -20.0f32..20.0,
+        1 => prop::sample::select(vec![0.0f32, -0.0, 30.0, -30.0, 100.0, -100.0, 88.7, -88.7, 103.9, -103.9, 1e-8, -1e-8]),
+        1 => -200.0f32..200.0,
+    ]
+}
+
+fn label() -> impl Strategy<Value = f32> {
+    prop::sample::select(vec![0.0f32, 1.0])
+}
+
+/// |a - e| <= abs + rel |e|.
+fn close(a: f32, e: f32, abs: f32, rel: f32) -> bool {
+    (a - e).abs() <= abs + rel * e.abs()
+}
+
+/// Relative accuracy expected of the vectorised exp/ln_1p in f32.
+const REL: f32 = 4.0 * f32::EPSILON;
+
+fn run_bce(z: &[f32], y: &[f32], scale: f32, twin: bool) -> (Vec<f32>, Vec<f32>, f64) {
+    let (mut p, mut g) = (vec![f32::NAN; z.len()], vec![f32::NAN; z.len()]);
+    let sum = if twin {
+        reference::bce_with_logits(z, y, &mut p, &mut g, scale)
+    } else {
+        activation::bce_with_logits(z, y, &mut p, &mut g, scale)
+    };
+    (p, g, sum)
+}
+
+fn check_bce(z: &[f32], y: &[f32]) -> Result<(), TestCaseError> {
+    let scale = 1.0 / z.len().max(1) as f32;
+    let (p, g, sum) = run_bce(z, y, scale, false);
+    let (pe, ge, sume) = run_bce(z, y, scale, true);
+    for i in 0..z.len() {
+        prop_assert!(
+            p[i].is_finite() && g[i].is_finite(),
+            "z = {}: p {} g {}",
+            z[i],
+            p[i],
+            g[i]
+        );
+        prop_assert!(
+            close(p[i], pe[i], 1e-30, REL),
+            "sigmoid({}) = {}, twin {}",
+            z[i],
+            p[i],
+            pe[i]
+        );
+        prop_assert!(
+            close(g[i], ge[i], 1e-30, REL + scale * REL),
+            "grad at z = {}, y = {}: {}, twin {}",
+            z[i],
+            y[i],
+            g[i],
+            ge[i]
+        );
+    }
+    // Each loss term is accurate to a few ulps of itself.
+    let bound: f64 = z
+        .iter()
+        .zip(y)
+        .map(|(&z, &y)| {
+            let z = z as f64;
+            (z.max(0.0) - z * y as f64 + (-z.abs()).exp().ln_1p()).abs()
+        })
+        .sum::<f64>()
+        * 8.0
+        * f32::EPSILON as f64;
+    prop_assert!(sum.is_finite());
+    prop_assert!(
+        (sum - sume).abs() <= bound + 1e-30,
+        "loss sum {sum}, twin {sume}"
+    );
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn bce_with_logits_matches_reference(zy in prop::collection::vec((logit(), label()), 0..80)) {
+        let (z, y): (Vec<f32>, Vec<f32>) = zy.into_iter().unzip();
+        check_bce(&z, &y)?;
+    }
+
+    #[test]
+    fn sigmoid_matches_reference(x in prop::collection::vec(logit(), 0..80)) {
+        let mut ours = vec![f32::NAN; x.len()];
+        let mut twin = vec![f32::NAN; x.len()];
+        activation::sigmoid(&x, &mut ours);
+        reference::sigmoid(&x, &mut twin);
+        for i in 0..x.len() {
+            prop_assert!(close(ours[i], twin[i], 1e-30, REL), "sigmoid({}) = {}, twin {}", x[i], ours[i], twin[i]);
+        }
+    }
+
+    #[test]
+    fn sigmoid_backward_matches_reference(
+        pg in prop::collection::vec((0.0f32..=1.0, -2.0f32..2.0), 0..80),
+    ) {
+        let (p, g): (Vec<f32>, Vec<f32>) = pg.into_iter().unzip();
+        let mut ours = vec![f32::NAN; p.len()];
+        let mut twin = vec![f32::NAN; p.len()];
+        activation::sigmoid_backward(&p, &g, &mut ours);
+        reference::sigmoid_backward(&p, &g, &mut twin);
+        for i in 0..p.len() {
+            prop_assert!(close(ours[i], twin[i], 1e-12, 4.0 * f32::EPSILON), "{} vs {}", ours[i], twin[i]);
+        }
+    }
+}
+
+/// Each extreme logit with each label, alone (a masked tail) and filling whole vectors: the
+/// loss is the exact textbook value, never inf or NaN.
+#[test]
+fn bce_is_stable_at_extreme_logits() {
+    for z in [0.0f32, 30.0, -30.0, 100.0, -100.0] {
+        for y in [0.0f32, 1.0] {
+            let z64 = z as f64;
+            let want = z64.max(0.0) - z64 * y as f64 + (-z64.abs()).exp().ln_1p();
+            for n in [1, 2 * dlrm_kernels::simd::LANES + 3] {
+                let (p, g, sum) = run_bce(&vec![z; n], &vec![y; n], 0.5, false);
+                assert!(sum.is_finite() && p.iter().chain(&g).all(|v| v.is_finite()));
+                let per = sum / n as f64;
+                assert!(
+                    (per - want).abs() <= 1e-6 * want.abs() + 1e-30,
+                    "loss(z = {z}, y = {y}) = {per}, want {want}"
+                );
+                let want_p = 1.0 / (1.0 + (-z64).exp());
+                assert!(((p[0] as f64) - want_p).abs() <= 1e-7 * want_p + 1e-38);
+                assert!(((g[0] as f64) - 0.5 * (want_p - y as f64)).abs() <= 1e-7);
+            }
+        }
+    }
+}
+
+#[test]
+#[should_panic(expected = "bce_with_logits: input 1 has 2 values")]
+fn bce_rejects_mismatched_lengths() {
+    let (mut p, mut g) = (vec![0.0; 3], vec![0.0; 3]);
+    activation::bce_with_logits(&[0.0; 3], &[0.0; 2], &mut p, &mut g, 1.0);
+}
