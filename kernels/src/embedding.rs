@@ -149,14 +149,18 @@ const GENERIC_NV: usize = 8;
 /// Smallest forward / backward (in floats touched) that is split across threads.
 const MIN_PARALLEL_FLOATS: usize = 1 << 15;
 
-/// Requests every cache line of `len` floats from `p` (any address: a prefetch never faults).
+/// Calls the prefetch `hint` on every cache line of the `len` floats from `p`. Any address is
+/// allowed (a prefetch never faults), so rows can be requested before their id is checked
+/// against anything.
 #[inline(always)]
-pub(crate) fn prefetch_floats(p: *const f32, len: usize) {
-    let first = p.wrapping_byte_sub(p as usize % 64);
+pub(crate) fn prefetch_lines(p: *const f32, len: usize, hint: impl Fn(*const f32)) {
+    if len == 0 {
+        return;
+    }
     let end = p.wrapping_add(len) as usize;
-    let mut line = first;
+    let mut line = p.wrapping_byte_sub(p as usize % 64);
     while (line as usize) < end {
-        prefetch_read(line);
+        hint(line);
         line = line.wrapping_byte_add(64);
     }
 }
@@ -331,7 +335,11 @@ pub fn embedding_bag_forward(
             };
             let prefetch = |k: usize| {
                 if let Some(&id) = indices.get(pos.start + k + PREFETCH_DISTANCE) {
-                    prefetch_floats(table.as_ptr().wrapping_add(id as usize * dim), dim);
+                    prefetch_lines(
+                        table.as_ptr().wrapping_add(id as usize * dim),
+                        dim,
+                        prefetch_read,
+                    );
                 }
             };
             let div = (pooling == Pooling::Mean && !pos.is_empty()).then(|| pos.len() as f32);
@@ -384,7 +392,11 @@ pub fn embedding_bag_weight_grad(
             let g = &grad_out[b * grad_stride..b * grad_stride + dim];
             for p in bags.bag(b) {
                 if let Some(&id) = indices.get(p + PREFETCH_DISTANCE) {
-                    prefetch_floats(table.as_ptr().wrapping_add(id as usize * dim), dim);
+                    prefetch_lines(
+                        table.as_ptr().wrapping_add(id as usize * dim),
+                        dim,
+                        prefetch_read,
+                    );
                 }
                 let id = indices[p] as usize;
                 gw[p - p0] = dot(g, &table[id * dim..(id + 1) * dim]);
@@ -572,7 +584,11 @@ impl<'w, 'a> RowGrads<'w, 'a> {
         let prefetch = |k: usize| {
             if let Some(&key) = self.keys.get(run.start + k + PREFETCH_DISTANCE) {
                 let b = self.pos_bag[key as u32 as usize] as usize;
-                prefetch_floats(self.grad_out.as_ptr().wrapping_add(b * stride), self.dim);
+                prefetch_lines(
+                    self.grad_out.as_ptr().wrapping_add(b * stride),
+                    self.dim,
+                    prefetch_read,
+                );
             }
         };
         pool_rows(self.dim, run.len(), &row, &prefetch, None, out);

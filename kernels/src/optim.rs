@@ -18,7 +18,8 @@
 //! whatever the thread count.
 
 use crate::embedding::{
-    Bags, PREFETCH_DISTANCE, Pooling, RowGrads, SparseGradWorkspace, join_ranges, table_rows,
+    Bags, PREFETCH_DISTANCE, Pooling, RowGrads, SparseGradWorkspace, join_ranges, prefetch_lines,
+    table_rows,
 };
 use crate::parallel::should_split;
 use crate::scratch::{EMB_ROW, with_scratch};
@@ -164,8 +165,8 @@ pub fn embedding_bag_backward_update(
             for i in range.clone() {
                 if let Some(&ahead) = ids[..range.end].get(i + PREFETCH_DISTANCE) {
                     let r = ahead as usize - base;
-                    prefetch_row_write(t, r * dim, dim);
-                    prefetch_row_write(s, r * sw, sw);
+                    prefetch_lines(t.as_ptr().wrapping_add(r * dim), dim, prefetch_write);
+                    prefetch_lines(s.as_ptr().wrapping_add(r * sw), sw, prefetch_write);
                 }
                 rg.sum_into(i, g);
                 let r = ids[i] as usize - base;
@@ -190,16 +191,6 @@ pub fn embedding_bag_backward_update(
         },
         &leaf,
     );
-}
-
-/// Requests for writing the cache lines of `len` floats of `x` from `at`.
-#[inline(always)]
-fn prefetch_row_write(x: &[f32], at: usize, len: usize) {
-    let mut off = 0;
-    while off < len {
-        prefetch_write(x.as_ptr().wrapping_add(at + off));
-        off += 64 / core::mem::size_of::<f32>();
-    }
 }
 
 /// Elements per parallel task of the dense updates (a fixed split: elementwise, so the bits
