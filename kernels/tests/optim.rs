@@ -140,7 +140,11 @@ proptest! {
     }
 
     #[test]
-    fn dense_updates_match_reference(len in dense_len(), seed in any::<u64>(), adagrad in any::<bool>()) {
+    fn dense_updates_match_reference(
+        len in dense_len(),
+        seed in any::<u64>(),
+        adagrad in any::<bool>(),
+    ) {
         let (p, s) = dense(len, seed, adagrad);
         let (mut ep, eg) = (fill(len, seed), fill(len, seed ^ 1));
         let mut es = fill_range(len, seed ^ 2, 0.0, 1.0);
@@ -154,7 +158,11 @@ proptest! {
     }
 
     #[test]
-    fn dense_updates_are_thread_count_invariant(len in dense_len(), seed in any::<u64>(), adagrad in any::<bool>()) {
+    fn dense_updates_are_thread_count_invariant(
+        len in dense_len(),
+        seed in any::<u64>(),
+        adagrad in any::<bool>(),
+    ) {
         let [one, two, three] = on_1_2_3_threads(|| {
             let (p, s) = dense(len, seed, adagrad);
             (bits(&p), bits(&s))
