@@ -9,7 +9,7 @@
 //! forward is bound by memory latency, not arithmetic (Naumov et al. 2019, section 5; Acun et
 //! al., "Understanding Training Efficiency of Deep Learning Recommendation Models at Scale",
 //! HPCA 2021). Two things matter: the pooled vector stays in registers while a bag's rows
-//! stream through ([`pool_block`], specialised at compile time for the common widths), and the
+//! stream through (`pool_block`, specialised at compile time for the common widths), and the
 //! row `PREFETCH_DISTANCE` ids ahead is requested early so that several misses overlap.
 //!
 //! Backward: bag b's output gradient is scattered to every row its bag looked up. The
@@ -33,9 +33,9 @@ pub enum Pooling {
 }
 
 /// Bags in the PyTorch EmbeddingBag convention (include_last_offset = false): bag b is
-/// indices[offsets[b] .. offsets[b+1]], the last bag runs to indices.len(); offsets[0] == 0
-/// when there is at least one bag; an empty bag pools to zeros. `weights` (per index) are
-/// PyTorch's per_sample_weights (only with Pooling::Sum, like PyTorch).
+/// `indices[offsets[b] .. offsets[b+1]]`, the last bag runs to `indices.len()`;
+/// `offsets[0] == 0` when there is at least one bag; an empty bag pools to zeros. `weights`
+/// (per index) are PyTorch's per_sample_weights (only with Pooling::Sum, like PyTorch).
 #[derive(Clone, Copy, Debug)]
 pub struct Bags<'a> {
     pub indices: &'a [u32],
@@ -165,7 +165,7 @@ pub(crate) fn prefetch_lines(p: *const f32, len: usize, hint: impl Fn(*const f32
     }
 }
 
-/// out = (sum over k < n of w_k * row_k[col .. col + width]) / div, the NV vectors of the sum
+/// out = (sum over k < n of w_k * `row_k[col .. col + width]`) / div, the NV vectors of the sum
 /// held in registers, where `row(k)` gives row k (from its column 0) and w_k, and
 /// width = (NV - 1) * LANES + tail, 0 < tail <= LANES. `prefetch(k)` is called before row k is
 /// read (to request a row further ahead). Rows are added in k order, with one FMA per
@@ -304,7 +304,7 @@ pub(crate) fn task_grain(items: usize, parallel: bool) -> usize {
     }
 }
 
-/// out[b*out_stride .. b*out_stride + dim] = pooled rows of bag b. `table` is rows x dim
+/// `out[b*out_stride .. b*out_stride + dim]` = pooled rows of bag b. `table` is rows x dim
 /// row-major (rows = table.len() / dim). Panics if an index >= rows (ids are validated by the
 /// caller; the check must still exist so a bad id can never read out of bounds).
 pub fn embedding_bag_forward(
@@ -358,7 +358,8 @@ pub fn embedding_bag_forward(
     }
 }
 
-/// d loss / d per_sample_weights: grad_weights[p] = dot(grad_out[bag(p)], table[indices[p]]).
+/// d loss / d per_sample_weights:
+/// `grad_weights[p] = dot(grad_out[bag(p)], table[indices[p]])`.
 pub fn embedding_bag_weight_grad(
     table: &[f32],
     dim: usize,

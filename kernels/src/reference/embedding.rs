@@ -10,8 +10,8 @@ fn scale(bags: &Bags, pooling: Pooling, p: usize, b: usize) -> f64 {
     }
 }
 
-/// out[b * out_stride + k] = sum over p in bag b of w_p * table[indices[p], k], divided by the
-/// bag size for mean pooling (zeros for an empty bag).
+/// `out[b * out_stride + k]` = sum over p in bag b of `w_p * table[indices[p], k]`, divided by
+/// the bag size for mean pooling (zeros for an empty bag).
 pub fn embedding_bag_forward(
     table: &[f32],
     dim: usize,
@@ -36,7 +36,7 @@ pub fn embedding_bag_forward(
     }
 }
 
-/// grad_weights[p] = sum over k of grad_out[bag(p), k] * table[indices[p], k].
+/// `grad_weights[p]` = sum over k of `grad_out[bag(p), k] * table[indices[p], k]`.
 pub fn embedding_bag_weight_grad(
     table: &[f32],
     dim: usize,
