@@ -54,6 +54,13 @@ impl BagCase {
         self.offsets.len()
     }
 
+    /// How often each table row is looked up.
+    pub fn lookups(&self) -> Vec<usize> {
+        let mut n = vec![0; self.rows];
+        self.indices.iter().for_each(|&i| n[i as usize] += 1);
+        n
+    }
+
     /// Length of a buffer of num_bags rows of dim floats, `stride` apart.
     pub fn strided_len(&self) -> usize {
         self.num_bags()
@@ -134,6 +141,14 @@ pub fn on_1_2_3_threads<R: Send>(f: impl Fn() -> R + Sync) -> [R; 3] {
 /// The bit patterns of a slice (for exact comparisons that treat NaN as a value).
 pub fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Bound on the rounding error of an f32 sum (or FMA chain) of `k` terms of magnitude at most
+/// 1 against the exact sum: (k - 1) u sum |x_i| with u = eps / 2 (Higham, "Accuracy and
+/// Stability of Numerical Algorithms", 2nd ed., section 4.2), with slack for a final division
+/// and the rounding of the f64 reference.
+pub fn sum_tol(k: usize) -> f32 {
+    (k * k) as f32 * f32::EPSILON + 1e-6
 }
 
 /// |actual - expected| <= abs + rel * |expected| elementwise.
