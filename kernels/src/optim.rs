@@ -1,2 +1,240 @@
 //! Optimizer updates: fused sparse SGD / Adagrad / row-wise Adagrad for embedding tables, and
 //! the dense versions for MLP parameters.
+//!
+//! Update rules (as PyTorch's `torch.optim.SGD` / `Adagrad` with lr_decay = 0,
+//! initial_accumulator_value = 0, and FBGEMM's row-wise Adagrad; Duchi, Hazan & Singer,
+//! "Adaptive Subgradient Methods", JMLR 2011):
+//! - SGD: `p -= lr * g`;
+//! - Adagrad: `s += g * g; p -= lr * g / (sqrt(s) + eps)`, one accumulator per parameter;
+//! - row-wise Adagrad: `a[r] += mean_k g[r, k]^2; p[r] -= lr * g[r] / (sqrt(a[r]) + eps)`, one
+//!   accumulator per embedding row (dim times less state, the DLRM default at scale).
+//!
+//! The sparse update never builds a dense gradient: the batch's positions are grouped by row
+//! ([`crate::embedding`]), each distinct row's gradient is summed in a small per-thread buffer
+//! and applied at once, straight into the table, so a row looked up twice is updated once with
+//! its summed gradient (PyTorch's coalesced sparse gradient). Distinct rows are sorted, so a
+//! contiguous run of them covers a contiguous, disjoint slice of the table: each task owns its
+//! slice (no locks or atomics), and every row's update is the same sequence of operations
+//! whatever the thread count.
+
+use crate::embedding::{
+    Bags, PREFETCH_DISTANCE, Pooling, RowGrads, SparseGradWorkspace, join_ranges, prefetch_lines,
+    table_rows,
+};
+use crate::parallel::should_split;
+use crate::scratch::{EMB_ROW, with_scratch};
+use crate::simd::{F32s, LANES, load, load_partial, prefetch_write, store, store_partial};
+use core::ops::Range;
+use rayon::prelude::*;
+
+/// Optimizer of an embedding table.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SparseOptimizer {
+    Sgd { lr: f32 },
+    Adagrad { lr: f32, eps: f32 },
+    RowwiseAdagrad { lr: f32, eps: f32 },
+}
+
+impl SparseOptimizer {
+    /// Optimizer state per table row: 0 (SGD), dim (Adagrad) or 1 (row-wise Adagrad).
+    pub fn state_width(&self, dim: usize) -> usize {
+        match self {
+            SparseOptimizer::Sgd { .. } => 0,
+            SparseOptimizer::Adagrad { .. } => dim,
+            SparseOptimizer::RowwiseAdagrad { .. } => 1,
+        }
+    }
+
+    /// Applies the update of one row `p` with gradient `g` and its state `s`
+    /// (state_width(p.len()) floats).
+    #[inline(always)]
+    fn apply(&self, p: &mut [f32], s: &mut [f32], g: &[f32]) {
+        match *self {
+            SparseOptimizer::Sgd { lr } => sgd_lanes(p, g, lr),
+            SparseOptimizer::Adagrad { lr, eps } => adagrad_lanes(p, g, s, lr, eps),
+            SparseOptimizer::RowwiseAdagrad { lr, eps } => {
+                let mut sq = F32s::splat(0.0);
+                for_each_lane_block(g.len(), |r| {
+                    let gv = load_at(g, r);
+                    sq = gv.mul_add(gv, sq);
+                });
+                s[0] += sq.reduce_add() / g.len() as f32;
+                sgd_lanes(p, g, lr / (s[0].sqrt() + eps));
+            }
+        }
+    }
+}
+
+/// Calls `f` on consecutive ranges of at most LANES elements covering 0..len.
+#[inline(always)]
+fn for_each_lane_block(len: usize, mut f: impl FnMut(Range<usize>)) {
+    let mut i = 0;
+    while i < len {
+        let end = (i + LANES).min(len);
+        f(i..end);
+        i = end;
+    }
+}
+
+/// The elements `r` (at most LANES) of `x`, zero-filled.
+#[inline(always)]
+fn load_at(x: &[f32], r: Range<usize>) -> F32s {
+    let x = &x[r];
+    // SAFETY: x holds x.len() <= LANES readable floats (a full vector when equal).
+    unsafe {
+        if x.len() == LANES {
+            load(x.as_ptr())
+        } else {
+            load_partial(x.as_ptr(), x.len())
+        }
+    }
+}
+
+/// Stores the first r.len() lanes of `v` to the elements `r` (at most LANES) of `x`.
+#[inline(always)]
+fn store_at(x: &mut [f32], r: Range<usize>, v: F32s) {
+    let x = &mut x[r];
+    // SAFETY: x holds x.len() <= LANES writable floats (a full vector when equal).
+    unsafe {
+        if x.len() == LANES {
+            store(x.as_mut_ptr(), v)
+        } else {
+            store_partial(x.as_mut_ptr(), x.len(), v)
+        }
+    }
+}
+
+/// p -= lr * g, as one FMA per element.
+#[inline(always)]
+fn sgd_lanes(p: &mut [f32], g: &[f32], lr: f32) {
+    assert_eq!(p.len(), g.len());
+    let neg_lr = F32s::splat(-lr);
+    for_each_lane_block(p.len(), |r| {
+        let v = load_at(g, r.clone()).mul_add(neg_lr, load_at(p, r.clone()));
+        store_at(p, r, v);
+    });
+}
+
+/// s += g * g; p -= lr * g / (sqrt(s) + eps).
+#[inline(always)]
+fn adagrad_lanes(p: &mut [f32], g: &[f32], s: &mut [f32], lr: f32, eps: f32) {
+    assert!(p.len() == g.len() && s.len() == g.len());
+    let (neg_lr, eps) = (F32s::splat(-lr), F32s::splat(eps));
+    for_each_lane_block(p.len(), |r| {
+        let gv = load_at(g, r.clone());
+        let sv = gv.mul_add(gv, load_at(s, r.clone()));
+        let pv = (gv / (sv.sqrt() + eps)).mul_add(neg_lr, load_at(p, r.clone()));
+        store_at(s, r.clone(), sv);
+        store_at(p, r, pv);
+    });
+}
+
+/// Backward of the bag + fused optimizer update, straight into the table (and its state:
+/// rows x dim for Adagrad, rows for row-wise Adagrad, empty for SGD). Never builds a dense
+/// gradient; each distinct row is updated once per call with the sum of its gradients.
+#[allow(clippy::too_many_arguments)]
+pub fn embedding_bag_backward_update(
+    table: &mut [f32],
+    state: &mut [f32],
+    dim: usize,
+    bags: Bags,
+    pooling: Pooling,
+    grad_out: &[f32],
+    grad_stride: usize,
+    opt: SparseOptimizer,
+    ws: &mut SparseGradWorkspace,
+) {
+    const WHO: &str = "embedding_bag_backward_update";
+    let rows = table_rows(table, dim, WHO);
+    let sw = opt.state_width(dim);
+    assert_eq!(
+        state.len(),
+        rows * sw,
+        "{WHO}: state has {} floats, {opt:?} needs {sw} per row for {rows} rows",
+        state.len()
+    );
+    let (rg, _) = RowGrads::prepare(rows, dim, bags, pooling, grad_out, grad_stride, ws, WHO);
+    let ids = rg.rows;
+    let Some(&first) = ids.first() else {
+        return;
+    };
+    let first = first as usize;
+    let leaf = |range: Range<usize>, (t, s): (&mut [f32], &mut [f32])| {
+        let base = ids[range.start] as usize;
+        with_scratch(&EMB_ROW, dim, |g| {
+            for i in range.clone() {
+                if let Some(&ahead) = ids[..range.end].get(i + PREFETCH_DISTANCE) {
+                    let r = ahead as usize - base;
+                    prefetch_lines(t.as_ptr().wrapping_add(r * dim), dim, prefetch_write);
+                    prefetch_lines(s.as_ptr().wrapping_add(r * sw), sw, prefetch_write);
+                }
+                rg.sum_into(i, g);
+                let r = ids[i] as usize - base;
+                opt.apply(
+                    &mut t[r * dim..(r + 1) * dim],
+                    &mut s[r * sw..(r + 1) * sw],
+                    g,
+                );
+            }
+        });
+    };
+    // A part is (table rows, state rows) from the first distinct row of its range on.
+    join_ranges(
+        0..ids.len(),
+        rg.grain(),
+        (&mut table[first * dim..], &mut state[first * sw..]),
+        &|(t, s): (&mut [f32], &mut [f32]), lo, mid| {
+            let skip = (ids[mid] - ids[lo]) as usize;
+            let (t0, t1) = t.split_at_mut(skip * dim);
+            let (s0, s1) = s.split_at_mut(skip * sw);
+            ((t0, s0), (t1, s1))
+        },
+        &leaf,
+    );
+}
+
+/// Elements per parallel task of the dense updates (a fixed split: elementwise, so the bits
+/// never depend on it anyway).
+const DENSE_CHUNK: usize = 1 << 14;
+/// Smallest dense update (in elements) that is split across threads.
+const MIN_PARALLEL_DENSE: usize = 1 << 16;
+
+/// Dense parameter updates (MLP weights/biases), SIMD, parallel when large, bit-identical.
+/// SGD: param -= lr * grad.
+pub fn sgd_update(param: &mut [f32], grad: &[f32], lr: f32) {
+    assert_eq!(
+        param.len(),
+        grad.len(),
+        "sgd_update: {} parameters, {} gradients",
+        param.len(),
+        grad.len()
+    );
+    if should_split(param.len(), MIN_PARALLEL_DENSE) {
+        param
+            .par_chunks_mut(DENSE_CHUNK)
+            .zip(grad.par_chunks(DENSE_CHUNK))
+            .for_each(|(p, g)| sgd_lanes(p, g, lr));
+    } else {
+        sgd_lanes(param, grad, lr);
+    }
+}
+
+/// Dense Adagrad: state += grad^2; param -= lr * grad / (sqrt(state) + eps).
+pub fn adagrad_update(param: &mut [f32], grad: &[f32], state: &mut [f32], lr: f32, eps: f32) {
+    assert!(
+        param.len() == grad.len() && state.len() == grad.len(),
+        "adagrad_update: {} parameters, {} gradients, {} state values",
+        param.len(),
+        grad.len(),
+        state.len()
+    );
+    if should_split(param.len(), MIN_PARALLEL_DENSE) {
+        param
+            .par_chunks_mut(DENSE_CHUNK)
+            .zip(grad.par_chunks(DENSE_CHUNK))
+            .zip(state.par_chunks_mut(DENSE_CHUNK))
+            .for_each(|((p, g), s)| adagrad_lanes(p, g, s, lr, eps));
+    } else {
+        adagrad_lanes(param, grad, state, lr, eps);
+    }
+}

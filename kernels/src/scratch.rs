@@ -15,6 +15,7 @@ thread_local! {
     pub(crate) static PACK_A: Slot = const { Cell::new(Vec::new()) };
     pub(crate) static PACK_B: Slot = const { Cell::new(Vec::new()) };
     pub(crate) static PARTIALS: Slot = const { Cell::new(Vec::new()) };
+    pub(crate) static EMB_ROW: Slot = const { Cell::new(Vec::new()) };
 }
 
 /// Runs `f` with a vector-aligned scratch slice of exactly `len` floats (contents unspecified).

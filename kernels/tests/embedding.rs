@@ -1,0 +1,296 @@
+//! Embedding-bag kernels against their scalar twins: forward (sum, mean, weighted; empty bags,
+//! repeated ids, widths around the lane count and the specialised widths), the per-sample
+//! weight gradient and the coalesced backward; bit-identical results for any thread count.
+
+mod common;
+
+use common::{BagCase, assert_close, bag_case, bits, fill, on_1_2_3_threads, sum_tol};
+use dlrm_kernels::embedding::{
+    self, Bags, Pooling, SparseGradWorkspace, embedding_bag_backward_coalesce,
+};
+use dlrm_kernels::reference;
+use proptest::prelude::*;
+
+/// Forward into a NaN-filled strided buffer (padding must stay NaN).
+fn forward(c: &BagCase) -> Vec<f32> {
+    let mut out = vec![f32::NAN; c.strided_len()];
+    embedding::embedding_bag_forward(&c.table, c.dim, c.bags(), c.pooling, &mut out, c.stride);
+    out
+}
+
+fn weight_grad(c: &BagCase) -> Vec<f32> {
+    let mut gw = vec![f32::NAN; c.indices.len()];
+    embedding::embedding_bag_weight_grad(&c.table, c.dim, c.bags(), &c.grad_out, c.stride, &mut gw);
+    gw
+}
+
+fn coalesce(c: &BagCase, ws: &mut SparseGradWorkspace) -> (Vec<u32>, Vec<f32>) {
+    let g = embedding_bag_backward_coalesce(
+        c.rows,
+        c.dim,
+        c.bags(),
+        c.pooling,
+        &c.grad_out,
+        c.stride,
+        ws,
+    );
+    (g.rows.to_vec(), g.grads.to_vec())
+}
+
+fn check_forward(c: &BagCase) {
+    let out = forward(c);
+    let mut expect = vec![f32::NAN; c.strided_len()];
+    reference::embedding_bag_forward(&c.table, c.dim, c.bags(), c.pooling, &mut expect, c.stride);
+    for b in 0..c.num_bags() {
+        let row = b * c.stride..b * c.stride + c.dim;
+        let tol = sum_tol(c.bags().bag(b).len());
+        assert_close("out", &out[row.clone()], &expect[row], tol, 0.0);
+        if b + 1 < c.num_bags() {
+            let pad = b * c.stride + c.dim..(b + 1) * c.stride;
+            assert!(out[pad].iter().all(|x| x.is_nan()), "padding written");
+        }
+    }
+}
+
+/// Each coalesced row within the rounding of the sum of its lookups' gradients.
+fn check_grads(c: &BagCase, rows: &[u32], grads: &[f32], expect: &[f32]) {
+    let lookups = c.lookups();
+    for (i, &r) in rows.iter().enumerate() {
+        let g = i * c.dim..(i + 1) * c.dim;
+        let tol = sum_tol(lookups[r as usize]);
+        assert_close("grads", &grads[g.clone()], &expect[g], tol, 0.0);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn forward_matches_reference(c in bag_case()) {
+        check_forward(&c);
+    }
+
+    #[test]
+    fn weight_grad_matches_reference(c in bag_case()) {
+        let gw = weight_grad(&c);
+        let mut expect = vec![0.0; c.indices.len()];
+        let (t, g) = (&c.table, &c.grad_out);
+        reference::embedding_bag_weight_grad(t, c.dim, c.bags(), g, c.stride, &mut expect);
+        // A dim-long dot product of values in [-1, 1].
+        assert_close("grad_weights", &gw, &expect, sum_tol(c.dim), 0.0);
+    }
+
+    #[test]
+    fn coalesce_matches_reference(c in bag_case()) {
+        let mut ws = SparseGradWorkspace::default();
+        let (rows, grads) = coalesce(&c, &mut ws);
+        let (erows, egrads) = reference::embedding_bag_backward_coalesce(
+            c.rows, c.dim, c.bags(), c.pooling, &c.grad_out, c.stride);
+        prop_assert_eq!(&rows, &erows);
+        check_grads(&c, &rows, &grads, &egrads);
+        // The workspace, reused on another problem and then on this one, gives the same again.
+        let mut other = c.clone();
+        other.indices.reverse();
+        other.grad_out.iter_mut().for_each(|g| *g = -*g);
+        coalesce(&other, &mut ws);
+        let (rows2, grads2) = coalesce(&c, &mut ws);
+        prop_assert_eq!(rows2, rows);
+        prop_assert_eq!(bits(&grads2), bits(&grads));
+    }
+
+    #[test]
+    fn kernels_are_thread_count_invariant(c in bag_case()) {
+        let [one, two, three] = on_1_2_3_threads(|| {
+            let (rows, grads) = coalesce(&c, &mut SparseGradWorkspace::default());
+            (bits(&forward(&c)), bits(&weight_grad(&c)), rows, bits(&grads))
+        });
+        prop_assert_eq!(&one, &two);
+        prop_assert_eq!(&one, &three);
+    }
+}
+
+/// A bag case with the given shape, bag sizes and ids drawn from `id_range`.
+fn case_with(
+    rows: usize,
+    dim: usize,
+    sizes: &[usize],
+    id_range: usize,
+    pooling: Pooling,
+    seed: u64,
+) -> BagCase {
+    let mut offsets = Vec::new();
+    let mut nnz = 0;
+    for &s in sizes {
+        offsets.push(nnz as u32);
+        nnz += s;
+    }
+    let indices = common::fill_range(nnz, seed, 0.0, id_range as f32)
+        .into_iter()
+        .map(|x| (x as usize).min(id_range - 1) as u32)
+        .collect();
+    BagCase {
+        rows,
+        dim,
+        offsets,
+        indices,
+        weights: None,
+        pooling,
+        stride: dim,
+        table: fill(rows * dim, seed ^ 1),
+        grad_out: fill(sizes.len() * dim, seed ^ 2),
+        seed,
+    }
+}
+
+/// Sizes past the parallel threshold, on the pool's own path (not forced), every pooling.
+#[test]
+fn large_problems_match_reference() {
+    for (dim, pooling) in [(64, Pooling::Sum), (128, Pooling::Mean), (37, Pooling::Sum)] {
+        let sizes: Vec<usize> = (0..3000).map(|b| b % 5).collect();
+        let c = case_with(20_000, dim, &sizes, 20_000, pooling, dim as u64);
+        check_forward(&c);
+        let mut ws = SparseGradWorkspace::default();
+        let (rows, grads) = coalesce(&c, &mut ws);
+        let (erows, egrads) = reference::embedding_bag_backward_coalesce(
+            c.rows,
+            c.dim,
+            c.bags(),
+            c.pooling,
+            &c.grad_out,
+            c.stride,
+        );
+        assert_eq!(rows, erows);
+        check_grads(&c, &rows, &grads, &egrads);
+    }
+}
+
+/// Duplicates are summed in position (batch) order: with unit weights the coalesced gradient
+/// is exactly the f32 sum taken in that order.
+#[test]
+fn duplicates_are_summed_in_batch_order() {
+    let sizes: Vec<usize> = (0..200).map(|b| 1 + b % 4).collect();
+    let c = case_with(5, 33, &sizes, 5, Pooling::Sum, 9);
+    let mut expect = vec![vec![0.0f32; c.dim]; c.rows];
+    for b in 0..c.num_bags() {
+        for p in c.bags().bag(b) {
+            let row = &mut expect[c.indices[p] as usize];
+            for (e, g) in row.iter_mut().zip(&c.grad_out[b * c.dim..(b + 1) * c.dim]) {
+                *e += g;
+            }
+        }
+    }
+    let mut ws = SparseGradWorkspace::default();
+    let (rows, grads) = coalesce(&c, &mut ws);
+    for (i, &r) in rows.iter().enumerate() {
+        assert_eq!(
+            bits(&grads[i * c.dim..(i + 1) * c.dim]),
+            bits(&expect[r as usize]),
+            "row {r}"
+        );
+    }
+}
+
+/// Ids spread over the whole u32 range (every radix pass runs) group exactly as the same ids
+/// renumbered densely in the same order.
+#[test]
+fn coalesce_handles_ids_of_every_magnitude() {
+    let sizes: Vec<usize> = (0..500).map(|b| b % 4).collect();
+    let small = case_with(300, 5, &sizes, 300, Pooling::Sum, 4);
+    // An increasing map 0..300 -> spread over 0..u32::MAX, with shared low digits.
+    let spread = |id: u32| id * 14_316_557 + (id % 3) * 256 + 7;
+    let big_ids: Vec<u32> = small.indices.iter().map(|&i| spread(i)).collect();
+    let big = Bags {
+        indices: &big_ids,
+        ..small.bags()
+    };
+    let (rows_small, grads_small) = coalesce(&small, &mut SparseGradWorkspace::default());
+    let mut ws = SparseGradWorkspace::default();
+    let g = embedding_bag_backward_coalesce(
+        u32::MAX as usize,
+        small.dim,
+        big,
+        small.pooling,
+        &small.grad_out,
+        small.stride,
+        &mut ws,
+    );
+    let mapped: Vec<u32> = rows_small.iter().map(|&r| spread(r)).collect();
+    assert_eq!(g.rows, &mapped[..]);
+    assert_eq!(bits(g.grads), bits(&grads_small));
+}
+
+#[test]
+fn no_bags_and_empty_bags() {
+    let table = fill(4 * 16, 1);
+    let mut out: Vec<f32> = vec![];
+    let none = Bags {
+        indices: &[],
+        offsets: &[],
+        weights: None,
+    };
+    embedding::embedding_bag_forward(&table, 16, none, Pooling::Mean, &mut out, 16);
+    let empty = Bags {
+        indices: &[],
+        offsets: &[0, 0, 0],
+        weights: None,
+    };
+    let mut out = vec![f32::NAN; 3 * 16];
+    embedding::embedding_bag_forward(&table, 16, empty, Pooling::Mean, &mut out, 16);
+    assert!(out.iter().all(|&x| x == 0.0));
+    let mut ws = SparseGradWorkspace::default();
+    let g = embedding_bag_backward_coalesce(4, 16, empty, Pooling::Mean, &out, 16, &mut ws);
+    assert!(g.rows.is_empty() && g.grads.is_empty());
+}
+
+#[test]
+#[should_panic(expected = "out of range")]
+fn forward_rejects_an_id_past_the_table() {
+    let table = fill(4 * 8, 1);
+    let bags = Bags {
+        indices: &[1, 4],
+        offsets: &[0],
+        weights: None,
+    };
+    let mut out = vec![0.0; 8];
+    embedding::embedding_bag_forward(&table, 8, bags, Pooling::Sum, &mut out, 8);
+}
+
+#[test]
+#[should_panic(expected = "out of range")]
+fn backward_rejects_an_id_past_the_table() {
+    let bags = Bags {
+        indices: &[3, 2],
+        offsets: &[0, 1],
+        weights: None,
+    };
+    let grad = vec![0.0; 16];
+    embedding_bag_backward_coalesce(3, 8, bags, Pooling::Sum, &grad, 8, &mut Default::default());
+}
+
+#[test]
+#[should_panic(expected = "Pooling::Sum")]
+fn weights_need_sum_pooling() {
+    let table = fill(4 * 8, 1);
+    let bags = Bags {
+        indices: &[1],
+        offsets: &[0],
+        weights: Some(&[0.5]),
+    };
+    let mut out = vec![0.0; 8];
+    embedding::embedding_bag_forward(&table, 8, bags, Pooling::Mean, &mut out, 8);
+}
+
+#[test]
+fn bag_ranges_follow_pytorch() {
+    let bags = Bags {
+        indices: &[5, 6, 7, 8],
+        offsets: &[0, 2, 2],
+        weights: None,
+    };
+    assert_eq!(bags.len(), 3);
+    assert!(!bags.is_empty());
+    assert_eq!(
+        (0..3).map(|b| bags.bag(b)).collect::<Vec<_>>(),
+        [0..2, 2..2, 2..4]
+    );
+}
