@@ -194,7 +194,7 @@ impl Dlrm {
         let width = optimizer.sparse(0.0).state_width(d);
         let table_states = tables
             .iter()
-            .map(|t| OptimizerState::create_for(t, width, storage))
+            .map(|t| OptimizerState::create_for(t, width))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self::assemble(arch, optimizer, bottom, top, tables, table_states))
     }
