@@ -44,7 +44,11 @@ struct Problem {
 
 fn values(len: usize, seed: u32) -> Vec<f32> {
     (0..len)
-        .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / (1u32 << 24) as f32 - 0.5)
+        .map(|i| {
+            ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32
+                / (1u32 << 24) as f32
+                - 0.5
+        })
         .collect()
 }
 
@@ -104,7 +108,11 @@ impl Problem {
         let (m, n, k) = (self.m, self.n, self.k);
         let mut c = std::mem::take(&mut self.c);
         let (a, b) = self.views();
-        let beta = if matches!(self.form, Form::Dw) { 1.0 } else { 0.0 };
+        let beta = if matches!(self.form, Form::Dw) {
+            1.0
+        } else {
+            0.0
+        };
         // SAFETY: the views describe valid m x k and k x n matrices; C is m x n contiguous.
         unsafe {
             matrixmultiply::sgemm(

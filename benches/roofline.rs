@@ -25,7 +25,9 @@ fn bench_fma_peak(c: &mut Criterion) {
             .num_threads(threads)
             .build()
             .expect("thread pool");
-        group.throughput(Throughput::Elements((fma_peak_flops(iters) * threads) as u64));
+        group.throughput(Throughput::Elements(
+            (fma_peak_flops(iters) * threads) as u64,
+        ));
         group.bench_function(
             BenchmarkId::new(format!("fma-peak-t{threads}"), "regs"),
             |b| {

@@ -1,9 +1,11 @@
 //! DLRM (Naumov et al. 2019) for CPUs: the model, its data and its training, built on the
 //! SIMD kernels of `dlrm-kernels`.
 
+pub mod config;
 pub mod data;
 pub mod metrics;
 pub mod model;
 pub mod rng;
+pub mod train;
 
 pub use dlrm_kernels as kernels;

@@ -20,8 +20,9 @@ const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 /// Derives a key from a seed and a list of identifiers (table, row, ...).
 #[inline]
 pub fn derive_key(seed: u64, ids: &[u64]) -> u64 {
-    ids.iter()
-        .fold(mix64(seed ^ GOLDEN), |k, &id| mix64(k ^ id.wrapping_mul(GOLDEN)))
+    ids.iter().fold(mix64(seed ^ GOLDEN), |k, &id| {
+        mix64(k ^ id.wrapping_mul(GOLDEN))
+    })
 }
 
 /// The `counter`-th 64-bit value of the stream `key`.
@@ -250,14 +251,20 @@ mod tests {
         for k in [1usize, 2, 10] {
             let expect = draws as f64 * (k as f64).powf(-1.05) / norm;
             let got = counts[k] as f64;
-            assert!((got - expect).abs() < 5.0 * expect.sqrt() + 1.0, "rank {k}: {got} vs {expect}");
+            assert!(
+                (got - expect).abs() < 5.0 * expect.sqrt() + 1.0,
+                "rank {k}: {got} vs {expect}"
+            );
         }
     }
 
     #[test]
     fn counter_hash_is_a_pure_function() {
         let k = derive_key(42, &[3, 17]);
-        assert_eq!(counter_hash(k, 5), counter_hash(derive_key(42, &[3, 17]), 5));
+        assert_eq!(
+            counter_hash(k, 5),
+            counter_hash(derive_key(42, &[3, 17]), 5)
+        );
         assert_ne!(counter_hash(k, 5), counter_hash(k, 6));
         assert_ne!(k, derive_key(42, &[17, 3]));
     }

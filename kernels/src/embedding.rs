@@ -315,46 +315,103 @@ pub fn embedding_bag_forward(
     out: &mut [f32],
     out_stride: usize,
 ) {
+    embedding_bag_forward_tables(1, dim, |_| table, |_| bags, pooling, out, out_stride, 0);
+}
+
+/// Pools `num_tables` tables into shared output rows: bag b of table t goes to
+/// `out[b * out_stride + first_col + t * dim ..][..dim]` (the model's feature rows, one slot
+/// per table). Every table has the same number of bags. Threads split the bags (output rows),
+/// and each task pools all tables for its rows, table by table, so every task owns whole rows.
+#[allow(clippy::too_many_arguments)]
+pub fn embedding_bag_forward_tables<'t>(
+    num_tables: usize,
+    dim: usize,
+    table: impl Fn(usize) -> &'t [f32] + Sync,
+    bags: impl Fn(usize) -> Bags<'t> + Sync,
+    pooling: Pooling,
+    out: &mut [f32],
+    out_stride: usize,
+    first_col: usize,
+) {
     const WHO: &str = "embedding_bag_forward";
-    let rows = table_rows(table, dim, WHO);
-    bags.check(rows, pooling, WHO);
-    let n = bags.len();
-    check_strided(out.len(), n, dim, out_stride, "out", WHO);
+    if num_tables == 0 {
+        return;
+    }
+    let n = bags(0).len();
+    let mut work = 0;
+    for t in 0..num_tables {
+        let b = bags(t);
+        assert_eq!(
+            b.len(),
+            n,
+            "{WHO}: table {t} has {} bags, table 0 has {n}",
+            b.len()
+        );
+        b.check(table_rows(table(t), dim, WHO), pooling, WHO);
+        work += (b.indices.len() + n) * dim;
+    }
+    let span = first_col + num_tables * dim;
+    check_strided(out.len(), n, span, out_stride, "out", WHO);
     if n == 0 {
         return;
     }
-    let indices = bags.indices;
-    let bag_range = |b0: usize, out: &mut [f32]| {
-        for (i, o) in out.chunks_mut(out_stride).enumerate() {
-            let b = b0 + i;
-            let pos = bags.bag(b);
-            let row = |k: usize| {
-                let p = pos.start + k;
-                let id = indices[p] as usize;
-                (&table[id * dim..], bags.weights.map_or(1.0, |w| w[p]))
-            };
-            let prefetch = |k: usize| {
-                if let Some(&id) = indices.get(pos.start + k + PREFETCH_DISTANCE) {
-                    prefetch_lines(
-                        table.as_ptr().wrapping_add(id as usize * dim),
-                        dim,
-                        prefetch_read,
-                    );
-                }
-            };
-            let div = (pooling == Pooling::Mean && !pos.is_empty()).then(|| pos.len() as f32);
-            pool_rows(dim, pos.len(), &row, &prefetch, div, o);
+    let rows_from = |b0: usize, out: &mut [f32]| {
+        for t in 0..num_tables {
+            pool_bags(
+                table(t),
+                dim,
+                bags(t),
+                pooling,
+                b0,
+                out,
+                out_stride,
+                first_col + t * dim,
+            );
         }
     };
-    let out = &mut out[..(n - 1) * out_stride + dim];
-    let parallel = should_split((indices.len() + n) * dim, MIN_PARALLEL_FLOATS);
-    if parallel {
+    let out = &mut out[..(n - 1) * out_stride + span];
+    if should_split(work, MIN_PARALLEL_FLOATS) {
         let grain = task_grain(n, true);
         out.par_chunks_mut(grain * out_stride)
             .enumerate()
-            .for_each(|(t, o)| bag_range(t * grain, o));
+            .for_each(|(t, o)| rows_from(t * grain, o));
     } else {
-        bag_range(0, out);
+        rows_from(0, out);
+    }
+}
+
+/// Pools the bags from `b0` on, one per `out_stride` row of `out`, into columns
+/// `col .. col + dim` (as many bags as `out` has rows). The bags are checked by the caller.
+#[allow(clippy::too_many_arguments)]
+fn pool_bags(
+    table: &[f32],
+    dim: usize,
+    bags: Bags,
+    pooling: Pooling,
+    b0: usize,
+    out: &mut [f32],
+    out_stride: usize,
+    col: usize,
+) {
+    let indices = bags.indices;
+    for (i, o) in out.chunks_mut(out_stride).enumerate() {
+        let pos = bags.bag(b0 + i);
+        let row = |k: usize| {
+            let p = pos.start + k;
+            let id = indices[p] as usize;
+            (&table[id * dim..], bags.weights.map_or(1.0, |w| w[p]))
+        };
+        let prefetch = |k: usize| {
+            if let Some(&id) = indices.get(pos.start + k + PREFETCH_DISTANCE) {
+                prefetch_lines(
+                    table.as_ptr().wrapping_add(id as usize * dim),
+                    dim,
+                    prefetch_read,
+                );
+            }
+        };
+        let div = (pooling == Pooling::Mean && !pos.is_empty()).then(|| pos.len() as f32);
+        pool_rows(dim, pos.len(), &row, &prefetch, div, &mut o[col..col + dim]);
     }
 }
 

@@ -15,12 +15,13 @@ pub const fn fma_peak_flops(iters: usize) -> usize {
 /// to the optimiser (pass them through `black_box`); the result depends on every chain.
 pub fn fma_peak(iters: usize, x: f32, y: f32) -> f32 {
     let (xv, yv) = (F32s::splat(x), F32s::splat(y));
-    let mut acc: [F32s; FMA_PEAK_CHAINS] =
-        core::array::from_fn(|i| F32s::splat(i as f32 * 1e-3));
+    let mut acc: [F32s; FMA_PEAK_CHAINS] = core::array::from_fn(|i| F32s::splat(i as f32 * 1e-3));
     for _ in 0..iters {
         for a in acc.iter_mut() {
             *a = a.mul_add(xv, yv);
         }
     }
-    acc.iter().fold(F32s::splat(0.0), |s, a| s + *a).reduce_add()
+    acc.iter()
+        .fold(F32s::splat(0.0), |s, a| s + *a)
+        .reduce_add()
 }

@@ -49,7 +49,11 @@ pub unsafe fn load_partial(p: *const f32, n: usize) -> F32s {
         // SAFETY: masked-off lanes are not accessed (no fault), the others are readable.
         F32s::from(unsafe { _mm512_maskz_loadu_ps(mask, p) })
     }
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", not(target_feature = "avx512f")))]
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        not(target_feature = "avx512f")
+    ))]
     {
         use core::arch::x86_64::{_mm256_maskload_ps, _mm256_set_epi32};
         let n = n as i32;
@@ -153,4 +157,128 @@ pub fn prefetch_write<T>(p: *const T) {
 #[inline(always)]
 pub fn reduce_sum(v: F32s) -> f32 {
     v.reduce_add()
+}
+
+/// Transposes a LANES x LANES block held in vectors, in place: afterwards lane i of `block[j]`
+/// is what lane j of `block[i]` was. In-register shuffles on AVX-512 and AVX2 (the classic
+/// unpack / shuffle / lane-permute network); lane by lane elsewhere.
+#[inline(always)]
+pub fn transpose(block: &mut [F32s; LANES]) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    {
+        use core::arch::x86_64::*;
+        // SAFETY: AVX-512F is enabled for the whole build (the cfg above), and these
+        // intrinsics only shuffle register values.
+        unsafe {
+            let r: [__m512; 16] = core::array::from_fn(|i| __m512::from(block[i]));
+            // Stage 1: interleave pairs of rows (32-bit elements).
+            let t: [__m512; 16] = core::array::from_fn(|i| {
+                let (a, b) = (r[i & !1], r[i | 1]);
+                if i & 1 == 0 {
+                    _mm512_unpacklo_ps(a, b)
+                } else {
+                    _mm512_unpackhi_ps(a, b)
+                }
+            });
+            // Stage 2: combine 64-bit pairs of stage-1 rows 4k.. 4k+3.
+            let u: [__m512; 16] = core::array::from_fn(|i| {
+                let base = i & !3;
+                let (a, b) = match i & 3 {
+                    0 | 1 => (t[base], t[base + 2]),
+                    _ => (t[base + 1], t[base + 3]),
+                };
+                if i & 1 == 0 {
+                    _mm512_shuffle_ps::<0x44>(a, b)
+                } else {
+                    _mm512_shuffle_ps::<0xEE>(a, b)
+                }
+            });
+            // Stage 3: gather 128-bit blocks of row groups (0-3 with 4-7, 8-11 with 12-15).
+            let v: [__m512; 16] = core::array::from_fn(|i| {
+                let half = i & 8;
+                let j = i & 3;
+                let (a, b) = (u[half + j], u[half + 4 + j]);
+                if i & 4 == 0 {
+                    _mm512_shuffle_f32x4::<0x88>(a, b)
+                } else {
+                    _mm512_shuffle_f32x4::<0xDD>(a, b)
+                }
+            });
+            // Stage 4: gather 128-bit blocks of the two halves.
+            for (i, out) in block.iter_mut().enumerate() {
+                let j = i & 7;
+                let (a, b) = (v[j], v[8 + j]);
+                *out = F32s::from(if i < 8 {
+                    _mm512_shuffle_f32x4::<0x88>(a, b)
+                } else {
+                    _mm512_shuffle_f32x4::<0xDD>(a, b)
+                });
+            }
+        }
+    }
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        not(target_feature = "avx512f")
+    ))]
+    {
+        use core::arch::x86_64::*;
+        // SAFETY: AVX2 is enabled for the whole build (the cfg above), and these intrinsics
+        // only shuffle register values.
+        unsafe {
+            let r: [__m256; 8] = core::array::from_fn(|i| __m256::from(block[i]));
+            let t: [__m256; 8] = core::array::from_fn(|i| {
+                let (a, b) = (r[i & !1], r[i | 1]);
+                if i & 1 == 0 {
+                    _mm256_unpacklo_ps(a, b)
+                } else {
+                    _mm256_unpackhi_ps(a, b)
+                }
+            });
+            let u: [__m256; 8] = core::array::from_fn(|i| {
+                let base = i & !3;
+                let (a, b) = match i & 3 {
+                    0 | 1 => (t[base], t[base + 2]),
+                    _ => (t[base + 1], t[base + 3]),
+                };
+                if i & 1 == 0 {
+                    _mm256_shuffle_ps::<0x44>(a, b)
+                } else {
+                    _mm256_shuffle_ps::<0xEE>(a, b)
+                }
+            });
+            for (i, out) in block.iter_mut().enumerate() {
+                let j = i & 3;
+                *out = F32s::from(if i < 4 {
+                    _mm256_permute2f128_ps::<0x20>(u[j], u[4 + j])
+                } else {
+                    _mm256_permute2f128_ps::<0x31>(u[j], u[4 + j])
+                });
+            }
+        }
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+    {
+        let rows: [[f32; LANES]; LANES] = core::array::from_fn(|i| block[i].to_array());
+        for (j, out) in block.iter_mut().enumerate() {
+            *out = F32s::new(core::array::from_fn(|i| rows[i][j]));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose_swaps_rows_and_columns() {
+        let mut block: [F32s; LANES] =
+            core::array::from_fn(|i| F32s::new(core::array::from_fn(|j| (i * LANES + j) as f32)));
+        transpose(&mut block);
+        for (j, v) in block.iter().enumerate() {
+            for (i, x) in v.to_array().iter().enumerate() {
+                assert_eq!(*x, (i * LANES + j) as f32, "lane {i} of vector {j}");
+            }
+        }
+    }
 }

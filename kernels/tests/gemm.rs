@@ -184,7 +184,10 @@ fn check_against_reference(cs: &Case) -> Result<(), TestCaseError> {
         for j in cs.n..inp.ldc {
             if i + 1 < cs.m {
                 let idx = i * inp.ldc + j;
-                prop_assert!(ours[idx].to_bits() == inp.c0[idx].to_bits(), "padding written");
+                prop_assert!(
+                    ours[idx].to_bits() == inp.c0[idx].to_bits(),
+                    "padding written"
+                );
             }
         }
     }

@@ -50,7 +50,9 @@ impl Batch {
     pub fn bag(&self, t: usize, i: usize) -> &[u32] {
         let offs = &self.offsets[t];
         let start = offs[i] as usize;
-        let end = offs.get(i + 1).map_or(self.indices[t].len(), |&e| e as usize);
+        let end = offs
+            .get(i + 1)
+            .map_or(self.indices[t].len(), |&e| e as usize);
         &self.indices[t][start..end]
     }
 

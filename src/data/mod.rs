@@ -1,5 +1,6 @@
 //! Data: batches, synthetic generators, the Criteo reader and the binary dataset.
 
 pub mod batch;
+pub mod synthetic;
 
 pub use batch::Batch;

@@ -1017,9 +1017,11 @@ fn check_ids(ids: &[u32], rows: usize) -> Result<(), (usize, u32)> {
 
 /// Optimizer state of one table (Adagrad: rows x dim; row-wise Adagrad: rows x 1), in the same
 /// storage as its table (an anonymous map, or `dir/`[`state_file_name`]`(index)`), zeroed.
+/// A stateless optimizer (SGD, width 0) has no map and no file.
 #[derive(Debug)]
 pub struct OptimizerState {
-    matrix: MappedMatrix,
+    rows: usize,
+    matrix: Option<MappedMatrix>,
 }
 
 impl OptimizerState {
@@ -1027,6 +1029,9 @@ impl OptimizerState {
     /// the table file).
     pub fn create_for(table: &EmbeddingTable, width: usize) -> Result<OptimizerState, TableError> {
         let rows = table.rows();
+        if width == 0 {
+            return Ok(OptimizerState { rows, matrix: None });
+        }
         matrix_bytes(rows, width)?;
         let matrix = match table.file_path() {
             None => MappedMatrix::anon(rows, width)?,
@@ -1044,7 +1049,10 @@ impl OptimizerState {
                 remove_on_error(&path.clone(), || MappedMatrix::file(&file, path, &header))?
             }
         };
-        Ok(OptimizerState { matrix })
+        Ok(OptimizerState {
+            rows,
+            matrix: Some(matrix),
+        })
     }
 
     /// Opens the existing state file `path` of table `index`, checking its shape.
@@ -1062,38 +1070,41 @@ impl OptimizerState {
         };
         let (file, header) = open_file(path, &expect)?;
         Ok(OptimizerState {
-            matrix: MappedMatrix::file(&file, path.to_path_buf(), &header)?,
+            rows: expected_rows,
+            matrix: Some(MappedMatrix::file(&file, path.to_path_buf(), &header)?),
         })
     }
 
     /// Number of rows (the table's).
     pub fn rows(&self) -> usize {
-        self.matrix.rows()
+        self.rows
     }
 
-    /// Values per row (dim for Adagrad, 1 for row-wise Adagrad).
+    /// Values per row (dim for Adagrad, 1 for row-wise Adagrad, 0 for SGD).
     pub fn width(&self) -> usize {
-        self.matrix.cols()
+        self.matrix.as_ref().map_or(0, MappedMatrix::cols)
     }
 
     /// The rows x width state, row-major.
     pub fn as_slice(&self) -> &[f32] {
-        self.matrix.as_slice()
+        self.matrix.as_ref().map_or(&[], MappedMatrix::as_slice)
     }
 
     /// The rows x width state, writable.
     pub fn as_mut_slice(&mut self) -> &mut [f32] {
-        self.matrix.as_mut_slice()
+        self.matrix
+            .as_mut()
+            .map_or(&mut [], MappedMatrix::as_mut_slice)
     }
 
-    /// The state file, `None` for an anonymous map.
+    /// The state file, `None` for an anonymous map or no state.
     pub fn file_path(&self) -> Option<&Path> {
-        self.matrix.path()
+        self.matrix.as_ref().and_then(MappedMatrix::path)
     }
 
     /// Writes a file-backed state back to disk and waits.
     pub fn flush(&self) -> Result<(), TableError> {
-        self.matrix.flush()
+        self.matrix.as_ref().map_or(Ok(()), MappedMatrix::flush)
     }
 }
 

@@ -53,7 +53,9 @@ pub fn load(case: &str) -> Fixture {
         );
         let (f32v, i64v) = match t["dtype"].as_str() {
             Some("f32") => (
-                data.iter().map(|x| x.as_f64().expect("f32") as f32).collect(),
+                data.iter()
+                    .map(|x| x.as_f64().expect("f32") as f32)
+                    .collect(),
                 Vec::new(),
             ),
             Some("i64") => (
@@ -118,7 +120,8 @@ impl Fixture {
     pub fn config_usize(&self, key: &str) -> usize {
         self.config[key]
             .as_u64()
-            .unwrap_or_else(|| panic!("{}: config {key} is not an integer", self.case)) as usize
+            .unwrap_or_else(|| panic!("{}: config {key} is not an integer", self.case))
+            as usize
     }
 
     pub fn config_f32(&self, key: &str) -> f32 {

@@ -56,9 +56,18 @@ const BIAS_GRAD_COLS_PER_TASK: usize = 4 * LANES;
 /// thread count.
 pub fn bias_grad(dy: MatRef, relu_out: Option<MatRef>, db: &mut [f32], accumulate: bool) {
     let (m, n) = (dy.rows(), dy.cols());
-    assert_eq!(db.len(), n, "bias_grad: db has {} values for {n} columns", db.len());
+    assert_eq!(
+        db.len(),
+        n,
+        "bias_grad: db has {} values for {n} columns",
+        db.len()
+    );
     if let Some(y) = &relu_out {
-        assert_eq!((y.rows(), y.cols()), (m, n), "bias_grad: mask shape differs from dY");
+        assert_eq!(
+            (y.rows(), y.cols()),
+            (m, n),
+            "bias_grad: mask shape differs from dY"
+        );
     }
     let columns = |j0: usize, out: &mut [f32]| {
         for (v, out_v) in out.chunks_mut(LANES).enumerate() {

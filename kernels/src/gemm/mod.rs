@@ -174,6 +174,11 @@ impl<'a> MatRef<'a> {
         &self.data[start..start + len]
     }
 
+    /// The elements the view spans, from (0, 0) to (rows - 1, cols - 1) inclusive.
+    pub fn as_slice(&self) -> &'a [f32] {
+        self.data
+    }
+
     /// Pointer to element (0, 0), for handing the view to foreign code.
     pub fn as_ptr(&self) -> *const f32 {
         self.data.as_ptr()
@@ -299,10 +304,19 @@ pub fn gemm_with_blocks(bs: &BlockSizes, a: MatRef, b: MatRef, mut c: MatMut, op
         c.cols
     );
     if let Some(bias) = ops.bias {
-        assert_eq!(bias.len(), n, "gemm: bias has {} values for {n} columns", bias.len());
+        assert_eq!(
+            bias.len(),
+            n,
+            "gemm: bias has {} values for {n} columns",
+            bias.len()
+        );
     }
     if let Some(mask) = &ops.a_relu_mask {
-        assert_eq!((mask.rows, mask.cols), (m, k), "gemm: mask shape differs from A");
+        assert_eq!(
+            (mask.rows, mask.cols),
+            (m, k),
+            "gemm: mask shape differs from A"
+        );
     }
     assert!(bs.kc > 0 && bs.mc > 0 && bs.nc > 0, "gemm: zero block size");
     if m == 0 || n == 0 {
@@ -503,7 +517,9 @@ impl Block<'_> {
                     let st = StoreOps {
                         alpha: self.alpha,
                         beta: self.beta,
-                        bias: self.bias.map_or(std::ptr::null(), |b| b[self.jc + jr..].as_ptr()),
+                        bias: self
+                            .bias
+                            .map_or(std::ptr::null(), |b| b[self.jc + jr..].as_ptr()),
                         relu: self.relu,
                     };
                     for ir in (0..mc).step_by(MR) {
@@ -520,10 +536,7 @@ impl Block<'_> {
                             a_cs,
                             b: b_ptr,
                             b_rs,
-                            c: self
-                                .c
-                                .0
-                                .wrapping_add((ic + ir) * self.c_rs + self.jc + jr),
+                            c: self.c.0.wrapping_add((ic + ir) * self.c_rs + self.jc + jr),
                             c_rs: self.c_rs,
                             m: mv,
                             n: nv,
@@ -531,7 +544,9 @@ impl Block<'_> {
                         // SAFETY: the tile lies inside A, B and C as validated at entry: rows
                         // ic+ir .. ic+ir+mv < m, columns jc+jr .. +nv <= n, k steps pc .. pc+kc;
                         // packed buffers hold full MR/NR panels; this task alone writes it.
-                        unsafe { run_tile::<MR, NV>(&t, &st, self.pack_a, self.pack_b || nv == nr) };
+                        unsafe {
+                            run_tile::<MR, NV>(&t, &st, self.pack_a, self.pack_b || nv == nr)
+                        };
                     }
                 }
             }

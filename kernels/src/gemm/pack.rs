@@ -1,72 +1,126 @@
 //! Packing: copying a block of A or B into the order in which the microkernel reads it, so the
 //! k loop walks two contiguous streams (Goto & van de Geijn 2008). Edges are zero-padded to a
 //! full MR / NR, which lets the microkernel use full-width loads everywhere.
+//!
+//! Both operands pack the same way: a micro-panel is `width` lines (rows of A, columns of B)
+//! interleaved k step by k step, `panel[p * width + r] = line r at step p`. Depending on which
+//! stride of the source is 1, that is a vector copy per k step (lines contiguous across r) or
+//! a LANES x LANES in-register transpose (lines contiguous along p).
 
 use super::MatRef;
+use crate::simd::{F32s, LANES, load_slice_partial, store_slice_partial, transpose};
 
-/// Packs `a` (mc x kc) into `dst` as ceil(mc / MR) micro-panels of MR x kc, each stored k-major
-/// (MR consecutive values per k step). Elements where `mask` is not positive are packed as 0:
-/// this is how the ReLU backward mask dY * [Y > 0] is fused into the read of dY.
+/// Packs `a` (mc x kc) into `dst` as ceil(mc / MR) micro-panels of MR x kc. Elements where
+/// `mask` is not positive are packed as 0: this is how the ReLU backward mask dY * [Y > 0] is
+/// fused into the read of dY.
 pub fn pack_a<const MR: usize>(a: MatRef, mask: Option<MatRef>, dst: &mut [f32]) {
     let (mc, kc) = (a.rows(), a.cols());
-    let panels = mc.div_ceil(MR);
-    assert!(dst.len() >= panels * MR * kc);
     if let Some(m) = &mask {
         assert_eq!((m.rows(), m.cols()), (mc, kc));
     }
+    let panels = mc.div_ceil(MR);
+    assert!(dst.len() >= panels * MR * kc);
     for (q, panel) in dst.chunks_exact_mut(MR * kc).take(panels).enumerate() {
         let i0 = q * MR;
         let rows = MR.min(mc - i0);
-        if rows < MR {
-            panel.fill(0.0);
-        }
-        for i in 0..rows {
-            let src = a.row_iter(i0 + i);
-            match &mask {
-                None => {
-                    for (p, x) in src.enumerate() {
-                        panel[p * MR + i] = x;
-                    }
-                }
-                Some(m) => {
-                    for (p, (x, y)) in src.zip(m.row_iter(i0 + i)).enumerate() {
-                        panel[p * MR + i] = if y > 0.0 { x } else { 0.0 };
-                    }
-                }
-            }
-        }
+        pack_panel(
+            a.sub(i0, 0, rows, kc),
+            mask.map(|m| m.sub(i0, 0, rows, kc)),
+            panel,
+            MR,
+        );
     }
 }
 
-/// Packs `b` (kc x nc) into `dst` as ceil(nc / nr) micro-panels of kc x nr, each stored
-/// row-major (nr consecutive values per k step), zero-padded on the right edge.
+/// Packs `b` (kc x nc) into `dst` as ceil(nc / nr) micro-panels of kc x nr.
 pub fn pack_b(b: MatRef, nr: usize, dst: &mut [f32]) {
-    let (kc, nc) = (b.rows(), b.cols());
-    let panels = nc.div_ceil(nr);
-    assert!(dst.len() >= panels * nr * kc);
-    for (q, panel) in dst.chunks_exact_mut(nr * kc).take(panels).enumerate() {
+    let panels = b.cols().div_ceil(nr);
+    assert!(dst.len() >= panels * nr * b.rows());
+    for (q, panel) in dst.chunks_exact_mut(nr * b.rows()).take(panels).enumerate() {
         pack_b_panel(b, q * nr, nr, panel);
     }
 }
 
 /// Packs the `nr` columns of `b` starting at `j0` into one micro-panel (kc x nr).
 pub fn pack_b_panel(b: MatRef, j0: usize, nr: usize, panel: &mut [f32]) {
-    let kc = b.rows();
     let cols = nr.min(b.cols() - j0);
-    if cols < nr {
+    pack_panel(b.sub(0, j0, b.rows(), cols).t(), None, panel, nr);
+}
+
+/// `panel[p * width + r] = src(r, p)` (0 where `mask(r, p) <= 0`) for the `src.rows() <= width`
+/// lines, zero for the padding lines up to `width`.
+fn pack_panel(src: MatRef, mask: Option<MatRef>, panel: &mut [f32], width: usize) {
+    let (lines, kc) = (src.rows(), src.cols());
+    let panel = &mut panel[..width * kc];
+    if lines < width {
         panel.fill(0.0);
     }
-    if b.col_stride() == 1 {
-        // Rows of B are contiguous: copy a row segment per k step.
-        for (p, dst) in panel.chunks_exact_mut(nr).take(kc).enumerate() {
-            dst[..cols].copy_from_slice(b.row_slice(p, j0, cols));
-        }
+    let unit = |rs: bool| {
+        let s = |m: &MatRef| if rs { m.row_stride() } else { m.col_stride() };
+        s(&src) == 1 && mask.is_none_or(|m| s(&m) == 1)
+    };
+    if unit(true) {
+        pack_by_copy(src, mask, panel, width);
+    } else if unit(false) {
+        pack_by_transpose(src, mask, panel, width);
     } else {
-        // B is a transposed view (e.g. W^T): walk each column, which is contiguous in memory.
-        for j in 0..cols {
-            for (p, x) in b.col_iter(j0 + j).enumerate() {
-                panel[p * nr + j] = x;
+        for p in 0..kc {
+            for r in 0..lines {
+                let keep = mask.is_none_or(|m| m.get(r, p) > 0.0);
+                panel[p * width + r] = if keep { src.get(r, p) } else { 0.0 };
             }
         }
     }
+}
+
+/// `src` lines are contiguous across r (a transposed view): one vector copy per k step.
+fn pack_by_copy(src: MatRef, mask: Option<MatRef>, panel: &mut [f32], width: usize) {
+    let lines = src.rows();
+    let (st, mt) = (src.t(), mask.map(|m| m.t()));
+    let zero = F32s::splat(0.0);
+    for (p, out) in panel.chunks_exact_mut(width).enumerate() {
+        for r0 in (0..lines).step_by(LANES) {
+            let n = LANES.min(lines - r0);
+            let x = load_slice_partial(st.row_slice(p, r0, n));
+            let v = match &mt {
+                None => x,
+                Some(m) => keep_positive(load_slice_partial(m.row_slice(p, r0, n)), x, zero),
+            };
+            store_slice_partial(&mut out[r0..r0 + n], v);
+        }
+    }
+}
+
+/// `src` lines are contiguous along p (row-major A, or W for B = W^T): LANES x LANES blocks are
+/// loaded a line per vector, transposed in registers and stored a k step per vector.
+fn pack_by_transpose(src: MatRef, mask: Option<MatRef>, panel: &mut [f32], width: usize) {
+    let (lines, kc) = (src.rows(), src.cols());
+    let zero = F32s::splat(0.0);
+    for p0 in (0..kc).step_by(LANES) {
+        let w = LANES.min(kc - p0);
+        for r0 in (0..lines).step_by(LANES) {
+            let n = LANES.min(lines - r0);
+            let mut blk = [zero; LANES];
+            for (r, v) in blk.iter_mut().enumerate().take(n) {
+                let x = load_slice_partial(src.row_slice(r0 + r, p0, w));
+                *v = match &mask {
+                    None => x,
+                    Some(m) => {
+                        keep_positive(load_slice_partial(m.row_slice(r0 + r, p0, w)), x, zero)
+                    }
+                };
+            }
+            transpose(&mut blk);
+            for (l, v) in blk.iter().enumerate().take(w) {
+                let at = (p0 + l) * width + r0;
+                store_slice_partial(&mut panel[at..at + n], *v);
+            }
+        }
+    }
+}
+
+/// x where y > 0, else 0 (the compare gives all-ones lanes, so AND selects).
+#[inline(always)]
+fn keep_positive(y: F32s, x: F32s, zero: F32s) -> F32s {
+    y.simd_gt(zero) & x
 }

@@ -1,0 +1,563 @@
+//! DLRM (Naumov et al. 2019): embedding bags for the categorical features, a bottom MLP for
+//! the dense ones, the pairwise-dot (or concatenation) interaction, a top MLP and a sigmoid.
+//!
+//! Memory layout, chosen so that no step copies between phases:
+//! - `features` holds, per sample, the F = 1 + tables vectors of width d side by side: the
+//!   bottom MLP's last layer writes slot 0 and each table's pooled vector is written to its
+//!   slot, straight from the kernels (row stride F·d).
+//! - The interaction writes the top MLP's input rows [bottom output | pair dots] directly.
+//! - Backward mirrors this: the interaction's gradient lands in `grad_features`, whose slot 0
+//!   is the bottom MLP's output gradient and whose other slots feed the fused sparse updates.
+//!
+//! Every buffer is sized once for the largest batch, so a step allocates nothing.
+
+use super::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind};
+use super::mlp::Mlp;
+use crate::config::{Architecture, InteractionOp};
+use crate::data::Batch;
+use crate::rng::{SplitMix64, derive_key};
+use dlrm_kernels::activation::{bce_with_logits, sigmoid};
+use dlrm_kernels::embedding::{Bags, Pooling, SparseGradWorkspace, embedding_bag_forward_tables};
+use dlrm_kernels::gemm::{MatMut, MatRef};
+use dlrm_kernels::interaction::{
+    cat_interaction_backward, cat_interaction_forward, dot_interaction_backward,
+    dot_interaction_forward,
+};
+use dlrm_kernels::optim::{
+    SparseOptimizer, adagrad_update, embedding_bag_backward_update, sgd_update,
+};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+use thiserror::Error;
+
+/// The optimizer, named as `--optimizer` names it. Embedding tables use the named one; dense
+/// parameters use SGD for `sgd` and element-wise Adagrad otherwise, as the reference does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum OptimizerKind {
+    Sgd,
+    Adagrad,
+    RowwiseAdagrad,
+}
+
+/// PyTorch's Adagrad epsilon (torch.optim.Adagrad default).
+pub const ADAGRAD_EPS: f32 = 1e-10;
+
+impl OptimizerKind {
+    pub fn sparse(self, lr: f32) -> SparseOptimizer {
+        match self {
+            OptimizerKind::Sgd => SparseOptimizer::Sgd { lr },
+            OptimizerKind::Adagrad => SparseOptimizer::Adagrad {
+                lr,
+                eps: ADAGRAD_EPS,
+            },
+            OptimizerKind::RowwiseAdagrad => SparseOptimizer::RowwiseAdagrad {
+                lr,
+                eps: ADAGRAD_EPS,
+            },
+        }
+    }
+
+    /// Whether dense parameters keep Adagrad state.
+    pub fn dense_adagrad(self) -> bool {
+        self != OptimizerKind::Sgd
+    }
+}
+
+/// Bad input data for the model: says what and where.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum BatchError {
+    #[error(
+        "table {table}: id {value} at position {position} is out of range (the table has {rows} rows)"
+    )]
+    IdOutOfRange {
+        table: usize,
+        position: usize,
+        value: u32,
+        rows: usize,
+    },
+    #[error("batch has {got} tables of ids, the model has {expected}")]
+    TableCount { got: usize, expected: usize },
+    #[error("batch has {got} dense features per sample, the model's bottom MLP takes {expected}")]
+    DenseWidth { got: usize, expected: usize },
+    #[error("table {table}: offsets are malformed at sample {sample} ({why})")]
+    Offsets {
+        table: usize,
+        sample: usize,
+        why: &'static str,
+    },
+    #[error("batch of {got} samples exceeds the model's capacity of {capacity}")]
+    TooLarge { got: usize, capacity: usize },
+    #[error("batch buffers are inconsistent: {0}")]
+    Shape(&'static str),
+}
+
+/// Seconds spent per phase of training, as the DLRM paper's CPU profile splits a step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PhaseSeconds {
+    pub emb_fwd: f64,
+    pub bot_fwd: f64,
+    pub interaction_fwd: f64,
+    pub top_fwd: f64,
+    pub loss: f64,
+    pub top_bwd: f64,
+    pub interaction_bwd: f64,
+    pub bot_bwd: f64,
+    pub emb_update: f64,
+    pub dense_update: f64,
+    pub other: f64,
+}
+
+impl PhaseSeconds {
+    pub fn total(&self) -> f64 {
+        self.emb_fwd
+            + self.bot_fwd
+            + self.interaction_fwd
+            + self.top_fwd
+            + self.loss
+            + self.top_bwd
+            + self.interaction_bwd
+            + self.bot_bwd
+            + self.emb_update
+            + self.dense_update
+            + self.other
+    }
+
+    /// (name, seconds) in step order.
+    pub fn entries(&self) -> [(&'static str, f64); 11] {
+        [
+            ("emb_fwd", self.emb_fwd),
+            ("bot_fwd", self.bot_fwd),
+            ("interaction_fwd", self.interaction_fwd),
+            ("top_fwd", self.top_fwd),
+            ("loss", self.loss),
+            ("top_bwd", self.top_bwd),
+            ("interaction_bwd", self.interaction_bwd),
+            ("bot_bwd", self.bot_bwd),
+            ("emb_update", self.emb_update),
+            ("dense_update", self.dense_update),
+            ("other", self.other),
+        ]
+    }
+}
+
+/// Accumulates the time since the last mark into a phase.
+struct Stopwatch(Instant);
+
+impl Stopwatch {
+    fn lap(&mut self, phase: &mut f64) {
+        let now = Instant::now();
+        *phase += (now - self.0).as_secs_f64();
+        self.0 = now;
+    }
+}
+
+/// The model: parameters, optimizer state and the step's buffers.
+pub struct Dlrm {
+    arch: Architecture,
+    optimizer: OptimizerKind,
+    pub bottom: Mlp,
+    pub top: Mlp,
+    pub tables: Vec<EmbeddingTable>,
+    /// Per-table sparse optimizer state (empty for SGD).
+    pub table_states: Vec<OptimizerState>,
+    /// Dense Adagrad accumulators: per MLP layer (bottom then top), weight then bias.
+    dense_state: Vec<(Vec<f32>, Vec<f32>)>,
+    workspaces: Vec<SparseGradWorkspace>,
+    capacity: usize,
+    features: Vec<f32>,
+    top_in: Vec<f32>,
+    grad_top_in: Vec<f32>,
+    grad_features: Vec<f32>,
+    probs: Vec<f32>,
+    grad_logits: Vec<f32>,
+    /// Time per phase, accumulated over every step since the last reset.
+    pub phases: PhaseSeconds,
+}
+
+impl Dlrm {
+    /// A freshly initialised model: MLPs as the reference initialises them, embedding rows
+    /// uniform(±sqrt(1/rows)) keyed by (seed, table, row), in the given storage.
+    pub fn new(
+        arch: Architecture,
+        optimizer: OptimizerKind,
+        storage: &StorageKind,
+        seed: u64,
+    ) -> anyhow::Result<Dlrm> {
+        let mut rng = SplitMix64::new(derive_key(seed, &[0x0d15_e0de]));
+        let bottom = Mlp::new(&arch.bottom, true, &mut rng);
+        let top = Mlp::new(&arch.top, false, &mut rng);
+        let d = arch.embedding_dim;
+        let tables = arch
+            .table_sizes
+            .iter()
+            .enumerate()
+            .map(|(t, &rows)| EmbeddingTable::create(t, rows, d, seed, storage))
+            .collect::<Result<Vec<_>, _>>()?;
+        let width = optimizer.sparse(0.0).state_width(d);
+        let table_states = tables
+            .iter()
+            .map(|t| OptimizerState::create_for(t, width))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self::assemble(
+            arch,
+            optimizer,
+            bottom,
+            top,
+            tables,
+            table_states,
+        ))
+    }
+
+    /// A model from existing parts (loaded parameters).
+    pub fn assemble(
+        arch: Architecture,
+        optimizer: OptimizerKind,
+        bottom: Mlp,
+        top: Mlp,
+        tables: Vec<EmbeddingTable>,
+        table_states: Vec<OptimizerState>,
+    ) -> Dlrm {
+        let dense_state = bottom
+            .layers
+            .iter()
+            .chain(&top.layers)
+            .map(|l| {
+                if optimizer.dense_adagrad() {
+                    (vec![0.0; l.weight.len()], vec![0.0; l.bias.len()])
+                } else {
+                    (Vec::new(), Vec::new())
+                }
+            })
+            .collect();
+        let workspaces = (0..tables.len())
+            .map(|_| SparseGradWorkspace::default())
+            .collect();
+        Dlrm {
+            arch,
+            optimizer,
+            bottom,
+            top,
+            tables,
+            table_states,
+            dense_state,
+            workspaces,
+            capacity: 0,
+            features: Vec::new(),
+            top_in: Vec::new(),
+            grad_top_in: Vec::new(),
+            grad_features: Vec::new(),
+            probs: Vec::new(),
+            grad_logits: Vec::new(),
+            phases: PhaseSeconds::default(),
+        }
+    }
+
+    pub fn arch(&self) -> &Architecture {
+        &self.arch
+    }
+
+    pub fn optimizer(&self) -> OptimizerKind {
+        self.optimizer
+    }
+
+    /// Dense Adagrad accumulators per layer (bottom then top): (weight, bias).
+    pub fn dense_state(&self) -> &[(Vec<f32>, Vec<f32>)] {
+        &self.dense_state
+    }
+
+    pub fn dense_state_mut(&mut self) -> &mut [(Vec<f32>, Vec<f32>)] {
+        &mut self.dense_state
+    }
+
+    /// Sizes every buffer for batches of up to `batch` samples (allocates only when growing).
+    pub fn reserve(&mut self, batch: usize) {
+        if batch <= self.capacity {
+            return;
+        }
+        let fd = self.feature_stride();
+        let w = self.arch.top[0];
+        self.bottom.reserve(batch);
+        self.top.reserve(batch);
+        self.features.resize(batch * fd, 0.0);
+        self.grad_features.resize(batch * fd, 0.0);
+        self.top_in.resize(batch * w, 0.0);
+        self.grad_top_in.resize(batch * w, 0.0);
+        self.probs.resize(batch, 0.0);
+        self.grad_logits.resize(batch, 0.0);
+        self.capacity = batch;
+    }
+
+    fn feature_stride(&self) -> usize {
+        self.arch.num_features() * self.arch.embedding_dim
+    }
+
+    /// Checks a batch against the model: table count, dense width, offsets, every id in range.
+    pub fn validate(&self, batch: &Batch) -> Result<(), BatchError> {
+        let b = batch.size();
+        if batch.indices.len() != self.tables.len() || batch.offsets.len() != self.tables.len() {
+            return Err(BatchError::TableCount {
+                got: batch.indices.len(),
+                expected: self.tables.len(),
+            });
+        }
+        if batch.num_dense != self.arch.num_dense() {
+            return Err(BatchError::DenseWidth {
+                got: batch.num_dense,
+                expected: self.arch.num_dense(),
+            });
+        }
+        if batch.dense.len() != b * batch.num_dense {
+            return Err(BatchError::Shape(
+                "dense values != samples x dense features",
+            ));
+        }
+        for (t, (ids, offs)) in batch.indices.iter().zip(&batch.offsets).enumerate() {
+            if offs.len() != b {
+                return Err(BatchError::Offsets {
+                    table: t,
+                    sample: offs.len().min(b),
+                    why: "one offset per sample expected",
+                });
+            }
+            let mut prev = 0u32;
+            for (i, &o) in offs.iter().enumerate() {
+                let why = if i == 0 && o != 0 {
+                    "the first offset must be 0"
+                } else if o < prev {
+                    "offsets decrease"
+                } else if o as usize > ids.len() {
+                    "offset past the end of the ids"
+                } else {
+                    prev = o;
+                    continue;
+                };
+                return Err(BatchError::Offsets {
+                    table: t,
+                    sample: i,
+                    why,
+                });
+            }
+            if let Err((position, value)) = self.tables[t].check_ids(ids) {
+                return Err(BatchError::IdOutOfRange {
+                    table: t,
+                    position,
+                    value,
+                    rows: self.tables[t].rows(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn bags(batch: &Batch, t: usize) -> Bags<'_> {
+        Bags {
+            indices: &batch.indices[t],
+            offsets: &batch.offsets[t],
+            weights: None,
+        }
+    }
+
+    /// Forward to the logits (in the top MLP's output buffer). The batch must be valid.
+    fn forward_logits(&mut self, batch: &Batch, sw: &mut Stopwatch) {
+        let b = batch.size();
+        let d = self.arch.embedding_dim;
+        let fd = self.feature_stride();
+        let f = self.arch.num_features();
+        // Embeddings: lazily initialised rows are materialised, then every table pooled into
+        // its slot of the feature rows.
+        self.tables
+            .par_iter_mut()
+            .zip(&batch.indices)
+            .for_each(|(t, ids)| t.materialize(ids));
+        let tables = &self.tables;
+        embedding_bag_forward_tables(
+            tables.len(),
+            d,
+            |t| tables[t].weights(),
+            |t| Self::bags(batch, t),
+            Pooling::Sum,
+            &mut self.features[..b * fd],
+            fd,
+            d,
+        );
+        sw.lap(&mut self.phases.emb_fwd);
+
+        let dense = MatRef::new(&batch.dense, b, batch.num_dense);
+        let slot0 = MatMut::with_row_stride(&mut self.features, b, d, fd);
+        self.bottom.forward(dense, Some(slot0));
+        sw.lap(&mut self.phases.bot_fwd);
+
+        let w = self.arch.top[0];
+        let top_in = &mut self.top_in[..b * w];
+        match self.arch.interaction {
+            InteractionOp::Dot => dot_interaction_forward(
+                &self.features,
+                b,
+                f,
+                d,
+                fd,
+                self.arch.self_interaction,
+                top_in,
+                w,
+            ),
+            InteractionOp::Cat => cat_interaction_forward(&self.features, b, f, d, fd, top_in, w),
+        }
+        sw.lap(&mut self.phases.interaction_fwd);
+
+        self.top
+            .forward(MatRef::new(&self.top_in[..b * w], b, w), None);
+        sw.lap(&mut self.phases.top_fwd);
+    }
+
+    /// Click probabilities for a batch (inference: no gradient work).
+    pub fn predict(&mut self, batch: &Batch, probs: &mut Vec<f32>) -> Result<(), BatchError> {
+        self.check_capacity(batch)?;
+        self.validate(batch)?;
+        let mut sw = Stopwatch(Instant::now());
+        self.forward_logits(batch, &mut sw);
+        let b = batch.size();
+        probs.resize(b, 0.0);
+        sigmoid(self.top.output(b).as_slice(), probs);
+        Ok(())
+    }
+
+    fn check_capacity(&self, batch: &Batch) -> Result<(), BatchError> {
+        if batch.size() > self.capacity {
+            return Err(BatchError::TooLarge {
+                got: batch.size(),
+                capacity: self.capacity,
+            });
+        }
+        Ok(())
+    }
+
+    /// One training step: forward, mean BCE loss, backward, and the updates (embeddings fused
+    /// into their backward, dense parameters after). Returns the batch's mean loss.
+    pub fn train_step(&mut self, batch: &Batch, lr: f32) -> Result<f64, BatchError> {
+        self.check_capacity(batch)?;
+        let mut sw = Stopwatch(Instant::now());
+        self.validate(batch)?;
+        sw.lap(&mut self.phases.other);
+        self.forward_logits(batch, &mut sw);
+
+        let b = batch.size();
+        let d = self.arch.embedding_dim;
+        let fd = self.feature_stride();
+        let f = self.arch.num_features();
+        let w = self.arch.top[0];
+        let loss_sum = bce_with_logits(
+            self.top.output(b).as_slice(),
+            &batch.labels,
+            &mut self.probs[..b],
+            &mut self.grad_logits[..b],
+            1.0 / b as f32,
+        );
+        sw.lap(&mut self.phases.loss);
+
+        // Top MLP backward, into the gradient of the interaction output.
+        let top_input = MatRef::new(&self.top_in[..b * w], b, w);
+        let d_logits = MatRef::new(&self.grad_logits[..b], b, 1);
+        self.top.backward(
+            top_input,
+            None,
+            d_logits,
+            Some(MatMut::new(&mut self.grad_top_in[..b * w], b, w)),
+        );
+        sw.lap(&mut self.phases.top_bwd);
+
+        let grad_features = &mut self.grad_features[..b * fd];
+        match self.arch.interaction {
+            InteractionOp::Dot => dot_interaction_backward(
+                &self.features,
+                b,
+                f,
+                d,
+                fd,
+                self.arch.self_interaction,
+                &self.grad_top_in[..b * w],
+                w,
+                grad_features,
+                fd,
+            ),
+            InteractionOp::Cat => {
+                cat_interaction_backward(&self.grad_top_in[..b * w], w, b, f, d, grad_features, fd)
+            }
+        }
+        sw.lap(&mut self.phases.interaction_bwd);
+
+        let dense = MatRef::new(&batch.dense, b, batch.num_dense);
+        let bottom_out = MatRef::with_row_stride(&self.features, b, d, fd);
+        let d_bottom_out = MatRef::with_row_stride(&self.grad_features, b, d, fd);
+        self.bottom
+            .backward(dense, Some(bottom_out), d_bottom_out, None);
+        sw.lap(&mut self.phases.bot_bwd);
+
+        // Sparse updates, fused with the embeddings' backward: tables in parallel, each
+        // reading its slot of the feature gradients.
+        let opt = self.optimizer.sparse(lr);
+        let grads = &self.grad_features;
+        self.tables
+            .par_iter_mut()
+            .zip(self.table_states.par_iter_mut())
+            .zip(self.workspaces.par_iter_mut())
+            .enumerate()
+            .for_each(|(t, ((table, state), ws))| {
+                embedding_bag_backward_update(
+                    table.weights_mut(),
+                    state.as_mut_slice(),
+                    d,
+                    Self::bags(batch, t),
+                    Pooling::Sum,
+                    &grads[(t + 1) * d..],
+                    fd,
+                    opt,
+                    ws,
+                );
+            });
+        sw.lap(&mut self.phases.emb_update);
+
+        self.update_dense(lr);
+        sw.lap(&mut self.phases.dense_update);
+        Ok(loss_sum / b as f64)
+    }
+
+    fn update_dense(&mut self, lr: f32) {
+        let adagrad = self.optimizer.dense_adagrad();
+        let layers = self
+            .bottom
+            .layers
+            .iter_mut()
+            .chain(self.top.layers.iter_mut());
+        for (layer, (sw, sb)) in layers.zip(self.dense_state.iter_mut()) {
+            if adagrad {
+                adagrad_update(&mut layer.weight, &layer.grad_weight, sw, lr, ADAGRAD_EPS);
+                adagrad_update(&mut layer.bias, &layer.grad_bias, sb, lr, ADAGRAD_EPS);
+            } else {
+                sgd_update(&mut layer.weight, &layer.grad_weight, lr);
+                sgd_update(&mut layer.bias, &layer.grad_bias, lr);
+            }
+        }
+    }
+
+    /// The feature rows of the last forward: per sample [bottom output | pooled table 0 | ...].
+    pub fn features(&self, batch_size: usize) -> &[f32] {
+        &self.features[..batch_size * self.feature_stride()]
+    }
+
+    /// The top MLP's input rows of the last forward (the interaction's output).
+    pub fn interaction_output(&self, batch_size: usize) -> &[f32] {
+        &self.top_in[..batch_size * self.arch.top[0]]
+    }
+
+    /// The logits of the last forward.
+    pub fn logits(&self, batch_size: usize) -> &[f32] {
+        self.top.output(batch_size).as_slice()
+    }
+
+    /// The last batch's probabilities (valid after `train_step`).
+    pub fn last_probabilities(&self, batch_size: usize) -> &[f32] {
+        &self.probs[..batch_size]
+    }
+}

@@ -1,0 +1,342 @@
+//! The training loop: batches in, forward, backward with the fused updates, periodic
+//! evaluation on held-out data, progress, and the summary the DLRM paper's CPU profile reports
+//! (throughput and the time split by phase).
+
+use crate::data::Batch;
+use crate::metrics::EvalMetrics;
+use crate::model::dlrm::{Dlrm, OptimizerKind, PhaseSeconds};
+use crate::rng::{SplitMix64, derive_key};
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+
+/// Where batches come from: an in-memory generator or a mapped dataset.
+pub trait DataSource: Sync {
+    /// Training samples in one epoch.
+    fn train_len(&self) -> u64;
+    /// Held-out samples.
+    fn test_len(&self) -> u64;
+    /// Fills `batch` with training samples `first .. first + size`.
+    fn fill_train(&self, first: u64, size: usize, batch: &mut Batch) -> Result<()>;
+    /// Fills `batch` with held-out samples `first .. first + size`.
+    fn fill_test(&self, first: u64, size: usize, batch: &mut Batch) -> Result<()>;
+    /// The AUC of the labels' own generating model on the held-out samples, when known.
+    fn ceiling_auc(&self) -> Option<f64> {
+        None
+    }
+    /// Whether batch order should be shuffled every epoch (real data), or kept (synthetic data
+    /// that is already random).
+    fn shuffle(&self) -> bool {
+        false
+    }
+}
+
+/// The reference's learning-rate policy (dlrm_s_pytorch.py LRPolicyScheduler): linear warm-up,
+/// then constant, then a quadratic decay to a floor, then frozen at its last value.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LrSchedule {
+    pub base: f32,
+    pub warmup_steps: u64,
+    pub decay_start_step: u64,
+    pub decay_steps: u64,
+}
+
+impl LrSchedule {
+    /// Learning rate for step `step` (0-based: the first update is step 0).
+    pub fn at(&self, step: u64) -> f32 {
+        // The reference's scheduler counts from 1 when the first update runs.
+        let s = step + 1;
+        let decay_end = self.decay_start_step + self.decay_steps;
+        if s < self.warmup_steps {
+            self.base * (1.0 - (self.warmup_steps - s) as f32 / self.warmup_steps as f32)
+        } else if self.decay_steps > 0 && self.decay_start_step <= s && s < decay_end {
+            let left = (decay_end - s) as f32 / self.decay_steps as f32;
+            (self.base * left * left).max(1e-7)
+        } else if self.decay_steps > 0 && s >= decay_end {
+            (self.base * (1.0 / self.decay_steps as f32).powi(2)).max(1e-7)
+        } else {
+            self.base
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.decay_steps > 0 && self.decay_start_step < self.warmup_steps {
+            anyhow::bail!(
+                "--lr-decay-start-step {} is before the end of the warm-up (--lr-num-warmup-steps {}): the warm-up must finish before the decay starts",
+                self.decay_start_step,
+                self.warmup_steps
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What a training run does.
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    pub batch_size: usize,
+    /// Steps per epoch; 0 = one pass over the training data.
+    pub num_batches: usize,
+    pub nepochs: usize,
+    pub lr: LrSchedule,
+    /// Evaluate every this many steps (0 = only at the end).
+    pub test_freq: usize,
+    pub print_freq: usize,
+    pub test_batch_size: usize,
+    /// Keep a last partial batch of an epoch (else drop it).
+    pub keep_last_batch: bool,
+    pub seed: u64,
+    pub progress: bool,
+}
+
+/// One evaluation.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalPoint {
+    pub step: u64,
+    pub loss: f64,
+    pub accuracy: f64,
+    pub auc: f64,
+    pub ne: f64,
+}
+
+/// What a run reports (also written as JSON by --report-json).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainReport {
+    pub model: String,
+    pub samples_per_sec: f64,
+    pub threads: usize,
+    pub batch_size: usize,
+    pub steps: u64,
+    pub train_loss: f64,
+    pub test_loss: f64,
+    pub test_accuracy: f64,
+    pub test_auc: f64,
+    pub test_ne: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub teacher_auc: Option<f64>,
+    pub evals: Vec<EvalPoint>,
+    pub phase_seconds: PhaseSeconds,
+    pub peak_rss_bytes: u64,
+    pub optimizer: OptimizerKind,
+    pub learning_rate: f32,
+    pub wall_seconds: f64,
+}
+
+/// Steps excluded from the throughput figure while caches, pages and buffers warm up.
+fn warmup_steps(total: u64) -> u64 {
+    (total / 10).clamp(1, 20).min(total.saturating_sub(1))
+}
+
+/// Evaluates the model on the whole held-out split.
+pub fn evaluate(
+    model: &mut Dlrm,
+    data: &dyn DataSource,
+    batch_size: usize,
+    batch: &mut Batch,
+) -> Result<EvalMetrics> {
+    let n = data.test_len();
+    let mut probs = Vec::with_capacity(n as usize);
+    let mut labels = Vec::with_capacity(n as usize);
+    let mut out = Vec::new();
+    let mut first = 0;
+    while first < n {
+        let size = batch_size.min((n - first) as usize);
+        data.fill_test(first, size, batch)?;
+        model
+            .predict(batch, &mut out)
+            .with_context(|| format!("held-out samples {first}..{}", first + size as u64))?;
+        probs.extend_from_slice(&out);
+        labels.extend_from_slice(&batch.labels);
+        first += size as u64;
+    }
+    Ok(EvalMetrics::compute(&probs, &labels))
+}
+
+/// Peak resident set size of this process (VmHWM), 0 where /proc is absent.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// Trains `model` on `data`; the caller has entered the thread pool.
+pub fn train(
+    model: &mut Dlrm,
+    data: &dyn DataSource,
+    opts: &TrainOptions,
+    threads: usize,
+) -> Result<TrainReport> {
+    opts.lr.validate()?;
+    anyhow::ensure!(opts.batch_size > 0, "--mini-batch-size must be at least 1");
+    anyhow::ensure!(
+        opts.test_batch_size > 0,
+        "--test-mini-batch-size must be at least 1"
+    );
+    let train_len = data.train_len();
+    anyhow::ensure!(train_len > 0, "the training data is empty");
+    let bs = opts.batch_size as u64;
+    let full = train_len / bs;
+    let partial = !train_len.is_multiple_of(bs) && opts.keep_last_batch;
+    let data_batches = full + partial as u64;
+    anyhow::ensure!(
+        data_batches > 0,
+        "the training data ({train_len} samples) is smaller than one batch of {bs} and the last partial batch is dropped"
+    );
+    let per_epoch = if opts.num_batches > 0 {
+        opts.num_batches as u64
+    } else {
+        data_batches
+    };
+    let total_steps = per_epoch * opts.nepochs as u64;
+    model.reserve(opts.batch_size.max(opts.test_batch_size));
+
+    let nd = model.arch().num_dense();
+    let nt = model.arch().num_tables();
+    let mut batch = Batch::new(nd, nt);
+    let mut eval_batch = Batch::new(nd, nt);
+    let mut order: Vec<u64> = (0..data_batches).collect();
+    let mut shuffle_rng = SplitMix64::new(derive_key(opts.seed, &[0x005e_ed0f]));
+
+    let bar = if opts.progress {
+        let b = ProgressBar::new(total_steps);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}",
+            )
+            .expect("valid template"),
+        );
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+
+    let started = Instant::now();
+    let warmup = warmup_steps(total_steps);
+    let mut steady_start = None;
+    let mut eval_seconds_after_warmup = 0.0;
+    let mut evals = Vec::new();
+    let mut window_loss = 0.0;
+    let mut window_steps = 0u64;
+    let mut last_window_loss = f64::NAN;
+    let mut window_start = Instant::now();
+    let mut step = 0u64;
+
+    for epoch in 0..opts.nepochs {
+        if data.shuffle() {
+            for i in (1..order.len()).rev() {
+                order.swap(i, shuffle_rng.below(i as u64 + 1) as usize);
+            }
+        }
+        for k in 0..per_epoch {
+            if step == warmup {
+                steady_start = Some(Instant::now());
+            }
+            let bi = order[(k % data_batches) as usize];
+            let first = bi * bs;
+            let size = bs.min(train_len - first) as usize;
+            let t0 = Instant::now();
+            data.fill_train(first, size, &mut batch).with_context(|| {
+                format!(
+                    "epoch {epoch}, training samples {first}..{}",
+                    first + size as u64
+                )
+            })?;
+            model.phases.other += t0.elapsed().as_secs_f64();
+            let loss = model
+                .train_step(&batch, opts.lr.at(step))
+                .with_context(|| {
+                    format!(
+                        "epoch {epoch}, training samples {first}..{}",
+                        first + size as u64
+                    )
+                })?;
+            anyhow::ensure!(
+                loss.is_finite(),
+                "the loss diverged to {loss} at step {step}; lower --learning-rate"
+            );
+            step += 1;
+            window_loss += loss;
+            window_steps += 1;
+            bar.inc(1);
+            if opts.print_freq > 0 && (step.is_multiple_of(opts.print_freq as u64) || step == total_steps) {
+                let secs = window_start.elapsed().as_secs_f64();
+                let rate = (window_steps * bs) as f64 / secs.max(1e-9);
+                last_window_loss = window_loss / window_steps as f64;
+                bar.set_message(format!("loss {last_window_loss:.5}  {rate:.0} samples/s"));
+                if !opts.progress {
+                    eprintln!(
+                        "step {step}/{total_steps} (epoch {epoch}): loss {last_window_loss:.6}, {:.2} ms/step, {rate:.0} samples/s",
+                        secs * 1e3 / window_steps as f64
+                    );
+                }
+                window_loss = 0.0;
+                window_steps = 0;
+                window_start = Instant::now();
+            }
+            if opts.test_freq > 0 && step.is_multiple_of(opts.test_freq as u64) && step < total_steps {
+                let t = Instant::now();
+                let m = evaluate(model, data, opts.test_batch_size, &mut eval_batch)?;
+                let point = eval_point(step, &m);
+                bar.println(format!(
+                    "step {step}: test loss {:.5}, accuracy {:.4}, AUC {:.4}, NE {:.4}",
+                    m.loss, m.accuracy, m.auc, m.ne
+                ));
+                evals.push(point);
+                if steady_start.is_some() {
+                    eval_seconds_after_warmup += t.elapsed().as_secs_f64();
+                }
+            }
+        }
+    }
+    let train_seconds =
+        steady_start.map_or(0.0, |s| s.elapsed().as_secs_f64()) - eval_seconds_after_warmup;
+    let steady_steps = total_steps - warmup;
+    let samples_per_sec = if steady_steps > 0 && train_seconds > 0.0 {
+        (steady_steps * bs) as f64 / train_seconds
+    } else {
+        f64::NAN
+    };
+    let phases = model.phases;
+    bar.finish_and_clear();
+
+    let final_eval = evaluate(model, data, opts.test_batch_size, &mut eval_batch)?;
+    evals.push(eval_point(step, &final_eval));
+    if window_steps > 0 {
+        last_window_loss = window_loss / window_steps as f64;
+    }
+    Ok(TrainReport {
+        model: "dlrm".to_string(),
+        samples_per_sec,
+        threads,
+        batch_size: opts.batch_size,
+        steps: total_steps,
+        train_loss: last_window_loss,
+        test_loss: final_eval.loss,
+        test_accuracy: final_eval.accuracy,
+        test_auc: final_eval.auc,
+        test_ne: final_eval.ne,
+        teacher_auc: data.ceiling_auc(),
+        evals,
+        phase_seconds: phases,
+        peak_rss_bytes: peak_rss_bytes(),
+        optimizer: model.optimizer(),
+        learning_rate: opts.lr.base,
+        wall_seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn eval_point(step: u64, m: &EvalMetrics) -> EvalPoint {
+    EvalPoint {
+        step,
+        loss: m.loss,
+        accuracy: m.accuracy,
+        auc: m.auc,
+        ne: m.ne,
+    }
+}
