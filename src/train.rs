@@ -283,10 +283,15 @@ pub fn train(
                 let t = Instant::now();
                 let m = evaluate(model, data, opts.test_batch_size, &mut eval_batch)?;
                 let point = eval_point(step, &m);
-                bar.println(format!(
+                let line = format!(
                     "step {step}: test loss {:.5}, accuracy {:.4}, AUC {:.4}, NE {:.4}",
                     m.loss, m.accuracy, m.auc, m.ne
-                ));
+                );
+                if opts.progress {
+                    bar.println(line);
+                } else {
+                    eprintln!("{line}");
+                }
                 evals.push(point);
                 if steady_start.is_some() {
                     eval_seconds_after_warmup += t.elapsed().as_secs_f64();

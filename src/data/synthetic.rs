@@ -58,15 +58,19 @@ const TEACHER_DIM: usize = 4;
 /// Samples per parallel generation task.
 const SAMPLES_PER_TASK: usize = 256;
 
-/// The teacher: a DLRM-shaped function of the same features. Each feature gets a latent vector
-/// (a projection of the dense features, and a hashed vector per table and id, pooled by mean
-/// over the bag); the logit is the scaled sum of all pairwise dot products (the interaction
-/// DLRM itself computes) plus a per-id bias and an offset. Labels are Bernoulli(sigmoid(logit)).
+/// The teacher: a DLRM-shaped function of the same features, with the structure click data
+/// has: mostly first-order effects (a bias per id, a linear function of the dense features)
+/// plus low-rank pairwise interactions. Each feature gets a latent vector (a projection of the
+/// dense features, and a hashed vector per table and id, pooled by mean over the bag); the
+/// logit adds the scaled sum of all pairwise dot products of those vectors (the interaction DLRM
+/// itself computes). Labels are Bernoulli(sigmoid(logit)).
 #[derive(Clone, Debug)]
 struct Teacher {
     key: u64,
     /// TEACHER_DIM x num_dense projection of the centred dense features.
     projection: Vec<f32>,
+    /// Linear weights of the centred dense features.
+    dense_weights: Vec<f32>,
     pair_scale: f32,
     bias_scale: f32,
     offset: f32,
@@ -82,14 +86,18 @@ impl Teacher {
         let projection = (0..TEACHER_DIM * num_dense)
             .map(|_| rng.normal() * w)
             .collect();
+        // The dense linear term has standard deviation 0.5.
+        let dense_weights = (0..num_dense).map(|_| rng.normal() * 0.5 * w).collect();
         let f = (num_tables + 1) as f32;
         let pairs = f * (f - 1.0) / 2.0;
         Teacher {
             key,
             projection,
-            // Logit standard deviation about 2 from the pair terms (each of variance TEACHER_DIM).
-            pair_scale: 2.0 / (pairs * TEACHER_DIM as f32).sqrt(),
-            bias_scale: 0.5 / (num_tables.max(1) as f32).sqrt(),
+            dense_weights,
+            // Pair terms (each of variance TEACHER_DIM) and id biases each contribute a
+            // standard deviation of 1 to the logit.
+            pair_scale: 1.0 / (pairs * TEACHER_DIM as f32).sqrt(),
+            bias_scale: 1.0 / (num_tables.max(1) as f32).sqrt(),
             offset: -1.0,
         }
     }
@@ -123,6 +131,12 @@ impl Teacher {
             *z = row.iter().zip(dense).map(|(w, x)| w * (x - 0.5)).sum();
         }
         add(&z0);
+        let linear: f32 = self
+            .dense_weights
+            .iter()
+            .zip(dense)
+            .map(|(w, x)| w * (x - 0.5))
+            .sum();
         let mut bias = 0.0;
         for (t, ids) in bags {
             let mut v = [0.0f32; TEACHER_DIM];
@@ -139,7 +153,7 @@ impl Teacher {
             add(&v);
         }
         let pairs = 0.5 * (sum.iter().map(|s| s * s).sum::<f32>() - sq);
-        self.pair_scale * pairs + self.bias_scale * bias + self.offset
+        self.pair_scale * pairs + self.bias_scale * bias + linear + self.offset
     }
 }
 
