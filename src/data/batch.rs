@@ -56,6 +56,32 @@ impl Batch {
         &self.indices[t][start..end]
     }
 
+    /// Makes this batch a copy of samples `first .. first + size` of `src` (offsets rebased to
+    /// this batch's ids; buffers reused).
+    pub fn copy_samples(&mut self, src: &Batch, first: usize, size: usize) {
+        assert!(first + size <= src.size(), "samples {first}..{} of {}", first + size, src.size());
+        let nd = src.num_dense;
+        self.num_dense = nd;
+        self.dense.clear();
+        self.dense.extend_from_slice(&src.dense[first * nd..(first + size) * nd]);
+        self.labels.clear();
+        self.labels.extend_from_slice(&src.labels[first..first + size]);
+        let nt = src.num_tables();
+        self.indices.resize(nt, Vec::new());
+        self.offsets.resize(nt, Vec::new());
+        for t in 0..nt {
+            let offs = &src.offsets[t];
+            let start = offs.get(first).map_or(0, |&o| o as usize);
+            let end = offs
+                .get(first + size)
+                .map_or(src.indices[t].len(), |&o| o as usize);
+            self.indices[t].clear();
+            self.indices[t].extend_from_slice(&src.indices[t][start..end]);
+            self.offsets[t].clear();
+            self.offsets[t].extend(offs[first..first + size].iter().map(|&o| o - start as u32));
+        }
+    }
+
     /// Sample `i`'s dense features.
     pub fn dense_row(&self, i: usize) -> &[f32] {
         &self.dense[i * self.num_dense..(i + 1) * self.num_dense]

@@ -314,25 +314,64 @@ impl SyntheticData {
     }
 }
 
-/// A finite synthetic data set: `train_len` training and `test_len` held-out samples.
+/// Largest synthetic data set kept in memory (bytes of ids, offsets, dense features, labels);
+/// larger ones are generated batch by batch during training.
+pub const IN_MEMORY_LIMIT: u64 = 2 << 30;
+
+/// A finite synthetic data set: `train_len` training and `test_len` held-out samples. Sets that
+/// fit [`IN_MEMORY_LIMIT`] are generated once, up front, so that training reads batches from
+/// memory (as it reads a mapped dataset) instead of timing the generator.
 pub struct SyntheticSource {
     pub data: SyntheticData,
     pub train_len: u64,
     pub test_len: u64,
+    train: Option<Batch>,
+    test: Option<Batch>,
     ceiling: Option<f64>,
 }
 
 impl SyntheticSource {
-    /// With teacher labels, also computes the teacher's AUC on the held-out split.
+    /// Generates the data set (in memory when it fits) and, with teacher labels, the teacher's
+    /// AUC on the held-out split.
     pub fn new(data: SyntheticData, train_len: u64, test_len: u64) -> SyntheticSource {
+        let cfg = data.config();
+        let per_sample = 4 * (cfg.num_dense + 1 + cfg.table_sizes.len() * (1 + cfg.num_indices_per_lookup));
+        let fits = (train_len + test_len) * per_sample as u64 <= IN_MEMORY_LIMIT;
+        let materialize = |split, len: u64| {
+            fits.then(|| {
+                let mut b = Batch::default();
+                data.fill_batch(split, 0, len as usize, &mut b);
+                b
+            })
+        };
+        let train = materialize(Split::Train, train_len);
+        let test = materialize(Split::Test, test_len);
         let mut src = SyntheticSource {
             data,
             train_len,
             test_len,
+            train,
+            test,
             ceiling: None,
         };
         src.ceiling = src.teacher_auc();
         src
+    }
+
+    /// Whether the data set is held in memory.
+    pub fn in_memory(&self) -> bool {
+        self.train.is_some()
+    }
+
+    fn fill(&self, split: Split, first: u64, size: usize, batch: &mut Batch) {
+        let held = match split {
+            Split::Train => &self.train,
+            Split::Test => &self.test,
+        };
+        match held {
+            Some(all) => batch.copy_samples(all, first as usize, size),
+            None => self.data.fill_batch(split, first, size, batch),
+        }
     }
 
     fn teacher_auc(&self) -> Option<f64> {
@@ -343,7 +382,7 @@ impl SyntheticSource {
         let mut first = 0;
         while first < self.test_len {
             let size = chunk.min(self.test_len - first) as usize;
-            self.data.fill_batch(Split::Test, first, size, &mut batch);
+            self.fill(Split::Test, first, size, &mut batch);
             self.data.teacher_probabilities(&batch, &mut p);
             probs.extend_from_slice(&p);
             labels.extend_from_slice(&batch.labels);
@@ -361,11 +400,11 @@ impl crate::train::DataSource for SyntheticSource {
         self.test_len
     }
     fn fill_train(&self, first: u64, size: usize, batch: &mut Batch) -> anyhow::Result<()> {
-        self.data.fill_batch(Split::Train, first, size, batch);
+        self.fill(Split::Train, first, size, batch);
         Ok(())
     }
     fn fill_test(&self, first: u64, size: usize, batch: &mut Batch) -> anyhow::Result<()> {
-        self.data.fill_batch(Split::Test, first, size, batch);
+        self.fill(Split::Test, first, size, batch);
         Ok(())
     }
     fn ceiling_auc(&self) -> Option<f64> {
