@@ -264,7 +264,9 @@ pub fn train(
             window_loss += loss;
             window_steps += 1;
             bar.inc(1);
-            if opts.print_freq > 0 && (step.is_multiple_of(opts.print_freq as u64) || step == total_steps) {
+            if opts.print_freq > 0
+                && (step.is_multiple_of(opts.print_freq as u64) || step == total_steps)
+            {
                 let secs = window_start.elapsed().as_secs_f64();
                 let rate = (window_steps * bs) as f64 / secs.max(1e-9);
                 last_window_loss = window_loss / window_steps as f64;
@@ -279,7 +281,10 @@ pub fn train(
                 window_steps = 0;
                 window_start = Instant::now();
             }
-            if opts.test_freq > 0 && step.is_multiple_of(opts.test_freq as u64) && step < total_steps {
+            if opts.test_freq > 0
+                && step.is_multiple_of(opts.test_freq as u64)
+                && step < total_steps
+            {
                 let t = Instant::now();
                 let m = evaluate(model, data, opts.test_batch_size, &mut eval_batch)?;
                 let point = eval_point(step, &m);

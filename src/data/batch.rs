@@ -59,13 +59,20 @@ impl Batch {
     /// Makes this batch a copy of samples `first .. first + size` of `src` (offsets rebased to
     /// this batch's ids; buffers reused).
     pub fn copy_samples(&mut self, src: &Batch, first: usize, size: usize) {
-        assert!(first + size <= src.size(), "samples {first}..{} of {}", first + size, src.size());
+        assert!(
+            first + size <= src.size(),
+            "samples {first}..{} of {}",
+            first + size,
+            src.size()
+        );
         let nd = src.num_dense;
         self.num_dense = nd;
         self.dense.clear();
-        self.dense.extend_from_slice(&src.dense[first * nd..(first + size) * nd]);
+        self.dense
+            .extend_from_slice(&src.dense[first * nd..(first + size) * nd]);
         self.labels.clear();
-        self.labels.extend_from_slice(&src.labels[first..first + size]);
+        self.labels
+            .extend_from_slice(&src.labels[first..first + size]);
         let nt = src.num_tables();
         self.indices.resize(nt, Vec::new());
         self.offsets.resize(nt, Vec::new());

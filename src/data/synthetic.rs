@@ -335,7 +335,8 @@ impl SyntheticSource {
     /// AUC on the held-out split.
     pub fn new(data: SyntheticData, train_len: u64, test_len: u64) -> SyntheticSource {
         let cfg = data.config();
-        let per_sample = 4 * (cfg.num_dense + 1 + cfg.table_sizes.len() * (1 + cfg.num_indices_per_lookup));
+        let per_sample =
+            4 * (cfg.num_dense + 1 + cfg.table_sizes.len() * (1 + cfg.num_indices_per_lookup));
         let fits = (train_len + test_len) * per_sample as u64 <= IN_MEMORY_LIMIT;
         let materialize = |split, len: u64| {
             fits.then(|| {

@@ -11,7 +11,9 @@
 //! The epilogue (alpha, beta, bias, ReLU) is applied as the tile is stored; rows past `m` and
 //! columns past `n` are never written.
 
-use crate::simd::{F32s, LANES, load, load_partial, prefetch_write, store, store_partial};
+use crate::simd::{
+    F32s, LANES, load, load_partial, prefetch_read, prefetch_write, store, store_partial,
+};
 
 /// Rows of the wide microkernel's register tile.
 #[cfg(target_feature = "avx512f")]
@@ -28,6 +30,9 @@ pub const WIDE_NR: usize = WIDE_NV * LANES;
 pub const NARROW_MR: usize = 24;
 #[cfg(not(target_feature = "avx512f"))]
 pub const NARROW_MR: usize = 12;
+
+/// How many k steps ahead the microkernel prefetches its operands.
+const PREFETCH_STEPS: usize = 8;
 
 /// One tile's operands. Pointers are already offset to the tile's first element.
 pub struct Tile {
@@ -88,6 +93,13 @@ pub unsafe fn tile<const MR: usize, const NV: usize, const A_PACKED: bool, const
     let mut b = t.b;
     let a_step = if A_PACKED { MR } else { t.a_cs };
     for _ in 0..t.k {
+        // Request the operands PREFETCH_STEPS k steps ahead: B's row (NV vectors, one line
+        // each on AVX-512) and A's column. Measured +2-7% on the DLRM layer shapes and 1024^3
+        // (interleaved A/B runs, one thread), as the B micro-panel does not stay in L1 whole.
+        for v in 0..NV {
+            prefetch_read(b.wrapping_add(PREFETCH_STEPS * t.b_rs + v * LANES));
+        }
+        prefetch_read(a.wrapping_add(PREFETCH_STEPS * a_step));
         let mut bv = [zero; NV];
         for v in 0..NV {
             // SAFETY: row p of B has NV*LANES (B_FULL) or cnt[v] readable floats at offset v*LANES.
