@@ -590,7 +590,15 @@ impl<'w, 'a> RowGrads<'w, 'a> {
             starts,
             grads,
         } = ws;
-        pos_bag.clear();
+        // Every buffer is sized for the worst case of this many lookups (all distinct) at once,
+        // so that a run of batches of the same size allocates only on its first call.
+        let nnz = bags.indices.len();
+        for v in [&mut *pos_bag, &mut *distinct, &mut *starts] {
+            v.clear();
+            v.reserve(nnz + 1);
+        }
+        keys.clear();
+        keys.reserve(nnz);
         for b in 0..bags.len() {
             pos_bag.extend(core::iter::repeat_n(b as u32, bags.bag(b).len()));
         }

@@ -1034,7 +1034,15 @@ impl OptimizerState {
         }
         matrix_bytes(rows, width)?;
         let matrix = match table.file_path() {
-            None => MappedMatrix::anon(rows, width)?,
+            None => {
+                let mut m = MappedMatrix::anon(rows, width)?;
+                // Fault every page in now, in parallel: otherwise the first steps of training
+                // pay a page fault (zeroing 2 MiB) for almost every row they update.
+                m.as_mut_slice()
+                    .par_chunks_mut(FILE_PAGE as usize / 4)
+                    .for_each(|page| page[0] = 0.0);
+                m
+            }
             Some(table_path) => {
                 let dir = table_path.parent().unwrap_or(Path::new(""));
                 let header = Header::new(

@@ -1,0 +1,176 @@
+//! Training end to end through the library: the model learns teacher data, a seed fixes the
+//! run bit for bit, and a training step allocates nothing once warm.
+
+use dlrm::config::{Architecture, InteractionOp, Preset, join};
+use dlrm::data::Batch;
+use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
+use dlrm::model::dlrm::{Dlrm, OptimizerKind};
+use dlrm::model::embedding_tables::StorageKind;
+use dlrm::train::{DataSource, LrSchedule, TrainOptions, TrainReport, train};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+/// Counts the allocations made by the current thread.
+struct CountingAllocator;
+
+thread_local! {
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+// SAFETY: forwards every call to the system allocator unchanged; the counter is a const
+// thread-local Cell, whose access never allocates.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.with(|c| c.set(c.get() + 1));
+        // SAFETY: same contract as GlobalAlloc::alloc.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as GlobalAlloc::dealloc.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.with(|c| c.set(c.get() + 1));
+        // SAFETY: same contract as GlobalAlloc::realloc.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAllocator = CountingAllocator;
+
+fn tiny(seed: u64, optimizer: OptimizerKind) -> (Dlrm, SyntheticSource) {
+    let p = Preset::Tiny.values();
+    let arch = Architecture::from_flags(
+        p.embedding_dim,
+        &join(&p.table_sizes),
+        p.bottom,
+        p.top,
+        InteractionOp::Dot,
+        false,
+    )
+    .unwrap();
+    let data = SyntheticData::new(SyntheticConfig {
+        num_dense: arch.num_dense(),
+        table_sizes: arch.table_sizes.clone(),
+        generation: Generation::Teacher,
+        zipf_alpha: 1.05,
+        num_indices_per_lookup: 2,
+        fixed_bag_size: true,
+        seed,
+    });
+    let source = SyntheticSource::new(data, 60_000, 8_000);
+    let model = Dlrm::new(arch, optimizer, &StorageKind::Anon, seed).unwrap();
+    (model, source)
+}
+
+fn options(lr: f32, nepochs: usize) -> TrainOptions {
+    TrainOptions {
+        batch_size: 128,
+        num_batches: 0,
+        nepochs,
+        lr: LrSchedule {
+            base: lr,
+            warmup_steps: 0,
+            decay_start_step: 0,
+            decay_steps: 0,
+        },
+        test_freq: 0,
+        print_freq: 0,
+        test_batch_size: 1024,
+        keep_last_batch: true,
+        seed: 7,
+        progress: false,
+    }
+}
+
+fn run(
+    threads: usize,
+    seed: u64,
+    optimizer: OptimizerKind,
+    lr: f32,
+    nepochs: usize,
+) -> (TrainReport, Dlrm) {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        let (mut model, source) = tiny(seed, optimizer);
+        let report = train(&mut model, &source, &options(lr, nepochs), threads).unwrap();
+        (report, model)
+    })
+}
+
+#[test]
+fn learns_teacher_data_with_sgd_and_adagrad() {
+    for (opt, lr) in [
+        (OptimizerKind::Sgd, 0.5),
+        (OptimizerKind::RowwiseAdagrad, 0.05),
+    ] {
+        let (r, _) = run(2, 3, opt, lr, 2);
+        let teacher = r.teacher_auc.expect("teacher data reports its AUC");
+        assert!(
+            r.test_auc > 0.70 && r.test_auc > teacher - 0.12,
+            "{opt:?}: test AUC {} (teacher {teacher})",
+            r.test_auc
+        );
+        assert!(
+            r.test_ne < 0.95,
+            "{opt:?}: normalized entropy {}",
+            r.test_ne
+        );
+        assert_eq!(r.evals.len(), 1);
+    }
+}
+
+#[test]
+fn same_seed_same_threads_is_bit_identical() {
+    let digest = |m: &Dlrm| -> Vec<u32> {
+        let mut v: Vec<u32> = Vec::new();
+        for l in m.bottom.layers.iter().chain(&m.top.layers) {
+            v.extend(l.weight.iter().chain(&l.bias).map(|x| x.to_bits()));
+        }
+        for t in &m.tables {
+            v.extend(t.weights().iter().map(|x| x.to_bits()));
+        }
+        v
+    };
+    let (a, ma) = run(2, 11, OptimizerKind::Adagrad, 0.05, 1);
+    let (b, mb) = run(2, 11, OptimizerKind::Adagrad, 0.05, 1);
+    assert_eq!(digest(&ma), digest(&mb));
+    assert_eq!(a.test_auc.to_bits(), b.test_auc.to_bits());
+    assert_eq!(a.train_loss.to_bits(), b.train_loss.to_bits());
+    let (_, mc) = run(2, 12, OptimizerKind::Adagrad, 0.05, 1);
+    assert_ne!(digest(&ma), digest(&mc), "another seed gives another model");
+}
+
+#[test]
+fn a_training_step_allocates_nothing_once_warm() {
+    for opt in [
+        OptimizerKind::Sgd,
+        OptimizerKind::Adagrad,
+        OptimizerKind::RowwiseAdagrad,
+    ] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let (mut model, source) = tiny(5, opt);
+            model.reserve(256);
+            let mut batch = Batch::default();
+            // Counts only the steps: the data buffers may still grow to a larger batch.
+            let mut in_steps = 0;
+            for i in 0..13 {
+                source.fill_train(i * 256, 256, &mut batch).unwrap();
+                let before = ALLOCATIONS.with(Cell::get);
+                model.train_step(&batch, 0.05).unwrap();
+                if i >= 3 {
+                    in_steps += ALLOCATIONS.with(Cell::get) - before;
+                }
+            }
+            assert_eq!(in_steps, 0, "{opt:?}: allocations in 10 warm steps");
+        });
+    }
+}
