@@ -9,7 +9,8 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use dlrm::config::{Architecture, InteractionOp, Preset, join};
 use dlrm::data::Batch;
 use dlrm::data::synthetic::{Generation, Split, SyntheticConfig, SyntheticData};
-use dlrm::model::dlrm::{Dlrm, OptimizerKind};
+use dlrm::model::OptimizerKind;
+use dlrm::model::dlrm::Dlrm;
 use dlrm::model::embedding_tables::StorageKind;
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 
 use crate::data::Batch;
 use crate::metrics::EvalMetrics;
-use crate::model::dlrm::{Dlrm, OptimizerKind, PhaseSeconds};
+use crate::model::{Model, OptimizerKind, PhaseSeconds};
 use crate::rng::{SplitMix64, derive_key};
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -130,7 +130,7 @@ fn warmup_steps(total: u64) -> u64 {
 
 /// Evaluates the model on the whole held-out split.
 pub fn evaluate(
-    model: &mut Dlrm,
+    model: &mut dyn Model,
     data: &dyn DataSource,
     batch_size: usize,
     batch: &mut Batch,
@@ -167,7 +167,7 @@ pub fn peak_rss_bytes() -> u64 {
 
 /// Trains `model` on `data`; the caller has entered the thread pool.
 pub fn train(
-    model: &mut Dlrm,
+    model: &mut dyn Model,
     data: &dyn DataSource,
     opts: &TrainOptions,
     threads: usize,
@@ -196,8 +196,8 @@ pub fn train(
     let total_steps = per_epoch * opts.nepochs as u64;
     model.reserve(opts.batch_size.max(opts.test_batch_size));
 
-    let nd = model.arch().num_dense();
-    let nt = model.arch().num_tables();
+    let nd = model.num_dense();
+    let nt = model.num_tables();
     let mut batch = Batch::new(nd, nt);
     let mut eval_batch = Batch::new(nd, nt);
     let mut order: Vec<u64> = (0..data_batches).collect();
@@ -247,7 +247,7 @@ pub fn train(
                     first + size as u64
                 )
             })?;
-            model.phases.other += t0.elapsed().as_secs_f64();
+            model.add_other_seconds(t0.elapsed().as_secs_f64());
             let loss = model
                 .train_step(&batch, opts.lr.at(step))
                 .with_context(|| {
@@ -312,7 +312,7 @@ pub fn train(
     } else {
         f64::NAN
     };
-    let phases = model.phases;
+    let phases = model.phases();
     bar.finish_and_clear();
 
     let final_eval = evaluate(model, data, opts.test_batch_size, &mut eval_batch)?;
@@ -321,7 +321,7 @@ pub fn train(
         last_window_loss = window_loss / window_steps as f64;
     }
     Ok(TrainReport {
-        model: "dlrm".to_string(),
+        model: model.name().to_string(),
         samples_per_sec,
         threads,
         batch_size: opts.batch_size,

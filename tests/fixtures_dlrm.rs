@@ -7,7 +7,8 @@ mod common;
 use common::fixtures::{Fixture, load};
 use dlrm::config::{Architecture, InteractionOp, parse_dims};
 use dlrm::data::Batch;
-use dlrm::model::dlrm::{Dlrm, OptimizerKind};
+use dlrm::model::OptimizerKind;
+use dlrm::model::dlrm::Dlrm;
 use dlrm::model::embedding_tables::StorageKind;
 
 fn model_from(fx: &Fixture, optimizer: OptimizerKind) -> Dlrm {

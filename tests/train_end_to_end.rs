@@ -4,7 +4,8 @@
 use dlrm::config::{Architecture, InteractionOp, Preset, join};
 use dlrm::data::Batch;
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
-use dlrm::model::dlrm::{Dlrm, OptimizerKind};
+use dlrm::model::OptimizerKind;
+use dlrm::model::dlrm::Dlrm;
 use dlrm::model::embedding_tables::StorageKind;
 use dlrm::train::{DataSource, LrSchedule, TrainOptions, TrainReport, train};
 use std::alloc::{GlobalAlloc, Layout, System};

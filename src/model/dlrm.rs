@@ -13,6 +13,7 @@
 
 use super::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind};
 use super::mlp::Mlp;
+use super::{ADAGRAD_EPS, BatchError, Model, OptimizerKind, PhaseSeconds, Stopwatch, Task};
 use crate::config::{Architecture, InteractionOp};
 use crate::data::Batch;
 use crate::rng::{SplitMix64, derive_key};
@@ -23,135 +24,9 @@ use dlrm_kernels::interaction::{
     cat_interaction_backward, cat_interaction_forward, dot_interaction_backward,
     dot_interaction_forward,
 };
-use dlrm_kernels::optim::{
-    SparseOptimizer, adagrad_update, embedding_bag_backward_update, sgd_update,
-};
+use dlrm_kernels::optim::{adagrad_update, embedding_bag_backward_update, sgd_update};
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 use std::time::Instant;
-use thiserror::Error;
-
-/// The optimizer, named as `--optimizer` names it. Embedding tables use the named one; dense
-/// parameters use SGD for `sgd` and element-wise Adagrad otherwise, as the reference does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum OptimizerKind {
-    Sgd,
-    Adagrad,
-    RowwiseAdagrad,
-}
-
-/// PyTorch's Adagrad epsilon (torch.optim.Adagrad default).
-pub const ADAGRAD_EPS: f32 = 1e-10;
-
-impl OptimizerKind {
-    pub fn sparse(self, lr: f32) -> SparseOptimizer {
-        match self {
-            OptimizerKind::Sgd => SparseOptimizer::Sgd { lr },
-            OptimizerKind::Adagrad => SparseOptimizer::Adagrad {
-                lr,
-                eps: ADAGRAD_EPS,
-            },
-            OptimizerKind::RowwiseAdagrad => SparseOptimizer::RowwiseAdagrad {
-                lr,
-                eps: ADAGRAD_EPS,
-            },
-        }
-    }
-
-    /// Whether dense parameters keep Adagrad state.
-    pub fn dense_adagrad(self) -> bool {
-        self != OptimizerKind::Sgd
-    }
-}
-
-/// Bad input data for the model: says what and where.
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum BatchError {
-    #[error(
-        "table {table}: id {value} at position {position} is out of range (the table has {rows} rows)"
-    )]
-    IdOutOfRange {
-        table: usize,
-        position: usize,
-        value: u32,
-        rows: usize,
-    },
-    #[error("batch has {got} tables of ids, the model has {expected}")]
-    TableCount { got: usize, expected: usize },
-    #[error("batch has {got} dense features per sample, the model's bottom MLP takes {expected}")]
-    DenseWidth { got: usize, expected: usize },
-    #[error("table {table}: offsets are malformed at sample {sample} ({why})")]
-    Offsets {
-        table: usize,
-        sample: usize,
-        why: &'static str,
-    },
-    #[error("batch of {got} samples exceeds the model's capacity of {capacity}")]
-    TooLarge { got: usize, capacity: usize },
-    #[error("batch buffers are inconsistent: {0}")]
-    Shape(&'static str),
-}
-
-/// Seconds spent per phase of training, as the DLRM paper's CPU profile splits a step.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct PhaseSeconds {
-    pub emb_fwd: f64,
-    pub bot_fwd: f64,
-    pub interaction_fwd: f64,
-    pub top_fwd: f64,
-    pub loss: f64,
-    pub top_bwd: f64,
-    pub interaction_bwd: f64,
-    pub bot_bwd: f64,
-    pub emb_update: f64,
-    pub dense_update: f64,
-    pub other: f64,
-}
-
-impl PhaseSeconds {
-    pub fn total(&self) -> f64 {
-        self.emb_fwd
-            + self.bot_fwd
-            + self.interaction_fwd
-            + self.top_fwd
-            + self.loss
-            + self.top_bwd
-            + self.interaction_bwd
-            + self.bot_bwd
-            + self.emb_update
-            + self.dense_update
-            + self.other
-    }
-
-    /// (name, seconds) in step order.
-    pub fn entries(&self) -> [(&'static str, f64); 11] {
-        [
-            ("emb_fwd", self.emb_fwd),
-            ("bot_fwd", self.bot_fwd),
-            ("interaction_fwd", self.interaction_fwd),
-            ("top_fwd", self.top_fwd),
-            ("loss", self.loss),
-            ("top_bwd", self.top_bwd),
-            ("interaction_bwd", self.interaction_bwd),
-            ("bot_bwd", self.bot_bwd),
-            ("emb_update", self.emb_update),
-            ("dense_update", self.dense_update),
-            ("other", self.other),
-        ]
-    }
-}
-
-/// Accumulates the time since the last mark into a phase.
-struct Stopwatch(Instant);
-
-impl Stopwatch {
-    fn lap(&mut self, phase: &mut f64) {
-        let now = Instant::now();
-        *phase += (now - self.0).as_secs_f64();
-        self.0 = now;
-    }
-}
 
 /// The model: parameters, optimizer state and the step's buffers.
 pub struct Dlrm {
@@ -559,5 +434,38 @@ impl Dlrm {
     /// The last batch's probabilities (valid after `train_step`).
     pub fn last_probabilities(&self, batch_size: usize) -> &[f32] {
         &self.probs[..batch_size]
+    }
+}
+
+impl Model for Dlrm {
+    fn name(&self) -> &'static str {
+        "dlrm"
+    }
+    fn task(&self) -> Task {
+        Task::Classification
+    }
+    fn num_dense(&self) -> usize {
+        self.arch.num_dense()
+    }
+    fn num_tables(&self) -> usize {
+        self.arch.num_tables()
+    }
+    fn optimizer(&self) -> OptimizerKind {
+        self.optimizer
+    }
+    fn reserve(&mut self, batch: usize) {
+        Dlrm::reserve(self, batch)
+    }
+    fn train_step(&mut self, batch: &Batch, lr: f32) -> Result<f64, BatchError> {
+        Dlrm::train_step(self, batch, lr)
+    }
+    fn predict(&mut self, batch: &Batch, out: &mut Vec<f32>) -> Result<(), BatchError> {
+        Dlrm::predict(self, batch, out)
+    }
+    fn phases(&self) -> PhaseSeconds {
+        self.phases
+    }
+    fn add_other_seconds(&mut self, seconds: f64) {
+        self.phases.other += seconds;
     }
 }

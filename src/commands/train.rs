@@ -1,0 +1,268 @@
+//! `dlrm train`: flags (the reference's names where it has one), presets, and the run.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use dlrm::config::{Architecture, InteractionOp, Preset, join};
+use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
+use dlrm::model::OptimizerKind;
+use dlrm::model::dlrm::Dlrm;
+use dlrm::model::embedding_tables::StorageKind;
+use dlrm::train::{LrSchedule, TrainOptions, TrainReport, train};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+/// Where the embedding tables live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum StorageArg {
+    /// Anonymous memory maps with transparent huge pages (fast; tables must fit in RAM).
+    Anon,
+    /// One memory-mapped file per table in --tables-dir (tables may exceed RAM).
+    File,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Starting configuration; every other flag overrides it.
+    #[arg(long, value_enum, default_value_t = Preset::Tiny)]
+    preset: Preset,
+
+    // Architecture (the reference's flag names).
+    /// Embedding width d (also the bottom MLP's output width).
+    #[arg(long)]
+    arch_sparse_feature_size: Option<usize>,
+    /// Rows of each embedding table, dash-separated (e.g. 1460-583-10131227).
+    #[arg(long)]
+    arch_embedding_size: Option<String>,
+    /// Bottom MLP widths, dense feature count first (e.g. 13-512-256-64-16).
+    #[arg(long)]
+    arch_mlp_bot: Option<String>,
+    /// Top MLP widths without the input, which follows from the interaction (e.g. 512-256-1).
+    #[arg(long)]
+    arch_mlp_top: Option<String>,
+    /// Feature interaction: dot (pairwise dot products) or cat (concatenation).
+    #[arg(long, default_value = "dot")]
+    arch_interaction_op: InteractionOp,
+    /// Include each vector's dot product with itself in the interaction.
+    #[arg(long)]
+    arch_interaction_itself: bool,
+    /// Cap every table at this many rows (ids are drawn within the cap).
+    #[arg(long)]
+    max_ind_range: Option<usize>,
+
+    // Training.
+    /// Samples per training step.
+    #[arg(long)]
+    mini_batch_size: Option<usize>,
+    /// Steps per epoch (0 = one pass over the training data).
+    #[arg(long)]
+    num_batches: Option<usize>,
+    /// Passes over the training data.
+    #[arg(long, default_value_t = 1)]
+    nepochs: usize,
+    /// Learning rate (before warm-up and decay).
+    #[arg(long)]
+    learning_rate: Option<f32>,
+    /// Optimizer for the embedding tables; dense layers use SGD for sgd, Adagrad otherwise.
+    #[arg(long, value_enum, default_value_t = OptimizerKind::Sgd)]
+    optimizer: OptimizerKind,
+    /// Steps of linear learning-rate warm-up.
+    #[arg(long, default_value_t = 0)]
+    lr_num_warmup_steps: u64,
+    /// Step at which the quadratic learning-rate decay starts.
+    #[arg(long, default_value_t = 0)]
+    lr_decay_start_step: u64,
+    /// Steps over which the learning rate decays (0 = no decay).
+    #[arg(long, default_value_t = 0)]
+    lr_num_decay_steps: u64,
+    /// Evaluate on the held-out data every this many steps (0 = only at the end).
+    #[arg(long)]
+    test_freq: Option<usize>,
+    /// Report the training loss every this many steps.
+    #[arg(long)]
+    print_freq: Option<usize>,
+    /// Samples per evaluation batch (default: the training batch size).
+    #[arg(long)]
+    test_mini_batch_size: Option<usize>,
+    /// Drop a last batch smaller than --mini-batch-size instead of training on it.
+    #[arg(long)]
+    drop_last_batch: bool,
+
+    // Synthetic data.
+    /// How synthetic ids and labels are drawn.
+    #[arg(long, value_enum, default_value_t = Generation::Teacher)]
+    data_generation: Generation,
+    /// Exponent of the Zipf distribution of ids (zipf and teacher data).
+    #[arg(long, default_value_t = 1.05)]
+    zipf_alpha: f64,
+    /// Ids per bag (multi-hot lookups).
+    #[arg(long)]
+    num_indices_per_lookup: Option<usize>,
+    /// Every bag has exactly --num-indices-per-lookup ids (else 1 to that many).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    num_indices_per_lookup_fixed: Option<bool>,
+    /// Training samples of the synthetic data set (default: --num-batches x batch).
+    #[arg(long)]
+    data_size: Option<u64>,
+    /// Held-out samples of the synthetic data set.
+    #[arg(long)]
+    test_data_size: Option<u64>,
+
+    // System.
+    /// Worker threads (default: the number of physical cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Seed of the model's initialisation and of the data.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where the embedding tables live.
+    #[arg(long, value_enum, default_value_t = StorageArg::Anon)]
+    embedding_storage: StorageArg,
+    /// Folder of the table files (with --embedding-storage file).
+    #[arg(long)]
+    tables_dir: Option<PathBuf>,
+    /// Initialise a file table's rows on first touch instead of up front.
+    #[arg(long)]
+    lazy_init: bool,
+    /// Write the run's summary as JSON to this file.
+    #[arg(long)]
+    report_json: Option<PathBuf>,
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let p = a.preset.values();
+    let d = a.arch_sparse_feature_size.unwrap_or(p.embedding_dim);
+    let tables = a
+        .arch_embedding_size
+        .clone()
+        .unwrap_or_else(|| join(&p.table_sizes));
+    let mut arch = Architecture::from_flags(
+        d,
+        &tables,
+        a.arch_mlp_bot.as_deref().unwrap_or(p.bottom),
+        a.arch_mlp_top.as_deref().unwrap_or(p.top),
+        a.arch_interaction_op,
+        a.arch_interaction_itself,
+    )?;
+    if let Some(cap) = a.max_ind_range.or(p.max_ind_range) {
+        anyhow::ensure!(cap > 0, "--max-ind-range must be at least 1");
+        arch.table_sizes.iter_mut().for_each(|r| *r = (*r).min(cap));
+    }
+    let batch_size = a.mini_batch_size.unwrap_or(p.mini_batch_size);
+    let num_batches = a.num_batches.unwrap_or(p.num_batches);
+    let train_len = a
+        .data_size
+        .unwrap_or((num_batches.max(1) * batch_size) as u64);
+    let test_len = a
+        .test_data_size
+        .unwrap_or((train_len / 8).clamp(4096, 262_144));
+    let threads = a.threads.unwrap_or_else(num_cpus::get_physical).max(1);
+    let storage = match a.embedding_storage {
+        StorageArg::Anon => StorageKind::Anon,
+        StorageArg::File => StorageKind::File {
+            dir: a
+                .tables_dir
+                .clone()
+                .context("--embedding-storage file needs --tables-dir DIR")?,
+            lazy_init: a.lazy_init,
+        },
+    };
+    let bags = a.num_indices_per_lookup.unwrap_or(p.num_indices_per_lookup);
+    anyhow::ensure!(bags >= 1, "--num-indices-per-lookup must be at least 1");
+    let synth = SyntheticConfig {
+        num_dense: arch.num_dense(),
+        table_sizes: arch.table_sizes.clone(),
+        generation: a.data_generation,
+        zipf_alpha: a.zipf_alpha,
+        num_indices_per_lookup: bags,
+        fixed_bag_size: a.num_indices_per_lookup_fixed.unwrap_or(true),
+        seed: a.seed,
+    };
+    anyhow::ensure!(
+        a.zipf_alpha > 0.0 && a.zipf_alpha.is_finite(),
+        "--zipf-alpha must be a positive number"
+    );
+    let opts = TrainOptions {
+        batch_size,
+        // By default one epoch is the whole synthetic training set (--num-batches steps of the
+        // preset unless --data-size says otherwise).
+        num_batches: a.num_batches.unwrap_or(0),
+        nepochs: a.nepochs,
+        lr: LrSchedule {
+            base: a.learning_rate.unwrap_or(p.learning_rate),
+            warmup_steps: a.lr_num_warmup_steps,
+            decay_start_step: a.lr_decay_start_step,
+            decay_steps: a.lr_num_decay_steps,
+        },
+        test_freq: a.test_freq.unwrap_or(p.test_freq),
+        print_freq: a.print_freq.unwrap_or(100),
+        test_batch_size: a.test_mini_batch_size.unwrap_or(batch_size.max(1024)),
+        keep_last_batch: !a.drop_last_batch,
+        seed: a.seed,
+        progress: std::io::stderr().is_terminal(),
+    };
+
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .context("building the thread pool")?;
+    eprintln!(
+        "DLRM: bottom {} | {} tables, d = {} ({:.2} GiB) | {} interaction -> top {} | {} threads, batch {}",
+        join(&arch.bottom),
+        arch.num_tables(),
+        arch.embedding_dim,
+        arch.table_sizes.iter().sum::<usize>() as f64 * d as f64 * 4.0 / (1u64 << 30) as f64,
+        match arch.interaction {
+            InteractionOp::Dot => "dot",
+            InteractionOp::Cat => "cat",
+        },
+        join(&arch.top),
+        threads,
+        batch_size
+    );
+    let report = pool.install(|| -> Result<TrainReport> {
+        let t = std::time::Instant::now();
+        let source = SyntheticSource::new(SyntheticData::new(synth), train_len, test_len);
+        let mut model = Dlrm::new(arch, a.optimizer, &storage, a.seed)?;
+        eprintln!(
+            "data: {train_len} training / {test_len} held-out synthetic samples ({:?}); model ready in {:.1} s",
+            a.data_generation,
+            t.elapsed().as_secs_f64()
+        );
+        train(&mut model, &source, &opts, threads)
+    })?;
+    print_summary(&report);
+    if let Some(path) = &a.report_json {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, json + "\n")
+            .with_context(|| format!("writing the report to {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn print_summary(r: &TrainReport) {
+    println!("\n== {} training summary ==", r.model);
+    println!(
+        "steps {} x batch {} on {} threads: {:.0} samples/s (steady state), {:.1} s wall",
+        r.steps, r.batch_size, r.threads, r.samples_per_sec, r.wall_seconds
+    );
+    println!("train loss {:.5} (last report interval)", r.train_loss);
+    println!(
+        "test  loss {:.5}  accuracy {:.4}  AUC {:.4}  NE {:.4}",
+        r.test_loss, r.test_accuracy, r.test_auc, r.test_ne
+    );
+    if let Some(t) = r.teacher_auc {
+        println!("teacher AUC {t:.4} (the ceiling on this data)");
+    }
+    let total = r.phase_seconds.total();
+    println!("time by phase (all steps):");
+    for (name, s) in r.phase_seconds.entries() {
+        println!(
+            "  {name:<16} {s:8.3} s  {:5.1} %",
+            100.0 * s / total.max(1e-12)
+        );
+    }
+    println!(
+        "peak RSS {:.1} MiB",
+        r.peak_rss_bytes as f64 / (1 << 20) as f64
+    );
+}
