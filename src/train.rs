@@ -2,6 +2,7 @@
 //! evaluation on held-out data, progress, and the summary the DLRM paper's CPU profile reports
 //! (throughput and the time split by phase).
 
+use crate::checkpoint::{self, TrainState};
 use crate::data::Batch;
 use crate::metrics::EvalMetrics;
 use crate::model::{Model, OptimizerKind, PhaseSeconds};
@@ -9,6 +10,7 @@ use crate::rng::{SplitMix64, derive_key};
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 use std::time::Instant;
 
 /// Where batches come from: an in-memory generator or a mapped dataset.
@@ -88,6 +90,22 @@ pub struct TrainOptions {
     pub keep_last_batch: bool,
     pub seed: u64,
     pub progress: bool,
+    /// Where and how often to save checkpoints (None: never).
+    pub checkpoint: Option<CheckpointPolicy>,
+    /// Continue a run from this state (a loaded checkpoint's) instead of from step 0.
+    pub resume: Option<TrainState>,
+}
+
+/// When and where checkpoints are saved.
+#[derive(Clone, Debug)]
+pub struct CheckpointPolicy {
+    pub dir: PathBuf,
+    /// Save every this many steps (0: only at the end).
+    pub every: u64,
+    /// Versions kept.
+    pub keep: usize,
+    /// A dataset folder whose encoding files (dictionaries, header) go into the checkpoint.
+    pub dataset_files: Option<PathBuf>,
 }
 
 /// One evaluation.
@@ -194,14 +212,28 @@ pub fn train(
         data_batches
     };
     let total_steps = per_epoch * opts.nepochs as u64;
+    let resumed_at = opts.resume.as_ref().map_or(0, |r| r.step);
     model.reserve(opts.batch_size.max(opts.test_batch_size));
 
     let nd = model.num_dense();
     let nt = model.num_tables();
     let mut batch = Batch::new(nd, nt);
     let mut eval_batch = Batch::new(nd, nt);
-    let mut order: Vec<u64> = (0..data_batches).collect();
+    let mut order: Vec<u64> = Vec::with_capacity(data_batches as usize);
     let mut shuffle_rng = SplitMix64::new(derive_key(opts.seed, &[0x005e_ed0f]));
+    let (mut step, first_epoch, mut skip) = match &opts.resume {
+        Some(r) => {
+            anyhow::ensure!(
+                r.batch_size == opts.batch_size,
+                "the checkpoint was trained with batches of {}, not {}",
+                r.batch_size,
+                opts.batch_size
+            );
+            shuffle_rng = SplitMix64::from_state(r.epoch_shuffle_state);
+            (r.step, r.epoch, r.batch_in_epoch)
+        }
+        None => (0, 0, 0),
+    };
 
     let bar = if opts.progress {
         let b = ProgressBar::new(total_steps);
@@ -217,7 +249,7 @@ pub fn train(
     };
 
     let started = Instant::now();
-    let warmup = warmup_steps(total_steps);
+    let warmup = warmup_steps(total_steps.saturating_sub(resumed_at));
     let mut steady_start = None;
     let mut eval_seconds_after_warmup = 0.0;
     let mut evals = Vec::new();
@@ -225,16 +257,32 @@ pub fn train(
     let mut window_steps = 0u64;
     let mut last_window_loss = f64::NAN;
     let mut window_start = Instant::now();
-    let mut step = 0u64;
-
-    for epoch in 0..opts.nepochs {
+    let start_step = step;
+    let mut last_saved = None;
+    // Where training stands after the latest step (what a checkpoint records).
+    let mut state = opts.resume.clone().unwrap_or(TrainState {
+        step,
+        epoch: 0,
+        batch_in_epoch: 0,
+        epoch_shuffle_state: shuffle_rng.state(),
+        lr: opts.lr,
+        batch_size: opts.batch_size,
+        seed: opts.seed,
+    });
+    state.lr = opts.lr;
+    for epoch in first_epoch..opts.nepochs as u64 {
+        // Each epoch's order is a function of the generator state alone, so a resumed run
+        // draws the same order from the saved state.
+        let epoch_shuffle_state = shuffle_rng.state();
+        order.clear();
+        order.extend(0..data_batches);
         if data.shuffle() {
             for i in (1..order.len()).rev() {
                 order.swap(i, shuffle_rng.below(i as u64 + 1) as usize);
             }
         }
-        for k in 0..per_epoch {
-            if step == warmup {
+        for k in std::mem::take(&mut skip)..per_epoch {
+            if step == start_step + warmup {
                 steady_start = Some(Instant::now());
             }
             let bi = order[(k % data_batches) as usize];
@@ -261,6 +309,22 @@ pub fn train(
                 "the loss diverged to {loss} at step {step}; lower --learning-rate"
             );
             step += 1;
+            state = TrainState {
+                step,
+                epoch,
+                batch_in_epoch: k + 1,
+                epoch_shuffle_state,
+                ..state
+            };
+            if let Some(every) = opts.checkpoint.as_ref().map(|c| c.every).filter(|&e| e > 0)
+                && step.is_multiple_of(every)
+            {
+                let secs = save_checkpoint(opts, model, &state)?;
+                last_saved = Some(step);
+                if steady_start.is_some() {
+                    eval_seconds_after_warmup += secs;
+                }
+            }
             window_loss += loss;
             window_steps += 1;
             bar.inc(1);
@@ -306,7 +370,7 @@ pub fn train(
     }
     let train_seconds =
         steady_start.map_or(0.0, |s| s.elapsed().as_secs_f64()) - eval_seconds_after_warmup;
-    let steady_steps = total_steps - warmup;
+    let steady_steps = (step - start_step).saturating_sub(warmup);
     let samples_per_sec = if steady_steps > 0 && train_seconds > 0.0 {
         (steady_steps * bs) as f64 / train_seconds
     } else {
@@ -314,6 +378,9 @@ pub fn train(
     };
     let phases = model.phases();
     bar.finish_and_clear();
+    if last_saved != Some(step) {
+        save_checkpoint(opts, model, &state)?;
+    }
 
     let final_eval = evaluate(model, data, opts.test_batch_size, &mut eval_batch)?;
     evals.push(eval_point(step, &final_eval));
@@ -339,6 +406,25 @@ pub fn train(
         learning_rate: opts.lr.base,
         wall_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Saves a checkpoint at `state` if the options ask for checkpoints; returns the seconds spent.
+fn save_checkpoint(opts: &TrainOptions, model: &dyn Model, state: &TrainState) -> Result<f64> {
+    let Some(policy) = &opts.checkpoint else {
+        return Ok(0.0);
+    };
+    let t = Instant::now();
+    let path = checkpoint::save(
+        &policy.dir,
+        model,
+        state,
+        policy.dataset_files.as_deref(),
+        policy.keep,
+    )?;
+    if !opts.progress {
+        eprintln!("step {}: saved {}", state.step, path.display());
+    }
+    Ok(t.elapsed().as_secs_f64())
 }
 
 fn eval_point(step: u64, m: &EvalMetrics) -> EvalPoint {

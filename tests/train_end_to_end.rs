@@ -82,6 +82,8 @@ fn options(lr: f32, nepochs: usize) -> TrainOptions {
         keep_last_batch: true,
         seed: 7,
         progress: false,
+        checkpoint: None,
+        resume: None,
     }
 }
 

@@ -2,12 +2,13 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
+use dlrm::checkpoint;
 use dlrm::config::{Architecture, InteractionOp, Preset, join};
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
 use dlrm::model::OptimizerKind;
 use dlrm::model::dlrm::Dlrm;
 use dlrm::model::embedding_tables::StorageKind;
-use dlrm::train::{LrSchedule, TrainOptions, TrainReport, train};
+use dlrm::train::{CheckpointPolicy, LrSchedule, TrainOptions, TrainReport, train};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
@@ -63,8 +64,8 @@ pub struct TrainArgs {
     #[arg(long)]
     learning_rate: Option<f32>,
     /// Optimizer for the embedding tables; dense layers use SGD for sgd, Adagrad otherwise.
-    #[arg(long, value_enum, default_value_t = OptimizerKind::Sgd)]
-    optimizer: OptimizerKind,
+    #[arg(long, value_enum)]
+    optimizer: Option<OptimizerKind>,
     /// Steps of linear learning-rate warm-up.
     #[arg(long, default_value_t = 0)]
     lr_num_warmup_steps: u64,
@@ -111,9 +112,9 @@ pub struct TrainArgs {
     /// Worker threads (default: the number of physical cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Seed of the model's initialisation and of the data.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
+    /// Seed of the model's initialisation and of the data (default 1, or the checkpoint's).
+    #[arg(long)]
+    seed: Option<u64>,
     /// Where the embedding tables live.
     #[arg(long, value_enum, default_value_t = StorageArg::Anon)]
     embedding_storage: StorageArg,
@@ -126,6 +127,22 @@ pub struct TrainArgs {
     /// Write the run's summary as JSON to this file.
     #[arg(long)]
     report_json: Option<PathBuf>,
+
+    // Checkpoints.
+    /// Save checkpoints (versioned, atomic) into this folder: at the end, and every
+    /// --save-every steps.
+    #[arg(long)]
+    save_model: Option<PathBuf>,
+    /// Also save every this many steps (0 = only at the end).
+    #[arg(long, default_value_t = 0)]
+    save_every: u64,
+    /// Checkpoint versions kept in --save-model (older ones are pruned).
+    #[arg(long, default_value_t = 3)]
+    keep_checkpoints: usize,
+    /// Resume from a checkpoint folder (its LATEST version): parameters, optimizer state and
+    /// the position in the data; the run continues to its configured end.
+    #[arg(long)]
+    load_model: Option<PathBuf>,
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
@@ -168,6 +185,27 @@ pub fn run(a: TrainArgs) -> Result<()> {
     };
     let bags = a.num_indices_per_lookup.unwrap_or(p.num_indices_per_lookup);
     anyhow::ensure!(bags >= 1, "--num-indices-per-lookup must be at least 1");
+    let loaded = match &a.load_model {
+        Some(dir) => {
+            let version = checkpoint::resolve(dir)?;
+            let meta = checkpoint::read_meta(&version)?;
+            let cfg: checkpoint::DlrmConfig = serde_json::from_value(meta.model_config.clone())
+                .with_context(|| format!("{}: not a DLRM checkpoint", version.display()))?;
+            check_flags_match(&a, &cfg)
+                .with_context(|| format!("--load-model {}", version.display()))?;
+            arch = cfg.arch.clone();
+            Some((version, meta, cfg))
+        }
+        None => None,
+    };
+    let optimizer = a
+        .optimizer
+        .or(loaded.as_ref().map(|l| l.2.optimizer))
+        .unwrap_or(OptimizerKind::Sgd);
+    let seed = a
+        .seed
+        .or(loaded.as_ref().map(|l| l.1.train_state.seed))
+        .unwrap_or(1);
     let synth = SyntheticConfig {
         num_dense: arch.num_dense(),
         table_sizes: arch.table_sizes.clone(),
@@ -175,7 +213,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         zipf_alpha: a.zipf_alpha,
         num_indices_per_lookup: bags,
         fixed_bag_size: a.num_indices_per_lookup_fixed.unwrap_or(true),
-        seed: a.seed,
+        seed,
     };
     anyhow::ensure!(
         a.zipf_alpha > 0.0 && a.zipf_alpha.is_finite(),
@@ -197,8 +235,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
         print_freq: a.print_freq.unwrap_or(100),
         test_batch_size: a.test_mini_batch_size.unwrap_or(batch_size.max(1024)),
         keep_last_batch: !a.drop_last_batch,
-        seed: a.seed,
+        seed,
         progress: std::io::stderr().is_terminal(),
+        checkpoint: a.save_model.clone().map(|dir| CheckpointPolicy {
+            dir,
+            every: a.save_every,
+            keep: a.keep_checkpoints,
+            dataset_files: None,
+        }),
+        resume: loaded.as_ref().map(|l| l.1.train_state.clone()),
     };
 
     let pool = rayon::ThreadPoolBuilder::new()
@@ -222,7 +267,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let report = pool.install(|| -> Result<TrainReport> {
         let t = std::time::Instant::now();
         let source = SyntheticSource::new(SyntheticData::new(synth), train_len, test_len);
-        let mut model = Dlrm::new(arch, a.optimizer, &storage, a.seed)?;
+        let mut model = match &loaded {
+            Some((version, _, _)) => checkpoint::load_dlrm(version, &storage)?.0,
+            None => Dlrm::new(arch, optimizer, &storage, seed)?,
+        };
         eprintln!(
             "data: {train_len} training / {test_len} held-out synthetic samples ({:?}); model ready in {:.1} s",
             a.data_generation,
@@ -235,6 +283,48 @@ pub fn run(a: TrainArgs) -> Result<()> {
         let json = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, json + "\n")
             .with_context(|| format!("writing the report to {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Architecture and optimizer flags given explicitly must agree with a loaded checkpoint.
+fn check_flags_match(a: &TrainArgs, cfg: &checkpoint::DlrmConfig) -> Result<()> {
+    let arch = &cfg.arch;
+    let mismatch = |flag: &str, given: String, saved: String| {
+        anyhow::bail!("{flag} {given} does not match the checkpoint's {saved}")
+    };
+    if let Some(d) = a.arch_sparse_feature_size
+        && d != arch.embedding_dim
+    {
+        mismatch(
+            "--arch-sparse-feature-size",
+            d.to_string(),
+            arch.embedding_dim.to_string(),
+        )?;
+    }
+    if let Some(t) = &a.arch_embedding_size
+        && *t != join(&arch.table_sizes)
+    {
+        mismatch("--arch-embedding-size", t.clone(), join(&arch.table_sizes))?;
+    }
+    if let Some(b) = &a.arch_mlp_bot
+        && *b != join(&arch.bottom)
+    {
+        mismatch("--arch-mlp-bot", b.clone(), join(&arch.bottom))?;
+    }
+    if let Some(t) = &a.arch_mlp_top
+        && *t != arch.top_flag()
+    {
+        mismatch("--arch-mlp-top", t.clone(), arch.top_flag())?;
+    }
+    if let Some(o) = a.optimizer
+        && o != cfg.optimizer
+    {
+        mismatch(
+            "--optimizer",
+            format!("{o:?}"),
+            format!("{:?}", cfg.optimizer),
+        )?;
     }
     Ok(())
 }

@@ -468,4 +468,7 @@ impl Model for Dlrm {
     fn add_other_seconds(&mut self, seconds: f64) {
         self.phases.other += seconds;
     }
+    fn save_parameters(&self, dir: &std::path::Path) -> anyhow::Result<serde_json::Value> {
+        crate::checkpoint::save_dlrm_parameters(self, dir)
+    }
 }

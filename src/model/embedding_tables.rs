@@ -309,6 +309,62 @@ fn map_file(file: &File, offset: u64, len: usize) -> io::Result<MmapMut> {
     unsafe { MmapOptions::new().offset(offset).len(len).map_mut(file) }
 }
 
+/// Maps `len` bytes of `file` from `offset` copy-on-write: reads come from the file, writes go
+/// to private memory and never reach it (a checkpoint resumed without being written through).
+fn map_file_private(file: &File, offset: u64, len: usize) -> io::Result<MmapMut> {
+    // SAFETY: as for `map_file`; a private map additionally never writes the file, so the only
+    // requirement is that the file keeps its length, which the caller has checked.
+    unsafe { MmapOptions::new().offset(offset).len(len).map_copy(file) }
+}
+
+/// The bytes of f32 values (little-endian on the hosts this crate supports, like the file).
+fn bytes_of(values: &[f32]) -> &[u8] {
+    // SAFETY: u8 has no alignment requirement and every f32 is 4 initialised bytes; the view
+    // borrows `values`.
+    unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), values.len() * 4) }
+}
+
+/// The bytes of f32 values, writable (every byte pattern is some f32).
+fn bytes_of_mut(values: &mut [f32]) -> &mut [u8] {
+    // SAFETY: as in `bytes_of`; any bytes written form valid f32 bit patterns, and the
+    // exclusive borrow of `values` makes the byte view exclusive too.
+    unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), values.len() * 4) }
+}
+
+/// Writes a complete table file `dir/name` (header, data, bitmap) with sequential writes and
+/// makes it durable (fsync). Fails if the file exists.
+fn write_matrix_file(
+    dir: &Path,
+    name: &str,
+    header: &Header,
+    data: &[f32],
+    bitmap: Option<&[u8]>,
+) -> Result<PathBuf, TableError> {
+    let path = dir.join(name);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(io_error(&path, "create"))?;
+    remove_on_error(&path.clone(), || {
+        use std::io::Write;
+        let mut w = io::BufWriter::with_capacity(1 << 20, &mut file);
+        w.write_all(&header.encode())
+            .and_then(|()| w.write_all(bytes_of(data)))
+            .and_then(|()| w.flush())
+            .map_err(io_error(&path, "write"))?;
+        drop(w);
+        if let Some(bits) = bitmap {
+            file.write_all_at(bits, header.bitmap_offset)
+                .map_err(io_error(&path, "write the row bitmap"))?;
+        }
+        file.set_len(header.file_len())
+            .and_then(|()| file.sync_all())
+            .map_err(io_error(&path, "sync"))?;
+        Ok(path)
+    })
+}
+
 /// Views mapped bytes as f32 (the host is little-endian, like the file).
 fn f32s(bytes: &[u8]) -> &[f32] {
     assert!(bytes.as_ptr().cast::<f32>().is_aligned() && bytes.len().is_multiple_of(4));
@@ -558,12 +614,12 @@ struct Expect {
     index: usize,
 }
 
-/// Opens an existing table file and checks its header against itself, the file length and
-/// `expect`.
-fn open_file(path: &Path, expect: &Expect) -> Result<(File, Header), TableError> {
+/// Opens an existing table file (for writing too if `writable`) and checks its header against
+/// itself, the file length and `expect`.
+fn open_file(path: &Path, expect: &Expect, writable: bool) -> Result<(File, Header), TableError> {
     let file = OpenOptions::new()
         .read(true)
-        .write(true)
+        .write(writable)
         .open(path)
         .map_err(io_error(path, "open"))?;
     let len = file
@@ -669,6 +725,36 @@ impl MappedMatrix {
             cols: header.cols as usize,
             path: Some(path),
         })
+    }
+
+    /// Maps the data of a checked table file copy-on-write (see [`map_file_private`]).
+    fn file_private(
+        file: &File,
+        path: PathBuf,
+        header: &Header,
+    ) -> Result<MappedMatrix, TableError> {
+        let map = map_file_private(file, header.data_offset, header.data_len() as usize)
+            .map_err(io_error(&path, "map"))?;
+        Ok(MappedMatrix {
+            map,
+            offset: 0,
+            rows: header.rows as usize,
+            cols: header.cols as usize,
+            path: None,
+        })
+    }
+
+    /// An anonymous matrix holding the data of a checked table file, read with one pass of
+    /// large reads.
+    fn anon_from_file(
+        file: &File,
+        path: &Path,
+        header: &Header,
+    ) -> Result<MappedMatrix, TableError> {
+        let mut m = MappedMatrix::anon(header.rows as usize, header.cols as usize)?;
+        file.read_exact_at(bytes_of_mut(m.as_mut_slice()), header.data_offset)
+            .map_err(io_error(path, "read"))?;
+        Ok(m)
     }
 
     /// Number of rows.
@@ -786,6 +872,11 @@ impl LazyRows {
             .map_err(io_error(path, "map the row bitmap"))
     }
 
+    /// Whether row `row` holds its initial value (or a trained one).
+    fn is_done(&self, row: usize) -> bool {
+        self.done[row / 8] & (1u8 << (row % 8)) != 0
+    }
+
     /// The bitmap of a table file just created: its reserved, unwritten extent reads as zeros,
     /// so every row is pending (and no page of it needs to be read to know that).
     fn fresh(file: &File, path: &Path, header: &Header) -> Result<LazyRows, TableError> {
@@ -797,8 +888,19 @@ impl LazyRows {
 
     /// The bitmap of an existing table file; counts the rows still pending (one pass over
     /// rows / 8 bytes, at open).
-    fn reopen(file: &File, path: &Path, header: &Header) -> Result<LazyRows, TableError> {
-        let done = Self::map_bits(file, path, header)?;
+    fn reopen(
+        file: &File,
+        path: &Path,
+        header: &Header,
+        private: bool,
+    ) -> Result<LazyRows, TableError> {
+        let len = header.bitmap_len() as usize;
+        let done = if private {
+            map_file_private(file, header.bitmap_offset, len)
+        } else {
+            map_file(file, header.bitmap_offset, len)
+        }
+        .map_err(io_error(path, "map the row bitmap"))?;
         let rows = header.rows as usize;
         // Bits past the last row are never set by this module; mask them anyway so a stray
         // bit cannot make the count wrong.
@@ -898,9 +1000,9 @@ impl EmbeddingTable {
             cols: expected_dim,
             index,
         };
-        let (file, header) = open_file(path, &expect)?;
+        let (file, header) = open_file(path, &expect, true)?;
         let lazy = if header.lazy() {
-            Some(LazyRows::reopen(&file, path, &header)?)
+            Some(LazyRows::reopen(&file, path, &header, false)?)
         } else {
             None
         };
@@ -987,6 +1089,84 @@ impl EmbeddingTable {
     /// The table file, `None` for an anonymous table.
     pub fn file_path(&self) -> Option<&Path> {
         self.weights.path()
+    }
+
+    /// Writes this table as a complete, durable table file `dir/`[`table_file_name`]`(index)`
+    /// (header, weights, and the row bitmap of a lazy table), with sequential writes: how a
+    /// checkpoint stores it, whatever the table's own storage.
+    pub fn write_to_dir(&self, dir: &Path) -> Result<PathBuf, TableError> {
+        let header = Header::new(
+            MatrixKind::Weights,
+            self.rows(),
+            self.dim(),
+            self.seed,
+            self.index,
+            self.lazy.is_some(),
+        );
+        let bits = self.lazy.as_ref().map(|l| &l.done[..]);
+        write_matrix_file(
+            dir,
+            &table_file_name(self.index),
+            &header,
+            self.weights(),
+            bits,
+        )
+    }
+
+    /// Loads table `index` from a table file (as [`write_to_dir`](Self::write_to_dir) writes
+    /// it), checked against the model (`rows` x `dim`), into `storage`: anonymous storage reads
+    /// it into memory (initialising any rows a lazy file never materialised); file storage maps
+    /// it copy-on-write, so loading reads nothing up front and training never writes through to
+    /// the file.
+    pub fn load(
+        path: &Path,
+        index: usize,
+        rows: usize,
+        dim: usize,
+        storage: &StorageKind,
+    ) -> Result<EmbeddingTable, TableError> {
+        let expect = Expect {
+            kind: MatrixKind::Weights,
+            rows,
+            cols: dim,
+            index,
+        };
+        let (file, header) = open_file(path, &expect, false)?;
+        let seed = header.seed;
+        match storage {
+            StorageKind::Anon => {
+                let mut weights = MappedMatrix::anon_from_file(&file, path, &header)?;
+                if header.lazy() {
+                    let lazy = LazyRows::reopen(&file, path, &header, true)?;
+                    let init = RowInit::new(seed, index, rows);
+                    weights
+                        .as_mut_slice()
+                        .par_chunks_mut(dim)
+                        .enumerate()
+                        .filter(|(r, _)| !lazy.is_done(*r))
+                        .for_each(|(r, row)| init.fill(r, row));
+                }
+                Ok(EmbeddingTable {
+                    weights,
+                    index,
+                    seed,
+                    lazy: None,
+                })
+            }
+            StorageKind::File { .. } => {
+                let lazy = if header.lazy() {
+                    Some(LazyRows::reopen(&file, path, &header, true)?)
+                } else {
+                    None
+                };
+                Ok(EmbeddingTable {
+                    weights: MappedMatrix::file_private(&file, path.to_path_buf(), &header)?,
+                    index,
+                    seed,
+                    lazy,
+                })
+            }
+        }
     }
 
     /// Writes a file table's weights and then its bitmap back to disk and waits, so a durable
@@ -1076,7 +1256,7 @@ impl OptimizerState {
             cols: expected_width,
             index,
         };
-        let (file, header) = open_file(path, &expect)?;
+        let (file, header) = open_file(path, &expect, true)?;
         Ok(OptimizerState {
             rows: expected_rows,
             matrix: Some(MappedMatrix::file(&file, path.to_path_buf(), &header)?),
@@ -1108,6 +1288,65 @@ impl OptimizerState {
     /// The state file, `None` for an anonymous map or no state.
     pub fn file_path(&self) -> Option<&Path> {
         self.matrix.as_ref().and_then(MappedMatrix::path)
+    }
+
+    /// Writes this state as a complete, durable state file `dir/`[`state_file_name`]`(index)`
+    /// of table `table` (nothing for a stateless optimizer: returns None).
+    pub fn write_to_dir(
+        &self,
+        dir: &Path,
+        table: &EmbeddingTable,
+    ) -> Result<Option<PathBuf>, TableError> {
+        let Some(m) = &self.matrix else {
+            return Ok(None);
+        };
+        let header = Header::new(
+            MatrixKind::OptimizerState,
+            m.rows(),
+            m.cols(),
+            table.seed(),
+            table.index(),
+            false,
+        );
+        write_matrix_file(
+            dir,
+            &state_file_name(table.index()),
+            &header,
+            m.as_slice(),
+            None,
+        )
+        .map(Some)
+    }
+
+    /// Loads the state of table `index` (`rows` x `width`; width 0 loads nothing) from a state
+    /// file into `storage`, like [`EmbeddingTable::load`].
+    pub fn load(
+        path: &Path,
+        index: usize,
+        rows: usize,
+        width: usize,
+        storage: &StorageKind,
+    ) -> Result<OptimizerState, TableError> {
+        if width == 0 {
+            return Ok(OptimizerState { rows, matrix: None });
+        }
+        let expect = Expect {
+            kind: MatrixKind::OptimizerState,
+            rows,
+            cols: width,
+            index,
+        };
+        let (file, header) = open_file(path, &expect, false)?;
+        let matrix = match storage {
+            StorageKind::Anon => MappedMatrix::anon_from_file(&file, path, &header)?,
+            StorageKind::File { .. } => {
+                MappedMatrix::file_private(&file, path.to_path_buf(), &header)?
+            }
+        };
+        Ok(OptimizerState {
+            rows,
+            matrix: Some(matrix),
+        })
     }
 
     /// Writes a file-backed state back to disk and waits.

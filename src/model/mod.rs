@@ -163,4 +163,10 @@ pub trait Model: Send {
     fn phases(&self) -> PhaseSeconds;
     /// Adds time to the `other` phase (data loading, done by the trainer).
     fn add_other_seconds(&mut self, seconds: f64);
+    /// Writes every parameter and optimizer state into `dir` (a fresh checkpoint folder) and
+    /// returns the model's description for the checkpoint (see [`crate::checkpoint`]).
+    fn save_parameters(&self, dir: &std::path::Path) -> anyhow::Result<serde_json::Value> {
+        let _ = dir;
+        anyhow::bail!("saving {} models is not supported", self.name())
+    }
 }

@@ -1,0 +1,415 @@
+//! Checkpoints: everything needed to resume training bit for bit, or to serve the model, in a
+//! versioned folder behind an atomically replaced `LATEST` pointer.
+//!
+//! ```text
+//! DIR/LATEST                     name of the newest complete version ("ckpt-000000000120-000")
+//! DIR/ckpt-000000000120-000/     one version
+//!     meta.json                  format, model description (architecture, optimizer), training
+//!                                state (step, epoch, position, RNG state, schedule), dataset
+//!     dense.safetensors          MLP weights and biases (PyTorch state_dict names) and their
+//!                                optimizer state ("optim." prefix)
+//!     table_000.emb ...          embedding tables (the table file format of embedding_tables)
+//!     table_000.state ...        their optimizer state
+//!     dataset/                   the dataset's dictionaries or hashing settings, when trained on one
+//! ```
+//!
+//! A save writes a hidden temporary folder, fsyncs every file and the folder, renames it into
+//! place, and only then replaces `LATEST` (written to a temporary name, fsynced, renamed, folder
+//! fsynced); older versions are pruned last. A process killed at any point therefore leaves
+//! `LATEST` naming a complete version. `DLRM_CRASH_AT=<phase>` aborts at a named phase of a save,
+//! so that tests can check this deterministically.
+
+use crate::config::Architecture;
+use crate::model::dlrm::Dlrm;
+use crate::model::embedding_tables::{
+    EmbeddingTable, OptimizerState, StorageKind, state_file_name, table_file_name,
+};
+use crate::model::mlp::Mlp;
+use crate::model::{Model, OptimizerKind};
+use crate::rng::SplitMix64;
+use crate::train::LrSchedule;
+use anyhow::{Context, Result, bail, ensure};
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use serde::{Deserialize, Serialize};
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Version of the checkpoint layout this build writes and reads.
+pub const FORMAT: u32 = 1;
+/// The pointer file naming the newest complete version.
+pub const LATEST: &str = "LATEST";
+const META: &str = "meta.json";
+const DENSE: &str = "dense.safetensors";
+/// Folder of the dataset's encoding files inside a version.
+pub const DATASET_DIR: &str = "dataset";
+const VERSION_PREFIX: &str = "ckpt-";
+const TEMP_PREFIX: &str = ".tmp-";
+
+/// Where training stands: enough to continue exactly where a run stopped.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Steps completed.
+    pub step: u64,
+    /// The epoch in progress, and the batches of it completed.
+    pub epoch: u64,
+    pub batch_in_epoch: u64,
+    /// The batch-order generator's state when this epoch's order was drawn.
+    pub epoch_shuffle_state: u64,
+    pub lr: LrSchedule,
+    pub batch_size: usize,
+    pub seed: u64,
+}
+
+/// A version's meta.json.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Meta {
+    pub format: u32,
+    /// "dlrm", ...
+    pub model: String,
+    /// The model's own description (for DLRM: architecture and optimizer).
+    pub model_config: serde_json::Value,
+    pub train_state: TrainState,
+    /// Whether the version carries a `dataset/` folder.
+    pub dataset: bool,
+}
+
+/// DLRM's model_config.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DlrmConfig {
+    pub arch: Architecture,
+    pub optimizer: OptimizerKind,
+}
+
+/// Aborts the process if `DLRM_CRASH_AT` names this phase (the crash tests' hook).
+pub fn crash_point(phase: &str) {
+    if std::env::var("DLRM_CRASH_AT").is_ok_and(|p| p == phase) {
+        eprintln!("DLRM_CRASH_AT={phase}: aborting");
+        std::process::abort();
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("{}: cannot sync the folder", dir.display()))
+}
+
+fn write_durable(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("{}: cannot write", path.display()))
+}
+
+/// The version folders of `dir`, oldest first (names sort by step, then sequence).
+fn versions(dir: &Path) -> Result<Vec<String>> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .with_context(|| format!("{}: cannot list", dir.display()))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(VERSION_PREFIX))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// Saves a checkpoint of `model` at `state` into `dir` (created if needed) as a new version,
+/// copies the files of `dataset_files` (if any) into its dataset folder, points `LATEST` at it
+/// and keeps the newest `keep` versions. Returns the version's path.
+pub fn save(
+    dir: &Path,
+    model: &dyn Model,
+    state: &TrainState,
+    dataset_files: Option<&Path>,
+    keep: usize,
+) -> Result<PathBuf> {
+    fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let existing = versions(dir)?;
+    let base = format!("{VERSION_PREFIX}{:012}", state.step);
+    let seq = existing.iter().filter(|n| n.starts_with(&base)).count();
+    let name = format!("{base}-{seq:03}");
+    let tmp = dir.join(format!("{TEMP_PREFIX}{name}"));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).with_context(|| format!("{}: cannot remove", tmp.display()))?;
+    }
+    fs::create_dir(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+
+    let model_config = model.save_parameters(&tmp)?;
+    crash_point("parameters");
+    if let Some(src) = dataset_files {
+        let dst = tmp.join(DATASET_DIR);
+        fs::create_dir(&dst).with_context(|| format!("{}: cannot create", dst.display()))?;
+        for entry in fs::read_dir(src).with_context(|| format!("{}: cannot list", src.display()))? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() && is_encoding_file(&entry.file_name()) {
+                let to = dst.join(entry.file_name());
+                fs::copy(entry.path(), &to)
+                    .with_context(|| format!("{}: cannot copy", entry.path().display()))?;
+                File::open(&to)?.sync_all()?;
+            }
+        }
+        sync_dir(&dst)?;
+    }
+    let meta = Meta {
+        format: FORMAT,
+        model: model.name().to_string(),
+        model_config,
+        train_state: state.clone(),
+        dataset: dataset_files.is_some(),
+    };
+    write_durable(
+        &tmp.join(META),
+        serde_json::to_string_pretty(&meta)?.as_bytes(),
+    )?;
+    sync_dir(&tmp)?;
+    crash_point("synced");
+
+    let version = dir.join(&name);
+    fs::rename(&tmp, &version)
+        .with_context(|| format!("{}: cannot rename to {}", tmp.display(), version.display()))?;
+    sync_dir(dir)?;
+    crash_point("renamed");
+
+    let latest_tmp = dir.join(format!("{TEMP_PREFIX}{LATEST}"));
+    write_durable(&latest_tmp, format!("{name}\n").as_bytes())?;
+    crash_point("latest-written");
+    fs::rename(&latest_tmp, dir.join(LATEST))
+        .with_context(|| format!("{}: cannot replace {LATEST}", dir.display()))?;
+    sync_dir(dir)?;
+    crash_point("latest-replaced");
+
+    // Prune: versions beyond the newest `keep` (never the one just written), and temporary
+    // folders left by interrupted saves.
+    let all = versions(dir)?;
+    let excess = all.len().saturating_sub(keep.max(1));
+    for old in all.iter().take(excess).filter(|n| **n != name) {
+        fs::remove_dir_all(dir.join(old))
+            .with_context(|| format!("{}: cannot prune", dir.join(old).display()))?;
+    }
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let n = entry.file_name();
+        if n.to_string_lossy().starts_with(TEMP_PREFIX) && entry.file_type()?.is_dir() {
+            fs::remove_dir_all(entry.path())?;
+        }
+    }
+    crash_point("pruned");
+    Ok(version)
+}
+
+/// Files of a dataset folder that encode raw rows (dictionaries, hashing settings, header);
+/// the large arrays stay behind.
+fn is_encoding_file(name: &std::ffi::OsStr) -> bool {
+    let n = name.to_string_lossy();
+    n.ends_with(".json") || n.ends_with(".dict")
+}
+
+/// The version `LATEST` in `dir` names (or `dir` itself if it is a version folder).
+pub fn resolve(dir: &Path) -> Result<PathBuf> {
+    if dir.join(META).is_file() {
+        return Ok(dir.to_path_buf());
+    }
+    let pointer = dir.join(LATEST);
+    let name = fs::read_to_string(&pointer).with_context(|| {
+        format!(
+            "{}: no checkpoint here (cannot read {LATEST})",
+            dir.display()
+        )
+    })?;
+    let name = name.trim();
+    ensure!(
+        name.starts_with(VERSION_PREFIX) && !name.contains('/'),
+        "{}: names '{name}', which is not a checkpoint version",
+        pointer.display()
+    );
+    let version = dir.join(name);
+    ensure!(
+        version.join(META).is_file(),
+        "{}: names {}, which has no {META}",
+        pointer.display(),
+        version.display()
+    );
+    Ok(version)
+}
+
+/// Reads and checks a version's meta.json.
+pub fn read_meta(version: &Path) -> Result<Meta> {
+    let path = version.join(META);
+    let text =
+        fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let meta: Meta =
+        serde_json::from_str(&text).with_context(|| format!("{}: malformed", path.display()))?;
+    ensure!(
+        meta.format == FORMAT,
+        "{}: checkpoint format {}, this build reads format {FORMAT}",
+        path.display(),
+        meta.format
+    );
+    Ok(meta)
+}
+
+/// PyTorch state_dict names of the MLP layers: dlrm_s_pytorch.py builds each MLP as an
+/// nn.Sequential of Linear, ReLU, Linear, ... so Linear k is module 2k.
+pub fn layer_names(prefix: &str, layers: usize) -> Vec<(String, String)> {
+    (0..layers)
+        .map(|k| {
+            (
+                format!("{prefix}.{}.weight", 2 * k),
+                format!("{prefix}.{}.bias", 2 * k),
+            )
+        })
+        .collect()
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Writes (name, shape, values) tensors as a safetensors file, fsynced.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, &[f32])]) -> Result<()> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, s, v)| (n.clone(), s.clone(), f32_bytes(v)))
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(n, s, b)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    let data = safetensors::serialize(views, None)?;
+    write_durable(path, &data)
+}
+
+/// Reads tensor `name` of a safetensors file into `out`, checking its dtype and shape.
+pub fn read_tensor(
+    st: &SafeTensors,
+    file: &Path,
+    name: &str,
+    shape: &[usize],
+    out: &mut [f32],
+) -> Result<()> {
+    let t = st
+        .tensor(name)
+        .with_context(|| format!("{}: no tensor {name}", file.display()))?;
+    ensure!(
+        t.dtype() == Dtype::F32,
+        "{}: tensor {name} is {:?}, expected F32",
+        file.display(),
+        t.dtype()
+    );
+    ensure!(
+        t.shape() == shape,
+        "{}: tensor {name} has shape {:?}, the model expects {shape:?}",
+        file.display(),
+        t.shape()
+    );
+    for (o, b) in out.iter_mut().zip(t.data().chunks_exact(4)) {
+        *o = f32::from_le_bytes(b.try_into().expect("4 bytes"));
+    }
+    Ok(())
+}
+
+/// The dense tensors of a DLRM: every layer's weight and bias under the reference's names,
+/// and (Adagrad) their accumulators under "optim.<name>".
+fn dlrm_dense_tensors(model: &Dlrm) -> Vec<(String, Vec<usize>, &[f32])> {
+    let mut out = Vec::new();
+    let mlps = [("bot_l", &model.bottom), ("top_l", &model.top)];
+    let mut states = model.dense_state().iter();
+    for (prefix, mlp) in mlps {
+        for (layer, (wn, bn)) in mlp.layers.iter().zip(layer_names(prefix, mlp.layers.len())) {
+            let (sw, sb) = states.next().expect("a state per layer");
+            if !sw.is_empty() {
+                out.push((
+                    format!("optim.{wn}"),
+                    vec![layer.outputs, layer.inputs],
+                    &sw[..],
+                ));
+                out.push((format!("optim.{bn}"), vec![layer.outputs], &sb[..]));
+            }
+            out.push((wn, vec![layer.outputs, layer.inputs], &layer.weight[..]));
+            out.push((bn, vec![layer.outputs], &layer.bias[..]));
+        }
+    }
+    out
+}
+
+/// Writes a DLRM's parameters into a checkpoint folder; returns its model_config.
+pub fn save_dlrm_parameters(model: &Dlrm, dir: &Path) -> Result<serde_json::Value> {
+    for (table, state) in model.tables.iter().zip(&model.table_states) {
+        table.write_to_dir(dir)?;
+        state.write_to_dir(dir, table)?;
+    }
+    crash_point("tables");
+    write_safetensors(&dir.join(DENSE), &dlrm_dense_tensors(model))?;
+    Ok(serde_json::to_value(DlrmConfig {
+        arch: model.arch().clone(),
+        optimizer: model.optimizer(),
+    })?)
+}
+
+/// Loads a DLRM checkpoint version into `storage` (anonymous: read into memory; file: mapped
+/// copy-on-write, so training never writes through to the checkpoint).
+pub fn load_dlrm(version: &Path, storage: &StorageKind) -> Result<(Dlrm, Meta)> {
+    let meta = read_meta(version)?;
+    if meta.model != "dlrm" {
+        bail!(
+            "{}: holds a {} model, not dlrm",
+            version.display(),
+            meta.model
+        );
+    }
+    let cfg: DlrmConfig = serde_json::from_value(meta.model_config.clone())
+        .with_context(|| format!("{}: malformed model_config", version.join(META).display()))?;
+    let arch = cfg.arch;
+    let d = arch.embedding_dim;
+    let width = cfg.optimizer.sparse(0.0).state_width(d);
+    let mut tables = Vec::with_capacity(arch.num_tables());
+    let mut states = Vec::with_capacity(arch.num_tables());
+    for (t, &rows) in arch.table_sizes.iter().enumerate() {
+        tables.push(EmbeddingTable::load(
+            &version.join(table_file_name(t)),
+            t,
+            rows,
+            d,
+            storage,
+        )?);
+        states.push(OptimizerState::load(
+            &version.join(state_file_name(t)),
+            t,
+            rows,
+            width,
+            storage,
+        )?);
+    }
+    // Parameters are overwritten from the file: the generator only shapes the layers.
+    let mut rng = SplitMix64::new(0);
+    let bottom = Mlp::new(&arch.bottom, true, &mut rng);
+    let top = Mlp::new(&arch.top, false, &mut rng);
+    let mut model = Dlrm::assemble(arch, cfg.optimizer, bottom, top, tables, states);
+    let path = version.join(DENSE);
+    let bytes = fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    let adagrad = cfg.optimizer.dense_adagrad();
+    let nb = model.bottom.layers.len();
+    let names: Vec<(String, String)> = layer_names("bot_l", nb)
+        .into_iter()
+        .chain(layer_names("top_l", model.top.layers.len()))
+        .collect();
+    for (i, (wn, bn)) in names.iter().enumerate() {
+        let layer = if i < nb {
+            &mut model.bottom.layers[i]
+        } else {
+            &mut model.top.layers[i - nb]
+        };
+        let ws = [layer.outputs, layer.inputs];
+        let bs = [layer.outputs];
+        read_tensor(&st, &path, wn, &ws, &mut layer.weight)?;
+        read_tensor(&st, &path, bn, &bs, &mut layer.bias)?;
+        if adagrad {
+            let (sw, sb) = &mut model.dense_state_mut()[i];
+            read_tensor(&st, &path, &format!("optim.{wn}"), &ws, sw)?;
+            read_tensor(&st, &path, &format!("optim.{bn}"), &bs, sb)?;
+        }
+    }
+    Ok((model, meta))
+}
