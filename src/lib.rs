@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod interop;
 pub mod metrics;
 pub mod model;
 pub mod rng;

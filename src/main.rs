@@ -21,12 +21,18 @@ enum Command {
     /// Train a model (on synthetic data by default) and report throughput, loss, accuracy,
     /// AUC and the time split by phase.
     Train(Box<commands::train::TrainArgs>),
+    /// Write a checkpoint's parameters as safetensors under the PyTorch reference's names.
+    Export(commands::export::ExportArgs),
+    /// Read parameters from a PyTorch-named safetensors file into a new checkpoint.
+    Import(commands::export::ImportArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => commands::train::run(*args),
+        Command::Export(args) => commands::export::run_export(args),
+        Command::Import(args) => commands::export::run_import(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

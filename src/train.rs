@@ -223,8 +223,9 @@ pub fn train(
     let mut shuffle_rng = SplitMix64::new(derive_key(opts.seed, &[0x005e_ed0f]));
     let (mut step, first_epoch, mut skip) = match &opts.resume {
         Some(r) => {
+            // A state at step 0 (imported parameters) has no position in the data to keep.
             anyhow::ensure!(
-                r.batch_size == opts.batch_size,
+                r.step == 0 || r.batch_size == opts.batch_size,
                 "the checkpoint was trained with batches of {}, not {}",
                 r.batch_size,
                 opts.batch_size

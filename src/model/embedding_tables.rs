@@ -948,12 +948,55 @@ impl EmbeddingTable {
         seed: u64,
         storage: &StorageKind,
     ) -> Result<EmbeddingTable, TableError> {
+        Self::create_filled(index, rows, dim, seed, storage, None)
+    }
+
+    /// Creates table `index` holding `values` (rows x dim, row-major; e.g. imported weights)
+    /// in `storage`, initialised eagerly whatever the storage's `lazy_init`.
+    pub fn create_from(
+        index: usize,
+        dim: usize,
+        seed: u64,
+        values: &[f32],
+        storage: &StorageKind,
+    ) -> Result<EmbeddingTable, TableError> {
+        let rows = if dim == 0 { 0 } else { values.len() / dim };
+        if rows * dim != values.len() {
+            return Err(TableError::BadShape {
+                rows,
+                cols: dim,
+                reason: "the values are not a whole number of rows",
+            });
+        }
+        let storage = match storage {
+            StorageKind::File { dir, .. } => StorageKind::File {
+                dir: dir.clone(),
+                lazy_init: false,
+            },
+            StorageKind::Anon => StorageKind::Anon,
+        };
+        Self::create_filled(index, rows, dim, seed, &storage, Some(values))
+    }
+
+    /// `create`, with the rows copied from `values` instead of drawn from their keys.
+    fn create_filled(
+        index: usize,
+        rows: usize,
+        dim: usize,
+        seed: u64,
+        storage: &StorageKind,
+        values: Option<&[f32]>,
+    ) -> Result<EmbeddingTable, TableError> {
         matrix_bytes(rows, dim)?;
         let init = RowInit::new(seed, index, rows);
+        let fill = |data: &mut [f32]| match values {
+            Some(v) => data.copy_from_slice(v),
+            None => init.fill_all(data, dim),
+        };
         match storage {
             StorageKind::Anon => {
                 let mut weights = MappedMatrix::anon(rows, dim)?;
-                init.fill_all(weights.as_mut_slice(), dim);
+                fill(weights.as_mut_slice());
                 Ok(EmbeddingTable {
                     weights,
                     index,
@@ -972,7 +1015,7 @@ impl EmbeddingTable {
                     };
                     let mut weights = MappedMatrix::file(&file, path, &header)?;
                     if lazy.is_none() {
-                        init.fill_all(weights.as_mut_slice(), dim);
+                        fill(weights.as_mut_slice());
                     }
                     Ok(EmbeddingTable {
                         weights,
@@ -1038,6 +1081,11 @@ impl EmbeddingTable {
     /// zeros: call [`materialize`](Self::materialize) with the ids about to be used first.
     pub fn weights(&self) -> &[f32] {
         self.weights.as_slice()
+    }
+
+    /// The weights as little-endian bytes (for writing them out, e.g. to safetensors).
+    pub fn weight_bytes(&self) -> &[u8] {
+        bytes_of(self.weights())
     }
 
     /// The weights, writable (same caveat as [`weights`](Self::weights) for lazy tables: a

@@ -1,0 +1,70 @@
+//! `dlrm export` and `dlrm import`: a checkpoint's parameters to and from one safetensors file
+//! under the PyTorch reference's state_dict names (see dlrm::interop).
+
+use anyhow::{Context, Result};
+use clap::Args;
+use dlrm::checkpoint::{self, TrainState};
+use dlrm::interop::{export_safetensors, import_safetensors};
+use dlrm::model::OptimizerKind;
+use dlrm::model::embedding_tables::StorageKind;
+use dlrm::train::LrSchedule;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Checkpoint folder (its LATEST version) or one version folder.
+    #[arg(long)]
+    load_model: PathBuf,
+    /// The safetensors file to write.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// The safetensors file to read (a dlrm_s_pytorch.py state_dict).
+    #[arg(long = "in")]
+    input: PathBuf,
+    /// Checkpoint folder to write (a new version; `dlrm train --load-model` continues from it).
+    #[arg(long)]
+    save_model: PathBuf,
+    /// Optimizer whose (fresh) state the checkpoint carries.
+    #[arg(long, value_enum, default_value_t = OptimizerKind::Sgd)]
+    optimizer: OptimizerKind,
+}
+
+pub fn run_export(a: ExportArgs) -> Result<()> {
+    let version = checkpoint::resolve(&a.load_model)?;
+    let (model, _) = checkpoint::load_dlrm(
+        &version,
+        &StorageKind::File {
+            dir: version.clone(),
+            lazy_init: false,
+        },
+    )?;
+    export_safetensors(&model, &a.out)?;
+    eprintln!("exported {} to {}", version.display(), a.out.display());
+    Ok(())
+}
+
+pub fn run_import(a: ImportArgs) -> Result<()> {
+    let model = import_safetensors(&a.input, a.optimizer, &StorageKind::Anon, 1)?;
+    let state = TrainState {
+        step: 0,
+        epoch: 0,
+        batch_in_epoch: 0,
+        epoch_shuffle_state: dlrm::rng::SplitMix64::new(0).state(),
+        lr: LrSchedule {
+            base: 0.0,
+            warmup_steps: 0,
+            decay_start_step: 0,
+            decay_steps: 0,
+        },
+        batch_size: 0,
+        seed: 1,
+    };
+    let version = checkpoint::save(&a.save_model, &model, &state, None, usize::MAX)
+        .with_context(|| format!("writing the checkpoint to {}", a.save_model.display()))?;
+    eprintln!("imported {} into {}", a.input.display(), version.display());
+    Ok(())
+}
