@@ -960,7 +960,7 @@ impl EmbeddingTable {
         values: &[f32],
         storage: &StorageKind,
     ) -> Result<EmbeddingTable, TableError> {
-        let rows = if dim == 0 { 0 } else { values.len() / dim };
+        let rows = values.len().checked_div(dim).unwrap_or(0);
         if rows * dim != values.len() {
             return Err(TableError::BadShape {
                 rows,
