@@ -422,10 +422,13 @@ fn save_checkpoint(opts: &TrainOptions, model: &dyn Model, state: &TrainState) -
         policy.dataset_files.as_deref(),
         policy.keep,
     )?;
-    if !opts.progress {
-        eprintln!("step {}: saved {}", state.step, path.display());
-    }
-    Ok(t.elapsed().as_secs_f64())
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "step {}: saved {} in {secs:.2} s",
+        state.step,
+        path.display()
+    );
+    Ok(secs)
 }
 
 fn eval_point(step: u64, m: &EvalMetrics) -> EvalPoint {

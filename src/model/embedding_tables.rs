@@ -331,8 +331,9 @@ fn bytes_of_mut(values: &mut [f32]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), values.len() * 4) }
 }
 
-/// Writes a complete table file `dir/name` (header, data, bitmap) with sequential writes and
-/// makes it durable (fsync). Fails if the file exists.
+/// Writes a complete table file `dir/name` (header, data, bitmap) with large sequential writes,
+/// straight from `data` (no intermediate copy). Not fsynced: the caller makes it durable (a
+/// checkpoint syncs all its files at once). Fails if the file exists.
 fn write_matrix_file(
     dir: &Path,
     name: &str,
@@ -348,19 +349,15 @@ fn write_matrix_file(
         .map_err(io_error(&path, "create"))?;
     remove_on_error(&path.clone(), || {
         use std::io::Write;
-        let mut w = io::BufWriter::with_capacity(1 << 20, &mut file);
-        w.write_all(&header.encode())
-            .and_then(|()| w.write_all(bytes_of(data)))
-            .and_then(|()| w.flush())
+        file.write_all(&header.encode())
+            .and_then(|()| file.write_all(bytes_of(data)))
             .map_err(io_error(&path, "write"))?;
-        drop(w);
         if let Some(bits) = bitmap {
             file.write_all_at(bits, header.bitmap_offset)
                 .map_err(io_error(&path, "write the row bitmap"))?;
         }
         file.set_len(header.file_len())
-            .and_then(|()| file.sync_all())
-            .map_err(io_error(&path, "sync"))?;
+            .map_err(io_error(&path, "set the length"))?;
         Ok(path)
     })
 }
@@ -1139,7 +1136,7 @@ impl EmbeddingTable {
         self.weights.path()
     }
 
-    /// Writes this table as a complete, durable table file `dir/`[`table_file_name`]`(index)`
+    /// Writes this table as a complete table file (not yet fsynced) `dir/`[`table_file_name`]`(index)`
     /// (header, weights, and the row bitmap of a lazy table), with sequential writes: how a
     /// checkpoint stores it, whatever the table's own storage.
     pub fn write_to_dir(&self, dir: &Path) -> Result<PathBuf, TableError> {
@@ -1338,7 +1335,7 @@ impl OptimizerState {
         self.matrix.as_ref().and_then(MappedMatrix::path)
     }
 
-    /// Writes this state as a complete, durable state file `dir/`[`state_file_name`]`(index)`
+    /// Writes this state as a complete state file (not yet fsynced) `dir/`[`state_file_name`]`(index)`
     /// of table `table` (nothing for a stateless optimizer: returns None).
     pub fn write_to_dir(
         &self,
