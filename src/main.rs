@@ -21,12 +21,16 @@ enum Command {
     /// Train a model (on synthetic data by default) and report throughput, loss, accuracy,
     /// AUC and the time split by phase.
     Train(Box<commands::train::TrainArgs>),
+    /// Train DLRM and DCN with SGD and with Adagrad on the same data and plot validation
+    /// accuracy and AUC against iterations (the DLRM paper's Figure 5): CSV + SVG.
+    Compare(Box<commands::compare::CompareArgs>),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => commands::train::run(*args),
+        Command::Compare(args) => commands::compare::run(*args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,3 +1,5 @@
 //! One module per subcommand.
 
+pub mod compare;
+pub mod models;
 pub mod train;
