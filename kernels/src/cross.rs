@@ -31,7 +31,7 @@
 //! with u_l = W_l x_l + b_l kept from the forward: three GEMM products per layer (the last
 //! accumulating into g) and one elementwise pass.
 
-use crate::embedding::{join_ranges, split_rows, task_grain};
+use crate::embedding::{check_strided, join_ranges, split_rows, task_grain};
 use crate::gemm::{GemmOps, MatMut, MatRef, bias_grad, dot, gemm, linear_backward_weight};
 use crate::parallel::should_split;
 use crate::simd::{F32s, LANES, load_upto, store_upto};
@@ -148,11 +148,6 @@ impl CrossWorkspace {
     }
 }
 
-/// Panics unless `len` floats hold `rows` rows of `width` floats, `stride` apart.
-fn check_rows(who: &str, what: &str, len: usize, rows: usize, stride: usize, width: usize) {
-    crate::embedding::check_strided(len, rows, width, stride, what, who);
-}
-
 /// Runs `leaf(samples, part)` over sub-ranges of `0..batch`, in parallel when `work` floats
 /// are worth it. `part` holds rows `stride` apart from the first sample of its range; the
 /// result of a sample never depends on the split.
@@ -232,8 +227,8 @@ pub fn cross_forward(
     const WHO: &str = "cross_forward";
     net.check(WHO);
     let d = net.dim;
-    check_rows(WHO, "x0", x0.len(), batch, x0_stride, d);
-    check_rows(WHO, "out", out.len(), batch, out_stride, d);
+    check_strided(x0.len(), batch, d, x0_stride, "x0", WHO);
+    check_strided(out.len(), batch, d, out_stride, "out", WHO);
     let need = net.saved_len(batch);
     assert!(
         saved.len() >= need,
@@ -241,14 +236,18 @@ pub fn cross_forward(
         saved.len()
     );
     let saved = &mut saved[..need];
-    let work = batch * (net.layers + 1) * d * 3;
     if net.layers == 0 {
-        for_samples(batch, work, (out, out_stride), &|r, o: &mut [f32]| {
-            let lo = r.start;
-            for b in r {
-                o[(b - lo) * out_stride..][..d].copy_from_slice(&x0[b * x0_stride..][..d]);
-            }
-        });
+        for_samples(
+            batch,
+            2 * batch * d,
+            (out, out_stride),
+            &|r, o: &mut [f32]| {
+                let lo = r.start;
+                for b in r {
+                    o[(b - lo) * out_stride..][..d].copy_from_slice(&x0[b * x0_stride..][..d]);
+                }
+            },
+        );
         return;
     }
     match net.kind {
@@ -380,9 +379,9 @@ pub fn cross_backward(
     const WHO: &str = "cross_backward";
     net.check(WHO);
     let d = net.dim;
-    check_rows(WHO, "x0", x0.len(), batch, x0_stride, d);
-    check_rows(WHO, "grad_out", grad_out.len(), batch, grad_out_stride, d);
-    check_rows(WHO, "grad x0", grads.x0.len(), batch, grads.x0_stride, d);
+    check_strided(x0.len(), batch, d, x0_stride, "x0", WHO);
+    check_strided(grad_out.len(), batch, d, grad_out_stride, "grad_out", WHO);
+    check_strided(grads.x0.len(), batch, d, grads.x0_stride, "grad x0", WHO);
     let need = net.saved_len(batch);
     assert!(
         saved.len() >= need,
