@@ -282,15 +282,22 @@ fn colour(m: ModelKind) -> RGBColor {
     }
 }
 
+/// The line of a run: a colour per model, 2 px.
+fn line_style(r: &Run) -> ShapeStyle {
+    colour(r.model).stroke_width(2)
+}
+
 /// What a panel plots of an evaluation.
 type Metric = fn(&EvalPoint) -> f64;
 
 /// Validation accuracy (left) and AUC (right) against iterations, one line per run: a colour
 /// per model, solid for SGD and dashed for the Adagrads (the layout of the paper's Figure 5).
 pub fn plot(runs: &[Run], path: &Path) -> Result<()> {
-    let root = SVGBackend::new(path, (1200, 480)).into_drawing_area();
+    let root = SVGBackend::new(path, (1360, 480)).into_drawing_area();
     root.fill(&WHITE)?;
-    let panels = root.split_evenly((1, 2));
+    // Two panels, and a column for the legend, which no line can then hide.
+    let (plots, legend) = root.split_horizontally(1180);
+    let panels = plots.split_evenly((1, 2));
     let metrics: [(&str, Metric); 2] = [
         ("validation accuracy", |e| e.accuracy),
         ("validation AUC", |e| e.auc),
@@ -336,28 +343,24 @@ pub fn plot(runs: &[Run], path: &Path) -> Result<()> {
                 .map(|e| (e.step, metric(e)))
                 .filter(|(_, v)| v.is_finite())
                 .collect();
-            let style = colour(r.model).stroke_width(2);
-            let label = format!("{} {}", r.model.name(), optimizer_name(r.optimizer));
+            let style = line_style(r);
             if r.optimizer == OptimizerKind::Sgd {
-                chart
-                    .draw_series(LineSeries::new(points, style))?
-                    .label(label)
-                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 24, y)], style));
+                chart.draw_series(LineSeries::new(points, style))?;
             } else {
-                chart
-                    .draw_series(DashedLineSeries::new(points, 8, 5, style))?
-                    .label(label)
-                    .legend(move |(x, y)| {
-                        DashedPathElement::new([(x, y), (x + 24, y)], 8, 5, style)
-                    });
+                chart.draw_series(DashedLineSeries::new(points, 8, 5, style))?;
             }
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()?;
+    }
+    for (i, r) in runs.iter().enumerate() {
+        let y = 70 + 26 * i as i32;
+        let sample = [(8, y), (40, y)];
+        if r.optimizer == OptimizerKind::Sgd {
+            legend.draw(&PathElement::new(sample, line_style(r)))?;
+        } else {
+            legend.draw(&DashedPathElement::new(sample, 8, 5, line_style(r)))?;
+        }
+        let label = format!("{} {}", r.model.name(), optimizer_name(r.optimizer));
+        legend.draw(&Text::new(label, (48, y - 8), ("sans-serif", 15)))?;
     }
     root.present()
         .with_context(|| format!("writing {}", path.display()))?;
