@@ -137,8 +137,11 @@ pub fn run(a: CompareArgs) -> Result<()> {
         .context("building the thread pool")?;
     let runs = pool.install(|| -> Result<Vec<Run>> {
         let data = SyntheticSource::new(SyntheticData::new(synth), train_len, a.test_data_size);
+        let ceiling = data
+            .ceiling_auc()
+            .map_or(String::new(), |auc| format!(", teacher AUC {auc:.4}"));
         eprintln!(
-            "data: {train_len} training / {} held-out synthetic samples ({:?}); {threads} threads",
+            "data: {train_len} training / {} held-out synthetic samples ({:?}{ceiling}); {threads} threads",
             a.test_data_size, a.data_generation
         );
         compare(&a, &arch, &data, threads)
