@@ -1,7 +1,7 @@
 //! DCN, DCN-v2, the factorization machine and matrix factorization trained end to end through
 //! the library: each learns teacher data (or low-rank ratings), MF reaches RMSE < 1.0 on the
-//! u1 split of MovieLens 100K when DLRM_MOVIELENS names its folder, and a training step of
-//! every model allocates nothing once warm.
+//! u1 split of MovieLens 100K when DLRM_MOVIELENS names its folder, training gives the same
+//! bits on any thread count, and a training step of every model allocates nothing once warm.
 
 use dlrm::config::Preset;
 use dlrm::data::Batch;
@@ -17,6 +17,7 @@ use dlrm::train::{DataSource, LrSchedule, TrainOptions, TrainReport, train};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 /// Counts the allocations made by the current thread.
 struct CountingAllocator;
@@ -232,8 +233,47 @@ fn mf_reaches_rmse_below_one_on_movielens_u1() {
     assert!(rmse < 1.0, "test RMSE {rmse}");
 }
 
+/// Held while a test forces every kernel onto its parallel path (a process-wide switch), and by
+/// the allocation count, which that switch would change.
+static FORCED_PARALLEL: Mutex<()> = Mutex::new(());
+
+/// The kernels split their work by shape alone, so 1 and 3 threads (every kernel forced onto
+/// its parallel path) train the same model, bit for bit.
+#[test]
+fn every_model_trains_bit_identically_on_any_thread_count() {
+    let _forced = FORCED_PARALLEL.lock().unwrap_or_else(|e| e.into_inner());
+    let data = teacher(9);
+    let mut test = Batch::default();
+    data.fill_test(0, 512, &mut test).unwrap();
+    for kind in [ModelKind::Dcn, ModelKind::DcnV2, ModelKind::Fm] {
+        let predictions = |threads: usize| -> Vec<u32> {
+            dlrm::kernels::parallel::set_force_parallel(true);
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let out = pool.install(|| {
+                let mut m = model(kind, OptimizerKind::Adagrad, 9);
+                m.reserve(512);
+                let mut batch = Batch::default();
+                for i in 0..8 {
+                    data.fill_train(i * 256, 256, &mut batch).unwrap();
+                    m.train_step(&batch, 0.05).unwrap();
+                }
+                let mut p = Vec::new();
+                m.predict(&test, &mut p).unwrap();
+                p.iter().map(|x| x.to_bits()).collect()
+            });
+            dlrm::kernels::parallel::set_force_parallel(false);
+            out
+        };
+        assert_eq!(predictions(1), predictions(3), "{kind:?}");
+    }
+}
+
 #[test]
 fn a_training_step_of_every_model_allocates_nothing_once_warm() {
+    let _forced = FORCED_PARALLEL.lock().unwrap_or_else(|e| e.into_inner());
     let data = teacher(5);
     for kind in [ModelKind::Dcn, ModelKind::DcnV2, ModelKind::Fm] {
         for opt in [OptimizerKind::Sgd, OptimizerKind::RowwiseAdagrad] {
