@@ -1,17 +1,25 @@
 //! One full training step (forward, loss, backward, fused sparse and dense updates) of the
-//! Kaggle-preset DLRM on synthetic batches: `train_step/kaggle-<optimizer>-t<threads>/b<batch>`.
+//! Kaggle-preset DLRM on synthetic batches: `train_step/kaggle-<optimizer>-t<threads>/b<batch>`,
+//! and beside it DCN (6 rank-one cross layers, deep 512-256) and the factorization machine on
+//! the same tables and batches: `train_step/<dcn|fm>-<optimizer>-t<threads>/b2048`.
 //! Throughput is in samples, so criterion's elem/s is samples/s.
 //!
 //! The tables are the real Kaggle sizes (2 GiB, anonymous huge-page maps); batches rotate
 //! through pre-generated Zipf-distributed ids so that lookups stay cold.
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{
+    BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main,
+};
 use dlrm::config::{Architecture, InteractionOp, Preset, join};
 use dlrm::data::Batch;
 use dlrm::data::synthetic::{Generation, Split, SyntheticConfig, SyntheticData};
-use dlrm::model::OptimizerKind;
+use dlrm::kernels::cross::CrossKind;
+use dlrm::model::dcn::{Dcn, DcnConfig};
 use dlrm::model::dlrm::Dlrm;
 use dlrm::model::embedding_tables::StorageKind;
+use dlrm::model::fm::{Fm, FmConfig};
+use dlrm::model::{Model, ModelKind, OptimizerKind, Task};
 use std::time::Duration;
 
 /// Distinct batches cycled through (their ids far exceed the caches).
@@ -47,45 +55,102 @@ fn bench_train_step(c: &mut Criterion) {
     if max_threads > 1 {
         thread_counts.push(max_threads);
     }
+    let batches = |batch_size: usize| -> Vec<Batch> {
+        (0..BATCHES)
+            .map(|i| {
+                let mut b = Batch::default();
+                data.fill_batch(Split::Train, (i * batch_size) as u64, batch_size, &mut b);
+                b
+            })
+            .collect()
+    };
     for opt in [OptimizerKind::Sgd, OptimizerKind::Adagrad] {
         let mut model = Dlrm::new(arch.clone(), opt, &StorageKind::Anon, 1).expect("kaggle model");
         for batch_size in [128usize, 2048] {
-            let batches: Vec<Batch> = (0..BATCHES)
-                .map(|i| {
-                    let mut b = Batch::default();
-                    data.fill_batch(Split::Train, (i * batch_size) as u64, batch_size, &mut b);
-                    b
-                })
-                .collect();
-            model.reserve(batch_size);
-            group.throughput(Throughput::Elements(batch_size as u64));
-            let name = match opt {
-                OptimizerKind::Sgd => "sgd",
-                OptimizerKind::Adagrad => "adagrad",
-                OptimizerKind::RowwiseAdagrad => "rowwise-adagrad",
-            };
-            for &threads in &thread_counts {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .expect("thread pool");
-                let id = BenchmarkId::new(
-                    format!("kaggle-{name}-t{threads}"),
-                    format!("b{batch_size}"),
-                );
-                let mut i = 0;
-                group.bench_function(id, |b| {
-                    pool.install(|| {
-                        b.iter(|| {
-                            i = (i + 1) % BATCHES;
-                            model.train_step(&batches[i], 0.01).expect("valid batch")
-                        })
-                    })
-                });
-            }
+            let variant = format!("kaggle-{}", opt_name(opt));
+            let b = batches(batch_size);
+            bench_steps(&mut group, &mut model, &variant, &b, &thread_counts);
         }
     }
+    // The other models on the same tables and batches, at the batch size of the comparison.
+    let b = batches(2048);
+    for kind in [ModelKind::Dcn, ModelKind::Fm] {
+        let mut model: Box<dyn Model> = match kind {
+            ModelKind::Dcn => Box::new(
+                Dcn::new(
+                    DcnConfig {
+                        kind: CrossKind::RankOne,
+                        embedding_dim: arch.embedding_dim,
+                        table_sizes: arch.table_sizes.clone(),
+                        num_dense: arch.num_dense(),
+                        cross_layers: 6,
+                        deep: vec![512, 256],
+                    },
+                    OptimizerKind::Sgd,
+                    &StorageKind::Anon,
+                    1,
+                )
+                .expect("kaggle DCN"),
+            ),
+            _ => Box::new(
+                Fm::new(
+                    FmConfig {
+                        model: ModelKind::Fm,
+                        task: Task::Classification,
+                        factors: arch.embedding_dim,
+                        table_sizes: arch.table_sizes.clone(),
+                        num_dense: arch.num_dense(),
+                        weight_decay: 0.0,
+                        initial_bias: 0.0,
+                    },
+                    OptimizerKind::Sgd,
+                    &StorageKind::Anon,
+                    1,
+                )
+                .expect("kaggle FM"),
+            ),
+        };
+        let variant = format!("{}-{}", kind.name(), opt_name(OptimizerKind::Sgd));
+        bench_steps(&mut group, model.as_mut(), &variant, &b, &thread_counts);
+    }
     group.finish();
+}
+
+fn opt_name(opt: OptimizerKind) -> &'static str {
+    match opt {
+        OptimizerKind::Sgd => "sgd",
+        OptimizerKind::Adagrad => "adagrad",
+        OptimizerKind::RowwiseAdagrad => "rowwise-adagrad",
+    }
+}
+
+/// `train_step/<variant>-t<threads>/b<batch>` for each thread count, cycling through `batches`.
+fn bench_steps(
+    group: &mut BenchmarkGroup<WallTime>,
+    model: &mut dyn Model,
+    variant: &str,
+    batches: &[Batch],
+    thread_counts: &[usize],
+) {
+    let batch_size = batches[0].size();
+    model.reserve(batch_size);
+    group.throughput(Throughput::Elements(batch_size as u64));
+    for &threads in thread_counts {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("thread pool");
+        let id = BenchmarkId::new(format!("{variant}-t{threads}"), format!("b{batch_size}"));
+        let mut i = 0;
+        group.bench_function(id, |b| {
+            pool.install(|| {
+                b.iter(|| {
+                    i = (i + 1) % batches.len();
+                    model.train_step(&batches[i], 0.01).expect("valid batch")
+                })
+            })
+        });
+    }
 }
 
 criterion_group!(benches, bench_train_step);

@@ -25,6 +25,9 @@ enum Command {
     Export(commands::export::ExportArgs),
     /// Read parameters from a PyTorch-named safetensors file into a new checkpoint.
     Import(commands::export::ImportArgs),
+    /// Train DLRM and DCN with SGD and with Adagrad on the same data and plot validation
+    /// accuracy and AUC against iterations (the DLRM paper's Figure 5): CSV + SVG.
+    Compare(Box<commands::compare::CompareArgs>),
 }
 
 fn main() {
@@ -33,6 +36,7 @@ fn main() {
         Command::Train(args) => commands::train::run(*args),
         Command::Export(args) => commands::export::run_export(args),
         Command::Import(args) => commands::export::run_import(args),
+        Command::Compare(args) => commands::compare::run(*args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

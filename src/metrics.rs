@@ -1,4 +1,5 @@
-//! Evaluation metrics: loss, accuracy, ROC AUC, normalized entropy.
+//! Evaluation metrics: loss, accuracy, ROC AUC, normalized entropy for click prediction; mean
+//! squared error and RMSE for regression (ratings).
 //!
 //! Scores and probabilities are f32 as the model produces them; every sum is taken in f64.
 //! Labels are 0.0 / 1.0: accuracy and AUC count a label as positive when it is above 0.5, the
@@ -97,16 +98,34 @@ pub fn normalized_entropy(mean_log_loss: f64, positive_rate: f64) -> f64 {
     mean_log_loss / -(p * p.ln() + (1.0 - p) * (1.0 - p).ln())
 }
 
+/// Mean of (prediction - target)^2, summed in f64; NaN when empty.
+pub fn mean_squared_error(preds: &[f32], targets: &[f32]) -> f64 {
+    assert_eq!(
+        preds.len(),
+        targets.len(),
+        "mean_squared_error: lengths differ"
+    );
+    let sum: f64 = preds
+        .iter()
+        .zip(targets)
+        .map(|(&p, &t)| (f64::from(p) - f64::from(t)).powi(2))
+        .sum();
+    sum / preds.len() as f64
+}
+
 /// The evaluation summary of a scored set.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct EvalMetrics {
-    /// Mean log loss ([`log_loss`]).
+    /// Mean log loss ([`log_loss`]), or the mean squared error for regression.
     pub loss: f64,
+    /// Classification only (NaN for regression).
     pub accuracy: f64,
-    /// ROC AUC, NaN when only one class is present.
+    /// ROC AUC, NaN when only one class is present (and for regression).
     pub auc: f64,
-    /// Normalized entropy, NaN when only one class is present.
+    /// Normalized entropy, NaN when only one class is present (and for regression).
     pub ne: f64,
+    /// Root mean squared error, for regression only.
+    pub rmse: Option<f64>,
 }
 
 impl EvalMetrics {
@@ -119,6 +138,19 @@ impl EvalMetrics {
             accuracy: accuracy(probs, labels),
             auc: roc_auc(probs, labels).unwrap_or(f64::NAN),
             ne: normalized_entropy(loss, positive_rate),
+            rmse: None,
+        }
+    }
+
+    /// The metrics of a regression: the mean squared error as the loss, and its root.
+    pub fn regression(preds: &[f32], targets: &[f32]) -> EvalMetrics {
+        let mse = mean_squared_error(preds, targets);
+        EvalMetrics {
+            loss: mse,
+            accuracy: f64::NAN,
+            auc: f64::NAN,
+            ne: f64::NAN,
+            rmse: Some(mse.sqrt()),
         }
     }
 }
@@ -179,6 +211,15 @@ mod tests {
         let l = log_loss(&[0.8, 0.25], &[1.0, 0.0]);
         let want = -(0.8f64.ln() + 0.75f64.ln()) / 2.0;
         assert!((l - want).abs() < 1e-7, "{l} vs {want}");
+    }
+
+    #[test]
+    fn regression_reports_the_root_of_the_mean_squared_error() {
+        let m = EvalMetrics::regression(&[3.0, 4.0, 1.0], &[4.0, 4.0, 3.0]);
+        assert!((m.loss - 5.0 / 3.0).abs() < 1e-12);
+        assert!((m.rmse.unwrap() - (5.0f64 / 3.0).sqrt()).abs() < 1e-12);
+        assert!(m.auc.is_nan() && m.accuracy.is_nan() && m.ne.is_nan());
+        assert_eq!(EvalMetrics::compute(&[0.5], &[1.0]).rmse, None);
     }
 
     #[test]

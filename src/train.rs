@@ -5,7 +5,7 @@
 use crate::checkpoint::{self, TrainState};
 use crate::data::Batch;
 use crate::metrics::EvalMetrics;
-use crate::model::{Model, OptimizerKind, PhaseSeconds};
+use crate::model::{Model, OptimizerKind, PhaseSeconds, Task};
 use crate::rng::{SplitMix64, derive_key};
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -45,6 +45,16 @@ pub struct LrSchedule {
 }
 
 impl LrSchedule {
+    /// A constant learning rate (no warm-up, no decay).
+    pub fn constant(base: f32) -> LrSchedule {
+        LrSchedule {
+            base,
+            warmup_steps: 0,
+            decay_start_step: 0,
+            decay_steps: 0,
+        }
+    }
+
     /// Learning rate for step `step` (0-based: the first update is step 0).
     pub fn at(&self, step: u64) -> f32 {
         // The reference's scheduler counts from 1 when the first update runs.
@@ -108,7 +118,7 @@ pub struct CheckpointPolicy {
     pub dataset_files: Option<PathBuf>,
 }
 
-/// One evaluation.
+/// One evaluation (accuracy, AUC and NE are NaN, written as null, for regression).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EvalPoint {
     pub step: u64,
@@ -116,6 +126,9 @@ pub struct EvalPoint {
     pub accuracy: f64,
     pub auc: f64,
     pub ne: f64,
+    /// Regression only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rmse: Option<f64>,
 }
 
 /// What a run reports (also written as JSON by --report-json).
@@ -131,6 +144,12 @@ pub struct TrainReport {
     pub test_accuracy: f64,
     pub test_auc: f64,
     pub test_ne: f64,
+    /// RMSE on the held-out data (regression only; absent for classification).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_rmse: Option<f64>,
+    /// RMSE on the whole training data after training (regression only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_rmse: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub teacher_auc: Option<f64>,
     pub evals: Vec<EvalPoint>,
@@ -153,22 +172,38 @@ pub fn evaluate(
     batch_size: usize,
     batch: &mut Batch,
 ) -> Result<EvalMetrics> {
-    let n = data.test_len();
-    let mut probs = Vec::with_capacity(n as usize);
+    let fill = |first, size, b: &mut Batch| data.fill_test(first, size, b);
+    score(model, data.test_len(), batch_size, batch, fill, "held-out")
+}
+
+/// The metrics of the model's predictions on samples `0 .. n` of a split (`fill` gives them),
+/// for the model's task.
+fn score(
+    model: &mut dyn Model,
+    n: u64,
+    batch_size: usize,
+    batch: &mut Batch,
+    fill: impl Fn(u64, usize, &mut Batch) -> Result<()>,
+    split: &str,
+) -> Result<EvalMetrics> {
+    let mut preds = Vec::with_capacity(n as usize);
     let mut labels = Vec::with_capacity(n as usize);
     let mut out = Vec::new();
     let mut first = 0;
     while first < n {
         let size = batch_size.min((n - first) as usize);
-        data.fill_test(first, size, batch)?;
+        fill(first, size, batch)?;
         model
             .predict(batch, &mut out)
-            .with_context(|| format!("held-out samples {first}..{}", first + size as u64))?;
-        probs.extend_from_slice(&out);
+            .with_context(|| format!("{split} samples {first}..{}", first + size as u64))?;
+        preds.extend_from_slice(&out);
         labels.extend_from_slice(&batch.labels);
         first += size as u64;
     }
-    Ok(EvalMetrics::compute(&probs, &labels))
+    Ok(match model.task() {
+        Task::Classification => EvalMetrics::compute(&preds, &labels),
+        Task::Regression => EvalMetrics::regression(&preds, &labels),
+    })
 }
 
 /// Peak resident set size of this process (VmHWM), 0 where /proc is absent.
@@ -353,10 +388,13 @@ pub fn train(
                 let t = Instant::now();
                 let m = evaluate(model, data, opts.test_batch_size, &mut eval_batch)?;
                 let point = eval_point(step, &m);
-                let line = format!(
-                    "step {step}: test loss {:.5}, accuracy {:.4}, AUC {:.4}, NE {:.4}",
-                    m.loss, m.accuracy, m.auc, m.ne
-                );
+                let line = match m.rmse {
+                    Some(rmse) => format!("step {step}: test MSE {:.5}, RMSE {rmse:.4}", m.loss),
+                    None => format!(
+                        "step {step}: test loss {:.5}, accuracy {:.4}, AUC {:.4}, NE {:.4}",
+                        m.loss, m.accuracy, m.auc, m.ne
+                    ),
+                };
                 if opts.progress {
                     bar.println(line);
                 } else {
@@ -385,6 +423,21 @@ pub fn train(
 
     let final_eval = evaluate(model, data, opts.test_batch_size, &mut eval_batch)?;
     evals.push(eval_point(step, &final_eval));
+    let train_rmse = match model.task() {
+        Task::Classification => None,
+        Task::Regression => {
+            let fill = |first, size, b: &mut Batch| data.fill_train(first, size, b);
+            let m = score(
+                model,
+                train_len,
+                opts.test_batch_size,
+                &mut eval_batch,
+                fill,
+                "training",
+            )?;
+            m.rmse
+        }
+    };
     if window_steps > 0 {
         last_window_loss = window_loss / window_steps as f64;
     }
@@ -399,6 +452,8 @@ pub fn train(
         test_accuracy: final_eval.accuracy,
         test_auc: final_eval.auc,
         test_ne: final_eval.ne,
+        test_rmse: final_eval.rmse,
+        train_rmse,
         teacher_auc: data.ceiling_auc(),
         evals,
         phase_seconds: phases,
@@ -438,5 +493,6 @@ fn eval_point(step: u64, m: &EvalMetrics) -> EvalPoint {
         accuracy: m.accuracy,
         auc: m.auc,
         ne: m.ne,
+        rmse: m.rmse,
     }
 }

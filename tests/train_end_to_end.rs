@@ -70,12 +70,7 @@ fn options(lr: f32, nepochs: usize) -> TrainOptions {
         batch_size: 128,
         num_batches: 0,
         nepochs,
-        lr: LrSchedule {
-            base: lr,
-            warmup_steps: 0,
-            decay_start_step: 0,
-            decay_steps: 0,
-        },
+        lr: LrSchedule::constant(lr),
         test_freq: 0,
         print_freq: 0,
         test_batch_size: 1024,

@@ -1,4 +1,5 @@
-//! Activations and loss: sigmoid, binary cross-entropy with logits and their gradients. (ReLU
+//! Activations and losses: sigmoid, binary cross-entropy with logits, squared error, and their
+//! gradients. (ReLU
 //! and its gradient are fused into the GEMM epilogue and operand read, see
 //! [`crate::gemm::GemmOps`].)
 //!
@@ -122,6 +123,22 @@ pub fn bce_with_logits(
             [p_num * inv, grad * scale]
         },
     );
+    sums.iter().sum()
+}
+
+/// Squared error of a regression, fused with its gradient: `grad[i] = (pred[i] - target[i]) *
+/// grad_scale` (the caller passes 2/N for the gradient of the mean over a batch). Returns the
+/// SUM of `(pred[i] - target[i])^2`, accumulated in f64.
+pub fn squared_error(pred: &[f32], target: &[f32], grad: &mut [f32], grad_scale: f32) -> f64 {
+    let scale = F32s::splat(grad_scale);
+    let mut sums = [0.0f64; LANES];
+    map_vectors("squared_error", [pred, target], [grad], |[p, t], w| {
+        let e = p - t;
+        for (s, x) in sums.iter_mut().zip(e.to_array()).take(w) {
+            *s += f64::from(x) * f64::from(x);
+        }
+        [e * scale]
+    });
     sums.iter().sum()
 }
 

@@ -67,7 +67,7 @@ impl Bags<'_> {
 
     /// Checks the bag structure (programmer errors) and that every id is below `rows`, once at
     /// entry, so the hot loops can trust them. Returns the largest id (None without ids).
-    fn check(&self, rows: usize, pooling: Pooling, who: &str) -> Option<u32> {
+    pub(crate) fn check(&self, rows: usize, pooling: Pooling, who: &str) -> Option<u32> {
         let nnz = self.indices.len();
         assert!(
             u32::try_from(nnz).is_ok(),
@@ -292,6 +292,14 @@ pub(crate) fn join_ranges<P: Send>(
         || join_ranges(range.start..mid, grain, a, split, leaf),
         || join_ranges(mid..range.end, grain, b, split, leaf),
     );
+}
+
+/// Splits rows `stride` floats apart into the first `rows` rows and the rest (the split of a
+/// [`join_ranges`] part that holds one row per item); a slice shorter than `rows` rows is all
+/// first part.
+pub(crate) fn split_rows(s: &mut [f32], stride: usize, rows: usize) -> (&mut [f32], &mut [f32]) {
+    let at = (rows * stride).min(s.len());
+    s.split_at_mut(at)
 }
 
 /// Items per parallel task: about four tasks per thread for load balance when `parallel`,

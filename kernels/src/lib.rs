@@ -11,7 +11,9 @@
 //! Every kernel has a scalar twin in [`reference`], the oracle of the property tests.
 
 pub mod activation;
+pub mod cross;
 pub mod embedding;
+pub mod fm;
 pub mod gemm;
 pub mod interaction;
 pub mod optim;

@@ -144,6 +144,39 @@ pub fn embedding_bag_backward_update(
     opt: SparseOptimizer,
     ws: &mut SparseGradWorkspace,
 ) {
+    embedding_bag_backward_update_l2(
+        table,
+        state,
+        dim,
+        bags,
+        pooling,
+        grad_out,
+        grad_stride,
+        opt,
+        0.0,
+        ws,
+    );
+}
+
+/// [`embedding_bag_backward_update`] with L2 regularisation of the looked-up rows: the
+/// gradient of each distinct row is its summed gradient plus `weight_decay` times the row
+/// (PyTorch's `weight_decay`, applied lazily: a row the batch does not look up is neither
+/// updated nor decayed, as in the regularised SGD of latent factor models, Koren, Bell &
+/// Volinsky, "Matrix Factorization Techniques for Recommender Systems", 2009). With
+/// `weight_decay` = 0 the update is bit for bit the unregularised one.
+#[allow(clippy::too_many_arguments)]
+pub fn embedding_bag_backward_update_l2(
+    table: &mut [f32],
+    state: &mut [f32],
+    dim: usize,
+    bags: Bags,
+    pooling: Pooling,
+    grad_out: &[f32],
+    grad_stride: usize,
+    opt: SparseOptimizer,
+    weight_decay: f32,
+    ws: &mut SparseGradWorkspace,
+) {
     const WHO: &str = "embedding_bag_backward_update";
     let rows = table_rows(table, dim, WHO);
     let sw = opt.state_width(dim);
@@ -170,6 +203,10 @@ pub fn embedding_bag_backward_update(
                 }
                 rg.sum_into(i, g);
                 let r = ids[i] as usize - base;
+                if weight_decay != 0.0 {
+                    // g += weight_decay * p: an axpy, i.e. an SGD step with the negated rate.
+                    sgd_lanes(g, &t[r * dim..(r + 1) * dim], -weight_decay);
+                }
                 opt.apply(
                     &mut t[r * dim..(r + 1) * dim],
                     &mut s[r * sw..(r + 1) * sw],

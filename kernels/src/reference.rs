@@ -4,12 +4,16 @@
 use crate::gemm::{GemmOps, MatMut, MatRef};
 
 mod activation;
+mod cross;
 mod embedding;
+mod fm;
 mod interaction;
 mod optim;
 
 pub use activation::*;
+pub use cross::*;
 pub use embedding::*;
+pub use fm::*;
 pub use interaction::*;
 pub use optim::*;
 

@@ -125,6 +125,27 @@ pub fn store_slice_partial(s: &mut [f32], v: F32s) {
     unsafe { store_partial(s.as_mut_ptr(), n, v) }
 }
 
+/// Loads the first `min(s.len(), LANES)` floats of `s`, zero-filled past them: a plain load
+/// when the slice holds a whole vector, a masked one for a tail (as from `chunks(LANES)`).
+#[inline(always)]
+pub fn load_upto(s: &[f32]) -> F32s {
+    if s.len() >= LANES {
+        load_slice(s)
+    } else {
+        load_slice_partial(s)
+    }
+}
+
+/// Stores the first `min(s.len(), LANES)` lanes of `v` into `s` (the store of [`load_upto`]).
+#[inline(always)]
+pub fn store_upto(s: &mut [f32], v: F32s) {
+    if s.len() >= LANES {
+        store_slice(s, v)
+    } else {
+        store_slice_partial(s, v)
+    }
+}
+
 /// Hints the CPU to fetch the cache line holding `p` into all cache levels. A prefetch never
 /// faults, so any address (even one past the end of an allocation) is allowed.
 #[inline(always)]

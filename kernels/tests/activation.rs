@@ -1,4 +1,4 @@
-//! The activation and loss kernels against their f64 twins: lengths on and off the lane width
+//! The activation and loss kernels (BCE with logits, squared error) against their f64 twins: lengths on and off the lane width
 //! (0 and 1 included), logits over the whole range the losses meet, the extremes (±30, ±100,
 //! 0) at every position of a vector and in the masked tail.
 
@@ -103,6 +103,24 @@ proptest! {
         for i in 0..x.len() {
             prop_assert!(close(ours[i], twin[i], 1e-30, REL), "sigmoid({}) = {}, twin {}", x[i], ours[i], twin[i]);
         }
+    }
+
+    #[test]
+    fn squared_error_matches_reference(
+        pt in prop::collection::vec((-10.0f32..10.0, prop::sample::select(vec![1.0f32, 2.5, 3.0, 4.0, 5.0])), 0..80),
+    ) {
+        let (p, t): (Vec<f32>, Vec<f32>) = pt.into_iter().unzip();
+        let scale = 2.0 / p.len().max(1) as f32;
+        let mut ours = vec![f32::NAN; p.len()];
+        let mut twin = vec![f32::NAN; p.len()];
+        let sum = activation::squared_error(&p, &t, &mut ours, scale);
+        let sume = reference::squared_error(&p, &t, &mut twin, scale);
+        for i in 0..p.len() {
+            // One rounding for the difference, one for the scaling.
+            prop_assert!(close(ours[i], twin[i], 1e-30, 2.0 * f32::EPSILON), "{} vs {}", ours[i], twin[i]);
+        }
+        // Each square from an f32 difference (one rounding), summed in f64.
+        prop_assert!((sum - sume).abs() <= sume * 2.0 * f32::EPSILON as f64 + 1e-30, "{sum} vs {sume}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Optimizer kernels against their scalar twins: the fused embedding backward + update for
-//! each sparse optimizer (duplicate ids coalesced, rows never looked up left bit-identical),
-//! the dense SGD / Adagrad updates, and bit-identical results for any thread count.
+//! each sparse optimizer, with and without L2 regularisation of the looked-up rows (duplicate
+//! ids coalesced, rows never looked up left bit-identical), the dense SGD / Adagrad updates,
+//! and bit-identical results for any thread count.
 
 mod common;
 
@@ -19,46 +20,60 @@ fn optimizer() -> impl Strategy<Value = SparseOptimizer> {
     })
 }
 
+/// No regularisation (half the cases), or a weight decay.
+fn weight_decay() -> impl Strategy<Value = f32> {
+    prop_oneof![Just(0.0f32), prop::sample::select(vec![0.01f32, 0.3])]
+}
+
 /// Optimizer state of a table: accumulators in [0.1, 1.1), as after some steps (Adagrad's
 /// step then changes by at most about 1 / sqrt(0.1) times the change of the gradient).
 fn initial_state(c: &BagCase, opt: SparseOptimizer) -> Vec<f32> {
     fill_range(c.rows * opt.state_width(c.dim), c.seed ^ 11, 0.1, 1.1)
 }
 
-/// (table, state) after one fused backward + update from `state`.
+/// (table, state) after one fused backward + update from `state` (with L2 regularisation
+/// when `wd` is not 0).
 fn update_from(
     c: &BagCase,
     opt: SparseOptimizer,
+    wd: f32,
     mut state: Vec<f32>,
     ws: &mut SparseGradWorkspace,
 ) -> (Vec<f32>, Vec<f32>) {
     let mut table = c.table.clone();
-    optim::embedding_bag_backward_update(
-        &mut table,
-        &mut state,
-        c.dim,
-        c.bags(),
-        c.pooling,
-        &c.grad_out,
-        c.stride,
-        opt,
-        ws,
-    );
+    let (t, s) = (&mut table, &mut state);
+    let (d, bags, pooling, g, stride) = (c.dim, c.bags(), c.pooling, &c.grad_out, c.stride);
+    if wd == 0.0 {
+        optim::embedding_bag_backward_update(t, s, d, bags, pooling, g, stride, opt, ws);
+    } else {
+        optim::embedding_bag_backward_update_l2(t, s, d, bags, pooling, g, stride, opt, wd, ws);
+    }
     (table, state)
 }
 
-fn update(c: &BagCase, opt: SparseOptimizer, ws: &mut SparseGradWorkspace) -> (Vec<f32>, Vec<f32>) {
-    update_from(c, opt, initial_state(c, opt), ws)
+fn update(
+    c: &BagCase,
+    opt: SparseOptimizer,
+    wd: f32,
+    ws: &mut SparseGradWorkspace,
+) -> (Vec<f32>, Vec<f32>) {
+    update_from(c, opt, wd, initial_state(c, opt), ws)
 }
 
 /// The fused update against the twin from `state0`: every looked-up row within the rounding
 /// of its summed gradient, times `sensitivity` (the most a unit change of the gradient moves
 /// the step); rows never looked up, and their state, bit-identical.
-fn check_update_from(c: &BagCase, opt: SparseOptimizer, state0: Vec<f32>, sensitivity: f32) {
+fn check_update_from(
+    c: &BagCase,
+    opt: SparseOptimizer,
+    wd: f32,
+    state0: Vec<f32>,
+    sensitivity: f32,
+) {
     let ws = &mut SparseGradWorkspace::default();
-    let (table, state) = update_from(c, opt, state0.clone(), ws);
+    let (table, state) = update_from(c, opt, wd, state0.clone(), ws);
     let (mut etable, mut estate) = (c.table.clone(), state0.clone());
-    reference::embedding_bag_backward_update(
+    reference::embedding_bag_backward_update_l2(
         &mut etable,
         &mut estate,
         c.dim,
@@ -67,6 +82,7 @@ fn check_update_from(c: &BagCase, opt: SparseOptimizer, state0: Vec<f32>, sensit
         &c.grad_out,
         c.stride,
         opt,
+        wd,
     );
     let lr = match opt {
         SparseOptimizer::Sgd { lr }
@@ -80,7 +96,8 @@ fn check_update_from(c: &BagCase, opt: SparseOptimizer, state0: Vec<f32>, sensit
             assert_eq!(bits(&table[row.clone()]), bits(&c.table[row]), "row {r}");
             assert_eq!(bits(&state[srow.clone()]), bits(&state0[srow]), "state {r}");
         } else {
-            let g_tol = sum_tol(k);
+            // The decay term is one more (rounded) addend of the gradient.
+            let g_tol = sum_tol(k + usize::from(wd != 0.0));
             let t_tol = lr * sensitivity * g_tol + 1e-6;
             assert_close("table", &table[row.clone()], &etable[row], t_tol, 1e-6);
             // |g| <= k, so the error of g^2 is at most about 2 k times that of g.
@@ -90,8 +107,8 @@ fn check_update_from(c: &BagCase, opt: SparseOptimizer, state0: Vec<f32>, sensit
     }
 }
 
-fn check_update(c: &BagCase, opt: SparseOptimizer) {
-    check_update_from(c, opt, initial_state(c, opt), 4.0);
+fn check_update(c: &BagCase, opt: SparseOptimizer, wd: f32) {
+    check_update_from(c, opt, wd, initial_state(c, opt), 4.0);
 }
 
 /// Dense vector lengths: empty, tiny, around the lane widths, and past one parallel chunk.
@@ -117,14 +134,18 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     #[test]
-    fn backward_update_matches_reference(c in bag_case(), opt in optimizer()) {
-        check_update(&c, opt);
+    fn backward_update_matches_reference(c in bag_case(), opt in optimizer(), wd in weight_decay()) {
+        check_update(&c, opt, wd);
     }
 
     #[test]
-    fn backward_update_is_thread_count_invariant(c in bag_case(), opt in optimizer()) {
+    fn backward_update_is_thread_count_invariant(
+        c in bag_case(),
+        opt in optimizer(),
+        wd in weight_decay(),
+    ) {
         let [one, two, three] = on_1_2_3_threads(|| {
-            let (t, s) = update(&c, opt, &mut SparseGradWorkspace::default());
+            let (t, s) = update(&c, opt, wd, &mut SparseGradWorkspace::default());
             (bits(&t), bits(&s))
         });
         prop_assert_eq!(&one, &two);
@@ -140,7 +161,7 @@ proptest! {
             SparseOptimizer::Sgd { lr: 0.1 }
         };
         let mut ws = SparseGradWorkspace::default();
-        let (table, state) = update(&c, opt, &mut ws);
+        let (table, state) = update(&c, opt, 0.0, &mut ws);
         let (mut etable, mut estate) = (c.table.clone(), initial_state(&c, opt));
         let g = embedding_bag_backward_coalesce(
             c.rows, c.dim, c.bags(), c.pooling, &c.grad_out, c.stride, &mut ws);
@@ -225,7 +246,7 @@ fn first_step_from_zero_state_matches_reference() {
             // The step moves by at most about 2 / |g| per unit of g (elementwise) or
             // 2 / sqrt(mean g^2) (row-wise): below 200 here.
             let state0 = vec![0.0; c.rows * opt.state_width(c.dim)];
-            check_update_from(&c, opt, state0, 200.0);
+            check_update_from(&c, opt, 0.0, state0, 200.0);
         }
     }
 }

@@ -54,12 +54,7 @@ pub fn run_import(a: ImportArgs) -> Result<()> {
         epoch: 0,
         batch_in_epoch: 0,
         epoch_shuffle_state: dlrm::rng::SplitMix64::new(0).state(),
-        lr: LrSchedule {
-            base: 0.0,
-            warmup_steps: 0,
-            decay_start_step: 0,
-            decay_steps: 0,
-        },
+        lr: LrSchedule::constant(0.0),
         batch_size: 0,
         seed: 1,
     };

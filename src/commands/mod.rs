@@ -1,4 +1,6 @@
 //! One module per subcommand.
 
+pub mod compare;
 pub mod export;
+pub mod models;
 pub mod train;

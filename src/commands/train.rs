@@ -1,14 +1,15 @@
 //! `dlrm train`: flags (the reference's names where it has one), presets, and the run.
 
+use super::models::{self, ModelFlags};
 use anyhow::{Context, Result};
 use clap::Args;
 use dlrm::checkpoint;
 use dlrm::config::{Architecture, InteractionOp, Preset, join};
+use dlrm::data::movielens::MovieLensSource;
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
-use dlrm::model::OptimizerKind;
-use dlrm::model::dlrm::Dlrm;
 use dlrm::model::embedding_tables::StorageKind;
-use dlrm::train::{CheckpointPolicy, LrSchedule, TrainOptions, TrainReport, train};
+use dlrm::model::{Model, ModelKind, OptimizerKind};
+use dlrm::train::{CheckpointPolicy, DataSource, LrSchedule, TrainOptions, TrainReport, train};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
@@ -23,6 +24,11 @@ enum StorageArg {
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
+    /// The model: DLRM, DCN, DCN-v2, a factorization machine (on the same features), or
+    /// matrix factorization (of the ratings in --train and --test).
+    #[arg(long, value_enum, default_value_t = ModelKind::Dlrm)]
+    model: ModelKind,
+
     /// Starting configuration; every other flag overrides it.
     #[arg(long, value_enum, default_value_t = Preset::Tiny)]
     preset: Preset,
@@ -49,6 +55,15 @@ pub struct TrainArgs {
     /// Cap every table at this many rows (ids are drawn within the cap).
     #[arg(long)]
     max_ind_range: Option<usize>,
+    #[command(flatten)]
+    models: ModelFlags,
+    /// Training ratings for --model mf: `user item rating timestamp` per line, tab-separated
+    /// (MovieLens' u1.base).
+    #[arg(long, requires = "test")]
+    train: Option<PathBuf>,
+    /// Test ratings for --model mf (MovieLens' u1.test).
+    #[arg(long, requires = "train")]
+    test: Option<PathBuf>,
 
     // Training.
     /// Samples per training step.
@@ -246,37 +261,63 @@ pub fn run(a: TrainArgs) -> Result<()> {
         resume: loaded.as_ref().map(|l| l.1.train_state.clone()),
     };
 
+    let ratings = match (a.model, &a.train, &a.test) {
+        (ModelKind::Mf, Some(train), Some(test)) => Some((train, test)),
+        (ModelKind::Mf, _, _) => {
+            anyhow::bail!("--model mf trains on rating files: give --train FILE --test FILE")
+        }
+        (_, None, None) => None,
+        (kind, _, _) => anyhow::bail!(
+            "--train and --test are rating files for --model mf, not {}",
+            kind.name()
+        ),
+    };
+
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
         .context("building the thread pool")?;
-    eprintln!(
-        "DLRM: bottom {} | {} tables, d = {} ({:.2} GiB) | {} interaction -> top {} | {} threads, batch {}",
-        join(&arch.bottom),
-        arch.num_tables(),
-        arch.embedding_dim,
-        arch.table_sizes.iter().sum::<usize>() as f64 * d as f64 * 4.0 / (1u64 << 30) as f64,
-        match arch.interaction {
-            InteractionOp::Dot => "dot",
-            InteractionOp::Cat => "cat",
-        },
-        join(&arch.top),
-        threads,
-        batch_size
-    );
     let report = pool.install(|| -> Result<TrainReport> {
         let t = std::time::Instant::now();
-        let source = SyntheticSource::new(SyntheticData::new(synth), train_len, test_len);
-        let mut model = match &loaded {
-            Some((version, _, _)) => checkpoint::load_dlrm(version, &storage)?.0,
-            None => Dlrm::new(arch, optimizer, &storage, seed)?,
+        let (source, mut model): (Box<dyn DataSource>, _) = match ratings {
+            Some((train_file, test_file)) => {
+                let source = MovieLensSource::load(train_file, test_file, seed)?;
+                eprintln!(
+                    "{} | {threads} threads, batch {batch_size}",
+                    models::describe_mf(&source, d, &a.models)
+                );
+                let model = models::build_mf(&source, d, &a.models, optimizer, &storage, seed)?;
+                eprintln!(
+                    "data: {} training / {} test ratings; model ready in {:.1} s",
+                    source.train_len(),
+                    source.test_len(),
+                    t.elapsed().as_secs_f64()
+                );
+                (Box::new(source), model)
+            }
+            None => {
+                eprintln!(
+                    "{} | {:.2} GiB of tables | {threads} threads, batch {batch_size}",
+                    models::describe(a.model, &arch, &a.models)?,
+                    arch.table_sizes.iter().sum::<usize>() as f64 * d as f64 * 4.0
+                        / (1u64 << 30) as f64,
+                );
+                let source = SyntheticSource::new(SyntheticData::new(synth), train_len, test_len);
+                let model = match &loaded {
+                    Some((version, _, _)) => {
+                        Box::new(checkpoint::load_dlrm(version, &storage)?.0) as Box<dyn Model>
+                    }
+                    None => models::build(a.model, &arch, &a.models, optimizer, &storage, seed)?,
+                };
+                eprintln!(
+                    "data: {train_len} training / {test_len} held-out synthetic samples ({:?}); model ready in {:.1} s",
+                    a.data_generation,
+                    t.elapsed().as_secs_f64()
+                );
+                (Box::new(source), model)
+            }
         };
-        eprintln!(
-            "data: {train_len} training / {test_len} held-out synthetic samples ({:?}); model ready in {:.1} s",
-            a.data_generation,
-            t.elapsed().as_secs_f64()
-        );
-        train(&mut model, &source, &opts, threads)
+        train(model.as_mut(), source.as_ref(), &opts, threads)
     })?;
     print_summary(&report);
     if let Some(path) = &a.report_json {
@@ -336,10 +377,16 @@ fn print_summary(r: &TrainReport) {
         r.steps, r.batch_size, r.threads, r.samples_per_sec, r.wall_seconds
     );
     println!("train loss {:.5} (last report interval)", r.train_loss);
-    println!(
-        "test  loss {:.5}  accuracy {:.4}  AUC {:.4}  NE {:.4}",
-        r.test_loss, r.test_accuracy, r.test_auc, r.test_ne
-    );
+    match (r.test_rmse, r.train_rmse) {
+        (Some(test), Some(train)) => println!(
+            "test  MSE {:.5}  RMSE {test:.4}  (training data RMSE {train:.4})",
+            r.test_loss
+        ),
+        _ => println!(
+            "test  loss {:.5}  accuracy {:.4}  AUC {:.4}  NE {:.4}",
+            r.test_loss, r.test_accuracy, r.test_auc, r.test_ne
+        ),
+    }
     if let Some(t) = r.teacher_auc {
         println!("teacher AUC {t:.4} (the ceiling on this data)");
     }

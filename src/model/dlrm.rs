@@ -13,7 +13,9 @@
 
 use super::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind};
 use super::mlp::Mlp;
-use super::{ADAGRAD_EPS, BatchError, Model, OptimizerKind, PhaseSeconds, Stopwatch, Task};
+use super::{
+    ADAGRAD_EPS, BatchError, Model, OptimizerKind, PhaseSeconds, Stopwatch, Task, validate_batch,
+};
 use crate::config::{Architecture, InteractionOp};
 use crate::data::Batch;
 use crate::rng::{SplitMix64, derive_key};
@@ -170,60 +172,7 @@ impl Dlrm {
 
     /// Checks a batch against the model: table count, dense width, offsets, every id in range.
     pub fn validate(&self, batch: &Batch) -> Result<(), BatchError> {
-        let b = batch.size();
-        if batch.indices.len() != self.tables.len() || batch.offsets.len() != self.tables.len() {
-            return Err(BatchError::TableCount {
-                got: batch.indices.len(),
-                expected: self.tables.len(),
-            });
-        }
-        if batch.num_dense != self.arch.num_dense() {
-            return Err(BatchError::DenseWidth {
-                got: batch.num_dense,
-                expected: self.arch.num_dense(),
-            });
-        }
-        if batch.dense.len() != b * batch.num_dense {
-            return Err(BatchError::Shape(
-                "dense values != samples x dense features",
-            ));
-        }
-        for (t, (ids, offs)) in batch.indices.iter().zip(&batch.offsets).enumerate() {
-            if offs.len() != b {
-                return Err(BatchError::Offsets {
-                    table: t,
-                    sample: offs.len().min(b),
-                    why: "one offset per sample expected",
-                });
-            }
-            let mut prev = 0u32;
-            for (i, &o) in offs.iter().enumerate() {
-                let why = if i == 0 && o != 0 {
-                    "the first offset must be 0"
-                } else if o < prev {
-                    "offsets decrease"
-                } else if o as usize > ids.len() {
-                    "offset past the end of the ids"
-                } else {
-                    prev = o;
-                    continue;
-                };
-                return Err(BatchError::Offsets {
-                    table: t,
-                    sample: i,
-                    why,
-                });
-            }
-            if let Err((position, value)) = self.tables[t].check_ids(ids) {
-                return Err(BatchError::IdOutOfRange {
-                    table: t,
-                    position,
-                    value,
-                    rows: self.tables[t].rows(),
-                });
-            }
-        }
-        Ok(())
+        validate_batch(batch, self.arch.num_dense(), &self.tables)
     }
 
     fn bags(batch: &Batch, t: usize) -> Bags<'_> {

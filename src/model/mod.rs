@@ -1,11 +1,16 @@
 //! The models and their parameters, and what the trainer needs from a model.
 
+pub mod dcn;
 pub mod dlrm;
 pub mod embedding_tables;
+pub mod fm;
+pub mod mf;
 pub mod mlp;
+pub mod sparse;
 
 use crate::data::Batch;
-use dlrm_kernels::optim::SparseOptimizer;
+use dlrm_kernels::optim::{SparseOptimizer, adagrad_update, sgd_update};
+use embedding_tables::EmbeddingTable;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 use thiserror::Error;
@@ -44,6 +49,134 @@ impl OptimizerKind {
     }
 }
 
+/// The models `dlrm train --model` trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelKind {
+    /// DLRM (Naumov et al. 2019): bottom MLP, embeddings, pairwise-dot interaction, top MLP.
+    Dlrm,
+    /// DCN (Wang et al. 2017): a rank-one cross network beside a deep network.
+    Dcn,
+    /// DCN-v2 (Wang et al. 2021): a full-rank cross network beside a deep network.
+    DcnV2,
+    /// Factorization machine (Rendle 2010) over the dense and categorical features.
+    Fm,
+    /// Biased matrix factorization of ratings (users x items, from --train/--test files).
+    Mf,
+}
+
+impl ModelKind {
+    /// The name the report and the CLI use.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelKind::Dlrm => "dlrm",
+            ModelKind::Dcn => "dcn",
+            ModelKind::DcnV2 => "dcn-v2",
+            ModelKind::Fm => "fm",
+            ModelKind::Mf => "mf",
+        }
+    }
+}
+
+/// The optimizer of a model's dense parameters (everything but the embedding tables): SGD for
+/// `sgd`, element-wise Adagrad otherwise (as [`OptimizerKind`] says), with the accumulators of
+/// each parameter tensor created, zeroed, at its first step.
+#[derive(Clone, Debug)]
+pub struct DenseOptimizer {
+    kind: OptimizerKind,
+    state: Vec<Vec<f32>>,
+}
+
+impl DenseOptimizer {
+    pub fn new(kind: OptimizerKind) -> DenseOptimizer {
+        DenseOptimizer {
+            kind,
+            state: Vec::new(),
+        }
+    }
+
+    /// One step of every (parameter, gradient) pair, given in the same order at every step.
+    pub fn step<'p>(
+        &mut self,
+        params: impl IntoIterator<Item = (&'p mut [f32], &'p [f32])>,
+        lr: f32,
+    ) {
+        for (i, (p, g)) in params.into_iter().enumerate() {
+            if !self.kind.dense_adagrad() {
+                sgd_update(p, g, lr);
+                continue;
+            }
+            if self.state.len() <= i {
+                self.state.push(vec![0.0; p.len()]);
+            }
+            adagrad_update(p, g, &mut self.state[i], lr, ADAGRAD_EPS);
+        }
+    }
+}
+
+/// Checks a batch against a model whose tables are `tables` and that takes `num_dense` dense
+/// features: table count, dense width, offsets, every id in range.
+pub fn validate_batch(
+    batch: &Batch,
+    num_dense: usize,
+    tables: &[EmbeddingTable],
+) -> Result<(), BatchError> {
+    let b = batch.size();
+    if batch.indices.len() != tables.len() || batch.offsets.len() != tables.len() {
+        return Err(BatchError::TableCount {
+            got: batch.indices.len(),
+            expected: tables.len(),
+        });
+    }
+    if batch.num_dense != num_dense {
+        return Err(BatchError::DenseWidth {
+            got: batch.num_dense,
+            expected: num_dense,
+        });
+    }
+    if batch.dense.len() != b * batch.num_dense {
+        return Err(BatchError::Shape(
+            "dense values != samples x dense features",
+        ));
+    }
+    for (t, (ids, offs)) in batch.indices.iter().zip(&batch.offsets).enumerate() {
+        if offs.len() != b {
+            return Err(BatchError::Offsets {
+                table: t,
+                sample: offs.len().min(b),
+                why: "one offset per sample expected",
+            });
+        }
+        let mut prev = 0u32;
+        for (i, &o) in offs.iter().enumerate() {
+            let why = if i == 0 && o != 0 {
+                "the first offset must be 0"
+            } else if o < prev {
+                "offsets decrease"
+            } else if o as usize > ids.len() {
+                "offset past the end of the ids"
+            } else {
+                prev = o;
+                continue;
+            };
+            return Err(BatchError::Offsets {
+                table: t,
+                sample: i,
+                why,
+            });
+        }
+        if let Err((position, value)) = tables[t].check_ids(ids) {
+            return Err(BatchError::IdOutOfRange {
+                table: t,
+                position,
+                value,
+                rows: tables[t].rows(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Bad input data for the model: says what and where.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum BatchError {
@@ -58,7 +191,7 @@ pub enum BatchError {
     },
     #[error("batch has {got} tables of ids, the model has {expected}")]
     TableCount { got: usize, expected: usize },
-    #[error("batch has {got} dense features per sample, the model's bottom MLP takes {expected}")]
+    #[error("batch has {got} dense features per sample, the model takes {expected}")]
     DenseWidth { got: usize, expected: usize },
     #[error("table {table}: offsets are malformed at sample {sample} ({why})")]
     Offsets {

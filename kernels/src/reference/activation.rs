@@ -35,3 +35,14 @@ pub fn sigmoid_backward(probs: &[f32], grad_probs: &[f32], grad_logits: &mut [f3
         grad_logits[i] = (grad_probs[i] as f64 * p * (1.0 - p)) as f32;
     }
 }
+
+/// Twin of [`crate::activation::squared_error`], in f64.
+pub fn squared_error(pred: &[f32], target: &[f32], grad: &mut [f32], grad_scale: f32) -> f64 {
+    let mut sum = 0.0f64;
+    for i in 0..pred.len() {
+        let e = pred[i] as f64 - target[i] as f64;
+        sum += e * e;
+        grad[i] = (e * grad_scale as f64) as f32;
+    }
+    sum
+}

@@ -17,10 +17,40 @@ pub fn embedding_bag_backward_update(
     grad_stride: usize,
     opt: SparseOptimizer,
 ) {
+    embedding_bag_backward_update_l2(
+        table,
+        state,
+        dim,
+        bags,
+        pooling,
+        grad_out,
+        grad_stride,
+        opt,
+        0.0,
+    );
+}
+
+/// Twin of [`crate::optim::embedding_bag_backward_update_l2`]: the summed gradient of each
+/// looked-up row plus `weight_decay` times the row, then `opt`.
+#[allow(clippy::too_many_arguments)]
+pub fn embedding_bag_backward_update_l2(
+    table: &mut [f32],
+    state: &mut [f32],
+    dim: usize,
+    bags: Bags,
+    pooling: Pooling,
+    grad_out: &[f32],
+    grad_stride: usize,
+    opt: SparseOptimizer,
+    weight_decay: f32,
+) {
     let rows = table.len() / dim;
-    for (r, g) in coalesce_f64(rows, dim, bags, pooling, grad_out, grad_stride) {
+    for (r, mut g) in coalesce_f64(rows, dim, bags, pooling, grad_out, grad_stride) {
         let r = r as usize;
         let p = &mut table[r * dim..(r + 1) * dim];
+        for (gk, pk) in g.iter_mut().zip(p.iter()) {
+            *gk += weight_decay as f64 * *pk as f64;
+        }
         match opt {
             SparseOptimizer::Sgd { lr } => {
                 for (pk, gk) in p.iter_mut().zip(&g) {

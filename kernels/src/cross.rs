@@ -1,0 +1,654 @@
+//! Cross networks of DCN, forward and backward over a batch.
+//!
+//! A cross network builds explicit feature crosses of bounded degree from the input row x0
+//! (the concatenated dense features and embeddings), layer by layer, each layer keeping a
+//! residual connection:
+//! ```text
+//! DCN (Wang et al. 2017, "Deep & Cross Network for Ad Click Predictions"), rank one:
+//!     x_{l+1} = x0 * (x_l . w_l) + b_l + x_l           w_l, b_l: d-vectors
+//! DCN-v2 (Wang et al. 2021, "DCN V2: Improved Deep & Cross Network"), full rank:
+//!     x_{l+1} = x0 ⊙ (W_l x_l + b_l) + x_l             W_l: d x d (nn.Linear layout)
+//! ```
+//! for l = 0 .. L-1 from x_0 = x0; the output is x_L.
+//!
+//! The rank-one layer is a dot product and a scaled add per sample, far too little work for a
+//! GEMM: it runs as one fused SIMD pass per sample through all L layers, forward and backward,
+//! so x0 and the running gradient stay in L1 while the layers stream through. Its backward
+//! ```text
+//! c = g . x0;  dx0 += (x_l . w_l) g;  dw_l += c x_l;  db_l += g;  g <- g + c w_l
+//! ```
+//! (g the gradient of x_{l+1}, then of x_l) reduces dw and db over the batch; samples are
+//! taken in chunks of [`CROSS_CHUNK`], fixed by the batch size alone, each chunk sums its own
+//! partial gradients, and the partials are added in chunk order, so the bits never depend on
+//! the thread count.
+//!
+//! The full-rank layer is a d x d product per sample: it runs on the GEMM
+//! ([`crate::gemm::linear_forward`], bias fused), followed by one elementwise SIMD pass; its
+//! backward is
+//! ```text
+//! du = g ⊙ x0;  dx0 += g ⊙ u_l;  dW_l = du^T x_l;  db_l = colsum(du);  g <- g + du W_l
+//! ```
+//! with u_l = W_l x_l + b_l kept from the forward: three GEMM products per layer (the last
+//! accumulating into g) and one elementwise pass.
+
+use crate::embedding::{check_strided, join_ranges, split_rows, task_grain};
+use crate::gemm::{GemmOps, MatMut, MatRef, bias_grad, dot, gemm, linear_backward_weight};
+use crate::parallel::should_split;
+use crate::simd::{F32s, LANES, load_upto, store_upto};
+use core::ops::Range;
+
+/// Samples per partial-sum chunk of the rank-one backward: the chunks are fixed by the batch
+/// size, never by the thread count, so the reduction of dw and db has the same bits for any
+/// number of threads. 64 rows of the Kaggle x0 (429 floats) are 110 KiB: a chunk's inputs
+/// stay in L2 while its partial gradients (2 L d floats) stay in L1.
+pub const CROSS_CHUNK: usize = 64;
+
+/// Smallest pass (in floats touched) that is split across threads.
+const MIN_PARALLEL_FLOATS: usize = 1 << 15;
+
+/// Which cross layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrossKind {
+    /// DCN: x_{l+1} = x0 * (x_l . w_l) + b_l + x_l.
+    RankOne,
+    /// DCN-v2: x_{l+1} = x0 ⊙ (W_l x_l + b_l) + x_l.
+    FullRank,
+}
+
+impl CrossKind {
+    /// Floats of the weights of `layers` layers of width `dim`: L d (rank one) or L d² (full
+    /// rank).
+    pub fn weight_len(self, dim: usize, layers: usize) -> usize {
+        match self {
+            CrossKind::RankOne => layers * dim,
+            CrossKind::FullRank => layers * dim * dim,
+        }
+    }
+
+    /// Floats the forward keeps for the backward, for a batch of `batch` samples: x_1 ..
+    /// x_{L-1}, and per layer the scalar x_l . w_l (rank one) or the vector u_l = W_l x_l + b_l
+    /// (full rank).
+    pub fn saved_len(self, dim: usize, layers: usize, batch: usize) -> usize {
+        let hidden = layers.saturating_sub(1) * dim;
+        batch
+            * match self {
+                CrossKind::RankOne => hidden + layers,
+                CrossKind::FullRank => hidden + layers * dim,
+            }
+    }
+}
+
+/// A cross network's parameters.
+#[derive(Clone, Copy, Debug)]
+pub struct CrossNet<'a> {
+    pub kind: CrossKind,
+    /// Width d of x0 and of every layer.
+    pub dim: usize,
+    /// Number of layers L (0: the output is x0).
+    pub layers: usize,
+    /// Rank one: L x d, row l = w_l. Full rank: L x d x d, W_l = `w[l d² ..]` row-major in
+    /// the nn.Linear layout (out x in).
+    pub w: &'a [f32],
+    /// L x d, row l = b_l.
+    pub b: &'a [f32],
+}
+
+impl CrossNet<'_> {
+    fn check(&self, who: &str) {
+        let (d, l) = (self.dim, self.layers);
+        assert_eq!(
+            self.w.len(),
+            self.kind.weight_len(d, l),
+            "{who}: {:?} weights of {l} layers of width {d} are {} floats, not {}",
+            self.kind,
+            self.kind.weight_len(d, l),
+            self.w.len()
+        );
+        assert_eq!(
+            self.b.len(),
+            l * d,
+            "{who}: biases of {l} layers of width {d} are {} floats, not {}",
+            l * d,
+            self.b.len()
+        );
+    }
+
+    fn saved_len(&self, batch: usize) -> usize {
+        self.kind.saved_len(self.dim, self.layers, batch)
+    }
+}
+
+/// Where the backward writes the gradients.
+#[derive(Debug)]
+pub struct CrossGrads<'a> {
+    /// Gradient of x0, rows `x0_stride` apart.
+    pub x0: &'a mut [f32],
+    pub x0_stride: usize,
+    /// Add the gradient of x0 to what `x0` holds (its other consumers' gradient) instead of
+    /// overwriting it.
+    pub accumulate_x0: bool,
+    /// Gradient of the weights (overwritten), shaped as [`CrossNet::w`].
+    pub w: &'a mut [f32],
+    /// Gradient of the biases (overwritten), L x d.
+    pub b: &'a mut [f32],
+}
+
+/// Reusable buffers of the backward (grow once, then no allocation).
+#[derive(Default)]
+pub struct CrossWorkspace {
+    buf: Vec<f32>,
+}
+
+impl CrossWorkspace {
+    fn take(&mut self, len: usize) -> &mut [f32] {
+        if self.buf.len() < len {
+            self.buf.resize(len, 0.0);
+        }
+        &mut self.buf[..len]
+    }
+}
+
+/// Runs `leaf(samples, part)` over sub-ranges of `0..batch`, in parallel when `work` floats
+/// are worth it. `part` holds rows `stride` apart from the first sample of its range; the
+/// result of a sample never depends on the split.
+fn for_samples<'a>(
+    batch: usize,
+    work: usize,
+    rows: (&'a mut [f32], usize),
+    leaf: &(impl Fn(Range<usize>, &mut [f32]) + Sync),
+) {
+    if batch == 0 {
+        return;
+    }
+    let stride = rows.1;
+    let grain = task_grain(batch, should_split(work, MIN_PARALLEL_FLOATS));
+    join_ranges(
+        0..batch,
+        grain,
+        rows.0,
+        &|s: &'a mut [f32], lo, mid| split_rows(s, stride, mid - lo),
+        leaf,
+    );
+}
+
+/// y = x * s + (b + z), elementwise: the rank-one layer's output row.
+#[inline(always)]
+fn rank_one_row(y: &mut [f32], x: &[f32], s: f32, b: &[f32], z: &[f32]) {
+    let s = F32s::splat(s);
+    for (((yc, xc), bc), zc) in y
+        .chunks_mut(LANES)
+        .zip(x.chunks(LANES))
+        .zip(b.chunks(LANES))
+        .zip(z.chunks(LANES))
+    {
+        store_upto(yc, load_upto(xc).mul_add(s, load_upto(bc) + load_upto(zc)));
+    }
+}
+
+/// y = x ⊙ u + z, elementwise: the full-rank layer's output row.
+#[inline(always)]
+fn full_rank_row(y: &mut [f32], x: &[f32], u: &[f32], z: &[f32]) {
+    for (((yc, xc), uc), zc) in y
+        .chunks_mut(LANES)
+        .zip(x.chunks(LANES))
+        .zip(u.chunks(LANES))
+        .zip(z.chunks(LANES))
+    {
+        store_upto(yc, load_upto(xc).mul_add(load_upto(uc), load_upto(zc)));
+    }
+}
+
+/// y (+)= x: copies a row, or adds it when `add`.
+#[inline(always)]
+fn copy_or_add(y: &mut [f32], x: &[f32], add: bool) {
+    if add {
+        for (yc, xc) in y.chunks_mut(LANES).zip(x.chunks(LANES)) {
+            store_upto(yc, load_upto(yc) + load_upto(xc));
+        }
+    } else {
+        y.copy_from_slice(x);
+    }
+}
+
+/// Forward of the cross network: `out` (rows `out_stride` apart) = x_L for the `batch` rows
+/// of `x0` (`x0_stride` apart). `saved` (`kind.saved_len(dim, layers, batch)` floats, laid out
+/// as the backward reads it) receives what the backward needs. Padding between output rows is
+/// left untouched.
+#[allow(clippy::too_many_arguments)]
+pub fn cross_forward(
+    net: &CrossNet,
+    x0: &[f32],
+    x0_stride: usize,
+    batch: usize,
+    saved: &mut [f32],
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    const WHO: &str = "cross_forward";
+    net.check(WHO);
+    let d = net.dim;
+    check_strided(x0.len(), batch, d, x0_stride, "x0", WHO);
+    check_strided(out.len(), batch, d, out_stride, "out", WHO);
+    let need = net.saved_len(batch);
+    assert!(
+        saved.len() >= need,
+        "{WHO}: saved has {} floats, the backward needs {need}",
+        saved.len()
+    );
+    let saved = &mut saved[..need];
+    if net.layers == 0 {
+        for_samples(
+            batch,
+            2 * batch * d,
+            (out, out_stride),
+            &|r, o: &mut [f32]| {
+                let lo = r.start;
+                for b in r {
+                    o[(b - lo) * out_stride..][..d].copy_from_slice(&x0[b * x0_stride..][..d]);
+                }
+            },
+        );
+        return;
+    }
+    match net.kind {
+        CrossKind::RankOne => rank_one_forward(net, x0, x0_stride, batch, saved, out, out_stride),
+        CrossKind::FullRank => full_rank_forward(net, x0, x0_stride, batch, saved, out, out_stride),
+    }
+}
+
+/// Rank-one forward, one sample at a time through all layers. `saved` holds per sample
+/// `[x_1 .. x_{L-1} | s_0 .. s_{L-1}]`, s_l = x_l . w_l.
+#[allow(clippy::too_many_arguments)]
+fn rank_one_forward(
+    net: &CrossNet,
+    x0: &[f32],
+    x0_stride: usize,
+    batch: usize,
+    saved: &mut [f32],
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let (d, layers) = (net.dim, net.layers);
+    let width = net.saved_len(1);
+    let hidden_len = (layers - 1) * d;
+    let leaf = |r: Range<usize>, (sv, o): (&mut [f32], &mut [f32])| {
+        for (i, b) in r.enumerate() {
+            let x0_row = &x0[b * x0_stride..][..d];
+            let (hidden, dots) = sv[i * width..][..width].split_at_mut(hidden_len);
+            let out_row = &mut o[i * out_stride..][..d];
+            for l in 0..layers {
+                let (done, rest) = hidden.split_at_mut(l * d);
+                let xl = if l == 0 { x0_row } else { &done[(l - 1) * d..] };
+                let s = dot(xl, &net.w[l * d..(l + 1) * d]);
+                dots[l] = s;
+                let dst = if l + 1 == layers {
+                    &mut *out_row
+                } else {
+                    &mut rest[..d]
+                };
+                rank_one_row(dst, x0_row, s, &net.b[l * d..(l + 1) * d], xl);
+            }
+        }
+    };
+    let grain = task_grain(
+        batch,
+        should_split(batch * layers * d * 3, MIN_PARALLEL_FLOATS),
+    );
+    if batch > 0 {
+        join_ranges(
+            0..batch,
+            grain,
+            (saved, out),
+            &|(sv, o): (&mut [f32], &mut [f32]), lo, mid| {
+                let (s0, s1) = split_rows(sv, width, mid - lo);
+                let (o0, o1) = split_rows(o, out_stride, mid - lo);
+                ((s0, o0), (s1, o1))
+            },
+            &leaf,
+        );
+    }
+}
+
+/// Full-rank forward, layer by layer: u_l = x_l W_l^T + b_l on the GEMM, then x_{l+1} =
+/// x0 ⊙ u_l + x_l elementwise. `saved` holds `[x_1 | .. | x_{L-1} | u_0 | .. | u_{L-1}]`,
+/// each a contiguous batch x d matrix.
+#[allow(clippy::too_many_arguments)]
+fn full_rank_forward(
+    net: &CrossNet,
+    x0: &[f32],
+    x0_stride: usize,
+    batch: usize,
+    saved: &mut [f32],
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let (d, layers) = (net.dim, net.layers);
+    let bd = batch * d;
+    let (hidden, us) = saved.split_at_mut((layers - 1) * bd);
+    for l in 0..layers {
+        let (done, rest) = hidden.split_at_mut(l * bd);
+        let (xl, xl_stride) = if l == 0 {
+            (x0, x0_stride)
+        } else {
+            (&done[(l - 1) * bd..], d)
+        };
+        let u = &mut us[l * bd..(l + 1) * bd];
+        crate::gemm::linear_forward(
+            MatRef::with_row_stride(xl, batch, d, xl_stride),
+            MatRef::new(&net.w[l * d * d..(l + 1) * d * d], d, d),
+            Some(&net.b[l * d..(l + 1) * d]),
+            false,
+            MatMut::new(u, batch, d),
+        );
+        let u: &[f32] = u;
+        let (dst, dst_stride) = if l + 1 == layers {
+            (&mut *out, out_stride)
+        } else {
+            (&mut rest[..bd], d)
+        };
+        for_samples(batch, 4 * bd, (dst, dst_stride), &|r, y: &mut [f32]| {
+            let lo = r.start;
+            for b in r {
+                full_rank_row(
+                    &mut y[(b - lo) * dst_stride..][..d],
+                    &x0[b * x0_stride..][..d],
+                    &u[b * d..][..d],
+                    &xl[b * xl_stride..][..d],
+                );
+            }
+        });
+    }
+}
+
+/// Backward of [`cross_forward`] from the gradient of its output (`grad_out`, rows
+/// `grad_out_stride` apart), with the `saved` values of that forward: the gradients of x0,
+/// of the weights and of the biases (see [`CrossGrads`]). Parameter gradients are sums over
+/// the batch, added in an order fixed by the batch size alone.
+#[allow(clippy::too_many_arguments)]
+pub fn cross_backward(
+    net: &CrossNet,
+    x0: &[f32],
+    x0_stride: usize,
+    batch: usize,
+    saved: &[f32],
+    grad_out: &[f32],
+    grad_out_stride: usize,
+    grads: CrossGrads,
+    ws: &mut CrossWorkspace,
+) {
+    const WHO: &str = "cross_backward";
+    net.check(WHO);
+    let d = net.dim;
+    check_strided(x0.len(), batch, d, x0_stride, "x0", WHO);
+    check_strided(grad_out.len(), batch, d, grad_out_stride, "grad_out", WHO);
+    check_strided(grads.x0.len(), batch, d, grads.x0_stride, "grad x0", WHO);
+    let need = net.saved_len(batch);
+    assert!(
+        saved.len() >= need,
+        "{WHO}: saved has {} floats, the forward wrote {need}",
+        saved.len()
+    );
+    assert_eq!(
+        grads.w.len(),
+        net.w.len(),
+        "{WHO}: weight gradient has {} floats for {} weights",
+        grads.w.len(),
+        net.w.len()
+    );
+    assert_eq!(
+        grads.b.len(),
+        net.b.len(),
+        "{WHO}: bias gradient has {} floats for {} biases",
+        grads.b.len(),
+        net.b.len()
+    );
+    let saved = &saved[..need];
+    if net.layers == 0 {
+        let (gs, acc) = (grads.x0_stride, grads.accumulate_x0);
+        for_samples(
+            batch,
+            2 * batch * d,
+            (grads.x0, gs),
+            &|r, gx: &mut [f32]| {
+                let lo = r.start;
+                for b in r {
+                    let src = &grad_out[b * grad_out_stride..][..d];
+                    copy_or_add(&mut gx[(b - lo) * gs..][..d], src, acc);
+                }
+            },
+        );
+        return;
+    }
+    match net.kind {
+        CrossKind::RankOne => rank_one_backward(
+            net,
+            x0,
+            x0_stride,
+            batch,
+            saved,
+            grad_out,
+            grad_out_stride,
+            grads,
+            ws,
+        ),
+        CrossKind::FullRank => full_rank_backward(
+            net,
+            x0,
+            x0_stride,
+            batch,
+            saved,
+            grad_out,
+            grad_out_stride,
+            grads,
+            ws,
+        ),
+    }
+}
+
+/// Rank-one backward: fixed chunks of CROSS_CHUNK samples, each through all layers one sample
+/// at a time, with its own partial dw and db; the partials are then added in chunk order.
+#[allow(clippy::too_many_arguments)]
+fn rank_one_backward(
+    net: &CrossNet,
+    x0: &[f32],
+    x0_stride: usize,
+    batch: usize,
+    saved: &[f32],
+    grad_out: &[f32],
+    grad_out_stride: usize,
+    grads: CrossGrads,
+    ws: &mut CrossWorkspace,
+) {
+    let (d, layers) = (net.dim, net.layers);
+    let ld = layers * d;
+    let width = net.saved_len(1);
+    let hidden_len = (layers - 1) * d;
+    let (gs, acc) = (grads.x0_stride, grads.accumulate_x0);
+    let chunks = batch.div_ceil(CROSS_CHUNK);
+    // Per chunk: partial dw (L x d), partial db (L x d), and the running gradient g (d).
+    let part_len = 2 * ld + d;
+    let partials = ws.take(chunks * part_len);
+    // A leaf's parts start at the first chunk of its range (partials) and at that chunk's
+    // first sample (dx0).
+    let leaf = |chunk_range: Range<usize>, (parts, gx): (&mut [f32], &mut [f32])| {
+        let k0 = chunk_range.start;
+        let s0 = k0 * CROSS_CHUNK;
+        for k in chunk_range {
+            let (pw, rest) = parts[(k - k0) * part_len..][..part_len].split_at_mut(ld);
+            let (pb, g) = rest.split_at_mut(ld);
+            pw.fill(0.0);
+            pb.fill(0.0);
+            for b in k * CROSS_CHUNK..((k + 1) * CROSS_CHUNK).min(batch) {
+                let x0_row = &x0[b * x0_stride..][..d];
+                let (hidden, dots) = saved[b * width..][..width].split_at(hidden_len);
+                let gx0 = &mut gx[(b - s0) * gs..][..d];
+                if !acc {
+                    gx0.fill(0.0);
+                }
+                g.copy_from_slice(&grad_out[b * grad_out_stride..][..d]);
+                for l in (0..layers).rev() {
+                    let xl = if l == 0 {
+                        x0_row
+                    } else {
+                        &hidden[(l - 1) * d..l * d]
+                    };
+                    let c = F32s::splat(dot(g, x0_row));
+                    let s = F32s::splat(dots[l]);
+                    let w = &net.w[l * d..(l + 1) * d];
+                    let (dw, db) = (&mut pw[l * d..(l + 1) * d], &mut pb[l * d..(l + 1) * d]);
+                    for (((((gc, xc), wc), dwc), dbc), gxc) in g
+                        .chunks_mut(LANES)
+                        .zip(xl.chunks(LANES))
+                        .zip(w.chunks(LANES))
+                        .zip(dw.chunks_mut(LANES))
+                        .zip(db.chunks_mut(LANES))
+                        .zip(gx0.chunks_mut(LANES))
+                    {
+                        let gv = load_upto(gc);
+                        store_upto(gxc, gv.mul_add(s, load_upto(gxc)));
+                        store_upto(dwc, load_upto(xc).mul_add(c, load_upto(dwc)));
+                        store_upto(dbc, load_upto(dbc) + gv);
+                        store_upto(gc, load_upto(wc).mul_add(c, gv));
+                    }
+                }
+                copy_or_add(gx0, g, true);
+            }
+        }
+    };
+    if chunks > 0 {
+        let grain = task_grain(
+            chunks,
+            should_split(batch * layers * d * 6, MIN_PARALLEL_FLOATS),
+        );
+        join_ranges(
+            0..chunks,
+            grain,
+            (&mut *partials, &mut *grads.x0),
+            &|(p, gx): (&mut [f32], &mut [f32]), lo, mid| {
+                let (p0, p1) = split_rows(p, part_len, mid - lo);
+                let (g0, g1) = split_rows(gx, gs, (mid - lo) * CROSS_CHUNK);
+                ((p0, g0), (p1, g1))
+            },
+            &leaf,
+        );
+    }
+    // dw, db: the chunks' partials added in chunk order.
+    let (dw, db) = (grads.w, grads.b);
+    dw.fill(0.0);
+    db.fill(0.0);
+    for part in partials.chunks(part_len) {
+        copy_or_add(dw, &part[..ld], true);
+        copy_or_add(db, &part[ld..2 * ld], true);
+    }
+}
+
+/// Full-rank backward, layer by layer from the last: per layer one elementwise pass
+/// (du = g ⊙ x0, dx0 += g ⊙ u_l) and three GEMM products (dW_l, db_l, g += du W_l).
+#[allow(clippy::too_many_arguments)]
+fn full_rank_backward(
+    net: &CrossNet,
+    x0: &[f32],
+    x0_stride: usize,
+    batch: usize,
+    saved: &[f32],
+    grad_out: &[f32],
+    grad_out_stride: usize,
+    grads: CrossGrads,
+    ws: &mut CrossWorkspace,
+) {
+    let (d, layers) = (net.dim, net.layers);
+    let bd = batch * d;
+    let (hidden, us) = saved.split_at((layers - 1) * bd);
+    let (gs, acc) = (grads.x0_stride, grads.accumulate_x0);
+    let CrossGrads {
+        x0: gx0,
+        w: dw,
+        b: db,
+        ..
+    } = grads;
+    let (g, du) = ws.take(2 * bd).split_at_mut(bd);
+    for_samples(batch, 2 * bd, (&mut *g, d), &|r, gv: &mut [f32]| {
+        let lo = r.start;
+        for b in r {
+            gv[(b - lo) * d..][..d].copy_from_slice(&grad_out[b * grad_out_stride..][..d]);
+        }
+    });
+    for l in (0..layers).rev() {
+        let (xl, xl_stride) = if l == 0 {
+            (x0, x0_stride)
+        } else {
+            (&hidden[(l - 1) * bd..l * bd], d)
+        };
+        let u = &us[l * bd..(l + 1) * bd];
+        // The first pass (the last layer) overwrites dx0 unless accumulating.
+        let add = acc || l + 1 < layers;
+        let gr: &[f32] = g;
+        let leaf = |r: Range<usize>, (dur, gxr): (&mut [f32], &mut [f32])| {
+            let lo = r.start;
+            for b in r {
+                let gb = &gr[b * d..][..d];
+                let ub = &u[b * d..][..d];
+                let xb = &x0[b * x0_stride..][..d];
+                let dub = &mut dur[(b - lo) * d..][..d];
+                let gxb = &mut gxr[(b - lo) * gs..][..d];
+                for ((((gc, uc), xc), duc), gxc) in gb
+                    .chunks(LANES)
+                    .zip(ub.chunks(LANES))
+                    .zip(xb.chunks(LANES))
+                    .zip(dub.chunks_mut(LANES))
+                    .zip(gxb.chunks_mut(LANES))
+                {
+                    let gv = load_upto(gc);
+                    store_upto(duc, gv * load_upto(xc));
+                    let base = if add {
+                        load_upto(gxc)
+                    } else {
+                        F32s::splat(0.0)
+                    };
+                    store_upto(gxc, gv.mul_add(load_upto(uc), base));
+                }
+            }
+        };
+        if batch > 0 {
+            let grain = task_grain(batch, should_split(5 * bd, MIN_PARALLEL_FLOATS));
+            join_ranges(
+                0..batch,
+                grain,
+                (&mut *du, &mut *gx0),
+                &|(a, b): (&mut [f32], &mut [f32]), lo, mid| {
+                    let (a0, a1) = split_rows(a, d, mid - lo);
+                    let (b0, b1) = split_rows(b, gs, mid - lo);
+                    ((a0, b0), (a1, b1))
+                },
+                &leaf,
+            );
+        }
+        let du_m = MatRef::new(du, batch, d);
+        linear_backward_weight(
+            du_m,
+            None,
+            MatRef::with_row_stride(xl, batch, d, xl_stride),
+            MatMut::new(&mut dw[l * d * d..(l + 1) * d * d], d, d),
+            false,
+        );
+        bias_grad(du_m, None, &mut db[l * d..(l + 1) * d], false);
+        let ops = GemmOps {
+            beta: 1.0,
+            ..GemmOps::default()
+        };
+        gemm(
+            du_m,
+            MatRef::new(&net.w[l * d * d..(l + 1) * d * d], d, d),
+            MatMut::new(g, batch, d),
+            &ops,
+        );
+    }
+    // x_0 is x0 itself: the gradient that reached it joins dx0.
+    let gr: &[f32] = g;
+    for_samples(batch, 2 * bd, (gx0, gs), &|r, gx: &mut [f32]| {
+        let lo = r.start;
+        for b in r {
+            copy_or_add(&mut gx[(b - lo) * gs..][..d], &gr[b * d..][..d], true);
+        }
+    });
+}

@@ -1,0 +1,368 @@
+//! `dlrm compare`: the DLRM paper's comparison with DCN (Naumov et al. 2019, section 6,
+//! Figure 5): each model trained with SGD and with Adagrad on the same data, evaluated every
+//! `--test-freq` steps; the validation accuracy and ROC AUC against iterations are written as a
+//! CSV table and an SVG plot. FM and DCN-v2 can join the same table (`--models`).
+
+use super::models::{self, ModelFlags};
+use anyhow::{Context, Result};
+use clap::Args;
+use dlrm::config::{Architecture, InteractionOp, Preset, join};
+use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
+use dlrm::model::embedding_tables::StorageKind;
+use dlrm::model::{ModelKind, OptimizerKind};
+use dlrm::train::{DataSource, EvalPoint, LrSchedule, TrainOptions, TrainReport, train};
+use plotters::element::DashedPathElement;
+use plotters::prelude::*;
+use std::fmt::Write as _;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+#[derive(Args, Debug)]
+pub struct CompareArgs {
+    /// Models to train, comma-separated (mf needs rating files and is not compared here).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ModelKind::Dlrm, ModelKind::Dcn])]
+    models: Vec<ModelKind>,
+    /// Optimizers to train each model with, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [OptimizerKind::Sgd, OptimizerKind::Adagrad])]
+    optimizers: Vec<OptimizerKind>,
+    /// Learning rate of the SGD runs.
+    #[arg(long, default_value_t = 0.1)]
+    lr_sgd: f32,
+    /// Learning rate of the Adagrad and row-wise Adagrad runs.
+    #[arg(long, default_value_t = 0.02)]
+    lr_adagrad: f32,
+
+    /// Starting configuration of the tables and the embedding width.
+    #[arg(long, value_enum, default_value_t = Preset::Tiny)]
+    preset: Preset,
+    /// Embedding width d (also the DLRM bottom MLP's output width).
+    #[arg(long)]
+    arch_sparse_feature_size: Option<usize>,
+    /// Rows of each embedding table, dash-separated.
+    #[arg(long)]
+    arch_embedding_size: Option<String>,
+    /// DLRM's bottom MLP (the paper's Criteo Kaggle configuration by default).
+    #[arg(long, default_value = "13-512-256-64-16")]
+    arch_mlp_bot: String,
+    /// DLRM's top MLP, without its input.
+    #[arg(long, default_value = "512-256-1")]
+    arch_mlp_top: String,
+    #[command(flatten)]
+    models_flags: ModelFlags,
+
+    /// Samples per training step.
+    #[arg(long, default_value_t = 128)]
+    mini_batch_size: usize,
+    /// Training steps of every run.
+    #[arg(long, default_value_t = 2000)]
+    num_batches: usize,
+    /// Evaluate on the held-out data every this many steps.
+    #[arg(long, default_value_t = 100)]
+    test_freq: usize,
+    /// How synthetic ids and labels are drawn.
+    #[arg(long, value_enum, default_value_t = Generation::Teacher)]
+    data_generation: Generation,
+    /// Exponent of the Zipf distribution of ids.
+    #[arg(long, default_value_t = 1.05)]
+    zipf_alpha: f64,
+    /// Ids per bag.
+    #[arg(long, default_value_t = 1)]
+    num_indices_per_lookup: usize,
+    /// Held-out samples (every evaluation scores all of them).
+    #[arg(long, default_value_t = 16_384)]
+    test_data_size: u64,
+
+    /// Worker threads (default: the number of physical cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Seed of the data and of every model's initialisation.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Folder for compare.csv and compare.svg (created if missing).
+    #[arg(long, default_value = "compare")]
+    out_dir: PathBuf,
+}
+
+/// One training run of the comparison.
+pub struct Run {
+    pub model: ModelKind,
+    pub optimizer: OptimizerKind,
+    pub report: TrainReport,
+}
+
+pub fn run(a: CompareArgs) -> Result<()> {
+    anyhow::ensure!(
+        !a.models.contains(&ModelKind::Mf),
+        "--models: mf factorizes rating files; compare it with `dlrm train --model mf`"
+    );
+    anyhow::ensure!(
+        !a.models.is_empty() && !a.optimizers.is_empty(),
+        "--models and --optimizers need at least one value each"
+    );
+    anyhow::ensure!(
+        a.test_freq > 0,
+        "--test-freq must be at least 1: the plot is of the evaluations"
+    );
+    let p = a.preset.values();
+    let d = a.arch_sparse_feature_size.unwrap_or(p.embedding_dim);
+    let tables = a
+        .arch_embedding_size
+        .clone()
+        .unwrap_or_else(|| join(&p.table_sizes));
+    let arch = Architecture::from_flags(
+        d,
+        &tables,
+        &a.arch_mlp_bot,
+        &a.arch_mlp_top,
+        InteractionOp::Dot,
+        false,
+    )?;
+    let threads = a.threads.unwrap_or_else(num_cpus::get_physical).max(1);
+    let train_len = (a.num_batches * a.mini_batch_size) as u64;
+    let synth = SyntheticConfig {
+        num_dense: arch.num_dense(),
+        table_sizes: arch.table_sizes.clone(),
+        generation: a.data_generation,
+        zipf_alpha: a.zipf_alpha,
+        num_indices_per_lookup: a.num_indices_per_lookup.max(1),
+        fixed_bag_size: true,
+        seed: a.seed,
+    };
+    for &kind in &a.models {
+        eprintln!("{}", models::describe(kind, &arch, &a.models_flags)?);
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .context("building the thread pool")?;
+    let runs = pool.install(|| -> Result<Vec<Run>> {
+        let data = SyntheticSource::new(SyntheticData::new(synth), train_len, a.test_data_size);
+        let ceiling = data
+            .ceiling_auc()
+            .map_or(String::new(), |auc| format!(", teacher AUC {auc:.4}"));
+        eprintln!(
+            "data: {train_len} training / {} held-out synthetic samples ({:?}{ceiling}); {threads} threads",
+            a.test_data_size, a.data_generation
+        );
+        compare(&a, &arch, &data, threads)
+    })?;
+    std::fs::create_dir_all(&a.out_dir)
+        .with_context(|| format!("creating {}", a.out_dir.display()))?;
+    let csv = a.out_dir.join("compare.csv");
+    std::fs::write(&csv, to_csv(&runs)).with_context(|| format!("writing {}", csv.display()))?;
+    let svg = a.out_dir.join("compare.svg");
+    plot(&runs, &svg)?;
+    println!("{}", summary(&runs));
+    eprintln!("wrote {} and {}", csv.display(), svg.display());
+    Ok(())
+}
+
+/// Trains every model with every optimizer on `data`, evaluating every `--test-freq` steps.
+fn compare(
+    a: &CompareArgs,
+    arch: &Architecture,
+    data: &dyn DataSource,
+    threads: usize,
+) -> Result<Vec<Run>> {
+    let mut runs = Vec::new();
+    for &model in &a.models {
+        for &optimizer in &a.optimizers {
+            let lr = match optimizer {
+                OptimizerKind::Sgd => a.lr_sgd,
+                OptimizerKind::Adagrad | OptimizerKind::RowwiseAdagrad => a.lr_adagrad,
+            };
+            let opts = TrainOptions {
+                batch_size: a.mini_batch_size,
+                num_batches: a.num_batches,
+                nepochs: 1,
+                lr: LrSchedule::constant(lr),
+                test_freq: a.test_freq,
+                print_freq: 0,
+                test_batch_size: a.mini_batch_size.max(1024),
+                keep_last_batch: true,
+                seed: a.seed,
+                progress: std::io::stderr().is_terminal(),
+                checkpoint: None,
+                resume: None,
+            };
+            let mut m = models::build(
+                model,
+                arch,
+                &a.models_flags,
+                optimizer,
+                &StorageKind::Anon,
+                a.seed,
+            )?;
+            eprintln!(
+                "-- {} with {} (learning rate {lr})",
+                model.name(),
+                optimizer_name(optimizer)
+            );
+            let report = train(m.as_mut(), data, &opts, threads)?;
+            eprintln!(
+                "   accuracy {:.4}, AUC {:.4}, {:.0} samples/s",
+                report.test_accuracy, report.test_auc, report.samples_per_sec
+            );
+            runs.push(Run {
+                model,
+                optimizer,
+                report,
+            });
+        }
+    }
+    Ok(runs)
+}
+
+fn optimizer_name(o: OptimizerKind) -> &'static str {
+    match o {
+        OptimizerKind::Sgd => "sgd",
+        OptimizerKind::Adagrad => "adagrad",
+        OptimizerKind::RowwiseAdagrad => "rowwise-adagrad",
+    }
+}
+
+/// One row per evaluation: model, optimizer, learning rate, step, samples seen, and the
+/// held-out log loss, accuracy, AUC and normalized entropy.
+pub fn to_csv(runs: &[Run]) -> String {
+    let mut s = String::from("model,optimizer,learning_rate,step,samples,loss,accuracy,auc,ne\n");
+    for r in runs {
+        for e in &r.report.evals {
+            writeln!(
+                s,
+                "{},{},{},{},{},{:.6},{:.6},{:.6},{:.6}",
+                r.model.name(),
+                optimizer_name(r.optimizer),
+                r.report.learning_rate,
+                e.step,
+                e.step * r.report.batch_size as u64,
+                e.loss,
+                e.accuracy,
+                e.auc,
+                e.ne
+            )
+            .expect("writing to a String");
+        }
+    }
+    s
+}
+
+/// The final evaluation of every run, as a Markdown table.
+pub fn summary(runs: &[Run]) -> String {
+    let mut s = String::from(
+        "| model | optimizer | learning rate | steps | accuracy | AUC | log loss | samples/s |\n\
+         |---|---|---|---|---|---|---|---|\n",
+    );
+    for r in runs {
+        let t = &r.report;
+        writeln!(
+            s,
+            "| {} | {} | {} | {} | {:.4} | {:.4} | {:.4} | {:.0} |",
+            r.model.name(),
+            optimizer_name(r.optimizer),
+            t.learning_rate,
+            t.steps,
+            t.test_accuracy,
+            t.test_auc,
+            t.test_loss,
+            t.samples_per_sec
+        )
+        .expect("writing to a String");
+    }
+    s
+}
+
+/// Colour of a model's lines (the optimizer sets the dash).
+fn colour(m: ModelKind) -> RGBColor {
+    match m {
+        ModelKind::Dlrm => RGBColor(31, 119, 180),
+        ModelKind::Dcn => RGBColor(214, 39, 40),
+        ModelKind::DcnV2 => RGBColor(148, 103, 189),
+        ModelKind::Fm => RGBColor(44, 160, 44),
+        ModelKind::Mf => RGBColor(127, 127, 127),
+    }
+}
+
+/// The line of a run: a colour per model, 2 px.
+fn line_style(r: &Run) -> ShapeStyle {
+    colour(r.model).stroke_width(2)
+}
+
+/// What a panel plots of an evaluation.
+type Metric = fn(&EvalPoint) -> f64;
+
+/// Validation accuracy (left) and AUC (right) against iterations, one line per run: a colour
+/// per model, solid for SGD and dashed for the Adagrads (the layout of the paper's Figure 5).
+pub fn plot(runs: &[Run], path: &Path) -> Result<()> {
+    let root = SVGBackend::new(path, (1360, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    // Two panels, and a column for the legend, which no line can then hide.
+    let (plots, legend) = root.split_horizontally(1180);
+    let panels = plots.split_evenly((1, 2));
+    let metrics: [(&str, Metric); 2] = [
+        ("validation accuracy", |e| e.accuracy),
+        ("validation AUC", |e| e.auc),
+    ];
+    let last_step = runs
+        .iter()
+        .flat_map(|r| r.report.evals.iter().map(|e| e.step))
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    for (panel, (title, metric)) in panels.iter().zip(metrics) {
+        let values = runs
+            .iter()
+            .flat_map(|r| r.report.evals.iter().map(metric))
+            .filter(|v| v.is_finite());
+        let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(v), hi.max(v))
+        });
+        let (lo, hi) = if lo < hi {
+            let pad = 0.05 * (hi - lo);
+            (lo - pad, hi + pad)
+        } else {
+            (0.0, 1.0)
+        };
+        let mut chart = ChartBuilder::on(panel)
+            .caption(title, ("sans-serif", 22))
+            .margin(14)
+            .x_label_area_size(40)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0u64..last_step, lo..hi)?;
+        chart
+            .configure_mesh()
+            .light_line_style(RGBColor(235, 235, 235))
+            .x_desc("iterations")
+            .y_desc(title)
+            .y_label_formatter(&|v| format!("{v:.3}"))
+            .draw()?;
+        for r in runs {
+            let points: Vec<(u64, f64)> = r
+                .report
+                .evals
+                .iter()
+                .map(|e| (e.step, metric(e)))
+                .filter(|(_, v)| v.is_finite())
+                .collect();
+            let style = line_style(r);
+            if r.optimizer == OptimizerKind::Sgd {
+                chart.draw_series(LineSeries::new(points, style))?;
+            } else {
+                chart.draw_series(DashedLineSeries::new(points, 8, 5, style))?;
+            }
+        }
+    }
+    for (i, r) in runs.iter().enumerate() {
+        let y = 70 + 26 * i as i32;
+        let sample = [(8, y), (40, y)];
+        if r.optimizer == OptimizerKind::Sgd {
+            legend.draw(&PathElement::new(sample, line_style(r)))?;
+        } else {
+            legend.draw(&DashedPathElement::new(sample, 8, 5, line_style(r)))?;
+        }
+        let label = format!("{} {}", r.model.name(), optimizer_name(r.optimizer));
+        legend.draw(&Text::new(label, (48, y - 8), ("sans-serif", 15)))?;
+    }
+    root.present()
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

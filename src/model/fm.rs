@@ -1,0 +1,322 @@
+//! Factorization machine (Rendle 2010, "Factorization Machines") over DLRM's features:
+//! ```text
+//! y = w0 + sum_i w_i x_i + 1/2 sum_f [(sum_i v_if x_i)^2 - sum_i v_if^2 x_i^2]
+//! ```
+//! in the O(k n) form, computed by [`dlrm_kernels::fm`]. Each categorical feature is a field
+//! whose one-hot (or multi-hot) ids look up their latent vectors v_i straight in an embedding
+//! table (rows x k) and their first-order weights w_i in a rows x 1 table beside it; the dense
+//! features are one more field, a num_dense x k table and a num_dense x 1 table, whose bag in
+//! every sample is all of its rows with the feature values x_i as weights. Every table, dense
+//! field included, is trained by the same fused sparse optimizer as DLRM's embeddings (the
+//! latent rows from one gradient row per looked-up position, the first-order rows from the
+//! output gradient pooled with the feature values); w0 is a dense parameter.
+//!
+//! The same model with two one-hot fields (users, items), no dense features and a squared loss
+//! is biased matrix factorization ([`super::mf`]): `Task::Regression` switches the loss and
+//! the predictions from probabilities to raw values.
+//!
+//! Phases, in the DLRM names of [`PhaseSeconds`]: `emb_fwd` is the materialisation of lazily
+//! initialised rows, `interaction_*` the FM kernels, `emb_update` the fused updates and
+//! `dense_update` w0.
+
+use super::sparse::SparseTables;
+use super::{
+    BatchError, DenseOptimizer, Model, ModelKind, OptimizerKind, PhaseSeconds, Stopwatch, Task,
+    validate_batch,
+};
+use crate::data::Batch;
+use crate::model::embedding_tables::StorageKind;
+use dlrm_kernels::activation::{bce_with_logits, sigmoid, squared_error};
+use dlrm_kernels::embedding::Bags;
+use dlrm_kernels::fm::{FmField, fm_backward, fm_forward};
+use rayon::prelude::*;
+use std::time::Instant;
+
+/// The shape and objective of a factorization machine.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FmConfig {
+    /// Which model this is (`fm`, or `mf` for matrix factorization), for the reports.
+    pub model: ModelKind,
+    /// Classification (BCE on sigmoid(y)) or regression (squared error on y).
+    pub task: Task,
+    /// Width k of the latent vectors.
+    pub factors: usize,
+    /// Rows of each categorical field's tables.
+    pub table_sizes: Vec<usize>,
+    /// Dense (real-valued) features, one field together; 0 for none.
+    pub num_dense: usize,
+    /// L2 regularisation of the looked-up rows of every table (0: none).
+    pub weight_decay: f32,
+    /// Initial value of the global bias w0.
+    pub initial_bias: f32,
+}
+
+impl FmConfig {
+    /// Fields: the categorical ones, then the dense one when there are dense features.
+    fn num_fields(&self) -> usize {
+        self.table_sizes.len() + usize::from(self.num_dense > 0)
+    }
+}
+
+/// The model: parameters, optimizer state and the step's buffers.
+pub struct Fm {
+    cfg: FmConfig,
+    optimizer: OptimizerKind,
+    /// Latent vectors of each field (rows x k).
+    pub factors: SparseTables,
+    /// First-order weights of each field (rows x 1).
+    pub linear: SparseTables,
+    /// The global bias w0.
+    pub bias: f32,
+    dense_opt: DenseOptimizer,
+    capacity: usize,
+    /// The dense field's bags: every sample looks up rows 0 .. num_dense.
+    dense_ids: Vec<u32>,
+    dense_offsets: Vec<u32>,
+    /// 0, 1, 2, ...: bags of one position each, for the latent rows' per-position gradients.
+    unit_offsets: Vec<u32>,
+    sums: Vec<f32>,
+    outputs: Vec<f32>,
+    probs: Vec<f32>,
+    grad_out: Vec<f32>,
+    /// Per field: the latent gradient of each looked-up position (positions x k).
+    grad_rows: Vec<Vec<f32>>,
+    phases: PhaseSeconds,
+}
+
+/// Field t's bags for `batch`: a categorical field's ids, or every dense feature with its value.
+fn field_bags<'a>(
+    batch: &'a Batch,
+    dense_ids: &'a [u32],
+    dense_offsets: &'a [u32],
+    t: usize,
+) -> Bags<'a> {
+    if t < batch.num_tables() {
+        Bags {
+            indices: &batch.indices[t],
+            offsets: &batch.offsets[t],
+            weights: None,
+        }
+    } else {
+        let b = batch.size();
+        Bags {
+            indices: &dense_ids[..b * batch.num_dense],
+            offsets: &dense_offsets[..b],
+            weights: Some(&batch.dense),
+        }
+    }
+}
+
+impl Fm {
+    /// A freshly initialised model: latent and first-order rows uniform(±sqrt(1/rows)) keyed
+    /// by (seed, table, row), as DLRM's embeddings, w0 = `cfg.initial_bias`.
+    pub fn new(
+        cfg: FmConfig,
+        optimizer: OptimizerKind,
+        storage: &StorageKind,
+        seed: u64,
+    ) -> anyhow::Result<Fm> {
+        anyhow::ensure!(cfg.factors > 0, "the latent width must be at least 1");
+        anyhow::ensure!(
+            cfg.weight_decay >= 0.0 && cfg.weight_decay.is_finite(),
+            "--weight-decay must be a non-negative number"
+        );
+        let mut rows = cfg.table_sizes.clone();
+        if cfg.num_dense > 0 {
+            rows.push(cfg.num_dense);
+        }
+        let fields = rows.len();
+        let factors = SparseTables::create(0, &rows, cfg.factors, optimizer, storage, seed)?;
+        let linear = SparseTables::create(fields, &rows, 1, optimizer, storage, seed)?;
+        Ok(Fm {
+            bias: cfg.initial_bias,
+            cfg,
+            optimizer,
+            factors,
+            linear,
+            dense_opt: DenseOptimizer::new(optimizer),
+            capacity: 0,
+            dense_ids: Vec::new(),
+            dense_offsets: Vec::new(),
+            unit_offsets: Vec::new(),
+            sums: Vec::new(),
+            outputs: Vec::new(),
+            probs: Vec::new(),
+            grad_out: Vec::new(),
+            grad_rows: vec![Vec::new(); fields],
+            phases: PhaseSeconds::default(),
+        })
+    }
+
+    pub fn config(&self) -> &FmConfig {
+        &self.cfg
+    }
+
+    fn check(&self, batch: &Batch) -> Result<(), BatchError> {
+        if batch.size() > self.capacity {
+            return Err(BatchError::TooLarge {
+                got: batch.size(),
+                capacity: self.capacity,
+            });
+        }
+        let categorical = self.cfg.table_sizes.len();
+        validate_batch(
+            batch,
+            self.cfg.num_dense,
+            &self.factors.tables[..categorical],
+        )
+    }
+
+    /// Forward: y of every sample into `outputs` (and S into `sums`). The batch must be valid.
+    fn forward(&mut self, batch: &Batch, sw: &mut Stopwatch) {
+        let b = batch.size();
+        let k = self.cfg.factors;
+        let (ids, offs) = (&self.dense_ids, &self.dense_offsets);
+        let bags = |t| field_bags(batch, ids, offs, t);
+        self.factors.materialize(|t| bags(t).indices);
+        self.linear.materialize(|t| bags(t).indices);
+        sw.lap(&mut self.phases.emb_fwd);
+        let (factors, linear) = (&self.factors, &self.linear);
+        fm_forward(
+            self.cfg.num_fields(),
+            k,
+            |t| FmField {
+                factors: factors.weights(t),
+                linear: linear.weights(t),
+                bags: bags(t),
+            },
+            self.bias,
+            &mut self.sums[..b * k],
+            &mut self.outputs[..b],
+        );
+        sw.lap(&mut self.phases.interaction_fwd);
+    }
+
+    /// Predictions for a batch: click probabilities, or values for regression.
+    pub fn predict(&mut self, batch: &Batch, out: &mut Vec<f32>) -> Result<(), BatchError> {
+        self.check(batch)?;
+        let mut sw = Stopwatch(Instant::now());
+        self.forward(batch, &mut sw);
+        let b = batch.size();
+        out.resize(b, 0.0);
+        match self.cfg.task {
+            Task::Classification => sigmoid(&self.outputs[..b], out),
+            Task::Regression => out.copy_from_slice(&self.outputs[..b]),
+        }
+        Ok(())
+    }
+
+    /// One training step: forward, the mean loss (BCE, or squared error for regression),
+    /// backward and updates. Returns the mean loss.
+    pub fn train_step(&mut self, batch: &Batch, lr: f32) -> Result<f64, BatchError> {
+        let mut sw = Stopwatch(Instant::now());
+        self.check(batch)?;
+        sw.lap(&mut self.phases.other);
+        self.forward(batch, &mut sw);
+
+        let b = batch.size();
+        let k = self.cfg.factors;
+        let (y, g) = (&self.outputs[..b], &mut self.grad_out[..b]);
+        let loss_sum = match self.cfg.task {
+            Task::Classification => {
+                bce_with_logits(y, &batch.labels, &mut self.probs[..b], g, 1.0 / b as f32)
+            }
+            Task::Regression => squared_error(y, &batch.labels, g, 2.0 / b as f32),
+        };
+        sw.lap(&mut self.phases.loss);
+
+        let (ids, offs) = (&self.dense_ids, &self.dense_offsets);
+        let bags = |t| field_bags(batch, ids, offs, t);
+        let most = (0..self.cfg.num_fields())
+            .map(|t| bags(t).indices.len())
+            .max()
+            .unwrap_or(0);
+        if self.unit_offsets.len() < most {
+            self.unit_offsets = (0..most as u32).collect();
+        }
+        let (factors, linear, grad) = (&self.factors, &self.linear, &self.grad_out[..b]);
+        let sums = &self.sums[..b * k];
+        self.grad_rows
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(t, rows)| {
+                let field = FmField {
+                    factors: factors.weights(t),
+                    linear: linear.weights(t),
+                    bags: bags(t),
+                };
+                let n = field.bags.indices.len() * k;
+                if rows.len() < n {
+                    rows.resize(n, 0.0);
+                }
+                fm_backward(field, k, sums, k, grad, &mut rows[..n], None);
+            });
+        sw.lap(&mut self.phases.interaction_bwd);
+
+        let (rows, units, wd) = (&self.grad_rows, &self.unit_offsets, self.cfg.weight_decay);
+        self.factors.update(
+            |t| {
+                let indices = bags(t).indices;
+                Bags {
+                    indices,
+                    offsets: &units[..indices.len()],
+                    weights: None,
+                }
+            },
+            |t| (&rows[t][..], k),
+            lr,
+            wd,
+        );
+        self.linear.update(bags, |_| (grad, 1), lr, wd);
+        sw.lap(&mut self.phases.emb_update);
+
+        let grad_bias = [grad.iter().map(|&x| f64::from(x)).sum::<f64>() as f32];
+        self.dense_opt
+            .step([(std::slice::from_mut(&mut self.bias), &grad_bias[..])], lr);
+        sw.lap(&mut self.phases.dense_update);
+        Ok(loss_sum / b as f64)
+    }
+}
+
+impl Model for Fm {
+    fn name(&self) -> &'static str {
+        self.cfg.model.name()
+    }
+    fn task(&self) -> Task {
+        self.cfg.task
+    }
+    fn num_dense(&self) -> usize {
+        self.cfg.num_dense
+    }
+    fn num_tables(&self) -> usize {
+        self.cfg.table_sizes.len()
+    }
+    fn optimizer(&self) -> OptimizerKind {
+        self.optimizer
+    }
+    fn reserve(&mut self, batch: usize) {
+        if batch <= self.capacity {
+            return;
+        }
+        let (nd, k) = (self.cfg.num_dense, self.cfg.factors);
+        self.dense_ids = (0..batch).flat_map(|_| 0..nd as u32).collect();
+        self.dense_offsets = (0..batch).map(|s| (s * nd) as u32).collect();
+        self.sums.resize(batch * k, 0.0);
+        self.outputs.resize(batch, 0.0);
+        self.probs.resize(batch, 0.0);
+        self.grad_out.resize(batch, 0.0);
+        self.capacity = batch;
+    }
+    fn train_step(&mut self, batch: &Batch, lr: f32) -> Result<f64, BatchError> {
+        Fm::train_step(self, batch, lr)
+    }
+    fn predict(&mut self, batch: &Batch, out: &mut Vec<f32>) -> Result<(), BatchError> {
+        Fm::predict(self, batch, out)
+    }
+    fn phases(&self) -> PhaseSeconds {
+        self.phases
+    }
+    fn add_other_seconds(&mut self, seconds: f64) {
+        self.phases.other += seconds;
+    }
+}

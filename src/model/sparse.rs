@@ -1,0 +1,107 @@
+//! A set of embedding tables trained by the fused sparse optimizer: each table with its
+//! optimizer state and its backward workspace, updated in parallel, one table per task.
+
+use super::OptimizerKind;
+use super::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind};
+use dlrm_kernels::embedding::{Bags, Pooling, SparseGradWorkspace};
+use dlrm_kernels::optim::embedding_bag_backward_update_l2;
+use rayon::prelude::*;
+
+/// Embedding tables (rows x dim each), their sparse optimizer state and workspaces.
+pub struct SparseTables {
+    pub tables: Vec<EmbeddingTable>,
+    /// Per table: the optimizer state (empty for SGD).
+    pub states: Vec<OptimizerState>,
+    workspaces: Vec<SparseGradWorkspace>,
+    optimizer: OptimizerKind,
+}
+
+impl SparseTables {
+    /// Tables of `rows[t]` x `dim`, numbered `first_index + t` (the key of their initial
+    /// values and the name of their files), with the state `optimizer` needs, in `storage`.
+    pub fn create(
+        first_index: usize,
+        rows: &[usize],
+        dim: usize,
+        optimizer: OptimizerKind,
+        storage: &StorageKind,
+        seed: u64,
+    ) -> anyhow::Result<SparseTables> {
+        let tables = rows
+            .iter()
+            .enumerate()
+            .map(|(t, &r)| EmbeddingTable::create(first_index + t, r, dim, seed, storage))
+            .collect::<Result<Vec<_>, _>>()?;
+        let width = optimizer.sparse(0.0).state_width(dim);
+        let states = tables
+            .iter()
+            .map(|t| OptimizerState::create_for(t, width))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(SparseTables {
+            workspaces: (0..tables.len())
+                .map(|_| SparseGradWorkspace::default())
+                .collect(),
+            tables,
+            states,
+            optimizer,
+        })
+    }
+
+    /// Number of tables.
+    pub fn len(&self) -> usize {
+        self.tables.len()
+    }
+
+    /// Whether there are no tables.
+    pub fn is_empty(&self) -> bool {
+        self.tables.is_empty()
+    }
+
+    /// Table t's weights.
+    pub fn weights(&self, t: usize) -> &[f32] {
+        self.tables[t].weights()
+    }
+
+    /// Gives the rows `ids(t)` of every lazily initialised table their initial values, tables
+    /// in parallel (ids must be in range).
+    pub fn materialize<'a>(&mut self, ids: impl Fn(usize) -> &'a [u32] + Sync) {
+        self.tables
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(t, table)| table.materialize(ids(t)));
+    }
+
+    /// Backward and fused update of every table, tables in parallel: table t's bags are
+    /// `bags(t)` (sum pooling) and its output gradient the rows `grads(t)` = (slice, stride),
+    /// one per bag; `weight_decay` regularises the looked-up rows (0: none).
+    pub fn update<'a>(
+        &mut self,
+        bags: impl Fn(usize) -> Bags<'a> + Sync,
+        grads: impl Fn(usize) -> (&'a [f32], usize) + Sync,
+        lr: f32,
+        weight_decay: f32,
+    ) {
+        let opt = self.optimizer.sparse(lr);
+        self.tables
+            .par_iter_mut()
+            .zip(self.states.par_iter_mut())
+            .zip(self.workspaces.par_iter_mut())
+            .enumerate()
+            .for_each(|(t, ((table, state), ws))| {
+                let dim = table.dim();
+                let (g, stride) = grads(t);
+                embedding_bag_backward_update_l2(
+                    table.weights_mut(),
+                    state.as_mut_slice(),
+                    dim,
+                    bags(t),
+                    Pooling::Sum,
+                    g,
+                    stride,
+                    opt,
+                    weight_decay,
+                    ws,
+                );
+            });
+    }
+}
