@@ -1,6 +1,8 @@
 //! Data: batches, synthetic generators, the Criteo reader and the binary dataset.
 
 pub mod batch;
+pub mod binary;
+pub mod criteo;
 pub mod synthetic;
 
 pub use batch::Batch;

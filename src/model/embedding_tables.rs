@@ -61,7 +61,7 @@
 //! memory-mapped database file).
 
 use crate::rng;
-use memmap2::{MmapMut, MmapOptions};
+use memmap2::{Mmap, MmapMut, MmapOptions};
 use rayon::prelude::*;
 use std::ffi::CString;
 use std::fmt;
@@ -307,6 +307,19 @@ fn map_file(file: &File, offset: u64, len: usize) -> io::Result<MmapMut> {
     // checked against the header (so the whole range exists), with its space reserved; other
     // processes modifying an open table file is outside the contract stated in the module docs.
     unsafe { MmapOptions::new().offset(offset).len(len).map_mut(file) }
+}
+
+/// Maps a whole file read-only (the arrays of a binary dataset, see `crate::data::binary`).
+///
+/// The same contract as the table maps: the file must keep its length and contents while
+/// mapped. The dataset is written once, under a temporary name, and never modified after its
+/// rename; other processes truncating or rewriting a dataset file in use is outside the
+/// contract (as for every memory-mapped database file).
+pub fn map_read_only(path: &Path) -> io::Result<Mmap> {
+    let file = File::open(path)?;
+    // SAFETY: a read-only private view of a file that, by the contract above, no one modifies
+    // while it is mapped; the map owns its own reference to the file.
+    unsafe { Mmap::map(&file) }
 }
 
 /// Views mapped bytes as f32 (the host is little-endian, like the file).
