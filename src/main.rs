@@ -21,12 +21,18 @@ enum Command {
     /// Train a model (on synthetic data by default) and report throughput, loss, accuracy,
     /// AUC and the time split by phase.
     Train(Box<commands::train::TrainArgs>),
+    /// Turn raw Criteo files (tab-separated) into a binary dataset for `dlrm train --dataset`.
+    Preprocess(Box<commands::preprocess::PreprocessArgs>),
+    /// Write synthetic data as a file (Criteo's tab-separated format).
+    Synth(Box<commands::synth::SynthArgs>),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => commands::train::run(*args),
+        Command::Preprocess(args) => commands::preprocess::run(*args),
+        Command::Synth(args) => commands::synth::run(*args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,3 +1,5 @@
 //! One module per subcommand.
 
+pub mod preprocess;
+pub mod synth;
 pub mod train;

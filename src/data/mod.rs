@@ -3,6 +3,7 @@
 pub mod batch;
 pub mod binary;
 pub mod criteo;
+pub mod preprocess;
 pub mod synthetic;
 
 pub use batch::Batch;
