@@ -30,6 +30,7 @@ use super::binary::{
 use super::criteo::{NUM_CATEGORICAL, NUM_DENSE, ParseError, RawRow, dense_feature, parse_line};
 use crate::rng::{SplitMix64, counter_hash, derive_key};
 use anyhow::{Context, Result};
+use dlrm_kernels::simd::prefetch_read;
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -43,10 +44,12 @@ use thiserror::Error;
 /// Target size of a chunk: large enough that per-chunk overheads vanish, small enough that a
 /// round of chunks per thread stays a few tens of MiB in flight.
 pub const CHUNK_BYTES: u64 = 4 << 20;
+/// Values counted ahead of the one whose slot is being prefetched.
+const PREFETCH_DISTANCE: usize = 16;
 /// Chunks per thread in one round of parallel parsing.
 const ROUND_CHUNKS_PER_THREAD: usize = 4;
-/// Expected size of a shuffle bucket (the memory the shuffle holds at once).
-const BUCKET_BYTES: u64 = 64 << 20;
+/// Expected size of a shuffle bucket (the shuffle holds about three times this per thread).
+const BUCKET_BYTES: u64 = 32 << 20;
 /// Bad lines quoted in the summary with --skip-bad-lines.
 const MAX_BAD_EXAMPLES: usize = 5;
 
@@ -208,6 +211,13 @@ impl IdTable {
             }
             i = (i + 1) & mask;
         }
+    }
+
+    /// Starts loading the first slot of `key` into the cache: lookups and counts are random
+    /// accesses into tables larger than the caches, so they are issued ahead of use.
+    #[inline]
+    fn prefetch(&self, key: u32) {
+        prefetch_read(self.slots.as_ptr().wrapping_add(self.home(key)));
     }
 
     #[inline]
@@ -386,6 +396,18 @@ impl Encoder {
             (Tables::Hash(n), Some(v)) => (v as u64 % n) as u32,
             (Tables::Dictionary(_), None) => EMPTY_ID,
             (Tables::Dictionary(d), Some(v)) => d[table].lookup.get(v).unwrap_or(RARE_ID),
+        }
+    }
+
+    /// Starts loading the dictionary slots of a row's values (see [`IdTable::prefetch`]).
+    #[inline]
+    fn prefetch(&self, row: &RawRow) {
+        if let Tables::Dictionary(d) = &self.tables {
+            for (dict, v) in d.iter().zip(&row.categorical) {
+                if let Some(v) = v {
+                    dict.lookup.prefetch(*v);
+                }
+            }
         }
     }
 
@@ -717,8 +739,14 @@ fn count_values(
         },
         |round, values| {
             counts.par_iter_mut().enumerate().for_each(|(t, map)| {
-                for &v in values.iter().flat_map(|c| &c[t]) {
-                    map.count(v);
+                for c in &values {
+                    let v = &c[t];
+                    for (i, &key) in v.iter().enumerate() {
+                        if let Some(&ahead) = v.get(i + PREFETCH_DISTANCE) {
+                            map.prefetch(ahead);
+                        }
+                        map.count(key);
+                    }
                 }
             });
             advance(bar, round, &mut rows, started);
@@ -762,28 +790,40 @@ impl Buckets {
     }
 
     /// Reads each bucket, permutes it uniformly (Fisher-Yates, seeded per bucket) and appends
-    /// it to `out`.
-    fn finish(self, labelled: bool, out: &mut SplitWriter, bar: &ProgressBar) -> Result<()> {
-        let size = record_bytes(labelled);
-        let mut columns = Columns::new(NUM_DENSE, NUM_CATEGORICAL);
-        for (b, (path, mut file)) in self.paths.iter().zip(self.files).enumerate() {
+    /// it to `out`, in bucket order; one bucket per thread is permuted at a time.
+    fn finish(mut self, labelled: bool, out: &mut SplitWriter, bar: &ProgressBar) -> Result<()> {
+        for (path, file) in self.paths.iter().zip(&mut self.files) {
             file.flush()
                 .with_context(|| format!("writing {}", path.display()))?;
-            drop(file);
+        }
+        drop(self.files);
+        let key = self.key;
+        let permute = |b: usize, path: &PathBuf| -> Result<Columns> {
             let records =
                 std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            let n = records.len() / size;
+            let n = records.len() / record_bytes(labelled);
             let mut order: Vec<usize> = (0..n).collect();
-            let mut rng = SplitMix64::new(derive_key(self.key, &[b as u64]));
+            let mut rng = SplitMix64::new(derive_key(key, &[b as u64]));
             for i in (1..n).rev() {
                 order.swap(i, rng.below(i as u64 + 1) as usize);
             }
-            columns.clear();
+            let mut columns = Columns::new(NUM_DENSE, NUM_CATEGORICAL);
             records_to_columns(&records, &order, labelled, &mut columns);
-            out.append(&columns)
-                .context("writing the shuffled training split")?;
             std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
             bar.inc(records.len() as u64);
+            Ok(columns)
+        };
+        let per_round = rayon::current_num_threads();
+        for (r, paths) in self.paths.chunks(per_round).enumerate() {
+            let permuted = paths
+                .par_iter()
+                .enumerate()
+                .map(|(i, p)| permute(r * per_round + i, p))
+                .collect::<Vec<Result<Columns>>>();
+            for columns in permuted {
+                out.append(&columns?)
+                    .context("writing the shuffled training split")?;
+            }
         }
         Ok(())
     }
@@ -818,7 +858,7 @@ fn encode_rows(
                 buckets: vec![Vec::new(); bucket_key.map_or(0, |(_, n)| n)],
                 bad: BadLines::default(),
             };
-            cx.parse_chunk(chunk, buf, u64::MAX, &mut out.bad, |row, raw| {
+            let mut emit = |row: u64, raw: &RawRow| {
                 let split = cx.split_of(row);
                 match bucket_key {
                     Some((key, n)) if split == 0 => {
@@ -827,7 +867,21 @@ fn encode_rows(
                     }
                     _ => encoder.push_row(raw, cx.labelled, &mut out.splits[split]),
                 }
+            };
+            // Each row is encoded after the next one is parsed, so its dictionary slots are
+            // fetched while that parse runs.
+            let mut previous: Option<(u64, RawRow)> = None;
+            let mut bad = BadLines::default();
+            cx.parse_chunk(chunk, buf, u64::MAX, &mut bad, |row, raw| {
+                encoder.prefetch(raw);
+                if let Some((r, p)) = previous.replace((row, *raw)) {
+                    emit(r, &p);
+                }
             })?;
+            if let Some((r, p)) = previous {
+                emit(r, &p);
+            }
+            out.bad = bad;
             Ok(out)
         },
         |round, encoded| {
