@@ -57,6 +57,7 @@ pub fn dictionary_file(table: usize) -> String {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum DatasetSplit {
+    /// Training: the rows the model learns from.
     Train,
     /// Validation: for choosing settings.
     Val,
