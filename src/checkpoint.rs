@@ -158,7 +158,9 @@ pub fn save(
         fs::create_dir(&dst).with_context(|| format!("{}: cannot create", dst.display()))?;
         for entry in fs::read_dir(src).with_context(|| format!("{}: cannot list", src.display()))? {
             let entry = entry?;
-            if entry.file_type()?.is_file() && is_encoding_file(&entry.file_name()) {
+            // The dataset's top-level files are its header and dictionaries; the large arrays
+            // live in its split folders and stay behind.
+            if entry.file_type()?.is_file() {
                 let to = dst.join(entry.file_name());
                 fs::copy(entry.path(), &to)
                     .with_context(|| format!("{}: cannot copy", entry.path().display()))?;
@@ -213,13 +215,6 @@ pub fn save(
     }
     crash_point("pruned");
     Ok(version)
-}
-
-/// Files of a dataset folder that encode raw rows (dictionaries, hashing settings, header);
-/// the large arrays stay behind.
-fn is_encoding_file(name: &std::ffi::OsStr) -> bool {
-    let n = name.to_string_lossy();
-    n.ends_with(".json") || n.ends_with(".dict")
 }
 
 /// The version `LATEST` in `dir` names (or `dir` itself if it is a version folder).

@@ -28,6 +28,10 @@ enum Command {
     /// Train DLRM and DCN with SGD and with Adagrad on the same data and plot validation
     /// accuracy and AUC against iterations (the DLRM paper's Figure 5): CSV + SVG.
     Compare(Box<commands::compare::CompareArgs>),
+    /// Turn raw Criteo files (tab-separated) into a binary dataset for `dlrm train --dataset`.
+    Preprocess(Box<commands::preprocess::PreprocessArgs>),
+    /// Write synthetic data as a file (Criteo's tab-separated format).
+    Synth(Box<commands::synth::SynthArgs>),
 }
 
 fn main() {
@@ -37,6 +41,8 @@ fn main() {
         Command::Export(args) => commands::export::run_export(args),
         Command::Import(args) => commands::export::run_import(args),
         Command::Compare(args) => commands::compare::run(*args),
+        Command::Preprocess(args) => commands::preprocess::run(*args),
+        Command::Synth(args) => commands::synth::run(*args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

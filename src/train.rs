@@ -106,6 +106,27 @@ pub struct TrainOptions {
     pub resume: Option<TrainState>,
 }
 
+impl TrainOptions {
+    /// One epoch of `batch_size` batches at learning rate `lr`, evaluated at the end only,
+    /// quietly, no checkpoints; change fields with struct update syntax.
+    pub fn new(batch_size: usize, lr: LrSchedule) -> TrainOptions {
+        TrainOptions {
+            batch_size,
+            num_batches: 0,
+            nepochs: 1,
+            lr,
+            test_freq: 0,
+            print_freq: 0,
+            test_batch_size: batch_size.max(1024),
+            keep_last_batch: true,
+            seed: 1,
+            progress: false,
+            checkpoint: None,
+            resume: None,
+        }
+    }
+}
+
 /// When and where checkpoints are saved.
 #[derive(Clone, Debug)]
 pub struct CheckpointPolicy {

@@ -67,18 +67,9 @@ fn tiny(seed: u64, optimizer: OptimizerKind) -> (Dlrm, SyntheticSource) {
 
 fn options(lr: f32, nepochs: usize) -> TrainOptions {
     TrainOptions {
-        batch_size: 128,
-        num_batches: 0,
         nepochs,
-        lr: LrSchedule::constant(lr),
-        test_freq: 0,
-        print_freq: 0,
-        test_batch_size: 1024,
-        keep_last_batch: true,
         seed: 7,
-        progress: false,
-        checkpoint: None,
-        resume: None,
+        ..TrainOptions::new(128, LrSchedule::constant(lr))
     }
 }
 

@@ -100,18 +100,10 @@ fn model(kind: ModelKind, opt: OptimizerKind, seed: u64) -> Box<dyn Model> {
 
 fn options(batch_size: usize, lr: f32, nepochs: usize) -> TrainOptions {
     TrainOptions {
-        batch_size,
-        num_batches: 0,
         nepochs,
-        lr: LrSchedule::constant(lr),
-        test_freq: 0,
-        print_freq: 0,
-        test_batch_size: 1024,
-        keep_last_batch: true,
         seed: 7,
-        progress: false,
-        checkpoint: None,
-        resume: None,
+        test_batch_size: 1024,
+        ..TrainOptions::new(batch_size, LrSchedule::constant(lr))
     }
 }
 

@@ -172,18 +172,11 @@ fn compare(
                 OptimizerKind::Adagrad | OptimizerKind::RowwiseAdagrad => a.lr_adagrad,
             };
             let opts = TrainOptions {
-                batch_size: a.mini_batch_size,
                 num_batches: a.num_batches,
-                nepochs: 1,
-                lr: LrSchedule::constant(lr),
                 test_freq: a.test_freq,
-                print_freq: 0,
-                test_batch_size: a.mini_batch_size.max(1024),
-                keep_last_batch: true,
                 seed: a.seed,
                 progress: std::io::stderr().is_terminal(),
-                checkpoint: None,
-                resume: None,
+                ..TrainOptions::new(a.mini_batch_size, LrSchedule::constant(lr))
             };
             let mut m = models::build(
                 model,

@@ -3,4 +3,6 @@
 pub mod compare;
 pub mod export;
 pub mod models;
+pub mod preprocess;
+pub mod synth;
 pub mod train;

@@ -1,17 +1,20 @@
 //! `dlrm train`: flags (the reference's names where it has one), presets, and the run.
 
 use super::models::{self, ModelFlags};
+use super::preprocess::EncodingArgs;
 use anyhow::{Context, Result};
 use clap::Args;
 use dlrm::checkpoint;
 use dlrm::config::{Architecture, InteractionOp, Preset, join};
+use dlrm::data::binary::{BinaryDataset, DatasetSplit};
 use dlrm::data::movielens::MovieLensSource;
+use dlrm::data::preprocess::{CHUNK_BYTES, EncodingChoice, PreprocessOptions, Sources, preprocess};
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
 use dlrm::model::embedding_tables::StorageKind;
 use dlrm::model::{Model, ModelKind, OptimizerKind};
 use dlrm::train::{CheckpointPolicy, DataSource, LrSchedule, TrainOptions, TrainReport, train};
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Where the embedding tables live.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -29,9 +32,25 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value_t = ModelKind::Dlrm)]
     model: ModelKind,
 
-    /// Starting configuration; every other flag overrides it.
-    #[arg(long, value_enum, default_value_t = Preset::Tiny)]
-    preset: Preset,
+    /// Starting configuration; every other flag overrides it [default: tiny; kaggle with
+    /// --dataset or --criteo]
+    #[arg(long, value_enum)]
+    preset: Option<Preset>,
+
+    // Real data.
+    /// Train on a binary dataset written by `dlrm preprocess` (the table sizes come from its
+    /// header).
+    #[arg(long, conflicts_with = "criteo")]
+    dataset: Option<PathBuf>,
+    /// Preprocess this raw Criteo file into a temporary dataset, then train on it (for files
+    /// small enough to preprocess on every run).
+    #[arg(long)]
+    criteo: Option<PathBuf>,
+    /// The held-out split evaluated during and after training (with --dataset or --criteo).
+    #[arg(long, value_enum, default_value_t = DatasetSplit::Test)]
+    eval_split: DatasetSplit,
+    #[command(flatten)]
+    encoding: EncodingArgs,
 
     // Architecture (the reference's flag names).
     /// Embedding width d (also the bottom MLP's output width).
@@ -52,7 +71,8 @@ pub struct TrainArgs {
     /// Include each vector's dot product with itself in the interaction.
     #[arg(long)]
     arch_interaction_itself: bool,
-    /// Cap every table at this many rows (ids are drawn within the cap).
+    /// Cap every table at this many rows (synthetic ids are drawn within the cap; with
+    /// --criteo, categories are hashed modulo it).
     #[arg(long)]
     max_ind_range: Option<usize>,
     #[command(flatten)]
@@ -160,13 +180,111 @@ pub struct TrainArgs {
     load_model: Option<PathBuf>,
 }
 
+/// Removes a folder when dropped (the temporary dataset of --criteo).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Preprocesses `file` into a dataset inside `dir`, as `dlrm preprocess` would.
+fn preprocess_criteo(a: &TrainArgs, file: &Path, dir: &Path) -> Result<BinaryDataset> {
+    let out = dir.join("dataset");
+    let opts = PreprocessOptions {
+        sources: Sources::Weights {
+            files: vec![file.to_path_buf()],
+            weights: a.encoding.weights()?,
+        },
+        out: out.clone(),
+        encoding: EncodingChoice::New(a.encoding.encoding(a.max_ind_range.map(|n| n as u64))?),
+        labelled: true,
+        skip_bad_lines: a.encoding.skip_bad_lines,
+        shuffle_seed: a.encoding.shuffle_seed,
+        chunk_bytes: CHUNK_BYTES,
+        progress: std::io::stderr().is_terminal(),
+    };
+    let s = preprocess(&opts)?;
+    eprintln!(
+        "preprocessed {} ({} lines, {} bad) in {:.2} s: train {} / validation {} / test {} rows",
+        file.display(),
+        s.lines,
+        s.bad_lines,
+        s.seconds,
+        s.rows.train,
+        s.rows.val,
+        s.rows.test
+    );
+    BinaryDataset::open(&out)
+}
+
 pub fn run(a: TrainArgs) -> Result<()> {
-    let p = a.preset.values();
+    let real = a.dataset.is_some() || a.criteo.is_some();
+    if !real {
+        anyhow::ensure!(
+            !a.encoding.any(),
+            "--min-frequency, --split, --shuffle-seed and --skip-bad-lines preprocess --criteo FILE; without it they do nothing"
+        );
+    } else {
+        anyhow::ensure!(
+            a.data_size.is_none() && a.test_data_size.is_none(),
+            "--data-size and --test-data-size size synthetic data; a dataset has its own"
+        );
+        anyhow::ensure!(
+            a.dataset.is_none() || a.max_ind_range.is_none(),
+            "--max-ind-range applies when preprocessing (dlrm preprocess --max-ind-range); the dataset's ids are already in range"
+        );
+    }
+    let p = a
+        .preset
+        .unwrap_or(if real { Preset::Kaggle } else { Preset::Tiny })
+        .values();
+    let threads = a.threads.unwrap_or_else(num_cpus::get_physical).max(1);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .context("building the thread pool")?;
+    let mut temp = None;
+    let dataset = pool.install(|| -> Result<Option<BinaryDataset>> {
+        Ok(match (&a.dataset, &a.criteo) {
+            (Some(dir), _) => Some(
+                BinaryDataset::open(dir)
+                    .with_context(|| format!("opening the dataset {}", dir.display()))?,
+            ),
+            (None, Some(file)) => {
+                let dir = std::env::temp_dir().join(format!("dlrm-criteo-{}", std::process::id()));
+                std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+                let guard = temp.insert(RemoveOnDrop(dir));
+                Some(preprocess_criteo(&a, file, &guard.0)?)
+            }
+            (None, None) => None,
+        })
+    })?;
+
     let d = a.arch_sparse_feature_size.unwrap_or(p.embedding_dim);
-    let tables = a
-        .arch_embedding_size
-        .clone()
-        .unwrap_or_else(|| join(&p.table_sizes));
+    let tables = match &dataset {
+        Some(ds) => {
+            let from_data = join(
+                &ds.header()
+                    .table_sizes
+                    .iter()
+                    .map(|&n| n as usize)
+                    .collect::<Vec<_>>(),
+            );
+            if let Some(given) = &a.arch_embedding_size {
+                anyhow::ensure!(
+                    *given == from_data,
+                    "--arch-embedding-size {given} differs from the dataset's table sizes {from_data}; leave it out to use the dataset's"
+                );
+            }
+            from_data
+        }
+        None => a
+            .arch_embedding_size
+            .clone()
+            .unwrap_or_else(|| join(&p.table_sizes)),
+    };
     let mut arch = Architecture::from_flags(
         d,
         &tables,
@@ -175,9 +293,31 @@ pub fn run(a: TrainArgs) -> Result<()> {
         a.arch_interaction_op,
         a.arch_interaction_itself,
     )?;
-    if let Some(cap) = a.max_ind_range.or(p.max_ind_range) {
-        anyhow::ensure!(cap > 0, "--max-ind-range must be at least 1");
-        arch.table_sizes.iter_mut().for_each(|r| *r = (*r).min(cap));
+    match &dataset {
+        Some(ds) => {
+            let h = ds.header();
+            anyhow::ensure!(
+                arch.num_dense() == h.num_dense,
+                "--arch-mlp-bot: the bottom MLP takes {} inputs, the dataset has {} dense features",
+                arch.num_dense(),
+                h.num_dense
+            );
+            anyhow::ensure!(
+                h.labelled,
+                "the dataset has no labels: it cannot be trained on"
+            );
+            anyhow::ensure!(
+                ds.rows(a.eval_split) > 0,
+                "the {} split of the dataset is empty: choose another --eval-split",
+                a.eval_split.name()
+            );
+        }
+        None => {
+            if let Some(cap) = a.max_ind_range.or(p.max_ind_range) {
+                anyhow::ensure!(cap > 0, "--max-ind-range must be at least 1");
+                arch.table_sizes.iter_mut().for_each(|r| *r = (*r).min(cap));
+            }
+        }
     }
     let batch_size = a.mini_batch_size.unwrap_or(p.mini_batch_size);
     let num_batches = a.num_batches.unwrap_or(p.num_batches);
@@ -187,7 +327,6 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let test_len = a
         .test_data_size
         .unwrap_or((train_len / 8).clamp(4096, 262_144));
-    let threads = a.threads.unwrap_or_else(num_cpus::get_physical).max(1);
     let storage = match a.embedding_storage {
         StorageArg::Anon => StorageKind::Anon,
         StorageArg::File => StorageKind::File {
@@ -236,8 +375,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
     );
     let opts = TrainOptions {
         batch_size,
-        // By default one epoch is the whole synthetic training set (--num-batches steps of the
-        // preset unless --data-size says otherwise).
+        // By default one epoch is the whole training set (for synthetic data, --num-batches
+        // steps of the preset unless --data-size says otherwise).
         num_batches: a.num_batches.unwrap_or(0),
         nepochs: a.nepochs,
         lr: LrSchedule {
@@ -256,7 +395,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             dir,
             every: a.save_every,
             keep: a.keep_checkpoints,
-            dataset_files: None,
+            dataset_files: a.dataset.clone().or(temp.as_ref().map(|g| g.0.clone())),
         }),
         resume: loaded.as_ref().map(|l| l.1.train_state.clone()),
     };
@@ -273,13 +412,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
         ),
     };
 
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .context("building the thread pool")?;
     let report = pool.install(|| -> Result<TrainReport> {
         let t = std::time::Instant::now();
-        let (source, mut model): (Box<dyn DataSource>, _) = match ratings {
+        let (source, mut model): (Box<dyn DataSource>, Box<dyn Model>) = match ratings {
             Some((train_file, test_file)) => {
                 let source = MovieLensSource::load(train_file, test_file, seed)?;
                 eprintln!(
@@ -302,23 +437,37 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     arch.table_sizes.iter().sum::<usize>() as f64 * d as f64 * 4.0
                         / (1u64 << 30) as f64,
                 );
-                let source = SyntheticSource::new(SyntheticData::new(synth), train_len, test_len);
+                let source: Box<dyn DataSource> = match dataset {
+                    Some(ds) => Box::new(ds.with_eval_split(a.eval_split)),
+                    None => Box::new(SyntheticSource::new(
+                        SyntheticData::new(synth),
+                        train_len,
+                        test_len,
+                    )),
+                };
                 let model = match &loaded {
                     Some((version, _, _)) => {
                         Box::new(checkpoint::load_dlrm(version, &storage)?.0) as Box<dyn Model>
                     }
                     None => models::build(a.model, &arch, &a.models, optimizer, &storage, seed)?,
                 };
+                let what = match (&a.dataset, &a.criteo) {
+                    (Some(dir), _) => format!("rows of {}", dir.display()),
+                    (None, Some(file)) => format!("rows of {}", file.display()),
+                    (None, None) => format!("synthetic samples ({:?})", a.data_generation),
+                };
                 eprintln!(
-                    "data: {train_len} training / {test_len} held-out synthetic samples ({:?}); model ready in {:.1} s",
-                    a.data_generation,
+                    "data: {} training / {} held-out {what}; model ready in {:.1} s",
+                    source.train_len(),
+                    source.test_len(),
                     t.elapsed().as_secs_f64()
                 );
-                (Box::new(source), model)
+                (source, model)
             }
         };
         train(model.as_mut(), source.as_ref(), &opts, threads)
     })?;
+    drop(temp);
     print_summary(&report);
     if let Some(path) = &a.report_json {
         let json = serde_json::to_string_pretty(&report)?;

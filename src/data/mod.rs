@@ -1,7 +1,10 @@
 //! Data: batches, synthetic generators, the Criteo reader and the binary dataset.
 
 pub mod batch;
+pub mod binary;
+pub mod criteo;
 pub mod movielens;
+pub mod preprocess;
 pub mod synthetic;
 
 pub use batch::Batch;

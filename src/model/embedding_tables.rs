@@ -61,7 +61,7 @@
 //! memory-mapped database file).
 
 use crate::rng;
-use memmap2::{MmapMut, MmapOptions};
+use memmap2::{Mmap, MmapMut, MmapOptions};
 use rayon::prelude::*;
 use std::ffi::CString;
 use std::fmt;
@@ -319,16 +319,12 @@ fn map_file_private(file: &File, offset: u64, len: usize) -> io::Result<MmapMut>
 
 /// The bytes of f32 values (little-endian on the hosts this crate supports, like the file).
 fn bytes_of(values: &[f32]) -> &[u8] {
-    // SAFETY: u8 has no alignment requirement and every f32 is 4 initialised bytes; the view
-    // borrows `values`.
-    unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), values.len() * 4) }
+    bytemuck::cast_slice(values)
 }
 
 /// The bytes of f32 values, writable (every byte pattern is some f32).
 fn bytes_of_mut(values: &mut [f32]) -> &mut [u8] {
-    // SAFETY: as in `bytes_of`; any bytes written form valid f32 bit patterns, and the
-    // exclusive borrow of `values` makes the byte view exclusive too.
-    unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), values.len() * 4) }
+    bytemuck::cast_slice_mut(values)
 }
 
 /// Writes a complete table file `dir/name` (header, data, bitmap) with large sequential writes,
@@ -362,19 +358,28 @@ fn write_matrix_file(
     })
 }
 
-/// Views mapped bytes as f32 (the host is little-endian, like the file).
+/// Maps a whole file read-only (the arrays of a binary dataset, see `crate::data::binary`).
+///
+/// The same contract as the table maps: the file must keep its length and contents while
+/// mapped. The dataset is written once, under a temporary name, and never modified after its
+/// rename; other processes truncating or rewriting a dataset file in use is outside the
+/// contract (as for every memory-mapped database file).
+pub fn map_read_only(path: &Path) -> io::Result<Mmap> {
+    let file = File::open(path)?;
+    // SAFETY: a read-only private view of a file that, by the contract above, no one modifies
+    // while it is mapped; the map owns its own reference to the file.
+    unsafe { Mmap::map(&file) }
+}
+
+/// Views mapped bytes as f32 (the host is little-endian, like the file). Maps start on page
+/// boundaries, so the view is aligned (bytemuck checks).
 fn f32s(bytes: &[u8]) -> &[f32] {
-    assert!(bytes.as_ptr().cast::<f32>().is_aligned() && bytes.len().is_multiple_of(4));
-    // SAFETY: the assert gives f32 alignment and a whole number of f32s; every bit pattern is a
-    // valid f32; the result borrows `bytes`, so it lives no longer than the map.
-    unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), bytes.len() / 4) }
+    bytemuck::cast_slice(bytes)
 }
 
 /// Views mapped bytes as mutable f32.
 fn f32s_mut(bytes: &mut [u8]) -> &mut [f32] {
-    assert!(bytes.as_ptr().cast::<f32>().is_aligned() && bytes.len().is_multiple_of(4));
-    // SAFETY: as in `f32s`; the exclusive borrow of `bytes` makes the f32 view exclusive too.
-    unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<f32>(), bytes.len() / 4) }
+    bytemuck::cast_slice_mut(bytes)
 }
 
 /// Bytes of a rows x cols f32 matrix, after checking the shape.

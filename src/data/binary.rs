@@ -1,0 +1,482 @@
+//! The binary dataset: what `dlrm preprocess` writes and `dlrm train --dataset` reads. A
+//! folder of flat little-endian arrays and a JSON header, memory-mapped, so that a batch is a
+//! copy of contiguous slices (no parsing, no per-sample work) and a dataset larger than RAM is
+//! paged by the OS.
+//!
+//! # Layout (version 1)
+//!
+//! ```text
+//! DIR/header.json        the DatasetHeader: counts, table sizes, preprocessing settings
+//! DIR/train/ val/ test/  one folder per split, each holding
+//!     dense.f32            rows x num_dense f32, row-major, already transformed
+//!     labels.f32           rows f32, 0.0 or 1.0 (absent for unlabelled data)
+//!     ids_00.u32 ...       per table: rows u32, each sample's row in that table
+//! DIR/dict_00.u32 ...    dictionary encoding only: per table, the kept raw 32-bit values in
+//!                        id order (value i has id FIRST_VALUE_ID + i)
+//! ```
+//!
+//! Labels are stored as f32 (not bytes) and ids per table (not per sample), so that filling a
+//! [`Batch`] is one `memcpy` per array: dense rows, labels, and each table's ids (one-hot bags:
+//! offsets are 0..B).
+
+use super::Batch;
+use crate::model::embedding_tables::map_read_only;
+use crate::train::DataSource;
+use anyhow::{Context, Result};
+use memmap2::Mmap;
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("dataset arrays hold little-endian values and are mapped as they are on disk");
+
+/// Name of the header file.
+pub const HEADER_FILE: &str = "header.json";
+/// The header's `format` field.
+pub const FORMAT_NAME: &str = "dlrm-binary-dataset";
+/// The layout version this module reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+/// Dense features of a split.
+pub const DENSE_FILE: &str = "dense.f32";
+/// Labels of a split.
+pub const LABELS_FILE: &str = "labels.f32";
+
+/// Table `t`'s ids in a split folder.
+pub fn ids_file(table: usize) -> String {
+    format!("ids_{table:02}.u32")
+}
+
+/// Table `t`'s dictionary in the dataset folder.
+pub fn dictionary_file(table: usize) -> String {
+    format!("dict_{table:02}.u32")
+}
+
+/// A part of the dataset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetSplit {
+    /// Training: the rows the model learns from.
+    Train,
+    /// Validation: for choosing settings.
+    Val,
+    /// Test: for the final figure.
+    Test,
+}
+
+impl DatasetSplit {
+    pub const ALL: [DatasetSplit; 3] = [DatasetSplit::Train, DatasetSplit::Val, DatasetSplit::Test];
+
+    /// The split's folder name.
+    pub fn name(self) -> &'static str {
+        match self {
+            DatasetSplit::Train => "train",
+            DatasetSplit::Val => "val",
+            DatasetSplit::Test => "test",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Rows per split (u64: the Terabyte logs have 4.4 billion).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitRows {
+    pub train: u64,
+    pub val: u64,
+    pub test: u64,
+}
+
+impl SplitRows {
+    pub fn get(&self, split: DatasetSplit) -> u64 {
+        [self.train, self.val, self.test][split.index()]
+    }
+
+    pub fn set(&mut self, split: DatasetSplit, rows: u64) {
+        *[&mut self.train, &mut self.val, &mut self.test][split.index()] = rows;
+    }
+
+    pub fn total(&self) -> u64 {
+        self.train + self.val + self.test
+    }
+}
+
+/// How raw categorical values became table rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Encoding {
+    /// Row = value mod `max_ind_range`; an empty field is 0 (the reference's hashing).
+    Hash { max_ind_range: u64 },
+    /// Values seen at least `min_frequency` times in the training split have their own row
+    /// (`dict_XX.u32`); an empty field is row `EMPTY_ID`, any other value `RARE_ID`.
+    Dictionary { min_frequency: u64 },
+}
+
+/// How raw rows were assigned to splits.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SplitRule {
+    /// The lines of all sources, in order, cut by these weights (train, val, test).
+    Weights([f64; 3]),
+    /// The first `train_sources` sources are training days; the lines of the others, in
+    /// order, are split in half: validation, then test (the reference's Terabyte split).
+    Days { train_sources: usize },
+}
+
+/// A raw input file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceFile {
+    pub path: String,
+    pub bytes: u64,
+    pub lines: u64,
+}
+
+/// `header.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DatasetHeader {
+    pub format: String,
+    pub version: u32,
+    pub num_dense: usize,
+    /// Rows of each embedding table (every id in the dataset is below its table's size).
+    pub table_sizes: Vec<u64>,
+    /// Whether the splits have labels.
+    pub labelled: bool,
+    pub rows: SplitRows,
+    pub encoding: Encoding,
+    /// The dense transform, in words.
+    pub dense_transform: String,
+    pub split: SplitRule,
+    /// Seed of the training split's shuffle (None: rows in file order).
+    pub shuffle_seed: Option<u64>,
+    pub sources: Vec<SourceFile>,
+    /// Lines left out by --skip-bad-lines.
+    pub bad_lines: u64,
+}
+
+impl DatasetHeader {
+    pub fn num_tables(&self) -> usize {
+        self.table_sizes.len()
+    }
+
+    pub fn read(dir: &Path) -> Result<DatasetHeader> {
+        let path = dir.join(HEADER_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "reading {} (is {} a dataset folder written by dlrm preprocess?)",
+                path.display(),
+                dir.display()
+            )
+        })?;
+        let header: DatasetHeader = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a dataset header", path.display()))?;
+        anyhow::ensure!(
+            header.format == FORMAT_NAME && header.version == FORMAT_VERSION,
+            "{}: format {:?} version {}, this build reads {FORMAT_NAME:?} version {FORMAT_VERSION}",
+            path.display(),
+            header.format,
+            header.version
+        );
+        anyhow::ensure!(
+            header
+                .table_sizes
+                .iter()
+                .all(|&n| (1..=1 << 32).contains(&n)),
+            "{}: every table size must be between 1 and 2^32",
+            path.display()
+        );
+        Ok(header)
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let path = dir.join(HEADER_FILE);
+        let json = serde_json::to_string_pretty(self)?;
+        std::fs::write(&path, json + "\n").with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+/// Rows of one split, column by column, as preprocessing produces them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Columns {
+    pub num_dense: usize,
+    /// rows x num_dense.
+    pub dense: Vec<f32>,
+    /// One per row (empty for unlabelled data).
+    pub labels: Vec<f32>,
+    /// Per table, one id per row.
+    pub ids: Vec<Vec<u32>>,
+}
+
+impl Columns {
+    pub fn new(num_dense: usize, num_tables: usize) -> Columns {
+        Columns {
+            num_dense,
+            ids: vec![Vec::new(); num_tables],
+            ..Columns::default()
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.dense.len() / self.num_dense.max(1)
+    }
+
+    pub fn clear(&mut self) {
+        self.dense.clear();
+        self.labels.clear();
+        self.ids.iter_mut().for_each(Vec::clear);
+    }
+}
+
+/// Write buffer per array file.
+const WRITE_BUFFER: usize = 1 << 18;
+
+/// Streams the rows of one split into its folder.
+pub struct SplitWriter {
+    rows: u64,
+    dense: BufWriter<File>,
+    labels: Option<BufWriter<File>>,
+    ids: Vec<BufWriter<File>>,
+}
+
+impl SplitWriter {
+    /// Creates the split's folder and its (empty) array files.
+    pub fn create(dir: &Path, num_tables: usize, labelled: bool) -> io::Result<SplitWriter> {
+        std::fs::create_dir(dir)?;
+        let open = |name: &str| -> io::Result<BufWriter<File>> {
+            Ok(BufWriter::with_capacity(
+                WRITE_BUFFER,
+                File::create_new(dir.join(name))?,
+            ))
+        };
+        Ok(SplitWriter {
+            rows: 0,
+            dense: open(DENSE_FILE)?,
+            labels: labelled.then(|| open(LABELS_FILE)).transpose()?,
+            ids: (0..num_tables)
+                .map(|t| open(&ids_file(t)))
+                .collect::<io::Result<_>>()?,
+        })
+    }
+
+    pub fn append(&mut self, c: &Columns) -> io::Result<()> {
+        assert_eq!(
+            c.ids.len(),
+            self.ids.len(),
+            "columns for another table count"
+        );
+        self.dense.write_all(bytemuck::cast_slice(&c.dense))?;
+        if let Some(labels) = &mut self.labels {
+            assert_eq!(
+                c.labels.len(),
+                c.rows(),
+                "a labelled split needs a label per row"
+            );
+            labels.write_all(bytemuck::cast_slice(&c.labels))?;
+        }
+        for (w, ids) in self.ids.iter_mut().zip(&c.ids) {
+            w.write_all(bytemuck::cast_slice(ids))?;
+        }
+        self.rows += c.rows() as u64;
+        Ok(())
+    }
+
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Flushes every file; returns the rows written.
+    pub fn finish(self) -> io::Result<u64> {
+        let mut all = std::iter::once(self.dense)
+            .chain(self.labels)
+            .chain(self.ids);
+        all.try_for_each(|mut w| w.flush())?;
+        Ok(self.rows)
+    }
+}
+
+/// Writes a u32 array file (a dictionary).
+pub fn write_u32_file(path: &Path, values: &[u32]) -> io::Result<()> {
+    std::fs::write(path, bytemuck::cast_slice::<u32, u8>(values))
+}
+
+/// Reads a u32 array file.
+pub fn read_u32_file(path: &Path) -> Result<Vec<u32>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    anyhow::ensure!(
+        bytes.len().is_multiple_of(4),
+        "{}: {} bytes is not a whole number of u32",
+        path.display(),
+        bytes.len()
+    );
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+/// Mapped bytes as f32 (the maps are page-aligned, and their lengths checked at open).
+fn as_f32(bytes: &[u8]) -> &[f32] {
+    if bytes.is_empty() {
+        &[]
+    } else {
+        bytemuck::cast_slice(bytes)
+    }
+}
+
+fn as_u32(bytes: &[u8]) -> &[u32] {
+    if bytes.is_empty() {
+        &[]
+    } else {
+        bytemuck::cast_slice(bytes)
+    }
+}
+
+/// The mapped arrays of one split.
+struct SplitMaps {
+    rows: u64,
+    dense: Mmap,
+    labels: Option<Mmap>,
+    ids: Vec<Mmap>,
+}
+
+impl SplitMaps {
+    fn open(dir: &Path, header: &DatasetHeader, split: DatasetSplit) -> Result<SplitMaps> {
+        let rows = header.rows.get(split);
+        let folder = dir.join(split.name());
+        let map = |name: &str, width: usize| -> Result<Mmap> {
+            let path = folder.join(name);
+            let map =
+                map_read_only(&path).with_context(|| format!("mapping {}", path.display()))?;
+            let want = rows
+                .checked_mul(4 * width as u64)
+                .context("array size overflows")?;
+            anyhow::ensure!(
+                map.len() as u64 == want,
+                "{}: {} bytes, the header's {rows} rows need {want}",
+                path.display(),
+                map.len()
+            );
+            Ok(map)
+        };
+        Ok(SplitMaps {
+            rows,
+            dense: map(DENSE_FILE, header.num_dense)?,
+            labels: header.labelled.then(|| map(LABELS_FILE, 1)).transpose()?,
+            ids: (0..header.num_tables())
+                .map(|t| map(&ids_file(t), 1))
+                .collect::<Result<_>>()?,
+        })
+    }
+}
+
+/// A binary dataset, mapped. As a [`DataSource`] it trains on the training split and
+/// evaluates on the chosen held-out split (test unless [`BinaryDataset::with_eval_split`] says
+/// otherwise); batch order is shuffled every epoch, as real data needs.
+pub struct BinaryDataset {
+    dir: PathBuf,
+    header: DatasetHeader,
+    splits: Vec<SplitMaps>,
+    eval_split: DatasetSplit,
+}
+
+impl BinaryDataset {
+    /// Reads the header and maps every array, checking each length against the header.
+    pub fn open(dir: &Path) -> Result<BinaryDataset> {
+        let header = DatasetHeader::read(dir)?;
+        let splits = DatasetSplit::ALL
+            .iter()
+            .map(|&s| SplitMaps::open(dir, &header, s))
+            .collect::<Result<_>>()?;
+        Ok(BinaryDataset {
+            dir: dir.to_path_buf(),
+            header,
+            splits,
+            eval_split: DatasetSplit::Test,
+        })
+    }
+
+    /// The held-out split that [`DataSource::fill_test`] reads.
+    pub fn with_eval_split(mut self, split: DatasetSplit) -> BinaryDataset {
+        self.eval_split = split;
+        self
+    }
+
+    pub fn eval_split(&self) -> DatasetSplit {
+        self.eval_split
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn header(&self) -> &DatasetHeader {
+        &self.header
+    }
+
+    pub fn rows(&self, split: DatasetSplit) -> u64 {
+        self.splits[split.index()].rows
+    }
+
+    /// Fills `batch` with rows `first .. first + size` of `split`: one copy per array, buffers
+    /// reused. Unlabelled data gets labels 0.
+    pub fn fill(
+        &self,
+        split: DatasetSplit,
+        first: u64,
+        size: usize,
+        batch: &mut Batch,
+    ) -> Result<()> {
+        let s = &self.splits[split.index()];
+        anyhow::ensure!(
+            first
+                .checked_add(size as u64)
+                .is_some_and(|end| end <= s.rows),
+            "rows {first}..{} are past the end of the {} split ({} rows)",
+            first.saturating_add(size as u64),
+            split.name(),
+            s.rows
+        );
+        let (a, b) = (first as usize, first as usize + size);
+        let nd = self.header.num_dense;
+        let nt = self.header.num_tables();
+        batch.num_dense = nd;
+        batch.dense.clear();
+        batch
+            .dense
+            .extend_from_slice(&as_f32(&s.dense)[a * nd..b * nd]);
+        batch.labels.clear();
+        match &s.labels {
+            Some(labels) => batch.labels.extend_from_slice(&as_f32(labels)[a..b]),
+            None => batch.labels.resize(size, 0.0),
+        }
+        batch.indices.resize(nt, Vec::new());
+        batch.offsets.resize(nt, Vec::new());
+        for ((ids, offsets), map) in batch.indices.iter_mut().zip(&mut batch.offsets).zip(&s.ids) {
+            ids.clear();
+            ids.extend_from_slice(&as_u32(map)[a..b]);
+            offsets.clear();
+            offsets.extend(0..size as u32);
+        }
+        Ok(())
+    }
+}
+
+impl DataSource for BinaryDataset {
+    fn train_len(&self) -> u64 {
+        self.rows(DatasetSplit::Train)
+    }
+    fn test_len(&self) -> u64 {
+        self.rows(self.eval_split)
+    }
+    fn fill_train(&self, first: u64, size: usize, batch: &mut Batch) -> Result<()> {
+        self.fill(DatasetSplit::Train, first, size, batch)
+    }
+    fn fill_test(&self, first: u64, size: usize, batch: &mut Batch) -> Result<()> {
+        self.fill(self.eval_split, first, size, batch)
+    }
+    fn shuffle(&self) -> bool {
+        true
+    }
+}
