@@ -2,7 +2,9 @@
 //! Kaggle-preset DLRM on synthetic batches: `train_step/kaggle-<optimizer>-t<threads>/b<batch>`,
 //! and beside it DCN (6 rank-one cross layers, deep 512-256) and the factorization machine on
 //! the same tables and batches: `train_step/<dcn|fm>-<optimizer>-t<threads>/b2048`.
-//! Throughput is in samples, so criterion's elem/s is samples/s.
+//! Beside them, the inference-only forward pass of the same Kaggle model (no gradient buffers):
+//! `inference/kaggle-t<threads>/b<batch>`. Throughput is in samples, so criterion's elem/s is
+//! samples/s.
 //!
 //! The tables are the real Kaggle sizes (2 GiB, anonymous huge-page maps); batches rotate
 //! through pre-generated Zipf-distributed ids so that lookups stay cold.
@@ -25,9 +27,9 @@ use std::time::Duration;
 /// Distinct batches cycled through (their ids far exceed the caches).
 const BATCHES: usize = 8;
 
-fn bench_train_step(c: &mut Criterion) {
+fn kaggle_architecture() -> Architecture {
     let p = Preset::Kaggle.values();
-    let arch = Architecture::from_flags(
+    Architecture::from_flags(
         p.embedding_dim,
         &join(&p.table_sizes),
         p.bottom,
@@ -35,7 +37,11 @@ fn bench_train_step(c: &mut Criterion) {
         InteractionOp::Dot,
         false,
     )
-    .expect("kaggle preset");
+    .expect("kaggle preset")
+}
+
+/// `BATCHES` Zipf-distributed batches of `batch_size` samples for `arch`.
+fn zipf_batches(arch: &Architecture, batch_size: usize) -> Vec<Batch> {
     let data = SyntheticData::new(SyntheticConfig {
         num_dense: arch.num_dense(),
         table_sizes: arch.table_sizes.clone(),
@@ -45,25 +51,38 @@ fn bench_train_step(c: &mut Criterion) {
         fixed_bag_size: true,
         seed: 1,
     });
-    let mut group = c.benchmark_group("train_step");
+    (0..BATCHES)
+        .map(|i| {
+            let mut b = Batch::default();
+            data.fill_batch(Split::Train, (i * batch_size) as u64, batch_size, &mut b);
+            b
+        })
+        .collect()
+}
+
+/// 1 and all physical cores.
+fn thread_counts() -> Vec<usize> {
+    let max_threads = num_cpus::get_physical().max(1);
+    let mut counts = vec![1];
+    if max_threads > 1 {
+        counts.push(max_threads);
+    }
+    counts
+}
+
+fn configure(group: &mut BenchmarkGroup<WallTime>) {
     group
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3));
-    let max_threads = num_cpus::get_physical().max(1);
-    let mut thread_counts = vec![1];
-    if max_threads > 1 {
-        thread_counts.push(max_threads);
-    }
-    let batches = |batch_size: usize| -> Vec<Batch> {
-        (0..BATCHES)
-            .map(|i| {
-                let mut b = Batch::default();
-                data.fill_batch(Split::Train, (i * batch_size) as u64, batch_size, &mut b);
-                b
-            })
-            .collect()
-    };
+}
+
+fn bench_train_step(c: &mut Criterion) {
+    let arch = kaggle_architecture();
+    let mut group = c.benchmark_group("train_step");
+    configure(&mut group);
+    let thread_counts = thread_counts();
+    let batches = |batch_size: usize| zipf_batches(&arch, batch_size);
     for opt in [OptimizerKind::Sgd, OptimizerKind::Adagrad] {
         let mut model = Dlrm::new(arch.clone(), opt, &StorageKind::Anon, 1).expect("kaggle model");
         for batch_size in [128usize, 2048] {
@@ -153,5 +172,37 @@ fn bench_steps(
     }
 }
 
-criterion_group!(benches, bench_train_step);
+/// The forward pass alone (`Model::predict`), sized by `reserve_inference`.
+fn bench_inference(c: &mut Criterion) {
+    let arch = kaggle_architecture();
+    let mut group = c.benchmark_group("inference");
+    configure(&mut group);
+    let mut model =
+        Dlrm::new(arch.clone(), OptimizerKind::Sgd, &StorageKind::Anon, 1).expect("kaggle model");
+    let mut probs = Vec::new();
+    for batch_size in [128usize, 2048] {
+        let batches = zipf_batches(&arch, batch_size);
+        model.reserve_inference(batch_size);
+        group.throughput(Throughput::Elements(batch_size as u64));
+        for threads in thread_counts() {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("thread pool");
+            let id = BenchmarkId::new(format!("kaggle-t{threads}"), format!("b{batch_size}"));
+            let mut i = 0;
+            group.bench_function(id, |b| {
+                pool.install(|| {
+                    b.iter(|| {
+                        i = (i + 1) % batches.len();
+                        model.predict(&batches[i], &mut probs).expect("valid batch")
+                    })
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_train_step, bench_inference);
 criterion_main!(benches);

@@ -7,6 +7,7 @@ pub mod data;
 pub mod interop;
 pub mod metrics;
 pub mod model;
+pub mod predict;
 pub mod rng;
 pub mod train;
 

@@ -21,6 +21,11 @@ enum Command {
     /// Train a model (on synthetic data by default) and report throughput, loss, accuracy,
     /// AUC and the time split by phase.
     Train(Box<commands::train::TrainArgs>),
+    /// Score a saved model on a dataset's held-out split or on raw labelled Criteo rows: loss,
+    /// accuracy, AUC, normalized entropy.
+    Eval(Box<commands::serve::EvalArgs>),
+    /// Write one click probability per line of a raw Criteo file, with a saved model.
+    Predict(Box<commands::serve::PredictArgs>),
     /// Write a checkpoint's parameters as safetensors under the PyTorch reference's names.
     Export(commands::export::ExportArgs),
     /// Read parameters from a PyTorch-named safetensors file into a new checkpoint.
@@ -38,6 +43,8 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => commands::train::run(*args),
+        Command::Eval(args) => commands::serve::run_eval(*args),
+        Command::Predict(args) => commands::serve::run_predict(*args),
         Command::Export(args) => commands::export::run_export(args),
         Command::Import(args) => commands::export::run_import(args),
         Command::Compare(args) => commands::compare::run(*args),

@@ -825,3 +825,137 @@ fn command_line_synth_preprocess_train() {
         );
     }
 }
+
+/// The number after `key ` in `text`.
+fn number_after(text: &str, key: &str) -> f64 {
+    let at = text
+        .find(key)
+        .unwrap_or_else(|| panic!("no {key:?} in {text}"))
+        + key.len();
+    text[at..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn eval_and_predict_score_a_saved_model_with_its_encoding() {
+    let dir = Scratch::new("serve");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let file = dir.path("rows.tsv");
+    write_synthetic(&file, 3000, 11);
+    let (ds, ck, report) = (dir.path("ds"), dir.path("ck"), dir.path("report.json"));
+    let o = dlrm(&[
+        "preprocess",
+        &s(&file),
+        "--out",
+        &s(&ds),
+        "--split",
+        "8,1,1",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mlps = ["--arch-mlp-bot", "13-32-16", "--arch-mlp-top", "16-1"];
+    let (ds_s, ck_s, report_s) = (s(&ds), s(&ck), s(&report));
+    let mut args = vec!["train", "--dataset", &ds_s, "--mini-batch-size", "128"];
+    args.extend(mlps);
+    args.extend(["--save-model", &ck_s, "--report-json", &report_s]);
+    let o = dlrm(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+
+    // eval on the dataset's test split reproduces the trainer's final test metrics.
+    let o = dlrm(&["eval", "--load-model", &ck_s, "--dataset", &ds_s]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(out.contains("300 rows"), "{out}");
+    let auc = number_after(&out, "AUC");
+    assert!(
+        (auc - json["test_auc"].as_f64().unwrap()).abs() < 1e-4,
+        "{out} vs {json}"
+    );
+
+    // eval on raw rows encodes them with the checkpoint's dictionaries.
+    let o = dlrm(&["eval", "--load-model", &ck_s, "--criteo", &s(&file)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(out.contains("3000 rows"), "{out}");
+    assert!(number_after(&out, "AUC") > 0.55, "{out}");
+
+    // predict: one probability per line, the same with and without the label column.
+    let predict = |input: &Path, out: &Path, extra: &[&str]| {
+        let mut args = vec!["predict", "--load-model", &ck_s, "--criteo"];
+        let (i, o) = (s(input), s(out));
+        args.extend([i.as_str(), "--out", o.as_str(), "--threads", "2"]);
+        args.extend(extra);
+        dlrm(&args)
+    };
+    let read = |p: &Path| -> Vec<f32> {
+        let text = std::fs::read_to_string(p).unwrap();
+        text.lines().map(|l| l.parse().unwrap()).collect()
+    };
+    let probs_path = dir.path("probs.txt");
+    let o = predict(&file, &probs_path, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("rows/s"));
+    let probs = read(&probs_path);
+    assert_eq!(probs.len(), 3000);
+    assert!(probs.iter().all(|p| *p > 0.0 && *p < 1.0));
+    let text = std::fs::read_to_string(&file).unwrap();
+    let unlabelled = dir.path("unlabelled.tsv");
+    let stripped: String = text
+        .lines()
+        .map(|l| format!("{}\n", l.split_once('\t').unwrap().1))
+        .collect();
+    std::fs::write(&unlabelled, stripped).unwrap();
+    let o = predict(&unlabelled, &dir.path("u.txt"), &["--no-label"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(read(&dir.path("u.txt")), probs);
+
+    // A bad line is an error naming it (and no output file appears), or NaN when skipped.
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.insert(2, "1\tnot\ta\trow");
+    let bad = dir.path("bad.tsv");
+    std::fs::write(&bad, lines.join("\n") + "\n").unwrap();
+    let bad_out = dir.path("bad.txt");
+    let o = predict(&bad, &bad_out, &[]);
+    assert!(!o.status.success());
+    assert!(stderr_of(&o).contains("bad.tsv:3:"), "{}", stderr_of(&o));
+    assert!(!bad_out.exists() && !dir.path("bad.txt.partial").exists());
+    let o = predict(&bad, &bad_out, &["--skip-bad-lines"]);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert!(
+        stderr_of(&o).contains("skipped 1 lines"),
+        "{}",
+        stderr_of(&o)
+    );
+    let mut scored = read(&bad_out);
+    assert!(scored.remove(2).is_nan());
+    assert_eq!(scored, probs);
+
+    // A model trained on synthetic ids has no encoding for raw rows.
+    let synth_ck = s(&dir.path("synth-ck"));
+    let o = dlrm(&["train", "--num-batches", "2", "--save-model", &synth_ck]);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let o = dlrm(&[
+        "predict",
+        "--load-model",
+        &synth_ck,
+        "--criteo",
+        &s(&file),
+        "--out",
+        &s(&bad_out),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr_of(&o).contains("not trained on a Criteo dataset"),
+        "{}",
+        stderr_of(&o)
+    );
+}
+
+fn stderr_of(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}

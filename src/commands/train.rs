@@ -395,7 +395,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             dir,
             every: a.save_every,
             keep: a.keep_checkpoints,
-            dataset_files: a.dataset.clone().or(temp.as_ref().map(|g| g.0.clone())),
+            dataset_files: dataset.as_ref().map(|ds| ds.dir().to_path_buf()),
         }),
         resume: loaded.as_ref().map(|l| l.1.train_state.clone()),
     };

@@ -42,7 +42,9 @@ pub struct Dlrm {
     /// Dense Adagrad accumulators: per MLP layer (bottom then top), weight then bias.
     dense_state: Vec<(Vec<f32>, Vec<f32>)>,
     workspaces: Vec<SparseGradWorkspace>,
+    /// Batch sizes the forward and the training buffers are sized for.
     capacity: usize,
+    train_capacity: usize,
     features: Vec<f32>,
     top_in: Vec<f32>,
     grad_top_in: Vec<f32>,
@@ -121,6 +123,7 @@ impl Dlrm {
             dense_state,
             workspaces,
             capacity: 0,
+            train_capacity: 0,
             features: Vec::new(),
             top_in: Vec::new(),
             grad_top_in: Vec::new(),
@@ -148,21 +151,35 @@ impl Dlrm {
         &mut self.dense_state
     }
 
-    /// Sizes every buffer for batches of up to `batch` samples (allocates only when growing).
+    /// Sizes every buffer for training on batches of up to `batch` samples (allocates only
+    /// when growing).
     pub fn reserve(&mut self, batch: usize) {
-        if batch <= self.capacity {
+        self.reserve_inference(batch);
+        if batch <= self.train_capacity {
             return;
         }
         let fd = self.feature_stride();
         let w = self.arch.top[0];
         self.bottom.reserve(batch);
         self.top.reserve(batch);
-        self.features.resize(batch * fd, 0.0);
         self.grad_features.resize(batch * fd, 0.0);
-        self.top_in.resize(batch * w, 0.0);
         self.grad_top_in.resize(batch * w, 0.0);
-        self.probs.resize(batch, 0.0);
         self.grad_logits.resize(batch, 0.0);
+        self.train_capacity = batch;
+    }
+
+    /// Sizes only the forward buffers, for inference (no gradient memory).
+    pub fn reserve_inference(&mut self, batch: usize) {
+        if batch <= self.capacity {
+            return;
+        }
+        let fd = self.feature_stride();
+        let w = self.arch.top[0];
+        self.bottom.reserve_forward(batch);
+        self.top.reserve_forward(batch);
+        self.features.resize(batch * fd, 0.0);
+        self.top_in.resize(batch * w, 0.0);
+        self.probs.resize(batch, 0.0);
         self.capacity = batch;
     }
 
@@ -237,7 +254,7 @@ impl Dlrm {
 
     /// Click probabilities for a batch (inference: no gradient work).
     pub fn predict(&mut self, batch: &Batch, probs: &mut Vec<f32>) -> Result<(), BatchError> {
-        self.check_capacity(batch)?;
+        self.check_capacity(batch, self.capacity)?;
         self.validate(batch)?;
         let mut sw = Stopwatch(Instant::now());
         self.forward_logits(batch, &mut sw);
@@ -247,11 +264,11 @@ impl Dlrm {
         Ok(())
     }
 
-    fn check_capacity(&self, batch: &Batch) -> Result<(), BatchError> {
-        if batch.size() > self.capacity {
+    fn check_capacity(&self, batch: &Batch, capacity: usize) -> Result<(), BatchError> {
+        if batch.size() > capacity {
             return Err(BatchError::TooLarge {
                 got: batch.size(),
-                capacity: self.capacity,
+                capacity,
             });
         }
         Ok(())
@@ -260,7 +277,7 @@ impl Dlrm {
     /// One training step: forward, mean BCE loss, backward, and the updates (embeddings fused
     /// into their backward, dense parameters after). Returns the batch's mean loss.
     pub fn train_step(&mut self, batch: &Batch, lr: f32) -> Result<f64, BatchError> {
-        self.check_capacity(batch)?;
+        self.check_capacity(batch, self.train_capacity)?;
         let mut sw = Stopwatch(Instant::now());
         self.validate(batch)?;
         sw.lap(&mut self.phases.other);
@@ -404,6 +421,9 @@ impl Model for Dlrm {
     }
     fn reserve(&mut self, batch: usize) {
         Dlrm::reserve(self, batch)
+    }
+    fn reserve_inference(&mut self, batch: usize) {
+        Dlrm::reserve_inference(self, batch)
     }
     fn train_step(&mut self, batch: &Batch, lr: f32) -> Result<f64, BatchError> {
         Dlrm::train_step(self, batch, lr)

@@ -57,7 +57,9 @@ pub struct Mlp {
     acts: Vec<Vec<f32>>,
     /// Gradient w.r.t. each layer's output but the last (which the caller owns).
     grads: Vec<Vec<f32>>,
+    /// Batch sizes the forward and the gradient buffers are sized for.
     capacity: usize,
+    grad_capacity: usize,
 }
 
 impl Mlp {
@@ -74,6 +76,7 @@ impl Mlp {
             acts: vec![Vec::new(); n],
             grads: vec![Vec::new(); n],
             capacity: 0,
+            grad_capacity: 0,
         }
     }
 
@@ -85,14 +88,26 @@ impl Mlp {
         self.layers.last().expect("non-empty").outputs
     }
 
-    /// Sizes the buffers for batches of up to `batch` samples (allocates only when growing).
+    /// Sizes the buffers for training on batches of up to `batch` samples (allocates only when
+    /// growing).
     pub fn reserve(&mut self, batch: usize) {
+        self.reserve_forward(batch);
+        if batch <= self.grad_capacity {
+            return;
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            self.grads[l].resize(batch * layer.outputs, 0.0);
+        }
+        self.grad_capacity = batch;
+    }
+
+    /// Sizes only the forward buffers (inference: no gradient memory).
+    pub fn reserve_forward(&mut self, batch: usize) {
         if batch <= self.capacity {
             return;
         }
         for (l, layer) in self.layers.iter().enumerate() {
             self.acts[l].resize(batch * layer.outputs, 0.0);
-            self.grads[l].resize(batch * layer.outputs, 0.0);
         }
         self.capacity = batch;
     }
@@ -139,6 +154,10 @@ impl Mlp {
         mut dx: Option<MatMut>,
     ) {
         let batch = x.rows();
+        assert!(
+            batch <= self.grad_capacity,
+            "reserve() the MLP for training on batch {batch}"
+        );
         let n = self.layers.len();
         for l in (0..n).rev() {
             let (ins, outs) = (self.layers[l].inputs, self.layers[l].outputs);

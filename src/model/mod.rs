@@ -288,6 +288,10 @@ pub trait Model: Send {
     fn optimizer(&self) -> OptimizerKind;
     /// Sizes every buffer for batches of up to `batch` samples.
     fn reserve(&mut self, batch: usize);
+    /// Sizes the buffers `predict` needs (models without a lighter inference path size all).
+    fn reserve_inference(&mut self, batch: usize) {
+        self.reserve(batch);
+    }
     /// One step: forward, loss, backward, updates. Returns the batch's mean loss.
     fn train_step(&mut self, batch: &Batch, lr: f32) -> Result<f64, BatchError>;
     /// Predictions for a batch (probabilities, or ratings for regression), no gradients.

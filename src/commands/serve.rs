@@ -1,0 +1,211 @@
+//! `dlrm eval` and `dlrm predict`: a saved model on held-out or new data, forward pass only.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use dlrm::checkpoint::{self, DATASET_DIR};
+use dlrm::data::Batch;
+use dlrm::data::binary::{BinaryDataset, DatasetSplit};
+use dlrm::data::preprocess::Encoder;
+use dlrm::metrics::EvalMetrics;
+use dlrm::model::dlrm::Dlrm;
+use dlrm::model::embedding_tables::StorageKind;
+use dlrm::predict::{ScoreOptions, score_file};
+use dlrm::train::evaluate;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Args, Debug)]
+pub struct ModelArgs {
+    /// Checkpoint folder (its LATEST version) or one version folder.
+    #[arg(long)]
+    load_model: PathBuf,
+    /// Rows scored per forward pass.
+    #[arg(long, default_value_t = 4096)]
+    mini_batch_size: usize,
+    /// Worker threads (default: the number of physical cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Leave out lines that cannot be parsed (counted and reported; predict writes NaN for
+    /// them) instead of stopping at the first.
+    #[arg(long)]
+    skip_bad_lines: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A binary dataset (dlrm preprocess); its --eval-split is scored.
+    #[arg(long, conflicts_with = "criteo", required_unless_present = "criteo")]
+    dataset: Option<PathBuf>,
+    /// Raw labelled Criteo rows, encoded as the model's training data was.
+    #[arg(long)]
+    criteo: Option<PathBuf>,
+    /// The split of --dataset to score.
+    #[arg(long, value_enum, default_value_t = DatasetSplit::Test)]
+    eval_split: DatasetSplit,
+}
+
+#[derive(Args, Debug)]
+pub struct PredictArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Raw Criteo rows to score.
+    #[arg(long)]
+    criteo: PathBuf,
+    /// The rows have no label column (Kaggle's test.txt).
+    #[arg(long)]
+    no_label: bool,
+    /// Where to write one probability per input line.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// The model of a checkpoint, its tables mapped copy-on-write (nothing read up front, nothing
+/// written back), sized for inference.
+fn load(a: &ModelArgs) -> Result<(Dlrm, PathBuf)> {
+    let version = checkpoint::resolve(&a.load_model)?;
+    let storage = StorageKind::File {
+        dir: version.clone(),
+        lazy_init: false,
+    };
+    let (mut model, _) = checkpoint::load_dlrm(&version, &storage)?;
+    model.reserve_inference(a.mini_batch_size.max(1));
+    Ok((model, version))
+}
+
+/// The encoding the checkpoint's training data had.
+fn encoder(version: &Path) -> Result<Encoder> {
+    let dir = version.join(DATASET_DIR);
+    anyhow::ensure!(
+        dir.is_dir(),
+        "{}: the model was not trained on a Criteo dataset, so the checkpoint has no dictionaries or hashing settings to encode raw rows with",
+        version.display()
+    );
+    Encoder::load(&dir).with_context(|| format!("{}: loading the encoding", dir.display()))
+}
+
+fn pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.unwrap_or_else(num_cpus::get_physical).max(1))
+        .build()
+        .context("building the thread pool")
+}
+
+pub fn run_eval(a: EvalArgs) -> Result<()> {
+    anyhow::ensure!(
+        a.model.mini_batch_size > 0,
+        "--mini-batch-size must be at least 1"
+    );
+    pool(a.model.threads)?.install(|| {
+        let (mut model, version) = load(&a.model)?;
+        let t = Instant::now();
+        let (m, rows): (EvalMetrics, u64) = match (&a.dataset, &a.criteo) {
+            (Some(dir), _) => {
+                let ds = BinaryDataset::open(dir)
+                    .with_context(|| format!("opening the dataset {}", dir.display()))?
+                    .with_eval_split(a.eval_split);
+                let rows = ds.rows(a.eval_split);
+                let mut batch = Batch::default();
+                (
+                    evaluate(&mut model, &ds, a.model.mini_batch_size, &mut batch)?,
+                    rows,
+                )
+            }
+            (None, Some(file)) => {
+                let s = score_file(
+                    &mut model,
+                    &encoder(&version)?,
+                    file,
+                    ScoreOptions {
+                        labelled: true,
+                        skip_bad_lines: a.model.skip_bad_lines,
+                        batch_size: a.model.mini_batch_size,
+                        keep: true,
+                        out: None,
+                    },
+                )?;
+                report_skipped(s.skipped, file);
+                (
+                    EvalMetrics::compute(&s.probs, &s.labels),
+                    s.lines - s.skipped,
+                )
+            }
+            (None, None) => unreachable!("clap requires --dataset or --criteo"),
+        };
+        let secs = t.elapsed().as_secs_f64();
+        println!("model {}", version.display());
+        println!(
+            "{rows} rows: loss {:.5}  accuracy {:.4}  AUC {:.4}  NE {:.4}  ({:.0} rows/s)",
+            m.loss,
+            m.accuracy,
+            m.auc,
+            m.ne,
+            rows as f64 / secs.max(1e-9)
+        );
+        Ok(())
+    })
+}
+
+pub fn run_predict(a: PredictArgs) -> Result<()> {
+    anyhow::ensure!(
+        a.model.mini_batch_size > 0,
+        "--mini-batch-size must be at least 1"
+    );
+    pool(a.model.threads)?.install(|| {
+        let (mut model, version) = load(&a.model)?;
+        let enc = encoder(&version)?;
+        // Written beside the destination and renamed when complete, so a failed run never
+        // leaves a partial file that looks like a finished one.
+        let partial = partial_path(&a.out);
+        let file = std::fs::File::create(&partial)
+            .with_context(|| format!("{}: cannot create", partial.display()))?;
+        let mut out = std::io::BufWriter::new(file);
+        let s = score_file(
+            &mut model,
+            &enc,
+            &a.criteo,
+            ScoreOptions {
+                labelled: !a.no_label,
+                skip_bad_lines: a.model.skip_bad_lines,
+                batch_size: a.model.mini_batch_size,
+                keep: false,
+                out: Some(&mut out),
+            },
+        )
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&partial);
+        })?;
+        std::io::Write::flush(&mut out)
+            .with_context(|| format!("{}: cannot write", partial.display()))?;
+        drop(out);
+        std::fs::rename(&partial, &a.out)
+            .with_context(|| format!("renaming {} to {}", partial.display(), a.out.display()))?;
+        report_skipped(s.skipped, &a.criteo);
+        eprintln!(
+            "scored {} rows of {} into {} in {:.2} s ({:.0} rows/s)",
+            s.lines - s.skipped,
+            a.criteo.display(),
+            a.out.display(),
+            s.seconds,
+            s.rows_per_sec()
+        );
+        Ok(())
+    })
+}
+
+/// `out` with `.partial` appended to its file name.
+fn partial_path(out: &Path) -> PathBuf {
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    out.with_file_name(name)
+}
+
+fn report_skipped(skipped: u64, file: &Path) {
+    if skipped > 0 {
+        eprintln!(
+            "{}: skipped {skipped} lines that could not be parsed",
+            file.display()
+        );
+    }
+}

@@ -1,0 +1,177 @@
+//! Scoring raw Criteo rows with a trained model: lines are parsed in parallel, encoded with the
+//! dictionaries (or hashing settings) the model was trained with, and scored batch by batch on
+//! the forward pass only.
+
+use crate::data::Batch;
+use crate::data::criteo::{NUM_CATEGORICAL, NUM_DENSE, RawRow, dense_feature, parse_line};
+use crate::data::preprocess::{Encoder, LineError};
+use crate::model::Model;
+use anyhow::{Context, Result, bail};
+use rayon::prelude::*;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::time::Instant;
+
+/// Lines parsed per parallel round (and scored in batches of the model's size).
+const LINES_PER_ROUND: usize = 1 << 16;
+
+/// What scoring a file did.
+#[derive(Clone, Debug, Default)]
+pub struct ScoreSummary {
+    /// Lines read, and lines that could not be parsed (skipped).
+    pub lines: u64,
+    pub skipped: u64,
+    pub seconds: f64,
+    /// The probabilities and labels of the scored rows, when asked to keep them (evaluation).
+    pub probs: Vec<f32>,
+    pub labels: Vec<f32>,
+}
+
+impl ScoreSummary {
+    pub fn rows_per_sec(&self) -> f64 {
+        (self.lines - self.skipped) as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// How to score a file.
+pub struct ScoreOptions<'a> {
+    pub labelled: bool,
+    pub skip_bad_lines: bool,
+    pub batch_size: usize,
+    /// Keep probabilities and labels in the summary.
+    pub keep: bool,
+    /// Write one line per input line: the probability, or `NaN` for a skipped line.
+    pub out: Option<&'a mut dyn Write>,
+}
+
+/// Encodes parsed rows into `batch` (one id per table per row: Criteo features are one-hot).
+pub fn encode_rows(encoder: &Encoder, rows: &[RawRow], labelled: bool, batch: &mut Batch) {
+    batch.clear();
+    batch.num_dense = NUM_DENSE;
+    batch.indices.resize(NUM_CATEGORICAL, Vec::new());
+    batch.offsets.resize(NUM_CATEGORICAL, Vec::new());
+    for row in rows {
+        batch
+            .labels
+            .push(if labelled && row.label { 1.0 } else { 0.0 });
+        batch
+            .dense
+            .extend(row.dense.iter().map(|&x| dense_feature(x)));
+    }
+    for (t, (ids, offs)) in batch.indices.iter_mut().zip(&mut batch.offsets).enumerate() {
+        ids.extend(rows.iter().map(|r| encoder.id(t, r.categorical[t])));
+        offs.extend(0..rows.len() as u32);
+    }
+}
+
+/// Scores every line of `input` with `model` (whose tables must match `encoder`'s).
+pub fn score_file(
+    model: &mut dyn Model,
+    encoder: &Encoder,
+    input: &Path,
+    mut opts: ScoreOptions,
+) -> Result<ScoreSummary> {
+    let sizes = encoder.table_sizes();
+    anyhow::ensure!(
+        model.num_tables() == sizes.len() && model.num_dense() == NUM_DENSE,
+        "the model has {} tables and {} dense features; Criteo rows have {} and {NUM_DENSE}",
+        model.num_tables(),
+        model.num_dense(),
+        sizes.len()
+    );
+    let file =
+        std::fs::File::open(input).with_context(|| format!("{}: cannot open", input.display()))?;
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let started = Instant::now();
+    let mut summary = ScoreSummary::default();
+    let mut lines: Vec<Vec<u8>> = Vec::with_capacity(LINES_PER_ROUND);
+    let mut parsed: Vec<Option<RawRow>> = Vec::with_capacity(LINES_PER_ROUND);
+    let mut good: Vec<RawRow> = Vec::new();
+    let mut batch = Batch::default();
+    let mut probs = Vec::new();
+    let mut text = String::new();
+    model.reserve_inference(opts.batch_size);
+    loop {
+        lines.clear();
+        for _ in 0..LINES_PER_ROUND {
+            let mut line = Vec::new();
+            let n = reader
+                .read_until(b'\n', &mut line)
+                .with_context(|| format!("{}: cannot read", input.display()))?;
+            if n == 0 {
+                break;
+            }
+            // The parser takes the line without its `\n` (it drops a `\r` itself).
+            if line.last() == Some(&b'\n') {
+                line.pop();
+            }
+            lines.push(line);
+        }
+        if lines.is_empty() {
+            break;
+        }
+        let first_line = summary.lines + 1;
+        let results: Vec<Result<RawRow, LineError>> = lines
+            .par_iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let mut row = RawRow::default();
+                parse_line(l, opts.labelled, &mut row)
+                    .map(|()| row)
+                    .map_err(|error| LineError {
+                        path: input.display().to_string(),
+                        line: first_line + i as u64,
+                        error,
+                    })
+            })
+            .collect();
+        parsed.clear();
+        for r in results {
+            match r {
+                Ok(row) => parsed.push(Some(row)),
+                Err(e) if opts.skip_bad_lines => {
+                    summary.skipped += 1;
+                    if summary.skipped <= 3 {
+                        eprintln!("skipped {e}");
+                    }
+                    parsed.push(None);
+                }
+                Err(e) => bail!("{e}"),
+            }
+        }
+        summary.lines += lines.len() as u64;
+        good.clear();
+        good.extend(parsed.iter().flatten().cloned());
+        let mut scores = Vec::with_capacity(good.len());
+        for chunk in good.chunks(opts.batch_size) {
+            encode_rows(encoder, chunk, opts.labelled, &mut batch);
+            model
+                .predict(&batch, &mut probs)
+                .with_context(|| format!("{}: lines from {first_line}", input.display()))?;
+            scores.extend_from_slice(&probs);
+            if opts.keep {
+                summary.labels.extend_from_slice(&batch.labels);
+            }
+        }
+        if let Some(out) = opts.out.as_deref_mut() {
+            text.clear();
+            let mut s = scores.iter();
+            for p in &parsed {
+                match p {
+                    Some(_) => {
+                        use std::fmt::Write as _;
+                        let _ = writeln!(text, "{}", s.next().expect("a score per parsed row"));
+                    }
+                    None => text.push_str("NaN\n"),
+                }
+            }
+            out.write_all(text.as_bytes())
+                .context("writing the predictions")?;
+        }
+        if opts.keep {
+            summary.probs.extend_from_slice(&scores);
+        }
+    }
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
