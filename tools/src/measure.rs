@@ -1,0 +1,180 @@
+//! Timing a workload: warm-up steps first (page faults, buffer growth, caches), then repeats of
+//! a fixed number of steps, each repeat timed as a whole. The reported rate is the median
+//! repeat, which a noisy neighbour or a stray page-cache flush in one repeat does not move.
+
+use crate::workload::Workload;
+use anyhow::Result;
+use dlrm::model::PhaseSeconds;
+use std::time::Instant;
+
+/// How many steps a point runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Schedule {
+    /// Untimed steps before the first repeat.
+    pub warmup_steps: usize,
+    /// Timed repeats (the median is reported).
+    pub repeats: usize,
+    /// Steps per repeat.
+    pub steps: usize,
+}
+
+/// The timings of one point.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Measurement {
+    pub samples_per_step: usize,
+    /// Samples per second of each repeat, in run order.
+    pub rates: Vec<f64>,
+    /// Mean seconds per step of each phase over all repeats (training only).
+    pub phases_per_step: Option<PhaseSeconds>,
+}
+
+/// The median of `values` (the mean of the middle two for an even count); NaN when empty.
+pub fn median(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        0.5 * (v[mid - 1] + v[mid])
+    }
+}
+
+impl Measurement {
+    /// Median samples per second over the repeats.
+    pub fn samples_per_sec(&self) -> f64 {
+        median(&self.rates)
+    }
+
+    pub fn min_rate(&self) -> f64 {
+        self.rates.iter().copied().fold(f64::INFINITY, f64::min)
+    }
+
+    pub fn max_rate(&self) -> f64 {
+        self.rates.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+    }
+
+    /// Milliseconds per step at the median rate.
+    pub fn step_ms(&self) -> f64 {
+        1e3 * self.samples_per_step as f64 / self.samples_per_sec()
+    }
+}
+
+/// `(after - before) / steps`, phase by phase.
+fn phase_delta(before: &PhaseSeconds, after: &PhaseSeconds, steps: usize) -> PhaseSeconds {
+    let per = |a: f64, b: f64| (a - b) / steps as f64;
+    PhaseSeconds {
+        emb_fwd: per(after.emb_fwd, before.emb_fwd),
+        bot_fwd: per(after.bot_fwd, before.bot_fwd),
+        interaction_fwd: per(after.interaction_fwd, before.interaction_fwd),
+        top_fwd: per(after.top_fwd, before.top_fwd),
+        loss: per(after.loss, before.loss),
+        top_bwd: per(after.top_bwd, before.top_bwd),
+        interaction_bwd: per(after.interaction_bwd, before.interaction_bwd),
+        bot_bwd: per(after.bot_bwd, before.bot_bwd),
+        emb_update: per(after.emb_update, before.emb_update),
+        dense_update: per(after.dense_update, before.dense_update),
+        other: per(after.other, before.other),
+    }
+}
+
+/// Runs the schedule on `w` (on the current thread pool) and returns its timings.
+pub fn measure(w: &mut dyn Workload, s: &Schedule) -> Result<Measurement> {
+    anyhow::ensure!(
+        s.repeats > 0 && s.steps > 0,
+        "a point needs at least one repeat of at least one step"
+    );
+    for _ in 0..s.warmup_steps {
+        w.step()?;
+    }
+    let before = w.phases();
+    let samples = w.samples_per_step();
+    let mut rates = Vec::with_capacity(s.repeats);
+    for _ in 0..s.repeats {
+        let t = Instant::now();
+        for _ in 0..s.steps {
+            w.step()?;
+        }
+        let secs = t.elapsed().as_secs_f64();
+        rates.push((s.steps * samples) as f64 / secs.max(1e-12));
+    }
+    let phases_per_step = before
+        .zip(w.phases())
+        .map(|(b, a)| phase_delta(&b, &a, s.repeats * s.steps));
+    Ok(Measurement {
+        samples_per_step: samples,
+        rates,
+        phases_per_step,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[7.0]), 7.0);
+        assert!(median(&[]).is_nan());
+    }
+
+    /// Counts steps, and books 1 ms of `emb_fwd` per step.
+    struct Counter {
+        steps: usize,
+        phases: PhaseSeconds,
+    }
+
+    impl Workload for Counter {
+        fn samples_per_step(&self) -> usize {
+            10
+        }
+        fn step(&mut self) -> Result<()> {
+            self.steps += 1;
+            self.phases.emb_fwd += 1e-3;
+            std::thread::sleep(std::time::Duration::from_micros(200));
+            Ok(())
+        }
+        fn phases(&self) -> Option<PhaseSeconds> {
+            Some(self.phases)
+        }
+        fn flops_per_sample(&self) -> Option<f64> {
+            None
+        }
+    }
+
+    #[test]
+    fn measures_repeats_after_the_warmup() {
+        let mut w = Counter {
+            steps: 0,
+            phases: PhaseSeconds {
+                emb_fwd: 5.0,
+                ..PhaseSeconds::default()
+            },
+        };
+        let s = Schedule {
+            warmup_steps: 3,
+            repeats: 4,
+            steps: 5,
+        };
+        let m = measure(&mut w, &s).unwrap();
+        assert_eq!(w.steps, 3 + 4 * 5);
+        assert_eq!(m.rates.len(), 4);
+        assert_eq!(m.samples_per_step, 10);
+        // 5 steps of >= 200 us: at most 50 samples per ms.
+        assert!(
+            m.rates.iter().all(|&r| r > 0.0 && r <= 50e3),
+            "{:?}",
+            m.rates
+        );
+        assert!(m.min_rate() <= m.samples_per_sec() && m.samples_per_sec() <= m.max_rate());
+        let p = m.phases_per_step.unwrap();
+        assert!((p.emb_fwd - 1e-3).abs() < 1e-9, "{}", p.emb_fwd);
+        assert_eq!(p.top_bwd, 0.0);
+        assert!(measure(&mut w, &Schedule { repeats: 0, ..s }).is_err());
+    }
+}
