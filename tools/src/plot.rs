@@ -171,3 +171,49 @@ where
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::measure::Measurement;
+    use crate::report::{Point, rows};
+
+    #[test]
+    fn marks_the_socket_boundaries_within_the_sweep() {
+        let points: Vec<Point> = [1usize, 2, 4, 8, 12, 16]
+            .iter()
+            .map(|&t| Point {
+                threads: t,
+                sockets: 1 + (t > 8) as usize,
+                cpus: crate::topology::format_cpulist(0..t),
+                measurement: Measurement {
+                    samples_per_step: 2048,
+                    rates: vec![1000.0 * t as f64 * 0.9, 1000.0 * t as f64],
+                    phases_per_step: None,
+                },
+                flops_per_sample: None,
+            })
+            .collect();
+        let marks = [
+            Boundary {
+                threads: 9,
+                what: "socket 1".into(),
+            },
+            Boundary {
+                threads: 17,
+                what: "SMT".into(),
+            },
+        ];
+        let path = std::env::temp_dir().join(format!("dlrm-plot-{}.svg", std::process::id()));
+        write_svg(&path, "a 2-socket study", &rows(&points), &marks).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(svg.contains("a 2-socket study"));
+        assert!(
+            svg.contains("socket 1"),
+            "the boundary at 9 threads is drawn"
+        );
+        assert!(!svg.contains("SMT"), "17 threads is past the sweep");
+        assert!(write_svg(&path, "empty", &[], &marks).is_err());
+    }
+}
