@@ -6,6 +6,7 @@
 pub mod measure;
 pub mod plot;
 pub mod report;
+pub mod schedstat;
 pub mod study;
 pub mod sweep;
 pub mod topology;

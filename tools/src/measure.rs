@@ -2,6 +2,7 @@
 //! a fixed number of steps, each repeat timed as a whole. The reported rate is the median
 //! repeat, which a noisy neighbour or a stray page-cache flush in one repeat does not move.
 
+use crate::schedstat::{SchedTimes, pool_times};
 use crate::workload::Workload;
 use anyhow::Result;
 use dlrm::model::PhaseSeconds;
@@ -26,6 +27,13 @@ pub struct Measurement {
     pub rates: Vec<f64>,
     /// Mean seconds per step of each phase over all repeats (training only).
     pub phases_per_step: Option<PhaseSeconds>,
+    /// Threads of the pool that ran the repeats.
+    pub threads: usize,
+    /// Wall-clock seconds from the scheduler snapshot before the repeats to the one after.
+    pub seconds: f64,
+    /// The pool's scheduler times over the repeats, summed over its threads (where the OS
+    /// reports them).
+    pub sched: Option<SchedTimes>,
 }
 
 /// The median of `values` (the mean of the middle two for an even count); NaN when empty.
@@ -55,6 +63,19 @@ impl Measurement {
 
     pub fn max_rate(&self) -> f64 {
         self.rates.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+    }
+
+    /// Fraction of the pool's thread-time spent on a CPU (rayon's brief spinning included).
+    pub fn cpu_busy(&self) -> Option<f64> {
+        self.sched
+            .map(|s| s.run_ns as f64 * 1e-9 / (self.seconds * self.threads as f64))
+    }
+
+    /// Fraction of the pool's thread-time spent ready to run but waiting for a CPU that
+    /// another process held.
+    pub fn cpu_wait(&self) -> Option<f64> {
+        self.sched
+            .map(|s| s.wait_ns as f64 * 1e-9 / (self.seconds * self.threads as f64))
     }
 
     /// Milliseconds per step at the median rate.
@@ -93,6 +114,8 @@ pub fn measure(w: &mut dyn Workload, s: &Schedule) -> Result<Measurement> {
     let before = w.phases();
     let samples = w.samples_per_step();
     let mut rates = Vec::with_capacity(s.repeats);
+    let window = Instant::now();
+    let sched_before = pool_times();
     for _ in 0..s.repeats {
         let t = Instant::now();
         for _ in 0..s.steps {
@@ -101,6 +124,8 @@ pub fn measure(w: &mut dyn Workload, s: &Schedule) -> Result<Measurement> {
         let secs = t.elapsed().as_secs_f64();
         rates.push((s.steps * samples) as f64 / secs.max(1e-12));
     }
+    let sched = sched_before.zip(pool_times()).map(|(b, a)| a.since(&b));
+    let seconds = window.elapsed().as_secs_f64();
     let phases_per_step = before
         .zip(w.phases())
         .map(|(b, a)| phase_delta(&b, &a, s.repeats * s.steps));
@@ -108,6 +133,9 @@ pub fn measure(w: &mut dyn Workload, s: &Schedule) -> Result<Measurement> {
         samples_per_step: samples,
         rates,
         phases_per_step,
+        threads: rayon::current_num_threads(),
+        seconds,
+        sched,
     })
 }
 
@@ -175,6 +203,16 @@ mod tests {
         let p = m.phases_per_step.unwrap();
         assert!((p.emb_fwd - 1e-3).abs() < 1e-9, "{}", p.emb_fwd);
         assert_eq!(p.top_bwd, 0.0);
+        assert_eq!(m.threads, rayon::current_num_threads());
+        assert!(m.seconds >= 4.0 * 5.0 * 200e-6, "{}", m.seconds);
+        // Fractions of the window (up to the jitter of reading each thread's counters).
+        if let (Some(busy), Some(wait)) = (m.cpu_busy(), m.cpu_wait()) {
+            let fraction = 0.0..1.1;
+            assert!(
+                fraction.contains(&busy) && fraction.contains(&wait),
+                "{busy} {wait}"
+            );
+        }
         assert!(measure(&mut w, &Schedule { repeats: 0, ..s }).is_err());
     }
 }

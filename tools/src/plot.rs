@@ -190,6 +190,9 @@ mod tests {
                     samples_per_step: 2048,
                     rates: vec![1000.0 * t as f64 * 0.9, 1000.0 * t as f64],
                     phases_per_step: None,
+                    threads: t,
+                    seconds: 1.0,
+                    sched: None,
                 },
                 flops_per_sample: None,
             })

@@ -14,7 +14,7 @@ use std::fmt::Write;
 #[derive(Clone, Debug, PartialEq)]
 pub struct Point {
     pub threads: usize,
-    /// Sockets its threads ran on.
+    /// Sockets its threads ran on (0 when unpinned: the OS placed them).
     pub sockets: usize,
     /// Its CPUs as a kernel CPU list ("0-3,8-11"), or "unpinned".
     pub cpus: String,
@@ -38,6 +38,10 @@ pub struct Row {
     pub efficiency: f64,
     pub step_ms: f64,
     pub gflop_per_sec: Option<f64>,
+    /// Fractions of the pool's thread-time on a CPU, and waiting for one held by another
+    /// process (see [`crate::schedstat`]).
+    pub cpu_busy: Option<f64>,
+    pub cpu_wait: Option<f64>,
     /// Milliseconds per step of each training phase.
     pub phases_ms: Option<PhaseSeconds>,
 }
@@ -66,6 +70,8 @@ pub fn rows(points: &[Point]) -> Vec<Row> {
                 efficiency: speedup / p.threads as f64,
                 step_ms: m.step_ms(),
                 gflop_per_sec: p.flops_per_sample.map(|f| f * rate * 1e-9),
+                cpu_busy: m.cpu_busy(),
+                cpu_wait: m.cpu_wait(),
                 phases_ms: m.phases_per_step.map(|s| scale(&s, 1e3)),
             }
         })
@@ -97,8 +103,9 @@ pub fn phase_names() -> Vec<&'static str> {
         .collect()
 }
 
-/// The columns of scaling.csv: the study, the point, its rates, and one `<phase>_ms` column per
-/// training phase (milliseconds per step; empty for kernel workloads).
+/// The columns of scaling.csv: the study, the point, its rates, the pool's CPU busy and wait
+/// fractions (empty where the OS does not report them), and one `<phase>_ms` column per training
+/// phase (milliseconds per step; empty for kernel workloads).
 pub fn csv_header() -> Vec<String> {
     let mut cols: Vec<String> = [
         "workload",
@@ -114,6 +121,8 @@ pub fn csv_header() -> Vec<String> {
         "efficiency",
         "step_ms",
         "gflop_per_sec",
+        "cpu_busy",
+        "cpu_wait",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -143,6 +152,8 @@ pub fn csv(workload: &str, placement: &str, rows: &[Row]) -> String {
             format!("{:.4}", r.efficiency),
             format!("{:.4}", r.step_ms),
             r.gflop_per_sec.map_or(String::new(), |g| format!("{g:.3}")),
+            r.cpu_busy.map_or(String::new(), |f| format!("{f:.4}")),
+            r.cpu_wait.map_or(String::new(), |f| format!("{f:.4}")),
         ];
         let phases = r.phases_ms.map(|p| p.entries());
         fields.extend((0..phase_names().len()).map(|i| {
@@ -160,6 +171,7 @@ pub fn csv(workload: &str, placement: &str, rows: &[Row]) -> String {
 pub fn table(rows: &[Row]) -> String {
     let mut s = String::new();
     let gflops = rows.iter().any(|r| r.gflop_per_sec.is_some());
+    let sched = rows.iter().any(|r| r.cpu_busy.is_some());
     let _ = write!(
         s,
         "{:>7} {:>7} {:>12} {:>21} {:>8} {:>10} {:>9}",
@@ -167,6 +179,9 @@ pub fn table(rows: &[Row]) -> String {
     );
     if gflops {
         let _ = write!(s, " {:>8}", "GFLOP/s");
+    }
+    if sched {
+        let _ = write!(s, " {:>8} {:>8}", "CPU busy", "CPU wait");
     }
     s.push('\n');
     for r in rows {
@@ -186,6 +201,9 @@ pub fn table(rows: &[Row]) -> String {
         );
         if let Some(g) = r.gflop_per_sec {
             let _ = write!(s, " {g:>8.1}");
+        }
+        if let (Some(busy), Some(wait)) = (r.cpu_busy, r.cpu_wait) {
+            let _ = write!(s, " {:>7.1}% {:>7.1}%", 100.0 * busy, 100.0 * wait);
         }
         s.push('\n');
     }
@@ -227,6 +245,7 @@ pub fn phase_table(rows: &[Row]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::schedstat::SchedTimes;
 
     fn point(threads: usize, rates: Vec<f64>, phases: Option<PhaseSeconds>) -> Point {
         Point {
@@ -237,6 +256,12 @@ mod tests {
                 samples_per_step: 100,
                 rates,
                 phases_per_step: phases,
+                threads,
+                seconds: 2.0,
+                sched: Some(SchedTimes {
+                    run_ns: threads as u64 * 1_500_000_000,
+                    wait_ns: threads as u64 * 100_000_000,
+                }),
             },
             flops_per_sample: Some(1e6),
         }
@@ -267,6 +292,7 @@ mod tests {
         assert!((r[0].step_ms - 1000.0).abs() < 1e-9);
         assert!((r[0].gflop_per_sec.unwrap() - 0.1).abs() < 1e-12);
         assert_eq!(r[0].phases_ms.unwrap().top_bwd, 750.0);
+        assert_eq!((r[1].cpu_busy, r[1].cpu_wait), (Some(0.75), Some(0.05)));
         // Without a 1-thread point, the smallest one is the base, assumed perfectly scaled.
         let r = rows(&[point(2, vec![200.0], None), point(4, vec![300.0], None)]);
         assert_eq!((r[0].speedup, r[0].efficiency), (2.0, 1.0));
@@ -288,7 +314,7 @@ mod tests {
         ] {
             assert!(header.iter().any(|h| h == col), "missing {col}");
         }
-        assert_eq!(header.len(), 13 + 11);
+        assert_eq!(header.len(), 15 + 11);
         let r = rows(&[
             point(1, vec![100.0], Some(phases(1.0))),
             point(2, vec![150.0], None),
@@ -306,6 +332,7 @@ mod tests {
         let col = |name: &str| header.iter().position(|h| h == name).unwrap();
         assert_eq!(first[col("efficiency")], "1.0000");
         assert_eq!(first[col("top_bwd_ms")], "750.0000");
+        assert_eq!(first[col("cpu_wait")], "0.0500");
         let second: Vec<&str> = lines[2].split(',').collect();
         assert_eq!(second[col("efficiency")], "0.7500");
         assert_eq!(second[col("top_bwd_ms")], "");
@@ -319,6 +346,10 @@ mod tests {
         ]);
         let t = table(&r);
         assert!(t.contains("efficiency") && t.contains("90.0%"), "{t}");
+        assert!(
+            t.contains("CPU wait") && t.contains("75.0%") && t.contains("5.0%"),
+            "{t}"
+        );
         let p = phase_table(&r).unwrap();
         let top = p.lines().find(|l| l.starts_with("top_bwd")).unwrap();
         assert!(top.contains("750.000") && top.contains("375.000") && top.ends_with("2.00x"));

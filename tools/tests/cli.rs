@@ -91,6 +91,13 @@ fn two_points_write_the_csv_and_the_plot() {
         assert!(eff > 0.0 && eff < 5.0, "efficiency is a fraction: {line}");
         let phase: f64 = f[col("top_bwd_ms")].parse().unwrap();
         assert!(phase > 0.0, "{line}");
+        for frac in ["cpu_busy", "cpu_wait"] {
+            let v = f[col(frac)];
+            assert!(
+                v.is_empty() || (0.0..=1.0).contains(&v.parse::<f64>().unwrap()),
+                "{frac}: {line}"
+            );
+        }
     }
     let first: Vec<&str> = lines[1].split(',').collect();
     assert_eq!(first[col("speedup")], "1.0000");
