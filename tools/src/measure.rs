@@ -84,21 +84,24 @@ impl Measurement {
     }
 }
 
-/// `(after - before) / steps`, phase by phase.
-fn phase_delta(before: &PhaseSeconds, after: &PhaseSeconds, steps: usize) -> PhaseSeconds {
-    let per = |a: f64, b: f64| (a - b) / steps as f64;
+/// `f(a, b)` for each phase.
+pub(crate) fn combine_phases(
+    a: &PhaseSeconds,
+    b: &PhaseSeconds,
+    f: impl Fn(f64, f64) -> f64,
+) -> PhaseSeconds {
     PhaseSeconds {
-        emb_fwd: per(after.emb_fwd, before.emb_fwd),
-        bot_fwd: per(after.bot_fwd, before.bot_fwd),
-        interaction_fwd: per(after.interaction_fwd, before.interaction_fwd),
-        top_fwd: per(after.top_fwd, before.top_fwd),
-        loss: per(after.loss, before.loss),
-        top_bwd: per(after.top_bwd, before.top_bwd),
-        interaction_bwd: per(after.interaction_bwd, before.interaction_bwd),
-        bot_bwd: per(after.bot_bwd, before.bot_bwd),
-        emb_update: per(after.emb_update, before.emb_update),
-        dense_update: per(after.dense_update, before.dense_update),
-        other: per(after.other, before.other),
+        emb_fwd: f(a.emb_fwd, b.emb_fwd),
+        bot_fwd: f(a.bot_fwd, b.bot_fwd),
+        interaction_fwd: f(a.interaction_fwd, b.interaction_fwd),
+        top_fwd: f(a.top_fwd, b.top_fwd),
+        loss: f(a.loss, b.loss),
+        top_bwd: f(a.top_bwd, b.top_bwd),
+        interaction_bwd: f(a.interaction_bwd, b.interaction_bwd),
+        bot_bwd: f(a.bot_bwd, b.bot_bwd),
+        emb_update: f(a.emb_update, b.emb_update),
+        dense_update: f(a.dense_update, b.dense_update),
+        other: f(a.other, b.other),
     }
 }
 
@@ -126,9 +129,10 @@ pub fn measure(w: &mut dyn Workload, s: &Schedule) -> Result<Measurement> {
     }
     let sched = sched_before.zip(pool_times()).map(|(b, a)| a.since(&b));
     let seconds = window.elapsed().as_secs_f64();
-    let phases_per_step = before
-        .zip(w.phases())
-        .map(|(b, a)| phase_delta(&b, &a, s.repeats * s.steps));
+    let phases_per_step = before.zip(w.phases()).map(|(b, a)| {
+        let steps = (s.repeats * s.steps) as f64;
+        combine_phases(&a, &b, |after, before| (after - before) / steps)
+    });
     Ok(Measurement {
         samples_per_step: samples,
         rates,

@@ -6,7 +6,7 @@
 //! the batch grows with the thread count and `rate` is in samples, so the same formulas give the
 //! usual weak-scaling efficiency T(t0) / T(t) per step.
 
-use crate::measure::Measurement;
+use crate::measure::{Measurement, combine_phases};
 use dlrm::model::PhaseSeconds;
 use std::fmt::Write;
 
@@ -72,26 +72,12 @@ pub fn rows(points: &[Point]) -> Vec<Row> {
                 gflop_per_sec: p.flops_per_sample.map(|f| f * rate * 1e-9),
                 cpu_busy: m.cpu_busy(),
                 cpu_wait: m.cpu_wait(),
-                phases_ms: m.phases_per_step.map(|s| scale(&s, 1e3)),
+                phases_ms: m
+                    .phases_per_step
+                    .map(|s| combine_phases(&s, &s, |secs, _| secs * 1e3)),
             }
         })
         .collect()
-}
-
-fn scale(p: &PhaseSeconds, k: f64) -> PhaseSeconds {
-    PhaseSeconds {
-        emb_fwd: p.emb_fwd * k,
-        bot_fwd: p.bot_fwd * k,
-        interaction_fwd: p.interaction_fwd * k,
-        top_fwd: p.top_fwd * k,
-        loss: p.loss * k,
-        top_bwd: p.top_bwd * k,
-        interaction_bwd: p.interaction_bwd * k,
-        bot_bwd: p.bot_bwd * k,
-        emb_update: p.emb_update * k,
-        dense_update: p.dense_update * k,
-        other: p.other * k,
-    }
 }
 
 /// The phase names in step order (as [`PhaseSeconds::entries`] lists them).
