@@ -175,7 +175,12 @@ pub fn table(rows: &[Row]) -> String {
             s,
             "{:>7} {:>7} {:>12.0} {:>21} {:>7.2}x {:>9.1}% {:>9.2}",
             r.threads,
-            r.sockets,
+            // 0: unpinned, the OS chose.
+            if r.sockets == 0 {
+                "-".to_string()
+            } else {
+                r.sockets.to_string()
+            },
             r.samples_per_sec,
             format!(
                 "({:.0} - {:.0})",
