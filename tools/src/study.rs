@@ -7,6 +7,7 @@ use crate::topology::{Placement, Topology, format_cpulist};
 use crate::workload::{KERNEL_BATCHES, WorkloadSpec, build};
 use anyhow::{Context, Result};
 use dlrm::data::synthetic::{IN_MEMORY_LIMIT, SyntheticConfig, SyntheticData, SyntheticSource};
+use dlrm::train::DataSource;
 use rayon::{ThreadPool, ThreadPoolBuilder};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -137,7 +138,11 @@ pub fn run(opts: &StudyOptions, topo: &Topology) -> Result<Vec<Point>> {
         let batch = opts.batch_at(threads);
         let (measurement, flops_per_sample) = pool.install(|| -> Result<_> {
             let t = std::time::Instant::now();
-            let mut w = build(&opts.spec, data.as_ref(), batch)?;
+            let mut w = build(
+                &opts.spec,
+                data.as_ref().map(|d| d as &dyn DataSource),
+                batch,
+            )?;
             let built = t.elapsed().as_secs_f64();
             let m = measure(&mut *w, &opts.schedule)?;
             eprintln!(

@@ -10,7 +10,6 @@
 use anyhow::{Context, Result, ensure};
 use dlrm::config::Architecture;
 use dlrm::data::Batch;
-use dlrm::data::synthetic::SyntheticSource;
 use dlrm::model::dlrm::Dlrm;
 use dlrm::model::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind};
 use dlrm::model::{Model, OptimizerKind, PhaseSeconds};
@@ -80,11 +79,12 @@ pub trait Workload {
     fn flops_per_sample(&self) -> Option<f64>;
 }
 
-/// Builds the workload for batches of `batch` samples, on the current rayon pool. `data` must be
-/// given for workloads that [need it](WorkloadKind::needs_data) and hold at least one batch.
+/// Builds the workload for batches of `batch` samples, on the current rayon pool. `data` (the
+/// training split is used) must be given for workloads that [need it](WorkloadKind::needs_data)
+/// and hold at least one batch.
 pub fn build<'a>(
     spec: &WorkloadSpec,
-    data: Option<&'a SyntheticSource>,
+    data: Option<&'a dyn DataSource>,
     batch: usize,
 ) -> Result<Box<dyn Workload + 'a>> {
     ensure!(batch > 0, "the batch must hold at least one sample");
@@ -109,7 +109,7 @@ pub fn build<'a>(
 /// set (counted as the `other` phase), then `train_step` at the preset's learning rate.
 struct Train<'a> {
     model: Dlrm,
-    data: &'a SyntheticSource,
+    data: &'a dyn DataSource,
     batch: Batch,
     size: usize,
     batches: u64,
@@ -119,7 +119,7 @@ struct Train<'a> {
 }
 
 impl<'a> Train<'a> {
-    fn new(spec: &WorkloadSpec, data: &'a SyntheticSource, size: usize) -> Result<Train<'a>> {
+    fn new(spec: &WorkloadSpec, data: &'a dyn DataSource, size: usize) -> Result<Train<'a>> {
         let mut model = Dlrm::new(
             spec.arch.clone(),
             spec.optimizer,
@@ -232,7 +232,7 @@ struct TablesAndBatches {
 }
 
 impl TablesAndBatches {
-    fn new(spec: &WorkloadSpec, data: &SyntheticSource, size: usize) -> Result<TablesAndBatches> {
+    fn new(spec: &WorkloadSpec, data: &dyn DataSource, size: usize) -> Result<TablesAndBatches> {
         let d = spec.arch.embedding_dim;
         let tables = spec
             .arch
@@ -284,7 +284,7 @@ struct EmbeddingForward {
 }
 
 impl EmbeddingForward {
-    fn new(spec: &WorkloadSpec, data: &SyntheticSource, size: usize) -> Result<EmbeddingForward> {
+    fn new(spec: &WorkloadSpec, data: &dyn DataSource, size: usize) -> Result<EmbeddingForward> {
         let dim = spec.arch.embedding_dim;
         Ok(EmbeddingForward {
             src: TablesAndBatches::new(spec, data, size)?,
@@ -337,7 +337,7 @@ struct SparseUpdate {
 }
 
 impl SparseUpdate {
-    fn new(spec: &WorkloadSpec, data: &SyntheticSource, size: usize) -> Result<SparseUpdate> {
+    fn new(spec: &WorkloadSpec, data: &dyn DataSource, size: usize) -> Result<SparseUpdate> {
         let src = TablesAndBatches::new(spec, data, size)?;
         let dim = spec.arch.embedding_dim;
         let opt = spec.optimizer.sparse(spec.learning_rate);
