@@ -1,0 +1,252 @@
+//! `dlrm-scaling`: how DLRM training (or one kernel family) scales with threads, core by core
+//! and socket by socket. Flags and orchestration only; the work is in the `dlrm_tools` library.
+
+use anyhow::{Context, Result};
+use clap::{Parser, ValueEnum};
+use dlrm::config::{Architecture, InteractionOp, Preset, join, parse_dims};
+use dlrm::data::synthetic::{Generation, SyntheticConfig};
+use dlrm::model::OptimizerKind;
+use dlrm::model::embedding_tables::interleave_memory;
+use dlrm_tools::measure::Schedule;
+use dlrm_tools::study::{StudyOptions, busy_warning, run};
+use dlrm_tools::sweep::{boundaries, default_sweep, parse_threads};
+use dlrm_tools::topology::{Placement, Topology, format_cpulist};
+use dlrm_tools::workload::{WorkloadKind, WorkloadSpec};
+use dlrm_tools::{plot, report};
+use std::path::PathBuf;
+
+/// Where the pages of the tables go on a multi-socket machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Numa {
+    /// Each point builds its model inside its own pool: pages are first touched, so placed, by
+    /// the threads that use them.
+    FirstTouch,
+    /// Interleave all pages round-robin over the NUMA nodes (like numactl --interleave=all).
+    Interleave,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "dlrm-scaling",
+    version,
+    about = "Thread and socket scaling study of DLRM training and its kernels",
+    long_about = "Thread and socket scaling study of DLRM training and its kernels.\n\nRuns the same workload at a sweep of thread counts (one pinned rayon pool per point) and reports samples/s (median of repeats after warm-up), speed-up, parallel efficiency and the time per phase, as a table, and with --out DIR as DIR/scaling.csv and DIR/scaling.svg."
+)]
+struct Args {
+    /// What each point runs.
+    #[arg(long, value_enum, default_value_t = WorkloadKind::Train)]
+    workload: WorkloadKind,
+    /// The `dlrm train` preset the model, data and batch come from.
+    #[arg(long, value_enum, default_value_t = Preset::Kaggle)]
+    preset: Preset,
+    /// Samples per step (per thread count 1 with --weak); default: the preset's.
+    #[arg(long)]
+    mini_batch_size: Option<usize>,
+    /// Optimizer of the training and sparse-update workloads.
+    #[arg(long, value_enum, default_value_t = OptimizerKind::Sgd)]
+    optimizer: OptimizerKind,
+    /// Learning rate; default: the preset's.
+    #[arg(long)]
+    learning_rate: Option<f32>,
+    /// How synthetic ids and labels are drawn (as `dlrm train --data-generation`).
+    #[arg(long, value_enum, default_value_t = Generation::Teacher)]
+    data_generation: Generation,
+    /// Exponent of the Zipf distribution of ids.
+    #[arg(long, default_value_t = 1.05)]
+    zipf_alpha: f64,
+    /// Ids per bag; default: the preset's.
+    #[arg(long)]
+    num_indices_per_lookup: Option<usize>,
+    /// Distinct batches in the training data set; default: the preset's --num-batches.
+    #[arg(long)]
+    data_batches: Option<usize>,
+    /// Input and output width of the gemm workload's layer (e.g. 367-512); default: the
+    /// preset's first top-MLP layer.
+    #[arg(long)]
+    gemm_layer: Option<String>,
+
+    /// Thread counts, comma-separated (e.g. 1,2,3); default: 1, 2, 4, ... up to all cores,
+    /// each socket boundary, and all logical CPUs.
+    #[arg(long)]
+    threads: Option<String>,
+    /// Fill one socket before the next (compact) or alternate sockets (scatter); physical
+    /// cores always come before SMT siblings.
+    #[arg(long, value_enum, default_value_t = Placement::Compact)]
+    placement: Placement,
+    /// Do not pin workers to CPUs (the OS places them, as `dlrm train` leaves them).
+    #[arg(long)]
+    no_pin: bool,
+    /// Weak scaling: the batch is --mini-batch-size times the thread count.
+    #[arg(long)]
+    weak: bool,
+    /// Page placement on multi-socket machines.
+    #[arg(long, value_enum, default_value_t = Numa::FirstTouch)]
+    numa: Numa,
+
+    /// Untimed steps before the repeats of each point.
+    #[arg(long, default_value_t = 20)]
+    warmup_steps: usize,
+    /// Timed repeats per point (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Steps per repeat.
+    #[arg(long, default_value_t = 36)]
+    steps: usize,
+    /// Seed of the model's initialisation and of the data.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Write scaling.csv and scaling.svg to this directory (created if needed).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print the topology and the placement orders, then exit.
+    #[arg(long)]
+    topology: bool,
+}
+
+fn main() {
+    if let Err(e) = main_result() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn main_result() -> Result<()> {
+    let a = Args::parse();
+    let topo = Topology::detect();
+    print!("{topo}");
+    let order = topo.order(a.placement);
+    if a.topology {
+        for p in [Placement::Compact, Placement::Scatter] {
+            let ids: Vec<String> = topo.order(p).iter().map(|c| c.id.to_string()).collect();
+            println!("{p} order: {}", ids.join(" "));
+        }
+        println!("default thread counts: {:?}", default_sweep(&topo));
+        return Ok(());
+    }
+
+    let p = a.preset.values();
+    let mut arch = Architecture::from_flags(
+        p.embedding_dim,
+        &join(&p.table_sizes),
+        p.bottom,
+        p.top,
+        InteractionOp::Dot,
+        false,
+    )?;
+    if let Some(cap) = p.max_ind_range {
+        arch.table_sizes.iter_mut().for_each(|r| *r = (*r).min(cap));
+    }
+    let gemm_in_out = match &a.gemm_layer {
+        Some(s) => match parse_dims("--gemm-layer", s)?[..] {
+            [i, o] => (i, o),
+            _ => anyhow::bail!("--gemm-layer: '{s}' must be two widths, IN-OUT (e.g. 367-512)"),
+        },
+        None => (arch.top[0], arch.top[1]),
+    };
+    let bags = a.num_indices_per_lookup.unwrap_or(p.num_indices_per_lookup);
+    anyhow::ensure!(bags >= 1, "--num-indices-per-lookup must be at least 1");
+    anyhow::ensure!(
+        a.zipf_alpha > 0.0 && a.zipf_alpha.is_finite(),
+        "--zipf-alpha must be a positive number"
+    );
+    let batch = a.mini_batch_size.unwrap_or(p.mini_batch_size);
+    anyhow::ensure!(batch >= 1, "--mini-batch-size must be at least 1");
+    let threads = match &a.threads {
+        Some(list) => parse_threads(list).map_err(|e| anyhow::anyhow!("--threads: {e}"))?,
+        None => default_sweep(&topo),
+    };
+    let max_threads = *threads.last().expect("at least one thread count");
+    if max_threads > topo.logical_cpus() {
+        eprintln!(
+            "warning: {max_threads} threads on {} logical CPUs: threads will share CPUs",
+            topo.logical_cpus()
+        );
+    }
+    let opts = StudyOptions {
+        data: SyntheticConfig {
+            num_dense: arch.num_dense(),
+            table_sizes: arch.table_sizes.clone(),
+            generation: a.data_generation,
+            zipf_alpha: a.zipf_alpha,
+            num_indices_per_lookup: bags,
+            fixed_bag_size: true,
+            seed: a.seed,
+        },
+        spec: WorkloadSpec {
+            kind: a.workload,
+            arch,
+            optimizer: a.optimizer,
+            learning_rate: a.learning_rate.unwrap_or(p.learning_rate),
+            gemm_in_out,
+            seed: a.seed,
+        },
+        data_batches: a.data_batches.unwrap_or(p.num_batches),
+        batch,
+        threads,
+        placement: a.placement,
+        pin: !a.no_pin,
+        weak: a.weak,
+        schedule: Schedule {
+            warmup_steps: a.warmup_steps,
+            repeats: a.repeats,
+            steps: a.steps,
+        },
+    };
+
+    if a.numa == Numa::Interleave {
+        let nodes = topo.nodes();
+        anyhow::ensure!(
+            !nodes.is_empty(),
+            "--numa interleave: the OS reports no NUMA nodes"
+        );
+        // Before any pool exists, so that every worker inherits the policy.
+        interleave_memory(&nodes).with_context(|| {
+            format!(
+                "--numa interleave over nodes {}",
+                format_cpulist(nodes.iter().copied())
+            )
+        })?;
+    }
+    let scaling = if a.weak { "weak" } else { "strong" };
+    let placement = if a.no_pin {
+        "unpinned".to_string()
+    } else {
+        a.placement.to_string()
+    };
+    let preset = a
+        .preset
+        .to_possible_value()
+        .map_or_else(String::new, |v| v.get_name().to_string());
+    let title = format!(
+        "{} | {preset} preset | batch {batch}{} ({scaling} scaling) | {placement}",
+        a.workload.name(),
+        if a.weak { " per thread" } else { "" },
+    );
+    println!("{title}");
+    if let Some(w) = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| busy_warning(&l, topo.logical_cpus()))
+    {
+        eprintln!("{w}");
+    }
+    let points = run(&opts, &topo)?;
+    let rows = report::rows(&points);
+    println!("\n{}", report::table(&rows));
+    if let Some(phases) = report::phase_table(&rows) {
+        println!("{phases}");
+    }
+    if let Some(dir) = &a.out {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let csv = dir.join("scaling.csv");
+        std::fs::write(&csv, report::csv(a.workload.name(), &placement, &rows))
+            .with_context(|| format!("writing {}", csv.display()))?;
+        let marks = if a.no_pin {
+            Vec::new()
+        } else {
+            boundaries(&order)
+        };
+        plot::write_svg(&dir.join("scaling.svg"), &title, &rows, &marks)?;
+        println!("wrote {} and scaling.svg", csv.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,222 @@
+//! scaling.svg: throughput (with the ideal linear line and each point's min-max spread) and
+//! parallel efficiency against threads, with the thread counts where a new socket or the SMT
+//! siblings come in marked by vertical dashed lines.
+
+use crate::report::Row;
+use crate::sweep::Boundary;
+use anyhow::{Result, anyhow};
+use plotters::prelude::*;
+use std::path::Path;
+
+const WIDTH: u32 = 900;
+const HEIGHT: u32 = 720;
+/// Height of the throughput panel; the efficiency panel takes the rest.
+const TOP_PANEL: u32 = 400;
+const MAX_X_LABELS: usize = 12;
+const MEASURED: RGBColor = RGBColor(31, 119, 180);
+const IDEAL: RGBColor = RGBColor(150, 150, 150);
+const MARK: RGBColor = RGBColor(214, 39, 40);
+
+/// Writes the plot of `rows` (ascending thread counts) to `path`.
+pub fn write_svg(path: &Path, title: &str, rows: &[Row], boundaries: &[Boundary]) -> Result<()> {
+    anyhow::ensure!(!rows.is_empty(), "nothing to plot");
+    draw(path, title, rows, boundaries).map_err(|e| anyhow!("drawing {}: {e}", path.display()))
+}
+
+fn draw(
+    path: &Path,
+    title: &str,
+    rows: &[Row],
+    boundaries: &[Boundary],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let root = SVGBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let root = root.titled(title, ("sans-serif", 20))?;
+    let (upper, lower) = root.split_vertically(TOP_PANEL);
+
+    let max_t = rows.iter().map(|r| r.threads).max().unwrap_or(1) as f64;
+    let x_range = 0.0..max_t * 1.04 + 0.5;
+    // Whole thread counts only: one label per thread on small machines, ~12 on big ones.
+    let x_labels = (max_t as usize + 2).min(MAX_X_LABELS);
+    let base = &rows[0];
+    let per_thread = base.samples_per_sec / base.threads as f64;
+    let ideal = |t: f64| per_thread * t;
+    let top = rows
+        .iter()
+        .map(|r| r.samples_per_sec_max.max(ideal(r.threads as f64)))
+        .fold(0.0, f64::max)
+        * 1.1;
+    let marks: Vec<&Boundary> = boundaries
+        .iter()
+        .filter(|b| b.threads as f64 <= max_t)
+        .collect();
+
+    let mut chart = ChartBuilder::on(&upper)
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(80)
+        .build_cartesian_2d(x_range.clone(), 0.0..top.max(1.0))?;
+    chart
+        .configure_mesh()
+        .x_desc("threads")
+        .y_desc("samples/s")
+        .x_labels(x_labels)
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .light_line_style(WHITE)
+        .draw()?;
+    chart
+        .draw_series(DashedLineSeries::new(
+            [base.threads as f64, max_t].map(|t| (t, ideal(t))),
+            6,
+            4,
+            IDEAL.stroke_width(2),
+        ))?
+        .label("ideal (linear from the first point)")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], IDEAL.stroke_width(2)));
+    chart
+        .draw_series(LineSeries::new(
+            rows.iter().map(|r| (r.threads as f64, r.samples_per_sec)),
+            MEASURED.stroke_width(2),
+        ))?
+        .label("measured (median; bars: min - max)")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], MEASURED.stroke_width(2)));
+    chart.draw_series(
+        rows.iter()
+            .map(|r| Circle::new((r.threads as f64, r.samples_per_sec), 4, MEASURED.filled())),
+    )?;
+    chart.draw_series(rows.iter().map(|r| {
+        let t = r.threads as f64;
+        PathElement::new(
+            [(t, r.samples_per_sec_min), (t, r.samples_per_sec_max)],
+            MEASURED.stroke_width(1),
+        )
+    }))?;
+    draw_marks(&mut chart, &marks, top)?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+
+    let eff_top = rows
+        .iter()
+        .map(|r| 100.0 * r.efficiency)
+        .fold(110.0, f64::max)
+        * 1.05;
+    let mut chart = ChartBuilder::on(&lower)
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(80)
+        .build_cartesian_2d(x_range, 0.0..eff_top)?;
+    chart
+        .configure_mesh()
+        .x_desc("threads")
+        .y_desc("parallel efficiency (%)")
+        .x_labels(x_labels)
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .light_line_style(WHITE)
+        .draw()?;
+    chart.draw_series(DashedLineSeries::new(
+        [(0.0, 100.0), (max_t * 1.04 + 0.5, 100.0)],
+        6,
+        4,
+        IDEAL.stroke_width(2),
+    ))?;
+    chart.draw_series(LineSeries::new(
+        rows.iter()
+            .map(|r| (r.threads as f64, 100.0 * r.efficiency)),
+        MEASURED.stroke_width(2),
+    ))?;
+    chart.draw_series(rows.iter().map(|r| {
+        Circle::new(
+            (r.threads as f64, 100.0 * r.efficiency),
+            4,
+            MEASURED.filled(),
+        )
+    }))?;
+    draw_marks(&mut chart, &marks, eff_top)?;
+    root.present()?;
+    Ok(())
+}
+
+/// A dashed vertical line half a thread before each boundary, labelled at the top.
+fn draw_marks<DB: DrawingBackend>(
+    chart: &mut ChartContext<
+        '_,
+        DB,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+    >,
+    marks: &[&Boundary],
+    top: f64,
+) -> Result<(), Box<dyn std::error::Error>>
+where
+    DB::ErrorType: 'static,
+{
+    for b in marks {
+        let x = b.threads as f64 - 0.5;
+        chart.draw_series(DashedLineSeries::new(
+            [(x, 0.0), (x, top)],
+            4,
+            4,
+            MARK.stroke_width(1),
+        ))?;
+        chart.draw_series(std::iter::once(Text::new(
+            b.what.clone(),
+            (x, top * 0.97),
+            ("sans-serif", 14).into_font().color(&MARK),
+        )))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::measure::Measurement;
+    use crate::report::{Point, rows};
+
+    #[test]
+    fn marks_the_socket_boundaries_within_the_sweep() {
+        let points: Vec<Point> = [1usize, 2, 4, 8, 12, 16]
+            .iter()
+            .map(|&t| Point {
+                threads: t,
+                sockets: 1 + (t > 8) as usize,
+                cpus: crate::topology::format_cpulist(0..t),
+                measurement: Measurement {
+                    samples_per_step: 2048,
+                    rates: vec![1000.0 * t as f64 * 0.9, 1000.0 * t as f64],
+                    phases_per_step: None,
+                    threads: t,
+                    seconds: 1.0,
+                    sched: None,
+                },
+                flops_per_sample: None,
+            })
+            .collect();
+        let marks = [
+            Boundary {
+                threads: 9,
+                what: "socket 1".into(),
+            },
+            Boundary {
+                threads: 17,
+                what: "SMT".into(),
+            },
+        ];
+        let path = std::env::temp_dir().join(format!("dlrm-plot-{}.svg", std::process::id()));
+        write_svg(&path, "a 2-socket study", &rows(&points), &marks).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(svg.contains("a 2-socket study"));
+        assert!(
+            svg.contains("socket 1"),
+            "the boundary at 9 threads is drawn"
+        );
+        assert!(!svg.contains("SMT"), "17 threads is past the sweep");
+        assert!(write_svg(&path, "empty", &[], &marks).is_err());
+    }
+}

@@ -1,0 +1,397 @@
+//! What a scaling point runs: DLRM training steps, or one kernel family on the same model's
+//! shapes (a GEMM layer, the embedding-bag forward, the fused sparse update).
+//!
+//! Everything a workload owns (tables, optimizer state, MLP weights, buffers) is created by
+//! [`build`], which the study calls inside the point's thread pool: the parallel table
+//! initialisation then first-touches every page from the pool's own (pinned) threads, so on a
+//! NUMA machine the pages land on the sockets that use them rather than on the socket of the
+//! main thread.
+
+use anyhow::{Context, Result, ensure};
+use dlrm::config::Architecture;
+use dlrm::data::Batch;
+use dlrm::model::dlrm::Dlrm;
+use dlrm::model::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind};
+use dlrm::model::{Model, OptimizerKind, PhaseSeconds};
+use dlrm::rng::{SplitMix64, derive_key};
+use dlrm::train::DataSource;
+use dlrm_kernels::embedding::{Bags, Pooling, SparseGradWorkspace, embedding_bag_forward_tables};
+use dlrm_kernels::gemm::{MatMut, MatRef, linear_forward};
+use dlrm_kernels::optim::{SparseOptimizer, embedding_bag_backward_update};
+use rayon::prelude::*;
+use std::time::Instant;
+
+/// Distinct batches a kernel workload cycles through (their ids spread over the tables, so the
+/// lookups stay as cold as in training).
+pub const KERNEL_BATCHES: usize = 8;
+
+/// Which workload a study times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WorkloadKind {
+    /// Full training steps (data, forward, backward, fused updates), as `dlrm train` runs them.
+    Train,
+    /// One MLP layer's forward GEMM, Y = X W^T (M = batch rows).
+    Gemm,
+    /// The embedding-bag forward of every table into the feature rows.
+    Embedding,
+    /// The fused sparse backward + optimizer update of every table.
+    SparseUpdate,
+}
+
+impl WorkloadKind {
+    /// The name used in reports and file columns.
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkloadKind::Train => "train",
+            WorkloadKind::Gemm => "gemm",
+            WorkloadKind::Embedding => "embedding",
+            WorkloadKind::SparseUpdate => "sparse-update",
+        }
+    }
+
+    /// Whether the workload reads batches of the synthetic data set.
+    pub fn needs_data(self) -> bool {
+        self != WorkloadKind::Gemm
+    }
+}
+
+/// What every point of a study runs; only the batch (weak scaling) changes between points.
+#[derive(Clone, Debug)]
+pub struct WorkloadSpec {
+    pub kind: WorkloadKind,
+    pub arch: Architecture,
+    pub optimizer: OptimizerKind,
+    pub learning_rate: f32,
+    /// Input and output width of the GEMM workload's layer.
+    pub gemm_in_out: (usize, usize),
+    pub seed: u64,
+}
+
+/// One timed unit of work, repeated by the measurement.
+pub trait Workload {
+    /// Samples (batch rows) one step processes.
+    fn samples_per_step(&self) -> usize;
+    /// Runs one step.
+    fn step(&mut self) -> Result<()>;
+    /// Time per phase accumulated by all steps so far (training only).
+    fn phases(&self) -> Option<PhaseSeconds>;
+    /// Floating-point operations per sample, where the workload has a meaningful count.
+    fn flops_per_sample(&self) -> Option<f64>;
+}
+
+/// Builds the workload for batches of `batch` samples, on the current rayon pool. `data` (the
+/// training split is used) must be given for workloads that [need it](WorkloadKind::needs_data)
+/// and hold at least one batch.
+pub fn build<'a>(
+    spec: &WorkloadSpec,
+    data: Option<&'a dyn DataSource>,
+    batch: usize,
+) -> Result<Box<dyn Workload + 'a>> {
+    ensure!(batch > 0, "the batch must hold at least one sample");
+    let data = || {
+        let d = data.context("this workload reads the synthetic data set")?;
+        ensure!(
+            d.train_len() >= batch as u64,
+            "the data set ({} samples) is smaller than one batch of {batch}",
+            d.train_len()
+        );
+        Ok(d)
+    };
+    Ok(match spec.kind {
+        WorkloadKind::Train => Box::new(Train::new(spec, data()?, batch)?),
+        WorkloadKind::Gemm => Box::new(Gemm::new(spec, batch)),
+        WorkloadKind::Embedding => Box::new(EmbeddingForward::new(spec, data()?, batch)?),
+        WorkloadKind::SparseUpdate => Box::new(SparseUpdate::new(spec, data()?, batch)?),
+    })
+}
+
+/// Training steps exactly as `dlrm train`'s loop runs them: the batch is filled from the data
+/// set (counted as the `other` phase), then `train_step` at the preset's learning rate.
+struct Train<'a> {
+    model: Dlrm,
+    data: &'a dyn DataSource,
+    batch: Batch,
+    size: usize,
+    batches: u64,
+    next: u64,
+    lr: f32,
+    flops_per_sample: f64,
+}
+
+impl<'a> Train<'a> {
+    fn new(spec: &WorkloadSpec, data: &'a dyn DataSource, size: usize) -> Result<Train<'a>> {
+        let mut model = Dlrm::new(
+            spec.arch.clone(),
+            spec.optimizer,
+            &StorageKind::Anon,
+            spec.seed,
+        )?;
+        model.reserve(size);
+        Ok(Train {
+            batch: Batch::new(model.num_dense(), model.num_tables()),
+            model,
+            data,
+            size,
+            batches: data.train_len() / size as u64,
+            next: 0,
+            lr: spec.learning_rate,
+            flops_per_sample: spec.arch.flops_per_sample(),
+        })
+    }
+}
+
+impl Workload for Train<'_> {
+    fn samples_per_step(&self) -> usize {
+        self.size
+    }
+
+    fn step(&mut self) -> Result<()> {
+        let first = (self.next % self.batches) * self.size as u64;
+        self.next += 1;
+        let t0 = Instant::now();
+        self.data.fill_train(first, self.size, &mut self.batch)?;
+        self.model.add_other_seconds(t0.elapsed().as_secs_f64());
+        let loss = self.model.train_step(&self.batch, self.lr)?;
+        ensure!(
+            loss.is_finite(),
+            "the loss diverged to {loss}; lower the learning rate"
+        );
+        Ok(())
+    }
+
+    fn phases(&self) -> Option<PhaseSeconds> {
+        Some(self.model.phases)
+    }
+
+    fn flops_per_sample(&self) -> Option<f64> {
+        Some(self.flops_per_sample)
+    }
+}
+
+/// Deterministic values in [-scale, scale) for weights and gradients of the kernel workloads.
+fn random_values(len: usize, seed: u64, stream: u64, scale: f32) -> Vec<f32> {
+    let mut rng = SplitMix64::new(derive_key(seed, &[0x5ca1_ab1e, stream]));
+    (0..len).map(|_| rng.uniform(-scale, scale)).collect()
+}
+
+/// Y = X W^T for one layer (`gemm_in_out`), M = batch rows.
+struct Gemm {
+    x: Vec<f32>,
+    w: Vec<f32>,
+    y: Vec<f32>,
+    rows: usize,
+    inputs: usize,
+    outputs: usize,
+}
+
+impl Gemm {
+    fn new(spec: &WorkloadSpec, rows: usize) -> Gemm {
+        let (inputs, outputs) = spec.gemm_in_out;
+        Gemm {
+            x: random_values(rows * inputs, spec.seed, 0, 1.0),
+            w: random_values(outputs * inputs, spec.seed, 1, 1.0),
+            y: vec![0.0; rows * outputs],
+            rows,
+            inputs,
+            outputs,
+        }
+    }
+}
+
+impl Workload for Gemm {
+    fn samples_per_step(&self) -> usize {
+        self.rows
+    }
+
+    fn step(&mut self) -> Result<()> {
+        linear_forward(
+            MatRef::new(&self.x, self.rows, self.inputs),
+            MatRef::new(&self.w, self.outputs, self.inputs),
+            None,
+            false,
+            MatMut::new(&mut self.y, self.rows, self.outputs),
+        );
+        Ok(())
+    }
+
+    fn phases(&self) -> Option<PhaseSeconds> {
+        None
+    }
+
+    fn flops_per_sample(&self) -> Option<f64> {
+        Some(2.0 * self.inputs as f64 * self.outputs as f64)
+    }
+}
+
+/// The model's tables (anonymous maps, initialised on the current pool) and
+/// [`KERNEL_BATCHES`] batches of the data set to cycle through.
+struct TablesAndBatches {
+    tables: Vec<EmbeddingTable>,
+    batches: Vec<Batch>,
+    next: usize,
+}
+
+impl TablesAndBatches {
+    fn new(spec: &WorkloadSpec, data: &dyn DataSource, size: usize) -> Result<TablesAndBatches> {
+        let d = spec.arch.embedding_dim;
+        let tables = spec
+            .arch
+            .table_sizes
+            .iter()
+            .enumerate()
+            .map(|(t, &rows)| EmbeddingTable::create(t, rows, d, spec.seed, &StorageKind::Anon))
+            .collect::<Result<Vec<_>, _>>()?;
+        let available = (data.train_len() / size as u64) as usize;
+        let batches = (0..KERNEL_BATCHES.min(available))
+            .map(|i| {
+                let mut b = Batch::default();
+                data.fill_train((i * size) as u64, size, &mut b)?;
+                Ok(b)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TablesAndBatches {
+            tables,
+            batches,
+            next: 0,
+        })
+    }
+
+    /// The next batch of the cycle, with the tables.
+    fn next(&mut self) -> (&mut [EmbeddingTable], &Batch) {
+        let i = self.next;
+        self.next = (i + 1) % self.batches.len();
+        (&mut self.tables, &self.batches[i])
+    }
+
+    fn samples(&self) -> usize {
+        self.batches[0].size()
+    }
+}
+
+fn bags(batch: &Batch, t: usize) -> Bags<'_> {
+    Bags {
+        indices: &batch.indices[t],
+        offsets: &batch.offsets[t],
+        weights: None,
+    }
+}
+
+/// Sum-pooled embedding bags of every table into feature rows of width tables x d.
+struct EmbeddingForward {
+    src: TablesAndBatches,
+    out: Vec<f32>,
+    dim: usize,
+}
+
+impl EmbeddingForward {
+    fn new(spec: &WorkloadSpec, data: &dyn DataSource, size: usize) -> Result<EmbeddingForward> {
+        let dim = spec.arch.embedding_dim;
+        Ok(EmbeddingForward {
+            src: TablesAndBatches::new(spec, data, size)?,
+            out: vec![0.0; size * spec.arch.num_tables() * dim],
+            dim,
+        })
+    }
+}
+
+impl Workload for EmbeddingForward {
+    fn samples_per_step(&self) -> usize {
+        self.src.samples()
+    }
+
+    fn step(&mut self) -> Result<()> {
+        let (tables, batch) = self.src.next();
+        let (nt, d) = (tables.len(), self.dim);
+        let tables = &*tables;
+        embedding_bag_forward_tables(
+            nt,
+            d,
+            |t| tables[t].weights(),
+            |t| bags(batch, t),
+            Pooling::Sum,
+            &mut self.out,
+            nt * d,
+            0,
+        );
+        Ok(())
+    }
+
+    fn phases(&self) -> Option<PhaseSeconds> {
+        None
+    }
+
+    fn flops_per_sample(&self) -> Option<f64> {
+        None
+    }
+}
+
+/// The fused sparse backward and optimizer update of every table (tables in parallel, as the
+/// model runs it), from a fixed output gradient.
+struct SparseUpdate {
+    src: TablesAndBatches,
+    states: Vec<OptimizerState>,
+    workspaces: Vec<SparseGradWorkspace>,
+    grad: Vec<f32>,
+    dim: usize,
+    opt: SparseOptimizer,
+}
+
+impl SparseUpdate {
+    fn new(spec: &WorkloadSpec, data: &dyn DataSource, size: usize) -> Result<SparseUpdate> {
+        let src = TablesAndBatches::new(spec, data, size)?;
+        let dim = spec.arch.embedding_dim;
+        let opt = spec.optimizer.sparse(spec.learning_rate);
+        let states = src
+            .tables
+            .iter()
+            .map(|t| OptimizerState::create_for(t, opt.state_width(dim)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let nt = src.tables.len();
+        Ok(SparseUpdate {
+            workspaces: (0..nt).map(|_| SparseGradWorkspace::default()).collect(),
+            grad: random_values(size * nt * dim, spec.seed, 2, 1e-3),
+            src,
+            states,
+            dim,
+            opt,
+        })
+    }
+}
+
+impl Workload for SparseUpdate {
+    fn samples_per_step(&self) -> usize {
+        self.src.samples()
+    }
+
+    fn step(&mut self) -> Result<()> {
+        let (tables, batch) = self.src.next();
+        let (d, stride, opt, grad) = (self.dim, tables.len() * self.dim, self.opt, &self.grad);
+        tables
+            .par_iter_mut()
+            .zip(self.states.par_iter_mut())
+            .zip(self.workspaces.par_iter_mut())
+            .enumerate()
+            .for_each(|(t, ((table, state), ws))| {
+                embedding_bag_backward_update(
+                    table.weights_mut(),
+                    state.as_mut_slice(),
+                    d,
+                    bags(batch, t),
+                    Pooling::Sum,
+                    &grad[t * d..],
+                    stride,
+                    opt,
+                    ws,
+                );
+            });
+        Ok(())
+    }
+
+    fn phases(&self) -> Option<PhaseSeconds> {
+        None
+    }
+
+    fn flops_per_sample(&self) -> Option<f64> {
+        None
+    }
+}
