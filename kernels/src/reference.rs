@@ -7,11 +7,13 @@ mod activation;
 mod embedding;
 mod interaction;
 mod optim;
+mod roofline;
 
 pub use activation::*;
 pub use embedding::*;
 pub use interaction::*;
 pub use optim::*;
+pub use roofline::*;
 
 /// C = relu(alpha * (A ⊙ [mask > 0]) . B + beta * C + bias), triple loop.
 pub fn gemm(a: MatRef, b: MatRef, c: &mut MatMut, ops: &GemmOps) {
