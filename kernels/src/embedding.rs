@@ -1,6 +1,7 @@
 //! Embedding bags: forward (sum / mean / weighted pooling), the gradient of the per-sample
 //! weights, and the coalesced sparse gradient of a table (whose fused optimizer update lives in
-//! [`crate::optim`]).
+//! [`crate::optim`]); and a plain row gather ([`gather_rows`]), the forward without its
+//! arithmetic, which measures how close the forward comes to the memory system.
 //!
 //! Bags follow PyTorch's `EmbeddingBag` (include_last_offset = false): bag b is
 //! `indices[offsets[b] .. offsets[b + 1]]`, the last bag runs to `indices.len()`.
@@ -99,14 +100,7 @@ impl Bags<'_> {
                 w.len()
             );
         }
-        let max = self.indices.iter().copied().max();
-        if let Some(m) = max {
-            assert!(
-                (m as usize) < rows,
-                "{who}: row id {m} out of range for a table of {rows} rows"
-            );
-        }
-        max
+        check_ids(self.indices, rows, who)
     }
 
     /// The factor applied to the row looked up at position `p` of bag `b`.
@@ -118,6 +112,18 @@ impl Bags<'_> {
             (Pooling::Sum, None) => 1.0,
         }
     }
+}
+
+/// Panics unless every id is below `rows`; returns the largest id (None without ids).
+fn check_ids(indices: &[u32], rows: usize, who: &str) -> Option<u32> {
+    let max = indices.iter().copied().max();
+    if let Some(m) = max {
+        assert!(
+            (m as usize) < rows,
+            "{who}: row id {m} out of range for a table of {rows} rows"
+        );
+    }
+    max
 }
 
 /// Ids between the row being accumulated and the row being prefetched. Measured with the
@@ -218,6 +224,34 @@ fn pool_block<'r, const NV: usize>(
         }
     }
 }
+
+/// Evaluates `$body` with `$width` bound to `$dim`, as a literal for each specialised width
+/// (16, 32, 64, 128) and as the runtime value otherwise, so that an always-inlined helper in
+/// `$body` is compiled once per specialised width with its loops unrolled.
+macro_rules! with_width {
+    ($dim:expr, |$width:ident| $body:expr) => {
+        match $dim {
+            16 => {
+                let $width = 16;
+                $body
+            }
+            32 => {
+                let $width = 32;
+                $body
+            }
+            64 => {
+                let $width = 64;
+                $body
+            }
+            128 => {
+                let $width = 128;
+                $body
+            }
+            $width => $body,
+        }
+    };
+}
+pub(crate) use with_width;
 
 /// Calls `pool_block::<N>` for the runtime vector count `$nv` in 1..=GENERIC_NV.
 macro_rules! pool_block_nv {
@@ -423,6 +457,71 @@ fn pool_bags(
     }
 }
 
+/// `out[i * out_stride ..][..dim] = table[indices[i] * dim ..][..dim]`: the looked-up rows
+/// copied with no arithmetic (PyTorch's `index_select` along rows). The row loads, stores and
+/// prefetches are the forward's, minus its FMAs and bag bookkeeping, so on the same ids this
+/// runs at the speed of the memory system: the ceiling the forward is benchmarked against.
+/// Threads split the output rows. Panics if an index >= rows.
+pub fn gather_rows(table: &[f32], dim: usize, indices: &[u32], out: &mut [f32], out_stride: usize) {
+    const WHO: &str = "gather_rows";
+    let rows = table_rows(table, dim, WHO);
+    check_ids(indices, rows, WHO);
+    let n = indices.len();
+    check_strided(out.len(), n, dim, out_stride, "out", WHO);
+    if n == 0 {
+        return;
+    }
+    let rows_from = |i0: usize, out: &mut [f32]| {
+        let ids = &indices[i0..];
+        with_width!(dim, |width| copy_rows(table, width, ids, out, out_stride))
+    };
+    let out = &mut out[..(n - 1) * out_stride + dim];
+    if should_split(2 * n * dim, MIN_PARALLEL_FLOATS) {
+        let grain = task_grain(n, true);
+        out.par_chunks_mut(grain * out_stride)
+            .enumerate()
+            .for_each(|(t, o)| rows_from(t * grain, o));
+    } else {
+        rows_from(0, out);
+    }
+}
+
+/// Copies row `ids[i]` of a `width`-wide table into the i-th `out_stride` row of `out`, for
+/// as many rows as `out` holds, one vector at a time (a masked vector for the tail), the row
+/// `PREFETCH_DISTANCE` ids ahead requested first. Inlined into each call with a literal width,
+/// so the specialised widths copy in a fixed number of full vectors. Ids are checked by the
+/// caller.
+#[inline(always)]
+fn copy_rows(table: &[f32], width: usize, ids: &[u32], out: &mut [f32], out_stride: usize) {
+    for (i, o) in out.chunks_mut(out_stride).enumerate() {
+        if let Some(&ahead) = ids.get(i + PREFETCH_DISTANCE) {
+            prefetch_lines(
+                table.as_ptr().wrapping_add(ahead as usize * width),
+                width,
+                prefetch_read,
+            );
+        }
+        let id = ids[i] as usize;
+        let (src, dst) = (&table[id * width..(id + 1) * width], &mut o[..width]);
+        let full = width - width % LANES;
+        for k in (0..full).step_by(LANES) {
+            // SAFETY: k + LANES <= width floats are readable in src and writable in dst.
+            unsafe { store(dst.as_mut_ptr().add(k), load(src.as_ptr().add(k))) }
+        }
+        if full < width {
+            let tail = width - full;
+            // SAFETY: the tail floats from `full` are readable in src and writable in dst.
+            unsafe {
+                store_partial(
+                    dst.as_mut_ptr().add(full),
+                    tail,
+                    load_partial(src.as_ptr().add(full), tail),
+                )
+            }
+        }
+    }
+}
+
 /// d loss / d per_sample_weights:
 /// `grad_weights[p] = dot(grad_out[bag(p)], table[indices[p]])`.
 pub fn embedding_bag_weight_grad(
@@ -534,6 +633,8 @@ pub struct SparseGradWorkspace {
     keys: Vec<u64>,
     /// The radix sort's second buffer.
     tmp: Vec<u64>,
+    /// The radix sort's bucket counters.
+    hist: Vec<u32>,
     /// Bag of each position.
     pos_bag: Vec<u32>,
     /// Distinct row ids, ascending.
@@ -593,6 +694,7 @@ impl<'w, 'a> RowGrads<'w, 'a> {
         let SparseGradWorkspace {
             keys,
             tmp,
+            hist,
             pos_bag,
             rows: distinct,
             starts,
@@ -617,7 +719,7 @@ impl<'w, 'a> RowGrads<'w, 'a> {
                 .enumerate()
                 .map(|(p, &id)| (u64::from(id) << 32) | p as u64),
         );
-        sort_by_row(keys, tmp, max_id.unwrap_or(0));
+        sort_by_row(keys, tmp, hist, max_id.unwrap_or(0));
         distinct.clear();
         starts.clear();
         for (j, &k) in keys.iter().enumerate() {
@@ -642,9 +744,11 @@ impl<'w, 'a> RowGrads<'w, 'a> {
         (rg, grads)
     }
 
-    /// out[..dim] = the summed gradient of distinct row i.
-    #[inline]
+    /// out = the summed gradient of distinct row i (`out` holds dim floats). Always inlined,
+    /// so that a caller passing a slice of literal length gets the pooling loop of that width.
+    #[inline(always)]
     pub(crate) fn sum_into(&self, i: usize, out: &mut [f32]) {
+        debug_assert_eq!(out.len(), self.dim);
         let run = self.starts[i] as usize..self.starts[i + 1] as usize;
         let stride = self.grad_stride;
         let row = |k: usize| {
@@ -665,7 +769,7 @@ impl<'w, 'a> RowGrads<'w, 'a> {
                 );
             }
         };
-        pool_rows(self.dim, run.len(), &row, &prefetch, None, out);
+        pool_rows(out.len(), run.len(), &row, &prefetch, None, out);
     }
 
     /// Floats read and written by the backward (the measure for going parallel).
@@ -682,39 +786,50 @@ impl<'w, 'a> RowGrads<'w, 'a> {
     }
 }
 
-/// Bits of a row id sorted per radix pass.
-const RADIX_BITS: u32 = 8;
+/// Widest digit of the radix sort, in bits: 2^12 buckets, whose counters (16 KiB) stay in L1
+/// and whose open output lines (256 KiB) stay in L2 during a scatter pass.
+const MAX_RADIX_BITS: u32 = 12;
 
-/// Stable LSD radix sort of `keys` by their high 32 bits (the row id), RADIX_BITS a pass, over
-/// the digits of ids up to `max_id` only, skipping a pass whose digit is the same for all keys.
-/// Keys start in position order, so within a row they stay in position (batch) order. O(nnz)
-/// time and a 2^RADIX_BITS histogram, whatever the table's row count (Knuth, TAOCP vol. 3,
-/// 5.2.5).
-fn sort_by_row(keys: &mut Vec<u64>, tmp: &mut Vec<u64>, max_id: u32) {
-    const BUCKETS: usize = 1 << RADIX_BITS;
+/// Stable LSD radix sort of `keys` by their high 32 bits (the row id), over the bits of ids up
+/// to `max_id` only, in as few passes as digits of at most MAX_RADIX_BITS allow (two for
+/// tables up to 2^24 rows), the digits of equal width; a digit of at most log2(n) bits (but
+/// at least 8), so that the per-pass cost of the buckets stays below that of the keys; a pass
+/// whose digit is the same for all keys is skipped. Keys start in position order, so within a
+/// row they stay in position (batch) order, and the result (the unique stable order) does not
+/// depend on the digits chosen. O(nnz) time whatever the table's row count (Knuth, TAOCP
+/// vol. 3, 5.2.5).
+fn sort_by_row(keys: &mut Vec<u64>, tmp: &mut Vec<u64>, hist: &mut Vec<u32>, max_id: u32) {
     let n = keys.len();
-    let passes = (u32::BITS - max_id.leading_zeros()).div_ceil(RADIX_BITS) as usize;
-    let digit = |k: u64, d: usize| ((k >> (32 + d as u32 * RADIX_BITS)) as usize) & (BUCKETS - 1);
-    let mut hist = [[0usize; BUCKETS]; (u32::BITS / RADIX_BITS) as usize];
+    let id_bits = u32::BITS - max_id.leading_zeros();
+    if id_bits == 0 || n < 2 {
+        return;
+    }
+    let max_digit = n.ilog2().clamp(8, MAX_RADIX_BITS);
+    let passes = id_bits.div_ceil(max_digit);
+    let bits = id_bits.div_ceil(passes);
+    let mask = (1usize << bits) - 1;
+    let digit = |k: u64, d: u32| ((k >> (32 + d * bits)) as usize) & mask;
+    // One histogram of mask + 1 counters per pass, all counted in one sweep over the keys.
+    hist.clear();
+    hist.resize(passes as usize * (mask + 1), 0);
     for &k in keys.iter() {
-        for (d, h) in hist.iter_mut().enumerate().take(passes) {
-            h[digit(k, d)] += 1;
+        for (d, h) in hist.chunks_exact_mut(mask + 1).enumerate() {
+            h[digit(k, d as u32)] += 1;
         }
     }
     tmp.resize(n, 0);
-    for (d, h) in hist.iter().enumerate().take(passes) {
-        if h.contains(&n) {
+    for (d, h) in hist.chunks_exact_mut(mask + 1).enumerate() {
+        if h.contains(&(n as u32)) {
             continue;
         }
-        let mut next = [0usize; BUCKETS];
+        // Counts -> first slot of each bucket.
         let mut sum = 0;
-        for (nx, &c) in next.iter_mut().zip(h) {
-            *nx = sum;
-            sum += c;
+        for c in h.iter_mut() {
+            (*c, sum) = (sum, sum + *c);
         }
         for &k in keys.iter() {
-            let slot = &mut next[digit(k, d)];
-            tmp[*slot] = k;
+            let slot = &mut h[digit(k, d as u32)];
+            tmp[*slot as usize] = k;
             *slot += 1;
         }
         core::mem::swap(keys, tmp);
@@ -749,9 +864,12 @@ pub fn embedding_bag_backward_coalesce<'w>(
     let grads = &mut grads[..n * dim];
     let grain = rg.grain();
     let chunk = |t: usize, g: &mut [f32]| {
-        for (i, out) in g.chunks_mut(dim).enumerate() {
-            rg.sum_into(t * grain + i, out);
-        }
+        with_width!(
+            dim,
+            |width| for (i, out) in g.chunks_exact_mut(width).enumerate() {
+                rg.sum_into(t * grain + i, out);
+            }
+        )
     };
     if grain >= n {
         chunk(0, grads);

@@ -9,6 +9,7 @@ mod embedding;
 mod fm;
 mod interaction;
 mod optim;
+mod roofline;
 
 pub use activation::*;
 pub use cross::*;
@@ -16,6 +17,7 @@ pub use embedding::*;
 pub use fm::*;
 pub use interaction::*;
 pub use optim::*;
+pub use roofline::*;
 
 /// C = relu(alpha * (A ⊙ [mask > 0]) . B + beta * C + bias), triple loop.
 pub fn gemm(a: MatRef, b: MatRef, c: &mut MatMut, ops: &GemmOps) {

@@ -1,6 +1,7 @@
 //! Embedding-bag kernels against their scalar twins: forward (sum, mean, weighted; empty bags,
-//! repeated ids, widths around the lane count and the specialised widths), the per-sample
-//! weight gradient and the coalesced backward; bit-identical results for any thread count.
+//! repeated ids, widths around the lane count and the specialised widths), the plain row
+//! gather, the per-sample weight gradient and the coalesced backward; bit-identical results
+//! for any thread count.
 
 mod common;
 
@@ -16,6 +17,27 @@ fn forward(c: &BagCase) -> Vec<f32> {
     let mut out = vec![f32::NAN; c.strided_len()];
     embedding::embedding_bag_forward(&c.table, c.dim, c.bags(), c.pooling, &mut out, c.stride);
     out
+}
+
+/// Every looked-up row copied into a NaN-filled strided buffer, one row per index.
+fn gather(c: &BagCase) -> Vec<f32> {
+    let mut out = vec![f32::NAN; gathered_len(c)];
+    embedding::gather_rows(&c.table, c.dim, &c.indices, &mut out, c.stride);
+    out
+}
+
+fn gathered_len(c: &BagCase) -> usize {
+    c.indices
+        .len()
+        .checked_sub(1)
+        .map_or(0, |n| n * c.stride + c.dim)
+}
+
+fn check_gather(c: &BagCase) {
+    let mut expect = vec![f32::NAN; gathered_len(c)];
+    reference::gather_rows(&c.table, c.dim, &c.indices, &mut expect, c.stride);
+    // A copy is exact, and the padding between rows stays NaN.
+    assert_eq!(bits(&gather(c)), bits(&expect));
 }
 
 fn weight_grad(c: &BagCase) -> Vec<f32> {
@@ -71,6 +93,11 @@ proptest! {
     }
 
     #[test]
+    fn gather_rows_matches_reference(c in bag_case()) {
+        check_gather(&c);
+    }
+
+    #[test]
     fn weight_grad_matches_reference(c in bag_case()) {
         let gw = weight_grad(&c);
         let mut expect = vec![0.0; c.indices.len()];
@@ -102,7 +129,8 @@ proptest! {
     fn kernels_are_thread_count_invariant(c in bag_case()) {
         let [one, two, three] = on_1_2_3_threads(|| {
             let (rows, grads) = coalesce(&c, &mut SparseGradWorkspace::default());
-            (bits(&forward(&c)), bits(&weight_grad(&c)), rows, bits(&grads))
+            let outputs = [forward(&c), weight_grad(&c), gather(&c)];
+            (outputs.map(|o| bits(&o)), rows, bits(&grads))
         });
         prop_assert_eq!(&one, &two);
         prop_assert_eq!(&one, &three);
@@ -149,6 +177,7 @@ fn large_problems_match_reference() {
         let sizes: Vec<usize> = (0..3000).map(|b| b % 5).collect();
         let c = case_with(20_000, dim, &sizes, 20_000, pooling, dim as u64);
         check_forward(&c);
+        check_gather(&c);
         let mut ws = SparseGradWorkspace::default();
         let (rows, grads) = coalesce(&c, &mut ws);
         let (erows, egrads) = reference::embedding_bag_backward_coalesce(
@@ -190,33 +219,50 @@ fn duplicates_are_summed_in_batch_order() {
     }
 }
 
-/// Ids spread over the whole u32 range (every radix pass runs) group exactly as the same ids
-/// renumbered densely in the same order.
+/// Ids spread over ranges of every width up to the whole u32 range (so the radix sort runs
+/// one to four passes of digits of every width, on few and on many keys) group exactly as the
+/// same ids renumbered densely in the same order.
 #[test]
 fn coalesce_handles_ids_of_every_magnitude() {
-    let sizes: Vec<usize> = (0..500).map(|b| b % 4).collect();
-    let small = case_with(300, 5, &sizes, 300, Pooling::Sum, 4);
-    // An increasing map 0..300 -> spread over 0..u32::MAX, with shared low digits.
-    let spread = |id: u32| id * 14_316_557 + (id % 3) * 256 + 7;
-    let big_ids: Vec<u32> = small.indices.iter().map(|&i| spread(i)).collect();
-    let big = Bags {
-        indices: &big_ids,
-        ..small.bags()
-    };
-    let (rows_small, grads_small) = coalesce(&small, &mut SparseGradWorkspace::default());
-    let mut ws = SparseGradWorkspace::default();
-    let g = embedding_bag_backward_coalesce(
-        u32::MAX as usize,
-        small.dim,
-        big,
-        small.pooling,
-        &small.grad_out,
-        small.stride,
-        &mut ws,
-    );
-    let mapped: Vec<u32> = rows_small.iter().map(|&r| spread(r)).collect();
-    assert_eq!(g.rows, &mapped[..]);
-    assert_eq!(bits(g.grads), bits(&grads_small));
+    for bags in [500, 6000] {
+        let sizes: Vec<usize> = (0..bags).map(|b| b % 4).collect();
+        let small = case_with(300, 5, &sizes, 300, Pooling::Sum, 4);
+        let (rows_small, grads_small) = coalesce(&small, &mut SparseGradWorkspace::default());
+        for top in [
+            1u32 << 9,
+            1 << 13,
+            1 << 20,
+            1 << 24,
+            (1 << 25) + 1,
+            u32::MAX,
+        ] {
+            // An increasing map 0..300 -> 7..=top, with shared low digits.
+            let m = (top - 7) / 300;
+            let spread = |id: u32| id * m + (id % 3) * (m / 3) + 7;
+            let big_ids: Vec<u32> = small.indices.iter().map(|&i| spread(i)).collect();
+            let big = Bags {
+                indices: &big_ids,
+                ..small.bags()
+            };
+            let mut ws = SparseGradWorkspace::default();
+            let g = embedding_bag_backward_coalesce(
+                1 << 32,
+                small.dim,
+                big,
+                small.pooling,
+                &small.grad_out,
+                small.stride,
+                &mut ws,
+            );
+            let mapped: Vec<u32> = rows_small.iter().map(|&r| spread(r)).collect();
+            assert_eq!(g.rows, &mapped[..], "{bags} bags, ids up to {top}");
+            assert_eq!(
+                bits(g.grads),
+                bits(&grads_small),
+                "{bags} bags, ids up to {top}"
+            );
+        }
+    }
 }
 
 #[test]
@@ -253,6 +299,14 @@ fn forward_rejects_an_id_past_the_table() {
     };
     let mut out = vec![0.0; 8];
     embedding::embedding_bag_forward(&table, 8, bags, Pooling::Sum, &mut out, 8);
+}
+
+#[test]
+#[should_panic(expected = "gather_rows: row id 4 out of range for a table of 4 rows")]
+fn gather_rejects_an_id_past_the_table() {
+    let table = fill(4 * 8, 1);
+    let mut out = vec![0.0; 16];
+    embedding::gather_rows(&table, 8, &[1, 4], &mut out, 8);
 }
 
 #[test]

@@ -306,7 +306,12 @@ fn map_file(file: &File, offset: u64, len: usize) -> io::Result<MmapMut> {
     // Every caller maps a file this module created exclusively or whose length it has just
     // checked against the header (so the whole range exists), with its space reserved; other
     // processes modifying an open table file is outside the contract stated in the module docs.
-    unsafe { MmapOptions::new().offset(offset).len(len).map_mut(file) }
+    let map = unsafe { MmapOptions::new().offset(offset).len(len).map_mut(file) }?;
+    // Rows are read and written at random: without this advice every page fault reads ahead
+    // (and, in a fallocated extent, zero-fills) up to megabytes around the one page it needs.
+    #[cfg(target_os = "linux")]
+    map.advise(memmap2::Advice::Random)?;
+    Ok(map)
 }
 
 /// Maps `len` bytes of `file` from `offset` copy-on-write: reads come from the file, writes go

@@ -105,6 +105,10 @@ pub(crate) fn combine_phases(
     }
 }
 
+/// The shortest measurement window whose CPU busy and wait fractions are reported: many
+/// scheduler ticks (1 to 10 ms) long.
+const MIN_SCHED_WINDOW_SECS: f64 = 0.5;
+
 /// Runs the schedule on `w` (on the current thread pool) and returns its timings.
 pub fn measure(w: &mut dyn Workload, s: &Schedule) -> Result<Measurement> {
     anyhow::ensure!(
@@ -127,8 +131,15 @@ pub fn measure(w: &mut dyn Workload, s: &Schedule) -> Result<Measurement> {
         let secs = t.elapsed().as_secs_f64();
         rates.push((s.steps * samples) as f64 / secs.max(1e-12));
     }
-    let sched = sched_before.zip(pool_times()).map(|(b, a)| a.since(&b));
+    let sched_after = pool_times();
     let seconds = window.elapsed().as_secs_f64();
+    // schedstat's run time of a running thread is brought up to date only at scheduler ticks
+    // and switches, so each reading may lag by a tick: over a short window the fractions would
+    // be noise (even above 1), and are left out.
+    let sched = sched_before
+        .zip(sched_after)
+        .map(|(b, a)| a.since(&b))
+        .filter(|_| seconds >= MIN_SCHED_WINDOW_SECS);
     let phases_per_step = before.zip(w.phases()).map(|(b, a)| {
         let steps = (s.repeats * s.steps) as f64;
         combine_phases(&a, &b, |after, before| (after - before) / steps)

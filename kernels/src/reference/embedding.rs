@@ -36,6 +36,15 @@ pub fn embedding_bag_forward(
     }
 }
 
+/// `out[i * out_stride + k] = table[indices[i] * dim + k]`.
+pub fn gather_rows(table: &[f32], dim: usize, indices: &[u32], out: &mut [f32], out_stride: usize) {
+    for (i, &id) in indices.iter().enumerate() {
+        for k in 0..dim {
+            out[i * out_stride + k] = table[id as usize * dim + k];
+        }
+    }
+}
+
 /// `grad_weights[p]` = sum over k of `grad_out[bag(p), k] * table[indices[p], k]`.
 pub fn embedding_bag_weight_grad(
     table: &[f32],
