@@ -959,3 +959,59 @@ fn eval_and_predict_score_a_saved_model_with_its_encoding() {
 fn stderr_of(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
+
+#[test]
+fn compare_runs_on_a_preprocessed_dataset() {
+    let dir = Scratch::new("compare");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let file = dir.path("rows.tsv");
+    write_synthetic(&file, 2000, 5);
+    let (ds, out) = (s(&dir.path("ds")), s(&dir.path("out")));
+    let o = dlrm(&["preprocess", &s(&file), "--out", &ds, "--split", "8,1,1"]);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let o = dlrm(&[
+        "compare",
+        "--dataset",
+        &ds,
+        "--models",
+        "dlrm,fm",
+        "--optimizers",
+        "sgd",
+        "--lr-sgd",
+        "0.01",
+        "--arch-mlp-bot",
+        "13-32-16",
+        "--arch-mlp-top",
+        "16-1",
+        "--mini-batch-size",
+        "100",
+        "--nepochs",
+        "2",
+        "--test-freq",
+        "8",
+        "--out-dir",
+        &out,
+    ]);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert!(
+        stderr_of(&o).contains("1600 training / 200 val rows"),
+        "{}",
+        stderr_of(&o)
+    );
+    let csv = std::fs::read_to_string(dir.path("out").join("compare.csv")).unwrap();
+    // Two epochs of 16 steps, evaluated every 8 steps: 4 evaluations per run.
+    for model in ["dlrm", "fm"] {
+        let rows = csv
+            .lines()
+            .filter(|l| l.starts_with(&format!("{model},")))
+            .count();
+        assert_eq!(rows, 4, "{csv}");
+    }
+    assert!(dir.path("out").join("compare.svg").exists());
+    let o = dlrm(&["compare", "--nepochs", "2"]);
+    assert!(
+        !o.status.success() && stderr_of(&o).contains("--dataset"),
+        "{}",
+        stderr_of(&o)
+    );
+}

@@ -7,6 +7,7 @@ use super::models::{self, ModelFlags};
 use anyhow::{Context, Result};
 use clap::Args;
 use dlrm::config::{Architecture, InteractionOp, Preset, join};
+use dlrm::data::binary::{BinaryDataset, DatasetSplit};
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
 use dlrm::model::embedding_tables::StorageKind;
 use dlrm::model::{ModelKind, OptimizerKind};
@@ -38,8 +39,8 @@ pub struct CompareArgs {
     /// Embedding width d (also the DLRM bottom MLP's output width).
     #[arg(long)]
     arch_sparse_feature_size: Option<usize>,
-    /// Rows of each embedding table, dash-separated.
-    #[arg(long)]
+    /// Rows of each embedding table, dash-separated (with --dataset: the dataset's).
+    #[arg(long, conflicts_with = "dataset")]
     arch_embedding_size: Option<String>,
     /// DLRM's bottom MLP (the paper's Criteo Kaggle configuration by default).
     #[arg(long, default_value = "13-512-256-64-16")]
@@ -53,9 +54,18 @@ pub struct CompareArgs {
     /// Samples per training step.
     #[arg(long, default_value_t = 128)]
     mini_batch_size: usize,
-    /// Training steps of every run.
-    #[arg(long, default_value_t = 2000)]
-    num_batches: usize,
+    /// Training steps of every run (with --dataset: per epoch, and by default one pass).
+    #[arg(long)]
+    num_batches: Option<usize>,
+    /// Passes over the dataset's training split (with --dataset).
+    #[arg(long, default_value_t = 1, requires = "dataset")]
+    nepochs: usize,
+    /// Train and evaluate on a binary dataset (`dlrm preprocess`) instead of synthetic data.
+    #[arg(long)]
+    dataset: Option<PathBuf>,
+    /// The split of --dataset every evaluation scores.
+    #[arg(long, value_enum, default_value_t = DatasetSplit::Val, requires = "dataset")]
+    eval_split: DatasetSplit,
     /// Evaluate on the held-out data every this many steps.
     #[arg(long, default_value_t = 100)]
     test_freq: usize,
@@ -105,10 +115,39 @@ pub fn run(a: CompareArgs) -> Result<()> {
     );
     let p = a.preset.values();
     let d = a.arch_sparse_feature_size.unwrap_or(p.embedding_dim);
-    let tables = a
-        .arch_embedding_size
-        .clone()
-        .unwrap_or_else(|| join(&p.table_sizes));
+    let dataset = a
+        .dataset
+        .as_ref()
+        .map(|dir| -> Result<BinaryDataset> {
+            let ds = BinaryDataset::open(dir)
+                .with_context(|| format!("opening the dataset {}", dir.display()))?;
+            anyhow::ensure!(
+                ds.header().labelled,
+                "{}: the dataset has no labels",
+                dir.display()
+            );
+            anyhow::ensure!(
+                ds.rows(a.eval_split) > 0,
+                "{}: the {} split is empty: choose another --eval-split",
+                dir.display(),
+                a.eval_split.name()
+            );
+            Ok(ds.with_eval_split(a.eval_split))
+        })
+        .transpose()?;
+    let tables = match &dataset {
+        Some(ds) => join(
+            &ds.header()
+                .table_sizes
+                .iter()
+                .map(|&n| n as usize)
+                .collect::<Vec<_>>(),
+        ),
+        None => a
+            .arch_embedding_size
+            .clone()
+            .unwrap_or_else(|| join(&p.table_sizes)),
+    };
     let arch = Architecture::from_flags(
         d,
         &tables,
@@ -117,8 +156,21 @@ pub fn run(a: CompareArgs) -> Result<()> {
         InteractionOp::Dot,
         false,
     )?;
+    if let Some(ds) = &dataset {
+        anyhow::ensure!(
+            arch.num_dense() == ds.header().num_dense,
+            "--arch-mlp-bot: the bottom MLP takes {} inputs, the dataset has {} dense features",
+            arch.num_dense(),
+            ds.header().num_dense
+        );
+    }
     let threads = a.threads.unwrap_or_else(num_cpus::get_physical).max(1);
-    let train_len = (a.num_batches * a.mini_batch_size) as u64;
+    let num_batches = match (&dataset, a.num_batches) {
+        (_, Some(n)) => n,
+        (Some(_), None) => 0,
+        (None, None) => p.num_batches,
+    };
+    let train_len = (num_batches * a.mini_batch_size) as u64;
     let synth = SyntheticConfig {
         num_dense: arch.num_dense(),
         table_sizes: arch.table_sizes.clone(),
@@ -136,6 +188,16 @@ pub fn run(a: CompareArgs) -> Result<()> {
         .build()
         .context("building the thread pool")?;
     let runs = pool.install(|| -> Result<Vec<Run>> {
+        if let Some(ds) = &dataset {
+            eprintln!(
+                "data: {} training / {} {} rows of {}; {threads} threads",
+                ds.rows(DatasetSplit::Train),
+                ds.rows(a.eval_split),
+                a.eval_split.name(),
+                ds.dir().display()
+            );
+            return compare(&a, &arch, ds, num_batches, threads);
+        }
         let data = SyntheticSource::new(SyntheticData::new(synth), train_len, a.test_data_size);
         let ceiling = data
             .ceiling_auc()
@@ -144,7 +206,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
             "data: {train_len} training / {} held-out synthetic samples ({:?}{ceiling}); {threads} threads",
             a.test_data_size, a.data_generation
         );
-        compare(&a, &arch, &data, threads)
+        compare(&a, &arch, &data, num_batches, threads)
     })?;
     std::fs::create_dir_all(&a.out_dir)
         .with_context(|| format!("creating {}", a.out_dir.display()))?;
@@ -162,6 +224,7 @@ fn compare(
     a: &CompareArgs,
     arch: &Architecture,
     data: &dyn DataSource,
+    num_batches: usize,
     threads: usize,
 ) -> Result<Vec<Run>> {
     let mut runs = Vec::new();
@@ -172,7 +235,8 @@ fn compare(
                 OptimizerKind::Adagrad | OptimizerKind::RowwiseAdagrad => a.lr_adagrad,
             };
             let opts = TrainOptions {
-                num_batches: a.num_batches,
+                num_batches,
+                nepochs: a.nepochs,
                 test_freq: a.test_freq,
                 seed: a.seed,
                 progress: std::io::stderr().is_terminal(),
