@@ -175,7 +175,7 @@ pub(crate) fn prefetch_lines(p: *const f32, len: usize, hint: impl Fn(*const f32
 /// held in registers, where `row(k)` gives row k (from its column 0) and w_k, and
 /// width = (NV - 1) * LANES + tail, 0 < tail <= LANES. `prefetch(k)` is called before row k is
 /// read (to request a row further ahead). Rows are added in k order, with one FMA per
-/// element and row, so the bits depend only on the rows and their order.
+/// element and row after the first, so the bits depend only on the rows and their order.
 #[inline(always)]
 fn pool_block<'r, const NV: usize>(
     n: usize,
@@ -204,7 +204,9 @@ fn pool_block<'r, const NV: usize>(
                     load_partial(r.as_ptr().add(v * LANES), tail)
                 }
             };
-            *a = x.mul_add(w, *a);
+            // The first row is multiplied rather than added to zero, so a bag of one row pools
+            // to exactly that row (-0.0 included), as the copy of one-id bags gives it.
+            *a = if k == 0 { x * w } else { x.mul_add(w, *a) };
         }
     }
     if let Some(d) = div {
@@ -436,6 +438,19 @@ fn pool_bags(
     col: usize,
 ) {
     let indices = bags.indices;
+    let count = out.len().div_ceil(out_stride);
+    if bags.weights.is_none() && one_id_per_bag(bags, b0..b0 + count) {
+        // Every bag is one row (Criteo's one-hot features): the pooled row is the row itself,
+        // so it is copied, without the per-bag accumulator set-up, FMA pass and bookkeeping.
+        let ids = &indices[b0..b0 + count];
+        return with_width!(dim, |width| copy_rows(
+            table,
+            width,
+            ids,
+            &mut out[col..],
+            out_stride
+        ));
+    }
     for (i, o) in out.chunks_mut(out_stride).enumerate() {
         let pos = bags.bag(b0 + i);
         let row = |k: usize| {
@@ -455,6 +470,19 @@ fn pool_bags(
         let div = (pooling == Pooling::Mean && !pos.is_empty()).then(|| pos.len() as f32);
         pool_rows(dim, pos.len(), &row, &prefetch, div, &mut o[col..col + dim]);
     }
+}
+
+/// Whether each bag in `range` holds exactly one id, bag b being `indices[b]`.
+fn one_id_per_bag(bags: Bags, range: Range<usize>) -> bool {
+    let end = bags
+        .offsets
+        .get(range.end)
+        .map_or(bags.indices.len(), |&e| e as usize);
+    end == range.end
+        && bags.offsets[range.clone()]
+            .iter()
+            .zip(range)
+            .all(|(&o, b)| o as usize == b)
 }
 
 /// `out[i * out_stride ..][..dim] = table[indices[i] * dim ..][..dim]`: the looked-up rows

@@ -348,3 +348,57 @@ fn bag_ranges_follow_pytorch() {
         [0..2, 2..2, 2..4]
     );
 }
+
+/// One-id bags (Criteo's one-hot features) are pooled by a row copy; that copy must give the
+/// bits of the accumulating path (which pools a bag of one row to exactly that row, -0.0
+/// included), whichever threads take which bags.
+#[test]
+fn one_id_bags_pool_to_their_rows_on_every_path() {
+    for dim in [1, 5, 16, 17, 64, 130] {
+        for pooling in [Pooling::Sum, Pooling::Mean] {
+            let rows = 97;
+            let mut table = fill(rows * dim, dim as u64);
+            table[3 * dim..4 * dim].fill(-0.0);
+            let n = 301;
+            let indices: Vec<u32> = (0..n).map(|i| ((i * 7 + 3) % rows) as u32).collect();
+            let one_hot: Vec<u32> = (0..n as u32).collect();
+            // The same ids, the last bag holding two of them: only some tasks see one-id bags.
+            let mixed: Vec<u32> = (0..n as u32 - 1).collect();
+            let stride = dim + 3;
+            let run = |offsets: &[u32]| {
+                let bags = Bags {
+                    indices: &indices,
+                    offsets,
+                    weights: None,
+                };
+                let mut out = vec![f32::NAN; (offsets.len() - 1) * stride + dim];
+                embedding::embedding_bag_forward(&table, dim, bags, pooling, &mut out, stride);
+                let mut expect = vec![f32::NAN; out.len()];
+                reference::embedding_bag_forward(&table, dim, bags, pooling, &mut expect, stride);
+                // The padding between output rows stays NaN; the rows are compared.
+                let pad = |v: &[f32]| {
+                    v.chunks(stride)
+                        .all(|r| r[dim..].iter().all(|x| x.is_nan()))
+                };
+                assert!(pad(&out));
+                let rows = |v: &[f32]| -> Vec<f32> {
+                    v.chunks(stride).flat_map(|r| r[..dim].to_vec()).collect()
+                };
+                (rows(&out), rows(&expect))
+            };
+            let [one, two, three] = on_1_2_3_threads(|| {
+                let (hot, expect) = run(&one_hot);
+                for (b, &id) in indices.iter().enumerate() {
+                    let row = &table[id as usize * dim..][..dim];
+                    assert_eq!(bits(&hot[b * dim..][..dim]), bits(row), "dim {dim} bag {b}");
+                }
+                assert_close("one-hot", &hot, &expect, 0.0, 0.0);
+                let (mixed_out, expect) = run(&mixed);
+                assert_close("mixed", &mixed_out, &expect, sum_tol(2), 0.0);
+                (bits(&hot), bits(&mixed_out))
+            });
+            assert_eq!(one, two, "dim {dim}");
+            assert_eq!(one, three, "dim {dim}");
+        }
+    }
+}
