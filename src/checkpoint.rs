@@ -20,6 +20,7 @@
 //! so that tests can check this deterministically.
 
 use crate::config::Architecture;
+use crate::data::binary::{BinaryDataset, encoding_fingerprint_of};
 use crate::model::dlrm::Dlrm;
 use crate::model::embedding_tables::{
     EmbeddingTable, OptimizerState, StorageKind, state_file_name, table_file_name,
@@ -72,6 +73,30 @@ pub struct Meta {
     pub train_state: TrainState,
     /// Whether the version carries a `dataset/` folder.
     pub dataset: bool,
+    /// The training dataset's encoding fingerprint
+    /// ([`crate::data::binary::compute_encoding_fingerprint`]); absent in checkpoints written
+    /// before it was stored, whose `dataset/` folder gives it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding_fingerprint: Option<String>,
+}
+
+/// Refuses a dataset whose ids were encoded otherwise than the checkpoint's training data
+/// (other dictionaries or hashing, table sizes, dense count): the model would look up rows
+/// that mean other values. A checkpoint not trained on a dataset has no encoding to compare.
+pub fn check_encoding(version: &Path, meta: &Meta, data: &BinaryDataset) -> Result<()> {
+    let trained = match &meta.encoding_fingerprint {
+        Some(f) => f.clone(),
+        None if meta.dataset => encoding_fingerprint_of(&version.join(DATASET_DIR))?,
+        None => return Ok(()),
+    };
+    let given = data.encoding_fingerprint()?;
+    ensure!(
+        trained == given,
+        "the dataset {} is encoded differently from the data the checkpoint {} was trained on (encoding fingerprint {given}, the checkpoint's {trained}): preprocess its raw rows with --encode-like <the training dataset>, or score them with --criteo",
+        data.dir().display(),
+        version.display()
+    );
+    Ok(())
 }
 
 /// DLRM's model_config.
@@ -175,6 +200,7 @@ pub fn save(
         model_config,
         train_state: state.clone(),
         dataset: dataset_files.is_some(),
+        encoding_fingerprint: dataset_files.map(encoding_fingerprint_of).transpose()?,
     };
     write_durable(
         &tmp.join(META),

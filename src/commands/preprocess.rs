@@ -19,8 +19,10 @@ pub struct EncodingArgs {
     #[arg(long)]
     pub min_frequency: Option<u64>,
     /// Weights of training, validation and test: the input lines, in order, are cut in these
-    /// proportions (Criteo rows are in time order) [default: 12,1,1, the reference's Kaggle
-    /// split: six days of training, the seventh halved]
+    /// proportions (Criteo rows are in time order) [default: the reference's Kaggle split: the
+    /// lines cut into 7 days as dlrm_s_pytorch.py cuts train.txt (divmod, the first days one
+    /// line longer), days 1-6 training, the 7th halved: first half (rounded up) test, second
+    /// half validation]
     #[arg(long)]
     pub split: Option<String>,
     /// Shuffle the training split with this seed (else rows stay in file order).
@@ -41,11 +43,19 @@ impl EncodingArgs {
             || self.skip_bad_lines
     }
 
-    /// The split weights (train, validation, test).
-    pub fn weights(&self) -> Result<[f64; 3]> {
-        let Some(text) = &self.split else {
-            return Ok([12.0, 1.0, 1.0]);
-        };
+    /// The lines of `files` cut by --split, or as the reference cuts Kaggle's train.txt.
+    pub fn sources(&self, files: Vec<PathBuf>) -> Result<Sources> {
+        Ok(match &self.split {
+            Some(text) => Sources::Weights {
+                files,
+                weights: Self::weights(text)?,
+            },
+            None => Sources::ReferenceKaggle { files },
+        })
+    }
+
+    /// The split weights (train, validation, test) of --split.
+    fn weights(text: &str) -> Result<[f64; 3]> {
         let parts: Vec<&str> = text.split(',').collect();
         let bad = || {
             anyhow::anyhow!(
@@ -62,7 +72,7 @@ impl EncodingArgs {
         Ok(w)
     }
 
-    /// Hashing modulo `max_ind_range` when given, else frequency dictionaries.
+    /// The reference's hashing modulo `max_ind_range` when given, else frequency dictionaries.
     pub fn encoding(&self, max_ind_range: Option<u64>) -> Result<Encoding> {
         Ok(match max_ind_range {
             Some(n) => {
@@ -70,7 +80,7 @@ impl EncodingArgs {
                     self.min_frequency.is_none(),
                     "--min-frequency builds dictionaries, --max-ind-range hashes: choose one"
                 );
-                Encoding::Hash { max_ind_range: n }
+                Encoding::HashFirstSeen { max_ind_range: n }
             }
             None => Encoding::Dictionary {
                 min_frequency: self.min_frequency.unwrap_or(1),
@@ -91,14 +101,17 @@ pub struct PreprocessArgs {
     /// Training day files, for the Terabyte layout (with --eval-files, instead of INPUTS).
     #[arg(long, num_args = 1.., requires = "eval_files")]
     train_files: Vec<PathBuf>,
-    /// Evaluation day files: their lines, in order, are split in half, validation then test.
+    /// Evaluation day files: their lines, in order, are split in half, validation then test
+    /// (this project's order: the reference's Terabyte split has test first).
     #[arg(long, num_args = 1.., requires = "train_files")]
     eval_files: Vec<PathBuf>,
     /// The dataset folder to create (it must not exist; it appears only when complete).
     #[arg(long, short)]
     out: PathBuf,
-    /// Hash each categorical value modulo this many rows (the reference's option) instead of
-    /// building dictionaries.
+    /// Encode as the reference's --max-ind-range does, instead of building frequency
+    /// dictionaries: each categorical value (an empty one is 0) is hashed modulo this number,
+    /// and the distinct hashed values of all rows are numbered in order of first appearance,
+    /// so each table has min(distinct values, this) rows.
     #[arg(long)]
     max_ind_range: Option<u64>,
     #[command(flatten)]
@@ -120,10 +133,7 @@ pub struct PreprocessArgs {
 
 pub fn run(a: PreprocessArgs) -> Result<()> {
     let sources = if a.train_files.is_empty() {
-        Sources::Weights {
-            files: a.inputs.clone(),
-            weights: a.encoding.weights()?,
-        }
+        a.encoding.sources(a.inputs.clone())?
     } else {
         anyhow::ensure!(
             a.encoding.split.is_none(),

@@ -105,6 +105,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
                 let ds = BinaryDataset::open(dir)
                     .with_context(|| format!("opening the dataset {}", dir.display()))?
                     .with_eval_split(a.eval_split);
+                checkpoint::check_encoding(&version, &checkpoint::read_meta(&version)?, &ds)?;
                 let rows = ds.rows(a.eval_split);
                 let mut batch = Batch::default();
                 (

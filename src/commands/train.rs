@@ -8,7 +8,7 @@ use dlrm::checkpoint;
 use dlrm::config::{Architecture, InteractionOp, Preset, join};
 use dlrm::data::binary::{BinaryDataset, DatasetSplit};
 use dlrm::data::movielens::MovieLensSource;
-use dlrm::data::preprocess::{CHUNK_BYTES, EncodingChoice, PreprocessOptions, Sources, preprocess};
+use dlrm::data::preprocess::{CHUNK_BYTES, EncodingChoice, PreprocessOptions, preprocess};
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
 use dlrm::model::embedding_tables::StorageKind;
 use dlrm::model::{Model, ModelKind, OptimizerKind};
@@ -72,7 +72,8 @@ pub struct TrainArgs {
     #[arg(long)]
     arch_interaction_itself: bool,
     /// Cap every table at this many rows (synthetic ids are drawn within the cap; with
-    /// --criteo, categories are hashed modulo it).
+    /// --criteo, categories are encoded as the reference does: hashed modulo it, then numbered
+    /// in order of first appearance, as `dlrm preprocess --max-ind-range`).
     #[arg(long)]
     max_ind_range: Option<usize>,
     #[command(flatten)]
@@ -193,10 +194,7 @@ impl Drop for RemoveOnDrop {
 fn preprocess_criteo(a: &TrainArgs, file: &Path, dir: &Path) -> Result<BinaryDataset> {
     let out = dir.join("dataset");
     let opts = PreprocessOptions {
-        sources: Sources::Weights {
-            files: vec![file.to_path_buf()],
-            weights: a.encoding.weights()?,
-        },
+        sources: a.encoding.sources(vec![file.to_path_buf()])?,
         out: out.clone(),
         encoding: EncodingChoice::New(a.encoding.encoding(a.max_ind_range.map(|n| n as u64))?),
         labelled: true,
@@ -347,6 +345,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 .with_context(|| format!("{}: not a DLRM checkpoint", version.display()))?;
             check_flags_match(&a, &cfg)
                 .with_context(|| format!("--load-model {}", version.display()))?;
+            if let Some(ds) = &dataset {
+                checkpoint::check_encoding(&version, &meta, ds)?;
+            }
             arch = cfg.arch.clone();
             Some((version, meta, cfg))
         }

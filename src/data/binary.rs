@@ -11,9 +11,15 @@
 //!     dense.f32            rows x num_dense f32, row-major, already transformed
 //!     labels.f32           rows f32, 0.0 or 1.0 (absent for unlabelled data)
 //!     ids_00.u32 ...       per table: rows u32, each sample's row in that table
-//! DIR/dict_00.u32 ...    dictionary encoding only: per table, the kept raw 32-bit values in
-//!                        id order (value i has id FIRST_VALUE_ID + i)
+//! DIR/dict_00.u32 ...    dictionary encodings only: per table, raw 32-bit values in id order
+//!                        (frequency dictionaries: value i has id FIRST_VALUE_ID + i; the
+//!                        reference's hash_first_seen: hashed value i has id i)
 //! ```
+//!
+//! Opening a dataset checks that every file the header implies is there with the size it
+//! implies. The header's `encoding_fingerprint` identifies the id encoding (see
+//! [`compute_encoding_fingerprint`]); checkpoints carry their training data's, so that data
+//! encoded otherwise is refused.
 //!
 //! Labels are stored as f32 (not bytes) and ids per table (not per sample), so that filling a
 //! [`Batch`] is one `memcpy` per array: dense rows, labels, and each table's ids (one-hot bags:
@@ -111,8 +117,31 @@ pub enum Encoding {
     /// Row = value mod `max_ind_range`; an empty field is 0 (the reference's hashing).
     Hash { max_ind_range: u64 },
     /// Values seen at least `min_frequency` times in the training split have their own row
-    /// (`dict_XX.u32`); an empty field is row `EMPTY_ID`, any other value `RARE_ID`.
+    /// (`dict_XX.u32`); an empty field is row `EMPTY_ID`, any other value `RARE_ID`. This
+    /// project's own encoding.
     Dictionary { min_frequency: u64 },
+    /// The reference's `--max-ind-range` (dlrm_s_pytorch.py, data_utils.py): an empty field is
+    /// value 0, each value is hashed to value mod `max_ind_range`, and the distinct hashed
+    /// values of all rows (every split, in file order) are numbered in order of first
+    /// appearance (`dict_XX.u32` lists them in id order). A table has as many rows as distinct
+    /// hashed values. A hashed value the dictionary lacks (rows encoded later with
+    /// `--encode-like`) gets row 0.
+    #[serde(rename = "hash_first_seen")]
+    HashFirstSeen { max_ind_range: u64 },
+}
+
+impl Encoding {
+    /// Values in table file `dict_XX.u32` for a table of `table_size` rows (None: the encoding
+    /// has no dictionaries).
+    pub fn dictionary_len(&self, table_size: u64) -> Option<u64> {
+        match self {
+            Encoding::Hash { .. } => None,
+            Encoding::Dictionary { .. } => {
+                Some(table_size.saturating_sub(super::preprocess::FIRST_VALUE_ID as u64))
+            }
+            Encoding::HashFirstSeen { .. } => Some(table_size),
+        }
+    }
 }
 
 /// How raw rows were assigned to splits.
@@ -122,8 +151,16 @@ pub enum SplitRule {
     /// The lines of all sources, in order, cut by these weights (train, val, test).
     Weights([f64; 3]),
     /// The first `train_sources` sources are training days; the lines of the others, in
-    /// order, are split in half: validation, then test (the reference's Terabyte split).
+    /// order, are split in half: validation, then test (this project's order; the reference's
+    /// Terabyte split takes the first half, rounded up, as test).
     Days { train_sources: usize },
+    /// The reference's Kaggle split (data_utils.py getCriteoAdData, dlrm_data_pytorch.py
+    /// CriteoDataset): the lines of all sources, in order, are cut into 7 days by
+    /// divmod(lines, 7), the first `lines % 7` days one line longer; days 1-6 are training,
+    /// and the 7th is halved by np.array_split: the first half (rounded up) is test, the
+    /// second validation.
+    #[serde(rename = "reference_kaggle")]
+    ReferenceKaggle,
 }
 
 /// A raw input file.
@@ -154,6 +191,10 @@ pub struct DatasetHeader {
     pub sources: Vec<SourceFile>,
     /// Lines left out by --skip-bad-lines.
     pub bad_lines: u64,
+    /// [`compute_encoding_fingerprint`] of this dataset (absent in datasets written before
+    /// it existed: then computed from the files when needed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding_fingerprint: Option<String>,
 }
 
 impl DatasetHeader {
@@ -195,6 +236,96 @@ impl DatasetHeader {
         let json = serde_json::to_string_pretty(self)?;
         std::fs::write(&path, json + "\n").with_context(|| format!("writing {}", path.display()))
     }
+
+    /// The encoding fingerprint of the dataset in `dir` (this header's): the stored one, or
+    /// computed from the files for a dataset written before it was stored.
+    pub fn encoding_fingerprint(&self, dir: &Path) -> Result<String> {
+        match &self.encoding_fingerprint {
+            Some(f) => Ok(f.clone()),
+            None => compute_encoding_fingerprint(self, dir),
+        }
+    }
+
+    /// Table `table`'s dictionary, checked against the table's size (empty for an encoding
+    /// without dictionaries).
+    pub fn read_dictionary(&self, dir: &Path, table: usize) -> Result<Vec<u32>> {
+        let Some(len) = self.encoding.dictionary_len(self.table_sizes[table]) else {
+            return Ok(Vec::new());
+        };
+        let path = dir.join(dictionary_file(table));
+        check_file_len(&path, 4 * len)?;
+        read_u32_file(&path)
+    }
+}
+
+/// The encoding fingerprint of the dataset (or checkpoint `dataset/` folder) in `dir`.
+pub fn encoding_fingerprint_of(dir: &Path) -> Result<String> {
+    DatasetHeader::read(dir)?.encoding_fingerprint(dir)
+}
+
+/// FNV-1a, 64 bits (Fowler, Noll, Vo): a stable, documented hash of a byte stream.
+struct Fnv1a64(u64);
+
+impl Fnv1a64 {
+    fn new() -> Fnv1a64 {
+        Fnv1a64(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, x: u64) {
+        self.write(&x.to_le_bytes());
+    }
+}
+
+/// `fnv1a64:` and 16 hexadecimal digits: the FNV-1a 64 hash of everything that decides which
+/// id a raw row gets, as a canonical byte stream: the ASCII tag `dlrm-encoding-1`; the
+/// encoding kind (u64: 0 hash, 1 dictionary, 2 hash_first_seen) and its parameter
+/// (max_ind_range or min_frequency); num_dense; the table count and each table's size; then
+/// each table's dictionary (its `dict_XX.u32` bytes, little-endian u32), if the encoding has
+/// them. Integers are u64 little-endian. Two datasets with the same fingerprint give every raw
+/// row the same ids.
+pub fn compute_encoding_fingerprint(header: &DatasetHeader, dir: &Path) -> Result<String> {
+    let mut h = Fnv1a64::new();
+    h.write(b"dlrm-encoding-1");
+    let (kind, parameter) = match header.encoding {
+        Encoding::Hash { max_ind_range } => (0, max_ind_range),
+        Encoding::Dictionary { min_frequency } => (1, min_frequency),
+        Encoding::HashFirstSeen { max_ind_range } => (2, max_ind_range),
+    };
+    h.write_u64(kind);
+    h.write_u64(parameter);
+    h.write_u64(header.num_dense as u64);
+    h.write_u64(header.num_tables() as u64);
+    for &n in &header.table_sizes {
+        h.write_u64(n);
+    }
+    for t in 0..header.num_tables() {
+        h.write(bytemuck::cast_slice(&header.read_dictionary(dir, t)?));
+    }
+    Ok(format!("fnv1a64:{:016x}", h.0))
+}
+
+/// Checks that the file at `path` exists and holds `want` bytes, as the header implies.
+fn check_file_len(path: &Path, want: u64) -> Result<()> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{}: {e} (the dataset header implies a file of {want} bytes)",
+                path.display()
+            )
+        })?
+        .len();
+    anyhow::ensure!(
+        len == want,
+        "{}: {len} bytes, the dataset header implies {want}",
+        path.display()
+    );
+    Ok(())
 }
 
 /// Rows of one split, column by column, as preprocessing produces them.
@@ -347,11 +478,13 @@ impl SplitMaps {
         let folder = dir.join(split.name());
         let map = |name: &str, width: usize| -> Result<Mmap> {
             let path = folder.join(name);
-            let map =
-                map_read_only(&path).with_context(|| format!("mapping {}", path.display()))?;
             let want = rows
                 .checked_mul(4 * width as u64)
                 .context("array size overflows")?;
+            check_file_len(&path, want)?;
+            let map =
+                map_read_only(&path).with_context(|| format!("mapping {}", path.display()))?;
+            // The file may have changed since it was checked.
             anyhow::ensure!(
                 map.len() as u64 == want,
                 "{}: {} bytes, the header's {rows} rows need {want}",
@@ -382,9 +515,15 @@ pub struct BinaryDataset {
 }
 
 impl BinaryDataset {
-    /// Reads the header and maps every array, checking each length against the header.
+    /// Reads the header, checks that every dictionary the header implies is there with the
+    /// size it implies, and maps every array, checking each length against the header.
     pub fn open(dir: &Path) -> Result<BinaryDataset> {
         let header = DatasetHeader::read(dir)?;
+        for (t, &size) in header.table_sizes.iter().enumerate() {
+            if let Some(len) = header.encoding.dictionary_len(size) {
+                check_file_len(&dir.join(dictionary_file(t)), 4 * len)?;
+            }
+        }
         let splits = DatasetSplit::ALL
             .iter()
             .map(|&s| SplitMaps::open(dir, &header, s))
@@ -413,6 +552,11 @@ impl BinaryDataset {
 
     pub fn header(&self) -> &DatasetHeader {
         &self.header
+    }
+
+    /// The fingerprint of the dataset's id encoding (see [`compute_encoding_fingerprint`]).
+    pub fn encoding_fingerprint(&self) -> Result<String> {
+        self.header.encoding_fingerprint(&self.dir)
     }
 
     pub fn rows(&self, split: DatasetSplit) -> u64 {
@@ -446,6 +590,17 @@ impl BinaryDataset {
         batch
             .dense
             .extend_from_slice(&as_f32(&s.dense)[a * nd..b * nd]);
+        // Preprocessing writes finite values only; a file changed since would otherwise make
+        // the model's parameters NaN without a word. The scan is cheap next to a step.
+        if let Some(i) = batch.dense.iter().position(|x| !x.is_finite()) {
+            anyhow::bail!(
+                "{}: row {} feature {} is {} (dense inputs must be finite)",
+                self.dir.join(split.name()).join(DENSE_FILE).display(),
+                first + (i / nd) as u64,
+                i % nd,
+                batch.dense[i]
+            );
+        }
         batch.labels.clear();
         match &s.labels {
             Some(labels) => batch.labels.extend_from_slice(&as_f32(labels)[a..b]),

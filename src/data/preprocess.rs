@@ -9,8 +9,11 @@
 //!    chunk's lines are counted (a SIMD newline count, in parallel). Split boundaries are line
 //!    numbers, so they are known before any line is parsed, and every chunk knows the number of
 //!    its first line (for errors) and its first row (for splits).
-//! 2. **dictionaries** (dictionary encoding only): the training lines are parsed and each
-//!    table's values counted (value -> count).
+//! 2. **dictionaries** (dictionary encodings only): the training lines are parsed and each
+//!    table's values counted (value -> count); or, for the reference's hash_first_seen
+//!    encoding, every line is parsed and each table's distinct hashed values numbered in order
+//!    of first appearance (each chunk lists its own in order, and the lists are merged in
+//!    chunk order, so the numbering is that of a sequential pass).
 //! 3. **encode**: every line is parsed, its integers transformed, its categories encoded, and
 //!    the row appended to its split's arrays; training rows go to shuffle buckets when the
 //!    training split is shuffled.
@@ -28,7 +31,8 @@
 
 use super::binary::{
     Columns, DatasetHeader, DatasetSplit, Encoding, FORMAT_NAME, FORMAT_VERSION, SourceFile,
-    SplitRows, SplitRule, SplitWriter, dictionary_file, read_u32_file, write_u32_file,
+    SplitRows, SplitRule, SplitWriter, compute_encoding_fingerprint, dictionary_file,
+    write_u32_file,
 };
 use super::criteo::{NUM_CATEGORICAL, NUM_DENSE, ParseError, RawRow, dense_feature, parse_line};
 use crate::rng::{SplitMix64, counter_hash, derive_key};
@@ -64,6 +68,9 @@ pub const RARE_ID: u32 = 1;
 /// Dictionary encoding: the row of the most frequent value; the others follow by decreasing
 /// count (ties by value), so hot rows sit together in the table.
 pub const FIRST_VALUE_ID: u32 = 2;
+/// hash_first_seen encoding: the row of a hashed value missing from the dictionary (only rows
+/// encoded after the dictionary was made, with `--encode-like`, can have one).
+pub const UNSEEN_ID: u32 = 0;
 
 /// The input files and which of their lines go to which split.
 #[derive(Clone, Debug, PartialEq)]
@@ -80,6 +87,9 @@ pub enum Sources {
         train: Vec<PathBuf>,
         eval: Vec<PathBuf>,
     },
+    /// The lines of `files`, in order, split as the reference splits Kaggle's train.txt
+    /// ([`SplitRule::ReferenceKaggle`]).
+    ReferenceKaggle { files: Vec<PathBuf> },
 }
 
 /// Where the categorical encoding comes from.
@@ -158,7 +168,7 @@ pub struct LineError {
     pub error: ParseError,
 }
 
-/// A map from u32 keys to non-zero u32 values (counts, or ids from FIRST_VALUE_ID on):
+/// A map from u32 keys to non-zero u32 values (counts, or dictionary positions + 1):
 /// open addressing with linear probing, each key next to its value in one array, at most half
 /// full. A lookup in a table larger than the caches costs one cache miss (a SwissTable costs
 /// two: its control bytes, then its slot); encoding looks up 26 values per row.
@@ -265,9 +275,11 @@ impl IdTable {
 }
 
 /// One table's dictionary.
+#[derive(Default)]
 struct Dictionary {
-    /// Kept values in id order (value i has id FIRST_VALUE_ID + i).
+    /// Kept values in order (the encoding decides the id of position i).
     values: Vec<u32>,
+    /// Value -> its position + 1 (IdTable values are non-zero).
     lookup: IdTable,
 }
 
@@ -275,9 +287,23 @@ impl Dictionary {
     fn from_values(values: Vec<u32>) -> Dictionary {
         let mut lookup = IdTable::with_capacity(values.len());
         for (i, &v) in values.iter().enumerate() {
-            lookup.insert(v, FIRST_VALUE_ID + i as u32);
+            lookup.insert(v, i as u32 + 1);
         }
         Dictionary { values, lookup }
+    }
+
+    /// The position of `value`, if kept.
+    #[inline]
+    fn position(&self, value: u32) -> Option<u32> {
+        self.lookup.get(value).map(|p| p - 1)
+    }
+
+    /// Appends `value` unless it is already kept.
+    fn push_new(&mut self, value: u32) {
+        if self.lookup.get(value).is_none() {
+            self.values.push(value);
+            self.lookup.insert(value, self.values.len() as u32);
+        }
     }
 
     /// Values counted at least `min_frequency` times, by decreasing count, then value.
@@ -294,6 +320,23 @@ impl Dictionary {
 enum Tables {
     Hash(u64),
     Dictionary(Vec<Dictionary>),
+    /// max_ind_range, and the hashed values of each table in order of first appearance.
+    HashFirstSeen(u64, Vec<Dictionary>),
+}
+
+/// The reference's hash of a categorical value: an empty field is "0", then value mod
+/// `max_ind_range`.
+#[inline]
+fn hash_value(value: Option<u32>, max_ind_range: u64) -> u32 {
+    (value.unwrap_or(0) as u64 % max_ind_range) as u32
+}
+
+fn check_max_ind_range(max_ind_range: u64) -> Result<()> {
+    anyhow::ensure!(
+        (1..=1 << 32).contains(&max_ind_range),
+        "--max-ind-range must be between 1 and 2^32 (ids are 32-bit), not {max_ind_range}"
+    );
+    Ok(())
 }
 
 /// Maps raw categorical values to table rows: hashing, or one dictionary per table. Saved in
@@ -304,12 +347,11 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    /// value mod `max_ind_range` (and 0 for an empty field), as the reference hashes.
+    /// Plain hashing: value mod `max_ind_range` (and 0 for an empty field) is the row, every
+    /// table has `max_ind_range` rows ([`Encoding::Hash`]; the reference numbers the hashed
+    /// values instead: [`Encoding::HashFirstSeen`]).
     pub fn hash(max_ind_range: u64) -> Result<Encoder> {
-        anyhow::ensure!(
-            (1..=1 << 32).contains(&max_ind_range),
-            "--max-ind-range must be between 1 and 2^32 (ids are 32-bit), not {max_ind_range}"
-        );
+        check_max_ind_range(max_ind_range)?;
         Ok(Encoder {
             encoding: Encoding::Hash { max_ind_range },
             tables: Tables::Hash(max_ind_range),
@@ -337,36 +379,28 @@ impl Encoder {
             header.num_dense,
             header.num_tables()
         );
-        match header.encoding {
-            Encoding::Hash { max_ind_range } => Encoder::hash(max_ind_range),
-            Encoding::Dictionary { .. } => {
-                let dicts = header
-                    .table_sizes
-                    .iter()
-                    .enumerate()
-                    .map(|(t, &rows)| {
-                        let path = dir.join(dictionary_file(t));
-                        let values = read_u32_file(&path)?;
-                        anyhow::ensure!(
-                            values.len() as u64 + FIRST_VALUE_ID as u64 == rows,
-                            "{}: {} values for a table of {rows} rows",
-                            path.display(),
-                            values.len()
-                        );
-                        Ok(Dictionary::from_values(values))
-                    })
-                    .collect::<Result<_>>()?;
-                Ok(Encoder {
-                    encoding: header.encoding,
-                    tables: Tables::Dictionary(dicts),
-                })
+        let dicts = || -> Result<Vec<Dictionary>> {
+            (0..header.num_tables())
+                .map(|t| Ok(Dictionary::from_values(header.read_dictionary(dir, t)?)))
+                .collect()
+        };
+        let tables = match header.encoding {
+            Encoding::Hash { max_ind_range } => return Encoder::hash(max_ind_range),
+            Encoding::Dictionary { .. } => Tables::Dictionary(dicts()?),
+            Encoding::HashFirstSeen { max_ind_range } => {
+                check_max_ind_range(max_ind_range)?;
+                Tables::HashFirstSeen(max_ind_range, dicts()?)
             }
-        }
+        };
+        Ok(Encoder {
+            encoding: header.encoding,
+            tables,
+        })
     }
 
     /// Writes the dictionaries (if any) into the dataset folder `dir`.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        if let Tables::Dictionary(dicts) = &self.tables {
+        if let Tables::Dictionary(dicts) | Tables::HashFirstSeen(_, dicts) = &self.tables {
             for (t, d) in dicts.iter().enumerate() {
                 let path = dir.join(dictionary_file(t));
                 write_u32_file(&path, &d.values)
@@ -388,6 +422,7 @@ impl Encoder {
                 .iter()
                 .map(|d| d.values.len() as u64 + FIRST_VALUE_ID as u64)
                 .collect(),
+            Tables::HashFirstSeen(_, d) => d.iter().map(|d| d.values.len() as u64).collect(),
         }
     }
 
@@ -398,17 +433,30 @@ impl Encoder {
             (Tables::Hash(_), None) => 0,
             (Tables::Hash(n), Some(v)) => (v as u64 % n) as u32,
             (Tables::Dictionary(_), None) => EMPTY_ID,
-            (Tables::Dictionary(d), Some(v)) => d[table].lookup.get(v).unwrap_or(RARE_ID),
+            (Tables::Dictionary(d), Some(v)) => {
+                d[table].position(v).map_or(RARE_ID, |p| FIRST_VALUE_ID + p)
+            }
+            (Tables::HashFirstSeen(n, d), v) => {
+                d[table].position(hash_value(v, *n)).unwrap_or(UNSEEN_ID)
+            }
         }
     }
 
     /// Starts loading the dictionary slots of a row's values (see [`IdTable::prefetch`]).
     #[inline]
     fn prefetch(&self, row: &RawRow) {
-        if let Tables::Dictionary(d) = &self.tables {
-            for (dict, v) in d.iter().zip(&row.categorical) {
-                if let Some(v) = v {
-                    dict.lookup.prefetch(*v);
+        match &self.tables {
+            Tables::Hash(_) => {}
+            Tables::Dictionary(d) => {
+                for (dict, v) in d.iter().zip(&row.categorical) {
+                    if let Some(v) = v {
+                        dict.lookup.prefetch(*v);
+                    }
+                }
+            }
+            Tables::HashFirstSeen(n, d) => {
+                for (dict, &v) in d.iter().zip(&row.categorical) {
+                    dict.lookup.prefetch(hash_value(v, *n));
                 }
             }
         }
@@ -616,13 +664,15 @@ struct Pass<'a> {
     inputs: &'a [Input],
     labelled: bool,
     skip_bad_lines: bool,
-    /// First rows of validation and of test.
+    /// First rows of the second and of the third run of rows (the first is training).
     boundaries: [u64; 2],
+    /// The split of each run.
+    run_splits: [usize; 3],
 }
 
 impl Pass<'_> {
     fn split_of(&self, row: u64) -> usize {
-        (row >= self.boundaries[0]) as usize + (row >= self.boundaries[1]) as usize
+        self.run_splits[(row >= self.boundaries[0]) as usize + (row >= self.boundaries[1]) as usize]
     }
 
     /// Parses the lines of `chunk` (read into `buf`) whose rows are below `end_row`, calling
@@ -757,6 +807,49 @@ fn count_values(
         },
     )?;
     Ok(Encoder::from_counts(counts, min_frequency))
+}
+
+/// Pass 2 of the reference's encoding: each table's distinct hashed values over every line,
+/// in order of first appearance.
+fn first_seen_values(
+    cx: &Pass,
+    chunks: &[Chunk],
+    max_ind_range: u64,
+    bar: &ProgressBar,
+) -> Result<Encoder> {
+    let mut dicts: Vec<Dictionary> = (0..NUM_CATEGORICAL)
+        .map(|_| Dictionary::default())
+        .collect();
+    let started = Instant::now();
+    let mut rows = 0;
+    cx.in_rounds(
+        chunks,
+        |chunk, buf| {
+            // The chunk's own distinct values, in order of first appearance.
+            let mut seen: Vec<Dictionary> = (0..NUM_CATEGORICAL)
+                .map(|_| Dictionary::default())
+                .collect();
+            cx.parse_chunk(chunk, buf, u64::MAX, &mut BadLines::default(), |_, row| {
+                for (d, &v) in seen.iter_mut().zip(&row.categorical) {
+                    d.push_new(hash_value(v, max_ind_range));
+                }
+            })?;
+            Ok(seen)
+        },
+        |round, seen| {
+            dicts.par_iter_mut().enumerate().for_each(|(t, d)| {
+                for chunk in &seen {
+                    chunk[t].values.iter().for_each(|&v| d.push_new(v));
+                }
+            });
+            advance(bar, round, &mut rows, started);
+            Ok(())
+        },
+    )?;
+    Ok(Encoder {
+        encoding: Encoding::HashFirstSeen { max_ind_range },
+        tables: Tables::HashFirstSeen(max_ind_range, dicts),
+    })
 }
 
 /// The training split's shuffle buckets: files of records, one per bucket.
@@ -906,10 +999,11 @@ fn encode_rows(
     Ok(bad)
 }
 
-/// The encoding before the passes: ready, or dictionaries still to count.
+/// The encoding before the passes: ready, or dictionaries still to make.
 enum PendingEncoding {
     Ready(Encoder),
     Count { min_frequency: u64 },
+    FirstSeen { max_ind_range: u64 },
 }
 
 /// A folder removed on drop unless kept: the output while it is being written.
@@ -940,19 +1034,35 @@ impl Drop for TempDir {
     }
 }
 
-/// The first row of validation and of test.
-fn boundaries(sources: &Sources, inputs: &[Input]) -> [u64; 2] {
+/// The rows are cut into three runs, training first: where the second and the third start,
+/// and which split each run is.
+fn segments(sources: &Sources, inputs: &[Input]) -> ([u64; 2], [usize; 3]) {
+    const IN_ORDER: [usize; 3] = [0, 1, 2];
+    let total: u64 = inputs.iter().map(|i| i.lines).sum();
     match sources {
         Sources::Weights { weights, .. } => {
-            let total: u64 = inputs.iter().map(|i| i.lines).sum();
             let sum: f64 = weights.iter().sum();
             let cut = |w: f64| ((total as f64 * w / sum).round() as u64).min(total);
-            [cut(weights[0]), cut(weights[0] + weights[1])]
+            ([cut(weights[0]), cut(weights[0] + weights[1])], IN_ORDER)
         }
         Sources::Days { train, .. } => {
             let train_rows: u64 = inputs[..train.len()].iter().map(|i| i.lines).sum();
-            let eval_rows: u64 = inputs[train.len()..].iter().map(|i| i.lines).sum();
-            [train_rows, train_rows + eval_rows / 2]
+            let eval_rows = total - train_rows;
+            ([train_rows, train_rows + eval_rows / 2], IN_ORDER)
+        }
+        Sources::ReferenceKaggle { .. } => {
+            // divmod(total, 7) days, the first total % 7 (at most 6) one longer: the last
+            // day has total / 7 lines, and np.array_split gives its first half the odd one.
+            let last_day = total / 7;
+            let train_rows = total - last_day;
+            (
+                [train_rows, train_rows + last_day.div_ceil(2)],
+                [
+                    DatasetSplit::Train.index(),
+                    DatasetSplit::Test.index(),
+                    DatasetSplit::Val.index(),
+                ],
+            )
         }
     }
 }
@@ -976,6 +1086,7 @@ pub fn preprocess(opts: &PreprocessOptions) -> Result<PreprocessSummary> {
                 train_sources: train.len(),
             },
         ),
+        Sources::ReferenceKaggle { files } => (files.iter().collect(), SplitRule::ReferenceKaggle),
     };
     anyhow::ensure!(!paths.is_empty(), "no input files");
     anyhow::ensure!(
@@ -1018,8 +1129,23 @@ pub fn preprocess(opts: &PreprocessOptions) -> Result<PreprocessSummary> {
                 min_frequency: *min_frequency,
             }
         }
+        EncodingChoice::New(Encoding::HashFirstSeen { max_ind_range }) => {
+            check_max_ind_range(*max_ind_range)?;
+            PendingEncoding::FirstSeen {
+                max_ind_range: *max_ind_range,
+            }
+        }
     };
     let bytes: u64 = inputs.iter().map(|i| i.bytes).sum();
+    // Every byte belongs to a line, so no bytes means no rows: nothing to write.
+    anyhow::ensure!(
+        bytes > 0,
+        "no rows to preprocess: {} empty",
+        match paths.as_slice() {
+            [one] => format!("{} is", one.display()),
+            _ => "the input files are".to_string(),
+        }
+    );
     let tmp = TempDir::create(&opts.out)?;
     let mut secs = PassSeconds::default();
 
@@ -1034,11 +1160,13 @@ pub fn preprocess(opts: &PreprocessOptions) -> Result<PreprocessSummary> {
     }
     bar.finish_and_clear();
     let lines = rows_before;
+    let (boundaries, run_splits) = segments(&opts.sources, &inputs);
     let cx = Pass {
         inputs: &inputs,
         labelled: opts.labelled,
         skip_bad_lines: opts.skip_bad_lines,
-        boundaries: boundaries(&opts.sources, &inputs),
+        boundaries,
+        run_splits,
     };
     secs.lines = t.elapsed().as_secs_f64();
 
@@ -1054,6 +1182,12 @@ pub fn preprocess(opts: &PreprocessOptions) -> Result<PreprocessSummary> {
                 .sum();
             let bar = progress_bar(opts.progress, train_bytes, "dictionaries");
             let e = count_values(&cx, &chunks, min_frequency, &bar)?;
+            bar.finish_and_clear();
+            e
+        }
+        PendingEncoding::FirstSeen { max_ind_range } => {
+            let bar = progress_bar(opts.progress, bytes, "dictionaries");
+            let e = first_seen_values(&cx, &chunks, max_ind_range, &bar)?;
             bar.finish_and_clear();
             e
         }
@@ -1081,6 +1215,11 @@ pub fn preprocess(opts: &PreprocessOptions) -> Result<PreprocessSummary> {
     let bar = progress_bar(opts.progress, bytes, "encode");
     let bad = encode_rows(&cx, &chunks, &encoder, &mut writers, buckets.as_mut(), &bar)?;
     bar.finish_and_clear();
+    anyhow::ensure!(
+        bad.count < lines,
+        "no rows to write: all {lines} lines are bad and were left out by --skip-bad-lines (the first: {})",
+        bad.examples.first().map_or("", String::as_str)
+    );
     secs.encode = t.elapsed().as_secs_f64();
 
     // Pass 4: shuffle.
@@ -1099,7 +1238,7 @@ pub fn preprocess(opts: &PreprocessOptions) -> Result<PreprocessSummary> {
         rows.set(*s, w.finish().context("writing the dataset")?);
     }
     let table_sizes = encoder.table_sizes();
-    let header = DatasetHeader {
+    let mut header = DatasetHeader {
         format: FORMAT_NAME.to_string(),
         version: FORMAT_VERSION,
         num_dense: NUM_DENSE,
@@ -1119,8 +1258,11 @@ pub fn preprocess(opts: &PreprocessOptions) -> Result<PreprocessSummary> {
             })
             .collect(),
         bad_lines: bad.count,
+        encoding_fingerprint: None,
     };
     encoder.save(&tmp.path)?;
+    // From the files just written: the same computation as for a dataset without it.
+    header.encoding_fingerprint = Some(compute_encoding_fingerprint(&header, &tmp.path)?);
     header.write(&tmp.path)?;
     std::fs::rename(&tmp.path, &opts.out)
         .with_context(|| format!("renaming {} to {}", tmp.path.display(), opts.out.display()))?;
