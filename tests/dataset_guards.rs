@@ -529,6 +529,14 @@ fn max_ind_range_and_the_default_split_match_the_reference_on_synthetic_rows() {
     let file = dir.path("synth.tsv");
     synth(&file, 7011, 5);
     check_against_reference(&file, 97, "reference_encoding_synth.json", &dir);
+    // 2^32 hashes nothing: the reference without --max-ind-range.
+    std::fs::remove_dir_all(dir.path("ds")).unwrap();
+    check_against_reference(
+        &file,
+        1 << 32,
+        "reference_encoding_synth_unhashed.json",
+        &dir,
+    );
 }
 
 #[test]

@@ -111,7 +111,8 @@ pub struct PreprocessArgs {
     /// Encode as the reference's --max-ind-range does, instead of building frequency
     /// dictionaries: each categorical value (an empty one is 0) is hashed modulo this number,
     /// and the distinct hashed values of all rows are numbered in order of first appearance,
-    /// so each table has min(distinct values, this) rows.
+    /// so each table has min(distinct values, this) rows. 4294967296 (2^32) hashes nothing:
+    /// the reference's encoding without --max-ind-range.
     #[arg(long)]
     max_ind_range: Option<u64>,
     #[command(flatten)]
