@@ -101,8 +101,8 @@ pub struct PreprocessArgs {
     /// Training day files, for the Terabyte layout (with --eval-files, instead of INPUTS).
     #[arg(long, num_args = 1.., requires = "eval_files")]
     train_files: Vec<PathBuf>,
-    /// Evaluation day files: their lines, in order, are split in half, validation then test
-    /// (this project's order: the reference's Terabyte split has test first).
+    /// Evaluation day files: their lines, in order, are split in half as the reference splits
+    /// Terabyte's last day: the first half (rounded up) test, the second validation.
     #[arg(long, num_args = 1.., requires = "train_files")]
     eval_files: Vec<PathBuf>,
     /// The dataset folder to create (it must not exist; it appears only when complete).

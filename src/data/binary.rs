@@ -151,8 +151,9 @@ pub enum SplitRule {
     /// The lines of all sources, in order, cut by these weights (train, val, test).
     Weights([f64; 3]),
     /// The first `train_sources` sources are training days; the lines of the others, in
-    /// order, are split in half: validation, then test (this project's order; the reference's
-    /// Terabyte split takes the first half, rounded up, as test).
+    /// order, are split in half as the reference splits Terabyte's last day
+    /// (dlrm_data_pytorch.py CriteoDataset): the first ceil(n / 2) are test, the rest
+    /// validation.
     Days { train_sources: usize },
     /// The reference's Kaggle split (data_utils.py getCriteoAdData, dlrm_data_pytorch.py
     /// CriteoDataset): the lines of all sources, in order, are cut into 7 days by

@@ -81,8 +81,8 @@ pub enum Sources {
         files: Vec<PathBuf>,
         weights: [f64; 3],
     },
-    /// Training day files, and evaluation day files whose lines are split in half
-    /// (validation, then test): the Terabyte layout.
+    /// Training day files, and evaluation day files whose lines are split in half (test, then
+    /// validation): the Terabyte layout.
     Days {
         train: Vec<PathBuf>,
         eval: Vec<PathBuf>,
@@ -1038,6 +1038,8 @@ impl Drop for TempDir {
 /// and which split each run is.
 fn segments(sources: &Sources, inputs: &[Input]) -> ([u64; 2], [usize; 3]) {
     const IN_ORDER: [usize; 3] = [0, 1, 2];
+    // The reference's evaluation day: np.array_split halves, or ceil(n / 2) test rows, first.
+    const TEST_FIRST: [usize; 3] = [0, 2, 1];
     let total: u64 = inputs.iter().map(|i| i.lines).sum();
     match sources {
         Sources::Weights { weights, .. } => {
@@ -1048,21 +1050,14 @@ fn segments(sources: &Sources, inputs: &[Input]) -> ([u64; 2], [usize; 3]) {
         Sources::Days { train, .. } => {
             let train_rows: u64 = inputs[..train.len()].iter().map(|i| i.lines).sum();
             let eval_rows = total - train_rows;
-            ([train_rows, train_rows + eval_rows / 2], IN_ORDER)
+            ([train_rows, train_rows + eval_rows.div_ceil(2)], TEST_FIRST)
         }
         Sources::ReferenceKaggle { .. } => {
             // divmod(total, 7) days, the first total % 7 (at most 6) one longer: the last
             // day has total / 7 lines, and np.array_split gives its first half the odd one.
             let last_day = total / 7;
             let train_rows = total - last_day;
-            (
-                [train_rows, train_rows + last_day.div_ceil(2)],
-                [
-                    DatasetSplit::Train.index(),
-                    DatasetSplit::Test.index(),
-                    DatasetSplit::Val.index(),
-                ],
-            )
+            ([train_rows, train_rows + last_day.div_ceil(2)], TEST_FIRST)
         }
     }
 }
