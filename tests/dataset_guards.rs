@@ -194,6 +194,18 @@ fn non_finite_or_out_of_range_integers_are_line_errors_everywhere() {
     }
 }
 
+/// Integers are parsed within i64, and ln(1 + max(x, 0)) of any i64 is finite (at most 43.7):
+/// the text parser can produce no NaN or infinity.
+#[test]
+fn every_parsed_integer_has_a_finite_dense_feature() {
+    for x in [i64::MIN, -1, 0, 1, 4095, 4096, i64::MAX] {
+        assert!(
+            dlrm::data::criteo::dense_feature(Some(x)).is_finite(),
+            "{x}"
+        );
+    }
+}
+
 #[test]
 fn non_finite_dense_values_in_a_dataset_stop_training_and_evaluation() {
     let dir = Scratch::new("nandataset");
