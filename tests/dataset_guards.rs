@@ -239,9 +239,15 @@ fn non_finite_dense_values_in_a_dataset_stop_training_and_evaluation() {
         "--arch-mlp-top",
         "8-1",
     ]);
-    assert_error(&o, &["train/dense.f32: row 5 feature 7 is NaN"]);
+    assert_error(
+        &o,
+        &["train/dense.f32: row 5 feature 7 (both counted from 0) is NaN"],
+    );
     let o = dlrm(&["eval", "--load-model", &s(&ck), "--dataset", &s(&ds)]);
-    assert_error(&o, &["test/dense.f32: row 5 feature 7 is NaN"]);
+    assert_error(
+        &o,
+        &["test/dense.f32: row 5 feature 7 (both counted from 0) is NaN"],
+    );
 }
 
 #[test]

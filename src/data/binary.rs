@@ -595,7 +595,7 @@ impl BinaryDataset {
         // the model's parameters NaN without a word. The scan is cheap next to a step.
         if let Some(i) = batch.dense.iter().position(|x| !x.is_finite()) {
             anyhow::bail!(
-                "{}: row {} feature {} is {} (dense inputs must be finite)",
+                "{}: row {} feature {} (both counted from 0) is {}: dense inputs must be finite",
                 self.dir.join(split.name()).join(DENSE_FILE).display(),
                 first + (i / nd) as u64,
                 i % nd,
