@@ -433,6 +433,24 @@ fn a_checkpoint_refuses_data_encoded_otherwise() {
         "0,0,1",
     ]));
     assert_ok(&eval(&like));
+    // Raw rows go through the checkpoint's own dictionaries; rows of another seed have hashed
+    // values the dictionaries lack (in the small tables), which share row 0.
+    let o = dlrm(&["eval", "--load-model", &s(&ck), "--criteo", &s(&other_file)]);
+    assert_ok(&o);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("1400 rows"));
+    let unseen = dir.path("unseen.tsv");
+    synth(&unseen, 50, 99);
+    let probs = dir.path("probs.txt");
+    assert_ok(&dlrm(&[
+        "predict",
+        "--load-model",
+        &s(&ck),
+        "--criteo",
+        &s(&unseen),
+        "--out",
+        &s(&probs),
+    ]));
+    assert_eq!(std::fs::read_to_string(&probs).unwrap().lines().count(), 50);
 
     // Written before the fingerprint was stored: computed from the files, with the same result.
     for header in [ds.join("header.json"), other.join("header.json")] {
