@@ -563,6 +563,29 @@ fn eval_of_no_rows_is_an_error() {
         "empty.tsv: no rows to evaluate",
         "eval of an empty file",
     );
+
+    // A dataset whose test split is empty.
+    let o = dlrm(&[
+        "preprocess",
+        &s.arg("rows.tsv"),
+        "--out",
+        &s.arg("no-test"),
+        "--split",
+        "9,1,0",
+        "--threads",
+        "2",
+    ]);
+    assert_ok(&o, "preprocess without a test split");
+    let o = dlrm(&[
+        "eval",
+        "--load-model",
+        &s.arg("ck"),
+        "--dataset",
+        &s.arg("no-test"),
+        "--threads",
+        "2",
+    ]);
+    assert_refused(&o, "the test split is empty", "eval of an empty split");
 }
 
 #[test]
