@@ -453,6 +453,16 @@ fn batches_larger_than_memory_are_refused_with_the_bytes() {
         "{}",
         stderr(&o)
     );
+    // Sizes whose sample count overflows are refused, not wrapped or panicking.
+    let max = "18446744073709551615";
+    let o = train_tiny(&["--data-size", "512", "--mini-batch-size", max]);
+    assert_ok(&o, "a batch larger than the data is clamped to it");
+    let o = dlrm(&["train", "--mini-batch-size", max, "--threads", "2"]);
+    assert_refused(&o, "is more than 2^64", "train, samples overflow");
+    for flag in ["--mini-batch-size", "--num-batches"] {
+        let o = dlrm(&["compare", flag, max, "--threads", "2"]);
+        assert_refused(&o, "is more than 2^64", &format!("compare {flag}"));
+    }
 }
 
 // ---- item 13: flags refused before work starts ----

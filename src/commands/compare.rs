@@ -4,7 +4,7 @@
 //! CSV table and an SVG plot. FM and DCN-v2 can join the same table (`--models`).
 
 use super::models::{self, ModelFlags};
-use super::{ThreadArgs, ensure_at_least_one, ensure_zipf_alpha};
+use super::{ThreadArgs, ensure_at_least_one, ensure_zipf_alpha, samples_of};
 use anyhow::{Context, Result};
 use clap::Args;
 use dlrm::config::{Architecture, InteractionOp, Preset, join};
@@ -204,7 +204,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
         (Some(_), None) => 0,
         (None, None) => p.num_batches,
     };
-    let train_len = (num_batches * a.mini_batch_size) as u64;
+    let train_len = samples_of(num_batches, a.mini_batch_size)?;
     let synth = SyntheticConfig {
         num_dense: arch.num_dense(),
         table_sizes: arch.table_sizes.clone(),

@@ -67,3 +67,13 @@ pub fn ensure_zipf_alpha(alpha: f64) -> Result<()> {
     );
     Ok(())
 }
+
+/// Samples of `num_batches` batches of `batch_size` (the default size of synthetic data),
+/// refused when the product overflows.
+pub fn samples_of(num_batches: usize, batch_size: usize) -> Result<u64> {
+    (num_batches as u64)
+        .checked_mul(batch_size as u64)
+        .with_context(|| {
+            format!("--num-batches {num_batches} x --mini-batch-size {batch_size} samples is more than 2^64")
+        })
+}

@@ -2,7 +2,7 @@
 
 use super::models::{self, ModelFlags};
 use super::preprocess::EncodingArgs;
-use super::{ThreadArgs, ensure_at_least_one, ensure_zipf_alpha};
+use super::{ThreadArgs, ensure_at_least_one, ensure_zipf_alpha, samples_of};
 use anyhow::{Context, Result};
 use clap::Args;
 use dlrm::checkpoint;
@@ -323,9 +323,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     let batch_size = a.mini_batch_size.unwrap_or(p.mini_batch_size);
     let num_batches = a.num_batches.unwrap_or(p.num_batches);
-    let train_len = a
-        .data_size
-        .unwrap_or((num_batches.max(1) * batch_size) as u64);
+    let train_len = match a.data_size {
+        Some(n) => n,
+        None => samples_of(num_batches.max(1), batch_size)?,
+    };
     let test_len = a
         .test_data_size
         .unwrap_or((train_len / 8).clamp(4096, 262_144));
