@@ -521,7 +521,7 @@ pub fn train(
             // (gigabytes for Criteo) are scanned only before each checkpoint save and at the
             // end: a full scan per interval would cost more than the steps it checks, and a
             // non-finite row either reaches the loss when it is next looked up or is caught
-            // before anything is written.
+            // before anything is written (`save_checkpoint`).
             if step.is_multiple_of(check_interval) {
                 ensure_finite_parameters(model, ParameterScope::Dense, step)?;
             }
@@ -535,7 +535,6 @@ pub fn train(
             if let Some(every) = opts.checkpoint.as_ref().map(|c| c.every).filter(|&e| e > 0)
                 && step.is_multiple_of(every)
             {
-                ensure_finite_parameters(model, ParameterScope::All, step)?;
                 let secs = save_checkpoint(opts, model, &state)?;
                 last_saved = Some(step);
                 if steady_start.is_some() {
@@ -600,7 +599,6 @@ pub fn train(
     };
     let phases = model.phases();
     bar.finish_and_clear();
-    ensure_finite_parameters(model, ParameterScope::All, step)?;
     if last_saved != Some(step) {
         save_checkpoint(opts, model, &state)?;
     }
@@ -648,12 +646,15 @@ pub fn train(
     })
 }
 
-/// Saves a checkpoint at `state` if the options ask for checkpoints; returns the seconds spent.
+/// Checks that every parameter, tables included, is finite, then saves a checkpoint at `state`
+/// if the options ask for checkpoints; returns the seconds spent. Runs before every save and
+/// at the end of training (saving or not), so no non-finite model is written or returned.
 fn save_checkpoint(opts: &TrainOptions, model: &dyn Model, state: &TrainState) -> Result<f64> {
-    let Some(policy) = &opts.checkpoint else {
-        return Ok(0.0);
-    };
     let t = Instant::now();
+    ensure_finite_parameters(model, ParameterScope::All, state.step)?;
+    let Some(policy) = &opts.checkpoint else {
+        return Ok(t.elapsed().as_secs_f64());
+    };
     let path = checkpoint::save(
         &policy.dir,
         model,

@@ -336,6 +336,24 @@ fn a_nan_input_stops_training_before_a_checkpoint_holds_it() {
     assert_eq!(versions, 3);
 }
 
+/// A table row that no training batch looks up never reaches the loss: the scan at the end
+/// still finds it, before the model is reported as trained.
+#[test]
+fn a_non_finite_table_row_is_caught_at_the_end() {
+    let mut model = Dlrm::new(tiny_arch(), OptimizerKind::Sgd, &StorageKind::Anon, 1).unwrap();
+    // Training samples 0..16 look up rows 7s mod 50 of table 0: never row 1 (values 4..8).
+    model.tables[0].weights_mut()[5] = f32::NAN;
+    let data = NanDense {
+        len: 16,
+        nan_at: u64::MAX,
+    };
+    let opts = TrainOptions::new(16, LrSchedule::constant(0.1));
+    let err = train(&mut model, &data, &opts, 2).unwrap_err();
+    let diverged = err.downcast_ref::<Diverged>().expect("a divergence");
+    assert_eq!(diverged.step, 1);
+    assert_eq!(diverged.what, "parameter emb_l.0.weight[5] is NaN");
+}
+
 /// From the command line, for every model kind: a learning rate that blows the parameters up
 /// stops the run with exit 1 naming the parameter or the loss and the step.
 #[test]
