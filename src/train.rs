@@ -566,7 +566,13 @@ pub fn train(
                 && step < total_steps
             {
                 let t = Instant::now();
-                let m = evaluate(model, data, test_batch, &mut eval_batch)?;
+                // Non-finite predictions here come from parameters that diverged since the
+                // last scan: report them as the divergence they are.
+                let m = evaluate(model, data, test_batch, &mut eval_batch).map_err(|e| {
+                    ensure_finite_parameters(model, ParameterScope::All, step)
+                        .err()
+                        .unwrap_or(e)
+                })?;
                 let point = eval_point(step, &m);
                 let line = match m.rmse {
                     Some(rmse) => format!("step {step}: test MSE {:.5}, RMSE {rmse:.4}", m.loss),

@@ -354,6 +354,38 @@ fn a_non_finite_table_row_is_caught_at_the_end() {
     assert_eq!(diverged.what, "parameter emb_l.0.weight[5] is NaN");
 }
 
+/// Non-finite predictions in an evaluation during training are the divergence they come
+/// from (so `dlrm compare` can mark the run), naming the parameter.
+#[test]
+fn a_periodic_evaluation_reports_diverged_parameters() {
+    let cfg = FmConfig {
+        model: ModelKind::Fm,
+        task: Task::Classification,
+        factors: 4,
+        table_sizes: vec![50, 40, 30],
+        num_dense: 13,
+        weight_decay: 0.0,
+        initial_bias: 0.0,
+    };
+    let mut model = Fm::new(cfg, OptimizerKind::Sgd, &StorageKind::Anon, 1).unwrap();
+    // Row 1 of table 0: held-out sample 43 looks it up, training samples 0..32 do not.
+    model.factors.tables[0].weights_mut()[5] = f32::NAN;
+    let data = NanDense {
+        len: 32,
+        nan_at: u64::MAX,
+    };
+    let opts = TrainOptions {
+        test_freq: 1,
+        ..TrainOptions::new(16, LrSchedule::constant(0.1))
+    };
+    let err = train(&mut model, &data, &opts, 2).unwrap_err();
+    let diverged = err
+        .downcast_ref::<Diverged>()
+        .unwrap_or_else(|| panic!("not a divergence: {err:#}"));
+    assert_eq!(diverged.step, 1);
+    assert_eq!(diverged.what, "parameter emb_l.0.weight[5] is NaN");
+}
+
 /// From the command line, for every model kind: a learning rate that blows the parameters up
 /// stops the run with exit 1 naming the parameter or the loss and the step.
 #[test]
