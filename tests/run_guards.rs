@@ -503,6 +503,14 @@ fn batches_larger_than_memory_are_refused_with_the_bytes() {
         "{}",
         stderr(&o)
     );
+    // Anonymous tables larger than memory are refused before any is allocated.
+    let o = train_tiny(&["--arch-embedding-size", "100000000000-10"]);
+    assert_refused(
+        &o,
+        "the embedding tables (rows x bytes per row) need",
+        "tables",
+    );
+
     // Sizes whose sample count overflows are refused, not wrapped or panicking.
     let max = "18446744073709551615";
     let o = train_tiny(&["--data-size", "512", "--mini-batch-size", max]);
