@@ -113,6 +113,26 @@ pub fn mean_squared_error(preds: &[f32], targets: &[f32]) -> f64 {
     sum / preds.len() as f64
 }
 
+/// An AUC to four places, or `undefined (one class)` for NaN: the AUC of a set with one class
+/// only (pairs of a positive and a negative are what it counts).
+pub fn format_auc(auc: f64) -> String {
+    if auc.is_nan() {
+        "undefined (one class)".to_string()
+    } else {
+        format!("{auc:.4}")
+    }
+}
+
+/// A normalized entropy to four places, or `undefined` for NaN (one class: the background
+/// entropy is zero).
+pub fn format_ne(ne: f64) -> String {
+    if ne.is_nan() {
+        "undefined".to_string()
+    } else {
+        format!("{ne:.4}")
+    }
+}
+
 /// The evaluation summary of a scored set.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct EvalMetrics {
@@ -140,6 +160,12 @@ impl EvalMetrics {
             ne: normalized_entropy(loss, positive_rate),
             rmse: None,
         }
+    }
+
+    /// `AUC 0.7512  NE 0.9034`, or `AUC undefined (one class)  NE undefined` when the labels
+    /// are all of one class (both are then NaN).
+    pub fn auc_and_ne(&self) -> String {
+        format!("AUC {}  NE {}", format_auc(self.auc), format_ne(self.ne))
     }
 
     /// The metrics of a regression: the mean squared error as the loss, and its root.

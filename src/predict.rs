@@ -6,6 +6,7 @@ use crate::data::Batch;
 use crate::data::criteo::{NUM_CATEGORICAL, NUM_DENSE, RawRow, dense_feature, parse_line};
 use crate::data::preprocess::{Encoder, LineError};
 use crate::model::Model;
+use crate::train::{ensure_finite_predictions, reserve_checked};
 use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
 use std::io::{BufRead, BufReader, Write};
@@ -90,7 +91,9 @@ pub fn score_file(
     let mut batch = Batch::default();
     let mut probs = Vec::new();
     let mut text = String::new();
-    model.reserve_inference(opts.batch_size);
+    // A round of lines is the most one forward pass can take.
+    let batch_size = opts.batch_size.min(LINES_PER_ROUND);
+    reserve_checked(model, batch_size, false, "--mini-batch-size")?;
     loop {
         lines.clear();
         for _ in 0..LINES_PER_ROUND {
@@ -143,11 +146,22 @@ pub fn score_file(
         good.clear();
         good.extend(parsed.iter().flatten().cloned());
         let mut scores = Vec::with_capacity(good.len());
-        for chunk in good.chunks(opts.batch_size) {
+        for chunk in good.chunks(batch_size) {
             encode_rows(encoder, chunk, opts.labelled, &mut batch);
             model
                 .predict(&batch, &mut probs)
                 .with_context(|| format!("{}: lines from {first_line}", input.display()))?;
+            ensure_finite_predictions(model, &probs, |i| {
+                // The line of the (scores.len() + i)-th parsed row, skipped lines counted.
+                let row = scores.len() + i;
+                let at = parsed
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| p.is_some())
+                    .nth(row);
+                let line = first_line + at.map_or(row, |(j, _)| j) as u64;
+                format!("{}:{line}", input.display())
+            })?;
             scores.extend_from_slice(&probs);
             if opts.keep {
                 summary.labels.extend_from_slice(&batch.labels);

@@ -5,7 +5,7 @@
 use crate::checkpoint::{self, TrainState};
 use crate::data::Batch;
 use crate::metrics::EvalMetrics;
-use crate::model::{Model, OptimizerKind, PhaseSeconds, Task};
+use crate::model::{Model, OptimizerKind, ParameterScope, PhaseSeconds, Task};
 use crate::rng::{SplitMix64, derive_key};
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -73,6 +73,7 @@ impl LrSchedule {
     }
 
     pub fn validate(&self) -> Result<()> {
+        ensure_learning_rate("--learning-rate", self.base)?;
         if self.decay_steps > 0 && self.decay_start_step < self.warmup_steps {
             anyhow::bail!(
                 "--lr-decay-start-step {} is before the end of the warm-up (--lr-num-warmup-steps {}): the warm-up must finish before the decay starts",
@@ -82,6 +83,16 @@ impl LrSchedule {
         }
         Ok(())
     }
+}
+
+/// Refuses a learning rate (of `flag`) that is not a positive number: 0 trains nothing, a
+/// negative rate ascends the loss, NaN and infinity destroy the parameters at the first step.
+pub fn ensure_learning_rate(flag: &str, lr: f32) -> Result<()> {
+    anyhow::ensure!(
+        lr.is_finite() && lr > 0.0,
+        "{flag} {lr}: must be a positive number"
+    );
+    Ok(())
 }
 
 /// What a training run does.
@@ -186,6 +197,118 @@ fn warmup_steps(total: u64) -> u64 {
     (total / 10).clamp(1, 20).min(total.saturating_sub(1))
 }
 
+/// Training stopped because the model diverged: the loss or a parameter is NaN or infinite.
+/// Returned inside the `anyhow::Error` of [`train`], so callers can tell it from other
+/// failures (`downcast_ref`).
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{what} at step {step}; training stopped (lower --learning-rate, or check the data)")]
+pub struct Diverged {
+    /// Steps completed, the diverging one included.
+    pub step: u64,
+    /// What became non-finite.
+    pub what: String,
+}
+
+/// Steps between scans of the dense parameters when the options ask for no progress reports
+/// (`print_freq` 0): the scan then keeps its own interval.
+const DEFAULT_CHECK_INTERVAL: u64 = 100;
+
+/// Refuses a model whose parameters are not all finite (dense parameters, or every parameter
+/// with `ParameterScope::All`): the error names the tensor, the index and the step.
+fn ensure_finite_parameters(model: &dyn Model, scope: ParameterScope, step: u64) -> Result<()> {
+    match model.first_non_finite(scope) {
+        Some(bad) => Err(Diverged {
+            step,
+            what: format!("parameter {bad}"),
+        }
+        .into()),
+        None => Ok(()),
+    }
+}
+
+/// Batches in one pass over `train_len` training samples, and steps per epoch.
+fn steps_per_epoch(opts: &TrainOptions, train_len: u64) -> Result<(u64, u64)> {
+    anyhow::ensure!(opts.batch_size > 0, "--mini-batch-size must be at least 1");
+    anyhow::ensure!(opts.nepochs > 0, "--nepochs must be at least 1");
+    anyhow::ensure!(train_len > 0, "the training data is empty");
+    let bs = opts.batch_size as u64;
+    let partial = !train_len.is_multiple_of(bs) && opts.keep_last_batch;
+    let data_batches = train_len / bs + u64::from(partial);
+    anyhow::ensure!(
+        data_batches > 0,
+        "the training data ({train_len} samples) is smaller than one batch of {bs} and the last partial batch is dropped"
+    );
+    let per_epoch = if opts.num_batches > 0 {
+        opts.num_batches as u64
+    } else {
+        data_batches
+    };
+    Ok((data_batches, per_epoch))
+}
+
+/// Steps a run of `opts` takes over `train_len` training samples (all epochs): the step
+/// [`train`] runs to, from step 0 or from a resumed state.
+pub fn total_steps(opts: &TrainOptions, train_len: u64) -> Result<u64> {
+    let (_, per_epoch) = steps_per_epoch(opts, train_len)?;
+    per_epoch
+        .checked_mul(opts.nepochs as u64)
+        .context("--num-batches x --nepochs overflows")
+}
+
+/// Bytes of memory available for new allocations: `MemAvailable` of /proc/meminfo, or
+/// `u64::MAX` (no limit known) where the file is absent or unreadable (not Linux).
+pub fn available_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| mem_available(&s))
+        .unwrap_or(u64::MAX)
+}
+
+/// The `MemAvailable:` line of /proc/meminfo's text, in bytes.
+fn mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Refuses buffers of `what` that need more than the available memory: `count` items of
+/// `bytes_each` bytes (checked: a product that overflows is refused too). Returns the bytes.
+pub fn ensure_fits_in_memory(what: &str, count: u64, bytes_each: u64) -> Result<u64> {
+    let available = available_memory_bytes();
+    let needed = count.checked_mul(bytes_each);
+    match needed {
+        Some(n) if n <= available => Ok(n),
+        _ => anyhow::bail!(
+            "{what} need {} bytes ({count} x {bytes_each}), but only {available} bytes of memory are available",
+            needed.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string())
+        ),
+    }
+}
+
+/// Reserves the model's buffers for batches of `batch` samples, after checking that they fit
+/// in memory (with the batch's own arrays, `what` naming the flag that sized them).
+pub fn reserve_checked(
+    model: &mut dyn Model,
+    batch: usize,
+    training: bool,
+    what: &str,
+) -> Result<()> {
+    // The batch arrays: dense values, labels, and an id and an offset per table.
+    let batch_floats = model.num_dense() + 1 + 2 * model.num_tables();
+    let floats = model.buffer_floats_per_sample(training) + batch_floats;
+    ensure_fits_in_memory(
+        &format!("the buffers of {what} {batch}"),
+        batch as u64,
+        4 * floats as u64,
+    )?;
+    if training {
+        model.reserve(batch);
+    } else {
+        model.reserve_inference(batch);
+    }
+    Ok(())
+}
+
 /// Evaluates the model on the whole held-out split.
 pub fn evaluate(
     model: &mut dyn Model,
@@ -217,6 +340,9 @@ fn score(
         model
             .predict(batch, &mut out)
             .with_context(|| format!("{split} samples {first}..{}", first + size as u64))?;
+        ensure_finite_predictions(model, &out, |i| {
+            format!("{split} sample {}", first + i as u64)
+        })?;
         preds.extend_from_slice(&out);
         labels.extend_from_slice(&batch.labels);
         first += size as u64;
@@ -225,6 +351,27 @@ fn score(
         Task::Classification => EvalMetrics::compute(&preds, &labels),
         Task::Regression => EvalMetrics::regression(&preds, &labels),
     })
+}
+
+/// Refuses non-finite predictions, which make every metric meaningless (all-NaN scores tie,
+/// which reads as AUC 0.5): names the sample (`sample(i)` for prediction i) and the model's
+/// first non-finite parameter.
+pub fn ensure_finite_predictions(
+    model: &dyn Model,
+    preds: &[f32],
+    sample: impl FnOnce(usize) -> String,
+) -> Result<()> {
+    let Some(i) = preds.iter().position(|p| !p.is_finite()) else {
+        return Ok(());
+    };
+    let cause = model
+        .first_non_finite(ParameterScope::All)
+        .map_or_else(String::new, |bad| format!(" (parameter {bad})"));
+    anyhow::bail!(
+        "the model's prediction for {} is {}: its parameters are not finite{cause}",
+        sample(i),
+        preds[i]
+    )
 }
 
 /// Peak resident set size of this process (VmHWM), 0 where /proc is absent.
@@ -247,29 +394,25 @@ pub fn train(
     threads: usize,
 ) -> Result<TrainReport> {
     opts.lr.validate()?;
-    anyhow::ensure!(opts.batch_size > 0, "--mini-batch-size must be at least 1");
     anyhow::ensure!(
         opts.test_batch_size > 0,
         "--test-mini-batch-size must be at least 1"
     );
     let train_len = data.train_len();
-    anyhow::ensure!(train_len > 0, "the training data is empty");
+    let (data_batches, per_epoch) = steps_per_epoch(opts, train_len)?;
+    let total_steps = total_steps(opts, train_len)?;
     let bs = opts.batch_size as u64;
-    let full = train_len / bs;
-    let partial = !train_len.is_multiple_of(bs) && opts.keep_last_batch;
-    let data_batches = full + partial as u64;
-    anyhow::ensure!(
-        data_batches > 0,
-        "the training data ({train_len} samples) is smaller than one batch of {bs} and the last partial batch is dropped"
-    );
-    let per_epoch = if opts.num_batches > 0 {
-        opts.num_batches as u64
-    } else {
-        data_batches
-    };
-    let total_steps = per_epoch * opts.nepochs as u64;
     let resumed_at = opts.resume.as_ref().map_or(0, |r| r.step);
-    model.reserve(opts.batch_size.max(opts.test_batch_size));
+    anyhow::ensure!(data.test_len() > 0, "the held-out data is empty");
+    anyhow::ensure!(
+        resumed_at < total_steps,
+        "nothing to do: the checkpoint is at step {resumed_at} of {total_steps}"
+    );
+    // No batch is larger than the data it is drawn from.
+    let train_batch = bs.min(train_len) as usize;
+    let test_batch = (opts.test_batch_size as u64).min(data.test_len()) as usize;
+    reserve_checked(model, train_batch, true, "--mini-batch-size")?;
+    reserve_checked(model, test_batch, false, "--test-mini-batch-size")?;
 
     let nd = model.num_dense();
     let nt = model.num_tables();
@@ -315,6 +458,10 @@ pub fn train(
     let mut last_window_loss = f64::NAN;
     let mut window_start = Instant::now();
     let start_step = step;
+    let check_interval = match opts.print_freq {
+        0 => DEFAULT_CHECK_INTERVAL,
+        n => n as u64,
+    };
     let mut last_saved = None;
     // Where training stands after the latest step (what a checkpoint records).
     let mut state = opts.resume.clone().unwrap_or(TrainState {
@@ -361,11 +508,23 @@ pub fn train(
                         first + size as u64
                     )
                 })?;
-            anyhow::ensure!(
-                loss.is_finite(),
-                "the loss diverged to {loss} at step {step}; lower --learning-rate"
-            );
             step += 1;
+            if !loss.is_finite() {
+                return Err(Diverged {
+                    step,
+                    what: format!("the loss diverged to {loss}"),
+                }
+                .into());
+            }
+            // The loss can stay finite over non-finite parameters (a ReLU maps NaN to 0), so
+            // the dense parameters are scanned every report interval. The embedding tables
+            // (gigabytes for Criteo) are scanned only before each checkpoint save and at the
+            // end: a full scan per interval would cost more than the steps it checks, and a
+            // non-finite row either reaches the loss when it is next looked up or is caught
+            // before anything is written (`save_checkpoint`).
+            if step.is_multiple_of(check_interval) {
+                ensure_finite_parameters(model, ParameterScope::Dense, step)?;
+            }
             state = TrainState {
                 step,
                 epoch,
@@ -407,13 +566,21 @@ pub fn train(
                 && step < total_steps
             {
                 let t = Instant::now();
-                let m = evaluate(model, data, opts.test_batch_size, &mut eval_batch)?;
+                // Non-finite predictions here come from parameters that diverged since the
+                // last scan: report them as the divergence they are.
+                let m = evaluate(model, data, test_batch, &mut eval_batch).map_err(|e| {
+                    ensure_finite_parameters(model, ParameterScope::All, step)
+                        .err()
+                        .unwrap_or(e)
+                })?;
                 let point = eval_point(step, &m);
                 let line = match m.rmse {
                     Some(rmse) => format!("step {step}: test MSE {:.5}, RMSE {rmse:.4}", m.loss),
                     None => format!(
-                        "step {step}: test loss {:.5}, accuracy {:.4}, AUC {:.4}, NE {:.4}",
-                        m.loss, m.accuracy, m.auc, m.ne
+                        "step {step}: test loss {:.5}, accuracy {:.4}, {}",
+                        m.loss,
+                        m.accuracy,
+                        m.auc_and_ne()
                     ),
                 };
                 if opts.progress {
@@ -442,7 +609,7 @@ pub fn train(
         save_checkpoint(opts, model, &state)?;
     }
 
-    let final_eval = evaluate(model, data, opts.test_batch_size, &mut eval_batch)?;
+    let final_eval = evaluate(model, data, test_batch, &mut eval_batch)?;
     evals.push(eval_point(step, &final_eval));
     let train_rmse = match model.task() {
         Task::Classification => None,
@@ -451,7 +618,7 @@ pub fn train(
             let m = score(
                 model,
                 train_len,
-                opts.test_batch_size,
+                train_batch.max(test_batch),
                 &mut eval_batch,
                 fill,
                 "training",
@@ -485,12 +652,15 @@ pub fn train(
     })
 }
 
-/// Saves a checkpoint at `state` if the options ask for checkpoints; returns the seconds spent.
+/// Checks that every parameter, tables included, is finite, then saves a checkpoint at `state`
+/// if the options ask for checkpoints; returns the seconds spent. Runs before every save and
+/// at the end of training (saving or not), so no non-finite model is written or returned.
 fn save_checkpoint(opts: &TrainOptions, model: &dyn Model, state: &TrainState) -> Result<f64> {
-    let Some(policy) = &opts.checkpoint else {
-        return Ok(0.0);
-    };
     let t = Instant::now();
+    ensure_finite_parameters(model, ParameterScope::All, state.step)?;
+    let Some(policy) = &opts.checkpoint else {
+        return Ok(t.elapsed().as_secs_f64());
+    };
     let path = checkpoint::save(
         &policy.dir,
         model,
@@ -515,5 +685,25 @@ fn eval_point(step: u64, m: &EvalMetrics) -> EvalPoint {
         auc: m.auc,
         ne: m.ne,
         rmse: m.rmse,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_available_reads_the_kib_line() {
+        let text = "MemTotal:       16314112 kB\nMemFree:  1000 kB\nMemAvailable:   12000 kB\n";
+        assert_eq!(mem_available(text), Some(12000 * 1024));
+        assert_eq!(mem_available("MemTotal: 5 kB\n"), None);
+        assert!(available_memory_bytes() > 0);
+    }
+
+    #[test]
+    fn buffers_beyond_memory_are_refused_with_the_bytes() {
+        assert_eq!(ensure_fits_in_memory("x", 3, 4).unwrap(), 12);
+        let e = ensure_fits_in_memory("the buffers", u64::MAX, 2).unwrap_err();
+        assert!(e.to_string().contains("more than 2^64 bytes"), "{e}");
     }
 }

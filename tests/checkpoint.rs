@@ -229,7 +229,7 @@ fn a_crash_at_any_phase_of_a_save_leaves_a_loadable_checkpoint() {
     );
     let first = checkpoint::resolve(&dir.0).unwrap();
     let first_files = file_digests(&first);
-    for phase in [
+    for (i, phase) in [
         "tables",
         "parameters",
         "synced",
@@ -237,10 +237,16 @@ fn a_crash_at_any_phase_of_a_save_leaves_a_loadable_checkpoint() {
         "latest-written",
         "latest-replaced",
         "pruned",
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // One more epoch than any earlier run, so the run has steps left whichever version
+        // LATEST names (a run with none has nothing to do, and saves nothing).
+        let nepochs = (i + 2).to_string();
         let out = dlrm()
             .args(RUN)
-            .args(["--nepochs", "2", "--load-model", d, "--save-model", d])
+            .args(["--nepochs", &nepochs, "--load-model", d, "--save-model", d])
             .env("DLRM_CRASH_AT", phase)
             .output()
             .unwrap();

@@ -186,7 +186,7 @@ fn compare_writes_the_table_and_the_plot() {
     let mut lines = csv.lines();
     assert_eq!(
         lines.next(),
-        Some("model,optimizer,learning_rate,step,samples,loss,accuracy,auc,ne")
+        Some("model,optimizer,learning_rate,step,samples,loss,accuracy,auc,ne,status")
     );
     // 3 models x 2 optimizers x evaluations at steps 20 and 40.
     let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();

@@ -4,14 +4,19 @@
 //! CSV table and an SVG plot. FM and DCN-v2 can join the same table (`--models`).
 
 use super::models::{self, ModelFlags};
+use super::{ThreadArgs, ensure_at_least_one, ensure_zipf_alpha, samples_of};
 use anyhow::{Context, Result};
 use clap::Args;
 use dlrm::config::{Architecture, InteractionOp, Preset, join};
 use dlrm::data::binary::{BinaryDataset, DatasetSplit};
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
+use dlrm::metrics::format_auc;
 use dlrm::model::embedding_tables::StorageKind;
 use dlrm::model::{ModelKind, OptimizerKind};
-use dlrm::train::{DataSource, EvalPoint, LrSchedule, TrainOptions, TrainReport, train};
+use dlrm::train::{
+    DataSource, Diverged, EvalPoint, LrSchedule, TrainOptions, TrainReport, ensure_learning_rate,
+    train,
+};
 use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use std::fmt::Write as _;
@@ -19,6 +24,9 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
+#[command(
+    after_help = "Each run's rows are appended to compare.csv as the run finishes. A run whose loss or parameters diverge (NaN or infinite) does not stop the comparison: it gets one row with status `diverged` in compare.csv and in the summary, and no line in compare.svg, which is drawn at the end from the runs that finished.\n\nExit status: 0 when at least one run finished (diverged runs marked), 1 when every run diverged or on any other error."
+)]
 pub struct CompareArgs {
     /// Models to train, comma-separated (mf needs rating files and is not compared here).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ModelKind::Dlrm, ModelKind::Dcn])]
@@ -82,9 +90,8 @@ pub struct CompareArgs {
     #[arg(long, default_value_t = 16_384)]
     test_data_size: u64,
 
-    /// Worker threads (default: the number of physical cores).
-    #[arg(long)]
-    threads: Option<usize>,
+    #[command(flatten)]
+    threads: ThreadArgs,
     /// Seed of the data and of every model's initialisation.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -93,11 +100,19 @@ pub struct CompareArgs {
     out_dir: PathBuf,
 }
 
-/// One training run of the comparison.
+/// One training run of the comparison: its report, or where it diverged.
 pub struct Run {
     pub model: ModelKind,
     pub optimizer: OptimizerKind,
-    pub report: TrainReport,
+    pub learning_rate: f32,
+    pub outcome: Result<TrainReport, Diverged>,
+}
+
+impl Run {
+    /// The report of a run that finished.
+    fn finished(&self) -> Option<&TrainReport> {
+        self.outcome.as_ref().ok()
+    }
 }
 
 pub fn run(a: CompareArgs) -> Result<()> {
@@ -113,6 +128,26 @@ pub fn run(a: CompareArgs) -> Result<()> {
         a.test_freq > 0,
         "--test-freq must be at least 1: the plot is of the evaluations"
     );
+    ensure_at_least_one(&[
+        ("--mini-batch-size", Some(a.mini_batch_size as u64)),
+        ("--nepochs", Some(a.nepochs as u64)),
+        ("--test-data-size", Some(a.test_data_size)),
+        (
+            "--num-indices-per-lookup",
+            Some(a.num_indices_per_lookup as u64),
+        ),
+        // With a dataset, 0 means one pass over it; synthetic data has no pass to make.
+        (
+            "--num-batches",
+            a.num_batches
+                .filter(|_| a.dataset.is_none())
+                .map(|n| n as u64),
+        ),
+    ])?;
+    ensure_learning_rate("--lr-sgd", a.lr_sgd)?;
+    ensure_learning_rate("--lr-adagrad", a.lr_adagrad)?;
+    ensure_zipf_alpha(a.zipf_alpha)?;
+    let (pool, threads) = a.threads.pool()?;
     let p = a.preset.values();
     let d = a.arch_sparse_feature_size.unwrap_or(p.embedding_dim);
     let dataset = a
@@ -164,29 +199,28 @@ pub fn run(a: CompareArgs) -> Result<()> {
             ds.header().num_dense
         );
     }
-    let threads = a.threads.unwrap_or_else(num_cpus::get_physical).max(1);
     let num_batches = match (&dataset, a.num_batches) {
         (_, Some(n)) => n,
         (Some(_), None) => 0,
         (None, None) => p.num_batches,
     };
-    let train_len = (num_batches * a.mini_batch_size) as u64;
+    let train_len = samples_of(num_batches, a.mini_batch_size)?;
     let synth = SyntheticConfig {
         num_dense: arch.num_dense(),
         table_sizes: arch.table_sizes.clone(),
         generation: a.data_generation,
         zipf_alpha: a.zipf_alpha,
-        num_indices_per_lookup: a.num_indices_per_lookup.max(1),
+        num_indices_per_lookup: a.num_indices_per_lookup,
         fixed_bag_size: true,
         seed: a.seed,
     };
     for &kind in &a.models {
         eprintln!("{}", models::describe(kind, &arch, &a.models_flags)?);
     }
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .context("building the thread pool")?;
+    std::fs::create_dir_all(&a.out_dir)
+        .with_context(|| format!("creating {}", a.out_dir.display()))?;
+    let csv = a.out_dir.join("compare.csv");
+    let mut table = CsvTable::create(&csv)?;
     let runs = pool.install(|| -> Result<Vec<Run>> {
         if let Some(ds) = &dataset {
             eprintln!(
@@ -196,7 +230,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
                 a.eval_split.name(),
                 ds.dir().display()
             );
-            return compare(&a, &arch, ds, num_batches, threads);
+            return compare(&a, &arch, ds, num_batches, threads, &mut table);
         }
         let data = SyntheticSource::new(SyntheticData::new(synth), train_len, a.test_data_size);
         let ceiling = data
@@ -206,17 +240,46 @@ pub fn run(a: CompareArgs) -> Result<()> {
             "data: {train_len} training / {} held-out synthetic samples ({:?}{ceiling}); {threads} threads",
             a.test_data_size, a.data_generation
         );
-        compare(&a, &arch, &data, num_batches, threads)
+        compare(&a, &arch, &data, num_batches, threads, &mut table)
     })?;
-    std::fs::create_dir_all(&a.out_dir)
-        .with_context(|| format!("creating {}", a.out_dir.display()))?;
-    let csv = a.out_dir.join("compare.csv");
-    std::fs::write(&csv, to_csv(&runs)).with_context(|| format!("writing {}", csv.display()))?;
-    let svg = a.out_dir.join("compare.svg");
-    plot(&runs, &svg)?;
     println!("{}", summary(&runs));
+    let finished: Vec<&Run> = runs.iter().filter(|r| r.finished().is_some()).collect();
+    anyhow::ensure!(
+        !finished.is_empty(),
+        "every run diverged (see {}); lower --lr-sgd / --lr-adagrad",
+        csv.display()
+    );
+    let svg = a.out_dir.join("compare.svg");
+    plot(&finished, &svg)?;
     eprintln!("wrote {} and {}", csv.display(), svg.display());
     Ok(())
+}
+
+/// compare.csv, written a run at a time: the header when created, each run's rows when the
+/// run ends, so the runs that finished are kept whatever happens to the later ones.
+struct CsvTable {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl CsvTable {
+    fn create(path: &Path) -> Result<CsvTable> {
+        let mut table = CsvTable {
+            file: std::fs::File::create(path)
+                .with_context(|| format!("creating {}", path.display()))?,
+            path: path.to_path_buf(),
+        };
+        table.append(CSV_HEADER)?;
+        Ok(table)
+    }
+
+    fn append(&mut self, rows: &str) -> Result<()> {
+        use std::io::Write as _;
+        self.file
+            .write_all(rows.as_bytes())
+            .and_then(|()| self.file.flush())
+            .with_context(|| format!("writing {}", self.path.display()))
+    }
 }
 
 /// Trains every model with every optimizer on `data`, evaluating every `--test-freq` steps.
@@ -226,6 +289,7 @@ fn compare(
     data: &dyn DataSource,
     num_batches: usize,
     threads: usize,
+    table: &mut CsvTable,
 ) -> Result<Vec<Run>> {
     let mut runs = Vec::new();
     for &model in &a.models {
@@ -255,16 +319,32 @@ fn compare(
                 model.name(),
                 optimizer_name(optimizer)
             );
-            let report = train(m.as_mut(), data, &opts, threads)?;
-            eprintln!(
-                "   accuracy {:.4}, AUC {:.4}, {:.0} samples/s",
-                report.test_accuracy, report.test_auc, report.samples_per_sec
-            );
-            runs.push(Run {
+            let outcome = match train(m.as_mut(), data, &opts, threads) {
+                Ok(report) => {
+                    eprintln!(
+                        "   accuracy {:.4}, AUC {}, {:.0} samples/s",
+                        report.test_accuracy,
+                        format_auc(report.test_auc),
+                        report.samples_per_sec
+                    );
+                    Ok(report)
+                }
+                Err(e) => match e.downcast::<Diverged>() {
+                    Ok(diverged) => {
+                        eprintln!("   diverged: {diverged}");
+                        Err(diverged)
+                    }
+                    Err(other) => return Err(other),
+                },
+            };
+            let run = Run {
                 model,
                 optimizer,
-                report,
-            });
+                learning_rate: lr,
+                outcome,
+            };
+            table.append(&csv_rows(&run))?;
+            runs.push(run);
         }
     }
     Ok(runs)
@@ -278,27 +358,38 @@ fn optimizer_name(o: OptimizerKind) -> &'static str {
     }
 }
 
-/// One row per evaluation: model, optimizer, learning rate, step, samples seen, and the
-/// held-out log loss, accuracy, AUC and normalized entropy.
-pub fn to_csv(runs: &[Run]) -> String {
-    let mut s = String::from("model,optimizer,learning_rate,step,samples,loss,accuracy,auc,ne\n");
-    for r in runs {
-        for e in &r.report.evals {
-            writeln!(
-                s,
-                "{},{},{},{},{},{:.6},{:.6},{:.6},{:.6}",
-                r.model.name(),
-                optimizer_name(r.optimizer),
-                r.report.learning_rate,
-                e.step,
-                e.step * r.report.batch_size as u64,
-                e.loss,
-                e.accuracy,
-                e.auc,
-                e.ne
-            )
-            .expect("writing to a String");
+/// The columns of compare.csv.
+const CSV_HEADER: &str = "model,optimizer,learning_rate,step,samples,loss,accuracy,auc,ne,status\n";
+
+/// A run's rows: one per evaluation (model, optimizer, learning rate, step, samples seen, the
+/// held-out log loss, accuracy, AUC and normalized entropy, status `ok`), or for a run that
+/// diverged one row at the step it stopped, metrics empty, status `diverged`.
+fn csv_rows(r: &Run) -> String {
+    let mut s = String::new();
+    let (model, optimizer) = (r.model.name(), optimizer_name(r.optimizer));
+    match &r.outcome {
+        Ok(report) => {
+            for e in &report.evals {
+                writeln!(
+                    s,
+                    "{model},{optimizer},{},{},{},{:.6},{:.6},{:.6},{:.6},ok",
+                    r.learning_rate,
+                    e.step,
+                    e.step * report.batch_size as u64,
+                    e.loss,
+                    e.accuracy,
+                    e.auc,
+                    e.ne
+                )
+                .expect("writing to a String");
+            }
         }
+        Err(d) => writeln!(
+            s,
+            "{model},{optimizer},{},{},,,,,,diverged",
+            r.learning_rate, d.step
+        )
+        .expect("writing to a String"),
     }
     s
 }
@@ -310,19 +401,24 @@ pub fn summary(runs: &[Run]) -> String {
          |---|---|---|---|---|---|---|---|\n",
     );
     for r in runs {
-        let t = &r.report;
-        writeln!(
-            s,
-            "| {} | {} | {} | {} | {:.4} | {:.4} | {:.4} | {:.0} |",
-            r.model.name(),
-            optimizer_name(r.optimizer),
-            t.learning_rate,
-            t.steps,
-            t.test_accuracy,
-            t.test_auc,
-            t.test_loss,
-            t.samples_per_sec
-        )
+        let (model, optimizer) = (r.model.name(), optimizer_name(r.optimizer));
+        match &r.outcome {
+            Ok(t) => writeln!(
+                s,
+                "| {model} | {optimizer} | {} | {} | {:.4} | {} | {:.4} | {:.0} |",
+                r.learning_rate,
+                t.steps,
+                t.test_accuracy,
+                format_auc(t.test_auc),
+                t.test_loss,
+                t.samples_per_sec
+            ),
+            Err(d) => writeln!(
+                s,
+                "| {model} | {optimizer} | {} | diverged at step {} | | | | |",
+                r.learning_rate, d.step
+            ),
+        }
         .expect("writing to a String");
     }
     s
@@ -344,12 +440,17 @@ fn line_style(r: &Run) -> ShapeStyle {
     colour(r.model).stroke_width(2)
 }
 
+/// The evaluations of a run (none for a run that diverged).
+fn evals(r: &Run) -> &[EvalPoint] {
+    r.finished().map_or(&[], |t| &t.evals)
+}
+
 /// What a panel plots of an evaluation.
 type Metric = fn(&EvalPoint) -> f64;
 
 /// Validation accuracy (left) and AUC (right) against iterations, one line per run: a colour
 /// per model, solid for SGD and dashed for the Adagrads (the layout of the paper's Figure 5).
-pub fn plot(runs: &[Run], path: &Path) -> Result<()> {
+pub fn plot(runs: &[&Run], path: &Path) -> Result<()> {
     let root = SVGBackend::new(path, (1360, 480)).into_drawing_area();
     root.fill(&WHITE)?;
     // Two panels, and a column for the legend, which no line can then hide.
@@ -361,14 +462,14 @@ pub fn plot(runs: &[Run], path: &Path) -> Result<()> {
     ];
     let last_step = runs
         .iter()
-        .flat_map(|r| r.report.evals.iter().map(|e| e.step))
+        .flat_map(|r| evals(r).iter().map(|e| e.step))
         .max()
         .unwrap_or(1)
         .max(1);
     for (panel, (title, metric)) in panels.iter().zip(metrics) {
         let values = runs
             .iter()
-            .flat_map(|r| r.report.evals.iter().map(metric))
+            .flat_map(|r| evals(r).iter().map(metric))
             .filter(|v| v.is_finite());
         let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
             (lo.min(v), hi.max(v))
@@ -393,9 +494,7 @@ pub fn plot(runs: &[Run], path: &Path) -> Result<()> {
             .y_label_formatter(&|v| format!("{v:.3}"))
             .draw()?;
         for r in runs {
-            let points: Vec<(u64, f64)> = r
-                .report
-                .evals
+            let points: Vec<(u64, f64)> = evals(r)
                 .iter()
                 .map(|e| (e.step, metric(e)))
                 .filter(|(_, v)| v.is_finite())

@@ -12,6 +12,7 @@ use dlrm::model::dlrm::Dlrm;
 use dlrm::model::embedding_tables::StorageKind;
 use dlrm::model::fm::{Fm, FmConfig};
 use dlrm::model::{Model, ModelKind, OptimizerKind, Task, mf};
+use dlrm::train::ensure_fits_in_memory;
 
 /// Flags of the models other than DLRM.
 #[derive(Args, Clone, Debug)]
@@ -74,6 +75,8 @@ pub fn build(
     seed: u64,
 ) -> Result<Box<dyn Model>> {
     flags.check(kind)?;
+    let rows = arch.table_sizes.iter().map(|&r| r as u64).sum();
+    ensure_tables_fit(kind, rows, arch.embedding_dim, optimizer, storage)?;
     Ok(match kind {
         ModelKind::Dlrm => Box::new(Dlrm::new(arch.clone(), optimizer, storage, seed)?),
         ModelKind::Dcn | ModelKind::DcnV2 => Box::new(Dcn::new(
@@ -110,6 +113,8 @@ pub fn build_mf(
     seed: u64,
 ) -> Result<Box<dyn Model>> {
     flags.check(ModelKind::Mf)?;
+    let rows = (data.users + data.items) as u64;
+    ensure_tables_fit(ModelKind::Mf, rows, factors, optimizer, storage)?;
     let cfg = mf::MfConfig {
         users: data.users,
         items: data.items,
@@ -118,6 +123,37 @@ pub fn build_mf(
         weight_decay: flags.weight_decay,
     };
     Ok(Box::new(mf::new(cfg, optimizer, storage, seed)?))
+}
+
+/// Bytes of one table row of a `kind` model with embedding width `d`: its weights and its
+/// optimizer state (FM and MF: the latent row and the first-order weight).
+pub fn table_row_bytes(kind: ModelKind, d: usize, optimizer: OptimizerKind) -> u64 {
+    let state = |width| optimizer.sparse(0.0).state_width(width);
+    let floats = match kind {
+        ModelKind::Fm | ModelKind::Mf => d + state(d) + 1 + state(1),
+        ModelKind::Dlrm | ModelKind::Dcn | ModelKind::DcnV2 => d + state(d),
+    };
+    4 * floats as u64
+}
+
+/// Refuses tables of `rows` rows in all that would not fit in the available memory, before
+/// any is allocated (anonymous storage only: file tables may exceed memory, and their
+/// creation checks the disk).
+fn ensure_tables_fit(
+    kind: ModelKind,
+    rows: u64,
+    d: usize,
+    optimizer: OptimizerKind,
+    storage: &StorageKind,
+) -> Result<()> {
+    if let StorageKind::Anon = storage {
+        ensure_fits_in_memory(
+            "the embedding tables (rows x bytes per row)",
+            rows,
+            table_row_bytes(kind, d, optimizer),
+        )?;
+    }
+    Ok(())
 }
 
 /// One line saying what `kind` computes with these flags (MF: see [`describe_mf`]).

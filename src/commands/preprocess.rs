@@ -1,6 +1,7 @@
 //! `dlrm preprocess`: raw Criteo files into a binary dataset (and the settings that
 //! `dlrm train --criteo` shares).
 
+use super::ThreadArgs;
 use anyhow::{Context, Result};
 use clap::Args;
 use dlrm::data::binary::Encoding;
@@ -124,9 +125,8 @@ pub struct PreprocessArgs {
     /// The files have no label column (Kaggle's test.txt).
     #[arg(long)]
     no_label: bool,
-    /// Worker threads (default: the number of physical cores).
-    #[arg(long)]
-    threads: Option<usize>,
+    #[command(flatten)]
+    threads: ThreadArgs,
     /// Write the summary as JSON to this file.
     #[arg(long)]
     summary_json: Option<PathBuf>,
@@ -159,11 +159,7 @@ pub fn run(a: PreprocessArgs) -> Result<()> {
         chunk_bytes: CHUNK_BYTES,
         progress: std::io::stderr().is_terminal(),
     };
-    let threads = a.threads.unwrap_or_else(num_cpus::get_physical).max(1);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .context("building the thread pool")?;
+    let (pool, _) = a.threads.pool()?;
     let summary = pool.install(|| preprocess(&opts))?;
     print_summary(&summary);
     if let Some(path) = &a.summary_json {

@@ -1,5 +1,6 @@
 //! `dlrm eval` and `dlrm predict`: a saved model on held-out or new data, forward pass only.
 
+use super::ThreadArgs;
 use anyhow::{Context, Result};
 use clap::Args;
 use dlrm::checkpoint::{self, DATASET_DIR};
@@ -10,7 +11,7 @@ use dlrm::metrics::EvalMetrics;
 use dlrm::model::dlrm::Dlrm;
 use dlrm::model::embedding_tables::StorageKind;
 use dlrm::predict::{ScoreOptions, score_file};
-use dlrm::train::evaluate;
+use dlrm::train::{evaluate, reserve_checked};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -22,9 +23,8 @@ pub struct ModelArgs {
     /// Rows scored per forward pass.
     #[arg(long, default_value_t = 4096)]
     mini_batch_size: usize,
-    /// Worker threads (default: the number of physical cores).
-    #[arg(long)]
-    threads: Option<usize>,
+    #[command(flatten)]
+    threads: ThreadArgs,
     /// Leave out lines that cannot be parsed (counted and reported; predict writes NaN for
     /// them) instead of stopping at the first.
     #[arg(long)]
@@ -62,15 +62,14 @@ pub struct PredictArgs {
 }
 
 /// The model of a checkpoint, its tables mapped copy-on-write (nothing read up front, nothing
-/// written back), sized for inference.
+/// written back); its buffers are sized by the scoring, to the rows there are.
 fn load(a: &ModelArgs) -> Result<(Dlrm, PathBuf)> {
     let version = checkpoint::resolve(&a.load_model)?;
     let storage = StorageKind::File {
         dir: version.clone(),
         lazy_init: false,
     };
-    let (mut model, _) = checkpoint::load_dlrm(&version, &storage)?;
-    model.reserve_inference(a.mini_batch_size.max(1));
+    let (model, _) = checkpoint::load_dlrm(&version, &storage)?;
     Ok((model, version))
 }
 
@@ -85,19 +84,12 @@ fn encoder(version: &Path) -> Result<Encoder> {
     Encoder::load(&dir).with_context(|| format!("{}: loading the encoding", dir.display()))
 }
 
-fn pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads.unwrap_or_else(num_cpus::get_physical).max(1))
-        .build()
-        .context("building the thread pool")
-}
-
 pub fn run_eval(a: EvalArgs) -> Result<()> {
     anyhow::ensure!(
         a.model.mini_batch_size > 0,
         "--mini-batch-size must be at least 1"
     );
-    pool(a.model.threads)?.install(|| {
+    a.model.threads.pool()?.0.install(|| {
         let (mut model, version) = load(&a.model)?;
         let t = Instant::now();
         let (m, rows): (EvalMetrics, u64) = match (&a.dataset, &a.criteo) {
@@ -107,11 +99,17 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
                     .with_eval_split(a.eval_split);
                 checkpoint::check_encoding(&version, &checkpoint::read_meta(&version)?, &ds)?;
                 let rows = ds.rows(a.eval_split);
+                anyhow::ensure!(
+                    rows > 0,
+                    "{}: the {} split is empty: there is nothing to evaluate (choose another --eval-split)",
+                    dir.display(),
+                    a.eval_split.name()
+                );
+                // No batch is larger than the split.
+                let batch_size = (a.model.mini_batch_size as u64).min(rows) as usize;
+                reserve_checked(&mut model, batch_size, false, "--mini-batch-size")?;
                 let mut batch = Batch::default();
-                (
-                    evaluate(&mut model, &ds, a.model.mini_batch_size, &mut batch)?,
-                    rows,
-                )
+                (evaluate(&mut model, &ds, batch_size, &mut batch)?, rows)
             }
             (None, Some(file)) => {
                 let s = score_file(
@@ -127,6 +125,11 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
                     },
                 )?;
                 report_skipped(s.skipped, file);
+                anyhow::ensure!(
+                    s.lines > s.skipped,
+                    "{}: no rows to evaluate",
+                    file.display()
+                );
                 (
                     EvalMetrics::compute(&s.probs, &s.labels),
                     s.lines - s.skipped,
@@ -137,11 +140,10 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         let secs = t.elapsed().as_secs_f64();
         println!("model {}", version.display());
         println!(
-            "{rows} rows: loss {:.5}  accuracy {:.4}  AUC {:.4}  NE {:.4}  ({:.0} rows/s)",
+            "{rows} rows: loss {:.5}  accuracy {:.4}  {}  ({:.0} rows/s)",
             m.loss,
             m.accuracy,
-            m.auc,
-            m.ne,
+            m.auc_and_ne(),
             rows as f64 / secs.max(1e-9)
         );
         Ok(())
@@ -153,7 +155,7 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
         a.model.mini_batch_size > 0,
         "--mini-batch-size must be at least 1"
     );
-    pool(a.model.threads)?.install(|| {
+    a.model.threads.pool()?.0.install(|| {
         let (mut model, version) = load(&a.model)?;
         let enc = encoder(&version)?;
         // Written beside the destination and renamed when complete, so a failed run never

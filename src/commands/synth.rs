@@ -1,6 +1,7 @@
 //! `dlrm synth`: synthetic data written as files, to exercise the real-data path (parsing,
 //! preprocessing, training from a dataset) without licensed data.
 
+use super::{ThreadArgs, ensure_zipf_alpha};
 use anyhow::{Context, Result};
 use clap::Args;
 use dlrm::config::{KAGGLE_TABLE_SIZES, parse_dims};
@@ -49,9 +50,8 @@ pub struct SynthArgs {
     /// Leave out the label column (as Kaggle's test.txt).
     #[arg(long)]
     no_label: bool,
-    /// Worker threads (default: the number of physical cores).
-    #[arg(long)]
-    threads: Option<usize>,
+    #[command(flatten)]
+    threads: ThreadArgs,
 }
 
 pub fn run(a: SynthArgs) -> Result<()> {
@@ -60,10 +60,7 @@ pub fn run(a: SynthArgs) -> Result<()> {
         Some(s) => parse_dims("--arch-embedding-size", s)?,
         None => KAGGLE_TABLE_SIZES.to_vec(),
     };
-    anyhow::ensure!(
-        a.zipf_alpha > 0.0 && a.zipf_alpha.is_finite(),
-        "--zipf-alpha must be a positive number"
-    );
+    ensure_zipf_alpha(a.zipf_alpha)?;
     let data = SyntheticData::new(SyntheticConfig {
         num_dense: dlrm::data::criteo::NUM_DENSE,
         table_sizes,
@@ -74,11 +71,7 @@ pub fn run(a: SynthArgs) -> Result<()> {
         seed: a.seed,
     });
     let tsv = SyntheticTsv::new(data).context("--arch-embedding-size")?;
-    let threads = a.threads.unwrap_or_else(num_cpus::get_physical).max(1);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .context("building the thread pool")?;
+    let (pool, _) = a.threads.pool()?;
 
     let name = a
         .out

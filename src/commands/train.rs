@@ -2,6 +2,7 @@
 
 use super::models::{self, ModelFlags};
 use super::preprocess::EncodingArgs;
+use super::{ThreadArgs, ensure_at_least_one, ensure_zipf_alpha, samples_of};
 use anyhow::{Context, Result};
 use clap::Args;
 use dlrm::checkpoint;
@@ -10,9 +11,13 @@ use dlrm::data::binary::{BinaryDataset, DatasetSplit};
 use dlrm::data::movielens::MovieLensSource;
 use dlrm::data::preprocess::{CHUNK_BYTES, EncodingChoice, PreprocessOptions, preprocess};
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
+use dlrm::metrics::{format_auc, format_ne};
 use dlrm::model::embedding_tables::StorageKind;
 use dlrm::model::{Model, ModelKind, OptimizerKind};
-use dlrm::train::{CheckpointPolicy, DataSource, LrSchedule, TrainOptions, TrainReport, train};
+use dlrm::train::{
+    CheckpointPolicy, DataSource, LrSchedule, TrainOptions, TrainReport, ensure_learning_rate,
+    total_steps, train,
+};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
@@ -114,7 +119,8 @@ pub struct TrainArgs {
     /// Evaluate on the held-out data every this many steps (0 = only at the end).
     #[arg(long)]
     test_freq: Option<usize>,
-    /// Report the training loss every this many steps.
+    /// Report the training loss, and check that every dense parameter is finite, every this
+    /// many steps (0: no reports; the check then runs every 100 steps).
     #[arg(long)]
     print_freq: Option<usize>,
     /// Samples per evaluation batch (default: the training batch size).
@@ -145,9 +151,8 @@ pub struct TrainArgs {
     test_data_size: Option<u64>,
 
     // System.
-    /// Worker threads (default: the number of physical cores).
-    #[arg(long)]
-    threads: Option<usize>,
+    #[command(flatten)]
+    threads: ThreadArgs,
     /// Seed of the model's initialisation and of the data (default 1, or the checkpoint's).
     #[arg(long)]
     seed: Option<u64>,
@@ -238,11 +243,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         .preset
         .unwrap_or(if real { Preset::Kaggle } else { Preset::Tiny })
         .values();
-    let threads = a.threads.unwrap_or_else(num_cpus::get_physical).max(1);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .context("building the thread pool")?;
+    check_numeric_flags(&a, p.learning_rate)?;
+    let (pool, threads) = a.threads.pool()?;
     let mut temp = None;
     let dataset = pool.install(|| -> Result<Option<BinaryDataset>> {
         Ok(match (&a.dataset, &a.criteo) {
@@ -319,9 +321,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     let batch_size = a.mini_batch_size.unwrap_or(p.mini_batch_size);
     let num_batches = a.num_batches.unwrap_or(p.num_batches);
-    let train_len = a
-        .data_size
-        .unwrap_or((num_batches.max(1) * batch_size) as u64);
+    let train_len = match a.data_size {
+        Some(n) => n,
+        None => samples_of(num_batches.max(1), batch_size)?,
+    };
     let test_len = a
         .test_data_size
         .unwrap_or((train_len / 8).clamp(4096, 262_144));
@@ -335,6 +338,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
             lazy_init: a.lazy_init,
         },
     };
+    if let StorageKind::File { dir, .. } = &storage {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("--tables-dir {}: cannot create", dir.display()))?;
+    }
     let bags = a.num_indices_per_lookup.unwrap_or(p.num_indices_per_lookup);
     anyhow::ensure!(bags >= 1, "--num-indices-per-lookup must be at least 1");
     let loaded = match &a.load_model {
@@ -370,10 +377,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         fixed_bag_size: a.num_indices_per_lookup_fixed.unwrap_or(true),
         seed,
     };
-    anyhow::ensure!(
-        a.zipf_alpha > 0.0 && a.zipf_alpha.is_finite(),
-        "--zipf-alpha must be a positive number"
-    );
+    ensure_zipf_alpha(a.zipf_alpha)?;
     let opts = TrainOptions {
         batch_size,
         // By default one epoch is the whole training set (for synthetic data, --num-batches
@@ -413,11 +417,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
         ),
     };
 
-    let report = pool.install(|| -> Result<TrainReport> {
+    let report = pool.install(|| -> Result<Option<TrainReport>> {
         let t = std::time::Instant::now();
         let (source, mut model): (Box<dyn DataSource>, Box<dyn Model>) = match ratings {
             Some((train_file, test_file)) => {
-                let source = MovieLensSource::load(train_file, test_file, seed)?;
+                let row_bytes = models::table_row_bytes(ModelKind::Mf, d, optimizer);
+                let max_rows = dlrm::train::available_memory_bytes() / row_bytes;
+                let source = MovieLensSource::load_within(train_file, test_file, seed, max_rows)?;
                 eprintln!(
                     "{} | {threads} threads, batch {batch_size}",
                     models::describe_mf(&source, d, &a.models)
@@ -452,6 +458,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     }
                     None => models::build(a.model, &arch, &a.models, optimizer, &storage, seed)?,
                 };
+                // After the load, so that a damaged checkpoint is an error, not "nothing to do".
+                if let Some((version, meta, _)) = &loaded {
+                    let total = total_steps(&opts, source.train_len())?;
+                    if meta.train_state.step >= total {
+                        eprintln!(
+                            "nothing to do: the checkpoint is at step {} of {total} ({})",
+                            meta.train_state.step,
+                            version.display()
+                        );
+                        return Ok(None);
+                    }
+                }
                 let what = match (&a.dataset, &a.criteo) {
                     (Some(dir), _) => format!("rows of {}", dir.display()),
                     (None, Some(file)) => format!("rows of {}", file.display()),
@@ -466,9 +484,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 (source, model)
             }
         };
-        train(model.as_mut(), source.as_ref(), &opts, threads)
+        train(model.as_mut(), source.as_ref(), &opts, threads).map(Some)
     })?;
     drop(temp);
+    let Some(report) = report else {
+        return Ok(());
+    };
     print_summary(&report);
     if let Some(path) = &a.report_json {
         let json = serde_json::to_string_pretty(&report)?;
@@ -476,6 +497,22 @@ pub fn run(a: TrainArgs) -> Result<()> {
             .with_context(|| format!("writing the report to {}", path.display()))?;
     }
     Ok(())
+}
+
+/// Refuses numeric flags that make no sense, before any work: counts of 0 where something
+/// must exist, and a learning rate that is not a positive number (`preset_lr` when not given).
+fn check_numeric_flags(a: &TrainArgs, preset_lr: f32) -> Result<()> {
+    let count = |v: Option<usize>| v.map(|n| n as u64);
+    ensure_at_least_one(&[
+        ("--mini-batch-size", count(a.mini_batch_size)),
+        ("--test-mini-batch-size", count(a.test_mini_batch_size)),
+        ("--nepochs", Some(a.nepochs as u64)),
+        ("--keep-checkpoints", Some(a.keep_checkpoints as u64)),
+        ("--data-size", a.data_size),
+        ("--test-data-size", a.test_data_size),
+        ("--num-indices-per-lookup", count(a.num_indices_per_lookup)),
+    ])?;
+    ensure_learning_rate("--learning-rate", a.learning_rate.unwrap_or(preset_lr))
 }
 
 /// Architecture and optimizer flags given explicitly must agree with a loaded checkpoint.
@@ -533,8 +570,11 @@ fn print_summary(r: &TrainReport) {
             r.test_loss
         ),
         _ => println!(
-            "test  loss {:.5}  accuracy {:.4}  AUC {:.4}  NE {:.4}",
-            r.test_loss, r.test_accuracy, r.test_auc, r.test_ne
+            "test  loss {:.5}  accuracy {:.4}  AUC {}  NE {}",
+            r.test_loss,
+            r.test_accuracy,
+            format_auc(r.test_auc),
+            format_ne(r.test_ne)
         ),
     }
     if let Some(t) = r.teacher_auc {

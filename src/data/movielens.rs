@@ -104,11 +104,26 @@ pub struct MovieLensSource {
 impl MovieLensSource {
     /// Reads `train` and `test` (training ratings shuffled with `seed`).
     pub fn load(train: &Path, test: &Path, seed: u64) -> Result<MovieLensSource> {
-        Ok(MovieLensSource::new(
-            &Ratings::read(train)?,
-            &Ratings::read(test)?,
-            seed,
-        ))
+        MovieLensSource::load_within(train, test, seed, u64::MAX)
+    }
+
+    /// Reads `train` and `test` as [`MovieLensSource::load`] does, refusing any id that would
+    /// make a table of more than `max_rows` rows (what fits in memory), by file, line and id.
+    pub fn load_within(
+        train: &Path,
+        test: &Path,
+        seed: u64,
+        max_rows: u64,
+    ) -> Result<MovieLensSource> {
+        let read = |path: &Path| -> Result<Ratings> {
+            let r = Ratings::read(path)?;
+            let largest = r.users.iter().chain(&r.items).copied().max().unwrap_or(0);
+            if u64::from(largest) >= max_rows {
+                bail!("{}", locate_id_above(path, max_rows)?);
+            }
+            Ok(r)
+        };
+        Ok(MovieLensSource::new(&read(train)?, &read(test)?, seed))
     }
 
     /// The data set of two rating lists (training ratings shuffled with `seed`).
@@ -133,6 +148,29 @@ impl MovieLensSource {
             mean_rating: (sum / train.len().max(1) as f64) as f32,
         }
     }
+}
+
+/// The error for the first line of `path` whose user or item id is `max_rows` or more (the
+/// file has such a line): file, line, field and id. The file is read again: this runs only
+/// on the way to the error, and the parsed ratings do not keep line numbers.
+fn locate_id_above(path: &Path, max_rows: u64) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading ratings from {}", path.display()))?;
+    for (n, line) in text.lines().enumerate() {
+        for (field, what) in line.split_whitespace().zip(["user", "item"]) {
+            if let Ok(id) = field.parse::<u64>()
+                && id >= max_rows
+            {
+                return Ok(format!(
+                    "{}:{}: {what} id {id} would make a table of {} rows, more than the {max_rows} rows that fit in the available memory",
+                    path.display(),
+                    n + 1,
+                    id + 1
+                ));
+            }
+        }
+    }
+    bail!("{}: changed while it was read", path.display())
 }
 
 impl DataSource for MovieLensSource {

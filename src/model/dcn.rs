@@ -18,7 +18,8 @@
 use super::mlp::Mlp;
 use super::sparse::SparseTables;
 use super::{
-    BatchError, DenseOptimizer, Model, OptimizerKind, PhaseSeconds, Stopwatch, validate_batch,
+    BatchError, DenseOptimizer, Model, OptimizerKind, PhaseSeconds, Stopwatch,
+    mlp_floats_per_sample, mlp_parameters, validate_batch,
 };
 use crate::data::Batch;
 use crate::model::embedding_tables::StorageKind;
@@ -372,5 +373,28 @@ impl Model for Dcn {
     }
     fn add_other_seconds(&mut self, seconds: f64) {
         self.phases.other += seconds;
+    }
+    fn dense_parameters(&self) -> Vec<(String, &[f32])> {
+        let mut p = vec![
+            ("cross_l.weight".to_string(), &self.cross_w[..]),
+            ("cross_l.bias".to_string(), &self.cross_b[..]),
+        ];
+        p.extend(mlp_parameters("deep_l", &self.deep));
+        p.extend(mlp_parameters("head_l", &self.head));
+        p
+    }
+    fn table_parameters(&self) -> Vec<(String, &[f32])> {
+        (0..self.embeddings.len())
+            .map(|t| (format!("emb_l.{t}.weight"), self.embeddings.weights(t)))
+            .collect()
+    }
+    fn buffer_floats_per_sample(&self, _training: bool) -> usize {
+        // `reserve` sizes the gradients for inference too: x0, the head's input, their
+        // gradients, the cross network's saved activations, probabilities, logit gradients.
+        let w0 = self.cfg.input_width();
+        mlp_floats_per_sample(&self.deep, true)
+            + mlp_floats_per_sample(&self.head, true)
+            + 2 * (w0 + self.cfg.head_width() + 1)
+            + self.cfg.kind.saved_len(w0, self.cfg.cross_layers, 1)
     }
 }

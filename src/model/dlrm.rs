@@ -14,7 +14,8 @@
 use super::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind};
 use super::mlp::Mlp;
 use super::{
-    ADAGRAD_EPS, BatchError, Model, OptimizerKind, PhaseSeconds, Stopwatch, Task, validate_batch,
+    ADAGRAD_EPS, BatchError, Model, OptimizerKind, PhaseSeconds, Stopwatch, Task,
+    mlp_floats_per_sample, mlp_parameters, validate_batch,
 };
 use crate::config::{Architecture, InteractionOp};
 use crate::data::Batch;
@@ -439,5 +440,24 @@ impl Model for Dlrm {
     }
     fn save_parameters(&self, dir: &std::path::Path) -> anyhow::Result<serde_json::Value> {
         crate::checkpoint::save_dlrm_parameters(self, dir)
+    }
+    fn dense_parameters(&self) -> Vec<(String, &[f32])> {
+        let mut p = mlp_parameters("bot_l", &self.bottom);
+        p.extend(mlp_parameters("top_l", &self.top));
+        p
+    }
+    fn table_parameters(&self) -> Vec<(String, &[f32])> {
+        self.tables
+            .iter()
+            .enumerate()
+            .map(|(t, table)| (format!("emb_l.{t}.weight"), table.weights()))
+            .collect()
+    }
+    fn buffer_floats_per_sample(&self, training: bool) -> usize {
+        // features and top_in, their gradients in training, probabilities and logit gradients.
+        let per_pass = self.feature_stride() + self.arch.top[0] + 1;
+        mlp_floats_per_sample(&self.bottom, training)
+            + mlp_floats_per_sample(&self.top, training)
+            + per_pass * (1 + usize::from(training))
     }
 }

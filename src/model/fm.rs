@@ -319,4 +319,27 @@ impl Model for Fm {
     fn add_other_seconds(&mut self, seconds: f64) {
         self.phases.other += seconds;
     }
+    fn dense_parameters(&self) -> Vec<(String, &[f32])> {
+        vec![("bias".to_string(), std::slice::from_ref(&self.bias))]
+    }
+    fn table_parameters(&self) -> Vec<(String, &[f32])> {
+        // Field t's latent vectors and first-order weights; the dense field (last, when there
+        // are dense features) is named apart from the categorical ones.
+        let name = |t: usize, kind: &str| {
+            if t < self.cfg.table_sizes.len() {
+                format!("{kind}_l.{t}.weight")
+            } else {
+                format!("dense_{kind}.weight")
+            }
+        };
+        (0..self.factors.len())
+            .map(|t| (name(t, "emb"), self.factors.weights(t)))
+            .chain((0..self.linear.len()).map(|t| (name(t, "lin"), self.linear.weights(t))))
+            .collect()
+    }
+    fn buffer_floats_per_sample(&self, _training: bool) -> usize {
+        // `reserve` sizes everything for inference too: the dense field's ids and offsets
+        // (u32, the size of an f32), the latent sums, outputs, probabilities, output gradients.
+        self.cfg.num_dense + 1 + self.cfg.factors + 3
+    }
 }

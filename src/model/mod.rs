@@ -11,6 +11,7 @@ pub mod sparse;
 use crate::data::Batch;
 use dlrm_kernels::optim::{SparseOptimizer, adagrad_update, sgd_update};
 use embedding_tables::EmbeddingTable;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 use thiserror::Error;
@@ -265,6 +266,60 @@ impl Stopwatch {
     }
 }
 
+/// Which parameters [`Model::first_non_finite`] scans.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParameterScope {
+    /// The dense parameters only (small: cheap enough for every report interval).
+    Dense,
+    /// The dense parameters and every embedding table.
+    All,
+}
+
+/// A parameter value that is NaN or infinite: the tensor's name, the flat index and the value.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NonFinite {
+    pub name: String,
+    pub index: usize,
+    pub value: f32,
+}
+
+impl std::fmt::Display for NonFinite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}[{}] is {}", self.name, self.index, self.value)
+    }
+}
+
+/// The index of the first NaN or infinite value, scanning chunks in parallel (tables reach
+/// gigabytes); the lowest index wins whatever the chunk order.
+pub fn first_non_finite_index(values: &[f32]) -> Option<usize> {
+    const CHUNK: usize = 1 << 16;
+    values
+        .par_chunks(CHUNK)
+        .enumerate()
+        .find_map_first(|(c, chunk)| {
+            chunk
+                .iter()
+                .position(|v| !v.is_finite())
+                .map(|i| c * CHUNK + i)
+        })
+}
+
+/// An MLP's tensors under their PyTorch-style names ([`crate::checkpoint::layer_names`]).
+pub fn mlp_parameters<'a>(prefix: &str, mlp: &'a mlp::Mlp) -> Vec<(String, &'a [f32])> {
+    let names = crate::checkpoint::layer_names(prefix, mlp.layers.len());
+    mlp.layers
+        .iter()
+        .zip(names)
+        .flat_map(|(l, (w, b))| [(w, &l.weight[..]), (b, &l.bias[..])])
+        .collect()
+}
+
+/// Floats per sample an MLP's buffers hold: each layer's output, and its gradient in training.
+pub fn mlp_floats_per_sample(mlp: &mlp::Mlp, training: bool) -> usize {
+    let outputs: usize = mlp.layers.iter().map(|l| l.outputs).sum();
+    outputs * (1 + usize::from(training))
+}
+
 /// What a model predicts, which decides its loss and its evaluation metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -300,6 +355,32 @@ pub trait Model: Send {
     fn phases(&self) -> PhaseSeconds;
     /// Adds time to the `other` phase (data loading, done by the trainer).
     fn add_other_seconds(&mut self, seconds: f64);
+    /// Every parameter tensor but the embedding tables (MLP layers, cross layers, biases),
+    /// with its PyTorch-style name (`bot_l.0.weight`), in a fixed order.
+    fn dense_parameters(&self) -> Vec<(String, &[f32])>;
+    /// Every embedding table's weights with its PyTorch-style name (`emb_l.3.weight`).
+    fn table_parameters(&self) -> Vec<(String, &[f32])>;
+    /// f32 values of the step's buffers per sample of a batch (forward only, or with the
+    /// gradients for `training`): what `reserve` allocates per sample, for memory checks.
+    fn buffer_floats_per_sample(&self, training: bool) -> usize;
+    /// The first parameter value that is NaN or infinite, among the dense parameters or, with
+    /// `ParameterScope::All`, the embedding tables too (each tensor scanned in parallel).
+    fn first_non_finite(&self, scope: ParameterScope) -> Option<NonFinite> {
+        let tables = match scope {
+            ParameterScope::Dense => Vec::new(),
+            ParameterScope::All => self.table_parameters(),
+        };
+        self.dense_parameters()
+            .into_iter()
+            .chain(tables)
+            .find_map(|(name, values)| {
+                first_non_finite_index(values).map(|index| NonFinite {
+                    name,
+                    index,
+                    value: values[index],
+                })
+            })
+    }
     /// Writes every parameter and optimizer state into `dir` (a fresh checkpoint folder) and
     /// returns the model's description for the checkpoint (see [`crate::checkpoint`]).
     fn save_parameters(&self, dir: &std::path::Path) -> anyhow::Result<serde_json::Value> {
