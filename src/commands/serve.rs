@@ -59,6 +59,9 @@ pub struct PredictArgs {
     /// Where to write one probability per input line.
     #[arg(long)]
     out: PathBuf,
+    /// Replace --out if it exists (never the input itself).
+    #[arg(long)]
+    force: bool,
 }
 
 /// The model of a checkpoint, its tables mapped copy-on-write (nothing read up front, nothing
@@ -152,6 +155,7 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
         a.model.mini_batch_size > 0,
         "--mini-batch-size must be at least 1"
     );
+    super::check_output(&a.out, &[&a.criteo], a.force)?;
     pool(a.model.threads)?.install(|| {
         let (mut model, version) = load(&a.model)?;
         let enc = encoder(&version)?;
