@@ -155,10 +155,10 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
         a.model.mini_batch_size > 0,
         "--mini-batch-size must be at least 1"
     );
-    super::check_output(&a.out, &[&a.criteo], a.force)?;
     pool(a.model.threads)?.install(|| {
         let (mut model, version) = load(&a.model)?;
         let enc = encoder(&version)?;
+        super::check_output(&a.out, &[&a.criteo], a.force)?;
         // Written beside the destination and renamed when complete, so a failed run never
         // leaves a partial file that looks like a finished one.
         let partial = partial_path(&a.out);
