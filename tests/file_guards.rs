@@ -345,6 +345,14 @@ fn outputs_never_replace_inputs_or_existing_files_unasked() {
     assert_error(&export(&[]), &["--out", s(&exported), "--force"]);
     assert_eq!(std::fs::read_to_string(&exported).unwrap(), "precious");
     assert_ok(&export(&["--force"]));
+    // import saves checkpoints too: the same folder rules as train --save-model.
+    let import = |extra: &[&str]| {
+        let args = ["import", "--in", s(&exported), "--save-model", s(&ck)];
+        run(&[&args[..], extra].concat())
+    };
+    assert_error(&import(&[]), &["--save-model", s(&ck), "--overwrite"]);
+    assert_ok(&import(&["--overwrite"]));
+    assert_eq!(entries(&ck, "ckpt-"), ["ckpt-000000000000-000"]);
     let version = checkpoint::resolve(&ck).unwrap();
     let dense = version.join("dense.safetensors");
     let o = run(&[
