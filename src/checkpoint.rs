@@ -17,8 +17,15 @@
 //! place, and only then replaces `LATEST` (written to a temporary name, fsynced, renamed, folder
 //! fsynced); older versions are pruned last. A process killed at any point therefore leaves
 //! `LATEST` naming a complete version. `DLRM_CRASH_AT=<phase>` aborts at a named phase of a save,
-//! so that tests can check this deterministically.
+//! so that tests can check this deterministically; `DLRM_PAUSE_AT=<phase>` waits there until the
+//! save is cancelled, so that tests can interrupt it deterministically.
+//!
+//! One run at a time saves into a folder: [`claim`] takes an exclusive `flock` on `DIR/.lock`
+//! (held until the run ends) and refuses a folder holding another run's checkpoints. Every
+//! version records its run's id (`train_state.run_id`, carried over when a run resumes), and
+//! pruning keeps the newest versions of the saving run's lineage only, in step order.
 
+use crate::cancel::{Cancel, note_removed};
 use crate::config::Architecture;
 use crate::data::binary::{BinaryDataset, encoding_fingerprint_of};
 use crate::model::dlrm::Dlrm;
@@ -27,7 +34,7 @@ use crate::model::embedding_tables::{
 };
 use crate::model::mlp::Mlp;
 use crate::model::{Model, OptimizerKind};
-use crate::rng::SplitMix64;
+use crate::rng::{SplitMix64, derive_key};
 use crate::train::LrSchedule;
 use anyhow::{Context, Result, bail, ensure};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
@@ -46,6 +53,8 @@ const DENSE: &str = "dense.safetensors";
 pub const DATASET_DIR: &str = "dataset";
 const VERSION_PREFIX: &str = "ckpt-";
 const TEMP_PREFIX: &str = ".tmp-";
+/// The lock file a run holds while it may save into the folder (it holds the run's pid).
+const LOCK: &str = ".lock";
 
 /// Where training stands: enough to continue exactly where a run stopped.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -60,6 +69,21 @@ pub struct TrainState {
     pub lr: LrSchedule,
     pub batch_size: usize,
     pub seed: u64,
+    /// The run's identity: random for a new run, carried over when a run resumes (empty in
+    /// checkpoints written before runs had one). Pruning keeps to one run's versions.
+    #[serde(default)]
+    pub run_id: String,
+}
+
+/// A fresh random run id (16 hex digits).
+pub fn new_run_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    format!(
+        "{:016x}",
+        derive_key(nanos, &[u64::from(std::process::id())])
+    )
 }
 
 /// A version's meta.json.
@@ -114,6 +138,107 @@ pub fn crash_point(phase: &str) {
     }
 }
 
+/// Waits at `phase` while `DLRM_PAUSE_AT` names it, until the save is cancelled (the
+/// interruption tests' hook; a minute at most), then reports a requested cancellation.
+fn pause_point(phase: &str, cancel: &Cancel) -> Result<()> {
+    if std::env::var("DLRM_PAUSE_AT").is_ok_and(|p| p == phase) {
+        eprintln!("DLRM_PAUSE_AT={phase}: paused");
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while cancel.requested().is_none() && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+    cancel.check()?;
+    Ok(())
+}
+
+/// An exclusive lock on a checkpoint folder, held while a run may save into it; released when
+/// dropped or when the process ends, however it ends.
+#[derive(Debug)]
+pub struct FolderLock {
+    _file: File,
+}
+
+/// Locks checkpoint folder `dir` (created if needed) for this process, failing at once if
+/// another process holds it.
+pub fn lock(dir: &Path) -> Result<FolderLock> {
+    fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let path = dir.join(LOCK);
+    // Not truncated on open: the holder's pid stays readable for the error of a run that
+    // finds the folder locked.
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("{}: cannot open", path.display()))?;
+    use rustix::fs::{FlockOperation, flock};
+    match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            let holder = fs::read_to_string(&path).unwrap_or_default();
+            let pid = match holder.trim() {
+                "" => "unknown",
+                pid => pid,
+            };
+            bail!(
+                "{}: another run (pid {}) is saving checkpoints into this folder (it holds {}); wait for it to end or save elsewhere",
+                dir.display(),
+                pid,
+                path.display()
+            );
+        }
+        Err(e) => {
+            return Err(std::io::Error::from(e))
+                .with_context(|| format!("{}: cannot lock", path.display()));
+        }
+    }
+    file.set_len(0)
+        .and_then(|()| writeln!(file, "{}", std::process::id()))
+        .with_context(|| format!("{}: cannot write", path.display()))?;
+    Ok(FolderLock { _file: file })
+}
+
+/// Locks `dir` for a run that will save into it, and checks that the folder is this run's:
+/// empty, or the folder of `resumed_from` (the version the run resumes from). A folder holding
+/// another run's checkpoints is an error, unless `overwrite`, which removes that run's versions
+/// and `LATEST` now (other files in the folder stay).
+pub fn claim(dir: &Path, resumed_from: Option<&Path>, overwrite: bool) -> Result<FolderLock> {
+    let lock = lock(dir)?;
+    let same_folder = |version: &Path| -> bool {
+        let parent = version.parent().unwrap_or(Path::new("."));
+        match (parent.canonicalize(), dir.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        }
+    };
+    if resumed_from.is_some_and(same_folder) {
+        return Ok(lock);
+    }
+    let old = versions(dir)?;
+    let latest = dir.join(LATEST);
+    if old.is_empty() && !latest.exists() {
+        return Ok(lock);
+    }
+    ensure!(
+        overwrite,
+        "--save-model {}: holds the checkpoints of another run ({}); continue that run with --load-model {}, replace its checkpoints with --overwrite, or save elsewhere",
+        dir.display(),
+        old.join(", "),
+        dir.display()
+    );
+    for name in &old {
+        let path = dir.join(name);
+        fs::remove_dir_all(&path).with_context(|| format!("{}: cannot remove", path.display()))?;
+    }
+    if latest.exists() {
+        fs::remove_file(&latest).with_context(|| format!("{}: cannot remove", latest.display()))?;
+    }
+    sync_dir(dir)?;
+    Ok(lock)
+}
+
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -155,29 +280,101 @@ fn versions(dir: &Path) -> Result<Vec<String>> {
     Ok(v)
 }
 
+/// The run id a version's meta.json records (None if it cannot be read).
+fn run_id_of(version: &Path) -> Option<String> {
+    let text = fs::read_to_string(version.join(META)).ok()?;
+    let meta: Meta = serde_json::from_str(&text).ok()?;
+    Some(meta.train_state.run_id)
+}
+
 /// Saves a checkpoint of `model` at `state` into `dir` (created if needed) as a new version,
 /// copies the files of `dataset_files` (if any) into its dataset folder, points `LATEST` at it
-/// and keeps the newest `keep` versions. Returns the version's path.
+/// and keeps the newest `keep` versions of the run `state.run_id`. Returns the version's path.
+/// A failed or cancelled save removes its temporary folder; once the version is renamed into
+/// place the save completes whatever `cancel` says.
 pub fn save(
     dir: &Path,
     model: &dyn Model,
     state: &TrainState,
     dataset_files: Option<&Path>,
     keep: usize,
+    cancel: &Cancel,
 ) -> Result<PathBuf> {
+    cancel.check()?;
     fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let existing = versions(dir)?;
     let base = format!("{VERSION_PREFIX}{:012}", state.step);
     let seq = existing.iter().filter(|n| n.starts_with(&base)).count();
     let name = format!("{base}-{seq:03}");
-    let tmp = dir.join(format!("{TEMP_PREFIX}{name}"));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).with_context(|| format!("{}: cannot remove", tmp.display()))?;
-    }
-    fs::create_dir(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    // Removed on drop: a failed or interrupted save leaves nothing behind.
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("{TEMP_PREFIX}{name}-"))
+        .tempdir_in(dir)
+        .with_context(|| format!("{}: cannot create a temporary folder", dir.display()))?;
+    let tmp_path = tmp.path().to_path_buf();
+    write_version(&tmp_path, model, state, dataset_files, cancel)
+        .map_err(|e| note_removed(e, &tmp_path))?;
 
-    let model_config = model.save_parameters(&tmp)?;
+    let version = dir.join(&name);
+    fs::rename(&tmp_path, &version).with_context(|| {
+        format!(
+            "{}: cannot rename to {}",
+            tmp_path.display(),
+            version.display()
+        )
+    })?;
+    // The folder now lives on as the version: nothing left for the guard to remove.
+    let _ = tmp.keep();
+    sync_dir(dir)?;
+    crash_point("renamed");
+
+    let latest_tmp = dir.join(format!("{TEMP_PREFIX}{LATEST}"));
+    let replace_latest = || -> Result<()> {
+        write_durable(&latest_tmp, format!("{name}\n").as_bytes())?;
+        crash_point("latest-written");
+        fs::rename(&latest_tmp, dir.join(LATEST))
+            .with_context(|| format!("{}: cannot replace {LATEST}", dir.display()))
+    };
+    replace_latest().inspect_err(|_| {
+        let _ = fs::remove_file(&latest_tmp);
+    })?;
+    sync_dir(dir)?;
+    crash_point("latest-replaced");
+
+    // Prune: this run's versions beyond the newest `keep` (never the one just written; other
+    // runs' versions are not this run's to remove), and temporary folders left by interrupted
+    // saves.
+    let ours: Vec<String> = versions(dir)?
+        .into_iter()
+        .filter(|n| run_id_of(&dir.join(n)).as_deref() == Some(state.run_id.as_str()))
+        .collect();
+    let excess = ours.len().saturating_sub(keep.max(1));
+    for old in ours.iter().take(excess).filter(|n| **n != name) {
+        fs::remove_dir_all(dir.join(old))
+            .with_context(|| format!("{}: cannot prune", dir.join(old).display()))?;
+    }
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let n = entry.file_name();
+        if n.to_string_lossy().starts_with(TEMP_PREFIX) && entry.file_type()?.is_dir() {
+            fs::remove_dir_all(entry.path())?;
+        }
+    }
+    crash_point("pruned");
+    Ok(version)
+}
+
+/// Writes a complete, synced version of `model` at `state` into the empty folder `tmp`.
+fn write_version(
+    tmp: &Path,
+    model: &dyn Model,
+    state: &TrainState,
+    dataset_files: Option<&Path>,
+    cancel: &Cancel,
+) -> Result<()> {
+    let model_config = model.save_parameters(tmp)?;
     crash_point("parameters");
+    pause_point("parameters", cancel)?;
     if let Some(src) = dataset_files {
         let dst = tmp.join(DATASET_DIR);
         fs::create_dir(&dst).with_context(|| format!("{}: cannot create", dst.display()))?;
@@ -206,41 +403,10 @@ pub fn save(
         &tmp.join(META),
         serde_json::to_string_pretty(&meta)?.as_bytes(),
     )?;
-    sync_files(&tmp)?;
-    sync_dir(&tmp)?;
+    sync_files(tmp)?;
+    sync_dir(tmp)?;
     crash_point("synced");
-
-    let version = dir.join(&name);
-    fs::rename(&tmp, &version)
-        .with_context(|| format!("{}: cannot rename to {}", tmp.display(), version.display()))?;
-    sync_dir(dir)?;
-    crash_point("renamed");
-
-    let latest_tmp = dir.join(format!("{TEMP_PREFIX}{LATEST}"));
-    write_durable(&latest_tmp, format!("{name}\n").as_bytes())?;
-    crash_point("latest-written");
-    fs::rename(&latest_tmp, dir.join(LATEST))
-        .with_context(|| format!("{}: cannot replace {LATEST}", dir.display()))?;
-    sync_dir(dir)?;
-    crash_point("latest-replaced");
-
-    // Prune: versions beyond the newest `keep` (never the one just written), and temporary
-    // folders left by interrupted saves.
-    let all = versions(dir)?;
-    let excess = all.len().saturating_sub(keep.max(1));
-    for old in all.iter().take(excess).filter(|n| **n != name) {
-        fs::remove_dir_all(dir.join(old))
-            .with_context(|| format!("{}: cannot prune", dir.join(old).display()))?;
-    }
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        let n = entry.file_name();
-        if n.to_string_lossy().starts_with(TEMP_PREFIX) && entry.file_type()?.is_dir() {
-            fs::remove_dir_all(entry.path())?;
-        }
-    }
-    crash_point("pruned");
-    Ok(version)
+    pause_point("synced", cancel)
 }
 
 /// The version `LATEST` in `dir` names (or `dir` itself if it is a version folder).

@@ -1,6 +1,7 @@
 //! DLRM (Naumov et al. 2019) for CPUs: the model, its data and its training, built on the
 //! SIMD kernels of `dlrm-kernels`.
 
+pub mod cancel;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

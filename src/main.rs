@@ -3,6 +3,9 @@
 mod commands;
 
 use clap::{Parser, Subcommand};
+use dlrm::cancel::{Cancel, Interrupted};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 
 #[derive(Parser)]
 #[command(
@@ -39,19 +42,44 @@ enum Command {
     Synth(Box<commands::synth::SynthArgs>),
 }
 
+/// Makes SIGINT and SIGTERM request cancellation of the work the returned handle is passed to
+/// (the handle holds the signal's number, for the exit status); a second signal while the
+/// first one's cleanup runs ends the process at once, as the signal would by default. Only the
+/// commands that check the handle install this: the others keep the default actions.
+fn cancel_on_signals() -> anyhow::Result<Cancel> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    use signal_hook::flag;
+    let signal = Arc::new(AtomicUsize::new(0));
+    let received = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        // Registered first, so that it sees whether an earlier signal came before this one.
+        flag::register_conditional_default(sig, Arc::clone(&received))?;
+        flag::register(sig, Arc::clone(&received))?;
+        flag::register_usize(sig, Arc::clone(&signal), sig as usize)?;
+    }
+    Ok(Cancel::new(signal))
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train(args) => commands::train::run(*args),
+        Command::Train(args) => cancel_on_signals().and_then(|c| commands::train::run(*args, &c)),
         Command::Eval(args) => commands::serve::run_eval(*args),
         Command::Predict(args) => commands::serve::run_predict(*args),
         Command::Export(args) => commands::export::run_export(args),
         Command::Import(args) => commands::export::run_import(args),
         Command::Compare(args) => commands::compare::run(*args),
-        Command::Preprocess(args) => commands::preprocess::run(*args),
-        Command::Synth(args) => commands::synth::run(*args),
+        Command::Preprocess(args) => {
+            cancel_on_signals().and_then(|c| commands::preprocess::run(*args, &c))
+        }
+        Command::Synth(args) => cancel_on_signals().and_then(|c| commands::synth::run(*args, &c)),
     };
     if let Err(e) = result {
+        // An interruption by a signal exits as the shell reports a process the signal killed.
+        if let Some(i) = e.downcast_ref::<Interrupted>() {
+            eprintln!("{i}");
+            std::process::exit(128 + i.reason as i32);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

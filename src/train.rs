@@ -2,6 +2,7 @@
 //! evaluation on held-out data, progress, and the summary the DLRM paper's CPU profile reports
 //! (throughput and the time split by phase).
 
+use crate::cancel::Cancel;
 use crate::checkpoint::{self, TrainState};
 use crate::data::Batch;
 use crate::metrics::EvalMetrics;
@@ -393,6 +394,18 @@ pub fn train(
     opts: &TrainOptions,
     threads: usize,
 ) -> Result<TrainReport> {
+    train_cancellable(model, data, opts, threads, &Cancel::never())
+}
+
+/// [`train`], stopping with [`crate::cancel::Interrupted`] between steps (and in a checkpoint
+/// save) once `cancel` is requested.
+pub fn train_cancellable(
+    model: &mut dyn Model,
+    data: &dyn DataSource,
+    opts: &TrainOptions,
+    threads: usize,
+    cancel: &Cancel,
+) -> Result<TrainReport> {
     opts.lr.validate()?;
     anyhow::ensure!(
         opts.test_batch_size > 0,
@@ -472,6 +485,7 @@ pub fn train(
         lr: opts.lr,
         batch_size: opts.batch_size,
         seed: opts.seed,
+        run_id: checkpoint::new_run_id(),
     });
     state.lr = opts.lr;
     for epoch in first_epoch..opts.nepochs as u64 {
@@ -486,6 +500,7 @@ pub fn train(
             }
         }
         for k in std::mem::take(&mut skip)..per_epoch {
+            cancel.check()?;
             if step == start_step + warmup {
                 steady_start = Some(Instant::now());
             }
@@ -535,7 +550,7 @@ pub fn train(
             if let Some(every) = opts.checkpoint.as_ref().map(|c| c.every).filter(|&e| e > 0)
                 && step.is_multiple_of(every)
             {
-                let secs = save_checkpoint(opts, model, &state)?;
+                let secs = save_checkpoint(opts, model, &state, cancel)?;
                 last_saved = Some(step);
                 if steady_start.is_some() {
                     eval_seconds_after_warmup += secs;
@@ -606,7 +621,7 @@ pub fn train(
     let phases = model.phases();
     bar.finish_and_clear();
     if last_saved != Some(step) {
-        save_checkpoint(opts, model, &state)?;
+        save_checkpoint(opts, model, &state, cancel)?;
     }
 
     let final_eval = evaluate(model, data, test_batch, &mut eval_batch)?;
@@ -655,7 +670,12 @@ pub fn train(
 /// Checks that every parameter, tables included, is finite, then saves a checkpoint at `state`
 /// if the options ask for checkpoints; returns the seconds spent. Runs before every save and
 /// at the end of training (saving or not), so no non-finite model is written or returned.
-fn save_checkpoint(opts: &TrainOptions, model: &dyn Model, state: &TrainState) -> Result<f64> {
+fn save_checkpoint(
+    opts: &TrainOptions,
+    model: &dyn Model,
+    state: &TrainState,
+    cancel: &Cancel,
+) -> Result<f64> {
     let t = Instant::now();
     ensure_finite_parameters(model, ParameterScope::All, state.step)?;
     let Some(policy) = &opts.checkpoint else {
@@ -667,6 +687,7 @@ fn save_checkpoint(opts: &TrainOptions, model: &dyn Model, state: &TrainState) -
         state,
         policy.dataset_files.as_deref(),
         policy.keep,
+        cancel,
     )?;
     let secs = t.elapsed().as_secs_f64();
     eprintln!(

@@ -3,12 +3,13 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
+use dlrm::cancel::Cancel;
 use dlrm::checkpoint::{self, TrainState};
 use dlrm::interop::{export_safetensors, import_safetensors};
 use dlrm::model::OptimizerKind;
 use dlrm::model::embedding_tables::StorageKind;
 use dlrm::train::LrSchedule;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
@@ -18,6 +19,9 @@ pub struct ExportArgs {
     /// The safetensors file to write.
     #[arg(long)]
     out: PathBuf,
+    /// Replace --out if it exists (never a file of the checkpoint itself).
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -31,10 +35,19 @@ pub struct ImportArgs {
     /// Optimizer whose (fresh) state the checkpoint carries.
     #[arg(long, value_enum, default_value_t = OptimizerKind::Sgd)]
     optimizer: OptimizerKind,
+    /// Replace the checkpoints of another run in --save-model (its versions and LATEST).
+    #[arg(long)]
+    overwrite: bool,
 }
 
 pub fn run_export(a: ExportArgs) -> Result<()> {
     let version = checkpoint::resolve(&a.load_model)?;
+    let checkpoint_files: Vec<PathBuf> = std::fs::read_dir(&version)
+        .with_context(|| format!("{}: cannot list", version.display()))?
+        .filter_map(|e| Some(e.ok()?.path()))
+        .collect();
+    let inputs: Vec<&Path> = checkpoint_files.iter().map(PathBuf::as_path).collect();
+    super::check_output(&a.out, &inputs, a.force)?;
     let (model, _) = checkpoint::load_dlrm(
         &version,
         &StorageKind::File {
@@ -57,9 +70,18 @@ pub fn run_import(a: ImportArgs) -> Result<()> {
         lr: LrSchedule::constant(0.0),
         batch_size: 0,
         seed: 1,
+        run_id: checkpoint::new_run_id(),
     };
-    let version = checkpoint::save(&a.save_model, &model, &state, None, usize::MAX)
-        .with_context(|| format!("writing the checkpoint to {}", a.save_model.display()))?;
+    let _lock = checkpoint::claim(&a.save_model, None, a.overwrite)?;
+    let version = checkpoint::save(
+        &a.save_model,
+        &model,
+        &state,
+        None,
+        usize::MAX,
+        &Cancel::never(),
+    )
+    .with_context(|| format!("writing the checkpoint to {}", a.save_model.display()))?;
     eprintln!("imported {} into {}", a.input.display(), version.display());
     Ok(())
 }

@@ -4,12 +4,14 @@
 use super::ThreadArgs;
 use anyhow::{Context, Result};
 use clap::Args;
+use dlrm::cancel::Cancel;
 use dlrm::data::binary::Encoding;
 use dlrm::data::preprocess::{
-    CHUNK_BYTES, EncodingChoice, PreprocessOptions, PreprocessSummary, Sources, preprocess,
+    CHUNK_BYTES, EncodingChoice, PreprocessOptions, PreprocessSummary, Sources,
+    preprocess_cancellable,
 };
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// How raw rows become a dataset: the settings `dlrm preprocess` and `dlrm train --criteo`
 /// share.
@@ -106,9 +108,12 @@ pub struct PreprocessArgs {
     /// Terabyte's last day: the first half (rounded up) test, the second validation.
     #[arg(long, num_args = 1.., requires = "train_files")]
     eval_files: Vec<PathBuf>,
-    /// The dataset folder to create (it must not exist; it appears only when complete).
+    /// The dataset folder to create (it appears only when complete).
     #[arg(long, short)]
     out: PathBuf,
+    /// Replace --out if it exists (once the new dataset is complete; never an input).
+    #[arg(long)]
+    force: bool,
     /// Encode as the reference's --max-ind-range does, instead of building frequency
     /// dictionaries: each categorical value (an empty one is 0) is hashed modulo this number,
     /// and the distinct hashed values of all rows are numbered in order of first appearance,
@@ -132,7 +137,26 @@ pub struct PreprocessArgs {
     summary_json: Option<PathBuf>,
 }
 
-pub fn run(a: PreprocessArgs) -> Result<()> {
+pub fn run(a: PreprocessArgs, cancel: &Cancel) -> Result<()> {
+    let inputs: Vec<&Path> = a
+        .inputs
+        .iter()
+        .chain(&a.train_files)
+        .chain(&a.eval_files)
+        .chain(&a.encode_like)
+        .map(PathBuf::as_path)
+        .collect();
+    super::check_output(&a.out, &inputs, a.force)?;
+    // An existing output (with --force) is replaced only once the new dataset is complete:
+    // the dataset is written beside it first.
+    let replaced = a.out.symlink_metadata().is_ok();
+    let written = if replaced {
+        let mut name = a.out.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".replacing-{}", std::process::id()));
+        a.out.with_file_name(name)
+    } else {
+        a.out.clone()
+    };
     let sources = if a.train_files.is_empty() {
         a.encoding.sources(a.inputs.clone())?
     } else {
@@ -151,7 +175,7 @@ pub fn run(a: PreprocessArgs) -> Result<()> {
     };
     let opts = PreprocessOptions {
         sources,
-        out: a.out.clone(),
+        out: written.clone(),
         encoding,
         labelled: !a.no_label,
         skip_bad_lines: a.encoding.skip_bad_lines,
@@ -160,7 +184,19 @@ pub fn run(a: PreprocessArgs) -> Result<()> {
         progress: std::io::stderr().is_terminal(),
     };
     let (pool, _) = a.threads.pool()?;
-    let summary = pool.install(|| preprocess(&opts))?;
+    let mut summary = pool.install(|| preprocess_cancellable(&opts, cancel))?;
+    if replaced {
+        let old = &a.out;
+        if old.is_dir() {
+            std::fs::remove_dir_all(old)
+        } else {
+            std::fs::remove_file(old)
+        }
+        .with_context(|| format!("replacing {}: cannot remove it", old.display()))?;
+        std::fs::rename(&written, old)
+            .with_context(|| format!("renaming {} to {}", written.display(), old.display()))?;
+        summary.out = a.out.clone();
+    }
     print_summary(&summary);
     if let Some(path) = &a.summary_json {
         let json = serde_json::to_string_pretty(&summary)?;

@@ -59,6 +59,9 @@ pub struct PredictArgs {
     /// Where to write one probability per input line.
     #[arg(long)]
     out: PathBuf,
+    /// Replace --out if it exists (never the input itself).
+    #[arg(long)]
+    force: bool,
 }
 
 /// The model of a checkpoint, its tables mapped copy-on-write (nothing read up front, nothing
@@ -158,6 +161,7 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
     a.model.threads.pool()?.0.install(|| {
         let (mut model, version) = load(&a.model)?;
         let enc = encoder(&version)?;
+        super::check_output(&a.out, &[&a.criteo], a.force)?;
         // Written beside the destination and renamed when complete, so a failed run never
         // leaves a partial file that looks like a finished one.
         let partial = partial_path(&a.out);

@@ -4,6 +4,7 @@
 use super::{ThreadArgs, ensure_zipf_alpha};
 use anyhow::{Context, Result};
 use clap::Args;
+use dlrm::cancel::{Cancel, note_removed, partial_path, remove_stale_partials};
 use dlrm::config::{KAGGLE_TABLE_SIZES, parse_dims};
 use dlrm::data::Batch;
 use dlrm::data::criteo::SyntheticTsv;
@@ -32,6 +33,9 @@ pub struct SynthArgs {
     /// The file to write (it appears only when complete).
     #[arg(long, short)]
     out: PathBuf,
+    /// Replace --out if it exists.
+    #[arg(long)]
+    force: bool,
     /// Rows to write.
     #[arg(long)]
     rows: u64,
@@ -54,8 +58,9 @@ pub struct SynthArgs {
     threads: ThreadArgs,
 }
 
-pub fn run(a: SynthArgs) -> Result<()> {
+pub fn run(a: SynthArgs, cancel: &Cancel) -> Result<()> {
     let Format::CriteoTsv = a.format;
+    super::check_output(&a.out, &[], a.force)?;
     let table_sizes = match &a.arch_embedding_size {
         Some(s) => parse_dims("--arch-embedding-size", s)?,
         None => KAGGLE_TABLE_SIZES.to_vec(),
@@ -73,13 +78,10 @@ pub fn run(a: SynthArgs) -> Result<()> {
     let tsv = SyntheticTsv::new(data).context("--arch-embedding-size")?;
     let (pool, _) = a.threads.pool()?;
 
-    let name = a
-        .out
-        .file_name()
-        .with_context(|| format!("{} does not name a file", a.out.display()))?;
-    let mut tmp_name = name.to_os_string();
-    tmp_name.push(format!(".partial-{}", std::process::id()));
-    let tmp = a.out.with_file_name(tmp_name);
+    for stale in remove_stale_partials(&a.out) {
+        eprintln!("removed {}, left by a run that was killed", stale.display());
+    }
+    let tmp = partial_path(&a.out)?;
     let bar = if std::io::stderr().is_terminal() {
         let b = ProgressBar::new(a.rows);
         b.set_style(
@@ -101,6 +103,7 @@ pub fn run(a: SynthArgs) -> Result<()> {
         let mut bytes = 0;
         let mut first = 0;
         while first < a.rows {
+            cancel.check()?;
             let count = (a.rows - first).min(ROWS_PER_BLOCK as u64) as usize;
             buf.clear();
             tsv.write_rows(first, count, !a.no_label, &mut batch, &mut buf);
@@ -117,7 +120,7 @@ pub fn run(a: SynthArgs) -> Result<()> {
         Ok(b) => b,
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
-            return Err(e);
+            return Err(note_removed(e, &tmp));
         }
     };
     std::fs::rename(&tmp, &a.out)

@@ -5,18 +5,21 @@ use super::preprocess::EncodingArgs;
 use super::{ThreadArgs, ensure_at_least_one, ensure_zipf_alpha, samples_of};
 use anyhow::{Context, Result};
 use clap::Args;
+use dlrm::cancel::{Cancel, note_removed};
 use dlrm::checkpoint;
 use dlrm::config::{Architecture, InteractionOp, Preset, join};
 use dlrm::data::binary::{BinaryDataset, DatasetSplit};
 use dlrm::data::movielens::MovieLensSource;
-use dlrm::data::preprocess::{CHUNK_BYTES, EncodingChoice, PreprocessOptions, preprocess};
+use dlrm::data::preprocess::{
+    CHUNK_BYTES, EncodingChoice, PreprocessOptions, preprocess_cancellable,
+};
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
 use dlrm::metrics::{format_auc, format_ne};
 use dlrm::model::embedding_tables::StorageKind;
 use dlrm::model::{Model, ModelKind, OptimizerKind};
 use dlrm::train::{
     CheckpointPolicy, DataSource, LrSchedule, TrainOptions, TrainReport, ensure_learning_rate,
-    total_steps, train,
+    total_steps, train_cancellable,
 };
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -177,26 +180,26 @@ pub struct TrainArgs {
     /// Also save every this many steps (0 = only at the end).
     #[arg(long, default_value_t = 0)]
     save_every: u64,
-    /// Checkpoint versions kept in --save-model (older ones are pruned).
+    /// Checkpoint versions kept in --save-model (this run's older ones are pruned).
     #[arg(long, default_value_t = 3)]
     keep_checkpoints: usize,
+    /// Let --save-model replace another run's checkpoints: their versions and LATEST are
+    /// removed when training starts (other files in the folder stay).
+    #[arg(long, requires = "save_model")]
+    overwrite: bool,
     /// Resume from a checkpoint folder (its LATEST version): parameters, optimizer state and
     /// the position in the data; the run continues to its configured end.
     #[arg(long)]
     load_model: Option<PathBuf>,
 }
 
-/// Removes a folder when dropped (the temporary dataset of --criteo).
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Preprocesses `file` into a dataset inside `dir`, as `dlrm preprocess` would.
-fn preprocess_criteo(a: &TrainArgs, file: &Path, dir: &Path) -> Result<BinaryDataset> {
+fn preprocess_criteo(
+    a: &TrainArgs,
+    file: &Path,
+    dir: &Path,
+    cancel: &Cancel,
+) -> Result<BinaryDataset> {
     let out = dir.join("dataset");
     let opts = PreprocessOptions {
         sources: a.encoding.sources(vec![file.to_path_buf()])?,
@@ -208,7 +211,7 @@ fn preprocess_criteo(a: &TrainArgs, file: &Path, dir: &Path) -> Result<BinaryDat
         chunk_bytes: CHUNK_BYTES,
         progress: std::io::stderr().is_terminal(),
     };
-    let s = preprocess(&opts)?;
+    let s = preprocess_cancellable(&opts, cancel)?;
     eprintln!(
         "preprocessed {} ({} lines, {} bad) in {:.2} s: train {} / validation {} / test {} rows",
         file.display(),
@@ -222,7 +225,29 @@ fn preprocess_criteo(a: &TrainArgs, file: &Path, dir: &Path) -> Result<BinaryDat
     BinaryDataset::open(&out)
 }
 
-pub fn run(a: TrainArgs) -> Result<()> {
+pub fn run(a: TrainArgs, cancel: &Cancel) -> Result<()> {
+    // The temporary dataset of --criteo, removed when dropped: when the run ends, fails or is
+    // interrupted.
+    let temp = match &a.criteo {
+        Some(_) => Some(
+            tempfile::Builder::new()
+                .prefix("dlrm-criteo-")
+                .tempdir()
+                .context("creating a temporary folder for the --criteo dataset")?,
+        ),
+        None => None,
+    };
+    let temp_path = temp.as_ref().map(|t| t.path().to_path_buf());
+    let result = run_with(a, cancel, temp_path.as_deref());
+    drop(temp);
+    result.map_err(|e| match &temp_path {
+        Some(path) => note_removed(e, path),
+        None => e,
+    })
+}
+
+/// The run, with `temp` the temporary folder for the --criteo dataset.
+fn run_with(a: TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<()> {
     let real = a.dataset.is_some() || a.criteo.is_some();
     if !real {
         anyhow::ensure!(
@@ -239,13 +264,28 @@ pub fn run(a: TrainArgs) -> Result<()> {
             "--max-ind-range applies when preprocessing (dlrm preprocess --max-ind-range); the dataset's ids are already in range"
         );
     }
+    // Taken before any work, so that a second run saving into the same folder fails at once.
+    let _checkpoint_lock = match &a.save_model {
+        Some(dir) => {
+            let resumed_from = a
+                .load_model
+                .as_deref()
+                .map(checkpoint::resolve)
+                .transpose()?;
+            Some(checkpoint::claim(
+                dir,
+                resumed_from.as_deref(),
+                a.overwrite,
+            )?)
+        }
+        None => None,
+    };
     let p = a
         .preset
         .unwrap_or(if real { Preset::Kaggle } else { Preset::Tiny })
         .values();
     check_numeric_flags(&a, p.learning_rate)?;
     let (pool, threads) = a.threads.pool()?;
-    let mut temp = None;
     let dataset = pool.install(|| -> Result<Option<BinaryDataset>> {
         Ok(match (&a.dataset, &a.criteo) {
             (Some(dir), _) => Some(
@@ -253,10 +293,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     .with_context(|| format!("opening the dataset {}", dir.display()))?,
             ),
             (None, Some(file)) => {
-                let dir = std::env::temp_dir().join(format!("dlrm-criteo-{}", std::process::id()));
-                std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-                let guard = temp.insert(RemoveOnDrop(dir));
-                Some(preprocess_criteo(&a, file, &guard.0)?)
+                let dir = temp.context("--criteo needs a temporary folder")?;
+                Some(preprocess_criteo(&a, file, dir, cancel)?)
             }
             (None, None) => None,
         })
@@ -484,9 +522,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 (source, model)
             }
         };
-        train(model.as_mut(), source.as_ref(), &opts, threads).map(Some)
+        train_cancellable(model.as_mut(), source.as_ref(), &opts, threads, cancel).map(Some)
     })?;
-    drop(temp);
     let Some(report) = report else {
         return Ok(());
     };

@@ -35,6 +35,7 @@ use super::binary::{
     write_u32_file,
 };
 use super::criteo::{NUM_CATEGORICAL, NUM_DENSE, ParseError, RawRow, dense_feature, parse_line};
+use crate::cancel::{Cancel, note_removed, partial_path, remove_stale_partials};
 use crate::rng::{SplitMix64, counter_hash, derive_key};
 use anyhow::{Context, Result};
 use dlrm_kernels::simd::prefetch_read;
@@ -668,6 +669,8 @@ struct Pass<'a> {
     boundaries: [u64; 2],
     /// The split of each run.
     run_splits: [usize; 3],
+    /// Checked between rounds of chunks.
+    cancel: &'a Cancel,
 }
 
 impl Pass<'_> {
@@ -727,6 +730,7 @@ impl Pass<'_> {
         };
         let mut pending: Option<(&[Chunk], Vec<T>)> = None;
         for round in chunks.chunks(per_round) {
+            self.cancel.check()?;
             let (consumed, produced) = rayon::join(
                 || pending.take().map_or(Ok(()), |(c, r)| consume(c, r)),
                 || produce_round(round),
@@ -887,7 +891,13 @@ impl Buckets {
 
     /// Reads each bucket, permutes it uniformly (Fisher-Yates, seeded per bucket) and appends
     /// it to `out`, in bucket order; one bucket per thread is permuted at a time.
-    fn finish(mut self, labelled: bool, out: &mut SplitWriter, bar: &ProgressBar) -> Result<()> {
+    fn finish(
+        mut self,
+        labelled: bool,
+        out: &mut SplitWriter,
+        bar: &ProgressBar,
+        cancel: &Cancel,
+    ) -> Result<()> {
         for (path, file) in self.paths.iter().zip(&mut self.files) {
             file.flush()
                 .with_context(|| format!("writing {}", path.display()))?;
@@ -911,6 +921,7 @@ impl Buckets {
         };
         let per_round = rayon::current_num_threads();
         for (r, paths) in self.paths.chunks(per_round).enumerate() {
+            cancel.check()?;
             let permuted = paths
                 .par_iter()
                 .enumerate()
@@ -1014,12 +1025,7 @@ struct TempDir {
 
 impl TempDir {
     fn create(target: &Path) -> Result<TempDir> {
-        let name = target
-            .file_name()
-            .with_context(|| format!("{} does not name a folder", target.display()))?;
-        let mut tmp_name = name.to_os_string();
-        tmp_name.push(format!(".partial-{}", std::process::id()));
-        let path = target.with_file_name(tmp_name);
+        let path = partial_path(target)?;
         std::fs::create_dir(&path)
             .with_context(|| format!("creating the output folder {}", path.display()))?;
         Ok(TempDir { path, keep: false })
@@ -1065,6 +1071,25 @@ fn segments(sources: &Sources, inputs: &[Input]) -> ([u64; 2], [usize; 3]) {
 /// Preprocesses raw Criteo files into a binary dataset at `opts.out`, in the current rayon
 /// pool.
 pub fn preprocess(opts: &PreprocessOptions) -> Result<PreprocessSummary> {
+    preprocess_cancellable(opts, &Cancel::never())
+}
+
+/// [`preprocess`], stopping with [`crate::cancel::Interrupted`] between rounds of chunks once
+/// `cancel` is requested. The output is written to `<out>.partial-<pid>`, removed on any error;
+/// those that killed runs left are removed first.
+pub fn preprocess_cancellable(
+    opts: &PreprocessOptions,
+    cancel: &Cancel,
+) -> Result<PreprocessSummary> {
+    // Cancellation is checked only once the partial output exists, and its guard has removed
+    // it by the time the error arrives here.
+    run_passes(opts, cancel).map_err(|e| match partial_path(&opts.out) {
+        Ok(partial) => note_removed(e, &partial),
+        Err(_) => e,
+    })
+}
+
+fn run_passes(opts: &PreprocessOptions, cancel: &Cancel) -> Result<PreprocessSummary> {
     let started = Instant::now();
     let (paths, rule): (Vec<&PathBuf>, SplitRule) = match &opts.sources {
         Sources::Weights { files, weights } => {
@@ -1141,6 +1166,9 @@ pub fn preprocess(opts: &PreprocessOptions) -> Result<PreprocessSummary> {
             _ => "the input files are".to_string(),
         }
     );
+    for stale in remove_stale_partials(&opts.out) {
+        eprintln!("removed {}, left by a run that was killed", stale.display());
+    }
     let tmp = TempDir::create(&opts.out)?;
     let mut secs = PassSeconds::default();
 
@@ -1150,6 +1178,7 @@ pub fn preprocess(opts: &PreprocessOptions) -> Result<PreprocessSummary> {
     let mut chunks = Vec::new();
     let mut rows_before = 0;
     for (i, input) in inputs.iter_mut().enumerate() {
+        cancel.check()?;
         chunks.extend(plan_file(i, input, rows_before, opts.chunk_bytes, &bar)?);
         rows_before += input.lines;
     }
@@ -1162,6 +1191,7 @@ pub fn preprocess(opts: &PreprocessOptions) -> Result<PreprocessSummary> {
         skip_bad_lines: opts.skip_bad_lines,
         boundaries,
         run_splits,
+        cancel,
     };
     secs.lines = t.elapsed().as_secs_f64();
 
@@ -1222,7 +1252,7 @@ pub fn preprocess(opts: &PreprocessOptions) -> Result<PreprocessSummary> {
     if let Some(b) = buckets {
         let bucket_bytes = cx.boundaries[0] * record_bytes(opts.labelled) as u64;
         let bar = progress_bar(opts.progress, bucket_bytes, "shuffle");
-        b.finish(opts.labelled, &mut writers[0], &bar)?;
+        b.finish(opts.labelled, &mut writers[0], &bar, cancel)?;
         std::fs::remove_dir(tmp.path.join("shuffle")).context("removing the shuffle folder")?;
         bar.finish_and_clear();
     }

@@ -11,7 +11,7 @@
 //!
 //! Every buffer is sized once for the largest batch, so a step allocates nothing.
 
-use super::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind};
+use super::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind, create_tables};
 use super::mlp::Mlp;
 use super::{
     ADAGRAD_EPS, BatchError, Model, OptimizerKind, PhaseSeconds, Stopwatch, Task,
@@ -69,17 +69,8 @@ impl Dlrm {
         let bottom = Mlp::new(&arch.bottom, true, &mut rng);
         let top = Mlp::new(&arch.top, false, &mut rng);
         let d = arch.embedding_dim;
-        let tables = arch
-            .table_sizes
-            .iter()
-            .enumerate()
-            .map(|(t, &rows)| EmbeddingTable::create(t, rows, d, seed, storage))
-            .collect::<Result<Vec<_>, _>>()?;
         let width = optimizer.sparse(0.0).state_width(d);
-        let table_states = tables
-            .iter()
-            .map(|t| OptimizerState::create_for(t, width))
-            .collect::<Result<Vec<_>, _>>()?;
+        let (tables, table_states) = create_tables(0, &arch.table_sizes, d, width, seed, storage)?;
         Ok(Self::assemble(
             arch,
             optimizer,

@@ -1252,6 +1252,82 @@ fn check_ids(ids: &[u32], rows: usize) -> Result<(), (usize, u32)> {
 
 /// Optimizer state of one table (Adagrad: rows x dim; row-wise Adagrad: rows x 1), in the same
 /// storage as its table (an anonymous map, or `dir/`[`state_file_name`]`(index)`), zeroed.
+/// Creates tables `first_index + t` of `rows[t]` x `dim` (see [`EmbeddingTable::create`]) and
+/// their optimizer state of `width` columns, in `storage`. For file storage it first checks
+/// that none of the files exists and that the file system has room for all of them, so a
+/// model that cannot fit fails before any file is made; and if a creation fails anyway, the
+/// files already made are removed: a failed creation leaves nothing behind.
+pub fn create_tables(
+    first_index: usize,
+    rows: &[usize],
+    dim: usize,
+    width: usize,
+    seed: u64,
+    storage: &StorageKind,
+) -> Result<(Vec<EmbeddingTable>, Vec<OptimizerState>), TableError> {
+    if let StorageKind::File { dir, lazy_init } = storage {
+        let mut needed = 0u64;
+        for (t, &r) in rows.iter().enumerate() {
+            let index = first_index + t;
+            matrix_bytes(r, dim)?;
+            let mut files = vec![(
+                table_file_name(index),
+                Header::new(MatrixKind::Weights, r, dim, seed, index, *lazy_init),
+            )];
+            if width > 0 {
+                matrix_bytes(r, width)?;
+                files.push((
+                    state_file_name(index),
+                    Header::new(MatrixKind::OptimizerState, r, width, seed, index, false),
+                ));
+            }
+            for (name, header) in files {
+                let path = dir.join(name);
+                if path.exists() {
+                    return Err(TableError::Io {
+                        path,
+                        action: "create",
+                        source: io::ErrorKind::AlreadyExists.into(),
+                    });
+                }
+                needed = needed.saturating_add(header.file_len());
+            }
+        }
+        let available = available_space(dir)?;
+        if needed > available {
+            return Err(TableError::NoSpace {
+                path: dir.clone(),
+                needed,
+                available,
+            });
+        }
+    }
+    let mut tables = Vec::with_capacity(rows.len());
+    let mut states = Vec::with_capacity(rows.len());
+    let created = rows.iter().enumerate().try_for_each(|(t, &r)| {
+        let table = EmbeddingTable::create(first_index + t, r, dim, seed, storage)?;
+        let state = OptimizerState::create_for(&table, width);
+        tables.push(table);
+        states.push(state?);
+        Ok(())
+    });
+    if let Err(e) = created {
+        let files: Vec<PathBuf> = tables
+            .iter()
+            .filter_map(|t| t.file_path())
+            .chain(states.iter().filter_map(|s| s.file_path()))
+            .map(Path::to_path_buf)
+            .collect();
+        drop((tables, states));
+        for f in files {
+            // The creation error is the one worth reporting; a failed cleanup adds nothing.
+            let _ = std::fs::remove_file(f);
+        }
+        return Err(e);
+    }
+    Ok((tables, states))
+}
+
 /// A stateless optimizer (SGD, width 0) has no map and no file.
 #[derive(Debug)]
 pub struct OptimizerState {

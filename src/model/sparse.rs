@@ -2,7 +2,7 @@
 //! optimizer state and its backward workspace, updated in parallel, one table per task.
 
 use super::OptimizerKind;
-use super::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind};
+use super::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind, create_tables};
 use dlrm_kernels::embedding::{Bags, Pooling, SparseGradWorkspace};
 use dlrm_kernels::optim::embedding_bag_backward_update_l2;
 use rayon::prelude::*;
@@ -27,16 +27,8 @@ impl SparseTables {
         storage: &StorageKind,
         seed: u64,
     ) -> anyhow::Result<SparseTables> {
-        let tables = rows
-            .iter()
-            .enumerate()
-            .map(|(t, &r)| EmbeddingTable::create(first_index + t, r, dim, seed, storage))
-            .collect::<Result<Vec<_>, _>>()?;
         let width = optimizer.sparse(0.0).state_width(dim);
-        let states = tables
-            .iter()
-            .map(|t| OptimizerState::create_for(t, width))
-            .collect::<Result<Vec<_>, _>>()?;
+        let (tables, states) = create_tables(first_index, rows, dim, width, seed, storage)?;
         Ok(SparseTables {
             workspaces: (0..tables.len())
                 .map(|_| SparseGradWorkspace::default())
