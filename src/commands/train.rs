@@ -220,6 +220,19 @@ fn preprocess_criteo(a: &TrainArgs, file: &Path, dir: &Path) -> Result<BinaryDat
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
+    // Only DLRM has a checkpoint format: refuse before training rather than fail at the save.
+    if a.model != ModelKind::Dlrm {
+        for (flag, given) in [
+            ("--save-model", a.save_model.is_some()),
+            ("--load-model", a.load_model.is_some()),
+        ] {
+            anyhow::ensure!(
+                !given,
+                "{flag}: only dlrm models can be saved and loaded, not --model {}",
+                a.model.name()
+            );
+        }
+    }
     let real = a.dataset.is_some() || a.criteo.is_some();
     if !real {
         anyhow::ensure!(
