@@ -41,6 +41,14 @@ pub enum ConfigError {
     TopOutput { value: String, last: usize },
     #[error("--arch-sparse-feature-size: must be at least 1")]
     ZeroDim,
+    #[error(
+        "--arch-mlp-top: the top MLP takes {found} inputs, but the {interaction:?} interaction gives {expected}"
+    )]
+    TopInput {
+        found: usize,
+        expected: usize,
+        interaction: InteractionOp,
+    },
     #[error("--arch-interaction-op: '{0}' is not an interaction; use dot or cat")]
     UnknownInteraction(String),
 }
@@ -183,6 +191,28 @@ impl Architecture {
             .chain(top_tail)
             .collect();
         Ok(arch)
+    }
+
+    /// Checks an architecture read from a file (a checkpoint's meta.json) with the checks of
+    /// the flags, and that its top MLP takes the width its interaction gives.
+    pub fn validated(self) -> Result<Architecture, ConfigError> {
+        let top_tail = self.top.get(1..).unwrap_or_default();
+        let rebuilt = Architecture::from_flags(
+            self.embedding_dim,
+            &join(&self.table_sizes),
+            &join(&self.bottom),
+            &join(top_tail),
+            self.interaction,
+            self.self_interaction,
+        )?;
+        if rebuilt.top[0] != self.top[0] {
+            return Err(ConfigError::TopInput {
+                found: self.top[0],
+                expected: rebuilt.top[0],
+                interaction: self.interaction,
+            });
+        }
+        Ok(rebuilt)
     }
 
     /// Number of dense input features.

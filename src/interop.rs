@@ -11,7 +11,7 @@
 //! (The reference builds each MLP as nn.Sequential(Linear, ReLU, Linear, ...), so Linear k is
 //! module 2k.) Optimizer state is not part of a state_dict and is not exported.
 
-use crate::checkpoint::{layer_names, read_tensor};
+use crate::checkpoint::{LoadOptions, layer_names, read_tensor};
 use crate::config::{Architecture, InteractionOp, join};
 use crate::model::OptimizerKind;
 use crate::model::dlrm::Dlrm;
@@ -73,11 +73,13 @@ pub fn export_safetensors(model: &Dlrm, path: &Path) -> Result<()> {
 
 /// Reads a DLRM from a safetensors state_dict. The architecture follows from the tensor shapes
 /// (the interaction from the top MLP's input width); `optimizer` sets up fresh optimizer state.
+/// Non-finite values are refused unless `opts` allows them.
 pub fn import_safetensors(
     path: &Path,
     optimizer: OptimizerKind,
     storage: &StorageKind,
     seed: u64,
+    opts: LoadOptions,
 ) -> Result<Dlrm> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let st = SafeTensors::deserialize(&bytes)
@@ -188,6 +190,7 @@ pub fn import_safetensors(
             &format!("emb_l.{t}.weight"),
             &[rows, d],
             &mut values,
+            opts,
         )?;
         let table = EmbeddingTable::create_from(t, d, seed, &values, storage)?;
         states.push(OptimizerState::create_for(&table, width)?);
@@ -205,8 +208,9 @@ pub fn import_safetensors(
                 &wn,
                 &[layer.outputs, layer.inputs],
                 &mut layer.weight,
+                opts,
             )?;
-            read_tensor(&st, path, &bn, &[layer.outputs], &mut layer.bias)?;
+            read_tensor(&st, path, &bn, &[layer.outputs], &mut layer.bias, opts)?;
         }
     }
     Ok(Dlrm::assemble(arch, optimizer, bot, topm, emb, states))

@@ -3,6 +3,10 @@
 //! the architecture instead of guessing it and can attach a dataset's encoding, export is
 //! byte-reproducible, and models that cannot be saved are refused before training.
 
+use dlrm::checkpoint;
+use safetensors::SafeTensors;
+use safetensors::tensor::TensorView;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -77,6 +81,233 @@ fn train_small(ck: &str, extra: &[&str]) {
     args.extend(["--save-model", ck]);
     args.extend(extra);
     ok(&args);
+}
+
+/// Tensors as (name, shape, values).
+type Tensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+
+/// The tensors of a safetensors file, sorted by name, and its metadata.
+fn read_tensors(path: &str) -> (Tensors, Option<HashMap<String, String>>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+    let mut names = st.names();
+    names.sort();
+    let tensors = names
+        .into_iter()
+        .map(|n| {
+            let t = st.tensor(n).unwrap();
+            let v = t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            (n.to_string(), t.shape().to_vec(), v)
+        })
+        .collect();
+    (tensors, meta.metadata().clone())
+}
+
+/// Writes tensors (and metadata) as a safetensors file.
+fn write_tensors(path: &str, tensors: &Tensors, meta: Option<HashMap<String, String>>) {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, s, v)| {
+            (
+                n.clone(),
+                s.clone(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let views: Vec<(String, TensorView)> = bytes
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, meta).unwrap()).unwrap();
+}
+
+/// The version folder `LATEST` of `ck` names.
+fn version(ck: &str) -> PathBuf {
+    checkpoint::resolve(Path::new(ck)).unwrap()
+}
+
+#[test]
+fn non_finite_parameters_are_refused_on_load_and_import() {
+    let dir = Scratch::new("nan");
+    let ck = dir.p("ck");
+    train_small(&ck, &[]);
+    ok(&[
+        "export",
+        "--load-model",
+        &ck,
+        "--out",
+        &dir.p("good.safetensors"),
+    ]);
+
+    // A NaN in a table file: row 5, column 3 of table 2 (d = 16).
+    let v = version(&ck);
+    let table = v.join("table_002.emb");
+    let mut bytes = std::fs::read(&table).unwrap();
+    let at = 4096 + (5 * 16 + 3) * 4;
+    let original: [u8; 4] = bytes[at..at + 4].try_into().unwrap();
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&table, &bytes).unwrap();
+    let needles = [
+        "table_002.emb",
+        "emb_l.2.weight",
+        "[5, 3]",
+        "--allow-non-finite",
+    ];
+    let out = dir.p("x.safetensors");
+    fails(&["export", "--load-model", &ck, "--out", &out], &needles);
+    assert!(!Path::new(&out).exists());
+    fails(
+        &["eval", "--load-model", &ck, "--criteo", &dir.p("none.tsv")],
+        &needles,
+    );
+    fails(
+        &[
+            "predict",
+            "--load-model",
+            &ck,
+            "--criteo",
+            &dir.p("none.tsv"),
+            "--out",
+            &dir.p("p.txt"),
+        ],
+        &needles,
+    );
+    let mut resume = vec!["train"];
+    resume.extend(SMALL_RUN);
+    resume.extend(["--load-model", &ck]);
+    fails(&resume, &needles);
+    ok(&[
+        "export",
+        "--load-model",
+        &ck,
+        "--out",
+        &out,
+        "--allow-non-finite",
+    ]);
+
+    // An infinite dense weight in a checkpoint: bot_l.2.weight [1, 4].
+    bytes[at..at + 4].copy_from_slice(&original);
+    std::fs::write(&table, &bytes).unwrap();
+    let dense = v.join("dense.safetensors");
+    let (mut tensors, meta) = read_tensors(dense.to_str().unwrap());
+    let (_, shape, values) = tensors
+        .iter_mut()
+        .find(|(n, _, _)| n == "bot_l.2.weight")
+        .unwrap();
+    values[shape[1] + 4] = f32::INFINITY;
+    write_tensors(dense.to_str().unwrap(), &tensors, meta);
+    fails(
+        &["export", "--load-model", &ck, "--out", &out],
+        &["dense.safetensors", "bot_l.2.weight", "[1, 4]", "inf"],
+    );
+
+    // Import: a NaN in a PyTorch file.
+    let (mut tensors, meta) = read_tensors(&dir.p("good.safetensors"));
+    let (_, _, values) = tensors
+        .iter_mut()
+        .find(|(n, _, _)| n == "top_l.0.bias")
+        .unwrap();
+    values[7] = f32::NAN;
+    write_tensors(&dir.p("nan.safetensors"), &tensors, meta);
+    let import = |extra: &[&str]| {
+        let mut args = vec![
+            "import".to_string(),
+            "--in".into(),
+            dir.p("nan.safetensors"),
+            "--save-model".into(),
+            dir.p("imported"),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let args = import(&[]);
+    fails(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &[
+            "nan.safetensors",
+            "top_l.0.bias",
+            "[7]",
+            "--allow-non-finite",
+        ],
+    );
+    assert!(!dir.0.join("imported").exists());
+    let args = import(&["--allow-non-finite"]);
+    ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+/// Rewrites `ck`'s meta.json through `edit`.
+fn edit_meta(ck: &str, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = version(ck).join("meta.json");
+    let mut meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut meta["model_config"]["arch"]);
+    std::fs::write(&path, serde_json::to_string_pretty(&meta).unwrap()).unwrap();
+}
+
+#[test]
+fn a_checkpoint_architecture_is_checked_on_load() {
+    let dir = Scratch::new("meta");
+    let ck = dir.p("ck");
+    train_small(&ck, &[]);
+    let original = std::fs::read(version(&ck).join("meta.json")).unwrap();
+    type ArchEdit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(ArchEdit, Vec<&str>)> = vec![
+        (
+            Box::new(|a| a["bottom"] = serde_json::json!([16])),
+            vec!["meta.json", "--arch-mlp-bot"],
+        ),
+        (
+            Box::new(|a| a["table_sizes"] = serde_json::json!([])),
+            vec!["meta.json", "--arch-embedding-size", "empty"],
+        ),
+        (
+            Box::new(|a| a["table_sizes"][1] = serde_json::json!(0)),
+            vec!["meta.json", "--arch-embedding-size", "item 2 is 0"],
+        ),
+        (
+            Box::new(|a| a["top"] = serde_json::json!([])),
+            vec!["meta.json", "--arch-mlp-top"],
+        ),
+        (
+            Box::new(|a| a["top"][0] = serde_json::json!(99)),
+            vec!["meta.json", "--arch-mlp-top", "99"],
+        ),
+        // Valid architectures that do not match the files.
+        (
+            Box::new(|a| a["table_sizes"][0] = serde_json::json!(101)),
+            vec!["table_000.emb", "101 x 16"],
+        ),
+        (
+            Box::new(|a| a["bottom"] = serde_json::json!([13, 32, 16])),
+            vec!["dense.safetensors", "bot_l.0.weight", "[32, 13]"],
+        ),
+    ];
+    for (edit, needles) in cases {
+        std::fs::write(version(&ck).join("meta.json"), &original).unwrap();
+        edit_meta(&ck, edit);
+        let out = dir.p("out.safetensors");
+        fails(&["export", "--load-model", &ck, "--out", &out], &needles);
+        assert!(!Path::new(&out).exists());
+        fails(
+            &["eval", "--load-model", &ck, "--criteo", &dir.p("none.tsv")],
+            &needles,
+        );
+        let mut resume = vec!["train"];
+        resume.extend(SMALL_RUN);
+        resume.extend(["--load-model", &ck]);
+        fails(&resume, &needles);
+    }
 }
 
 #[test]

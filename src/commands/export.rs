@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use dlrm::checkpoint::{self, TrainState};
+use dlrm::checkpoint::{self, LoadOptions, TrainState};
 use dlrm::interop::{export_safetensors, import_safetensors};
 use dlrm::model::OptimizerKind;
 use dlrm::model::embedding_tables::StorageKind;
@@ -18,6 +18,9 @@ pub struct ExportArgs {
     /// The safetensors file to write.
     #[arg(long)]
     out: PathBuf,
+    /// Export the model even if some of its parameters are NaN or infinite.
+    #[arg(long)]
+    allow_non_finite: bool,
 }
 
 #[derive(Args, Debug)]
@@ -31,15 +34,21 @@ pub struct ImportArgs {
     /// Optimizer whose (fresh) state the checkpoint carries.
     #[arg(long, value_enum, default_value_t = OptimizerKind::Sgd)]
     optimizer: OptimizerKind,
+    /// Import the parameters even if some are NaN or infinite.
+    #[arg(long)]
+    allow_non_finite: bool,
 }
 
 pub fn run_export(a: ExportArgs) -> Result<()> {
     let version = checkpoint::resolve(&a.load_model)?;
-    let (model, _) = checkpoint::load_dlrm(
+    let (model, _) = checkpoint::load_dlrm_with(
         &version,
         &StorageKind::File {
             dir: version.clone(),
             lazy_init: false,
+        },
+        LoadOptions {
+            allow_non_finite: a.allow_non_finite,
         },
     )?;
     export_safetensors(&model, &a.out)?;
@@ -48,7 +57,10 @@ pub fn run_export(a: ExportArgs) -> Result<()> {
 }
 
 pub fn run_import(a: ImportArgs) -> Result<()> {
-    let model = import_safetensors(&a.input, a.optimizer, &StorageKind::Anon, 1)?;
+    let opts = LoadOptions {
+        allow_non_finite: a.allow_non_finite,
+    };
+    let model = import_safetensors(&a.input, a.optimizer, &StorageKind::Anon, 1, opts)?;
     let state = TrainState {
         step: 0,
         epoch: 0,

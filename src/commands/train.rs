@@ -178,6 +178,10 @@ pub struct TrainArgs {
     /// the position in the data; the run continues to its configured end.
     #[arg(long)]
     load_model: Option<PathBuf>,
+    /// Load a --load-model checkpoint even if some of its parameters are NaN or infinite
+    /// (by default such a checkpoint is refused, naming the tensor and the first index).
+    #[arg(long)]
+    allow_non_finite: bool,
 }
 
 /// Removes a folder when dropped (the temporary dataset of --criteo).
@@ -356,8 +360,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         Some(dir) => {
             let version = checkpoint::resolve(dir)?;
             let meta = checkpoint::read_meta(&version)?;
-            let cfg: checkpoint::DlrmConfig = serde_json::from_value(meta.model_config.clone())
-                .with_context(|| format!("{}: not a DLRM checkpoint", version.display()))?;
+            let cfg = checkpoint::read_dlrm_config(&version, &meta)?;
             check_flags_match(&a, &cfg)
                 .with_context(|| format!("--load-model {}", version.display()))?;
             arch = cfg.arch.clone();
@@ -460,7 +463,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 };
                 let model = match &loaded {
                     Some((version, _, _)) => {
-                        Box::new(checkpoint::load_dlrm(version, &storage)?.0) as Box<dyn Model>
+                        let opts = checkpoint::LoadOptions {
+                            allow_non_finite: a.allow_non_finite,
+                        };
+                        Box::new(checkpoint::load_dlrm_with(version, &storage, opts)?.0)
+                            as Box<dyn Model>
                     }
                     None => models::build(a.model, &arch, &a.models, optimizer, &storage, seed)?,
                 };
