@@ -19,56 +19,117 @@ use crate::model::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind
 use crate::model::mlp::Mlp;
 use crate::rng::SplitMix64;
 use anyhow::{Context, Result, bail, ensure};
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use safetensors::{Dtype, SafeTensors};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Writes every parameter of `model` to `path` as safetensors (streamed: the tables are not
-/// copied in memory).
-pub fn export_safetensors(model: &Dlrm, path: &Path) -> Result<()> {
+/// copied in memory), with the architecture in the `__metadata__`. Rows of a lazily
+/// initialised table that were never touched are written with their initial values.
+pub fn export_safetensors(model: &mut Dlrm, path: &Path) -> Result<()> {
+    use rayon::prelude::*;
+    model
+        .tables
+        .par_iter_mut()
+        .for_each(EmbeddingTable::materialize_all);
     let arch = model.arch();
+    let le = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let mut dense: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (prefix, mlp) in [("bot_l", &model.bottom), ("top_l", &model.top)] {
         for (layer, (wn, bn)) in mlp.layers.iter().zip(layer_names(prefix, mlp.layers.len())) {
-            let le = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
             dense.push((wn, vec![layer.outputs, layer.inputs], le(&layer.weight)));
             dense.push((bn, vec![layer.outputs], le(&layer.bias)));
         }
     }
-    let mut views: Vec<(String, TensorView)> = Vec::new();
-    for (t, table) in model.tables.iter().enumerate() {
-        let shape = vec![table.rows(), arch.embedding_dim];
-        views.push((
-            format!("emb_l.{t}.weight"),
-            TensorView::new(Dtype::F32, shape, table.weight_bytes())?,
+    let mut tensors: Vec<(String, Vec<usize>, &[u8])> = model
+        .tables
+        .iter()
+        .enumerate()
+        .map(|(t, table)| {
+            (
+                format!("emb_l.{t}.weight"),
+                vec![table.rows(), arch.embedding_dim],
+                table.weight_bytes(),
+            )
+        })
+        .collect();
+    tensors.extend(dense.iter().map(|(n, s, b)| (n.clone(), s.clone(), &b[..])));
+    let metadata = BTreeMap::from([
+        (META_BOTTOM.to_string(), join(&arch.bottom)),
+        (META_TOP.to_string(), arch.top_flag()),
+        (META_DIM.to_string(), arch.embedding_dim.to_string()),
+        (
+            META_OP.to_string(),
+            interaction_name(arch.interaction).to_string(),
+        ),
+        (META_ITSELF.to_string(), arch.self_interaction.to_string()),
+    ]);
+    write_safetensors_sorted(path, tensors, &metadata)
+}
+
+/// `__metadata__` keys of an export: the reference's flag names without the dashes.
+const META_BOTTOM: &str = "arch_mlp_bot";
+const META_TOP: &str = "arch_mlp_top";
+const META_DIM: &str = "arch_sparse_feature_size";
+const META_OP: &str = "arch_interaction_op";
+const META_ITSELF: &str = "arch_interaction_itself";
+
+fn interaction_name(op: InteractionOp) -> &'static str {
+    match op {
+        InteractionOp::Dot => "dot",
+        InteractionOp::Cat => "cat",
+    }
+}
+
+/// Writes `tensors` (name, shape, little-endian f32 bytes) and `metadata` as a safetensors
+/// file whose header lists every key in sorted order, so the same parameters always give the
+/// same bytes (the safetensors crate writes `__metadata__` in hash-map order). The data is
+/// streamed to a temporary sibling, created with the process umask like any other output,
+/// and renamed into place when complete.
+fn write_safetensors_sorted(
+    path: &Path,
+    mut tensors: Vec<(String, Vec<usize>, &[u8])>,
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    use std::io::Write;
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut header = format!("{{\"__metadata__\":{}", serde_json::to_string(metadata)?);
+    let mut offset = 0usize;
+    for (name, shape, bytes) in &tensors {
+        header.push_str(&format!(
+            ",{}:{{\"dtype\":\"F32\",\"shape\":{},\"data_offsets\":[{offset},{}]}}",
+            serde_json::to_string(name)?,
+            serde_json::to_string(shape)?,
+            offset + bytes.len()
         ));
+        offset += bytes.len();
     }
-    for (n, s, b) in &dense {
-        views.push((n.clone(), TensorView::new(Dtype::F32, s.clone(), b)?));
+    header.push('}');
+    // The format pads the header with spaces to a multiple of 8 bytes.
+    while !header.len().is_multiple_of(8) {
+        header.push(' ');
     }
-    let info = [
-        ("arch_mlp_bot".to_string(), join(&arch.bottom)),
-        ("arch_mlp_top".to_string(), arch.top_flag()),
-        (
-            "arch_sparse_feature_size".to_string(),
-            arch.embedding_dim.to_string(),
-        ),
-        (
-            "arch_interaction_op".to_string(),
-            match arch.interaction {
-                InteractionOp::Dot => "dot",
-                InteractionOp::Cat => "cat",
-            }
-            .to_string(),
-        ),
-        (
-            "arch_interaction_itself".to_string(),
-            arch.self_interaction.to_string(),
-        ),
-    ]
-    .into_iter()
-    .collect();
-    safetensors::serialize_to_file(views, Some(info), path)
-        .with_context(|| format!("{}: cannot write", path.display()))
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    let partial = path.with_file_name(name);
+    let write = || -> std::io::Result<()> {
+        let file = std::fs::File::create(&partial)?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, &file);
+        out.write_all(&(header.len() as u64).to_le_bytes())?;
+        out.write_all(header.as_bytes())?;
+        for (_, _, bytes) in &tensors {
+            out.write_all(bytes)?;
+        }
+        out.flush()?;
+        drop(out);
+        file.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e).with_context(|| format!("{}: cannot write", partial.display()));
+    }
+    std::fs::rename(&partial, path)
+        .with_context(|| format!("renaming {} to {}", partial.display(), path.display()))
 }
 
 /// Reads a DLRM from a safetensors state_dict. The architecture follows from the tensor shapes

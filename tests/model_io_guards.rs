@@ -4,6 +4,7 @@
 //! byte-reproducible, and models that cannot be saved are refused before training.
 
 use dlrm::checkpoint;
+use dlrm::model::embedding_tables::{EmbeddingTable, StorageKind};
 use safetensors::SafeTensors;
 use safetensors::tensor::TensorView;
 use std::collections::HashMap;
@@ -135,6 +136,142 @@ fn write_tensors(path: &str, tensors: &Tensors, meta: Option<HashMap<String, Str
 /// The version folder `LATEST` of `ck` names.
 fn version(ck: &str) -> PathBuf {
     checkpoint::resolve(Path::new(ck)).unwrap()
+}
+
+/// The metrics line of `dlrm eval` without its throughput.
+fn metrics(o: &Output) -> String {
+    let out = String::from_utf8_lossy(&o.stdout);
+    let line = out.lines().find(|l| l.contains("AUC")).unwrap_or_default();
+    line.split(" (").next().unwrap().to_string()
+}
+
+/// Writes `rows` synthetic Criteo rows with `table_rows` ids per feature as `{name}.tsv`
+/// and preprocesses them into the dataset folder `name`.
+fn make_dataset(dir: &Scratch, name: &str, rows: &str, table_rows: &str) {
+    let tsv = dir.p(&format!("{name}.tsv"));
+    let sizes = vec![table_rows; 26].join("-");
+    ok(&[
+        "synth",
+        "--rows",
+        rows,
+        "--arch-embedding-size",
+        &sizes,
+        "--out",
+        &tsv,
+    ]);
+    ok(&["preprocess", &tsv, "--out", &dir.p(name)]);
+}
+
+/// Trains a few steps on the dataset `ds` into the checkpoint folder `ck`.
+fn train_on_dataset(dir: &Scratch, ds: &str, ck: &str, extra: &[&str]) {
+    let (ds, ck) = (dir.p(ds), dir.p(ck));
+    let mut args = vec![
+        "train",
+        "--dataset",
+        &ds,
+        "--arch-mlp-bot",
+        "13-16",
+        "--arch-mlp-top",
+        "8-1",
+        "--num-batches",
+        "3",
+        "--mini-batch-size",
+        "32",
+        "--threads",
+        "2",
+        "--save-model",
+        &ck,
+    ];
+    args.extend(extra);
+    ok(&args);
+}
+
+/// `dlrm predict` of checkpoint `ck` on the raw rows `rows`: the output file's text.
+fn predict(dir: &Scratch, ck: &str, rows: &str) -> String {
+    let out = dir.p(&format!("{ck}.probs"));
+    ok(&[
+        "predict",
+        "--load-model",
+        &dir.p(ck),
+        "--criteo",
+        &dir.p(rows),
+        "--out",
+        &out,
+        "--threads",
+        "2",
+    ]);
+    std::fs::read_to_string(out).unwrap()
+}
+
+#[test]
+fn lazy_tables_read_as_initialised_in_export_eval_and_predict() {
+    let dir = Scratch::new("lazy");
+    make_dataset(&dir, "ds", "3000", "300");
+    for (ck, lazy) in [("lazy", true), ("eager", false)] {
+        let tables = dir.p(&format!("{ck}-tables"));
+        std::fs::create_dir(&tables).unwrap();
+        let mut extra = vec!["--embedding-storage", "file", "--tables-dir", &tables];
+        if lazy {
+            extra.push("--lazy-init");
+        }
+        train_on_dataset(&dir, "ds", ck, &extra);
+    }
+
+    // The lazy checkpoint really has rows that were never touched (else this proves nothing).
+    let v = version(&dir.p("lazy"));
+    let meta = checkpoint::read_meta(&v).unwrap();
+    let cfg = checkpoint::read_dlrm_config(&v, &meta).unwrap();
+    let table = EmbeddingTable::load(
+        &v.join("table_000.emb"),
+        0,
+        cfg.arch.table_sizes[0],
+        cfg.arch.embedding_dim,
+        &StorageKind::File {
+            dir: v.clone(),
+            lazy_init: false,
+        },
+    )
+    .unwrap();
+    assert!(table.pending_rows() > 0);
+
+    // Export: identical bytes, untouched rows included.
+    for ck in ["lazy", "eager"] {
+        ok(&[
+            "export",
+            "--load-model",
+            &dir.p(ck),
+            "--out",
+            &dir.p(&format!("{ck}.safetensors")),
+        ]);
+    }
+    let (lazy, _) = read_tensors(&dir.p("lazy.safetensors"));
+    let (eager, _) = read_tensors(&dir.p("eager.safetensors"));
+    for ((n, _, a), (_, _, b)) in lazy.iter().zip(&eager) {
+        let zero_rows = |v: &[f32]| v.chunks(16).filter(|r| r.iter().all(|&x| x == 0.0)).count();
+        assert_eq!(zero_rows(a), zero_rows(b), "{n}: rows exported as zeros");
+        assert!(a == b, "{n} differs between the lazy and the eager export");
+    }
+    assert_eq!(
+        std::fs::read(dir.p("lazy.safetensors")).unwrap(),
+        std::fs::read(dir.p("eager.safetensors")).unwrap()
+    );
+
+    // Eval and predict of the lazy checkpoint equal those of the eager one.
+    let eval = |ck: &str| {
+        metrics(&ok(&[
+            "eval",
+            "--load-model",
+            &dir.p(ck),
+            "--dataset",
+            &dir.p("ds"),
+            "--threads",
+            "2",
+        ]))
+    };
+    assert_eq!(eval("lazy"), eval("eager"));
+    let probs = predict(&dir, "lazy", "ds.tsv");
+    assert_eq!(probs.lines().count(), 3000);
+    assert_eq!(probs, predict(&dir, "eager", "ds.tsv"));
 }
 
 #[test]
@@ -308,6 +445,39 @@ fn a_checkpoint_architecture_is_checked_on_load() {
         resume.extend(["--load-model", &ck]);
         fails(&resume, &needles);
     }
+}
+
+#[test]
+fn export_is_byte_reproducible_and_honours_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = Scratch::new("export");
+    let ck = dir.p("ck");
+    train_small(&ck, &[]);
+    let export = |out: &str, umask: &str| {
+        let o = Command::new("sh")
+            .args([
+                "-c",
+                &format!("umask {umask}; exec \"$0\" export --load-model \"$1\" --out \"$2\""),
+                env!("CARGO_BIN_EXE_dlrm"),
+                &ck,
+                out,
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        std::fs::metadata(out).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!(export(&dir.p("a.safetensors"), "022"), 0o644);
+    assert_eq!(export(&dir.p("b.safetensors"), "002"), 0o664);
+    for _ in 0..3 {
+        export(&dir.p("c.safetensors"), "022");
+        assert_eq!(
+            std::fs::read(dir.p("a.safetensors")).unwrap(),
+            std::fs::read(dir.p("c.safetensors")).unwrap(),
+            "two exports of one checkpoint differ"
+        );
+    }
+    assert!(!dir.0.join("c.safetensors.partial").exists());
 }
 
 #[test]

@@ -41,7 +41,7 @@ pub struct ImportArgs {
 
 pub fn run_export(a: ExportArgs) -> Result<()> {
     let version = checkpoint::resolve(&a.load_model)?;
-    let (model, _) = checkpoint::load_dlrm_with(
+    let (mut model, _) = checkpoint::load_dlrm_with(
         &version,
         &StorageKind::File {
             dir: version.clone(),
@@ -51,7 +51,7 @@ pub fn run_export(a: ExportArgs) -> Result<()> {
             allow_non_finite: a.allow_non_finite,
         },
     )?;
-    export_safetensors(&model, &a.out)?;
+    export_safetensors(&mut model, &a.out)?;
     eprintln!("exported {} to {}", version.display(), a.out.display());
     Ok(())
 }
