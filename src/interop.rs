@@ -20,7 +20,7 @@ use crate::model::mlp::Mlp;
 use crate::rng::SplitMix64;
 use anyhow::{Context, Result, bail, ensure};
 use safetensors::{Dtype, SafeTensors};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 /// Writes every parameter of `model` to `path` as safetensors (streamed: the tables are not
@@ -132,15 +132,31 @@ fn write_safetensors_sorted(
         .with_context(|| format!("renaming {} to {}", partial.display(), path.display()))
 }
 
-/// Reads a DLRM from a safetensors state_dict. The architecture follows from the tensor shapes
-/// (the interaction from the top MLP's input width); `optimizer` sets up fresh optimizer state.
-/// Non-finite values are refused unless `opts` allows them.
+/// What `import` is told beyond the file.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ImportOptions {
+    /// The interaction, when stated (`--arch-interaction-op`).
+    pub interaction: Option<InteractionOp>,
+    /// Whether the dot interaction includes self-pairs, when stated (`--arch-interaction-itself`).
+    pub self_interaction: Option<bool>,
+    /// Skip tensors that are not DLRM parameters instead of refusing the file.
+    pub ignore_unknown: bool,
+    pub load: LoadOptions,
+}
+
+/// Reads a DLRM from a safetensors state_dict; `optimizer` sets up fresh optimizer state.
+/// The widths follow from the tensor shapes; the interaction from the file's
+/// `__metadata__` (as [`export_safetensors`] writes it) and what `opts` states, which must
+/// agree with each other and with the top MLP's input width. A file whose width more than one
+/// interaction gives, and that says nothing, is refused rather than guessed. Tensors that are
+/// not DLRM parameters are refused unless `opts.ignore_unknown` (as PyTorch's strict
+/// `load_state_dict`).
 pub fn import_safetensors(
     path: &Path,
     optimizer: OptimizerKind,
     storage: &StorageKind,
     seed: u64,
-    opts: LoadOptions,
+    opts: ImportOptions,
 ) -> Result<Dlrm> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let st = SafeTensors::deserialize(&bytes)
@@ -217,20 +233,16 @@ pub fn import_safetensors(
     };
     let bottom = widths("bot_l")?;
     let top = widths("top_l")?;
-    let f = tables + 1;
-    let (op, itself) = if top[0] == d + f * (f - 1) / 2 {
-        (InteractionOp::Dot, false)
-    } else if top[0] == d + f * (f + 1) / 2 {
-        (InteractionOp::Dot, true)
-    } else if top[0] == f * d {
-        (InteractionOp::Cat, false)
-    } else {
-        bail!(
-            "{}: the top MLP takes {} inputs, which no interaction of {f} vectors of width {d} gives",
-            path.display(),
-            top[0]
-        );
-    };
+    let (_, header) = SafeTensors::read_metadata(&bytes)
+        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    let (op, itself) = interaction(
+        path,
+        header.metadata().as_ref(),
+        opts,
+        tables + 1,
+        d,
+        top[0],
+    )?;
     let arch = Architecture::from_flags(
         d,
         &join(&sizes),
@@ -240,6 +252,26 @@ pub fn import_safetensors(
         itself,
     )
     .with_context(|| format!("{}: inconsistent architecture", path.display()))?;
+    let mut known: Vec<String> = (0..tables).map(|t| format!("emb_l.{t}.weight")).collect();
+    for (prefix, layers) in [("bot_l", bottom.len() - 1), ("top_l", top.len() - 1)] {
+        for (w, b) in layer_names(prefix, layers) {
+            known.extend([w, b]);
+        }
+    }
+    if !opts.ignore_unknown {
+        let mut unknown: Vec<&str> = st
+            .names()
+            .into_iter()
+            .filter(|n| !known.iter().any(|k| k == n))
+            .collect();
+        unknown.sort_unstable();
+        ensure!(
+            unknown.is_empty(),
+            "{}: tensors that are not parameters of this DLRM: {}; pass --ignore-unknown to skip them",
+            path.display(),
+            unknown.join(", ")
+        );
+    }
     let width = optimizer.sparse(0.0).state_width(d);
     let mut emb = Vec::with_capacity(tables);
     let mut states = Vec::with_capacity(tables);
@@ -251,7 +283,7 @@ pub fn import_safetensors(
             &format!("emb_l.{t}.weight"),
             &[rows, d],
             &mut values,
-            opts,
+            opts.load,
         )?;
         let table = EmbeddingTable::create_from(t, d, seed, &values, storage)?;
         states.push(OptimizerState::create_for(&table, width)?);
@@ -263,16 +295,89 @@ pub fn import_safetensors(
     for (prefix, mlp) in [("bot_l", &mut bot), ("top_l", &mut topm)] {
         let n = mlp.layers.len();
         for (layer, (wn, bn)) in mlp.layers.iter_mut().zip(layer_names(prefix, n)) {
-            read_tensor(
-                &st,
-                path,
-                &wn,
-                &[layer.outputs, layer.inputs],
-                &mut layer.weight,
-                opts,
-            )?;
-            read_tensor(&st, path, &bn, &[layer.outputs], &mut layer.bias, opts)?;
+            let ws = [layer.outputs, layer.inputs];
+            read_tensor(&st, path, &wn, &ws, &mut layer.weight, opts.load)?;
+            read_tensor(&st, path, &bn, &[layer.outputs], &mut layer.bias, opts.load)?;
         }
     }
     Ok(Dlrm::assemble(arch, optimizer, bot, topm, emb, states))
+}
+
+/// The interaction of an imported model with `features` vectors of width `d` whose top MLP
+/// takes `top_in` inputs: the one that gives that width among those the file's metadata and
+/// the flags allow.
+fn interaction(
+    path: &Path,
+    metadata: Option<&HashMap<String, String>>,
+    opts: ImportOptions,
+    features: usize,
+    d: usize,
+    top_in: usize,
+) -> Result<(InteractionOp, bool)> {
+    let file_op = match metadata.and_then(|m| m.get(META_OP)) {
+        Some(v) => Some(
+            v.parse::<InteractionOp>()
+                .with_context(|| format!("{}: __metadata__ {META_OP} '{v}'", path.display()))?,
+        ),
+        None => None,
+    };
+    let file_itself = match metadata.and_then(|m| m.get(META_ITSELF)) {
+        Some(v) => Some(v.parse::<bool>().map_err(|_| {
+            anyhow::anyhow!(
+                "{}: __metadata__ {META_ITSELF} is '{v}', not true or false",
+                path.display()
+            )
+        })?),
+        None => None,
+    };
+    if let (Some(flag), Some(file)) = (opts.interaction, file_op) {
+        ensure!(
+            flag == file,
+            "--arch-interaction-op {} contradicts {}, whose metadata says {}",
+            interaction_name(flag),
+            path.display(),
+            interaction_name(file)
+        );
+    }
+    if let (Some(flag), Some(file)) = (opts.self_interaction, file_itself) {
+        ensure!(
+            flag == file,
+            "--arch-interaction-itself {flag} contradicts {}, whose metadata says {file}",
+            path.display()
+        );
+    }
+    let op = opts.interaction.or(file_op);
+    let itself = opts.self_interaction.or(file_itself);
+    // Self-interaction changes nothing in a concatenation: cat keeps whatever is stated.
+    let candidates: Vec<(InteractionOp, bool)> = [
+        (InteractionOp::Dot, false),
+        (InteractionOp::Dot, true),
+        (InteractionOp::Cat, itself.unwrap_or(false)),
+    ]
+    .into_iter()
+    .filter(|&(o, i)| op.is_none_or(|op| op == o) && itself.is_none_or(|s| s == i))
+    .filter(|&(o, i)| {
+        let f = features;
+        top_in
+            == match (o, i) {
+                (InteractionOp::Cat, _) => f * d,
+                (InteractionOp::Dot, i) => d + dlrm_kernels::interaction::num_pairs(f, i),
+            }
+    })
+    .collect();
+    match candidates[..] {
+        [one] => Ok(one),
+        [] => bail!(
+            "{}: the top MLP takes {top_in} inputs, which no{} interaction of {features} vectors of width {d} gives",
+            path.display(),
+            match op {
+                Some(o) => format!(" {} (as stated)", interaction_name(o)),
+                None => String::new(),
+            }
+        ),
+        _ => bail!(
+            "{}: the top MLP's {top_in} inputs fit both the dot and the cat interaction of {features} vectors of width {d}, and the file's metadata does not say which: pass --arch-interaction-op (and --arch-interaction-itself)",
+            path.display()
+        ),
+    }
 }

@@ -448,6 +448,113 @@ fn a_checkpoint_architecture_is_checked_on_load() {
 }
 
 #[test]
+fn import_reads_the_interaction_from_the_file_and_refuses_to_guess() {
+    let dir = Scratch::new("import");
+    // 3 tables, d = 2: cat gives 4 x 2 = 8 inputs, dot 2 + 6 = 8 too.
+    let ck = dir.p("cat");
+    train_small(
+        &ck,
+        &[
+            "--arch-embedding-size",
+            "10-20-30",
+            "--arch-sparse-feature-size",
+            "2",
+            "--arch-mlp-bot",
+            "13-2",
+            "--arch-mlp-top",
+            "4-1",
+            "--arch-interaction-op",
+            "cat",
+        ],
+    );
+    let exported = dir.p("cat.safetensors");
+    ok(&["export", "--load-model", &ck, "--out", &exported]);
+    let (tensors, meta) = read_tensors(&exported);
+    assert_eq!(meta.as_ref().unwrap()["arch_interaction_op"], "cat");
+
+    // Its own export comes back as cat.
+    ok(&["import", "--in", &exported, "--save-model", &dir.p("back")]);
+    let v = version(&dir.p("back"));
+    let cfg = checkpoint::read_dlrm_config(&v, &checkpoint::read_meta(&v).unwrap()).unwrap();
+    assert_eq!(cfg.arch.interaction, dlrm::config::InteractionOp::Cat);
+
+    // Without metadata the file is ambiguous: refused, unless the flags say which.
+    let bare = dir.p("bare.safetensors");
+    write_tensors(&bare, &tensors, None);
+    fails(
+        &["import", "--in", &bare, "--save-model", &dir.p("guess")],
+        &["bare.safetensors", "--arch-interaction-op"],
+    );
+    assert!(!dir.0.join("guess").exists());
+    ok(&[
+        "import",
+        "--in",
+        &bare,
+        "--save-model",
+        &dir.p("stated"),
+        "--arch-interaction-op",
+        "cat",
+    ]);
+    ok(&[
+        "export",
+        "--load-model",
+        &dir.p("stated"),
+        "--out",
+        &dir.p("stated.safetensors"),
+    ]);
+    assert_eq!(
+        std::fs::read(&exported).unwrap(),
+        std::fs::read(dir.p("stated.safetensors")).unwrap()
+    );
+    // A flag that contradicts the metadata is refused.
+    fails(
+        &[
+            "import",
+            "--in",
+            &exported,
+            "--save-model",
+            &dir.p("contradiction"),
+            "--arch-interaction-op",
+            "dot",
+        ],
+        &["--arch-interaction-op", "cat"],
+    );
+    // A width no stated interaction gives.
+    fails(
+        &[
+            "import",
+            "--in",
+            &bare,
+            "--save-model",
+            &dir.p("selfdot"),
+            "--arch-interaction-op",
+            "dot",
+            "--arch-interaction-itself",
+        ],
+        &["bare.safetensors", "8 inputs"],
+    );
+
+    // Unknown tensors are refused unless --ignore-unknown.
+    let mut extra = tensors.clone();
+    extra.push(("v_W_l.0".into(), vec![2], vec![0.5, 0.25]));
+    let unknown = dir.p("unknown.safetensors");
+    write_tensors(&unknown, &extra, meta);
+    fails(
+        &["import", "--in", &unknown, "--save-model", &dir.p("u")],
+        &["unknown.safetensors", "v_W_l.0", "--ignore-unknown"],
+    );
+    assert!(!dir.0.join("u").exists());
+    ok(&[
+        "import",
+        "--in",
+        &unknown,
+        "--save-model",
+        &dir.p("u"),
+        "--ignore-unknown",
+    ]);
+}
+
+#[test]
 fn export_is_byte_reproducible_and_honours_the_umask() {
     use std::os::unix::fs::PermissionsExt;
     let dir = Scratch::new("export");

@@ -4,7 +4,8 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use dlrm::checkpoint::{self, LoadOptions, TrainState};
-use dlrm::interop::{export_safetensors, import_safetensors};
+use dlrm::config::InteractionOp;
+use dlrm::interop::{ImportOptions, export_safetensors, import_safetensors};
 use dlrm::model::OptimizerKind;
 use dlrm::model::embedding_tables::StorageKind;
 use dlrm::train::LrSchedule;
@@ -34,6 +35,16 @@ pub struct ImportArgs {
     /// Optimizer whose (fresh) state the checkpoint carries.
     #[arg(long, value_enum, default_value_t = OptimizerKind::Sgd)]
     optimizer: OptimizerKind,
+    /// The model's feature interaction (dot or cat), when the file's metadata does not say
+    /// and its widths fit more than one.
+    #[arg(long)]
+    arch_interaction_op: Option<InteractionOp>,
+    /// Whether the dot interaction includes each vector with itself (true or false).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    arch_interaction_itself: Option<bool>,
+    /// Skip tensors that are not DLRM parameters instead of refusing the file.
+    #[arg(long)]
+    ignore_unknown: bool,
     /// Import the parameters even if some are NaN or infinite.
     #[arg(long)]
     allow_non_finite: bool,
@@ -57,8 +68,13 @@ pub fn run_export(a: ExportArgs) -> Result<()> {
 }
 
 pub fn run_import(a: ImportArgs) -> Result<()> {
-    let opts = LoadOptions {
-        allow_non_finite: a.allow_non_finite,
+    let opts = ImportOptions {
+        interaction: a.arch_interaction_op,
+        self_interaction: a.arch_interaction_itself,
+        ignore_unknown: a.ignore_unknown,
+        load: LoadOptions {
+            allow_non_finite: a.allow_non_finite,
+        },
     };
     let model = import_safetensors(&a.input, a.optimizer, &StorageKind::Anon, 1, opts)?;
     let state = TrainState {
