@@ -275,6 +275,77 @@ fn lazy_tables_read_as_initialised_in_export_eval_and_predict() {
 }
 
 #[test]
+fn import_with_a_dataset_predicts_raw_rows_as_the_original() {
+    let dir = Scratch::new("import-ds");
+    make_dataset(&dir, "ds", "2000", "300");
+    train_on_dataset(&dir, "ds", "ck", &[]);
+    let exported = dir.p("ck.safetensors");
+    ok(&["export", "--load-model", &dir.p("ck"), "--out", &exported]);
+    ok(&[
+        "import",
+        "--in",
+        &exported,
+        "--save-model",
+        &dir.p("imported"),
+        "--dataset",
+        &dir.p("ds"),
+    ]);
+    let probs = predict(&dir, "ck", "ds.tsv");
+    assert_eq!(probs.lines().count(), 2000);
+    assert_eq!(predict(&dir, "imported", "ds.tsv"), probs);
+    // The encoding files are those a checkpoint saved by `train --dataset` carries.
+    let files = |ck: &str| {
+        let d = version(&dir.p(ck)).join(checkpoint::DATASET_DIR);
+        let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .map(|e| {
+                (
+                    e.file_name().into_string().unwrap(),
+                    std::fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(files("imported"), files("ck"));
+
+    // Without --dataset, the imported model has no encoding for raw rows.
+    ok(&["import", "--in", &exported, "--save-model", &dir.p("bare")]);
+    fails(
+        &[
+            "predict",
+            "--load-model",
+            &dir.p("bare"),
+            "--criteo",
+            &dir.p("ds.tsv"),
+            "--out",
+            &dir.p("bare.probs"),
+        ],
+        &["not trained on a Criteo dataset"],
+    );
+    // A dataset whose tables differ from the file's is refused, naming both.
+    make_dataset(&dir, "other", "1000", "200");
+    fails(
+        &[
+            "import",
+            "--in",
+            &exported,
+            "--save-model",
+            &dir.p("mismatch"),
+            "--dataset",
+            &dir.p("other"),
+        ],
+        &["--dataset", "table sizes"],
+    );
+    assert!(
+        !dir.0.join("mismatch").exists(),
+        "a refused import wrote a checkpoint"
+    );
+}
+
+#[test]
 fn non_finite_parameters_are_refused_on_load_and_import() {
     let dir = Scratch::new("nan");
     let ck = dir.p("ck");

@@ -4,7 +4,8 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use dlrm::checkpoint::{self, LoadOptions, TrainState};
-use dlrm::config::InteractionOp;
+use dlrm::config::{InteractionOp, join};
+use dlrm::data::binary::BinaryDataset;
 use dlrm::interop::{ImportOptions, export_safetensors, import_safetensors};
 use dlrm::model::OptimizerKind;
 use dlrm::model::embedding_tables::StorageKind;
@@ -48,6 +49,10 @@ pub struct ImportArgs {
     /// Import the parameters even if some are NaN or infinite.
     #[arg(long)]
     allow_non_finite: bool,
+    /// A binary dataset (dlrm preprocess) whose encoding the checkpoint carries, as one saved by
+    /// `dlrm train --dataset` does, so that `dlrm predict` can score raw rows with it.
+    #[arg(long)]
+    dataset: Option<PathBuf>,
 }
 
 pub fn run_export(a: ExportArgs) -> Result<()> {
@@ -68,6 +73,13 @@ pub fn run_export(a: ExportArgs) -> Result<()> {
 }
 
 pub fn run_import(a: ImportArgs) -> Result<()> {
+    let dataset = match &a.dataset {
+        Some(dir) => Some(
+            BinaryDataset::open(dir)
+                .with_context(|| format!("--dataset: opening {}", dir.display()))?,
+        ),
+        None => None,
+    };
     let opts = ImportOptions {
         interaction: a.arch_interaction_op,
         self_interaction: a.arch_interaction_itself,
@@ -77,6 +89,27 @@ pub fn run_import(a: ImportArgs) -> Result<()> {
         },
     };
     let model = import_safetensors(&a.input, a.optimizer, &StorageKind::Anon, 1, opts)?;
+    if let Some(ds) = &dataset {
+        let arch = model.arch();
+        let h = ds.header();
+        let sizes: Vec<usize> = h.table_sizes.iter().map(|&n| n as usize).collect();
+        anyhow::ensure!(
+            arch.table_sizes == sizes,
+            "--dataset {}: its table sizes {} differ from those of {} ({})",
+            ds.dir().display(),
+            join(&sizes),
+            a.input.display(),
+            join(&arch.table_sizes)
+        );
+        anyhow::ensure!(
+            arch.num_dense() == h.num_dense,
+            "--dataset {}: it has {} dense features, the bottom MLP of {} takes {}",
+            ds.dir().display(),
+            h.num_dense,
+            a.input.display(),
+            arch.num_dense()
+        );
+    }
     let state = TrainState {
         step: 0,
         epoch: 0,
@@ -86,8 +119,14 @@ pub fn run_import(a: ImportArgs) -> Result<()> {
         batch_size: 0,
         seed: 1,
     };
-    let version = checkpoint::save(&a.save_model, &model, &state, None, usize::MAX)
-        .with_context(|| format!("writing the checkpoint to {}", a.save_model.display()))?;
+    let version = checkpoint::save(
+        &a.save_model,
+        &model,
+        &state,
+        dataset.as_ref().map(|ds| ds.dir()),
+        usize::MAX,
+    )
+    .with_context(|| format!("writing the checkpoint to {}", a.save_model.display()))?;
     eprintln!("imported {} into {}", a.input.display(), version.display());
     Ok(())
 }
