@@ -345,16 +345,13 @@ pub fn check_finite(
     )
 }
 
-/// Reads tensor `name` of a safetensors file into `out`, checking its dtype, its shape and
-/// (unless `opts` allows otherwise) that every value is finite.
-pub fn read_tensor(
-    st: &SafeTensors,
+/// Tensor `name` of a safetensors file, checked to be F32 of `shape`.
+fn checked_tensor<'a>(
+    st: &'a SafeTensors,
     file: &Path,
     name: &str,
     shape: &[usize],
-    out: &mut [f32],
-    opts: LoadOptions,
-) -> Result<()> {
+) -> Result<TensorView<'a>> {
     let t = st
         .tensor(name)
         .with_context(|| format!("{}: no tensor {name}", file.display()))?;
@@ -370,6 +367,20 @@ pub fn read_tensor(
         file.display(),
         t.shape()
     );
+    Ok(t)
+}
+
+/// Reads tensor `name` of a safetensors file into `out`, checking its dtype, its shape and
+/// (unless `opts` allows otherwise) that every value is finite.
+pub fn read_tensor(
+    st: &SafeTensors,
+    file: &Path,
+    name: &str,
+    shape: &[usize],
+    out: &mut [f32],
+    opts: LoadOptions,
+) -> Result<()> {
+    let t = checked_tensor(st, file, name, shape)?;
     for (o, b) in out.iter_mut().zip(t.data().chunks_exact(4)) {
         *o = f32::from_le_bytes(b.try_into().expect("4 bytes"));
     }
@@ -472,16 +483,29 @@ pub fn load_dlrm_with(
         tables.push(table);
         states.push(state);
     }
-    // Parameters are overwritten from the file: the generator only shapes the layers.
-    let mut rng = SplitMix64::new(0);
-    let bottom = Mlp::new(&arch.bottom, true, &mut rng);
-    let top = Mlp::new(&arch.top, false, &mut rng);
-    let mut model = Dlrm::assemble(arch, cfg.optimizer, bottom, top, tables, states);
     let path = version.join(DENSE);
     let bytes = fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
     let st = SafeTensors::deserialize(&bytes)
         .with_context(|| format!("{}: not a safetensors file", path.display()))?;
     let adagrad = cfg.optimizer.dense_adagrad();
+    // Every dense tensor must have the meta's shape before layers of the meta's widths are
+    // allocated: a corrupt width must be an error, not an allocation failure.
+    for (prefix, widths) in [("bot_l", &arch.bottom), ("top_l", &arch.top)] {
+        let names = layer_names(prefix, widths.len() - 1);
+        for ((wn, bn), io) in names.iter().zip(widths.windows(2)) {
+            for (name, shape) in [(wn, vec![io[1], io[0]]), (bn, vec![io[1]])] {
+                checked_tensor(&st, &path, name, &shape)?;
+                if adagrad {
+                    checked_tensor(&st, &path, &format!("optim.{name}"), &shape)?;
+                }
+            }
+        }
+    }
+    // Parameters are overwritten from the file: the generator only shapes the layers.
+    let mut rng = SplitMix64::new(0);
+    let bottom = Mlp::new(&arch.bottom, true, &mut rng);
+    let top = Mlp::new(&arch.top, false, &mut rng);
+    let mut model = Dlrm::assemble(arch, cfg.optimizer, bottom, top, tables, states);
     let nb = model.bottom.layers.len();
     let names: Vec<(String, String)> = layer_names("bot_l", nb)
         .into_iter()

@@ -500,6 +500,11 @@ fn a_checkpoint_architecture_is_checked_on_load() {
             Box::new(|a| a["bottom"] = serde_json::json!([13, 32, 16])),
             vec!["dense.safetensors", "bot_l.0.weight", "[32, 13]"],
         ),
+        // A width no memory holds: an error before any layer is allocated.
+        (
+            Box::new(|a| a["bottom"] = serde_json::json!([13, 4_000_000_000_000u64, 16])),
+            vec!["dense.safetensors", "bot_l.0.weight", "[4000000000000, 13]"],
+        ),
     ];
     for (edit, needles) in cases {
         std::fs::write(version(&ck).join("meta.json"), &original).unwrap();
