@@ -233,13 +233,12 @@ impl Architecture {
     /// Width of the top MLP's input: d + F(F-1)/2 (or F(F+1)/2 with self-interaction) for dot,
     /// F * d for cat.
     pub fn interaction_width(&self) -> usize {
-        let f = self.num_features();
-        match self.interaction {
-            InteractionOp::Dot => {
-                self.embedding_dim + dlrm_kernels::interaction::num_pairs(f, self.self_interaction)
-            }
-            InteractionOp::Cat => f * self.embedding_dim,
-        }
+        interaction_width(
+            self.interaction,
+            self.self_interaction,
+            self.num_features(),
+            self.embedding_dim,
+        )
     }
 
     /// The dash string of the top MLP without its derived input (as the flag takes it).
@@ -261,6 +260,20 @@ impl Architecture {
             InteractionOp::Cat => 0.0,
         };
         mlp + inter
+    }
+}
+
+/// Width of the interaction's output for `features` vectors of width `d` (see
+/// [`Architecture::interaction_width`]).
+pub fn interaction_width(
+    op: InteractionOp,
+    self_interaction: bool,
+    features: usize,
+    d: usize,
+) -> usize {
+    match op {
+        InteractionOp::Dot => d + dlrm_kernels::interaction::num_pairs(features, self_interaction),
+        InteractionOp::Cat => features * d,
     }
 }
 

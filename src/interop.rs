@@ -12,7 +12,7 @@
 //! module 2k.) Optimizer state is not part of a state_dict and is not exported.
 
 use crate::checkpoint::{LoadOptions, layer_names, read_tensor};
-use crate::config::{Architecture, InteractionOp, join};
+use crate::config::{Architecture, InteractionOp, interaction_width, join};
 use crate::model::OptimizerKind;
 use crate::model::dlrm::Dlrm;
 use crate::model::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind};
@@ -356,14 +356,7 @@ fn interaction(
     ]
     .into_iter()
     .filter(|&(o, i)| op.is_none_or(|op| op == o) && itself.is_none_or(|s| s == i))
-    .filter(|&(o, i)| {
-        let f = features;
-        top_in
-            == match (o, i) {
-                (InteractionOp::Cat, _) => f * d,
-                (InteractionOp::Dot, i) => d + dlrm_kernels::interaction::num_pairs(f, i),
-            }
-    })
+    .filter(|&(o, i)| interaction_width(o, i, features, d) == top_in)
     .collect();
     match candidates[..] {
         [one] => Ok(one),
