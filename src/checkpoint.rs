@@ -484,14 +484,66 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, &[f32])]) 
     write_durable(path, &data)
 }
 
-/// Reads tensor `name` of a safetensors file into `out`, checking its dtype and shape.
-pub fn read_tensor(
-    st: &SafeTensors,
+/// How a load treats the values it reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Accept NaN and infinite parameters (`--allow-non-finite`); by default the first one is
+    /// an error naming the tensor and its index.
+    pub allow_non_finite: bool,
+}
+
+/// Position of the first NaN or infinite value of `values`, scanned in parallel chunks (the
+/// scan of a table costs far less than reading it from disk).
+pub fn first_non_finite(values: &[f32]) -> Option<usize> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    values
+        .par_chunks(CHUNK)
+        .enumerate()
+        .find_map_first(|(c, chunk)| {
+            chunk
+                .iter()
+                .position(|x| !x.is_finite())
+                .map(|i| c * CHUNK + i)
+        })
+}
+
+/// Refuses `values` (tensor `name` of `shape` in `file`) if any is NaN or infinite, unless
+/// `opts` allows it: the error names the tensor and the index of the first such value.
+pub fn check_finite(
     file: &Path,
     name: &str,
     shape: &[usize],
-    out: &mut [f32],
+    values: &[f32],
+    opts: LoadOptions,
 ) -> Result<()> {
+    if opts.allow_non_finite {
+        return Ok(());
+    }
+    let Some(flat) = first_non_finite(values) else {
+        return Ok(());
+    };
+    // Row-major index of the flat position, e.g. [row, column] of a matrix.
+    let mut index = vec![0; shape.len()];
+    let mut rest = flat;
+    for (i, &n) in index.iter_mut().zip(shape).rev() {
+        *i = rest % n.max(1);
+        rest /= n.max(1);
+    }
+    bail!(
+        "{}: tensor {name} holds {} at index {index:?}; pass --allow-non-finite to load it anyway",
+        file.display(),
+        values[flat]
+    )
+}
+
+/// Tensor `name` of a safetensors file, checked to be F32 of `shape`.
+fn checked_tensor<'a>(
+    st: &'a SafeTensors,
+    file: &Path,
+    name: &str,
+    shape: &[usize],
+) -> Result<TensorView<'a>> {
     let t = st
         .tensor(name)
         .with_context(|| format!("{}: no tensor {name}", file.display()))?;
@@ -507,10 +559,24 @@ pub fn read_tensor(
         file.display(),
         t.shape()
     );
+    Ok(t)
+}
+
+/// Reads tensor `name` of a safetensors file into `out`, checking its dtype, its shape and
+/// (unless `opts` allows otherwise) that every value is finite.
+pub fn read_tensor(
+    st: &SafeTensors,
+    file: &Path,
+    name: &str,
+    shape: &[usize],
+    out: &mut [f32],
+    opts: LoadOptions,
+) -> Result<()> {
+    let t = checked_tensor(st, file, name, shape)?;
     for (o, b) in out.iter_mut().zip(t.data().chunks_exact(4)) {
         *o = f32::from_le_bytes(b.try_into().expect("4 bytes"));
     }
-    Ok(())
+    check_finite(file, name, shape, out, opts)
 }
 
 /// The dense tensors of a DLRM: every layer's weight and bias under the reference's names,
@@ -551,50 +617,87 @@ pub fn save_dlrm_parameters(model: &Dlrm, dir: &Path) -> Result<serde_json::Valu
     })?)
 }
 
-/// Loads a DLRM checkpoint version into `storage` (anonymous: read into memory; file: mapped
-/// copy-on-write, so training never writes through to the checkpoint).
-pub fn load_dlrm(version: &Path, storage: &StorageKind) -> Result<(Dlrm, Meta)> {
-    let meta = read_meta(version)?;
-    if meta.model != "dlrm" {
-        bail!(
-            "{}: holds a {} model, not dlrm",
-            version.display(),
-            meta.model
-        );
-    }
+/// The DLRM description of a version's meta, with its architecture checked as the
+/// architecture flags are (a hand-edited or corrupt meta.json is an error, not a panic).
+pub fn read_dlrm_config(version: &Path, meta: &Meta) -> Result<DlrmConfig> {
+    let path = version.join(META);
+    ensure!(
+        meta.model == "dlrm",
+        "{}: holds a {} model, not dlrm",
+        version.display(),
+        meta.model
+    );
     let cfg: DlrmConfig = serde_json::from_value(meta.model_config.clone())
-        .with_context(|| format!("{}: malformed model_config", version.join(META).display()))?;
+        .with_context(|| format!("{}: malformed model_config", path.display()))?;
+    let arch = cfg
+        .arch
+        .validated()
+        .with_context(|| format!("{}: invalid model_config.arch", path.display()))?;
+    Ok(DlrmConfig { arch, ..cfg })
+}
+
+/// Loads a DLRM checkpoint version into `storage` (anonymous: read into memory; file: mapped
+/// copy-on-write, so training never writes through to the checkpoint), refusing non-finite
+/// parameters.
+pub fn load_dlrm(version: &Path, storage: &StorageKind) -> Result<(Dlrm, Meta)> {
+    load_dlrm_with(version, storage, LoadOptions::default())
+}
+
+/// [`load_dlrm`] with explicit [`LoadOptions`]. Every table file and dense tensor is checked
+/// against the meta's architecture (an error names the file and both shapes).
+pub fn load_dlrm_with(
+    version: &Path,
+    storage: &StorageKind,
+    opts: LoadOptions,
+) -> Result<(Dlrm, Meta)> {
+    let meta = read_meta(version)?;
+    let cfg = read_dlrm_config(version, &meta)?;
     let arch = cfg.arch;
     let d = arch.embedding_dim;
     let width = cfg.optimizer.sparse(0.0).state_width(d);
     let mut tables = Vec::with_capacity(arch.num_tables());
     let mut states = Vec::with_capacity(arch.num_tables());
     for (t, &rows) in arch.table_sizes.iter().enumerate() {
-        tables.push(EmbeddingTable::load(
-            &version.join(table_file_name(t)),
-            t,
-            rows,
-            d,
-            storage,
-        )?);
-        states.push(OptimizerState::load(
-            &version.join(state_file_name(t)),
-            t,
-            rows,
-            width,
-            storage,
-        )?);
+        let table_path = version.join(table_file_name(t));
+        let table = EmbeddingTable::load(&table_path, t, rows, d, storage)?;
+        let name = format!("emb_l.{t}.weight");
+        check_finite(&table_path, &name, &[rows, d], table.weights(), opts)?;
+        let state_path = version.join(state_file_name(t));
+        let state = OptimizerState::load(&state_path, t, rows, width, storage)?;
+        let state_name = format!("optim.{name}");
+        check_finite(
+            &state_path,
+            &state_name,
+            &[rows, width],
+            state.as_slice(),
+            opts,
+        )?;
+        tables.push(table);
+        states.push(state);
+    }
+    let path = version.join(DENSE);
+    let bytes = fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    let adagrad = cfg.optimizer.dense_adagrad();
+    // Every dense tensor must have the meta's shape before layers of the meta's widths are
+    // allocated: a corrupt width must be an error, not an allocation failure.
+    for (prefix, widths) in [("bot_l", &arch.bottom), ("top_l", &arch.top)] {
+        let names = layer_names(prefix, widths.len() - 1);
+        for ((wn, bn), io) in names.iter().zip(widths.windows(2)) {
+            for (name, shape) in [(wn, vec![io[1], io[0]]), (bn, vec![io[1]])] {
+                checked_tensor(&st, &path, name, &shape)?;
+                if adagrad {
+                    checked_tensor(&st, &path, &format!("optim.{name}"), &shape)?;
+                }
+            }
+        }
     }
     // Parameters are overwritten from the file: the generator only shapes the layers.
     let mut rng = SplitMix64::new(0);
     let bottom = Mlp::new(&arch.bottom, true, &mut rng);
     let top = Mlp::new(&arch.top, false, &mut rng);
     let mut model = Dlrm::assemble(arch, cfg.optimizer, bottom, top, tables, states);
-    let path = version.join(DENSE);
-    let bytes = fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
-    let adagrad = cfg.optimizer.dense_adagrad();
     let nb = model.bottom.layers.len();
     let names: Vec<(String, String)> = layer_names("bot_l", nb)
         .into_iter()
@@ -608,12 +711,12 @@ pub fn load_dlrm(version: &Path, storage: &StorageKind) -> Result<(Dlrm, Meta)> 
         };
         let ws = [layer.outputs, layer.inputs];
         let bs = [layer.outputs];
-        read_tensor(&st, &path, wn, &ws, &mut layer.weight)?;
-        read_tensor(&st, &path, bn, &bs, &mut layer.bias)?;
+        read_tensor(&st, &path, wn, &ws, &mut layer.weight, opts)?;
+        read_tensor(&st, &path, bn, &bs, &mut layer.bias, opts)?;
         if adagrad {
             let (sw, sb) = &mut model.dense_state_mut()[i];
-            read_tensor(&st, &path, &format!("optim.{wn}"), &ws, sw)?;
-            read_tensor(&st, &path, &format!("optim.{bn}"), &bs, sb)?;
+            read_tensor(&st, &path, &format!("optim.{wn}"), &ws, sw, opts)?;
+            read_tensor(&st, &path, &format!("optim.{bn}"), &bs, sb, opts)?;
         }
     }
     Ok((model, meta))

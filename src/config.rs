@@ -41,6 +41,14 @@ pub enum ConfigError {
     TopOutput { value: String, last: usize },
     #[error("--arch-sparse-feature-size: must be at least 1")]
     ZeroDim,
+    #[error(
+        "--arch-mlp-top: the top MLP takes {found} inputs, but the {interaction:?} interaction gives {expected}"
+    )]
+    TopInput {
+        found: usize,
+        expected: usize,
+        interaction: InteractionOp,
+    },
     #[error("--arch-interaction-op: '{0}' is not an interaction; use dot or cat")]
     UnknownInteraction(String),
 }
@@ -185,6 +193,28 @@ impl Architecture {
         Ok(arch)
     }
 
+    /// Checks an architecture read from a file (a checkpoint's meta.json) with the checks of
+    /// the flags, and that its top MLP takes the width its interaction gives.
+    pub fn validated(self) -> Result<Architecture, ConfigError> {
+        let top_tail = self.top.get(1..).unwrap_or_default();
+        let rebuilt = Architecture::from_flags(
+            self.embedding_dim,
+            &join(&self.table_sizes),
+            &join(&self.bottom),
+            &join(top_tail),
+            self.interaction,
+            self.self_interaction,
+        )?;
+        if rebuilt.top[0] != self.top[0] {
+            return Err(ConfigError::TopInput {
+                found: self.top[0],
+                expected: rebuilt.top[0],
+                interaction: self.interaction,
+            });
+        }
+        Ok(rebuilt)
+    }
+
     /// Number of dense input features.
     pub fn num_dense(&self) -> usize {
         self.bottom[0]
@@ -203,13 +233,12 @@ impl Architecture {
     /// Width of the top MLP's input: d + F(F-1)/2 (or F(F+1)/2 with self-interaction) for dot,
     /// F * d for cat.
     pub fn interaction_width(&self) -> usize {
-        let f = self.num_features();
-        match self.interaction {
-            InteractionOp::Dot => {
-                self.embedding_dim + dlrm_kernels::interaction::num_pairs(f, self.self_interaction)
-            }
-            InteractionOp::Cat => f * self.embedding_dim,
-        }
+        interaction_width(
+            self.interaction,
+            self.self_interaction,
+            self.num_features(),
+            self.embedding_dim,
+        )
     }
 
     /// The dash string of the top MLP without its derived input (as the flag takes it).
@@ -231,6 +260,20 @@ impl Architecture {
             InteractionOp::Cat => 0.0,
         };
         mlp + inter
+    }
+}
+
+/// Width of the interaction's output for `features` vectors of width `d` (see
+/// [`Architecture::interaction_width`]).
+pub fn interaction_width(
+    op: InteractionOp,
+    self_interaction: bool,
+    features: usize,
+    d: usize,
+) -> usize {
+    match op {
+        InteractionOp::Dot => d + dlrm_kernels::interaction::num_pairs(features, self_interaction),
+        InteractionOp::Cat => features * d,
     }
 }
 

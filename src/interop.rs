@@ -11,73 +11,152 @@
 //! (The reference builds each MLP as nn.Sequential(Linear, ReLU, Linear, ...), so Linear k is
 //! module 2k.) Optimizer state is not part of a state_dict and is not exported.
 
-use crate::checkpoint::{layer_names, read_tensor};
-use crate::config::{Architecture, InteractionOp, join};
+use crate::checkpoint::{LoadOptions, layer_names, read_tensor};
+use crate::config::{Architecture, InteractionOp, interaction_width, join};
 use crate::model::OptimizerKind;
 use crate::model::dlrm::Dlrm;
 use crate::model::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind};
 use crate::model::mlp::Mlp;
 use crate::rng::SplitMix64;
 use anyhow::{Context, Result, bail, ensure};
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use safetensors::{Dtype, SafeTensors};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 /// Writes every parameter of `model` to `path` as safetensors (streamed: the tables are not
-/// copied in memory).
-pub fn export_safetensors(model: &Dlrm, path: &Path) -> Result<()> {
+/// copied in memory), with the architecture in the `__metadata__`. Rows of a lazily
+/// initialised table that were never touched are written with their initial values.
+pub fn export_safetensors(model: &mut Dlrm, path: &Path) -> Result<()> {
+    use rayon::prelude::*;
+    model
+        .tables
+        .par_iter_mut()
+        .for_each(EmbeddingTable::materialize_all);
     let arch = model.arch();
+    let le = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let mut dense: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (prefix, mlp) in [("bot_l", &model.bottom), ("top_l", &model.top)] {
         for (layer, (wn, bn)) in mlp.layers.iter().zip(layer_names(prefix, mlp.layers.len())) {
-            let le = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
             dense.push((wn, vec![layer.outputs, layer.inputs], le(&layer.weight)));
             dense.push((bn, vec![layer.outputs], le(&layer.bias)));
         }
     }
-    let mut views: Vec<(String, TensorView)> = Vec::new();
-    for (t, table) in model.tables.iter().enumerate() {
-        let shape = vec![table.rows(), arch.embedding_dim];
-        views.push((
-            format!("emb_l.{t}.weight"),
-            TensorView::new(Dtype::F32, shape, table.weight_bytes())?,
-        ));
-    }
-    for (n, s, b) in &dense {
-        views.push((n.clone(), TensorView::new(Dtype::F32, s.clone(), b)?));
-    }
-    let info = [
-        ("arch_mlp_bot".to_string(), join(&arch.bottom)),
-        ("arch_mlp_top".to_string(), arch.top_flag()),
+    let mut tensors: Vec<(String, Vec<usize>, &[u8])> = model
+        .tables
+        .iter()
+        .enumerate()
+        .map(|(t, table)| {
+            (
+                format!("emb_l.{t}.weight"),
+                vec![table.rows(), arch.embedding_dim],
+                table.weight_bytes(),
+            )
+        })
+        .collect();
+    tensors.extend(dense.iter().map(|(n, s, b)| (n.clone(), s.clone(), &b[..])));
+    let metadata = BTreeMap::from([
+        (META_BOTTOM.to_string(), join(&arch.bottom)),
+        (META_TOP.to_string(), arch.top_flag()),
+        (META_DIM.to_string(), arch.embedding_dim.to_string()),
         (
-            "arch_sparse_feature_size".to_string(),
-            arch.embedding_dim.to_string(),
+            META_OP.to_string(),
+            interaction_name(arch.interaction).to_string(),
         ),
-        (
-            "arch_interaction_op".to_string(),
-            match arch.interaction {
-                InteractionOp::Dot => "dot",
-                InteractionOp::Cat => "cat",
-            }
-            .to_string(),
-        ),
-        (
-            "arch_interaction_itself".to_string(),
-            arch.self_interaction.to_string(),
-        ),
-    ]
-    .into_iter()
-    .collect();
-    safetensors::serialize_to_file(views, Some(info), path)
-        .with_context(|| format!("{}: cannot write", path.display()))
+        (META_ITSELF.to_string(), arch.self_interaction.to_string()),
+    ]);
+    write_safetensors_sorted(path, tensors, &metadata)
 }
 
-/// Reads a DLRM from a safetensors state_dict. The architecture follows from the tensor shapes
-/// (the interaction from the top MLP's input width); `optimizer` sets up fresh optimizer state.
+/// `__metadata__` keys of an export: the reference's flag names without the dashes.
+const META_BOTTOM: &str = "arch_mlp_bot";
+const META_TOP: &str = "arch_mlp_top";
+const META_DIM: &str = "arch_sparse_feature_size";
+const META_OP: &str = "arch_interaction_op";
+const META_ITSELF: &str = "arch_interaction_itself";
+
+fn interaction_name(op: InteractionOp) -> &'static str {
+    match op {
+        InteractionOp::Dot => "dot",
+        InteractionOp::Cat => "cat",
+    }
+}
+
+/// Writes `tensors` (name, shape, little-endian f32 bytes) and `metadata` as a safetensors
+/// file whose header lists every key in sorted order, so the same parameters always give the
+/// same bytes (the safetensors crate writes `__metadata__` in hash-map order). The data is
+/// streamed to a temporary sibling, created with the process umask like any other output,
+/// and renamed into place when complete.
+fn write_safetensors_sorted(
+    path: &Path,
+    mut tensors: Vec<(String, Vec<usize>, &[u8])>,
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    use std::io::Write;
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut header = format!("{{\"__metadata__\":{}", serde_json::to_string(metadata)?);
+    let mut offset = 0usize;
+    for (name, shape, bytes) in &tensors {
+        header.push_str(&format!(
+            ",{}:{{\"dtype\":\"F32\",\"shape\":{},\"data_offsets\":[{offset},{}]}}",
+            serde_json::to_string(name)?,
+            serde_json::to_string(shape)?,
+            offset + bytes.len()
+        ));
+        offset += bytes.len();
+    }
+    header.push('}');
+    // The format pads the header with spaces to a multiple of 8 bytes.
+    while !header.len().is_multiple_of(8) {
+        header.push(' ');
+    }
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    let partial = path.with_file_name(name);
+    let write = || -> std::io::Result<()> {
+        let file = std::fs::File::create(&partial)?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, &file);
+        out.write_all(&(header.len() as u64).to_le_bytes())?;
+        out.write_all(header.as_bytes())?;
+        for (_, _, bytes) in &tensors {
+            out.write_all(bytes)?;
+        }
+        out.flush()?;
+        drop(out);
+        file.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e).with_context(|| format!("{}: cannot write", partial.display()));
+    }
+    std::fs::rename(&partial, path)
+        .with_context(|| format!("renaming {} to {}", partial.display(), path.display()))
+}
+
+/// What `import` is told beyond the file.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ImportOptions {
+    /// The interaction, when stated (`--arch-interaction-op`).
+    pub interaction: Option<InteractionOp>,
+    /// Whether the dot interaction includes self-pairs, when stated (`--arch-interaction-itself`).
+    pub self_interaction: Option<bool>,
+    /// Skip tensors that are not DLRM parameters instead of refusing the file.
+    pub ignore_unknown: bool,
+    pub load: LoadOptions,
+}
+
+/// Reads a DLRM from a safetensors state_dict; `optimizer` sets up fresh optimizer state.
+/// The widths follow from the tensor shapes; the interaction from the file's
+/// `__metadata__` (as [`export_safetensors`] writes it) and what `opts` states, which must
+/// agree with each other and with the top MLP's input width. A file whose width more than one
+/// interaction gives, and that says nothing, is refused rather than guessed. Tensors that are
+/// not DLRM parameters are refused unless `opts.ignore_unknown` (as PyTorch's strict
+/// `load_state_dict`).
 pub fn import_safetensors(
     path: &Path,
     optimizer: OptimizerKind,
     storage: &StorageKind,
     seed: u64,
+    opts: ImportOptions,
 ) -> Result<Dlrm> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let st = SafeTensors::deserialize(&bytes)
@@ -154,20 +233,16 @@ pub fn import_safetensors(
     };
     let bottom = widths("bot_l")?;
     let top = widths("top_l")?;
-    let f = tables + 1;
-    let (op, itself) = if top[0] == d + f * (f - 1) / 2 {
-        (InteractionOp::Dot, false)
-    } else if top[0] == d + f * (f + 1) / 2 {
-        (InteractionOp::Dot, true)
-    } else if top[0] == f * d {
-        (InteractionOp::Cat, false)
-    } else {
-        bail!(
-            "{}: the top MLP takes {} inputs, which no interaction of {f} vectors of width {d} gives",
-            path.display(),
-            top[0]
-        );
-    };
+    let (_, header) = SafeTensors::read_metadata(&bytes)
+        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    let (op, itself) = interaction(
+        path,
+        header.metadata().as_ref(),
+        opts,
+        tables + 1,
+        d,
+        top[0],
+    )?;
     let arch = Architecture::from_flags(
         d,
         &join(&sizes),
@@ -177,6 +252,26 @@ pub fn import_safetensors(
         itself,
     )
     .with_context(|| format!("{}: inconsistent architecture", path.display()))?;
+    let mut known: Vec<String> = (0..tables).map(|t| format!("emb_l.{t}.weight")).collect();
+    for (prefix, layers) in [("bot_l", bottom.len() - 1), ("top_l", top.len() - 1)] {
+        for (w, b) in layer_names(prefix, layers) {
+            known.extend([w, b]);
+        }
+    }
+    if !opts.ignore_unknown {
+        let mut unknown: Vec<&str> = st
+            .names()
+            .into_iter()
+            .filter(|n| !known.iter().any(|k| k == n))
+            .collect();
+        unknown.sort_unstable();
+        ensure!(
+            unknown.is_empty(),
+            "{}: tensors that are not parameters of this DLRM: {}; pass --ignore-unknown to skip them",
+            path.display(),
+            unknown.join(", ")
+        );
+    }
     let width = optimizer.sparse(0.0).state_width(d);
     let mut emb = Vec::with_capacity(tables);
     let mut states = Vec::with_capacity(tables);
@@ -188,6 +283,7 @@ pub fn import_safetensors(
             &format!("emb_l.{t}.weight"),
             &[rows, d],
             &mut values,
+            opts.load,
         )?;
         let table = EmbeddingTable::create_from(t, d, seed, &values, storage)?;
         states.push(OptimizerState::create_for(&table, width)?);
@@ -199,15 +295,82 @@ pub fn import_safetensors(
     for (prefix, mlp) in [("bot_l", &mut bot), ("top_l", &mut topm)] {
         let n = mlp.layers.len();
         for (layer, (wn, bn)) in mlp.layers.iter_mut().zip(layer_names(prefix, n)) {
-            read_tensor(
-                &st,
-                path,
-                &wn,
-                &[layer.outputs, layer.inputs],
-                &mut layer.weight,
-            )?;
-            read_tensor(&st, path, &bn, &[layer.outputs], &mut layer.bias)?;
+            let ws = [layer.outputs, layer.inputs];
+            read_tensor(&st, path, &wn, &ws, &mut layer.weight, opts.load)?;
+            read_tensor(&st, path, &bn, &[layer.outputs], &mut layer.bias, opts.load)?;
         }
     }
     Ok(Dlrm::assemble(arch, optimizer, bot, topm, emb, states))
+}
+
+/// The interaction of an imported model with `features` vectors of width `d` whose top MLP
+/// takes `top_in` inputs: the one that gives that width among those the file's metadata and
+/// the flags allow.
+fn interaction(
+    path: &Path,
+    metadata: Option<&HashMap<String, String>>,
+    opts: ImportOptions,
+    features: usize,
+    d: usize,
+    top_in: usize,
+) -> Result<(InteractionOp, bool)> {
+    let file_op = match metadata.and_then(|m| m.get(META_OP)) {
+        Some(v) => Some(
+            v.parse::<InteractionOp>()
+                .with_context(|| format!("{}: __metadata__ {META_OP} '{v}'", path.display()))?,
+        ),
+        None => None,
+    };
+    let file_itself = match metadata.and_then(|m| m.get(META_ITSELF)) {
+        Some(v) => Some(v.parse::<bool>().map_err(|_| {
+            anyhow::anyhow!(
+                "{}: __metadata__ {META_ITSELF} is '{v}', not true or false",
+                path.display()
+            )
+        })?),
+        None => None,
+    };
+    if let (Some(flag), Some(file)) = (opts.interaction, file_op) {
+        ensure!(
+            flag == file,
+            "--arch-interaction-op {} contradicts {}, whose metadata says {}",
+            interaction_name(flag),
+            path.display(),
+            interaction_name(file)
+        );
+    }
+    if let (Some(flag), Some(file)) = (opts.self_interaction, file_itself) {
+        ensure!(
+            flag == file,
+            "--arch-interaction-itself {flag} contradicts {}, whose metadata says {file}",
+            path.display()
+        );
+    }
+    let op = opts.interaction.or(file_op);
+    let itself = opts.self_interaction.or(file_itself);
+    // Self-interaction changes nothing in a concatenation: cat keeps whatever is stated.
+    let candidates: Vec<(InteractionOp, bool)> = [
+        (InteractionOp::Dot, false),
+        (InteractionOp::Dot, true),
+        (InteractionOp::Cat, itself.unwrap_or(false)),
+    ]
+    .into_iter()
+    .filter(|&(o, i)| op.is_none_or(|op| op == o) && itself.is_none_or(|s| s == i))
+    .filter(|&(o, i)| interaction_width(o, i, features, d) == top_in)
+    .collect();
+    match candidates[..] {
+        [one] => Ok(one),
+        [] => bail!(
+            "{}: the top MLP takes {top_in} inputs, which no{} interaction of {features} vectors of width {d} gives",
+            path.display(),
+            match op {
+                Some(o) => format!(" {} (as stated)", interaction_name(o)),
+                None => String::new(),
+            }
+        ),
+        _ => bail!(
+            "{}: the top MLP's {top_in} inputs fit both the dot and the cat interaction of {features} vectors of width {d}, and the file's metadata does not say which: pass --arch-interaction-op (and --arch-interaction-itself)",
+            path.display()
+        ),
+    }
 }

@@ -4,8 +4,10 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use dlrm::cancel::Cancel;
-use dlrm::checkpoint::{self, TrainState};
-use dlrm::interop::{export_safetensors, import_safetensors};
+use dlrm::checkpoint::{self, LoadOptions, TrainState};
+use dlrm::config::{InteractionOp, join};
+use dlrm::data::binary::BinaryDataset;
+use dlrm::interop::{ImportOptions, export_safetensors, import_safetensors};
 use dlrm::model::OptimizerKind;
 use dlrm::model::embedding_tables::StorageKind;
 use dlrm::train::LrSchedule;
@@ -22,6 +24,9 @@ pub struct ExportArgs {
     /// Replace --out if it exists (never a file of the checkpoint itself).
     #[arg(long)]
     force: bool,
+    /// Export the model even if some of its parameters are NaN or infinite.
+    #[arg(long)]
+    allow_non_finite: bool,
 }
 
 #[derive(Args, Debug)]
@@ -38,6 +43,23 @@ pub struct ImportArgs {
     /// Replace the checkpoints of another run in --save-model (its versions and LATEST).
     #[arg(long)]
     overwrite: bool,
+    /// The model's feature interaction (dot or cat), when the file's metadata does not say
+    /// and its widths fit more than one.
+    #[arg(long)]
+    arch_interaction_op: Option<InteractionOp>,
+    /// Whether the dot interaction includes each vector with itself (true or false).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    arch_interaction_itself: Option<bool>,
+    /// Skip tensors that are not DLRM parameters instead of refusing the file.
+    #[arg(long)]
+    ignore_unknown: bool,
+    /// Import the parameters even if some are NaN or infinite.
+    #[arg(long)]
+    allow_non_finite: bool,
+    /// A binary dataset (dlrm preprocess) whose encoding the checkpoint carries, as one saved by
+    /// `dlrm train --dataset` does, so that `dlrm predict` can score raw rows with it.
+    #[arg(long)]
+    dataset: Option<PathBuf>,
 }
 
 pub fn run_export(a: ExportArgs) -> Result<()> {
@@ -48,20 +70,59 @@ pub fn run_export(a: ExportArgs) -> Result<()> {
         .collect();
     let inputs: Vec<&Path> = checkpoint_files.iter().map(PathBuf::as_path).collect();
     super::check_output(&a.out, &inputs, a.force)?;
-    let (model, _) = checkpoint::load_dlrm(
+    let (mut model, _) = checkpoint::load_dlrm_with(
         &version,
         &StorageKind::File {
             dir: version.clone(),
             lazy_init: false,
         },
+        LoadOptions {
+            allow_non_finite: a.allow_non_finite,
+        },
     )?;
-    export_safetensors(&model, &a.out)?;
+    export_safetensors(&mut model, &a.out)?;
     eprintln!("exported {} to {}", version.display(), a.out.display());
     Ok(())
 }
 
 pub fn run_import(a: ImportArgs) -> Result<()> {
-    let model = import_safetensors(&a.input, a.optimizer, &StorageKind::Anon, 1)?;
+    let dataset = match &a.dataset {
+        Some(dir) => Some(
+            BinaryDataset::open(dir)
+                .with_context(|| format!("--dataset: opening {}", dir.display()))?,
+        ),
+        None => None,
+    };
+    let opts = ImportOptions {
+        interaction: a.arch_interaction_op,
+        self_interaction: a.arch_interaction_itself,
+        ignore_unknown: a.ignore_unknown,
+        load: LoadOptions {
+            allow_non_finite: a.allow_non_finite,
+        },
+    };
+    let model = import_safetensors(&a.input, a.optimizer, &StorageKind::Anon, 1, opts)?;
+    if let Some(ds) = &dataset {
+        let arch = model.arch();
+        let h = ds.header();
+        let sizes: Vec<usize> = h.table_sizes.iter().map(|&n| n as usize).collect();
+        anyhow::ensure!(
+            arch.table_sizes == sizes,
+            "--dataset {}: its table sizes {} differ from those of {} ({})",
+            ds.dir().display(),
+            join(&sizes),
+            a.input.display(),
+            join(&arch.table_sizes)
+        );
+        anyhow::ensure!(
+            arch.num_dense() == h.num_dense,
+            "--dataset {}: it has {} dense features, the bottom MLP of {} takes {}",
+            ds.dir().display(),
+            h.num_dense,
+            a.input.display(),
+            arch.num_dense()
+        );
+    }
     let state = TrainState {
         step: 0,
         epoch: 0,
@@ -77,7 +138,7 @@ pub fn run_import(a: ImportArgs) -> Result<()> {
         &a.save_model,
         &model,
         &state,
-        None,
+        dataset.as_ref().map(|ds| ds.dir()),
         usize::MAX,
         &Cancel::never(),
     )

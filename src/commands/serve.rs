@@ -29,6 +29,10 @@ pub struct ModelArgs {
     /// them) instead of stopping at the first.
     #[arg(long)]
     skip_bad_lines: bool,
+    /// Load the model even if some of its parameters are NaN or infinite (by default such a
+    /// checkpoint is refused, naming the tensor and the first index).
+    #[arg(long)]
+    allow_non_finite: bool,
 }
 
 #[derive(Args, Debug)]
@@ -72,7 +76,10 @@ fn load(a: &ModelArgs) -> Result<(Dlrm, PathBuf)> {
         dir: version.clone(),
         lazy_init: false,
     };
-    let (model, _) = checkpoint::load_dlrm(&version, &storage)?;
+    let opts = checkpoint::LoadOptions {
+        allow_non_finite: a.allow_non_finite,
+    };
+    let (model, _) = checkpoint::load_dlrm_with(&version, &storage, opts)?;
     Ok((model, version))
 }
 

@@ -191,6 +191,10 @@ pub struct TrainArgs {
     /// the position in the data; the run continues to its configured end.
     #[arg(long)]
     load_model: Option<PathBuf>,
+    /// Load a --load-model checkpoint even if some of its parameters are NaN or infinite
+    /// (by default such a checkpoint is refused, naming the tensor and the first index).
+    #[arg(long)]
+    allow_non_finite: bool,
 }
 
 /// Preprocesses `file` into a dataset inside `dir`, as `dlrm preprocess` would.
@@ -226,6 +230,19 @@ fn preprocess_criteo(
 }
 
 pub fn run(a: TrainArgs, cancel: &Cancel) -> Result<()> {
+    // Only DLRM has a checkpoint format: refuse before training rather than fail at the save.
+    if a.model != ModelKind::Dlrm {
+        for (flag, given) in [
+            ("--save-model", a.save_model.is_some()),
+            ("--load-model", a.load_model.is_some()),
+        ] {
+            anyhow::ensure!(
+                !given,
+                "{flag}: only dlrm models can be saved and loaded, not --model {}",
+                a.model.name()
+            );
+        }
+    }
     // The temporary dataset of --criteo, removed when dropped: when the run ends, fails or is
     // interrupted.
     let temp = match &a.criteo {
@@ -386,8 +403,7 @@ fn run_with(a: TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<()> {
         Some(dir) => {
             let version = checkpoint::resolve(dir)?;
             let meta = checkpoint::read_meta(&version)?;
-            let cfg: checkpoint::DlrmConfig = serde_json::from_value(meta.model_config.clone())
-                .with_context(|| format!("{}: not a DLRM checkpoint", version.display()))?;
+            let cfg = checkpoint::read_dlrm_config(&version, &meta)?;
             check_flags_match(&a, &cfg)
                 .with_context(|| format!("--load-model {}", version.display()))?;
             if let Some(ds) = &dataset {
@@ -492,7 +508,11 @@ fn run_with(a: TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<()> {
                 };
                 let model = match &loaded {
                     Some((version, _, _)) => {
-                        Box::new(checkpoint::load_dlrm(version, &storage)?.0) as Box<dyn Model>
+                        let opts = checkpoint::LoadOptions {
+                            allow_non_finite: a.allow_non_finite,
+                        };
+                        Box::new(checkpoint::load_dlrm_with(version, &storage, opts)?.0)
+                            as Box<dyn Model>
                     }
                     None => models::build(a.model, &arch, &a.models, optimizer, &storage, seed)?,
                 };

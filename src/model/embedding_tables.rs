@@ -884,6 +884,25 @@ impl LazyRows {
         self.done[row / 8] & (1u8 << (row % 8)) != 0
     }
 
+    /// Initialises every pending row of `data` (rows x `dim`, row-major) in parallel and
+    /// marks every row materialised.
+    fn fill_pending(&mut self, init: &RowInit, data: &mut [f32], dim: usize) {
+        if self.pending == 0 {
+            return;
+        }
+        let this = &*self;
+        data.par_chunks_mut(dim)
+            .enumerate()
+            .filter(|(r, _)| !this.is_done(*r))
+            .for_each(|(r, row)| init.fill(r, row));
+        let rows = data.len() / dim;
+        self.done[..rows / 8].fill(0xFF);
+        if !rows.is_multiple_of(8) {
+            self.done[rows / 8] |= (1u8 << (rows % 8)) - 1;
+        }
+        self.pending = 0;
+    }
+
     /// The bitmap of a table file just created: its reserved, unwritten extent reads as zeros,
     /// so every row is pending (and no page of it needs to be read to know that).
     fn fresh(file: &File, path: &Path, header: &Header) -> Result<LazyRows, TableError> {
@@ -1129,6 +1148,19 @@ impl EmbeddingTable {
         }
     }
 
+    /// Gives every row not yet materialised its initial value, in parallel: after this the
+    /// weights are the table's real values, as every reader of the whole table (an export)
+    /// needs. A no-op for eager tables. On a copy-on-write (loaded) table nothing reaches
+    /// the file.
+    pub fn materialize_all(&mut self) {
+        let Some(lazy) = self.lazy.as_mut() else {
+            return;
+        };
+        let (rows, dim) = (self.weights.rows(), self.weights.cols());
+        let init = RowInit::new(self.seed, self.index, rows);
+        lazy.fill_pending(&init, self.weights.as_mut_slice(), dim);
+    }
+
     /// Rows still waiting for their initial value (0 for eager tables).
     pub fn pending_rows(&self) -> usize {
         self.lazy.as_ref().map_or(0, |l| l.pending)
@@ -1192,14 +1224,12 @@ impl EmbeddingTable {
             StorageKind::Anon => {
                 let mut weights = MappedMatrix::anon_from_file(&file, path, &header)?;
                 if header.lazy() {
-                    let lazy = LazyRows::reopen(&file, path, &header, true)?;
-                    let init = RowInit::new(seed, index, rows);
-                    weights
-                        .as_mut_slice()
-                        .par_chunks_mut(dim)
-                        .enumerate()
-                        .filter(|(r, _)| !lazy.is_done(*r))
-                        .for_each(|(r, row)| init.fill(r, row));
+                    let mut lazy = LazyRows::reopen(&file, path, &header, true)?;
+                    lazy.fill_pending(
+                        &RowInit::new(seed, index, rows),
+                        weights.as_mut_slice(),
+                        dim,
+                    );
                 }
                 Ok(EmbeddingTable {
                     weights,
