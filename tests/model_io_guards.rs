@@ -416,7 +416,7 @@ fn non_finite_parameters_are_refused_on_load_and_import() {
     values[shape[1] + 4] = f32::INFINITY;
     write_tensors(dense.to_str().unwrap(), &tensors, meta);
     fails(
-        &["export", "--load-model", &ck, "--out", &out],
+        &["export", "--load-model", &ck, "--out", &out, "--force"],
         &["dense.safetensors", "bot_l.2.weight", "[1, 4]", "inf"],
     );
 
@@ -640,7 +640,7 @@ fn export_is_byte_reproducible_and_honours_the_umask() {
         let o = Command::new("sh")
             .args([
                 "-c",
-                &format!("umask {umask}; exec \"$0\" export --load-model \"$1\" --out \"$2\""),
+                &format!("umask {umask}; exec \"$0\" export --load-model \"$1\" --out \"$2\" --force"),
                 env!("CARGO_BIN_EXE_dlrm"),
                 &ck,
                 out,
