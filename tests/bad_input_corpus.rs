@@ -1,11 +1,13 @@
 //! The CLI over a corpus of bad input: every case must end with exit code 1 (a library error)
 //! or 2 (a usage error clap reports), name what is wrong, and never panic or abort (exit code
-//! 101, a signal, or "panicked" in stderr). Hostile files are made by damaging copies of a
-//! good checkpoint and dataset, so each case breaks exactly one thing.
+//! 101, a signal, or "panicked" in stderr), nor run on as if the input were fine. Hostile
+//! files are made by damaging copies of a good checkpoint and dataset, so each case breaks
+//! exactly one thing.
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 struct Scratch(PathBuf);
 
@@ -30,17 +32,42 @@ impl Drop for Scratch {
     }
 }
 
-fn dlrm(args: &[String]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dlrm"))
+/// Longest a bad input may take to be refused: a case that runs longer is a failure (it was
+/// accepted and started working), not a hang of the test.
+const CASE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs `dlrm args` to completion or [`CASE_TIMEOUT`], stderr into `stderr_file`: the exit
+/// code (None when killed by a signal or the timeout) and the stderr text.
+fn dlrm(args: &[String], stderr_file: &Path) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dlrm"))
         .args(args)
         .env_remove("DLRM_CRASH_AT")
-        .output()
-        .expect("run dlrm")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(stderr_file).unwrap())
+        .spawn()
+        .expect("run dlrm");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if start.elapsed() > CASE_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let err = fs::read_to_string(stderr_file).unwrap_or_default();
+    (status.and_then(|s| s.code()), err)
 }
 
 fn ok(args: &[&str]) {
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let o = dlrm(&args);
+    let o = Command::new(env!("CARGO_BIN_EXE_dlrm"))
+        .args(args)
+        .output()
+        .expect("run dlrm");
     assert!(
         o.status.success(),
         "setup {args:?} failed: {}",
@@ -97,10 +124,8 @@ fn with_file(s: &Scratch, dir: &Path, name: &str, file: &str, bytes: Option<&[u8
 
 /// Checks one invocation: exit code 1 or 2, no panic, no abort, and `needle` (when given) in
 /// stderr. Returns a line describing the failure, if any.
-fn check(args: &[String], needle: Option<&str>) -> Option<String> {
-    let o = dlrm(args);
-    let err = String::from_utf8_lossy(&o.stderr);
-    let code = o.status.code();
+fn check(args: &[String], needle: Option<&str>, stderr_file: &Path) -> Option<String> {
+    let (code, err) = dlrm(args, stderr_file);
     let clean = matches!(code, Some(1 | 2)) && !err.contains("panicked");
     let named = needle.is_none_or(|n| err.contains(n));
     (!clean || !named).then(|| {
@@ -763,7 +788,7 @@ fn every_bad_input_is_a_clear_error_never_a_panic() {
     let failures: Vec<String> = cases
         .iter()
         .chain(&cases_ck)
-        .filter_map(|(args, needle)| check(args, *needle))
+        .filter_map(|(args, needle)| check(args, *needle, &s.path("stderr.txt")))
         .collect();
     assert!(
         failures.is_empty(),

@@ -640,7 +640,9 @@ fn export_is_byte_reproducible_and_honours_the_umask() {
         let o = Command::new("sh")
             .args([
                 "-c",
-                &format!("umask {umask}; exec \"$0\" export --load-model \"$1\" --out \"$2\" --force"),
+                &format!(
+                    "umask {umask}; exec \"$0\" export --load-model \"$1\" --out \"$2\" --force"
+                ),
                 env!("CARGO_BIN_EXE_dlrm"),
                 &ck,
                 out,
