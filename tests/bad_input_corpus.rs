@@ -94,6 +94,9 @@ fn latest(ck: &Path) -> PathBuf {
     ck.join(name.trim())
 }
 
+/// A change to a meta.json.
+type MetaEdit = Box<dyn Fn(&mut serde_json::Value)>;
+
 /// A copy of checkpoint `ck` named `name` whose meta.json has `edit` applied.
 fn with_meta(s: &Scratch, ck: &Path, name: &str, edit: impl Fn(&mut serde_json::Value)) -> String {
     let to = s.path(name);
@@ -543,12 +546,11 @@ fn every_bad_input_is_a_clear_error_never_a_panic() {
             Some(":2"),
         );
     }
-    drop(case);
 
     // Damaged checkpoints: each is loaded by eval, export and train --load-model.
     let ck_path = s.path("ck");
     let version = latest(&ck_path);
-    let meta_edits: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+    let meta_edits: Vec<(&str, MetaEdit)> = vec![
         (
             "bottom_one",
             Box::new(|m| m["model_config"]["arch"]["bottom"] = serde_json::json!([16])),
