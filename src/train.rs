@@ -116,6 +116,8 @@ pub struct TrainOptions {
     pub checkpoint: Option<CheckpointPolicy>,
     /// Continue a run from this state (a loaded checkpoint's) instead of from step 0.
     pub resume: Option<TrainState>,
+    /// Checked between steps and in checkpoint saves (never requested by default).
+    pub cancel: Cancel,
 }
 
 impl TrainOptions {
@@ -135,6 +137,7 @@ impl TrainOptions {
             progress: false,
             checkpoint: None,
             resume: None,
+            cancel: Cancel::never(),
         }
     }
 }
@@ -387,25 +390,16 @@ pub fn peak_rss_bytes() -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
-/// Trains `model` on `data`; the caller has entered the thread pool.
+/// Trains `model` on `data`; the caller has entered the thread pool. Stops with
+/// [`crate::cancel::Interrupted`] between steps (and in a checkpoint save) once `opts.cancel`
+/// is requested.
 pub fn train(
     model: &mut dyn Model,
     data: &dyn DataSource,
     opts: &TrainOptions,
     threads: usize,
 ) -> Result<TrainReport> {
-    train_cancellable(model, data, opts, threads, &Cancel::never())
-}
-
-/// [`train`], stopping with [`crate::cancel::Interrupted`] between steps (and in a checkpoint
-/// save) once `cancel` is requested.
-pub fn train_cancellable(
-    model: &mut dyn Model,
-    data: &dyn DataSource,
-    opts: &TrainOptions,
-    threads: usize,
-    cancel: &Cancel,
-) -> Result<TrainReport> {
+    let cancel = &opts.cancel;
     opts.lr.validate()?;
     anyhow::ensure!(
         opts.test_batch_size > 0,

@@ -2,6 +2,7 @@
 //! checkpoint loadable and intact, training never writes through to a checkpoint, and a
 //! damaged or mismatched checkpoint is an error naming the file.
 
+use dlrm::cancel::Cancel;
 use dlrm::checkpoint::{self, TrainState};
 use dlrm::config::{Architecture, InteractionOp, Preset, join};
 use dlrm::data::Batch;
@@ -109,6 +110,7 @@ fn options(nepochs: usize, ckpt: Option<&Path>, resume: Option<TrainState>) -> T
             dataset_files: None,
         }),
         resume,
+        cancel: Cancel::never(),
     }
 }
 

@@ -2,6 +2,7 @@
 //! the licensed sample named by DLRM_CRITEO_SAMPLE) -> `preprocess` -> the binary dataset ->
 //! training.
 
+use dlrm::cancel::Cancel;
 use dlrm::config::{Architecture, InteractionOp, join};
 use dlrm::data::Batch;
 use dlrm::data::binary::{BinaryDataset, DatasetSplit, Encoding, SplitRule};
@@ -86,6 +87,7 @@ fn options(files: Vec<PathBuf>, weights: [f64; 3], out: PathBuf) -> PreprocessOp
         shuffle_seed: None,
         chunk_bytes: CHUNK_BYTES,
         progress: false,
+        cancel: Cancel::never(),
     }
 }
 

@@ -2,6 +2,7 @@
 //! checked whole when opened, a checkpoint refuses data encoded otherwise than its training
 //! data, and `--max-ind-range` with the default split gives the reference's ids and splits.
 
+use dlrm::cancel::Cancel;
 use dlrm::data::binary::{BinaryDataset, DatasetHeader, DatasetSplit};
 use dlrm::data::preprocess::{EncodingChoice, PreprocessOptions, Sources, preprocess};
 use std::collections::BTreeMap;
@@ -619,6 +620,7 @@ fn first_seen_dictionaries_do_not_depend_on_threads_or_chunks() {
             shuffle_seed: None,
             chunk_bytes,
             progress: false,
+            cancel: Cancel::never(),
         };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)

@@ -7,8 +7,7 @@ use clap::Args;
 use dlrm::cancel::Cancel;
 use dlrm::data::binary::Encoding;
 use dlrm::data::preprocess::{
-    CHUNK_BYTES, EncodingChoice, PreprocessOptions, PreprocessSummary, Sources,
-    preprocess_cancellable,
+    CHUNK_BYTES, EncodingChoice, PreprocessOptions, PreprocessSummary, Sources, preprocess,
 };
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -182,9 +181,10 @@ pub fn run(a: PreprocessArgs, cancel: &Cancel) -> Result<()> {
         shuffle_seed: a.encoding.shuffle_seed,
         chunk_bytes: CHUNK_BYTES,
         progress: std::io::stderr().is_terminal(),
+        cancel: cancel.clone(),
     };
     let (pool, _) = a.threads.pool()?;
-    let mut summary = pool.install(|| preprocess_cancellable(&opts, cancel))?;
+    let mut summary = pool.install(|| preprocess(&opts))?;
     if replaced {
         let old = &a.out;
         if old.is_dir() {

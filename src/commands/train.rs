@@ -10,16 +10,14 @@ use dlrm::checkpoint;
 use dlrm::config::{Architecture, InteractionOp, Preset, join};
 use dlrm::data::binary::{BinaryDataset, DatasetSplit};
 use dlrm::data::movielens::MovieLensSource;
-use dlrm::data::preprocess::{
-    CHUNK_BYTES, EncodingChoice, PreprocessOptions, preprocess_cancellable,
-};
+use dlrm::data::preprocess::{CHUNK_BYTES, EncodingChoice, PreprocessOptions, preprocess};
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
 use dlrm::metrics::{format_auc, format_ne};
 use dlrm::model::embedding_tables::StorageKind;
 use dlrm::model::{Model, ModelKind, OptimizerKind};
 use dlrm::train::{
     CheckpointPolicy, DataSource, LrSchedule, TrainOptions, TrainReport, ensure_learning_rate,
-    total_steps, train_cancellable,
+    total_steps, train,
 };
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -214,8 +212,9 @@ fn preprocess_criteo(
         shuffle_seed: a.encoding.shuffle_seed,
         chunk_bytes: CHUNK_BYTES,
         progress: std::io::stderr().is_terminal(),
+        cancel: cancel.clone(),
     };
-    let s = preprocess_cancellable(&opts, cancel)?;
+    let s = preprocess(&opts)?;
     eprintln!(
         "preprocessed {} ({} lines, {} bad) in {:.2} s: train {} / validation {} / test {} rows",
         file.display(),
@@ -457,6 +456,7 @@ fn run_with(a: TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<()> {
             dataset_files: dataset.as_ref().map(|ds| ds.dir().to_path_buf()),
         }),
         resume: loaded.as_ref().map(|l| l.1.train_state.clone()),
+        cancel: cancel.clone(),
     };
 
     let ratings = match (a.model, &a.train, &a.test) {
@@ -542,7 +542,7 @@ fn run_with(a: TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<()> {
                 (source, model)
             }
         };
-        train_cancellable(model.as_mut(), source.as_ref(), &opts, threads, cancel).map(Some)
+        train(model.as_mut(), source.as_ref(), &opts, threads).map(Some)
     })?;
     let Some(report) = report else {
         return Ok(());

@@ -120,6 +120,8 @@ pub struct PreprocessOptions {
     /// it).
     pub chunk_bytes: u64,
     pub progress: bool,
+    /// Checked between rounds of chunks (`Cancel::never()` for work that is not cancelled).
+    pub cancel: Cancel,
 }
 
 /// Seconds per pass.
@@ -1069,21 +1071,13 @@ fn segments(sources: &Sources, inputs: &[Input]) -> ([u64; 2], [usize; 3]) {
 }
 
 /// Preprocesses raw Criteo files into a binary dataset at `opts.out`, in the current rayon
-/// pool.
+/// pool. Stops with [`crate::cancel::Interrupted`] between rounds of chunks once `opts.cancel`
+/// is requested. The output is written to `<out>.partial-<pid>`, removed on any error; those
+/// that killed runs left are removed first.
 pub fn preprocess(opts: &PreprocessOptions) -> Result<PreprocessSummary> {
-    preprocess_cancellable(opts, &Cancel::never())
-}
-
-/// [`preprocess`], stopping with [`crate::cancel::Interrupted`] between rounds of chunks once
-/// `cancel` is requested. The output is written to `<out>.partial-<pid>`, removed on any error;
-/// those that killed runs left are removed first.
-pub fn preprocess_cancellable(
-    opts: &PreprocessOptions,
-    cancel: &Cancel,
-) -> Result<PreprocessSummary> {
     // Cancellation is checked only once the partial output exists, and its guard has removed
     // it by the time the error arrives here.
-    run_passes(opts, cancel).map_err(|e| match partial_path(&opts.out) {
+    run_passes(opts, &opts.cancel).map_err(|e| match partial_path(&opts.out) {
         Ok(partial) => note_removed(e, &partial),
         Err(_) => e,
     })
