@@ -37,6 +37,7 @@ use dlrm::kernels::embedding::{
     Bags, Pooling, SparseGradWorkspace, embedding_bag_forward, gather_rows,
 };
 use dlrm::kernels::optim::{SparseOptimizer, embedding_bag_backward_update};
+use dlrm::kernels::parallel::Par;
 use dlrm::model::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind};
 use dlrm::rng::{RankScatter, SplitMix64, Zipf};
 use std::hint::black_box;
@@ -304,7 +305,15 @@ fn bench_embedding(c: &mut Criterion) {
                     pool_of(t).install(|| {
                         b.iter(|| {
                             let bags = batches.bags(take());
-                            embedding_bag_forward(weights, dim, bags, Pooling::Sum, &mut out, dim);
+                            embedding_bag_forward(
+                                weights,
+                                dim,
+                                bags,
+                                Pooling::Sum,
+                                &mut out,
+                                dim,
+                                Par::Rayon,
+                            );
                         })
                     })
                 });
@@ -313,7 +322,7 @@ fn bench_embedding(c: &mut Criterion) {
                     pool_of(t).install(|| {
                         b.iter(|| {
                             for ids in batches.ids(take()).chunks(BATCH) {
-                                gather_rows(weights, dim, ids, &mut out, dim);
+                                gather_rows(weights, dim, ids, &mut out, dim, Par::Rayon);
                             }
                         })
                     })
@@ -342,6 +351,7 @@ fn bench_embedding(c: &mut Criterion) {
                                     dim,
                                     opt,
                                     &mut ws,
+                                    Par::Rayon,
                                 )
                             })
                         })

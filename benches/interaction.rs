@@ -5,6 +5,7 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use dlrm_kernels::interaction::{dot_interaction_backward, dot_interaction_forward, num_pairs};
+use dlrm_kernels::parallel::Par;
 use std::time::Duration;
 
 fn bench_interaction(c: &mut Criterion) {
@@ -39,7 +40,15 @@ fn bench_interaction(c: &mut Criterion) {
                     pool.install(|| {
                         b.iter(|| {
                             dot_interaction_forward(
-                                &features, batch, f, d, stride, false, &mut out, width,
+                                &features,
+                                batch,
+                                f,
+                                d,
+                                stride,
+                                false,
+                                &mut out,
+                                width,
+                                Par::Rayon,
                             )
                         })
                     })
@@ -62,6 +71,7 @@ fn bench_interaction(c: &mut Criterion) {
                                 width,
                                 &mut grad_features,
                                 stride,
+                                Par::Rayon,
                             )
                         })
                     })

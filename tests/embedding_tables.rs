@@ -4,6 +4,7 @@
 
 use dlrm::kernels::embedding::{Bags, Pooling, SparseGradWorkspace, embedding_bag_forward};
 use dlrm::kernels::optim::{SparseOptimizer, embedding_bag_backward_update};
+use dlrm::kernels::parallel::Par;
 use dlrm::model::embedding_tables::{
     EmbeddingTable, OptimizerState, StorageKind, TableError, available_space, init_bound, init_row,
     state_file_name, table_file_name,
@@ -566,7 +567,15 @@ fn train_zipf_batches(tag: &str, rows: usize, dim: usize, batches: usize) -> f64
             indices: &compact_ids,
             ..bags
         };
-        embedding_bag_forward(table.weights(), dim, bags, Pooling::Sum, &mut out, dim);
+        embedding_bag_forward(
+            table.weights(),
+            dim,
+            bags,
+            Pooling::Sum,
+            &mut out,
+            dim,
+            Par::Rayon,
+        );
         embedding_bag_forward(
             &compact.weights,
             dim,
@@ -574,6 +583,7 @@ fn train_zipf_batches(tag: &str, rows: usize, dim: usize, batches: usize) -> f64
             Pooling::Sum,
             &mut compact_out,
             dim,
+            Par::Rayon,
         );
         assert_eq!(bits(&out), bits(&compact_out), "forward of batch {batch}");
         embedding_bag_backward_update(
@@ -586,6 +596,7 @@ fn train_zipf_batches(tag: &str, rows: usize, dim: usize, batches: usize) -> f64
             dim,
             opt,
             &mut ws,
+            Par::Rayon,
         );
         embedding_bag_backward_update(
             &mut compact.weights,
@@ -597,6 +608,7 @@ fn train_zipf_batches(tag: &str, rows: usize, dim: usize, batches: usize) -> f64
             dim,
             opt,
             &mut compact_ws,
+            Par::Rayon,
         );
     }
     let touched = compact.ids.len();

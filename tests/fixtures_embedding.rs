@@ -10,6 +10,7 @@ use dlrm::kernels::embedding::{
     self, Bags, Pooling, SparseGradWorkspace, embedding_bag_backward_coalesce,
 };
 use dlrm::kernels::optim::{self, SparseOptimizer};
+use dlrm::kernels::parallel::Par;
 
 struct Case {
     fx: Fixture,
@@ -62,7 +63,15 @@ impl Case {
         assert_eq!(fx.shape("grad_output"), [self.bags().len(), dim]);
 
         let mut out = vec![f32::NAN; self.bags().len() * dim];
-        embedding::embedding_bag_forward(table, dim, self.bags(), self.pooling, &mut out, dim);
+        embedding::embedding_bag_forward(
+            table,
+            dim,
+            self.bags(),
+            self.pooling,
+            &mut out,
+            dim,
+            Par::Rayon,
+        );
         fx.assert_close("output", &out);
 
         let mut ws = SparseGradWorkspace::default();
@@ -74,6 +83,7 @@ impl Case {
             grad_out,
             dim,
             &mut ws,
+            Par::Rayon,
         );
         let mut grad_table = vec![0.0f32; self.rows * dim];
         for (&r, gr) in g.rows.iter().zip(g.grads.chunks(dim)) {
@@ -83,7 +93,15 @@ impl Case {
 
         if fx.has("grad_per_sample_weights") {
             let mut gw = vec![f32::NAN; self.indices.len()];
-            embedding::embedding_bag_weight_grad(table, dim, self.bags(), grad_out, dim, &mut gw);
+            embedding::embedding_bag_weight_grad(
+                table,
+                dim,
+                self.bags(),
+                grad_out,
+                dim,
+                &mut gw,
+                Par::Rayon,
+            );
             fx.assert_close("grad_per_sample_weights", &gw);
         }
 
@@ -100,6 +118,7 @@ impl Case {
             dim,
             SparseOptimizer::Sgd { lr },
             &mut ws,
+            Par::Rayon,
         );
         let moved: Vec<f32> = stepped
             .iter()

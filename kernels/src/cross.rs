@@ -31,9 +31,9 @@
 //! with u_l = W_l x_l + b_l kept from the forward: three GEMM products per layer (the last
 //! accumulating into g) and one elementwise pass.
 
-use crate::embedding::{check_strided, join_ranges, split_rows, task_grain};
+use crate::embedding::check_strided;
 use crate::gemm::{GemmOps, MatMut, MatRef, bias_grad, dot, gemm, linear_backward_weight};
-use crate::parallel::should_split;
+use crate::parallel::{Par, join_ranges, should_split, split_rows, task_grain};
 use crate::simd::{F32s, LANES, load_upto, store_upto};
 use core::ops::Range;
 
@@ -152,6 +152,7 @@ impl CrossWorkspace {
 /// are worth it. `part` holds rows `stride` apart from the first sample of its range; the
 /// result of a sample never depends on the split.
 fn for_samples<'a>(
+    par: Par,
     batch: usize,
     work: usize,
     rows: (&'a mut [f32], usize),
@@ -161,7 +162,7 @@ fn for_samples<'a>(
         return;
     }
     let stride = rows.1;
-    let grain = task_grain(batch, should_split(work, MIN_PARALLEL_FLOATS));
+    let grain = task_grain(batch, should_split(par, work, MIN_PARALLEL_FLOATS));
     join_ranges(
         0..batch,
         grain,
@@ -223,6 +224,7 @@ pub fn cross_forward(
     saved: &mut [f32],
     out: &mut [f32],
     out_stride: usize,
+    par: Par,
 ) {
     const WHO: &str = "cross_forward";
     net.check(WHO);
@@ -238,6 +240,7 @@ pub fn cross_forward(
     let saved = &mut saved[..need];
     if net.layers == 0 {
         for_samples(
+            par,
             batch,
             2 * batch * d,
             (out, out_stride),
@@ -251,8 +254,12 @@ pub fn cross_forward(
         return;
     }
     match net.kind {
-        CrossKind::RankOne => rank_one_forward(net, x0, x0_stride, batch, saved, out, out_stride),
-        CrossKind::FullRank => full_rank_forward(net, x0, x0_stride, batch, saved, out, out_stride),
+        CrossKind::RankOne => {
+            rank_one_forward(net, x0, x0_stride, batch, saved, out, out_stride, par)
+        }
+        CrossKind::FullRank => {
+            full_rank_forward(net, x0, x0_stride, batch, saved, out, out_stride, par)
+        }
     }
 }
 
@@ -267,6 +274,7 @@ fn rank_one_forward(
     saved: &mut [f32],
     out: &mut [f32],
     out_stride: usize,
+    par: Par,
 ) {
     let (d, layers) = (net.dim, net.layers);
     let width = net.saved_len(1);
@@ -292,7 +300,7 @@ fn rank_one_forward(
     };
     let grain = task_grain(
         batch,
-        should_split(batch * layers * d * 3, MIN_PARALLEL_FLOATS),
+        should_split(par, batch * layers * d * 3, MIN_PARALLEL_FLOATS),
     );
     if batch > 0 {
         join_ranges(
@@ -321,6 +329,7 @@ fn full_rank_forward(
     saved: &mut [f32],
     out: &mut [f32],
     out_stride: usize,
+    par: Par,
 ) {
     let (d, layers) = (net.dim, net.layers);
     let bd = batch * d;
@@ -339,6 +348,7 @@ fn full_rank_forward(
             Some(&net.b[l * d..(l + 1) * d]),
             false,
             MatMut::new(u, batch, d),
+            par,
         );
         let u: &[f32] = u;
         let (dst, dst_stride) = if l + 1 == layers {
@@ -346,17 +356,23 @@ fn full_rank_forward(
         } else {
             (&mut rest[..bd], d)
         };
-        for_samples(batch, 4 * bd, (dst, dst_stride), &|r, y: &mut [f32]| {
-            let lo = r.start;
-            for b in r {
-                full_rank_row(
-                    &mut y[(b - lo) * dst_stride..][..d],
-                    &x0[b * x0_stride..][..d],
-                    &u[b * d..][..d],
-                    &xl[b * xl_stride..][..d],
-                );
-            }
-        });
+        for_samples(
+            par,
+            batch,
+            4 * bd,
+            (dst, dst_stride),
+            &|r, y: &mut [f32]| {
+                let lo = r.start;
+                for b in r {
+                    full_rank_row(
+                        &mut y[(b - lo) * dst_stride..][..d],
+                        &x0[b * x0_stride..][..d],
+                        &u[b * d..][..d],
+                        &xl[b * xl_stride..][..d],
+                    );
+                }
+            },
+        );
     }
 }
 
@@ -375,6 +391,7 @@ pub fn cross_backward(
     grad_out_stride: usize,
     grads: CrossGrads,
     ws: &mut CrossWorkspace,
+    par: Par,
 ) {
     const WHO: &str = "cross_backward";
     net.check(WHO);
@@ -406,6 +423,7 @@ pub fn cross_backward(
     if net.layers == 0 {
         let (gs, acc) = (grads.x0_stride, grads.accumulate_x0);
         for_samples(
+            par,
             batch,
             2 * batch * d,
             (grads.x0, gs),
@@ -430,6 +448,7 @@ pub fn cross_backward(
             grad_out_stride,
             grads,
             ws,
+            par,
         ),
         CrossKind::FullRank => full_rank_backward(
             net,
@@ -441,6 +460,7 @@ pub fn cross_backward(
             grad_out_stride,
             grads,
             ws,
+            par,
         ),
     }
 }
@@ -458,6 +478,7 @@ fn rank_one_backward(
     grad_out_stride: usize,
     grads: CrossGrads,
     ws: &mut CrossWorkspace,
+    par: Par,
 ) {
     let (d, layers) = (net.dim, net.layers);
     let ld = layers * d;
@@ -518,7 +539,7 @@ fn rank_one_backward(
     if chunks > 0 {
         let grain = task_grain(
             chunks,
-            should_split(batch * layers * d * 6, MIN_PARALLEL_FLOATS),
+            should_split(par, batch * layers * d * 6, MIN_PARALLEL_FLOATS),
         );
         join_ranges(
             0..chunks,
@@ -555,6 +576,7 @@ fn full_rank_backward(
     grad_out_stride: usize,
     grads: CrossGrads,
     ws: &mut CrossWorkspace,
+    par: Par,
 ) {
     let (d, layers) = (net.dim, net.layers);
     let bd = batch * d;
@@ -567,7 +589,7 @@ fn full_rank_backward(
         ..
     } = grads;
     let (g, du) = ws.take(2 * bd).split_at_mut(bd);
-    for_samples(batch, 2 * bd, (&mut *g, d), &|r, gv: &mut [f32]| {
+    for_samples(par, batch, 2 * bd, (&mut *g, d), &|r, gv: &mut [f32]| {
         let lo = r.start;
         for b in r {
             gv[(b - lo) * d..][..d].copy_from_slice(&grad_out[b * grad_out_stride..][..d]);
@@ -610,7 +632,7 @@ fn full_rank_backward(
             }
         };
         if batch > 0 {
-            let grain = task_grain(batch, should_split(5 * bd, MIN_PARALLEL_FLOATS));
+            let grain = task_grain(batch, should_split(par, 5 * bd, MIN_PARALLEL_FLOATS));
             join_ranges(
                 0..batch,
                 grain,
@@ -630,8 +652,9 @@ fn full_rank_backward(
             MatRef::with_row_stride(xl, batch, d, xl_stride),
             MatMut::new(&mut dw[l * d * d..(l + 1) * d * d], d, d),
             false,
+            par,
         );
-        bias_grad(du_m, None, &mut db[l * d..(l + 1) * d], false);
+        bias_grad(du_m, None, &mut db[l * d..(l + 1) * d], false, par);
         let ops = GemmOps {
             beta: 1.0,
             ..GemmOps::default()
@@ -641,11 +664,12 @@ fn full_rank_backward(
             MatRef::new(&net.w[l * d * d..(l + 1) * d * d], d, d),
             MatMut::new(g, batch, d),
             &ops,
+            par,
         );
     }
     // x_0 is x0 itself: the gradient that reached it joins dx0.
     let gr: &[f32] = g;
-    for_samples(batch, 2 * bd, (gx0, gs), &|r, gx: &mut [f32]| {
+    for_samples(par, batch, 2 * bd, (gx0, gs), &|r, gx: &mut [f32]| {
         let lo = r.start;
         for b in r {
             copy_or_add(&mut gx[(b - lo) * gs..][..d], &gr[b * d..][..d], true);

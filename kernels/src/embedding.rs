@@ -19,7 +19,7 @@
 //! form runs in batch order; each run is then pooled like a forward bag, whose "table" is the
 //! output gradient. Distinct rows are independent, so threads take contiguous runs of them.
 
-use crate::parallel::should_split;
+use crate::parallel::{Par, join_ranges, should_split, task_grain};
 use crate::simd::{F32s, LANES, load, load_partial, prefetch_read, store, store_partial};
 use core::ops::Range;
 use rayon::prelude::*;
@@ -306,48 +306,6 @@ fn pool_rows<'r>(
     }
 }
 
-/// Runs `leaf(range, part)` over consecutive sub-ranges of `range`, each at most `grain`
-/// items long, halving recursively under `rayon::join`. `split(part, lo, mid)` cuts `part`,
-/// which belongs to the items from `lo` on, where item `mid` starts. Every leaf owns its part,
-/// so no two tasks write the same memory, and which leaf computes an item never changes what
-/// it computes.
-pub(crate) fn join_ranges<P: Send>(
-    range: Range<usize>,
-    grain: usize,
-    part: P,
-    split: &(impl Fn(P, usize, usize) -> (P, P) + Sync),
-    leaf: &(impl Fn(Range<usize>, P) + Sync),
-) {
-    if range.len() <= grain.max(1) {
-        leaf(range, part);
-        return;
-    }
-    let mid = range.start + range.len() / 2;
-    let (a, b) = split(part, range.start, mid);
-    rayon::join(
-        || join_ranges(range.start..mid, grain, a, split, leaf),
-        || join_ranges(mid..range.end, grain, b, split, leaf),
-    );
-}
-
-/// Splits rows `stride` floats apart into the first `rows` rows and the rest (the split of a
-/// [`join_ranges`] part that holds one row per item); a slice shorter than `rows` rows is all
-/// first part.
-pub(crate) fn split_rows(s: &mut [f32], stride: usize, rows: usize) -> (&mut [f32], &mut [f32]) {
-    let at = (rows * stride).min(s.len());
-    s.split_at_mut(at)
-}
-
-/// Items per parallel task: about four tasks per thread for load balance when `parallel`,
-/// else everything in one task.
-pub(crate) fn task_grain(items: usize, parallel: bool) -> usize {
-    if parallel {
-        items.div_ceil(4 * rayon::current_num_threads()).max(1)
-    } else {
-        usize::MAX
-    }
-}
-
 /// `out[b*out_stride .. b*out_stride + dim]` = pooled rows of bag b. `table` is rows x dim
 /// row-major (rows = table.len() / dim). Panics if an index >= rows (ids are validated by the
 /// caller; the check must still exist so a bad id can never read out of bounds).
@@ -358,8 +316,19 @@ pub fn embedding_bag_forward(
     pooling: Pooling,
     out: &mut [f32],
     out_stride: usize,
+    par: Par,
 ) {
-    embedding_bag_forward_tables(1, dim, |_| table, |_| bags, pooling, out, out_stride, 0);
+    embedding_bag_forward_tables(
+        1,
+        dim,
+        |_| table,
+        |_| bags,
+        pooling,
+        out,
+        out_stride,
+        0,
+        par,
+    );
 }
 
 /// Pools `num_tables` tables into shared output rows: bag b of table t goes to
@@ -376,6 +345,7 @@ pub fn embedding_bag_forward_tables<'t>(
     out: &mut [f32],
     out_stride: usize,
     first_col: usize,
+    par: Par,
 ) {
     const WHO: &str = "embedding_bag_forward";
     if num_tables == 0 {
@@ -414,7 +384,7 @@ pub fn embedding_bag_forward_tables<'t>(
         }
     };
     let out = &mut out[..(n - 1) * out_stride + span];
-    if should_split(work, MIN_PARALLEL_FLOATS) {
+    if should_split(par, work, MIN_PARALLEL_FLOATS) {
         let grain = task_grain(n, true);
         out.par_chunks_mut(grain * out_stride)
             .enumerate()
@@ -490,7 +460,14 @@ fn one_id_per_bag(bags: Bags, range: Range<usize>) -> bool {
 /// prefetches are the forward's, minus its FMAs and bag bookkeeping, so on the same ids this
 /// runs at the speed of the memory system: the ceiling the forward is benchmarked against.
 /// Threads split the output rows. Panics if an index >= rows.
-pub fn gather_rows(table: &[f32], dim: usize, indices: &[u32], out: &mut [f32], out_stride: usize) {
+pub fn gather_rows(
+    table: &[f32],
+    dim: usize,
+    indices: &[u32],
+    out: &mut [f32],
+    out_stride: usize,
+    par: Par,
+) {
     const WHO: &str = "gather_rows";
     let rows = table_rows(table, dim, WHO);
     check_ids(indices, rows, WHO);
@@ -504,7 +481,7 @@ pub fn gather_rows(table: &[f32], dim: usize, indices: &[u32], out: &mut [f32], 
         with_width!(dim, |width| copy_rows(table, width, ids, out, out_stride))
     };
     let out = &mut out[..(n - 1) * out_stride + dim];
-    if should_split(2 * n * dim, MIN_PARALLEL_FLOATS) {
+    if should_split(par, 2 * n * dim, MIN_PARALLEL_FLOATS) {
         let grain = task_grain(n, true);
         out.par_chunks_mut(grain * out_stride)
             .enumerate()
@@ -559,6 +536,7 @@ pub fn embedding_bag_weight_grad(
     grad_out: &[f32],
     grad_stride: usize,
     grad_weights: &mut [f32],
+    par: Par,
 ) {
     const WHO: &str = "embedding_bag_weight_grad";
     let rows = table_rows(table, dim, WHO);
@@ -596,7 +574,7 @@ pub fn embedding_bag_weight_grad(
             }
         }
     };
-    let parallel = should_split(indices.len() * dim, MIN_PARALLEL_FLOATS);
+    let parallel = should_split(par, indices.len() * dim, MIN_PARALLEL_FLOATS);
     if !bags.is_empty() {
         join_ranges(
             0..bags.len(),
@@ -805,11 +783,12 @@ impl<'w, 'a> RowGrads<'w, 'a> {
         (self.keys.len() + self.rows.len()) * self.dim
     }
 
-    /// Distinct rows per parallel task, or everything in one task when the work is small.
-    pub(crate) fn grain(&self) -> usize {
+    /// Distinct rows per parallel task, or everything in one task when `par` keeps the work
+    /// serial.
+    pub(crate) fn grain(&self, par: Par) -> usize {
         task_grain(
             self.rows.len(),
-            should_split(self.work(), MIN_PARALLEL_FLOATS),
+            should_split(par, self.work(), MIN_PARALLEL_FLOATS),
         )
     }
 }
@@ -874,6 +853,7 @@ pub fn embedding_bag_backward_coalesce<'w>(
     grad_out: &[f32],
     grad_stride: usize,
     ws: &'w mut SparseGradWorkspace,
+    par: Par,
 ) -> CoalescedGrad<'w> {
     let (rg, grads) = RowGrads::prepare(
         rows,
@@ -890,7 +870,7 @@ pub fn embedding_bag_backward_coalesce<'w>(
         grads.resize(n * dim, 0.0);
     }
     let grads = &mut grads[..n * dim];
-    let grain = rg.grain();
+    let grain = rg.grain(par);
     let chunk = |t: usize, g: &mut [f32]| {
         with_width!(
             dim,

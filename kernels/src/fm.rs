@@ -30,11 +30,10 @@
 //! over the current pool; the backward splits positions by bag. No result depends on the split.
 
 use crate::embedding::{
-    Bags, PREFETCH_DISTANCE, Pooling, check_strided, join_ranges, prefetch_lines, split_rows,
-    table_rows, task_grain,
+    Bags, PREFETCH_DISTANCE, Pooling, check_strided, prefetch_lines, table_rows,
 };
 use crate::gemm::dot;
-use crate::parallel::should_split;
+use crate::parallel::{Par, join_ranges, should_split, split_rows, task_grain};
 use crate::simd::{F32s, LANES, load, load_partial, load_upto, prefetch_read, store_upto};
 use core::ops::Range;
 
@@ -81,6 +80,7 @@ pub fn fm_forward<'t>(
     bias: f32,
     sums: &mut [f32],
     out: &mut [f32],
+    par: Par,
 ) {
     const WHO: &str = "fm_forward";
     let batch = out.len();
@@ -113,7 +113,7 @@ pub fn fm_forward<'t>(
     };
     join_ranges(
         0..batch,
-        task_grain(batch, should_split(work, MIN_PARALLEL_FLOATS)),
+        task_grain(batch, should_split(par, work, MIN_PARALLEL_FLOATS)),
         (sums, out),
         &|(s, o): (&mut [f32], &mut [f32]), lo, mid| {
             let (s0, s1) = split_rows(s, k, mid - lo);
@@ -225,6 +225,7 @@ pub fn fm_backward(
     grad_out: &[f32],
     grad_rows: &mut [f32],
     grad_weights: Option<&mut [f32]>,
+    par: Par,
 ) {
     const WHO: &str = "fm_backward";
     field.check(k, WHO);
@@ -284,7 +285,7 @@ pub fn fm_backward(
             }
         }
     };
-    let parallel = should_split(nnz * k * 3, MIN_PARALLEL_FLOATS);
+    let parallel = should_split(par, nnz * k * 3, MIN_PARALLEL_FLOATS);
     join_ranges(
         0..batch,
         task_grain(batch, parallel),

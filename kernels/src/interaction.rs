@@ -30,7 +30,7 @@
 //! chunks of samples, and every output element is computed by the same operations whatever
 //! the thread count.
 
-use crate::parallel::should_split;
+use crate::parallel::{Par, should_split};
 use crate::simd::{F32s, LANES, load, load_partial, store, store_partial};
 use rayon::prelude::*;
 
@@ -124,6 +124,7 @@ fn check_rows(kernel: &str, name: &str, len: usize, rows: usize, stride: usize, 
 /// Calls `body(b, row)` for each of `rows` rows of `width` floats, `stride` apart in `dst`,
 /// splitting them over the current pool in fixed chunks when `rows * work_per_row` is large.
 fn for_each_row(
+    par: Par,
     dst: &mut [f32],
     stride: usize,
     rows: usize,
@@ -140,7 +141,7 @@ fn for_each_row(
             body(r0 + q, &mut row[..width]);
         }
     };
-    if should_split(rows.saturating_mul(work_per_row), MIN_PARALLEL_WORK) {
+    if should_split(par, rows.saturating_mul(work_per_row), MIN_PARALLEL_WORK) {
         dst.par_chunks_mut(SAMPLES_PER_TASK * stride)
             .enumerate()
             .for_each(|(t, chunk)| run(t * SAMPLES_PER_TASK, chunk));
@@ -165,13 +166,14 @@ pub fn dot_interaction_forward(
     self_interaction: bool,
     out: &mut [f32],
     out_stride: usize,
+    par: Par,
 ) {
     const K: &str = "dot_interaction_forward";
     assert!(f >= 1, "{K}: no feature vectors (f = 0)");
     let np = num_pairs(f, self_interaction);
     check_rows(K, "features", features.len(), batch, feature_stride, f * d);
     check_rows(K, "out", out.len(), batch, out_stride, d + np);
-    for_each_row(out, out_stride, batch, d + np, np * d, |b, row| {
+    for_each_row(par, out, out_stride, batch, d + np, np * d, |b, row| {
         let x = &features[b * feature_stride..][..f * d];
         let (bottom, dots) = row.split_at_mut(d);
         bottom.copy_from_slice(&x[..d]);
@@ -369,6 +371,7 @@ pub fn dot_interaction_backward(
     grad_out_stride: usize,
     grad_features: &mut [f32],
     grad_feature_stride: usize,
+    par: Par,
 ) {
     const K: &str = "dot_interaction_backward";
     assert!(f >= 1, "{K}: no feature vectors (f = 0)");
@@ -391,6 +394,7 @@ pub fn dot_interaction_backward(
         f * d,
     );
     for_each_row(
+        par,
         grad_features,
         grad_feature_stride,
         batch,
@@ -587,6 +591,7 @@ pub fn cat_interaction_forward(
     feature_stride: usize,
     out: &mut [f32],
     out_stride: usize,
+    par: Par,
 ) {
     copy_rows(
         "cat_interaction_forward",
@@ -596,6 +601,7 @@ pub fn cat_interaction_forward(
         f * d,
         out,
         out_stride,
+        par,
     );
 }
 
@@ -609,6 +615,7 @@ pub fn cat_interaction_backward(
     d: usize,
     grad_features: &mut [f32],
     grad_feature_stride: usize,
+    par: Par,
 ) {
     copy_rows(
         "cat_interaction_backward",
@@ -618,6 +625,7 @@ pub fn cat_interaction_backward(
         f * d,
         grad_features,
         grad_feature_stride,
+        par,
     );
 }
 
@@ -630,10 +638,11 @@ fn copy_rows(
     width: usize,
     dst: &mut [f32],
     dst_stride: usize,
+    par: Par,
 ) {
     check_rows(kernel, "source", src.len(), rows, src_stride, width);
     check_rows(kernel, "destination", dst.len(), rows, dst_stride, width);
-    for_each_row(dst, dst_stride, rows, width, width, |b, row| {
+    for_each_row(par, dst, dst_stride, rows, width, width, |b, row| {
         row.copy_from_slice(&src[b * src_stride..][..width]);
     });
 }

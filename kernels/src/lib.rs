@@ -4,8 +4,9 @@
 //! shapes and strides (row-major). Shapes are checked once at entry and a mismatch is a
 //! programmer error (a panic with a message); data from users is validated by the caller.
 //!
-//! Parallel kernels take their threads from the current rayon pool, and give bit-identical
-//! results for any thread count: only independent outputs are split between threads, and
+//! Kernels that may go parallel take a [`parallel::Par`] argument (the caller decides, nothing
+//! process-wide does), take their threads from the current rayon pool, and give bit-identical
+//! results for any thread count and any `Par`: only independent outputs are split between threads, and
 //! reductions are split into chunks fixed by the shape alone.
 //!
 //! Every kernel has a scalar twin in [`reference`], the oracle of the property tests.

@@ -18,10 +18,9 @@
 //! whatever the thread count.
 
 use crate::embedding::{
-    Bags, Pooling, RowGrads, SparseGradWorkspace, join_ranges, prefetch_lines, table_rows,
-    with_width,
+    Bags, Pooling, RowGrads, SparseGradWorkspace, prefetch_lines, table_rows, with_width,
 };
-use crate::parallel::should_split;
+use crate::parallel::{Par, join_ranges, should_split};
 use crate::scratch::{EMB_ROW, with_scratch};
 use crate::simd::{F32s, LANES, load, load_partial, prefetch_write, store, store_partial};
 use core::ops::Range;
@@ -166,6 +165,7 @@ pub fn embedding_bag_backward_update(
     grad_stride: usize,
     opt: SparseOptimizer,
     ws: &mut SparseGradWorkspace,
+    par: Par,
 ) {
     embedding_bag_backward_update_l2(
         table,
@@ -178,6 +178,7 @@ pub fn embedding_bag_backward_update(
         opt,
         0.0,
         ws,
+        par,
     );
 }
 
@@ -199,6 +200,7 @@ pub fn embedding_bag_backward_update_l2(
     opt: SparseOptimizer,
     weight_decay: f32,
     ws: &mut SparseGradWorkspace,
+    par: Par,
 ) {
     const WHO: &str = "embedding_bag_backward_update";
     let rows = table_rows(table, dim, WHO);
@@ -242,7 +244,7 @@ pub fn embedding_bag_backward_update_l2(
     // A part is (table rows, state rows) from the first distinct row of its range on.
     join_ranges(
         0..ids.len(),
-        rg.grain(),
+        rg.grain(par),
         (&mut table[first * dim..], &mut state[first * sw..]),
         &|(t, s): (&mut [f32], &mut [f32]), lo, mid| {
             let skip = (ids[mid] - ids[lo]) as usize;
@@ -262,7 +264,7 @@ const MIN_PARALLEL_DENSE: usize = 1 << 16;
 
 /// Dense parameter updates (MLP weights/biases), SIMD, parallel when large, bit-identical.
 /// SGD: param -= lr * grad.
-pub fn sgd_update(param: &mut [f32], grad: &[f32], lr: f32) {
+pub fn sgd_update(param: &mut [f32], grad: &[f32], lr: f32, par: Par) {
     assert_eq!(
         param.len(),
         grad.len(),
@@ -270,7 +272,7 @@ pub fn sgd_update(param: &mut [f32], grad: &[f32], lr: f32) {
         param.len(),
         grad.len()
     );
-    if should_split(param.len(), MIN_PARALLEL_DENSE) {
+    if should_split(par, param.len(), MIN_PARALLEL_DENSE) {
         param
             .par_chunks_mut(DENSE_CHUNK)
             .zip(grad.par_chunks(DENSE_CHUNK))
@@ -281,7 +283,14 @@ pub fn sgd_update(param: &mut [f32], grad: &[f32], lr: f32) {
 }
 
 /// Dense Adagrad: state += grad^2; param -= lr * grad / (sqrt(state) + eps).
-pub fn adagrad_update(param: &mut [f32], grad: &[f32], state: &mut [f32], lr: f32, eps: f32) {
+pub fn adagrad_update(
+    param: &mut [f32],
+    grad: &[f32],
+    state: &mut [f32],
+    lr: f32,
+    eps: f32,
+    par: Par,
+) {
     assert!(
         param.len() == grad.len() && state.len() == grad.len(),
         "adagrad_update: {} parameters, {} gradients, {} state values",
@@ -289,7 +298,7 @@ pub fn adagrad_update(param: &mut [f32], grad: &[f32], state: &mut [f32], lr: f3
         grad.len(),
         state.len()
     );
-    if should_split(param.len(), MIN_PARALLEL_DENSE) {
+    if should_split(par, param.len(), MIN_PARALLEL_DENSE) {
         param
             .par_chunks_mut(DENSE_CHUNK)
             .zip(grad.par_chunks(DENSE_CHUNK))

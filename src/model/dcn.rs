@@ -29,6 +29,7 @@ use dlrm_kernels::cross::{
 };
 use dlrm_kernels::embedding::{Bags, Pooling, embedding_bag_forward_tables};
 use dlrm_kernels::gemm::{MatMut, MatRef};
+use dlrm_kernels::parallel::Par;
 use std::time::Instant;
 
 /// The shape of a DCN.
@@ -92,6 +93,8 @@ pub struct Dcn {
     probs: Vec<f32>,
     grad_logits: Vec<f32>,
     phases: PhaseSeconds,
+    /// How the kernels may use threads (set with [`Model::set_parallelism`]).
+    par: Par,
 }
 
 impl Dcn {
@@ -154,6 +157,7 @@ impl Dcn {
             probs: Vec::new(),
             grad_logits: Vec::new(),
             phases: PhaseSeconds::default(),
+            par: Par::default(),
         })
     }
 
@@ -181,6 +185,7 @@ impl Dcn {
 
     /// Forward to the logits (in the head's output buffer). The batch must be valid.
     fn forward_logits(&mut self, batch: &Batch, sw: &mut Stopwatch) {
+        let par = self.par;
         let b = batch.size();
         let (nd, d) = (self.cfg.num_dense, self.cfg.embedding_dim);
         let w0 = self.cfg.input_width();
@@ -200,6 +205,7 @@ impl Dcn {
             x0,
             w0,
             nd,
+            par,
         );
         sw.lap(&mut self.phases.emb_fwd);
 
@@ -212,16 +218,17 @@ impl Dcn {
             &mut self.saved[..need],
             &mut self.head_in,
             hw,
+            par,
         );
         sw.lap(&mut self.phases.interaction_fwd);
 
         let deep_out = MatMut::with_row_stride(&mut self.head_in[w0..], b, hw - w0, hw);
         self.deep
-            .forward(MatRef::new(&self.x0[..b * w0], b, w0), Some(deep_out));
+            .forward(MatRef::new(&self.x0[..b * w0], b, w0), Some(deep_out), par);
         sw.lap(&mut self.phases.bot_fwd);
 
         self.head
-            .forward(MatRef::new(&self.head_in[..b * hw], b, hw), None);
+            .forward(MatRef::new(&self.head_in[..b * hw], b, hw), None, par);
         sw.lap(&mut self.phases.top_fwd);
     }
 
@@ -239,6 +246,7 @@ impl Dcn {
 
     /// One training step: forward, mean BCE loss, backward, updates. Returns the mean loss.
     pub fn train_step(&mut self, batch: &Batch, lr: f32) -> Result<f64, BatchError> {
+        let par = self.par;
         self.check_capacity(batch)?;
         let mut sw = Stopwatch(Instant::now());
         validate_batch(batch, self.cfg.num_dense, &self.embeddings.tables)?;
@@ -263,6 +271,7 @@ impl Dcn {
             None,
             MatRef::new(&self.grad_logits[..b], b, 1),
             Some(MatMut::new(&mut self.grad_head_in[..b * hw], b, hw)),
+            par,
         );
         sw.lap(&mut self.phases.top_bwd);
 
@@ -272,6 +281,7 @@ impl Dcn {
             Some(MatRef::with_row_stride(&self.head_in[w0..], b, hw - w0, hw)),
             MatRef::with_row_stride(&self.grad_head_in[w0..], b, hw - w0, hw),
             Some(MatMut::new(&mut self.grad_x0[..b * w0], b, w0)),
+            par,
         );
         sw.lap(&mut self.phases.bot_bwd);
 
@@ -292,6 +302,7 @@ impl Dcn {
                 b: &mut self.grad_cross_b,
             },
             &mut self.cross_ws,
+            par,
         );
         sw.lap(&mut self.phases.interaction_bwd);
 
@@ -301,6 +312,7 @@ impl Dcn {
             |t| (&grads[nd + t * d..], w0),
             lr,
             0.0,
+            par,
         );
         sw.lap(&mut self.phases.emb_update);
 
@@ -319,7 +331,8 @@ impl Dcn {
                     (&mut l.bias[..], &l.grad_bias[..]),
                 ]
             });
-        self.dense_opt.step(cross.into_iter().chain(layers), lr);
+        self.dense_opt
+            .step(cross.into_iter().chain(layers), lr, par);
         sw.lap(&mut self.phases.dense_update);
         Ok(loss_sum / b as f64)
     }
@@ -372,5 +385,8 @@ impl Model for Dcn {
     }
     fn add_other_seconds(&mut self, seconds: f64) {
         self.phases.other += seconds;
+    }
+    fn set_parallelism(&mut self, par: Par) {
+        self.par = par;
     }
 }

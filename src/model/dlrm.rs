@@ -27,6 +27,7 @@ use dlrm_kernels::interaction::{
     dot_interaction_forward,
 };
 use dlrm_kernels::optim::{adagrad_update, embedding_bag_backward_update, sgd_update};
+use dlrm_kernels::parallel::Par;
 use rayon::prelude::*;
 use std::time::Instant;
 
@@ -53,6 +54,8 @@ pub struct Dlrm {
     grad_logits: Vec<f32>,
     /// Time per phase, accumulated over every step since the last reset.
     pub phases: PhaseSeconds,
+    /// How the kernels may use threads (set with [`Model::set_parallelism`]).
+    par: Par,
 }
 
 impl Dlrm {
@@ -131,6 +134,7 @@ impl Dlrm {
             probs: Vec::new(),
             grad_logits: Vec::new(),
             phases: PhaseSeconds::default(),
+            par: Par::default(),
         }
     }
 
@@ -202,6 +206,7 @@ impl Dlrm {
 
     /// Forward to the logits (in the top MLP's output buffer). The batch must be valid.
     fn forward_logits(&mut self, batch: &Batch, sw: &mut Stopwatch) {
+        let par = self.par;
         let b = batch.size();
         let d = self.arch.embedding_dim;
         let fd = self.feature_stride();
@@ -222,12 +227,13 @@ impl Dlrm {
             &mut self.features[..b * fd],
             fd,
             d,
+            par,
         );
         sw.lap(&mut self.phases.emb_fwd);
 
         let dense = MatRef::new(&batch.dense, b, batch.num_dense);
         let slot0 = MatMut::with_row_stride(&mut self.features, b, d, fd);
-        self.bottom.forward(dense, Some(slot0));
+        self.bottom.forward(dense, Some(slot0), par);
         sw.lap(&mut self.phases.bot_fwd);
 
         let w = self.arch.top[0];
@@ -242,13 +248,16 @@ impl Dlrm {
                 self.arch.self_interaction,
                 top_in,
                 w,
+                par,
             ),
-            InteractionOp::Cat => cat_interaction_forward(&self.features, b, f, d, fd, top_in, w),
+            InteractionOp::Cat => {
+                cat_interaction_forward(&self.features, b, f, d, fd, top_in, w, par)
+            }
         }
         sw.lap(&mut self.phases.interaction_fwd);
 
         self.top
-            .forward(MatRef::new(&self.top_in[..b * w], b, w), None);
+            .forward(MatRef::new(&self.top_in[..b * w], b, w), None, par);
         sw.lap(&mut self.phases.top_fwd);
     }
 
@@ -277,6 +286,7 @@ impl Dlrm {
     /// One training step: forward, mean BCE loss, backward, and the updates (embeddings fused
     /// into their backward, dense parameters after). Returns the batch's mean loss.
     pub fn train_step(&mut self, batch: &Batch, lr: f32) -> Result<f64, BatchError> {
+        let par = self.par;
         self.check_capacity(batch, self.train_capacity)?;
         let mut sw = Stopwatch(Instant::now());
         self.validate(batch)?;
@@ -305,6 +315,7 @@ impl Dlrm {
             None,
             d_logits,
             Some(MatMut::new(&mut self.grad_top_in[..b * w], b, w)),
+            par,
         );
         sw.lap(&mut self.phases.top_bwd);
 
@@ -321,10 +332,18 @@ impl Dlrm {
                 w,
                 grad_features,
                 fd,
+                par,
             ),
-            InteractionOp::Cat => {
-                cat_interaction_backward(&self.grad_top_in[..b * w], w, b, f, d, grad_features, fd)
-            }
+            InteractionOp::Cat => cat_interaction_backward(
+                &self.grad_top_in[..b * w],
+                w,
+                b,
+                f,
+                d,
+                grad_features,
+                fd,
+                par,
+            ),
         }
         sw.lap(&mut self.phases.interaction_bwd);
 
@@ -332,7 +351,7 @@ impl Dlrm {
         let bottom_out = MatRef::with_row_stride(&self.features, b, d, fd);
         let d_bottom_out = MatRef::with_row_stride(&self.grad_features, b, d, fd);
         self.bottom
-            .backward(dense, Some(bottom_out), d_bottom_out, None);
+            .backward(dense, Some(bottom_out), d_bottom_out, None, par);
         sw.lap(&mut self.phases.bot_bwd);
 
         // Sparse updates, fused with the embeddings' backward: tables in parallel, each
@@ -355,6 +374,7 @@ impl Dlrm {
                     fd,
                     opt,
                     ws,
+                    par,
                 );
             });
         sw.lap(&mut self.phases.emb_update);
@@ -365,6 +385,7 @@ impl Dlrm {
     }
 
     fn update_dense(&mut self, lr: f32) {
+        let par = self.par;
         let adagrad = self.optimizer.dense_adagrad();
         let layers = self
             .bottom
@@ -373,11 +394,18 @@ impl Dlrm {
             .chain(self.top.layers.iter_mut());
         for (layer, (sw, sb)) in layers.zip(self.dense_state.iter_mut()) {
             if adagrad {
-                adagrad_update(&mut layer.weight, &layer.grad_weight, sw, lr, ADAGRAD_EPS);
-                adagrad_update(&mut layer.bias, &layer.grad_bias, sb, lr, ADAGRAD_EPS);
+                adagrad_update(
+                    &mut layer.weight,
+                    &layer.grad_weight,
+                    sw,
+                    lr,
+                    ADAGRAD_EPS,
+                    par,
+                );
+                adagrad_update(&mut layer.bias, &layer.grad_bias, sb, lr, ADAGRAD_EPS, par);
             } else {
-                sgd_update(&mut layer.weight, &layer.grad_weight, lr);
-                sgd_update(&mut layer.bias, &layer.grad_bias, lr);
+                sgd_update(&mut layer.weight, &layer.grad_weight, lr, par);
+                sgd_update(&mut layer.bias, &layer.grad_bias, lr, par);
             }
         }
     }
@@ -436,6 +464,9 @@ impl Model for Dlrm {
     }
     fn add_other_seconds(&mut self, seconds: f64) {
         self.phases.other += seconds;
+    }
+    fn set_parallelism(&mut self, par: Par) {
+        self.par = par;
     }
     fn save_parameters(&self, dir: &std::path::Path) -> anyhow::Result<serde_json::Value> {
         crate::checkpoint::save_dlrm_parameters(self, dir)

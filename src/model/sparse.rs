@@ -5,6 +5,7 @@ use super::OptimizerKind;
 use super::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind};
 use dlrm_kernels::embedding::{Bags, Pooling, SparseGradWorkspace};
 use dlrm_kernels::optim::embedding_bag_backward_update_l2;
+use dlrm_kernels::parallel::Par;
 use rayon::prelude::*;
 
 /// Embedding tables (rows x dim each), their sparse optimizer state and workspaces.
@@ -80,6 +81,7 @@ impl SparseTables {
         grads: impl Fn(usize) -> (&'a [f32], usize) + Sync,
         lr: f32,
         weight_decay: f32,
+        par: Par,
     ) {
         let opt = self.optimizer.sparse(lr);
         self.tables
@@ -101,6 +103,7 @@ impl SparseTables {
                     opt,
                     weight_decay,
                     ws,
+                    par,
                 );
             });
     }

@@ -18,6 +18,7 @@ use dlrm::train::DataSource;
 use dlrm_kernels::embedding::{Bags, Pooling, SparseGradWorkspace, embedding_bag_forward_tables};
 use dlrm_kernels::gemm::{MatMut, MatRef, linear_forward};
 use dlrm_kernels::optim::{SparseOptimizer, embedding_bag_backward_update};
+use dlrm_kernels::parallel::Par;
 use rayon::prelude::*;
 use std::time::Instant;
 
@@ -210,6 +211,7 @@ impl Workload for Gemm {
             None,
             false,
             MatMut::new(&mut self.y, self.rows, self.outputs),
+            Par::Rayon,
         );
         Ok(())
     }
@@ -312,6 +314,7 @@ impl Workload for EmbeddingForward {
             &mut self.out,
             nt * d,
             0,
+            Par::Rayon,
         );
         Ok(())
     }
@@ -382,6 +385,7 @@ impl Workload for SparseUpdate {
                     stride,
                     opt,
                     ws,
+                    Par::Rayon,
                 );
             });
         Ok(())

@@ -30,7 +30,7 @@ pub use blocking::{BlockSizes, CacheSizes};
 pub use linear::{bias_grad, linear_backward_input, linear_backward_weight, linear_forward};
 pub use microkernel::{NARROW_MR, WIDE_MR, WIDE_NR};
 
-use crate::parallel::should_split;
+use crate::parallel::{Par, should_split};
 use crate::scratch::{PACK_A, PACK_B, PARTIALS, with_scratch};
 use crate::simd::{F32s, LANES, load, load_partial, store};
 use microkernel::{StoreOps, Tile};
@@ -288,12 +288,19 @@ impl Default for GemmOps<'_> {
 }
 
 /// C = relu(alpha * op(A) . op(B) + beta * C + bias), with this machine's block sizes.
-pub fn gemm(a: MatRef, b: MatRef, c: MatMut, ops: &GemmOps) {
-    gemm_with_blocks(&BlockSizes::host(), a, b, c, ops)
+pub fn gemm(a: MatRef, b: MatRef, c: MatMut, ops: &GemmOps, par: Par) {
+    gemm_with_blocks(&BlockSizes::host(), a, b, c, ops, par)
 }
 
 /// [`gemm`] with explicit block sizes.
-pub fn gemm_with_blocks(bs: &BlockSizes, a: MatRef, b: MatRef, mut c: MatMut, ops: &GemmOps) {
+pub fn gemm_with_blocks(
+    bs: &BlockSizes,
+    a: MatRef,
+    b: MatRef,
+    mut c: MatMut,
+    ops: &GemmOps,
+    par: Par,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "gemm: A is {m}x{k} but B is {}x{n}", b.rows);
     assert_eq!(
@@ -330,13 +337,13 @@ pub fn gemm_with_blocks(bs: &BlockSizes, a: MatRef, b: MatRef, mut c: MatMut, op
         return;
     }
     if n <= DOT_MAX_N && a.cs == 1 && b.rs == 1 && ops.a_relu_mask.is_none() {
-        gemm_dot(a, b, c, ops);
+        gemm_dot(a, b, c, ops, par);
     } else if m * n <= SPLIT_K_MAX_MN && k >= 2 * SPLIT_K_CHUNK {
-        gemm_split_k(bs, a, b, c, ops);
+        gemm_split_k(bs, a, b, c, ops, par);
     } else if n <= LANES {
-        gemm_blocked::<NARROW_MR, 1>(bs, a, b, c.rb_mut(), ops);
+        gemm_blocked::<NARROW_MR, 1>(bs, a, b, c.rb_mut(), ops, par);
     } else {
-        gemm_blocked::<WIDE_MR, { microkernel::WIDE_NV }>(bs, a, b, c.rb_mut(), ops);
+        gemm_blocked::<WIDE_MR, { microkernel::WIDE_NV }>(bs, a, b, c.rb_mut(), ops, par);
     }
 }
 
@@ -381,6 +388,7 @@ fn gemm_blocked<const MR: usize, const NV: usize>(
     b: MatRef,
     c: MatMut,
     ops: &GemmOps,
+    par: Par,
 ) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let nr = NV * LANES;
@@ -389,7 +397,7 @@ fn gemm_blocked<const MR: usize, const NV: usize>(
     let kc_max = bs.kc;
     let mc_max = (bs.mc / MR).max(1) * MR;
     let nc_max = (bs.nc / nr).max(1) * nr;
-    let parallel = should_split(2 * m * n * k, MIN_PARALLEL_FLOPS);
+    let parallel = should_split(par, 2 * m * n * k, MIN_PARALLEL_FLOPS);
     let threads = if parallel {
         rayon::current_num_threads()
     } else {
@@ -612,7 +620,7 @@ unsafe fn run_tile<const MR: usize, const NV: usize>(
 
 /// C = epilogue(A . B) for C with few columns, as dot products along K: A's rows and B's
 /// columns are contiguous, so each element is one vectorised dot product.
-fn gemm_dot(a: MatRef, b: MatRef, c: MatMut, ops: &GemmOps) {
+fn gemm_dot(a: MatRef, b: MatRef, c: MatMut, ops: &GemmOps, par: Par) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let c_rs = c.rs;
     let rows_per_task = 64;
@@ -627,7 +635,7 @@ fn gemm_dot(a: MatRef, b: MatRef, c: MatMut, ops: &GemmOps) {
         }
     };
     let data = &mut c.data[..];
-    if should_split(2 * m * n * k, MIN_PARALLEL_FLOPS) {
+    if should_split(par, 2 * m * n * k, MIN_PARALLEL_FLOPS) {
         data.par_chunks_mut(rows_per_task * c_rs)
             .enumerate()
             .for_each(|(t, rows)| run(t * rows_per_task, rows));
@@ -664,7 +672,7 @@ pub fn dot(x: &[f32], y: &[f32]) -> f32 {
 
 /// C = epilogue(sum over fixed K chunks of A_chunk . B_chunk), partial products added in
 /// chunk order. The chunks run in parallel; each is an ordinary serial-or-parallel GEMM.
-fn gemm_split_k(bs: &BlockSizes, a: MatRef, b: MatRef, mut c: MatMut, ops: &GemmOps) {
+fn gemm_split_k(bs: &BlockSizes, a: MatRef, b: MatRef, mut c: MatMut, ops: &GemmOps, par: Par) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let chunks = k.div_ceil(SPLIT_K_CHUNK);
     let mn = m * n;
@@ -682,9 +690,10 @@ fn gemm_split_k(bs: &BlockSizes, a: MatRef, b: MatRef, mut c: MatMut, ops: &Gemm
                 b.sub(p0, 0, kq, n),
                 MatMut::new(part, m, n),
                 &chunk_ops,
+                par,
             );
         };
-        if should_split(2 * m * n * k, MIN_PARALLEL_FLOPS) {
+        if should_split(par, 2 * m * n * k, MIN_PARALLEL_FLOPS) {
             partials
                 .par_chunks_mut(mn)
                 .enumerate()
