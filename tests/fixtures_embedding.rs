@@ -9,6 +9,7 @@ use common::fixtures::{self, Fixture};
 use dlrm::kernels::embedding::{
     self, Bags, Pooling, SparseGradWorkspace, embedding_bag_backward_coalesce,
 };
+use dlrm::kernels::mat::MatRef;
 use dlrm::kernels::optim::{self, SparseOptimizer};
 use dlrm::kernels::parallel::Par;
 
@@ -77,11 +78,9 @@ impl Case {
         let mut ws = SparseGradWorkspace::default();
         let g = embedding_bag_backward_coalesce(
             self.rows,
-            dim,
             self.bags(),
             self.pooling,
-            grad_out,
-            dim,
+            MatRef::with_row_stride(grad_out, self.bags().len(), dim, dim),
             &mut ws,
             Par::Rayon,
         );

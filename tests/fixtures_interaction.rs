@@ -85,31 +85,18 @@ fn check_dot(case: &str) {
     let width = d + interaction::num_pairs(f, self_interaction);
     assert_eq!(fx.shape("output"), [batch, width]);
     let mut out = vec![f32::NAN; batch * width];
-    interaction::dot_interaction_forward(
-        &ft.data,
-        batch,
-        f,
-        d,
-        ft.stride,
-        self_interaction,
-        &mut out,
-        width,
-        Par::Rayon,
-    );
+    let features = MatRef::with_row_stride(&ft.data, batch, f * d, ft.stride);
+    let out_view = MatMut::new(&mut out, batch, width);
+    interaction::dot_interaction_forward(features, f, self_interaction, out_view, Par::Rayon);
     fx.assert_close("output", &out);
 
     let mut grad = vec![f32::NAN; batch * ft.stride];
     interaction::dot_interaction_backward(
-        &ft.data,
-        batch,
+        features,
         f,
-        d,
-        ft.stride,
         self_interaction,
-        fx.f32("grad_output"),
-        width,
-        &mut grad,
-        ft.stride,
+        MatRef::new(fx.f32("grad_output"), batch, width),
+        MatMut::with_row_stride(&mut grad, batch, f * d, ft.stride),
         Par::Rayon,
     );
     ft.check_grads(&fx, &grad);
@@ -133,25 +120,15 @@ fn interaction_cat() {
     assert_eq!(fx.shape("output"), [batch, f * d]);
     let mut out = vec![f32::NAN; batch * f * d];
     interaction::cat_interaction_forward(
-        &ft.data,
-        batch,
-        f,
-        d,
-        ft.stride,
-        &mut out,
-        f * d,
+        MatRef::with_row_stride(&ft.data, batch, f * d, ft.stride),
+        MatMut::new(&mut out, batch, f * d),
         Par::Rayon,
     );
     fx.assert_close("output", &out);
     let mut grad = vec![f32::NAN; batch * ft.stride];
     interaction::cat_interaction_backward(
-        fx.f32("grad_output"),
-        f * d,
-        batch,
-        f,
-        d,
-        &mut grad,
-        ft.stride,
+        MatRef::new(fx.f32("grad_output"), batch, f * d),
+        MatMut::with_row_stride(&mut grad, batch, f * d, ft.stride),
         Par::Rayon,
     );
     ft.check_grads(&fx, &grad);

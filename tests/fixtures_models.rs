@@ -13,6 +13,7 @@ use dlrm::kernels::embedding::{
     Bags, Pooling, SparseGradWorkspace, embedding_bag_backward_coalesce,
 };
 use dlrm::kernels::fm::{FmField, fm_backward, fm_forward};
+use dlrm::kernels::mat::MatRef;
 use dlrm::kernels::parallel::Par;
 
 /// (output, saved) of the first `layers` layers of the fixture's network on its x0.
@@ -135,7 +136,14 @@ fn fm_second_order_matches_pytorch() {
 
         let nnz = indices.len();
         let (mut rows, mut gx) = (vec![0.0; nnz * k], vec![0.0; nnz]);
-        fm_backward(field, k, &sums, k, g, &mut rows, Some(&mut gx), Par::Rayon);
+        fm_backward(
+            field,
+            MatRef::new(&sums, field.bags.len(), k),
+            g,
+            &mut rows,
+            Some(&mut gx),
+            Par::Rayon,
+        );
         if dense {
             fx.assert_close("grad_x", &gx);
         }
@@ -150,11 +158,9 @@ fn fm_second_order_matches_pytorch() {
             let mut ws = SparseGradWorkspace::default();
             let c = embedding_bag_backward_coalesce(
                 n,
-                dim,
                 bags,
                 Pooling::Sum,
-                grad,
-                dim,
+                MatRef::with_row_stride(grad, bags.len(), dim, dim),
                 &mut ws,
                 Par::Rayon,
             );

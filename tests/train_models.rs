@@ -235,7 +235,7 @@ fn every_model_trains_bit_identically_on_any_thread_count() {
                 .num_threads(threads)
                 .build()
                 .unwrap();
-            let out = pool.install(|| {
+            pool.install(|| {
                 let mut m = model(kind, OptimizerKind::Adagrad, 9);
                 m.set_parallelism(Par::AlwaysSplit);
                 m.reserve(512);
@@ -247,8 +247,7 @@ fn every_model_trains_bit_identically_on_any_thread_count() {
                 let mut p = Vec::new();
                 m.predict(&test, &mut p).unwrap();
                 p.iter().map(|x| x.to_bits()).collect()
-            });
-            out
+            })
         };
         assert_eq!(predictions(1), predictions(3), "{kind:?}");
     }

@@ -19,6 +19,7 @@
 //! form runs in batch order; each run is then pooled like a forward bag, whose "table" is the
 //! output gradient. Distinct rows are independent, so threads take contiguous runs of them.
 
+use crate::mat::MatRef;
 use crate::parallel::{Par, join_ranges, should_split, task_grain};
 use crate::simd::{F32s, LANES, load, load_partial, prefetch_read, store, store_partial};
 use core::ops::Range;
@@ -632,6 +633,17 @@ pub(crate) fn check_strided(
     );
 }
 
+/// Checks that the view `what` is `n` rows of `dim` floats with contiguous columns.
+pub(crate) fn check_view(view: MatRef, n: usize, dim: usize, what: &str, who: &str) {
+    assert!(
+        view.rows() == n && view.cols() == dim && view.col_stride() == 1,
+        "{who}: {what} is {}x{} (column stride {}), needs {n}x{dim} with contiguous rows",
+        view.rows(),
+        view.cols(),
+        view.col_stride()
+    );
+}
+
 /// Reusable buffers for the backward (grows once, then no allocation).
 #[derive(Default)]
 pub struct SparseGradWorkspace {
@@ -674,29 +686,22 @@ pub(crate) struct RowGrads<'w, 'a> {
 }
 
 impl<'w, 'a> RowGrads<'w, 'a> {
-    /// Checks the arguments, groups the positions by row (stable radix sort) in `ws`, and
-    /// returns the grouping with the workspace's (not yet sized) gradient buffer.
-    #[allow(clippy::too_many_arguments)]
+    /// Checks the arguments (`grad_out`: one row of the table's width per bag), groups the
+    /// positions by row (stable radix sort) in `ws`, and returns the grouping with the
+    /// workspace's (not yet sized) gradient buffer.
     pub(crate) fn prepare(
         rows: usize,
-        dim: usize,
         bags: Bags<'a>,
         pooling: Pooling,
-        grad_out: &'a [f32],
-        grad_stride: usize,
+        grad_out: MatRef<'a>,
         ws: &'w mut SparseGradWorkspace,
         who: &str,
     ) -> (Self, &'w mut Vec<f32>) {
+        let dim = grad_out.cols();
         assert!(dim > 0, "{who}: dim is 0");
         let max_id = bags.check(rows, pooling, who);
-        check_strided(
-            grad_out.len(),
-            bags.len(),
-            dim,
-            grad_stride,
-            "grad_out",
-            who,
-        );
+        check_view(grad_out, bags.len(), dim, "grad_out", who);
+        let (grad_stride, grad_out) = (grad_out.row_stride(), grad_out.as_slice());
         let SparseGradWorkspace {
             keys,
             tmp,
@@ -843,25 +848,24 @@ fn sort_by_row(keys: &mut Vec<u64>, tmp: &mut Vec<u64>, hist: &mut Vec<u32>, max
     }
 }
 
-/// The coalesced (duplicate-summed) sparse gradient of a table: distinct rows ascending, and
-/// their summed gradients (rows.len() x dim), duplicates summed in batch (position) order.
+/// The coalesced (duplicate-summed) sparse gradient of a table of `rows` rows from the
+/// gradient of its pooled output (`grad_out`: one row of the table's width per bag): distinct
+/// rows ascending, and their summed gradients (rows.len() x dim), duplicates summed in batch
+/// (position) order.
 pub fn embedding_bag_backward_coalesce<'w>(
     rows: usize,
-    dim: usize,
     bags: Bags,
     pooling: Pooling,
-    grad_out: &[f32],
-    grad_stride: usize,
+    grad_out: MatRef,
     ws: &'w mut SparseGradWorkspace,
     par: Par,
 ) -> CoalescedGrad<'w> {
+    let dim = grad_out.cols();
     let (rg, grads) = RowGrads::prepare(
         rows,
-        dim,
         bags,
         pooling,
         grad_out,
-        grad_stride,
         ws,
         "embedding_bag_backward_coalesce",
     );

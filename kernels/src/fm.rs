@@ -29,10 +29,9 @@
 //! same field requested early (as in the embedding bag). Samples are independent and split
 //! over the current pool; the backward splits positions by bag. No result depends on the split.
 
-use crate::embedding::{
-    Bags, PREFETCH_DISTANCE, Pooling, check_strided, prefetch_lines, table_rows,
-};
+use crate::embedding::{Bags, PREFETCH_DISTANCE, Pooling, check_view, prefetch_lines, table_rows};
 use crate::gemm::dot;
+use crate::mat::MatRef;
 use crate::parallel::{Par, join_ranges, should_split, split_rows, task_grain};
 use crate::simd::{F32s, LANES, load, load_partial, load_upto, prefetch_read, store_upto};
 use core::ops::Range;
@@ -214,20 +213,19 @@ fn block<'t, const NV: usize>(
 }
 
 /// Backward of one field: from the output gradient `grad_out` (one per sample) and the sums S
-/// of the forward (`sums`, rows `sum_stride` apart), `grad_rows[p * k ..][..k]` = dL/dv of
+/// of the forward (`sums`: one row of k per sample), `grad_rows[p * k ..][..k]` = dL/dv of
 /// position p (rows x k per position, in position order), and, when given,
 /// `grad_weights[p]` = dL/dx_p (the gradient of the feature value).
 pub fn fm_backward(
     field: FmField,
-    k: usize,
-    sums: &[f32],
-    sum_stride: usize,
+    sums: MatRef,
     grad_out: &[f32],
     grad_rows: &mut [f32],
     grad_weights: Option<&mut [f32]>,
     par: Par,
 ) {
     const WHO: &str = "fm_backward";
+    let k = sums.cols();
     field.check(k, WHO);
     let bags = field.bags;
     let batch = bags.len();
@@ -237,7 +235,8 @@ pub fn fm_backward(
         "{WHO}: {} output gradients for {batch} bags",
         grad_out.len()
     );
-    check_strided(sums.len(), batch, k, sum_stride, "sums", WHO);
+    check_view(sums, batch, k, "sums", WHO);
+    let (sum_stride, sums) = (sums.row_stride(), sums.as_slice());
     let nnz = bags.indices.len();
     assert_eq!(
         grad_rows.len(),

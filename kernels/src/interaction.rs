@@ -30,6 +30,7 @@
 //! chunks of samples, and every output element is computed by the same operations whatever
 //! the thread count.
 
+use crate::mat::{MatMut, MatRef};
 use crate::parallel::{Par, should_split};
 use crate::simd::{F32s, LANES, load, load_partial, store, store_partial};
 use rayon::prelude::*;
@@ -105,37 +106,19 @@ fn row_offset(i: usize, self_interaction: bool) -> usize {
     num_pairs(i, self_interaction)
 }
 
-/// Panics unless `len` floats hold `rows` rows of `width` floats, `stride` apart.
-fn check_rows(kernel: &str, name: &str, len: usize, rows: usize, stride: usize, width: usize) {
-    assert!(
-        stride >= width,
-        "{kernel}: {name} stride {stride} is shorter than its rows ({width} floats)"
-    );
-    if rows > 0 {
-        let need = (rows - 1) * stride + width;
-        assert!(
-            len >= need,
-            "{kernel}: {name} needs {need} floats for {rows} rows of {width} (stride {stride}), \
-             slice has {len}"
-        );
-    }
-}
-
-/// Calls `body(b, row)` for each of `rows` rows of `width` floats, `stride` apart in `dst`,
-/// splitting them over the current pool in fixed chunks when `rows * work_per_row` is large.
+/// Calls `body(b, row)` for each row of `dst`, splitting the rows over the current pool in
+/// fixed chunks when `rows * work_per_row` is large under `par`.
 fn for_each_row(
     par: Par,
-    dst: &mut [f32],
-    stride: usize,
-    rows: usize,
-    width: usize,
+    dst: MatMut,
     work_per_row: usize,
     body: impl Fn(usize, &mut [f32]) + Sync,
 ) {
+    let (rows, width, stride) = (dst.rows(), dst.cols(), dst.row_stride());
     if rows == 0 || width == 0 {
         return;
     }
-    let dst = &mut dst[..(rows - 1) * stride + width];
+    let dst = dst.into_slice();
     let run = |r0: usize, chunk: &mut [f32]| {
         for (q, row) in chunk.chunks_mut(stride).enumerate() {
             body(r0 + q, &mut row[..width]);
@@ -156,29 +139,47 @@ fn for_each_row(
 ///
 /// `out[b * out_stride ..][.. d + num_pairs(f, self_interaction)]` is written; padding
 /// between rows is left untouched.
-#[allow(clippy::too_many_arguments)]
 pub fn dot_interaction_forward(
-    features: &[f32],
-    batch: usize,
+    features: MatRef,
     f: usize,
-    d: usize,
-    feature_stride: usize,
     self_interaction: bool,
-    out: &mut [f32],
-    out_stride: usize,
+    out: MatMut,
     par: Par,
 ) {
     const K: &str = "dot_interaction_forward";
-    assert!(f >= 1, "{K}: no feature vectors (f = 0)");
+    let (batch, d) = feature_shape(K, features, f);
     let np = num_pairs(f, self_interaction);
-    check_rows(K, "features", features.len(), batch, feature_stride, f * d);
-    check_rows(K, "out", out.len(), batch, out_stride, d + np);
-    for_each_row(par, out, out_stride, batch, d + np, np * d, |b, row| {
-        let x = &features[b * feature_stride..][..f * d];
+    check_rows(K, "out", out.as_ref(), batch, d + np);
+    let (x, xs) = (features.as_slice(), features.row_stride());
+    for_each_row(par, out, np * d, |b, row| {
+        let x = &x[b * xs..][..f * d];
         let (bottom, dots) = row.split_at_mut(d);
         bottom.copy_from_slice(&x[..d]);
         forward_sample(x, f, d, self_interaction, dots);
     });
+}
+
+/// The batch and the width d of `features` (one row of `f` vectors of d values per sample,
+/// contiguous): panics unless its rows split into `f` equal vectors.
+fn feature_shape(kernel: &str, features: MatRef, f: usize) -> (usize, usize) {
+    assert!(f >= 1, "{kernel}: no feature vectors (f = 0)");
+    assert!(
+        features.cols().is_multiple_of(f) && features.col_stride() == 1,
+        "{kernel}: feature rows of {} values (column stride {}) are not {f} contiguous vectors",
+        features.cols(),
+        features.col_stride()
+    );
+    (features.rows(), features.cols() / f)
+}
+
+/// Panics unless the view `name` is `rows x cols`.
+fn check_rows(kernel: &str, name: &str, view: MatRef, rows: usize, cols: usize) {
+    assert!(
+        view.rows() == rows && view.cols() == cols,
+        "{kernel}: {name} is {}x{}, needs {rows}x{cols}",
+        view.rows(),
+        view.cols()
+    );
 }
 
 /// The pair dot products of one sample (`x` holds its F x d features), written to `dots` in
@@ -359,58 +360,36 @@ fn transpose_sum(v: [F32s; LANES]) -> F32s {
 /// i.e. (G + G^T) F per sample with G the pair gradients scattered to F x F, computed without
 /// materialising G. `grad_features` is overwritten (padding between rows is left untouched);
 /// it has the layout of `features`, with its own stride.
-#[allow(clippy::too_many_arguments)]
 pub fn dot_interaction_backward(
-    features: &[f32],
-    batch: usize,
+    features: MatRef,
     f: usize,
-    d: usize,
-    feature_stride: usize,
     self_interaction: bool,
-    grad_out: &[f32],
-    grad_out_stride: usize,
-    grad_features: &mut [f32],
-    grad_feature_stride: usize,
+    grad_out: MatRef,
+    grad_features: MatMut,
     par: Par,
 ) {
     const K: &str = "dot_interaction_backward";
-    assert!(f >= 1, "{K}: no feature vectors (f = 0)");
+    let (batch, d) = feature_shape(K, features, f);
     let np = num_pairs(f, self_interaction);
-    check_rows(K, "features", features.len(), batch, feature_stride, f * d);
-    check_rows(
-        K,
-        "grad_out",
-        grad_out.len(),
-        batch,
-        grad_out_stride,
-        d + np,
+    check_rows(K, "grad_out", grad_out, batch, d + np);
+    check_rows(K, "grad_features", grad_features.as_ref(), batch, f * d);
+    assert_eq!(
+        grad_out.col_stride(),
+        1,
+        "{K}: grad_out columns are not contiguous"
     );
-    check_rows(
-        K,
-        "grad_features",
-        grad_features.len(),
-        batch,
-        grad_feature_stride,
-        f * d,
-    );
-    for_each_row(
-        par,
-        grad_features,
-        grad_feature_stride,
-        batch,
-        f * d,
-        f * f * d,
-        |b, row| {
-            let s = Sample {
-                x: &features[b * feature_stride..][..f * d],
-                g: &grad_out[b * grad_out_stride..][..d + np],
-                f,
-                d,
-                self_interaction,
-            };
-            s.backward(row);
-        },
-    );
+    let (x, xs) = (features.as_slice(), features.row_stride());
+    let (g, gs) = (grad_out.as_slice(), grad_out.row_stride());
+    for_each_row(par, grad_features, f * f * d, |b, row| {
+        let s = Sample {
+            x: &x[b * xs..][..f * d],
+            g: &g[b * gs..][..d + np],
+            f,
+            d,
+            self_interaction,
+        };
+        s.backward(row);
+    });
 }
 
 /// One sample of the backward: its features `x` (F x d) and its output gradient `g`
@@ -582,68 +561,29 @@ unsafe fn store_vecs<const V: usize>(p: *mut f32, v: &[F32s; V], tail: usize) {
     }
 }
 
-/// "cat" interaction: the top MLP's input row is the F * d feature values of the sample.
-pub fn cat_interaction_forward(
-    features: &[f32],
-    batch: usize,
-    f: usize,
-    d: usize,
-    feature_stride: usize,
-    out: &mut [f32],
-    out_stride: usize,
-    par: Par,
-) {
-    copy_rows(
-        "cat_interaction_forward",
-        features,
-        feature_stride,
-        batch,
-        f * d,
-        out,
-        out_stride,
-        par,
-    );
+/// "cat" interaction: the top MLP's input row is the F * d feature values of the sample
+/// (`out` has the shape of `features`).
+pub fn cat_interaction_forward(features: MatRef, out: MatMut, par: Par) {
+    copy_rows("cat_interaction_forward", features, out, par);
 }
 
 /// Backward of [`cat_interaction_forward`]: the gradient rows are copied back to the feature
 /// layout (`grad_features` is overwritten).
-pub fn cat_interaction_backward(
-    grad_out: &[f32],
-    grad_out_stride: usize,
-    batch: usize,
-    f: usize,
-    d: usize,
-    grad_features: &mut [f32],
-    grad_feature_stride: usize,
-    par: Par,
-) {
-    copy_rows(
-        "cat_interaction_backward",
-        grad_out,
-        grad_out_stride,
-        batch,
-        f * d,
-        grad_features,
-        grad_feature_stride,
-        par,
-    );
+pub fn cat_interaction_backward(grad_out: MatRef, grad_features: MatMut, par: Par) {
+    copy_rows("cat_interaction_backward", grad_out, grad_features, par);
 }
 
-/// dst row b = src row b (`width` floats each), rows split over threads when large.
-fn copy_rows(
-    kernel: &str,
-    src: &[f32],
-    src_stride: usize,
-    rows: usize,
-    width: usize,
-    dst: &mut [f32],
-    dst_stride: usize,
-    par: Par,
-) {
-    check_rows(kernel, "source", src.len(), rows, src_stride, width);
-    check_rows(kernel, "destination", dst.len(), rows, dst_stride, width);
-    for_each_row(par, dst, dst_stride, rows, width, width, |b, row| {
-        row.copy_from_slice(&src[b * src_stride..][..width]);
+/// dst row b = src row b, rows split over threads when large.
+fn copy_rows(kernel: &str, src: MatRef, dst: MatMut, par: Par) {
+    check_rows(kernel, "destination", dst.as_ref(), src.rows(), src.cols());
+    assert_eq!(
+        src.col_stride(),
+        1,
+        "{kernel}: source columns are not contiguous"
+    );
+    let (s, ss, width) = (src.as_slice(), src.row_stride(), src.cols());
+    for_each_row(par, dst, width, |b, row| {
+        row.copy_from_slice(&s[b * ss..][..width]);
     });
 }
 

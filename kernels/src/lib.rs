@@ -17,6 +17,7 @@ pub mod embedding;
 pub mod fm;
 pub mod gemm;
 pub mod interaction;
+pub mod mat;
 pub mod optim;
 pub mod parallel;
 pub mod reference;

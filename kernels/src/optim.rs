@@ -20,6 +20,7 @@
 use crate::embedding::{
     Bags, Pooling, RowGrads, SparseGradWorkspace, prefetch_lines, table_rows, with_width,
 };
+use crate::mat::MatRef;
 use crate::parallel::{Par, join_ranges, should_split};
 use crate::scratch::{EMB_ROW, with_scratch};
 use crate::simd::{F32s, LANES, load, load_partial, prefetch_write, store, store_partial};
@@ -211,7 +212,8 @@ pub fn embedding_bag_backward_update_l2(
         "{WHO}: state has {} floats, {opt:?} needs {sw} per row for {rows} rows",
         state.len()
     );
-    let (rg, _) = RowGrads::prepare(rows, dim, bags, pooling, grad_out, grad_stride, ws, WHO);
+    let grad_out = MatRef::with_row_stride(grad_out, bags.len(), dim, grad_stride);
+    let (rg, _) = RowGrads::prepare(rows, bags, pooling, grad_out, ws, WHO);
     let ids = rg.rows;
     let Some(&first) = ids.first() else {
         return;

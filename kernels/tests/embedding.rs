@@ -9,6 +9,7 @@ use common::{BagCase, assert_close, bag_case, bits, fill, on_1_2_3_threads, sum_
 use dlrm_kernels::embedding::{
     self, Bags, Pooling, SparseGradWorkspace, embedding_bag_backward_coalesce,
 };
+use dlrm_kernels::mat::MatRef;
 use dlrm_kernels::parallel::Par;
 use dlrm_kernels::reference;
 use proptest::prelude::*;
@@ -66,11 +67,9 @@ fn weight_grad(c: &BagCase, par: Par) -> Vec<f32> {
 fn coalesce(c: &BagCase, ws: &mut SparseGradWorkspace, par: Par) -> (Vec<u32>, Vec<f32>) {
     let g = embedding_bag_backward_coalesce(
         c.rows,
-        c.dim,
         c.bags(),
         c.pooling,
-        &c.grad_out,
-        c.stride,
+        MatRef::with_row_stride(&c.grad_out, c.bags().len(), c.dim, c.stride),
         ws,
         par,
     );
@@ -266,11 +265,9 @@ fn coalesce_handles_ids_of_every_magnitude() {
             let mut ws = SparseGradWorkspace::default();
             let g = embedding_bag_backward_coalesce(
                 1 << 32,
-                small.dim,
                 big,
                 small.pooling,
-                &small.grad_out,
-                small.stride,
+                MatRef::with_row_stride(&small.grad_out, big.len(), small.dim, small.stride),
                 &mut ws,
                 Par::Rayon,
             );
@@ -304,8 +301,14 @@ fn no_bags_and_empty_bags() {
     embedding::embedding_bag_forward(&table, 16, empty, Pooling::Mean, &mut out, 16, Par::Rayon);
     assert!(out.iter().all(|&x| x == 0.0));
     let mut ws = SparseGradWorkspace::default();
-    let g =
-        embedding_bag_backward_coalesce(4, 16, empty, Pooling::Mean, &out, 16, &mut ws, Par::Rayon);
+    let g = embedding_bag_backward_coalesce(
+        4,
+        empty,
+        Pooling::Mean,
+        MatRef::with_row_stride(&out, empty.len(), 16, 16),
+        &mut ws,
+        Par::Rayon,
+    );
     assert!(g.rows.is_empty() && g.grads.is_empty());
 }
 
@@ -341,11 +344,9 @@ fn backward_rejects_an_id_past_the_table() {
     let grad = vec![0.0; 16];
     embedding_bag_backward_coalesce(
         3,
-        8,
         bags,
         Pooling::Sum,
-        &grad,
-        8,
+        MatRef::with_row_stride(&grad, bags.len(), 8, 8),
         &mut Default::default(),
         Par::Rayon,
     );

@@ -8,6 +8,7 @@ mod common;
 use common::{bits, fill, fill_range, on_1_2_3_threads};
 use dlrm_kernels::embedding::Bags;
 use dlrm_kernels::fm::{FmField, fm_backward, fm_forward};
+use dlrm_kernels::mat::MatRef;
 use dlrm_kernels::parallel::Par;
 use dlrm_kernels::reference;
 use proptest::prelude::*;
@@ -160,9 +161,7 @@ fn backward(cs: &Case, sums: &[f32], par: Par) -> Vec<(Vec<f32>, Vec<f32>)> {
             let mut gw = vec![f32::NAN; nnz];
             fm_backward(
                 f,
-                cs.k,
-                sums,
-                cs.k,
+                MatRef::with_row_stride(sums, f.bags.len(), cs.k, cs.k),
                 &cs.grad_out,
                 &mut rows,
                 Some(&mut gw),
@@ -264,7 +263,14 @@ fn two_one_hot_fields_are_matrix_factorization() {
     // 3.5 - 0.2 + 0.3 + (-0.5 + 0 + 1).
     assert!((out[0] - 4.1).abs() < 1e-6, "{}", out[0]);
     let mut rows = vec![0.0; k];
-    fm_backward(views[0], k, &sums, k, &[2.0], &mut rows, None, Par::Rayon);
+    fm_backward(
+        views[0],
+        MatRef::new(&sums, 1, k),
+        &[2.0],
+        &mut rows,
+        None,
+        Par::Rayon,
+    );
     assert_eq!(rows, [-2.0, 0.0, 4.0]);
 }
 

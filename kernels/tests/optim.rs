@@ -7,6 +7,7 @@ mod common;
 
 use common::{BagCase, assert_close, bag_case, bits, fill, fill_range, on_1_2_3_threads, sum_tol};
 use dlrm_kernels::embedding::{SparseGradWorkspace, embedding_bag_backward_coalesce};
+use dlrm_kernels::mat::MatRef;
 use dlrm_kernels::optim::{self, SparseOptimizer};
 use dlrm_kernels::parallel::Par;
 use dlrm_kernels::reference;
@@ -168,8 +169,7 @@ proptest! {
         let mut ws = SparseGradWorkspace::default();
         let (table, state) = update(&c, opt, 0.0, &mut ws, Par::Rayon);
         let (mut etable, mut estate) = (c.table.clone(), initial_state(&c, opt));
-        let g = embedding_bag_backward_coalesce(
-            c.rows, c.dim, c.bags(), c.pooling, &c.grad_out, c.stride, &mut ws, Par::Rayon);
+        let g = embedding_bag_backward_coalesce(c.rows, c.bags(), c.pooling, MatRef::with_row_stride(&c.grad_out, c.bags().len(), c.dim, c.stride), &mut ws, Par::Rayon);
         let d = c.dim;
         for (&r, g) in g.rows.iter().zip(g.grads.chunks(d)) {
             let row = r as usize * d..(r as usize + 1) * d;
@@ -227,11 +227,9 @@ fn first_step_from_zero_state_matches_reference() {
         let mut ws = SparseGradWorkspace::default();
         let g = embedding_bag_backward_coalesce(
             c.rows,
-            c.dim,
             c.bags(),
             c.pooling,
-            &c.grad_out,
-            c.stride,
+            MatRef::with_row_stride(&c.grad_out, c.bags().len(), c.dim, c.stride),
             &mut ws,
             Par::Rayon,
         );

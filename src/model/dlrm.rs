@@ -237,22 +237,13 @@ impl Dlrm {
         sw.lap(&mut self.phases.bot_fwd);
 
         let w = self.arch.top[0];
-        let top_in = &mut self.top_in[..b * w];
+        let features = MatRef::new(&self.features[..b * fd], b, fd);
+        let top_in = MatMut::new(&mut self.top_in[..b * w], b, w);
         match self.arch.interaction {
-            InteractionOp::Dot => dot_interaction_forward(
-                &self.features,
-                b,
-                f,
-                d,
-                fd,
-                self.arch.self_interaction,
-                top_in,
-                w,
-                par,
-            ),
-            InteractionOp::Cat => {
-                cat_interaction_forward(&self.features, b, f, d, fd, top_in, w, par)
+            InteractionOp::Dot => {
+                dot_interaction_forward(features, f, self.arch.self_interaction, top_in, par)
             }
+            InteractionOp::Cat => cat_interaction_forward(features, top_in, par),
         }
         sw.lap(&mut self.phases.interaction_fwd);
 
@@ -319,31 +310,19 @@ impl Dlrm {
         );
         sw.lap(&mut self.phases.top_bwd);
 
-        let grad_features = &mut self.grad_features[..b * fd];
+        let features = MatRef::new(&self.features[..b * fd], b, fd);
+        let grad_top_in = MatRef::new(&self.grad_top_in[..b * w], b, w);
+        let grad_features = MatMut::new(&mut self.grad_features[..b * fd], b, fd);
         match self.arch.interaction {
             InteractionOp::Dot => dot_interaction_backward(
-                &self.features,
-                b,
+                features,
                 f,
-                d,
-                fd,
                 self.arch.self_interaction,
-                &self.grad_top_in[..b * w],
-                w,
+                grad_top_in,
                 grad_features,
-                fd,
                 par,
             ),
-            InteractionOp::Cat => cat_interaction_backward(
-                &self.grad_top_in[..b * w],
-                w,
-                b,
-                f,
-                d,
-                grad_features,
-                fd,
-                par,
-            ),
+            InteractionOp::Cat => cat_interaction_backward(grad_top_in, grad_features, par),
         }
         sw.lap(&mut self.phases.interaction_bwd);
 

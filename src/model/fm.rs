@@ -29,6 +29,7 @@ use crate::model::embedding_tables::StorageKind;
 use dlrm_kernels::activation::{bce_with_logits, sigmoid, squared_error};
 use dlrm_kernels::embedding::Bags;
 use dlrm_kernels::fm::{FmField, fm_backward, fm_forward};
+use dlrm_kernels::gemm::MatRef;
 use dlrm_kernels::parallel::Par;
 use rayon::prelude::*;
 use std::time::Instant;
@@ -256,7 +257,14 @@ impl Fm {
                 if rows.len() < n {
                     rows.resize(n, 0.0);
                 }
-                fm_backward(field, k, sums, k, grad, &mut rows[..n], None, par);
+                fm_backward(
+                    field,
+                    MatRef::new(sums, field.bags.len(), k),
+                    grad,
+                    &mut rows[..n],
+                    None,
+                    par,
+                );
             });
         sw.lap(&mut self.phases.interaction_bwd);
 
