@@ -31,8 +31,8 @@
 //! with u_l = W_l x_l + b_l kept from the forward: three GEMM products per layer (the last
 //! accumulating into g) and one elementwise pass.
 
-use crate::embedding::check_strided;
 use crate::gemm::{GemmOps, MatMut, MatRef, bias_grad, dot, gemm, linear_backward_weight};
+use crate::mat::check_strided;
 use crate::parallel::{Par, join_ranges, should_split, split_rows, task_grain};
 use crate::simd::{F32s, LANES, load_upto, store_upto};
 use core::ops::Range;

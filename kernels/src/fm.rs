@@ -29,11 +29,14 @@
 //! same field requested early (as in the embedding bag). Samples are independent and split
 //! over the current pool; the backward splits positions by bag. No result depends on the split.
 
-use crate::embedding::{Bags, PREFETCH_DISTANCE, Pooling, check_view, prefetch_lines, table_rows};
+use crate::embedding::{Bags, PREFETCH_DISTANCE, Pooling};
 use crate::gemm::dot;
 use crate::mat::MatRef;
+use crate::mat::{check_view, table_rows};
 use crate::parallel::{Par, join_ranges, should_split, split_rows, task_grain};
-use crate::simd::{F32s, LANES, load, load_partial, load_upto, prefetch_read, store_upto};
+use crate::simd::{
+    F32s, LANES, load, load_partial, load_upto, prefetch_lines, prefetch_read, store_upto,
+};
 use core::ops::Range;
 
 /// Widest block of k the forward holds in registers at once (twice: S and the squares); wider

@@ -12,8 +12,9 @@
 //! several, a tail of d is a masked load). The lower triangle is covered by register tiles of
 //! TILE_I x TILE_J pairs (4 x 4 under AVX-512): per chunk of d, TILE_I + TILE_J loads feed
 //! LANES FMAs into LANES accumulators, one per pair. The horizontal sums of the LANES
-//! accumulators are then done together by a transposing reduction ([`transpose_sum`]:
-//! log2(LANES) rounds of shuffle + add leave the LANES sums in one vector), and each tile row
+//! accumulators are then done together by a transposing reduction
+//! ([`crate::simd::transpose_sum`]: log2(LANES) rounds of shuffle + add leave the LANES sums in
+//! one vector), and each tile row
 //! is copied straight into its place in the output row: neither the F x F Gram matrix nor a
 //! concatenation buffer exists in memory.
 //!
@@ -32,7 +33,7 @@
 
 use crate::mat::{MatMut, MatRef};
 use crate::parallel::{Par, should_split};
-use crate::simd::{F32s, LANES, load, load_partial, store, store_partial};
+use crate::simd::{F32s, LANES, load, load_partial, store, store_partial, transpose_sum};
 use rayon::prelude::*;
 
 /// Samples per parallel task.
@@ -257,98 +258,6 @@ unsafe fn tile_dots(vi: [*const f32; TILE_I], vj: [*const f32; TILE_J], d: usize
         }
     }
     transpose_sum(acc)
-}
-
-/// Lane q of the result is the sum of the lanes of `v[q]`: LANES horizontal sums for the cost
-/// of one transpose, each round of shuffles halving the number of vectors while adding the
-/// halves it separates. The order of the additions is fixed.
-#[inline(always)]
-fn transpose_sum(v: [F32s; LANES]) -> F32s {
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-    {
-        use core::arch::x86_64::{__m512, _mm512_add_ps, _mm512_shuffle_f32x4, _mm512_shuffle_ps};
-        // After the four rounds, lane 4k + l holds the sum of w[4l + k]: feed the inputs in
-        // that (transposed) order so that lane q sums v[q].
-        let w: [__m512; 16] = core::array::from_fn(|s| __m512::from(v[4 * (s % 4) + s / 4]));
-        // SAFETY: these intrinsics only need AVX-512F, which this build enables (cfg above);
-        // they operate on registers and touch no memory.
-        unsafe {
-            // Round 1, 512 -> 256: w1[m] = [halves of w[2m] added | halves of w[2m + 1] added].
-            let w1: [__m512; 8] = core::array::from_fn(|m| {
-                let (a, b) = (w[2 * m], w[2 * m + 1]);
-                _mm512_add_ps(
-                    _mm512_shuffle_f32x4::<0x44>(a, b),
-                    _mm512_shuffle_f32x4::<0xEE>(a, b),
-                )
-            });
-            // Round 2, 256 -> 128: 128-bit block k of w2[m] holds 4 partial sums of w[4m + k].
-            let w2: [__m512; 4] = core::array::from_fn(|m| {
-                let (a, b) = (w1[2 * m], w1[2 * m + 1]);
-                _mm512_add_ps(
-                    _mm512_shuffle_f32x4::<0x88>(a, b),
-                    _mm512_shuffle_f32x4::<0xDD>(a, b),
-                )
-            });
-            // Round 3, 4 -> 2 per block: block k of w3[m] holds 2 partials of w[8m + k],
-            // then 2 of w[8m + 4 + k].
-            let w3: [__m512; 2] = core::array::from_fn(|m| {
-                let (a, b) = (w2[2 * m], w2[2 * m + 1]);
-                _mm512_add_ps(
-                    _mm512_shuffle_ps::<0x44>(a, b),
-                    _mm512_shuffle_ps::<0xEE>(a, b),
-                )
-            });
-            // Round 4, 2 -> 1: lane l of block k sums w[4l + k].
-            let (a, b) = (w3[0], w3[1]);
-            F32s::from(_mm512_add_ps(
-                _mm512_shuffle_ps::<0x88>(a, b),
-                _mm512_shuffle_ps::<0xDD>(a, b),
-            ))
-        }
-    }
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx",
-        not(target_feature = "avx512f")
-    ))]
-    {
-        use core::arch::x86_64::{
-            __m256, _mm256_add_ps, _mm256_permute2f128_ps, _mm256_shuffle_ps,
-        };
-        // After the three rounds, lane 4k + l holds the sum of w[2l + k].
-        let w: [__m256; 8] = core::array::from_fn(|s| __m256::from(v[4 * (s % 2) + s / 2]));
-        // SAFETY: these intrinsics only need AVX, which this build enables (cfg above); they
-        // operate on registers and touch no memory.
-        unsafe {
-            // Round 1, 256 -> 128: w1[m] = [halves of w[2m] added | halves of w[2m + 1] added].
-            let w1: [__m256; 4] = core::array::from_fn(|m| {
-                let (a, b) = (w[2 * m], w[2 * m + 1]);
-                _mm256_add_ps(
-                    _mm256_permute2f128_ps::<0x20>(a, b),
-                    _mm256_permute2f128_ps::<0x31>(a, b),
-                )
-            });
-            // Round 2, 4 -> 2 per block: block k of w2[m] holds 2 partials of w[4m + k],
-            // then 2 of w[4m + 2 + k].
-            let w2: [__m256; 2] = core::array::from_fn(|m| {
-                let (a, b) = (w1[2 * m], w1[2 * m + 1]);
-                _mm256_add_ps(
-                    _mm256_shuffle_ps::<0x44>(a, b),
-                    _mm256_shuffle_ps::<0xEE>(a, b),
-                )
-            });
-            // Round 3, 2 -> 1: lane l of block k sums w[2l + k].
-            let (a, b) = (w2[0], w2[1]);
-            F32s::from(_mm256_add_ps(
-                _mm256_shuffle_ps::<0x88>(a, b),
-                _mm256_shuffle_ps::<0xDD>(a, b),
-            ))
-        }
-    }
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx")))]
-    {
-        F32s::new(core::array::from_fn(|q| v[q].reduce_add()))
-    }
 }
 
 /// Backward of [`dot_interaction_forward`]:
@@ -590,18 +499,6 @@ fn copy_rows(kernel: &str, src: MatRef, dst: MatMut, par: Par) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn transpose_sum_sums_each_vector_into_its_lane() {
-        let v: [F32s; LANES] = core::array::from_fn(|q| {
-            F32s::new(core::array::from_fn(|l| (q * 100 + l) as f32 * 0.5))
-        });
-        let got = transpose_sum(v).to_array();
-        for (q, g) in got.iter().enumerate() {
-            let want: f32 = (0..LANES).map(|l| (q * 100 + l) as f32 * 0.5).sum();
-            assert_eq!(*g, want, "lane {q}");
-        }
-    }
 
     #[test]
     fn pairs_follow_the_reference_order_and_count() {

@@ -213,3 +213,42 @@ impl<'a> MatMut<'a> {
         }
     }
 }
+
+/// Rows of a `dim`-wide row-major table (panics on a ragged table or dim = 0).
+pub(crate) fn table_rows(table: &[f32], dim: usize, who: &str) -> usize {
+    assert!(dim > 0, "{who}: dim is 0");
+    assert!(
+        table.len().is_multiple_of(dim),
+        "{who}: table of {} floats is not a whole number of {dim}-wide rows",
+        table.len()
+    );
+    table.len() / dim
+}
+
+/// Checks that a buffer of `len` floats holds `n` rows of `dim` floats, `stride` apart.
+pub(crate) fn check_strided(
+    len: usize,
+    n: usize,
+    dim: usize,
+    stride: usize,
+    what: &str,
+    who: &str,
+) {
+    assert!(stride >= dim, "{who}: {what} stride {stride} < dim {dim}");
+    let need = if n == 0 { 0 } else { (n - 1) * stride + dim };
+    assert!(
+        len >= need,
+        "{who}: {what} has {len} floats, {n} rows of {dim} with stride {stride} need {need}"
+    );
+}
+
+/// Checks that the view `what` is `n` rows of `dim` floats with contiguous columns.
+pub(crate) fn check_view(view: MatRef, n: usize, dim: usize, what: &str, who: &str) {
+    assert!(
+        view.rows() == n && view.cols() == dim && view.col_stride() == 1,
+        "{who}: {what} is {}x{} (column stride {}), needs {n}x{dim} with contiguous rows",
+        view.rows(),
+        view.cols(),
+        view.col_stride()
+    );
+}

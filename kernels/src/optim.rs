@@ -17,13 +17,13 @@
 //! slice (no locks or atomics), and every row's update is the same sequence of operations
 //! whatever the thread count.
 
-use crate::embedding::{
-    Bags, Pooling, RowGrads, SparseGradWorkspace, prefetch_lines, table_rows, with_width,
-};
-use crate::mat::MatRef;
+use crate::embedding::{Bags, Pooling, RowGrads, SparseGradWorkspace, with_width};
+use crate::mat::{MatRef, table_rows};
 use crate::parallel::{Par, join_ranges, should_split};
 use crate::scratch::{EMB_ROW, with_scratch};
-use crate::simd::{F32s, LANES, load, load_partial, prefetch_write, store, store_partial};
+use crate::simd::{
+    F32s, LANES, load, load_partial, prefetch_lines, prefetch_write, store, store_partial,
+};
 use core::ops::Range;
 use rayon::prelude::*;
 
