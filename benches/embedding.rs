@@ -36,6 +36,7 @@ use criterion::{
 use dlrm::kernels::embedding::{
     Bags, Pooling, SparseGradWorkspace, embedding_bag_forward, gather_rows,
 };
+use dlrm::kernels::mat::{MatMut, MatRef};
 use dlrm::kernels::optim::{SparseOptimizer, embedding_bag_backward_update};
 use dlrm::kernels::parallel::Par;
 use dlrm::model::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind};
@@ -306,12 +307,10 @@ fn bench_embedding(c: &mut Criterion) {
                         b.iter(|| {
                             let bags = batches.bags(take());
                             embedding_bag_forward(
-                                weights,
-                                dim,
+                                MatRef::from_rows(weights, dim),
                                 bags,
                                 Pooling::Sum,
-                                &mut out,
-                                dim,
+                                MatMut::new(&mut out, bags.len(), dim),
                                 Par::Rayon,
                             );
                         })
@@ -322,7 +321,12 @@ fn bench_embedding(c: &mut Criterion) {
                     pool_of(t).install(|| {
                         b.iter(|| {
                             for ids in batches.ids(take()).chunks(BATCH) {
-                                gather_rows(weights, dim, ids, &mut out, dim, Par::Rayon);
+                                gather_rows(
+                                    MatRef::from_rows(weights, dim),
+                                    ids,
+                                    MatMut::new(&mut out, ids.len(), dim),
+                                    Par::Rayon,
+                                );
                             }
                         })
                     })

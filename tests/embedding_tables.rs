@@ -3,6 +3,7 @@
 //! initialised tables far larger than RAM are cheap to create and touch.
 
 use dlrm::kernels::embedding::{Bags, Pooling, SparseGradWorkspace, embedding_bag_forward};
+use dlrm::kernels::mat::{MatMut, MatRef};
 use dlrm::kernels::optim::{SparseOptimizer, embedding_bag_backward_update};
 use dlrm::kernels::parallel::Par;
 use dlrm::model::embedding_tables::{
@@ -568,21 +569,17 @@ fn train_zipf_batches(tag: &str, rows: usize, dim: usize, batches: usize) -> f64
             ..bags
         };
         embedding_bag_forward(
-            table.weights(),
-            dim,
+            MatRef::from_rows(table.weights(), dim),
             bags,
             Pooling::Sum,
-            &mut out,
-            dim,
+            MatMut::new(&mut out, bags.len(), dim),
             Par::Rayon,
         );
         embedding_bag_forward(
-            &compact.weights,
-            dim,
+            MatRef::from_rows(&compact.weights, dim),
             compact_bags,
             Pooling::Sum,
-            &mut compact_out,
-            dim,
+            MatMut::new(&mut compact_out, compact_bags.len(), dim),
             Par::Rayon,
         );
         assert_eq!(bits(&out), bits(&compact_out), "forward of batch {batch}");

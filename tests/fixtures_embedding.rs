@@ -9,7 +9,7 @@ use common::fixtures::{self, Fixture};
 use dlrm::kernels::embedding::{
     self, Bags, Pooling, SparseGradWorkspace, embedding_bag_backward_coalesce,
 };
-use dlrm::kernels::mat::MatRef;
+use dlrm::kernels::mat::{MatMut, MatRef};
 use dlrm::kernels::optim::{self, SparseOptimizer};
 use dlrm::kernels::parallel::Par;
 
@@ -65,12 +65,10 @@ impl Case {
 
         let mut out = vec![f32::NAN; self.bags().len() * dim];
         embedding::embedding_bag_forward(
-            table,
-            dim,
+            MatRef::from_rows(table, dim),
             self.bags(),
             self.pooling,
-            &mut out,
-            dim,
+            MatMut::new(&mut out, self.bags().len(), dim),
             Par::Rayon,
         );
         fx.assert_close("output", &out);
@@ -80,7 +78,7 @@ impl Case {
             self.rows,
             self.bags(),
             self.pooling,
-            MatRef::with_row_stride(grad_out, self.bags().len(), dim, dim),
+            MatRef::new(grad_out, self.bags().len(), dim),
             &mut ws,
             Par::Rayon,
         );
@@ -93,11 +91,9 @@ impl Case {
         if fx.has("grad_per_sample_weights") {
             let mut gw = vec![f32::NAN; self.indices.len()];
             embedding::embedding_bag_weight_grad(
-                table,
-                dim,
+                MatRef::from_rows(table, dim),
                 self.bags(),
-                grad_out,
-                dim,
+                MatRef::new(grad_out, self.bags().len(), dim),
                 &mut gw,
                 Par::Rayon,
             );

@@ -160,7 +160,7 @@ fn fm_second_order_matches_pytorch() {
                 n,
                 bags,
                 Pooling::Sum,
-                MatRef::with_row_stride(grad, bags.len(), dim, dim),
+                MatRef::new(grad, bags.len(), dim),
                 &mut ws,
                 Par::Rayon,
             );

@@ -28,6 +28,18 @@ impl<'a> MatRef<'a> {
         Self::strided(data, rows, cols, cols, 1)
     }
 
+    /// All of `data` as contiguous rows of `cols` floats (an embedding table). Panics unless
+    /// `data` is a whole number of rows, or if `cols` is 0.
+    pub fn from_rows(data: &'a [f32], cols: usize) -> Self {
+        assert!(cols > 0, "matrix view of rows of 0 columns");
+        assert!(
+            data.len().is_multiple_of(cols),
+            "matrix view: {} floats are not a whole number of {cols}-wide rows",
+            data.len()
+        );
+        Self::new(data, data.len() / cols, cols)
+    }
+
     /// A row-major matrix whose rows are `row_stride` floats apart.
     pub fn with_row_stride(data: &'a [f32], rows: usize, cols: usize, row_stride: usize) -> Self {
         Self::strided(data, rows, cols, row_stride, 1)
@@ -203,6 +215,21 @@ impl<'a> MatMut<'a> {
         self.data
     }
 
+    /// The columns `j0 .. j0 + cols` of every row, as a view of their own (a slot of the rows).
+    pub fn into_cols(self, j0: usize, cols: usize) -> MatMut<'a> {
+        assert!(
+            j0 + cols <= self.cols,
+            "columns {j0}..{} of a matrix of {} columns",
+            j0 + cols,
+            self.cols
+        );
+        let (rows, rs) = (self.rows, self.rs);
+        if rows == 0 || cols == 0 {
+            return MatMut::with_row_stride(&mut [], 0, cols, rs.max(cols));
+        }
+        MatMut::with_row_stride(&mut self.data[j0..], rows, cols, rs)
+    }
+
     /// A shorter-lived mutable view (to pass on without giving this one up).
     pub fn rb_mut(&mut self) -> MatMut<'_> {
         MatMut {
@@ -251,4 +278,20 @@ pub(crate) fn check_view(view: MatRef, n: usize, dim: usize, what: &str, who: &s
         view.cols(),
         view.col_stride()
     );
+}
+
+/// The floats of `table`, a view of rows of `dim` contiguous floats one after the other (an
+/// embedding table): panics unless it is one.
+pub(crate) fn table_slice<'a>(table: MatRef<'a>, dim: usize, who: &str) -> &'a [f32] {
+    assert!(
+        table.cols() == dim
+            && table.col_stride() == 1
+            && (table.row_stride() == dim || table.rows() <= 1),
+        "{who}: table is {}x{} (strides {}, {}), needs contiguous rows of {dim}",
+        table.rows(),
+        table.cols(),
+        table.row_stride(),
+        table.col_stride()
+    );
+    table.as_slice()
 }

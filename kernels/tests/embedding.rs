@@ -9,7 +9,7 @@ use common::{BagCase, assert_close, bag_case, bits, fill, on_1_2_3_threads, sum_
 use dlrm_kernels::embedding::{
     self, Bags, Pooling, SparseGradWorkspace, embedding_bag_backward_coalesce,
 };
-use dlrm_kernels::mat::MatRef;
+use dlrm_kernels::mat::{MatMut, MatRef};
 use dlrm_kernels::parallel::Par;
 use dlrm_kernels::reference;
 use proptest::prelude::*;
@@ -18,12 +18,10 @@ use proptest::prelude::*;
 fn forward(c: &BagCase, par: Par) -> Vec<f32> {
     let mut out = vec![f32::NAN; c.strided_len()];
     embedding::embedding_bag_forward(
-        &c.table,
-        c.dim,
+        MatRef::from_rows(&c.table, c.dim),
         c.bags(),
         c.pooling,
-        &mut out,
-        c.stride,
+        MatMut::with_row_stride(&mut out, c.bags().len(), c.dim, c.stride),
         par,
     );
     out
@@ -32,7 +30,12 @@ fn forward(c: &BagCase, par: Par) -> Vec<f32> {
 /// Every looked-up row copied into a NaN-filled strided buffer, one row per index.
 fn gather(c: &BagCase, par: Par) -> Vec<f32> {
     let mut out = vec![f32::NAN; gathered_len(c)];
-    embedding::gather_rows(&c.table, c.dim, &c.indices, &mut out, c.stride, par);
+    embedding::gather_rows(
+        MatRef::from_rows(&c.table, c.dim),
+        &c.indices,
+        MatMut::with_row_stride(&mut out, c.indices.len(), c.dim, c.stride),
+        par,
+    );
     out
 }
 
@@ -53,11 +56,9 @@ fn check_gather(c: &BagCase) {
 fn weight_grad(c: &BagCase, par: Par) -> Vec<f32> {
     let mut gw = vec![f32::NAN; c.indices.len()];
     embedding::embedding_bag_weight_grad(
-        &c.table,
-        c.dim,
+        MatRef::from_rows(&c.table, c.dim),
         c.bags(),
-        &c.grad_out,
-        c.stride,
+        MatRef::with_row_stride(&c.grad_out, c.bags().len(), c.dim, c.stride),
         &mut gw,
         par,
     );
@@ -291,21 +292,33 @@ fn no_bags_and_empty_bags() {
         offsets: &[],
         weights: None,
     };
-    embedding::embedding_bag_forward(&table, 16, none, Pooling::Mean, &mut out, 16, Par::Rayon);
+    embedding::embedding_bag_forward(
+        MatRef::from_rows(&table, 16),
+        none,
+        Pooling::Mean,
+        MatMut::new(&mut out, none.len(), 16),
+        Par::Rayon,
+    );
     let empty = Bags {
         indices: &[],
         offsets: &[0, 0, 0],
         weights: None,
     };
     let mut out = vec![f32::NAN; 3 * 16];
-    embedding::embedding_bag_forward(&table, 16, empty, Pooling::Mean, &mut out, 16, Par::Rayon);
+    embedding::embedding_bag_forward(
+        MatRef::from_rows(&table, 16),
+        empty,
+        Pooling::Mean,
+        MatMut::new(&mut out, empty.len(), 16),
+        Par::Rayon,
+    );
     assert!(out.iter().all(|&x| x == 0.0));
     let mut ws = SparseGradWorkspace::default();
     let g = embedding_bag_backward_coalesce(
         4,
         empty,
         Pooling::Mean,
-        MatRef::with_row_stride(&out, empty.len(), 16, 16),
+        MatRef::new(&out, empty.len(), 16),
         &mut ws,
         Par::Rayon,
     );
@@ -322,7 +335,13 @@ fn forward_rejects_an_id_past_the_table() {
         weights: None,
     };
     let mut out = vec![0.0; 8];
-    embedding::embedding_bag_forward(&table, 8, bags, Pooling::Sum, &mut out, 8, Par::Rayon);
+    embedding::embedding_bag_forward(
+        MatRef::from_rows(&table, 8),
+        bags,
+        Pooling::Sum,
+        MatMut::new(&mut out, bags.len(), 8),
+        Par::Rayon,
+    );
 }
 
 #[test]
@@ -330,7 +349,12 @@ fn forward_rejects_an_id_past_the_table() {
 fn gather_rejects_an_id_past_the_table() {
     let table = fill(4 * 8, 1);
     let mut out = vec![0.0; 16];
-    embedding::gather_rows(&table, 8, &[1, 4], &mut out, 8, Par::Rayon);
+    embedding::gather_rows(
+        MatRef::from_rows(&table, 8),
+        &[1, 4],
+        MatMut::new(&mut out, 2, 8),
+        Par::Rayon,
+    );
 }
 
 #[test]
@@ -346,7 +370,7 @@ fn backward_rejects_an_id_past_the_table() {
         3,
         bags,
         Pooling::Sum,
-        MatRef::with_row_stride(&grad, bags.len(), 8, 8),
+        MatRef::new(&grad, bags.len(), 8),
         &mut Default::default(),
         Par::Rayon,
     );
@@ -362,7 +386,13 @@ fn weights_need_sum_pooling() {
         weights: Some(&[0.5]),
     };
     let mut out = vec![0.0; 8];
-    embedding::embedding_bag_forward(&table, 8, bags, Pooling::Mean, &mut out, 8, Par::Rayon);
+    embedding::embedding_bag_forward(
+        MatRef::from_rows(&table, 8),
+        bags,
+        Pooling::Mean,
+        MatMut::new(&mut out, bags.len(), 8),
+        Par::Rayon,
+    );
 }
 
 #[test]
@@ -403,7 +433,13 @@ fn one_id_bags_pool_to_their_rows_on_every_path() {
                     weights: None,
                 };
                 let mut out = vec![f32::NAN; (offsets.len() - 1) * stride + dim];
-                embedding::embedding_bag_forward(&table, dim, bags, pooling, &mut out, stride, par);
+                embedding::embedding_bag_forward(
+                    MatRef::from_rows(&table, dim),
+                    bags,
+                    pooling,
+                    MatMut::with_row_stride(&mut out, bags.len(), dim, stride),
+                    par,
+                );
                 let mut expect = vec![f32::NAN; out.len()];
                 reference::embedding_bag_forward(&table, dim, bags, pooling, &mut expect, stride);
                 // The padding between output rows stays NaN; the rows are compared.
@@ -503,18 +539,21 @@ fn tables_case() -> impl Strategy<Value = TablesCase> {
 
 /// The multi-table forward into a NaN-filled buffer (columns it does not own must stay NaN).
 fn forward_tables(c: &TablesCase, par: Par) -> Vec<f32> {
-    let span = c.first_col + c.tables.len() * c.dim;
-    let len = c.batch.checked_sub(1).map_or(0, |n| n * c.stride + span);
+    let (n, dim) = (c.tables.len(), c.dim);
+    let span = c.first_col + n * dim;
+    let len = c.batch.checked_sub(1).map_or(0, |b| b * c.stride + span);
     let mut out = vec![f32::NAN; len];
+    let rows = MatMut::with_row_stride(&mut out, c.batch, span, c.stride);
     embedding::embedding_bag_forward_tables(
-        c.tables.len(),
-        c.dim,
-        |t| &c.tables[t].table,
-        |t| c.tables[t].bags(),
+        n,
+        |t| {
+            (
+                MatRef::from_rows(&c.tables[t].table, dim),
+                c.tables[t].bags(),
+            )
+        },
         c.pooling,
-        &mut out,
-        c.stride,
-        c.first_col,
+        rows.into_cols(c.first_col, n * dim),
         par,
     );
     out

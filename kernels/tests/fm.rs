@@ -161,7 +161,7 @@ fn backward(cs: &Case, sums: &[f32], par: Par) -> Vec<(Vec<f32>, Vec<f32>)> {
             let mut gw = vec![f32::NAN; nnz];
             fm_backward(
                 f,
-                MatRef::with_row_stride(sums, f.bags.len(), cs.k, cs.k),
+                MatRef::new(sums, f.bags.len(), cs.k),
                 &cs.grad_out,
                 &mut rows,
                 Some(&mut gw),

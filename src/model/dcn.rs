@@ -196,15 +196,17 @@ impl Dcn {
             row[..nd].copy_from_slice(&dense[..nd]);
         }
         let tables = &self.embeddings;
+        let slots = MatMut::new(x0, b, w0).into_cols(nd, tables.len() * d);
         embedding_bag_forward_tables(
             tables.len(),
-            d,
-            |t| tables.weights(t),
-            |t| Self::bags(batch, t),
+            |t| {
+                (
+                    MatRef::from_rows(tables.weights(t), d),
+                    Self::bags(batch, t),
+                )
+            },
             Pooling::Sum,
-            x0,
-            w0,
-            nd,
+            slots,
             par,
         );
         sw.lap(&mut self.phases.emb_fwd);

@@ -218,15 +218,17 @@ impl Dlrm {
             .zip(&batch.indices)
             .for_each(|(t, ids)| t.materialize(ids));
         let tables = &self.tables;
+        let slots = MatMut::new(&mut self.features[..b * fd], b, fd).into_cols(d, tables.len() * d);
         embedding_bag_forward_tables(
             tables.len(),
-            d,
-            |t| tables[t].weights(),
-            |t| Self::bags(batch, t),
+            |t| {
+                (
+                    MatRef::from_rows(tables[t].weights(), d),
+                    Self::bags(batch, t),
+                )
+            },
             Pooling::Sum,
-            &mut self.features[..b * fd],
-            fd,
-            d,
+            slots,
             par,
         );
         sw.lap(&mut self.phases.emb_fwd);

@@ -305,15 +305,12 @@ impl Workload for EmbeddingForward {
         let (tables, batch) = self.src.next();
         let (nt, d) = (tables.len(), self.dim);
         let tables = &*tables;
+        let n = batch.size();
         embedding_bag_forward_tables(
             nt,
-            d,
-            |t| tables[t].weights(),
-            |t| bags(batch, t),
+            |t| (MatRef::from_rows(tables[t].weights(), d), bags(batch, t)),
             Pooling::Sum,
-            &mut self.out,
-            nt * d,
-            0,
+            MatMut::new(&mut self.out, n, nt * d),
             Par::Rayon,
         );
         Ok(())

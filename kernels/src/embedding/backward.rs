@@ -3,7 +3,7 @@
 //! forward bag); the fused optimizer update built on it lives in [`crate::optim`].
 
 use super::{Bags, MIN_PARALLEL_FLOATS, PREFETCH_DISTANCE, Pooling, pool_rows};
-use crate::mat::{MatRef, check_strided, check_view, table_rows};
+use crate::mat::{MatRef, check_view, table_rows, table_slice};
 use crate::parallel::{Par, join_ranges, should_split, task_grain};
 use crate::simd::{F32s, LANES, load_partial, prefetch_lines, prefetch_read};
 use core::ops::Range;
@@ -12,25 +12,19 @@ use rayon::prelude::*;
 /// d loss / d per_sample_weights:
 /// `grad_weights[p] = dot(grad_out[bag(p)], table[indices[p]])`.
 pub fn embedding_bag_weight_grad(
-    table: &[f32],
-    dim: usize,
+    table: MatRef,
     bags: Bags,
-    grad_out: &[f32],
-    grad_stride: usize,
+    grad_out: MatRef,
     grad_weights: &mut [f32],
     par: Par,
 ) {
     const WHO: &str = "embedding_bag_weight_grad";
+    let dim = table.cols();
+    let table = table_slice(table, dim, WHO);
     let rows = table_rows(table, dim, WHO);
     bags.check(rows, Pooling::Sum, WHO);
-    check_strided(
-        grad_out.len(),
-        bags.len(),
-        dim,
-        grad_stride,
-        "grad_out",
-        WHO,
-    );
+    check_view(grad_out, bags.len(), dim, "grad_out", WHO);
+    let (grad_stride, grad_out) = (grad_out.row_stride(), grad_out.as_slice());
     let indices = bags.indices;
     assert_eq!(
         grad_weights.len(),

@@ -3,57 +3,44 @@
 //! ([`gather_rows`]) it is measured against.
 
 use super::{Bags, MIN_PARALLEL_FLOATS, PREFETCH_DISTANCE, Pooling, check_ids, pool_rows};
-use crate::mat::{check_strided, table_rows};
+use crate::mat::{MatMut, MatRef, check_view, table_rows, table_slice};
 use crate::parallel::{Par, should_split, task_grain};
 use crate::simd::{LANES, load, load_partial, prefetch_lines, prefetch_read, store, store_partial};
 use core::ops::Range;
 use rayon::prelude::*;
 
-/// `out[b*out_stride .. b*out_stride + dim]` = pooled rows of bag b. `table` is rows x dim
-/// row-major (rows = table.len() / dim). Panics if an index >= rows (ids are validated by the
-/// caller; the check must still exist so a bad id can never read out of bounds).
-pub fn embedding_bag_forward(
-    table: &[f32],
-    dim: usize,
-    bags: Bags,
-    pooling: Pooling,
-    out: &mut [f32],
-    out_stride: usize,
-    par: Par,
-) {
-    embedding_bag_forward_tables(
-        1,
-        dim,
-        |_| table,
-        |_| bags,
-        pooling,
-        out,
-        out_stride,
-        0,
-        par,
-    );
+/// Row b of `out` (bags x dim) = pooled rows of bag b of `table` (rows x dim, contiguous).
+/// Panics if an index >= rows (ids are validated by the caller; the check must still exist so
+/// a bad id can never read out of bounds).
+pub fn embedding_bag_forward(table: MatRef, bags: Bags, pooling: Pooling, out: MatMut, par: Par) {
+    embedding_bag_forward_tables(1, |_| (table, bags), pooling, out, par);
 }
 
-/// Pools `num_tables` tables into shared output rows: bag b of table t goes to
-/// `out[b * out_stride + first_col + t * dim ..][..dim]` (the model's feature rows, one slot
-/// per table). Every table has the same number of bags. Threads split the bags (output rows),
-/// and each task pools all tables for its rows, table by table, so every task owns whole rows.
-#[allow(clippy::too_many_arguments)]
+/// Pools `num_tables` tables into shared output rows: `lookup(t)` gives table t (rows x dim,
+/// contiguous) and its bags, and bag b of table t goes to columns `t * dim .. (t + 1) * dim`
+/// of row b of `out` (bags x num_tables * dim: the model's feature rows, one slot per table).
+/// Every table has the same number of bags. Threads split the bags (output rows), and each
+/// task pools all tables for its rows, table by table, so every task owns whole rows.
 pub fn embedding_bag_forward_tables<'t>(
     num_tables: usize,
-    dim: usize,
-    table: impl Fn(usize) -> &'t [f32] + Sync,
-    bags: impl Fn(usize) -> Bags<'t> + Sync,
+    lookup: impl Fn(usize) -> (MatRef<'t>, Bags<'t>) + Sync,
     pooling: Pooling,
-    out: &mut [f32],
-    out_stride: usize,
-    first_col: usize,
+    out: MatMut,
     par: Par,
 ) {
     const WHO: &str = "embedding_bag_forward";
     if num_tables == 0 {
         return;
     }
+    assert!(
+        out.cols().is_multiple_of(num_tables),
+        "{WHO}: out rows of {} values do not split into {num_tables} tables",
+        out.cols()
+    );
+    let dim = out.cols() / num_tables;
+    let table = |t: usize| table_slice(lookup(t).0, dim, WHO);
+    let bags = |t: usize| lookup(t).1;
+    let out_stride = out.row_stride();
     let n = bags(0).len();
     let mut work = 0;
     for t in 0..num_tables {
@@ -67,26 +54,29 @@ pub fn embedding_bag_forward_tables<'t>(
         b.check(table_rows(table(t), dim, WHO), pooling, WHO);
         work += (b.indices.len() + n) * dim;
     }
-    let span = first_col + num_tables * dim;
-    check_strided(out.len(), n, span, out_stride, "out", WHO);
+    assert_eq!(
+        out.rows(),
+        n,
+        "{WHO}: out has {} rows for {n} bags",
+        out.rows()
+    );
     if n == 0 {
         return;
     }
+    let out = out.into_slice();
     let rows_from = |b0: usize, out: &mut [f32]| {
         for t in 0..num_tables {
             pool_bags(
-                table(t),
-                dim,
+                (table(t), dim),
                 bags(t),
                 pooling,
                 b0,
                 out,
                 out_stride,
-                first_col + t * dim,
+                t * dim,
             );
         }
     };
-    let out = &mut out[..(n - 1) * out_stride + span];
     if should_split(par, work, MIN_PARALLEL_FLOATS) {
         let grain = task_grain(n, true);
         out.par_chunks_mut(grain * out_stride)
@@ -98,11 +88,10 @@ pub fn embedding_bag_forward_tables<'t>(
 }
 
 /// Pools the bags from `b0` on, one per `out_stride` row of `out`, into columns
-/// `col .. col + dim` (as many bags as `out` has rows). The bags are checked by the caller.
-#[allow(clippy::too_many_arguments)]
+/// `col .. col + dim` (as many bags as `out` has rows), `table` being rows of dim floats. The
+/// bags are checked by the caller.
 fn pool_bags(
-    table: &[f32],
-    dim: usize,
+    (table, dim): (&[f32], usize),
     bags: Bags,
     pooling: Pooling,
     b0: usize,
@@ -158,32 +147,28 @@ fn one_id_per_bag(bags: Bags, range: Range<usize>) -> bool {
             .all(|(&o, b)| o as usize == b)
 }
 
-/// `out[i * out_stride ..][..dim] = table[indices[i] * dim ..][..dim]`: the looked-up rows
+/// Row i of `out` (indices x dim) = row `indices[i]` of `table`: the looked-up rows
 /// copied with no arithmetic (PyTorch's `index_select` along rows). The row loads, stores and
 /// prefetches are the forward's, minus its FMAs and bag bookkeeping, so on the same ids this
 /// runs at the speed of the memory system: the ceiling the forward is benchmarked against.
 /// Threads split the output rows. Panics if an index >= rows.
-pub fn gather_rows(
-    table: &[f32],
-    dim: usize,
-    indices: &[u32],
-    out: &mut [f32],
-    out_stride: usize,
-    par: Par,
-) {
+pub fn gather_rows(table: MatRef, indices: &[u32], out: MatMut, par: Par) {
     const WHO: &str = "gather_rows";
+    let dim = table.cols();
+    let table = table_slice(table, dim, WHO);
     let rows = table_rows(table, dim, WHO);
     check_ids(indices, rows, WHO);
     let n = indices.len();
-    check_strided(out.len(), n, dim, out_stride, "out", WHO);
+    check_view(out.as_ref(), n, dim, "out", WHO);
+    let out_stride = out.row_stride();
     if n == 0 {
         return;
     }
+    let out = out.into_slice();
     let rows_from = |i0: usize, out: &mut [f32]| {
         let ids = &indices[i0..];
         with_width!(dim, |width| copy_rows(table, width, ids, out, out_stride))
     };
-    let out = &mut out[..(n - 1) * out_stride + dim];
     if should_split(par, 2 * n * dim, MIN_PARALLEL_FLOATS) {
         let grain = task_grain(n, true);
         out.par_chunks_mut(grain * out_stride)
