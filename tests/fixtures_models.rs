@@ -13,7 +13,7 @@ use dlrm::kernels::embedding::{
     Bags, Pooling, SparseGradWorkspace, embedding_bag_backward_coalesce,
 };
 use dlrm::kernels::fm::{FmField, fm_backward, fm_forward};
-use dlrm::kernels::mat::MatRef;
+use dlrm::kernels::mat::{MatMut, MatRef};
 use dlrm::kernels::parallel::Par;
 
 /// (output, saved) of the first `layers` layers of the fixture's network on its x0.
@@ -21,7 +21,13 @@ fn forward(net: &CrossNet, x0: &[f32], batch: usize) -> (Vec<f32>, Vec<f32>) {
     let d = net.dim;
     let mut saved = vec![0.0; net.kind.saved_len(d, net.layers, batch)];
     let mut out = vec![f32::NAN; batch * d];
-    cross_forward(net, x0, d, batch, &mut saved, &mut out, d, Par::Rayon);
+    cross_forward(
+        net,
+        MatRef::new(x0, batch, d),
+        &mut saved,
+        MatMut::new(&mut out, batch, d),
+        Par::Rayon,
+    );
     (out, saved)
 }
 
@@ -54,15 +60,11 @@ fn check_cross(case: &str, kind: CrossKind) {
     let (mut dw, mut db) = (vec![0.0; w.len()], vec![0.0; b.len()]);
     cross_backward(
         &full,
-        x0,
-        d,
-        batch,
+        MatRef::new(x0, batch, d),
         &saved,
-        fx.f32("grad_output"),
-        d,
+        MatRef::new(fx.f32("grad_output"), batch, d),
         CrossGrads {
-            x0: &mut gx,
-            x0_stride: d,
+            x0: MatMut::new(&mut gx, batch, d),
             accumulate_x0: false,
             w: &mut dw,
             b: &mut db,

@@ -252,23 +252,6 @@ pub(crate) fn table_rows(table: &[f32], dim: usize, who: &str) -> usize {
     table.len() / dim
 }
 
-/// Checks that a buffer of `len` floats holds `n` rows of `dim` floats, `stride` apart.
-pub(crate) fn check_strided(
-    len: usize,
-    n: usize,
-    dim: usize,
-    stride: usize,
-    what: &str,
-    who: &str,
-) {
-    assert!(stride >= dim, "{who}: {what} stride {stride} < dim {dim}");
-    let need = if n == 0 { 0 } else { (n - 1) * stride + dim };
-    assert!(
-        len >= need,
-        "{who}: {what} has {len} floats, {n} rows of {dim} with stride {stride} need {need}"
-    );
-}
-
 /// Checks that the view `what` is `n` rows of `dim` floats with contiguous columns.
 pub(crate) fn check_view(view: MatRef, n: usize, dim: usize, what: &str, who: &str) {
     assert!(

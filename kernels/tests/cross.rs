@@ -9,6 +9,7 @@ use common::{bits, fill, fill_range, on_1_2_3_threads};
 use dlrm_kernels::cross::{
     CROSS_CHUNK, CrossGrads, CrossKind, CrossNet, CrossWorkspace, cross_backward, cross_forward,
 };
+use dlrm_kernels::mat::{MatMut, MatRef};
 use dlrm_kernels::parallel::Par;
 use dlrm_kernels::reference;
 use proptest::prelude::*;
@@ -106,12 +107,9 @@ fn run(cs: &Case, inp: &Inputs, par: Par) -> [Vec<f32>; 4] {
     let mut out = vec![f32::NAN; cs.len(1)];
     cross_forward(
         &net,
-        &inp.x0,
-        cs.stride(0),
-        cs.batch,
+        MatRef::with_row_stride(&inp.x0, cs.batch, cs.d, cs.stride(0)),
         &mut saved,
-        &mut out,
-        cs.stride(1),
+        MatMut::with_row_stride(&mut out, cs.batch, cs.d, cs.stride(1)),
         par,
     );
     let mut gx = if cs.accumulate {
@@ -128,15 +126,11 @@ fn run(cs: &Case, inp: &Inputs, par: Par) -> [Vec<f32>; 4] {
     let (mut dw, mut db) = (vec![f32::NAN; inp.w.len()], vec![f32::NAN; inp.b.len()]);
     cross_backward(
         &net,
-        &inp.x0,
-        cs.stride(0),
-        cs.batch,
+        MatRef::with_row_stride(&inp.x0, cs.batch, cs.d, cs.stride(0)),
         &saved,
-        &inp.grad_out,
-        cs.stride(2),
+        MatRef::with_row_stride(&inp.grad_out, cs.batch, cs.d, cs.stride(2)),
         CrossGrads {
-            x0: &mut gx,
-            x0_stride: cs.stride(3),
+            x0: MatMut::with_row_stride(&mut gx, cs.batch, cs.d, cs.stride(3)),
             accumulate_x0: cs.accumulate,
             w: &mut dw,
             b: &mut db,
@@ -279,21 +273,23 @@ fn rank_one_layer_by_hand() {
     };
     let mut saved = vec![0.0; CrossKind::RankOne.saved_len(2, 1, 1)];
     let mut out = [0.0f32; 2];
-    cross_forward(&net, &x0, 2, 1, &mut saved, &mut out, 2, Par::Rayon);
+    cross_forward(
+        &net,
+        MatRef::new(&x0, 1, 2),
+        &mut saved,
+        MatMut::new(&mut out, 1, 2),
+        Par::Rayon,
+    );
     assert_eq!(out, [2.5, 4.0]);
     // g = (1, 0): c = g . x0 = 1; dx0 = s g + (g + c w) = (1, 0) + (4, -1); dw = c x0; db = g.
     let (mut gx, mut dw, mut db) = ([0.0f32; 2], [0.0f32; 2], [0.0f32; 2]);
     cross_backward(
         &net,
-        &x0,
-        2,
-        1,
+        MatRef::new(&x0, 1, 2),
         &saved,
-        &[1.0, 0.0],
-        2,
+        MatRef::new(&[1.0, 0.0], 1, 2),
         CrossGrads {
-            x0: &mut gx,
-            x0_stride: 2,
+            x0: MatMut::new(&mut gx, 1, 2),
             accumulate_x0: false,
             w: &mut dw,
             b: &mut db,
@@ -316,12 +312,9 @@ fn wrong_weight_count_is_rejected() {
     };
     cross_forward(
         &net,
-        &[0.0; 3],
-        3,
-        1,
+        MatRef::new(&[0.0; 3], 1, 3),
         &mut [0.0; 64],
-        &mut [0.0; 3],
-        3,
+        MatMut::new(&mut [0.0; 3], 1, 3),
         Par::Rayon,
     );
 }

@@ -214,12 +214,9 @@ impl Dcn {
         let need = self.cfg.kind.saved_len(w0, self.cfg.cross_layers, b);
         cross_forward(
             &cross_net(&self.cfg, &self.cross_w, &self.cross_b),
-            &self.x0,
-            w0,
-            b,
+            MatRef::new(&self.x0, b, w0),
             &mut self.saved[..need],
-            &mut self.head_in,
-            hw,
+            MatMut::with_row_stride(&mut self.head_in, b, w0, hw),
             par,
         );
         sw.lap(&mut self.phases.interaction_fwd);
@@ -290,15 +287,11 @@ impl Dcn {
         let need = self.cfg.kind.saved_len(w0, self.cfg.cross_layers, b);
         cross_backward(
             &cross_net(&self.cfg, &self.cross_w, &self.cross_b),
-            &self.x0,
-            w0,
-            b,
+            MatRef::new(&self.x0, b, w0),
             &self.saved[..need],
-            &self.grad_head_in,
-            hw,
+            MatRef::with_row_stride(&self.grad_head_in, b, w0, hw),
             CrossGrads {
-                x0: &mut self.grad_x0,
-                x0_stride: w0,
+                x0: MatMut::new(&mut self.grad_x0, b, w0),
                 accumulate_x0: true,
                 w: &mut self.grad_cross_w,
                 b: &mut self.grad_cross_b,
