@@ -37,7 +37,7 @@ use dlrm::kernels::embedding::{
     Bags, Pooling, SparseGradWorkspace, embedding_bag_forward, gather_rows,
 };
 use dlrm::kernels::mat::{MatMut, MatRef};
-use dlrm::kernels::optim::{SparseOptimizer, embedding_bag_backward_update};
+use dlrm::kernels::optim::{SparseOptimizer, TableMut, embedding_bag_backward_update};
 use dlrm::kernels::parallel::Par;
 use dlrm::model::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind};
 use dlrm::rng::{RankScatter, SplitMix64, Zipf};
@@ -346,14 +346,14 @@ fn bench_embedding(c: &mut Criterion) {
                         pool_of(t).install(|| {
                             b.iter(|| {
                                 embedding_bag_backward_update(
-                                    table.weights_mut(),
-                                    state.as_mut_slice(),
-                                    dim,
+                                    TableMut {
+                                        weights: MatMut::from_rows(table.weights_mut(), dim),
+                                        state: state.as_mut_slice(),
+                                    },
                                     batches.bags(take()),
                                     Pooling::Sum,
-                                    &grad_out,
-                                    dim,
-                                    opt,
+                                    MatRef::new(&grad_out, batches.bags(take()).len(), dim),
+                                    opt.into(),
                                     &mut ws,
                                     Par::Rayon,
                                 )

@@ -4,7 +4,7 @@
 
 use dlrm::kernels::embedding::{Bags, Pooling, SparseGradWorkspace, embedding_bag_forward};
 use dlrm::kernels::mat::{MatMut, MatRef};
-use dlrm::kernels::optim::{SparseOptimizer, embedding_bag_backward_update};
+use dlrm::kernels::optim::{SparseOptimizer, TableMut, embedding_bag_backward_update};
 use dlrm::kernels::parallel::Par;
 use dlrm::model::embedding_tables::{
     EmbeddingTable, OptimizerState, StorageKind, TableError, available_space, init_bound, init_row,
@@ -584,26 +584,26 @@ fn train_zipf_batches(tag: &str, rows: usize, dim: usize, batches: usize) -> f64
         );
         assert_eq!(bits(&out), bits(&compact_out), "forward of batch {batch}");
         embedding_bag_backward_update(
-            table.weights_mut(),
-            state.as_mut_slice(),
-            dim,
+            TableMut {
+                weights: MatMut::from_rows(table.weights_mut(), dim),
+                state: state.as_mut_slice(),
+            },
             bags,
             Pooling::Sum,
-            &grad,
-            dim,
-            opt,
+            MatRef::new(&grad, bags.len(), dim),
+            opt.into(),
             &mut ws,
             Par::Rayon,
         );
         embedding_bag_backward_update(
-            &mut compact.weights,
-            &mut compact.state,
-            dim,
+            TableMut {
+                weights: MatMut::from_rows(&mut compact.weights, dim),
+                state: &mut compact.state,
+            },
             compact_bags,
             Pooling::Sum,
-            &grad,
-            dim,
-            opt,
+            MatRef::new(&grad, compact_bags.len(), dim),
+            opt.into(),
             &mut compact_ws,
             Par::Rayon,
         );

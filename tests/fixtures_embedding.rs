@@ -10,7 +10,7 @@ use dlrm::kernels::embedding::{
     self, Bags, Pooling, SparseGradWorkspace, embedding_bag_backward_coalesce,
 };
 use dlrm::kernels::mat::{MatMut, MatRef};
-use dlrm::kernels::optim::{self, SparseOptimizer};
+use dlrm::kernels::optim::{self, SparseOptimizer, TableMut};
 use dlrm::kernels::parallel::Par;
 
 struct Case {
@@ -104,14 +104,14 @@ impl Case {
         let lr = 0.5;
         let mut stepped = table.to_vec();
         optim::embedding_bag_backward_update(
-            &mut stepped,
-            &mut [],
-            dim,
+            TableMut {
+                weights: MatMut::from_rows(&mut stepped, dim),
+                state: &mut [],
+            },
             self.bags(),
             self.pooling,
-            grad_out,
-            dim,
-            SparseOptimizer::Sgd { lr },
+            MatRef::new(grad_out, self.bags().len(), dim),
+            SparseOptimizer::Sgd { lr }.into(),
             &mut ws,
             Par::Rayon,
         );

@@ -164,6 +164,19 @@ impl<'a> MatMut<'a> {
         Self::with_row_stride(data, rows, cols, cols)
     }
 
+    /// All of `data` as contiguous rows of `cols` floats (an embedding table). Panics unless
+    /// `data` is a whole number of rows, or if `cols` is 0.
+    pub fn from_rows(data: &'a mut [f32], cols: usize) -> Self {
+        assert!(cols > 0, "matrix view of rows of 0 columns");
+        assert!(
+            data.len().is_multiple_of(cols),
+            "matrix view: {} floats are not a whole number of {cols}-wide rows",
+            data.len()
+        );
+        let rows = data.len() / cols;
+        Self::new(data, rows, cols)
+    }
+
     /// A row-major matrix whose rows are `row_stride >= cols` floats apart.
     pub fn with_row_stride(data: &'a mut [f32], rows: usize, cols: usize, rs: usize) -> Self {
         assert!(rs >= cols || rows <= 1, "row stride {rs} < {cols} columns");

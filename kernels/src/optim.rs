@@ -18,7 +18,7 @@
 //! whatever the thread count.
 
 use crate::embedding::{Bags, Pooling, RowGrads, SparseGradWorkspace, with_width};
-use crate::mat::{MatRef, table_rows};
+use crate::mat::{MatMut, MatRef, table_rows};
 use crate::parallel::{Par, join_ranges, should_split};
 use crate::scratch::{EMB_ROW, with_scratch};
 use crate::simd::{
@@ -152,58 +152,57 @@ fn adagrad_lanes(p: &mut [f32], g: &[f32], s: &mut [f32], lr: f32, eps: f32) {
 /// plateau.
 pub const UPDATE_PREFETCH_DISTANCE: usize = 16;
 
-/// Backward of the bag + fused optimizer update, straight into the table (and its state:
-/// rows x dim for Adagrad, rows for row-wise Adagrad, empty for SGD). Never builds a dense
-/// gradient; each distinct row is updated once per call with the sum of its gradients.
-#[allow(clippy::too_many_arguments)]
-pub fn embedding_bag_backward_update(
-    table: &mut [f32],
-    state: &mut [f32],
-    dim: usize,
-    bags: Bags,
-    pooling: Pooling,
-    grad_out: &[f32],
-    grad_stride: usize,
-    opt: SparseOptimizer,
-    ws: &mut SparseGradWorkspace,
-    par: Par,
-) {
-    embedding_bag_backward_update_l2(
-        table,
-        state,
-        dim,
-        bags,
-        pooling,
-        grad_out,
-        grad_stride,
-        opt,
-        0.0,
-        ws,
-        par,
-    );
+/// An embedding table (rows x dim, contiguous) with its optimizer state (rows x dim for
+/// Adagrad, rows for row-wise Adagrad, empty for SGD), updated in place.
+#[derive(Debug)]
+pub struct TableMut<'a> {
+    pub weights: MatMut<'a>,
+    pub state: &'a mut [f32],
 }
 
-/// [`embedding_bag_backward_update`] with L2 regularisation of the looked-up rows: the
-/// gradient of each distinct row is its summed gradient plus `weight_decay` times the row
+/// One sparse optimizer step: the optimizer, and the L2 regularisation of the looked-up rows
 /// (PyTorch's `weight_decay`, applied lazily: a row the batch does not look up is neither
 /// updated nor decayed, as in the regularised SGD of latent factor models, Koren, Bell &
 /// Volinsky, "Matrix Factorization Techniques for Recommender Systems", 2009). With
 /// `weight_decay` = 0 the update is bit for bit the unregularised one.
-#[allow(clippy::too_many_arguments)]
-pub fn embedding_bag_backward_update_l2(
-    table: &mut [f32],
-    state: &mut [f32],
-    dim: usize,
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SparseStep {
+    pub opt: SparseOptimizer,
+    pub weight_decay: f32,
+}
+
+impl From<SparseOptimizer> for SparseStep {
+    /// The optimizer's step without regularisation.
+    fn from(opt: SparseOptimizer) -> SparseStep {
+        SparseStep {
+            opt,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// Backward of the bag + fused optimizer update, straight into the table and its state, from
+/// the gradient of the pooled output (`grad_out`: one row of the table's width per bag). Never
+/// builds a dense gradient; each distinct row is updated once per call with the sum of its
+/// gradients (plus `step.weight_decay` times the row).
+pub fn embedding_bag_backward_update(
+    table: TableMut,
     bags: Bags,
     pooling: Pooling,
-    grad_out: &[f32],
-    grad_stride: usize,
-    opt: SparseOptimizer,
-    weight_decay: f32,
+    grad_out: MatRef,
+    step: SparseStep,
     ws: &mut SparseGradWorkspace,
     par: Par,
 ) {
     const WHO: &str = "embedding_bag_backward_update";
+    let SparseStep { opt, weight_decay } = step;
+    let dim = table.weights.cols();
+    let TableMut { weights, state } = table;
+    assert!(
+        weights.row_stride() == dim || weights.rows() <= 1,
+        "{WHO}: table rows are not contiguous"
+    );
+    let table = weights.into_slice();
     let rows = table_rows(table, dim, WHO);
     let sw = opt.state_width(dim);
     assert_eq!(
@@ -212,7 +211,6 @@ pub fn embedding_bag_backward_update_l2(
         "{WHO}: state has {} floats, {opt:?} needs {sw} per row for {rows} rows",
         state.len()
     );
-    let grad_out = MatRef::with_row_stride(grad_out, bags.len(), dim, grad_stride);
     let (rg, _) = RowGrads::prepare(rows, bags, pooling, grad_out, ws, WHO);
     let ids = rg.rows;
     let Some(&first) = ids.first() else {

@@ -7,8 +7,8 @@ mod common;
 
 use common::{BagCase, assert_close, bag_case, bits, fill, fill_range, on_1_2_3_threads, sum_tol};
 use dlrm_kernels::embedding::{SparseGradWorkspace, embedding_bag_backward_coalesce};
-use dlrm_kernels::mat::MatRef;
-use dlrm_kernels::optim::{self, SparseOptimizer};
+use dlrm_kernels::mat::{MatMut, MatRef};
+use dlrm_kernels::optim::{self, SparseOptimizer, SparseStep, TableMut};
 use dlrm_kernels::parallel::Par;
 use dlrm_kernels::reference;
 use proptest::prelude::*;
@@ -44,15 +44,16 @@ fn update_from(
     par: Par,
 ) -> (Vec<f32>, Vec<f32>) {
     let mut table = c.table.clone();
-    let (t, s) = (&mut table, &mut state);
-    let (d, bags, pooling, g, stride) = (c.dim, c.bags(), c.pooling, &c.grad_out, c.stride);
-    if wd == 0.0 {
-        optim::embedding_bag_backward_update(t, s, d, bags, pooling, g, stride, opt, ws, par);
-    } else {
-        optim::embedding_bag_backward_update_l2(
-            t, s, d, bags, pooling, g, stride, opt, wd, ws, par,
-        );
-    }
+    let table_mut = TableMut {
+        weights: MatMut::from_rows(&mut table, c.dim),
+        state: &mut state,
+    };
+    let grad_out = MatRef::with_row_stride(&c.grad_out, c.num_bags(), c.dim, c.stride);
+    let step = SparseStep {
+        opt,
+        weight_decay: wd,
+    };
+    optim::embedding_bag_backward_update(table_mut, c.bags(), c.pooling, grad_out, step, ws, par);
     (table, state)
 }
 
@@ -293,14 +294,14 @@ fn duplicates_update_a_row_once() {
                 weights: None,
             };
             optim::embedding_bag_backward_update(
-                &mut table,
-                &mut state,
-                dim,
+                TableMut {
+                    weights: MatMut::from_rows(&mut table, dim),
+                    state: &mut state,
+                },
                 bags,
                 dlrm_kernels::embedding::Pooling::Sum,
-                g,
-                dim,
-                opt,
+                MatRef::new(g, bags.len(), dim),
+                opt.into(),
                 &mut SparseGradWorkspace::default(),
                 Par::Rayon,
             );
@@ -323,14 +324,14 @@ fn update_rejects_a_state_of_the_wrong_size() {
         weights: None,
     };
     optim::embedding_bag_backward_update(
-        &mut table,
-        &mut [0.0; 3],
-        4,
+        TableMut {
+            weights: MatMut::from_rows(&mut table, 4),
+            state: &mut [0.0; 3],
+        },
         bags,
         dlrm_kernels::embedding::Pooling::Sum,
-        &[0.0; 4],
-        4,
-        SparseOptimizer::RowwiseAdagrad { lr: 0.1, eps: 0.0 },
+        MatRef::new(&[0.0; 4], bags.len(), 4),
+        SparseOptimizer::RowwiseAdagrad { lr: 0.1, eps: 0.0 }.into(),
         &mut SparseGradWorkspace::default(),
         Par::Rayon,
     );

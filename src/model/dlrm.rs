@@ -26,7 +26,7 @@ use dlrm_kernels::interaction::{
     cat_interaction_backward, cat_interaction_forward, dot_interaction_backward,
     dot_interaction_forward,
 };
-use dlrm_kernels::optim::{adagrad_update, embedding_bag_backward_update, sgd_update};
+use dlrm_kernels::optim::{TableMut, adagrad_update, embedding_bag_backward_update, sgd_update};
 use dlrm_kernels::parallel::Par;
 use rayon::prelude::*;
 use std::time::Instant;
@@ -346,14 +346,19 @@ impl Dlrm {
             .enumerate()
             .for_each(|(t, ((table, state), ws))| {
                 embedding_bag_backward_update(
-                    table.weights_mut(),
-                    state.as_mut_slice(),
-                    d,
+                    TableMut {
+                        weights: MatMut::from_rows(table.weights_mut(), d),
+                        state: state.as_mut_slice(),
+                    },
                     Self::bags(batch, t),
                     Pooling::Sum,
-                    &grads[(t + 1) * d..],
-                    fd,
-                    opt,
+                    MatRef::with_row_stride(
+                        &grads[(t + 1) * d..],
+                        Self::bags(batch, t).len(),
+                        d,
+                        fd,
+                    ),
+                    opt.into(),
                     ws,
                     par,
                 );

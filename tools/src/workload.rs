@@ -17,7 +17,7 @@ use dlrm::rng::{SplitMix64, derive_key};
 use dlrm::train::DataSource;
 use dlrm_kernels::embedding::{Bags, Pooling, SparseGradWorkspace, embedding_bag_forward_tables};
 use dlrm_kernels::gemm::{MatMut, MatRef, linear_forward};
-use dlrm_kernels::optim::{SparseOptimizer, embedding_bag_backward_update};
+use dlrm_kernels::optim::{SparseOptimizer, TableMut, embedding_bag_backward_update};
 use dlrm_kernels::parallel::Par;
 use rayon::prelude::*;
 use std::time::Instant;
@@ -373,14 +373,14 @@ impl Workload for SparseUpdate {
             .enumerate()
             .for_each(|(t, ((table, state), ws))| {
                 embedding_bag_backward_update(
-                    table.weights_mut(),
-                    state.as_mut_slice(),
-                    d,
+                    TableMut {
+                        weights: MatMut::from_rows(table.weights_mut(), d),
+                        state: state.as_mut_slice(),
+                    },
                     bags(batch, t),
                     Pooling::Sum,
-                    &grad[t * d..],
-                    stride,
-                    opt,
+                    MatRef::with_row_stride(&grad[t * d..], bags(batch, t).len(), d, stride),
+                    opt.into(),
                     ws,
                     Par::Rayon,
                 );
