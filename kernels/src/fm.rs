@@ -144,28 +144,26 @@ fn sample<'t>(
         let tail = s.len() - (nv - 1) * LANES;
         let first = blk == 0;
         term += match nv {
-            1 => block::<1>(num_fields, k, field, b, col, tail, first, s),
-            2 => block::<2>(num_fields, k, field, b, col, tail, first, s),
-            3 => block::<3>(num_fields, k, field, b, col, tail, first, s),
-            4 => block::<4>(num_fields, k, field, b, col, tail, first, s),
+            1 => block::<1>(num_fields, k, field, b, (col, tail), first, s),
+            2 => block::<2>(num_fields, k, field, b, (col, tail), first, s),
+            3 => block::<3>(num_fields, k, field, b, (col, tail), first, s),
+            4 => block::<4>(num_fields, k, field, b, (col, tail), first, s),
             nv => unreachable!("{nv} vectors in a block of at most {MAX_NV}"),
         };
     }
     term
 }
 
-/// Columns `col .. col + (NV - 1) LANES + tail` of sample b: S of those columns into `s`, and
-/// their part of 1/2 sum_f (S_f^2 - sum_p (x_p v_pf)^2), plus the first-order term when
-/// `first` (the first block).
-#[allow(clippy::too_many_arguments)]
+/// Columns `col .. col + (NV - 1) LANES + tail` of sample b (the block `(col, tail)`): S of
+/// those columns into `s`, and their part of 1/2 sum_f (S_f^2 - sum_p (x_p v_pf)^2), plus the
+/// first-order term when `first` (the first block).
 #[inline(always)]
 fn block<'t, const NV: usize>(
     num_fields: usize,
     k: usize,
     field: &impl Fn(usize) -> FmField<'t>,
     b: usize,
-    col: usize,
-    tail: usize,
+    (col, tail): (usize, usize),
     first: bool,
     s: &mut [f32],
 ) -> f32 {

@@ -80,16 +80,18 @@ fn check_update_from(
     let ws = &mut SparseGradWorkspace::default();
     let (table, state) = update_from(c, opt, wd, state0.clone(), ws, Par::Rayon);
     let (mut etable, mut estate) = (c.table.clone(), state0.clone());
-    reference::embedding_bag_backward_update_l2(
-        &mut etable,
-        &mut estate,
-        c.dim,
+    reference::embedding_bag_backward_update(
+        TableMut {
+            weights: MatMut::from_rows(&mut etable, c.dim),
+            state: &mut estate,
+        },
         c.bags(),
         c.pooling,
-        &c.grad_out,
-        c.stride,
-        opt,
-        wd,
+        MatRef::with_row_stride(&c.grad_out, c.num_bags(), c.dim, c.stride),
+        SparseStep {
+            opt,
+            weight_decay: wd,
+        },
     );
     let lr = match opt {
         SparseOptimizer::Sgd { lr }
