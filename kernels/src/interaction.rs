@@ -2,7 +2,7 @@
 //!
 //! Layout (Naumov et al. 2019, "Deep Learning Recommendation Model for Personalization and
 //! Recommendation Systems", section 2.1): per sample, the F = 1 + tables feature vectors of
-//! width d lie contiguous, `features[b * feature_stride + i * d + k]`; vector 0 is the bottom
+//! width d lie contiguous in row b of `features` (element i * d + k); vector 0 is the bottom
 //! MLP's output, vector t + 1 the pooled embedding of table t. The dot interaction writes the
 //! top MLP's input row `[f_0 | <f_i, f_j> for the pairs]`, the pairs in the order of the
 //! PyTorch reference, row-major lower triangle: `for i in 0..F { for j in 0..i }` (`0..=i`
@@ -138,8 +138,8 @@ fn for_each_row(
 /// registers and written straight after the copied bottom output; no F x F matrix in memory,
 /// no separate concatenation. Parallel over samples when large.
 ///
-/// `out[b * out_stride ..][.. d + num_pairs(f, self_interaction)]` is written; padding
-/// between rows is left untouched.
+/// `features` is batch x F d (F = `f` vectors of width d per row), `out` batch x
+/// (d + num_pairs(f, self_interaction)); padding between `out`'s rows is left untouched.
 pub fn dot_interaction_forward(
     features: MatRef,
     f: usize,
