@@ -18,6 +18,7 @@ use criterion::{
 use dlrm::kernels::activation::{bce_with_logits, sigmoid};
 use dlrm::kernels::gemm::{MatRef, bias_grad};
 use dlrm::kernels::optim::{adagrad_update, sgd_update};
+use dlrm::kernels::parallel::Par;
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -90,7 +91,7 @@ fn bench_activation(c: &mut Criterion) {
                 (2 * m * n + n) * 4,
                 || {
                     let (dy, y) = (MatRef::new(&dy, m, n), MatRef::new(&y, m, n));
-                    bias_grad(dy, Some(y), &mut db, false)
+                    bias_grad(dy, Some(y), &mut db, false, Par::Rayon)
                 },
             );
         }
@@ -110,10 +111,10 @@ fn bench_activation(c: &mut Criterion) {
         let mut state = vec![0.0f32; len];
         for t in [1, 2] {
             run(&mut group, "sgd-update", t, &shape, 12 * len, || {
-                sgd_update(&mut param, &grad, 1e-6)
+                sgd_update(&mut param, &grad, 1e-6, Par::Rayon)
             });
             run(&mut group, "adagrad-update", t, &shape, 20 * len, || {
-                adagrad_update(&mut param, &grad, &mut state, 1e-6, 1e-8)
+                adagrad_update(&mut param, &grad, &mut state, 1e-6, 1e-8, Par::Rayon)
             });
         }
     }

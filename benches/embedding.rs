@@ -36,7 +36,9 @@ use criterion::{
 use dlrm::kernels::embedding::{
     Bags, Pooling, SparseGradWorkspace, embedding_bag_forward, gather_rows,
 };
-use dlrm::kernels::optim::{SparseOptimizer, embedding_bag_backward_update};
+use dlrm::kernels::mat::{MatMut, MatRef};
+use dlrm::kernels::optim::{SparseOptimizer, TableMut, embedding_bag_backward_update};
+use dlrm::kernels::parallel::Par;
 use dlrm::model::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind};
 use dlrm::rng::{RankScatter, SplitMix64, Zipf};
 use std::hint::black_box;
@@ -304,7 +306,13 @@ fn bench_embedding(c: &mut Criterion) {
                     pool_of(t).install(|| {
                         b.iter(|| {
                             let bags = batches.bags(take());
-                            embedding_bag_forward(weights, dim, bags, Pooling::Sum, &mut out, dim);
+                            embedding_bag_forward(
+                                MatRef::from_rows(weights, dim),
+                                bags,
+                                Pooling::Sum,
+                                MatMut::new(&mut out, bags.len(), dim),
+                                Par::Rayon,
+                            );
                         })
                     })
                 });
@@ -313,7 +321,12 @@ fn bench_embedding(c: &mut Criterion) {
                     pool_of(t).install(|| {
                         b.iter(|| {
                             for ids in batches.ids(take()).chunks(BATCH) {
-                                gather_rows(weights, dim, ids, &mut out, dim);
+                                gather_rows(
+                                    MatRef::from_rows(weights, dim),
+                                    ids,
+                                    MatMut::new(&mut out, ids.len(), dim),
+                                    Par::Rayon,
+                                );
                             }
                         })
                     })
@@ -333,15 +346,16 @@ fn bench_embedding(c: &mut Criterion) {
                         pool_of(t).install(|| {
                             b.iter(|| {
                                 embedding_bag_backward_update(
-                                    table.weights_mut(),
-                                    state.as_mut_slice(),
-                                    dim,
+                                    TableMut {
+                                        weights: MatMut::from_rows(table.weights_mut(), dim),
+                                        state: state.as_mut_slice(),
+                                    },
                                     batches.bags(take()),
                                     Pooling::Sum,
-                                    &grad_out,
-                                    dim,
-                                    opt,
+                                    MatRef::new(&grad_out, batches.bags(take()).len(), dim),
+                                    opt.into(),
                                     &mut ws,
+                                    Par::Rayon,
                                 )
                             })
                         })

@@ -8,6 +8,7 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use dlrm_kernels::gemm::{self, GemmOps, MatMut, MatRef};
+use dlrm_kernels::parallel::Par;
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -100,7 +101,7 @@ impl Problem {
             },
             _ => GemmOps::default(),
         };
-        gemm::gemm(a, b, MatMut::new(&mut c, m, n), &ops);
+        gemm::gemm(a, b, MatMut::new(&mut c, m, n), &ops, Par::Rayon);
         self.c = c;
     }
 

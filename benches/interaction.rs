@@ -5,6 +5,8 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use dlrm_kernels::interaction::{dot_interaction_backward, dot_interaction_forward, num_pairs};
+use dlrm_kernels::mat::{MatMut, MatRef};
+use dlrm_kernels::parallel::Par;
 use std::time::Duration;
 
 fn bench_interaction(c: &mut Criterion) {
@@ -39,7 +41,11 @@ fn bench_interaction(c: &mut Criterion) {
                     pool.install(|| {
                         b.iter(|| {
                             dot_interaction_forward(
-                                &features, batch, f, d, stride, false, &mut out, width,
+                                MatRef::with_row_stride(&features, batch, f * d, stride),
+                                f,
+                                false,
+                                MatMut::new(&mut out, batch, width),
+                                Par::Rayon,
                             )
                         })
                     })
@@ -52,16 +58,12 @@ fn bench_interaction(c: &mut Criterion) {
                     pool.install(|| {
                         b.iter(|| {
                             dot_interaction_backward(
-                                &features,
-                                batch,
+                                MatRef::with_row_stride(&features, batch, f * d, stride),
                                 f,
-                                d,
-                                stride,
                                 false,
-                                &grad_out,
-                                width,
-                                &mut grad_features,
-                                stride,
+                                MatRef::new(&grad_out, batch, width),
+                                MatMut::with_row_stride(&mut grad_features, batch, f * d, stride),
+                                Par::Rayon,
                             )
                         })
                     })

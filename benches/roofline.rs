@@ -18,6 +18,7 @@ use criterion::{
     BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group,
     criterion_main, measurement::WallTime,
 };
+use dlrm::kernels::parallel::Par;
 use dlrm::kernels::roofline::{
     LINE_FLOATS, fma_peak, fma_peak_flops, gather_lines, stream_copy, stream_triad,
 };
@@ -85,7 +86,7 @@ fn bench_stream(group: &mut BenchmarkGroup<WallTime>, pools: &[(usize, rayon::Th
         for (t, pool) in pools {
             let id = BenchmarkId::new(format!("stream-copy-t{t}"), "2x512MiB");
             group.bench_function(id, |b| {
-                pool.install(|| b.iter(|| stream_copy(&src, &mut dst)))
+                pool.install(|| b.iter(|| stream_copy(&src, &mut dst, Par::Rayon)))
             });
         }
     }
@@ -94,7 +95,7 @@ fn bench_stream(group: &mut BenchmarkGroup<WallTime>, pools: &[(usize, rayon::Th
     for (t, pool) in pools {
         let id = BenchmarkId::new(format!("stream-triad-t{t}"), "3x512MiB");
         group.bench_function(id, |b| {
-            pool.install(|| b.iter(|| stream_triad(&mut a, &b_, &c_, black_box(0.25))))
+            pool.install(|| b.iter(|| stream_triad(&mut a, &b_, &c_, black_box(0.25), Par::Rayon)))
         });
     }
 }
@@ -123,7 +124,7 @@ fn bench_gather(group: &mut BenchmarkGroup<WallTime>, pools: &[(usize, rayon::Th
                 pool.install(|| {
                     b.iter(|| {
                         next = (next + LINES_PER_ITER) % GATHER_LINES;
-                        gather_lines(buf, &lines[next..next + LINES_PER_ITER])
+                        gather_lines(buf, &lines[next..next + LINES_PER_ITER], Par::Rayon)
                     })
                 })
             });

@@ -3,7 +3,9 @@
 //! initialised tables far larger than RAM are cheap to create and touch.
 
 use dlrm::kernels::embedding::{Bags, Pooling, SparseGradWorkspace, embedding_bag_forward};
-use dlrm::kernels::optim::{SparseOptimizer, embedding_bag_backward_update};
+use dlrm::kernels::mat::{MatMut, MatRef};
+use dlrm::kernels::optim::{SparseOptimizer, TableMut, embedding_bag_backward_update};
+use dlrm::kernels::parallel::Par;
 use dlrm::model::embedding_tables::{
     EmbeddingTable, OptimizerState, StorageKind, TableError, available_space, init_bound, init_row,
     state_file_name, table_file_name,
@@ -566,37 +568,44 @@ fn train_zipf_batches(tag: &str, rows: usize, dim: usize, batches: usize) -> f64
             indices: &compact_ids,
             ..bags
         };
-        embedding_bag_forward(table.weights(), dim, bags, Pooling::Sum, &mut out, dim);
         embedding_bag_forward(
-            &compact.weights,
-            dim,
+            MatRef::from_rows(table.weights(), dim),
+            bags,
+            Pooling::Sum,
+            MatMut::new(&mut out, bags.len(), dim),
+            Par::Rayon,
+        );
+        embedding_bag_forward(
+            MatRef::from_rows(&compact.weights, dim),
             compact_bags,
             Pooling::Sum,
-            &mut compact_out,
-            dim,
+            MatMut::new(&mut compact_out, compact_bags.len(), dim),
+            Par::Rayon,
         );
         assert_eq!(bits(&out), bits(&compact_out), "forward of batch {batch}");
         embedding_bag_backward_update(
-            table.weights_mut(),
-            state.as_mut_slice(),
-            dim,
+            TableMut {
+                weights: MatMut::from_rows(table.weights_mut(), dim),
+                state: state.as_mut_slice(),
+            },
             bags,
             Pooling::Sum,
-            &grad,
-            dim,
-            opt,
+            MatRef::new(&grad, bags.len(), dim),
+            opt.into(),
             &mut ws,
+            Par::Rayon,
         );
         embedding_bag_backward_update(
-            &mut compact.weights,
-            &mut compact.state,
-            dim,
+            TableMut {
+                weights: MatMut::from_rows(&mut compact.weights, dim),
+                state: &mut compact.state,
+            },
             compact_bags,
             Pooling::Sum,
-            &grad,
-            dim,
-            opt,
+            MatRef::new(&grad, compact_bags.len(), dim),
+            opt.into(),
             &mut compact_ws,
+            Par::Rayon,
         );
     }
     let touched = compact.ids.len();

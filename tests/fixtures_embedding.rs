@@ -9,7 +9,9 @@ use common::fixtures::{self, Fixture};
 use dlrm::kernels::embedding::{
     self, Bags, Pooling, SparseGradWorkspace, embedding_bag_backward_coalesce,
 };
-use dlrm::kernels::optim::{self, SparseOptimizer};
+use dlrm::kernels::mat::{MatMut, MatRef};
+use dlrm::kernels::optim::{self, SparseOptimizer, TableMut};
+use dlrm::kernels::parallel::Par;
 
 struct Case {
     fx: Fixture,
@@ -62,18 +64,23 @@ impl Case {
         assert_eq!(fx.shape("grad_output"), [self.bags().len(), dim]);
 
         let mut out = vec![f32::NAN; self.bags().len() * dim];
-        embedding::embedding_bag_forward(table, dim, self.bags(), self.pooling, &mut out, dim);
+        embedding::embedding_bag_forward(
+            MatRef::from_rows(table, dim),
+            self.bags(),
+            self.pooling,
+            MatMut::new(&mut out, self.bags().len(), dim),
+            Par::Rayon,
+        );
         fx.assert_close("output", &out);
 
         let mut ws = SparseGradWorkspace::default();
         let g = embedding_bag_backward_coalesce(
             self.rows,
-            dim,
             self.bags(),
             self.pooling,
-            grad_out,
-            dim,
+            MatRef::new(grad_out, self.bags().len(), dim),
             &mut ws,
+            Par::Rayon,
         );
         let mut grad_table = vec![0.0f32; self.rows * dim];
         for (&r, gr) in g.rows.iter().zip(g.grads.chunks(dim)) {
@@ -83,7 +90,13 @@ impl Case {
 
         if fx.has("grad_per_sample_weights") {
             let mut gw = vec![f32::NAN; self.indices.len()];
-            embedding::embedding_bag_weight_grad(table, dim, self.bags(), grad_out, dim, &mut gw);
+            embedding::embedding_bag_weight_grad(
+                MatRef::from_rows(table, dim),
+                self.bags(),
+                MatRef::new(grad_out, self.bags().len(), dim),
+                &mut gw,
+                Par::Rayon,
+            );
             fx.assert_close("grad_per_sample_weights", &gw);
         }
 
@@ -91,15 +104,16 @@ impl Case {
         let lr = 0.5;
         let mut stepped = table.to_vec();
         optim::embedding_bag_backward_update(
-            &mut stepped,
-            &mut [],
-            dim,
+            TableMut {
+                weights: MatMut::from_rows(&mut stepped, dim),
+                state: &mut [],
+            },
             self.bags(),
             self.pooling,
-            grad_out,
-            dim,
-            SparseOptimizer::Sgd { lr },
+            MatRef::new(grad_out, self.bags().len(), dim),
+            SparseOptimizer::Sgd { lr }.into(),
             &mut ws,
+            Par::Rayon,
         );
         let moved: Vec<f32> = stepped
             .iter()

@@ -10,6 +10,7 @@ use dlrm::kernels::gemm::{
     MatMut, MatRef, bias_grad, linear_backward_input, linear_backward_weight, linear_forward,
 };
 use dlrm::kernels::interaction;
+use dlrm::kernels::parallel::Par;
 
 /// The inputs `x`, `emb_0`, `emb_1`, ... (each batch x d) in the model's layout: per sample
 /// the F = 1 + tables vectors contiguous, samples `stride` apart.
@@ -84,30 +85,19 @@ fn check_dot(case: &str) {
     let width = d + interaction::num_pairs(f, self_interaction);
     assert_eq!(fx.shape("output"), [batch, width]);
     let mut out = vec![f32::NAN; batch * width];
-    interaction::dot_interaction_forward(
-        &ft.data,
-        batch,
-        f,
-        d,
-        ft.stride,
-        self_interaction,
-        &mut out,
-        width,
-    );
+    let features = MatRef::with_row_stride(&ft.data, batch, f * d, ft.stride);
+    let out_view = MatMut::new(&mut out, batch, width);
+    interaction::dot_interaction_forward(features, f, self_interaction, out_view, Par::Rayon);
     fx.assert_close("output", &out);
 
     let mut grad = vec![f32::NAN; batch * ft.stride];
     interaction::dot_interaction_backward(
-        &ft.data,
-        batch,
+        features,
         f,
-        d,
-        ft.stride,
         self_interaction,
-        fx.f32("grad_output"),
-        width,
-        &mut grad,
-        ft.stride,
+        MatRef::new(fx.f32("grad_output"), batch, width),
+        MatMut::with_row_stride(&mut grad, batch, f * d, ft.stride),
+        Par::Rayon,
     );
     ft.check_grads(&fx, &grad);
 }
@@ -129,17 +119,17 @@ fn interaction_cat() {
     let (batch, f, d) = (ft.batch, ft.f(), ft.d);
     assert_eq!(fx.shape("output"), [batch, f * d]);
     let mut out = vec![f32::NAN; batch * f * d];
-    interaction::cat_interaction_forward(&ft.data, batch, f, d, ft.stride, &mut out, f * d);
+    interaction::cat_interaction_forward(
+        MatRef::with_row_stride(&ft.data, batch, f * d, ft.stride),
+        MatMut::new(&mut out, batch, f * d),
+        Par::Rayon,
+    );
     fx.assert_close("output", &out);
     let mut grad = vec![f32::NAN; batch * ft.stride];
     interaction::cat_interaction_backward(
-        fx.f32("grad_output"),
-        f * d,
-        batch,
-        f,
-        d,
-        &mut grad,
-        ft.stride,
+        MatRef::new(fx.f32("grad_output"), batch, f * d),
+        MatMut::with_row_stride(&mut grad, batch, f * d, ft.stride),
+        Par::Rayon,
     );
     ft.check_grads(&fx, &grad);
 }
@@ -197,6 +187,7 @@ fn check_mlp(case: &str) {
                 Some(bias(l)),
                 false,
                 MatMut::new(&mut z, batch, w.rows()),
+                Par::Rayon,
             );
             fx.assert_close(&format!("preact_{l}"), &z);
         }
@@ -207,6 +198,7 @@ fn check_mlp(case: &str) {
             Some(bias(l)),
             hidden,
             MatMut::new(&mut y, batch, w.rows()),
+            Par::Rayon,
         );
         acts.push(y);
     }
@@ -238,13 +230,20 @@ fn check_mlp(case: &str) {
             input,
             MatMut::new(&mut dw, w.rows(), w.cols()),
             false,
+            Par::Rayon,
         );
         fx.assert_close(&format!("grad_w{l}"), &dw);
         let mut db = vec![f32::NAN; w.rows()];
-        bias_grad(dy_view, mask, &mut db, false);
+        bias_grad(dy_view, mask, &mut db, false, Par::Rayon);
         fx.assert_close(&format!("grad_b{l}"), &db);
         let mut dx = vec![f32::NAN; batch * w.cols()];
-        linear_backward_input(dy_view, mask, w, MatMut::new(&mut dx, batch, w.cols()));
+        linear_backward_input(
+            dy_view,
+            mask,
+            w,
+            MatMut::new(&mut dx, batch, w.cols()),
+            Par::Rayon,
+        );
         dy = dx;
     }
     fx.assert_close("grad_x", &dy);

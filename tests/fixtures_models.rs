@@ -13,13 +13,21 @@ use dlrm::kernels::embedding::{
     Bags, Pooling, SparseGradWorkspace, embedding_bag_backward_coalesce,
 };
 use dlrm::kernels::fm::{FmField, fm_backward, fm_forward};
+use dlrm::kernels::mat::{MatMut, MatRef};
+use dlrm::kernels::parallel::Par;
 
 /// (output, saved) of the first `layers` layers of the fixture's network on its x0.
 fn forward(net: &CrossNet, x0: &[f32], batch: usize) -> (Vec<f32>, Vec<f32>) {
     let d = net.dim;
     let mut saved = vec![0.0; net.kind.saved_len(d, net.layers, batch)];
     let mut out = vec![f32::NAN; batch * d];
-    cross_forward(net, x0, d, batch, &mut saved, &mut out, d);
+    cross_forward(
+        net,
+        MatRef::new(x0, batch, d),
+        &mut saved,
+        MatMut::new(&mut out, batch, d),
+        Par::Rayon,
+    );
     (out, saved)
 }
 
@@ -52,20 +60,17 @@ fn check_cross(case: &str, kind: CrossKind) {
     let (mut dw, mut db) = (vec![0.0; w.len()], vec![0.0; b.len()]);
     cross_backward(
         &full,
-        x0,
-        d,
-        batch,
+        MatRef::new(x0, batch, d),
         &saved,
-        fx.f32("grad_output"),
-        d,
+        MatRef::new(fx.f32("grad_output"), batch, d),
         CrossGrads {
-            x0: &mut gx,
-            x0_stride: d,
+            x0: MatMut::new(&mut gx, batch, d),
             accumulate_x0: false,
             w: &mut dw,
             b: &mut db,
         },
         &mut CrossWorkspace::default(),
+        Par::Rayon,
     );
     fx.assert_close("grad_x0", &gx);
     fx.assert_close("grad_w", &dw);
@@ -128,12 +133,19 @@ fn fm_second_order_matches_pytorch() {
             },
         };
         let (mut sums, mut out) = (vec![0.0; batch * k], vec![0.0; batch]);
-        fm_forward(1, k, |_| field, w0, &mut sums, &mut out);
+        fm_forward(1, k, |_| field, w0, &mut sums, &mut out, Par::Rayon);
         fx.assert_close("output", &out);
 
         let nnz = indices.len();
         let (mut rows, mut gx) = (vec![0.0; nnz * k], vec![0.0; nnz]);
-        fm_backward(field, k, &sums, k, g, &mut rows, Some(&mut gx));
+        fm_backward(
+            field,
+            MatRef::new(&sums, field.bags.len(), k),
+            g,
+            &mut rows,
+            Some(&mut gx),
+            Par::Rayon,
+        );
         if dense {
             fx.assert_close("grad_x", &gx);
         }
@@ -146,7 +158,14 @@ fn fm_second_order_matches_pytorch() {
         };
         let dense_of = |dim: usize, bags: Bags, grad: &[f32]| {
             let mut ws = SparseGradWorkspace::default();
-            let c = embedding_bag_backward_coalesce(n, dim, bags, Pooling::Sum, grad, dim, &mut ws);
+            let c = embedding_bag_backward_coalesce(
+                n,
+                bags,
+                Pooling::Sum,
+                MatRef::new(grad, bags.len(), dim),
+                &mut ws,
+                Par::Rayon,
+            );
             let mut table = vec![0.0; n * dim];
             for (&r, gr) in c.rows.iter().zip(c.grads.chunks(dim)) {
                 table[r as usize * dim..][..dim].copy_from_slice(gr);

@@ -8,6 +8,7 @@ use dlrm::data::Batch;
 use dlrm::data::movielens::{MovieLensSource, Ratings};
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
 use dlrm::kernels::cross::CrossKind;
+use dlrm::kernels::parallel::Par;
 use dlrm::model::dcn::{Dcn, DcnConfig};
 use dlrm::model::embedding_tables::StorageKind;
 use dlrm::model::fm::{Fm, FmConfig};
@@ -17,7 +18,6 @@ use dlrm::train::{DataSource, LrSchedule, TrainOptions, TrainReport, train};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::path::PathBuf;
-use std::sync::Mutex;
 
 /// Counts the allocations made by the current thread.
 struct CountingAllocator;
@@ -222,27 +222,22 @@ fn mf_reaches_rmse_below_one_on_movielens_u1() {
     assert!(rmse < 1.0, "test RMSE {rmse}");
 }
 
-/// Held while a test forces every kernel onto its parallel path (a process-wide switch), and by
-/// the allocation count, which that switch would change.
-static FORCED_PARALLEL: Mutex<()> = Mutex::new(());
-
-/// The kernels split their work by shape alone, so 1 and 3 threads (every kernel forced onto
-/// its parallel path) train the same model, bit for bit.
+/// The kernels split their work by shape alone, so 1 and 3 threads (every kernel of the model
+/// on its parallel path, `Par::AlwaysSplit`) train the same model, bit for bit.
 #[test]
 fn every_model_trains_bit_identically_on_any_thread_count() {
-    let _forced = FORCED_PARALLEL.lock().unwrap_or_else(|e| e.into_inner());
     let data = teacher(9);
     let mut test = Batch::default();
     data.fill_test(0, 512, &mut test).unwrap();
     for kind in [ModelKind::Dcn, ModelKind::DcnV2, ModelKind::Fm] {
         let predictions = |threads: usize| -> Vec<u32> {
-            dlrm::kernels::parallel::set_force_parallel(true);
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
                 .unwrap();
-            let out = pool.install(|| {
+            pool.install(|| {
                 let mut m = model(kind, OptimizerKind::Adagrad, 9);
+                m.set_parallelism(Par::AlwaysSplit);
                 m.reserve(512);
                 let mut batch = Batch::default();
                 for i in 0..8 {
@@ -252,9 +247,7 @@ fn every_model_trains_bit_identically_on_any_thread_count() {
                 let mut p = Vec::new();
                 m.predict(&test, &mut p).unwrap();
                 p.iter().map(|x| x.to_bits()).collect()
-            });
-            dlrm::kernels::parallel::set_force_parallel(false);
-            out
+            })
         };
         assert_eq!(predictions(1), predictions(3), "{kind:?}");
     }
@@ -262,7 +255,6 @@ fn every_model_trains_bit_identically_on_any_thread_count() {
 
 #[test]
 fn a_training_step_of_every_model_allocates_nothing_once_warm() {
-    let _forced = FORCED_PARALLEL.lock().unwrap_or_else(|e| e.into_inner());
     let data = teacher(5);
     for kind in [ModelKind::Dcn, ModelKind::DcnV2, ModelKind::Fm] {
         for opt in [OptimizerKind::Sgd, OptimizerKind::RowwiseAdagrad] {

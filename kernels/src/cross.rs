@@ -31,9 +31,9 @@
 //! with u_l = W_l x_l + b_l kept from the forward: three GEMM products per layer (the last
 //! accumulating into g) and one elementwise pass.
 
-use crate::embedding::{check_strided, join_ranges, split_rows, task_grain};
 use crate::gemm::{GemmOps, MatMut, MatRef, bias_grad, dot, gemm, linear_backward_weight};
-use crate::parallel::should_split;
+use crate::mat::check_view;
+use crate::parallel::{Par, join_ranges, should_split, split_rows, task_grain};
 use crate::simd::{F32s, LANES, load_upto, store_upto};
 use core::ops::Range;
 
@@ -121,9 +121,8 @@ impl CrossNet<'_> {
 /// Where the backward writes the gradients.
 #[derive(Debug)]
 pub struct CrossGrads<'a> {
-    /// Gradient of x0, rows `x0_stride` apart.
-    pub x0: &'a mut [f32],
-    pub x0_stride: usize,
+    /// Gradient of x0 (batch x d).
+    pub x0: MatMut<'a>,
     /// Add the gradient of x0 to what `x0` holds (its other consumers' gradient) instead of
     /// overwriting it.
     pub accumulate_x0: bool,
@@ -152,6 +151,7 @@ impl CrossWorkspace {
 /// are worth it. `part` holds rows `stride` apart from the first sample of its range; the
 /// result of a sample never depends on the split.
 fn for_samples<'a>(
+    par: Par,
     batch: usize,
     work: usize,
     rows: (&'a mut [f32], usize),
@@ -161,7 +161,7 @@ fn for_samples<'a>(
         return;
     }
     let stride = rows.1;
-    let grain = task_grain(batch, should_split(work, MIN_PARALLEL_FLOATS));
+    let grain = task_grain(batch, should_split(par, work, MIN_PARALLEL_FLOATS));
     join_ranges(
         0..batch,
         grain,
@@ -210,25 +210,15 @@ fn copy_or_add(y: &mut [f32], x: &[f32], add: bool) {
     }
 }
 
-/// Forward of the cross network: `out` (rows `out_stride` apart) = x_L for the `batch` rows
-/// of `x0` (`x0_stride` apart). `saved` (`kind.saved_len(dim, layers, batch)` floats, laid out
-/// as the backward reads it) receives what the backward needs. Padding between output rows is
-/// left untouched.
-#[allow(clippy::too_many_arguments)]
-pub fn cross_forward(
-    net: &CrossNet,
-    x0: &[f32],
-    x0_stride: usize,
-    batch: usize,
-    saved: &mut [f32],
-    out: &mut [f32],
-    out_stride: usize,
-) {
+/// Forward of the cross network: `out` (batch x d) = x_L for the rows of `x0` (batch x d).
+/// `saved` (`kind.saved_len(dim, layers, batch)` floats, laid out as the backward reads it)
+/// receives what the backward needs. Padding between output rows is left untouched.
+pub fn cross_forward(net: &CrossNet, x0: MatRef, saved: &mut [f32], out: MatMut, par: Par) {
     const WHO: &str = "cross_forward";
     net.check(WHO);
-    let d = net.dim;
-    check_strided(x0.len(), batch, d, x0_stride, "x0", WHO);
-    check_strided(out.len(), batch, d, out_stride, "out", WHO);
+    let (d, batch) = (net.dim, x0.rows());
+    check_view(x0, batch, d, "x0", WHO);
+    check_view(out.as_ref(), batch, d, "out", WHO);
     let need = net.saved_len(batch);
     assert!(
         saved.len() >= need,
@@ -237,7 +227,10 @@ pub fn cross_forward(
     );
     let saved = &mut saved[..need];
     if net.layers == 0 {
+        let (x0_stride, x0) = (x0.row_stride(), x0.as_slice());
+        let (out_stride, out) = (out.row_stride(), out.into_slice());
         for_samples(
+            par,
             batch,
             2 * batch * d,
             (out, out_stride),
@@ -251,23 +244,16 @@ pub fn cross_forward(
         return;
     }
     match net.kind {
-        CrossKind::RankOne => rank_one_forward(net, x0, x0_stride, batch, saved, out, out_stride),
-        CrossKind::FullRank => full_rank_forward(net, x0, x0_stride, batch, saved, out, out_stride),
+        CrossKind::RankOne => rank_one_forward(net, x0, saved, out, par),
+        CrossKind::FullRank => full_rank_forward(net, x0, saved, out, par),
     }
 }
 
 /// Rank-one forward, one sample at a time through all layers. `saved` holds per sample
 /// `[x_1 .. x_{L-1} | s_0 .. s_{L-1}]`, s_l = x_l . w_l.
-#[allow(clippy::too_many_arguments)]
-fn rank_one_forward(
-    net: &CrossNet,
-    x0: &[f32],
-    x0_stride: usize,
-    batch: usize,
-    saved: &mut [f32],
-    out: &mut [f32],
-    out_stride: usize,
-) {
+fn rank_one_forward(net: &CrossNet, x0: MatRef, saved: &mut [f32], out: MatMut, par: Par) {
+    let (batch, x0_stride, x0) = (x0.rows(), x0.row_stride(), x0.as_slice());
+    let (out_stride, out) = (out.row_stride(), out.into_slice());
     let (d, layers) = (net.dim, net.layers);
     let width = net.saved_len(1);
     let hidden_len = (layers - 1) * d;
@@ -292,7 +278,7 @@ fn rank_one_forward(
     };
     let grain = task_grain(
         batch,
-        should_split(batch * layers * d * 3, MIN_PARALLEL_FLOATS),
+        should_split(par, batch * layers * d * 3, MIN_PARALLEL_FLOATS),
     );
     if batch > 0 {
         join_ranges(
@@ -312,16 +298,9 @@ fn rank_one_forward(
 /// Full-rank forward, layer by layer: u_l = x_l W_l^T + b_l on the GEMM, then x_{l+1} =
 /// x0 ⊙ u_l + x_l elementwise. `saved` holds `[x_1 | .. | x_{L-1} | u_0 | .. | u_{L-1}]`,
 /// each a contiguous batch x d matrix.
-#[allow(clippy::too_many_arguments)]
-fn full_rank_forward(
-    net: &CrossNet,
-    x0: &[f32],
-    x0_stride: usize,
-    batch: usize,
-    saved: &mut [f32],
-    out: &mut [f32],
-    out_stride: usize,
-) {
+fn full_rank_forward(net: &CrossNet, x0: MatRef, saved: &mut [f32], out: MatMut, par: Par) {
+    let (batch, x0_stride, x0) = (x0.rows(), x0.row_stride(), x0.as_slice());
+    let (out_stride, out) = (out.row_stride(), out.into_slice());
     let (d, layers) = (net.dim, net.layers);
     let bd = batch * d;
     let (hidden, us) = saved.split_at_mut((layers - 1) * bd);
@@ -339,6 +318,7 @@ fn full_rank_forward(
             Some(&net.b[l * d..(l + 1) * d]),
             false,
             MatMut::new(u, batch, d),
+            par,
         );
         let u: &[f32] = u;
         let (dst, dst_stride) = if l + 1 == layers {
@@ -346,42 +326,45 @@ fn full_rank_forward(
         } else {
             (&mut rest[..bd], d)
         };
-        for_samples(batch, 4 * bd, (dst, dst_stride), &|r, y: &mut [f32]| {
-            let lo = r.start;
-            for b in r {
-                full_rank_row(
-                    &mut y[(b - lo) * dst_stride..][..d],
-                    &x0[b * x0_stride..][..d],
-                    &u[b * d..][..d],
-                    &xl[b * xl_stride..][..d],
-                );
-            }
-        });
+        for_samples(
+            par,
+            batch,
+            4 * bd,
+            (dst, dst_stride),
+            &|r, y: &mut [f32]| {
+                let lo = r.start;
+                for b in r {
+                    full_rank_row(
+                        &mut y[(b - lo) * dst_stride..][..d],
+                        &x0[b * x0_stride..][..d],
+                        &u[b * d..][..d],
+                        &xl[b * xl_stride..][..d],
+                    );
+                }
+            },
+        );
     }
 }
 
-/// Backward of [`cross_forward`] from the gradient of its output (`grad_out`, rows
-/// `grad_out_stride` apart), with the `saved` values of that forward: the gradients of x0,
-/// of the weights and of the biases (see [`CrossGrads`]). Parameter gradients are sums over
-/// the batch, added in an order fixed by the batch size alone.
-#[allow(clippy::too_many_arguments)]
+/// Backward of [`cross_forward`] from the gradient of its output (`grad_out`, batch x d),
+/// with the `saved` values of that forward: the gradients of x0, of the weights and of the
+/// biases (see [`CrossGrads`]). Parameter gradients are sums over the batch, added in an order
+/// fixed by the batch size alone.
 pub fn cross_backward(
     net: &CrossNet,
-    x0: &[f32],
-    x0_stride: usize,
-    batch: usize,
+    x0: MatRef,
     saved: &[f32],
-    grad_out: &[f32],
-    grad_out_stride: usize,
+    grad_out: MatRef,
     grads: CrossGrads,
     ws: &mut CrossWorkspace,
+    par: Par,
 ) {
     const WHO: &str = "cross_backward";
     net.check(WHO);
-    let d = net.dim;
-    check_strided(x0.len(), batch, d, x0_stride, "x0", WHO);
-    check_strided(grad_out.len(), batch, d, grad_out_stride, "grad_out", WHO);
-    check_strided(grads.x0.len(), batch, d, grads.x0_stride, "grad x0", WHO);
+    let (d, batch) = (net.dim, x0.rows());
+    check_view(x0, batch, d, "x0", WHO);
+    check_view(grad_out, batch, d, "grad_out", WHO);
+    check_view(grads.x0.as_ref(), batch, d, "grad x0", WHO);
     let need = net.saved_len(batch);
     assert!(
         saved.len() >= need,
@@ -404,11 +387,13 @@ pub fn cross_backward(
     );
     let saved = &saved[..need];
     if net.layers == 0 {
-        let (gs, acc) = (grads.x0_stride, grads.accumulate_x0);
+        let (gs, acc) = (grads.x0.row_stride(), grads.accumulate_x0);
+        let (grad_out_stride, grad_out) = (grad_out.row_stride(), grad_out.as_slice());
         for_samples(
+            par,
             batch,
             2 * batch * d,
-            (grads.x0, gs),
+            (grads.x0.into_slice(), gs),
             &|r, gx: &mut [f32]| {
                 let lo = r.start;
                 for b in r {
@@ -420,50 +405,35 @@ pub fn cross_backward(
         return;
     }
     match net.kind {
-        CrossKind::RankOne => rank_one_backward(
-            net,
-            x0,
-            x0_stride,
-            batch,
-            saved,
-            grad_out,
-            grad_out_stride,
-            grads,
-            ws,
-        ),
-        CrossKind::FullRank => full_rank_backward(
-            net,
-            x0,
-            x0_stride,
-            batch,
-            saved,
-            grad_out,
-            grad_out_stride,
-            grads,
-            ws,
-        ),
+        CrossKind::RankOne => rank_one_backward(net, x0, saved, grad_out, grads, ws, par),
+        CrossKind::FullRank => full_rank_backward(net, x0, saved, grad_out, grads, ws, par),
     }
 }
 
 /// Rank-one backward: fixed chunks of CROSS_CHUNK samples, each through all layers one sample
 /// at a time, with its own partial dw and db; the partials are then added in chunk order.
-#[allow(clippy::too_many_arguments)]
 fn rank_one_backward(
     net: &CrossNet,
-    x0: &[f32],
-    x0_stride: usize,
-    batch: usize,
+    x0: MatRef,
     saved: &[f32],
-    grad_out: &[f32],
-    grad_out_stride: usize,
+    grad_out: MatRef,
     grads: CrossGrads,
     ws: &mut CrossWorkspace,
+    par: Par,
 ) {
+    let (batch, x0_stride, x0) = (x0.rows(), x0.row_stride(), x0.as_slice());
+    let (grad_out_stride, grad_out) = (grad_out.row_stride(), grad_out.as_slice());
     let (d, layers) = (net.dim, net.layers);
     let ld = layers * d;
     let width = net.saved_len(1);
     let hidden_len = (layers - 1) * d;
-    let (gs, acc) = (grads.x0_stride, grads.accumulate_x0);
+    let CrossGrads {
+        x0: gx0,
+        accumulate_x0: acc,
+        w: dw,
+        b: db,
+    } = grads;
+    let (gs, gx0) = (gx0.row_stride(), gx0.into_slice());
     let chunks = batch.div_ceil(CROSS_CHUNK);
     // Per chunk: partial dw (L x d), partial db (L x d), and the running gradient g (d).
     let part_len = 2 * ld + d;
@@ -518,12 +488,12 @@ fn rank_one_backward(
     if chunks > 0 {
         let grain = task_grain(
             chunks,
-            should_split(batch * layers * d * 6, MIN_PARALLEL_FLOATS),
+            should_split(par, batch * layers * d * 6, MIN_PARALLEL_FLOATS),
         );
         join_ranges(
             0..chunks,
             grain,
-            (&mut *partials, &mut *grads.x0),
+            (&mut *partials, gx0),
             &|(p, gx): (&mut [f32], &mut [f32]), lo, mid| {
                 let (p0, p1) = split_rows(p, part_len, mid - lo);
                 let (g0, g1) = split_rows(gx, gs, (mid - lo) * CROSS_CHUNK);
@@ -533,7 +503,6 @@ fn rank_one_backward(
         );
     }
     // dw, db: the chunks' partials added in chunk order.
-    let (dw, db) = (grads.w, grads.b);
     dw.fill(0.0);
     db.fill(0.0);
     for part in partials.chunks(part_len) {
@@ -544,30 +513,29 @@ fn rank_one_backward(
 
 /// Full-rank backward, layer by layer from the last: per layer one elementwise pass
 /// (du = g ⊙ x0, dx0 += g ⊙ u_l) and three GEMM products (dW_l, db_l, g += du W_l).
-#[allow(clippy::too_many_arguments)]
 fn full_rank_backward(
     net: &CrossNet,
-    x0: &[f32],
-    x0_stride: usize,
-    batch: usize,
+    x0: MatRef,
     saved: &[f32],
-    grad_out: &[f32],
-    grad_out_stride: usize,
+    grad_out: MatRef,
     grads: CrossGrads,
     ws: &mut CrossWorkspace,
+    par: Par,
 ) {
+    let (batch, x0_stride, x0) = (x0.rows(), x0.row_stride(), x0.as_slice());
+    let (grad_out_stride, grad_out) = (grad_out.row_stride(), grad_out.as_slice());
     let (d, layers) = (net.dim, net.layers);
     let bd = batch * d;
     let (hidden, us) = saved.split_at((layers - 1) * bd);
-    let (gs, acc) = (grads.x0_stride, grads.accumulate_x0);
     let CrossGrads {
         x0: gx0,
+        accumulate_x0: acc,
         w: dw,
         b: db,
-        ..
     } = grads;
+    let (gs, gx0) = (gx0.row_stride(), gx0.into_slice());
     let (g, du) = ws.take(2 * bd).split_at_mut(bd);
-    for_samples(batch, 2 * bd, (&mut *g, d), &|r, gv: &mut [f32]| {
+    for_samples(par, batch, 2 * bd, (&mut *g, d), &|r, gv: &mut [f32]| {
         let lo = r.start;
         for b in r {
             gv[(b - lo) * d..][..d].copy_from_slice(&grad_out[b * grad_out_stride..][..d]);
@@ -610,7 +578,7 @@ fn full_rank_backward(
             }
         };
         if batch > 0 {
-            let grain = task_grain(batch, should_split(5 * bd, MIN_PARALLEL_FLOATS));
+            let grain = task_grain(batch, should_split(par, 5 * bd, MIN_PARALLEL_FLOATS));
             join_ranges(
                 0..batch,
                 grain,
@@ -630,8 +598,9 @@ fn full_rank_backward(
             MatRef::with_row_stride(xl, batch, d, xl_stride),
             MatMut::new(&mut dw[l * d * d..(l + 1) * d * d], d, d),
             false,
+            par,
         );
-        bias_grad(du_m, None, &mut db[l * d..(l + 1) * d], false);
+        bias_grad(du_m, None, &mut db[l * d..(l + 1) * d], false, par);
         let ops = GemmOps {
             beta: 1.0,
             ..GemmOps::default()
@@ -641,11 +610,12 @@ fn full_rank_backward(
             MatRef::new(&net.w[l * d * d..(l + 1) * d * d], d, d),
             MatMut::new(g, batch, d),
             &ops,
+            par,
         );
     }
     // x_0 is x0 itself: the gradient that reached it joins dx0.
     let gr: &[f32] = g;
-    for_samples(batch, 2 * bd, (gx0, gs), &|r, gx: &mut [f32]| {
+    for_samples(par, batch, 2 * bd, (gx0, gs), &|r, gx: &mut [f32]| {
         let lo = r.start;
         for b in r {
             copy_or_add(&mut gx[(b - lo) * gs..][..d], &gr[b * d..][..d], true);

@@ -29,13 +29,14 @@
 //! same field requested early (as in the embedding bag). Samples are independent and split
 //! over the current pool; the backward splits positions by bag. No result depends on the split.
 
-use crate::embedding::{
-    Bags, PREFETCH_DISTANCE, Pooling, check_strided, join_ranges, prefetch_lines, split_rows,
-    table_rows, task_grain,
-};
+use crate::embedding::{Bags, PREFETCH_DISTANCE, Pooling};
 use crate::gemm::dot;
-use crate::parallel::should_split;
-use crate::simd::{F32s, LANES, load, load_partial, load_upto, prefetch_read, store_upto};
+use crate::mat::MatRef;
+use crate::mat::{check_view, table_rows};
+use crate::parallel::{Par, join_ranges, should_split, split_rows, task_grain};
+use crate::simd::{
+    F32s, LANES, load, load_partial, load_upto, prefetch_lines, prefetch_read, store_upto,
+};
 use core::ops::Range;
 
 /// Widest block of k the forward holds in registers at once (twice: S and the squares); wider
@@ -81,6 +82,7 @@ pub fn fm_forward<'t>(
     bias: f32,
     sums: &mut [f32],
     out: &mut [f32],
+    par: Par,
 ) {
     const WHO: &str = "fm_forward";
     let batch = out.len();
@@ -113,7 +115,7 @@ pub fn fm_forward<'t>(
     };
     join_ranges(
         0..batch,
-        task_grain(batch, should_split(work, MIN_PARALLEL_FLOATS)),
+        task_grain(batch, should_split(par, work, MIN_PARALLEL_FLOATS)),
         (sums, out),
         &|(s, o): (&mut [f32], &mut [f32]), lo, mid| {
             let (s0, s1) = split_rows(s, k, mid - lo);
@@ -142,28 +144,26 @@ fn sample<'t>(
         let tail = s.len() - (nv - 1) * LANES;
         let first = blk == 0;
         term += match nv {
-            1 => block::<1>(num_fields, k, field, b, col, tail, first, s),
-            2 => block::<2>(num_fields, k, field, b, col, tail, first, s),
-            3 => block::<3>(num_fields, k, field, b, col, tail, first, s),
-            4 => block::<4>(num_fields, k, field, b, col, tail, first, s),
+            1 => block::<1>(num_fields, k, field, b, (col, tail), first, s),
+            2 => block::<2>(num_fields, k, field, b, (col, tail), first, s),
+            3 => block::<3>(num_fields, k, field, b, (col, tail), first, s),
+            4 => block::<4>(num_fields, k, field, b, (col, tail), first, s),
             nv => unreachable!("{nv} vectors in a block of at most {MAX_NV}"),
         };
     }
     term
 }
 
-/// Columns `col .. col + (NV - 1) LANES + tail` of sample b: S of those columns into `s`, and
-/// their part of 1/2 sum_f (S_f^2 - sum_p (x_p v_pf)^2), plus the first-order term when
-/// `first` (the first block).
-#[allow(clippy::too_many_arguments)]
+/// Columns `col .. col + (NV - 1) LANES + tail` of sample b (the block `(col, tail)`): S of
+/// those columns into `s`, and their part of 1/2 sum_f (S_f^2 - sum_p (x_p v_pf)^2), plus the
+/// first-order term when `first` (the first block).
 #[inline(always)]
 fn block<'t, const NV: usize>(
     num_fields: usize,
     k: usize,
     field: &impl Fn(usize) -> FmField<'t>,
     b: usize,
-    col: usize,
-    tail: usize,
+    (col, tail): (usize, usize),
     first: bool,
     s: &mut [f32],
 ) -> f32 {
@@ -214,19 +214,19 @@ fn block<'t, const NV: usize>(
 }
 
 /// Backward of one field: from the output gradient `grad_out` (one per sample) and the sums S
-/// of the forward (`sums`, rows `sum_stride` apart), `grad_rows[p * k ..][..k]` = dL/dv of
+/// of the forward (`sums`: one row of k per sample), `grad_rows[p * k ..][..k]` = dL/dv of
 /// position p (rows x k per position, in position order), and, when given,
 /// `grad_weights[p]` = dL/dx_p (the gradient of the feature value).
 pub fn fm_backward(
     field: FmField,
-    k: usize,
-    sums: &[f32],
-    sum_stride: usize,
+    sums: MatRef,
     grad_out: &[f32],
     grad_rows: &mut [f32],
     grad_weights: Option<&mut [f32]>,
+    par: Par,
 ) {
     const WHO: &str = "fm_backward";
+    let k = sums.cols();
     field.check(k, WHO);
     let bags = field.bags;
     let batch = bags.len();
@@ -236,7 +236,8 @@ pub fn fm_backward(
         "{WHO}: {} output gradients for {batch} bags",
         grad_out.len()
     );
-    check_strided(sums.len(), batch, k, sum_stride, "sums", WHO);
+    check_view(sums, batch, k, "sums", WHO);
+    let (sum_stride, sums) = (sums.row_stride(), sums.as_slice());
     let nnz = bags.indices.len();
     assert_eq!(
         grad_rows.len(),
@@ -284,7 +285,7 @@ pub fn fm_backward(
             }
         }
     };
-    let parallel = should_split(nnz * k * 3, MIN_PARALLEL_FLOATS);
+    let parallel = should_split(par, nnz * k * 3, MIN_PARALLEL_FLOATS);
     join_ranges(
         0..batch,
         task_grain(batch, parallel),

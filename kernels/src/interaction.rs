@@ -2,7 +2,7 @@
 //!
 //! Layout (Naumov et al. 2019, "Deep Learning Recommendation Model for Personalization and
 //! Recommendation Systems", section 2.1): per sample, the F = 1 + tables feature vectors of
-//! width d lie contiguous, `features[b * feature_stride + i * d + k]`; vector 0 is the bottom
+//! width d lie contiguous in row b of `features` (element i * d + k); vector 0 is the bottom
 //! MLP's output, vector t + 1 the pooled embedding of table t. The dot interaction writes the
 //! top MLP's input row `[f_0 | <f_i, f_j> for the pairs]`, the pairs in the order of the
 //! PyTorch reference, row-major lower triangle: `for i in 0..F { for j in 0..i }` (`0..=i`
@@ -12,8 +12,9 @@
 //! several, a tail of d is a masked load). The lower triangle is covered by register tiles of
 //! TILE_I x TILE_J pairs (4 x 4 under AVX-512): per chunk of d, TILE_I + TILE_J loads feed
 //! LANES FMAs into LANES accumulators, one per pair. The horizontal sums of the LANES
-//! accumulators are then done together by a transposing reduction ([`transpose_sum`]:
-//! log2(LANES) rounds of shuffle + add leave the LANES sums in one vector), and each tile row
+//! accumulators are then done together by a transposing reduction
+//! ([`crate::simd::transpose_sum`]: log2(LANES) rounds of shuffle + add leave the LANES sums in
+//! one vector), and each tile row
 //! is copied straight into its place in the output row: neither the F x F Gram matrix nor a
 //! concatenation buffer exists in memory.
 //!
@@ -30,8 +31,9 @@
 //! chunks of samples, and every output element is computed by the same operations whatever
 //! the thread count.
 
-use crate::parallel::should_split;
-use crate::simd::{F32s, LANES, load, load_partial, store, store_partial};
+use crate::mat::{MatMut, MatRef};
+use crate::parallel::{Par, should_split};
+use crate::simd::{F32s, LANES, load, load_partial, store, store_partial, transpose_sum};
 use rayon::prelude::*;
 
 /// Samples per parallel task.
@@ -105,42 +107,25 @@ fn row_offset(i: usize, self_interaction: bool) -> usize {
     num_pairs(i, self_interaction)
 }
 
-/// Panics unless `len` floats hold `rows` rows of `width` floats, `stride` apart.
-fn check_rows(kernel: &str, name: &str, len: usize, rows: usize, stride: usize, width: usize) {
-    assert!(
-        stride >= width,
-        "{kernel}: {name} stride {stride} is shorter than its rows ({width} floats)"
-    );
-    if rows > 0 {
-        let need = (rows - 1) * stride + width;
-        assert!(
-            len >= need,
-            "{kernel}: {name} needs {need} floats for {rows} rows of {width} (stride {stride}), \
-             slice has {len}"
-        );
-    }
-}
-
-/// Calls `body(b, row)` for each of `rows` rows of `width` floats, `stride` apart in `dst`,
-/// splitting them over the current pool in fixed chunks when `rows * work_per_row` is large.
+/// Calls `body(b, row)` for each row of `dst`, splitting the rows over the current pool in
+/// fixed chunks when `rows * work_per_row` is large under `par`.
 fn for_each_row(
-    dst: &mut [f32],
-    stride: usize,
-    rows: usize,
-    width: usize,
+    par: Par,
+    dst: MatMut,
     work_per_row: usize,
     body: impl Fn(usize, &mut [f32]) + Sync,
 ) {
+    let (rows, width, stride) = (dst.rows(), dst.cols(), dst.row_stride());
     if rows == 0 || width == 0 {
         return;
     }
-    let dst = &mut dst[..(rows - 1) * stride + width];
+    let dst = dst.into_slice();
     let run = |r0: usize, chunk: &mut [f32]| {
         for (q, row) in chunk.chunks_mut(stride).enumerate() {
             body(r0 + q, &mut row[..width]);
         }
     };
-    if should_split(rows.saturating_mul(work_per_row), MIN_PARALLEL_WORK) {
+    if should_split(par, rows.saturating_mul(work_per_row), MIN_PARALLEL_WORK) {
         dst.par_chunks_mut(SAMPLES_PER_TASK * stride)
             .enumerate()
             .for_each(|(t, chunk)| run(t * SAMPLES_PER_TASK, chunk));
@@ -153,30 +138,49 @@ fn for_each_row(
 /// registers and written straight after the copied bottom output; no F x F matrix in memory,
 /// no separate concatenation. Parallel over samples when large.
 ///
-/// `out[b * out_stride ..][.. d + num_pairs(f, self_interaction)]` is written; padding
-/// between rows is left untouched.
-#[allow(clippy::too_many_arguments)]
+/// `features` is batch x F d (F = `f` vectors of width d per row), `out` batch x
+/// (d + num_pairs(f, self_interaction)); padding between `out`'s rows is left untouched.
 pub fn dot_interaction_forward(
-    features: &[f32],
-    batch: usize,
+    features: MatRef,
     f: usize,
-    d: usize,
-    feature_stride: usize,
     self_interaction: bool,
-    out: &mut [f32],
-    out_stride: usize,
+    out: MatMut,
+    par: Par,
 ) {
     const K: &str = "dot_interaction_forward";
-    assert!(f >= 1, "{K}: no feature vectors (f = 0)");
+    let (batch, d) = feature_shape(K, features, f);
     let np = num_pairs(f, self_interaction);
-    check_rows(K, "features", features.len(), batch, feature_stride, f * d);
-    check_rows(K, "out", out.len(), batch, out_stride, d + np);
-    for_each_row(out, out_stride, batch, d + np, np * d, |b, row| {
-        let x = &features[b * feature_stride..][..f * d];
+    check_rows(K, "out", out.as_ref(), batch, d + np);
+    let (x, xs) = (features.as_slice(), features.row_stride());
+    for_each_row(par, out, np * d, |b, row| {
+        let x = &x[b * xs..][..f * d];
         let (bottom, dots) = row.split_at_mut(d);
         bottom.copy_from_slice(&x[..d]);
         forward_sample(x, f, d, self_interaction, dots);
     });
+}
+
+/// The batch and the width d of `features` (one row of `f` vectors of d values per sample,
+/// contiguous): panics unless its rows split into `f` equal vectors.
+fn feature_shape(kernel: &str, features: MatRef, f: usize) -> (usize, usize) {
+    assert!(f >= 1, "{kernel}: no feature vectors (f = 0)");
+    assert!(
+        features.cols().is_multiple_of(f) && features.col_stride() == 1,
+        "{kernel}: feature rows of {} values (column stride {}) are not {f} contiguous vectors",
+        features.cols(),
+        features.col_stride()
+    );
+    (features.rows(), features.cols() / f)
+}
+
+/// Panics unless the view `name` is `rows x cols`.
+fn check_rows(kernel: &str, name: &str, view: MatRef, rows: usize, cols: usize) {
+    assert!(
+        view.rows() == rows && view.cols() == cols,
+        "{kernel}: {name} is {}x{}, needs {rows}x{cols}",
+        view.rows(),
+        view.cols()
+    );
 }
 
 /// The pair dot products of one sample (`x` holds its F x d features), written to `dots` in
@@ -256,98 +260,6 @@ unsafe fn tile_dots(vi: [*const f32; TILE_I], vj: [*const f32; TILE_J], d: usize
     transpose_sum(acc)
 }
 
-/// Lane q of the result is the sum of the lanes of `v[q]`: LANES horizontal sums for the cost
-/// of one transpose, each round of shuffles halving the number of vectors while adding the
-/// halves it separates. The order of the additions is fixed.
-#[inline(always)]
-fn transpose_sum(v: [F32s; LANES]) -> F32s {
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-    {
-        use core::arch::x86_64::{__m512, _mm512_add_ps, _mm512_shuffle_f32x4, _mm512_shuffle_ps};
-        // After the four rounds, lane 4k + l holds the sum of w[4l + k]: feed the inputs in
-        // that (transposed) order so that lane q sums v[q].
-        let w: [__m512; 16] = core::array::from_fn(|s| __m512::from(v[4 * (s % 4) + s / 4]));
-        // SAFETY: these intrinsics only need AVX-512F, which this build enables (cfg above);
-        // they operate on registers and touch no memory.
-        unsafe {
-            // Round 1, 512 -> 256: w1[m] = [halves of w[2m] added | halves of w[2m + 1] added].
-            let w1: [__m512; 8] = core::array::from_fn(|m| {
-                let (a, b) = (w[2 * m], w[2 * m + 1]);
-                _mm512_add_ps(
-                    _mm512_shuffle_f32x4::<0x44>(a, b),
-                    _mm512_shuffle_f32x4::<0xEE>(a, b),
-                )
-            });
-            // Round 2, 256 -> 128: 128-bit block k of w2[m] holds 4 partial sums of w[4m + k].
-            let w2: [__m512; 4] = core::array::from_fn(|m| {
-                let (a, b) = (w1[2 * m], w1[2 * m + 1]);
-                _mm512_add_ps(
-                    _mm512_shuffle_f32x4::<0x88>(a, b),
-                    _mm512_shuffle_f32x4::<0xDD>(a, b),
-                )
-            });
-            // Round 3, 4 -> 2 per block: block k of w3[m] holds 2 partials of w[8m + k],
-            // then 2 of w[8m + 4 + k].
-            let w3: [__m512; 2] = core::array::from_fn(|m| {
-                let (a, b) = (w2[2 * m], w2[2 * m + 1]);
-                _mm512_add_ps(
-                    _mm512_shuffle_ps::<0x44>(a, b),
-                    _mm512_shuffle_ps::<0xEE>(a, b),
-                )
-            });
-            // Round 4, 2 -> 1: lane l of block k sums w[4l + k].
-            let (a, b) = (w3[0], w3[1]);
-            F32s::from(_mm512_add_ps(
-                _mm512_shuffle_ps::<0x88>(a, b),
-                _mm512_shuffle_ps::<0xDD>(a, b),
-            ))
-        }
-    }
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx",
-        not(target_feature = "avx512f")
-    ))]
-    {
-        use core::arch::x86_64::{
-            __m256, _mm256_add_ps, _mm256_permute2f128_ps, _mm256_shuffle_ps,
-        };
-        // After the three rounds, lane 4k + l holds the sum of w[2l + k].
-        let w: [__m256; 8] = core::array::from_fn(|s| __m256::from(v[4 * (s % 2) + s / 2]));
-        // SAFETY: these intrinsics only need AVX, which this build enables (cfg above); they
-        // operate on registers and touch no memory.
-        unsafe {
-            // Round 1, 256 -> 128: w1[m] = [halves of w[2m] added | halves of w[2m + 1] added].
-            let w1: [__m256; 4] = core::array::from_fn(|m| {
-                let (a, b) = (w[2 * m], w[2 * m + 1]);
-                _mm256_add_ps(
-                    _mm256_permute2f128_ps::<0x20>(a, b),
-                    _mm256_permute2f128_ps::<0x31>(a, b),
-                )
-            });
-            // Round 2, 4 -> 2 per block: block k of w2[m] holds 2 partials of w[4m + k],
-            // then 2 of w[4m + 2 + k].
-            let w2: [__m256; 2] = core::array::from_fn(|m| {
-                let (a, b) = (w1[2 * m], w1[2 * m + 1]);
-                _mm256_add_ps(
-                    _mm256_shuffle_ps::<0x44>(a, b),
-                    _mm256_shuffle_ps::<0xEE>(a, b),
-                )
-            });
-            // Round 3, 2 -> 1: lane l of block k sums w[2l + k].
-            let (a, b) = (w2[0], w2[1]);
-            F32s::from(_mm256_add_ps(
-                _mm256_shuffle_ps::<0x88>(a, b),
-                _mm256_shuffle_ps::<0xDD>(a, b),
-            ))
-        }
-    }
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx")))]
-    {
-        F32s::new(core::array::from_fn(|q| v[q].reduce_add()))
-    }
-}
-
 /// Backward of [`dot_interaction_forward`]:
 /// ```text
 /// grad_features[b, i, :] = [i == 0] * grad_out[b, 0..d]
@@ -357,56 +269,36 @@ fn transpose_sum(v: [F32s; LANES]) -> F32s {
 /// i.e. (G + G^T) F per sample with G the pair gradients scattered to F x F, computed without
 /// materialising G. `grad_features` is overwritten (padding between rows is left untouched);
 /// it has the layout of `features`, with its own stride.
-#[allow(clippy::too_many_arguments)]
 pub fn dot_interaction_backward(
-    features: &[f32],
-    batch: usize,
+    features: MatRef,
     f: usize,
-    d: usize,
-    feature_stride: usize,
     self_interaction: bool,
-    grad_out: &[f32],
-    grad_out_stride: usize,
-    grad_features: &mut [f32],
-    grad_feature_stride: usize,
+    grad_out: MatRef,
+    grad_features: MatMut,
+    par: Par,
 ) {
     const K: &str = "dot_interaction_backward";
-    assert!(f >= 1, "{K}: no feature vectors (f = 0)");
+    let (batch, d) = feature_shape(K, features, f);
     let np = num_pairs(f, self_interaction);
-    check_rows(K, "features", features.len(), batch, feature_stride, f * d);
-    check_rows(
-        K,
-        "grad_out",
-        grad_out.len(),
-        batch,
-        grad_out_stride,
-        d + np,
+    check_rows(K, "grad_out", grad_out, batch, d + np);
+    check_rows(K, "grad_features", grad_features.as_ref(), batch, f * d);
+    assert_eq!(
+        grad_out.col_stride(),
+        1,
+        "{K}: grad_out columns are not contiguous"
     );
-    check_rows(
-        K,
-        "grad_features",
-        grad_features.len(),
-        batch,
-        grad_feature_stride,
-        f * d,
-    );
-    for_each_row(
-        grad_features,
-        grad_feature_stride,
-        batch,
-        f * d,
-        f * f * d,
-        |b, row| {
-            let s = Sample {
-                x: &features[b * feature_stride..][..f * d],
-                g: &grad_out[b * grad_out_stride..][..d + np],
-                f,
-                d,
-                self_interaction,
-            };
-            s.backward(row);
-        },
-    );
+    let (x, xs) = (features.as_slice(), features.row_stride());
+    let (g, gs) = (grad_out.as_slice(), grad_out.row_stride());
+    for_each_row(par, grad_features, f * f * d, |b, row| {
+        let s = Sample {
+            x: &x[b * xs..][..f * d],
+            g: &g[b * gs..][..d + np],
+            f,
+            d,
+            self_interaction,
+        };
+        s.backward(row);
+    });
 }
 
 /// One sample of the backward: its features `x` (F x d) and its output gradient `g`
@@ -578,81 +470,35 @@ unsafe fn store_vecs<const V: usize>(p: *mut f32, v: &[F32s; V], tail: usize) {
     }
 }
 
-/// "cat" interaction: the top MLP's input row is the F * d feature values of the sample.
-pub fn cat_interaction_forward(
-    features: &[f32],
-    batch: usize,
-    f: usize,
-    d: usize,
-    feature_stride: usize,
-    out: &mut [f32],
-    out_stride: usize,
-) {
-    copy_rows(
-        "cat_interaction_forward",
-        features,
-        feature_stride,
-        batch,
-        f * d,
-        out,
-        out_stride,
-    );
+/// "cat" interaction: the top MLP's input row is the F * d feature values of the sample
+/// (`out` has the shape of `features`).
+pub fn cat_interaction_forward(features: MatRef, out: MatMut, par: Par) {
+    copy_rows("cat_interaction_forward", features, out, par);
 }
 
 /// Backward of [`cat_interaction_forward`]: the gradient rows are copied back to the feature
 /// layout (`grad_features` is overwritten).
-pub fn cat_interaction_backward(
-    grad_out: &[f32],
-    grad_out_stride: usize,
-    batch: usize,
-    f: usize,
-    d: usize,
-    grad_features: &mut [f32],
-    grad_feature_stride: usize,
-) {
-    copy_rows(
-        "cat_interaction_backward",
-        grad_out,
-        grad_out_stride,
-        batch,
-        f * d,
-        grad_features,
-        grad_feature_stride,
-    );
+pub fn cat_interaction_backward(grad_out: MatRef, grad_features: MatMut, par: Par) {
+    copy_rows("cat_interaction_backward", grad_out, grad_features, par);
 }
 
-/// dst row b = src row b (`width` floats each), rows split over threads when large.
-fn copy_rows(
-    kernel: &str,
-    src: &[f32],
-    src_stride: usize,
-    rows: usize,
-    width: usize,
-    dst: &mut [f32],
-    dst_stride: usize,
-) {
-    check_rows(kernel, "source", src.len(), rows, src_stride, width);
-    check_rows(kernel, "destination", dst.len(), rows, dst_stride, width);
-    for_each_row(dst, dst_stride, rows, width, width, |b, row| {
-        row.copy_from_slice(&src[b * src_stride..][..width]);
+/// dst row b = src row b, rows split over threads when large.
+fn copy_rows(kernel: &str, src: MatRef, dst: MatMut, par: Par) {
+    check_rows(kernel, "destination", dst.as_ref(), src.rows(), src.cols());
+    assert_eq!(
+        src.col_stride(),
+        1,
+        "{kernel}: source columns are not contiguous"
+    );
+    let (s, ss, width) = (src.as_slice(), src.row_stride(), src.cols());
+    for_each_row(par, dst, width, |b, row| {
+        row.copy_from_slice(&s[b * ss..][..width]);
     });
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn transpose_sum_sums_each_vector_into_its_lane() {
-        let v: [F32s; LANES] = core::array::from_fn(|q| {
-            F32s::new(core::array::from_fn(|l| (q * 100 + l) as f32 * 0.5))
-        });
-        let got = transpose_sum(v).to_array();
-        for (q, g) in got.iter().enumerate() {
-            let want: f32 = (0..LANES).map(|l| (q * 100 + l) as f32 * 0.5).sum();
-            assert_eq!(*g, want, "lane {q}");
-        }
-    }
 
     #[test]
     fn pairs_follow_the_reference_order_and_count() {

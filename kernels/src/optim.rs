@@ -17,13 +17,13 @@
 //! slice (no locks or atomics), and every row's update is the same sequence of operations
 //! whatever the thread count.
 
-use crate::embedding::{
-    Bags, Pooling, RowGrads, SparseGradWorkspace, join_ranges, prefetch_lines, table_rows,
-    with_width,
-};
-use crate::parallel::should_split;
+use crate::embedding::{Bags, Pooling, RowGrads, SparseGradWorkspace, with_width};
+use crate::mat::{MatMut, MatRef, table_rows};
+use crate::parallel::{Par, join_ranges, should_split};
 use crate::scratch::{EMB_ROW, with_scratch};
-use crate::simd::{F32s, LANES, load, load_partial, prefetch_write, store, store_partial};
+use crate::simd::{
+    F32s, LANES, load, load_partial, prefetch_lines, prefetch_write, store, store_partial,
+};
 use core::ops::Range;
 use rayon::prelude::*;
 
@@ -152,55 +152,57 @@ fn adagrad_lanes(p: &mut [f32], g: &[f32], s: &mut [f32], lr: f32, eps: f32) {
 /// plateau.
 pub const UPDATE_PREFETCH_DISTANCE: usize = 16;
 
-/// Backward of the bag + fused optimizer update, straight into the table (and its state:
-/// rows x dim for Adagrad, rows for row-wise Adagrad, empty for SGD). Never builds a dense
-/// gradient; each distinct row is updated once per call with the sum of its gradients.
-#[allow(clippy::too_many_arguments)]
-pub fn embedding_bag_backward_update(
-    table: &mut [f32],
-    state: &mut [f32],
-    dim: usize,
-    bags: Bags,
-    pooling: Pooling,
-    grad_out: &[f32],
-    grad_stride: usize,
-    opt: SparseOptimizer,
-    ws: &mut SparseGradWorkspace,
-) {
-    embedding_bag_backward_update_l2(
-        table,
-        state,
-        dim,
-        bags,
-        pooling,
-        grad_out,
-        grad_stride,
-        opt,
-        0.0,
-        ws,
-    );
+/// An embedding table (rows x dim, contiguous) with its optimizer state (rows x dim for
+/// Adagrad, rows for row-wise Adagrad, empty for SGD), updated in place.
+#[derive(Debug)]
+pub struct TableMut<'a> {
+    pub weights: MatMut<'a>,
+    pub state: &'a mut [f32],
 }
 
-/// [`embedding_bag_backward_update`] with L2 regularisation of the looked-up rows: the
-/// gradient of each distinct row is its summed gradient plus `weight_decay` times the row
+/// One sparse optimizer step: the optimizer, and the L2 regularisation of the looked-up rows
 /// (PyTorch's `weight_decay`, applied lazily: a row the batch does not look up is neither
 /// updated nor decayed, as in the regularised SGD of latent factor models, Koren, Bell &
 /// Volinsky, "Matrix Factorization Techniques for Recommender Systems", 2009). With
 /// `weight_decay` = 0 the update is bit for bit the unregularised one.
-#[allow(clippy::too_many_arguments)]
-pub fn embedding_bag_backward_update_l2(
-    table: &mut [f32],
-    state: &mut [f32],
-    dim: usize,
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SparseStep {
+    pub opt: SparseOptimizer,
+    pub weight_decay: f32,
+}
+
+impl From<SparseOptimizer> for SparseStep {
+    /// The optimizer's step without regularisation.
+    fn from(opt: SparseOptimizer) -> SparseStep {
+        SparseStep {
+            opt,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// Backward of the bag + fused optimizer update, straight into the table and its state, from
+/// the gradient of the pooled output (`grad_out`: one row of the table's width per bag). Never
+/// builds a dense gradient; each distinct row is updated once per call with the sum of its
+/// gradients (plus `step.weight_decay` times the row).
+pub fn embedding_bag_backward_update(
+    table: TableMut,
     bags: Bags,
     pooling: Pooling,
-    grad_out: &[f32],
-    grad_stride: usize,
-    opt: SparseOptimizer,
-    weight_decay: f32,
+    grad_out: MatRef,
+    step: SparseStep,
     ws: &mut SparseGradWorkspace,
+    par: Par,
 ) {
     const WHO: &str = "embedding_bag_backward_update";
+    let SparseStep { opt, weight_decay } = step;
+    let dim = table.weights.cols();
+    let TableMut { weights, state } = table;
+    assert!(
+        weights.row_stride() == dim || weights.rows() <= 1,
+        "{WHO}: table rows are not contiguous"
+    );
+    let table = weights.into_slice();
     let rows = table_rows(table, dim, WHO);
     let sw = opt.state_width(dim);
     assert_eq!(
@@ -209,7 +211,7 @@ pub fn embedding_bag_backward_update_l2(
         "{WHO}: state has {} floats, {opt:?} needs {sw} per row for {rows} rows",
         state.len()
     );
-    let (rg, _) = RowGrads::prepare(rows, dim, bags, pooling, grad_out, grad_stride, ws, WHO);
+    let (rg, _) = RowGrads::prepare(rows, bags, pooling, grad_out, ws, WHO);
     let ids = rg.rows;
     let Some(&first) = ids.first() else {
         return;
@@ -242,7 +244,7 @@ pub fn embedding_bag_backward_update_l2(
     // A part is (table rows, state rows) from the first distinct row of its range on.
     join_ranges(
         0..ids.len(),
-        rg.grain(),
+        rg.grain(par),
         (&mut table[first * dim..], &mut state[first * sw..]),
         &|(t, s): (&mut [f32], &mut [f32]), lo, mid| {
             let skip = (ids[mid] - ids[lo]) as usize;
@@ -262,7 +264,7 @@ const MIN_PARALLEL_DENSE: usize = 1 << 16;
 
 /// Dense parameter updates (MLP weights/biases), SIMD, parallel when large, bit-identical.
 /// SGD: param -= lr * grad.
-pub fn sgd_update(param: &mut [f32], grad: &[f32], lr: f32) {
+pub fn sgd_update(param: &mut [f32], grad: &[f32], lr: f32, par: Par) {
     assert_eq!(
         param.len(),
         grad.len(),
@@ -270,7 +272,7 @@ pub fn sgd_update(param: &mut [f32], grad: &[f32], lr: f32) {
         param.len(),
         grad.len()
     );
-    if should_split(param.len(), MIN_PARALLEL_DENSE) {
+    if should_split(par, param.len(), MIN_PARALLEL_DENSE) {
         param
             .par_chunks_mut(DENSE_CHUNK)
             .zip(grad.par_chunks(DENSE_CHUNK))
@@ -281,7 +283,14 @@ pub fn sgd_update(param: &mut [f32], grad: &[f32], lr: f32) {
 }
 
 /// Dense Adagrad: state += grad^2; param -= lr * grad / (sqrt(state) + eps).
-pub fn adagrad_update(param: &mut [f32], grad: &[f32], state: &mut [f32], lr: f32, eps: f32) {
+pub fn adagrad_update(
+    param: &mut [f32],
+    grad: &[f32],
+    state: &mut [f32],
+    lr: f32,
+    eps: f32,
+    par: Par,
+) {
     assert!(
         param.len() == grad.len() && state.len() == grad.len(),
         "adagrad_update: {} parameters, {} gradients, {} state values",
@@ -289,7 +298,7 @@ pub fn adagrad_update(param: &mut [f32], grad: &[f32], state: &mut [f32], lr: f3
         grad.len(),
         state.len()
     );
-    if should_split(param.len(), MIN_PARALLEL_DENSE) {
+    if should_split(par, param.len(), MIN_PARALLEL_DENSE) {
         param
             .par_chunks_mut(DENSE_CHUNK)
             .zip(grad.par_chunks(DENSE_CHUNK))

@@ -8,7 +8,7 @@
 //! kernels could reach with their own instructions.
 
 use crate::embedding::PREFETCH_DISTANCE;
-use crate::parallel::should_split;
+use crate::parallel::{Par, should_split};
 use crate::simd::{F32s, LANES, load, load_partial, prefetch_read, store, store_partial};
 use rayon::prelude::*;
 
@@ -95,7 +95,7 @@ fn for_each_vector(len: usize, mut f: impl FnMut(usize, usize)) {
 /// `dst = src`, STREAM's copy: a vector load and a vector store per LANES elements. Threads
 /// split the arrays. Moves 2 x 4 bytes per element as STREAM counts them (the read that a
 /// plain store's write-allocate adds is not counted).
-pub fn stream_copy(src: &[f32], dst: &mut [f32]) {
+pub fn stream_copy(src: &[f32], dst: &mut [f32], par: Par) {
     assert_eq!(
         src.len(),
         dst.len(),
@@ -109,7 +109,7 @@ pub fn stream_copy(src: &[f32], dst: &mut [f32]) {
             unsafe { store_n(d.as_mut_ptr().add(k), w, load_n(s.as_ptr().add(k), w)) }
         });
     };
-    if should_split(src.len(), MIN_PARALLEL_FLOATS) {
+    if should_split(par, src.len(), MIN_PARALLEL_FLOATS) {
         dst.par_chunks_mut(STREAM_CHUNK)
             .zip(src.par_chunks(STREAM_CHUNK))
             .for_each(|(d, s)| copy(s, d));
@@ -120,7 +120,7 @@ pub fn stream_copy(src: &[f32], dst: &mut [f32]) {
 
 /// `a = b + s * c`, STREAM's triad, as one FMA per element. Threads split the arrays. Moves
 /// 3 x 4 bytes per element as STREAM counts them.
-pub fn stream_triad(a: &mut [f32], b: &[f32], c: &[f32], s: f32) {
+pub fn stream_triad(a: &mut [f32], b: &[f32], c: &[f32], s: f32, par: Par) {
     assert!(
         b.len() == a.len() && c.len() == a.len(),
         "stream_triad: arrays of {}, {} and {} floats",
@@ -138,7 +138,7 @@ pub fn stream_triad(a: &mut [f32], b: &[f32], c: &[f32], s: f32) {
             }
         });
     };
-    if should_split(a.len(), MIN_PARALLEL_FLOATS) {
+    if should_split(par, a.len(), MIN_PARALLEL_FLOATS) {
         a.par_chunks_mut(STREAM_CHUNK)
             .zip(b.par_chunks(STREAM_CHUNK))
             .zip(c.par_chunks(STREAM_CHUNK))
@@ -154,7 +154,7 @@ pub fn stream_triad(a: &mut [f32], b: &[f32], c: &[f32], s: f32) {
 /// kernels request their rows, and returns the XOR of all their bits: the reads cannot be
 /// optimised away, and XOR, being associative and commutative, gives the same result for any
 /// thread count. Threads split `lines`. Panics if a line is past the end of `buf`.
-pub fn gather_lines(buf: &[f32], lines: &[u32]) -> u32 {
+pub fn gather_lines(buf: &[f32], lines: &[u32], par: Par) -> u32 {
     let count = buf.len() / LINE_FLOATS;
     if let Some(&m) = lines.iter().max() {
         assert!(
@@ -177,7 +177,7 @@ pub fn gather_lines(buf: &[f32], lines: &[u32]) -> u32 {
         }
         acc.to_array().iter().fold(0, |x, v| x ^ v.to_bits())
     };
-    if should_split(lines.len() * LINE_FLOATS, MIN_PARALLEL_FLOATS) {
+    if should_split(par, lines.len() * LINE_FLOATS, MIN_PARALLEL_FLOATS) {
         lines
             .par_chunks(GATHER_CHUNK)
             .map(xor)

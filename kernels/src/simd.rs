@@ -180,6 +180,22 @@ pub fn reduce_sum(v: F32s) -> f32 {
     v.reduce_add()
 }
 
+/// Calls the prefetch `hint` on every cache line of the `len` floats from `p`. Any address is
+/// allowed (a prefetch never faults), so rows can be requested before their id is checked
+/// against anything.
+#[inline(always)]
+pub fn prefetch_lines(p: *const f32, len: usize, hint: impl Fn(*const f32)) {
+    if len == 0 {
+        return;
+    }
+    let end = p.wrapping_add(len) as usize;
+    let mut line = p.wrapping_byte_sub(p as usize % 64);
+    while (line as usize) < end {
+        hint(line);
+        line = line.wrapping_byte_add(64);
+    }
+}
+
 /// Transposes a LANES x LANES block held in vectors, in place: afterwards lane i of `block[j]`
 /// is what lane j of `block[i]` was. In-register shuffles on AVX-512 and AVX2 (the classic
 /// unpack / shuffle / lane-permute network); lane by lane elsewhere.
@@ -287,6 +303,98 @@ pub fn transpose(block: &mut [F32s; LANES]) {
     }
 }
 
+/// Lane q of the result is the sum of the lanes of `v[q]`: LANES horizontal sums for the cost
+/// of one transpose, each round of shuffles halving the number of vectors while adding the
+/// halves it separates. The order of the additions is fixed.
+#[inline(always)]
+pub fn transpose_sum(v: [F32s; LANES]) -> F32s {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    {
+        use core::arch::x86_64::{__m512, _mm512_add_ps, _mm512_shuffle_f32x4, _mm512_shuffle_ps};
+        // After the four rounds, lane 4k + l holds the sum of w[4l + k]: feed the inputs in
+        // that (transposed) order so that lane q sums v[q].
+        let w: [__m512; 16] = core::array::from_fn(|s| __m512::from(v[4 * (s % 4) + s / 4]));
+        // SAFETY: these intrinsics only need AVX-512F, which this build enables (cfg above);
+        // they operate on registers and touch no memory.
+        unsafe {
+            // Round 1, 512 -> 256: w1[m] = [halves of w[2m] added | halves of w[2m + 1] added].
+            let w1: [__m512; 8] = core::array::from_fn(|m| {
+                let (a, b) = (w[2 * m], w[2 * m + 1]);
+                _mm512_add_ps(
+                    _mm512_shuffle_f32x4::<0x44>(a, b),
+                    _mm512_shuffle_f32x4::<0xEE>(a, b),
+                )
+            });
+            // Round 2, 256 -> 128: 128-bit block k of w2[m] holds 4 partial sums of w[4m + k].
+            let w2: [__m512; 4] = core::array::from_fn(|m| {
+                let (a, b) = (w1[2 * m], w1[2 * m + 1]);
+                _mm512_add_ps(
+                    _mm512_shuffle_f32x4::<0x88>(a, b),
+                    _mm512_shuffle_f32x4::<0xDD>(a, b),
+                )
+            });
+            // Round 3, 4 -> 2 per block: block k of w3[m] holds 2 partials of w[8m + k],
+            // then 2 of w[8m + 4 + k].
+            let w3: [__m512; 2] = core::array::from_fn(|m| {
+                let (a, b) = (w2[2 * m], w2[2 * m + 1]);
+                _mm512_add_ps(
+                    _mm512_shuffle_ps::<0x44>(a, b),
+                    _mm512_shuffle_ps::<0xEE>(a, b),
+                )
+            });
+            // Round 4, 2 -> 1: lane l of block k sums w[4l + k].
+            let (a, b) = (w3[0], w3[1]);
+            F32s::from(_mm512_add_ps(
+                _mm512_shuffle_ps::<0x88>(a, b),
+                _mm512_shuffle_ps::<0xDD>(a, b),
+            ))
+        }
+    }
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx",
+        not(target_feature = "avx512f")
+    ))]
+    {
+        use core::arch::x86_64::{
+            __m256, _mm256_add_ps, _mm256_permute2f128_ps, _mm256_shuffle_ps,
+        };
+        // After the three rounds, lane 4k + l holds the sum of w[2l + k].
+        let w: [__m256; 8] = core::array::from_fn(|s| __m256::from(v[4 * (s % 2) + s / 2]));
+        // SAFETY: these intrinsics only need AVX, which this build enables (cfg above); they
+        // operate on registers and touch no memory.
+        unsafe {
+            // Round 1, 256 -> 128: w1[m] = [halves of w[2m] added | halves of w[2m + 1] added].
+            let w1: [__m256; 4] = core::array::from_fn(|m| {
+                let (a, b) = (w[2 * m], w[2 * m + 1]);
+                _mm256_add_ps(
+                    _mm256_permute2f128_ps::<0x20>(a, b),
+                    _mm256_permute2f128_ps::<0x31>(a, b),
+                )
+            });
+            // Round 2, 4 -> 2 per block: block k of w2[m] holds 2 partials of w[4m + k],
+            // then 2 of w[4m + 2 + k].
+            let w2: [__m256; 2] = core::array::from_fn(|m| {
+                let (a, b) = (w1[2 * m], w1[2 * m + 1]);
+                _mm256_add_ps(
+                    _mm256_shuffle_ps::<0x44>(a, b),
+                    _mm256_shuffle_ps::<0xEE>(a, b),
+                )
+            });
+            // Round 3, 2 -> 1: lane l of block k sums w[2l + k].
+            let (a, b) = (w2[0], w2[1]);
+            F32s::from(_mm256_add_ps(
+                _mm256_shuffle_ps::<0x88>(a, b),
+                _mm256_shuffle_ps::<0xDD>(a, b),
+            ))
+        }
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx")))]
+    {
+        F32s::new(core::array::from_fn(|q| v[q].reduce_add()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,6 +408,18 @@ mod tests {
             for (i, x) in v.to_array().iter().enumerate() {
                 assert_eq!(*x, (i * LANES + j) as f32, "lane {i} of vector {j}");
             }
+        }
+    }
+
+    #[test]
+    fn transpose_sum_sums_each_vector_into_its_lane() {
+        let v: [F32s; LANES] = core::array::from_fn(|q| {
+            F32s::new(core::array::from_fn(|l| (q * 100 + l) as f32 * 0.5))
+        });
+        let got = transpose_sum(v).to_array();
+        for (q, g) in got.iter().enumerate() {
+            let want: f32 = (0..LANES).map(|l| (q * 100 + l) as f32 * 0.5).sum();
+            assert_eq!(*g, want, "lane {q}");
         }
     }
 }

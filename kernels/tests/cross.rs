@@ -9,6 +9,8 @@ use common::{bits, fill, fill_range, on_1_2_3_threads};
 use dlrm_kernels::cross::{
     CROSS_CHUNK, CrossGrads, CrossKind, CrossNet, CrossWorkspace, cross_backward, cross_forward,
 };
+use dlrm_kernels::mat::{MatMut, MatRef};
+use dlrm_kernels::parallel::Par;
 use dlrm_kernels::reference;
 use proptest::prelude::*;
 
@@ -99,18 +101,16 @@ impl Case {
 }
 
 /// Forward and backward with the kernels: (output, dx0, dw, db); output padding starts NaN.
-fn run(cs: &Case, inp: &Inputs) -> [Vec<f32>; 4] {
+fn run(cs: &Case, inp: &Inputs, par: Par) -> [Vec<f32>; 4] {
     let net = cs.net(inp);
     let mut saved = vec![f32::NAN; cs.kind.saved_len(cs.d, cs.layers, cs.batch)];
     let mut out = vec![f32::NAN; cs.len(1)];
     cross_forward(
         &net,
-        &inp.x0,
-        cs.stride(0),
-        cs.batch,
+        MatRef::with_row_stride(&inp.x0, cs.batch, cs.d, cs.stride(0)),
         &mut saved,
-        &mut out,
-        cs.stride(1),
+        MatMut::with_row_stride(&mut out, cs.batch, cs.d, cs.stride(1)),
+        par,
     );
     let mut gx = if cs.accumulate {
         inp.grad_x0.clone()
@@ -126,20 +126,17 @@ fn run(cs: &Case, inp: &Inputs) -> [Vec<f32>; 4] {
     let (mut dw, mut db) = (vec![f32::NAN; inp.w.len()], vec![f32::NAN; inp.b.len()]);
     cross_backward(
         &net,
-        &inp.x0,
-        cs.stride(0),
-        cs.batch,
+        MatRef::with_row_stride(&inp.x0, cs.batch, cs.d, cs.stride(0)),
         &saved,
-        &inp.grad_out,
-        cs.stride(2),
+        MatRef::with_row_stride(&inp.grad_out, cs.batch, cs.d, cs.stride(2)),
         CrossGrads {
-            x0: &mut gx,
-            x0_stride: cs.stride(3),
+            x0: MatMut::with_row_stride(&mut gx, cs.batch, cs.d, cs.stride(3)),
             accumulate_x0: cs.accumulate,
             w: &mut dw,
             b: &mut db,
         },
         &mut CrossWorkspace::default(),
+        par,
     );
     [out, gx, dw, db]
 }
@@ -177,7 +174,7 @@ fn check_rows(
 fn check_case(cs: &Case) -> Result<(), TestCaseError> {
     let inp = cs.inputs();
     let net = cs.net(&inp);
-    let [out, gx, dw, db] = run(cs, &inp);
+    let [out, gx, dw, db] = run(cs, &inp, Par::Rayon);
     let (d, layers) = (cs.d, cs.layers);
     // Each layer adds a dot product (d terms) or a GEMM row (d terms) to the rounding of the
     // layer before; the backward also sums over the batch.
@@ -222,7 +219,7 @@ fn check_case(cs: &Case) -> Result<(), TestCaseError> {
 
 fn check_thread_invariance(cs: &Case) -> Result<(), TestCaseError> {
     let inp = cs.inputs();
-    let runs = on_1_2_3_threads(|| run(cs, &inp).map(|v| bits(&v)));
+    let runs = on_1_2_3_threads(|par| run(cs, &inp, par).map(|v| bits(&v)));
     for (k, one) in runs[0].iter().enumerate() {
         prop_assert_eq!(one, &runs[1][k], "output {} on 2 threads", k);
         prop_assert_eq!(one, &runs[2][k], "output {} on 3 threads", k);
@@ -276,26 +273,29 @@ fn rank_one_layer_by_hand() {
     };
     let mut saved = vec![0.0; CrossKind::RankOne.saved_len(2, 1, 1)];
     let mut out = [0.0f32; 2];
-    cross_forward(&net, &x0, 2, 1, &mut saved, &mut out, 2);
+    cross_forward(
+        &net,
+        MatRef::new(&x0, 1, 2),
+        &mut saved,
+        MatMut::new(&mut out, 1, 2),
+        Par::Rayon,
+    );
     assert_eq!(out, [2.5, 4.0]);
     // g = (1, 0): c = g . x0 = 1; dx0 = s g + (g + c w) = (1, 0) + (4, -1); dw = c x0; db = g.
     let (mut gx, mut dw, mut db) = ([0.0f32; 2], [0.0f32; 2], [0.0f32; 2]);
     cross_backward(
         &net,
-        &x0,
-        2,
-        1,
+        MatRef::new(&x0, 1, 2),
         &saved,
-        &[1.0, 0.0],
-        2,
+        MatRef::new(&[1.0, 0.0], 1, 2),
         CrossGrads {
-            x0: &mut gx,
-            x0_stride: 2,
+            x0: MatMut::new(&mut gx, 1, 2),
             accumulate_x0: false,
             w: &mut dw,
             b: &mut db,
         },
         &mut CrossWorkspace::default(),
+        Par::Rayon,
     );
     assert_eq!((gx, dw, db), ([5.0, -1.0], [1.0, 2.0], [1.0, 0.0]));
 }
@@ -310,5 +310,11 @@ fn wrong_weight_count_is_rejected() {
         w: &[0.0; 6],
         b: &[0.0; 6],
     };
-    cross_forward(&net, &[0.0; 3], 3, 1, &mut [0.0; 64], &mut [0.0; 3], 3);
+    cross_forward(
+        &net,
+        MatRef::new(&[0.0; 3], 1, 3),
+        &mut [0.0; 64],
+        MatMut::new(&mut [0.0; 3], 1, 3),
+        Par::Rayon,
+    );
 }

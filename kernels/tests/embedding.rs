@@ -9,20 +9,33 @@ use common::{BagCase, assert_close, bag_case, bits, fill, on_1_2_3_threads, sum_
 use dlrm_kernels::embedding::{
     self, Bags, Pooling, SparseGradWorkspace, embedding_bag_backward_coalesce,
 };
+use dlrm_kernels::mat::{MatMut, MatRef};
+use dlrm_kernels::parallel::Par;
 use dlrm_kernels::reference;
 use proptest::prelude::*;
 
 /// Forward into a NaN-filled strided buffer (padding must stay NaN).
-fn forward(c: &BagCase) -> Vec<f32> {
+fn forward(c: &BagCase, par: Par) -> Vec<f32> {
     let mut out = vec![f32::NAN; c.strided_len()];
-    embedding::embedding_bag_forward(&c.table, c.dim, c.bags(), c.pooling, &mut out, c.stride);
+    embedding::embedding_bag_forward(
+        MatRef::from_rows(&c.table, c.dim),
+        c.bags(),
+        c.pooling,
+        MatMut::with_row_stride(&mut out, c.bags().len(), c.dim, c.stride),
+        par,
+    );
     out
 }
 
 /// Every looked-up row copied into a NaN-filled strided buffer, one row per index.
-fn gather(c: &BagCase) -> Vec<f32> {
+fn gather(c: &BagCase, par: Par) -> Vec<f32> {
     let mut out = vec![f32::NAN; gathered_len(c)];
-    embedding::gather_rows(&c.table, c.dim, &c.indices, &mut out, c.stride);
+    embedding::gather_rows(
+        MatRef::from_rows(&c.table, c.dim),
+        &c.indices,
+        MatMut::with_row_stride(&mut out, c.indices.len(), c.dim, c.stride),
+        par,
+    );
     out
 }
 
@@ -37,30 +50,35 @@ fn check_gather(c: &BagCase) {
     let mut expect = vec![f32::NAN; gathered_len(c)];
     reference::gather_rows(&c.table, c.dim, &c.indices, &mut expect, c.stride);
     // A copy is exact, and the padding between rows stays NaN.
-    assert_eq!(bits(&gather(c)), bits(&expect));
+    assert_eq!(bits(&gather(c, Par::Rayon)), bits(&expect));
 }
 
-fn weight_grad(c: &BagCase) -> Vec<f32> {
+fn weight_grad(c: &BagCase, par: Par) -> Vec<f32> {
     let mut gw = vec![f32::NAN; c.indices.len()];
-    embedding::embedding_bag_weight_grad(&c.table, c.dim, c.bags(), &c.grad_out, c.stride, &mut gw);
+    embedding::embedding_bag_weight_grad(
+        MatRef::from_rows(&c.table, c.dim),
+        c.bags(),
+        MatRef::with_row_stride(&c.grad_out, c.bags().len(), c.dim, c.stride),
+        &mut gw,
+        par,
+    );
     gw
 }
 
-fn coalesce(c: &BagCase, ws: &mut SparseGradWorkspace) -> (Vec<u32>, Vec<f32>) {
+fn coalesce(c: &BagCase, ws: &mut SparseGradWorkspace, par: Par) -> (Vec<u32>, Vec<f32>) {
     let g = embedding_bag_backward_coalesce(
         c.rows,
-        c.dim,
         c.bags(),
         c.pooling,
-        &c.grad_out,
-        c.stride,
+        MatRef::with_row_stride(&c.grad_out, c.bags().len(), c.dim, c.stride),
         ws,
+        par,
     );
     (g.rows.to_vec(), g.grads.to_vec())
 }
 
 fn check_forward(c: &BagCase) {
-    let out = forward(c);
+    let out = forward(c, Par::Rayon);
     let mut expect = vec![f32::NAN; c.strided_len()];
     reference::embedding_bag_forward(&c.table, c.dim, c.bags(), c.pooling, &mut expect, c.stride);
     for b in 0..c.num_bags() {
@@ -99,7 +117,7 @@ proptest! {
 
     #[test]
     fn weight_grad_matches_reference(c in bag_case()) {
-        let gw = weight_grad(&c);
+        let gw = weight_grad(&c, Par::Rayon);
         let mut expect = vec![0.0; c.indices.len()];
         let (t, g) = (&c.table, &c.grad_out);
         reference::embedding_bag_weight_grad(t, c.dim, c.bags(), g, c.stride, &mut expect);
@@ -110,7 +128,7 @@ proptest! {
     #[test]
     fn coalesce_matches_reference(c in bag_case()) {
         let mut ws = SparseGradWorkspace::default();
-        let (rows, grads) = coalesce(&c, &mut ws);
+        let (rows, grads) = coalesce(&c, &mut ws, Par::Rayon);
         let (erows, egrads) = reference::embedding_bag_backward_coalesce(
             c.rows, c.dim, c.bags(), c.pooling, &c.grad_out, c.stride);
         prop_assert_eq!(&rows, &erows);
@@ -119,17 +137,17 @@ proptest! {
         let mut other = c.clone();
         other.indices.reverse();
         other.grad_out.iter_mut().for_each(|g| *g = -*g);
-        coalesce(&other, &mut ws);
-        let (rows2, grads2) = coalesce(&c, &mut ws);
+        coalesce(&other, &mut ws, Par::Rayon);
+        let (rows2, grads2) = coalesce(&c, &mut ws, Par::Rayon);
         prop_assert_eq!(rows2, rows);
         prop_assert_eq!(bits(&grads2), bits(&grads));
     }
 
     #[test]
     fn kernels_are_thread_count_invariant(c in bag_case()) {
-        let [one, two, three] = on_1_2_3_threads(|| {
-            let (rows, grads) = coalesce(&c, &mut SparseGradWorkspace::default());
-            let outputs = [forward(&c), weight_grad(&c), gather(&c)];
+        let [one, two, three] = on_1_2_3_threads(|par| {
+            let (rows, grads) = coalesce(&c, &mut SparseGradWorkspace::default(), par);
+            let outputs = [forward(&c, par), weight_grad(&c, par), gather(&c, par)];
             (outputs.map(|o| bits(&o)), rows, bits(&grads))
         });
         prop_assert_eq!(&one, &two);
@@ -179,7 +197,7 @@ fn large_problems_match_reference() {
         check_forward(&c);
         check_gather(&c);
         let mut ws = SparseGradWorkspace::default();
-        let (rows, grads) = coalesce(&c, &mut ws);
+        let (rows, grads) = coalesce(&c, &mut ws, Par::Rayon);
         let (erows, egrads) = reference::embedding_bag_backward_coalesce(
             c.rows,
             c.dim,
@@ -209,7 +227,7 @@ fn duplicates_are_summed_in_batch_order() {
         }
     }
     let mut ws = SparseGradWorkspace::default();
-    let (rows, grads) = coalesce(&c, &mut ws);
+    let (rows, grads) = coalesce(&c, &mut ws, Par::Rayon);
     for (i, &r) in rows.iter().enumerate() {
         assert_eq!(
             bits(&grads[i * c.dim..(i + 1) * c.dim]),
@@ -227,7 +245,8 @@ fn coalesce_handles_ids_of_every_magnitude() {
     for bags in [500, 6000] {
         let sizes: Vec<usize> = (0..bags).map(|b| b % 4).collect();
         let small = case_with(300, 5, &sizes, 300, Pooling::Sum, 4);
-        let (rows_small, grads_small) = coalesce(&small, &mut SparseGradWorkspace::default());
+        let (rows_small, grads_small) =
+            coalesce(&small, &mut SparseGradWorkspace::default(), Par::Rayon);
         for top in [
             1u32 << 9,
             1 << 13,
@@ -247,12 +266,11 @@ fn coalesce_handles_ids_of_every_magnitude() {
             let mut ws = SparseGradWorkspace::default();
             let g = embedding_bag_backward_coalesce(
                 1 << 32,
-                small.dim,
                 big,
                 small.pooling,
-                &small.grad_out,
-                small.stride,
+                MatRef::with_row_stride(&small.grad_out, big.len(), small.dim, small.stride),
                 &mut ws,
+                Par::Rayon,
             );
             let mapped: Vec<u32> = rows_small.iter().map(|&r| spread(r)).collect();
             assert_eq!(g.rows, &mapped[..], "{bags} bags, ids up to {top}");
@@ -274,17 +292,36 @@ fn no_bags_and_empty_bags() {
         offsets: &[],
         weights: None,
     };
-    embedding::embedding_bag_forward(&table, 16, none, Pooling::Mean, &mut out, 16);
+    embedding::embedding_bag_forward(
+        MatRef::from_rows(&table, 16),
+        none,
+        Pooling::Mean,
+        MatMut::new(&mut out, none.len(), 16),
+        Par::Rayon,
+    );
     let empty = Bags {
         indices: &[],
         offsets: &[0, 0, 0],
         weights: None,
     };
     let mut out = vec![f32::NAN; 3 * 16];
-    embedding::embedding_bag_forward(&table, 16, empty, Pooling::Mean, &mut out, 16);
+    embedding::embedding_bag_forward(
+        MatRef::from_rows(&table, 16),
+        empty,
+        Pooling::Mean,
+        MatMut::new(&mut out, empty.len(), 16),
+        Par::Rayon,
+    );
     assert!(out.iter().all(|&x| x == 0.0));
     let mut ws = SparseGradWorkspace::default();
-    let g = embedding_bag_backward_coalesce(4, 16, empty, Pooling::Mean, &out, 16, &mut ws);
+    let g = embedding_bag_backward_coalesce(
+        4,
+        empty,
+        Pooling::Mean,
+        MatRef::new(&out, empty.len(), 16),
+        &mut ws,
+        Par::Rayon,
+    );
     assert!(g.rows.is_empty() && g.grads.is_empty());
 }
 
@@ -298,7 +335,13 @@ fn forward_rejects_an_id_past_the_table() {
         weights: None,
     };
     let mut out = vec![0.0; 8];
-    embedding::embedding_bag_forward(&table, 8, bags, Pooling::Sum, &mut out, 8);
+    embedding::embedding_bag_forward(
+        MatRef::from_rows(&table, 8),
+        bags,
+        Pooling::Sum,
+        MatMut::new(&mut out, bags.len(), 8),
+        Par::Rayon,
+    );
 }
 
 #[test]
@@ -306,7 +349,12 @@ fn forward_rejects_an_id_past_the_table() {
 fn gather_rejects_an_id_past_the_table() {
     let table = fill(4 * 8, 1);
     let mut out = vec![0.0; 16];
-    embedding::gather_rows(&table, 8, &[1, 4], &mut out, 8);
+    embedding::gather_rows(
+        MatRef::from_rows(&table, 8),
+        &[1, 4],
+        MatMut::new(&mut out, 2, 8),
+        Par::Rayon,
+    );
 }
 
 #[test]
@@ -318,7 +366,14 @@ fn backward_rejects_an_id_past_the_table() {
         weights: None,
     };
     let grad = vec![0.0; 16];
-    embedding_bag_backward_coalesce(3, 8, bags, Pooling::Sum, &grad, 8, &mut Default::default());
+    embedding_bag_backward_coalesce(
+        3,
+        bags,
+        Pooling::Sum,
+        MatRef::new(&grad, bags.len(), 8),
+        &mut Default::default(),
+        Par::Rayon,
+    );
 }
 
 #[test]
@@ -331,7 +386,13 @@ fn weights_need_sum_pooling() {
         weights: Some(&[0.5]),
     };
     let mut out = vec![0.0; 8];
-    embedding::embedding_bag_forward(&table, 8, bags, Pooling::Mean, &mut out, 8);
+    embedding::embedding_bag_forward(
+        MatRef::from_rows(&table, 8),
+        bags,
+        Pooling::Mean,
+        MatMut::new(&mut out, bags.len(), 8),
+        Par::Rayon,
+    );
 }
 
 #[test]
@@ -365,14 +426,20 @@ fn one_id_bags_pool_to_their_rows_on_every_path() {
             // The same ids, the last bag holding two of them: only some tasks see one-id bags.
             let mixed: Vec<u32> = (0..n as u32 - 1).collect();
             let stride = dim + 3;
-            let run = |offsets: &[u32]| {
+            let run = |offsets: &[u32], par: Par| {
                 let bags = Bags {
                     indices: &indices,
                     offsets,
                     weights: None,
                 };
                 let mut out = vec![f32::NAN; (offsets.len() - 1) * stride + dim];
-                embedding::embedding_bag_forward(&table, dim, bags, pooling, &mut out, stride);
+                embedding::embedding_bag_forward(
+                    MatRef::from_rows(&table, dim),
+                    bags,
+                    pooling,
+                    MatMut::with_row_stride(&mut out, bags.len(), dim, stride),
+                    par,
+                );
                 let mut expect = vec![f32::NAN; out.len()];
                 reference::embedding_bag_forward(&table, dim, bags, pooling, &mut expect, stride);
                 // The padding between output rows stays NaN; the rows are compared.
@@ -386,19 +453,140 @@ fn one_id_bags_pool_to_their_rows_on_every_path() {
                 };
                 (rows(&out), rows(&expect))
             };
-            let [one, two, three] = on_1_2_3_threads(|| {
-                let (hot, expect) = run(&one_hot);
+            let [one, two, three] = on_1_2_3_threads(|par| {
+                let (hot, expect) = run(&one_hot, par);
                 for (b, &id) in indices.iter().enumerate() {
                     let row = &table[id as usize * dim..][..dim];
                     assert_eq!(bits(&hot[b * dim..][..dim]), bits(row), "dim {dim} bag {b}");
                 }
                 assert_close("one-hot", &hot, &expect, 0.0, 0.0);
-                let (mixed_out, expect) = run(&mixed);
+                let (mixed_out, expect) = run(&mixed, par);
                 assert_close("mixed", &mixed_out, &expect, sum_tol(2), 0.0);
                 (bits(&hot), bits(&mixed_out))
             });
             assert_eq!(one, two, "dim {dim}");
             assert_eq!(one, three, "dim {dim}");
         }
+    }
+}
+
+/// A multi-table forward problem (what the models call): `tables` tables of one width, the
+/// same number of bags each, pooled into rows `stride` apart from column `first_col` on.
+#[derive(Clone, Debug)]
+struct TablesCase {
+    tables: Vec<BagCase>,
+    dim: usize,
+    batch: usize,
+    pooling: Pooling,
+    first_col: usize,
+    stride: usize,
+}
+
+/// 1 to 4 tables of 1 to 1000 rows, up to 40 bags of 0 to 6 ids (some tables one-hot, the
+/// copy path; some with hot ids), sum, mean or weighted sum, output rows with leading columns
+/// and padding.
+fn tables_case() -> impl Strategy<Value = TablesCase> {
+    (
+        1usize..=4,
+        prop::sample::select(common::DIMS.to_vec()),
+        0usize..40,
+        0u8..3,
+        0usize..3,
+        0usize..3,
+        any::<u64>(),
+    )
+        .prop_map(|(n, dim, batch, mode, first_col, pad, seed)| {
+            let pooling = if mode == 1 {
+                Pooling::Mean
+            } else {
+                Pooling::Sum
+            };
+            let tables = (0..n)
+                .map(|t| {
+                    let s = seed.wrapping_add(t as u64 * 0x9E37);
+                    let rows = [1usize, 2, 3, 7, 50, 1000][(s % 6) as usize];
+                    let one_hot = (s >> 8) % 3 == 0;
+                    let sizes: Vec<usize> = if one_hot {
+                        vec![1; batch]
+                    } else {
+                        common::fill_range(batch, s ^ 5, 0.0, 7.0)
+                            .iter()
+                            .map(|&x| x as usize)
+                            .collect()
+                    };
+                    let id_range = if (s >> 16) % 4 == 0 {
+                        rows.min(3)
+                    } else {
+                        rows
+                    };
+                    let mut c = case_with(rows, dim, &sizes, id_range, pooling, s);
+                    if mode == 2 {
+                        c.weights = Some(fill(c.indices.len(), s ^ 3));
+                    }
+                    c
+                })
+                .collect();
+            TablesCase {
+                tables,
+                dim,
+                batch,
+                pooling,
+                first_col,
+                stride: first_col + n * dim + pad,
+            }
+        })
+}
+
+/// The multi-table forward into a NaN-filled buffer (columns it does not own must stay NaN).
+fn forward_tables(c: &TablesCase, par: Par) -> Vec<f32> {
+    let (n, dim) = (c.tables.len(), c.dim);
+    let span = c.first_col + n * dim;
+    let len = c.batch.checked_sub(1).map_or(0, |b| b * c.stride + span);
+    let mut out = vec![f32::NAN; len];
+    let rows = MatMut::with_row_stride(&mut out, c.batch, span, c.stride);
+    embedding::embedding_bag_forward_tables(
+        n,
+        |t| {
+            (
+                MatRef::from_rows(&c.tables[t].table, dim),
+                c.tables[t].bags(),
+            )
+        },
+        c.pooling,
+        rows.into_cols(c.first_col, n * dim),
+        par,
+    );
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Each table's slot of each output row is the scalar twin's pooled bag; every other
+    /// column stays untouched; the bits are the same on any thread count.
+    #[test]
+    fn forward_tables_matches_reference(c in tables_case()) {
+        let out = forward_tables(&c, Par::Rayon);
+        let (dim, stride) = (c.dim, c.stride);
+        let mut owned = vec![false; out.len()];
+        for (t, table) in c.tables.iter().enumerate() {
+            let mut expect = vec![0.0; c.batch * dim];
+            reference::embedding_bag_forward(
+                &table.table, dim, table.bags(), c.pooling, &mut expect, dim);
+            for b in 0..c.batch {
+                let at = b * stride + c.first_col + t * dim;
+                let tol = sum_tol(table.bags().bag(b).len());
+                assert_close("out", &out[at..at + dim], &expect[b * dim..][..dim], tol, 0.0);
+                owned[at..at + dim].iter_mut().for_each(|o| *o = true);
+            }
+        }
+        for (i, x) in out.iter().enumerate() {
+            prop_assert!(owned[i] || x.is_nan(), "column {} of row {} written", i % stride, i / stride);
+        }
+        let [one, two, three] = on_1_2_3_threads(|par| bits(&forward_tables(&c, par)));
+        prop_assert_eq!(&one, &bits(&out));
+        prop_assert_eq!(&one, &two);
+        prop_assert_eq!(&one, &three);
+        prop_assert_eq!(&one, &bits(&forward_tables(&c, Par::Seq)));
     }
 }

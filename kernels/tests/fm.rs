@@ -8,6 +8,8 @@ mod common;
 use common::{bits, fill, fill_range, on_1_2_3_threads};
 use dlrm_kernels::embedding::Bags;
 use dlrm_kernels::fm::{FmField, fm_backward, fm_forward};
+use dlrm_kernels::mat::MatRef;
+use dlrm_kernels::parallel::Par;
 use dlrm_kernels::reference;
 use proptest::prelude::*;
 
@@ -133,7 +135,7 @@ impl Case {
 }
 
 /// Kernel forward: (outputs, sums).
-fn forward(cs: &Case) -> (Vec<f32>, Vec<f32>) {
+fn forward(cs: &Case, par: Par) -> (Vec<f32>, Vec<f32>) {
     let views = cs.views();
     let mut out = vec![f32::NAN; cs.batch];
     let mut sums = vec![f32::NAN; cs.batch * cs.k];
@@ -144,19 +146,27 @@ fn forward(cs: &Case) -> (Vec<f32>, Vec<f32>) {
         cs.bias,
         &mut sums,
         &mut out,
+        par,
     );
     (out, sums)
 }
 
 /// Kernel backward of every field: (latent row gradients, feature value gradients) per field.
-fn backward(cs: &Case, sums: &[f32]) -> Vec<(Vec<f32>, Vec<f32>)> {
+fn backward(cs: &Case, sums: &[f32], par: Par) -> Vec<(Vec<f32>, Vec<f32>)> {
     cs.views()
         .into_iter()
         .map(|f| {
             let nnz = f.bags.indices.len();
             let mut rows = vec![f32::NAN; nnz * cs.k];
             let mut gw = vec![f32::NAN; nnz];
-            fm_backward(f, cs.k, sums, cs.k, &cs.grad_out, &mut rows, Some(&mut gw));
+            fm_backward(
+                f,
+                MatRef::new(sums, f.bags.len(), cs.k),
+                &cs.grad_out,
+                &mut rows,
+                Some(&mut gw),
+                par,
+            );
             (rows, gw)
         })
         .collect()
@@ -165,7 +175,7 @@ fn backward(cs: &Case, sums: &[f32]) -> Vec<(Vec<f32>, Vec<f32>)> {
 fn check_case(cs: &Case) -> Result<(), TestCaseError> {
     let k = cs.k;
     let mags = cs.magnitudes();
-    let (out, sums) = forward(cs);
+    let (out, sums) = forward(cs, Par::Rayon);
     let views = cs.views();
     let (mut eout, mut esums) = (vec![0.0; cs.batch], vec![0.0; cs.batch * k]);
     reference::fm_forward(&views, k, cs.bias, &mut esums, &mut eout);
@@ -182,7 +192,7 @@ fn check_case(cs: &Case) -> Result<(), TestCaseError> {
             prop_assert!((s - e).abs() <= tol, "S[{b}, {f}] = {s}, reference {e}");
         }
     }
-    for (t, (rows, gw)) in backward(cs, &sums).into_iter().enumerate() {
+    for (t, (rows, gw)) in backward(cs, &sums, Par::Rayon).into_iter().enumerate() {
         let (erows, egw) = reference::fm_backward(&views, t, k, &cs.grad_out);
         let bags = views[t].bags;
         for (b, &mag) in mags.iter().enumerate() {
@@ -217,10 +227,10 @@ proptest! {
 
     #[test]
     fn fm_is_thread_count_invariant(cs in case()) {
-        let runs = on_1_2_3_threads(|| {
-            let (out, sums) = forward(&cs);
+        let runs = on_1_2_3_threads(|par| {
+            let (out, sums) = forward(&cs, par);
             let grads: Vec<(Vec<u32>, Vec<u32>)> =
-                backward(&cs, &sums).iter().map(|(r, w)| (bits(r), bits(w))).collect();
+                backward(&cs, &sums, par).iter().map(|(r, w)| (bits(r), bits(w))).collect();
             (bits(&out), bits(&sums), grads)
         });
         prop_assert_eq!(&runs[0], &runs[1]);
@@ -249,11 +259,18 @@ fn two_one_hot_fields_are_matrix_factorization() {
     };
     let views = [users.view(), items.view()];
     let (mut sums, mut out) = (vec![0.0; k], vec![0.0; 1]);
-    fm_forward(2, k, |t| views[t], 3.5, &mut sums, &mut out);
+    fm_forward(2, k, |t| views[t], 3.5, &mut sums, &mut out, Par::Rayon);
     // 3.5 - 0.2 + 0.3 + (-0.5 + 0 + 1).
     assert!((out[0] - 4.1).abs() < 1e-6, "{}", out[0]);
     let mut rows = vec![0.0; k];
-    fm_backward(views[0], k, &sums, k, &[2.0], &mut rows, None);
+    fm_backward(
+        views[0],
+        MatRef::new(&sums, 1, k),
+        &[2.0],
+        &mut rows,
+        None,
+        Par::Rayon,
+    );
     assert_eq!(rows, [-2.0, 0.0, 4.0]);
 }
 
@@ -269,5 +286,5 @@ fn first_order_table_must_match_the_factors() {
             weights: None,
         },
     };
-    fm_forward(1, 2, |_| f, 0.0, &mut [0.0; 2], &mut [0.0; 1]);
+    fm_forward(1, 2, |_| f, 0.0, &mut [0.0; 2], &mut [0.0; 1], Par::Rayon);
 }

@@ -3,7 +3,8 @@
 //! epilogue; and bit-identical results for any thread count.
 
 use dlrm_kernels::gemm::{self, GemmOps, MatMut, MatRef};
-use dlrm_kernels::{parallel, reference};
+use dlrm_kernels::parallel::Par;
+use dlrm_kernels::reference;
 use proptest::prelude::*;
 
 /// Dimensions biased towards the awkward: 0, 1, primes, around lane and tile multiples.
@@ -135,7 +136,7 @@ fn inputs(cs: &Case) -> Inputs {
     }
 }
 
-fn run_ours(cs: &Case, inp: &Inputs) -> Vec<f32> {
+fn run_ours(cs: &Case, inp: &Inputs, par: Par) -> Vec<f32> {
     let mut c = inp.c0.clone();
     let ops = GemmOps {
         alpha: cs.alpha,
@@ -149,13 +150,14 @@ fn run_ours(cs: &Case, inp: &Inputs) -> Vec<f32> {
         inp.b.view(),
         MatMut::with_row_stride(&mut c, cs.m, cs.n, inp.ldc),
         &ops,
+        par,
     );
     c
 }
 
 fn check_against_reference(cs: &Case) -> Result<(), TestCaseError> {
     let inp = inputs(cs);
-    let ours = run_ours(cs, &inp);
+    let ours = run_ours(cs, &inp, Par::Rayon);
     let mut expect = inp.c0.clone();
     let ops = GemmOps {
         alpha: cs.alpha,
@@ -206,11 +208,10 @@ proptest! {
     fn gemm_is_thread_count_invariant(cs in case()) {
         let inp = inputs(&cs);
         let pool = |t| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
-        parallel::set_force_parallel(true);
-        let one = pool(1).install(|| run_ours(&cs, &inp));
-        let two = pool(2).install(|| run_ours(&cs, &inp));
-        let three = pool(3).install(|| run_ours(&cs, &inp));
-        parallel::set_force_parallel(false);
+        let split = Par::AlwaysSplit;
+        let one = pool(1).install(|| run_ours(&cs, &inp, split));
+        let two = pool(2).install(|| run_ours(&cs, &inp, split));
+        let three = pool(3).install(|| run_ours(&cs, &inp, split));
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         prop_assert_eq!(bits(&one), bits(&two));
         prop_assert_eq!(bits(&one), bits(&three));
@@ -259,19 +260,18 @@ fn bias_grad_matches_reference_and_is_thread_invariant() {
             let mask = masked.then(|| MatRef::new(&y, m, n));
             let mut expect = fill(n, 13);
             reference::bias_grad(MatRef::new(&dy, m, n), mask, &mut expect, true);
-            let run = |threads: usize| {
+            let run = |threads: usize, par: Par| {
                 let mut db = fill(n, 13);
                 rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
                     .build()
                     .unwrap()
-                    .install(|| gemm::bias_grad(MatRef::new(&dy, m, n), mask, &mut db, true));
+                    .install(|| gemm::bias_grad(MatRef::new(&dy, m, n), mask, &mut db, true, par));
                 db
             };
-            parallel::set_force_parallel(true);
-            let (one, two) = (run(1), run(2));
-            parallel::set_force_parallel(false);
+            let (one, two) = (run(1, Par::AlwaysSplit), run(2, Par::AlwaysSplit));
             assert_eq!(one, two);
+            assert_eq!(one, run(2, Par::Seq));
             for (o, e) in one.iter().zip(&expect) {
                 assert!((o - e).abs() <= 1e-4 * (1.0 + e.abs()), "{o} vs {e}");
             }

@@ -7,6 +7,8 @@ mod common;
 
 use common::{bits, fill, on_1_2_3_threads};
 use dlrm_kernels::interaction::{self, num_pairs};
+use dlrm_kernels::mat::{MatMut, MatRef};
+use dlrm_kernels::parallel::Par;
 use dlrm_kernels::reference;
 use proptest::prelude::*;
 
@@ -81,83 +83,69 @@ impl Case {
     }
 }
 
-fn dot_forward(cs: &Case, bf: &Buffers, twin: bool) -> Vec<f32> {
-    let mut out = vec![f32::NAN; cs.len(bf.out_stride, bf.out_width)];
-    let kernel = if twin {
-        reference::dot_interaction_forward
-    } else {
-        interaction::dot_interaction_forward
+/// Calls the scalar twin of an interaction kernel (`kernel` = None) or the kernel itself with
+/// the given parallelism (its extra last argument).
+macro_rules! call {
+    ($kernel:expr, $name:ident($($arg:expr),* $(,)?)) => {
+        match $kernel {
+            None => reference::$name($($arg),*),
+            Some(par) => interaction::$name($($arg),*, par),
+        }
     };
-    kernel(
-        &bf.features,
-        cs.batch,
-        cs.f,
-        cs.d,
-        bf.feature_stride,
-        cs.self_interaction,
-        &mut out,
-        bf.out_stride,
+}
+
+impl Buffers {
+    /// The features: batch rows of F * d values.
+    fn features(&self, cs: &Case) -> MatRef<'_> {
+        MatRef::with_row_stride(&self.features, cs.batch, cs.f * cs.d, self.feature_stride)
+    }
+
+    /// The output gradient: batch rows of the output's width.
+    fn grad_out(&self, cs: &Case) -> MatRef<'_> {
+        MatRef::with_row_stride(
+            &self.grad_out,
+            cs.batch,
+            self.out_width,
+            self.grad_out_stride,
+        )
+    }
+}
+
+fn dot_forward(cs: &Case, bf: &Buffers, kernel: Option<Par>) -> Vec<f32> {
+    let mut out = vec![f32::NAN; cs.len(bf.out_stride, bf.out_width)];
+    let out_view = MatMut::with_row_stride(&mut out, cs.batch, bf.out_width, bf.out_stride);
+    let (f, si) = (cs.f, cs.self_interaction);
+    call!(
+        kernel,
+        dot_interaction_forward(bf.features(cs), f, si, out_view)
     );
     out
 }
 
-fn dot_backward(cs: &Case, bf: &Buffers, twin: bool) -> Vec<f32> {
-    let mut grad = vec![f32::NAN; cs.len(bf.grad_feature_stride, cs.f * cs.d)];
-    let kernel = if twin {
-        reference::dot_interaction_backward
-    } else {
-        interaction::dot_interaction_backward
-    };
-    kernel(
-        &bf.features,
-        cs.batch,
-        cs.f,
-        cs.d,
-        bf.feature_stride,
-        cs.self_interaction,
-        &bf.grad_out,
-        bf.grad_out_stride,
-        &mut grad,
-        bf.grad_feature_stride,
+fn dot_backward(cs: &Case, bf: &Buffers, kernel: Option<Par>) -> Vec<f32> {
+    let (fd, gs) = (cs.f * cs.d, bf.grad_feature_stride);
+    let mut grad = vec![f32::NAN; cs.len(gs, fd)];
+    let grad_view = MatMut::with_row_stride(&mut grad, cs.batch, fd, gs);
+    let (f, si) = (cs.f, cs.self_interaction);
+    call!(
+        kernel,
+        dot_interaction_backward(bf.features(cs), f, si, bf.grad_out(cs), grad_view)
     );
     grad
 }
 
-fn cat_forward(cs: &Case, bf: &Buffers, twin: bool) -> Vec<f32> {
+fn cat_forward(cs: &Case, bf: &Buffers, kernel: Option<Par>) -> Vec<f32> {
     let mut out = vec![f32::NAN; cs.len(bf.out_stride, bf.out_width)];
-    let kernel = if twin {
-        reference::cat_interaction_forward
-    } else {
-        interaction::cat_interaction_forward
-    };
-    kernel(
-        &bf.features,
-        cs.batch,
-        cs.f,
-        cs.d,
-        bf.feature_stride,
-        &mut out,
-        bf.out_stride,
-    );
+    let out_view = MatMut::with_row_stride(&mut out, cs.batch, bf.out_width, bf.out_stride);
+    call!(kernel, cat_interaction_forward(bf.features(cs), out_view));
     out
 }
 
-fn cat_backward(cs: &Case, bf: &Buffers, twin: bool) -> Vec<f32> {
-    let mut grad = vec![f32::NAN; cs.len(bf.grad_feature_stride, cs.f * cs.d)];
-    let kernel = if twin {
-        reference::cat_interaction_backward
-    } else {
-        interaction::cat_interaction_backward
-    };
-    kernel(
-        &bf.grad_out,
-        bf.grad_out_stride,
-        cs.batch,
-        cs.f,
-        cs.d,
-        &mut grad,
-        bf.grad_feature_stride,
-    );
+fn cat_backward(cs: &Case, bf: &Buffers, kernel: Option<Par>) -> Vec<f32> {
+    let (fd, gs) = (cs.f * cs.d, bf.grad_feature_stride);
+    let mut grad = vec![f32::NAN; cs.len(gs, fd)];
+    let grad_view = MatMut::with_row_stride(&mut grad, cs.batch, fd, gs);
+    call!(kernel, cat_interaction_backward(bf.grad_out(cs), grad_view));
     grad
 }
 
@@ -194,11 +182,17 @@ fn check_case(cs: &Case) -> Result<(), TestCaseError> {
     let bf = cs.buffers(true);
     // A dot product of d terms of magnitude <= 1.
     let tol = (cs.d as f32 + 4.0) * 2.0 * eps;
-    let (ours, twin) = (dot_forward(cs, &bf, false), dot_forward(cs, &bf, true));
+    let (ours, twin) = (
+        dot_forward(cs, &bf, Some(Par::Rayon)),
+        dot_forward(cs, &bf, None),
+    );
     check_rows(&ours, &twin, cs.batch, bf.out_stride, bf.out_width, tol)?;
     // F terms of magnitude <= 2 per output, plus the pass-through.
     let tol = (cs.f as f32 + 4.0) * 4.0 * eps;
-    let (ours, twin) = (dot_backward(cs, &bf, false), dot_backward(cs, &bf, true));
+    let (ours, twin) = (
+        dot_backward(cs, &bf, Some(Par::Rayon)),
+        dot_backward(cs, &bf, None),
+    );
     check_rows(
         &ours,
         &twin,
@@ -209,9 +203,15 @@ fn check_case(cs: &Case) -> Result<(), TestCaseError> {
     )?;
 
     let bf = cs.buffers(false);
-    let (ours, twin) = (cat_forward(cs, &bf, false), cat_forward(cs, &bf, true));
+    let (ours, twin) = (
+        cat_forward(cs, &bf, Some(Par::Rayon)),
+        cat_forward(cs, &bf, None),
+    );
     prop_assert_eq!(bits(&ours), bits(&twin));
-    let (ours, twin) = (cat_backward(cs, &bf, false), cat_backward(cs, &bf, true));
+    let (ours, twin) = (
+        cat_backward(cs, &bf, Some(Par::Rayon)),
+        cat_backward(cs, &bf, None),
+    );
     prop_assert_eq!(bits(&ours), bits(&twin));
     Ok(())
 }
@@ -219,12 +219,12 @@ fn check_case(cs: &Case) -> Result<(), TestCaseError> {
 fn check_thread_invariance(cs: &Case) -> Result<(), TestCaseError> {
     let dot = cs.buffers(true);
     let cat = cs.buffers(false);
-    let runs = on_1_2_3_threads(|| {
+    let runs = on_1_2_3_threads(|par| {
         [
-            dot_forward(cs, &dot, false),
-            dot_backward(cs, &dot, false),
-            cat_forward(cs, &cat, false),
-            cat_backward(cs, &cat, false),
+            dot_forward(cs, &dot, Some(par)),
+            dot_backward(cs, &dot, Some(par)),
+            cat_forward(cs, &cat, Some(par)),
+            cat_backward(cs, &cat, Some(par)),
         ]
     });
     for (k, one) in runs[0].iter().enumerate() {
@@ -272,24 +272,42 @@ fn dlrm_shapes_match_reference_and_are_thread_invariant() {
 fn pair_gradients_reach_both_vectors() {
     // F = 3, d = 2: F0 = (1, 2), F1 = (3, 4), F2 = (5, 6); only pair (2, 1) has a gradient.
     let features = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+    let x = MatRef::new(&features, 1, 6);
     let mut out = [0.0f32; 5];
-    interaction::dot_interaction_forward(&features, 1, 3, 2, 6, false, &mut out, 5);
+    interaction::dot_interaction_forward(x, 3, false, MatMut::new(&mut out, 1, 5), Par::Rayon);
     // Pairs (1, 0), (2, 0), (2, 1).
     assert_eq!(out, [1.0, 2.0, 11.0, 17.0, 39.0]);
     let grad_out = [0.5, -1.0, 0.0, 0.0, 2.0];
     let mut grad = [f32::NAN; 6];
-    interaction::dot_interaction_backward(&features, 1, 3, 2, 6, false, &grad_out, 5, &mut grad, 6);
+    let g = MatRef::new(&grad_out, 1, 5);
+    interaction::dot_interaction_backward(x, 3, false, g, MatMut::new(&mut grad, 1, 6), Par::Rayon);
     assert_eq!(grad, [0.5, -1.0, 10.0, 12.0, 6.0, 8.0]);
     // With self-interaction (pairs (0, 0), (1, 0), (1, 1), ...), pair (1, 1) gives 2 g F1.
     let grad_out = [0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0];
-    interaction::dot_interaction_backward(&features, 1, 3, 2, 6, true, &grad_out, 8, &mut grad, 6);
+    let g = MatRef::new(&grad_out, 1, 8);
+    interaction::dot_interaction_backward(x, 3, true, g, MatMut::new(&mut grad, 1, 6), Par::Rayon);
     assert_eq!(grad, [0.0, 0.0, 6.0, 8.0, 0.0, 0.0]);
 }
 
+/// An output view of the wrong width (one pair short) is refused by the kernel.
 #[test]
-#[should_panic(expected = "out needs")]
+#[should_panic(expected = "dot_interaction_forward: out is 2x13, needs 2x14")]
 fn short_output_is_rejected() {
     let features = vec![0.0; 2 * 4 * 8];
-    let mut out = vec![0.0; 8 + 6 + 8];
-    interaction::dot_interaction_forward(&features, 2, 4, 8, 32, false, &mut out, 14);
+    let mut out = vec![0.0; 2 * 13];
+    interaction::dot_interaction_forward(
+        MatRef::new(&features, 2, 32),
+        4,
+        false,
+        MatMut::new(&mut out, 2, 13),
+        Par::Rayon,
+    );
+}
+
+/// A view never spans more than its slice: the shape check is the view's constructor.
+#[test]
+#[should_panic(expected = "needs 22 floats, slice has 21")]
+fn view_past_its_slice_is_rejected() {
+    let mut out = vec![0.0; 21];
+    MatMut::with_row_stride(&mut out, 2, 8, 14);
 }

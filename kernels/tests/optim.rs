@@ -7,7 +7,9 @@ mod common;
 
 use common::{BagCase, assert_close, bag_case, bits, fill, fill_range, on_1_2_3_threads, sum_tol};
 use dlrm_kernels::embedding::{SparseGradWorkspace, embedding_bag_backward_coalesce};
-use dlrm_kernels::optim::{self, SparseOptimizer};
+use dlrm_kernels::mat::{MatMut, MatRef};
+use dlrm_kernels::optim::{self, SparseOptimizer, SparseStep, TableMut};
+use dlrm_kernels::parallel::Par;
 use dlrm_kernels::reference;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
@@ -39,15 +41,19 @@ fn update_from(
     wd: f32,
     mut state: Vec<f32>,
     ws: &mut SparseGradWorkspace,
+    par: Par,
 ) -> (Vec<f32>, Vec<f32>) {
     let mut table = c.table.clone();
-    let (t, s) = (&mut table, &mut state);
-    let (d, bags, pooling, g, stride) = (c.dim, c.bags(), c.pooling, &c.grad_out, c.stride);
-    if wd == 0.0 {
-        optim::embedding_bag_backward_update(t, s, d, bags, pooling, g, stride, opt, ws);
-    } else {
-        optim::embedding_bag_backward_update_l2(t, s, d, bags, pooling, g, stride, opt, wd, ws);
-    }
+    let table_mut = TableMut {
+        weights: MatMut::from_rows(&mut table, c.dim),
+        state: &mut state,
+    };
+    let grad_out = MatRef::with_row_stride(&c.grad_out, c.num_bags(), c.dim, c.stride);
+    let step = SparseStep {
+        opt,
+        weight_decay: wd,
+    };
+    optim::embedding_bag_backward_update(table_mut, c.bags(), c.pooling, grad_out, step, ws, par);
     (table, state)
 }
 
@@ -56,8 +62,9 @@ fn update(
     opt: SparseOptimizer,
     wd: f32,
     ws: &mut SparseGradWorkspace,
+    par: Par,
 ) -> (Vec<f32>, Vec<f32>) {
-    update_from(c, opt, wd, initial_state(c, opt), ws)
+    update_from(c, opt, wd, initial_state(c, opt), ws, par)
 }
 
 /// The fused update against the twin from `state0`: every looked-up row within the rounding
@@ -71,18 +78,20 @@ fn check_update_from(
     sensitivity: f32,
 ) {
     let ws = &mut SparseGradWorkspace::default();
-    let (table, state) = update_from(c, opt, wd, state0.clone(), ws);
+    let (table, state) = update_from(c, opt, wd, state0.clone(), ws, Par::Rayon);
     let (mut etable, mut estate) = (c.table.clone(), state0.clone());
-    reference::embedding_bag_backward_update_l2(
-        &mut etable,
-        &mut estate,
-        c.dim,
+    reference::embedding_bag_backward_update(
+        TableMut {
+            weights: MatMut::from_rows(&mut etable, c.dim),
+            state: &mut estate,
+        },
         c.bags(),
         c.pooling,
-        &c.grad_out,
-        c.stride,
-        opt,
-        wd,
+        MatRef::with_row_stride(&c.grad_out, c.num_bags(), c.dim, c.stride),
+        SparseStep {
+            opt,
+            weight_decay: wd,
+        },
     );
     let lr = match opt {
         SparseOptimizer::Sgd { lr }
@@ -119,13 +128,13 @@ fn dense_len() -> impl Strategy<Value = usize> {
     ]
 }
 
-fn dense(len: usize, seed: u64, adagrad: bool) -> (Vec<f32>, Vec<f32>) {
+fn dense(len: usize, seed: u64, adagrad: bool, par: Par) -> (Vec<f32>, Vec<f32>) {
     let (mut p, g) = (fill(len, seed), fill(len, seed ^ 1));
     let mut s = fill_range(len, seed ^ 2, 0.0, 1.0);
     if adagrad {
-        optim::adagrad_update(&mut p, &g, &mut s, 0.1, 1e-10);
+        optim::adagrad_update(&mut p, &g, &mut s, 0.1, 1e-10, par);
     } else {
-        optim::sgd_update(&mut p, &g, 0.1);
+        optim::sgd_update(&mut p, &g, 0.1, par);
     }
     (p, s)
 }
@@ -144,8 +153,8 @@ proptest! {
         opt in optimizer(),
         wd in weight_decay(),
     ) {
-        let [one, two, three] = on_1_2_3_threads(|| {
-            let (t, s) = update(&c, opt, wd, &mut SparseGradWorkspace::default());
+        let [one, two, three] = on_1_2_3_threads(|par| {
+            let (t, s) = update(&c, opt, wd, &mut SparseGradWorkspace::default(), par);
             (bits(&t), bits(&s))
         });
         prop_assert_eq!(&one, &two);
@@ -161,17 +170,16 @@ proptest! {
             SparseOptimizer::Sgd { lr: 0.1 }
         };
         let mut ws = SparseGradWorkspace::default();
-        let (table, state) = update(&c, opt, 0.0, &mut ws);
+        let (table, state) = update(&c, opt, 0.0, &mut ws, Par::Rayon);
         let (mut etable, mut estate) = (c.table.clone(), initial_state(&c, opt));
-        let g = embedding_bag_backward_coalesce(
-            c.rows, c.dim, c.bags(), c.pooling, &c.grad_out, c.stride, &mut ws);
+        let g = embedding_bag_backward_coalesce(c.rows, c.bags(), c.pooling, MatRef::with_row_stride(&c.grad_out, c.bags().len(), c.dim, c.stride), &mut ws, Par::Rayon);
         let d = c.dim;
         for (&r, g) in g.rows.iter().zip(g.grads.chunks(d)) {
             let row = r as usize * d..(r as usize + 1) * d;
             if adagrad {
-                optim::adagrad_update(&mut etable[row.clone()], g, &mut estate[row], 0.1, 1e-10);
+                optim::adagrad_update(&mut etable[row.clone()], g, &mut estate[row], 0.1, 1e-10, Par::Rayon);
             } else {
-                optim::sgd_update(&mut etable[row], g, 0.1);
+                optim::sgd_update(&mut etable[row], g, 0.1, Par::Rayon);
             }
         }
         prop_assert_eq!(bits(&table), bits(&etable));
@@ -184,7 +192,7 @@ proptest! {
         seed in any::<u64>(),
         adagrad in any::<bool>(),
     ) {
-        let (p, s) = dense(len, seed, adagrad);
+        let (p, s) = dense(len, seed, adagrad, Par::Rayon);
         let (mut ep, eg) = (fill(len, seed), fill(len, seed ^ 1));
         let mut es = fill_range(len, seed ^ 2, 0.0, 1.0);
         if adagrad {
@@ -202,8 +210,8 @@ proptest! {
         seed in any::<u64>(),
         adagrad in any::<bool>(),
     ) {
-        let [one, two, three] = on_1_2_3_threads(|| {
-            let (p, s) = dense(len, seed, adagrad);
+        let [one, two, three] = on_1_2_3_threads(|par| {
+            let (p, s) = dense(len, seed, adagrad, par);
             (bits(&p), bits(&s))
         });
         prop_assert_eq!(&one, &two);
@@ -222,12 +230,11 @@ fn first_step_from_zero_state_matches_reference() {
         let mut ws = SparseGradWorkspace::default();
         let g = embedding_bag_backward_coalesce(
             c.rows,
-            c.dim,
             c.bags(),
             c.pooling,
-            &c.grad_out,
-            c.stride,
+            MatRef::with_row_stride(&c.grad_out, c.bags().len(), c.dim, c.stride),
             &mut ws,
+            Par::Rayon,
         );
         if g.grads.is_empty() || g.grads.iter().any(|x| x.abs() < 1e-2) {
             continue;
@@ -289,15 +296,16 @@ fn duplicates_update_a_row_once() {
                 weights: None,
             };
             optim::embedding_bag_backward_update(
-                &mut table,
-                &mut state,
-                dim,
+                TableMut {
+                    weights: MatMut::from_rows(&mut table, dim),
+                    state: &mut state,
+                },
                 bags,
                 dlrm_kernels::embedding::Pooling::Sum,
-                g,
-                dim,
-                opt,
+                MatRef::new(g, bags.len(), dim),
+                opt.into(),
                 &mut SparseGradWorkspace::default(),
+                Par::Rayon,
             );
             (table, state)
         };
@@ -318,14 +326,15 @@ fn update_rejects_a_state_of_the_wrong_size() {
         weights: None,
     };
     optim::embedding_bag_backward_update(
-        &mut table,
-        &mut [0.0; 3],
-        4,
+        TableMut {
+            weights: MatMut::from_rows(&mut table, 4),
+            state: &mut [0.0; 3],
+        },
         bags,
         dlrm_kernels::embedding::Pooling::Sum,
-        &[0.0; 4],
-        4,
-        SparseOptimizer::RowwiseAdagrad { lr: 0.1, eps: 0.0 },
+        MatRef::new(&[0.0; 4], bags.len(), 4),
+        SparseOptimizer::RowwiseAdagrad { lr: 0.1, eps: 0.0 }.into(),
         &mut SparseGradWorkspace::default(),
+        Par::Rayon,
     );
 }

@@ -4,6 +4,7 @@
 mod common;
 
 use common::{bits, fill, on_1_2_3_threads};
+use dlrm_kernels::parallel::Par;
 use dlrm_kernels::reference;
 use dlrm_kernels::roofline::{
     LINE_FLOATS, fma_peak, fma_peak_flops, gather_lines, stream_copy, stream_triad,
@@ -19,15 +20,15 @@ fn length() -> impl Strategy<Value = usize> {
     ]
 }
 
-fn copy(src: &[f32]) -> Vec<f32> {
+fn copy(src: &[f32], par: Par) -> Vec<f32> {
     let mut dst = vec![f32::NAN; src.len()];
-    stream_copy(src, &mut dst);
+    stream_copy(src, &mut dst, par);
     dst
 }
 
-fn triad(b: &[f32], c: &[f32], s: f32) -> Vec<f32> {
+fn triad(b: &[f32], c: &[f32], s: f32, par: Par) -> Vec<f32> {
     let mut a = vec![f32::NAN; b.len()];
-    stream_triad(&mut a, b, c, s);
+    stream_triad(&mut a, b, c, s, par);
     a
 }
 
@@ -49,7 +50,7 @@ proptest! {
         let src = fill(n, seed);
         let mut expect = vec![f32::NAN; n];
         reference::stream_copy(&src, &mut expect);
-        prop_assert_eq!(bits(&copy(&src)), bits(&expect));
+        prop_assert_eq!(bits(&copy(&src, Par::Rayon)), bits(&expect));
     }
 
     #[test]
@@ -58,7 +59,7 @@ proptest! {
         let mut expect = vec![f32::NAN; n];
         reference::stream_triad(&mut expect, &b, &c, s);
         // One FMA against an f64 evaluation rounded to f32: within one ulp of |a| <= 3.
-        for (i, (x, e)) in triad(&b, &c, s).iter().zip(&expect).enumerate() {
+        for (i, (x, e)) in triad(&b, &c, s, Par::Rayon).iter().zip(&expect).enumerate() {
             prop_assert!((x - e).abs() <= 3.0 * f32::EPSILON, "a[{}] = {}, reference {}", i, x, e);
         }
     }
@@ -70,15 +71,15 @@ proptest! {
         seed in any::<u64>(),
     ) {
         let (buf, lines) = lines_case(count, n, seed);
-        prop_assert_eq!(gather_lines(&buf, &lines), reference::gather_lines(&buf, &lines));
+        prop_assert_eq!(gather_lines(&buf, &lines, Par::Rayon), reference::gather_lines(&buf, &lines));
     }
 
     #[test]
     fn loops_are_thread_count_invariant(n in length(), seed in any::<u64>()) {
         let (b, c) = (fill(n, seed), fill(n, seed ^ 1));
         let (buf, lines) = lines_case(97, n, seed);
-        let [one, two, three] = on_1_2_3_threads(|| {
-            (bits(&copy(&b)), bits(&triad(&b, &c, 0.75)), gather_lines(&buf, &lines))
+        let [one, two, three] = on_1_2_3_threads(|par| {
+            (bits(&copy(&b, par)), bits(&triad(&b, &c, 0.75, par)), gather_lines(&buf, &lines, par))
         });
         prop_assert_eq!(&one, &two);
         prop_assert_eq!(&one, &three);
@@ -105,5 +106,5 @@ fn fma_peak_matches_reference() {
 #[should_panic(expected = "gather_lines: line 4 past the 4 whole lines")]
 fn gather_rejects_a_line_past_the_end() {
     let buf = vec![0.0; 4 * LINE_FLOATS + 3];
-    gather_lines(&buf, &[0, 4]);
+    gather_lines(&buf, &[0, 4], Par::Rayon);
 }

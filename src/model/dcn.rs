@@ -30,6 +30,7 @@ use dlrm_kernels::cross::{
 };
 use dlrm_kernels::embedding::{Bags, Pooling, embedding_bag_forward_tables};
 use dlrm_kernels::gemm::{MatMut, MatRef};
+use dlrm_kernels::parallel::Par;
 use std::time::Instant;
 
 /// The shape of a DCN.
@@ -93,6 +94,8 @@ pub struct Dcn {
     probs: Vec<f32>,
     grad_logits: Vec<f32>,
     phases: PhaseSeconds,
+    /// How the kernels may use threads (set with [`Model::set_parallelism`]).
+    par: Par,
 }
 
 impl Dcn {
@@ -155,6 +158,7 @@ impl Dcn {
             probs: Vec::new(),
             grad_logits: Vec::new(),
             phases: PhaseSeconds::default(),
+            par: Par::default(),
         })
     }
 
@@ -182,6 +186,7 @@ impl Dcn {
 
     /// Forward to the logits (in the head's output buffer). The batch must be valid.
     fn forward_logits(&mut self, batch: &Batch, sw: &mut Stopwatch) {
+        let par = self.par;
         let b = batch.size();
         let (nd, d) = (self.cfg.num_dense, self.cfg.embedding_dim);
         let w0 = self.cfg.input_width();
@@ -192,37 +197,38 @@ impl Dcn {
             row[..nd].copy_from_slice(&dense[..nd]);
         }
         let tables = &self.embeddings;
+        let slots = MatMut::new(x0, b, w0).into_cols(nd, tables.len() * d);
         embedding_bag_forward_tables(
             tables.len(),
-            d,
-            |t| tables.weights(t),
-            |t| Self::bags(batch, t),
+            |t| {
+                (
+                    MatRef::from_rows(tables.weights(t), d),
+                    Self::bags(batch, t),
+                )
+            },
             Pooling::Sum,
-            x0,
-            w0,
-            nd,
+            slots,
+            par,
         );
         sw.lap(&mut self.phases.emb_fwd);
 
         let need = self.cfg.kind.saved_len(w0, self.cfg.cross_layers, b);
         cross_forward(
             &cross_net(&self.cfg, &self.cross_w, &self.cross_b),
-            &self.x0,
-            w0,
-            b,
+            MatRef::new(&self.x0, b, w0),
             &mut self.saved[..need],
-            &mut self.head_in,
-            hw,
+            MatMut::with_row_stride(&mut self.head_in, b, w0, hw),
+            par,
         );
         sw.lap(&mut self.phases.interaction_fwd);
 
         let deep_out = MatMut::with_row_stride(&mut self.head_in[w0..], b, hw - w0, hw);
         self.deep
-            .forward(MatRef::new(&self.x0[..b * w0], b, w0), Some(deep_out));
+            .forward(MatRef::new(&self.x0[..b * w0], b, w0), Some(deep_out), par);
         sw.lap(&mut self.phases.bot_fwd);
 
         self.head
-            .forward(MatRef::new(&self.head_in[..b * hw], b, hw), None);
+            .forward(MatRef::new(&self.head_in[..b * hw], b, hw), None, par);
         sw.lap(&mut self.phases.top_fwd);
     }
 
@@ -240,6 +246,7 @@ impl Dcn {
 
     /// One training step: forward, mean BCE loss, backward, updates. Returns the mean loss.
     pub fn train_step(&mut self, batch: &Batch, lr: f32) -> Result<f64, BatchError> {
+        let par = self.par;
         self.check_capacity(batch)?;
         let mut sw = Stopwatch(Instant::now());
         validate_batch(batch, self.cfg.num_dense, &self.embeddings.tables)?;
@@ -264,6 +271,7 @@ impl Dcn {
             None,
             MatRef::new(&self.grad_logits[..b], b, 1),
             Some(MatMut::new(&mut self.grad_head_in[..b * hw], b, hw)),
+            par,
         );
         sw.lap(&mut self.phases.top_bwd);
 
@@ -273,26 +281,24 @@ impl Dcn {
             Some(MatRef::with_row_stride(&self.head_in[w0..], b, hw - w0, hw)),
             MatRef::with_row_stride(&self.grad_head_in[w0..], b, hw - w0, hw),
             Some(MatMut::new(&mut self.grad_x0[..b * w0], b, w0)),
+            par,
         );
         sw.lap(&mut self.phases.bot_bwd);
 
         let need = self.cfg.kind.saved_len(w0, self.cfg.cross_layers, b);
         cross_backward(
             &cross_net(&self.cfg, &self.cross_w, &self.cross_b),
-            &self.x0,
-            w0,
-            b,
+            MatRef::new(&self.x0, b, w0),
             &self.saved[..need],
-            &self.grad_head_in,
-            hw,
+            MatRef::with_row_stride(&self.grad_head_in, b, w0, hw),
             CrossGrads {
-                x0: &mut self.grad_x0,
-                x0_stride: w0,
+                x0: MatMut::new(&mut self.grad_x0, b, w0),
                 accumulate_x0: true,
                 w: &mut self.grad_cross_w,
                 b: &mut self.grad_cross_b,
             },
             &mut self.cross_ws,
+            par,
         );
         sw.lap(&mut self.phases.interaction_bwd);
 
@@ -302,6 +308,7 @@ impl Dcn {
             |t| (&grads[nd + t * d..], w0),
             lr,
             0.0,
+            par,
         );
         sw.lap(&mut self.phases.emb_update);
 
@@ -320,7 +327,8 @@ impl Dcn {
                     (&mut l.bias[..], &l.grad_bias[..]),
                 ]
             });
-        self.dense_opt.step(cross.into_iter().chain(layers), lr);
+        self.dense_opt
+            .step(cross.into_iter().chain(layers), lr, par);
         sw.lap(&mut self.phases.dense_update);
         Ok(loss_sum / b as f64)
     }
@@ -396,5 +404,9 @@ impl Model for Dcn {
             + mlp_floats_per_sample(&self.head, true)
             + 2 * (w0 + self.cfg.head_width() + 1)
             + self.cfg.kind.saved_len(w0, self.cfg.cross_layers, 1)
+    }
+
+    fn set_parallelism(&mut self, par: Par) {
+        self.par = par;
     }
 }

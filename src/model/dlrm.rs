@@ -27,7 +27,8 @@ use dlrm_kernels::interaction::{
     cat_interaction_backward, cat_interaction_forward, dot_interaction_backward,
     dot_interaction_forward,
 };
-use dlrm_kernels::optim::{adagrad_update, embedding_bag_backward_update, sgd_update};
+use dlrm_kernels::optim::{TableMut, adagrad_update, embedding_bag_backward_update, sgd_update};
+use dlrm_kernels::parallel::Par;
 use rayon::prelude::*;
 use std::time::Instant;
 
@@ -54,6 +55,8 @@ pub struct Dlrm {
     grad_logits: Vec<f32>,
     /// Time per phase, accumulated over every step since the last reset.
     pub phases: PhaseSeconds,
+    /// How the kernels may use threads (set with [`Model::set_parallelism`]).
+    par: Par,
 }
 
 impl Dlrm {
@@ -123,6 +126,7 @@ impl Dlrm {
             probs: Vec::new(),
             grad_logits: Vec::new(),
             phases: PhaseSeconds::default(),
+            par: Par::default(),
         }
     }
 
@@ -194,6 +198,7 @@ impl Dlrm {
 
     /// Forward to the logits (in the top MLP's output buffer). The batch must be valid.
     fn forward_logits(&mut self, batch: &Batch, sw: &mut Stopwatch) {
+        let par = self.par;
         let b = batch.size();
         let d = self.arch.embedding_dim;
         let fd = self.feature_stride();
@@ -205,42 +210,39 @@ impl Dlrm {
             .zip(&batch.indices)
             .for_each(|(t, ids)| t.materialize(ids));
         let tables = &self.tables;
+        let slots = MatMut::new(&mut self.features[..b * fd], b, fd).into_cols(d, tables.len() * d);
         embedding_bag_forward_tables(
             tables.len(),
-            d,
-            |t| tables[t].weights(),
-            |t| Self::bags(batch, t),
+            |t| {
+                (
+                    MatRef::from_rows(tables[t].weights(), d),
+                    Self::bags(batch, t),
+                )
+            },
             Pooling::Sum,
-            &mut self.features[..b * fd],
-            fd,
-            d,
+            slots,
+            par,
         );
         sw.lap(&mut self.phases.emb_fwd);
 
         let dense = MatRef::new(&batch.dense, b, batch.num_dense);
         let slot0 = MatMut::with_row_stride(&mut self.features, b, d, fd);
-        self.bottom.forward(dense, Some(slot0));
+        self.bottom.forward(dense, Some(slot0), par);
         sw.lap(&mut self.phases.bot_fwd);
 
         let w = self.arch.top[0];
-        let top_in = &mut self.top_in[..b * w];
+        let features = MatRef::new(&self.features[..b * fd], b, fd);
+        let top_in = MatMut::new(&mut self.top_in[..b * w], b, w);
         match self.arch.interaction {
-            InteractionOp::Dot => dot_interaction_forward(
-                &self.features,
-                b,
-                f,
-                d,
-                fd,
-                self.arch.self_interaction,
-                top_in,
-                w,
-            ),
-            InteractionOp::Cat => cat_interaction_forward(&self.features, b, f, d, fd, top_in, w),
+            InteractionOp::Dot => {
+                dot_interaction_forward(features, f, self.arch.self_interaction, top_in, par)
+            }
+            InteractionOp::Cat => cat_interaction_forward(features, top_in, par),
         }
         sw.lap(&mut self.phases.interaction_fwd);
 
         self.top
-            .forward(MatRef::new(&self.top_in[..b * w], b, w), None);
+            .forward(MatRef::new(&self.top_in[..b * w], b, w), None, par);
         sw.lap(&mut self.phases.top_fwd);
     }
 
@@ -269,6 +271,7 @@ impl Dlrm {
     /// One training step: forward, mean BCE loss, backward, and the updates (embeddings fused
     /// into their backward, dense parameters after). Returns the batch's mean loss.
     pub fn train_step(&mut self, batch: &Batch, lr: f32) -> Result<f64, BatchError> {
+        let par = self.par;
         self.check_capacity(batch, self.train_capacity)?;
         let mut sw = Stopwatch(Instant::now());
         self.validate(batch)?;
@@ -297,26 +300,23 @@ impl Dlrm {
             None,
             d_logits,
             Some(MatMut::new(&mut self.grad_top_in[..b * w], b, w)),
+            par,
         );
         sw.lap(&mut self.phases.top_bwd);
 
-        let grad_features = &mut self.grad_features[..b * fd];
+        let features = MatRef::new(&self.features[..b * fd], b, fd);
+        let grad_top_in = MatRef::new(&self.grad_top_in[..b * w], b, w);
+        let grad_features = MatMut::new(&mut self.grad_features[..b * fd], b, fd);
         match self.arch.interaction {
             InteractionOp::Dot => dot_interaction_backward(
-                &self.features,
-                b,
+                features,
                 f,
-                d,
-                fd,
                 self.arch.self_interaction,
-                &self.grad_top_in[..b * w],
-                w,
+                grad_top_in,
                 grad_features,
-                fd,
+                par,
             ),
-            InteractionOp::Cat => {
-                cat_interaction_backward(&self.grad_top_in[..b * w], w, b, f, d, grad_features, fd)
-            }
+            InteractionOp::Cat => cat_interaction_backward(grad_top_in, grad_features, par),
         }
         sw.lap(&mut self.phases.interaction_bwd);
 
@@ -324,7 +324,7 @@ impl Dlrm {
         let bottom_out = MatRef::with_row_stride(&self.features, b, d, fd);
         let d_bottom_out = MatRef::with_row_stride(&self.grad_features, b, d, fd);
         self.bottom
-            .backward(dense, Some(bottom_out), d_bottom_out, None);
+            .backward(dense, Some(bottom_out), d_bottom_out, None, par);
         sw.lap(&mut self.phases.bot_bwd);
 
         // Sparse updates, fused with the embeddings' backward: tables in parallel, each
@@ -338,15 +338,21 @@ impl Dlrm {
             .enumerate()
             .for_each(|(t, ((table, state), ws))| {
                 embedding_bag_backward_update(
-                    table.weights_mut(),
-                    state.as_mut_slice(),
-                    d,
+                    TableMut {
+                        weights: MatMut::from_rows(table.weights_mut(), d),
+                        state: state.as_mut_slice(),
+                    },
                     Self::bags(batch, t),
                     Pooling::Sum,
-                    &grads[(t + 1) * d..],
-                    fd,
-                    opt,
+                    MatRef::with_row_stride(
+                        &grads[(t + 1) * d..],
+                        Self::bags(batch, t).len(),
+                        d,
+                        fd,
+                    ),
+                    opt.into(),
                     ws,
+                    par,
                 );
             });
         sw.lap(&mut self.phases.emb_update);
@@ -357,6 +363,7 @@ impl Dlrm {
     }
 
     fn update_dense(&mut self, lr: f32) {
+        let par = self.par;
         let adagrad = self.optimizer.dense_adagrad();
         let layers = self
             .bottom
@@ -365,11 +372,18 @@ impl Dlrm {
             .chain(self.top.layers.iter_mut());
         for (layer, (sw, sb)) in layers.zip(self.dense_state.iter_mut()) {
             if adagrad {
-                adagrad_update(&mut layer.weight, &layer.grad_weight, sw, lr, ADAGRAD_EPS);
-                adagrad_update(&mut layer.bias, &layer.grad_bias, sb, lr, ADAGRAD_EPS);
+                adagrad_update(
+                    &mut layer.weight,
+                    &layer.grad_weight,
+                    sw,
+                    lr,
+                    ADAGRAD_EPS,
+                    par,
+                );
+                adagrad_update(&mut layer.bias, &layer.grad_bias, sb, lr, ADAGRAD_EPS, par);
             } else {
-                sgd_update(&mut layer.weight, &layer.grad_weight, lr);
-                sgd_update(&mut layer.bias, &layer.grad_bias, lr);
+                sgd_update(&mut layer.weight, &layer.grad_weight, lr, par);
+                sgd_update(&mut layer.bias, &layer.grad_bias, lr, par);
             }
         }
     }
@@ -428,6 +442,9 @@ impl Model for Dlrm {
     }
     fn add_other_seconds(&mut self, seconds: f64) {
         self.phases.other += seconds;
+    }
+    fn set_parallelism(&mut self, par: Par) {
+        self.par = par;
     }
     fn save_parameters(&self, dir: &std::path::Path) -> anyhow::Result<serde_json::Value> {
         crate::checkpoint::save_dlrm_parameters(self, dir)

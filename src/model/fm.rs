@@ -29,6 +29,8 @@ use crate::model::embedding_tables::StorageKind;
 use dlrm_kernels::activation::{bce_with_logits, sigmoid, squared_error};
 use dlrm_kernels::embedding::Bags;
 use dlrm_kernels::fm::{FmField, fm_backward, fm_forward};
+use dlrm_kernels::gemm::MatRef;
+use dlrm_kernels::parallel::Par;
 use rayon::prelude::*;
 use std::time::Instant;
 
@@ -82,6 +84,8 @@ pub struct Fm {
     /// Per field: the latent gradient of each looked-up position (positions x k).
     grad_rows: Vec<Vec<f32>>,
     phases: PhaseSeconds,
+    /// How the kernels may use threads (set with [`Model::set_parallelism`]).
+    par: Par,
 }
 
 /// Field t's bags for `batch`: a categorical field's ids, or every dense feature with its value.
@@ -145,6 +149,7 @@ impl Fm {
             grad_out: Vec::new(),
             grad_rows: vec![Vec::new(); fields],
             phases: PhaseSeconds::default(),
+            par: Par::default(),
         })
     }
 
@@ -169,6 +174,7 @@ impl Fm {
 
     /// Forward: y of every sample into `outputs` (and S into `sums`). The batch must be valid.
     fn forward(&mut self, batch: &Batch, sw: &mut Stopwatch) {
+        let par = self.par;
         let b = batch.size();
         let k = self.cfg.factors;
         let (ids, offs) = (&self.dense_ids, &self.dense_offsets);
@@ -188,6 +194,7 @@ impl Fm {
             self.bias,
             &mut self.sums[..b * k],
             &mut self.outputs[..b],
+            par,
         );
         sw.lap(&mut self.phases.interaction_fwd);
     }
@@ -209,6 +216,7 @@ impl Fm {
     /// One training step: forward, the mean loss (BCE, or squared error for regression),
     /// backward and updates. Returns the mean loss.
     pub fn train_step(&mut self, batch: &Batch, lr: f32) -> Result<f64, BatchError> {
+        let par = self.par;
         let mut sw = Stopwatch(Instant::now());
         self.check(batch)?;
         sw.lap(&mut self.phases.other);
@@ -249,7 +257,14 @@ impl Fm {
                 if rows.len() < n {
                     rows.resize(n, 0.0);
                 }
-                fm_backward(field, k, sums, k, grad, &mut rows[..n], None);
+                fm_backward(
+                    field,
+                    MatRef::new(sums, field.bags.len(), k),
+                    grad,
+                    &mut rows[..n],
+                    None,
+                    par,
+                );
             });
         sw.lap(&mut self.phases.interaction_bwd);
 
@@ -266,13 +281,17 @@ impl Fm {
             |t| (&rows[t][..], k),
             lr,
             wd,
+            par,
         );
-        self.linear.update(bags, |_| (grad, 1), lr, wd);
+        self.linear.update(bags, |_| (grad, 1), lr, wd, par);
         sw.lap(&mut self.phases.emb_update);
 
         let grad_bias = [grad.iter().map(|&x| f64::from(x)).sum::<f64>() as f32];
-        self.dense_opt
-            .step([(std::slice::from_mut(&mut self.bias), &grad_bias[..])], lr);
+        self.dense_opt.step(
+            [(std::slice::from_mut(&mut self.bias), &grad_bias[..])],
+            lr,
+            par,
+        );
         sw.lap(&mut self.phases.dense_update);
         Ok(loss_sum / b as f64)
     }
@@ -341,5 +360,9 @@ impl Model for Fm {
         // `reserve` sizes everything for inference too: the dense field's ids and offsets
         // (u32, the size of an f32), the latent sums, outputs, probabilities, output gradients.
         self.cfg.num_dense + 1 + self.cfg.factors + 3
+    }
+
+    fn set_parallelism(&mut self, par: Par) {
+        self.par = par;
     }
 }

@@ -6,6 +6,7 @@ use crate::rng::SplitMix64;
 use dlrm_kernels::gemm::{
     MatMut, MatRef, bias_grad, linear_backward_input, linear_backward_weight, linear_forward,
 };
+use dlrm_kernels::parallel::Par;
 
 /// One fully connected layer and its gradients.
 #[derive(Clone, Debug)]
@@ -114,7 +115,7 @@ impl Mlp {
 
     /// Forward over `x` (batch x inputs). The last layer writes into `out` when given (e.g.
     /// straight into the interaction's input rows), else into the MLP's own buffer.
-    pub fn forward(&mut self, x: MatRef, mut out: Option<MatMut>) {
+    pub fn forward(&mut self, x: MatRef, mut out: Option<MatMut>, par: Par) {
         let batch = x.rows();
         assert!(
             batch <= self.capacity,
@@ -133,7 +134,14 @@ impl Mlp {
                 (Some(o), true) => o.rb_mut(),
                 _ => MatMut::new(&mut rest[0][..batch * layer.outputs], batch, layer.outputs),
             };
-            linear_forward(input, layer.weight_view(), Some(&layer.bias), layer.relu, y);
+            linear_forward(
+                input,
+                layer.weight_view(),
+                Some(&layer.bias),
+                layer.relu,
+                y,
+                par,
+            );
         }
     }
 
@@ -152,6 +160,7 @@ impl Mlp {
         out: Option<MatRef>,
         d_out: MatRef,
         mut dx: Option<MatMut>,
+        par: Par,
     ) {
         let batch = x.rows();
         assert!(
@@ -184,15 +193,16 @@ impl Mlp {
                 input,
                 MatMut::new(&mut layer.grad_weight, outs, ins),
                 false,
+                par,
             );
-            bias_grad(dy, mask, &mut layer.grad_bias, false);
+            bias_grad(dy, mask, &mut layer.grad_bias, false, par);
             let d_input = if l == 0 {
                 dx.as_mut().map(|d| d.rb_mut())
             } else {
                 Some(MatMut::new(&mut below[l - 1][..batch * ins], batch, ins))
             };
             if let Some(d) = d_input {
-                linear_backward_input(dy, mask, layer.weight_view(), d);
+                linear_backward_input(dy, mask, layer.weight_view(), d, par);
             }
         }
     }

@@ -10,6 +10,7 @@ pub mod sparse;
 
 use crate::data::Batch;
 use dlrm_kernels::optim::{SparseOptimizer, adagrad_update, sgd_update};
+use dlrm_kernels::parallel::Par;
 use embedding_tables::EmbeddingTable;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -101,16 +102,17 @@ impl DenseOptimizer {
         &mut self,
         params: impl IntoIterator<Item = (&'p mut [f32], &'p [f32])>,
         lr: f32,
+        par: Par,
     ) {
         for (i, (p, g)) in params.into_iter().enumerate() {
             if !self.kind.dense_adagrad() {
-                sgd_update(p, g, lr);
+                sgd_update(p, g, lr, par);
                 continue;
             }
             if self.state.len() <= i {
                 self.state.push(vec![0.0; p.len()]);
             }
-            adagrad_update(p, g, &mut self.state[i], lr, ADAGRAD_EPS);
+            adagrad_update(p, g, &mut self.state[i], lr, ADAGRAD_EPS, par);
         }
     }
 }
@@ -381,6 +383,9 @@ pub trait Model: Send {
                 })
             })
     }
+    /// How the kernels may use threads from now on (default [`Par::Rayon`]: split over the
+    /// current rayon pool when the work pays for it).
+    fn set_parallelism(&mut self, par: Par);
     /// Writes every parameter and optimizer state into `dir` (a fresh checkpoint folder) and
     /// returns the model's description for the checkpoint (see [`crate::checkpoint`]).
     fn save_parameters(&self, dir: &std::path::Path) -> anyhow::Result<serde_json::Value> {

@@ -4,7 +4,9 @@
 use super::OptimizerKind;
 use super::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind, create_tables};
 use dlrm_kernels::embedding::{Bags, Pooling, SparseGradWorkspace};
-use dlrm_kernels::optim::embedding_bag_backward_update_l2;
+use dlrm_kernels::gemm::{MatMut, MatRef};
+use dlrm_kernels::optim::{SparseStep, TableMut, embedding_bag_backward_update};
+use dlrm_kernels::parallel::Par;
 use rayon::prelude::*;
 
 /// Embedding tables (rows x dim each), their sparse optimizer state and workspaces.
@@ -72,6 +74,7 @@ impl SparseTables {
         grads: impl Fn(usize) -> (&'a [f32], usize) + Sync,
         lr: f32,
         weight_decay: f32,
+        par: Par,
     ) {
         let opt = self.optimizer.sparse(lr);
         self.tables
@@ -82,17 +85,17 @@ impl SparseTables {
             .for_each(|(t, ((table, state), ws))| {
                 let dim = table.dim();
                 let (g, stride) = grads(t);
-                embedding_bag_backward_update_l2(
-                    table.weights_mut(),
-                    state.as_mut_slice(),
-                    dim,
+                embedding_bag_backward_update(
+                    TableMut {
+                        weights: MatMut::from_rows(table.weights_mut(), dim),
+                        state: state.as_mut_slice(),
+                    },
                     bags(t),
                     Pooling::Sum,
-                    g,
-                    stride,
-                    opt,
-                    weight_decay,
+                    MatRef::with_row_stride(g, bags(t).len(), dim, stride),
+                    SparseStep { opt, weight_decay },
                     ws,
+                    par,
                 );
             });
     }

@@ -17,7 +17,8 @@ use dlrm::rng::{SplitMix64, derive_key};
 use dlrm::train::DataSource;
 use dlrm_kernels::embedding::{Bags, Pooling, SparseGradWorkspace, embedding_bag_forward_tables};
 use dlrm_kernels::gemm::{MatMut, MatRef, linear_forward};
-use dlrm_kernels::optim::{SparseOptimizer, embedding_bag_backward_update};
+use dlrm_kernels::optim::{SparseOptimizer, TableMut, embedding_bag_backward_update};
+use dlrm_kernels::parallel::Par;
 use rayon::prelude::*;
 use std::time::Instant;
 
@@ -210,6 +211,7 @@ impl Workload for Gemm {
             None,
             false,
             MatMut::new(&mut self.y, self.rows, self.outputs),
+            Par::Rayon,
         );
         Ok(())
     }
@@ -303,15 +305,13 @@ impl Workload for EmbeddingForward {
         let (tables, batch) = self.src.next();
         let (nt, d) = (tables.len(), self.dim);
         let tables = &*tables;
+        let n = batch.size();
         embedding_bag_forward_tables(
             nt,
-            d,
-            |t| tables[t].weights(),
-            |t| bags(batch, t),
+            |t| (MatRef::from_rows(tables[t].weights(), d), bags(batch, t)),
             Pooling::Sum,
-            &mut self.out,
-            nt * d,
-            0,
+            MatMut::new(&mut self.out, n, nt * d),
+            Par::Rayon,
         );
         Ok(())
     }
@@ -373,15 +373,16 @@ impl Workload for SparseUpdate {
             .enumerate()
             .for_each(|(t, ((table, state), ws))| {
                 embedding_bag_backward_update(
-                    table.weights_mut(),
-                    state.as_mut_slice(),
-                    d,
+                    TableMut {
+                        weights: MatMut::from_rows(table.weights_mut(), d),
+                        state: state.as_mut_slice(),
+                    },
                     bags(batch, t),
                     Pooling::Sum,
-                    &grad[t * d..],
-                    stride,
-                    opt,
+                    MatRef::with_row_stride(&grad[t * d..], bags(batch, t).len(), d, stride),
+                    opt.into(),
                     ws,
+                    Par::Rayon,
                 );
             });
         Ok(())

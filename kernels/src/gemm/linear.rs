@@ -9,27 +9,33 @@
 //! | db       | db (+)= column sums of dY ⊙ [Y>0] |   |     |       |
 
 use super::{GemmOps, MatMut, MatRef, gemm};
-use crate::parallel::should_split;
+use crate::parallel::{Par, should_split};
 use crate::simd::{F32s, LANES, load_partial, store_partial};
 use rayon::prelude::*;
 
 /// Y = X . W^T + bias, then ReLU if `relu`. `x` is batch x in, `w` is out x in.
-pub fn linear_forward(x: MatRef, w: MatRef, bias: Option<&[f32]>, relu: bool, y: MatMut) {
+pub fn linear_forward(x: MatRef, w: MatRef, bias: Option<&[f32]>, relu: bool, y: MatMut, par: Par) {
     let ops = GemmOps {
         bias,
         relu,
         ..GemmOps::default()
     };
-    gemm(x, w.t(), y, &ops);
+    gemm(x, w.t(), y, &ops, par);
 }
 
 /// dX = (dY ⊙ [Y > 0]) . W, where `relu_out` is the layer's output Y if a ReLU followed it.
-pub fn linear_backward_input(dy: MatRef, relu_out: Option<MatRef>, w: MatRef, dx: MatMut) {
+pub fn linear_backward_input(
+    dy: MatRef,
+    relu_out: Option<MatRef>,
+    w: MatRef,
+    dx: MatMut,
+    par: Par,
+) {
     let ops = GemmOps {
         a_relu_mask: relu_out,
         ..GemmOps::default()
     };
-    gemm(dy, w, dx, &ops);
+    gemm(dy, w, dx, &ops, par);
 }
 
 /// dW = (dY ⊙ [Y > 0])^T . X, added to dW's contents if `accumulate`.
@@ -39,13 +45,14 @@ pub fn linear_backward_weight(
     x: MatRef,
     dw: MatMut,
     accumulate: bool,
+    par: Par,
 ) {
     let ops = GemmOps {
         beta: if accumulate { 1.0 } else { 0.0 },
         a_relu_mask: relu_out.map(|y| y.t()),
         ..GemmOps::default()
     };
-    gemm(dy.t(), x, dw, &ops);
+    gemm(dy.t(), x, dw, &ops, par);
 }
 
 /// Columns per parallel task of [`bias_grad`].
@@ -54,7 +61,7 @@ const BIAS_GRAD_COLS_PER_TASK: usize = 4 * LANES;
 /// db = column sums of dY ⊙ [Y > 0] (added to db if `accumulate`). Threads split the columns,
 /// and each column is summed over the rows in row order, so the bits never depend on the
 /// thread count.
-pub fn bias_grad(dy: MatRef, relu_out: Option<MatRef>, db: &mut [f32], accumulate: bool) {
+pub fn bias_grad(dy: MatRef, relu_out: Option<MatRef>, db: &mut [f32], accumulate: bool, par: Par) {
     let (m, n) = (dy.rows(), dy.cols());
     assert_eq!(
         db.len(),
@@ -92,7 +99,7 @@ pub fn bias_grad(dy: MatRef, relu_out: Option<MatRef>, db: &mut [f32], accumulat
             unsafe { store_partial(out_v.as_mut_ptr(), w, acc) };
         }
     };
-    if should_split(m * n, 1 << 16) {
+    if should_split(par, m * n, 1 << 16) {
         db.par_chunks_mut(BIAS_GRAD_COLS_PER_TASK)
             .enumerate()
             .for_each(|(t, out)| columns(t * BIAS_GRAD_COLS_PER_TASK, out));

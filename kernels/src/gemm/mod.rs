@@ -26,11 +26,12 @@ pub mod linear;
 mod microkernel;
 mod pack;
 
+pub use crate::mat::{MatMut, MatRef};
 pub use blocking::{BlockSizes, CacheSizes};
 pub use linear::{bias_grad, linear_backward_input, linear_backward_weight, linear_forward};
 pub use microkernel::{NARROW_MR, WIDE_MR, WIDE_NR};
 
-use crate::parallel::should_split;
+use crate::parallel::{Par, should_split};
 use crate::scratch::{PACK_A, PACK_B, PARTIALS, with_scratch};
 use crate::simd::{F32s, LANES, load, load_partial, store};
 use microkernel::{StoreOps, Tile};
@@ -55,210 +56,6 @@ pub const SPLIT_K_MAX_MN: usize = 64 * 256;
 /// Smallest product (in FLOPs) that is split across threads: below it a fork-join costs more
 /// than it saves.
 pub const MIN_PARALLEL_FLOPS: usize = 1 << 21;
-
-/// An immutable strided matrix view: element (i, j) is `data[i * rs + j * cs]`.
-#[derive(Clone, Copy, Debug)]
-pub struct MatRef<'a> {
-    data: &'a [f32],
-    rows: usize,
-    cols: usize,
-    rs: usize,
-    cs: usize,
-}
-
-fn required_len(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
-    if rows == 0 || cols == 0 {
-        0
-    } else {
-        (rows - 1) * rs + (cols - 1) * cs + 1
-    }
-}
-
-impl<'a> MatRef<'a> {
-    /// A contiguous row-major `rows x cols` matrix.
-    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        Self::strided(data, rows, cols, cols, 1)
-    }
-
-    /// A row-major matrix whose rows are `row_stride` floats apart.
-    pub fn with_row_stride(data: &'a [f32], rows: usize, cols: usize, row_stride: usize) -> Self {
-        Self::strided(data, rows, cols, row_stride, 1)
-    }
-
-    /// A general strided view. Panics if `data` is too short.
-    pub fn strided(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
-        let need = required_len(rows, cols, rs, cs);
-        assert!(
-            data.len() >= need,
-            "matrix view {rows}x{cols} (strides {rs}, {cs}) needs {need} floats, slice has {}",
-            data.len()
-        );
-        MatRef {
-            data: &data[..need],
-            rows,
-            cols,
-            rs,
-            cs,
-        }
-    }
-
-    /// The transposed view (no copy).
-    pub fn t(self) -> Self {
-        MatRef {
-            data: self.data,
-            rows: self.cols,
-            cols: self.rows,
-            rs: self.cs,
-            cs: self.rs,
-        }
-    }
-
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-    pub fn row_stride(&self) -> usize {
-        self.rs
-    }
-    pub fn col_stride(&self) -> usize {
-        self.cs
-    }
-
-    /// Element (i, j).
-    pub fn get(&self, i: usize, j: usize) -> f32 {
-        assert!(i < self.rows && j < self.cols);
-        self.data[i * self.rs + j * self.cs]
-    }
-
-    /// The `rows x cols` sub-matrix starting at (i0, j0).
-    pub fn sub(&self, i0: usize, j0: usize, rows: usize, cols: usize) -> MatRef<'a> {
-        assert!(i0 + rows <= self.rows && j0 + cols <= self.cols);
-        if rows == 0 || cols == 0 {
-            return MatRef::strided(&[], rows, cols, self.rs, self.cs);
-        }
-        MatRef::strided(
-            &self.data[i0 * self.rs + j0 * self.cs..],
-            rows,
-            cols,
-            self.rs,
-            self.cs,
-        )
-    }
-
-    /// The elements of row i, in column order.
-    pub fn row_iter(&self, i: usize) -> impl Iterator<Item = f32> + 'a {
-        let data: &'a [f32] = self.data;
-        data[i * self.rs..]
-            .iter()
-            .step_by(self.cs.max(1))
-            .take(self.cols)
-            .copied()
-    }
-
-    /// The elements of column j, in row order.
-    pub fn col_iter(&self, j: usize) -> impl Iterator<Item = f32> + 'a {
-        let data: &'a [f32] = self.data;
-        data[j * self.cs..]
-            .iter()
-            .step_by(self.rs.max(1))
-            .take(self.rows)
-            .copied()
-    }
-
-    /// `len` contiguous elements of row i from column j0 (requires a unit column stride).
-    pub fn row_slice(&self, i: usize, j0: usize, len: usize) -> &'a [f32] {
-        assert!(self.cs == 1 && j0 + len <= self.cols);
-        let start = i * self.rs + j0;
-        &self.data[start..start + len]
-    }
-
-    /// The elements the view spans, from (0, 0) to (rows - 1, cols - 1) inclusive.
-    pub fn as_slice(&self) -> &'a [f32] {
-        self.data
-    }
-
-    /// Pointer to element (0, 0), for handing the view to foreign code.
-    pub fn as_ptr(&self) -> *const f32 {
-        self.data.as_ptr()
-    }
-
-    fn ptr_at(&self, i: usize, j: usize) -> *const f32 {
-        self.data.as_ptr().wrapping_add(i * self.rs + j * self.cs)
-    }
-}
-
-/// A mutable row-major view: element (i, j) is `data[i * rs + j]`.
-#[derive(Debug)]
-pub struct MatMut<'a> {
-    data: &'a mut [f32],
-    rows: usize,
-    cols: usize,
-    rs: usize,
-}
-
-impl<'a> MatMut<'a> {
-    /// A contiguous row-major `rows x cols` matrix.
-    pub fn new(data: &'a mut [f32], rows: usize, cols: usize) -> Self {
-        Self::with_row_stride(data, rows, cols, cols)
-    }
-
-    /// A row-major matrix whose rows are `row_stride >= cols` floats apart.
-    pub fn with_row_stride(data: &'a mut [f32], rows: usize, cols: usize, rs: usize) -> Self {
-        assert!(rs >= cols || rows <= 1, "row stride {rs} < {cols} columns");
-        let need = required_len(rows, cols, rs, 1);
-        assert!(
-            data.len() >= need,
-            "matrix {rows}x{cols} (row stride {rs}) needs {need} floats, slice has {}",
-            data.len()
-        );
-        MatMut {
-            data: &mut data[..need],
-            rows,
-            cols,
-            rs,
-        }
-    }
-
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-    pub fn row_stride(&self) -> usize {
-        self.rs
-    }
-
-    /// Element (i, j).
-    pub fn get(&self, i: usize, j: usize) -> f32 {
-        assert!(i < self.rows && j < self.cols);
-        self.data[i * self.rs + j]
-    }
-
-    /// Row i as a slice.
-    pub fn row_mut(&mut self, i: usize) -> &mut [f32] {
-        assert!(i < self.rows);
-        let start = i * self.rs;
-        &mut self.data[start..start + self.cols]
-    }
-
-    /// A read-only view of the same matrix.
-    pub fn as_ref(&self) -> MatRef<'_> {
-        MatRef::strided(self.data, self.rows, self.cols, self.rs, 1)
-    }
-
-    /// A shorter-lived mutable view (to pass on without giving this one up).
-    pub fn rb_mut(&mut self) -> MatMut<'_> {
-        MatMut {
-            data: self.data,
-            rows: self.rows,
-            cols: self.cols,
-            rs: self.rs,
-        }
-    }
-}
 
 /// What is applied around the product: C = relu(alpha * (A ⊙ mask) . B + beta * C + bias).
 #[derive(Clone, Copy, Debug)]
@@ -288,12 +85,19 @@ impl Default for GemmOps<'_> {
 }
 
 /// C = relu(alpha * op(A) . op(B) + beta * C + bias), with this machine's block sizes.
-pub fn gemm(a: MatRef, b: MatRef, c: MatMut, ops: &GemmOps) {
-    gemm_with_blocks(&BlockSizes::host(), a, b, c, ops)
+pub fn gemm(a: MatRef, b: MatRef, c: MatMut, ops: &GemmOps, par: Par) {
+    gemm_with_blocks(&BlockSizes::host(), a, b, c, ops, par)
 }
 
 /// [`gemm`] with explicit block sizes.
-pub fn gemm_with_blocks(bs: &BlockSizes, a: MatRef, b: MatRef, mut c: MatMut, ops: &GemmOps) {
+pub fn gemm_with_blocks(
+    bs: &BlockSizes,
+    a: MatRef,
+    b: MatRef,
+    mut c: MatMut,
+    ops: &GemmOps,
+    par: Par,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "gemm: A is {m}x{k} but B is {}x{n}", b.rows);
     assert_eq!(
@@ -330,13 +134,13 @@ pub fn gemm_with_blocks(bs: &BlockSizes, a: MatRef, b: MatRef, mut c: MatMut, op
         return;
     }
     if n <= DOT_MAX_N && a.cs == 1 && b.rs == 1 && ops.a_relu_mask.is_none() {
-        gemm_dot(a, b, c, ops);
+        gemm_dot(a, b, c, ops, par);
     } else if m * n <= SPLIT_K_MAX_MN && k >= 2 * SPLIT_K_CHUNK {
-        gemm_split_k(bs, a, b, c, ops);
+        gemm_split_k(bs, a, b, c, ops, par);
     } else if n <= LANES {
-        gemm_blocked::<NARROW_MR, 1>(bs, a, b, c.rb_mut(), ops);
+        gemm_blocked::<NARROW_MR, 1>(bs, a, b, c.rb_mut(), ops, par);
     } else {
-        gemm_blocked::<WIDE_MR, { microkernel::WIDE_NV }>(bs, a, b, c.rb_mut(), ops);
+        gemm_blocked::<WIDE_MR, { microkernel::WIDE_NV }>(bs, a, b, c.rb_mut(), ops, par);
     }
 }
 
@@ -381,6 +185,7 @@ fn gemm_blocked<const MR: usize, const NV: usize>(
     b: MatRef,
     c: MatMut,
     ops: &GemmOps,
+    par: Par,
 ) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let nr = NV * LANES;
@@ -389,7 +194,7 @@ fn gemm_blocked<const MR: usize, const NV: usize>(
     let kc_max = bs.kc;
     let mc_max = (bs.mc / MR).max(1) * MR;
     let nc_max = (bs.nc / nr).max(1) * nr;
-    let parallel = should_split(2 * m * n * k, MIN_PARALLEL_FLOPS);
+    let parallel = should_split(par, 2 * m * n * k, MIN_PARALLEL_FLOPS);
     let threads = if parallel {
         rayon::current_num_threads()
     } else {
@@ -612,7 +417,7 @@ unsafe fn run_tile<const MR: usize, const NV: usize>(
 
 /// C = epilogue(A . B) for C with few columns, as dot products along K: A's rows and B's
 /// columns are contiguous, so each element is one vectorised dot product.
-fn gemm_dot(a: MatRef, b: MatRef, c: MatMut, ops: &GemmOps) {
+fn gemm_dot(a: MatRef, b: MatRef, c: MatMut, ops: &GemmOps, par: Par) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let c_rs = c.rs;
     let rows_per_task = 64;
@@ -627,7 +432,7 @@ fn gemm_dot(a: MatRef, b: MatRef, c: MatMut, ops: &GemmOps) {
         }
     };
     let data = &mut c.data[..];
-    if should_split(2 * m * n * k, MIN_PARALLEL_FLOPS) {
+    if should_split(par, 2 * m * n * k, MIN_PARALLEL_FLOPS) {
         data.par_chunks_mut(rows_per_task * c_rs)
             .enumerate()
             .for_each(|(t, rows)| run(t * rows_per_task, rows));
@@ -664,7 +469,7 @@ pub fn dot(x: &[f32], y: &[f32]) -> f32 {
 
 /// C = epilogue(sum over fixed K chunks of A_chunk . B_chunk), partial products added in
 /// chunk order. The chunks run in parallel; each is an ordinary serial-or-parallel GEMM.
-fn gemm_split_k(bs: &BlockSizes, a: MatRef, b: MatRef, mut c: MatMut, ops: &GemmOps) {
+fn gemm_split_k(bs: &BlockSizes, a: MatRef, b: MatRef, mut c: MatMut, ops: &GemmOps, par: Par) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let chunks = k.div_ceil(SPLIT_K_CHUNK);
     let mn = m * n;
@@ -682,9 +487,10 @@ fn gemm_split_k(bs: &BlockSizes, a: MatRef, b: MatRef, mut c: MatMut, ops: &Gemm
                 b.sub(p0, 0, kq, n),
                 MatMut::new(part, m, n),
                 &chunk_ops,
+                par,
             );
         };
-        if should_split(2 * m * n * k, MIN_PARALLEL_FLOPS) {
+        if should_split(par, 2 * m * n * k, MIN_PARALLEL_FLOPS) {
             partials
                 .par_chunks_mut(mn)
                 .enumerate()

@@ -1,21 +1,19 @@
 //! Scalar twins of the interaction kernels.
 
+use crate::mat::{MatMut, MatRef};
+
 /// Twin of [`crate::interaction::dot_interaction_forward`]: the pairs enumerated by two loops
 /// in the reference order, each dot product summed in f64.
-#[allow(clippy::too_many_arguments)]
 pub fn dot_interaction_forward(
-    features: &[f32],
-    batch: usize,
+    features: MatRef,
     f: usize,
-    d: usize,
-    feature_stride: usize,
     self_interaction: bool,
-    out: &mut [f32],
-    out_stride: usize,
+    mut out: MatMut,
 ) {
-    for b in 0..batch {
-        let x = &features[b * feature_stride..];
-        let row = &mut out[b * out_stride..];
+    let d = features.cols() / f;
+    for b in 0..features.rows() {
+        let x: Vec<f32> = features.row_iter(b).collect();
+        let row = out.row_mut(b);
         row[..d].copy_from_slice(&x[..d]);
         let mut p = d;
         for i in 0..f {
@@ -33,22 +31,17 @@ pub fn dot_interaction_forward(
 
 /// Twin of [`crate::interaction::dot_interaction_backward`]: every pair scatters its gradient
 /// to both of its vectors (twice to the one vector of a self pair), in f64.
-#[allow(clippy::too_many_arguments)]
 pub fn dot_interaction_backward(
-    features: &[f32],
-    batch: usize,
+    features: MatRef,
     f: usize,
-    d: usize,
-    feature_stride: usize,
     self_interaction: bool,
-    grad_out: &[f32],
-    grad_out_stride: usize,
-    grad_features: &mut [f32],
-    grad_feature_stride: usize,
+    grad_out: MatRef,
+    mut grad_features: MatMut,
 ) {
-    for b in 0..batch {
-        let x = &features[b * feature_stride..];
-        let g = &grad_out[b * grad_out_stride..];
+    let d = features.cols() / f;
+    for b in 0..features.rows() {
+        let x: Vec<f32> = features.row_iter(b).collect();
+        let g: Vec<f32> = grad_out.row_iter(b).collect();
         let mut grad = vec![0.0f64; f * d];
         for k in 0..d {
             grad[k] = g[k] as f64;
@@ -65,43 +58,27 @@ pub fn dot_interaction_backward(
                 }
             }
         }
-        let dst = &mut grad_features[b * grad_feature_stride..];
-        for (o, v) in dst.iter_mut().zip(&grad) {
+        for (o, v) in grad_features.row_mut(b).iter_mut().zip(&grad) {
             *o = *v as f32;
         }
     }
 }
 
 /// Twin of [`crate::interaction::cat_interaction_forward`].
-pub fn cat_interaction_forward(
-    features: &[f32],
-    batch: usize,
-    f: usize,
-    d: usize,
-    feature_stride: usize,
-    out: &mut [f32],
-    out_stride: usize,
-) {
-    for b in 0..batch {
-        for k in 0..f * d {
-            out[b * out_stride + k] = features[b * feature_stride + k];
-        }
-    }
+pub fn cat_interaction_forward(features: MatRef, out: MatMut) {
+    copy_rows(features, out);
 }
 
 /// Twin of [`crate::interaction::cat_interaction_backward`].
-pub fn cat_interaction_backward(
-    grad_out: &[f32],
-    grad_out_stride: usize,
-    batch: usize,
-    f: usize,
-    d: usize,
-    grad_features: &mut [f32],
-    grad_feature_stride: usize,
-) {
-    for b in 0..batch {
-        for k in 0..f * d {
-            grad_features[b * grad_feature_stride + k] = grad_out[b * grad_out_stride + k];
+pub fn cat_interaction_backward(grad_out: MatRef, grad_features: MatMut) {
+    copy_rows(grad_out, grad_features);
+}
+
+/// dst row b = src row b, element by element.
+fn copy_rows(src: MatRef, mut dst: MatMut) {
+    for b in 0..src.rows() {
+        for (o, v) in dst.row_mut(b).iter_mut().zip(src.row_iter(b)) {
+            *o = v;
         }
     }
 }

@@ -2,48 +2,23 @@
 
 use super::embedding::coalesce_f64;
 use crate::embedding::{Bags, Pooling};
-use crate::optim::SparseOptimizer;
+use crate::mat::MatRef;
+use crate::optim::{SparseOptimizer, SparseStep, TableMut};
 
-/// Applies `opt` to each looked-up row once with its summed gradient; other rows and their
-/// state are left alone.
-#[allow(clippy::too_many_arguments)]
+/// Twin of [`crate::optim::embedding_bag_backward_update`]: the summed gradient of each
+/// looked-up row plus `weight_decay` times the row, then `opt`, each looked-up row once; other
+/// rows and their state are left alone.
 pub fn embedding_bag_backward_update(
-    table: &mut [f32],
-    state: &mut [f32],
-    dim: usize,
+    table: TableMut,
     bags: Bags,
     pooling: Pooling,
-    grad_out: &[f32],
-    grad_stride: usize,
-    opt: SparseOptimizer,
+    grad_out: MatRef,
+    step: SparseStep,
 ) {
-    embedding_bag_backward_update_l2(
-        table,
-        state,
-        dim,
-        bags,
-        pooling,
-        grad_out,
-        grad_stride,
-        opt,
-        0.0,
-    );
-}
-
-/// Twin of [`crate::optim::embedding_bag_backward_update_l2`]: the summed gradient of each
-/// looked-up row plus `weight_decay` times the row, then `opt`.
-#[allow(clippy::too_many_arguments)]
-pub fn embedding_bag_backward_update_l2(
-    table: &mut [f32],
-    state: &mut [f32],
-    dim: usize,
-    bags: Bags,
-    pooling: Pooling,
-    grad_out: &[f32],
-    grad_stride: usize,
-    opt: SparseOptimizer,
-    weight_decay: f32,
-) {
+    let SparseStep { opt, weight_decay } = step;
+    let dim = table.weights.cols();
+    let (table, state) = (table.weights.into_slice(), table.state);
+    let (grad_stride, grad_out) = (grad_out.row_stride(), grad_out.as_slice());
     let rows = table.len() / dim;
     for (r, mut g) in coalesce_f64(rows, dim, bags, pooling, grad_out, grad_stride) {
         let r = r as usize;

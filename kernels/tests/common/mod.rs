@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use dlrm_kernels::embedding::{Bags, Pooling};
+use dlrm_kernels::parallel::Par;
 use proptest::prelude::*;
 
 /// Deterministic pseudo-random values in [lo, hi).
@@ -117,25 +118,22 @@ pub fn bag_case() -> impl Strategy<Value = BagCase> {
         })
 }
 
-/// Runs `f` on pools of 1, 2 and 3 threads with every kernel forced onto its parallel path.
-/// The force is process-wide: a lock keeps one test from lifting it during another's run.
-pub fn on_1_2_3_threads<R: Send>(f: impl Fn() -> R + Sync) -> [R; 3] {
-    static FORCED: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = FORCED.lock().unwrap_or_else(|e| e.into_inner());
+/// Runs `f(Par::AlwaysSplit)` on pools of 1, 2 and 3 threads: every kernel that `f` calls
+/// with that parallelism takes its parallel path whatever the size of the input, so the three
+/// results must be bit-identical.
+pub fn on_1_2_3_threads<R: Send>(f: impl Fn(Par) -> R + Sync) -> [R; 3] {
     let pool = |t| {
         rayon::ThreadPoolBuilder::new()
             .num_threads(t)
             .build()
             .unwrap()
     };
-    dlrm_kernels::parallel::set_force_parallel(true);
-    let r = [
-        pool(1).install(&f),
-        pool(2).install(&f),
-        pool(3).install(&f),
-    ];
-    dlrm_kernels::parallel::set_force_parallel(false);
-    r
+    let run = || f(Par::AlwaysSplit);
+    [
+        pool(1).install(run),
+        pool(2).install(run),
+        pool(3).install(run),
+    ]
 }
 
 /// The bit patterns of a slice (for exact comparisons that treat NaN as a value).
