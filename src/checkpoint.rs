@@ -492,22 +492,6 @@ pub struct LoadOptions {
     pub allow_non_finite: bool,
 }
 
-/// Position of the first NaN or infinite value of `values`, scanned in parallel chunks (the
-/// scan of a table costs far less than reading it from disk).
-pub fn first_non_finite(values: &[f32]) -> Option<usize> {
-    use rayon::prelude::*;
-    const CHUNK: usize = 1 << 16;
-    values
-        .par_chunks(CHUNK)
-        .enumerate()
-        .find_map_first(|(c, chunk)| {
-            chunk
-                .iter()
-                .position(|x| !x.is_finite())
-                .map(|i| c * CHUNK + i)
-        })
-}
-
 /// Refuses `values` (tensor `name` of `shape` in `file`) if any is NaN or infinite, unless
 /// `opts` allows it: the error names the tensor and the index of the first such value.
 pub fn check_finite(
@@ -520,7 +504,7 @@ pub fn check_finite(
     if opts.allow_non_finite {
         return Ok(());
     }
-    let Some(flat) = first_non_finite(values) else {
+    let Some(flat) = crate::model::first_non_finite_index(values) else {
         return Ok(());
     };
     // Row-major index of the flat position, e.g. [row, column] of a matrix.

@@ -5,32 +5,12 @@
 //! exactly one thing.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Scratch {
-        let dir = std::env::temp_dir().join(format!("dlrm-corpus-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-    fn s(&self, name: &str) -> String {
-        self.path(name).to_str().unwrap().to_string()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
+mod support;
+use support::{Scratch, latest};
 
 /// Longest a bad input may take to be refused: a case that runs longer is a failure (it was
 /// accepted and started working), not a hang of the test.
@@ -86,12 +66,6 @@ fn copy_dir(from: &Path, to: &Path) {
             fs::copy(e.path(), dst).unwrap();
         }
     }
-}
-
-/// The version folder LATEST names.
-fn latest(ck: &Path) -> PathBuf {
-    let name = fs::read_to_string(ck.join("LATEST")).unwrap();
-    ck.join(name.trim())
 }
 
 /// A change to a meta.json.
@@ -155,7 +129,7 @@ fn safetensors_bytes(header: &str, data: &[u8]) -> Vec<u8> {
 
 #[test]
 fn every_bad_input_is_a_clear_error_never_a_panic() {
-    let s = Scratch::new();
+    let s = Scratch::new("corpus");
     // The good inputs every case damages one thing of: raw rows, a dataset made from them, a
     // checkpoint trained on it, its export, and a checkpoint of synthetic data.
     ok(&[
@@ -163,15 +137,15 @@ fn every_bad_input_is_a_clear_error_never_a_panic() {
         "--rows",
         "600",
         "--out",
-        &s.s("raw.tsv"),
+        &s.arg("raw.tsv"),
         "--threads",
         "2",
     ]);
     ok(&[
         "preprocess",
-        &s.s("raw.tsv"),
+        &s.arg("raw.tsv"),
         "--out",
-        &s.s("ds"),
+        &s.arg("ds"),
         "--threads",
         "2",
     ]);
@@ -188,7 +162,7 @@ fn every_bad_input_is_a_clear_error_never_a_panic() {
         "2",
         "--print-freq=0",
     ];
-    let (ds, ck) = (s.s("ds"), s.s("ck"));
+    let (ds, ck) = (s.arg("ds"), s.arg("ck"));
     let mut args = vec!["train", "--dataset", &ds, "--save-model", &ck];
     args.extend_from_slice(&small);
     ok(&args);
@@ -199,14 +173,14 @@ fn every_bad_input_is_a_clear_error_never_a_panic() {
         "--threads",
         "2",
         "--save-model",
-        &s.s("synth_ck"),
+        &s.arg("synth_ck"),
     ]);
     ok(&[
         "export",
         "--load-model",
         &ck,
         "--out",
-        &s.s("m.safetensors"),
+        &s.arg("m.safetensors"),
     ]);
     fs::write(s.path("empty.tsv"), "").unwrap();
     fs::write(s.path("exists.txt"), "keep me\n").unwrap();
@@ -292,7 +266,7 @@ fn every_bad_input_is_a_clear_error_never_a_panic() {
     case(&["train", "--optimizer", "lion"], Some("--optimizer"));
     case(&["train", "--no-such-flag"], Some("--no-such-flag"));
     case(
-        &["train", "--model", "dcn", "--save-model", &s.s("x")],
+        &["train", "--model", "dcn", "--save-model", &s.arg("x")],
         Some("--save-model"),
     );
     case(
@@ -302,7 +276,7 @@ fn every_bad_input_is_a_clear_error_never_a_panic() {
     case(&["compare", "--num-batches", "0"], Some("--num-batches"));
     case(&["compare", "--lr-sgd", "nan"], Some("--lr-sgd"));
     case(
-        &["synth", "--rows", "10", "--out", &s.s("raw.tsv")],
+        &["synth", "--rows", "10", "--out", &s.arg("raw.tsv")],
         Some("already exists"),
     );
     case(
@@ -311,7 +285,7 @@ fn every_bad_input_is_a_clear_error_never_a_panic() {
             "--rows",
             "10",
             "--out",
-            &s.s("t.tsv"),
+            &s.arg("t.tsv"),
             "--arch-embedding-size",
             "1-2",
         ],
@@ -319,22 +293,25 @@ fn every_bad_input_is_a_clear_error_never_a_panic() {
     );
 
     // Missing and unusable inputs.
-    case(&["train", "--dataset", &s.s("nowhere")], Some("nowhere"));
+    case(&["train", "--dataset", &s.arg("nowhere")], Some("nowhere"));
     case(
-        &["train", "--criteo", &s.s("nowhere.tsv")],
+        &["train", "--criteo", &s.arg("nowhere.tsv")],
         Some("nowhere.tsv"),
     );
-    case(&["train", "--criteo", &s.s("empty.tsv")], Some("empty"));
-    case(&["train", "--load-model", &s.s("nowhere")], Some("nowhere"));
+    case(&["train", "--criteo", &s.arg("empty.tsv")], Some("empty"));
+    case(
+        &["train", "--load-model", &s.arg("nowhere")],
+        Some("nowhere"),
+    );
     case(
         &[
             "train",
             "--model",
             "mf",
             "--train",
-            &s.s("nowhere"),
+            &s.arg("nowhere"),
             "--test",
-            &s.s("nowhere"),
+            &s.arg("nowhere"),
         ],
         Some("nowhere"),
     );
@@ -344,18 +321,18 @@ fn every_bad_input_is_a_clear_error_never_a_panic() {
             "--model",
             "mf",
             "--train",
-            &s.s("ratings.base"),
+            &s.arg("ratings.base"),
             "--test",
-            &s.s("ratings.test"),
+            &s.arg("ratings.test"),
         ],
         Some("4000000000"),
     );
     case(
-        &["eval", "--load-model", &s.s("nowhere"), "--dataset", &ds],
+        &["eval", "--load-model", &s.arg("nowhere"), "--dataset", &ds],
         Some("nowhere"),
     );
     case(
-        &["eval", "--load-model", &ck, "--criteo", &s.s("empty.tsv")],
+        &["eval", "--load-model", &ck, "--criteo", &s.arg("empty.tsv")],
         Some("no rows"),
     );
     case(
@@ -371,18 +348,18 @@ fn every_bad_input_is_a_clear_error_never_a_panic() {
         Some("--mini-batch-size"),
     );
     case(
-        &["eval", "--load-model", &s.s("synth_ck"), "--dataset", &ds],
+        &["eval", "--load-model", &s.arg("synth_ck"), "--dataset", &ds],
         None,
     );
     case(
         &[
             "predict",
             "--load-model",
-            &s.s("synth_ck"),
+            &s.arg("synth_ck"),
             "--criteo",
-            &s.s("raw.tsv"),
+            &s.arg("raw.tsv"),
             "--out",
-            &s.s("p.txt"),
+            &s.arg("p.txt"),
         ],
         Some("dictionaries"),
     );
@@ -392,9 +369,9 @@ fn every_bad_input_is_a_clear_error_never_a_panic() {
             "--load-model",
             &ck,
             "--criteo",
-            &s.s("raw.tsv"),
+            &s.arg("raw.tsv"),
             "--out",
-            &s.s("raw.tsv"),
+            &s.arg("raw.tsv"),
             "--force",
         ],
         Some("is the input"),
@@ -405,23 +382,23 @@ fn every_bad_input_is_a_clear_error_never_a_panic() {
             "--load-model",
             &ck,
             "--criteo",
-            &s.s("raw.tsv"),
+            &s.arg("raw.tsv"),
             "--out",
-            &s.s("exists.txt"),
+            &s.arg("exists.txt"),
         ],
         Some("--force"),
     );
     case(
-        &["export", "--load-model", &ck, "--out", &s.s("exists.txt")],
+        &["export", "--load-model", &ck, "--out", &s.arg("exists.txt")],
         Some("already exists"),
     );
     case(
         &[
             "export",
             "--load-model",
-            &s.s("nowhere"),
+            &s.arg("nowhere"),
             "--out",
-            &s.s("e.safetensors"),
+            &s.arg("e.safetensors"),
         ],
         Some("nowhere"),
     );
@@ -429,9 +406,9 @@ fn every_bad_input_is_a_clear_error_never_a_panic() {
         &[
             "import",
             "--in",
-            &s.s("nowhere.safetensors"),
+            &s.arg("nowhere.safetensors"),
             "--save-model",
-            &s.s("imp"),
+            &s.arg("imp"),
         ],
         Some("nowhere.safetensors"),
     );
@@ -439,9 +416,9 @@ fn every_bad_input_is_a_clear_error_never_a_panic() {
         &[
             "import",
             "--in",
-            &s.s("raw.tsv"),
+            &s.arg("raw.tsv"),
             "--save-model",
-            &s.s("imp"),
+            &s.arg("imp"),
         ],
         Some("raw.tsv"),
     );
@@ -449,11 +426,11 @@ fn every_bad_input_is_a_clear_error_never_a_panic() {
         &[
             "import",
             "--in",
-            &s.s("m.safetensors"),
+            &s.arg("m.safetensors"),
             "--save-model",
-            &s.s("imp"),
+            &s.arg("imp"),
             "--dataset",
-            &s.s("nowhere"),
+            &s.arg("nowhere"),
         ],
         Some("nowhere"),
     );
@@ -461,9 +438,9 @@ fn every_bad_input_is_a_clear_error_never_a_panic() {
         &[
             "import",
             "--in",
-            &s.s("m.safetensors"),
+            &s.arg("m.safetensors"),
             "--save-model",
-            &s.s("synth_ck"),
+            &s.arg("synth_ck"),
         ],
         Some("another run"),
     );
@@ -471,30 +448,40 @@ fn every_bad_input_is_a_clear_error_never_a_panic() {
         &[
             "train",
             "--save-model",
-            &s.s("synth_ck"),
+            &s.arg("synth_ck"),
             "--num-batches",
             "2",
         ],
         Some("another run"),
     );
     case(
-        &["preprocess", &s.s("empty.tsv"), "--out", &s.s("d_empty")],
+        &[
+            "preprocess",
+            &s.arg("empty.tsv"),
+            "--out",
+            &s.arg("d_empty"),
+        ],
         Some("empty"),
     );
     case(
-        &["preprocess", &s.s("nowhere.tsv"), "--out", &s.s("d_none")],
+        &[
+            "preprocess",
+            &s.arg("nowhere.tsv"),
+            "--out",
+            &s.arg("d_none"),
+        ],
         Some("nowhere.tsv"),
     );
     case(
-        &["preprocess", &s.s("raw.tsv"), "--out", &ds],
+        &["preprocess", &s.arg("raw.tsv"), "--out", &ds],
         Some("already exists"),
     );
     case(
         &[
             "preprocess",
-            &s.s("raw.tsv"),
+            &s.arg("raw.tsv"),
             "--out",
-            &s.s("raw.tsv"),
+            &s.arg("raw.tsv"),
             "--force",
         ],
         Some("is the input"),
@@ -502,9 +489,9 @@ fn every_bad_input_is_a_clear_error_never_a_panic() {
     case(
         &[
             "preprocess",
-            &s.s("raw.tsv"),
+            &s.arg("raw.tsv"),
             "--out",
-            &s.s("d_split"),
+            &s.arg("d_split"),
             "--split",
             "1,x,1",
         ],
@@ -513,9 +500,9 @@ fn every_bad_input_is_a_clear_error_never_a_panic() {
     case(
         &[
             "preprocess",
-            &s.s("raw.tsv"),
+            &s.arg("raw.tsv"),
             "--out",
-            &s.s("d_hash"),
+            &s.arg("d_hash"),
             "--max-ind-range",
             "0",
         ],
@@ -524,9 +511,9 @@ fn every_bad_input_is_a_clear_error_never_a_panic() {
 
     // Malformed raw rows: the file and line are named wherever rows are read.
     for (name, _) in &bad_rows {
-        let file = s.s(name);
+        let file = s.arg(name);
         case(
-            &["preprocess", &file, "--out", &s.s(&format!("d_{name}"))],
+            &["preprocess", &file, "--out", &s.arg(&format!("d_{name}"))],
             Some(":2"),
         );
         case(
@@ -537,7 +524,7 @@ fn every_bad_input_is_a_clear_error_never_a_panic() {
                 "--criteo",
                 &file,
                 "--out",
-                &s.s(&format!("p_{name}")),
+                &s.arg(&format!("p_{name}")),
             ],
             Some(":2"),
         );
@@ -668,7 +655,7 @@ fn every_bad_input_is_a_clear_error_never_a_panic() {
     }
     let mut cases_ck: Vec<(Vec<String>, Option<&str>)> = Vec::new();
     for (i, ck) in damaged.iter().enumerate() {
-        let out = s.s(&format!("export_{i}.safetensors"));
+        let out = s.arg(&format!("export_{i}.safetensors"));
         cases_ck.push((argv(&["eval", "--load-model", ck, "--dataset", &ds]), None));
         cases_ck.push((argv(&["export", "--load-model", ck, "--out", &out]), None));
         let mut resume = vec!["train", "--load-model", ck, "--dataset", &ds];
@@ -774,7 +761,7 @@ fn every_bad_input_is_a_clear_error_never_a_panic() {
     for (name, bytes) in &hostile {
         let file = s.path(&format!("{name}.safetensors"));
         fs::write(&file, bytes).unwrap();
-        let out = s.s(&format!("imp_{name}"));
+        let out = s.arg(&format!("imp_{name}"));
         cases_ck.push((
             argv(&[
                 "import",

@@ -7,57 +7,13 @@ use dlrm::data::binary::{BinaryDataset, DatasetHeader, DatasetSplit};
 use dlrm::data::preprocess::{EncodingChoice, PreprocessOptions, Sources, preprocess};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-/// A scratch folder, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("dlrm-guards-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod support;
+use support::{Scratch, assert_error, assert_ok, dlrm};
 
 fn s(p: &Path) -> String {
     p.to_str().unwrap().to_string()
-}
-
-fn dlrm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dlrm"))
-        .args(args)
-        .output()
-        .expect("run dlrm")
-}
-
-fn stderr_of(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
-
-fn assert_ok(o: &Output) {
-    assert!(o.status.success(), "{}", stderr_of(o));
-}
-
-/// A clean failure: exit code 1, no panic, and stderr containing every needle.
-fn assert_error(o: &Output, needles: &[&str]) {
-    let err = stderr_of(o);
-    assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    for n in needles {
-        assert!(err.contains(n), "no {n:?} in: {err}");
-    }
 }
 
 /// Ids per categorical feature of the synthetic files: small and varied.

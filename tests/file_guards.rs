@@ -4,32 +4,13 @@
 //! remove partial outputs and exit 130/143.
 
 use dlrm::checkpoint;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// A scratch folder removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir =
-            std::env::temp_dir().join(format!("dlrm-file-guards-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod support;
+use support::dlrm as run;
+use support::{Scratch, assert_error, assert_ok, stderr};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -37,29 +18,6 @@ fn s(p: &Path) -> &str {
 
 fn dlrm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_dlrm"))
-}
-
-fn run(args: &[&str]) -> Output {
-    dlrm().args(args).output().expect("run dlrm")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn assert_ok(o: &Output) {
-    assert!(o.status.success(), "{}", stderr(o));
-}
-
-/// Asserts a clean error: exit status 1, no panic, and stderr containing every `needle`.
-fn assert_error(o: &Output, needles: &[&str]) -> String {
-    let e = stderr(o);
-    assert_eq!(o.status.code(), Some(1), "{e}");
-    assert!(!e.contains("panicked"), "{e}");
-    for n in needles {
-        assert!(e.contains(n), "stderr lacks {n:?}: {e}");
-    }
-    e
 }
 
 /// A short synthetic training run (20 steps of 128).

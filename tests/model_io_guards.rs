@@ -11,16 +11,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn dlrm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dlrm"))
-        .args(args)
-        .output()
-        .expect("run dlrm")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod support;
+use support::{Scratch, dlrm, stderr};
 
 /// Runs `dlrm args` and asserts success.
 fn ok(args: &[&str]) -> Output {
@@ -40,28 +32,6 @@ fn fails(args: &[&str], needles: &[&str]) -> String {
         assert!(err.contains(n), "{args:?}: stderr should name {n}: {err}");
     }
     err
-}
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("dlrm-io-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    /// `name` inside the folder, as a string argument.
-    fn p(&self, name: &str) -> String {
-        self.0.join(name).to_str().unwrap().to_string()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 const SMALL_RUN: [&str; 8] = [
@@ -148,7 +118,7 @@ fn metrics(o: &Output) -> String {
 /// Writes `rows` synthetic Criteo rows with `table_rows` ids per feature as `{name}.tsv`
 /// and preprocesses them into the dataset folder `name`.
 fn make_dataset(dir: &Scratch, name: &str, rows: &str, table_rows: &str) {
-    let tsv = dir.p(&format!("{name}.tsv"));
+    let tsv = dir.arg(&format!("{name}.tsv"));
     let sizes = vec![table_rows; 26].join("-");
     ok(&[
         "synth",
@@ -159,12 +129,12 @@ fn make_dataset(dir: &Scratch, name: &str, rows: &str, table_rows: &str) {
         "--out",
         &tsv,
     ]);
-    ok(&["preprocess", &tsv, "--out", &dir.p(name)]);
+    ok(&["preprocess", &tsv, "--out", &dir.arg(name)]);
 }
 
 /// Trains a few steps on the dataset `ds` into the checkpoint folder `ck`.
 fn train_on_dataset(dir: &Scratch, ds: &str, ck: &str, extra: &[&str]) {
-    let (ds, ck) = (dir.p(ds), dir.p(ck));
+    let (ds, ck) = (dir.arg(ds), dir.arg(ck));
     let mut args = vec![
         "train",
         "--dataset",
@@ -188,13 +158,13 @@ fn train_on_dataset(dir: &Scratch, ds: &str, ck: &str, extra: &[&str]) {
 
 /// `dlrm predict` of checkpoint `ck` on the raw rows `rows`: the output file's text.
 fn predict(dir: &Scratch, ck: &str, rows: &str) -> String {
-    let out = dir.p(&format!("{ck}.probs"));
+    let out = dir.arg(&format!("{ck}.probs"));
     ok(&[
         "predict",
         "--load-model",
-        &dir.p(ck),
+        &dir.arg(ck),
         "--criteo",
-        &dir.p(rows),
+        &dir.arg(rows),
         "--out",
         &out,
         "--threads",
@@ -208,7 +178,7 @@ fn lazy_tables_read_as_initialised_in_export_eval_and_predict() {
     let dir = Scratch::new("lazy");
     make_dataset(&dir, "ds", "3000", "300");
     for (ck, lazy) in [("lazy", true), ("eager", false)] {
-        let tables = dir.p(&format!("{ck}-tables"));
+        let tables = dir.arg(&format!("{ck}-tables"));
         std::fs::create_dir(&tables).unwrap();
         let mut extra = vec!["--embedding-storage", "file", "--tables-dir", &tables];
         if lazy {
@@ -218,7 +188,7 @@ fn lazy_tables_read_as_initialised_in_export_eval_and_predict() {
     }
 
     // The lazy checkpoint really has rows that were never touched (else this proves nothing).
-    let v = version(&dir.p("lazy"));
+    let v = version(&dir.arg("lazy"));
     let meta = checkpoint::read_meta(&v).unwrap();
     let cfg = checkpoint::read_dlrm_config(&v, &meta).unwrap();
     let table = EmbeddingTable::load(
@@ -239,21 +209,21 @@ fn lazy_tables_read_as_initialised_in_export_eval_and_predict() {
         ok(&[
             "export",
             "--load-model",
-            &dir.p(ck),
+            &dir.arg(ck),
             "--out",
-            &dir.p(&format!("{ck}.safetensors")),
+            &dir.arg(&format!("{ck}.safetensors")),
         ]);
     }
-    let (lazy, _) = read_tensors(&dir.p("lazy.safetensors"));
-    let (eager, _) = read_tensors(&dir.p("eager.safetensors"));
+    let (lazy, _) = read_tensors(&dir.arg("lazy.safetensors"));
+    let (eager, _) = read_tensors(&dir.arg("eager.safetensors"));
     for ((n, _, a), (_, _, b)) in lazy.iter().zip(&eager) {
         let zero_rows = |v: &[f32]| v.chunks(16).filter(|r| r.iter().all(|&x| x == 0.0)).count();
         assert_eq!(zero_rows(a), zero_rows(b), "{n}: rows exported as zeros");
         assert!(a == b, "{n} differs between the lazy and the eager export");
     }
     assert_eq!(
-        std::fs::read(dir.p("lazy.safetensors")).unwrap(),
-        std::fs::read(dir.p("eager.safetensors")).unwrap()
+        std::fs::read(dir.arg("lazy.safetensors")).unwrap(),
+        std::fs::read(dir.arg("eager.safetensors")).unwrap()
     );
 
     // Eval and predict of the lazy checkpoint equal those of the eager one.
@@ -261,9 +231,9 @@ fn lazy_tables_read_as_initialised_in_export_eval_and_predict() {
         metrics(&ok(&[
             "eval",
             "--load-model",
-            &dir.p(ck),
+            &dir.arg(ck),
             "--dataset",
-            &dir.p("ds"),
+            &dir.arg("ds"),
             "--threads",
             "2",
         ]))
@@ -279,23 +249,23 @@ fn import_with_a_dataset_predicts_raw_rows_as_the_original() {
     let dir = Scratch::new("import-ds");
     make_dataset(&dir, "ds", "2000", "300");
     train_on_dataset(&dir, "ds", "ck", &[]);
-    let exported = dir.p("ck.safetensors");
-    ok(&["export", "--load-model", &dir.p("ck"), "--out", &exported]);
+    let exported = dir.arg("ck.safetensors");
+    ok(&["export", "--load-model", &dir.arg("ck"), "--out", &exported]);
     ok(&[
         "import",
         "--in",
         &exported,
         "--save-model",
-        &dir.p("imported"),
+        &dir.arg("imported"),
         "--dataset",
-        &dir.p("ds"),
+        &dir.arg("ds"),
     ]);
     let probs = predict(&dir, "ck", "ds.tsv");
     assert_eq!(probs.lines().count(), 2000);
     assert_eq!(predict(&dir, "imported", "ds.tsv"), probs);
     // The encoding files are those a checkpoint saved by `train --dataset` carries.
     let files = |ck: &str| {
-        let d = version(&dir.p(ck)).join(checkpoint::DATASET_DIR);
+        let d = version(&dir.arg(ck)).join(checkpoint::DATASET_DIR);
         let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(&d)
             .unwrap()
             .map(|e| e.unwrap())
@@ -312,16 +282,22 @@ fn import_with_a_dataset_predicts_raw_rows_as_the_original() {
     assert_eq!(files("imported"), files("ck"));
 
     // Without --dataset, the imported model has no encoding for raw rows.
-    ok(&["import", "--in", &exported, "--save-model", &dir.p("bare")]);
+    ok(&[
+        "import",
+        "--in",
+        &exported,
+        "--save-model",
+        &dir.arg("bare"),
+    ]);
     fails(
         &[
             "predict",
             "--load-model",
-            &dir.p("bare"),
+            &dir.arg("bare"),
             "--criteo",
-            &dir.p("ds.tsv"),
+            &dir.arg("ds.tsv"),
             "--out",
-            &dir.p("bare.probs"),
+            &dir.arg("bare.probs"),
         ],
         &["not trained on a Criteo dataset"],
     );
@@ -333,9 +309,9 @@ fn import_with_a_dataset_predicts_raw_rows_as_the_original() {
             "--in",
             &exported,
             "--save-model",
-            &dir.p("mismatch"),
+            &dir.arg("mismatch"),
             "--dataset",
-            &dir.p("other"),
+            &dir.arg("other"),
         ],
         &["--dataset", "table sizes"],
     );
@@ -348,14 +324,14 @@ fn import_with_a_dataset_predicts_raw_rows_as_the_original() {
 #[test]
 fn non_finite_parameters_are_refused_on_load_and_import() {
     let dir = Scratch::new("nan");
-    let ck = dir.p("ck");
+    let ck = dir.arg("ck");
     train_small(&ck, &[]);
     ok(&[
         "export",
         "--load-model",
         &ck,
         "--out",
-        &dir.p("good.safetensors"),
+        &dir.arg("good.safetensors"),
     ]);
 
     // A NaN in a table file: row 5, column 3 of table 2 (d = 16).
@@ -372,11 +348,17 @@ fn non_finite_parameters_are_refused_on_load_and_import() {
         "[5, 3]",
         "--allow-non-finite",
     ];
-    let out = dir.p("x.safetensors");
+    let out = dir.arg("x.safetensors");
     fails(&["export", "--load-model", &ck, "--out", &out], &needles);
     assert!(!Path::new(&out).exists());
     fails(
-        &["eval", "--load-model", &ck, "--criteo", &dir.p("none.tsv")],
+        &[
+            "eval",
+            "--load-model",
+            &ck,
+            "--criteo",
+            &dir.arg("none.tsv"),
+        ],
         &needles,
     );
     fails(
@@ -385,9 +367,9 @@ fn non_finite_parameters_are_refused_on_load_and_import() {
             "--load-model",
             &ck,
             "--criteo",
-            &dir.p("none.tsv"),
+            &dir.arg("none.tsv"),
             "--out",
-            &dir.p("p.txt"),
+            &dir.arg("p.txt"),
         ],
         &needles,
     );
@@ -421,20 +403,20 @@ fn non_finite_parameters_are_refused_on_load_and_import() {
     );
 
     // Import: a NaN in a PyTorch file.
-    let (mut tensors, meta) = read_tensors(&dir.p("good.safetensors"));
+    let (mut tensors, meta) = read_tensors(&dir.arg("good.safetensors"));
     let (_, _, values) = tensors
         .iter_mut()
         .find(|(n, _, _)| n == "top_l.0.bias")
         .unwrap();
     values[7] = f32::NAN;
-    write_tensors(&dir.p("nan.safetensors"), &tensors, meta);
+    write_tensors(&dir.arg("nan.safetensors"), &tensors, meta);
     let import = |extra: &[&str]| {
         let mut args = vec![
             "import".to_string(),
             "--in".into(),
-            dir.p("nan.safetensors"),
+            dir.arg("nan.safetensors"),
             "--save-model".into(),
-            dir.p("imported"),
+            dir.arg("imported"),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         args
@@ -466,7 +448,7 @@ fn edit_meta(ck: &str, edit: impl FnOnce(&mut serde_json::Value)) {
 #[test]
 fn a_checkpoint_architecture_is_checked_on_load() {
     let dir = Scratch::new("meta");
-    let ck = dir.p("ck");
+    let ck = dir.arg("ck");
     train_small(&ck, &[]);
     let original = std::fs::read(version(&ck).join("meta.json")).unwrap();
     type ArchEdit = Box<dyn Fn(&mut serde_json::Value)>;
@@ -509,11 +491,17 @@ fn a_checkpoint_architecture_is_checked_on_load() {
     for (edit, needles) in cases {
         std::fs::write(version(&ck).join("meta.json"), &original).unwrap();
         edit_meta(&ck, edit);
-        let out = dir.p("out.safetensors");
+        let out = dir.arg("out.safetensors");
         fails(&["export", "--load-model", &ck, "--out", &out], &needles);
         assert!(!Path::new(&out).exists());
         fails(
-            &["eval", "--load-model", &ck, "--criteo", &dir.p("none.tsv")],
+            &[
+                "eval",
+                "--load-model",
+                &ck,
+                "--criteo",
+                &dir.arg("none.tsv"),
+            ],
             &needles,
         );
         let mut resume = vec!["train"];
@@ -527,7 +515,7 @@ fn a_checkpoint_architecture_is_checked_on_load() {
 fn import_reads_the_interaction_from_the_file_and_refuses_to_guess() {
     let dir = Scratch::new("import");
     // 3 tables, d = 2: cat gives 4 x 2 = 8 inputs, dot 2 + 6 = 8 too.
-    let ck = dir.p("cat");
+    let ck = dir.arg("cat");
     train_small(
         &ck,
         &[
@@ -543,22 +531,28 @@ fn import_reads_the_interaction_from_the_file_and_refuses_to_guess() {
             "cat",
         ],
     );
-    let exported = dir.p("cat.safetensors");
+    let exported = dir.arg("cat.safetensors");
     ok(&["export", "--load-model", &ck, "--out", &exported]);
     let (tensors, meta) = read_tensors(&exported);
     assert_eq!(meta.as_ref().unwrap()["arch_interaction_op"], "cat");
 
     // Its own export comes back as cat.
-    ok(&["import", "--in", &exported, "--save-model", &dir.p("back")]);
-    let v = version(&dir.p("back"));
+    ok(&[
+        "import",
+        "--in",
+        &exported,
+        "--save-model",
+        &dir.arg("back"),
+    ]);
+    let v = version(&dir.arg("back"));
     let cfg = checkpoint::read_dlrm_config(&v, &checkpoint::read_meta(&v).unwrap()).unwrap();
     assert_eq!(cfg.arch.interaction, dlrm::config::InteractionOp::Cat);
 
     // Without metadata the file is ambiguous: refused, unless the flags say which.
-    let bare = dir.p("bare.safetensors");
+    let bare = dir.arg("bare.safetensors");
     write_tensors(&bare, &tensors, None);
     fails(
-        &["import", "--in", &bare, "--save-model", &dir.p("guess")],
+        &["import", "--in", &bare, "--save-model", &dir.arg("guess")],
         &["bare.safetensors", "--arch-interaction-op"],
     );
     assert!(!dir.0.join("guess").exists());
@@ -567,20 +561,20 @@ fn import_reads_the_interaction_from_the_file_and_refuses_to_guess() {
         "--in",
         &bare,
         "--save-model",
-        &dir.p("stated"),
+        &dir.arg("stated"),
         "--arch-interaction-op",
         "cat",
     ]);
     ok(&[
         "export",
         "--load-model",
-        &dir.p("stated"),
+        &dir.arg("stated"),
         "--out",
-        &dir.p("stated.safetensors"),
+        &dir.arg("stated.safetensors"),
     ]);
     assert_eq!(
         std::fs::read(&exported).unwrap(),
-        std::fs::read(dir.p("stated.safetensors")).unwrap()
+        std::fs::read(dir.arg("stated.safetensors")).unwrap()
     );
     // A flag that contradicts the metadata is refused.
     fails(
@@ -589,7 +583,7 @@ fn import_reads_the_interaction_from_the_file_and_refuses_to_guess() {
             "--in",
             &exported,
             "--save-model",
-            &dir.p("contradiction"),
+            &dir.arg("contradiction"),
             "--arch-interaction-op",
             "dot",
         ],
@@ -602,7 +596,7 @@ fn import_reads_the_interaction_from_the_file_and_refuses_to_guess() {
             "--in",
             &bare,
             "--save-model",
-            &dir.p("selfdot"),
+            &dir.arg("selfdot"),
             "--arch-interaction-op",
             "dot",
             "--arch-interaction-itself",
@@ -613,10 +607,10 @@ fn import_reads_the_interaction_from_the_file_and_refuses_to_guess() {
     // Unknown tensors are refused unless --ignore-unknown.
     let mut extra = tensors.clone();
     extra.push(("v_W_l.0".into(), vec![2], vec![0.5, 0.25]));
-    let unknown = dir.p("unknown.safetensors");
+    let unknown = dir.arg("unknown.safetensors");
     write_tensors(&unknown, &extra, meta);
     fails(
-        &["import", "--in", &unknown, "--save-model", &dir.p("u")],
+        &["import", "--in", &unknown, "--save-model", &dir.arg("u")],
         &["unknown.safetensors", "v_W_l.0", "--ignore-unknown"],
     );
     assert!(!dir.0.join("u").exists());
@@ -625,7 +619,7 @@ fn import_reads_the_interaction_from_the_file_and_refuses_to_guess() {
         "--in",
         &unknown,
         "--save-model",
-        &dir.p("u"),
+        &dir.arg("u"),
         "--ignore-unknown",
     ]);
 }
@@ -634,7 +628,7 @@ fn import_reads_the_interaction_from_the_file_and_refuses_to_guess() {
 fn export_is_byte_reproducible_and_honours_the_umask() {
     use std::os::unix::fs::PermissionsExt;
     let dir = Scratch::new("export");
-    let ck = dir.p("ck");
+    let ck = dir.arg("ck");
     train_small(&ck, &[]);
     let export = |out: &str, umask: &str| {
         let o = Command::new("sh")
@@ -652,13 +646,13 @@ fn export_is_byte_reproducible_and_honours_the_umask() {
         assert!(o.status.success(), "{}", stderr(&o));
         std::fs::metadata(out).unwrap().permissions().mode() & 0o777
     };
-    assert_eq!(export(&dir.p("a.safetensors"), "022"), 0o644);
-    assert_eq!(export(&dir.p("b.safetensors"), "002"), 0o664);
+    assert_eq!(export(&dir.arg("a.safetensors"), "022"), 0o644);
+    assert_eq!(export(&dir.arg("b.safetensors"), "002"), 0o664);
     for _ in 0..3 {
-        export(&dir.p("c.safetensors"), "022");
+        export(&dir.arg("c.safetensors"), "022");
         assert_eq!(
-            std::fs::read(dir.p("a.safetensors")).unwrap(),
-            std::fs::read(dir.p("c.safetensors")).unwrap(),
+            std::fs::read(dir.arg("a.safetensors")).unwrap(),
+            std::fs::read(dir.arg("c.safetensors")).unwrap(),
             "two exports of one checkpoint differ"
         );
     }
@@ -668,10 +662,10 @@ fn export_is_byte_reproducible_and_honours_the_umask() {
 #[test]
 fn models_that_cannot_be_saved_are_refused_before_training() {
     let dir = Scratch::new("models");
-    let ck = dir.p("ck");
+    let ck = dir.arg("ck");
     train_small(&ck, &[]);
     for model in ["dcn", "dcn-v2", "fm", "mf"] {
-        let out = dir.p(&format!("{model}-out"));
+        let out = dir.arg(&format!("{model}-out"));
         let mut args = vec!["train", "--model", model];
         args.extend(SMALL_RUN);
         let save = [args.clone(), vec!["--save-model", &out]].concat();

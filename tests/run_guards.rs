@@ -12,22 +12,14 @@ use dlrm::model::dlrm::Dlrm;
 use dlrm::model::embedding_tables::StorageKind;
 use dlrm::model::fm::{Fm, FmConfig};
 use dlrm::model::{Model, ModelKind, OptimizerKind, ParameterScope, Task, mf};
+
+mod support;
 use dlrm::train::{
     CheckpointPolicy, DataSource, Diverged, LrSchedule, TrainOptions, evaluate, train,
 };
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn dlrm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dlrm"))
-        .args(args)
-        .output()
-        .expect("run dlrm")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use std::path::Path;
+use std::process::Output;
+use support::{Scratch, dlrm, stderr};
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -46,33 +38,6 @@ fn assert_refused(o: &Output, needle: &str, what: &str) {
 
 fn assert_ok(o: &Output, what: &str) {
     assert!(o.status.success(), "{what}: {}", stderr(o));
-}
-
-/// A scratch folder, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir =
-            std::env::temp_dir().join(format!("dlrm-run-guards-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    fn arg(&self, name: &str) -> String {
-        self.path(name).to_str().unwrap().to_string()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A tiny DLRM on synthetic data: small tables and MLPs, a few steps.
