@@ -131,3 +131,65 @@ pub fn remove_stale_partials(target: &Path) -> Vec<PathBuf> {
     }
     removed
 }
+
+/// A file written at `<target>.partial-<pid>` ([`partial_path`]) and renamed onto `target` by
+/// [`PartialFile::commit`]; dropped uncommitted (an error or a cancellation on the way), it is
+/// removed, so no half-written output ever stands where a finished one would. It is created
+/// with the process umask, like any output.
+pub struct PartialFile {
+    path: PathBuf,
+    target: PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl PartialFile {
+    /// Creates the partial file of `target`, after removing those that killed processes left.
+    pub fn create(target: &Path) -> anyhow::Result<PartialFile> {
+        use anyhow::Context;
+        remove_stale_partials(target);
+        let path = partial_path(target)?;
+        let file = std::fs::File::create(&path)
+            .with_context(|| format!("{}: cannot create", path.display()))?;
+        Ok(PartialFile {
+            path,
+            target: target.to_path_buf(),
+            file: Some(file),
+        })
+    }
+
+    /// Where the data goes until the commit.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn file(&self) -> &std::fs::File {
+        self.file.as_ref().expect("the file is open until commit")
+    }
+
+    /// Makes the data durable and renames the file onto its target.
+    pub fn commit(mut self) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let file = self.file.take().expect("the file is open until commit");
+        file.sync_all()
+            .with_context(|| format!("{}: cannot write", self.path.display()))?;
+        drop(file);
+        std::fs::rename(&self.path, &self.target).with_context(|| {
+            format!(
+                "renaming {} to {}",
+                self.path.display(),
+                self.target.display()
+            )
+        })?;
+        // Renamed: nothing is left for the drop to remove.
+        self.path = PathBuf::new();
+        Ok(())
+    }
+}
+
+impl Drop for PartialFile {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}

@@ -11,6 +11,7 @@
 //! (The reference builds each MLP as nn.Sequential(Linear, ReLU, Linear, ...), so Linear k is
 //! module 2k.) Optimizer state is not part of a state_dict and is not exported.
 
+use crate::cancel::{Cancel, Interrupted, PartialFile, note_removed};
 use crate::checkpoint::{LoadOptions, layer_names, read_tensor};
 use crate::config::{Architecture, InteractionOp, interaction_width, join};
 use crate::model::OptimizerKind;
@@ -25,8 +26,9 @@ use std::path::Path;
 
 /// Writes every parameter of `model` to `path` as safetensors (streamed: the tables are not
 /// copied in memory), with the architecture in the `__metadata__`. Rows of a lazily
-/// initialised table that were never touched are written with their initial values.
-pub fn export_safetensors(model: &mut Dlrm, path: &Path) -> Result<()> {
+/// initialised table that were never touched are written with their initial values. Stops with
+/// [`Interrupted`] between tensors once `cancel` is requested, leaving no partial file.
+pub fn export_safetensors(model: &mut Dlrm, path: &Path, cancel: &Cancel) -> Result<()> {
     use rayon::prelude::*;
     model
         .tables
@@ -64,7 +66,7 @@ pub fn export_safetensors(model: &mut Dlrm, path: &Path) -> Result<()> {
         ),
         (META_ITSELF.to_string(), arch.self_interaction.to_string()),
     ]);
-    write_safetensors_sorted(path, tensors, &metadata)
+    write_safetensors_sorted(path, cancel, tensors, &metadata)
 }
 
 /// `__metadata__` keys of an export: the reference's flag names without the dashes.
@@ -88,6 +90,7 @@ fn interaction_name(op: InteractionOp) -> &'static str {
 /// and renamed into place when complete.
 fn write_safetensors_sorted(
     path: &Path,
+    cancel: &Cancel,
     mut tensors: Vec<(String, Vec<usize>, &[u8])>,
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
@@ -109,27 +112,28 @@ fn write_safetensors_sorted(
     while !header.len().is_multiple_of(8) {
         header.push(' ');
     }
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".partial");
-    let partial = path.with_file_name(name);
+    let partial = PartialFile::create(path)?;
     let write = || -> std::io::Result<()> {
-        let file = std::fs::File::create(&partial)?;
-        let mut out = std::io::BufWriter::with_capacity(1 << 20, &file);
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, partial.file());
         out.write_all(&(header.len() as u64).to_le_bytes())?;
         out.write_all(header.as_bytes())?;
         for (_, _, bytes) in &tensors {
+            cancel.check().map_err(std::io::Error::other)?;
             out.write_all(bytes)?;
         }
-        out.flush()?;
-        drop(out);
-        file.sync_all()
+        out.flush()
     };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&partial);
-        return Err(e).with_context(|| format!("{}: cannot write", partial.display()));
+    match write() {
+        Ok(()) => partial.commit(),
+        Err(e) => {
+            let removed = partial.path().to_path_buf();
+            drop(partial);
+            match e.downcast::<Interrupted>() {
+                Ok(interrupted) => Err(note_removed(interrupted.into(), &removed)),
+                Err(e) => Err(e).with_context(|| format!("{}: cannot write", removed.display())),
+            }
+        }
     }
-    std::fs::rename(&partial, path)
-        .with_context(|| format!("renaming {} to {}", partial.display(), path.display()))
 }
 
 /// What `import` is told beyond the file.

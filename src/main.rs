@@ -65,8 +65,12 @@ fn main() {
     let result = match cli.command {
         Command::Train(args) => cancel_on_signals().and_then(|c| commands::train::run(*args, &c)),
         Command::Eval(args) => commands::serve::run_eval(*args),
-        Command::Predict(args) => commands::serve::run_predict(*args),
-        Command::Export(args) => commands::export::run_export(args),
+        Command::Predict(args) => {
+            cancel_on_signals().and_then(|c| commands::serve::run_predict(*args, &c))
+        }
+        Command::Export(args) => {
+            cancel_on_signals().and_then(|c| commands::export::run_export(args, &c))
+        }
         Command::Import(args) => commands::export::run_import(args),
         Command::Compare(args) => commands::compare::run(*args),
         Command::Preprocess(args) => {

@@ -2,6 +2,7 @@
 //! dictionaries (or hashing settings) the model was trained with, and scored batch by batch on
 //! the forward pass only.
 
+use crate::cancel::Cancel;
 use crate::data::Batch;
 use crate::data::criteo::{NUM_CATEGORICAL, NUM_DENSE, RawRow, dense_feature, parse_line};
 use crate::data::preprocess::{Encoder, LineError};
@@ -43,6 +44,8 @@ pub struct ScoreOptions<'a> {
     pub keep: bool,
     /// Write one line per input line: the probability, or `NaN` for a skipped line.
     pub out: Option<&'a mut dyn Write>,
+    /// Checked between rounds of lines.
+    pub cancel: Cancel,
 }
 
 /// Encodes parsed rows into `batch` (one id per table per row: Criteo features are one-hot).
@@ -95,6 +98,7 @@ pub fn score_file(
     let batch_size = opts.batch_size.min(LINES_PER_ROUND);
     reserve_checked(model, batch_size, false, "--mini-batch-size")?;
     loop {
+        opts.cancel.check()?;
         lines.clear();
         for _ in 0..LINES_PER_ROUND {
             let mut line = Vec::new();

@@ -464,3 +464,57 @@ fn signals_stop_training_on_criteo_and_remove_the_temporary_dataset() {
         assert_eq!(entries(&tmp, ""), Vec::<String>::new());
     }
 }
+
+#[test]
+fn signals_stop_predict_and_remove_its_partial_output() {
+    let dir = Scratch::new("sig-predict");
+    let small = dir.path("small.tsv");
+    synth(&small, 2000);
+    let big = dir.path("big.tsv");
+    synth(&big, 400_000);
+    let ck = dir.path("ck");
+    assert_ok(&run(&[
+        "train",
+        "--criteo",
+        s(&small),
+        "--mini-batch-size",
+        "64",
+        "--arch-mlp-bot",
+        "13-16",
+        "--arch-mlp-top",
+        "16-1",
+        "--threads",
+        "2",
+        "--print-freq=0",
+        "--save-model",
+        s(&ck),
+    ]));
+    let out = dir.path("p.txt");
+    for (signal, code) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
+        let mut child = dlrm()
+            .args(["predict", "--load-model", s(&ck), "--criteo", s(&big)])
+            .args([
+                "--out",
+                s(&out),
+                "--threads",
+                "1",
+                "--mini-batch-size",
+                "128",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let partial = dir.path(&format!("p.txt.partial-{}", child.id()));
+        wait_for(&mut child, "the partial output", || partial.exists());
+        send(&child, signal);
+        let o = child.wait_with_output().unwrap();
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(code), "{e}");
+        assert!(
+            e.contains(&format!("interrupted: removed {}", partial.display())),
+            "{e}"
+        );
+        assert_eq!(entries(&dir.0, "p.txt"), Vec::<String>::new(), "{e}");
+    }
+}

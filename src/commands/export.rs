@@ -62,7 +62,7 @@ pub struct ImportArgs {
     dataset: Option<PathBuf>,
 }
 
-pub fn run_export(a: ExportArgs) -> Result<()> {
+pub fn run_export(a: ExportArgs, cancel: &Cancel) -> Result<()> {
     let version = checkpoint::resolve(&a.load_model)?;
     let checkpoint_files: Vec<PathBuf> = std::fs::read_dir(&version)
         .with_context(|| format!("{}: cannot list", version.display()))?
@@ -80,7 +80,7 @@ pub fn run_export(a: ExportArgs) -> Result<()> {
             allow_non_finite: a.allow_non_finite,
         },
     )?;
-    export_safetensors(&mut model, &a.out)?;
+    export_safetensors(&mut model, &a.out, cancel)?;
     eprintln!("exported {} to {}", version.display(), a.out.display());
     Ok(())
 }

@@ -3,6 +3,7 @@
 use super::ThreadArgs;
 use anyhow::{Context, Result};
 use clap::Args;
+use dlrm::cancel::{Cancel, PartialFile, note_removed};
 use dlrm::checkpoint::{self, DATASET_DIR};
 use dlrm::data::Batch;
 use dlrm::data::binary::{BinaryDataset, DatasetSplit};
@@ -132,6 +133,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
                         batch_size: a.model.mini_batch_size,
                         keep: true,
                         out: None,
+                        cancel: Cancel::never(),
                     },
                 )?;
                 report_skipped(s.skipped, file);
@@ -160,7 +162,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     })
 }
 
-pub fn run_predict(a: PredictArgs) -> Result<()> {
+pub fn run_predict(a: PredictArgs, cancel: &Cancel) -> Result<()> {
     anyhow::ensure!(
         a.model.mini_batch_size > 0,
         "--mini-batch-size must be at least 1"
@@ -169,13 +171,11 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
         let (mut model, version) = load(&a.model)?;
         let enc = encoder(&version)?;
         super::check_output(&a.out, &[&a.criteo], a.force)?;
-        // Written beside the destination and renamed when complete, so a failed run never
-        // leaves a partial file that looks like a finished one.
-        let partial = partial_path(&a.out);
-        let file = std::fs::File::create(&partial)
-            .with_context(|| format!("{}: cannot create", partial.display()))?;
-        let mut out = std::io::BufWriter::new(file);
-        let s = score_file(
+        // Written beside the destination and renamed when complete, so a failed or interrupted
+        // run never leaves a partial file that looks like a finished one.
+        let partial = PartialFile::create(&a.out)?;
+        let mut out = std::io::BufWriter::new(partial.file());
+        let scored = score_file(
             &mut model,
             &enc,
             &a.criteo,
@@ -185,16 +185,22 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
                 batch_size: a.model.mini_batch_size,
                 keep: false,
                 out: Some(&mut out),
+                cancel: cancel.clone(),
             },
-        )
-        .inspect_err(|_| {
-            let _ = std::fs::remove_file(&partial);
-        })?;
+        );
+        let s = match scored {
+            Ok(s) => s,
+            Err(e) => {
+                let removed = partial.path().to_path_buf();
+                drop(out);
+                drop(partial);
+                return Err(note_removed(e, &removed));
+            }
+        };
         std::io::Write::flush(&mut out)
-            .with_context(|| format!("{}: cannot write", partial.display()))?;
+            .with_context(|| format!("{}: cannot write", partial.path().display()))?;
         drop(out);
-        std::fs::rename(&partial, &a.out)
-            .with_context(|| format!("renaming {} to {}", partial.display(), a.out.display()))?;
+        partial.commit()?;
         report_skipped(s.skipped, &a.criteo);
         eprintln!(
             "scored {} rows of {} into {} in {:.2} s ({:.0} rows/s)",
@@ -206,13 +212,6 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
         );
         Ok(())
     })
-}
-
-/// `out` with `.partial` appended to its file name.
-fn partial_path(out: &Path) -> PathBuf {
-    let mut name = out.file_name().unwrap_or_default().to_os_string();
-    name.push(".partial");
-    out.with_file_name(name)
 }
 
 fn report_skipped(skipped: u64, file: &Path) {
