@@ -9,10 +9,55 @@ use crate::metrics::EvalMetrics;
 use crate::model::{Model, OptimizerKind, ParameterScope, PhaseSeconds, Task};
 use crate::rng::{SplitMix64, derive_key};
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// The training loss over one report interval (`--print-freq` steps).
+#[derive(Clone, Debug)]
+pub struct IntervalReport {
+    /// Steps completed, and the run's last step.
+    pub step: u64,
+    pub total_steps: u64,
+    pub epoch: u64,
+    /// Mean training loss of the interval.
+    pub loss: f64,
+    pub ms_per_step: f64,
+    pub samples_per_sec: f64,
+}
+
+/// Whoever watches a training run: [`train`] reports through it and never prints (the CLI
+/// draws a progress bar and writes lines; tools and tests use [`Quiet`]). Every method has an
+/// empty default.
+pub trait TrainObserver {
+    /// Training runs from step `first_step` to `total_steps`.
+    fn started(&mut self, first_step: u64, total_steps: u64) {
+        let _ = (first_step, total_steps);
+    }
+    /// Step `step` is done.
+    fn stepped(&mut self, step: u64) {
+        let _ = step;
+    }
+    /// A report interval ended.
+    fn interval(&mut self, report: &IntervalReport) {
+        let _ = report;
+    }
+    /// A periodic evaluation (`--test-freq`) after step `step`.
+    fn evaluated(&mut self, step: u64, metrics: &EvalMetrics) {
+        let _ = (step, metrics);
+    }
+    /// A checkpoint of step `step` was saved at `path` in `seconds`.
+    fn saved(&mut self, step: u64, path: &Path, seconds: f64) {
+        let _ = (step, path, seconds);
+    }
+    /// The steps are over (the final evaluation follows).
+    fn finished(&mut self) {}
+}
+
+/// An observer that ignores everything.
+pub struct Quiet;
+
+impl TrainObserver for Quiet {}
 
 /// Where batches come from: an in-memory generator or a mapped dataset.
 pub trait DataSource: Sync {
@@ -111,7 +156,6 @@ pub struct TrainOptions {
     /// Keep a last partial batch of an epoch (else drop it).
     pub keep_last_batch: bool,
     pub seed: u64,
-    pub progress: bool,
     /// Where and how often to save checkpoints (None: never).
     pub checkpoint: Option<CheckpointPolicy>,
     /// Continue a run from this state (a loaded checkpoint's) instead of from step 0.
@@ -134,7 +178,6 @@ impl TrainOptions {
             test_batch_size: batch_size.max(1024),
             keep_last_batch: true,
             seed: 1,
-            progress: false,
             checkpoint: None,
             resume: None,
             cancel: Cancel::never(),
@@ -398,6 +441,7 @@ pub fn train(
     data: &dyn DataSource,
     opts: &TrainOptions,
     threads: usize,
+    observer: &mut dyn TrainObserver,
 ) -> Result<TrainReport> {
     let cancel = &opts.cancel;
     opts.lr.validate()?;
@@ -442,18 +486,7 @@ pub fn train(
         None => (0, 0, 0),
     };
 
-    let bar = if opts.progress {
-        let b = ProgressBar::new(total_steps);
-        b.set_style(
-            ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}",
-            )
-            .expect("valid template"),
-        );
-        b
-    } else {
-        ProgressBar::hidden()
-    };
+    observer.started(resumed_at, total_steps);
 
     let started = Instant::now();
     let warmup = warmup_steps(total_steps.saturating_sub(resumed_at));
@@ -544,7 +577,7 @@ pub fn train(
             if let Some(every) = opts.checkpoint.as_ref().map(|c| c.every).filter(|&e| e > 0)
                 && step.is_multiple_of(every)
             {
-                let secs = save_checkpoint(opts, model, &state, cancel)?;
+                let secs = save_checkpoint(opts, model, &state, observer)?;
                 last_saved = Some(step);
                 if steady_start.is_some() {
                     eval_seconds_after_warmup += secs;
@@ -552,20 +585,21 @@ pub fn train(
             }
             window_loss += loss;
             window_steps += 1;
-            bar.inc(1);
+            observer.stepped(step);
             if opts.print_freq > 0
                 && (step.is_multiple_of(opts.print_freq as u64) || step == total_steps)
             {
                 let secs = window_start.elapsed().as_secs_f64();
                 let rate = (window_steps * bs) as f64 / secs.max(1e-9);
                 last_window_loss = window_loss / window_steps as f64;
-                bar.set_message(format!("loss {last_window_loss:.5}  {rate:.0} samples/s"));
-                if !opts.progress {
-                    eprintln!(
-                        "step {step}/{total_steps} (epoch {epoch}): loss {last_window_loss:.6}, {:.2} ms/step, {rate:.0} samples/s",
-                        secs * 1e3 / window_steps as f64
-                    );
-                }
+                observer.interval(&IntervalReport {
+                    step,
+                    total_steps,
+                    epoch,
+                    loss: last_window_loss,
+                    ms_per_step: secs * 1e3 / window_steps as f64,
+                    samples_per_sec: rate,
+                });
                 window_loss = 0.0;
                 window_steps = 0;
                 window_start = Instant::now();
@@ -582,22 +616,8 @@ pub fn train(
                         .err()
                         .unwrap_or(e)
                 })?;
-                let point = eval_point(step, &m);
-                let line = match m.rmse {
-                    Some(rmse) => format!("step {step}: test MSE {:.5}, RMSE {rmse:.4}", m.loss),
-                    None => format!(
-                        "step {step}: test loss {:.5}, accuracy {:.4}, {}",
-                        m.loss,
-                        m.accuracy,
-                        m.auc_and_ne()
-                    ),
-                };
-                if opts.progress {
-                    bar.println(line);
-                } else {
-                    eprintln!("{line}");
-                }
-                evals.push(point);
+                observer.evaluated(step, &m);
+                evals.push(eval_point(step, &m));
                 if steady_start.is_some() {
                     eval_seconds_after_warmup += t.elapsed().as_secs_f64();
                 }
@@ -613,9 +633,9 @@ pub fn train(
         f64::NAN
     };
     let phases = model.phases();
-    bar.finish_and_clear();
+    observer.finished();
     if last_saved != Some(step) {
-        save_checkpoint(opts, model, &state, cancel)?;
+        save_checkpoint(opts, model, &state, observer)?;
     }
 
     let final_eval = evaluate(model, data, test_batch, &mut eval_batch)?;
@@ -668,7 +688,7 @@ fn save_checkpoint(
     opts: &TrainOptions,
     model: &dyn Model,
     state: &TrainState,
-    cancel: &Cancel,
+    observer: &mut dyn TrainObserver,
 ) -> Result<f64> {
     let t = Instant::now();
     ensure_finite_parameters(model, ParameterScope::All, state.step)?;
@@ -681,14 +701,10 @@ fn save_checkpoint(
         state,
         policy.dataset_files.as_deref(),
         policy.keep,
-        cancel,
+        &opts.cancel,
     )?;
     let secs = t.elapsed().as_secs_f64();
-    eprintln!(
-        "step {}: saved {} in {secs:.2} s",
-        state.step,
-        path.display()
-    );
+    observer.saved(state.step, &path, secs);
     Ok(secs)
 }
 

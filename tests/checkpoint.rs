@@ -10,7 +10,7 @@ use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, Syntheti
 use dlrm::model::OptimizerKind;
 use dlrm::model::dlrm::Dlrm;
 use dlrm::model::embedding_tables::StorageKind;
-use dlrm::train::{CheckpointPolicy, DataSource, LrSchedule, TrainOptions, train};
+use dlrm::train::{CheckpointPolicy, DataSource, LrSchedule, Quiet, TrainOptions, train};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -102,7 +102,6 @@ fn options(nepochs: usize, ckpt: Option<&Path>, resume: Option<TrainState>) -> T
         test_batch_size: 256,
         keep_last_batch: true,
         seed: 9,
-        progress: false,
         checkpoint: ckpt.map(|dir| CheckpointPolicy {
             dir: dir.to_path_buf(),
             every: 7,
@@ -145,12 +144,19 @@ fn resuming_is_bit_identical_to_training_straight_through() {
             let data = source();
             // Straight through: 3 epochs of 10 steps.
             let mut straight = Dlrm::new(arch(), optimizer, &StorageKind::Anon, 9).unwrap();
-            train(&mut straight, &data, &options(3, None, None), 2).unwrap();
+            train(&mut straight, &data, &options(3, None, None), 2, &mut Quiet).unwrap();
 
             // 2 epochs with checkpoints (every 7 steps and at the end), then resume to 3.
             let dir = TempDir::new("resume");
             let mut first = Dlrm::new(arch(), optimizer, &StorageKind::Anon, 9).unwrap();
-            train(&mut first, &data, &options(2, Some(&dir.0), None), 2).unwrap();
+            train(
+                &mut first,
+                &data,
+                &options(2, Some(&dir.0), None),
+                2,
+                &mut Quiet,
+            )
+            .unwrap();
             drop(first);
             let version = checkpoint::resolve(&dir.0).unwrap();
             let tables = TempDir::new("tables");
@@ -169,6 +175,7 @@ fn resuming_is_bit_identical_to_training_straight_through() {
                 &data,
                 &options(3, None, Some(meta.train_state)),
                 2,
+                &mut Quiet,
             )
             .unwrap();
             assert!(

@@ -19,7 +19,7 @@ use dlrm::model::OptimizerKind;
 use dlrm::model::dlrm::Dlrm;
 use dlrm::model::embedding_tables::StorageKind;
 use dlrm::rng::SplitMix64;
-use dlrm::train::{DataSource, LrSchedule, TrainOptions, TrainReport, train};
+use dlrm::train::{DataSource, LrSchedule, Quiet, TrainOptions, TrainReport, train};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
@@ -176,7 +176,7 @@ fn train_on(
 ) -> TrainReport {
     in_pool(threads, || {
         let mut model = Dlrm::new(arch, optimizer, &StorageKind::Anon, seed).unwrap();
-        train(&mut model, data, opts, threads).unwrap()
+        train(&mut model, data, opts, threads, &mut Quiet).unwrap()
     })
 }
 

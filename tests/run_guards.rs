@@ -15,7 +15,7 @@ use dlrm::model::{Model, ModelKind, OptimizerKind, ParameterScope, Task, mf};
 
 mod support;
 use dlrm::train::{
-    CheckpointPolicy, DataSource, Diverged, LrSchedule, TrainOptions, evaluate, train,
+    CheckpointPolicy, DataSource, Diverged, LrSchedule, Quiet, TrainOptions, evaluate, train,
 };
 use std::path::Path;
 use std::process::Output;
@@ -262,7 +262,7 @@ fn a_nan_input_stops_training_before_a_checkpoint_holds_it() {
         }),
         ..TrainOptions::new(64, LrSchedule::constant(0.1))
     };
-    let err = train(&mut model, &data, &opts, 2).unwrap_err();
+    let err = train(&mut model, &data, &opts, 2, &mut Quiet).unwrap_err();
     let diverged = err
         .downcast_ref::<Diverged>()
         .unwrap_or_else(|| panic!("not a divergence: {err:#}"));
@@ -313,7 +313,7 @@ fn a_non_finite_table_row_is_caught_at_the_end() {
         nan_at: u64::MAX,
     };
     let opts = TrainOptions::new(16, LrSchedule::constant(0.1));
-    let err = train(&mut model, &data, &opts, 2).unwrap_err();
+    let err = train(&mut model, &data, &opts, 2, &mut Quiet).unwrap_err();
     let diverged = err.downcast_ref::<Diverged>().expect("a divergence");
     assert_eq!(diverged.step, 1);
     assert_eq!(diverged.what, "parameter emb_l.0.weight[5] is NaN");
@@ -343,7 +343,7 @@ fn a_periodic_evaluation_reports_diverged_parameters() {
         test_freq: 1,
         ..TrainOptions::new(16, LrSchedule::constant(0.1))
     };
-    let err = train(&mut model, &data, &opts, 2).unwrap_err();
+    let err = train(&mut model, &data, &opts, 2, &mut Quiet).unwrap_err();
     let diverged = err
         .downcast_ref::<Diverged>()
         .unwrap_or_else(|| panic!("not a divergence: {err:#}"));

@@ -7,7 +7,7 @@ use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, Syntheti
 use dlrm::model::OptimizerKind;
 use dlrm::model::dlrm::Dlrm;
 use dlrm::model::embedding_tables::StorageKind;
-use dlrm::train::{DataSource, LrSchedule, TrainOptions, TrainReport, train};
+use dlrm::train::{DataSource, LrSchedule, Quiet, TrainOptions, TrainReport, train};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
@@ -86,7 +86,14 @@ fn run(
         .unwrap();
     pool.install(|| {
         let (mut model, source) = tiny(seed, optimizer);
-        let report = train(&mut model, &source, &options(lr, nepochs), threads).unwrap();
+        let report = train(
+            &mut model,
+            &source,
+            &options(lr, nepochs),
+            threads,
+            &mut Quiet,
+        )
+        .unwrap();
         (report, model)
     })
 }

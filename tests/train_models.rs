@@ -14,7 +14,7 @@ use dlrm::model::embedding_tables::StorageKind;
 use dlrm::model::fm::{Fm, FmConfig};
 use dlrm::model::{Model, ModelKind, OptimizerKind, Task, mf};
 use dlrm::rng::SplitMix64;
-use dlrm::train::{DataSource, LrSchedule, TrainOptions, TrainReport, train};
+use dlrm::train::{DataSource, LrSchedule, Quiet, TrainOptions, TrainReport, train};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::path::PathBuf;
@@ -116,7 +116,7 @@ fn on_two_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 }
 
 fn run(m: &mut dyn Model, data: &dyn DataSource, opts: &TrainOptions) -> TrainReport {
-    on_two_threads(|| train(m, data, opts, 2).unwrap())
+    on_two_threads(|| train(m, data, opts, 2, &mut Quiet).unwrap())
 }
 
 #[test]

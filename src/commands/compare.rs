@@ -20,7 +20,6 @@ use dlrm::train::{
 use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use std::fmt::Write as _;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
@@ -303,7 +302,6 @@ fn compare(
                 nepochs: a.nepochs,
                 test_freq: a.test_freq,
                 seed: a.seed,
-                progress: std::io::stderr().is_terminal(),
                 ..TrainOptions::new(a.mini_batch_size, LrSchedule::constant(lr))
             };
             let mut m = models::build(
@@ -319,7 +317,13 @@ fn compare(
                 model.name(),
                 optimizer_name(optimizer)
             );
-            let outcome = match train(m.as_mut(), data, &opts, threads) {
+            let outcome = match train(
+                m.as_mut(),
+                data,
+                &opts,
+                threads,
+                &mut super::progress::Console::new(),
+            ) {
                 Ok(report) => {
                     eprintln!(
                         "   accuracy {:.4}, AUC {}, {:.0} samples/s",

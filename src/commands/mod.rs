@@ -4,6 +4,7 @@ pub mod compare;
 pub mod export;
 pub mod models;
 pub mod preprocess;
+pub mod progress;
 pub mod serve;
 pub mod synth;
 pub mod train;

@@ -448,7 +448,6 @@ fn run_with(a: TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<()> {
         test_batch_size: a.test_mini_batch_size.unwrap_or(batch_size.max(1024)),
         keep_last_batch: !a.drop_last_batch,
         seed,
-        progress: std::io::stderr().is_terminal(),
         checkpoint: a.save_model.clone().map(|dir| CheckpointPolicy {
             dir,
             every: a.save_every,
@@ -542,7 +541,14 @@ fn run_with(a: TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<()> {
                 (source, model)
             }
         };
-        train(model.as_mut(), source.as_ref(), &opts, threads).map(Some)
+        train(
+            model.as_mut(),
+            source.as_ref(),
+            &opts,
+            threads,
+            &mut super::progress::Console::new(),
+        )
+        .map(Some)
     })?;
     let Some(report) = report else {
         return Ok(());
