@@ -17,12 +17,17 @@ use std::time::Instant;
 /// Lines parsed per parallel round (and scored in batches of the model's size).
 const LINES_PER_ROUND: usize = 1 << 16;
 
+/// Skipped lines kept in the summary as examples.
+const BAD_EXAMPLES: usize = 3;
+
 /// What scoring a file did.
 #[derive(Clone, Debug, Default)]
 pub struct ScoreSummary {
     /// Lines read, and lines that could not be parsed (skipped).
     pub lines: u64,
     pub skipped: u64,
+    /// The first lines skipped (file, line, field, reason), for the caller to report.
+    pub bad_examples: Vec<String>,
     pub seconds: f64,
     /// The probabilities and labels of the scored rows, when asked to keep them (evaluation).
     pub probs: Vec<f32>,
@@ -138,8 +143,8 @@ pub fn score_file(
                 Ok(row) => parsed.push(Some(row)),
                 Err(e) if opts.skip_bad_lines => {
                     summary.skipped += 1;
-                    if summary.skipped <= 3 {
-                        eprintln!("skipped {e}");
+                    if summary.bad_examples.len() < BAD_EXAMPLES {
+                        summary.bad_examples.push(e.to_string());
                     }
                     parsed.push(None);
                 }

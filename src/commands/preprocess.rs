@@ -216,6 +216,9 @@ pub fn print_summary(s: &PreprocessSummary) {
     for e in &s.bad_examples {
         println!("        {e}");
     }
+    for p in &s.removed_partials {
+        println!("removed {}, left by a run that was killed", p.display());
+    }
     let largest = s.table_sizes.iter().max().copied().unwrap_or(0);
     println!(
         "tables  {}, {} rows in all (largest {largest})",

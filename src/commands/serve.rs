@@ -11,7 +11,7 @@ use dlrm::data::preprocess::Encoder;
 use dlrm::metrics::EvalMetrics;
 use dlrm::model::dlrm::Dlrm;
 use dlrm::model::embedding_tables::StorageKind;
-use dlrm::predict::{ScoreOptions, score_file};
+use dlrm::predict::{ScoreOptions, ScoreSummary, score_file};
 use dlrm::train::{evaluate, reserve_checked};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -136,7 +136,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
                         cancel: Cancel::never(),
                     },
                 )?;
-                report_skipped(s.skipped, file);
+                report_skipped(&s, file);
                 anyhow::ensure!(
                     s.lines > s.skipped,
                     "{}: no rows to evaluate",
@@ -201,7 +201,7 @@ pub fn run_predict(a: PredictArgs, cancel: &Cancel) -> Result<()> {
             .with_context(|| format!("{}: cannot write", partial.path().display()))?;
         drop(out);
         partial.commit()?;
-        report_skipped(s.skipped, &a.criteo);
+        report_skipped(&s, &a.criteo);
         eprintln!(
             "scored {} rows of {} into {} in {:.2} s ({:.0} rows/s)",
             s.lines - s.skipped,
@@ -214,11 +214,15 @@ pub fn run_predict(a: PredictArgs, cancel: &Cancel) -> Result<()> {
     })
 }
 
-fn report_skipped(skipped: u64, file: &Path) {
-    if skipped > 0 {
+fn report_skipped(s: &ScoreSummary, file: &Path) {
+    for e in &s.bad_examples {
+        eprintln!("skipped {e}");
+    }
+    if s.skipped > 0 {
         eprintln!(
-            "{}: skipped {skipped} lines that could not be parsed",
-            file.display()
+            "{}: skipped {} lines that could not be parsed",
+            file.display(),
+            s.skipped
         );
     }
 }

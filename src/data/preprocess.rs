@@ -144,6 +144,8 @@ pub struct PreprocessSummary {
     pub bad_lines: u64,
     /// The first bad lines (file, line, field, reason).
     pub bad_examples: Vec<String>,
+    /// Partial outputs that killed runs had left beside the output, removed first.
+    pub removed_partials: Vec<PathBuf>,
     pub table_sizes: Vec<u64>,
     pub seconds: f64,
     pub pass_seconds: PassSeconds,
@@ -1160,9 +1162,7 @@ fn run_passes(opts: &PreprocessOptions, cancel: &Cancel) -> Result<PreprocessSum
             _ => "the input files are".to_string(),
         }
     );
-    for stale in remove_stale_partials(&opts.out) {
-        eprintln!("removed {}, left by a run that was killed", stale.display());
-    }
+    let removed_partials = remove_stale_partials(&opts.out);
     let tmp = TempDir::create(&opts.out)?;
     let mut secs = PassSeconds::default();
 
@@ -1294,6 +1294,7 @@ fn run_passes(opts: &PreprocessOptions, cancel: &Cancel) -> Result<PreprocessSum
         rows,
         bad_lines: bad.count,
         bad_examples: bad.examples,
+        removed_partials,
         table_sizes,
         seconds: started.elapsed().as_secs_f64(),
         pass_seconds: secs,
