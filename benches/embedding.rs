@@ -39,8 +39,9 @@ use dlrm::kernels::embedding::{
 use dlrm::kernels::mat::{MatMut, MatRef};
 use dlrm::kernels::optim::{SparseOptimizer, TableMut, embedding_bag_backward_update};
 use dlrm::kernels::parallel::Par;
-use dlrm::model::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind};
+use dlrm::model::embedding::{EmbeddingTable, OptimizerState};
 use dlrm::rng::{RankScatter, SplitMix64, Zipf};
+use dlrm::storage::StorageKind;
 use std::hint::black_box;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -22,8 +22,9 @@ use dlrm::kernels::parallel::Par;
 use dlrm::kernels::roofline::{
     LINE_FLOATS, fma_peak, fma_peak_flops, gather_lines, stream_copy, stream_triad,
 };
-use dlrm::model::embedding_tables::{EmbeddingTable, StorageKind};
+use dlrm::model::embedding::EmbeddingTable;
 use dlrm::rng::SplitMix64;
+use dlrm::storage::StorageKind;
 use rayon::prelude::*;
 use std::hint::black_box;
 use std::time::Duration;

@@ -19,9 +19,9 @@ use dlrm::data::synthetic::{Generation, Split, SyntheticConfig, SyntheticData};
 use dlrm::kernels::cross::CrossKind;
 use dlrm::model::dcn::{Dcn, DcnConfig};
 use dlrm::model::dlrm::Dlrm;
-use dlrm::model::embedding_tables::StorageKind;
 use dlrm::model::fm::{Fm, FmConfig};
 use dlrm::model::{Model, ModelKind, OptimizerKind, Task};
+use dlrm::storage::StorageKind;
 use std::time::Duration;
 
 /// Distinct batches cycled through (their ids far exceed the caches).

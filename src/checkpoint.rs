@@ -8,7 +8,7 @@
 //!                                state (step, epoch, position, RNG state, schedule), dataset
 //!     dense.safetensors          MLP weights and biases (PyTorch state_dict names) and their
 //!                                optimizer state ("optim." prefix)
-//!     table_000.emb ...          embedding tables (the table file format of embedding_tables)
+//!     table_000.emb ...          embedding tables (the file format of storage::matrix_file)
 //!     table_000.state ...        their optimizer state
 //!     dataset/                   the dataset's dictionaries or hashing settings, when trained on one
 //! ```
@@ -29,12 +29,11 @@ use crate::cancel::{Cancel, note_removed};
 use crate::config::Architecture;
 use crate::data::binary::{BinaryDataset, encoding_fingerprint_of};
 use crate::model::dlrm::Dlrm;
-use crate::model::embedding_tables::{
-    EmbeddingTable, OptimizerState, StorageKind, state_file_name, table_file_name,
-};
+use crate::model::embedding::{EmbeddingTable, OptimizerState};
 use crate::model::mlp::Mlp;
 use crate::model::{Model, OptimizerKind};
 use crate::rng::{SplitMix64, derive_key};
+use crate::storage::{StorageKind, state_file_name, table_file_name};
 use crate::train::LrSchedule;
 use anyhow::{Context, Result, bail, ensure};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};

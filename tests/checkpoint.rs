@@ -9,7 +9,7 @@ use dlrm::data::Batch;
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
 use dlrm::model::OptimizerKind;
 use dlrm::model::dlrm::Dlrm;
-use dlrm::model::embedding_tables::StorageKind;
+use dlrm::storage::StorageKind;
 use dlrm::train::{CheckpointPolicy, DataSource, LrSchedule, Quiet, TrainOptions, train};
 use std::path::{Path, PathBuf};
 use std::process::Command;

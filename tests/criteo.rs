@@ -17,8 +17,8 @@ use dlrm::data::preprocess::{
 use dlrm::data::synthetic::{Generation, Split, SyntheticConfig, SyntheticData};
 use dlrm::model::OptimizerKind;
 use dlrm::model::dlrm::Dlrm;
-use dlrm::model::embedding_tables::StorageKind;
 use dlrm::rng::SplitMix64;
+use dlrm::storage::StorageKind;
 use dlrm::train::{DataSource, LrSchedule, Quiet, TrainOptions, TrainReport, train};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;

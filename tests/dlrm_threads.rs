@@ -7,8 +7,8 @@ use dlrm::data::Batch;
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
 use dlrm::kernels::parallel::Par;
 use dlrm::model::dlrm::Dlrm;
-use dlrm::model::embedding_tables::StorageKind;
 use dlrm::model::{Model, OptimizerKind};
+use dlrm::storage::StorageKind;
 use dlrm::train::DataSource;
 
 fn arch(interaction: InteractionOp) -> Architecture {

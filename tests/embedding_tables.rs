@@ -6,11 +6,9 @@ use dlrm::kernels::embedding::{Bags, Pooling, SparseGradWorkspace, embedding_bag
 use dlrm::kernels::mat::{MatMut, MatRef};
 use dlrm::kernels::optim::{SparseOptimizer, TableMut, embedding_bag_backward_update};
 use dlrm::kernels::parallel::Par;
-use dlrm::model::embedding_tables::{
-    EmbeddingTable, OptimizerState, StorageKind, TableError, available_space, init_bound, init_row,
-    state_file_name, table_file_name,
-};
+use dlrm::model::embedding::{EmbeddingTable, OptimizerState, init_bound, init_row};
 use dlrm::rng::{RankScatter, SplitMix64, Zipf};
+use dlrm::storage::{StorageKind, TableError, available_space, state_file_name, table_file_name};
 use std::collections::{BTreeSet, HashMap};
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;

@@ -9,7 +9,7 @@ use dlrm::config::{Architecture, InteractionOp, parse_dims};
 use dlrm::data::Batch;
 use dlrm::model::OptimizerKind;
 use dlrm::model::dlrm::Dlrm;
-use dlrm::model::embedding_tables::StorageKind;
+use dlrm::storage::StorageKind;
 
 fn model_from(fx: &Fixture, optimizer: OptimizerKind) -> Dlrm {
     let top_full = parse_dims("arch_mlp_top", fx.config_str("arch_mlp_top")).unwrap();

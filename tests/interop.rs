@@ -2,7 +2,7 @@
 //! a round trip keeps every parameter bit for bit, and an imported model trains on.
 
 use dlrm::checkpoint;
-use dlrm::model::embedding_tables::StorageKind;
+use dlrm::storage::StorageKind;
 use safetensors::SafeTensors;
 use std::path::PathBuf;
 use std::process::Command;

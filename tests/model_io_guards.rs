@@ -4,7 +4,8 @@
 //! byte-reproducible, and models that cannot be saved are refused before training.
 
 use dlrm::checkpoint;
-use dlrm::model::embedding_tables::{EmbeddingTable, StorageKind};
+use dlrm::model::embedding::EmbeddingTable;
+use dlrm::storage::StorageKind;
 use safetensors::SafeTensors;
 use safetensors::tensor::TensorView;
 use std::collections::HashMap;

@@ -9,9 +9,9 @@ use dlrm::data::Batch;
 use dlrm::kernels::cross::CrossKind;
 use dlrm::model::dcn::{Dcn, DcnConfig};
 use dlrm::model::dlrm::Dlrm;
-use dlrm::model::embedding_tables::StorageKind;
 use dlrm::model::fm::{Fm, FmConfig};
 use dlrm::model::{Model, ModelKind, OptimizerKind, ParameterScope, Task, mf};
+use dlrm::storage::StorageKind;
 
 mod support;
 use dlrm::train::{

@@ -6,7 +6,7 @@ use dlrm::data::Batch;
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
 use dlrm::model::OptimizerKind;
 use dlrm::model::dlrm::Dlrm;
-use dlrm::model::embedding_tables::StorageKind;
+use dlrm::storage::StorageKind;
 use dlrm::train::{DataSource, LrSchedule, Quiet, TrainOptions, TrainReport, train};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;

@@ -10,10 +10,10 @@ use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, Syntheti
 use dlrm::kernels::cross::CrossKind;
 use dlrm::kernels::parallel::Par;
 use dlrm::model::dcn::{Dcn, DcnConfig};
-use dlrm::model::embedding_tables::StorageKind;
 use dlrm::model::fm::{Fm, FmConfig};
 use dlrm::model::{Model, ModelKind, OptimizerKind, Task, mf};
 use dlrm::rng::SplitMix64;
+use dlrm::storage::StorageKind;
 use dlrm::train::{DataSource, LrSchedule, Quiet, TrainOptions, TrainReport, train};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;

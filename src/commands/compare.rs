@@ -11,8 +11,8 @@ use dlrm::config::{Architecture, InteractionOp, Preset, join};
 use dlrm::data::binary::{BinaryDataset, DatasetSplit};
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
 use dlrm::metrics::format_auc;
-use dlrm::model::embedding_tables::StorageKind;
 use dlrm::model::{ModelKind, OptimizerKind};
+use dlrm::storage::StorageKind;
 use dlrm::train::{
     DataSource, Diverged, EvalPoint, LrSchedule, TrainOptions, TrainReport, ensure_learning_rate,
     train,

@@ -9,7 +9,7 @@ use dlrm::config::{InteractionOp, join};
 use dlrm::data::binary::BinaryDataset;
 use dlrm::interop::{ImportOptions, export_safetensors, import_safetensors};
 use dlrm::model::OptimizerKind;
-use dlrm::model::embedding_tables::StorageKind;
+use dlrm::storage::StorageKind;
 use dlrm::train::LrSchedule;
 use std::path::{Path, PathBuf};
 

@@ -9,9 +9,9 @@ use dlrm::data::movielens::MovieLensSource;
 use dlrm::kernels::cross::CrossKind;
 use dlrm::model::dcn::{Dcn, DcnConfig};
 use dlrm::model::dlrm::Dlrm;
-use dlrm::model::embedding_tables::StorageKind;
 use dlrm::model::fm::{Fm, FmConfig};
 use dlrm::model::{Model, ModelKind, OptimizerKind, Task, mf};
+use dlrm::storage::StorageKind;
 use dlrm::train::ensure_fits_in_memory;
 
 /// Flags of the models other than DLRM.

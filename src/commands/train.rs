@@ -13,8 +13,8 @@ use dlrm::data::movielens::MovieLensSource;
 use dlrm::data::preprocess::{CHUNK_BYTES, EncodingChoice, PreprocessOptions, preprocess};
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
 use dlrm::metrics::{format_auc, format_ne};
-use dlrm::model::embedding_tables::StorageKind;
 use dlrm::model::{Model, ModelKind, OptimizerKind};
+use dlrm::storage::StorageKind;
 use dlrm::train::{
     CheckpointPolicy, DataSource, LrSchedule, TrainOptions, TrainReport, ensure_learning_rate,
     total_steps, train,

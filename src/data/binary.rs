@@ -26,7 +26,7 @@
 //! offsets are 0..B).
 
 use super::Batch;
-use crate::model::embedding_tables::map_read_only;
+use crate::storage::map_read_only;
 use crate::train::DataSource;
 use anyhow::{Context, Result};
 use memmap2::Mmap;

@@ -22,8 +22,8 @@ use super::{
     mlp_floats_per_sample, mlp_parameters, validate_batch,
 };
 use crate::data::Batch;
-use crate::model::embedding_tables::StorageKind;
 use crate::rng::{SplitMix64, derive_key};
+use crate::storage::StorageKind;
 use dlrm_kernels::activation::{bce_with_logits, sigmoid};
 use dlrm_kernels::cross::{
     CrossGrads, CrossKind, CrossNet, CrossWorkspace, cross_backward, cross_forward,

@@ -11,7 +11,7 @@
 //!
 //! Every buffer is sized once for the largest batch, so a step allocates nothing.
 
-use super::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind, create_tables};
+use super::embedding::{EmbeddingTable, OptimizerState, create_tables};
 use super::mlp::Mlp;
 use super::{
     ADAGRAD_EPS, BatchError, Model, OptimizerKind, PhaseSeconds, Stopwatch, Task,
@@ -20,6 +20,7 @@ use super::{
 use crate::config::{Architecture, InteractionOp};
 use crate::data::Batch;
 use crate::rng::{SplitMix64, derive_key};
+use crate::storage::StorageKind;
 use dlrm_kernels::activation::{bce_with_logits, sigmoid};
 use dlrm_kernels::embedding::{Bags, Pooling, SparseGradWorkspace, embedding_bag_forward_tables};
 use dlrm_kernels::gemm::{MatMut, MatRef};

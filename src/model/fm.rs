@@ -25,7 +25,7 @@ use super::{
     validate_batch,
 };
 use crate::data::Batch;
-use crate::model::embedding_tables::StorageKind;
+use crate::storage::StorageKind;
 use dlrm_kernels::activation::{bce_with_logits, sigmoid, squared_error};
 use dlrm_kernels::embedding::Bags;
 use dlrm_kernels::fm::{FmField, fm_backward, fm_forward};

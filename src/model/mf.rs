@@ -13,9 +13,9 @@
 //! fused optimizers, no second implementation. Batches have two tables of ids (users, then
 //! items) and the ratings as labels ([`crate::data::movielens`]).
 
-use super::embedding_tables::StorageKind;
 use super::fm::{Fm, FmConfig};
 use super::{ModelKind, OptimizerKind, Task};
+use crate::storage::StorageKind;
 
 /// The shape of a rating matrix and the training settings of its factorization.
 #[derive(Clone, Debug, PartialEq)]

@@ -2,7 +2,7 @@
 
 pub mod dcn;
 pub mod dlrm;
-pub mod embedding_tables;
+pub mod embedding;
 pub mod fm;
 pub mod mf;
 pub mod mlp;
@@ -11,7 +11,7 @@ pub mod sparse;
 use crate::data::Batch;
 use dlrm_kernels::optim::{SparseOptimizer, adagrad_update, sgd_update};
 use dlrm_kernels::parallel::Par;
-use embedding_tables::EmbeddingTable;
+use embedding::EmbeddingTable;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;

@@ -2,7 +2,8 @@
 //! optimizer state and its backward workspace, updated in parallel, one table per task.
 
 use super::OptimizerKind;
-use super::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind, create_tables};
+use super::embedding::{EmbeddingTable, OptimizerState, create_tables};
+use crate::storage::StorageKind;
 use dlrm_kernels::embedding::{Bags, Pooling, SparseGradWorkspace};
 use dlrm_kernels::gemm::{MatMut, MatRef};
 use dlrm_kernels::optim::{SparseStep, TableMut, embedding_bag_backward_update};

@@ -6,7 +6,7 @@ use clap::{Parser, ValueEnum};
 use dlrm::config::{Architecture, InteractionOp, Preset, join, parse_dims};
 use dlrm::data::synthetic::{Generation, SyntheticConfig};
 use dlrm::model::OptimizerKind;
-use dlrm::model::embedding_tables::interleave_memory;
+use dlrm::storage::interleave_memory;
 use dlrm_tools::measure::Schedule;
 use dlrm_tools::study::{StudyOptions, busy_warning, run};
 use dlrm_tools::sweep::{boundaries, default_sweep, parse_threads};

@@ -1,0 +1,257 @@
+//! [`EmbeddingTable`]: one table's rows x dim weights in a [`MatrixFile`], initialised from
+//! (seed, index, row) eagerly or, for lazy file tables, on first touch.
+
+use super::init::RowInit;
+use super::lazy::LazyRows;
+use crate::storage::{MatrixFile, MatrixId, StorageKind, TableError};
+use std::path::{Path, PathBuf};
+
+/// One embedding table: rows x dim f32 weights in a memory map, initialised from
+/// (seed, index, row) eagerly or, for lazy file tables, on first touch.
+#[derive(Debug)]
+pub struct EmbeddingTable {
+    weights: MatrixFile,
+    /// Rows still pending; nothing for eager tables (those without a row bitmap).
+    lazy: LazyRows,
+}
+
+impl EmbeddingTable {
+    /// A table over `weights`, counting the rows its row bitmap (if any) leaves pending.
+    fn over(weights: MatrixFile) -> EmbeddingTable {
+        let lazy = weights.bitmap().map_or_else(LazyRows::default, |bits| {
+            LazyRows::count(bits, weights.rows())
+        });
+        EmbeddingTable { weights, lazy }
+    }
+
+    /// Creates table `index` (rows x dim) in `storage`, initialised from `seed` (eagerly, or
+    /// lazily for `StorageKind::File { lazy_init: true }`). A file table is a new file
+    /// `dir/`[`table_file_name`](crate::storage::table_file_name)`(index)`: it is an error if
+    /// it already exists, and a failed creation (no space, I/O error) removes it again.
+    pub fn create(
+        index: usize,
+        rows: usize,
+        dim: usize,
+        seed: u64,
+        storage: &StorageKind,
+    ) -> Result<EmbeddingTable, TableError> {
+        let mut weights = MatrixFile::create(MatrixId::weights(index), rows, dim, seed, storage)?;
+        let lazy = match weights.bitmap() {
+            Some(_) => LazyRows::all_pending(rows),
+            None => {
+                RowInit::new(seed, index, rows).fill_all(weights.as_mut_slice(), dim);
+                LazyRows::default()
+            }
+        };
+        Ok(EmbeddingTable { weights, lazy })
+    }
+
+    /// Creates table `index` holding `values` (rows x dim, row-major; e.g. imported weights)
+    /// in `storage`, initialised eagerly whatever the storage's `lazy_init`.
+    pub fn create_from(
+        index: usize,
+        dim: usize,
+        seed: u64,
+        values: &[f32],
+        storage: &StorageKind,
+    ) -> Result<EmbeddingTable, TableError> {
+        let rows = values.len().checked_div(dim).unwrap_or(0);
+        if rows * dim != values.len() {
+            return Err(TableError::BadShape {
+                rows,
+                cols: dim,
+                reason: "the values are not a whole number of rows",
+            });
+        }
+        let storage = match storage {
+            StorageKind::File { dir, .. } => StorageKind::File {
+                dir: dir.clone(),
+                lazy_init: false,
+            },
+            StorageKind::Anon => StorageKind::Anon,
+        };
+        let mut weights = MatrixFile::create(MatrixId::weights(index), rows, dim, seed, &storage)?;
+        weights.as_mut_slice().copy_from_slice(values);
+        Ok(EmbeddingTable::over(weights))
+    }
+
+    /// Opens the existing table file `path` as table `index`, checking it against the model
+    /// configuration (`expected_rows` x `expected_dim`). Nothing is initialised: the values are
+    /// the file's; a lazily initialised table resumes with its bitmap and seed.
+    pub fn open(
+        path: &Path,
+        index: usize,
+        expected_rows: usize,
+        expected_dim: usize,
+    ) -> Result<EmbeddingTable, TableError> {
+        let id = MatrixId::weights(index);
+        let weights = MatrixFile::open(path, id, expected_rows, expected_dim)?;
+        Ok(EmbeddingTable::over(weights))
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.weights.rows()
+    }
+
+    /// Embedding width.
+    pub fn dim(&self) -> usize {
+        self.weights.cols()
+    }
+
+    /// This table's index in the model (part of its initialisation key).
+    pub fn index(&self) -> usize {
+        self.weights.id().index
+    }
+
+    /// The seed of the initial values.
+    pub fn seed(&self) -> u64 {
+        self.weights.seed()
+    }
+
+    /// The rows x dim weights, row-major. In a lazy table, rows not yet materialised read as
+    /// zeros: call [`materialize`](Self::materialize) with the ids about to be used first.
+    pub fn weights(&self) -> &[f32] {
+        self.weights.as_slice()
+    }
+
+    /// The weights as little-endian bytes (for writing them out, e.g. to safetensors).
+    pub fn weight_bytes(&self) -> &[u8] {
+        bytemuck::cast_slice(self.weights())
+    }
+
+    /// The weights, writable (same caveat as [`weights`](Self::weights) for lazy tables: a
+    /// write to a row not yet materialised is overwritten when it is).
+    pub fn weights_mut(&mut self) -> &mut [f32] {
+        self.weights.as_mut_slice()
+    }
+
+    /// The generator of this table's initial values.
+    fn row_init(&self) -> RowInit {
+        RowInit::new(self.seed(), self.index(), self.rows())
+    }
+
+    /// Gives every row among `ids` not yet materialised its initial value (lazy tables; a no-op
+    /// for eager ones, and O(1) once every row is materialised). Ids must be valid rows
+    /// ([`check_ids`](Self::check_ids)); an id out of range panics.
+    pub fn materialize(&mut self, ids: &[u32]) {
+        if self.lazy.pending == 0 {
+            return;
+        }
+        let (init, dim) = (self.row_init(), self.dim());
+        if let (data, Some(bits)) = self.weights.values_and_bitmap_mut() {
+            self.lazy.materialize(&init, data, bits, dim, ids);
+        }
+    }
+
+    /// Gives every row not yet materialised its initial value, in parallel: after this the
+    /// weights are the table's real values, as every reader of the whole table (an export)
+    /// needs. A no-op for eager tables. On a copy-on-write (loaded) table nothing reaches
+    /// the file.
+    pub fn materialize_all(&mut self) {
+        let (init, dim) = (self.row_init(), self.dim());
+        if let (data, Some(bits)) = self.weights.values_and_bitmap_mut() {
+            self.lazy.materialize_all(&init, data, bits, dim);
+        }
+    }
+
+    /// Rows still waiting for their initial value (0 for eager tables).
+    pub fn pending_rows(&self) -> usize {
+        self.lazy.pending
+    }
+
+    /// Checks that every id is a row of this table: `Err((position, id))` for the first one
+    /// that is not. One branch-free max scan (vectorised) over the ids when all are valid, the
+    /// usual case.
+    pub fn check_ids(&self, ids: &[u32]) -> Result<(), (usize, u32)> {
+        check_ids(ids, self.rows())
+    }
+
+    /// The table file, `None` for an anonymous table.
+    pub fn file_path(&self) -> Option<&Path> {
+        self.weights.path()
+    }
+
+    /// Writes this table as a complete table file (not yet fsynced)
+    /// `dir/`[`table_file_name`](crate::storage::table_file_name)`(index)` (header, weights,
+    /// and the row bitmap of a lazy table), with sequential writes: how a checkpoint stores
+    /// it, whatever the table's own storage.
+    pub fn write_to_dir(&self, dir: &Path) -> Result<PathBuf, TableError> {
+        self.weights.write_to_dir(dir)
+    }
+
+    /// Loads table `index` from a table file (as [`write_to_dir`](Self::write_to_dir) writes
+    /// it), checked against the model (`rows` x `dim`), into `storage`: anonymous storage reads
+    /// it into memory (initialising any rows a lazy file never materialised); file storage maps
+    /// it copy-on-write, so loading reads nothing up front and training never writes through to
+    /// the file.
+    pub fn load(
+        path: &Path,
+        index: usize,
+        rows: usize,
+        dim: usize,
+        storage: &StorageKind,
+    ) -> Result<EmbeddingTable, TableError> {
+        let id = MatrixId::weights(index);
+        let mut table = EmbeddingTable::over(MatrixFile::load(path, id, rows, dim, storage)?);
+        if *storage == StorageKind::Anon {
+            // In memory the table has no file to keep a bitmap in: it becomes eager.
+            table.materialize_all();
+            table.weights.drop_bitmap();
+        }
+        Ok(table)
+    }
+
+    /// Writes a file table's weights and then its bitmap back to disk and waits, so a durable
+    /// bit never claims a row whose data is not; nothing to do for an anonymous table.
+    pub fn flush(&self) -> Result<(), TableError> {
+        self.weights.flush()
+    }
+}
+
+/// `Err((position, id))` for the first id `>= rows`.
+fn check_ids(ids: &[u32], rows: usize) -> Result<(), (usize, u32)> {
+    let Ok(limit) = u32::try_from(rows) else {
+        return Ok(()); // 2^32 rows: every u32 is a row
+    };
+    if ids.iter().fold(0u32, |m, &id| m.max(id)) < limit {
+        return Ok(());
+    }
+    let pos = ids
+        .iter()
+        .position(|&id| id >= limit)
+        .expect("the max is out of range");
+    Err((pos, ids[pos]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::mmap::MAX_ROWS;
+
+    #[test]
+    fn check_ids_finds_the_first_bad_id() {
+        assert_eq!(check_ids(&[], 1), Ok(()));
+        assert_eq!(check_ids(&[0, 9, 3], 10), Ok(()));
+        assert_eq!(check_ids(&[0, 10, 3, 11], 10), Err((1, 10)));
+        assert_eq!(check_ids(&[u32::MAX, 0], 10), Err((0, u32::MAX)));
+        assert_eq!(check_ids(&[u32::MAX], MAX_ROWS), Ok(()));
+        assert_eq!(check_ids(&[u32::MAX], MAX_ROWS - 1), Err((0, u32::MAX)));
+    }
+
+    #[test]
+    fn shapes_are_checked() {
+        for (rows, cols) in [
+            (0, 4),
+            (4, 0),
+            (MAX_ROWS + 1, 1),
+            (MAX_ROWS, usize::MAX / 8),
+        ] {
+            let err = EmbeddingTable::create(0, rows, cols, 0, &StorageKind::Anon).unwrap_err();
+            assert!(
+                matches!(err, TableError::BadShape { .. }),
+                "{rows} x {cols}: {err}"
+            );
+        }
+    }
+}
