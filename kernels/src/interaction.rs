@@ -241,7 +241,7 @@ unsafe fn tile_dots(vi: [*const f32; TILE_I], vj: [*const f32; TILE_J], d: usize
         }
     };
     let mut k = 0;
-    // SAFETY (all loads): k + LANES <= d, or the d - k < LANES tail, lies inside each vector.
+    // SAFETY: (all loads) k + LANES <= d, or the d - k < LANES tail, lies inside each vector.
     unsafe {
         while k + LANES <= d {
             fma(

@@ -372,7 +372,7 @@ unsafe fn run_tile<const MR: usize, const NV: usize>(
     b_full: bool,
 ) {
     use microkernel::tile;
-    // SAFETY (all calls): forwarded from the caller; sub-tiles only shrink the row range.
+    // SAFETY: (all calls) forwarded from the caller; sub-tiles only shrink the row range.
     unsafe {
         match (a_packed, b_full) {
             (true, true) => tile::<MR, NV, true, true>(t, st),
@@ -448,7 +448,7 @@ pub fn dot(x: &[f32], y: &[f32]) -> f32 {
     let len = x.len();
     let (mut s0, mut s1) = (F32s::splat(0.0), F32s::splat(0.0));
     let mut p = 0;
-    // SAFETY (all loads): p + LANES <= len (or the partial count) floats are in bounds.
+    // SAFETY: (all loads) p + LANES <= len (or the partial count) floats are in bounds.
     unsafe {
         while p + 2 * LANES <= len {
             s0 = load(x.as_ptr().add(p)).mul_add(load(y.as_ptr().add(p)), s0);
