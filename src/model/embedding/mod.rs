@@ -1,7 +1,6 @@
 //! The model's view of its embedding tables: [`EmbeddingTable`] (weights, lazily initialised
-//! rows, the id check) and [`OptimizerState`], each over one
-//! [`MatrixFile`](crate::storage::MatrixFile) of [`crate::storage`], which owns the maps, the
-//! files and their format.
+//! rows, the id check) and [`OptimizerState`], each over one [`MatrixFile`] of
+//! [`crate::storage`], which owns the maps, the files and their format.
 //!
 //! Every table is a `rows x dim` f32 matrix in a memory map, never in a `Vec`, so that tables
 //! larger than RAM work (the OS pages a file map) and small ones avoid the TLB misses of random
