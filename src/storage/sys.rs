@@ -28,15 +28,32 @@ pub fn available_space(dir: &Path) -> Result<u64, TableError> {
 }
 
 /// Allocates blocks for the first `len` bytes of `file`, so writing them later through a map
-/// cannot fail for lack of space (which a map reports as SIGBUS).
+/// cannot fail for lack of space (which a map reports as SIGBUS). File systems without
+/// `fallocate(2)` (NFSv3, some FUSE mounts) get what glibc's `posix_fallocate` does there:
+/// every block written once.
 pub(crate) fn reserve(file: &File, len: u64) -> io::Result<()> {
     loop {
         match rustix::fs::fallocate(file, FallocateFlags::empty(), 0, len) {
             Ok(()) => return Ok(()),
             Err(Errno::INTR) => continue,
+            Err(Errno::OPNOTSUPP) => return write_zeros(file, len),
             Err(errno) => return Err(errno.into()),
         }
     }
+}
+
+/// Writes zeros over the first `len` bytes of a fresh (empty) `file`, a megabyte at a time.
+fn write_zeros(file: &File, len: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; CHUNK as usize];
+    let mut at = 0;
+    while at < len {
+        let n = CHUNK.min(len - at);
+        file.write_all_at(&zeros[..n as usize], at)?;
+        at += n;
+    }
+    Ok(())
 }
 
 /// Advises the kernel that `map` is read and written at random: without this every page fault
@@ -117,6 +134,14 @@ fn set_interleave_policy(_mask: &[u64]) -> io::Result<()> {
 mod tests {
     use super::*;
     use crate::storage::MappedMatrix;
+
+    #[test]
+    fn write_zeros_fills_the_requested_length() {
+        let file = tempfile::tempfile().unwrap();
+        let len = (1 << 20) * 2 + 12345;
+        write_zeros(&file, len).unwrap();
+        assert_eq!(file.metadata().unwrap().len(), len);
+    }
 
     #[test]
     fn interleave_memory_accepts_only_existing_nodes() {
