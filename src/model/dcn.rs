@@ -16,10 +16,13 @@
 //! `bot_*` the deep network, `top_*` the final layer.
 
 use super::mlp::Mlp;
+use super::parameters::{
+    Named, Parameters, TableSource, Tensor, TensorMut, mlp_shapes, visit_mlp, visit_mlp_mut,
+};
 use super::sparse::SparseTables;
 use super::{
-    BatchError, DenseOptimizer, Model, OptimizerKind, PhaseSeconds, Stopwatch,
-    mlp_floats_per_sample, mlp_parameters, validate_batch,
+    BatchError, DenseOptimizer, Model, ModelConfig, OptimizerKind, PhaseSeconds, Stopwatch,
+    mlp_floats_per_sample, validate_batch,
 };
 use crate::data::Batch;
 use crate::model::embedding_tables::StorageKind;
@@ -31,12 +34,14 @@ use dlrm_kernels::cross::{
 use dlrm_kernels::embedding::{Bags, Pooling, embedding_bag_forward_tables};
 use dlrm_kernels::gemm::{MatMut, MatRef};
 use dlrm_kernels::parallel::Par;
+use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
 /// The shape of a DCN.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DcnConfig {
     /// Rank-one (DCN) or full-rank (DCN-v2) cross layers.
+    #[serde(with = "cross_kind_name")]
     pub kind: CrossKind,
     pub embedding_dim: usize,
     pub table_sizes: Vec<usize>,
@@ -55,6 +60,64 @@ impl DcnConfig {
     /// Width of the final layer's input: x_L and the deep network's output.
     fn head_width(&self) -> usize {
         self.input_width() + self.deep.last().copied().unwrap_or(0)
+    }
+
+    /// Shape of the cross weights: a vector (rank one) or a matrix (full rank) per layer.
+    fn cross_weight_shape(&self) -> Vec<usize> {
+        let w0 = self.input_width();
+        match self.kind {
+            CrossKind::RankOne => vec![self.cross_layers, w0],
+            CrossKind::FullRank => vec![self.cross_layers, w0, w0],
+        }
+    }
+
+    /// Widths of the deep network, its input first.
+    fn deep_widths(&self) -> Vec<usize> {
+        std::iter::once(self.input_width())
+            .chain(self.deep.iter().copied())
+            .collect()
+    }
+
+    /// (name, shape) of the dense tensors, in the order [`Dcn`] visits them.
+    pub fn dense_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut s = vec![
+            (CROSS_WEIGHT.to_string(), self.cross_weight_shape()),
+            (
+                CROSS_BIAS.to_string(),
+                vec![self.cross_layers, self.input_width()],
+            ),
+        ];
+        s.extend(mlp_shapes(DEEP, &self.deep_widths()));
+        s.extend(mlp_shapes(HEAD, &[self.head_width(), 1]));
+        s
+    }
+}
+
+const CROSS_WEIGHT: &str = "cross_l.weight";
+const CROSS_BIAS: &str = "cross_l.bias";
+const DEEP: &str = "deep_l";
+const HEAD: &str = "head_l";
+
+/// [`CrossKind`] by name in a saved configuration (the kernels know nothing of serde).
+mod cross_kind_name {
+    use dlrm_kernels::cross::CrossKind;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(kind: &CrossKind, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match kind {
+            CrossKind::RankOne => "rank-one",
+            CrossKind::FullRank => "full-rank",
+        })
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<CrossKind, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "rank-one" => Ok(CrossKind::RankOne),
+            "full-rank" => Ok(CrossKind::FullRank),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown cross kind '{other}' (rank-one or full-rank)"
+            ))),
+        }
     }
 }
 
@@ -108,6 +171,17 @@ impl Dcn {
         storage: &StorageKind,
         seed: u64,
     ) -> anyhow::Result<Dcn> {
+        Self::build(cfg, optimizer, seed, TableSource::Init(storage))
+    }
+
+    /// A model whose dense parameters are initialised from `seed` and whose tables come from
+    /// `source`.
+    pub fn build(
+        cfg: DcnConfig,
+        optimizer: OptimizerKind,
+        seed: u64,
+        source: TableSource,
+    ) -> anyhow::Result<Dcn> {
         anyhow::ensure!(
             !cfg.deep.is_empty(),
             "the deep network needs at least one layer"
@@ -126,17 +200,22 @@ impl Dcn {
         let cross_w: Vec<f32> = (0..cfg.kind.weight_len(w0, cfg.cross_layers))
             .map(|_| rng.normal() * std)
             .collect();
-        let deep_widths: Vec<usize> = std::iter::once(w0).chain(cfg.deep.clone()).collect();
-        let deep = Mlp::new(&deep_widths, true, &mut rng);
+        let deep = Mlp::new(&cfg.deep_widths(), true, &mut rng);
         let head = Mlp::new(&[cfg.head_width(), 1], false, &mut rng);
         let embeddings = SparseTables::create(
             0,
             &cfg.table_sizes,
             cfg.embedding_dim,
             optimizer,
-            storage,
+            source,
             seed,
         )?;
+        let dense_opt = DenseOptimizer::new(
+            optimizer,
+            cfg.dense_shapes()
+                .iter()
+                .map(|(_, shape)| shape.iter().product()),
+        );
         Ok(Dcn {
             grad_cross_w: vec![0.0; cross_w.len()],
             cross_b: vec![0.0; cfg.cross_layers * w0],
@@ -147,7 +226,7 @@ impl Dcn {
             embeddings,
             deep,
             head,
-            dense_opt: DenseOptimizer::new(optimizer),
+            dense_opt,
             cross_ws: CrossWorkspace::default(),
             capacity: 0,
             x0: Vec::new(),
@@ -382,19 +461,8 @@ impl Model for Dcn {
     fn add_other_seconds(&mut self, seconds: f64) {
         self.phases.other += seconds;
     }
-    fn dense_parameters(&self) -> Vec<(String, &[f32])> {
-        let mut p = vec![
-            ("cross_l.weight".to_string(), &self.cross_w[..]),
-            ("cross_l.bias".to_string(), &self.cross_b[..]),
-        ];
-        p.extend(mlp_parameters("deep_l", &self.deep));
-        p.extend(mlp_parameters("head_l", &self.head));
-        p
-    }
-    fn table_parameters(&self) -> Vec<(String, &[f32])> {
-        (0..self.embeddings.len())
-            .map(|t| (format!("emb_l.{t}.weight"), self.embeddings.weights(t)))
-            .collect()
+    fn config(&self) -> ModelConfig {
+        ModelConfig::Dcn(self.cfg.clone())
     }
     fn buffer_floats_per_sample(&self, _training: bool) -> usize {
         // `reserve` sizes the gradients for inference too: x0, the head's input, their
@@ -408,5 +476,35 @@ impl Model for Dcn {
 
     fn set_parallelism(&mut self, par: Par) {
         self.par = par;
+    }
+}
+
+impl Parameters for Dcn {
+    fn parameters<'a>(&'a self, visit: &mut dyn FnMut(Named<Tensor<'a>>)) {
+        self.embeddings
+            .visit(|t| format!("emb_l.{t}.weight"), visit);
+        let mut states = self.dense_opt.states();
+        let mut shapes = self.cfg.dense_shapes().into_iter();
+        for values in [&self.cross_w[..], &self.cross_b[..]] {
+            let (name, shape) = shapes.next().expect("the cross tensors' shapes");
+            let state = states.next().unwrap_or(&[]);
+            visit((name, shape, Tensor::dense(values, state)));
+        }
+        visit_mlp(DEEP, &self.deep, &mut states, visit);
+        visit_mlp(HEAD, &self.head, &mut states, visit);
+    }
+
+    fn parameters_mut<'a>(&'a mut self, visit: &mut dyn FnMut(Named<TensorMut<'a>>)) {
+        self.embeddings
+            .visit_mut(|t| format!("emb_l.{t}.weight"), visit);
+        let mut states = self.dense_opt.states_mut();
+        let mut shapes = self.cfg.dense_shapes().into_iter();
+        for values in [&mut self.cross_w[..], &mut self.cross_b[..]] {
+            let (name, shape) = shapes.next().expect("the cross tensors' shapes");
+            let state = states.next().unwrap_or(&mut []);
+            visit((name, shape, TensorMut::Dense { values, state }));
+        }
+        visit_mlp_mut(DEEP, &mut self.deep, &mut states, visit);
+        visit_mlp_mut(HEAD, &mut self.head, &mut states, visit);
     }
 }

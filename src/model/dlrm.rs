@@ -11,11 +11,15 @@
 //!
 //! Every buffer is sized once for the largest batch, so a step allocates nothing.
 
-use super::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind, create_tables};
+use super::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind};
 use super::mlp::Mlp;
+use super::parameters::{
+    Named, Parameters, TableSource, Tensor, TensorMut, named_table, named_table_mut, visit_mlp,
+    visit_mlp_mut,
+};
 use super::{
-    ADAGRAD_EPS, BatchError, Model, OptimizerKind, PhaseSeconds, Stopwatch, Task,
-    mlp_floats_per_sample, mlp_parameters, validate_batch,
+    ADAGRAD_EPS, BatchError, Model, ModelConfig, OptimizerKind, PhaseSeconds, Stopwatch, Task,
+    mlp_floats_per_sample, validate_batch,
 };
 use crate::config::{Architecture, InteractionOp};
 use crate::data::Batch;
@@ -68,12 +72,22 @@ impl Dlrm {
         storage: &StorageKind,
         seed: u64,
     ) -> anyhow::Result<Dlrm> {
+        Self::build(arch, optimizer, seed, TableSource::Init(storage))
+    }
+
+    /// A model whose MLPs are initialised from `seed` and whose tables come from `source`.
+    pub fn build(
+        arch: Architecture,
+        optimizer: OptimizerKind,
+        seed: u64,
+        source: TableSource,
+    ) -> anyhow::Result<Dlrm> {
         let mut rng = SplitMix64::new(derive_key(seed, &[0x0d15_e0de]));
         let bottom = Mlp::new(&arch.bottom, true, &mut rng);
         let top = Mlp::new(&arch.top, false, &mut rng);
         let d = arch.embedding_dim;
         let width = optimizer.sparse(0.0).state_width(d);
-        let (tables, table_states) = create_tables(0, &arch.table_sizes, d, width, seed, storage)?;
+        let (tables, table_states) = source.tables(0, &arch.table_sizes, d, width, seed)?;
         Ok(Self::assemble(
             arch,
             optimizer,
@@ -84,8 +98,8 @@ impl Dlrm {
         ))
     }
 
-    /// A model from existing parts (loaded parameters).
-    pub fn assemble(
+    /// A model from its parts, with fresh optimizer state for its MLPs.
+    fn assemble(
         arch: Architecture,
         optimizer: OptimizerKind,
         bottom: Mlp,
@@ -446,20 +460,8 @@ impl Model for Dlrm {
     fn set_parallelism(&mut self, par: Par) {
         self.par = par;
     }
-    fn save_parameters(&self, dir: &std::path::Path) -> anyhow::Result<serde_json::Value> {
-        crate::checkpoint::save_dlrm_parameters(self, dir)
-    }
-    fn dense_parameters(&self) -> Vec<(String, &[f32])> {
-        let mut p = mlp_parameters("bot_l", &self.bottom);
-        p.extend(mlp_parameters("top_l", &self.top));
-        p
-    }
-    fn table_parameters(&self) -> Vec<(String, &[f32])> {
-        self.tables
-            .iter()
-            .enumerate()
-            .map(|(t, table)| (format!("emb_l.{t}.weight"), table.weights()))
-            .collect()
+    fn config(&self) -> ModelConfig {
+        ModelConfig::Dlrm(self.arch.clone())
     }
     fn buffer_floats_per_sample(&self, training: bool) -> usize {
         // features and top_in, their gradients in training, probabilities and logit gradients.
@@ -467,5 +469,29 @@ impl Model for Dlrm {
         mlp_floats_per_sample(&self.bottom, training)
             + mlp_floats_per_sample(&self.top, training)
             + per_pass * (1 + usize::from(training))
+    }
+}
+
+impl Parameters for Dlrm {
+    fn parameters<'a>(&'a self, visit: &mut dyn FnMut(Named<Tensor<'a>>)) {
+        for (t, (table, state)) in self.tables.iter().zip(&self.table_states).enumerate() {
+            visit(named_table(format!("emb_l.{t}.weight"), table, state));
+        }
+        let mut states = self.dense_state.iter().flat_map(|(w, b)| [&w[..], &b[..]]);
+        visit_mlp("bot_l", &self.bottom, &mut states, visit);
+        visit_mlp("top_l", &self.top, &mut states, visit);
+    }
+
+    fn parameters_mut<'a>(&'a mut self, visit: &mut dyn FnMut(Named<TensorMut<'a>>)) {
+        let tables = self.tables.iter_mut().zip(&mut self.table_states);
+        for (t, (table, state)) in tables.enumerate() {
+            visit(named_table_mut(format!("emb_l.{t}.weight"), table, state));
+        }
+        let mut states = self
+            .dense_state
+            .iter_mut()
+            .flat_map(|(w, b)| [&mut w[..], &mut b[..]]);
+        visit_mlp_mut("bot_l", &mut self.bottom, &mut states, visit);
+        visit_mlp_mut("top_l", &mut self.top, &mut states, visit);
     }
 }

@@ -19,10 +19,11 @@
 //! initialised rows, `interaction_*` the FM kernels, `emb_update` the fused updates and
 //! `dense_update` w0.
 
+use super::parameters::{Named, Parameters, TableSource, Tensor, TensorMut};
 use super::sparse::SparseTables;
 use super::{
-    BatchError, DenseOptimizer, Model, ModelKind, OptimizerKind, PhaseSeconds, Stopwatch, Task,
-    validate_batch,
+    BatchError, DenseOptimizer, Model, ModelConfig, ModelKind, OptimizerKind, PhaseSeconds,
+    Stopwatch, Task, validate_batch,
 };
 use crate::data::Batch;
 use crate::model::embedding_tables::StorageKind;
@@ -32,10 +33,11 @@ use dlrm_kernels::fm::{FmField, fm_backward, fm_forward};
 use dlrm_kernels::gemm::MatRef;
 use dlrm_kernels::parallel::Par;
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
 /// The shape and objective of a factorization machine.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FmConfig {
     /// Which model this is (`fm`, or `mf` for matrix factorization), for the reports.
     pub model: ModelKind,
@@ -120,6 +122,16 @@ impl Fm {
         storage: &StorageKind,
         seed: u64,
     ) -> anyhow::Result<Fm> {
+        Self::build(cfg, optimizer, seed, TableSource::Init(storage))
+    }
+
+    /// A model whose tables come from `source` (initialised from `seed` when new).
+    pub fn build(
+        cfg: FmConfig,
+        optimizer: OptimizerKind,
+        seed: u64,
+        source: TableSource,
+    ) -> anyhow::Result<Fm> {
         anyhow::ensure!(cfg.factors > 0, "the latent width must be at least 1");
         anyhow::ensure!(
             cfg.weight_decay >= 0.0 && cfg.weight_decay.is_finite(),
@@ -130,15 +142,15 @@ impl Fm {
             rows.push(cfg.num_dense);
         }
         let fields = rows.len();
-        let factors = SparseTables::create(0, &rows, cfg.factors, optimizer, storage, seed)?;
-        let linear = SparseTables::create(fields, &rows, 1, optimizer, storage, seed)?;
+        let factors = SparseTables::create(0, &rows, cfg.factors, optimizer, source, seed)?;
+        let linear = SparseTables::create(fields, &rows, 1, optimizer, source, seed)?;
         Ok(Fm {
             bias: cfg.initial_bias,
             cfg,
             optimizer,
             factors,
             linear,
-            dense_opt: DenseOptimizer::new(optimizer),
+            dense_opt: DenseOptimizer::new(optimizer, [1]),
             capacity: 0,
             dense_ids: Vec::new(),
             dense_offsets: Vec::new(),
@@ -338,23 +350,8 @@ impl Model for Fm {
     fn add_other_seconds(&mut self, seconds: f64) {
         self.phases.other += seconds;
     }
-    fn dense_parameters(&self) -> Vec<(String, &[f32])> {
-        vec![("bias".to_string(), std::slice::from_ref(&self.bias))]
-    }
-    fn table_parameters(&self) -> Vec<(String, &[f32])> {
-        // Field t's latent vectors and first-order weights; the dense field (last, when there
-        // are dense features) is named apart from the categorical ones.
-        let name = |t: usize, kind: &str| {
-            if t < self.cfg.table_sizes.len() {
-                format!("{kind}_l.{t}.weight")
-            } else {
-                format!("dense_{kind}.weight")
-            }
-        };
-        (0..self.factors.len())
-            .map(|t| (name(t, "emb"), self.factors.weights(t)))
-            .chain((0..self.linear.len()).map(|t| (name(t, "lin"), self.linear.weights(t))))
-            .collect()
+    fn config(&self) -> ModelConfig {
+        ModelConfig::Fm(self.cfg.clone())
     }
     fn buffer_floats_per_sample(&self, _training: bool) -> usize {
         // `reserve` sizes everything for inference too: the dense field's ids and offsets
@@ -364,5 +361,47 @@ impl Model for Fm {
 
     fn set_parallelism(&mut self, par: Par) {
         self.par = par;
+    }
+}
+
+/// Name of the bias w0.
+pub(crate) const BIAS: &str = "bias";
+
+impl Fm {
+    /// Field t's name for `kind` (`emb` latent vectors, `lin` first-order weights): the dense
+    /// field (last, when there are dense features) is named apart from the categorical ones.
+    fn field_name(&self, kind: &str) -> impl Fn(usize) -> String + use<> {
+        let categorical = self.cfg.table_sizes.len();
+        let kind = kind.to_string();
+        move |t| {
+            if t < categorical {
+                format!("{kind}_l.{t}.weight")
+            } else {
+                format!("dense_{kind}.weight")
+            }
+        }
+    }
+}
+
+impl Parameters for Fm {
+    fn parameters<'a>(&'a self, visit: &mut dyn FnMut(Named<Tensor<'a>>)) {
+        self.factors.visit(self.field_name("emb"), visit);
+        self.linear.visit(self.field_name("lin"), visit);
+        let state = self.dense_opt.states().next().unwrap_or(&[]);
+        let bias = Tensor::dense(std::slice::from_ref(&self.bias), state);
+        visit((BIAS.to_string(), vec![1], bias));
+    }
+
+    fn parameters_mut<'a>(&'a mut self, visit: &mut dyn FnMut(Named<TensorMut<'a>>)) {
+        let (emb, lin) = (self.field_name("emb"), self.field_name("lin"));
+        self.factors.visit_mut(emb, visit);
+        self.linear.visit_mut(lin, visit);
+        let state = self.dense_opt.states_mut().next().unwrap_or(&mut []);
+        let values = std::slice::from_mut(&mut self.bias);
+        visit((
+            BIAS.to_string(),
+            vec![1],
+            TensorMut::Dense { values, state },
+        ));
     }
 }

@@ -2,7 +2,8 @@
 //! optimizer state and its backward workspace, updated in parallel, one table per task.
 
 use super::OptimizerKind;
-use super::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind, create_tables};
+use super::embedding_tables::{EmbeddingTable, OptimizerState};
+use super::parameters::{Named, TableSource, Tensor, TensorMut, named_table, named_table_mut};
 use dlrm_kernels::embedding::{Bags, Pooling, SparseGradWorkspace};
 use dlrm_kernels::gemm::{MatMut, MatRef};
 use dlrm_kernels::optim::{SparseStep, TableMut, embedding_bag_backward_update};
@@ -20,17 +21,17 @@ pub struct SparseTables {
 
 impl SparseTables {
     /// Tables of `rows[t]` x `dim`, numbered `first_index + t` (the key of their initial
-    /// values and the name of their files), with the state `optimizer` needs, in `storage`.
+    /// values and the name of their files), with the state `optimizer` needs, from `source`.
     pub fn create(
         first_index: usize,
         rows: &[usize],
         dim: usize,
         optimizer: OptimizerKind,
-        storage: &StorageKind,
+        source: TableSource,
         seed: u64,
     ) -> anyhow::Result<SparseTables> {
         let width = optimizer.sparse(0.0).state_width(dim);
-        let (tables, states) = create_tables(first_index, rows, dim, width, seed, storage)?;
+        let (tables, states) = source.tables(first_index, rows, dim, width, seed)?;
         Ok(SparseTables {
             workspaces: (0..tables.len())
                 .map(|_| SparseGradWorkspace::default())
@@ -49,6 +50,29 @@ impl SparseTables {
     /// Whether there are no tables.
     pub fn is_empty(&self) -> bool {
         self.tables.is_empty()
+    }
+
+    /// Visits table t with its state as `name(t)`.
+    pub fn visit<'a>(
+        &'a self,
+        name: impl Fn(usize) -> String,
+        visit: &mut dyn FnMut(Named<Tensor<'a>>),
+    ) {
+        for (t, (table, state)) in self.tables.iter().zip(&self.states).enumerate() {
+            visit(named_table(name(t), table, state));
+        }
+    }
+
+    /// [`visit`](Self::visit), writable.
+    pub fn visit_mut<'a>(
+        &'a mut self,
+        name: impl Fn(usize) -> String,
+        visit: &mut dyn FnMut(Named<TensorMut<'a>>),
+    ) {
+        let tables = self.tables.iter_mut().zip(&mut self.states);
+        for (t, (table, state)) in tables.enumerate() {
+            visit(named_table_mut(name(t), table, state));
+        }
     }
 
     /// Table t's weights.
