@@ -11,6 +11,7 @@ use dlrm::data::movielens::{MovieLensSource, Ratings};
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
 use dlrm::interop::{ImportOptions, export_safetensors, import_model};
 use dlrm::kernels::cross::CrossKind;
+use dlrm::model::PhaseTimer;
 use dlrm::model::dcn::DcnConfig;
 use dlrm::model::embedding_tables::StorageKind;
 use dlrm::model::fm::FmConfig;
@@ -135,7 +136,9 @@ fn steps(m: &mut dyn Model, data: &dyn DataSource, first: usize, n: usize) -> Ve
         .map(|s| {
             data.fill_train((s * BATCH) as u64, BATCH, &mut batch)
                 .unwrap();
-            m.train_step(&batch, 0.05).unwrap().to_bits()
+            m.train_step(&batch, 0.05, &mut PhaseTimer::default())
+                .unwrap()
+                .to_bits()
         })
         .collect()
 }

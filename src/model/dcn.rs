@@ -12,7 +12,7 @@
 //! gradient of x0 and the cross network adds its own, and each table's slot of that gradient
 //! feeds the fused sparse update.
 //!
-//! Phases, in the DLRM names of [`PhaseSeconds`]: `interaction_*` is the cross network,
+//! Phases, in the DLRM names of [`super::PhaseSeconds`]: `interaction_*` is the cross network,
 //! `bot_*` the deep network, `top_*` the final layer.
 
 use super::mlp::Mlp;
@@ -21,21 +21,18 @@ use super::parameters::{
 };
 use super::sparse::SparseTables;
 use super::{
-    BatchError, DenseOptimizer, Model, ModelConfig, OptimizerKind, PhaseSeconds, Stopwatch,
-    mlp_floats_per_sample, validate_batch,
+    BatchError, DenseOptimizer, Model, ModelConfig, OptimizerKind, PhaseTimer, Task,
+    check_capacity, head_loss, head_predict, mlp_floats_per_sample, validate_batch,
 };
 use crate::data::Batch;
 use crate::model::embedding_tables::StorageKind;
 use crate::rng::{SplitMix64, derive_key};
-use dlrm_kernels::activation::{bce_with_logits, sigmoid};
 use dlrm_kernels::cross::{
     CrossGrads, CrossKind, CrossNet, CrossWorkspace, cross_backward, cross_forward,
 };
-use dlrm_kernels::embedding::{Bags, Pooling, embedding_bag_forward_tables};
 use dlrm_kernels::gemm::{MatMut, MatRef};
 use dlrm_kernels::parallel::Par;
 use serde::{Deserialize, Serialize};
-use std::time::Instant;
 
 /// The shape of a DCN.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,7 +153,6 @@ pub struct Dcn {
     grad_x0: Vec<f32>,
     probs: Vec<f32>,
     grad_logits: Vec<f32>,
-    phases: PhaseSeconds,
     /// How the kernels may use threads (set with [`Model::set_parallelism`]).
     par: Par,
 }
@@ -236,7 +232,6 @@ impl Dcn {
             grad_x0: Vec::new(),
             probs: Vec::new(),
             grad_logits: Vec::new(),
-            phases: PhaseSeconds::default(),
             par: Par::default(),
         })
     }
@@ -245,51 +240,20 @@ impl Dcn {
         &self.cfg
     }
 
-    fn check_capacity(&self, batch: &Batch) -> Result<(), BatchError> {
-        if batch.size() > self.capacity {
-            return Err(BatchError::TooLarge {
-                got: batch.size(),
-                capacity: self.capacity,
-            });
-        }
-        Ok(())
-    }
-
-    fn bags(batch: &Batch, t: usize) -> Bags<'_> {
-        Bags {
-            indices: &batch.indices[t],
-            offsets: &batch.offsets[t],
-            weights: None,
-        }
-    }
-
     /// Forward to the logits (in the head's output buffer). The batch must be valid.
-    fn forward_logits(&mut self, batch: &Batch, sw: &mut Stopwatch) {
+    fn forward_logits(&mut self, batch: &Batch, timer: &mut PhaseTimer) {
         let par = self.par;
         let b = batch.size();
         let (nd, d) = (self.cfg.num_dense, self.cfg.embedding_dim);
         let w0 = self.cfg.input_width();
         let hw = self.cfg.head_width();
-        self.embeddings.materialize(|t| &batch.indices[t]);
         let x0 = &mut self.x0[..b * w0];
         for (row, dense) in x0.chunks_mut(w0).zip(batch.dense.chunks(nd.max(1))) {
             row[..nd].copy_from_slice(&dense[..nd]);
         }
-        let tables = &self.embeddings;
-        let slots = MatMut::new(x0, b, w0).into_cols(nd, tables.len() * d);
-        embedding_bag_forward_tables(
-            tables.len(),
-            |t| {
-                (
-                    MatRef::from_rows(tables.weights(t), d),
-                    Self::bags(batch, t),
-                )
-            },
-            Pooling::Sum,
-            slots,
-            par,
-        );
-        sw.lap(&mut self.phases.emb_fwd);
+        let slots = MatMut::new(x0, b, w0).into_cols(nd, self.embeddings.len() * d);
+        self.embeddings.forward(batch, slots, par);
+        timer.lap(|p| &mut p.emb_fwd);
 
         let need = self.cfg.kind.saved_len(w0, self.cfg.cross_layers, b);
         cross_forward(
@@ -299,51 +263,54 @@ impl Dcn {
             MatMut::with_row_stride(&mut self.head_in, b, w0, hw),
             par,
         );
-        sw.lap(&mut self.phases.interaction_fwd);
+        timer.lap(|p| &mut p.interaction_fwd);
 
         let deep_out = MatMut::with_row_stride(&mut self.head_in[w0..], b, hw - w0, hw);
         self.deep
             .forward(MatRef::new(&self.x0[..b * w0], b, w0), Some(deep_out), par);
-        sw.lap(&mut self.phases.bot_fwd);
+        timer.lap(|p| &mut p.bot_fwd);
 
         self.head
             .forward(MatRef::new(&self.head_in[..b * hw], b, hw), None, par);
-        sw.lap(&mut self.phases.top_fwd);
+        timer.lap(|p| &mut p.top_fwd);
     }
 
     /// Click probabilities for a batch (no gradient work).
     pub fn predict(&mut self, batch: &Batch, probs: &mut Vec<f32>) -> Result<(), BatchError> {
-        self.check_capacity(batch)?;
+        check_capacity(batch, self.capacity)?;
         validate_batch(batch, self.cfg.num_dense, &self.embeddings.tables)?;
-        let mut sw = Stopwatch(Instant::now());
-        self.forward_logits(batch, &mut sw);
+        self.forward_logits(batch, &mut PhaseTimer::default());
         let b = batch.size();
         probs.resize(b, 0.0);
-        sigmoid(self.head.output(b).as_slice(), probs);
+        head_predict(Task::Classification, self.head.output(b).as_slice(), probs);
         Ok(())
     }
 
     /// One training step: forward, mean BCE loss, backward, updates. Returns the mean loss.
-    pub fn train_step(&mut self, batch: &Batch, lr: f32) -> Result<f64, BatchError> {
+    pub fn train_step(
+        &mut self,
+        batch: &Batch,
+        lr: f32,
+        timer: &mut PhaseTimer,
+    ) -> Result<f64, BatchError> {
         let par = self.par;
-        self.check_capacity(batch)?;
-        let mut sw = Stopwatch(Instant::now());
+        check_capacity(batch, self.capacity)?;
         validate_batch(batch, self.cfg.num_dense, &self.embeddings.tables)?;
-        sw.lap(&mut self.phases.other);
-        self.forward_logits(batch, &mut sw);
+        timer.lap(|p| &mut p.other);
+        self.forward_logits(batch, timer);
 
         let b = batch.size();
         let (nd, d) = (self.cfg.num_dense, self.cfg.embedding_dim);
         let w0 = self.cfg.input_width();
         let hw = self.cfg.head_width();
-        let loss_sum = bce_with_logits(
+        let loss_sum = head_loss(
+            Task::Classification,
             self.head.output(b).as_slice(),
             &batch.labels,
             &mut self.probs[..b],
             &mut self.grad_logits[..b],
-            1.0 / b as f32,
         );
-        sw.lap(&mut self.phases.loss);
+        timer.lap(|p| &mut p.loss);
 
         self.head.backward(
             MatRef::new(&self.head_in[..b * hw], b, hw),
@@ -352,7 +319,7 @@ impl Dcn {
             Some(MatMut::new(&mut self.grad_head_in[..b * hw], b, hw)),
             par,
         );
-        sw.lap(&mut self.phases.top_bwd);
+        timer.lap(|p| &mut p.top_bwd);
 
         let x0 = MatRef::new(&self.x0[..b * w0], b, w0);
         self.deep.backward(
@@ -362,7 +329,7 @@ impl Dcn {
             Some(MatMut::new(&mut self.grad_x0[..b * w0], b, w0)),
             par,
         );
-        sw.lap(&mut self.phases.bot_bwd);
+        timer.lap(|p| &mut p.bot_bwd);
 
         let need = self.cfg.kind.saved_len(w0, self.cfg.cross_layers, b);
         cross_backward(
@@ -379,17 +346,12 @@ impl Dcn {
             &mut self.cross_ws,
             par,
         );
-        sw.lap(&mut self.phases.interaction_bwd);
+        timer.lap(|p| &mut p.interaction_bwd);
 
         let grads = &self.grad_x0;
-        self.embeddings.update(
-            |t| Self::bags(batch, t),
-            |t| (&grads[nd + t * d..], w0),
-            lr,
-            0.0,
-            par,
-        );
-        sw.lap(&mut self.phases.emb_update);
+        self.embeddings
+            .update_batch(batch, |t| (&grads[nd + t * d..], w0), lr, 0.0, par);
+        timer.lap(|p| &mut p.emb_update);
 
         let cross = [
             (&mut self.cross_w[..], &self.grad_cross_w[..]),
@@ -408,7 +370,7 @@ impl Dcn {
             });
         self.dense_opt
             .step(cross.into_iter().chain(layers), lr, par);
-        sw.lap(&mut self.phases.dense_update);
+        timer.lap(|p| &mut p.dense_update);
         Ok(loss_sum / b as f64)
     }
 }
@@ -449,17 +411,16 @@ impl Model for Dcn {
         self.grad_logits.resize(batch, 0.0);
         self.capacity = batch;
     }
-    fn train_step(&mut self, batch: &Batch, lr: f32) -> Result<f64, BatchError> {
-        Dcn::train_step(self, batch, lr)
+    fn train_step(
+        &mut self,
+        batch: &Batch,
+        lr: f32,
+        timer: &mut PhaseTimer,
+    ) -> Result<f64, BatchError> {
+        Dcn::train_step(self, batch, lr, timer)
     }
     fn predict(&mut self, batch: &Batch, out: &mut Vec<f32>) -> Result<(), BatchError> {
         Dcn::predict(self, batch, out)
-    }
-    fn phases(&self) -> PhaseSeconds {
-        self.phases
-    }
-    fn add_other_seconds(&mut self, seconds: f64) {
-        self.phases.other += seconds;
     }
     fn config(&self) -> ModelConfig {
         ModelConfig::Dcn(self.cfg.clone())

@@ -10,6 +10,7 @@ pub mod parameters;
 pub mod sparse;
 
 use crate::data::Batch;
+use dlrm_kernels::activation::{bce_with_logits, sigmoid, squared_error};
 use dlrm_kernels::optim::{SparseOptimizer, adagrad_update, sgd_update};
 use dlrm_kernels::parallel::Par;
 use embedding_tables::EmbeddingTable;
@@ -270,14 +271,77 @@ impl PhaseSeconds {
     }
 }
 
-/// Accumulates the time since the last mark into a phase.
-pub(crate) struct Stopwatch(pub(crate) Instant);
+/// The time of each phase of training, owned by the training loop and passed to every step:
+/// each lap adds the time since the previous mark to one phase.
+#[derive(Clone, Debug)]
+pub struct PhaseTimer {
+    seconds: PhaseSeconds,
+    mark: Instant,
+}
 
-impl Stopwatch {
-    pub(crate) fn lap(&mut self, phase: &mut f64) {
+impl Default for PhaseTimer {
+    fn default() -> PhaseTimer {
+        PhaseTimer {
+            seconds: PhaseSeconds::default(),
+            mark: Instant::now(),
+        }
+    }
+}
+
+impl PhaseTimer {
+    /// Marks now: the time since the previous mark is not counted.
+    pub fn restart(&mut self) {
+        self.mark = Instant::now();
+    }
+
+    /// Adds the time since the previous mark to `phase` (e.g. `|p| &mut p.emb_fwd`) and marks
+    /// now.
+    pub fn lap(&mut self, phase: fn(&mut PhaseSeconds) -> &mut f64) {
         let now = Instant::now();
-        *phase += (now - self.0).as_secs_f64();
-        self.0 = now;
+        *phase(&mut self.seconds) += (now - self.mark).as_secs_f64();
+        self.mark = now;
+    }
+
+    /// The seconds counted so far.
+    pub fn seconds(&self) -> PhaseSeconds {
+        self.seconds
+    }
+}
+
+/// Refuses a batch larger than the buffers a model reserved (`capacity` samples).
+pub fn check_capacity(batch: &Batch, capacity: usize) -> Result<(), BatchError> {
+    if batch.size() > capacity {
+        return Err(BatchError::TooLarge {
+            got: batch.size(),
+            capacity,
+        });
+    }
+    Ok(())
+}
+
+/// The loss head every model ends in: the sum over the batch of the loss of outputs `y`
+/// against `labels` (BCE on sigmoid(y) for classification, the squared error for regression),
+/// with the gradient of the batch's mean loss with respect to each output in `grad` (and, for
+/// classification, the probabilities in `probs`).
+pub fn head_loss(
+    task: Task,
+    y: &[f32],
+    labels: &[f32],
+    probs: &mut [f32],
+    grad: &mut [f32],
+) -> f64 {
+    let b = y.len();
+    match task {
+        Task::Classification => bce_with_logits(y, labels, probs, grad, 1.0 / b as f32),
+        Task::Regression => squared_error(y, labels, grad, 2.0 / b as f32),
+    }
+}
+
+/// What the head predicts from outputs `y`: click probabilities, or the values for regression.
+pub fn head_predict(task: Task, y: &[f32], out: &mut [f32]) {
+    match task {
+        Task::Classification => sigmoid(y, out),
+        Task::Regression => out.copy_from_slice(y),
     }
 }
 
@@ -352,14 +416,16 @@ pub trait Model: Send + Parameters {
     fn reserve_inference(&mut self, batch: usize) {
         self.reserve(batch);
     }
-    /// One step: forward, loss, backward, updates. Returns the batch's mean loss.
-    fn train_step(&mut self, batch: &Batch, lr: f32) -> Result<f64, BatchError>;
+    /// One step: forward, loss, backward, updates, each phase's time added to `timer`.
+    /// Returns the batch's mean loss.
+    fn train_step(
+        &mut self,
+        batch: &Batch,
+        lr: f32,
+        timer: &mut PhaseTimer,
+    ) -> Result<f64, BatchError>;
     /// Predictions for a batch (probabilities, or ratings for regression), no gradients.
     fn predict(&mut self, batch: &Batch, out: &mut Vec<f32>) -> Result<(), BatchError>;
-    /// Time per phase accumulated by the steps so far.
-    fn phases(&self) -> PhaseSeconds;
-    /// Adds time to the `other` phase (data loading, done by the trainer).
-    fn add_other_seconds(&mut self, seconds: f64);
     /// What the model is, enough to build it again (see [`ModelConfig::build`]).
     fn config(&self) -> ModelConfig;
     /// f32 values of the step's buffers per sample of a batch (forward only, or with the

@@ -4,11 +4,22 @@
 use super::OptimizerKind;
 use super::embedding_tables::{EmbeddingTable, OptimizerState};
 use super::parameters::{Named, TableSource, Tensor, TensorMut, named_table, named_table_mut};
-use dlrm_kernels::embedding::{Bags, Pooling, SparseGradWorkspace};
+use crate::data::Batch;
+use dlrm_kernels::embedding::{Bags, Pooling, SparseGradWorkspace, embedding_bag_forward_tables};
 use dlrm_kernels::gemm::{MatMut, MatRef};
 use dlrm_kernels::optim::{SparseStep, TableMut, embedding_bag_backward_update};
 use dlrm_kernels::parallel::Par;
 use rayon::prelude::*;
+
+/// Table t's bags of a batch (sum pooling over each sample's ids): the one place a batch's
+/// ids become the kernels' bags.
+pub(crate) fn table_bags(batch: &Batch, t: usize) -> Bags<'_> {
+    Bags {
+        indices: &batch.indices[t],
+        offsets: &batch.offsets[t],
+        weights: None,
+    }
+}
 
 /// Embedding tables (rows x dim each), their sparse optimizer state and workspaces.
 pub struct SparseTables {
@@ -80,6 +91,25 @@ impl SparseTables {
         self.tables[t].weights()
     }
 
+    /// The forward of every table for `batch`: the rows it looks up in lazily initialised
+    /// tables get their initial values, then each sample's pooled (summed) vector of table t
+    /// is written to columns t·dim .. (t + 1)·dim of its row of `out`.
+    pub fn forward(&mut self, batch: &Batch, out: MatMut, par: Par) {
+        self.materialize(|t| table_bags(batch, t).indices);
+        let tables = &self.tables;
+        embedding_bag_forward_tables(
+            tables.len(),
+            |t| {
+                let table = &tables[t];
+                let weights = MatRef::from_rows(table.weights(), table.dim());
+                (weights, table_bags(batch, t))
+            },
+            Pooling::Sum,
+            out,
+            par,
+        );
+    }
+
     /// Gives the rows `ids(t)` of every lazily initialised table their initial values, tables
     /// in parallel (ids must be in range).
     pub fn materialize<'a>(&mut self, ids: impl Fn(usize) -> &'a [u32] + Sync) {
@@ -87,6 +117,19 @@ impl SparseTables {
             .par_iter_mut()
             .enumerate()
             .for_each(|(t, table)| table.materialize(ids(t)));
+    }
+
+    /// [`update`](Self::update) for the bags of `batch`: table t's output gradient is the rows
+    /// `grads(t)` = (slice, stride), one per sample.
+    pub fn update_batch<'a>(
+        &mut self,
+        batch: &'a Batch,
+        grads: impl Fn(usize) -> (&'a [f32], usize) + Sync,
+        lr: f32,
+        weight_decay: f32,
+        par: Par,
+    ) {
+        self.update(|t| table_bags(batch, t), grads, lr, weight_decay, par);
     }
 
     /// Backward and fused update of every table, tables in parallel: table t's bags are
