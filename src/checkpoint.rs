@@ -561,7 +561,7 @@ pub fn read_tensor(
 /// Copies little-endian f32 bytes (a safetensors tensor, aligned or not) into `out`: the one
 /// bytes-to-floats conversion of checkpoints and imports (the host is little-endian, as the
 /// table files assume).
-pub fn copy_f32s(bytes: &[u8], out: &mut [f32]) {
+fn copy_f32s(bytes: &[u8], out: &mut [f32]) {
     bytemuck::cast_slice_mut::<f32, u8>(out).copy_from_slice(bytes);
 }
 

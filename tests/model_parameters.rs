@@ -430,3 +430,80 @@ fn every_model_saves_resumes_and_exports_from_the_command_line() {
         );
     }
 }
+
+/// A model other than DLRM trained on a Criteo dataset serves: `dlrm eval` scores the dataset
+/// and `dlrm predict` the raw rows, through the checkpoint's encoding.
+#[test]
+fn every_model_trained_on_a_dataset_evaluates_and_predicts_from_its_checkpoint() {
+    let dir = Scratch::new("serve");
+    let arg = |name: &str| dir.0.join(name).to_str().unwrap().to_string();
+    let (tsv, ds) = (arg("rows.tsv"), arg("ds"));
+    let sizes = vec!["20"; 26].join("-");
+    cli_ok(&[
+        "synth",
+        "--rows",
+        "300",
+        "--arch-embedding-size",
+        &sizes,
+        "--out",
+        &tsv,
+    ]);
+    cli_ok(&["preprocess", &tsv, "--out", &ds]);
+    for model in ["dcn", "dcn-v2", "fm"] {
+        let ck = arg(&format!("{model}-ck"));
+        cli_ok(&[
+            "train",
+            "--model",
+            model,
+            "--dataset",
+            &ds,
+            "--arch-mlp-bot",
+            "13-16",
+            "--arch-mlp-top",
+            "8-1",
+            "--cross-layers",
+            "1",
+            "--arch-mlp-deep",
+            "8",
+            "--num-batches",
+            "3",
+            "--mini-batch-size",
+            "32",
+            "--threads",
+            "2",
+            "--save-model",
+            &ck,
+        ]);
+        let o = dlrm_cli(&[
+            "eval",
+            "--load-model",
+            &ck,
+            "--dataset",
+            &ds,
+            "--threads",
+            "2",
+        ]);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success() && out.contains("AUC"), "{model}: {out}");
+        let probs = arg(&format!("{model}.probs"));
+        cli_ok(&[
+            "predict",
+            "--load-model",
+            &ck,
+            "--criteo",
+            &tsv,
+            "--out",
+            &probs,
+            "--threads",
+            "2",
+        ]);
+        let lines = std::fs::read_to_string(&probs).unwrap();
+        assert_eq!(lines.lines().count(), 300, "{model}");
+        assert!(
+            lines
+                .lines()
+                .all(|l| l.parse::<f32>().is_ok_and(|p| (0.0..=1.0).contains(&p))),
+            "{model}: {lines}"
+        );
+    }
+}
