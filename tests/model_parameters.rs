@@ -507,3 +507,75 @@ fn every_model_trained_on_a_dataset_evaluates_and_predicts_from_its_checkpoint()
         );
     }
 }
+
+/// Runs `args`, expecting exit code 1 and an error naming every needle, never a panic.
+fn cli_fails(args: &[&str], needles: &[&str]) {
+    let o = dlrm_cli(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: stderr should name {n}: {err}");
+    }
+}
+
+/// A checkpoint or export of one model is refused, before any training, where the command
+/// line asks for something else: another kind, another optimizer, other tables, DLRM-only
+/// flags.
+#[test]
+fn a_model_checkpoint_that_does_not_fit_the_command_line_is_refused() {
+    let dir = Scratch::new("refuse");
+    let arg = |name: &str| dir.0.join(name).to_str().unwrap().to_string();
+    let ck = arg("ck");
+    let train = |model: &str, optimizer: &str, extra: &[&str]| -> Vec<String> {
+        let mut v = vec!["train", "--model", model, "--optimizer", optimizer];
+        v.extend([
+            "--num-batches",
+            "2",
+            "--mini-batch-size",
+            "32",
+            "--test-data-size",
+            "64",
+            "--cross-layers",
+            "1",
+            "--arch-mlp-deep",
+            "8",
+            "--threads",
+            "2",
+        ]);
+        v.extend(extra);
+        v.into_iter().map(String::from).collect()
+    };
+    fn strs(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    cli_ok(&strs(&train("dcn", "adagrad", &["--save-model", &ck])));
+    let resume = ["--nepochs", "2", "--load-model", &ck];
+    cli_fails(
+        &strs(&train("fm", "adagrad", &resume)),
+        &["--load-model", "holds a dcn model", "--model dcn"],
+    );
+    cli_fails(
+        &strs(&train("dcn", "sgd", &resume)),
+        &["--load-model", "--optimizer Sgd", "Adagrad"],
+    );
+    let other_tables = [&resume[..], &["--arch-embedding-size", "7-8-9"]].concat();
+    cli_fails(
+        &strs(&train("dcn", "adagrad", &other_tables)),
+        &["--load-model", "tables", "7-8-9"],
+    );
+    let export = arg("dcn.safetensors");
+    cli_ok(&["export", "--load-model", &ck, "--out", &export]);
+    cli_fails(
+        &[
+            "import",
+            "--in",
+            &export,
+            "--save-model",
+            &arg("imported"),
+            "--arch-interaction-op",
+            "dot",
+        ],
+        &["--arch-interaction-op", "dcn.safetensors", "dcn"],
+    );
+    assert!(!dir.0.join("imported").exists());
+}
