@@ -17,6 +17,7 @@ use dlrm::config::{Architecture, InteractionOp, Preset, join};
 use dlrm::data::Batch;
 use dlrm::data::synthetic::{Generation, Split, SyntheticConfig, SyntheticData};
 use dlrm::kernels::cross::CrossKind;
+use dlrm::model::PhaseTimer;
 use dlrm::model::dcn::{Dcn, DcnConfig};
 use dlrm::model::dlrm::Dlrm;
 use dlrm::model::fm::{Fm, FmConfig};
@@ -165,7 +166,9 @@ fn bench_steps(
             pool.install(|| {
                 b.iter(|| {
                     i = (i + 1) % batches.len();
-                    model.train_step(&batches[i], 0.01).expect("valid batch")
+                    model
+                        .train_step(&batches[i], 0.01, &mut PhaseTimer::default())
+                        .expect("valid batch")
                 })
             })
         });

@@ -6,9 +6,11 @@
 //! DIR/ckpt-000000000120-000/     one version
 //!     meta.json                  format, model description (architecture, optimizer), training
 //!                                state (step, epoch, position, RNG state, schedule), dataset
-//!     dense.safetensors          MLP weights and biases (PyTorch state_dict names) and their
-//!                                optimizer state ("optim." prefix)
-//!     table_000.emb ...          embedding tables (the file format of storage::matrix_file)
+//!     dense.safetensors          the dense tensors (MLP weights and biases, cross layers, FM's
+//!                                bias: PyTorch state_dict names) and their optimizer state
+//!                                ("optim." prefix)
+//!     table_000.emb ...          embedding tables (the file format of storage::matrix_file),
+//!                                numbered by the table's own index
 //!     table_000.state ...        their optimizer state
 //!     dataset/                   the dataset's dictionaries or hashing settings, when trained on one
 //! ```
@@ -20,6 +22,10 @@
 //! so that tests can check this deterministically; `DLRM_PAUSE_AT=<phase>` waits there until the
 //! save is cancelled, so that tests can interrupt it deterministically.
 //!
+//! Every model is written and read through its [`crate::model::Parameters`] visitor: the
+//! meta's `model` and `model_config` say what to build ([`ModelConfig`]), the visitor says
+//! which tensor goes where.
+//!
 //! One run at a time saves into a folder: [`claim`] takes an exclusive `flock` on `DIR/.lock`
 //! (held until the run ends) and refuses a folder holding another run's checkpoints. Every
 //! version records its run's id (`train_state.run_id`, carried over when a run resumes), and
@@ -30,10 +36,10 @@ use crate::config::Architecture;
 use crate::data::binary::{BinaryDataset, encoding_fingerprint_of};
 use crate::model::dlrm::Dlrm;
 use crate::model::embedding::{EmbeddingTable, OptimizerState};
-use crate::model::mlp::Mlp;
-use crate::model::{Model, OptimizerKind};
-use crate::rng::{SplitMix64, derive_key};
-use crate::storage::{StorageKind, state_file_name, table_file_name};
+use crate::model::parameters::tensors;
+use crate::model::{Model, ModelConfig, OptimizerKind, TableSource, TensorKind, TensorMut};
+use crate::rng::derive_key;
+use crate::storage::{StorageKind, map_read_only, state_file_name, table_file_name};
 use crate::train::LrSchedule;
 use anyhow::{Context, Result, bail, ensure};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
@@ -127,6 +133,15 @@ pub fn check_encoding(version: &Path, meta: &Meta, data: &BinaryDataset) -> Resu
 pub struct DlrmConfig {
     pub arch: Architecture,
     pub optimizer: OptimizerKind,
+}
+
+/// Any model's model_config: its configuration under its kind's key (`arch` for DLRM, as
+/// [`DlrmConfig`] writes it, `dcn`, `fm`) and the optimizer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct SavedModel {
+    #[serde(flatten)]
+    config: ModelConfig,
+    optimizer: OptimizerKind,
 }
 
 /// Aborts the process if `DLRM_CRASH_AT` names this phase (the crash tests' hook).
@@ -371,7 +386,7 @@ fn write_version(
     dataset_files: Option<&Path>,
     cancel: &Cancel,
 ) -> Result<()> {
-    let model_config = model.save_parameters(tmp)?;
+    let model_config = save_parameters(model, tmp)?;
     crash_point("parameters");
     pause_point("parameters", cancel)?;
     if let Some(src) = dataset_files {
@@ -452,32 +467,14 @@ pub fn read_meta(version: &Path) -> Result<Meta> {
     Ok(meta)
 }
 
-/// PyTorch state_dict names of the MLP layers: dlrm_s_pytorch.py builds each MLP as an
-/// nn.Sequential of Linear, ReLU, Linear, ... so Linear k is module 2k.
-pub fn layer_names(prefix: &str, layers: usize) -> Vec<(String, String)> {
-    (0..layers)
-        .map(|k| {
-            (
-                format!("{prefix}.{}.weight", 2 * k),
-                format!("{prefix}.{}.bias", 2 * k),
-            )
-        })
-        .collect()
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
 /// Writes (name, shape, values) tensors as a safetensors file, fsynced.
 pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, &[f32])]) -> Result<()> {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+    let views = tensors
         .iter()
-        .map(|(n, s, v)| (n.clone(), s.clone(), f32_bytes(v)))
-        .collect();
-    let views = bytes
-        .iter()
-        .map(|(n, s, b)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
+        .map(|(n, s, v)| {
+            let bytes = bytemuck::cast_slice(v);
+            Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), bytes)?))
+        })
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
     let data = safetensors::serialize(views, None)?;
     write_durable(path, &data)
@@ -556,46 +553,40 @@ pub fn read_tensor(
     opts: LoadOptions,
 ) -> Result<()> {
     let t = checked_tensor(st, file, name, shape)?;
-    for (o, b) in out.iter_mut().zip(t.data().chunks_exact(4)) {
-        *o = f32::from_le_bytes(b.try_into().expect("4 bytes"));
-    }
+    copy_f32s(t.data(), out);
     check_finite(file, name, shape, out, opts)
 }
 
-/// The dense tensors of a DLRM: every layer's weight and bias under the reference's names,
-/// and (Adagrad) their accumulators under "optim.<name>".
-fn dlrm_dense_tensors(model: &Dlrm) -> Vec<(String, Vec<usize>, &[f32])> {
-    let mut out = Vec::new();
-    let mlps = [("bot_l", &model.bottom), ("top_l", &model.top)];
-    let mut states = model.dense_state().iter();
-    for (prefix, mlp) in mlps {
-        for (layer, (wn, bn)) in mlp.layers.iter().zip(layer_names(prefix, mlp.layers.len())) {
-            let (sw, sb) = states.next().expect("a state per layer");
-            if !sw.is_empty() {
-                out.push((
-                    format!("optim.{wn}"),
-                    vec![layer.outputs, layer.inputs],
-                    &sw[..],
-                ));
-                out.push((format!("optim.{bn}"), vec![layer.outputs], &sb[..]));
-            }
-            out.push((wn, vec![layer.outputs, layer.inputs], &layer.weight[..]));
-            out.push((bn, vec![layer.outputs], &layer.bias[..]));
-        }
-    }
-    out
+/// Copies little-endian f32 bytes (a safetensors tensor, aligned or not) into `out`: the one
+/// bytes-to-floats conversion of checkpoints and imports (the host is little-endian, as the
+/// table files assume).
+fn copy_f32s(bytes: &[u8], out: &mut [f32]) {
+    bytemuck::cast_slice_mut::<f32, u8>(out).copy_from_slice(bytes);
 }
 
-/// Writes a DLRM's parameters into a checkpoint folder; returns its model_config.
-pub fn save_dlrm_parameters(model: &Dlrm, dir: &Path) -> Result<serde_json::Value> {
-    for (table, state) in model.tables.iter().zip(&model.table_states) {
-        table.write_to_dir(dir)?;
-        state.write_to_dir(dir, table)?;
+/// Writes every tensor of `model` into a checkpoint folder (tables and their state as table
+/// files, the dense tensors and their state in one safetensors file); returns its model_config.
+fn save_parameters(model: &dyn Model, dir: &Path) -> Result<serde_json::Value> {
+    let all = tensors(model);
+    for (_, _, t) in &all {
+        if let TensorKind::Table { table, state } = t.kind {
+            table.write_to_dir(dir)?;
+            state.write_to_dir(dir, table)?;
+        }
     }
     crash_point("tables");
-    write_safetensors(&dir.join(DENSE), &dlrm_dense_tensors(model))?;
-    Ok(serde_json::to_value(DlrmConfig {
-        arch: model.arch().clone(),
+    let mut dense: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
+    for (name, shape, t) in &all {
+        if let TensorKind::Dense = t.kind {
+            if !t.state.is_empty() {
+                dense.push((format!("optim.{name}"), shape.clone(), t.state));
+            }
+            dense.push((name.clone(), shape.clone(), t.values));
+        }
+    }
+    write_safetensors(&dir.join(DENSE), &dense)?;
+    Ok(serde_json::to_value(SavedModel {
+        config: model.config(),
         optimizer: model.optimizer(),
     })?)
 }
@@ -619,15 +610,54 @@ pub fn read_dlrm_config(version: &Path, meta: &Meta) -> Result<DlrmConfig> {
     Ok(DlrmConfig { arch, ..cfg })
 }
 
-/// Loads a DLRM checkpoint version into `storage` (anonymous: read into memory; file: mapped
-/// copy-on-write, so training never writes through to the checkpoint), refusing non-finite
+/// The model a version's meta describes, and its optimizer (a DLRM's architecture checked as
+/// [`read_dlrm_config`] does).
+pub fn read_model_config(version: &Path, meta: &Meta) -> Result<(ModelConfig, OptimizerKind)> {
+    if meta.model == "dlrm" {
+        let cfg = read_dlrm_config(version, meta)?;
+        return Ok((ModelConfig::Dlrm(cfg.arch), cfg.optimizer));
+    }
+    let path = version.join(META);
+    let saved: SavedModel = serde_json::from_value(meta.model_config.clone())
+        .with_context(|| format!("{}: malformed model_config", path.display()))?;
+    let kind = saved.config.kind().name();
+    ensure!(
+        kind == meta.model,
+        "{}: model is {} but model_config describes a {kind} model",
+        path.display(),
+        meta.model
+    );
+    Ok((saved.config, saved.optimizer))
+}
+
+/// Loads any model's checkpoint version into `storage` (anonymous: read into memory; file:
+/// mapped copy-on-write, so training never writes through to the checkpoint), checking every
+/// file against the meta's description and (unless `opts` allows otherwise) that every value
+/// is finite.
+pub fn load_model(
+    version: &Path,
+    storage: &StorageKind,
+    opts: LoadOptions,
+) -> Result<(Box<dyn Model>, Meta)> {
+    let meta = read_meta(version)?;
+    let (config, optimizer) = read_model_config(version, &meta)?;
+    let dense = DenseFile::open(version, &config, optimizer)?;
+    let source = TableSource::Files {
+        dir: version,
+        storage,
+    };
+    let mut model = config.build(optimizer, 0, source)?;
+    dense.read_into(model.as_mut(), version, opts)?;
+    Ok((model, meta))
+}
+
+/// Loads a DLRM checkpoint version into `storage` (as [`load_model`]), refusing non-finite
 /// parameters.
 pub fn load_dlrm(version: &Path, storage: &StorageKind) -> Result<(Dlrm, Meta)> {
     load_dlrm_with(version, storage, LoadOptions::default())
 }
 
-/// [`load_dlrm`] with explicit [`LoadOptions`]. Every table file and dense tensor is checked
-/// against the meta's architecture (an error names the file and both shapes).
+/// [`load_dlrm`] with explicit [`LoadOptions`].
 pub fn load_dlrm_with(
     version: &Path,
     storage: &StorageKind,
@@ -635,72 +665,100 @@ pub fn load_dlrm_with(
 ) -> Result<(Dlrm, Meta)> {
     let meta = read_meta(version)?;
     let cfg = read_dlrm_config(version, &meta)?;
-    let arch = cfg.arch;
-    let d = arch.embedding_dim;
-    let width = cfg.optimizer.sparse(0.0).state_width(d);
-    let mut tables = Vec::with_capacity(arch.num_tables());
-    let mut states = Vec::with_capacity(arch.num_tables());
-    for (t, &rows) in arch.table_sizes.iter().enumerate() {
-        let table_path = version.join(table_file_name(t));
-        let table = EmbeddingTable::load(&table_path, t, rows, d, storage)?;
-        let name = format!("emb_l.{t}.weight");
-        check_finite(&table_path, &name, &[rows, d], table.weights(), opts)?;
-        let state_path = version.join(state_file_name(t));
-        let state = OptimizerState::load(&state_path, t, rows, width, storage)?;
-        let state_name = format!("optim.{name}");
-        check_finite(
-            &state_path,
-            &state_name,
-            &[rows, width],
-            state.as_slice(),
-            opts,
-        )?;
-        tables.push(table);
-        states.push(state);
-    }
-    let path = version.join(DENSE);
-    let bytes = fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
-    let adagrad = cfg.optimizer.dense_adagrad();
-    // Every dense tensor must have the meta's shape before layers of the meta's widths are
-    // allocated: a corrupt width must be an error, not an allocation failure.
-    for (prefix, widths) in [("bot_l", &arch.bottom), ("top_l", &arch.top)] {
-        let names = layer_names(prefix, widths.len() - 1);
-        for ((wn, bn), io) in names.iter().zip(widths.windows(2)) {
-            for (name, shape) in [(wn, vec![io[1], io[0]]), (bn, vec![io[1]])] {
-                checked_tensor(&st, &path, name, &shape)?;
-                if adagrad {
-                    checked_tensor(&st, &path, &format!("optim.{name}"), &shape)?;
-                }
+    let dense = DenseFile::open(version, &ModelConfig::Dlrm(cfg.arch.clone()), cfg.optimizer)?;
+    let source = TableSource::Files {
+        dir: version,
+        storage,
+    };
+    let mut model = Dlrm::build(cfg.arch, cfg.optimizer, 0, source)?;
+    dense.read_into(&mut model, version, opts)?;
+    Ok((model, meta))
+}
+
+/// A version's dense.safetensors, mapped (deserialized in place, never read whole).
+struct DenseFile {
+    path: PathBuf,
+    map: memmap2::Mmap,
+}
+
+impl DenseFile {
+    /// Maps the file and checks that it holds every dense tensor of `config` (and its
+    /// optimizer state for Adagrad) in F32 of the right shape, before the model is built: a
+    /// corrupt width in the meta is an error, not an allocation failure.
+    fn open(version: &Path, config: &ModelConfig, optimizer: OptimizerKind) -> Result<DenseFile> {
+        let path = version.join(DENSE);
+        let map =
+            map_read_only(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let file = DenseFile { path, map };
+        let st = file.tensors()?;
+        for (name, shape) in config.dense_shapes() {
+            checked_tensor(&st, &file.path, &name, &shape)?;
+            if optimizer.dense_adagrad() {
+                checked_tensor(&st, &file.path, &format!("optim.{name}"), &shape)?;
             }
         }
+        Ok(file)
     }
-    // Parameters are overwritten from the file: the generator only shapes the layers.
-    let mut rng = SplitMix64::new(0);
-    let bottom = Mlp::new(&arch.bottom, true, &mut rng);
-    let top = Mlp::new(&arch.top, false, &mut rng);
-    let mut model = Dlrm::assemble(arch, cfg.optimizer, bottom, top, tables, states);
-    let nb = model.bottom.layers.len();
-    let names: Vec<(String, String)> = layer_names("bot_l", nb)
-        .into_iter()
-        .chain(layer_names("top_l", model.top.layers.len()))
-        .collect();
-    for (i, (wn, bn)) in names.iter().enumerate() {
-        let layer = if i < nb {
-            &mut model.bottom.layers[i]
-        } else {
-            &mut model.top.layers[i - nb]
-        };
-        let ws = [layer.outputs, layer.inputs];
-        let bs = [layer.outputs];
-        read_tensor(&st, &path, wn, &ws, &mut layer.weight, opts)?;
-        read_tensor(&st, &path, bn, &bs, &mut layer.bias, opts)?;
-        if adagrad {
-            let (sw, sb) = &mut model.dense_state_mut()[i];
-            read_tensor(&st, &path, &format!("optim.{wn}"), &ws, sw, opts)?;
-            read_tensor(&st, &path, &format!("optim.{bn}"), &bs, sb, opts)?;
-        }
+
+    fn tensors(&self) -> Result<SafeTensors<'_>> {
+        SafeTensors::deserialize(&self.map)
+            .with_context(|| format!("{}: not a safetensors file", self.path.display()))
     }
-    Ok((model, meta))
+
+    /// Reads every dense tensor of `model` and its state from the file, and checks its
+    /// tables (loaded from `version`) for non-finite values, unless `opts` allows them.
+    fn read_into(
+        &self,
+        model: &mut dyn crate::model::Parameters,
+        version: &Path,
+        opts: LoadOptions,
+    ) -> Result<()> {
+        let st = self.tensors()?;
+        let path = &self.path;
+        let mut result = Ok(());
+        model.parameters_mut(&mut |(name, shape, tensor)| {
+            if result.is_err() {
+                return;
+            }
+            result = match tensor {
+                TensorMut::Dense { values, state } => {
+                    read_tensor(&st, path, &name, &shape, values, opts).and_then(|()| {
+                        if state.is_empty() {
+                            return Ok(());
+                        }
+                        let state_name = format!("optim.{name}");
+                        read_tensor(&st, path, &state_name, &shape, state, opts)
+                    })
+                }
+                TensorMut::Table { table, state } => {
+                    check_table_finite(version, &name, &shape, table, state, opts)
+                }
+            };
+        });
+        result
+    }
+}
+
+/// Refuses a loaded table or its state holding a NaN or infinite value (unless `opts` allows
+/// it), naming its file in `version`, the tensor and the index.
+fn check_table_finite(
+    version: &Path,
+    name: &str,
+    shape: &[usize],
+    table: &EmbeddingTable,
+    state: &OptimizerState,
+    opts: LoadOptions,
+) -> Result<()> {
+    let table_path = version.join(table_file_name(table.index()));
+    check_finite(&table_path, name, shape, table.weights(), opts)?;
+    let state_path = version.join(state_file_name(table.index()));
+    let state_shape = [state.rows(), state.width()];
+    let state_name = format!("optim.{name}");
+    check_finite(
+        &state_path,
+        &state_name,
+        &state_shape,
+        state.as_slice(),
+        opts,
+    )
 }

@@ -10,54 +10,58 @@
 //!
 //! (The reference builds each MLP as nn.Sequential(Linear, ReLU, Linear, ...), so Linear k is
 //! module 2k.) Optimizer state is not part of a state_dict and is not exported.
+//!
+//! The other models (DCN, DCN-v2, FM, MF) export the same way, every tensor under the name its
+//! [`crate::model::Parameters`] visitor gives, with the model's kind and configuration in the
+//! `__metadata__` (`model`, `model_config`), from which [`import_model`] builds it back.
 
 use crate::cancel::{Cancel, Interrupted, PartialFile, note_removed};
-use crate::checkpoint::{LoadOptions, layer_names, read_tensor};
+use crate::checkpoint::{LoadOptions, read_tensor};
 use crate::config::{Architecture, InteractionOp, interaction_width, join};
-use crate::model::OptimizerKind;
 use crate::model::dlrm::Dlrm;
-use crate::model::embedding::{EmbeddingTable, OptimizerState};
-use crate::model::mlp::Mlp;
-use crate::rng::SplitMix64;
-use crate::storage::StorageKind;
+use crate::model::parameters::tensors;
+use crate::model::{Model, ModelConfig, OptimizerKind, Parameters, TableSource, TensorMut};
+use crate::storage::{StorageKind, map_read_only};
 use anyhow::{Context, Result, bail, ensure};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 /// Writes every parameter of `model` to `path` as safetensors (streamed: the tables are not
-/// copied in memory), with the architecture in the `__metadata__`. Rows of a lazily
-/// initialised table that were never touched are written with their initial values. Stops with
-/// [`Interrupted`] between tensors once `cancel` is requested, leaving no partial file.
-pub fn export_safetensors(model: &mut Dlrm, path: &Path, cancel: &Cancel) -> Result<()> {
+/// copied in memory), with the model's description in the `__metadata__` (a DLRM's
+/// architecture under the reference's flag names). Rows of a lazily initialised table that were
+/// never touched are written with their initial values. Stops with [`Interrupted`] between
+/// tensors once `cancel` is requested, leaving no partial file.
+pub fn export_safetensors(model: &mut dyn Model, path: &Path, cancel: &Cancel) -> Result<()> {
     use rayon::prelude::*;
-    model
-        .tables
-        .par_iter_mut()
-        .for_each(EmbeddingTable::materialize_all);
-    let arch = model.arch();
-    let le = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-    let mut dense: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (prefix, mlp) in [("bot_l", &model.bottom), ("top_l", &model.top)] {
-        for (layer, (wn, bn)) in mlp.layers.iter().zip(layer_names(prefix, mlp.layers.len())) {
-            dense.push((wn, vec![layer.outputs, layer.inputs], le(&layer.weight)));
-            dense.push((bn, vec![layer.outputs], le(&layer.bias)));
+    let mut tables = Vec::new();
+    model.parameters_mut(&mut |(_, _, t)| {
+        if let TensorMut::Table { table, .. } = t {
+            tables.push(table);
         }
-    }
-    let mut tensors: Vec<(String, Vec<usize>, &[u8])> = model
-        .tables
-        .iter()
-        .enumerate()
-        .map(|(t, table)| {
-            (
-                format!("emb_l.{t}.weight"),
-                vec![table.rows(), arch.embedding_dim],
-                table.weight_bytes(),
-            )
-        })
+    });
+    tables.par_iter_mut().for_each(|t| t.materialize_all());
+    let metadata = export_metadata(&model.config())?;
+    let tensors: Vec<(String, Vec<usize>, &[u8])> = tensors(&*model)
+        .into_iter()
+        .map(|(name, shape, t)| (name, shape, bytemuck::cast_slice(t.values)))
         .collect();
-    tensors.extend(dense.iter().map(|(n, s, b)| (n.clone(), s.clone(), &b[..])));
-    let metadata = BTreeMap::from([
+    write_safetensors_sorted(path, cancel, tensors, &metadata)
+}
+
+/// The `__metadata__` of an export: a DLRM's architecture under the reference's flag names,
+/// another model's kind and configuration.
+fn export_metadata(config: &ModelConfig) -> Result<BTreeMap<String, String>> {
+    let arch = match config {
+        ModelConfig::Dlrm(arch) => arch,
+        other => {
+            return Ok(BTreeMap::from([
+                (META_MODEL.to_string(), other.kind().name().to_string()),
+                (META_CONFIG.to_string(), serde_json::to_string(other)?),
+            ]));
+        }
+    };
+    Ok(BTreeMap::from([
         (META_BOTTOM.to_string(), join(&arch.bottom)),
         (META_TOP.to_string(), arch.top_flag()),
         (META_DIM.to_string(), arch.embedding_dim.to_string()),
@@ -66,9 +70,13 @@ pub fn export_safetensors(model: &mut Dlrm, path: &Path, cancel: &Cancel) -> Res
             interaction_name(arch.interaction).to_string(),
         ),
         (META_ITSELF.to_string(), arch.self_interaction.to_string()),
-    ]);
-    write_safetensors_sorted(path, cancel, tensors, &metadata)
+    ]))
 }
+
+/// `__metadata__` keys of the other models' exports: the model's kind and its configuration
+/// (JSON).
+const META_MODEL: &str = "model";
+const META_CONFIG: &str = "model_config";
 
 /// `__metadata__` keys of an export: the reference's flag names without the dashes.
 const META_BOTTOM: &str = "arch_mlp_bot";
@@ -163,7 +171,7 @@ pub fn import_safetensors(
     seed: u64,
     opts: ImportOptions,
 ) -> Result<Dlrm> {
-    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let bytes = map_file(path)?;
     let st = SafeTensors::deserialize(&bytes)
         .with_context(|| format!("{}: not a safetensors file", path.display()))?;
     let shape = |name: &str| -> Result<Vec<usize>> {
@@ -257,12 +265,99 @@ pub fn import_safetensors(
         itself,
     )
     .with_context(|| format!("{}: inconsistent architecture", path.display()))?;
-    let mut known: Vec<String> = (0..tables).map(|t| format!("emb_l.{t}.weight")).collect();
-    for (prefix, layers) in [("bot_l", bottom.len() - 1), ("top_l", top.len() - 1)] {
-        for (w, b) in layer_names(prefix, layers) {
-            known.extend([w, b]);
-        }
+    let mut model = Dlrm::build(arch, optimizer, seed, TableSource::Init(&eager(storage)))?;
+    read_parameters(&mut model, &st, path, opts)?;
+    Ok(model)
+}
+
+/// Reads any exported model: a DLRM state_dict as [`import_safetensors`] does, another model
+/// from the kind and configuration its `__metadata__` records ([`export_safetensors`]), every
+/// tensor checked against the model built from them; `optimizer` sets up fresh optimizer
+/// state.
+pub fn import_model(
+    path: &Path,
+    optimizer: OptimizerKind,
+    storage: &StorageKind,
+    seed: u64,
+    opts: ImportOptions,
+) -> Result<Box<dyn Model>> {
+    let bytes = map_file(path)?;
+    let (_, header) = SafeTensors::read_metadata(&bytes)
+        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    let metadata = header.metadata().clone().unwrap_or_default();
+    let Some(kind) = metadata.get(META_MODEL) else {
+        return Ok(Box::new(import_safetensors(
+            path, optimizer, storage, seed, opts,
+        )?));
+    };
+    ensure!(
+        opts.interaction.is_none() && opts.self_interaction.is_none(),
+        "--arch-interaction-op and --arch-interaction-itself apply to DLRM files, and {} holds a {kind} model",
+        path.display()
+    );
+    let config_json = metadata.get(META_CONFIG).with_context(|| {
+        format!(
+            "{}: __metadata__ names a {kind} model but has no {META_CONFIG}",
+            path.display()
+        )
+    })?;
+    let config: ModelConfig = serde_json::from_str(config_json).with_context(|| {
+        format!(
+            "{}: __metadata__ {META_CONFIG} is malformed",
+            path.display()
+        )
+    })?;
+    ensure!(
+        config.kind().name() == kind,
+        "{}: __metadata__ names a {kind} model but {META_CONFIG} describes a {} model",
+        path.display(),
+        config.kind().name()
+    );
+    let st = SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    // The dense shapes first: a corrupt width is an error, not an allocation failure.
+    for (name, shape) in config.dense_shapes() {
+        let t = st
+            .tensor(&name)
+            .with_context(|| format!("{}: no tensor {name}", path.display()))?;
+        ensure!(
+            t.shape() == shape,
+            "{}: tensor {name} has shape {:?}, the model expects {shape:?}",
+            path.display(),
+            t.shape()
+        );
     }
+    let mut model = config.build(optimizer, seed, TableSource::Init(&eager(storage)))?;
+    read_parameters(model.as_mut(), &st, path, opts)?;
+    Ok(model)
+}
+
+/// Maps a safetensors file read-only: it is deserialized in place, never read whole.
+fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+    map_read_only(path).with_context(|| format!("{}: cannot read", path.display()))
+}
+
+/// `storage` with every row initialised up front: imported values overwrite them all.
+fn eager(storage: &StorageKind) -> StorageKind {
+    match storage {
+        StorageKind::File { dir, .. } => StorageKind::File {
+            dir: dir.clone(),
+            lazy_init: false,
+        },
+        StorageKind::Anon => StorageKind::Anon,
+    }
+}
+
+/// Reads every tensor of `model` from `st` (tables and dense tensors alike), after refusing
+/// tensors of the file that are not the model's unless `opts.ignore_unknown` (as PyTorch's
+/// strict `load_state_dict`).
+fn read_parameters(
+    model: &mut dyn Parameters,
+    st: &SafeTensors,
+    path: &Path,
+    opts: ImportOptions,
+) -> Result<()> {
+    let known: Vec<String> = tensors(&*model).into_iter().map(|(n, _, _)| n).collect();
     if !opts.ignore_unknown {
         let mut unknown: Vec<&str> = st
             .names()
@@ -272,40 +367,22 @@ pub fn import_safetensors(
         unknown.sort_unstable();
         ensure!(
             unknown.is_empty(),
-            "{}: tensors that are not parameters of this DLRM: {}; pass --ignore-unknown to skip them",
+            "{}: tensors that are not parameters of this model: {}; pass --ignore-unknown to skip them",
             path.display(),
             unknown.join(", ")
         );
     }
-    let width = optimizer.sparse(0.0).state_width(d);
-    let mut emb = Vec::with_capacity(tables);
-    let mut states = Vec::with_capacity(tables);
-    for (t, &rows) in sizes.iter().enumerate() {
-        let mut values = vec![0.0f32; rows * d];
-        read_tensor(
-            &st,
-            path,
-            &format!("emb_l.{t}.weight"),
-            &[rows, d],
-            &mut values,
-            opts.load,
-        )?;
-        let table = EmbeddingTable::create_from(t, d, seed, &values, storage)?;
-        states.push(OptimizerState::create_for(&table, width)?);
-        emb.push(table);
-    }
-    let mut rng = SplitMix64::new(seed);
-    let mut bot = Mlp::new(&arch.bottom, true, &mut rng);
-    let mut topm = Mlp::new(&arch.top, false, &mut rng);
-    for (prefix, mlp) in [("bot_l", &mut bot), ("top_l", &mut topm)] {
-        let n = mlp.layers.len();
-        for (layer, (wn, bn)) in mlp.layers.iter_mut().zip(layer_names(prefix, n)) {
-            let ws = [layer.outputs, layer.inputs];
-            read_tensor(&st, path, &wn, &ws, &mut layer.weight, opts.load)?;
-            read_tensor(&st, path, &bn, &[layer.outputs], &mut layer.bias, opts.load)?;
+    let mut result = Ok(());
+    model.parameters_mut(&mut |(name, shape, tensor)| {
+        if result.is_ok() {
+            let values = match tensor {
+                TensorMut::Dense { values, .. } => values,
+                TensorMut::Table { table, .. } => table.weights_mut(),
+            };
+            result = read_tensor(st, path, &name, &shape, values, opts.load);
         }
-    }
-    Ok(Dlrm::assemble(arch, optimizer, bot, topm, emb, states))
+    });
+    result
 }
 
 /// The interaction of an imported model with `features` vectors of width `d` whose top MLP

@@ -6,7 +6,7 @@ use crate::cancel::Cancel;
 use crate::checkpoint::{self, TrainState};
 use crate::data::Batch;
 use crate::metrics::EvalMetrics;
-use crate::model::{Model, OptimizerKind, ParameterScope, PhaseSeconds, Task};
+use crate::model::{Model, OptimizerKind, ParameterScope, PhaseSeconds, PhaseTimer, Task};
 use crate::rng::{SplitMix64, derive_key};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -503,6 +503,8 @@ pub fn train(
         n => n as u64,
     };
     let mut last_saved = None;
+    // The loop times the data loading (`other`), each step its own phases.
+    let mut timer = PhaseTimer::default();
     // Where training stands after the latest step (what a checkpoint records).
     let mut state = opts.resume.clone().unwrap_or(TrainState {
         step,
@@ -534,16 +536,16 @@ pub fn train(
             let bi = order[(k % data_batches) as usize];
             let first = bi * bs;
             let size = bs.min(train_len - first) as usize;
-            let t0 = Instant::now();
+            timer.restart();
             data.fill_train(first, size, &mut batch).with_context(|| {
                 format!(
                     "epoch {epoch}, training samples {first}..{}",
                     first + size as u64
                 )
             })?;
-            model.add_other_seconds(t0.elapsed().as_secs_f64());
+            timer.lap(|p| &mut p.other);
             let loss = model
-                .train_step(&batch, opts.lr.at(step))
+                .train_step(&batch, opts.lr.at(step), &mut timer)
                 .with_context(|| {
                     format!(
                         "epoch {epoch}, training samples {first}..{}",
@@ -632,7 +634,7 @@ pub fn train(
     } else {
         f64::NAN
     };
-    let phases = model.phases();
+    let phases = timer.seconds();
     observer.finished();
     if last_saved != Some(step) {
         save_checkpoint(opts, model, &state, observer)?;

@@ -266,10 +266,6 @@ fn every_bad_input_is_a_clear_error_never_a_panic() {
     case(&["train", "--optimizer", "lion"], Some("--optimizer"));
     case(&["train", "--no-such-flag"], Some("--no-such-flag"));
     case(
-        &["train", "--model", "dcn", "--save-model", &s.arg("x")],
-        Some("--save-model"),
-    );
-    case(
         &["train", "--model", "fm", "--load-model", &ck],
         Some("--load-model"),
     );

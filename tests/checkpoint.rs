@@ -121,7 +121,7 @@ fn bits(m: &Dlrm) -> Vec<u32> {
     for (sw, sb) in m.dense_state() {
         v.extend(sw.iter().chain(sb).map(|x| x.to_bits()));
     }
-    for (t, s) in m.tables.iter().zip(&m.table_states) {
+    for (t, s) in m.embeddings.tables.iter().zip(&m.embeddings.states) {
         v.extend(t.weights().iter().chain(s.as_slice()).map(|x| x.to_bits()));
     }
     v

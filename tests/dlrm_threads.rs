@@ -6,6 +6,7 @@ use dlrm::config::{Architecture, InteractionOp, Preset, join};
 use dlrm::data::Batch;
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
 use dlrm::kernels::parallel::Par;
+use dlrm::model::PhaseTimer;
 use dlrm::model::dlrm::Dlrm;
 use dlrm::model::{Model, OptimizerKind};
 use dlrm::storage::StorageKind;
@@ -58,7 +59,7 @@ fn train_bits(
         let mut batch = Batch::default();
         for i in 0..6 {
             data.fill_train(i * 256, 256, &mut batch).unwrap();
-            Model::train_step(&mut m, &batch, 0.1).unwrap();
+            Model::train_step(&mut m, &batch, 0.1, &mut PhaseTimer::default()).unwrap();
         }
         let mut test = Batch::default();
         data.fill_test(0, 512, &mut test).unwrap();
@@ -66,8 +67,8 @@ fn train_bits(
         Model::predict(&mut m, &test, &mut probs).unwrap();
         let layers = m.bottom.layers.iter().chain(&m.top.layers);
         let dense = layers.flat_map(|l| l.weight.iter().chain(&l.bias));
-        let tables = m.tables.iter().flat_map(|t| t.weights());
-        let states = m.table_states.iter().flat_map(|s| s.as_slice());
+        let tables = m.embeddings.tables.iter().flat_map(|t| t.weights());
+        let states = m.embeddings.states.iter().flat_map(|s| s.as_slice());
         dense
             .chain(tables)
             .chain(states)

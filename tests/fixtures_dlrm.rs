@@ -8,6 +8,7 @@ use common::fixtures::{Fixture, load};
 use dlrm::config::{Architecture, InteractionOp, parse_dims};
 use dlrm::data::Batch;
 use dlrm::model::OptimizerKind;
+use dlrm::model::PhaseTimer;
 use dlrm::model::dlrm::Dlrm;
 use dlrm::storage::StorageKind;
 
@@ -34,7 +35,7 @@ fn model_from(fx: &Fixture, optimizer: OptimizerKind) -> Dlrm {
         layer.weight.copy_from_slice(fx.f32(&format!("top_w{l}")));
         layer.bias.copy_from_slice(fx.f32(&format!("top_b{l}")));
     }
-    for (t, table) in model.tables.iter_mut().enumerate() {
+    for (t, table) in model.embeddings.tables.iter_mut().enumerate() {
         table
             .weights_mut()
             .copy_from_slice(fx.f32(&format!("emb_t{t}")));
@@ -73,7 +74,7 @@ fn check_params(fx: &Fixture, model: &Dlrm, prefix: &str) {
         fx.assert_close(&format!("{prefix}top_w{l}"), &layer.weight);
         fx.assert_close(&format!("{prefix}top_b{l}"), &layer.bias);
     }
-    for (t, table) in model.tables.iter().enumerate() {
+    for (t, table) in model.embeddings.tables.iter().enumerate() {
         fx.assert_close(&format!("{prefix}emb_t{t}"), table.weights());
     }
 }
@@ -86,7 +87,7 @@ fn check_states(fx: &Fixture, model: &Dlrm, prefix: &str) {
         fx.assert_close(&format!("{prefix}state_{part}_w{l}"), sw);
         fx.assert_close(&format!("{prefix}state_{part}_b{l}"), sb);
     }
-    for (t, st) in model.table_states.iter().enumerate() {
+    for (t, st) in model.embeddings.states.iter().enumerate() {
         fx.assert_close(&format!("{prefix}state_emb_t{t}"), st.as_slice());
     }
 }
@@ -114,11 +115,13 @@ fn dlrm_step_forward_loss_and_gradients() {
             .collect()
     };
     fx.assert_close("bot_out", &slot(0));
-    for t in 0..model.tables.len() {
+    for t in 0..model.embeddings.tables.len() {
         fx.assert_close(&format!("emb_out_t{t}"), &slot(t + 1));
     }
 
-    let loss = model.train_step(&batch, lr).unwrap();
+    let loss = model
+        .train_step(&batch, lr, &mut PhaseTimer::default())
+        .unwrap();
     fx.assert_close("loss", &[loss as f32]);
     for (l, layer) in model.bottom.layers.iter().enumerate() {
         fx.assert_close(&format!("grad_bot_w{l}"), &layer.grad_weight);
@@ -130,11 +133,11 @@ fn dlrm_step_forward_loss_and_gradients() {
     }
     // The sparse gradient is applied in place (fused); SGD's result pins it: emb - lr * grad.
     check_params(&fx, &model, "sgd_");
-    for t in 0..model.tables.len() {
+    for t in 0..model.embeddings.tables.len() {
         let before = fx.f32(&format!("emb_t{t}"));
         let grad: Vec<f32> = before
             .iter()
-            .zip(model.tables[t].weights())
+            .zip(model.embeddings.tables[t].weights())
             .map(|(b, a)| (b - a) / lr)
             .collect();
         // Recovering the gradient divides the rounding error by lr.
@@ -158,7 +161,9 @@ fn dlrm_step_adagrad_and_rowwise_adagrad() {
         (OptimizerKind::RowwiseAdagrad, "rowwise_"),
     ] {
         let mut model = model_from(&fx, kind);
-        model.train_step(&batch, lr).unwrap();
+        model
+            .train_step(&batch, lr, &mut PhaseTimer::default())
+            .unwrap();
         check_params(&fx, &model, prefix);
         check_states(&fx, &model, prefix);
     }
@@ -172,7 +177,11 @@ fn dlrm_sgd_trajectory() {
     let mut model = model_from(&fx, OptimizerKind::Sgd);
     let mut losses = Vec::new();
     for s in 0..steps {
-        losses.push(model.train_step(&batch_from(&fx, Some(s)), lr).unwrap() as f32);
+        losses.push(
+            model
+                .train_step(&batch_from(&fx, Some(s)), lr, &mut PhaseTimer::default())
+                .unwrap() as f32,
+        );
     }
     fx.assert_close("losses", &losses);
     check_params(&fx, &model, "final_");
@@ -190,7 +199,11 @@ fn dlrm_adagrad_trajectories() {
         let mut model = model_from(&fx, kind);
         let mut losses = Vec::new();
         for s in 0..steps {
-            losses.push(model.train_step(&batch_from(&fx, Some(s)), lr).unwrap() as f32);
+            losses.push(
+                model
+                    .train_step(&batch_from(&fx, Some(s)), lr, &mut PhaseTimer::default())
+                    .unwrap() as f32,
+            );
         }
         fx.assert_close(&format!("{prefix}losses"), &losses);
         check_params(&fx, &model, &format!("{prefix}final_"));

@@ -138,7 +138,7 @@ fn every_model_names_its_first_non_finite_parameter() {
     let sgd = OptimizerKind::Sgd;
     let mut d = Dlrm::new(tiny_arch(), sgd, &anon, 1).unwrap();
     assert_eq!(d.first_non_finite(ParameterScope::All), None);
-    d.tables[2].weights_mut()[5] = f32::INFINITY;
+    d.embeddings.tables[2].weights_mut()[5] = f32::INFINITY;
     assert_eq!(d.first_non_finite(ParameterScope::Dense), None);
     let bad = d.first_non_finite(ParameterScope::All).unwrap();
     assert_eq!((bad.name.as_str(), bad.index), ("emb_l.2.weight", 5));
@@ -307,7 +307,7 @@ fn a_nan_input_stops_training_before_a_checkpoint_holds_it() {
 fn a_non_finite_table_row_is_caught_at_the_end() {
     let mut model = Dlrm::new(tiny_arch(), OptimizerKind::Sgd, &StorageKind::Anon, 1).unwrap();
     // Training samples 0..16 look up rows 7s mod 50 of table 0: never row 1 (values 4..8).
-    model.tables[0].weights_mut()[5] = f32::NAN;
+    model.embeddings.tables[0].weights_mut()[5] = f32::NAN;
     let data = NanDense {
         len: 16,
         nan_at: u64::MAX,

@@ -5,6 +5,7 @@ use dlrm::config::{Architecture, InteractionOp, Preset, join};
 use dlrm::data::Batch;
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
 use dlrm::model::OptimizerKind;
+use dlrm::model::PhaseTimer;
 use dlrm::model::dlrm::Dlrm;
 use dlrm::storage::StorageKind;
 use dlrm::train::{DataSource, LrSchedule, Quiet, TrainOptions, TrainReport, train};
@@ -127,7 +128,7 @@ fn same_seed_same_threads_is_bit_identical() {
         for l in m.bottom.layers.iter().chain(&m.top.layers) {
             v.extend(l.weight.iter().chain(&l.bias).map(|x| x.to_bits()));
         }
-        for t in &m.tables {
+        for t in &m.embeddings.tables {
             v.extend(t.weights().iter().map(|x| x.to_bits()));
         }
         v
@@ -161,7 +162,9 @@ fn a_training_step_allocates_nothing_once_warm() {
             for i in 0..13 {
                 source.fill_train(i * 256, 256, &mut batch).unwrap();
                 let before = ALLOCATIONS.with(Cell::get);
-                model.train_step(&batch, 0.05).unwrap();
+                model
+                    .train_step(&batch, 0.05, &mut PhaseTimer::default())
+                    .unwrap();
                 if i >= 3 {
                     in_steps += ALLOCATIONS.with(Cell::get) - before;
                 }

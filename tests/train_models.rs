@@ -9,6 +9,7 @@ use dlrm::data::movielens::{MovieLensSource, Ratings};
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
 use dlrm::kernels::cross::CrossKind;
 use dlrm::kernels::parallel::Par;
+use dlrm::model::PhaseTimer;
 use dlrm::model::dcn::{Dcn, DcnConfig};
 use dlrm::model::fm::{Fm, FmConfig};
 use dlrm::model::{Model, ModelKind, OptimizerKind, Task, mf};
@@ -242,7 +243,8 @@ fn every_model_trains_bit_identically_on_any_thread_count() {
                 let mut batch = Batch::default();
                 for i in 0..8 {
                     data.fill_train(i * 256, 256, &mut batch).unwrap();
-                    m.train_step(&batch, 0.05).unwrap();
+                    m.train_step(&batch, 0.05, &mut PhaseTimer::default())
+                        .unwrap();
                 }
                 let mut p = Vec::new();
                 m.predict(&test, &mut p).unwrap();
@@ -270,7 +272,8 @@ fn a_training_step_of_every_model_allocates_nothing_once_warm() {
                     for i in 0..13 {
                         data.fill_train(i * 256, 256, &mut batch).unwrap();
                         let before = ALLOCATIONS.with(Cell::get);
-                        m.train_step(&batch, 0.05).unwrap();
+                        m.train_step(&batch, 0.05, &mut PhaseTimer::default())
+                            .unwrap();
                         if i >= 3 {
                             in_steps += ALLOCATIONS.with(Cell::get) - before;
                         }

@@ -7,7 +7,7 @@ use dlrm::cancel::Cancel;
 use dlrm::checkpoint::{self, LoadOptions, TrainState};
 use dlrm::config::{InteractionOp, join};
 use dlrm::data::binary::BinaryDataset;
-use dlrm::interop::{ImportOptions, export_safetensors, import_safetensors};
+use dlrm::interop::{ImportOptions, export_safetensors, import_model};
 use dlrm::model::OptimizerKind;
 use dlrm::storage::StorageKind;
 use dlrm::train::LrSchedule;
@@ -31,7 +31,8 @@ pub struct ExportArgs {
 
 #[derive(Args, Debug)]
 pub struct ImportArgs {
-    /// The safetensors file to read (a dlrm_s_pytorch.py state_dict).
+    /// The safetensors file to read (a dlrm_s_pytorch.py state_dict, or a `dlrm export` of
+    /// any model).
     #[arg(long = "in")]
     input: PathBuf,
     /// Checkpoint folder to write (a new version; `dlrm train --load-model` continues from it).
@@ -50,7 +51,7 @@ pub struct ImportArgs {
     /// Whether the dot interaction includes each vector with itself (true or false).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     arch_interaction_itself: Option<bool>,
-    /// Skip tensors that are not DLRM parameters instead of refusing the file.
+    /// Skip tensors that are not parameters of the model instead of refusing the file.
     #[arg(long)]
     ignore_unknown: bool,
     /// Import the parameters even if some are NaN or infinite.
@@ -70,7 +71,7 @@ pub fn run_export(a: ExportArgs, cancel: &Cancel) -> Result<()> {
         .collect();
     let inputs: Vec<&Path> = checkpoint_files.iter().map(PathBuf::as_path).collect();
     super::check_output(&a.out, &inputs, a.force)?;
-    let (mut model, _) = checkpoint::load_dlrm_with(
+    let (mut model, _) = checkpoint::load_model(
         &version,
         &StorageKind::File {
             dir: version.clone(),
@@ -80,7 +81,7 @@ pub fn run_export(a: ExportArgs, cancel: &Cancel) -> Result<()> {
             allow_non_finite: a.allow_non_finite,
         },
     )?;
-    export_safetensors(&mut model, &a.out, cancel)?;
+    export_safetensors(model.as_mut(), &a.out, cancel)?;
     eprintln!("exported {} to {}", version.display(), a.out.display());
     Ok(())
 }
@@ -101,26 +102,27 @@ pub fn run_import(a: ImportArgs) -> Result<()> {
             allow_non_finite: a.allow_non_finite,
         },
     };
-    let model = import_safetensors(&a.input, a.optimizer, &StorageKind::Anon, 1, opts)?;
+    let model = import_model(&a.input, a.optimizer, &StorageKind::Anon, 1, opts)?;
     if let Some(ds) = &dataset {
-        let arch = model.arch();
+        let config = model.config();
+        let (tables, num_dense) = config.inputs();
         let h = ds.header();
         let sizes: Vec<usize> = h.table_sizes.iter().map(|&n| n as usize).collect();
         anyhow::ensure!(
-            arch.table_sizes == sizes,
+            tables == sizes,
             "--dataset {}: its table sizes {} differ from those of {} ({})",
             ds.dir().display(),
             join(&sizes),
             a.input.display(),
-            join(&arch.table_sizes)
+            join(tables)
         );
         anyhow::ensure!(
-            arch.num_dense() == h.num_dense,
-            "--dataset {}: it has {} dense features, the bottom MLP of {} takes {}",
+            num_dense == h.num_dense,
+            "--dataset {}: it has {} dense features, the model of {} takes {}",
             ds.dir().display(),
             h.num_dense,
             a.input.display(),
-            arch.num_dense()
+            num_dense
         );
     }
     let state = TrainState {
@@ -136,7 +138,7 @@ pub fn run_import(a: ImportArgs) -> Result<()> {
     let _lock = checkpoint::claim(&a.save_model, None, a.overwrite)?;
     let version = checkpoint::save(
         &a.save_model,
-        &model,
+        model.as_ref(),
         &state,
         dataset.as_ref().map(|ds| ds.dir()),
         usize::MAX,

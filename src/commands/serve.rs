@@ -9,7 +9,7 @@ use dlrm::data::Batch;
 use dlrm::data::binary::{BinaryDataset, DatasetSplit};
 use dlrm::data::preprocess::Encoder;
 use dlrm::metrics::EvalMetrics;
-use dlrm::model::dlrm::Dlrm;
+use dlrm::model::Model;
 use dlrm::predict::{ScoreOptions, ScoreSummary, score_file};
 use dlrm::storage::StorageKind;
 use dlrm::train::{evaluate, reserve_checked};
@@ -71,7 +71,7 @@ pub struct PredictArgs {
 
 /// The model of a checkpoint, its tables mapped copy-on-write (nothing read up front, nothing
 /// written back); its buffers are sized by the scoring, to the rows there are.
-fn load(a: &ModelArgs) -> Result<(Dlrm, PathBuf)> {
+fn load(a: &ModelArgs) -> Result<(Box<dyn Model>, PathBuf)> {
     let version = checkpoint::resolve(&a.load_model)?;
     let storage = StorageKind::File {
         dir: version.clone(),
@@ -80,7 +80,7 @@ fn load(a: &ModelArgs) -> Result<(Dlrm, PathBuf)> {
     let opts = checkpoint::LoadOptions {
         allow_non_finite: a.allow_non_finite,
     };
-    let (model, _) = checkpoint::load_dlrm_with(&version, &storage, opts)?;
+    let (model, _) = checkpoint::load_model(&version, &storage, opts)?;
     Ok((model, version))
 }
 
@@ -118,13 +118,13 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
                 );
                 // No batch is larger than the split.
                 let batch_size = (a.model.mini_batch_size as u64).min(rows) as usize;
-                reserve_checked(&mut model, batch_size, false, "--mini-batch-size")?;
+                reserve_checked(model.as_mut(), batch_size, false, "--mini-batch-size")?;
                 let mut batch = Batch::default();
-                (evaluate(&mut model, &ds, batch_size, &mut batch)?, rows)
+                (evaluate(model.as_mut(), &ds, batch_size, &mut batch)?, rows)
             }
             (None, Some(file)) => {
                 let s = score_file(
-                    &mut model,
+                    model.as_mut(),
                     &encoder(&version)?,
                     file,
                     ScoreOptions {
@@ -176,7 +176,7 @@ pub fn run_predict(a: PredictArgs, cancel: &Cancel) -> Result<()> {
         let partial = PartialFile::create(&a.out)?;
         let mut out = std::io::BufWriter::new(partial.file());
         let scored = score_file(
-            &mut model,
+            model.as_mut(),
             &enc,
             &a.criteo,
             ScoreOptions {

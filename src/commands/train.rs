@@ -13,7 +13,7 @@ use dlrm::data::movielens::MovieLensSource;
 use dlrm::data::preprocess::{CHUNK_BYTES, EncodingChoice, PreprocessOptions, preprocess};
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
 use dlrm::metrics::{format_auc, format_ne};
-use dlrm::model::{Model, ModelKind, OptimizerKind};
+use dlrm::model::{Model, ModelConfig, ModelKind, OptimizerKind};
 use dlrm::storage::StorageKind;
 use dlrm::train::{
     CheckpointPolicy, DataSource, LrSchedule, TrainOptions, TrainReport, ensure_learning_rate,
@@ -229,19 +229,6 @@ fn preprocess_criteo(
 }
 
 pub fn run(a: TrainArgs, cancel: &Cancel) -> Result<()> {
-    // Only DLRM has a checkpoint format: refuse before training rather than fail at the save.
-    if a.model != ModelKind::Dlrm {
-        for (flag, given) in [
-            ("--save-model", a.save_model.is_some()),
-            ("--load-model", a.load_model.is_some()),
-        ] {
-            anyhow::ensure!(
-                !given,
-                "{flag}: only dlrm models can be saved and loaded, not --model {}",
-                a.model.name()
-            );
-        }
-    }
     // The temporary dataset of --criteo, removed when dropped: when the run ends, fails or is
     // interrupted.
     let temp = match &a.criteo {
@@ -402,20 +389,22 @@ fn run_with(a: TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<()> {
         Some(dir) => {
             let version = checkpoint::resolve(dir)?;
             let meta = checkpoint::read_meta(&version)?;
-            let cfg = checkpoint::read_dlrm_config(&version, &meta)?;
-            check_flags_match(&a, &cfg)
+            let (config, optimizer) = checkpoint::read_model_config(&version, &meta)?;
+            check_flags_match(&a, &arch, &config, optimizer)
                 .with_context(|| format!("--load-model {}", version.display()))?;
             if let Some(ds) = &dataset {
                 checkpoint::check_encoding(&version, &meta, ds)?;
             }
-            arch = cfg.arch.clone();
-            Some((version, meta, cfg))
+            if let ModelConfig::Dlrm(saved) = &config {
+                arch = saved.clone();
+            }
+            Some((version, meta, optimizer))
         }
         None => None,
     };
     let optimizer = a
         .optimizer
-        .or(loaded.as_ref().map(|l| l.2.optimizer))
+        .or(loaded.as_ref().map(|l| l.2))
         .unwrap_or(OptimizerKind::Sgd);
     let seed = a
         .seed
@@ -481,7 +470,26 @@ fn run_with(a: TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<()> {
                     "{} | {threads} threads, batch {batch_size}",
                     models::describe_mf(&source, d, &a.models)
                 );
-                let model = models::build_mf(&source, d, &a.models, optimizer, &storage, seed)?;
+                let model = match &loaded {
+                    Some((version, _, _)) => {
+                        let model = load_checkpoint(version, &storage, &a)?;
+                        let saved = model.config();
+                        let ModelConfig::Fm(cfg) = &saved else {
+                            unreachable!("the checkpoint's kind was checked against --model")
+                        };
+                        anyhow::ensure!(
+                            cfg.table_sizes == [source.users, source.items],
+                            "--load-model {}: factorizes {} users x {} items, the rating files have {} x {}",
+                            version.display(),
+                            cfg.table_sizes[0],
+                            cfg.table_sizes[1],
+                            source.users,
+                            source.items
+                        );
+                        model
+                    }
+                    None => models::build_mf(&source, d, &a.models, optimizer, &storage, seed)?,
+                };
                 eprintln!(
                     "data: {} training / {} test ratings; model ready in {:.1} s",
                     source.train_len(),
@@ -506,13 +514,7 @@ fn run_with(a: TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<()> {
                     )),
                 };
                 let model = match &loaded {
-                    Some((version, _, _)) => {
-                        let opts = checkpoint::LoadOptions {
-                            allow_non_finite: a.allow_non_finite,
-                        };
-                        Box::new(checkpoint::load_dlrm_with(version, &storage, opts)?.0)
-                            as Box<dyn Model>
-                    }
+                    Some((version, _, _)) => load_checkpoint(version, &storage, &a)?,
                     None => models::build(a.model, &arch, &a.models, optimizer, &storage, seed)?,
                 };
                 // After the load, so that a damaged checkpoint is an error, not "nothing to do".
@@ -578,9 +580,55 @@ fn check_numeric_flags(a: &TrainArgs, preset_lr: f32) -> Result<()> {
     ensure_learning_rate("--learning-rate", a.learning_rate.unwrap_or(preset_lr))
 }
 
-/// Architecture and optimizer flags given explicitly must agree with a loaded checkpoint.
-fn check_flags_match(a: &TrainArgs, cfg: &checkpoint::DlrmConfig) -> Result<()> {
-    let arch = &cfg.arch;
+/// The model of checkpoint `version`, its tables in `storage`.
+fn load_checkpoint(version: &Path, storage: &StorageKind, a: &TrainArgs) -> Result<Box<dyn Model>> {
+    let opts = checkpoint::LoadOptions {
+        allow_non_finite: a.allow_non_finite,
+    };
+    Ok(checkpoint::load_model(version, storage, opts)?.0)
+}
+
+/// The model, architecture and optimizer flags given explicitly must agree with a loaded
+/// checkpoint; the tables and dense features of a model other than DLRM (which takes its
+/// architecture from the checkpoint) must be those of the run's data (`arch`).
+fn check_flags_match(
+    a: &TrainArgs,
+    arch: &Architecture,
+    config: &ModelConfig,
+    optimizer: OptimizerKind,
+) -> Result<()> {
+    let kind = config.kind();
+    anyhow::ensure!(
+        a.model == kind,
+        "holds a {} model: pass --model {}",
+        kind.name(),
+        kind.name()
+    );
+    if let ModelConfig::Dlrm(saved) = config {
+        return check_dlrm_flags_match(a, saved, optimizer);
+    }
+    // MF's tables are the rating files' users and items, checked once they are read.
+    let (tables, num_dense) = match kind {
+        ModelKind::Mf => (&arch.table_sizes[..], arch.num_dense()),
+        _ => config.inputs(),
+    };
+    anyhow::ensure!(
+        tables == arch.table_sizes && num_dense == arch.num_dense(),
+        "the checkpoint's {} has tables {} and {num_dense} dense features, this run's data {} and {}",
+        kind.name(),
+        join(tables),
+        join(&arch.table_sizes),
+        arch.num_dense()
+    );
+    check_optimizer_matches(a, optimizer)
+}
+
+/// [`check_flags_match`] for a DLRM checkpoint of architecture `arch`.
+fn check_dlrm_flags_match(
+    a: &TrainArgs,
+    arch: &Architecture,
+    optimizer: OptimizerKind,
+) -> Result<()> {
     let mismatch = |flag: &str, given: String, saved: String| {
         anyhow::bail!("{flag} {given} does not match the checkpoint's {saved}")
     };
@@ -608,14 +656,17 @@ fn check_flags_match(a: &TrainArgs, cfg: &checkpoint::DlrmConfig) -> Result<()> 
     {
         mismatch("--arch-mlp-top", t.clone(), arch.top_flag())?;
     }
+    check_optimizer_matches(a, optimizer)
+}
+
+fn check_optimizer_matches(a: &TrainArgs, optimizer: OptimizerKind) -> Result<()> {
     if let Some(o) = a.optimizer
-        && o != cfg.optimizer
+        && o != optimizer
     {
-        mismatch(
-            "--optimizer",
-            format!("{o:?}"),
-            format!("{:?}", cfg.optimizer),
-        )?;
+        anyhow::bail!(
+            "--optimizer {o:?} does not match the checkpoint's {:?}",
+            optimizer
+        );
     }
     Ok(())
 }

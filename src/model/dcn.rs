@@ -12,31 +12,33 @@
 //! gradient of x0 and the cross network adds its own, and each table's slot of that gradient
 //! feeds the fused sparse update.
 //!
-//! Phases, in the DLRM names of [`PhaseSeconds`]: `interaction_*` is the cross network,
+//! Phases, in the DLRM names of [`super::PhaseSeconds`]: `interaction_*` is the cross network,
 //! `bot_*` the deep network, `top_*` the final layer.
 
 use super::mlp::Mlp;
+use super::parameters::{
+    Named, Parameters, TableSource, Tensor, TensorMut, mlp_shapes, visit_mlp, visit_mlp_mut,
+};
 use super::sparse::SparseTables;
 use super::{
-    BatchError, DenseOptimizer, Model, OptimizerKind, PhaseSeconds, Stopwatch,
-    mlp_floats_per_sample, mlp_parameters, validate_batch,
+    BatchError, DenseOptimizer, Model, ModelConfig, OptimizerKind, PhaseTimer, Task,
+    check_capacity, head_loss, head_predict, mlp_floats_per_sample, validate_batch,
 };
 use crate::data::Batch;
 use crate::rng::{SplitMix64, derive_key};
 use crate::storage::StorageKind;
-use dlrm_kernels::activation::{bce_with_logits, sigmoid};
 use dlrm_kernels::cross::{
     CrossGrads, CrossKind, CrossNet, CrossWorkspace, cross_backward, cross_forward,
 };
-use dlrm_kernels::embedding::{Bags, Pooling, embedding_bag_forward_tables};
 use dlrm_kernels::gemm::{MatMut, MatRef};
 use dlrm_kernels::parallel::Par;
-use std::time::Instant;
+use serde::{Deserialize, Serialize};
 
 /// The shape of a DCN.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DcnConfig {
     /// Rank-one (DCN) or full-rank (DCN-v2) cross layers.
+    #[serde(with = "cross_kind_name")]
     pub kind: CrossKind,
     pub embedding_dim: usize,
     pub table_sizes: Vec<usize>,
@@ -55,6 +57,64 @@ impl DcnConfig {
     /// Width of the final layer's input: x_L and the deep network's output.
     fn head_width(&self) -> usize {
         self.input_width() + self.deep.last().copied().unwrap_or(0)
+    }
+
+    /// Shape of the cross weights: a vector (rank one) or a matrix (full rank) per layer.
+    fn cross_weight_shape(&self) -> Vec<usize> {
+        let w0 = self.input_width();
+        match self.kind {
+            CrossKind::RankOne => vec![self.cross_layers, w0],
+            CrossKind::FullRank => vec![self.cross_layers, w0, w0],
+        }
+    }
+
+    /// Widths of the deep network, its input first.
+    fn deep_widths(&self) -> Vec<usize> {
+        std::iter::once(self.input_width())
+            .chain(self.deep.iter().copied())
+            .collect()
+    }
+
+    /// (name, shape) of the dense tensors, in the order [`Dcn`] visits them.
+    pub fn dense_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut s = vec![
+            (CROSS_WEIGHT.to_string(), self.cross_weight_shape()),
+            (
+                CROSS_BIAS.to_string(),
+                vec![self.cross_layers, self.input_width()],
+            ),
+        ];
+        s.extend(mlp_shapes(DEEP, &self.deep_widths()));
+        s.extend(mlp_shapes(HEAD, &[self.head_width(), 1]));
+        s
+    }
+}
+
+const CROSS_WEIGHT: &str = "cross_l.weight";
+const CROSS_BIAS: &str = "cross_l.bias";
+const DEEP: &str = "deep_l";
+const HEAD: &str = "head_l";
+
+/// [`CrossKind`] by name in a saved configuration (the kernels know nothing of serde).
+mod cross_kind_name {
+    use dlrm_kernels::cross::CrossKind;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(kind: &CrossKind, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match kind {
+            CrossKind::RankOne => "rank-one",
+            CrossKind::FullRank => "full-rank",
+        })
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<CrossKind, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "rank-one" => Ok(CrossKind::RankOne),
+            "full-rank" => Ok(CrossKind::FullRank),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown cross kind '{other}' (rank-one or full-rank)"
+            ))),
+        }
     }
 }
 
@@ -93,7 +153,6 @@ pub struct Dcn {
     grad_x0: Vec<f32>,
     probs: Vec<f32>,
     grad_logits: Vec<f32>,
-    phases: PhaseSeconds,
     /// How the kernels may use threads (set with [`Model::set_parallelism`]).
     par: Par,
 }
@@ -107,6 +166,17 @@ impl Dcn {
         optimizer: OptimizerKind,
         storage: &StorageKind,
         seed: u64,
+    ) -> anyhow::Result<Dcn> {
+        Self::build(cfg, optimizer, seed, TableSource::Init(storage))
+    }
+
+    /// A model whose dense parameters are initialised from `seed` and whose tables come from
+    /// `source`.
+    pub fn build(
+        cfg: DcnConfig,
+        optimizer: OptimizerKind,
+        seed: u64,
+        source: TableSource,
     ) -> anyhow::Result<Dcn> {
         anyhow::ensure!(
             !cfg.deep.is_empty(),
@@ -126,17 +196,22 @@ impl Dcn {
         let cross_w: Vec<f32> = (0..cfg.kind.weight_len(w0, cfg.cross_layers))
             .map(|_| rng.normal() * std)
             .collect();
-        let deep_widths: Vec<usize> = std::iter::once(w0).chain(cfg.deep.clone()).collect();
-        let deep = Mlp::new(&deep_widths, true, &mut rng);
+        let deep = Mlp::new(&cfg.deep_widths(), true, &mut rng);
         let head = Mlp::new(&[cfg.head_width(), 1], false, &mut rng);
         let embeddings = SparseTables::create(
             0,
             &cfg.table_sizes,
             cfg.embedding_dim,
             optimizer,
-            storage,
+            source,
             seed,
         )?;
+        let dense_opt = DenseOptimizer::new(
+            optimizer,
+            cfg.dense_shapes()
+                .iter()
+                .map(|(_, shape)| shape.iter().product()),
+        );
         Ok(Dcn {
             grad_cross_w: vec![0.0; cross_w.len()],
             cross_b: vec![0.0; cfg.cross_layers * w0],
@@ -147,7 +222,7 @@ impl Dcn {
             embeddings,
             deep,
             head,
-            dense_opt: DenseOptimizer::new(optimizer),
+            dense_opt,
             cross_ws: CrossWorkspace::default(),
             capacity: 0,
             x0: Vec::new(),
@@ -157,7 +232,6 @@ impl Dcn {
             grad_x0: Vec::new(),
             probs: Vec::new(),
             grad_logits: Vec::new(),
-            phases: PhaseSeconds::default(),
             par: Par::default(),
         })
     }
@@ -166,51 +240,20 @@ impl Dcn {
         &self.cfg
     }
 
-    fn check_capacity(&self, batch: &Batch) -> Result<(), BatchError> {
-        if batch.size() > self.capacity {
-            return Err(BatchError::TooLarge {
-                got: batch.size(),
-                capacity: self.capacity,
-            });
-        }
-        Ok(())
-    }
-
-    fn bags(batch: &Batch, t: usize) -> Bags<'_> {
-        Bags {
-            indices: &batch.indices[t],
-            offsets: &batch.offsets[t],
-            weights: None,
-        }
-    }
-
     /// Forward to the logits (in the head's output buffer). The batch must be valid.
-    fn forward_logits(&mut self, batch: &Batch, sw: &mut Stopwatch) {
+    fn forward_logits(&mut self, batch: &Batch, timer: &mut PhaseTimer) {
         let par = self.par;
         let b = batch.size();
         let (nd, d) = (self.cfg.num_dense, self.cfg.embedding_dim);
         let w0 = self.cfg.input_width();
         let hw = self.cfg.head_width();
-        self.embeddings.materialize(|t| &batch.indices[t]);
         let x0 = &mut self.x0[..b * w0];
         for (row, dense) in x0.chunks_mut(w0).zip(batch.dense.chunks(nd.max(1))) {
             row[..nd].copy_from_slice(&dense[..nd]);
         }
-        let tables = &self.embeddings;
-        let slots = MatMut::new(x0, b, w0).into_cols(nd, tables.len() * d);
-        embedding_bag_forward_tables(
-            tables.len(),
-            |t| {
-                (
-                    MatRef::from_rows(tables.weights(t), d),
-                    Self::bags(batch, t),
-                )
-            },
-            Pooling::Sum,
-            slots,
-            par,
-        );
-        sw.lap(&mut self.phases.emb_fwd);
+        let slots = MatMut::new(x0, b, w0).into_cols(nd, self.embeddings.len() * d);
+        self.embeddings.forward(batch, slots, par);
+        timer.lap(|p| &mut p.emb_fwd);
 
         let need = self.cfg.kind.saved_len(w0, self.cfg.cross_layers, b);
         cross_forward(
@@ -220,51 +263,54 @@ impl Dcn {
             MatMut::with_row_stride(&mut self.head_in, b, w0, hw),
             par,
         );
-        sw.lap(&mut self.phases.interaction_fwd);
+        timer.lap(|p| &mut p.interaction_fwd);
 
         let deep_out = MatMut::with_row_stride(&mut self.head_in[w0..], b, hw - w0, hw);
         self.deep
             .forward(MatRef::new(&self.x0[..b * w0], b, w0), Some(deep_out), par);
-        sw.lap(&mut self.phases.bot_fwd);
+        timer.lap(|p| &mut p.bot_fwd);
 
         self.head
             .forward(MatRef::new(&self.head_in[..b * hw], b, hw), None, par);
-        sw.lap(&mut self.phases.top_fwd);
+        timer.lap(|p| &mut p.top_fwd);
     }
 
     /// Click probabilities for a batch (no gradient work).
     pub fn predict(&mut self, batch: &Batch, probs: &mut Vec<f32>) -> Result<(), BatchError> {
-        self.check_capacity(batch)?;
+        check_capacity(batch, self.capacity)?;
         validate_batch(batch, self.cfg.num_dense, &self.embeddings.tables)?;
-        let mut sw = Stopwatch(Instant::now());
-        self.forward_logits(batch, &mut sw);
+        self.forward_logits(batch, &mut PhaseTimer::default());
         let b = batch.size();
         probs.resize(b, 0.0);
-        sigmoid(self.head.output(b).as_slice(), probs);
+        head_predict(Task::Classification, self.head.output(b).as_slice(), probs);
         Ok(())
     }
 
     /// One training step: forward, mean BCE loss, backward, updates. Returns the mean loss.
-    pub fn train_step(&mut self, batch: &Batch, lr: f32) -> Result<f64, BatchError> {
+    pub fn train_step(
+        &mut self,
+        batch: &Batch,
+        lr: f32,
+        timer: &mut PhaseTimer,
+    ) -> Result<f64, BatchError> {
         let par = self.par;
-        self.check_capacity(batch)?;
-        let mut sw = Stopwatch(Instant::now());
+        check_capacity(batch, self.capacity)?;
         validate_batch(batch, self.cfg.num_dense, &self.embeddings.tables)?;
-        sw.lap(&mut self.phases.other);
-        self.forward_logits(batch, &mut sw);
+        timer.lap(|p| &mut p.other);
+        self.forward_logits(batch, timer);
 
         let b = batch.size();
         let (nd, d) = (self.cfg.num_dense, self.cfg.embedding_dim);
         let w0 = self.cfg.input_width();
         let hw = self.cfg.head_width();
-        let loss_sum = bce_with_logits(
+        let loss_sum = head_loss(
+            Task::Classification,
             self.head.output(b).as_slice(),
             &batch.labels,
             &mut self.probs[..b],
             &mut self.grad_logits[..b],
-            1.0 / b as f32,
         );
-        sw.lap(&mut self.phases.loss);
+        timer.lap(|p| &mut p.loss);
 
         self.head.backward(
             MatRef::new(&self.head_in[..b * hw], b, hw),
@@ -273,7 +319,7 @@ impl Dcn {
             Some(MatMut::new(&mut self.grad_head_in[..b * hw], b, hw)),
             par,
         );
-        sw.lap(&mut self.phases.top_bwd);
+        timer.lap(|p| &mut p.top_bwd);
 
         let x0 = MatRef::new(&self.x0[..b * w0], b, w0);
         self.deep.backward(
@@ -283,7 +329,7 @@ impl Dcn {
             Some(MatMut::new(&mut self.grad_x0[..b * w0], b, w0)),
             par,
         );
-        sw.lap(&mut self.phases.bot_bwd);
+        timer.lap(|p| &mut p.bot_bwd);
 
         let need = self.cfg.kind.saved_len(w0, self.cfg.cross_layers, b);
         cross_backward(
@@ -300,17 +346,12 @@ impl Dcn {
             &mut self.cross_ws,
             par,
         );
-        sw.lap(&mut self.phases.interaction_bwd);
+        timer.lap(|p| &mut p.interaction_bwd);
 
         let grads = &self.grad_x0;
-        self.embeddings.update(
-            |t| Self::bags(batch, t),
-            |t| (&grads[nd + t * d..], w0),
-            lr,
-            0.0,
-            par,
-        );
-        sw.lap(&mut self.phases.emb_update);
+        self.embeddings
+            .update_batch(batch, |t| (&grads[nd + t * d..], w0), lr, 0.0, par);
+        timer.lap(|p| &mut p.emb_update);
 
         let cross = [
             (&mut self.cross_w[..], &self.grad_cross_w[..]),
@@ -329,7 +370,7 @@ impl Dcn {
             });
         self.dense_opt
             .step(cross.into_iter().chain(layers), lr, par);
-        sw.lap(&mut self.phases.dense_update);
+        timer.lap(|p| &mut p.dense_update);
         Ok(loss_sum / b as f64)
     }
 }
@@ -370,31 +411,19 @@ impl Model for Dcn {
         self.grad_logits.resize(batch, 0.0);
         self.capacity = batch;
     }
-    fn train_step(&mut self, batch: &Batch, lr: f32) -> Result<f64, BatchError> {
-        Dcn::train_step(self, batch, lr)
+    fn train_step(
+        &mut self,
+        batch: &Batch,
+        lr: f32,
+        timer: &mut PhaseTimer,
+    ) -> Result<f64, BatchError> {
+        Dcn::train_step(self, batch, lr, timer)
     }
     fn predict(&mut self, batch: &Batch, out: &mut Vec<f32>) -> Result<(), BatchError> {
         Dcn::predict(self, batch, out)
     }
-    fn phases(&self) -> PhaseSeconds {
-        self.phases
-    }
-    fn add_other_seconds(&mut self, seconds: f64) {
-        self.phases.other += seconds;
-    }
-    fn dense_parameters(&self) -> Vec<(String, &[f32])> {
-        let mut p = vec![
-            ("cross_l.weight".to_string(), &self.cross_w[..]),
-            ("cross_l.bias".to_string(), &self.cross_b[..]),
-        ];
-        p.extend(mlp_parameters("deep_l", &self.deep));
-        p.extend(mlp_parameters("head_l", &self.head));
-        p
-    }
-    fn table_parameters(&self) -> Vec<(String, &[f32])> {
-        (0..self.embeddings.len())
-            .map(|t| (format!("emb_l.{t}.weight"), self.embeddings.weights(t)))
-            .collect()
+    fn config(&self) -> ModelConfig {
+        ModelConfig::Dcn(self.cfg.clone())
     }
     fn buffer_floats_per_sample(&self, _training: bool) -> usize {
         // `reserve` sizes the gradients for inference too: x0, the head's input, their
@@ -408,5 +437,35 @@ impl Model for Dcn {
 
     fn set_parallelism(&mut self, par: Par) {
         self.par = par;
+    }
+}
+
+impl Parameters for Dcn {
+    fn parameters<'a>(&'a self, visit: &mut dyn FnMut(Named<Tensor<'a>>)) {
+        self.embeddings
+            .visit(|t| format!("emb_l.{t}.weight"), visit);
+        let mut states = self.dense_opt.states();
+        let mut shapes = self.cfg.dense_shapes().into_iter();
+        for values in [&self.cross_w[..], &self.cross_b[..]] {
+            let (name, shape) = shapes.next().expect("the cross tensors' shapes");
+            let state = states.next().unwrap_or(&[]);
+            visit((name, shape, Tensor::dense(values, state)));
+        }
+        visit_mlp(DEEP, &self.deep, &mut states, visit);
+        visit_mlp(HEAD, &self.head, &mut states, visit);
+    }
+
+    fn parameters_mut<'a>(&'a mut self, visit: &mut dyn FnMut(Named<TensorMut<'a>>)) {
+        self.embeddings
+            .visit_mut(|t| format!("emb_l.{t}.weight"), visit);
+        let mut states = self.dense_opt.states_mut();
+        let mut shapes = self.cfg.dense_shapes().into_iter();
+        for values in [&mut self.cross_w[..], &mut self.cross_b[..]] {
+            let (name, shape) = shapes.next().expect("the cross tensors' shapes");
+            let state = states.next().unwrap_or(&mut []);
+            visit((name, shape, TensorMut::Dense { values, state }));
+        }
+        visit_mlp_mut(DEEP, &mut self.deep, &mut states, visit);
+        visit_mlp_mut(HEAD, &mut self.head, &mut states, visit);
     }
 }

@@ -11,27 +11,25 @@
 //!
 //! Every buffer is sized once for the largest batch, so a step allocates nothing.
 
-use super::embedding::{EmbeddingTable, OptimizerState, create_tables};
 use super::mlp::Mlp;
+use super::parameters::{
+    Named, Parameters, TableSource, Tensor, TensorMut, visit_mlp, visit_mlp_mut,
+};
+use super::sparse::SparseTables;
 use super::{
-    ADAGRAD_EPS, BatchError, Model, OptimizerKind, PhaseSeconds, Stopwatch, Task,
-    mlp_floats_per_sample, mlp_parameters, validate_batch,
+    BatchError, DenseOptimizer, Model, ModelConfig, OptimizerKind, PhaseTimer, Task,
+    check_capacity, head_loss, head_predict, mlp_floats_per_sample, validate_batch,
 };
 use crate::config::{Architecture, InteractionOp};
 use crate::data::Batch;
 use crate::rng::{SplitMix64, derive_key};
 use crate::storage::StorageKind;
-use dlrm_kernels::activation::{bce_with_logits, sigmoid};
-use dlrm_kernels::embedding::{Bags, Pooling, SparseGradWorkspace, embedding_bag_forward_tables};
 use dlrm_kernels::gemm::{MatMut, MatRef};
 use dlrm_kernels::interaction::{
     cat_interaction_backward, cat_interaction_forward, dot_interaction_backward,
     dot_interaction_forward,
 };
-use dlrm_kernels::optim::{TableMut, adagrad_update, embedding_bag_backward_update, sgd_update};
 use dlrm_kernels::parallel::Par;
-use rayon::prelude::*;
-use std::time::Instant;
 
 /// The model: parameters, optimizer state and the step's buffers.
 pub struct Dlrm {
@@ -39,12 +37,10 @@ pub struct Dlrm {
     optimizer: OptimizerKind,
     pub bottom: Mlp,
     pub top: Mlp,
-    pub tables: Vec<EmbeddingTable>,
-    /// Per-table sparse optimizer state (empty for SGD).
-    pub table_states: Vec<OptimizerState>,
-    /// Dense Adagrad accumulators: per MLP layer (bottom then top), weight then bias.
-    dense_state: Vec<(Vec<f32>, Vec<f32>)>,
-    workspaces: Vec<SparseGradWorkspace>,
+    /// The embedding tables with their sparse optimizer state.
+    pub embeddings: SparseTables,
+    /// The MLPs' optimizer: per layer (bottom then top), weight then bias.
+    dense_opt: DenseOptimizer,
     /// Batch sizes the forward and the training buffers are sized for.
     capacity: usize,
     train_capacity: usize,
@@ -54,8 +50,6 @@ pub struct Dlrm {
     grad_features: Vec<f32>,
     probs: Vec<f32>,
     grad_logits: Vec<f32>,
-    /// Time per phase, accumulated over every step since the last reset.
-    pub phases: PhaseSeconds,
     /// How the kernels may use threads (set with [`Model::set_parallelism`]).
     par: Par,
 }
@@ -69,55 +63,42 @@ impl Dlrm {
         storage: &StorageKind,
         seed: u64,
     ) -> anyhow::Result<Dlrm> {
+        Self::build(arch, optimizer, seed, TableSource::Init(storage))
+    }
+
+    /// A model whose MLPs are initialised from `seed` and whose tables come from `source`.
+    pub fn build(
+        arch: Architecture,
+        optimizer: OptimizerKind,
+        seed: u64,
+        source: TableSource,
+    ) -> anyhow::Result<Dlrm> {
         let mut rng = SplitMix64::new(derive_key(seed, &[0x0d15_e0de]));
         let bottom = Mlp::new(&arch.bottom, true, &mut rng);
         let top = Mlp::new(&arch.top, false, &mut rng);
-        let d = arch.embedding_dim;
-        let width = optimizer.sparse(0.0).state_width(d);
-        let (tables, table_states) = create_tables(0, &arch.table_sizes, d, width, seed, storage)?;
-        Ok(Self::assemble(
+        let embeddings = SparseTables::create(
+            0,
+            &arch.table_sizes,
+            arch.embedding_dim,
+            optimizer,
+            source,
+            seed,
+        )?;
+        let dense_opt = DenseOptimizer::new(
+            optimizer,
+            bottom
+                .layers
+                .iter()
+                .chain(&top.layers)
+                .flat_map(|l| [l.weight.len(), l.bias.len()]),
+        );
+        Ok(Dlrm {
             arch,
             optimizer,
             bottom,
             top,
-            tables,
-            table_states,
-        ))
-    }
-
-    /// A model from existing parts (loaded parameters).
-    pub fn assemble(
-        arch: Architecture,
-        optimizer: OptimizerKind,
-        bottom: Mlp,
-        top: Mlp,
-        tables: Vec<EmbeddingTable>,
-        table_states: Vec<OptimizerState>,
-    ) -> Dlrm {
-        let dense_state = bottom
-            .layers
-            .iter()
-            .chain(&top.layers)
-            .map(|l| {
-                if optimizer.dense_adagrad() {
-                    (vec![0.0; l.weight.len()], vec![0.0; l.bias.len()])
-                } else {
-                    (Vec::new(), Vec::new())
-                }
-            })
-            .collect();
-        let workspaces = (0..tables.len())
-            .map(|_| SparseGradWorkspace::default())
-            .collect();
-        Dlrm {
-            arch,
-            optimizer,
-            bottom,
-            top,
-            tables,
-            table_states,
-            dense_state,
-            workspaces,
+            embeddings,
+            dense_opt,
             capacity: 0,
             train_capacity: 0,
             features: Vec::new(),
@@ -126,9 +107,8 @@ impl Dlrm {
             grad_features: Vec::new(),
             probs: Vec::new(),
             grad_logits: Vec::new(),
-            phases: PhaseSeconds::default(),
             par: Par::default(),
-        }
+        })
     }
 
     pub fn arch(&self) -> &Architecture {
@@ -139,13 +119,10 @@ impl Dlrm {
         self.optimizer
     }
 
-    /// Dense Adagrad accumulators per layer (bottom then top): (weight, bias).
-    pub fn dense_state(&self) -> &[(Vec<f32>, Vec<f32>)] {
-        &self.dense_state
-    }
-
-    pub fn dense_state_mut(&mut self) -> &mut [(Vec<f32>, Vec<f32>)] {
-        &mut self.dense_state
+    /// Dense Adagrad accumulators per layer (bottom then top): (weight, bias); empty for SGD.
+    pub fn dense_state(&self) -> Vec<(&[f32], &[f32])> {
+        let mut states = self.dense_opt.states();
+        std::iter::from_fn(|| Some((states.next()?, states.next()?))).collect()
     }
 
     /// Sizes every buffer for training on batches of up to `batch` samples (allocates only
@@ -186,50 +163,26 @@ impl Dlrm {
 
     /// Checks a batch against the model: table count, dense width, offsets, every id in range.
     pub fn validate(&self, batch: &Batch) -> Result<(), BatchError> {
-        validate_batch(batch, self.arch.num_dense(), &self.tables)
-    }
-
-    fn bags(batch: &Batch, t: usize) -> Bags<'_> {
-        Bags {
-            indices: &batch.indices[t],
-            offsets: &batch.offsets[t],
-            weights: None,
-        }
+        validate_batch(batch, self.arch.num_dense(), &self.embeddings.tables)
     }
 
     /// Forward to the logits (in the top MLP's output buffer). The batch must be valid.
-    fn forward_logits(&mut self, batch: &Batch, sw: &mut Stopwatch) {
+    fn forward_logits(&mut self, batch: &Batch, timer: &mut PhaseTimer) {
         let par = self.par;
         let b = batch.size();
         let d = self.arch.embedding_dim;
         let fd = self.feature_stride();
         let f = self.arch.num_features();
-        // Embeddings: lazily initialised rows are materialised, then every table pooled into
-        // its slot of the feature rows.
-        self.tables
-            .par_iter_mut()
-            .zip(&batch.indices)
-            .for_each(|(t, ids)| t.materialize(ids));
-        let tables = &self.tables;
-        let slots = MatMut::new(&mut self.features[..b * fd], b, fd).into_cols(d, tables.len() * d);
-        embedding_bag_forward_tables(
-            tables.len(),
-            |t| {
-                (
-                    MatRef::from_rows(tables[t].weights(), d),
-                    Self::bags(batch, t),
-                )
-            },
-            Pooling::Sum,
-            slots,
-            par,
-        );
-        sw.lap(&mut self.phases.emb_fwd);
+        // Every table pooled into its slot of the feature rows.
+        let slots = MatMut::new(&mut self.features[..b * fd], b, fd)
+            .into_cols(d, self.embeddings.len() * d);
+        self.embeddings.forward(batch, slots, par);
+        timer.lap(|p| &mut p.emb_fwd);
 
         let dense = MatRef::new(&batch.dense, b, batch.num_dense);
         let slot0 = MatMut::with_row_stride(&mut self.features, b, d, fd);
         self.bottom.forward(dense, Some(slot0), par);
-        sw.lap(&mut self.phases.bot_fwd);
+        timer.lap(|p| &mut p.bot_fwd);
 
         let w = self.arch.top[0];
         let features = MatRef::new(&self.features[..b * fd], b, fd);
@@ -240,58 +193,51 @@ impl Dlrm {
             }
             InteractionOp::Cat => cat_interaction_forward(features, top_in, par),
         }
-        sw.lap(&mut self.phases.interaction_fwd);
+        timer.lap(|p| &mut p.interaction_fwd);
 
         self.top
             .forward(MatRef::new(&self.top_in[..b * w], b, w), None, par);
-        sw.lap(&mut self.phases.top_fwd);
+        timer.lap(|p| &mut p.top_fwd);
     }
 
     /// Click probabilities for a batch (inference: no gradient work).
     pub fn predict(&mut self, batch: &Batch, probs: &mut Vec<f32>) -> Result<(), BatchError> {
-        self.check_capacity(batch, self.capacity)?;
+        check_capacity(batch, self.capacity)?;
         self.validate(batch)?;
-        let mut sw = Stopwatch(Instant::now());
-        self.forward_logits(batch, &mut sw);
+        self.forward_logits(batch, &mut PhaseTimer::default());
         let b = batch.size();
         probs.resize(b, 0.0);
-        sigmoid(self.top.output(b).as_slice(), probs);
-        Ok(())
-    }
-
-    fn check_capacity(&self, batch: &Batch, capacity: usize) -> Result<(), BatchError> {
-        if batch.size() > capacity {
-            return Err(BatchError::TooLarge {
-                got: batch.size(),
-                capacity,
-            });
-        }
+        head_predict(Task::Classification, self.top.output(b).as_slice(), probs);
         Ok(())
     }
 
     /// One training step: forward, mean BCE loss, backward, and the updates (embeddings fused
     /// into their backward, dense parameters after). Returns the batch's mean loss.
-    pub fn train_step(&mut self, batch: &Batch, lr: f32) -> Result<f64, BatchError> {
+    pub fn train_step(
+        &mut self,
+        batch: &Batch,
+        lr: f32,
+        timer: &mut PhaseTimer,
+    ) -> Result<f64, BatchError> {
         let par = self.par;
-        self.check_capacity(batch, self.train_capacity)?;
-        let mut sw = Stopwatch(Instant::now());
+        check_capacity(batch, self.train_capacity)?;
         self.validate(batch)?;
-        sw.lap(&mut self.phases.other);
-        self.forward_logits(batch, &mut sw);
+        timer.lap(|p| &mut p.other);
+        self.forward_logits(batch, timer);
 
         let b = batch.size();
         let d = self.arch.embedding_dim;
         let fd = self.feature_stride();
         let f = self.arch.num_features();
         let w = self.arch.top[0];
-        let loss_sum = bce_with_logits(
+        let loss_sum = head_loss(
+            Task::Classification,
             self.top.output(b).as_slice(),
             &batch.labels,
             &mut self.probs[..b],
             &mut self.grad_logits[..b],
-            1.0 / b as f32,
         );
-        sw.lap(&mut self.phases.loss);
+        timer.lap(|p| &mut p.loss);
 
         // Top MLP backward, into the gradient of the interaction output.
         let top_input = MatRef::new(&self.top_in[..b * w], b, w);
@@ -303,7 +249,7 @@ impl Dlrm {
             Some(MatMut::new(&mut self.grad_top_in[..b * w], b, w)),
             par,
         );
-        sw.lap(&mut self.phases.top_bwd);
+        timer.lap(|p| &mut p.top_bwd);
 
         let features = MatRef::new(&self.features[..b * fd], b, fd);
         let grad_top_in = MatRef::new(&self.grad_top_in[..b * w], b, w);
@@ -319,74 +265,40 @@ impl Dlrm {
             ),
             InteractionOp::Cat => cat_interaction_backward(grad_top_in, grad_features, par),
         }
-        sw.lap(&mut self.phases.interaction_bwd);
+        timer.lap(|p| &mut p.interaction_bwd);
 
         let dense = MatRef::new(&batch.dense, b, batch.num_dense);
         let bottom_out = MatRef::with_row_stride(&self.features, b, d, fd);
         let d_bottom_out = MatRef::with_row_stride(&self.grad_features, b, d, fd);
         self.bottom
             .backward(dense, Some(bottom_out), d_bottom_out, None, par);
-        sw.lap(&mut self.phases.bot_bwd);
+        timer.lap(|p| &mut p.bot_bwd);
 
         // Sparse updates, fused with the embeddings' backward: tables in parallel, each
         // reading its slot of the feature gradients.
-        let opt = self.optimizer.sparse(lr);
         let grads = &self.grad_features;
-        self.tables
-            .par_iter_mut()
-            .zip(self.table_states.par_iter_mut())
-            .zip(self.workspaces.par_iter_mut())
-            .enumerate()
-            .for_each(|(t, ((table, state), ws))| {
-                embedding_bag_backward_update(
-                    TableMut {
-                        weights: MatMut::from_rows(table.weights_mut(), d),
-                        state: state.as_mut_slice(),
-                    },
-                    Self::bags(batch, t),
-                    Pooling::Sum,
-                    MatRef::with_row_stride(
-                        &grads[(t + 1) * d..],
-                        Self::bags(batch, t).len(),
-                        d,
-                        fd,
-                    ),
-                    opt.into(),
-                    ws,
-                    par,
-                );
-            });
-        sw.lap(&mut self.phases.emb_update);
+        self.embeddings
+            .update_batch(batch, |t| (&grads[(t + 1) * d..], fd), lr, 0.0, par);
+        timer.lap(|p| &mut p.emb_update);
 
         self.update_dense(lr);
-        sw.lap(&mut self.phases.dense_update);
+        timer.lap(|p| &mut p.dense_update);
         Ok(loss_sum / b as f64)
     }
 
     fn update_dense(&mut self, lr: f32) {
-        let par = self.par;
-        let adagrad = self.optimizer.dense_adagrad();
         let layers = self
             .bottom
             .layers
             .iter_mut()
-            .chain(self.top.layers.iter_mut());
-        for (layer, (sw, sb)) in layers.zip(self.dense_state.iter_mut()) {
-            if adagrad {
-                adagrad_update(
-                    &mut layer.weight,
-                    &layer.grad_weight,
-                    sw,
-                    lr,
-                    ADAGRAD_EPS,
-                    par,
-                );
-                adagrad_update(&mut layer.bias, &layer.grad_bias, sb, lr, ADAGRAD_EPS, par);
-            } else {
-                sgd_update(&mut layer.weight, &layer.grad_weight, lr, par);
-                sgd_update(&mut layer.bias, &layer.grad_bias, lr, par);
-            }
-        }
+            .chain(self.top.layers.iter_mut())
+            .flat_map(|l| {
+                [
+                    (&mut l.weight[..], &l.grad_weight[..]),
+                    (&mut l.bias[..], &l.grad_bias[..]),
+                ]
+            });
+        self.dense_opt.step(layers, lr, self.par);
     }
 
     /// The feature rows of the last forward: per sample [bottom output | pooled table 0 | ...].
@@ -432,35 +344,22 @@ impl Model for Dlrm {
     fn reserve_inference(&mut self, batch: usize) {
         Dlrm::reserve_inference(self, batch)
     }
-    fn train_step(&mut self, batch: &Batch, lr: f32) -> Result<f64, BatchError> {
-        Dlrm::train_step(self, batch, lr)
+    fn train_step(
+        &mut self,
+        batch: &Batch,
+        lr: f32,
+        timer: &mut PhaseTimer,
+    ) -> Result<f64, BatchError> {
+        Dlrm::train_step(self, batch, lr, timer)
     }
     fn predict(&mut self, batch: &Batch, out: &mut Vec<f32>) -> Result<(), BatchError> {
         Dlrm::predict(self, batch, out)
     }
-    fn phases(&self) -> PhaseSeconds {
-        self.phases
-    }
-    fn add_other_seconds(&mut self, seconds: f64) {
-        self.phases.other += seconds;
-    }
     fn set_parallelism(&mut self, par: Par) {
         self.par = par;
     }
-    fn save_parameters(&self, dir: &std::path::Path) -> anyhow::Result<serde_json::Value> {
-        crate::checkpoint::save_dlrm_parameters(self, dir)
-    }
-    fn dense_parameters(&self) -> Vec<(String, &[f32])> {
-        let mut p = mlp_parameters("bot_l", &self.bottom);
-        p.extend(mlp_parameters("top_l", &self.top));
-        p
-    }
-    fn table_parameters(&self) -> Vec<(String, &[f32])> {
-        self.tables
-            .iter()
-            .enumerate()
-            .map(|(t, table)| (format!("emb_l.{t}.weight"), table.weights()))
-            .collect()
+    fn config(&self) -> ModelConfig {
+        ModelConfig::Dlrm(self.arch.clone())
     }
     fn buffer_floats_per_sample(&self, training: bool) -> usize {
         // features and top_in, their gradients in training, probabilities and logit gradients.
@@ -468,5 +367,23 @@ impl Model for Dlrm {
         mlp_floats_per_sample(&self.bottom, training)
             + mlp_floats_per_sample(&self.top, training)
             + per_pass * (1 + usize::from(training))
+    }
+}
+
+impl Parameters for Dlrm {
+    fn parameters<'a>(&'a self, visit: &mut dyn FnMut(Named<Tensor<'a>>)) {
+        self.embeddings
+            .visit(|t| format!("emb_l.{t}.weight"), visit);
+        let mut states = self.dense_opt.states();
+        visit_mlp("bot_l", &self.bottom, &mut states, visit);
+        visit_mlp("top_l", &self.top, &mut states, visit);
+    }
+
+    fn parameters_mut<'a>(&'a mut self, visit: &mut dyn FnMut(Named<TensorMut<'a>>)) {
+        self.embeddings
+            .visit_mut(|t| format!("emb_l.{t}.weight"), visit);
+        let mut states = self.dense_opt.states_mut();
+        visit_mlp_mut("bot_l", &mut self.bottom, &mut states, visit);
+        visit_mlp_mut("top_l", &mut self.top, &mut states, visit);
     }
 }

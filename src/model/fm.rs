@@ -15,27 +15,27 @@
 //! is biased matrix factorization ([`super::mf`]): `Task::Regression` switches the loss and
 //! the predictions from probabilities to raw values.
 //!
-//! Phases, in the DLRM names of [`PhaseSeconds`]: `emb_fwd` is the materialisation of lazily
+//! Phases, in the DLRM names of [`super::PhaseSeconds`]: `emb_fwd` is the materialisation of lazily
 //! initialised rows, `interaction_*` the FM kernels, `emb_update` the fused updates and
 //! `dense_update` w0.
 
-use super::sparse::SparseTables;
+use super::parameters::{Named, Parameters, TableSource, Tensor, TensorMut};
+use super::sparse::{SparseTables, table_bags};
 use super::{
-    BatchError, DenseOptimizer, Model, ModelKind, OptimizerKind, PhaseSeconds, Stopwatch, Task,
-    validate_batch,
+    BatchError, DenseOptimizer, Model, ModelConfig, ModelKind, OptimizerKind, PhaseTimer, Task,
+    check_capacity, head_loss, head_predict, validate_batch,
 };
 use crate::data::Batch;
 use crate::storage::StorageKind;
-use dlrm_kernels::activation::{bce_with_logits, sigmoid, squared_error};
 use dlrm_kernels::embedding::Bags;
 use dlrm_kernels::fm::{FmField, fm_backward, fm_forward};
 use dlrm_kernels::gemm::MatRef;
 use dlrm_kernels::parallel::Par;
 use rayon::prelude::*;
-use std::time::Instant;
+use serde::{Deserialize, Serialize};
 
 /// The shape and objective of a factorization machine.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FmConfig {
     /// Which model this is (`fm`, or `mf` for matrix factorization), for the reports.
     pub model: ModelKind,
@@ -83,7 +83,6 @@ pub struct Fm {
     grad_out: Vec<f32>,
     /// Per field: the latent gradient of each looked-up position (positions x k).
     grad_rows: Vec<Vec<f32>>,
-    phases: PhaseSeconds,
     /// How the kernels may use threads (set with [`Model::set_parallelism`]).
     par: Par,
 }
@@ -96,11 +95,7 @@ fn field_bags<'a>(
     t: usize,
 ) -> Bags<'a> {
     if t < batch.num_tables() {
-        Bags {
-            indices: &batch.indices[t],
-            offsets: &batch.offsets[t],
-            weights: None,
-        }
+        table_bags(batch, t)
     } else {
         let b = batch.size();
         Bags {
@@ -120,6 +115,16 @@ impl Fm {
         storage: &StorageKind,
         seed: u64,
     ) -> anyhow::Result<Fm> {
+        Self::build(cfg, optimizer, seed, TableSource::Init(storage))
+    }
+
+    /// A model whose tables come from `source` (initialised from `seed` when new).
+    pub fn build(
+        cfg: FmConfig,
+        optimizer: OptimizerKind,
+        seed: u64,
+        source: TableSource,
+    ) -> anyhow::Result<Fm> {
         anyhow::ensure!(cfg.factors > 0, "the latent width must be at least 1");
         anyhow::ensure!(
             cfg.weight_decay >= 0.0 && cfg.weight_decay.is_finite(),
@@ -130,15 +135,15 @@ impl Fm {
             rows.push(cfg.num_dense);
         }
         let fields = rows.len();
-        let factors = SparseTables::create(0, &rows, cfg.factors, optimizer, storage, seed)?;
-        let linear = SparseTables::create(fields, &rows, 1, optimizer, storage, seed)?;
+        let factors = SparseTables::create(0, &rows, cfg.factors, optimizer, source, seed)?;
+        let linear = SparseTables::create(fields, &rows, 1, optimizer, source, seed)?;
         Ok(Fm {
             bias: cfg.initial_bias,
             cfg,
             optimizer,
             factors,
             linear,
-            dense_opt: DenseOptimizer::new(optimizer),
+            dense_opt: DenseOptimizer::new(optimizer, [1]),
             capacity: 0,
             dense_ids: Vec::new(),
             dense_offsets: Vec::new(),
@@ -148,7 +153,6 @@ impl Fm {
             probs: Vec::new(),
             grad_out: Vec::new(),
             grad_rows: vec![Vec::new(); fields],
-            phases: PhaseSeconds::default(),
             par: Par::default(),
         })
     }
@@ -158,12 +162,7 @@ impl Fm {
     }
 
     fn check(&self, batch: &Batch) -> Result<(), BatchError> {
-        if batch.size() > self.capacity {
-            return Err(BatchError::TooLarge {
-                got: batch.size(),
-                capacity: self.capacity,
-            });
-        }
+        check_capacity(batch, self.capacity)?;
         let categorical = self.cfg.table_sizes.len();
         validate_batch(
             batch,
@@ -173,7 +172,7 @@ impl Fm {
     }
 
     /// Forward: y of every sample into `outputs` (and S into `sums`). The batch must be valid.
-    fn forward(&mut self, batch: &Batch, sw: &mut Stopwatch) {
+    fn forward(&mut self, batch: &Batch, timer: &mut PhaseTimer) {
         let par = self.par;
         let b = batch.size();
         let k = self.cfg.factors;
@@ -181,7 +180,7 @@ impl Fm {
         let bags = |t| field_bags(batch, ids, offs, t);
         self.factors.materialize(|t| bags(t).indices);
         self.linear.materialize(|t| bags(t).indices);
-        sw.lap(&mut self.phases.emb_fwd);
+        timer.lap(|p| &mut p.emb_fwd);
         let (factors, linear) = (&self.factors, &self.linear);
         fm_forward(
             self.cfg.num_fields(),
@@ -196,42 +195,42 @@ impl Fm {
             &mut self.outputs[..b],
             par,
         );
-        sw.lap(&mut self.phases.interaction_fwd);
+        timer.lap(|p| &mut p.interaction_fwd);
     }
 
     /// Predictions for a batch: click probabilities, or values for regression.
     pub fn predict(&mut self, batch: &Batch, out: &mut Vec<f32>) -> Result<(), BatchError> {
         self.check(batch)?;
-        let mut sw = Stopwatch(Instant::now());
-        self.forward(batch, &mut sw);
+        self.forward(batch, &mut PhaseTimer::default());
         let b = batch.size();
         out.resize(b, 0.0);
-        match self.cfg.task {
-            Task::Classification => sigmoid(&self.outputs[..b], out),
-            Task::Regression => out.copy_from_slice(&self.outputs[..b]),
-        }
+        head_predict(self.cfg.task, &self.outputs[..b], out);
         Ok(())
     }
 
     /// One training step: forward, the mean loss (BCE, or squared error for regression),
     /// backward and updates. Returns the mean loss.
-    pub fn train_step(&mut self, batch: &Batch, lr: f32) -> Result<f64, BatchError> {
+    pub fn train_step(
+        &mut self,
+        batch: &Batch,
+        lr: f32,
+        timer: &mut PhaseTimer,
+    ) -> Result<f64, BatchError> {
         let par = self.par;
-        let mut sw = Stopwatch(Instant::now());
         self.check(batch)?;
-        sw.lap(&mut self.phases.other);
-        self.forward(batch, &mut sw);
+        timer.lap(|p| &mut p.other);
+        self.forward(batch, timer);
 
         let b = batch.size();
         let k = self.cfg.factors;
-        let (y, g) = (&self.outputs[..b], &mut self.grad_out[..b]);
-        let loss_sum = match self.cfg.task {
-            Task::Classification => {
-                bce_with_logits(y, &batch.labels, &mut self.probs[..b], g, 1.0 / b as f32)
-            }
-            Task::Regression => squared_error(y, &batch.labels, g, 2.0 / b as f32),
-        };
-        sw.lap(&mut self.phases.loss);
+        let loss_sum = head_loss(
+            self.cfg.task,
+            &self.outputs[..b],
+            &batch.labels,
+            &mut self.probs[..b],
+            &mut self.grad_out[..b],
+        );
+        timer.lap(|p| &mut p.loss);
 
         let (ids, offs) = (&self.dense_ids, &self.dense_offsets);
         let bags = |t| field_bags(batch, ids, offs, t);
@@ -266,7 +265,7 @@ impl Fm {
                     par,
                 );
             });
-        sw.lap(&mut self.phases.interaction_bwd);
+        timer.lap(|p| &mut p.interaction_bwd);
 
         let (rows, units, wd) = (&self.grad_rows, &self.unit_offsets, self.cfg.weight_decay);
         self.factors.update(
@@ -284,7 +283,7 @@ impl Fm {
             par,
         );
         self.linear.update(bags, |_| (grad, 1), lr, wd, par);
-        sw.lap(&mut self.phases.emb_update);
+        timer.lap(|p| &mut p.emb_update);
 
         let grad_bias = [grad.iter().map(|&x| f64::from(x)).sum::<f64>() as f32];
         self.dense_opt.step(
@@ -292,7 +291,7 @@ impl Fm {
             lr,
             par,
         );
-        sw.lap(&mut self.phases.dense_update);
+        timer.lap(|p| &mut p.dense_update);
         Ok(loss_sum / b as f64)
     }
 }
@@ -326,35 +325,19 @@ impl Model for Fm {
         self.grad_out.resize(batch, 0.0);
         self.capacity = batch;
     }
-    fn train_step(&mut self, batch: &Batch, lr: f32) -> Result<f64, BatchError> {
-        Fm::train_step(self, batch, lr)
+    fn train_step(
+        &mut self,
+        batch: &Batch,
+        lr: f32,
+        timer: &mut PhaseTimer,
+    ) -> Result<f64, BatchError> {
+        Fm::train_step(self, batch, lr, timer)
     }
     fn predict(&mut self, batch: &Batch, out: &mut Vec<f32>) -> Result<(), BatchError> {
         Fm::predict(self, batch, out)
     }
-    fn phases(&self) -> PhaseSeconds {
-        self.phases
-    }
-    fn add_other_seconds(&mut self, seconds: f64) {
-        self.phases.other += seconds;
-    }
-    fn dense_parameters(&self) -> Vec<(String, &[f32])> {
-        vec![("bias".to_string(), std::slice::from_ref(&self.bias))]
-    }
-    fn table_parameters(&self) -> Vec<(String, &[f32])> {
-        // Field t's latent vectors and first-order weights; the dense field (last, when there
-        // are dense features) is named apart from the categorical ones.
-        let name = |t: usize, kind: &str| {
-            if t < self.cfg.table_sizes.len() {
-                format!("{kind}_l.{t}.weight")
-            } else {
-                format!("dense_{kind}.weight")
-            }
-        };
-        (0..self.factors.len())
-            .map(|t| (name(t, "emb"), self.factors.weights(t)))
-            .chain((0..self.linear.len()).map(|t| (name(t, "lin"), self.linear.weights(t))))
-            .collect()
+    fn config(&self) -> ModelConfig {
+        ModelConfig::Fm(self.cfg.clone())
     }
     fn buffer_floats_per_sample(&self, _training: bool) -> usize {
         // `reserve` sizes everything for inference too: the dense field's ids and offsets
@@ -364,5 +347,47 @@ impl Model for Fm {
 
     fn set_parallelism(&mut self, par: Par) {
         self.par = par;
+    }
+}
+
+/// Name of the bias w0.
+pub(crate) const BIAS: &str = "bias";
+
+impl Fm {
+    /// Field t's name for `kind` (`emb` latent vectors, `lin` first-order weights): the dense
+    /// field (last, when there are dense features) is named apart from the categorical ones.
+    fn field_name(&self, kind: &str) -> impl Fn(usize) -> String + use<> {
+        let categorical = self.cfg.table_sizes.len();
+        let kind = kind.to_string();
+        move |t| {
+            if t < categorical {
+                format!("{kind}_l.{t}.weight")
+            } else {
+                format!("dense_{kind}.weight")
+            }
+        }
+    }
+}
+
+impl Parameters for Fm {
+    fn parameters<'a>(&'a self, visit: &mut dyn FnMut(Named<Tensor<'a>>)) {
+        self.factors.visit(self.field_name("emb"), visit);
+        self.linear.visit(self.field_name("lin"), visit);
+        let state = self.dense_opt.states().next().unwrap_or(&[]);
+        let bias = Tensor::dense(std::slice::from_ref(&self.bias), state);
+        visit((BIAS.to_string(), vec![1], bias));
+    }
+
+    fn parameters_mut<'a>(&'a mut self, visit: &mut dyn FnMut(Named<TensorMut<'a>>)) {
+        let (emb, lin) = (self.field_name("emb"), self.field_name("lin"));
+        self.factors.visit_mut(emb, visit);
+        self.linear.visit_mut(lin, visit);
+        let state = self.dense_opt.states_mut().next().unwrap_or(&mut []);
+        let values = std::slice::from_mut(&mut self.bias);
+        visit((
+            BIAS.to_string(),
+            vec![1],
+            TensorMut::Dense { values, state },
+        ));
     }
 }

@@ -6,12 +6,15 @@ pub mod embedding;
 pub mod fm;
 pub mod mf;
 pub mod mlp;
+pub mod parameters;
 pub mod sparse;
 
 use crate::data::Batch;
+use dlrm_kernels::activation::{bce_with_logits, sigmoid, squared_error};
 use dlrm_kernels::optim::{SparseOptimizer, adagrad_update, sgd_update};
 use dlrm_kernels::parallel::Par;
 use embedding::EmbeddingTable;
+pub use parameters::{ModelConfig, Parameters, TableSource, Tensor, TensorKind, TensorMut};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
@@ -81,8 +84,8 @@ impl ModelKind {
 }
 
 /// The optimizer of a model's dense parameters (everything but the embedding tables): SGD for
-/// `sgd`, element-wise Adagrad otherwise (as [`OptimizerKind`] says), with the accumulators of
-/// each parameter tensor created, zeroed, at its first step.
+/// `sgd`, element-wise Adagrad otherwise (as [`OptimizerKind`] says), with zeroed accumulators
+/// for each parameter tensor (none for SGD).
 #[derive(Clone, Debug)]
 pub struct DenseOptimizer {
     kind: OptimizerKind,
@@ -90,30 +93,41 @@ pub struct DenseOptimizer {
 }
 
 impl DenseOptimizer {
-    pub fn new(kind: OptimizerKind) -> DenseOptimizer {
+    /// The optimizer of parameter tensors of `lens` values each, in the order `step` takes them.
+    pub fn new(kind: OptimizerKind, lens: impl IntoIterator<Item = usize>) -> DenseOptimizer {
+        let adagrad = kind.dense_adagrad();
         DenseOptimizer {
             kind,
-            state: Vec::new(),
+            state: lens
+                .into_iter()
+                .map(|n| vec![0.0; if adagrad { n } else { 0 }])
+                .collect(),
         }
     }
 
-    /// One step of every (parameter, gradient) pair, given in the same order at every step.
+    /// One step of every (parameter, gradient) pair, in the order of `new`.
     pub fn step<'p>(
         &mut self,
         params: impl IntoIterator<Item = (&'p mut [f32], &'p [f32])>,
         lr: f32,
         par: Par,
     ) {
-        for (i, (p, g)) in params.into_iter().enumerate() {
-            if !self.kind.dense_adagrad() {
+        for ((p, g), s) in params.into_iter().zip(&mut self.state) {
+            if self.kind.dense_adagrad() {
+                adagrad_update(p, g, s, lr, ADAGRAD_EPS, par);
+            } else {
                 sgd_update(p, g, lr, par);
-                continue;
             }
-            if self.state.len() <= i {
-                self.state.push(vec![0.0; p.len()]);
-            }
-            adagrad_update(p, g, &mut self.state[i], lr, ADAGRAD_EPS, par);
         }
+    }
+
+    /// Each parameter tensor's accumulators, in the order of `new` (empty for SGD).
+    pub fn states(&self) -> impl Iterator<Item = &[f32]> {
+        self.state.iter().map(Vec::as_slice)
+    }
+
+    pub fn states_mut(&mut self) -> impl Iterator<Item = &mut [f32]> {
+        self.state.iter_mut().map(Vec::as_mut_slice)
     }
 }
 
@@ -257,14 +271,77 @@ impl PhaseSeconds {
     }
 }
 
-/// Accumulates the time since the last mark into a phase.
-pub(crate) struct Stopwatch(pub(crate) Instant);
+/// The time of each phase of training, owned by the training loop and passed to every step:
+/// each lap adds the time since the previous mark to one phase.
+#[derive(Clone, Debug)]
+pub struct PhaseTimer {
+    seconds: PhaseSeconds,
+    mark: Instant,
+}
 
-impl Stopwatch {
-    pub(crate) fn lap(&mut self, phase: &mut f64) {
+impl Default for PhaseTimer {
+    fn default() -> PhaseTimer {
+        PhaseTimer {
+            seconds: PhaseSeconds::default(),
+            mark: Instant::now(),
+        }
+    }
+}
+
+impl PhaseTimer {
+    /// Marks now: the time since the previous mark is not counted.
+    pub fn restart(&mut self) {
+        self.mark = Instant::now();
+    }
+
+    /// Adds the time since the previous mark to `phase` (e.g. `|p| &mut p.emb_fwd`) and marks
+    /// now.
+    pub fn lap(&mut self, phase: fn(&mut PhaseSeconds) -> &mut f64) {
         let now = Instant::now();
-        *phase += (now - self.0).as_secs_f64();
-        self.0 = now;
+        *phase(&mut self.seconds) += (now - self.mark).as_secs_f64();
+        self.mark = now;
+    }
+
+    /// The seconds counted so far.
+    pub fn seconds(&self) -> PhaseSeconds {
+        self.seconds
+    }
+}
+
+/// Refuses a batch larger than the buffers a model reserved (`capacity` samples).
+pub fn check_capacity(batch: &Batch, capacity: usize) -> Result<(), BatchError> {
+    if batch.size() > capacity {
+        return Err(BatchError::TooLarge {
+            got: batch.size(),
+            capacity,
+        });
+    }
+    Ok(())
+}
+
+/// The loss head every model ends in: the sum over the batch of the loss of outputs `y`
+/// against `labels` (BCE on sigmoid(y) for classification, the squared error for regression),
+/// with the gradient of the batch's mean loss with respect to each output in `grad` (and, for
+/// classification, the probabilities in `probs`).
+pub fn head_loss(
+    task: Task,
+    y: &[f32],
+    labels: &[f32],
+    probs: &mut [f32],
+    grad: &mut [f32],
+) -> f64 {
+    let b = y.len();
+    match task {
+        Task::Classification => bce_with_logits(y, labels, probs, grad, 1.0 / b as f32),
+        Task::Regression => squared_error(y, labels, grad, 2.0 / b as f32),
+    }
+}
+
+/// What the head predicts from outputs `y`: click probabilities, or the values for regression.
+pub fn head_predict(task: Task, y: &[f32], out: &mut [f32]) {
+    match task {
+        Task::Classification => sigmoid(y, out),
+        Task::Regression => out.copy_from_slice(y),
     }
 }
 
@@ -306,16 +383,6 @@ pub fn first_non_finite_index(values: &[f32]) -> Option<usize> {
         })
 }
 
-/// An MLP's tensors under their PyTorch-style names ([`crate::checkpoint::layer_names`]).
-pub fn mlp_parameters<'a>(prefix: &str, mlp: &'a mlp::Mlp) -> Vec<(String, &'a [f32])> {
-    let names = crate::checkpoint::layer_names(prefix, mlp.layers.len());
-    mlp.layers
-        .iter()
-        .zip(names)
-        .flat_map(|(l, (w, b))| [(w, &l.weight[..]), (b, &l.bias[..])])
-        .collect()
-}
-
 /// Floats per sample an MLP's buffers hold: each layer's output, and its gradient in training.
 pub fn mlp_floats_per_sample(mlp: &mlp::Mlp, training: bool) -> usize {
     let outputs: usize = mlp.layers.iter().map(|l| l.outputs).sum();
@@ -333,7 +400,7 @@ pub enum Task {
 }
 
 /// A trainable model, as the training loop drives it.
-pub trait Model: Send {
+pub trait Model: Send + Parameters {
     /// The name reported (`dlrm`, `dcn`, ...).
     fn name(&self) -> &'static str;
     fn task(&self) -> Task {
@@ -349,47 +416,40 @@ pub trait Model: Send {
     fn reserve_inference(&mut self, batch: usize) {
         self.reserve(batch);
     }
-    /// One step: forward, loss, backward, updates. Returns the batch's mean loss.
-    fn train_step(&mut self, batch: &Batch, lr: f32) -> Result<f64, BatchError>;
+    /// One step: forward, loss, backward, updates, each phase's time added to `timer`.
+    /// Returns the batch's mean loss.
+    fn train_step(
+        &mut self,
+        batch: &Batch,
+        lr: f32,
+        timer: &mut PhaseTimer,
+    ) -> Result<f64, BatchError>;
     /// Predictions for a batch (probabilities, or ratings for regression), no gradients.
     fn predict(&mut self, batch: &Batch, out: &mut Vec<f32>) -> Result<(), BatchError>;
-    /// Time per phase accumulated by the steps so far.
-    fn phases(&self) -> PhaseSeconds;
-    /// Adds time to the `other` phase (data loading, done by the trainer).
-    fn add_other_seconds(&mut self, seconds: f64);
-    /// Every parameter tensor but the embedding tables (MLP layers, cross layers, biases),
-    /// with its PyTorch-style name (`bot_l.0.weight`), in a fixed order.
-    fn dense_parameters(&self) -> Vec<(String, &[f32])>;
-    /// Every embedding table's weights with its PyTorch-style name (`emb_l.3.weight`).
-    fn table_parameters(&self) -> Vec<(String, &[f32])>;
+    /// What the model is, enough to build it again (see [`ModelConfig::build`]).
+    fn config(&self) -> ModelConfig;
     /// f32 values of the step's buffers per sample of a batch (forward only, or with the
     /// gradients for `training`): what `reserve` allocates per sample, for memory checks.
     fn buffer_floats_per_sample(&self, training: bool) -> usize;
     /// The first parameter value that is NaN or infinite, among the dense parameters or, with
     /// `ParameterScope::All`, the embedding tables too (each tensor scanned in parallel).
     fn first_non_finite(&self, scope: ParameterScope) -> Option<NonFinite> {
-        let tables = match scope {
-            ParameterScope::Dense => Vec::new(),
-            ParameterScope::All => self.table_parameters(),
-        };
-        self.dense_parameters()
-            .into_iter()
-            .chain(tables)
-            .find_map(|(name, values)| {
-                first_non_finite_index(values).map(|index| NonFinite {
-                    name,
-                    index,
-                    value: values[index],
-                })
+        let all = parameters::tensors(self);
+        let dense = all
+            .iter()
+            .filter(|(_, _, t)| matches!(t.kind, TensorKind::Dense));
+        let tables = all.iter().filter(|(_, _, t)| {
+            scope == ParameterScope::All && !matches!(t.kind, TensorKind::Dense)
+        });
+        dense.chain(tables).find_map(|(name, _, t)| {
+            first_non_finite_index(t.values).map(|index| NonFinite {
+                name: name.clone(),
+                index,
+                value: t.values[index],
             })
+        })
     }
     /// How the kernels may use threads from now on (default [`Par::Rayon`]: split over the
     /// current rayon pool when the work pays for it).
     fn set_parallelism(&mut self, par: Par);
-    /// Writes every parameter and optimizer state into `dir` (a fresh checkpoint folder) and
-    /// returns the model's description for the checkpoint (see [`crate::checkpoint`]).
-    fn save_parameters(&self, dir: &std::path::Path) -> anyhow::Result<serde_json::Value> {
-        let _ = dir;
-        anyhow::bail!("saving {} models is not supported", self.name())
-    }
 }

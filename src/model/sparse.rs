@@ -2,13 +2,24 @@
 //! optimizer state and its backward workspace, updated in parallel, one table per task.
 
 use super::OptimizerKind;
-use super::embedding::{EmbeddingTable, OptimizerState, create_tables};
-use crate::storage::StorageKind;
-use dlrm_kernels::embedding::{Bags, Pooling, SparseGradWorkspace};
+use super::embedding::{EmbeddingTable, OptimizerState};
+use super::parameters::{Named, TableSource, Tensor, TensorMut, named_table, named_table_mut};
+use crate::data::Batch;
+use dlrm_kernels::embedding::{Bags, Pooling, SparseGradWorkspace, embedding_bag_forward_tables};
 use dlrm_kernels::gemm::{MatMut, MatRef};
 use dlrm_kernels::optim::{SparseStep, TableMut, embedding_bag_backward_update};
 use dlrm_kernels::parallel::Par;
 use rayon::prelude::*;
+
+/// Table t's bags of a batch (sum pooling over each sample's ids): the one place a batch's
+/// ids become the kernels' bags.
+pub(crate) fn table_bags(batch: &Batch, t: usize) -> Bags<'_> {
+    Bags {
+        indices: &batch.indices[t],
+        offsets: &batch.offsets[t],
+        weights: None,
+    }
+}
 
 /// Embedding tables (rows x dim each), their sparse optimizer state and workspaces.
 pub struct SparseTables {
@@ -21,17 +32,17 @@ pub struct SparseTables {
 
 impl SparseTables {
     /// Tables of `rows[t]` x `dim`, numbered `first_index + t` (the key of their initial
-    /// values and the name of their files), with the state `optimizer` needs, in `storage`.
+    /// values and the name of their files), with the state `optimizer` needs, from `source`.
     pub fn create(
         first_index: usize,
         rows: &[usize],
         dim: usize,
         optimizer: OptimizerKind,
-        storage: &StorageKind,
+        source: TableSource,
         seed: u64,
     ) -> anyhow::Result<SparseTables> {
         let width = optimizer.sparse(0.0).state_width(dim);
-        let (tables, states) = create_tables(first_index, rows, dim, width, seed, storage)?;
+        let (tables, states) = source.tables(first_index, rows, dim, width, seed)?;
         Ok(SparseTables {
             workspaces: (0..tables.len())
                 .map(|_| SparseGradWorkspace::default())
@@ -52,9 +63,51 @@ impl SparseTables {
         self.tables.is_empty()
     }
 
+    /// Visits table t with its state as `name(t)`.
+    pub fn visit<'a>(
+        &'a self,
+        name: impl Fn(usize) -> String,
+        visit: &mut dyn FnMut(Named<Tensor<'a>>),
+    ) {
+        for (t, (table, state)) in self.tables.iter().zip(&self.states).enumerate() {
+            visit(named_table(name(t), table, state));
+        }
+    }
+
+    /// [`visit`](Self::visit), writable.
+    pub fn visit_mut<'a>(
+        &'a mut self,
+        name: impl Fn(usize) -> String,
+        visit: &mut dyn FnMut(Named<TensorMut<'a>>),
+    ) {
+        let tables = self.tables.iter_mut().zip(&mut self.states);
+        for (t, (table, state)) in tables.enumerate() {
+            visit(named_table_mut(name(t), table, state));
+        }
+    }
+
     /// Table t's weights.
     pub fn weights(&self, t: usize) -> &[f32] {
         self.tables[t].weights()
+    }
+
+    /// The forward of every table for `batch`: the rows it looks up in lazily initialised
+    /// tables get their initial values, then each sample's pooled (summed) vector of table t
+    /// is written to columns t·dim .. (t + 1)·dim of its row of `out`.
+    pub fn forward(&mut self, batch: &Batch, out: MatMut, par: Par) {
+        self.materialize(|t| table_bags(batch, t).indices);
+        let tables = &self.tables;
+        embedding_bag_forward_tables(
+            tables.len(),
+            |t| {
+                let table = &tables[t];
+                let weights = MatRef::from_rows(table.weights(), table.dim());
+                (weights, table_bags(batch, t))
+            },
+            Pooling::Sum,
+            out,
+            par,
+        );
     }
 
     /// Gives the rows `ids(t)` of every lazily initialised table their initial values, tables
@@ -64,6 +117,19 @@ impl SparseTables {
             .par_iter_mut()
             .enumerate()
             .for_each(|(t, table)| table.materialize(ids(t)));
+    }
+
+    /// [`update`](Self::update) for the bags of `batch`: table t's output gradient is the rows
+    /// `grads(t)` = (slice, stride), one per sample.
+    pub fn update_batch<'a>(
+        &mut self,
+        batch: &'a Batch,
+        grads: impl Fn(usize) -> (&'a [f32], usize) + Sync,
+        lr: f32,
+        weight_decay: f32,
+        par: Par,
+    ) {
+        self.update(|t| table_bags(batch, t), grads, lr, weight_decay, par);
     }
 
     /// Backward and fused update of every table, tables in parallel: table t's bags are

@@ -11,17 +11,13 @@ use anyhow::{Context, Result, ensure};
 use dlrm::config::Architecture;
 use dlrm::data::Batch;
 use dlrm::model::dlrm::Dlrm;
-use dlrm::model::embedding::{EmbeddingTable, OptimizerState};
-use dlrm::model::{Model, OptimizerKind, PhaseSeconds};
+use dlrm::model::sparse::SparseTables;
+use dlrm::model::{Model, OptimizerKind, PhaseSeconds, PhaseTimer, TableSource};
 use dlrm::rng::{SplitMix64, derive_key};
 use dlrm::storage::StorageKind;
 use dlrm::train::DataSource;
-use dlrm_kernels::embedding::{Bags, Pooling, SparseGradWorkspace, embedding_bag_forward_tables};
 use dlrm_kernels::gemm::{MatMut, MatRef, linear_forward};
-use dlrm_kernels::optim::{SparseOptimizer, TableMut, embedding_bag_backward_update};
 use dlrm_kernels::parallel::Par;
-use rayon::prelude::*;
-use std::time::Instant;
 
 /// Distinct batches a kernel workload cycles through (their ids spread over the tables, so the
 /// lookups stay as cold as in training).
@@ -111,6 +107,7 @@ pub fn build<'a>(
 /// set (counted as the `other` phase), then `train_step` at the preset's learning rate.
 struct Train<'a> {
     model: Dlrm,
+    timer: PhaseTimer,
     data: &'a dyn DataSource,
     batch: Batch,
     size: usize,
@@ -131,6 +128,7 @@ impl<'a> Train<'a> {
         model.reserve(size);
         Ok(Train {
             batch: Batch::new(model.num_dense(), model.num_tables()),
+            timer: PhaseTimer::default(),
             model,
             data,
             size,
@@ -150,10 +148,12 @@ impl Workload for Train<'_> {
     fn step(&mut self) -> Result<()> {
         let first = (self.next % self.batches) * self.size as u64;
         self.next += 1;
-        let t0 = Instant::now();
+        self.timer.restart();
         self.data.fill_train(first, self.size, &mut self.batch)?;
-        self.model.add_other_seconds(t0.elapsed().as_secs_f64());
-        let loss = self.model.train_step(&self.batch, self.lr)?;
+        self.timer.lap(|p| &mut p.other);
+        let loss = self
+            .model
+            .train_step(&self.batch, self.lr, &mut self.timer)?;
         ensure!(
             loss.is_finite(),
             "the loss diverged to {loss}; lower the learning rate"
@@ -162,7 +162,7 @@ impl Workload for Train<'_> {
     }
 
     fn phases(&self) -> Option<PhaseSeconds> {
-        Some(self.model.phases)
+        Some(self.timer.seconds())
     }
 
     fn flops_per_sample(&self) -> Option<f64> {
@@ -226,24 +226,29 @@ impl Workload for Gemm {
     }
 }
 
-/// The model's tables (anonymous maps, initialised on the current pool) and
-/// [`KERNEL_BATCHES`] batches of the data set to cycle through.
+/// The model's tables (anonymous maps, initialised on the current pool) with the state of
+/// `optimizer`, and [`KERNEL_BATCHES`] batches of the data set to cycle through.
 struct TablesAndBatches {
-    tables: Vec<EmbeddingTable>,
+    tables: SparseTables,
     batches: Vec<Batch>,
     next: usize,
 }
 
 impl TablesAndBatches {
-    fn new(spec: &WorkloadSpec, data: &dyn DataSource, size: usize) -> Result<TablesAndBatches> {
-        let d = spec.arch.embedding_dim;
-        let tables = spec
-            .arch
-            .table_sizes
-            .iter()
-            .enumerate()
-            .map(|(t, &rows)| EmbeddingTable::create(t, rows, d, spec.seed, &StorageKind::Anon))
-            .collect::<Result<Vec<_>, _>>()?;
+    fn new(
+        spec: &WorkloadSpec,
+        optimizer: OptimizerKind,
+        data: &dyn DataSource,
+        size: usize,
+    ) -> Result<TablesAndBatches> {
+        let tables = SparseTables::create(
+            0,
+            &spec.arch.table_sizes,
+            spec.arch.embedding_dim,
+            optimizer,
+            TableSource::Init(&StorageKind::Anon),
+            spec.seed,
+        )?;
         let available = (data.train_len() / size as u64) as usize;
         let batches = (0..KERNEL_BATCHES.min(available))
             .map(|i| {
@@ -260,7 +265,7 @@ impl TablesAndBatches {
     }
 
     /// The next batch of the cycle, with the tables.
-    fn next(&mut self) -> (&mut [EmbeddingTable], &Batch) {
+    fn next(&mut self) -> (&mut SparseTables, &Batch) {
         let i = self.next;
         self.next = (i + 1) % self.batches.len();
         (&mut self.tables, &self.batches[i])
@@ -268,14 +273,6 @@ impl TablesAndBatches {
 
     fn samples(&self) -> usize {
         self.batches[0].size()
-    }
-}
-
-fn bags(batch: &Batch, t: usize) -> Bags<'_> {
-    Bags {
-        indices: &batch.indices[t],
-        offsets: &batch.offsets[t],
-        weights: None,
     }
 }
 
@@ -290,7 +287,8 @@ impl EmbeddingForward {
     fn new(spec: &WorkloadSpec, data: &dyn DataSource, size: usize) -> Result<EmbeddingForward> {
         let dim = spec.arch.embedding_dim;
         Ok(EmbeddingForward {
-            src: TablesAndBatches::new(spec, data, size)?,
+            // The forward reads no optimizer state: none is allocated.
+            src: TablesAndBatches::new(spec, OptimizerKind::Sgd, data, size)?,
             out: vec![0.0; size * spec.arch.num_tables() * dim],
             dim,
         })
@@ -305,15 +303,8 @@ impl Workload for EmbeddingForward {
     fn step(&mut self) -> Result<()> {
         let (tables, batch) = self.src.next();
         let (nt, d) = (tables.len(), self.dim);
-        let tables = &*tables;
-        let n = batch.size();
-        embedding_bag_forward_tables(
-            nt,
-            |t| (MatRef::from_rows(tables[t].weights(), d), bags(batch, t)),
-            Pooling::Sum,
-            MatMut::new(&mut self.out, n, nt * d),
-            Par::Rayon,
-        );
+        let out = MatMut::new(&mut self.out, batch.size(), nt * d);
+        tables.forward(batch, out, Par::Rayon);
         Ok(())
     }
 
@@ -330,31 +321,20 @@ impl Workload for EmbeddingForward {
 /// model runs it), from a fixed output gradient.
 struct SparseUpdate {
     src: TablesAndBatches,
-    states: Vec<OptimizerState>,
-    workspaces: Vec<SparseGradWorkspace>,
     grad: Vec<f32>,
     dim: usize,
-    opt: SparseOptimizer,
+    lr: f32,
 }
 
 impl SparseUpdate {
     fn new(spec: &WorkloadSpec, data: &dyn DataSource, size: usize) -> Result<SparseUpdate> {
-        let src = TablesAndBatches::new(spec, data, size)?;
+        let src = TablesAndBatches::new(spec, spec.optimizer, data, size)?;
         let dim = spec.arch.embedding_dim;
-        let opt = spec.optimizer.sparse(spec.learning_rate);
-        let states = src
-            .tables
-            .iter()
-            .map(|t| OptimizerState::create_for(t, opt.state_width(dim)))
-            .collect::<Result<Vec<_>, _>>()?;
-        let nt = src.tables.len();
         Ok(SparseUpdate {
-            workspaces: (0..nt).map(|_| SparseGradWorkspace::default()).collect(),
-            grad: random_values(size * nt * dim, spec.seed, 2, 1e-3),
+            grad: random_values(size * src.tables.len() * dim, spec.seed, 2, 1e-3),
             src,
-            states,
             dim,
-            opt,
+            lr: spec.learning_rate,
         })
     }
 }
@@ -366,26 +346,14 @@ impl Workload for SparseUpdate {
 
     fn step(&mut self) -> Result<()> {
         let (tables, batch) = self.src.next();
-        let (d, stride, opt, grad) = (self.dim, tables.len() * self.dim, self.opt, &self.grad);
-        tables
-            .par_iter_mut()
-            .zip(self.states.par_iter_mut())
-            .zip(self.workspaces.par_iter_mut())
-            .enumerate()
-            .for_each(|(t, ((table, state), ws))| {
-                embedding_bag_backward_update(
-                    TableMut {
-                        weights: MatMut::from_rows(table.weights_mut(), d),
-                        state: state.as_mut_slice(),
-                    },
-                    bags(batch, t),
-                    Pooling::Sum,
-                    MatRef::with_row_stride(&grad[t * d..], bags(batch, t).len(), d, stride),
-                    opt.into(),
-                    ws,
-                    Par::Rayon,
-                );
-            });
+        let (d, stride, grad) = (self.dim, tables.len() * self.dim, &self.grad);
+        tables.update_batch(
+            batch,
+            |t| (&grad[t * d..], stride),
+            self.lr,
+            0.0,
+            Par::Rayon,
+        );
         Ok(())
     }
 
