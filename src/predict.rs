@@ -67,9 +67,9 @@ pub fn encode_rows(encoder: &Encoder, rows: &[RawRow], labelled: bool, batch: &m
             .dense
             .extend(row.dense.iter().map(|&x| dense_feature(x)));
     }
-    for (t, (ids, offs)) in batch.indices.iter_mut().zip(&mut batch.offsets).enumerate() {
+    // One-hot tables: no offsets (see Batch::offsets).
+    for (t, ids) in batch.indices.iter_mut().enumerate() {
         ids.extend(rows.iter().map(|r| encoder.id(t, r.categorical[t])));
-        offs.extend(0..rows.len() as u32);
     }
 }
 

@@ -1,6 +1,9 @@
-//! A mini-batch: dense features, per-table bags of row ids (PyTorch EmbeddingBag convention),
-//! labels. Buffers are reused from batch to batch (filled in place), so producing a batch
-//! allocates nothing once they have reached their size.
+//! A mini-batch: dense features, per-table bags of row ids (PyTorch EmbeddingBag convention, or
+//! one id per sample with no offsets), labels. Buffers are reused from batch to batch (filled
+//! in place), so producing a batch allocates nothing once they have reached their size.
+
+use dlrm_kernels::embedding::Bags;
+use std::ops::Range;
 
 /// One mini-batch of `size()` samples.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -14,7 +17,8 @@ pub struct Batch {
     /// Per table: the row ids of all bags, concatenated.
     pub indices: Vec<Vec<u32>>,
     /// Per table: where each sample's bag starts in `indices` (`size()` entries, first 0; the
-    /// last bag runs to the end).
+    /// last bag runs to the end), or empty when the table is one-hot: one id per sample, sample
+    /// i's being `indices[t][i]` (Criteo's categorical features; no offsets to build or read).
     pub offsets: Vec<Vec<u32>>,
 }
 
@@ -46,14 +50,24 @@ impl Batch {
         self.offsets.iter_mut().for_each(Vec::clear);
     }
 
+    /// Whether table `t` is one-hot (one id per sample, no offsets).
+    pub fn is_one_hot(&self, t: usize) -> bool {
+        self.offsets[t].is_empty()
+    }
+
+    /// Table `t`'s bags, as the embedding kernels take them (one-hot when the table is). Not
+    /// checked: the models validate a batch (`validate_batch`) before running the kernels.
+    pub fn bags(&self, t: usize) -> Bags<'_> {
+        if self.is_one_hot(t) {
+            Bags::one_hot(&self.indices[t])
+        } else {
+            Bags::with_offsets(&self.indices[t], &self.offsets[t])
+        }
+    }
+
     /// Sample `i`'s bag in table `t`.
     pub fn bag(&self, t: usize, i: usize) -> &[u32] {
-        let offs = &self.offsets[t];
-        let start = offs[i] as usize;
-        let end = offs
-            .get(i + 1)
-            .map_or(self.indices[t].len(), |&e| e as usize);
-        &self.indices[t][start..end]
+        &self.indices[t][bag_range(&self.indices[t], &self.offsets[t], i)]
     }
 
     /// Makes this batch a copy of samples `first .. first + size` of `src` (offsets rebased to
@@ -78,14 +92,20 @@ impl Batch {
         self.offsets.resize(nt, Vec::new());
         for t in 0..nt {
             let offs = &src.offsets[t];
-            let start = offs.get(first).map_or(0, |&o| o as usize);
-            let end = offs
-                .get(first + size)
-                .map_or(src.indices[t].len(), |&o| o as usize);
+            let ids = match size {
+                0 => 0..0,
+                _ => {
+                    bag_range(&src.indices[t], offs, first).start
+                        ..bag_range(&src.indices[t], offs, first + size - 1).end
+                }
+            };
             self.indices[t].clear();
-            self.indices[t].extend_from_slice(&src.indices[t][start..end]);
+            self.indices[t].extend_from_slice(&src.indices[t][ids.clone()]);
             self.offsets[t].clear();
-            self.offsets[t].extend(offs[first..first + size].iter().map(|&o| o - start as u32));
+            if !offs.is_empty() {
+                let start = ids.start as u32;
+                self.offsets[t].extend(offs[first..first + size].iter().map(|&o| o - start));
+            }
         }
     }
 
@@ -93,4 +113,15 @@ impl Batch {
     pub fn dense_row(&self, i: usize) -> &[f32] {
         &self.dense[i * self.num_dense..(i + 1) * self.num_dense]
     }
+}
+
+/// The positions (in `indices`) of sample `i`'s bag in a table of the given ids and offsets,
+/// empty offsets meaning one id per sample.
+pub(crate) fn bag_range(indices: &[u32], offsets: &[u32], i: usize) -> Range<usize> {
+    if offsets.is_empty() {
+        return i..i + 1;
+    }
+    let start = offsets[i] as usize;
+    let end = offsets.get(i + 1).map_or(indices.len(), |&e| e as usize);
+    start..end
 }

@@ -23,7 +23,7 @@
 //!
 //! Labels are stored as f32 (not bytes) and ids per table (not per sample), so that filling a
 //! [`Batch`] is one `memcpy` per array: dense rows, labels, and each table's ids (one-hot bags:
-//! offsets are 0..B).
+//! no offsets).
 
 use super::Batch;
 use crate::model::embedding_tables::map_read_only;
@@ -609,11 +609,11 @@ impl BinaryDataset {
         }
         batch.indices.resize(nt, Vec::new());
         batch.offsets.resize(nt, Vec::new());
+        // One-hot tables: no offsets (see Batch::offsets).
         for ((ids, offsets), map) in batch.indices.iter_mut().zip(&mut batch.offsets).zip(&s.ids) {
             ids.clear();
             ids.extend_from_slice(&as_u32(map)[a..b]);
             offsets.clear();
-            offsets.extend(0..size as u32);
         }
         Ok(())
     }

@@ -28,7 +28,7 @@ use dlrm_kernels::activation::{bce_with_logits, sigmoid};
 use dlrm_kernels::cross::{
     CrossGrads, CrossKind, CrossNet, CrossWorkspace, cross_backward, cross_forward,
 };
-use dlrm_kernels::embedding::{Bags, Pooling, embedding_bag_forward_tables};
+use dlrm_kernels::embedding::{Pooling, embedding_bag_forward_tables};
 use dlrm_kernels::gemm::{MatMut, MatRef};
 use dlrm_kernels::parallel::Par;
 use std::time::Instant;
@@ -176,14 +176,6 @@ impl Dcn {
         Ok(())
     }
 
-    fn bags(batch: &Batch, t: usize) -> Bags<'_> {
-        Bags {
-            indices: &batch.indices[t],
-            offsets: &batch.offsets[t],
-            weights: None,
-        }
-    }
-
     /// Forward to the logits (in the head's output buffer). The batch must be valid.
     fn forward_logits(&mut self, batch: &Batch, sw: &mut Stopwatch) {
         let par = self.par;
@@ -200,12 +192,7 @@ impl Dcn {
         let slots = MatMut::new(x0, b, w0).into_cols(nd, tables.len() * d);
         embedding_bag_forward_tables(
             tables.len(),
-            |t| {
-                (
-                    MatRef::from_rows(tables.weights(t), d),
-                    Self::bags(batch, t),
-                )
-            },
+            |t| (MatRef::from_rows(tables.weights(t), d), batch.bags(t)),
             Pooling::Sum,
             slots,
             par,
@@ -304,7 +291,7 @@ impl Dcn {
 
         let grads = &self.grad_x0;
         self.embeddings.update(
-            |t| Self::bags(batch, t),
+            |t| batch.bags(t),
             |t| (&grads[nd + t * d..], w0),
             lr,
             0.0,

@@ -21,7 +21,7 @@ use crate::config::{Architecture, InteractionOp};
 use crate::data::Batch;
 use crate::rng::{SplitMix64, derive_key};
 use dlrm_kernels::activation::{bce_with_logits, sigmoid};
-use dlrm_kernels::embedding::{Bags, Pooling, SparseGradWorkspace, embedding_bag_forward_tables};
+use dlrm_kernels::embedding::{Pooling, SparseGradWorkspace, embedding_bag_forward_tables};
 use dlrm_kernels::gemm::{MatMut, MatRef};
 use dlrm_kernels::interaction::{
     cat_interaction_backward, cat_interaction_forward, dot_interaction_backward,
@@ -188,14 +188,6 @@ impl Dlrm {
         validate_batch(batch, self.arch.num_dense(), &self.tables)
     }
 
-    fn bags(batch: &Batch, t: usize) -> Bags<'_> {
-        Bags {
-            indices: &batch.indices[t],
-            offsets: &batch.offsets[t],
-            weights: None,
-        }
-    }
-
     /// Forward to the logits (in the top MLP's output buffer). The batch must be valid.
     fn forward_logits(&mut self, batch: &Batch, sw: &mut Stopwatch) {
         let par = self.par;
@@ -213,12 +205,7 @@ impl Dlrm {
         let slots = MatMut::new(&mut self.features[..b * fd], b, fd).into_cols(d, tables.len() * d);
         embedding_bag_forward_tables(
             tables.len(),
-            |t| {
-                (
-                    MatRef::from_rows(tables[t].weights(), d),
-                    Self::bags(batch, t),
-                )
-            },
+            |t| (MatRef::from_rows(tables[t].weights(), d), batch.bags(t)),
             Pooling::Sum,
             slots,
             par,
@@ -342,14 +329,9 @@ impl Dlrm {
                         weights: MatMut::from_rows(table.weights_mut(), d),
                         state: state.as_mut_slice(),
                     },
-                    Self::bags(batch, t),
+                    batch.bags(t),
                     Pooling::Sum,
-                    MatRef::with_row_stride(
-                        &grads[(t + 1) * d..],
-                        Self::bags(batch, t).len(),
-                        d,
-                        fd,
-                    ),
+                    MatRef::with_row_stride(&grads[(t + 1) * d..], batch.bags(t).len(), d, fd),
                     opt.into(),
                     ws,
                     par,

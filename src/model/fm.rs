@@ -96,18 +96,11 @@ fn field_bags<'a>(
     t: usize,
 ) -> Bags<'a> {
     if t < batch.num_tables() {
-        Bags {
-            indices: &batch.indices[t],
-            offsets: &batch.offsets[t],
-            weights: None,
-        }
+        batch.bags(t)
     } else {
         let b = batch.size();
-        Bags {
-            indices: &dense_ids[..b * batch.num_dense],
-            offsets: &dense_offsets[..b],
-            weights: Some(&batch.dense),
-        }
+        Bags::with_offsets(&dense_ids[..b * batch.num_dense], &dense_offsets[..b])
+            .with_weights(Some(&batch.dense))
     }
 }
 
@@ -179,8 +172,8 @@ impl Fm {
         let k = self.cfg.factors;
         let (ids, offs) = (&self.dense_ids, &self.dense_offsets);
         let bags = |t| field_bags(batch, ids, offs, t);
-        self.factors.materialize(|t| bags(t).indices);
-        self.linear.materialize(|t| bags(t).indices);
+        self.factors.materialize(|t| bags(t).indices());
+        self.linear.materialize(|t| bags(t).indices());
         sw.lap(&mut self.phases.emb_fwd);
         let (factors, linear) = (&self.factors, &self.linear);
         fm_forward(
@@ -236,7 +229,7 @@ impl Fm {
         let (ids, offs) = (&self.dense_ids, &self.dense_offsets);
         let bags = |t| field_bags(batch, ids, offs, t);
         let most = (0..self.cfg.num_fields())
-            .map(|t| bags(t).indices.len())
+            .map(|t| bags(t).indices().len())
             .max()
             .unwrap_or(0);
         if self.unit_offsets.len() < most {
@@ -253,7 +246,7 @@ impl Fm {
                     linear: linear.weights(t),
                     bags: bags(t),
                 };
-                let n = field.bags.indices.len() * k;
+                let n = field.bags.indices().len() * k;
                 if rows.len() < n {
                     rows.resize(n, 0.0);
                 }
@@ -271,12 +264,8 @@ impl Fm {
         let (rows, units, wd) = (&self.grad_rows, &self.unit_offsets, self.cfg.weight_decay);
         self.factors.update(
             |t| {
-                let indices = bags(t).indices;
-                Bags {
-                    indices,
-                    offsets: &units[..indices.len()],
-                    weights: None,
-                }
+                let indices = bags(t).indices();
+                Bags::with_offsets(indices, &units[..indices.len()])
             },
             |t| (&rows[t][..], k),
             lr,

@@ -15,7 +15,7 @@ use dlrm::model::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind}
 use dlrm::model::{Model, OptimizerKind, PhaseSeconds};
 use dlrm::rng::{SplitMix64, derive_key};
 use dlrm::train::DataSource;
-use dlrm_kernels::embedding::{Bags, Pooling, SparseGradWorkspace, embedding_bag_forward_tables};
+use dlrm_kernels::embedding::{Pooling, SparseGradWorkspace, embedding_bag_forward_tables};
 use dlrm_kernels::gemm::{MatMut, MatRef, linear_forward};
 use dlrm_kernels::optim::{SparseOptimizer, TableMut, embedding_bag_backward_update};
 use dlrm_kernels::parallel::Par;
@@ -270,14 +270,6 @@ impl TablesAndBatches {
     }
 }
 
-fn bags(batch: &Batch, t: usize) -> Bags<'_> {
-    Bags {
-        indices: &batch.indices[t],
-        offsets: &batch.offsets[t],
-        weights: None,
-    }
-}
-
 /// Sum-pooled embedding bags of every table into feature rows of width tables x d.
 struct EmbeddingForward {
     src: TablesAndBatches,
@@ -308,7 +300,7 @@ impl Workload for EmbeddingForward {
         let n = batch.size();
         embedding_bag_forward_tables(
             nt,
-            |t| (MatRef::from_rows(tables[t].weights(), d), bags(batch, t)),
+            |t| (MatRef::from_rows(tables[t].weights(), d), batch.bags(t)),
             Pooling::Sum,
             MatMut::new(&mut self.out, n, nt * d),
             Par::Rayon,
@@ -377,9 +369,9 @@ impl Workload for SparseUpdate {
                         weights: MatMut::from_rows(table.weights_mut(), d),
                         state: state.as_mut_slice(),
                     },
-                    bags(batch, t),
+                    batch.bags(t),
                     Pooling::Sum,
-                    MatRef::with_row_stride(&grad[t * d..], bags(batch, t).len(), d, stride),
+                    MatRef::with_row_stride(&grad[t * d..], batch.bags(t).len(), d, stride),
                     opt.into(),
                     ws,
                     Par::Rayon,
