@@ -165,7 +165,9 @@ fn bench_steps(
             pool.install(|| {
                 b.iter(|| {
                     i = (i + 1) % batches.len();
-                    model.train_step(&batches[i], 0.01).expect("valid batch")
+                    model
+                        .train_step(&batches[i].view(), 0.01)
+                        .expect("valid batch")
                 })
             })
         });
@@ -195,7 +197,9 @@ fn bench_inference(c: &mut Criterion) {
                 pool.install(|| {
                     b.iter(|| {
                         i = (i + 1) % batches.len();
-                        model.predict(&batches[i], &mut probs).expect("valid batch")
+                        model
+                            .predict(&batches[i].view(), &mut probs)
+                            .expect("valid batch")
                     })
                 })
             });

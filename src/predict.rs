@@ -158,7 +158,7 @@ pub fn score_file(
         for chunk in good.chunks(batch_size) {
             encode_rows(encoder, chunk, opts.labelled, &mut batch);
             model
-                .predict(&batch, &mut probs)
+                .predict(&batch.view(), &mut probs)
                 .with_context(|| format!("{}: lines from {first_line}", input.display()))?;
             ensure_finite_predictions(model, &probs, |i| {
                 // The line of the (scores.len() + i)-th parsed row, skipped lines counted.

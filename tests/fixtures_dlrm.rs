@@ -100,7 +100,7 @@ fn dlrm_step_forward_loss_and_gradients() {
     let b = batch.size();
 
     let mut probs = Vec::new();
-    model.predict(&batch, &mut probs).unwrap();
+    model.predict(&batch.view(), &mut probs).unwrap();
     fx.assert_close("probs", &probs);
     fx.assert_close("logits", model.logits(b));
     fx.assert_close("interaction_out", model.interaction_output(b));
@@ -118,7 +118,7 @@ fn dlrm_step_forward_loss_and_gradients() {
         fx.assert_close(&format!("emb_out_t{t}"), &slot(t + 1));
     }
 
-    let loss = model.train_step(&batch, lr).unwrap();
+    let loss = model.train_step(&batch.view(), lr).unwrap();
     fx.assert_close("loss", &[loss as f32]);
     for (l, layer) in model.bottom.layers.iter().enumerate() {
         fx.assert_close(&format!("grad_bot_w{l}"), &layer.grad_weight);
@@ -158,7 +158,7 @@ fn dlrm_step_adagrad_and_rowwise_adagrad() {
         (OptimizerKind::RowwiseAdagrad, "rowwise_"),
     ] {
         let mut model = model_from(&fx, kind);
-        model.train_step(&batch, lr).unwrap();
+        model.train_step(&batch.view(), lr).unwrap();
         check_params(&fx, &model, prefix);
         check_states(&fx, &model, prefix);
     }
@@ -172,7 +172,11 @@ fn dlrm_sgd_trajectory() {
     let mut model = model_from(&fx, OptimizerKind::Sgd);
     let mut losses = Vec::new();
     for s in 0..steps {
-        losses.push(model.train_step(&batch_from(&fx, Some(s)), lr).unwrap() as f32);
+        losses.push(
+            model
+                .train_step(&batch_from(&fx, Some(s)).view(), lr)
+                .unwrap() as f32,
+        );
     }
     fx.assert_close("losses", &losses);
     check_params(&fx, &model, "final_");
@@ -190,7 +194,11 @@ fn dlrm_adagrad_trajectories() {
         let mut model = model_from(&fx, kind);
         let mut losses = Vec::new();
         for s in 0..steps {
-            losses.push(model.train_step(&batch_from(&fx, Some(s)), lr).unwrap() as f32);
+            losses.push(
+                model
+                    .train_step(&batch_from(&fx, Some(s)).view(), lr)
+                    .unwrap() as f32,
+            );
         }
         fx.assert_close(&format!("{prefix}losses"), &losses);
         check_params(&fx, &model, &format!("{prefix}final_"));

@@ -21,7 +21,7 @@ use super::{
     BatchError, DenseOptimizer, Model, OptimizerKind, PhaseSeconds, Stopwatch,
     mlp_floats_per_sample, mlp_parameters, validate_batch,
 };
-use crate::data::Batch;
+use crate::data::BatchView;
 use crate::model::embedding_tables::StorageKind;
 use crate::rng::{SplitMix64, derive_key};
 use dlrm_kernels::activation::{bce_with_logits, sigmoid};
@@ -166,7 +166,7 @@ impl Dcn {
         &self.cfg
     }
 
-    fn check_capacity(&self, batch: &Batch) -> Result<(), BatchError> {
+    fn check_capacity(&self, batch: &BatchView) -> Result<(), BatchError> {
         if batch.size() > self.capacity {
             return Err(BatchError::TooLarge {
                 got: batch.size(),
@@ -177,13 +177,13 @@ impl Dcn {
     }
 
     /// Forward to the logits (in the head's output buffer). The batch must be valid.
-    fn forward_logits(&mut self, batch: &Batch, sw: &mut Stopwatch) {
+    fn forward_logits(&mut self, batch: &BatchView, sw: &mut Stopwatch) {
         let par = self.par;
         let b = batch.size();
         let (nd, d) = (self.cfg.num_dense, self.cfg.embedding_dim);
         let w0 = self.cfg.input_width();
         let hw = self.cfg.head_width();
-        self.embeddings.materialize(|t| &batch.indices[t]);
+        self.embeddings.materialize(|t| batch.ids(t));
         let x0 = &mut self.x0[..b * w0];
         for (row, dense) in x0.chunks_mut(w0).zip(batch.dense.chunks(nd.max(1))) {
             row[..nd].copy_from_slice(&dense[..nd]);
@@ -220,7 +220,7 @@ impl Dcn {
     }
 
     /// Click probabilities for a batch (no gradient work).
-    pub fn predict(&mut self, batch: &Batch, probs: &mut Vec<f32>) -> Result<(), BatchError> {
+    pub fn predict(&mut self, batch: &BatchView, probs: &mut Vec<f32>) -> Result<(), BatchError> {
         self.check_capacity(batch)?;
         validate_batch(batch, self.cfg.num_dense, &self.embeddings.tables)?;
         let mut sw = Stopwatch(Instant::now());
@@ -232,7 +232,7 @@ impl Dcn {
     }
 
     /// One training step: forward, mean BCE loss, backward, updates. Returns the mean loss.
-    pub fn train_step(&mut self, batch: &Batch, lr: f32) -> Result<f64, BatchError> {
+    pub fn train_step(&mut self, batch: &BatchView, lr: f32) -> Result<f64, BatchError> {
         let par = self.par;
         self.check_capacity(batch)?;
         let mut sw = Stopwatch(Instant::now());
@@ -357,10 +357,10 @@ impl Model for Dcn {
         self.grad_logits.resize(batch, 0.0);
         self.capacity = batch;
     }
-    fn train_step(&mut self, batch: &Batch, lr: f32) -> Result<f64, BatchError> {
+    fn train_step(&mut self, batch: &BatchView, lr: f32) -> Result<f64, BatchError> {
         Dcn::train_step(self, batch, lr)
     }
-    fn predict(&mut self, batch: &Batch, out: &mut Vec<f32>) -> Result<(), BatchError> {
+    fn predict(&mut self, batch: &BatchView, out: &mut Vec<f32>) -> Result<(), BatchError> {
         Dcn::predict(self, batch, out)
     }
     fn phases(&self) -> PhaseSeconds {

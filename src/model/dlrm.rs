@@ -18,7 +18,7 @@ use super::{
     mlp_floats_per_sample, mlp_parameters, validate_batch,
 };
 use crate::config::{Architecture, InteractionOp};
-use crate::data::Batch;
+use crate::data::BatchView;
 use crate::rng::{SplitMix64, derive_key};
 use dlrm_kernels::activation::{bce_with_logits, sigmoid};
 use dlrm_kernels::embedding::{Pooling, SparseGradWorkspace, embedding_bag_forward_tables};
@@ -184,12 +184,12 @@ impl Dlrm {
     }
 
     /// Checks a batch against the model: table count, dense width, offsets, every id in range.
-    pub fn validate(&self, batch: &Batch) -> Result<(), BatchError> {
+    pub fn validate(&self, batch: &BatchView) -> Result<(), BatchError> {
         validate_batch(batch, self.arch.num_dense(), &self.tables)
     }
 
     /// Forward to the logits (in the top MLP's output buffer). The batch must be valid.
-    fn forward_logits(&mut self, batch: &Batch, sw: &mut Stopwatch) {
+    fn forward_logits(&mut self, batch: &BatchView, sw: &mut Stopwatch) {
         let par = self.par;
         let b = batch.size();
         let d = self.arch.embedding_dim;
@@ -199,8 +199,8 @@ impl Dlrm {
         // its slot of the feature rows.
         self.tables
             .par_iter_mut()
-            .zip(&batch.indices)
-            .for_each(|(t, ids)| t.materialize(ids));
+            .enumerate()
+            .for_each(|(t, table)| table.materialize(batch.ids(t)));
         let tables = &self.tables;
         let slots = MatMut::new(&mut self.features[..b * fd], b, fd).into_cols(d, tables.len() * d);
         embedding_bag_forward_tables(
@@ -234,7 +234,7 @@ impl Dlrm {
     }
 
     /// Click probabilities for a batch (inference: no gradient work).
-    pub fn predict(&mut self, batch: &Batch, probs: &mut Vec<f32>) -> Result<(), BatchError> {
+    pub fn predict(&mut self, batch: &BatchView, probs: &mut Vec<f32>) -> Result<(), BatchError> {
         self.check_capacity(batch, self.capacity)?;
         self.validate(batch)?;
         let mut sw = Stopwatch(Instant::now());
@@ -245,7 +245,7 @@ impl Dlrm {
         Ok(())
     }
 
-    fn check_capacity(&self, batch: &Batch, capacity: usize) -> Result<(), BatchError> {
+    fn check_capacity(&self, batch: &BatchView, capacity: usize) -> Result<(), BatchError> {
         if batch.size() > capacity {
             return Err(BatchError::TooLarge {
                 got: batch.size(),
@@ -257,7 +257,7 @@ impl Dlrm {
 
     /// One training step: forward, mean BCE loss, backward, and the updates (embeddings fused
     /// into their backward, dense parameters after). Returns the batch's mean loss.
-    pub fn train_step(&mut self, batch: &Batch, lr: f32) -> Result<f64, BatchError> {
+    pub fn train_step(&mut self, batch: &BatchView, lr: f32) -> Result<f64, BatchError> {
         let par = self.par;
         self.check_capacity(batch, self.train_capacity)?;
         let mut sw = Stopwatch(Instant::now());
@@ -413,10 +413,10 @@ impl Model for Dlrm {
     fn reserve_inference(&mut self, batch: usize) {
         Dlrm::reserve_inference(self, batch)
     }
-    fn train_step(&mut self, batch: &Batch, lr: f32) -> Result<f64, BatchError> {
+    fn train_step(&mut self, batch: &BatchView, lr: f32) -> Result<f64, BatchError> {
         Dlrm::train_step(self, batch, lr)
     }
-    fn predict(&mut self, batch: &Batch, out: &mut Vec<f32>) -> Result<(), BatchError> {
+    fn predict(&mut self, batch: &BatchView, out: &mut Vec<f32>) -> Result<(), BatchError> {
         Dlrm::predict(self, batch, out)
     }
     fn phases(&self) -> PhaseSeconds {

@@ -24,7 +24,7 @@ use super::{
     BatchError, DenseOptimizer, Model, ModelKind, OptimizerKind, PhaseSeconds, Stopwatch, Task,
     validate_batch,
 };
-use crate::data::Batch;
+use crate::data::BatchView;
 use crate::model::embedding_tables::StorageKind;
 use dlrm_kernels::activation::{bce_with_logits, sigmoid, squared_error};
 use dlrm_kernels::embedding::Bags;
@@ -90,7 +90,7 @@ pub struct Fm {
 
 /// Field t's bags for `batch`: a categorical field's ids, or every dense feature with its value.
 fn field_bags<'a>(
-    batch: &'a Batch,
+    batch: &'a BatchView,
     dense_ids: &'a [u32],
     dense_offsets: &'a [u32],
     t: usize,
@@ -100,7 +100,7 @@ fn field_bags<'a>(
     } else {
         let b = batch.size();
         Bags::with_offsets(&dense_ids[..b * batch.num_dense], &dense_offsets[..b])
-            .with_weights(Some(&batch.dense))
+            .with_weights(Some(batch.dense))
     }
 }
 
@@ -150,7 +150,7 @@ impl Fm {
         &self.cfg
     }
 
-    fn check(&self, batch: &Batch) -> Result<(), BatchError> {
+    fn check(&self, batch: &BatchView) -> Result<(), BatchError> {
         if batch.size() > self.capacity {
             return Err(BatchError::TooLarge {
                 got: batch.size(),
@@ -166,7 +166,7 @@ impl Fm {
     }
 
     /// Forward: y of every sample into `outputs` (and S into `sums`). The batch must be valid.
-    fn forward(&mut self, batch: &Batch, sw: &mut Stopwatch) {
+    fn forward(&mut self, batch: &BatchView, sw: &mut Stopwatch) {
         let par = self.par;
         let b = batch.size();
         let k = self.cfg.factors;
@@ -193,7 +193,7 @@ impl Fm {
     }
 
     /// Predictions for a batch: click probabilities, or values for regression.
-    pub fn predict(&mut self, batch: &Batch, out: &mut Vec<f32>) -> Result<(), BatchError> {
+    pub fn predict(&mut self, batch: &BatchView, out: &mut Vec<f32>) -> Result<(), BatchError> {
         self.check(batch)?;
         let mut sw = Stopwatch(Instant::now());
         self.forward(batch, &mut sw);
@@ -208,7 +208,7 @@ impl Fm {
 
     /// One training step: forward, the mean loss (BCE, or squared error for regression),
     /// backward and updates. Returns the mean loss.
-    pub fn train_step(&mut self, batch: &Batch, lr: f32) -> Result<f64, BatchError> {
+    pub fn train_step(&mut self, batch: &BatchView, lr: f32) -> Result<f64, BatchError> {
         let par = self.par;
         let mut sw = Stopwatch(Instant::now());
         self.check(batch)?;
@@ -315,10 +315,10 @@ impl Model for Fm {
         self.grad_out.resize(batch, 0.0);
         self.capacity = batch;
     }
-    fn train_step(&mut self, batch: &Batch, lr: f32) -> Result<f64, BatchError> {
+    fn train_step(&mut self, batch: &BatchView, lr: f32) -> Result<f64, BatchError> {
         Fm::train_step(self, batch, lr)
     }
-    fn predict(&mut self, batch: &Batch, out: &mut Vec<f32>) -> Result<(), BatchError> {
+    fn predict(&mut self, batch: &BatchView, out: &mut Vec<f32>) -> Result<(), BatchError> {
         Fm::predict(self, batch, out)
     }
     fn phases(&self) -> PhaseSeconds {

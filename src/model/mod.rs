@@ -8,7 +8,7 @@ pub mod mf;
 pub mod mlp;
 pub mod sparse;
 
-use crate::data::Batch;
+use crate::data::BatchView;
 use dlrm_kernels::embedding::BagError;
 use dlrm_kernels::optim::{SparseOptimizer, adagrad_update, sgd_update};
 use dlrm_kernels::parallel::Par;
@@ -122,14 +122,14 @@ impl DenseOptimizer {
 /// features: table count, dense width, offsets, every id in range. This is the one check of
 /// the ids: the embedding kernels trust it (see `Bags`).
 pub fn validate_batch(
-    batch: &Batch,
+    batch: &BatchView,
     num_dense: usize,
     tables: &[EmbeddingTable],
 ) -> Result<(), BatchError> {
     let b = batch.size();
-    if batch.indices.len() != tables.len() || batch.offsets.len() != tables.len() {
+    if batch.num_tables() != tables.len() {
         return Err(BatchError::TableCount {
-            got: batch.indices.len(),
+            got: batch.num_tables(),
             expected: tables.len(),
         });
     }
@@ -352,9 +352,9 @@ pub trait Model: Send {
         self.reserve(batch);
     }
     /// One step: forward, loss, backward, updates. Returns the batch's mean loss.
-    fn train_step(&mut self, batch: &Batch, lr: f32) -> Result<f64, BatchError>;
+    fn train_step(&mut self, batch: &BatchView, lr: f32) -> Result<f64, BatchError>;
     /// Predictions for a batch (probabilities, or ratings for regression), no gradients.
-    fn predict(&mut self, batch: &Batch, out: &mut Vec<f32>) -> Result<(), BatchError>;
+    fn predict(&mut self, batch: &BatchView, out: &mut Vec<f32>) -> Result<(), BatchError>;
     /// Time per phase accumulated by the steps so far.
     fn phases(&self) -> PhaseSeconds;
     /// Adds time to the `other` phase (data loading, done by the trainer).

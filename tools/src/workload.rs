@@ -150,9 +150,9 @@ impl Workload for Train<'_> {
         let first = (self.next % self.batches) * self.size as u64;
         self.next += 1;
         let t0 = Instant::now();
-        self.data.fill_train(first, self.size, &mut self.batch)?;
+        let batch = self.data.train_view(first, self.size, &mut self.batch)?;
         self.model.add_other_seconds(t0.elapsed().as_secs_f64());
-        let loss = self.model.train_step(&self.batch, self.lr)?;
+        let loss = self.model.train_step(&batch, self.lr)?;
         ensure!(
             loss.is_finite(),
             "the loss diverged to {loss}; lower the learning rate"
