@@ -506,6 +506,14 @@ impl SplitMaps {
     }
 }
 
+/// Rows of a split, borrowed from its maps: their dense rows and labels (None for unlabelled
+/// data), and the split's arrays, for the ids.
+struct MappedRows<'a> {
+    dense: &'a [f32],
+    labels: Option<&'a [f32]>,
+    split: &'a SplitMaps,
+}
+
 /// A binary dataset, mapped. As a [`DataSource`] it trains on the training split and
 /// evaluates on the chosen held-out split (test unless [`BinaryDataset::with_eval_split`] says
 /// otherwise); batch order is shuffled every epoch, as real data needs.
@@ -565,15 +573,9 @@ impl BinaryDataset {
         self.splits[split.index()].rows
     }
 
-    /// Rows `first .. first + size` of `split`, borrowed from the maps: their dense rows and
-    /// labels (None for unlabelled data), and the split's arrays for the ids. Checks that the
-    /// rows are in the split and that their dense values are finite.
-    fn mapped_rows(
-        &self,
-        split: DatasetSplit,
-        first: u64,
-        size: usize,
-    ) -> Result<(&[f32], Option<&[f32]>, &SplitMaps)> {
+    /// Rows `first .. first + size` of `split`, borrowed from the maps. Checks that the rows
+    /// are in the split and that their dense values are finite.
+    fn mapped_rows(&self, split: DatasetSplit, first: u64, size: usize) -> Result<MappedRows<'_>> {
         let s = &self.splits[split.index()];
         anyhow::ensure!(
             first
@@ -599,7 +601,11 @@ impl BinaryDataset {
             );
         }
         let labels = s.labels.as_ref().map(|l| &as_f32(l)[a..b]);
-        Ok((dense, labels, s))
+        Ok(MappedRows {
+            dense,
+            labels,
+            split: s,
+        })
     }
 
     /// Fills `batch` with rows `first .. first + size` of `split`: one copy per array, buffers
@@ -611,7 +617,11 @@ impl BinaryDataset {
         size: usize,
         batch: &mut Batch,
     ) -> Result<()> {
-        let (dense, labels, s) = self.mapped_rows(split, first, size)?;
+        let MappedRows {
+            dense,
+            labels,
+            split: s,
+        } = self.mapped_rows(split, first, size)?;
         let (a, b) = (first as usize, first as usize + size);
         let nt = self.header.num_tables();
         batch.num_dense = self.header.num_dense;
@@ -642,7 +652,11 @@ impl BinaryDataset {
         size: usize,
         batch: &'a mut Batch,
     ) -> Result<BatchView<'a>> {
-        let (dense, labels, s) = self.mapped_rows(split, first, size)?;
+        let MappedRows {
+            dense,
+            labels,
+            split: s,
+        } = self.mapped_rows(split, first, size)?;
         let Some(labels) = labels else {
             self.fill(split, first, size, batch)?;
             return Ok(batch.view());

@@ -246,7 +246,7 @@ impl Dcn {
         let hw = self.cfg.head_width();
         let loss_sum = bce_with_logits(
             self.head.output(b).as_slice(),
-            &batch.labels,
+            batch.labels,
             &mut self.probs[..b],
             &mut self.grad_logits[..b],
             1.0 / b as f32,

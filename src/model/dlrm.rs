@@ -212,7 +212,7 @@ impl Dlrm {
         );
         sw.lap(&mut self.phases.emb_fwd);
 
-        let dense = MatRef::new(&batch.dense, b, batch.num_dense);
+        let dense = MatRef::new(batch.dense, b, batch.num_dense);
         let slot0 = MatMut::with_row_stride(&mut self.features, b, d, fd);
         self.bottom.forward(dense, Some(slot0), par);
         sw.lap(&mut self.phases.bot_fwd);
@@ -272,7 +272,7 @@ impl Dlrm {
         let w = self.arch.top[0];
         let loss_sum = bce_with_logits(
             self.top.output(b).as_slice(),
-            &batch.labels,
+            batch.labels,
             &mut self.probs[..b],
             &mut self.grad_logits[..b],
             1.0 / b as f32,
@@ -307,7 +307,7 @@ impl Dlrm {
         }
         sw.lap(&mut self.phases.interaction_bwd);
 
-        let dense = MatRef::new(&batch.dense, b, batch.num_dense);
+        let dense = MatRef::new(batch.dense, b, batch.num_dense);
         let bottom_out = MatRef::with_row_stride(&self.features, b, d, fd);
         let d_bottom_out = MatRef::with_row_stride(&self.grad_features, b, d, fd);
         self.bottom

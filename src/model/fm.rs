@@ -220,9 +220,9 @@ impl Fm {
         let (y, g) = (&self.outputs[..b], &mut self.grad_out[..b]);
         let loss_sum = match self.cfg.task {
             Task::Classification => {
-                bce_with_logits(y, &batch.labels, &mut self.probs[..b], g, 1.0 / b as f32)
+                bce_with_logits(y, batch.labels, &mut self.probs[..b], g, 1.0 / b as f32)
             }
-            Task::Regression => squared_error(y, &batch.labels, g, 2.0 / b as f32),
+            Task::Regression => squared_error(y, batch.labels, g, 2.0 / b as f32),
         };
         sw.lap(&mut self.phases.loss);
 
