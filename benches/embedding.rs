@@ -115,11 +115,7 @@ impl Batches {
     }
 
     fn bags(&self, k: usize) -> Bags<'_> {
-        Bags {
-            indices: self.ids(k),
-            offsets: &self.offsets,
-            weights: None,
-        }
+        Bags::with_offsets(self.ids(k), &self.offsets)
     }
 }
 

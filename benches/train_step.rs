@@ -167,7 +167,7 @@ fn bench_steps(
                 b.iter(|| {
                     i = (i + 1) % batches.len();
                     model
-                        .train_step(&batches[i], 0.01, &mut PhaseTimer::default())
+                        .train_step(&batches[i].view(), 0.01, &mut PhaseTimer::default())
                         .expect("valid batch")
                 })
             })
@@ -198,7 +198,9 @@ fn bench_inference(c: &mut Criterion) {
                 pool.install(|| {
                     b.iter(|| {
                         i = (i + 1) % batches.len();
-                        model.predict(&batches[i], &mut probs).expect("valid batch")
+                        model
+                            .predict(&batches[i].view(), &mut probs)
+                            .expect("valid batch")
                     })
                 })
             });

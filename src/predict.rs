@@ -67,9 +67,9 @@ pub fn encode_rows(encoder: &Encoder, rows: &[RawRow], labelled: bool, batch: &m
             .dense
             .extend(row.dense.iter().map(|&x| dense_feature(x)));
     }
-    for (t, (ids, offs)) in batch.indices.iter_mut().zip(&mut batch.offsets).enumerate() {
+    // One-hot tables: no offsets (see Batch::offsets).
+    for (t, ids) in batch.indices.iter_mut().enumerate() {
         ids.extend(rows.iter().map(|r| encoder.id(t, r.categorical[t])));
-        offs.extend(0..rows.len() as u32);
     }
 }
 
@@ -158,7 +158,7 @@ pub fn score_file(
         for chunk in good.chunks(batch_size) {
             encode_rows(encoder, chunk, opts.labelled, &mut batch);
             model
-                .predict(&batch, &mut probs)
+                .predict(&batch.view(), &mut probs)
                 .with_context(|| format!("{}: lines from {first_line}", input.display()))?;
             ensure_finite_predictions(model, &probs, |i| {
                 // The line of the (scores.len() + i)-th parsed row, skipped lines counted.

@@ -4,7 +4,7 @@
 
 use crate::cancel::Cancel;
 use crate::checkpoint::{self, TrainState};
-use crate::data::Batch;
+use crate::data::{Batch, BatchView};
 use crate::metrics::EvalMetrics;
 use crate::model::{Model, OptimizerKind, ParameterScope, PhaseSeconds, PhaseTimer, Task};
 use crate::rng::{SplitMix64, derive_key};
@@ -69,6 +69,28 @@ pub trait DataSource: Sync {
     fn fill_train(&self, first: u64, size: usize, batch: &mut Batch) -> Result<()>;
     /// Fills `batch` with held-out samples `first .. first + size`.
     fn fill_test(&self, first: u64, size: usize, batch: &mut Batch) -> Result<()>;
+    /// Training samples `first .. first + size`, borrowed where the source holds them as a
+    /// batch reads them (a mapped dataset: no copy); by default filled into `batch`.
+    fn train_view<'a>(
+        &'a self,
+        first: u64,
+        size: usize,
+        batch: &'a mut Batch,
+    ) -> Result<BatchView<'a>> {
+        self.fill_train(first, size, batch)?;
+        Ok(batch.view())
+    }
+    /// Held-out samples `first .. first + size`, as [`DataSource::train_view`] gives training
+    /// samples.
+    fn test_view<'a>(
+        &'a self,
+        first: u64,
+        size: usize,
+        batch: &'a mut Batch,
+    ) -> Result<BatchView<'a>> {
+        self.fill_test(first, size, batch)?;
+        Ok(batch.view())
+    }
     /// The AUC of the labels' own generating model on the held-out samples, when known.
     fn ceiling_auc(&self) -> Option<f64> {
         None
@@ -363,35 +385,47 @@ pub fn evaluate(
     batch_size: usize,
     batch: &mut Batch,
 ) -> Result<EvalMetrics> {
-    let fill = |first, size, b: &mut Batch| data.fill_test(first, size, b);
-    score(model, data.test_len(), batch_size, batch, fill, "held-out")
+    score(model, data, Samples::HeldOut, batch_size, batch)
 }
 
-/// The metrics of the model's predictions on samples `0 .. n` of a split (`fill` gives them),
-/// for the model's task.
+/// Which samples of a source [`score`] reads.
+#[derive(Clone, Copy)]
+enum Samples {
+    Training,
+    HeldOut,
+}
+
+/// The metrics of the model's predictions on every sample of `samples` (borrowed from `data`
+/// or filled into `batch`), for the model's task.
 fn score(
     model: &mut dyn Model,
-    n: u64,
+    data: &dyn DataSource,
+    samples: Samples,
     batch_size: usize,
     batch: &mut Batch,
-    fill: impl Fn(u64, usize, &mut Batch) -> Result<()>,
-    split: &str,
 ) -> Result<EvalMetrics> {
+    let (n, split) = match samples {
+        Samples::Training => (data.train_len(), "training"),
+        Samples::HeldOut => (data.test_len(), "held-out"),
+    };
     let mut preds = Vec::with_capacity(n as usize);
     let mut labels = Vec::with_capacity(n as usize);
     let mut out = Vec::new();
     let mut first = 0;
     while first < n {
         let size = batch_size.min((n - first) as usize);
-        fill(first, size, batch)?;
+        let view = match samples {
+            Samples::Training => data.train_view(first, size, batch)?,
+            Samples::HeldOut => data.test_view(first, size, batch)?,
+        };
         model
-            .predict(batch, &mut out)
+            .predict(&view, &mut out)
             .with_context(|| format!("{split} samples {first}..{}", first + size as u64))?;
         ensure_finite_predictions(model, &out, |i| {
             format!("{split} sample {}", first + i as u64)
         })?;
         preds.extend_from_slice(&out);
-        labels.extend_from_slice(&batch.labels);
+        labels.extend_from_slice(view.labels);
         first += size as u64;
     }
     Ok(match model.task() {
@@ -537,7 +571,7 @@ pub fn train(
             let first = bi * bs;
             let size = bs.min(train_len - first) as usize;
             timer.restart();
-            data.fill_train(first, size, &mut batch).with_context(|| {
+            let view = data.train_view(first, size, &mut batch).with_context(|| {
                 format!(
                     "epoch {epoch}, training samples {first}..{}",
                     first + size as u64
@@ -545,7 +579,7 @@ pub fn train(
             })?;
             timer.lap(|p| &mut p.other);
             let loss = model
-                .train_step(&batch, opts.lr.at(step), &mut timer)
+                .train_step(&view, opts.lr.at(step), &mut timer)
                 .with_context(|| {
                     format!(
                         "epoch {epoch}, training samples {first}..{}",
@@ -645,14 +679,12 @@ pub fn train(
     let train_rmse = match model.task() {
         Task::Classification => None,
         Task::Regression => {
-            let fill = |first, size, b: &mut Batch| data.fill_train(first, size, b);
             let m = score(
                 model,
-                train_len,
+                data,
+                Samples::Training,
                 train_batch.max(test_batch),
                 &mut eval_batch,
-                fill,
-                "training",
             )?;
             m.rmse
         }

@@ -59,12 +59,12 @@ fn train_bits(
         let mut batch = Batch::default();
         for i in 0..6 {
             data.fill_train(i * 256, 256, &mut batch).unwrap();
-            Model::train_step(&mut m, &batch, 0.1, &mut PhaseTimer::default()).unwrap();
+            Model::train_step(&mut m, &batch.view(), 0.1, &mut PhaseTimer::default()).unwrap();
         }
         let mut test = Batch::default();
         data.fill_test(0, 512, &mut test).unwrap();
         let mut probs = Vec::new();
-        Model::predict(&mut m, &test, &mut probs).unwrap();
+        Model::predict(&mut m, &test.view(), &mut probs).unwrap();
         let layers = m.bottom.layers.iter().chain(&m.top.layers);
         let dense = layers.flat_map(|l| l.weight.iter().chain(&l.bias));
         let tables = m.embeddings.tables.iter().flat_map(|t| t.weights());

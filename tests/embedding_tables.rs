@@ -557,15 +557,8 @@ fn train_zipf_batches(tag: &str, rows: usize, dim: usize, batches: usize) -> f64
             |id| expected_row(seed, index, rows, id as usize, dim),
             1,
         );
-        let bags = Bags {
-            indices: &ids,
-            offsets: &offsets,
-            weights: None,
-        };
-        let compact_bags = Bags {
-            indices: &compact_ids,
-            ..bags
-        };
+        let bags = Bags::with_offsets(&ids, &offsets);
+        let compact_bags = Bags::with_offsets(&compact_ids, &offsets);
         embedding_bag_forward(
             MatRef::from_rows(table.weights(), dim),
             bags,

@@ -101,7 +101,7 @@ fn dlrm_step_forward_loss_and_gradients() {
     let b = batch.size();
 
     let mut probs = Vec::new();
-    model.predict(&batch, &mut probs).unwrap();
+    model.predict(&batch.view(), &mut probs).unwrap();
     fx.assert_close("probs", &probs);
     fx.assert_close("logits", model.logits(b));
     fx.assert_close("interaction_out", model.interaction_output(b));
@@ -120,7 +120,7 @@ fn dlrm_step_forward_loss_and_gradients() {
     }
 
     let loss = model
-        .train_step(&batch, lr, &mut PhaseTimer::default())
+        .train_step(&batch.view(), lr, &mut PhaseTimer::default())
         .unwrap();
     fx.assert_close("loss", &[loss as f32]);
     for (l, layer) in model.bottom.layers.iter().enumerate() {
@@ -162,7 +162,7 @@ fn dlrm_step_adagrad_and_rowwise_adagrad() {
     ] {
         let mut model = model_from(&fx, kind);
         model
-            .train_step(&batch, lr, &mut PhaseTimer::default())
+            .train_step(&batch.view(), lr, &mut PhaseTimer::default())
             .unwrap();
         check_params(&fx, &model, prefix);
         check_states(&fx, &model, prefix);
@@ -179,7 +179,11 @@ fn dlrm_sgd_trajectory() {
     for s in 0..steps {
         losses.push(
             model
-                .train_step(&batch_from(&fx, Some(s)), lr, &mut PhaseTimer::default())
+                .train_step(
+                    &batch_from(&fx, Some(s)).view(),
+                    lr,
+                    &mut PhaseTimer::default(),
+                )
                 .unwrap() as f32,
         );
     }
@@ -201,7 +205,11 @@ fn dlrm_adagrad_trajectories() {
         for s in 0..steps {
             losses.push(
                 model
-                    .train_step(&batch_from(&fx, Some(s)), lr, &mut PhaseTimer::default())
+                    .train_step(
+                        &batch_from(&fx, Some(s)).view(),
+                        lr,
+                        &mut PhaseTimer::default(),
+                    )
                     .unwrap() as f32,
             );
         }

@@ -50,11 +50,7 @@ impl Case {
     }
 
     fn bags(&self) -> Bags<'_> {
-        Bags {
-            indices: &self.indices,
-            offsets: &self.offsets,
-            weights: self.weights.as_deref(),
-        }
+        Bags::with_offsets(&self.indices, &self.offsets).with_weights(self.weights.as_deref())
     }
 
     fn check(&self) {

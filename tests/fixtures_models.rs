@@ -126,11 +126,7 @@ fn fm_second_order_matches_pytorch() {
         let field = FmField {
             factors: v,
             linear: w,
-            bags: Bags {
-                indices: &indices,
-                offsets: &offsets,
-                weights: Some(&values),
-            },
+            bags: Bags::with_offsets(&indices, &offsets).with_weights(Some(&values)),
         };
         let (mut sums, mut out) = (vec![0.0; batch * k], vec![0.0; batch]);
         fm_forward(1, k, |_| field, w0, &mut sums, &mut out, Par::Rayon);
@@ -151,11 +147,7 @@ fn fm_second_order_matches_pytorch() {
         }
         // The latent gradient as the sparse update sees it: one bag per position, coalesced.
         let unit: Vec<u32> = (0..nnz as u32).collect();
-        let one_each = Bags {
-            indices: &indices,
-            offsets: &unit,
-            weights: None,
-        };
+        let one_each = Bags::with_offsets(&indices, &unit);
         let dense_of = |dim: usize, bags: Bags, grad: &[f32]| {
             let mut ws = SparseGradWorkspace::default();
             let c = embedding_bag_backward_coalesce(

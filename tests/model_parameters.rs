@@ -136,7 +136,7 @@ fn steps(m: &mut dyn Model, data: &dyn DataSource, first: usize, n: usize) -> Ve
         .map(|s| {
             data.fill_train((s * BATCH) as u64, BATCH, &mut batch)
                 .unwrap();
-            m.train_step(&batch, 0.05, &mut PhaseTimer::default())
+            m.train_step(&batch.view(), 0.05, &mut PhaseTimer::default())
                 .unwrap()
                 .to_bits()
         })
@@ -162,7 +162,7 @@ fn predictions(m: &mut dyn Model, data: &dyn DataSource) -> Vec<u32> {
     data.fill_test(0, 64, &mut batch).unwrap();
     m.reserve_inference(64);
     let mut out = Vec::new();
-    m.predict(&batch, &mut out).unwrap();
+    m.predict(&batch.view(), &mut out).unwrap();
     out.iter().map(|x| x.to_bits()).collect()
 }
 

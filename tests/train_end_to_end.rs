@@ -163,7 +163,7 @@ fn a_training_step_allocates_nothing_once_warm() {
                 source.fill_train(i * 256, 256, &mut batch).unwrap();
                 let before = ALLOCATIONS.with(Cell::get);
                 model
-                    .train_step(&batch, 0.05, &mut PhaseTimer::default())
+                    .train_step(&batch.view(), 0.05, &mut PhaseTimer::default())
                     .unwrap();
                 if i >= 3 {
                     in_steps += ALLOCATIONS.with(Cell::get) - before;

@@ -243,11 +243,11 @@ fn every_model_trains_bit_identically_on_any_thread_count() {
                 let mut batch = Batch::default();
                 for i in 0..8 {
                     data.fill_train(i * 256, 256, &mut batch).unwrap();
-                    m.train_step(&batch, 0.05, &mut PhaseTimer::default())
+                    m.train_step(&batch.view(), 0.05, &mut PhaseTimer::default())
                         .unwrap();
                 }
                 let mut p = Vec::new();
-                m.predict(&test, &mut p).unwrap();
+                m.predict(&test.view(), &mut p).unwrap();
                 p.iter().map(|x| x.to_bits()).collect()
             })
         };
@@ -272,7 +272,7 @@ fn a_training_step_of_every_model_allocates_nothing_once_warm() {
                     for i in 0..13 {
                         data.fill_train(i * 256, 256, &mut batch).unwrap();
                         let before = ALLOCATIONS.with(Cell::get);
-                        m.train_step(&batch, 0.05, &mut PhaseTimer::default())
+                        m.train_step(&batch.view(), 0.05, &mut PhaseTimer::default())
                             .unwrap();
                         if i >= 3 {
                             in_steps += ALLOCATIONS.with(Cell::get) - before;

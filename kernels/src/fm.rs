@@ -68,7 +68,7 @@ impl FmField<'_> {
             "{who}: {} first-order weights for {rows} latent rows",
             self.linear.len()
         );
-        self.bags.check(rows, Pooling::Sum, who);
+        self.bags.assert_valid(rows, Pooling::Sum, who);
     }
 }
 
@@ -96,7 +96,7 @@ pub fn fm_forward<'t>(
             f.bags.len()
         );
         f.check(k, WHO);
-        work += f.bags.indices.len() * (k + 1);
+        work += f.bags.indices().len() * (k + 1);
     }
     assert_eq!(
         sums.len(),
@@ -173,7 +173,7 @@ fn block<'t, const NV: usize>(
     let mut linear = 0.0f32;
     for t in 0..num_fields {
         let f = field(t);
-        let ids = f.bags.indices;
+        let ids = f.bags.indices();
         for p in f.bags.bag(b) {
             if let Some(&ahead) = ids.get(p + PREFETCH_DISTANCE) {
                 prefetch_lines(
@@ -183,7 +183,7 @@ fn block<'t, const NV: usize>(
                 );
             }
             let id = ids[p] as usize;
-            let x = f.bags.weights.map_or(1.0, |w| w[p]);
+            let x = f.bags.weights().map_or(1.0, |w| w[p]);
             let row = &f.factors[id * k + col..][..width];
             let xv = F32s::splat(x);
             for v in 0..NV {
@@ -238,7 +238,7 @@ pub fn fm_backward(
     );
     check_view(sums, batch, k, "sums", WHO);
     let (sum_stride, sums) = (sums.row_stride(), sums.as_slice());
-    let nnz = bags.indices.len();
+    let nnz = bags.indices().len();
     assert_eq!(
         grad_rows.len(),
         nnz * k,
@@ -262,8 +262,8 @@ pub fn fm_backward(
             let s = &sums[b * sum_stride..][..k];
             let g = grad_out[b];
             for p in bags.bag(b) {
-                let id = bags.indices[p] as usize;
-                let x = bags.weights.map_or(1.0, |w| w[p]);
+                let id = bags.indices()[p] as usize;
+                let x = bags.weights().map_or(1.0, |w| w[p]);
                 let v = &field.factors[id * k..][..k];
                 let out = &mut rows[(p - p0) * k..][..k];
                 // r = S - x v, stored in out first: it also gives <v, r> for dL/dx.

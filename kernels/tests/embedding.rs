@@ -7,7 +7,7 @@ mod common;
 
 use common::{BagCase, assert_close, bag_case, bits, fill, on_1_2_3_threads, sum_tol};
 use dlrm_kernels::embedding::{
-    self, Bags, Pooling, SparseGradWorkspace, embedding_bag_backward_coalesce,
+    self, BagError, Bags, Pooling, SparseGradWorkspace, embedding_bag_backward_coalesce,
 };
 use dlrm_kernels::mat::{MatMut, MatRef};
 use dlrm_kernels::parallel::Par;
@@ -259,10 +259,8 @@ fn coalesce_handles_ids_of_every_magnitude() {
             let m = (top - 7) / 300;
             let spread = |id: u32| id * m + (id % 3) * (m / 3) + 7;
             let big_ids: Vec<u32> = small.indices.iter().map(|&i| spread(i)).collect();
-            let big = Bags {
-                indices: &big_ids,
-                ..small.bags()
-            };
+            let big =
+                Bags::with_offsets(&big_ids, &small.offsets).with_weights(small.weights.as_deref());
             let mut ws = SparseGradWorkspace::default();
             let g = embedding_bag_backward_coalesce(
                 1 << 32,
@@ -287,11 +285,7 @@ fn coalesce_handles_ids_of_every_magnitude() {
 fn no_bags_and_empty_bags() {
     let table = fill(4 * 16, 1);
     let mut out: Vec<f32> = vec![];
-    let none = Bags {
-        indices: &[],
-        offsets: &[],
-        weights: None,
-    };
+    let none = Bags::with_offsets(&[], &[]);
     embedding::embedding_bag_forward(
         MatRef::from_rows(&table, 16),
         none,
@@ -299,11 +293,7 @@ fn no_bags_and_empty_bags() {
         MatMut::new(&mut out, none.len(), 16),
         Par::Rayon,
     );
-    let empty = Bags {
-        indices: &[],
-        offsets: &[0, 0, 0],
-        weights: None,
-    };
+    let empty = Bags::with_offsets(&[], &[0, 0, 0]);
     let mut out = vec![f32::NAN; 3 * 16];
     embedding::embedding_bag_forward(
         MatRef::from_rows(&table, 16),
@@ -329,11 +319,7 @@ fn no_bags_and_empty_bags() {
 #[should_panic(expected = "out of range")]
 fn forward_rejects_an_id_past_the_table() {
     let table = fill(4 * 8, 1);
-    let bags = Bags {
-        indices: &[1, 4],
-        offsets: &[0],
-        weights: None,
-    };
+    let bags = Bags::with_offsets(&[1, 4], &[0]);
     let mut out = vec![0.0; 8];
     embedding::embedding_bag_forward(
         MatRef::from_rows(&table, 8),
@@ -360,11 +346,7 @@ fn gather_rejects_an_id_past_the_table() {
 #[test]
 #[should_panic(expected = "out of range")]
 fn backward_rejects_an_id_past_the_table() {
-    let bags = Bags {
-        indices: &[3, 2],
-        offsets: &[0, 1],
-        weights: None,
-    };
+    let bags = Bags::with_offsets(&[3, 2], &[0, 1]);
     let grad = vec![0.0; 16];
     embedding_bag_backward_coalesce(
         3,
@@ -380,11 +362,7 @@ fn backward_rejects_an_id_past_the_table() {
 #[should_panic(expected = "Pooling::Sum")]
 fn weights_need_sum_pooling() {
     let table = fill(4 * 8, 1);
-    let bags = Bags {
-        indices: &[1],
-        offsets: &[0],
-        weights: Some(&[0.5]),
-    };
+    let bags = Bags::with_offsets(&[1], &[0]).with_weights(Some(&[0.5]));
     let mut out = vec![0.0; 8];
     embedding::embedding_bag_forward(
         MatRef::from_rows(&table, 8),
@@ -397,11 +375,7 @@ fn weights_need_sum_pooling() {
 
 #[test]
 fn bag_ranges_follow_pytorch() {
-    let bags = Bags {
-        indices: &[5, 6, 7, 8],
-        offsets: &[0, 2, 2],
-        weights: None,
-    };
+    let bags = Bags::with_offsets(&[5, 6, 7, 8], &[0, 2, 2]);
     assert_eq!(bags.len(), 3);
     assert!(!bags.is_empty());
     assert_eq!(
@@ -410,9 +384,10 @@ fn bag_ranges_follow_pytorch() {
     );
 }
 
-/// One-id bags (Criteo's one-hot features) are pooled by a row copy; that copy must give the
-/// bits of the accumulating path (which pools a bag of one row to exactly that row, -0.0
-/// included), whichever threads take which bags.
+/// Bags marked one-hot (Criteo's one-hot features) are pooled by a row copy; that copy must
+/// give the bits of the accumulating path, which one-id bags given by offsets take (and which
+/// pools a bag of one row to exactly that row, -0.0 included), whichever threads take which
+/// bags.
 #[test]
 fn one_id_bags_pool_to_their_rows_on_every_path() {
     for dim in [1, 5, 16, 17, 64, 130] {
@@ -422,17 +397,15 @@ fn one_id_bags_pool_to_their_rows_on_every_path() {
             table[3 * dim..4 * dim].fill(-0.0);
             let n = 301;
             let indices: Vec<u32> = (0..n).map(|i| ((i * 7 + 3) % rows) as u32).collect();
-            let one_hot: Vec<u32> = (0..n as u32).collect();
-            // The same ids, the last bag holding two of them: only some tasks see one-id bags.
+            let one_id_offsets: Vec<u32> = (0..n as u32).collect();
+            // The same ids, the last bag holding two of them.
             let mixed: Vec<u32> = (0..n as u32 - 1).collect();
             let stride = dim + 3;
-            let run = |offsets: &[u32], par: Par| {
-                let bags = Bags {
-                    indices: &indices,
-                    offsets,
-                    weights: None,
-                };
-                let mut out = vec![f32::NAN; (offsets.len() - 1) * stride + dim];
+            let run = |offsets: Option<&[u32]>, par: Par| {
+                let bags =
+                    offsets.map_or(Bags::one_hot(&indices), |o| Bags::with_offsets(&indices, o));
+                assert_eq!(bags.is_one_hot(), offsets.is_none());
+                let mut out = vec![f32::NAN; (bags.len() - 1) * stride + dim];
                 embedding::embedding_bag_forward(
                     MatRef::from_rows(&table, dim),
                     bags,
@@ -454,13 +427,15 @@ fn one_id_bags_pool_to_their_rows_on_every_path() {
                 (rows(&out), rows(&expect))
             };
             let [one, two, three] = on_1_2_3_threads(|par| {
-                let (hot, expect) = run(&one_hot, par);
+                let (hot, expect) = run(None, par);
                 for (b, &id) in indices.iter().enumerate() {
                     let row = &table[id as usize * dim..][..dim];
                     assert_eq!(bits(&hot[b * dim..][..dim]), bits(row), "dim {dim} bag {b}");
                 }
                 assert_close("one-hot", &hot, &expect, 0.0, 0.0);
-                let (mixed_out, expect) = run(&mixed, par);
+                let (one_id, _) = run(Some(&one_id_offsets), par);
+                assert_eq!(bits(&one_id), bits(&hot), "dim {dim}");
+                let (mixed_out, expect) = run(Some(&mixed), par);
                 assert_close("mixed", &mixed_out, &expect, sum_tol(2), 0.0);
                 (bits(&hot), bits(&mixed_out))
             });
@@ -588,5 +563,136 @@ proptest! {
         prop_assert_eq!(&one, &two);
         prop_assert_eq!(&one, &three);
         prop_assert_eq!(&one, &bits(&forward_tables(&c, Par::Seq)));
+    }
+}
+
+/// What the checking constructor must say of `ids` in bags delimited by `offsets` (None:
+/// one-hot) over a table of `rows` rows, written from the PyTorch convention directly: the
+/// first fault in the order offsets (first, then bag by bag), then ids.
+fn expected_check(ids: &[u32], offsets: Option<&[u32]>, rows: usize) -> Result<(), BagError> {
+    let nnz = ids.len();
+    if let Some(offsets) = offsets {
+        if offsets.is_empty() && nnz > 0 {
+            return Err(BagError::NoBags { nnz });
+        }
+        if offsets.first().is_some_and(|&o| o != 0) {
+            return Err(BagError::FirstOffset { offset: offsets[0] });
+        }
+        for (bag, &offset) in offsets.iter().enumerate() {
+            if bag > 0 && offset < offsets[bag - 1] {
+                return Err(BagError::OffsetsDecrease { bag });
+            }
+            if offset as usize > nnz {
+                return Err(BagError::OffsetPastEnd { bag, offset, nnz });
+            }
+        }
+    }
+    match ids.iter().position(|&id| id as usize >= rows) {
+        Some(position) => Err(BagError::IdOutOfRange {
+            position,
+            id: ids[position],
+            rows,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Valid bags with at most one fault planted: an id at or past the table's end (up to
+/// u32::MAX), a first offset past 0, a decreasing offset, an offset past the ids, offsets
+/// dropped while ids remain; `one_hot` drops the offsets (and keeps the ids).
+fn awkward_bags() -> impl Strategy<Value = (Vec<u32>, Option<Vec<u32>>, usize)> {
+    (
+        bag_case(),
+        0u8..6,
+        any::<prop::sample::Index>(),
+        any::<u32>(),
+        any::<bool>(),
+    )
+        .prop_map(|(c, fault, at, wild, one_hot)| {
+            let (mut ids, mut offsets, rows) = (c.indices, c.offsets, c.rows);
+            match fault {
+                1 if !ids.is_empty() => {
+                    let i = at.index(ids.len());
+                    ids[i] = (rows as u32).saturating_add(wild % 3).max(wild);
+                }
+                2 if !offsets.is_empty() => offsets[0] = 1 + wild % 4,
+                3 if offsets.len() > 1 => {
+                    let b = 1 + at.index(offsets.len() - 1);
+                    offsets[b - 1] = offsets[b] + 1 + wild % 3;
+                }
+                4 if !offsets.is_empty() => {
+                    let b = at.index(offsets.len());
+                    offsets[b] = ids.len() as u32 + 1 + wild % 5;
+                }
+                5 if !ids.is_empty() => offsets.clear(),
+                _ => {}
+            }
+            (ids, (!one_hot).then_some(offsets), rows)
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// The checking constructor accepts exactly the well-formed bags whose ids are rows, and
+    /// names the first fault; one-hot bags are checked the same way without offsets.
+    #[test]
+    fn checked_constructor_refuses_every_bad_bag((ids, offsets, rows) in awkward_bags()) {
+        let expect = expected_check(&ids, offsets.as_deref(), rows);
+        let bags = match &offsets {
+            Some(o) => Bags::with_offsets(&ids, o),
+            None => Bags::one_hot(&ids),
+        };
+        prop_assert_eq!(bags.check(rows), expect.clone());
+        if let Some(o) = &offsets {
+            prop_assert_eq!(Bags::new(&ids, o, rows).map(|b| b.len()), expect.map(|()| o.len()));
+        }
+    }
+
+    /// Checked bags, one-hot and by offsets, through the forward and the backward equal the
+    /// scalar twins; one-hot bags (a row copy) and the same bags given by offsets 0..n (the
+    /// accumulating path) agree bit for bit, and so do the backward's coalesced gradients.
+    #[test]
+    fn checked_bags_match_the_scalar_twins(c in bag_case()) {
+        let bags = Bags::new(&c.indices, &c.offsets, c.rows).expect("a bag case is valid");
+        prop_assert!(!bags.is_one_hot());
+        check_forward(&c);
+        let n = c.num_bags().min(c.indices.len());
+        let ids = &c.indices[..n];
+        let one_hot = Bags::one_hot(ids);
+        one_hot.check(c.rows).expect("ids of a bag case are rows");
+        let unit: Vec<u32> = (0..n as u32).collect();
+        let by_offsets = Bags::new(ids, &unit, c.rows).unwrap();
+        prop_assert_eq!(one_hot.len(), n);
+        let grad = MatRef::with_row_stride(&c.grad_out, n, c.dim, c.stride);
+        let run = |bags: Bags| {
+            let mut out = vec![f32::NAN; n.checked_sub(1).map_or(0, |m| m * c.stride + c.dim)];
+            embedding::embedding_bag_forward(
+                MatRef::from_rows(&c.table, c.dim),
+                bags,
+                c.pooling,
+                MatMut::with_row_stride(&mut out, n, c.dim, c.stride),
+                Par::Rayon,
+            );
+            let mut ws = SparseGradWorkspace::default();
+            let g = embedding_bag_backward_coalesce(c.rows, bags, c.pooling, grad, &mut ws, Par::Rayon);
+            (out, g.rows.to_vec(), g.grads.to_vec())
+        };
+        let (out, rows, grads) = run(one_hot);
+        let mut expect = vec![f32::NAN; out.len()];
+        reference::embedding_bag_forward(&c.table, c.dim, one_hot, c.pooling, &mut expect, c.stride);
+        prop_assert_eq!(bits(&out), bits(&expect));
+        let (erows, egrads) = reference::embedding_bag_backward_coalesce(
+            c.rows, c.dim, one_hot, c.pooling, &c.grad_out, c.stride);
+        prop_assert_eq!(&rows, &erows);
+        let lookups = ids.iter().fold(vec![0; c.rows], |mut l, &id| { l[id as usize] += 1; l });
+        for (i, &r) in rows.iter().enumerate() {
+            let g = i * c.dim..(i + 1) * c.dim;
+            assert_close("grads", &grads[g.clone()], &egrads[g], sum_tol(lookups[r as usize]), 0.0);
+        }
+        let (out2, rows2, grads2) = run(by_offsets);
+        prop_assert_eq!(bits(&out2), bits(&out));
+        prop_assert_eq!(rows2, rows);
+        prop_assert_eq!(bits(&grads2), bits(&grads));
     }
 }

@@ -30,11 +30,8 @@ impl Field {
         FmField {
             factors: &self.factors,
             linear: &self.linear,
-            bags: Bags {
-                indices: &self.indices,
-                offsets: &self.offsets,
-                weights: self.weights.as_deref(),
-            },
+            bags: Bags::with_offsets(&self.indices, &self.offsets)
+                .with_weights(self.weights.as_deref()),
         }
     }
 }
@@ -156,7 +153,7 @@ fn backward(cs: &Case, sums: &[f32], par: Par) -> Vec<(Vec<f32>, Vec<f32>)> {
     cs.views()
         .into_iter()
         .map(|f| {
-            let nnz = f.bags.indices.len();
+            let nnz = f.bags.indices().len();
             let mut rows = vec![f32::NAN; nnz * cs.k];
             let mut gw = vec![f32::NAN; nnz];
             fm_backward(
@@ -280,11 +277,7 @@ fn first_order_table_must_match_the_factors() {
     let f = FmField {
         factors: &[0.0; 8],
         linear: &[0.0; 3],
-        bags: Bags {
-            indices: &[0],
-            offsets: &[0],
-            weights: None,
-        },
+        bags: Bags::with_offsets(&[0], &[0]),
     };
     fm_forward(1, 2, |_| f, 0.0, &mut [0.0; 2], &mut [0.0; 1], Par::Rayon);
 }

@@ -290,11 +290,7 @@ fn duplicates_update_a_row_once() {
         let run = |indices: &[u32], g: &[f32]| {
             let mut table = fill(4 * dim, 1);
             let mut state = vec![0.0; 4 * opt.state_width(dim)];
-            let bags = dlrm_kernels::embedding::Bags {
-                indices,
-                offsets: &[0],
-                weights: None,
-            };
+            let bags = dlrm_kernels::embedding::Bags::with_offsets(indices, &[0]);
             optim::embedding_bag_backward_update(
                 TableMut {
                     weights: MatMut::from_rows(&mut table, dim),
@@ -320,11 +316,7 @@ fn duplicates_update_a_row_once() {
 #[should_panic(expected = "state has")]
 fn update_rejects_a_state_of_the_wrong_size() {
     let mut table = vec![0.0; 8];
-    let bags = dlrm_kernels::embedding::Bags {
-        indices: &[0],
-        offsets: &[0],
-        weights: None,
-    };
+    let bags = dlrm_kernels::embedding::Bags::with_offsets(&[0], &[0]);
     optim::embedding_bag_backward_update(
         TableMut {
             weights: MatMut::from_rows(&mut table, 4),

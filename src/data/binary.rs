@@ -21,11 +21,12 @@
 //! [`compute_encoding_fingerprint`]); checkpoints carry their training data's, so that data
 //! encoded otherwise is refused.
 //!
-//! Labels are stored as f32 (not bytes) and ids per table (not per sample), so that filling a
-//! [`Batch`] is one `memcpy` per array: dense rows, labels, and each table's ids (one-hot bags:
-//! offsets are 0..B).
+//! Labels are stored as f32 (not bytes) and ids per table (not per sample), so that a batch of
+//! contiguous rows is a slice of each array: the training and evaluation loops read it in
+//! place ([`BatchView`], no copy), and filling a [`Batch`] is one `memcpy` per array (one-hot
+//! bags: no offsets).
 
-use super::Batch;
+use super::{Batch, BatchView, IdColumns};
 use crate::storage::map_read_only;
 use crate::train::DataSource;
 use anyhow::{Context, Result};
@@ -505,6 +506,14 @@ impl SplitMaps {
     }
 }
 
+/// Rows of a split, borrowed from its maps: their dense rows and labels (None for unlabelled
+/// data), and the split's arrays, for the ids.
+struct MappedRows<'a> {
+    dense: &'a [f32],
+    labels: Option<&'a [f32]>,
+    split: &'a SplitMaps,
+}
+
 /// A binary dataset, mapped. As a [`DataSource`] it trains on the training split and
 /// evaluates on the chosen held-out split (test unless [`BinaryDataset::with_eval_split`] says
 /// otherwise); batch order is shuffled every epoch, as real data needs.
@@ -564,15 +573,9 @@ impl BinaryDataset {
         self.splits[split.index()].rows
     }
 
-    /// Fills `batch` with rows `first .. first + size` of `split`: one copy per array, buffers
-    /// reused. Unlabelled data gets labels 0.
-    pub fn fill(
-        &self,
-        split: DatasetSplit,
-        first: u64,
-        size: usize,
-        batch: &mut Batch,
-    ) -> Result<()> {
+    /// Rows `first .. first + size` of `split`, borrowed from the maps. Checks that the rows
+    /// are in the split and that their dense values are finite.
+    fn mapped_rows(&self, split: DatasetSplit, first: u64, size: usize) -> Result<MappedRows<'_>> {
         let s = &self.splits[split.index()];
         anyhow::ensure!(
             first
@@ -585,37 +588,93 @@ impl BinaryDataset {
         );
         let (a, b) = (first as usize, first as usize + size);
         let nd = self.header.num_dense;
-        let nt = self.header.num_tables();
-        batch.num_dense = nd;
-        batch.dense.clear();
-        batch
-            .dense
-            .extend_from_slice(&as_f32(&s.dense)[a * nd..b * nd]);
+        let dense = &as_f32(&s.dense)[a * nd..b * nd];
         // Preprocessing writes finite values only; a file changed since would otherwise make
         // the model's parameters NaN without a word. The scan is cheap next to a step.
-        if let Some(i) = batch.dense.iter().position(|x| !x.is_finite()) {
+        if let Some(i) = dense.iter().position(|x| !x.is_finite()) {
             anyhow::bail!(
                 "{}: row {} feature {} (both counted from 0) is {}: dense inputs must be finite",
                 self.dir.join(split.name()).join(DENSE_FILE).display(),
                 first + (i / nd) as u64,
                 i % nd,
-                batch.dense[i]
+                dense[i]
             );
         }
+        let labels = s.labels.as_ref().map(|l| &as_f32(l)[a..b]);
+        Ok(MappedRows {
+            dense,
+            labels,
+            split: s,
+        })
+    }
+
+    /// Fills `batch` with rows `first .. first + size` of `split`: one copy per array, buffers
+    /// reused. Unlabelled data gets labels 0.
+    pub fn fill(
+        &self,
+        split: DatasetSplit,
+        first: u64,
+        size: usize,
+        batch: &mut Batch,
+    ) -> Result<()> {
+        let MappedRows {
+            dense,
+            labels,
+            split: s,
+        } = self.mapped_rows(split, first, size)?;
+        let (a, b) = (first as usize, first as usize + size);
+        let nt = self.header.num_tables();
+        batch.num_dense = self.header.num_dense;
+        batch.dense.clear();
+        batch.dense.extend_from_slice(dense);
         batch.labels.clear();
-        match &s.labels {
-            Some(labels) => batch.labels.extend_from_slice(&as_f32(labels)[a..b]),
+        match labels {
+            Some(labels) => batch.labels.extend_from_slice(labels),
             None => batch.labels.resize(size, 0.0),
         }
         batch.indices.resize(nt, Vec::new());
         batch.offsets.resize(nt, Vec::new());
+        // One-hot tables: no offsets (see Batch::offsets).
         for ((ids, offsets), map) in batch.indices.iter_mut().zip(&mut batch.offsets).zip(&s.ids) {
             ids.clear();
             ids.extend_from_slice(&as_u32(map)[a..b]);
             offsets.clear();
-            offsets.extend(0..size as u32);
         }
         Ok(())
+    }
+
+    /// Rows `first .. first + size` of `split`, borrowed from the maps (no copy); unlabelled
+    /// data, whose labels 0 are not stored, is filled into `batch` instead.
+    pub fn view<'a>(
+        &'a self,
+        split: DatasetSplit,
+        first: u64,
+        size: usize,
+        batch: &'a mut Batch,
+    ) -> Result<BatchView<'a>> {
+        let MappedRows {
+            dense,
+            labels,
+            split: s,
+        } = self.mapped_rows(split, first, size)?;
+        let Some(labels) = labels else {
+            self.fill(split, first, size, batch)?;
+            return Ok(batch.view());
+        };
+        Ok(BatchView::from_columns(
+            self.header.num_dense,
+            dense,
+            labels,
+            s,
+            self.header.num_tables(),
+            first as usize,
+        ))
+    }
+}
+
+impl IdColumns for SplitMaps {
+    fn column(&self, t: usize) -> &[u32] {
+        as_u32(&self.ids[t])
     }
 }
 
@@ -631,6 +690,22 @@ impl DataSource for BinaryDataset {
     }
     fn fill_test(&self, first: u64, size: usize, batch: &mut Batch) -> Result<()> {
         self.fill(self.eval_split, first, size, batch)
+    }
+    fn train_view<'a>(
+        &'a self,
+        first: u64,
+        size: usize,
+        batch: &'a mut Batch,
+    ) -> Result<BatchView<'a>> {
+        self.view(DatasetSplit::Train, first, size, batch)
+    }
+    fn test_view<'a>(
+        &'a self,
+        first: u64,
+        size: usize,
+        batch: &'a mut Batch,
+    ) -> Result<BatchView<'a>> {
+        self.view(self.eval_split, first, size, batch)
     }
     fn shuffle(&self) -> bool {
         true

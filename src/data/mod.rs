@@ -7,4 +7,4 @@ pub mod movielens;
 pub mod preprocess;
 pub mod synthetic;
 
-pub use batch::Batch;
+pub use batch::{Batch, BatchView, IdColumns};

@@ -8,6 +8,7 @@
 //! any order, by any number of threads, with the same bits.
 
 use super::Batch;
+use super::batch::bag_range;
 use crate::rng::{RankScatter, SplitMix64, Zipf, counter_hash, derive_key, unit_f32};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -235,10 +236,16 @@ impl SyntheticData {
             batch.indices.resize(nt, Vec::new());
             batch.offsets.resize(nt, Vec::new());
         }
-        // Bag sizes first (cheap), so every sample knows where its ids go.
+        // Bag sizes first (cheap), so every sample knows where its ids go; bags of one id
+        // are one-hot tables, without offsets.
+        let one_hot = self.cfg.num_indices_per_lookup == 1;
         for t in 0..nt {
             let offs = &mut batch.offsets[t];
             offs.clear();
+            if one_hot {
+                batch.indices[t].resize(size, 0);
+                continue;
+            }
             let mut at = 0u32;
             for i in 0..size {
                 offs.push(at);
@@ -253,10 +260,10 @@ impl SyntheticData {
             .zip(&batch.offsets)
             .enumerate()
             .for_each(|(t, (ids, offs))| {
-                for (i, &start) in offs.iter().enumerate() {
-                    let end = offs.get(i + 1).map_or(ids.len(), |&e| e as usize);
+                for i in 0..size {
+                    let bag = bag_range(ids, offs, i);
                     let mut rng = self.sample_rng(split, first + i as u64, 2 + t as u64);
-                    for id in &mut ids[start as usize..end] {
+                    for id in &mut ids[bag] {
                         *id = self.draw_id(t, &mut rng);
                     }
                 }
@@ -291,11 +298,12 @@ impl SyntheticData {
     ) -> Option<f32> {
         let teacher = self.teacher.as_ref()?;
         let bags = (0..indices.len()).map(|t| {
-            let start = offsets[t][i] as usize;
-            let end = offsets[t]
-                .get(i + 1)
-                .map_or(indices[t].len(), |&e| e as usize);
-            (t, indices[t][start..end].iter().copied())
+            (
+                t,
+                indices[t][bag_range(&indices[t], &offsets[t], i)]
+                    .iter()
+                    .copied(),
+            )
         });
         Some(sigmoid(teacher.logit(dense, bags)))
     }

@@ -24,7 +24,7 @@ use super::{
     BatchError, DenseOptimizer, Model, ModelConfig, OptimizerKind, PhaseTimer, Task,
     check_capacity, head_loss, head_predict, mlp_floats_per_sample, validate_batch,
 };
-use crate::data::Batch;
+use crate::data::BatchView;
 use crate::rng::{SplitMix64, derive_key};
 use crate::storage::StorageKind;
 use dlrm_kernels::cross::{
@@ -241,7 +241,7 @@ impl Dcn {
     }
 
     /// Forward to the logits (in the head's output buffer). The batch must be valid.
-    fn forward_logits(&mut self, batch: &Batch, timer: &mut PhaseTimer) {
+    fn forward_logits(&mut self, batch: &BatchView, timer: &mut PhaseTimer) {
         let par = self.par;
         let b = batch.size();
         let (nd, d) = (self.cfg.num_dense, self.cfg.embedding_dim);
@@ -276,7 +276,7 @@ impl Dcn {
     }
 
     /// Click probabilities for a batch (no gradient work).
-    pub fn predict(&mut self, batch: &Batch, probs: &mut Vec<f32>) -> Result<(), BatchError> {
+    pub fn predict(&mut self, batch: &BatchView, probs: &mut Vec<f32>) -> Result<(), BatchError> {
         check_capacity(batch, self.capacity)?;
         validate_batch(batch, self.cfg.num_dense, &self.embeddings.tables)?;
         self.forward_logits(batch, &mut PhaseTimer::default());
@@ -289,7 +289,7 @@ impl Dcn {
     /// One training step: forward, mean BCE loss, backward, updates. Returns the mean loss.
     pub fn train_step(
         &mut self,
-        batch: &Batch,
+        batch: &BatchView,
         lr: f32,
         timer: &mut PhaseTimer,
     ) -> Result<f64, BatchError> {
@@ -306,7 +306,7 @@ impl Dcn {
         let loss_sum = head_loss(
             Task::Classification,
             self.head.output(b).as_slice(),
-            &batch.labels,
+            batch.labels,
             &mut self.probs[..b],
             &mut self.grad_logits[..b],
         );
@@ -413,13 +413,13 @@ impl Model for Dcn {
     }
     fn train_step(
         &mut self,
-        batch: &Batch,
+        batch: &BatchView,
         lr: f32,
         timer: &mut PhaseTimer,
     ) -> Result<f64, BatchError> {
         Dcn::train_step(self, batch, lr, timer)
     }
-    fn predict(&mut self, batch: &Batch, out: &mut Vec<f32>) -> Result<(), BatchError> {
+    fn predict(&mut self, batch: &BatchView, out: &mut Vec<f32>) -> Result<(), BatchError> {
         Dcn::predict(self, batch, out)
     }
     fn config(&self) -> ModelConfig {

@@ -21,7 +21,7 @@ use super::{
     check_capacity, head_loss, head_predict, mlp_floats_per_sample, validate_batch,
 };
 use crate::config::{Architecture, InteractionOp};
-use crate::data::Batch;
+use crate::data::BatchView;
 use crate::rng::{SplitMix64, derive_key};
 use crate::storage::StorageKind;
 use dlrm_kernels::gemm::{MatMut, MatRef};
@@ -162,12 +162,12 @@ impl Dlrm {
     }
 
     /// Checks a batch against the model: table count, dense width, offsets, every id in range.
-    pub fn validate(&self, batch: &Batch) -> Result<(), BatchError> {
+    pub fn validate(&self, batch: &BatchView) -> Result<(), BatchError> {
         validate_batch(batch, self.arch.num_dense(), &self.embeddings.tables)
     }
 
     /// Forward to the logits (in the top MLP's output buffer). The batch must be valid.
-    fn forward_logits(&mut self, batch: &Batch, timer: &mut PhaseTimer) {
+    fn forward_logits(&mut self, batch: &BatchView, timer: &mut PhaseTimer) {
         let par = self.par;
         let b = batch.size();
         let d = self.arch.embedding_dim;
@@ -179,7 +179,7 @@ impl Dlrm {
         self.embeddings.forward(batch, slots, par);
         timer.lap(|p| &mut p.emb_fwd);
 
-        let dense = MatRef::new(&batch.dense, b, batch.num_dense);
+        let dense = MatRef::new(batch.dense, b, batch.num_dense);
         let slot0 = MatMut::with_row_stride(&mut self.features, b, d, fd);
         self.bottom.forward(dense, Some(slot0), par);
         timer.lap(|p| &mut p.bot_fwd);
@@ -201,7 +201,7 @@ impl Dlrm {
     }
 
     /// Click probabilities for a batch (inference: no gradient work).
-    pub fn predict(&mut self, batch: &Batch, probs: &mut Vec<f32>) -> Result<(), BatchError> {
+    pub fn predict(&mut self, batch: &BatchView, probs: &mut Vec<f32>) -> Result<(), BatchError> {
         check_capacity(batch, self.capacity)?;
         self.validate(batch)?;
         self.forward_logits(batch, &mut PhaseTimer::default());
@@ -215,7 +215,7 @@ impl Dlrm {
     /// into their backward, dense parameters after). Returns the batch's mean loss.
     pub fn train_step(
         &mut self,
-        batch: &Batch,
+        batch: &BatchView,
         lr: f32,
         timer: &mut PhaseTimer,
     ) -> Result<f64, BatchError> {
@@ -233,7 +233,7 @@ impl Dlrm {
         let loss_sum = head_loss(
             Task::Classification,
             self.top.output(b).as_slice(),
-            &batch.labels,
+            batch.labels,
             &mut self.probs[..b],
             &mut self.grad_logits[..b],
         );
@@ -267,7 +267,7 @@ impl Dlrm {
         }
         timer.lap(|p| &mut p.interaction_bwd);
 
-        let dense = MatRef::new(&batch.dense, b, batch.num_dense);
+        let dense = MatRef::new(batch.dense, b, batch.num_dense);
         let bottom_out = MatRef::with_row_stride(&self.features, b, d, fd);
         let d_bottom_out = MatRef::with_row_stride(&self.grad_features, b, d, fd);
         self.bottom
@@ -346,13 +346,13 @@ impl Model for Dlrm {
     }
     fn train_step(
         &mut self,
-        batch: &Batch,
+        batch: &BatchView,
         lr: f32,
         timer: &mut PhaseTimer,
     ) -> Result<f64, BatchError> {
         Dlrm::train_step(self, batch, lr, timer)
     }
-    fn predict(&mut self, batch: &Batch, out: &mut Vec<f32>) -> Result<(), BatchError> {
+    fn predict(&mut self, batch: &BatchView, out: &mut Vec<f32>) -> Result<(), BatchError> {
         Dlrm::predict(self, batch, out)
     }
     fn set_parallelism(&mut self, par: Par) {

@@ -20,12 +20,12 @@
 //! `dense_update` w0.
 
 use super::parameters::{Named, Parameters, TableSource, Tensor, TensorMut};
-use super::sparse::{SparseTables, table_bags};
+use super::sparse::SparseTables;
 use super::{
     BatchError, DenseOptimizer, Model, ModelConfig, ModelKind, OptimizerKind, PhaseTimer, Task,
     check_capacity, head_loss, head_predict, validate_batch,
 };
-use crate::data::Batch;
+use crate::data::BatchView;
 use crate::storage::StorageKind;
 use dlrm_kernels::embedding::Bags;
 use dlrm_kernels::fm::{FmField, fm_backward, fm_forward};
@@ -89,20 +89,17 @@ pub struct Fm {
 
 /// Field t's bags for `batch`: a categorical field's ids, or every dense feature with its value.
 fn field_bags<'a>(
-    batch: &'a Batch,
+    batch: &'a BatchView,
     dense_ids: &'a [u32],
     dense_offsets: &'a [u32],
     t: usize,
 ) -> Bags<'a> {
     if t < batch.num_tables() {
-        table_bags(batch, t)
+        batch.bags(t)
     } else {
         let b = batch.size();
-        Bags {
-            indices: &dense_ids[..b * batch.num_dense],
-            offsets: &dense_offsets[..b],
-            weights: Some(&batch.dense),
-        }
+        Bags::with_offsets(&dense_ids[..b * batch.num_dense], &dense_offsets[..b])
+            .with_weights(Some(batch.dense))
     }
 }
 
@@ -161,7 +158,7 @@ impl Fm {
         &self.cfg
     }
 
-    fn check(&self, batch: &Batch) -> Result<(), BatchError> {
+    fn check(&self, batch: &BatchView) -> Result<(), BatchError> {
         check_capacity(batch, self.capacity)?;
         let categorical = self.cfg.table_sizes.len();
         validate_batch(
@@ -172,14 +169,14 @@ impl Fm {
     }
 
     /// Forward: y of every sample into `outputs` (and S into `sums`). The batch must be valid.
-    fn forward(&mut self, batch: &Batch, timer: &mut PhaseTimer) {
+    fn forward(&mut self, batch: &BatchView, timer: &mut PhaseTimer) {
         let par = self.par;
         let b = batch.size();
         let k = self.cfg.factors;
         let (ids, offs) = (&self.dense_ids, &self.dense_offsets);
         let bags = |t| field_bags(batch, ids, offs, t);
-        self.factors.materialize(|t| bags(t).indices);
-        self.linear.materialize(|t| bags(t).indices);
+        self.factors.materialize(|t| bags(t).indices());
+        self.linear.materialize(|t| bags(t).indices());
         timer.lap(|p| &mut p.emb_fwd);
         let (factors, linear) = (&self.factors, &self.linear);
         fm_forward(
@@ -199,7 +196,7 @@ impl Fm {
     }
 
     /// Predictions for a batch: click probabilities, or values for regression.
-    pub fn predict(&mut self, batch: &Batch, out: &mut Vec<f32>) -> Result<(), BatchError> {
+    pub fn predict(&mut self, batch: &BatchView, out: &mut Vec<f32>) -> Result<(), BatchError> {
         self.check(batch)?;
         self.forward(batch, &mut PhaseTimer::default());
         let b = batch.size();
@@ -212,7 +209,7 @@ impl Fm {
     /// backward and updates. Returns the mean loss.
     pub fn train_step(
         &mut self,
-        batch: &Batch,
+        batch: &BatchView,
         lr: f32,
         timer: &mut PhaseTimer,
     ) -> Result<f64, BatchError> {
@@ -235,7 +232,7 @@ impl Fm {
         let (ids, offs) = (&self.dense_ids, &self.dense_offsets);
         let bags = |t| field_bags(batch, ids, offs, t);
         let most = (0..self.cfg.num_fields())
-            .map(|t| bags(t).indices.len())
+            .map(|t| bags(t).indices().len())
             .max()
             .unwrap_or(0);
         if self.unit_offsets.len() < most {
@@ -252,7 +249,7 @@ impl Fm {
                     linear: linear.weights(t),
                     bags: bags(t),
                 };
-                let n = field.bags.indices.len() * k;
+                let n = field.bags.indices().len() * k;
                 if rows.len() < n {
                     rows.resize(n, 0.0);
                 }
@@ -270,12 +267,8 @@ impl Fm {
         let (rows, units, wd) = (&self.grad_rows, &self.unit_offsets, self.cfg.weight_decay);
         self.factors.update(
             |t| {
-                let indices = bags(t).indices;
-                Bags {
-                    indices,
-                    offsets: &units[..indices.len()],
-                    weights: None,
-                }
+                let indices = bags(t).indices();
+                Bags::with_offsets(indices, &units[..indices.len()])
             },
             |t| (&rows[t][..], k),
             lr,
@@ -327,13 +320,13 @@ impl Model for Fm {
     }
     fn train_step(
         &mut self,
-        batch: &Batch,
+        batch: &BatchView,
         lr: f32,
         timer: &mut PhaseTimer,
     ) -> Result<f64, BatchError> {
         Fm::train_step(self, batch, lr, timer)
     }
-    fn predict(&mut self, batch: &Batch, out: &mut Vec<f32>) -> Result<(), BatchError> {
+    fn predict(&mut self, batch: &BatchView, out: &mut Vec<f32>) -> Result<(), BatchError> {
         Fm::predict(self, batch, out)
     }
     fn config(&self) -> ModelConfig {

@@ -9,8 +9,9 @@ pub mod mlp;
 pub mod parameters;
 pub mod sparse;
 
-use crate::data::Batch;
+use crate::data::BatchView;
 use dlrm_kernels::activation::{bce_with_logits, sigmoid, squared_error};
+use dlrm_kernels::embedding::BagError;
 use dlrm_kernels::optim::{SparseOptimizer, adagrad_update, sgd_update};
 use dlrm_kernels::parallel::Par;
 use embedding::EmbeddingTable;
@@ -132,16 +133,17 @@ impl DenseOptimizer {
 }
 
 /// Checks a batch against a model whose tables are `tables` and that takes `num_dense` dense
-/// features: table count, dense width, offsets, every id in range.
+/// features: table count, dense width, offsets, every id in range. This is the one check of
+/// the ids: the embedding kernels trust it (see `Bags`).
 pub fn validate_batch(
-    batch: &Batch,
+    batch: &BatchView,
     num_dense: usize,
     tables: &[EmbeddingTable],
 ) -> Result<(), BatchError> {
     let b = batch.size();
-    if batch.indices.len() != tables.len() || batch.offsets.len() != tables.len() {
+    if batch.num_tables() != tables.len() {
         return Err(BatchError::TableCount {
-            got: batch.indices.len(),
+            got: batch.num_tables(),
             expected: tables.len(),
         });
     }
@@ -156,39 +158,37 @@ pub fn validate_batch(
             "dense values != samples x dense features",
         ));
     }
-    for (t, (ids, offs)) in batch.indices.iter().zip(&batch.offsets).enumerate() {
-        if offs.len() != b {
+    for (t, table) in tables.iter().enumerate() {
+        let one_hot = batch.is_one_hot(t);
+        let bags = batch.bags(t);
+        if bags.len() != b {
             return Err(BatchError::Offsets {
                 table: t,
-                sample: offs.len().min(b),
-                why: "one offset per sample expected",
+                sample: bags.len().min(b),
+                why: if one_hot {
+                    "one id per sample expected (a table without offsets is one-hot)"
+                } else {
+                    "one offset per sample expected"
+                },
             });
         }
-        let mut prev = 0u32;
-        for (i, &o) in offs.iter().enumerate() {
-            let why = if i == 0 && o != 0 {
-                "the first offset must be 0"
-            } else if o < prev {
-                "offsets decrease"
-            } else if o as usize > ids.len() {
-                "offset past the end of the ids"
-            } else {
-                prev = o;
-                continue;
-            };
-            return Err(BatchError::Offsets {
-                table: t,
-                sample: i,
-                why,
-            });
-        }
-        if let Err((position, value)) = tables[t].check_ids(ids) {
-            return Err(BatchError::IdOutOfRange {
-                table: t,
-                position,
-                value,
-                rows: tables[t].rows(),
-            });
+        // The one scan of the ids (the kernels do not check them again).
+        match bags.check(table.rows()) {
+            Ok(()) => {}
+            Err(BagError::IdOutOfRange { position, id, rows }) => {
+                return Err(BatchError::IdOutOfRange {
+                    table: t,
+                    position,
+                    value: id,
+                    rows,
+                });
+            }
+            Err(e) => {
+                return Err(BatchError::Bags {
+                    table: t,
+                    source: e,
+                });
+            }
         }
     }
     Ok(())
@@ -216,6 +216,8 @@ pub enum BatchError {
         sample: usize,
         why: &'static str,
     },
+    #[error("table {table}: {source}")]
+    Bags { table: usize, source: BagError },
     #[error("batch of {got} samples exceeds the model's capacity of {capacity}")]
     TooLarge { got: usize, capacity: usize },
     #[error("batch buffers are inconsistent: {0}")]
@@ -309,7 +311,7 @@ impl PhaseTimer {
 }
 
 /// Refuses a batch larger than the buffers a model reserved (`capacity` samples).
-pub fn check_capacity(batch: &Batch, capacity: usize) -> Result<(), BatchError> {
+pub fn check_capacity(batch: &BatchView, capacity: usize) -> Result<(), BatchError> {
     if batch.size() > capacity {
         return Err(BatchError::TooLarge {
             got: batch.size(),
@@ -420,12 +422,12 @@ pub trait Model: Send + Parameters {
     /// Returns the batch's mean loss.
     fn train_step(
         &mut self,
-        batch: &Batch,
+        batch: &BatchView,
         lr: f32,
         timer: &mut PhaseTimer,
     ) -> Result<f64, BatchError>;
     /// Predictions for a batch (probabilities, or ratings for regression), no gradients.
-    fn predict(&mut self, batch: &Batch, out: &mut Vec<f32>) -> Result<(), BatchError>;
+    fn predict(&mut self, batch: &BatchView, out: &mut Vec<f32>) -> Result<(), BatchError>;
     /// What the model is, enough to build it again (see [`ModelConfig::build`]).
     fn config(&self) -> ModelConfig;
     /// f32 values of the step's buffers per sample of a batch (forward only, or with the

@@ -4,22 +4,12 @@
 use super::OptimizerKind;
 use super::embedding::{EmbeddingTable, OptimizerState};
 use super::parameters::{Named, TableSource, Tensor, TensorMut, named_table, named_table_mut};
-use crate::data::Batch;
+use crate::data::BatchView;
 use dlrm_kernels::embedding::{Bags, Pooling, SparseGradWorkspace, embedding_bag_forward_tables};
 use dlrm_kernels::gemm::{MatMut, MatRef};
 use dlrm_kernels::optim::{SparseStep, TableMut, embedding_bag_backward_update};
 use dlrm_kernels::parallel::Par;
 use rayon::prelude::*;
-
-/// Table t's bags of a batch (sum pooling over each sample's ids): the one place a batch's
-/// ids become the kernels' bags.
-pub(crate) fn table_bags(batch: &Batch, t: usize) -> Bags<'_> {
-    Bags {
-        indices: &batch.indices[t],
-        offsets: &batch.offsets[t],
-        weights: None,
-    }
-}
 
 /// Embedding tables (rows x dim each), their sparse optimizer state and workspaces.
 pub struct SparseTables {
@@ -94,15 +84,15 @@ impl SparseTables {
     /// The forward of every table for `batch`: the rows it looks up in lazily initialised
     /// tables get their initial values, then each sample's pooled (summed) vector of table t
     /// is written to columns t·dim .. (t + 1)·dim of its row of `out`.
-    pub fn forward(&mut self, batch: &Batch, out: MatMut, par: Par) {
-        self.materialize(|t| table_bags(batch, t).indices);
+    pub fn forward(&mut self, batch: &BatchView, out: MatMut, par: Par) {
+        self.materialize(|t| batch.bags(t).indices());
         let tables = &self.tables;
         embedding_bag_forward_tables(
             tables.len(),
             |t| {
                 let table = &tables[t];
                 let weights = MatRef::from_rows(table.weights(), table.dim());
-                (weights, table_bags(batch, t))
+                (weights, batch.bags(t))
             },
             Pooling::Sum,
             out,
@@ -123,13 +113,13 @@ impl SparseTables {
     /// `grads(t)` = (slice, stride), one per sample.
     pub fn update_batch<'a>(
         &mut self,
-        batch: &'a Batch,
+        batch: &'a BatchView,
         grads: impl Fn(usize) -> (&'a [f32], usize) + Sync,
         lr: f32,
         weight_decay: f32,
         par: Par,
     ) {
-        self.update(|t| table_bags(batch, t), grads, lr, weight_decay, par);
+        self.update(|t| batch.bags(t), grads, lr, weight_decay, par);
     }
 
     /// Backward and fused update of every table, tables in parallel: table t's bags are

@@ -149,11 +149,9 @@ impl Workload for Train<'_> {
         let first = (self.next % self.batches) * self.size as u64;
         self.next += 1;
         self.timer.restart();
-        self.data.fill_train(first, self.size, &mut self.batch)?;
+        let batch = self.data.train_view(first, self.size, &mut self.batch)?;
         self.timer.lap(|p| &mut p.other);
-        let loss = self
-            .model
-            .train_step(&self.batch, self.lr, &mut self.timer)?;
+        let loss = self.model.train_step(&batch, self.lr, &mut self.timer)?;
         ensure!(
             loss.is_finite(),
             "the loss diverged to {loss}; lower the learning rate"
@@ -304,7 +302,7 @@ impl Workload for EmbeddingForward {
         let (tables, batch) = self.src.next();
         let (nt, d) = (tables.len(), self.dim);
         let out = MatMut::new(&mut self.out, batch.size(), nt * d);
-        tables.forward(batch, out, Par::Rayon);
+        tables.forward(&batch.view(), out, Par::Rayon);
         Ok(())
     }
 
@@ -348,7 +346,7 @@ impl Workload for SparseUpdate {
         let (tables, batch) = self.src.next();
         let (d, stride, grad) = (self.dim, tables.len() * self.dim, &self.grad);
         tables.update_batch(
-            batch,
+            &batch.view(),
             |t| (&grad[t * d..], stride),
             self.lr,
             0.0,

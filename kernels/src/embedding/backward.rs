@@ -21,11 +21,11 @@ pub fn embedding_bag_weight_grad(
     const WHO: &str = "embedding_bag_weight_grad";
     let dim = table.cols();
     let table = table_slice(table, dim, WHO);
-    let rows = table_rows(table, dim, WHO);
-    bags.check(rows, Pooling::Sum, WHO);
+    table_rows(table, dim, WHO);
+    bags.check_shape(Pooling::Sum, WHO);
     check_view(grad_out, bags.len(), dim, "grad_out", WHO);
     let (grad_stride, grad_out) = (grad_out.row_stride(), grad_out.as_slice());
-    let indices = bags.indices;
+    let indices = bags.indices();
     assert_eq!(
         grad_weights.len(),
         indices.len(),
@@ -135,7 +135,7 @@ impl<'w, 'a> RowGrads<'w, 'a> {
     ) -> (Self, &'w mut Vec<f32>) {
         let dim = grad_out.cols();
         assert!(dim > 0, "{who}: dim is 0");
-        let max_id = bags.check(rows, pooling, who);
+        bags.check_shape(pooling, who);
         check_view(grad_out, bags.len(), dim, "grad_out", who);
         let (grad_stride, grad_out) = (grad_out.row_stride(), grad_out.as_slice());
         let SparseGradWorkspace {
@@ -149,7 +149,7 @@ impl<'w, 'a> RowGrads<'w, 'a> {
         } = ws;
         // Every buffer is sized for the worst case of this many lookups (all distinct) at once,
         // so that a run of batches of the same size allocates only on its first call.
-        let nnz = bags.indices.len();
+        let nnz = bags.indices().len();
         for v in [&mut *pos_bag, &mut *distinct, &mut *starts] {
             v.clear();
             v.reserve(nnz + 1);
@@ -159,14 +159,27 @@ impl<'w, 'a> RowGrads<'w, 'a> {
         for b in 0..bags.len() {
             pos_bag.extend(core::iter::repeat_n(b as u32, bags.bag(b).len()));
         }
-        keys.clear();
-        keys.extend(
-            bags.indices
-                .iter()
-                .enumerate()
-                .map(|(p, &id)| (u64::from(id) << 32) | p as u64),
+        // Bags that do not tile the positions (a first offset past 0) would attribute
+        // positions to the wrong bags: refused at no cost, as the bags' own ranges are.
+        assert_eq!(
+            pos_bag.len(),
+            nnz,
+            "{who}: the bags hold {} of the {nnz} indices",
+            pos_bag.len()
         );
-        sort_by_row(keys, tmp, hist, max_id.unwrap_or(0));
+        // The sort needs the largest id, taken in the pass that makes the keys: the ids were
+        // validated by the caller, and this is the one place the backward sees an id that
+        // does not index a row (an update would panic on it, a coalesced gradient would not).
+        let mut max_id = 0;
+        keys.extend(bags.indices().iter().enumerate().map(|(p, &id)| {
+            max_id = max_id.max(id);
+            (u64::from(id) << 32) | p as u64
+        }));
+        assert!(
+            nnz == 0 || (max_id as usize) < rows,
+            "{who}: row id {max_id} out of range for a table of {rows} rows"
+        );
+        sort_by_row(keys, tmp, hist, max_id);
         distinct.clear();
         starts.clear();
         for (j, &k) in keys.iter().enumerate() {

@@ -2,16 +2,15 @@
 //! shared output rows ([`embedding_bag_forward_tables`]), and the plain row gather
 //! ([`gather_rows`]) it is measured against.
 
-use super::{Bags, MIN_PARALLEL_FLOATS, PREFETCH_DISTANCE, Pooling, check_ids, pool_rows};
+use super::{Bags, MIN_PARALLEL_FLOATS, PREFETCH_DISTANCE, Pooling, pool_rows};
 use crate::mat::{MatMut, MatRef, check_view, table_rows, table_slice};
 use crate::parallel::{Par, should_split, task_grain};
 use crate::simd::{LANES, load, load_partial, prefetch_lines, prefetch_read, store, store_partial};
-use core::ops::Range;
 use rayon::prelude::*;
 
 /// Row b of `out` (bags x dim) = pooled rows of bag b of `table` (rows x dim, contiguous).
-/// Panics if an index >= rows (ids are validated by the caller; the check must still exist so
-/// a bad id can never read out of bounds).
+/// The ids are validated by the caller ([`Bags::check`]); an id >= rows panics when its row
+/// is read (see [`Bags`]).
 pub fn embedding_bag_forward(table: MatRef, bags: Bags, pooling: Pooling, out: MatMut, par: Par) {
     embedding_bag_forward_tables(1, |_| (table, bags), pooling, out, par);
 }
@@ -51,8 +50,9 @@ pub fn embedding_bag_forward_tables<'t>(
             "{WHO}: table {t} has {} bags, table 0 has {n}",
             b.len()
         );
-        b.check(table_rows(table(t), dim, WHO), pooling, WHO);
-        work += (b.indices.len() + n) * dim;
+        table_rows(table(t), dim, WHO);
+        b.check_shape(pooling, WHO);
+        work += (b.indices().len() + n) * dim;
     }
     assert_eq!(
         out.rows(),
@@ -89,7 +89,7 @@ pub fn embedding_bag_forward_tables<'t>(
 
 /// Pools the bags from `b0` on, one per `out_stride` row of `out`, into columns
 /// `col .. col + dim` (as many bags as `out` has rows), `table` being rows of dim floats. The
-/// bags are checked by the caller.
+/// ids are not scanned: each row is a bounds-checked slice of `table`.
 fn pool_bags(
     (table, dim): (&[f32], usize),
     bags: Bags,
@@ -99,9 +99,9 @@ fn pool_bags(
     out_stride: usize,
     col: usize,
 ) {
-    let indices = bags.indices;
+    let indices = bags.indices();
     let count = out.len().div_ceil(out_stride);
-    if bags.weights.is_none() && one_id_per_bag(bags, b0..b0 + count) {
+    if bags.is_one_hot() && bags.weights().is_none() {
         // Every bag is one row (Criteo's one-hot features): the pooled row is the row itself,
         // so it is copied, without the per-bag accumulator set-up, FMA pass and bookkeeping.
         let ids = &indices[b0..b0 + count];
@@ -118,7 +118,7 @@ fn pool_bags(
         let row = |k: usize| {
             let p = pos.start + k;
             let id = indices[p] as usize;
-            (&table[id * dim..], bags.weights.map_or(1.0, |w| w[p]))
+            (&table[id * dim..], bags.weights().map_or(1.0, |w| w[p]))
         };
         let prefetch = |k: usize| {
             if let Some(&id) = indices.get(pos.start + k + PREFETCH_DISTANCE) {
@@ -134,19 +134,6 @@ fn pool_bags(
     }
 }
 
-/// Whether each bag in `range` holds exactly one id, bag b being `indices[b]`.
-fn one_id_per_bag(bags: Bags, range: Range<usize>) -> bool {
-    let end = bags
-        .offsets
-        .get(range.end)
-        .map_or(bags.indices.len(), |&e| e as usize);
-    end == range.end
-        && bags.offsets[range.clone()]
-            .iter()
-            .zip(range)
-            .all(|(&o, b)| o as usize == b)
-}
-
 /// Row i of `out` (indices x dim) = row `indices[i]` of `table`: the looked-up rows
 /// copied with no arithmetic (PyTorch's `index_select` along rows). The row loads, stores and
 /// prefetches are the forward's, minus its FMAs and bag bookkeeping, so on the same ids this
@@ -157,7 +144,9 @@ pub fn gather_rows(table: MatRef, indices: &[u32], out: MatMut, par: Par) {
     let dim = table.cols();
     let table = table_slice(table, dim, WHO);
     let rows = table_rows(table, dim, WHO);
-    check_ids(indices, rows, WHO);
+    if let Err(e) = Bags::one_hot(indices).check(rows) {
+        panic!("{WHO}: {e}");
+    }
     let n = indices.len();
     check_view(out.as_ref(), n, dim, "out", WHO);
     let out_stride = out.row_stride();

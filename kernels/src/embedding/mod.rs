@@ -33,59 +33,204 @@ pub enum Pooling {
 
 /// Bags in the PyTorch EmbeddingBag convention (include_last_offset = false): bag b is
 /// `indices[offsets[b] .. offsets[b+1]]`, the last bag runs to `indices.len()`;
-/// `offsets[0] == 0` when there is at least one bag; an empty bag pools to zeros. `weights`
-/// (per index) are PyTorch's per_sample_weights (only with Pooling::Sum, like PyTorch).
+/// `offsets[0] == 0` when there is at least one bag; an empty bag pools to zeros. One-hot bags
+/// ([`Bags::one_hot`], Criteo's categorical features) need no offsets: bag b is `indices[b]`,
+/// and the kernels copy rows instead of pooling them. `weights` (per index) are PyTorch's
+/// per_sample_weights (only with Pooling::Sum, like PyTorch).
+///
+/// Ids are validated once, by [`Bags::check`] (or the checking constructor [`Bags::new`]),
+/// before any work; the kernels do not scan them again. They stay safe on bags that were never
+/// checked because every row they read or write through an id is a bounds-checked slice of the
+/// table (one compare next to a likely cache miss), and every bag a bounds-checked range of the
+/// indices: a bad id or bag panics, it never reads out of bounds nor pools the wrong rows. This
+/// was chosen over a checked-only type because the bags of a batch are made per table and call
+/// (`Batch::bags`) where the table's row count is not known, and the check is already done by
+/// the batch validation the models run first.
 #[derive(Clone, Copy, Debug)]
 pub struct Bags<'a> {
-    pub indices: &'a [u32],
-    pub offsets: &'a [u32],
-    pub weights: Option<&'a [f32]>,
+    indices: &'a [u32],
+    /// None: one id per bag.
+    offsets: Option<&'a [u32]>,
+    weights: Option<&'a [f32]>,
 }
 
-impl Bags<'_> {
+/// Why bags were refused by [`Bags::check`]; positions, bags and ids counted from 0.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BagError {
+    /// More indices than u32 positions can address.
+    TooManyIndices { nnz: usize },
+    /// Indices but no bags to hold them.
+    NoBags { nnz: usize },
+    /// The first offset is not 0.
+    FirstOffset { offset: u32 },
+    /// Bag `bag` starts before bag `bag - 1`.
+    OffsetsDecrease { bag: usize },
+    /// Bag `bag` starts past the end of the indices.
+    OffsetPastEnd { bag: usize, offset: u32, nnz: usize },
+    /// The id at `position` is not a row of a table of `rows` rows.
+    IdOutOfRange {
+        position: usize,
+        id: u32,
+        rows: usize,
+    },
+}
+
+impl core::fmt::Display for BagError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            BagError::TooManyIndices { nnz } => {
+                write!(f, "{nnz} indices do not fit u32 positions")
+            }
+            BagError::NoBags { nnz } => write!(f, "{nnz} indices but no bags"),
+            BagError::FirstOffset { offset } => write!(f, "offsets[0] = {offset}, must be 0"),
+            BagError::OffsetsDecrease { bag } => write!(f, "offsets decrease at bag {bag}"),
+            BagError::OffsetPastEnd { bag, offset, nnz } => {
+                write!(f, "offset {offset} of bag {bag} is past the {nnz} indices")
+            }
+            BagError::IdOutOfRange { position, id, rows } => write!(
+                f,
+                "row id {id} out of range for a table of {rows} rows (position {position})"
+            ),
+        }
+    }
+}
+
+impl core::error::Error for BagError {}
+
+impl<'a> Bags<'a> {
+    /// Bags of one id each: bag b is `indices[b]`.
+    pub fn one_hot(indices: &'a [u32]) -> Bags<'a> {
+        Bags {
+            indices,
+            offsets: None,
+            weights: None,
+        }
+    }
+
+    /// Bags delimited by `offsets` (not checked: see [`Bags::check`]).
+    pub fn with_offsets(indices: &'a [u32], offsets: &'a [u32]) -> Bags<'a> {
+        Bags {
+            indices,
+            offsets: Some(offsets),
+            weights: None,
+        }
+    }
+
+    /// Bags delimited by `offsets`, checked against a table of `rows` rows.
+    pub fn new(indices: &'a [u32], offsets: &'a [u32], rows: usize) -> Result<Bags<'a>, BagError> {
+        let bags = Bags::with_offsets(indices, offsets);
+        bags.check(rows)?;
+        Ok(bags)
+    }
+
+    /// These bags with per-sample weights (one per index, PyTorch's optional
+    /// per_sample_weights), or without weights for None.
+    pub fn with_weights(self, weights: Option<&'a [f32]>) -> Bags<'a> {
+        Bags { weights, ..self }
+    }
+
+    /// Checks the bag structure and that every id is below `rows`, in one pass over the
+    /// offsets and one over the ids: the one validation bags get.
+    pub fn check(&self, rows: usize) -> Result<(), BagError> {
+        let nnz = self.indices.len();
+        if u32::try_from(nnz).is_err() {
+            return Err(BagError::TooManyIndices { nnz });
+        }
+        match self.offsets {
+            None => {}
+            Some([]) if nnz > 0 => return Err(BagError::NoBags { nnz }),
+            Some(&[first, ..]) if first != 0 => {
+                return Err(BagError::FirstOffset { offset: first });
+            }
+            Some(offsets) => {
+                let mut prev = 0;
+                for (bag, &offset) in offsets.iter().enumerate() {
+                    if offset < prev {
+                        return Err(BagError::OffsetsDecrease { bag });
+                    }
+                    if offset as usize > nnz {
+                        return Err(BagError::OffsetPastEnd { bag, offset, nnz });
+                    }
+                    prev = offset;
+                }
+            }
+        }
+        // A branch-free max (vectorised) when every id is valid, the usual case; the first
+        // bad position is searched for only when there is one.
+        let max = self.indices.iter().fold(0, |m: u32, &id| m.max(id));
+        if self.indices.is_empty() || (max as usize) < rows {
+            return Ok(());
+        }
+        let position = self
+            .indices
+            .iter()
+            .position(|&id| id as usize >= rows)
+            .expect("the largest id is out of range");
+        Err(BagError::IdOutOfRange {
+            position,
+            id: self.indices[position],
+            rows,
+        })
+    }
+
     /// Number of bags.
     pub fn len(&self) -> usize {
-        self.offsets.len()
+        self.offsets.map_or(self.indices.len(), <[u32]>::len)
     }
 
     /// Whether there are no bags.
     pub fn is_empty(&self) -> bool {
-        self.offsets.is_empty()
+        self.len() == 0
     }
 
-    /// The positions (in `indices`) of bag `b`.
+    /// The ids of all bags, concatenated.
+    pub fn indices(&self) -> &'a [u32] {
+        self.indices
+    }
+
+    /// Where each bag starts in the indices; None for one-hot bags.
+    pub fn offsets(&self) -> Option<&'a [u32]> {
+        self.offsets
+    }
+
+    /// The per-sample weights, one per index.
+    pub fn weights(&self) -> Option<&'a [f32]> {
+        self.weights
+    }
+
+    /// Whether every bag holds exactly one id (and `indices[b]` is bag b's).
+    pub fn is_one_hot(&self) -> bool {
+        self.offsets.is_none()
+    }
+
+    /// The positions (in `indices`) of bag `b`; panics if the offsets do not delimit a
+    /// range of the indices (bags that [`Bags::check`] refuses).
     #[inline]
     pub fn bag(&self, b: usize) -> Range<usize> {
-        let start = self.offsets[b] as usize;
-        let end = self
-            .offsets
+        let Some(offsets) = self.offsets else {
+            assert!(b < self.indices.len(), "bag {b} of {}", self.indices.len());
+            return b..b + 1;
+        };
+        let start = offsets[b] as usize;
+        let end = offsets
             .get(b + 1)
             .map_or(self.indices.len(), |&e| e as usize);
+        assert!(
+            start <= end && end <= self.indices.len(),
+            "bag {b} is {start}..{end} of {} indices",
+            self.indices.len()
+        );
         start..end
     }
 
-    /// Checks the bag structure (programmer errors) and that every id is below `rows`, once at
-    /// entry, so the hot loops can trust them. Returns the largest id (None without ids).
-    pub(crate) fn check(&self, rows: usize, pooling: Pooling, who: &str) -> Option<u32> {
+    /// The kernels' entry check, constant time (the ids and offsets are [`Bags::check`]'s):
+    /// the bag count, and the weights' count and pooling.
+    pub(crate) fn check_shape(&self, pooling: Pooling, who: &str) {
         let nnz = self.indices.len();
         assert!(
             u32::try_from(nnz).is_ok(),
             "{who}: {nnz} indices do not fit u32 positions"
         );
-        match self.offsets.first() {
-            None => assert!(nnz == 0, "{who}: {nnz} indices but no bags"),
-            Some(&first) => assert!(first == 0, "{who}: offsets[0] = {first}, must be 0"),
-        }
-        assert!(
-            self.offsets.windows(2).all(|w| w[0] <= w[1]),
-            "{who}: offsets are not non-decreasing"
-        );
-        if let Some(&last) = self.offsets.last() {
-            assert!(
-                last as usize <= nnz,
-                "{who}: last offset {last} is past the {nnz} indices"
-            );
-        }
         if let Some(w) = self.weights {
             assert!(
                 pooling == Pooling::Sum,
@@ -98,7 +243,15 @@ impl Bags<'_> {
                 w.len()
             );
         }
-        check_ids(self.indices, rows, who)
+    }
+
+    /// [`Bags::check_shape`] and [`Bags::check`], panicking (programmer errors), for kernels
+    /// that still scan their bags once at entry.
+    pub(crate) fn assert_valid(&self, rows: usize, pooling: Pooling, who: &str) {
+        self.check_shape(pooling, who);
+        if let Err(e) = self.check(rows) {
+            panic!("{who}: {e}");
+        }
     }
 
     /// The factor applied to the row looked up at position `p` of bag `b`.
@@ -110,18 +263,6 @@ impl Bags<'_> {
             (Pooling::Sum, None) => 1.0,
         }
     }
-}
-
-/// Panics unless every id is below `rows`; returns the largest id (None without ids).
-fn check_ids(indices: &[u32], rows: usize, who: &str) -> Option<u32> {
-    let max = indices.iter().copied().max();
-    if let Some(m) = max {
-        assert!(
-            (m as usize) < rows,
-            "{who}: row id {m} out of range for a table of {rows} rows"
-        );
-    }
-    max
 }
 
 /// Ids between the row being accumulated and the row being prefetched. Measured with the

@@ -6,7 +6,7 @@ use crate::embedding::{Bags, Pooling};
 fn scale(bags: &Bags, pooling: Pooling, p: usize, b: usize) -> f64 {
     match pooling {
         Pooling::Mean => 1.0 / bags.bag(b).len() as f64,
-        Pooling::Sum => bags.weights.map_or(1.0, |w| w[p] as f64),
+        Pooling::Sum => bags.weights().map_or(1.0, |w| w[p] as f64),
     }
 }
 
@@ -25,8 +25,8 @@ pub fn embedding_bag_forward(
         for k in 0..dim {
             let mut s = 0.0f64;
             for p in pos.clone() {
-                let w = bags.weights.map_or(1.0, |w| w[p] as f64);
-                s += w * table[bags.indices[p] as usize * dim + k] as f64;
+                let w = bags.weights().map_or(1.0, |w| w[p] as f64);
+                s += w * table[bags.indices()[p] as usize * dim + k] as f64;
             }
             if pooling == Pooling::Mean && !pos.is_empty() {
                 s /= pos.len() as f64;
@@ -56,7 +56,7 @@ pub fn embedding_bag_weight_grad(
 ) {
     for b in 0..bags.len() {
         for p in bags.bag(b) {
-            let id = bags.indices[p] as usize;
+            let id = bags.indices()[p] as usize;
             let s: f64 = (0..dim)
                 .map(|k| grad_out[b * grad_stride + k] as f64 * table[id * dim + k] as f64)
                 .sum();
@@ -79,7 +79,7 @@ pub(super) fn coalesce_f64(
     let mut touched = vec![false; rows];
     for b in 0..bags.len() {
         for p in bags.bag(b) {
-            let id = bags.indices[p] as usize;
+            let id = bags.indices()[p] as usize;
             touched[id] = true;
             let w = scale(&bags, pooling, p, b);
             for k in 0..dim {

@@ -7,8 +7,8 @@ fn features(f: &FmField, b: usize) -> Vec<(usize, f64)> {
     f.bags
         .bag(b)
         .map(|p| {
-            let x = f.bags.weights.map_or(1.0, |w| w[p] as f64);
-            (f.bags.indices[p] as usize, x)
+            let x = f.bags.weights().map_or(1.0, |w| w[p] as f64);
+            (f.bags.indices()[p] as usize, x)
         })
         .collect()
 }
@@ -51,7 +51,7 @@ pub fn fm_backward(
     grad_out: &[f32],
 ) -> (Vec<f32>, Vec<f32>) {
     let field = &fields[t];
-    let nnz = field.bags.indices.len();
+    let nnz = field.bags.indices().len();
     let mut rows = vec![0.0f32; nnz * k];
     let mut gw = vec![0.0f32; nnz];
     for (b, &g) in grad_out.iter().enumerate() {
@@ -62,14 +62,14 @@ pub fn fm_backward(
             .enumerate()
             .flat_map(|(u, f)| {
                 f.bags.bag(b).map(move |p| {
-                    let x = f.bags.weights.map_or(1.0, |w| w[p] as f64);
-                    (u, p, f.bags.indices[p] as usize, x)
+                    let x = f.bags.weights().map_or(1.0, |w| w[p] as f64);
+                    (u, p, f.bags.indices()[p] as usize, x)
                 })
             })
             .collect();
         for p in field.bags.bag(b) {
-            let id = field.bags.indices[p] as usize;
-            let xp = field.bags.weights.map_or(1.0, |w| w[p] as f64);
+            let id = field.bags.indices()[p] as usize;
+            let xp = field.bags.weights().map_or(1.0, |w| w[p] as f64);
             let vp = &field.factors[id * k..(id + 1) * k];
             let mut dv = vec![0.0f64; k];
             let mut dx = field.linear[id] as f64;

@@ -44,11 +44,7 @@ pub struct BagCase {
 
 impl BagCase {
     pub fn bags(&self) -> Bags<'_> {
-        Bags {
-            indices: &self.indices,
-            offsets: &self.offsets,
-            weights: self.weights.as_deref(),
-        }
+        Bags::with_offsets(&self.indices, &self.offsets).with_weights(self.weights.as_deref())
     }
 
     pub fn num_bags(&self) -> usize {
