@@ -223,7 +223,7 @@ impl Fm {
         let loss_sum = head_loss(
             self.cfg.task,
             &self.outputs[..b],
-            &batch.labels,
+            batch.labels,
             &mut self.probs[..b],
             &mut self.grad_out[..b],
         );
