@@ -26,16 +26,16 @@
 //! pruning keeps the newest versions of the saving run's lineage only, in step order.
 
 use crate::cancel::{Cancel, note_removed};
-use crate::config::Architecture;
 use crate::data::binary::{BinaryDataset, encoding_fingerprint_of};
+use crate::model::architecture::Architecture;
 use crate::model::dlrm::Dlrm;
 use crate::model::embedding_tables::{
     EmbeddingTable, OptimizerState, StorageKind, state_file_name, table_file_name,
 };
-use crate::model::mlp::Mlp;
+use crate::model::mlp::{Mlp, layer_names};
 use crate::model::{Model, OptimizerKind};
 use crate::rng::{SplitMix64, derive_key};
-use crate::train::LrSchedule;
+use crate::schedule::LrSchedule;
 use anyhow::{Context, Result, bail, ensure};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Serialize};
@@ -133,7 +133,7 @@ pub struct DlrmConfig {
 /// Aborts the process if `DLRM_CRASH_AT` names this phase (the crash tests' hook).
 pub fn crash_point(phase: &str) {
     if std::env::var("DLRM_CRASH_AT").is_ok_and(|p| p == phase) {
-        eprintln!("DLRM_CRASH_AT={phase}: aborting");
+        log::error!("DLRM_CRASH_AT={phase}: aborting");
         std::process::abort();
     }
 }
@@ -142,7 +142,7 @@ pub fn crash_point(phase: &str) {
 /// interruption tests' hook; a minute at most), then reports a requested cancellation.
 fn pause_point(phase: &str, cancel: &Cancel) -> Result<()> {
     if std::env::var("DLRM_PAUSE_AT").is_ok_and(|p| p == phase) {
-        eprintln!("DLRM_PAUSE_AT={phase}: paused");
+        log::warn!("DLRM_PAUSE_AT={phase}: paused");
         let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while cancel.requested().is_none() && std::time::Instant::now() < until {
             std::thread::sleep(std::time::Duration::from_millis(10));
@@ -451,19 +451,6 @@ pub fn read_meta(version: &Path) -> Result<Meta> {
         meta.format
     );
     Ok(meta)
-}
-
-/// PyTorch state_dict names of the MLP layers: dlrm_s_pytorch.py builds each MLP as an
-/// nn.Sequential of Linear, ReLU, Linear, ... so Linear k is module 2k.
-pub fn layer_names(prefix: &str, layers: usize) -> Vec<(String, String)> {
-    (0..layers)
-        .map(|k| {
-            (
-                format!("{prefix}.{}.weight", 2 * k),
-                format!("{prefix}.{}.bias", 2 * k),
-            )
-        })
-        .collect()
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {

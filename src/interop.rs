@@ -12,12 +12,12 @@
 //! module 2k.) Optimizer state is not part of a state_dict and is not exported.
 
 use crate::cancel::{Cancel, Interrupted, PartialFile, note_removed};
-use crate::checkpoint::{LoadOptions, layer_names, read_tensor};
-use crate::config::{Architecture, InteractionOp, interaction_width, join};
+use crate::checkpoint::{LoadOptions, read_tensor};
 use crate::model::OptimizerKind;
+use crate::model::architecture::{Architecture, InteractionOp, interaction_width, join};
 use crate::model::dlrm::Dlrm;
 use crate::model::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind};
-use crate::model::mlp::Mlp;
+use crate::model::mlp::{Mlp, layer_names};
 use crate::rng::SplitMix64;
 use anyhow::{Context, Result, bail, ensure};
 use safetensors::{Dtype, SafeTensors};

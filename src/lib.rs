@@ -8,8 +8,11 @@ pub mod data;
 pub mod interop;
 pub mod metrics;
 pub mod model;
+pub mod names;
 pub mod predict;
 pub mod rng;
+pub mod schedule;
+pub mod spec;
 pub mod train;
 
 pub use dlrm_kernels as kernels;

@@ -7,6 +7,7 @@ use crate::data::Batch;
 use crate::data::criteo::{NUM_CATEGORICAL, NUM_DENSE, RawRow, dense_feature, parse_line};
 use crate::data::preprocess::{Encoder, LineError};
 use crate::model::Model;
+use crate::names::Field;
 use crate::train::{ensure_finite_predictions, reserve_checked};
 use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
@@ -101,7 +102,7 @@ pub fn score_file(
     let mut text = String::new();
     // A round of lines is the most one forward pass can take.
     let batch_size = opts.batch_size.min(LINES_PER_ROUND);
-    reserve_checked(model, batch_size, false, "--mini-batch-size")?;
+    reserve_checked(model, batch_size, false, Field::BatchSize)?;
     loop {
         opts.cancel.check()?;
         lines.clear();

@@ -7,7 +7,11 @@ use crate::checkpoint::{self, TrainState};
 use crate::data::Batch;
 use crate::metrics::EvalMetrics;
 use crate::model::{Model, OptimizerKind, ParameterScope, PhaseSeconds, Task};
+use crate::names::{Field, FieldError, FieldNames, ensure_field};
 use crate::rng::{SplitMix64, derive_key};
+
+pub use crate::data::DataSource;
+pub use crate::schedule::{LrSchedule, ensure_learning_rate};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -58,88 +62,6 @@ pub trait TrainObserver {
 pub struct Quiet;
 
 impl TrainObserver for Quiet {}
-
-/// Where batches come from: an in-memory generator or a mapped dataset.
-pub trait DataSource: Sync {
-    /// Training samples in one epoch.
-    fn train_len(&self) -> u64;
-    /// Held-out samples.
-    fn test_len(&self) -> u64;
-    /// Fills `batch` with training samples `first .. first + size`.
-    fn fill_train(&self, first: u64, size: usize, batch: &mut Batch) -> Result<()>;
-    /// Fills `batch` with held-out samples `first .. first + size`.
-    fn fill_test(&self, first: u64, size: usize, batch: &mut Batch) -> Result<()>;
-    /// The AUC of the labels' own generating model on the held-out samples, when known.
-    fn ceiling_auc(&self) -> Option<f64> {
-        None
-    }
-    /// Whether batch order should be shuffled every epoch (real data), or kept (synthetic data
-    /// that is already random).
-    fn shuffle(&self) -> bool {
-        false
-    }
-}
-
-/// The reference's learning-rate policy (dlrm_s_pytorch.py LRPolicyScheduler): linear warm-up,
-/// then constant, then a quadratic decay to a floor, then frozen at its last value.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct LrSchedule {
-    pub base: f32,
-    pub warmup_steps: u64,
-    pub decay_start_step: u64,
-    pub decay_steps: u64,
-}
-
-impl LrSchedule {
-    /// A constant learning rate (no warm-up, no decay).
-    pub fn constant(base: f32) -> LrSchedule {
-        LrSchedule {
-            base,
-            warmup_steps: 0,
-            decay_start_step: 0,
-            decay_steps: 0,
-        }
-    }
-
-    /// Learning rate for step `step` (0-based: the first update is step 0).
-    pub fn at(&self, step: u64) -> f32 {
-        // The reference's scheduler counts from 1 when the first update runs.
-        let s = step + 1;
-        let decay_end = self.decay_start_step + self.decay_steps;
-        if s < self.warmup_steps {
-            self.base * (1.0 - (self.warmup_steps - s) as f32 / self.warmup_steps as f32)
-        } else if self.decay_steps > 0 && self.decay_start_step <= s && s < decay_end {
-            let left = (decay_end - s) as f32 / self.decay_steps as f32;
-            (self.base * left * left).max(1e-7)
-        } else if self.decay_steps > 0 && s >= decay_end {
-            (self.base * (1.0 / self.decay_steps as f32).powi(2)).max(1e-7)
-        } else {
-            self.base
-        }
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        ensure_learning_rate("--learning-rate", self.base)?;
-        if self.decay_steps > 0 && self.decay_start_step < self.warmup_steps {
-            anyhow::bail!(
-                "--lr-decay-start-step {} is before the end of the warm-up (--lr-num-warmup-steps {}): the warm-up must finish before the decay starts",
-                self.decay_start_step,
-                self.warmup_steps
-            );
-        }
-        Ok(())
-    }
-}
-
-/// Refuses a learning rate (of `flag`) that is not a positive number: 0 trains nothing, a
-/// negative rate ascends the loss, NaN and infinity destroy the parameters at the first step.
-pub fn ensure_learning_rate(flag: &str, lr: f32) -> Result<()> {
-    anyhow::ensure!(
-        lr.is_finite() && lr > 0.0,
-        "{flag} {lr}: must be a positive number"
-    );
-    Ok(())
-}
 
 /// What a training run does.
 #[derive(Clone, Debug)]
@@ -247,14 +169,33 @@ fn warmup_steps(total: u64) -> u64 {
 /// Training stopped because the model diverged: the loss or a parameter is NaN or infinite.
 /// Returned inside the `anyhow::Error` of [`train`], so callers can tell it from other
 /// failures (`downcast_ref`).
-#[derive(Clone, Debug, PartialEq, thiserror::Error)]
-#[error("{what} at step {step}; training stopped (lower --learning-rate, or check the data)")]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Diverged {
     /// Steps completed, the diverging one included.
     pub step: u64,
     /// What became non-finite.
     pub what: String,
 }
+
+impl Diverged {
+    /// The message with the learning rate named by `names`.
+    pub fn render(&self, names: FieldNames<'_>) -> String {
+        format!(
+            "{} at step {}; training stopped (lower {}, or check the data)",
+            self.what,
+            self.step,
+            names(Field::LearningRate)
+        )
+    }
+}
+
+impl std::fmt::Display for Diverged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.render(&Field::name))
+    }
+}
+
+impl std::error::Error for Diverged {}
 
 /// Steps between scans of the dense parameters when the options ask for no progress reports
 /// (`print_freq` 0): the scan then keeps its own interval.
@@ -275,8 +216,12 @@ fn ensure_finite_parameters(model: &dyn Model, scope: ParameterScope, step: u64)
 
 /// Batches in one pass over `train_len` training samples, and steps per epoch.
 fn steps_per_epoch(opts: &TrainOptions, train_len: u64) -> Result<(u64, u64)> {
-    anyhow::ensure!(opts.batch_size > 0, "--mini-batch-size must be at least 1");
-    anyhow::ensure!(opts.nepochs > 0, "--nepochs must be at least 1");
+    ensure_field(opts.batch_size > 0, |n| {
+        format!("{} must be at least 1", n(Field::BatchSize))
+    })?;
+    ensure_field(opts.nepochs > 0, |n| {
+        format!("{} must be at least 1", n(Field::Epochs))
+    })?;
     anyhow::ensure!(train_len > 0, "the training data is empty");
     let bs = opts.batch_size as u64;
     let partial = !train_len.is_multiple_of(bs) && opts.keep_last_batch;
@@ -297,9 +242,11 @@ fn steps_per_epoch(opts: &TrainOptions, train_len: u64) -> Result<(u64, u64)> {
 /// [`train`] runs to, from step 0 or from a resumed state.
 pub fn total_steps(opts: &TrainOptions, train_len: u64) -> Result<u64> {
     let (_, per_epoch) = steps_per_epoch(opts, train_len)?;
-    per_epoch
-        .checked_mul(opts.nepochs as u64)
-        .context("--num-batches x --nepochs overflows")
+    let epochs = opts.nepochs as u64;
+    per_epoch.checked_mul(epochs).ok_or_else(|| {
+        FieldError::new(|n| format!("{} x {} overflows", n(Field::NumBatches), n(Field::Epochs)))
+            .into()
+    })
 }
 
 /// Bytes of memory available for new allocations: `MemAvailable` of /proc/meminfo, or
@@ -321,33 +268,64 @@ fn mem_available(meminfo: &str) -> Option<u64> {
 /// Refuses buffers of `what` that need more than the available memory: `count` items of
 /// `bytes_each` bytes (checked: a product that overflows is refused too). Returns the bytes.
 pub fn ensure_fits_in_memory(what: &str, count: u64, bytes_each: u64) -> Result<u64> {
+    fits_in_memory(count, bytes_each).map_err(|short| anyhow::anyhow!("{what} {short}"))
+}
+
+/// Memory that `count` items of `bytes_each` bytes would need beyond what is available.
+#[derive(Clone, Copy, Debug)]
+pub struct MemoryShortfall {
+    count: u64,
+    bytes_each: u64,
+    available: u64,
+}
+
+impl std::fmt::Display for MemoryShortfall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let MemoryShortfall {
+            count,
+            bytes_each,
+            available,
+        } = *self;
+        let needed = count
+            .checked_mul(bytes_each)
+            .map_or_else(|| "more than 2^64".to_string(), |n| n.to_string());
+        write!(
+            f,
+            "need {needed} bytes ({count} x {bytes_each}), but only {available} bytes of memory are available"
+        )
+    }
+}
+
+/// The bytes of `count` items of `bytes_each` bytes, when they fit in the available memory.
+pub fn fits_in_memory(count: u64, bytes_each: u64) -> Result<u64, MemoryShortfall> {
     let available = available_memory_bytes();
-    let needed = count.checked_mul(bytes_each);
-    match needed {
+    match count.checked_mul(bytes_each) {
         Some(n) if n <= available => Ok(n),
-        _ => anyhow::bail!(
-            "{what} need {} bytes ({count} x {bytes_each}), but only {available} bytes of memory are available",
-            needed.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string())
-        ),
+        _ => Err(MemoryShortfall {
+            count,
+            bytes_each,
+            available,
+        }),
     }
 }
 
 /// Reserves the model's buffers for batches of `batch` samples, after checking that they fit
-/// in memory (with the batch's own arrays, `what` naming the flag that sized them).
+/// in memory (with the batch's own arrays, `size` naming the setting that sized them).
 pub fn reserve_checked(
     model: &mut dyn Model,
     batch: usize,
     training: bool,
-    what: &str,
+    size: Field,
 ) -> Result<()> {
     // The batch arrays: dense values, labels, and an id and an offset per table.
     let batch_floats = model.num_dense() + 1 + 2 * model.num_tables();
     let floats = model.buffer_floats_per_sample(training) + batch_floats;
-    ensure_fits_in_memory(
-        &format!("the buffers of {what} {batch}"),
-        batch as u64,
-        4 * floats as u64,
-    )?;
+    if let Err(short) = fits_in_memory(batch as u64, 4 * floats as u64) {
+        return Err(FieldError::new(move |n| {
+            format!("the buffers of {} {batch} {short}", n(size))
+        })
+        .into());
+    }
     if training {
         model.reserve(batch);
     } else {
@@ -445,10 +423,9 @@ pub fn train(
 ) -> Result<TrainReport> {
     let cancel = &opts.cancel;
     opts.lr.validate()?;
-    anyhow::ensure!(
-        opts.test_batch_size > 0,
-        "--test-mini-batch-size must be at least 1"
-    );
+    ensure_field(opts.test_batch_size > 0, |n| {
+        format!("{} must be at least 1", n(Field::TestBatchSize))
+    })?;
     let train_len = data.train_len();
     let (data_batches, per_epoch) = steps_per_epoch(opts, train_len)?;
     let total_steps = total_steps(opts, train_len)?;
@@ -462,8 +439,8 @@ pub fn train(
     // No batch is larger than the data it is drawn from.
     let train_batch = bs.min(train_len) as usize;
     let test_batch = (opts.test_batch_size as u64).min(data.test_len()) as usize;
-    reserve_checked(model, train_batch, true, "--mini-batch-size")?;
-    reserve_checked(model, test_batch, false, "--test-mini-batch-size")?;
+    reserve_checked(model, train_batch, true, Field::BatchSize)?;
+    reserve_checked(model, test_batch, false, Field::TestBatchSize)?;
 
     let nd = model.num_dense();
     let nt = model.num_tables();

@@ -4,7 +4,7 @@
 
 use dlrm::cancel::Cancel;
 use dlrm::data::binary::{BinaryDataset, DatasetHeader, DatasetSplit};
-use dlrm::data::preprocess::{EncodingChoice, PreprocessOptions, Sources, preprocess};
+use dlrm::data::preprocess::{EncodingChoice, PreprocessOptions, Progress, Sources, preprocess};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -572,7 +572,7 @@ fn first_seen_dictionaries_do_not_depend_on_threads_or_chunks() {
             skip_bad_lines: false,
             shuffle_seed: None,
             chunk_bytes,
-            progress: false,
+            progress: Progress::none(),
             cancel: Cancel::never(),
         };
         let pool = rayon::ThreadPoolBuilder::new()

@@ -36,16 +36,17 @@ use super::binary::{
 };
 use super::criteo::{NUM_CATEGORICAL, NUM_DENSE, ParseError, RawRow, dense_feature, parse_line};
 use crate::cancel::{Cancel, note_removed, partial_path, remove_stale_partials};
+use crate::names::{Field, ensure_field};
 use crate::rng::{SplitMix64, counter_hash, derive_key};
 use anyhow::{Context, Result};
 use dlrm_kernels::simd::prefetch_read;
-use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use serde::Serialize;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 use thiserror::Error;
 
@@ -103,6 +104,75 @@ pub enum EncodingChoice {
     Like(PathBuf),
 }
 
+/// Watches the passes of preprocessing (the CLI draws a progress bar); every method has an
+/// empty default. Called from the pool's threads.
+pub trait PassObserver: Send + Sync {
+    /// A pass named `what` over `bytes` bytes of input starts.
+    fn started(&self, what: &'static str, bytes: u64) {
+        let _ = (what, bytes);
+    }
+    /// `bytes` more bytes of the pass are done.
+    fn advanced(&self, bytes: u64) {
+        let _ = bytes;
+    }
+    /// Rows per second of the pass so far.
+    fn rate(&self, rows_per_sec: f64) {
+        let _ = rows_per_sec;
+    }
+    /// The pass is over.
+    fn finished(&self) {}
+}
+
+/// The observer of a preprocessing run, if any.
+#[derive(Clone)]
+pub struct Progress(Option<Arc<dyn PassObserver>>);
+
+impl Progress {
+    /// Nobody watches.
+    pub fn none() -> Progress {
+        Progress(None)
+    }
+
+    pub fn new(observer: Arc<dyn PassObserver>) -> Progress {
+        Progress(Some(observer))
+    }
+
+    fn start(&self, what: &'static str, bytes: u64) -> &Progress {
+        if let Some(o) = &self.0 {
+            o.started(what, bytes);
+        }
+        self
+    }
+
+    fn inc(&self, bytes: u64) {
+        if let Some(o) = &self.0 {
+            o.advanced(bytes);
+        }
+    }
+
+    fn set_rate(&self, rows_per_sec: f64) {
+        if let Some(o) = &self.0 {
+            o.rate(rows_per_sec);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(o) = &self.0 {
+            o.finished();
+        }
+    }
+}
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Progress(watched)"
+        } else {
+            "Progress(none)"
+        })
+    }
+}
+
 /// What `dlrm preprocess` does.
 #[derive(Clone, Debug)]
 pub struct PreprocessOptions {
@@ -119,7 +189,8 @@ pub struct PreprocessOptions {
     /// Size of the chunks parsed in parallel ([`CHUNK_BYTES`]; the output does not depend on
     /// it).
     pub chunk_bytes: u64,
-    pub progress: bool,
+    /// Who watches the passes (a progress bar in the CLI; [`Progress::none`] for nobody).
+    pub progress: Progress,
     /// Checked between rounds of chunks (`Cancel::never()` for work that is not cancelled).
     pub cancel: Cancel,
 }
@@ -337,10 +408,12 @@ fn hash_value(value: Option<u32>, max_ind_range: u64) -> u32 {
 }
 
 fn check_max_ind_range(max_ind_range: u64) -> Result<()> {
-    anyhow::ensure!(
-        (1..=1 << 32).contains(&max_ind_range),
-        "--max-ind-range must be between 1 and 2^32 (ids are 32-bit), not {max_ind_range}"
-    );
+    ensure_field((1..=1 << 32).contains(&max_ind_range), move |n| {
+        format!(
+            "{} must be between 1 and 2^32 (ids are 32-bit), not {max_ind_range}",
+            n(Field::MaxIndRange)
+        )
+    })?;
     Ok(())
 }
 
@@ -581,7 +654,7 @@ fn plan_file(
     input: &mut Input,
     first_row: u64,
     chunk_bytes: u64,
-    bar: &ProgressBar,
+    bar: &Progress,
 ) -> Result<Vec<Chunk>> {
     let len = input.bytes;
     let reader: &Input = input;
@@ -746,29 +819,11 @@ impl Pass<'_> {
     }
 }
 
-fn progress_bar(show: bool, bytes: u64, what: &'static str) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(bytes);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix:>12} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {decimal_bytes_per_sec} {msg}",
-        )
-        .expect("valid template"),
-    );
-    bar.set_prefix(what);
-    bar
-}
-
 /// Updates a bar after a round: its bytes, and the rows per second so far.
-fn advance(bar: &ProgressBar, round: &[Chunk], rows: &mut u64, since: Instant) {
+fn advance(bar: &Progress, round: &[Chunk], rows: &mut u64, since: Instant) {
     bar.inc(round.iter().map(|c| c.end - c.start).sum());
     *rows += round.iter().map(|c| c.lines).sum::<u64>();
-    bar.set_message(format!(
-        "{:.0} rows/s",
-        *rows as f64 / since.elapsed().as_secs_f64().max(1e-9)
-    ));
+    bar.set_rate(*rows as f64 / since.elapsed().as_secs_f64().max(1e-9));
 }
 
 /// Pass 2: each table's values in the training lines, counted.
@@ -776,7 +831,7 @@ fn count_values(
     cx: &Pass,
     chunks: &[Chunk],
     min_frequency: u64,
-    bar: &ProgressBar,
+    bar: &Progress,
 ) -> Result<Encoder> {
     let end_row = cx.boundaries[0];
     let train_chunks: Vec<Chunk> = chunks
@@ -823,7 +878,7 @@ fn first_seen_values(
     cx: &Pass,
     chunks: &[Chunk],
     max_ind_range: u64,
-    bar: &ProgressBar,
+    bar: &Progress,
 ) -> Result<Encoder> {
     let mut dicts: Vec<Dictionary> = (0..NUM_CATEGORICAL)
         .map(|_| Dictionary::default())
@@ -899,7 +954,7 @@ impl Buckets {
         mut self,
         labelled: bool,
         out: &mut SplitWriter,
-        bar: &ProgressBar,
+        bar: &Progress,
         cancel: &Cancel,
     ) -> Result<()> {
         for (path, file) in self.paths.iter().zip(&mut self.files) {
@@ -955,7 +1010,7 @@ fn encode_rows(
     encoder: &Encoder,
     writers: &mut [SplitWriter],
     mut buckets: Option<&mut Buckets>,
-    bar: &ProgressBar,
+    bar: &Progress,
 ) -> Result<BadLines> {
     let bucket_key = buckets.as_ref().map(|b| (b.key, b.paths.len()));
     let mut bad = BadLines::default();
@@ -1089,11 +1144,17 @@ fn run_passes(opts: &PreprocessOptions, cancel: &Cancel) -> Result<PreprocessSum
     let started = Instant::now();
     let (paths, rule): (Vec<&PathBuf>, SplitRule) = match &opts.sources {
         Sources::Weights { files, weights } => {
-            anyhow::ensure!(
+            let weights_given = *weights;
+            ensure_field(
                 weights.iter().all(|w| w.is_finite() && *w >= 0.0)
                     && weights.iter().sum::<f64>() > 0.0,
-                "--split: weights must be non-negative numbers, not all 0 (got {weights:?})"
-            );
+                move |n| {
+                    format!(
+                        "{}: weights must be non-negative numbers, not all 0 (got {weights_given:?})",
+                        n(Field::Split)
+                    )
+                },
+            )?;
             (files.iter().collect(), SplitRule::Weights(*weights))
         }
         Sources::Days { train, eval } => (
@@ -1140,7 +1201,9 @@ fn run_passes(opts: &PreprocessOptions, cancel: &Cancel) -> Result<PreprocessSum
             PendingEncoding::Ready(Encoder::hash(*max_ind_range)?)
         }
         EncodingChoice::New(Encoding::Dictionary { min_frequency }) => {
-            anyhow::ensure!(*min_frequency >= 1, "--min-frequency must be at least 1");
+            ensure_field(*min_frequency >= 1, |n| {
+                format!("{} must be at least 1", n(Field::MinFrequency))
+            })?;
             PendingEncoding::Count {
                 min_frequency: *min_frequency,
             }
@@ -1168,15 +1231,15 @@ fn run_passes(opts: &PreprocessOptions, cancel: &Cancel) -> Result<PreprocessSum
 
     // Pass 1: chunks and lines.
     let t = Instant::now();
-    let bar = progress_bar(opts.progress, bytes, "lines");
+    let bar = opts.progress.start("lines", bytes);
     let mut chunks = Vec::new();
     let mut rows_before = 0;
     for (i, input) in inputs.iter_mut().enumerate() {
         cancel.check()?;
-        chunks.extend(plan_file(i, input, rows_before, opts.chunk_bytes, &bar)?);
+        chunks.extend(plan_file(i, input, rows_before, opts.chunk_bytes, bar)?);
         rows_before += input.lines;
     }
-    bar.finish_and_clear();
+    bar.finish();
     let lines = rows_before;
     let (boundaries, run_splits) = segments(&opts.sources, &inputs);
     let cx = Pass {
@@ -1199,15 +1262,15 @@ fn run_passes(opts: &PreprocessOptions, cancel: &Cancel) -> Result<PreprocessSum
                 .filter(|c| c.first_row < cx.boundaries[0])
                 .map(|c| c.end - c.start)
                 .sum();
-            let bar = progress_bar(opts.progress, train_bytes, "dictionaries");
-            let e = count_values(&cx, &chunks, min_frequency, &bar)?;
-            bar.finish_and_clear();
+            let bar = opts.progress.start("dictionaries", train_bytes);
+            let e = count_values(&cx, &chunks, min_frequency, bar)?;
+            bar.finish();
             e
         }
         PendingEncoding::FirstSeen { max_ind_range } => {
-            let bar = progress_bar(opts.progress, bytes, "dictionaries");
-            let e = first_seen_values(&cx, &chunks, max_ind_range, &bar)?;
-            bar.finish_and_clear();
+            let bar = opts.progress.start("dictionaries", bytes);
+            let e = first_seen_values(&cx, &chunks, max_ind_range, bar)?;
+            bar.finish();
             e
         }
     };
@@ -1231,9 +1294,9 @@ fn run_passes(opts: &PreprocessOptions, cancel: &Cancel) -> Result<PreprocessSum
         }
         None => None,
     };
-    let bar = progress_bar(opts.progress, bytes, "encode");
-    let bad = encode_rows(&cx, &chunks, &encoder, &mut writers, buckets.as_mut(), &bar)?;
-    bar.finish_and_clear();
+    let bar = opts.progress.start("encode", bytes);
+    let bad = encode_rows(&cx, &chunks, &encoder, &mut writers, buckets.as_mut(), bar)?;
+    bar.finish();
     anyhow::ensure!(
         bad.count < lines,
         "no rows to write: all {lines} lines are bad and were left out by --skip-bad-lines (the first: {})",
@@ -1245,10 +1308,10 @@ fn run_passes(opts: &PreprocessOptions, cancel: &Cancel) -> Result<PreprocessSum
     let t = Instant::now();
     if let Some(b) = buckets {
         let bucket_bytes = cx.boundaries[0] * record_bytes(opts.labelled) as u64;
-        let bar = progress_bar(opts.progress, bucket_bytes, "shuffle");
-        b.finish(opts.labelled, &mut writers[0], &bar, cancel)?;
+        let bar = opts.progress.start("shuffle", bucket_bytes);
+        b.finish(opts.labelled, &mut writers[0], bar, cancel)?;
         std::fs::remove_dir(tmp.path.join("shuffle")).context("removing the shuffle folder")?;
-        bar.finish_and_clear();
+        bar.finish();
     }
     secs.shuffle = t.elapsed().as_secs_f64();
 

@@ -11,13 +11,13 @@
 //!
 //! Every buffer is sized once for the largest batch, so a step allocates nothing.
 
+use super::architecture::{Architecture, InteractionOp};
 use super::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind, create_tables};
 use super::mlp::Mlp;
 use super::{
     ADAGRAD_EPS, BatchError, Model, OptimizerKind, PhaseSeconds, Stopwatch, Task,
     mlp_floats_per_sample, mlp_parameters, validate_batch,
 };
-use crate::config::{Architecture, InteractionOp};
 use crate::data::Batch;
 use crate::rng::{SplitMix64, derive_key};
 use dlrm_kernels::activation::{bce_with_logits, sigmoid};

@@ -2,11 +2,14 @@
 //! and socket by socket. Flags and orchestration only; the work is in the `dlrm_tools` library.
 
 use anyhow::{Context, Result};
-use clap::{Parser, ValueEnum};
-use dlrm::config::{Architecture, InteractionOp, Preset, join, parse_dims};
+use clap::Parser;
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+use dlrm::config::Preset;
 use dlrm::data::synthetic::{Generation, SyntheticConfig};
 use dlrm::model::OptimizerKind;
+use dlrm::model::architecture::parse_dims;
 use dlrm::model::embedding_tables::interleave_memory;
+use dlrm::names::{Choice, Field, parse_choice};
 use dlrm_tools::measure::Schedule;
 use dlrm_tools::study::{StudyOptions, busy_warning, run};
 use dlrm_tools::sweep::{boundaries, default_sweep, parse_threads};
@@ -37,19 +40,19 @@ struct Args {
     #[arg(long, value_enum, default_value_t = WorkloadKind::Train)]
     workload: WorkloadKind,
     /// The `dlrm train` preset the model, data and batch come from.
-    #[arg(long, value_enum, default_value_t = Preset::Kaggle)]
+    #[arg(long, value_parser = choice::<Preset>(), default_value_t = Preset::Kaggle)]
     preset: Preset,
     /// Samples per step (per thread count 1 with --weak); default: the preset's.
     #[arg(long)]
     mini_batch_size: Option<usize>,
     /// Optimizer of the training and sparse-update workloads.
-    #[arg(long, value_enum, default_value_t = OptimizerKind::Sgd)]
+    #[arg(long, value_parser = choice::<OptimizerKind>(), default_value_t = OptimizerKind::Sgd)]
     optimizer: OptimizerKind,
     /// Learning rate; default: the preset's.
     #[arg(long)]
     learning_rate: Option<f32>,
     /// How synthetic ids and labels are drawn (as `dlrm train --data-generation`).
-    #[arg(long, value_enum, default_value_t = Generation::Teacher)]
+    #[arg(long, value_parser = choice::<Generation>(), default_value_t = Generation::Teacher)]
     data_generation: Generation,
     /// Exponent of the Zipf distribution of ids.
     #[arg(long, default_value_t = 1.05)]
@@ -103,6 +106,15 @@ struct Args {
     topology: bool,
 }
 
+/// The parser of a library enumeration's values by their names, offered with their help.
+fn choice<T: Choice>() -> impl TypedValueParser<Value = T> {
+    PossibleValuesParser::new(T::ALL.iter().map(|&v| match v.help() {
+        "" => PossibleValue::new(v.name()),
+        help => PossibleValue::new(v.name()).help(help),
+    }))
+    .try_map(|name| parse_choice::<T>(&name))
+}
+
 fn main() {
     if let Err(e) = main_result() {
         eprintln!("error: {e:#}");
@@ -125,19 +137,12 @@ fn main_result() -> Result<()> {
     }
 
     let p = a.preset.values();
-    let mut arch = Architecture::from_flags(
-        p.embedding_dim,
-        &join(&p.table_sizes),
-        p.bottom,
-        p.top,
-        InteractionOp::Dot,
-        false,
-    )?;
+    let mut arch = p.architecture();
     if let Some(cap) = p.max_ind_range {
         arch.table_sizes.iter_mut().for_each(|r| *r = (*r).min(cap));
     }
     let gemm_in_out = match &a.gemm_layer {
-        Some(s) => match parse_dims("--gemm-layer", s)?[..] {
+        Some(s) => match parse_dims(Field::Named("--gemm-layer"), s)?[..] {
             [i, o] => (i, o),
             _ => anyhow::bail!("--gemm-layer: '{s}' must be two widths, IN-OUT (e.g. 367-512)"),
         },
@@ -213,10 +218,7 @@ fn main_result() -> Result<()> {
     } else {
         a.placement.to_string()
     };
-    let preset = a
-        .preset
-        .to_possible_value()
-        .map_or_else(String::new, |v| v.get_name().to_string());
+    let preset = a.preset.name();
     let title = format!(
         "{} | {preset} preset | batch {batch}{} ({scaling} scaling) | {placement}",
         a.workload.name(),

@@ -8,8 +8,8 @@
 //! main thread.
 
 use anyhow::{Context, Result, ensure};
-use dlrm::config::Architecture;
 use dlrm::data::Batch;
+use dlrm::model::architecture::Architecture;
 use dlrm::model::dlrm::Dlrm;
 use dlrm::model::embedding_tables::{EmbeddingTable, OptimizerState, StorageKind};
 use dlrm::model::{Model, OptimizerKind, PhaseSeconds};
