@@ -11,10 +11,9 @@ use dlrm::config::Preset;
 use dlrm::data::binary::{BinaryDataset, DatasetSplit};
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
 use dlrm::metrics::format_auc;
-use dlrm::model::architecture::{Architecture, parse_dims};
+use dlrm::model::architecture::Architecture;
 use dlrm::model::embedding_tables::StorageKind;
 use dlrm::model::{ModelKind, OptimizerKind};
-use dlrm::names::Field;
 use dlrm::spec::{
     ArchitectureOverrides, ModelOptions, build_model, describe, open_training_dataset,
     resolve_architecture,
@@ -53,14 +52,14 @@ pub struct CompareArgs {
     #[arg(long)]
     arch_sparse_feature_size: Option<usize>,
     /// Rows of each embedding table, dash-separated (with --dataset: the dataset's).
-    #[arg(long, conflicts_with = "dataset")]
-    arch_embedding_size: Option<String>,
+    #[arg(long, value_delimiter = '-', conflicts_with = "dataset")]
+    arch_embedding_size: Option<Vec<usize>>,
     /// DLRM's bottom MLP (the paper's Criteo Kaggle configuration by default).
-    #[arg(long, default_value = "13-512-256-64-16")]
-    arch_mlp_bot: String,
+    #[arg(long, value_delimiter = '-', default_value = "13-512-256-64-16")]
+    arch_mlp_bot: Vec<usize>,
     /// DLRM's top MLP, without its input.
-    #[arg(long, default_value = "512-256-1")]
-    arch_mlp_top: String,
+    #[arg(long, value_delimiter = '-', default_value = "512-256-1")]
+    arch_mlp_top: Vec<usize>,
     #[command(flatten)]
     models_flags: ModelFlags,
 
@@ -197,26 +196,28 @@ pub fn run(a: CompareArgs) -> Result<()> {
 /// compare.csv, written a run at a time: the header when created, each run's rows when the
 /// run ends, so the runs that finished are kept whatever happens to the later ones.
 struct CsvTable {
-    file: std::fs::File,
+    writer: csv::Writer<std::fs::File>,
     path: PathBuf,
 }
 
 impl CsvTable {
     fn create(path: &Path) -> Result<CsvTable> {
         let mut table = CsvTable {
-            file: std::fs::File::create(path)
+            writer: csv::Writer::from_path(path)
                 .with_context(|| format!("creating {}", path.display()))?,
             path: path.to_path_buf(),
         };
-        table.append(CSV_HEADER)?;
+        table.append(&[CSV_HEADER.map(String::from).to_vec()])?;
         Ok(table)
     }
 
-    fn append(&mut self, rows: &str) -> Result<()> {
-        use std::io::Write as _;
-        self.file
-            .write_all(rows.as_bytes())
-            .and_then(|()| self.file.flush())
+    /// Writes `records` and flushes them to the file.
+    fn append(&mut self, records: &[Vec<String>]) -> Result<()> {
+        records
+            .iter()
+            .try_for_each(|r| self.writer.write_record(r))
+            .map_err(anyhow::Error::from)
+            .and_then(|()| Ok(self.writer.flush()?))
             .with_context(|| format!("writing {}", self.path.display()))
     }
 }
@@ -262,13 +263,9 @@ fn check_flags(a: &CompareArgs) -> Result<()> {
 fn architecture(a: &CompareArgs, dataset: Option<&BinaryDataset>) -> Result<Architecture> {
     let given = ArchitectureOverrides {
         embedding_dim: a.arch_sparse_feature_size,
-        table_sizes: a
-            .arch_embedding_size
-            .as_deref()
-            .map(|s| parse_dims(Field::TableSizes, s))
-            .transpose()?,
-        bottom: Some(parse_dims(Field::Bottom, &a.arch_mlp_bot)?),
-        top: Some(parse_dims(Field::Top, &a.arch_mlp_top)?),
+        table_sizes: a.arch_embedding_size.clone(),
+        bottom: Some(a.arch_mlp_bot.clone()),
+        top: Some(a.arch_mlp_top.clone()),
         ..ArchitectureOverrides::default()
     };
     resolve_architecture(&a.preset.values(), &given, dataset)
@@ -369,39 +366,56 @@ fn optimizer_name(o: OptimizerKind) -> &'static str {
 }
 
 /// The columns of compare.csv.
-const CSV_HEADER: &str = "model,optimizer,learning_rate,step,samples,loss,accuracy,auc,ne,status\n";
+const CSV_HEADER: [&str; 10] = [
+    "model",
+    "optimizer",
+    "learning_rate",
+    "step",
+    "samples",
+    "loss",
+    "accuracy",
+    "auc",
+    "ne",
+    "status",
+];
 
 /// A run's rows: one per evaluation (model, optimizer, learning rate, step, samples seen, the
 /// held-out log loss, accuracy, AUC and normalized entropy, status `ok`), or for a run that
 /// diverged one row at the step it stopped, metrics empty, status `diverged`.
-fn csv_rows(r: &Run) -> String {
-    let mut s = String::new();
+fn csv_rows(r: &Run) -> Vec<Vec<String>> {
     let (model, optimizer) = (r.model.name(), optimizer_name(r.optimizer));
+    let row = |step: u64, rest: [String; 6]| {
+        [model, optimizer]
+            .map(String::from)
+            .into_iter()
+            .chain([r.learning_rate.to_string(), step.to_string()])
+            .chain(rest)
+            .collect()
+    };
     match &r.outcome {
-        Ok(report) => {
-            for e in &report.evals {
-                writeln!(
-                    s,
-                    "{model},{optimizer},{},{},{},{:.6},{:.6},{:.6},{:.6},ok",
-                    r.learning_rate,
+        Ok(report) => report
+            .evals
+            .iter()
+            .map(|e| {
+                row(
                     e.step,
-                    e.step * report.batch_size as u64,
-                    e.loss,
-                    e.accuracy,
-                    e.auc,
-                    e.ne
+                    [
+                        (e.step * report.batch_size as u64).to_string(),
+                        format!("{:.6}", e.loss),
+                        format!("{:.6}", e.accuracy),
+                        format!("{:.6}", e.auc),
+                        format!("{:.6}", e.ne),
+                        "ok".to_string(),
+                    ],
                 )
-                .expect("writing to a String");
-            }
+            })
+            .collect(),
+        Err(d) => {
+            let mut empty = [(); 6].map(|()| String::new());
+            empty[5] = "diverged".to_string();
+            vec![row(d.step, empty)]
         }
-        Err(d) => writeln!(
-            s,
-            "{model},{optimizer},{},{},,,,,,diverged",
-            r.learning_rate, d.step
-        )
-        .expect("writing to a String"),
     }
-    s
 }
 
 /// The final evaluation of every run, as a Markdown table.

@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 use clap::Args;
-use dlrm::model::architecture::parse_dims;
+use dlrm::model::architecture::check_dims;
 use dlrm::names::Field;
 use dlrm::spec::ModelOptions;
 
@@ -16,8 +16,8 @@ pub struct ModelFlags {
     pub cross_layers: usize,
     /// DCN, DCN-v2: widths of the deep network's layers, dash-separated (its input is the dense
     /// features and the embeddings side by side).
-    #[arg(long, default_value = "512-256")]
-    pub arch_mlp_deep: String,
+    #[arg(long, value_delimiter = '-', default_value = "512-256")]
+    pub arch_mlp_deep: Vec<usize>,
     /// FM, MF: L2 regularisation of the embedding rows each step looks up (added to their
     /// gradient times this factor, inside the fused sparse update).
     #[arg(long, default_value_t = 0.0)]
@@ -29,7 +29,10 @@ impl ModelFlags {
     pub fn options(&self) -> Result<ModelOptions> {
         Ok(ModelOptions {
             cross_layers: self.cross_layers,
-            deep: parse_dims(Field::Named("--arch-mlp-deep"), &self.arch_mlp_deep)?,
+            deep: {
+                check_dims(Field::Named("--arch-mlp-deep"), &self.arch_mlp_deep)?;
+                self.arch_mlp_deep.clone()
+            },
             weight_decay: self.weight_decay,
         })
     }

@@ -9,7 +9,7 @@ use dlrm::config::KAGGLE_TABLE_SIZES;
 use dlrm::data::Batch;
 use dlrm::data::criteo::SyntheticTsv;
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData};
-use dlrm::model::architecture::parse_dims;
+use dlrm::model::architecture::check_dims;
 use dlrm::names::Field;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::fs::File;
@@ -42,8 +42,8 @@ pub struct SynthArgs {
     #[arg(long)]
     rows: u64,
     /// Ids per categorical feature, 26 dash-separated sizes [default: the Kaggle table sizes]
-    #[arg(long)]
-    arch_embedding_size: Option<String>,
+    #[arg(long, value_delimiter = '-')]
+    arch_embedding_size: Option<Vec<usize>>,
     /// How ids and labels are drawn (teacher: labels a model can learn).
     #[arg(long, value_parser = choice::<Generation>(), default_value_t = Generation::Teacher)]
     data_generation: Generation,
@@ -64,7 +64,10 @@ pub fn run(a: SynthArgs, cancel: &Cancel) -> Result<()> {
     let Format::CriteoTsv = a.format;
     super::check_output(&a.out, &[], a.force)?;
     let table_sizes = match &a.arch_embedding_size {
-        Some(s) => parse_dims(Field::TableSizes, s)?,
+        Some(sizes) => {
+            check_dims(Field::TableSizes, sizes)?;
+            sizes.clone()
+        }
         None => KAGGLE_TABLE_SIZES.to_vec(),
     };
     ensure_zipf_alpha(a.zipf_alpha)?;

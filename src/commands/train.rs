@@ -12,10 +12,9 @@ use dlrm::data::binary::{BinaryDataset, DatasetSplit};
 use dlrm::data::preprocess::{CHUNK_BYTES, EncodingChoice, PreprocessOptions, preprocess};
 use dlrm::data::synthetic::{Generation, SyntheticConfig};
 use dlrm::metrics::{format_auc, format_ne};
-use dlrm::model::architecture::{Architecture, InteractionOp, join, parse_dims};
+use dlrm::model::architecture::{Architecture, InteractionOp, join};
 use dlrm::model::embedding_tables::StorageKind;
 use dlrm::model::{Model, ModelKind, OptimizerKind};
-use dlrm::names::Field;
 use dlrm::spec::{
     ArchitectureOverrides, DataSpec, RunSpec, open_training_dataset, resolve_architecture,
     thread_pool,
@@ -67,14 +66,14 @@ pub struct TrainArgs {
     #[arg(long)]
     arch_sparse_feature_size: Option<usize>,
     /// Rows of each embedding table, dash-separated (e.g. 1460-583-10131227).
-    #[arg(long)]
-    arch_embedding_size: Option<String>,
+    #[arg(long, value_delimiter = '-')]
+    arch_embedding_size: Option<Vec<usize>>,
     /// Bottom MLP widths, dense feature count first (e.g. 13-512-256-64-16).
-    #[arg(long)]
-    arch_mlp_bot: Option<String>,
+    #[arg(long, value_delimiter = '-')]
+    arch_mlp_bot: Option<Vec<usize>>,
     /// Top MLP widths without the input, which follows from the interaction (e.g. 512-256-1).
-    #[arg(long)]
-    arch_mlp_top: Option<String>,
+    #[arg(long, value_delimiter = '-')]
+    arch_mlp_top: Option<Vec<usize>>,
     /// Feature interaction: dot (pairwise dot products) or cat (concatenation).
     #[arg(long, default_value = "dot")]
     arch_interaction_op: InteractionOp,
@@ -370,14 +369,11 @@ fn open_data(a: &TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<Opti
 
 /// The architecture flags given.
 fn architecture_overrides(a: &TrainArgs) -> Result<ArchitectureOverrides> {
-    let dims = |field, value: &Option<String>| -> Result<Option<Vec<usize>>> {
-        Ok(value.as_deref().map(|v| parse_dims(field, v)).transpose()?)
-    };
     Ok(ArchitectureOverrides {
         embedding_dim: a.arch_sparse_feature_size,
-        table_sizes: dims(Field::TableSizes, &a.arch_embedding_size)?,
-        bottom: dims(Field::Bottom, &a.arch_mlp_bot)?,
-        top: dims(Field::Top, &a.arch_mlp_top)?,
+        table_sizes: a.arch_embedding_size.clone(),
+        bottom: a.arch_mlp_bot.clone(),
+        top: a.arch_mlp_top.clone(),
         interaction: Some(a.arch_interaction_op),
         self_interaction: a.arch_interaction_itself,
         max_ind_range: a.max_ind_range,
@@ -630,19 +626,19 @@ fn check_flags_match(a: &TrainArgs, cfg: &checkpoint::DlrmConfig) -> Result<()> 
         )?;
     }
     if let Some(t) = &a.arch_embedding_size
-        && *t != join(&arch.table_sizes)
+        && *t != arch.table_sizes
     {
-        mismatch("--arch-embedding-size", t.clone(), join(&arch.table_sizes))?;
+        mismatch("--arch-embedding-size", join(t), join(&arch.table_sizes))?;
     }
     if let Some(b) = &a.arch_mlp_bot
-        && *b != join(&arch.bottom)
+        && *b != arch.bottom
     {
-        mismatch("--arch-mlp-bot", b.clone(), join(&arch.bottom))?;
+        mismatch("--arch-mlp-bot", join(b), join(&arch.bottom))?;
     }
     if let Some(t) = &a.arch_mlp_top
-        && *t != arch.top_flag()
+        && t[..] != arch.top[1..]
     {
-        mismatch("--arch-mlp-top", t.clone(), arch.top_flag())?;
+        mismatch("--arch-mlp-top", join(t), arch.top_flag())?;
     }
     if let Some(o) = a.optimizer
         && o != cfg.optimizer

@@ -162,7 +162,7 @@ pub fn parse_dims(field: Field, value: &str) -> Result<Vec<usize>, ArchitectureE
 }
 
 /// Refuses an empty list of widths or a width of 0, naming `field`.
-fn check_dims(field: Field, dims: &[usize]) -> Result<(), ArchitectureError> {
+pub fn check_dims(field: Field, dims: &[usize]) -> Result<(), ArchitectureError> {
     if dims.is_empty() {
         return Err(ArchitectureError::Empty {
             field,
