@@ -1140,9 +1140,9 @@ pub fn preprocess(opts: &PreprocessOptions) -> Result<PreprocessSummary> {
     })
 }
 
-fn run_passes(opts: &PreprocessOptions, cancel: &Cancel) -> Result<PreprocessSummary> {
-    let started = Instant::now();
-    let (paths, rule): (Vec<&PathBuf>, SplitRule) = match &opts.sources {
+/// The input files in order, and the rule that splits their rows.
+fn source_paths(sources: &Sources) -> Result<(Vec<&PathBuf>, SplitRule)> {
+    Ok(match sources {
         Sources::Weights { files, weights } => {
             let weights_given = *weights;
             ensure_field(
@@ -1164,18 +1164,12 @@ fn run_passes(opts: &PreprocessOptions, cancel: &Cancel) -> Result<PreprocessSum
             },
         ),
         Sources::ReferenceKaggle { files } => (files.iter().collect(), SplitRule::ReferenceKaggle),
-    };
-    anyhow::ensure!(!paths.is_empty(), "no input files");
-    anyhow::ensure!(
-        opts.chunk_bytes > 0,
-        "the chunk size must be at least 1 byte"
-    );
-    anyhow::ensure!(
-        !opts.out.exists(),
-        "{} already exists: remove it or choose another output folder",
-        opts.out.display()
-    );
-    let mut inputs = paths
+    })
+}
+
+/// Opens every input file and reads its size.
+fn open_inputs(paths: &[&PathBuf]) -> Result<Vec<Input>> {
+    paths
         .iter()
         .map(|&p| {
             let file = File::open(p).with_context(|| format!("opening {}", p.display()))?;
@@ -1190,9 +1184,12 @@ fn run_passes(opts: &PreprocessOptions, cancel: &Cancel) -> Result<PreprocessSum
                 lines: 0,
             })
         })
-        .collect::<Result<Vec<_>>>()?;
-    // The encoding is checked (or loaded) before any pass.
-    let pending = match &opts.encoding {
+        .collect::<Result<Vec<_>>>()
+}
+
+/// The encoding chosen, checked or loaded before any pass.
+fn pending_encoding(choice: &EncodingChoice) -> Result<PendingEncoding> {
+    Ok(match choice {
         EncodingChoice::Like(dir) => PendingEncoding::Ready(
             Encoder::load(dir)
                 .with_context(|| format!("loading the encoding of {}", dir.display()))?,
@@ -1214,7 +1211,139 @@ fn run_passes(opts: &PreprocessOptions, cancel: &Cancel) -> Result<PreprocessSum
                 max_ind_range: *max_ind_range,
             }
         }
+    })
+}
+
+/// Pass 2: the encoder, from the dictionaries of the data when the encoding needs them.
+fn build_encoder(
+    cx: &Pass,
+    chunks: &[Chunk],
+    pending: PendingEncoding,
+    progress: &Progress,
+    bytes: u64,
+) -> Result<Encoder> {
+    Ok(match pending {
+        PendingEncoding::Ready(e) => e,
+        PendingEncoding::Count { min_frequency } => {
+            let train_bytes = chunks
+                .iter()
+                .filter(|c| c.first_row < cx.boundaries[0])
+                .map(|c| c.end - c.start)
+                .sum();
+            let bar = progress.start("dictionaries", train_bytes);
+            let e = count_values(cx, chunks, min_frequency, bar)?;
+            bar.finish();
+            e
+        }
+        PendingEncoding::FirstSeen { max_ind_range } => {
+            let bar = progress.start("dictionaries", bytes);
+            let e = first_seen_values(cx, chunks, max_ind_range, bar)?;
+            bar.finish();
+            e
+        }
+    })
+}
+
+/// The writers of the splits in `tmp`, and the shuffle buckets of the `train_rows` training
+/// rows when a shuffle seed is given.
+fn create_writers(
+    tmp: &Path,
+    opts: &PreprocessOptions,
+    train_rows: u64,
+) -> Result<(Vec<SplitWriter>, Option<Buckets>)> {
+    let writers = DatasetSplit::ALL
+        .iter()
+        .map(|s| {
+            let dir = tmp.join(s.name());
+            SplitWriter::create(&dir, NUM_CATEGORICAL, opts.labelled)
+                .with_context(|| format!("creating {}", dir.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let buckets = match opts.shuffle_seed {
+        Some(seed) => {
+            let train_bytes = train_rows * record_bytes(opts.labelled) as u64;
+            let count = train_bytes.div_ceil(BUCKET_BYTES).max(1) as usize;
+            Some(Buckets::create(&tmp.join("shuffle"), count, seed)?)
+        }
+        None => None,
     };
+    Ok((writers, buckets))
+}
+
+/// Writes the encoding and the header (with the encoding's fingerprint) into `tmp`: the
+/// dataset of `inputs` split by `rule` into `rows`, `bad_lines` left out.
+fn write_header(
+    tmp: &Path,
+    opts: &PreprocessOptions,
+    encoder: &Encoder,
+    inputs: &[Input],
+    rows: SplitRows,
+    rule: SplitRule,
+    bad_lines: u64,
+) -> Result<()> {
+    let mut header = DatasetHeader {
+        format: FORMAT_NAME.to_string(),
+        version: FORMAT_VERSION,
+        num_dense: NUM_DENSE,
+        table_sizes: encoder.table_sizes(),
+        labelled: opts.labelled,
+        rows,
+        encoding: encoder.encoding(),
+        dense_transform: "ln(1 + max(x, 0)) in f32; empty = 0".to_string(),
+        split: rule,
+        shuffle_seed: opts.shuffle_seed,
+        sources: inputs
+            .iter()
+            .map(|i| SourceFile {
+                path: i.path.display().to_string(),
+                bytes: i.bytes,
+                lines: i.lines,
+            })
+            .collect(),
+        bad_lines,
+        encoding_fingerprint: None,
+    };
+    encoder.save(tmp)?;
+    // From the files just written: the same computation as for a dataset without it.
+    header.encoding_fingerprint = Some(compute_encoding_fingerprint(&header, tmp)?);
+    header.write(tmp)
+}
+
+/// Pass 1: the chunks of every input (`bytes` in all) and the number of lines.
+fn plan_chunks(
+    inputs: &mut [Input],
+    opts: &PreprocessOptions,
+    bytes: u64,
+    cancel: &Cancel,
+) -> Result<(Vec<Chunk>, u64)> {
+    let bar = opts.progress.start("lines", bytes);
+    let mut chunks = Vec::new();
+    let mut rows_before = 0;
+    for (i, input) in inputs.iter_mut().enumerate() {
+        cancel.check()?;
+        chunks.extend(plan_file(i, input, rows_before, opts.chunk_bytes, bar)?);
+        rows_before += input.lines;
+    }
+    bar.finish();
+    Ok((chunks, rows_before))
+}
+
+fn run_passes(opts: &PreprocessOptions, cancel: &Cancel) -> Result<PreprocessSummary> {
+    let started = Instant::now();
+    let (paths, rule) = source_paths(&opts.sources)?;
+    anyhow::ensure!(!paths.is_empty(), "no input files");
+    anyhow::ensure!(
+        opts.chunk_bytes > 0,
+        "the chunk size must be at least 1 byte"
+    );
+    anyhow::ensure!(
+        !opts.out.exists(),
+        "{} already exists: remove it or choose another output folder",
+        opts.out.display()
+    );
+    let mut inputs = open_inputs(&paths)?;
+    // The encoding is checked (or loaded) before any pass.
+    let pending = pending_encoding(&opts.encoding)?;
     let bytes: u64 = inputs.iter().map(|i| i.bytes).sum();
     // Every byte belongs to a line, so no bytes means no rows: nothing to write.
     anyhow::ensure!(
@@ -1231,16 +1360,7 @@ fn run_passes(opts: &PreprocessOptions, cancel: &Cancel) -> Result<PreprocessSum
 
     // Pass 1: chunks and lines.
     let t = Instant::now();
-    let bar = opts.progress.start("lines", bytes);
-    let mut chunks = Vec::new();
-    let mut rows_before = 0;
-    for (i, input) in inputs.iter_mut().enumerate() {
-        cancel.check()?;
-        chunks.extend(plan_file(i, input, rows_before, opts.chunk_bytes, bar)?);
-        rows_before += input.lines;
-    }
-    bar.finish();
-    let lines = rows_before;
+    let (chunks, lines) = plan_chunks(&mut inputs, opts, bytes, cancel)?;
     let (boundaries, run_splits) = segments(&opts.sources, &inputs);
     let cx = Pass {
         inputs: &inputs,
@@ -1254,46 +1374,12 @@ fn run_passes(opts: &PreprocessOptions, cancel: &Cancel) -> Result<PreprocessSum
 
     // Pass 2: dictionaries.
     let t = Instant::now();
-    let encoder = match pending {
-        PendingEncoding::Ready(e) => e,
-        PendingEncoding::Count { min_frequency } => {
-            let train_bytes = chunks
-                .iter()
-                .filter(|c| c.first_row < cx.boundaries[0])
-                .map(|c| c.end - c.start)
-                .sum();
-            let bar = opts.progress.start("dictionaries", train_bytes);
-            let e = count_values(&cx, &chunks, min_frequency, bar)?;
-            bar.finish();
-            e
-        }
-        PendingEncoding::FirstSeen { max_ind_range } => {
-            let bar = opts.progress.start("dictionaries", bytes);
-            let e = first_seen_values(&cx, &chunks, max_ind_range, bar)?;
-            bar.finish();
-            e
-        }
-    };
+    let encoder = build_encoder(&cx, &chunks, pending, &opts.progress, bytes)?;
     secs.dictionaries = t.elapsed().as_secs_f64();
 
     // Pass 3: encode.
     let t = Instant::now();
-    let mut writers = DatasetSplit::ALL
-        .iter()
-        .map(|s| {
-            let dir = tmp.path.join(s.name());
-            SplitWriter::create(&dir, NUM_CATEGORICAL, opts.labelled)
-                .with_context(|| format!("creating {}", dir.display()))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let mut buckets = match opts.shuffle_seed {
-        Some(seed) => {
-            let train_bytes = cx.boundaries[0] * record_bytes(opts.labelled) as u64;
-            let count = train_bytes.div_ceil(BUCKET_BYTES).max(1) as usize;
-            Some(Buckets::create(&tmp.path.join("shuffle"), count, seed)?)
-        }
-        None => None,
-    };
+    let (mut writers, mut buckets) = create_writers(&tmp.path, opts, cx.boundaries[0])?;
     let bar = opts.progress.start("encode", bytes);
     let bad = encode_rows(&cx, &chunks, &encoder, &mut writers, buckets.as_mut(), bar)?;
     bar.finish();
@@ -1319,33 +1405,7 @@ fn run_passes(opts: &PreprocessOptions, cancel: &Cancel) -> Result<PreprocessSum
     for (s, w) in DatasetSplit::ALL.iter().zip(writers) {
         rows.set(*s, w.finish().context("writing the dataset")?);
     }
-    let table_sizes = encoder.table_sizes();
-    let mut header = DatasetHeader {
-        format: FORMAT_NAME.to_string(),
-        version: FORMAT_VERSION,
-        num_dense: NUM_DENSE,
-        table_sizes: table_sizes.clone(),
-        labelled: opts.labelled,
-        rows,
-        encoding: encoder.encoding(),
-        dense_transform: "ln(1 + max(x, 0)) in f32; empty = 0".to_string(),
-        split: rule,
-        shuffle_seed: opts.shuffle_seed,
-        sources: inputs
-            .iter()
-            .map(|i| SourceFile {
-                path: i.path.display().to_string(),
-                bytes: i.bytes,
-                lines: i.lines,
-            })
-            .collect(),
-        bad_lines: bad.count,
-        encoding_fingerprint: None,
-    };
-    encoder.save(&tmp.path)?;
-    // From the files just written: the same computation as for a dataset without it.
-    header.encoding_fingerprint = Some(compute_encoding_fingerprint(&header, &tmp.path)?);
-    header.write(&tmp.path)?;
+    write_header(&tmp.path, opts, &encoder, &inputs, rows, rule, bad.count)?;
     std::fs::rename(&tmp.path, &opts.out)
         .with_context(|| format!("renaming {} to {}", tmp.path.display(), opts.out.display()))?;
     let mut tmp = tmp;
@@ -1358,7 +1418,7 @@ fn run_passes(opts: &PreprocessOptions, cancel: &Cancel) -> Result<PreprocessSum
         bad_lines: bad.count,
         bad_examples: bad.examples,
         removed_partials,
-        table_sizes,
+        table_sizes: encoder.table_sizes(),
         seconds: started.elapsed().as_secs_f64(),
         pass_seconds: secs,
         threads: rayon::current_num_threads(),
