@@ -31,6 +31,8 @@ pub enum Field {
     Split,
     MinFrequency,
     WeightDecay,
+    /// Leave out bad lines of the input instead of failing.
+    SkipBadLines,
     /// The kind of model.
     Model,
     /// The held-out split of a dataset evaluated during and after training.
@@ -62,6 +64,7 @@ impl Field {
             Field::Split => "split",
             Field::MinFrequency => "min_frequency",
             Field::WeightDecay => "weight_decay",
+            Field::SkipBadLines => "skip_bad_lines",
             Field::Model => "model",
             Field::EvalSplit => "eval_split",
             Field::TrainRatings => "train_ratings",

@@ -1383,11 +1383,13 @@ fn run_passes(opts: &PreprocessOptions, cancel: &Cancel) -> Result<PreprocessSum
     let bar = opts.progress.start("encode", bytes);
     let bad = encode_rows(&cx, &chunks, &encoder, &mut writers, buckets.as_mut(), bar)?;
     bar.finish();
-    anyhow::ensure!(
-        bad.count < lines,
-        "no rows to write: all {lines} lines are bad and were left out by --skip-bad-lines (the first: {})",
-        bad.examples.first().map_or("", String::as_str)
-    );
+    let first_bad = bad.examples.first().cloned().unwrap_or_default();
+    ensure_field(bad.count < lines, move |n| {
+        format!(
+            "no rows to write: all {lines} lines are bad and were left out by {} (the first: {first_bad})",
+            n(Field::SkipBadLines)
+        )
+    })?;
     secs.encode = t.elapsed().as_secs_f64();
 
     // Pass 4: shuffle.

@@ -44,6 +44,7 @@ pub fn flag(field: Field) -> &'static str {
         Field::Split => "--split",
         Field::MinFrequency => "--min-frequency",
         Field::WeightDecay => "--weight-decay",
+        Field::SkipBadLines => "--skip-bad-lines",
         Field::Model => "--model",
         Field::EvalSplit => "--eval-split",
         Field::TrainRatings => "--train",
