@@ -13,11 +13,12 @@ use criterion::measurement::WallTime;
 use criterion::{
     BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main,
 };
-use dlrm::config::{Architecture, InteractionOp, Preset, join};
+use dlrm::config::Preset;
 use dlrm::data::Batch;
 use dlrm::data::synthetic::{Generation, Split, SyntheticConfig, SyntheticData};
 use dlrm::kernels::cross::CrossKind;
 use dlrm::model::PhaseTimer;
+use dlrm::model::architecture::Architecture;
 use dlrm::model::dcn::{Dcn, DcnConfig};
 use dlrm::model::dlrm::Dlrm;
 use dlrm::model::fm::{Fm, FmConfig};
@@ -29,16 +30,7 @@ use std::time::Duration;
 const BATCHES: usize = 8;
 
 fn kaggle_architecture() -> Architecture {
-    let p = Preset::Kaggle.values();
-    Architecture::from_flags(
-        p.embedding_dim,
-        &join(&p.table_sizes),
-        p.bottom,
-        p.top,
-        InteractionOp::Dot,
-        false,
-    )
-    .expect("kaggle preset")
+    Preset::Kaggle.values().architecture()
 }
 
 /// `BATCHES` Zipf-distributed batches of `batch_size` samples for `arch`.

@@ -32,15 +32,15 @@
 //! pruning keeps the newest versions of the saving run's lineage only, in step order.
 
 use crate::cancel::{Cancel, note_removed};
-use crate::config::Architecture;
 use crate::data::binary::{BinaryDataset, encoding_fingerprint_of};
+use crate::model::architecture::Architecture;
 use crate::model::dlrm::Dlrm;
 use crate::model::embedding::{EmbeddingTable, OptimizerState};
 use crate::model::parameters::tensors;
 use crate::model::{Model, ModelConfig, OptimizerKind, TableSource, TensorKind, TensorMut};
 use crate::rng::derive_key;
+use crate::schedule::LrSchedule;
 use crate::storage::{StorageKind, map_read_only, state_file_name, table_file_name};
-use crate::train::LrSchedule;
 use anyhow::{Context, Result, bail, ensure};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Serialize};
@@ -147,7 +147,7 @@ struct SavedModel {
 /// Aborts the process if `DLRM_CRASH_AT` names this phase (the crash tests' hook).
 pub fn crash_point(phase: &str) {
     if std::env::var("DLRM_CRASH_AT").is_ok_and(|p| p == phase) {
-        eprintln!("DLRM_CRASH_AT={phase}: aborting");
+        log::error!("DLRM_CRASH_AT={phase}: aborting");
         std::process::abort();
     }
 }
@@ -156,7 +156,7 @@ pub fn crash_point(phase: &str) {
 /// interruption tests' hook; a minute at most), then reports a requested cancellation.
 fn pause_point(phase: &str, cancel: &Cancel) -> Result<()> {
     if std::env::var("DLRM_PAUSE_AT").is_ok_and(|p| p == phase) {
-        eprintln!("DLRM_PAUSE_AT={phase}: paused");
+        log::warn!("DLRM_PAUSE_AT={phase}: paused");
         let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while cancel.requested().is_none() && std::time::Instant::now() < until {
             std::thread::sleep(std::time::Duration::from_millis(10));

@@ -17,7 +17,7 @@
 
 use crate::cancel::{Cancel, Interrupted, PartialFile, note_removed};
 use crate::checkpoint::{LoadOptions, read_tensor};
-use crate::config::{Architecture, InteractionOp, interaction_width, join};
+use crate::model::architecture::{Architecture, InteractionOp, interaction_width, join};
 use crate::model::dlrm::Dlrm;
 use crate::model::parameters::tensors;
 use crate::model::{Model, ModelConfig, OptimizerKind, Parameters, TableSource, TensorMut};

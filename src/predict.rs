@@ -7,6 +7,7 @@ use crate::data::Batch;
 use crate::data::criteo::{NUM_CATEGORICAL, NUM_DENSE, RawRow, dense_feature, parse_line};
 use crate::data::preprocess::{Encoder, LineError};
 use crate::model::Model;
+use crate::names::Field;
 use crate::train::{ensure_finite_predictions, reserve_checked};
 use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
@@ -73,6 +74,132 @@ pub fn encode_rows(encoder: &Encoder, rows: &[RawRow], labelled: bool, batch: &m
     }
 }
 
+/// Reads up to `LINES_PER_ROUND` lines of `reader` into `lines` (without their `\n`; the
+/// parser drops a `\r` itself); none at the end of the file.
+fn read_round(reader: &mut impl BufRead, input: &Path, lines: &mut Vec<Vec<u8>>) -> Result<()> {
+    lines.clear();
+    for _ in 0..LINES_PER_ROUND {
+        let mut line = Vec::new();
+        let n = reader
+            .read_until(b'\n', &mut line)
+            .with_context(|| format!("{}: cannot read", input.display()))?;
+        if n == 0 {
+            break;
+        }
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        }
+        lines.push(line);
+    }
+    Ok(())
+}
+
+/// Parses a round of lines, the first being line `first_line` of `input`, in parallel: a row
+/// per line, `None` for a bad line skipped (counted in `summary`, the first few kept as
+/// examples); a bad line is an error unless `opts.skip_bad_lines`.
+fn parse_round(
+    lines: &[Vec<u8>],
+    first_line: u64,
+    input: &Path,
+    labelled: bool,
+    skip_bad_lines: bool,
+    summary: &mut ScoreSummary,
+) -> Result<Vec<Option<RawRow>>> {
+    let results: Vec<Result<RawRow, LineError>> = lines
+        .par_iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let mut row = RawRow::default();
+            parse_line(l, labelled, &mut row)
+                .map(|()| row)
+                .map_err(|error| LineError {
+                    path: input.display().to_string(),
+                    line: first_line + i as u64,
+                    error,
+                })
+        })
+        .collect();
+    results
+        .into_iter()
+        .map(|r| match r {
+            Ok(row) => Ok(Some(row)),
+            Err(e) if skip_bad_lines => {
+                summary.skipped += 1;
+                if summary.bad_examples.len() < BAD_EXAMPLES {
+                    summary.bad_examples.push(e.to_string());
+                }
+                Ok(None)
+            }
+            Err(e) => bail!("{e}"),
+        })
+        .collect()
+}
+
+/// Writes a score per line of the round: the row's, or NaN for a skipped line.
+fn write_scores(out: &mut dyn Write, parsed: &[Option<RawRow>], scores: &[f32]) -> Result<()> {
+    use std::fmt::Write as _;
+    let mut text = String::new();
+    let mut s = scores.iter();
+    for p in parsed {
+        match p {
+            Some(_) => {
+                let _ = writeln!(text, "{}", s.next().expect("a score per parsed row"));
+            }
+            None => text.push_str("NaN\n"),
+        }
+    }
+    out.write_all(text.as_bytes())
+        .context("writing the predictions")
+}
+
+/// What scoring a file holds between rounds.
+struct Scorer<'a> {
+    model: &'a mut dyn Model,
+    encoder: &'a Encoder,
+    input: &'a Path,
+    batch_size: usize,
+    batch: Batch,
+    probs: Vec<f32>,
+}
+
+impl Scorer<'_> {
+    /// The scores of the round's parsed rows (`parsed`, its first line `first_line`), in
+    /// batches; the labels go to `labels` when given.
+    fn score(
+        &mut self,
+        parsed: &[Option<RawRow>],
+        first_line: u64,
+        labelled: bool,
+        mut labels: Option<&mut Vec<f32>>,
+    ) -> Result<Vec<f32>> {
+        let input = self.input;
+        let good: Vec<RawRow> = parsed.iter().flatten().cloned().collect();
+        let mut scores = Vec::with_capacity(good.len());
+        for chunk in good.chunks(self.batch_size) {
+            encode_rows(self.encoder, chunk, labelled, &mut self.batch);
+            self.model
+                .predict(&self.batch.view(), &mut self.probs)
+                .with_context(|| format!("{}: lines from {first_line}", input.display()))?;
+            ensure_finite_predictions(&*self.model, &self.probs, |i| {
+                // The line of the (scores.len() + i)-th parsed row, skipped lines counted.
+                let row = scores.len() + i;
+                let at = parsed
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| p.is_some())
+                    .nth(row);
+                let line = first_line + at.map_or(row, |(j, _)| j) as u64;
+                format!("{}:{line}", input.display())
+            })?;
+            scores.extend_from_slice(&self.probs);
+            if let Some(labels) = labels.as_deref_mut() {
+                labels.extend_from_slice(&self.batch.labels);
+            }
+        }
+        Ok(scores)
+    }
+}
+
 /// Scores every line of `input` with `model` (whose tables must match `encoder`'s).
 pub fn score_file(
     model: &mut dyn Model,
@@ -94,102 +221,31 @@ pub fn score_file(
     let started = Instant::now();
     let mut summary = ScoreSummary::default();
     let mut lines: Vec<Vec<u8>> = Vec::with_capacity(LINES_PER_ROUND);
-    let mut parsed: Vec<Option<RawRow>> = Vec::with_capacity(LINES_PER_ROUND);
-    let mut good: Vec<RawRow> = Vec::new();
-    let mut batch = Batch::default();
-    let mut probs = Vec::new();
-    let mut text = String::new();
     // A round of lines is the most one forward pass can take.
     let batch_size = opts.batch_size.min(LINES_PER_ROUND);
-    reserve_checked(model, batch_size, false, "--mini-batch-size")?;
+    reserve_checked(model, batch_size, false, Field::BatchSize)?;
+    let mut scorer = Scorer {
+        model,
+        encoder,
+        input,
+        batch_size,
+        batch: Batch::default(),
+        probs: Vec::new(),
+    };
     loop {
         opts.cancel.check()?;
-        lines.clear();
-        for _ in 0..LINES_PER_ROUND {
-            let mut line = Vec::new();
-            let n = reader
-                .read_until(b'\n', &mut line)
-                .with_context(|| format!("{}: cannot read", input.display()))?;
-            if n == 0 {
-                break;
-            }
-            // The parser takes the line without its `\n` (it drops a `\r` itself).
-            if line.last() == Some(&b'\n') {
-                line.pop();
-            }
-            lines.push(line);
-        }
+        read_round(&mut reader, input, &mut lines)?;
         if lines.is_empty() {
             break;
         }
         let first_line = summary.lines + 1;
-        let results: Vec<Result<RawRow, LineError>> = lines
-            .par_iter()
-            .enumerate()
-            .map(|(i, l)| {
-                let mut row = RawRow::default();
-                parse_line(l, opts.labelled, &mut row)
-                    .map(|()| row)
-                    .map_err(|error| LineError {
-                        path: input.display().to_string(),
-                        line: first_line + i as u64,
-                        error,
-                    })
-            })
-            .collect();
-        parsed.clear();
-        for r in results {
-            match r {
-                Ok(row) => parsed.push(Some(row)),
-                Err(e) if opts.skip_bad_lines => {
-                    summary.skipped += 1;
-                    if summary.bad_examples.len() < BAD_EXAMPLES {
-                        summary.bad_examples.push(e.to_string());
-                    }
-                    parsed.push(None);
-                }
-                Err(e) => bail!("{e}"),
-            }
-        }
+        let (labelled, skip) = (opts.labelled, opts.skip_bad_lines);
+        let parsed = parse_round(&lines, first_line, input, labelled, skip, &mut summary)?;
         summary.lines += lines.len() as u64;
-        good.clear();
-        good.extend(parsed.iter().flatten().cloned());
-        let mut scores = Vec::with_capacity(good.len());
-        for chunk in good.chunks(batch_size) {
-            encode_rows(encoder, chunk, opts.labelled, &mut batch);
-            model
-                .predict(&batch.view(), &mut probs)
-                .with_context(|| format!("{}: lines from {first_line}", input.display()))?;
-            ensure_finite_predictions(model, &probs, |i| {
-                // The line of the (scores.len() + i)-th parsed row, skipped lines counted.
-                let row = scores.len() + i;
-                let at = parsed
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, p)| p.is_some())
-                    .nth(row);
-                let line = first_line + at.map_or(row, |(j, _)| j) as u64;
-                format!("{}:{line}", input.display())
-            })?;
-            scores.extend_from_slice(&probs);
-            if opts.keep {
-                summary.labels.extend_from_slice(&batch.labels);
-            }
-        }
+        let labels = opts.keep.then_some(&mut summary.labels);
+        let scores = scorer.score(&parsed, first_line, opts.labelled, labels)?;
         if let Some(out) = opts.out.as_deref_mut() {
-            text.clear();
-            let mut s = scores.iter();
-            for p in &parsed {
-                match p {
-                    Some(_) => {
-                        use std::fmt::Write as _;
-                        let _ = writeln!(text, "{}", s.next().expect("a score per parsed row"));
-                    }
-                    None => text.push_str("NaN\n"),
-                }
-            }
-            out.write_all(text.as_bytes())
-                .context("writing the predictions")?;
+            write_scores(out, &parsed, &scores)?;
         }
         if opts.keep {
             summary.probs.extend_from_slice(&scores);

@@ -4,10 +4,14 @@
 
 use crate::cancel::Cancel;
 use crate::checkpoint::{self, TrainState};
-use crate::data::{Batch, BatchView};
+use crate::data::Batch;
 use crate::metrics::EvalMetrics;
 use crate::model::{Model, OptimizerKind, ParameterScope, PhaseSeconds, PhaseTimer, Task};
+use crate::names::{Field, FieldError, FieldNames, ensure_field};
 use crate::rng::{SplitMix64, derive_key};
+
+pub use crate::data::DataSource;
+pub use crate::schedule::{LrSchedule, ensure_learning_rate};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -58,110 +62,6 @@ pub trait TrainObserver {
 pub struct Quiet;
 
 impl TrainObserver for Quiet {}
-
-/// Where batches come from: an in-memory generator or a mapped dataset.
-pub trait DataSource: Sync {
-    /// Training samples in one epoch.
-    fn train_len(&self) -> u64;
-    /// Held-out samples.
-    fn test_len(&self) -> u64;
-    /// Fills `batch` with training samples `first .. first + size`.
-    fn fill_train(&self, first: u64, size: usize, batch: &mut Batch) -> Result<()>;
-    /// Fills `batch` with held-out samples `first .. first + size`.
-    fn fill_test(&self, first: u64, size: usize, batch: &mut Batch) -> Result<()>;
-    /// Training samples `first .. first + size`, borrowed where the source holds them as a
-    /// batch reads them (a mapped dataset: no copy); by default filled into `batch`.
-    fn train_view<'a>(
-        &'a self,
-        first: u64,
-        size: usize,
-        batch: &'a mut Batch,
-    ) -> Result<BatchView<'a>> {
-        self.fill_train(first, size, batch)?;
-        Ok(batch.view())
-    }
-    /// Held-out samples `first .. first + size`, as [`DataSource::train_view`] gives training
-    /// samples.
-    fn test_view<'a>(
-        &'a self,
-        first: u64,
-        size: usize,
-        batch: &'a mut Batch,
-    ) -> Result<BatchView<'a>> {
-        self.fill_test(first, size, batch)?;
-        Ok(batch.view())
-    }
-    /// The AUC of the labels' own generating model on the held-out samples, when known.
-    fn ceiling_auc(&self) -> Option<f64> {
-        None
-    }
-    /// Whether batch order should be shuffled every epoch (real data), or kept (synthetic data
-    /// that is already random).
-    fn shuffle(&self) -> bool {
-        false
-    }
-}
-
-/// The reference's learning-rate policy (dlrm_s_pytorch.py LRPolicyScheduler): linear warm-up,
-/// then constant, then a quadratic decay to a floor, then frozen at its last value.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct LrSchedule {
-    pub base: f32,
-    pub warmup_steps: u64,
-    pub decay_start_step: u64,
-    pub decay_steps: u64,
-}
-
-impl LrSchedule {
-    /// A constant learning rate (no warm-up, no decay).
-    pub fn constant(base: f32) -> LrSchedule {
-        LrSchedule {
-            base,
-            warmup_steps: 0,
-            decay_start_step: 0,
-            decay_steps: 0,
-        }
-    }
-
-    /// Learning rate for step `step` (0-based: the first update is step 0).
-    pub fn at(&self, step: u64) -> f32 {
-        // The reference's scheduler counts from 1 when the first update runs.
-        let s = step + 1;
-        let decay_end = self.decay_start_step + self.decay_steps;
-        if s < self.warmup_steps {
-            self.base * (1.0 - (self.warmup_steps - s) as f32 / self.warmup_steps as f32)
-        } else if self.decay_steps > 0 && self.decay_start_step <= s && s < decay_end {
-            let left = (decay_end - s) as f32 / self.decay_steps as f32;
-            (self.base * left * left).max(1e-7)
-        } else if self.decay_steps > 0 && s >= decay_end {
-            (self.base * (1.0 / self.decay_steps as f32).powi(2)).max(1e-7)
-        } else {
-            self.base
-        }
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        ensure_learning_rate("--learning-rate", self.base)?;
-        if self.decay_steps > 0 && self.decay_start_step < self.warmup_steps {
-            anyhow::bail!(
-                "--lr-decay-start-step {} is before the end of the warm-up (--lr-num-warmup-steps {}): the warm-up must finish before the decay starts",
-                self.decay_start_step,
-                self.warmup_steps
-            );
-        }
-        Ok(())
-    }
-}
-
-/// Refuses a learning rate (of `flag`) that is not a positive number: 0 trains nothing, a
-/// negative rate ascends the loss, NaN and infinity destroy the parameters at the first step.
-pub fn ensure_learning_rate(flag: &str, lr: f32) -> Result<()> {
-    anyhow::ensure!(
-        lr.is_finite() && lr > 0.0,
-        "{flag} {lr}: must be a positive number"
-    );
-    Ok(())
-}
 
 /// What a training run does.
 #[derive(Clone, Debug)]
@@ -269,14 +169,33 @@ fn warmup_steps(total: u64) -> u64 {
 /// Training stopped because the model diverged: the loss or a parameter is NaN or infinite.
 /// Returned inside the `anyhow::Error` of [`train`], so callers can tell it from other
 /// failures (`downcast_ref`).
-#[derive(Clone, Debug, PartialEq, thiserror::Error)]
-#[error("{what} at step {step}; training stopped (lower --learning-rate, or check the data)")]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Diverged {
     /// Steps completed, the diverging one included.
     pub step: u64,
     /// What became non-finite.
     pub what: String,
 }
+
+impl Diverged {
+    /// The message with the learning rate named by `names`.
+    pub fn render(&self, names: FieldNames<'_>) -> String {
+        format!(
+            "{} at step {}; training stopped (lower {}, or check the data)",
+            self.what,
+            self.step,
+            names(Field::LearningRate)
+        )
+    }
+}
+
+impl std::fmt::Display for Diverged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.render(&Field::name))
+    }
+}
+
+impl std::error::Error for Diverged {}
 
 /// Steps between scans of the dense parameters when the options ask for no progress reports
 /// (`print_freq` 0): the scan then keeps its own interval.
@@ -297,8 +216,12 @@ fn ensure_finite_parameters(model: &dyn Model, scope: ParameterScope, step: u64)
 
 /// Batches in one pass over `train_len` training samples, and steps per epoch.
 fn steps_per_epoch(opts: &TrainOptions, train_len: u64) -> Result<(u64, u64)> {
-    anyhow::ensure!(opts.batch_size > 0, "--mini-batch-size must be at least 1");
-    anyhow::ensure!(opts.nepochs > 0, "--nepochs must be at least 1");
+    ensure_field(opts.batch_size > 0, |n| {
+        format!("{} must be at least 1", n(Field::BatchSize))
+    })?;
+    ensure_field(opts.nepochs > 0, |n| {
+        format!("{} must be at least 1", n(Field::Epochs))
+    })?;
     anyhow::ensure!(train_len > 0, "the training data is empty");
     let bs = opts.batch_size as u64;
     let partial = !train_len.is_multiple_of(bs) && opts.keep_last_batch;
@@ -319,9 +242,11 @@ fn steps_per_epoch(opts: &TrainOptions, train_len: u64) -> Result<(u64, u64)> {
 /// [`train`] runs to, from step 0 or from a resumed state.
 pub fn total_steps(opts: &TrainOptions, train_len: u64) -> Result<u64> {
     let (_, per_epoch) = steps_per_epoch(opts, train_len)?;
-    per_epoch
-        .checked_mul(opts.nepochs as u64)
-        .context("--num-batches x --nepochs overflows")
+    let epochs = opts.nepochs as u64;
+    per_epoch.checked_mul(epochs).ok_or_else(|| {
+        FieldError::new(|n| format!("{} x {} overflows", n(Field::NumBatches), n(Field::Epochs)))
+            .into()
+    })
 }
 
 /// Bytes of memory available for new allocations: `MemAvailable` of /proc/meminfo, or
@@ -343,33 +268,64 @@ fn mem_available(meminfo: &str) -> Option<u64> {
 /// Refuses buffers of `what` that need more than the available memory: `count` items of
 /// `bytes_each` bytes (checked: a product that overflows is refused too). Returns the bytes.
 pub fn ensure_fits_in_memory(what: &str, count: u64, bytes_each: u64) -> Result<u64> {
+    fits_in_memory(count, bytes_each).map_err(|short| anyhow::anyhow!("{what} {short}"))
+}
+
+/// Memory that `count` items of `bytes_each` bytes would need beyond what is available.
+#[derive(Clone, Copy, Debug)]
+pub struct MemoryShortfall {
+    count: u64,
+    bytes_each: u64,
+    available: u64,
+}
+
+impl std::fmt::Display for MemoryShortfall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let MemoryShortfall {
+            count,
+            bytes_each,
+            available,
+        } = *self;
+        let needed = count
+            .checked_mul(bytes_each)
+            .map_or_else(|| "more than 2^64".to_string(), |n| n.to_string());
+        write!(
+            f,
+            "need {needed} bytes ({count} x {bytes_each}), but only {available} bytes of memory are available"
+        )
+    }
+}
+
+/// The bytes of `count` items of `bytes_each` bytes, when they fit in the available memory.
+pub fn fits_in_memory(count: u64, bytes_each: u64) -> Result<u64, MemoryShortfall> {
     let available = available_memory_bytes();
-    let needed = count.checked_mul(bytes_each);
-    match needed {
+    match count.checked_mul(bytes_each) {
         Some(n) if n <= available => Ok(n),
-        _ => anyhow::bail!(
-            "{what} need {} bytes ({count} x {bytes_each}), but only {available} bytes of memory are available",
-            needed.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string())
-        ),
+        _ => Err(MemoryShortfall {
+            count,
+            bytes_each,
+            available,
+        }),
     }
 }
 
 /// Reserves the model's buffers for batches of `batch` samples, after checking that they fit
-/// in memory (with the batch's own arrays, `what` naming the flag that sized them).
+/// in memory (with the batch's own arrays, `size` naming the setting that sized them).
 pub fn reserve_checked(
     model: &mut dyn Model,
     batch: usize,
     training: bool,
-    what: &str,
+    size: Field,
 ) -> Result<()> {
     // The batch arrays: dense values, labels, and an id and an offset per table.
     let batch_floats = model.num_dense() + 1 + 2 * model.num_tables();
     let floats = model.buffer_floats_per_sample(training) + batch_floats;
-    ensure_fits_in_memory(
-        &format!("the buffers of {what} {batch}"),
-        batch as u64,
-        4 * floats as u64,
-    )?;
+    if let Err(short) = fits_in_memory(batch as u64, 4 * floats as u64) {
+        return Err(FieldError::new(move |n| {
+            format!("the buffers of {} {batch} {short}", n(size))
+        })
+        .into());
+    }
     if training {
         model.reserve(batch);
     } else {
@@ -467,6 +423,352 @@ pub fn peak_rss_bytes() -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
+/// The shape of a run over its data, checked before any step.
+struct Plan {
+    train_len: u64,
+    /// Batches in one pass over the training data.
+    data_batches: u64,
+    per_epoch: u64,
+    total_steps: u64,
+    /// The batch size, as a sample count.
+    bs: u64,
+    /// Samples of a training and of an evaluation batch (no batch is larger than its data).
+    train_batch: usize,
+    test_batch: usize,
+}
+
+impl Plan {
+    fn new(opts: &TrainOptions, data: &dyn DataSource) -> Result<Plan> {
+        opts.lr.validate()?;
+        ensure_field(opts.test_batch_size > 0, |n| {
+            format!("{} must be at least 1", n(Field::TestBatchSize))
+        })?;
+        let train_len = data.train_len();
+        let (data_batches, per_epoch) = steps_per_epoch(opts, train_len)?;
+        let total_steps = total_steps(opts, train_len)?;
+        let resumed_at = opts.resume.as_ref().map_or(0, |r| r.step);
+        anyhow::ensure!(data.test_len() > 0, "the held-out data is empty");
+        anyhow::ensure!(
+            resumed_at < total_steps,
+            "nothing to do: the checkpoint is at step {resumed_at} of {total_steps}"
+        );
+        let bs = opts.batch_size as u64;
+        Ok(Plan {
+            train_len,
+            data_batches,
+            per_epoch,
+            total_steps,
+            bs,
+            train_batch: bs.min(train_len) as usize,
+            test_batch: (opts.test_batch_size as u64).min(data.test_len()) as usize,
+        })
+    }
+}
+
+/// Where a run starts: the training state (step 0, or a resumed checkpoint's) and the
+/// generator of the epochs' batch orders.
+fn start_state(opts: &TrainOptions) -> Result<(TrainState, SplitMix64)> {
+    let Some(r) = &opts.resume else {
+        let shuffle_rng = SplitMix64::new(derive_key(opts.seed, &[0x005e_ed0f]));
+        let state = TrainState {
+            step: 0,
+            epoch: 0,
+            batch_in_epoch: 0,
+            epoch_shuffle_state: shuffle_rng.state(),
+            lr: opts.lr,
+            batch_size: opts.batch_size,
+            seed: opts.seed,
+            run_id: checkpoint::new_run_id(),
+        };
+        return Ok((state, shuffle_rng));
+    };
+    // A state at step 0 (imported parameters) has no position in the data to keep.
+    anyhow::ensure!(
+        r.step == 0 || r.batch_size == opts.batch_size,
+        "the checkpoint was trained with batches of {}, not {}",
+        r.batch_size,
+        opts.batch_size
+    );
+    let state = TrainState {
+        lr: opts.lr,
+        ..r.clone()
+    };
+    Ok((state, SplitMix64::from_state(r.epoch_shuffle_state)))
+}
+
+/// Fills `order` with the batches of one epoch, shuffled when the data asks for it. The order
+/// is a function of the generator state alone, so a resumed run draws the same order from the
+/// saved state.
+fn epoch_order(order: &mut Vec<u64>, data_batches: u64, shuffle: bool, rng: &mut SplitMix64) {
+    order.clear();
+    order.extend(0..data_batches);
+    if shuffle {
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+    }
+}
+
+/// Throughput bookkeeping: the steps after the warm-up, without the time spent evaluating and
+/// saving.
+struct Clock {
+    started: Instant,
+    start_step: u64,
+    warmup: u64,
+    steady_start: Option<Instant>,
+    excluded_seconds: f64,
+}
+
+impl Clock {
+    fn new(start_step: u64, total_steps: u64) -> Clock {
+        Clock {
+            started: Instant::now(),
+            start_step,
+            warmup: warmup_steps(total_steps.saturating_sub(start_step)),
+            steady_start: None,
+            excluded_seconds: 0.0,
+        }
+    }
+
+    /// Called before step `step` runs: the steady state starts after the warm-up.
+    fn before_step(&mut self, step: u64) {
+        if step == self.start_step + self.warmup {
+            self.steady_start = Some(Instant::now());
+        }
+    }
+
+    /// Leaves `seconds` of work that is not training out of the throughput.
+    fn exclude(&mut self, seconds: f64) {
+        if self.steady_start.is_some() {
+            self.excluded_seconds += seconds;
+        }
+    }
+
+    /// Samples per second of the steady steps up to `step` (NaN when there were none).
+    fn samples_per_sec(&self, step: u64, bs: u64) -> f64 {
+        let seconds =
+            self.steady_start.map_or(0.0, |s| s.elapsed().as_secs_f64()) - self.excluded_seconds;
+        let steady_steps = (step - self.start_step).saturating_sub(self.warmup);
+        if steady_steps > 0 && seconds > 0.0 {
+            (steady_steps * bs) as f64 / seconds
+        } else {
+            f64::NAN
+        }
+    }
+}
+
+/// The training loss over the current report interval.
+struct Window {
+    loss: f64,
+    steps: u64,
+    last_loss: f64,
+    start: Instant,
+}
+
+impl Window {
+    fn new() -> Window {
+        Window {
+            loss: 0.0,
+            steps: 0,
+            last_loss: f64::NAN,
+            start: Instant::now(),
+        }
+    }
+
+    /// Ends the interval: its mean loss and speed; the next one starts.
+    fn close(&mut self, step: u64, total_steps: u64, epoch: u64, bs: u64) -> IntervalReport {
+        let secs = self.start.elapsed().as_secs_f64();
+        self.last_loss = self.loss / self.steps as f64;
+        let report = IntervalReport {
+            step,
+            total_steps,
+            epoch,
+            loss: self.last_loss,
+            ms_per_step: secs * 1e3 / self.steps as f64,
+            samples_per_sec: (self.steps * bs) as f64 / secs.max(1e-9),
+        };
+        *self = Window {
+            last_loss: self.last_loss,
+            ..Window::new()
+        };
+        report
+    }
+
+    /// The mean loss of the last interval (the open one if it has steps).
+    fn final_loss(&self) -> f64 {
+        if self.steps > 0 {
+            self.loss / self.steps as f64
+        } else {
+            self.last_loss
+        }
+    }
+}
+
+/// A training run between its steps: what it trains, on what, and where it stands.
+struct Run<'a> {
+    model: &'a mut dyn Model,
+    data: &'a dyn DataSource,
+    opts: &'a TrainOptions,
+    observer: &'a mut dyn TrainObserver,
+    plan: Plan,
+    batch: Batch,
+    eval_batch: Batch,
+    /// Where training stands after the latest step (what a checkpoint records).
+    state: TrainState,
+    clock: Clock,
+    window: Window,
+    evals: Vec<EvalPoint>,
+    last_saved: Option<u64>,
+    /// The time per phase: the loop times the data loading (`other`), each step its own
+    /// phases.
+    timer: PhaseTimer,
+    /// Steps between scans of the dense parameters.
+    check_interval: u64,
+}
+
+impl Run<'_> {
+    /// One step on batch `bi` of epoch `epoch`: its loading, then the model's step. Returns
+    /// the batch's loss.
+    fn step(&mut self, epoch: u64, bi: u64) -> Result<f64> {
+        let (model, opts, step) = (&mut *self.model, self.opts, self.state.step);
+        let first = bi * self.plan.bs;
+        let size = self.plan.bs.min(self.plan.train_len - first) as usize;
+        let samples = || {
+            format!(
+                "epoch {epoch}, training samples {first}..{}",
+                first + size as u64
+            )
+        };
+        self.timer.restart();
+        let view = self
+            .data
+            .train_view(first, size, &mut self.batch)
+            .with_context(samples)?;
+        self.timer.lap(|p| &mut p.other);
+        let loss = model
+            .train_step(&view, opts.lr.at(step), &mut self.timer)
+            .with_context(samples)?;
+        if !loss.is_finite() {
+            return Err(Diverged {
+                step: step + 1,
+                what: format!("the loss diverged to {loss}"),
+            }
+            .into());
+        }
+        Ok(loss)
+    }
+
+    /// After step `k` of epoch `epoch` (whose order came from `epoch_shuffle_state`): the
+    /// state moves on, then the periodic checks, checkpoint, report and evaluation.
+    fn after_step(
+        &mut self,
+        epoch: u64,
+        k: u64,
+        epoch_shuffle_state: u64,
+        loss: f64,
+    ) -> Result<()> {
+        let step = self.state.step + 1;
+        // The loss can stay finite over non-finite parameters (a ReLU maps NaN to 0), so the
+        // dense parameters are scanned every report interval. The embedding tables (gigabytes
+        // for Criteo) are scanned only before each checkpoint save and at the end: a full scan
+        // per interval would cost more than the steps it checks, and a non-finite row either
+        // reaches the loss when it is next looked up or is caught before anything is written
+        // (`save_checkpoint`).
+        if step.is_multiple_of(self.check_interval) {
+            ensure_finite_parameters(&*self.model, ParameterScope::Dense, step)?;
+        }
+        self.state = TrainState {
+            step,
+            epoch,
+            batch_in_epoch: k + 1,
+            epoch_shuffle_state,
+            ..self.state.clone()
+        };
+        let opts = self.opts;
+        if let Some(every) = opts.checkpoint.as_ref().map(|c| c.every).filter(|&e| e > 0)
+            && step.is_multiple_of(every)
+        {
+            let secs = save_checkpoint(opts, &*self.model, &self.state, self.observer)?;
+            self.last_saved = Some(step);
+            self.clock.exclude(secs);
+        }
+        self.window.loss += loss;
+        self.window.steps += 1;
+        self.observer.stepped(step);
+        let total = self.plan.total_steps;
+        if opts.print_freq > 0 && (step.is_multiple_of(opts.print_freq as u64) || step == total) {
+            let report = self.window.close(step, total, epoch, self.plan.bs);
+            self.observer.interval(&report);
+        }
+        if opts.test_freq > 0 && step.is_multiple_of(opts.test_freq as u64) && step < total {
+            self.periodic_eval(step)?;
+        }
+        Ok(())
+    }
+
+    /// An evaluation on the held-out data after step `step` (`--test-freq`).
+    fn periodic_eval(&mut self, step: u64) -> Result<()> {
+        let t = Instant::now();
+        let model = &mut *self.model;
+        // Non-finite predictions here come from parameters that diverged since the last scan:
+        // report them as the divergence they are.
+        let m = evaluate(model, self.data, self.plan.test_batch, &mut self.eval_batch).map_err(
+            |e| {
+                ensure_finite_parameters(model, ParameterScope::All, step)
+                    .err()
+                    .unwrap_or(e)
+            },
+        )?;
+        self.observer.evaluated(step, &m);
+        self.evals.push(eval_point(step, &m));
+        self.clock.exclude(t.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// After the last step: the final save and evaluation, and the report.
+    fn finish(mut self, threads: usize) -> Result<TrainReport> {
+        let (model, opts, data, step) = (&mut *self.model, self.opts, self.data, self.state.step);
+        let samples_per_sec = self.clock.samples_per_sec(step, self.plan.bs);
+        let phases = self.timer.seconds();
+        self.observer.finished();
+        if self.last_saved != Some(step) {
+            save_checkpoint(opts, model, &self.state, self.observer)?;
+        }
+        let (train_batch, test_batch) = (self.plan.train_batch, self.plan.test_batch);
+        let final_eval = evaluate(model, data, test_batch, &mut self.eval_batch)?;
+        self.evals.push(eval_point(step, &final_eval));
+        let train_rmse = match model.task() {
+            Task::Classification => None,
+            Task::Regression => {
+                let batch = train_batch.max(test_batch);
+                let m = score(model, data, Samples::Training, batch, &mut self.eval_batch)?;
+                m.rmse
+            }
+        };
+        Ok(TrainReport {
+            model: model.name().to_string(),
+            samples_per_sec,
+            threads,
+            batch_size: opts.batch_size,
+            steps: self.plan.total_steps,
+            train_loss: self.window.final_loss(),
+            test_loss: final_eval.loss,
+            test_accuracy: final_eval.accuracy,
+            test_auc: final_eval.auc,
+            test_ne: final_eval.ne,
+            test_rmse: final_eval.rmse,
+            train_rmse,
+            teacher_auc: data.ceiling_auc(),
+            evals: self.evals,
+            phase_seconds: phases,
+            peak_rss_bytes: peak_rss_bytes(),
+            optimizer: model.optimizer(),
+            learning_rate: opts.lr.base,
+            wall_seconds: self.clock.started.elapsed().as_secs_f64(),
+        })
+    }
+}
+
 /// Trains `model` on `data`; the caller has entered the thread pool. Stops with
 /// [`crate::cancel::Interrupted`] between steps (and in a checkpoint save) once `opts.cancel`
 /// is requested.
@@ -477,242 +779,50 @@ pub fn train(
     threads: usize,
     observer: &mut dyn TrainObserver,
 ) -> Result<TrainReport> {
-    let cancel = &opts.cancel;
-    opts.lr.validate()?;
-    anyhow::ensure!(
-        opts.test_batch_size > 0,
-        "--test-mini-batch-size must be at least 1"
-    );
-    let train_len = data.train_len();
-    let (data_batches, per_epoch) = steps_per_epoch(opts, train_len)?;
-    let total_steps = total_steps(opts, train_len)?;
-    let bs = opts.batch_size as u64;
-    let resumed_at = opts.resume.as_ref().map_or(0, |r| r.step);
-    anyhow::ensure!(data.test_len() > 0, "the held-out data is empty");
-    anyhow::ensure!(
-        resumed_at < total_steps,
-        "nothing to do: the checkpoint is at step {resumed_at} of {total_steps}"
-    );
-    // No batch is larger than the data it is drawn from.
-    let train_batch = bs.min(train_len) as usize;
-    let test_batch = (opts.test_batch_size as u64).min(data.test_len()) as usize;
-    reserve_checked(model, train_batch, true, "--mini-batch-size")?;
-    reserve_checked(model, test_batch, false, "--test-mini-batch-size")?;
-
-    let nd = model.num_dense();
-    let nt = model.num_tables();
-    let mut batch = Batch::new(nd, nt);
-    let mut eval_batch = Batch::new(nd, nt);
-    let mut order: Vec<u64> = Vec::with_capacity(data_batches as usize);
-    let mut shuffle_rng = SplitMix64::new(derive_key(opts.seed, &[0x005e_ed0f]));
-    let (mut step, first_epoch, mut skip) = match &opts.resume {
-        Some(r) => {
-            // A state at step 0 (imported parameters) has no position in the data to keep.
-            anyhow::ensure!(
-                r.step == 0 || r.batch_size == opts.batch_size,
-                "the checkpoint was trained with batches of {}, not {}",
-                r.batch_size,
-                opts.batch_size
-            );
-            shuffle_rng = SplitMix64::from_state(r.epoch_shuffle_state);
-            (r.step, r.epoch, r.batch_in_epoch)
-        }
-        None => (0, 0, 0),
+    let plan = Plan::new(opts, data)?;
+    reserve_checked(model, plan.train_batch, true, Field::BatchSize)?;
+    reserve_checked(model, plan.test_batch, false, Field::TestBatchSize)?;
+    let (state, mut shuffle_rng) = start_state(opts)?;
+    let (first_epoch, mut skip) = (state.epoch, state.batch_in_epoch);
+    observer.started(state.step, plan.total_steps);
+    let (nd, nt) = (model.num_dense(), model.num_tables());
+    let mut order: Vec<u64> = Vec::with_capacity(plan.data_batches as usize);
+    let mut run = Run {
+        model,
+        data,
+        opts,
+        observer,
+        batch: Batch::new(nd, nt),
+        eval_batch: Batch::new(nd, nt),
+        clock: Clock::new(state.step, plan.total_steps),
+        state,
+        plan,
+        window: Window::new(),
+        evals: Vec::new(),
+        last_saved: None,
+        timer: PhaseTimer::default(),
+        check_interval: match opts.print_freq {
+            0 => DEFAULT_CHECK_INTERVAL,
+            n => n as u64,
+        },
     };
-
-    observer.started(resumed_at, total_steps);
-
-    let started = Instant::now();
-    let warmup = warmup_steps(total_steps.saturating_sub(resumed_at));
-    let mut steady_start = None;
-    let mut eval_seconds_after_warmup = 0.0;
-    let mut evals = Vec::new();
-    let mut window_loss = 0.0;
-    let mut window_steps = 0u64;
-    let mut last_window_loss = f64::NAN;
-    let mut window_start = Instant::now();
-    let start_step = step;
-    let check_interval = match opts.print_freq {
-        0 => DEFAULT_CHECK_INTERVAL,
-        n => n as u64,
-    };
-    let mut last_saved = None;
-    // The loop times the data loading (`other`), each step its own phases.
-    let mut timer = PhaseTimer::default();
-    // Where training stands after the latest step (what a checkpoint records).
-    let mut state = opts.resume.clone().unwrap_or(TrainState {
-        step,
-        epoch: 0,
-        batch_in_epoch: 0,
-        epoch_shuffle_state: shuffle_rng.state(),
-        lr: opts.lr,
-        batch_size: opts.batch_size,
-        seed: opts.seed,
-        run_id: checkpoint::new_run_id(),
-    });
-    state.lr = opts.lr;
     for epoch in first_epoch..opts.nepochs as u64 {
-        // Each epoch's order is a function of the generator state alone, so a resumed run
-        // draws the same order from the saved state.
         let epoch_shuffle_state = shuffle_rng.state();
-        order.clear();
-        order.extend(0..data_batches);
-        if data.shuffle() {
-            for i in (1..order.len()).rev() {
-                order.swap(i, shuffle_rng.below(i as u64 + 1) as usize);
-            }
-        }
-        for k in std::mem::take(&mut skip)..per_epoch {
-            cancel.check()?;
-            if step == start_step + warmup {
-                steady_start = Some(Instant::now());
-            }
-            let bi = order[(k % data_batches) as usize];
-            let first = bi * bs;
-            let size = bs.min(train_len - first) as usize;
-            timer.restart();
-            let view = data.train_view(first, size, &mut batch).with_context(|| {
-                format!(
-                    "epoch {epoch}, training samples {first}..{}",
-                    first + size as u64
-                )
-            })?;
-            timer.lap(|p| &mut p.other);
-            let loss = model
-                .train_step(&view, opts.lr.at(step), &mut timer)
-                .with_context(|| {
-                    format!(
-                        "epoch {epoch}, training samples {first}..{}",
-                        first + size as u64
-                    )
-                })?;
-            step += 1;
-            if !loss.is_finite() {
-                return Err(Diverged {
-                    step,
-                    what: format!("the loss diverged to {loss}"),
-                }
-                .into());
-            }
-            // The loss can stay finite over non-finite parameters (a ReLU maps NaN to 0), so
-            // the dense parameters are scanned every report interval. The embedding tables
-            // (gigabytes for Criteo) are scanned only before each checkpoint save and at the
-            // end: a full scan per interval would cost more than the steps it checks, and a
-            // non-finite row either reaches the loss when it is next looked up or is caught
-            // before anything is written (`save_checkpoint`).
-            if step.is_multiple_of(check_interval) {
-                ensure_finite_parameters(model, ParameterScope::Dense, step)?;
-            }
-            state = TrainState {
-                step,
-                epoch,
-                batch_in_epoch: k + 1,
-                epoch_shuffle_state,
-                ..state
-            };
-            if let Some(every) = opts.checkpoint.as_ref().map(|c| c.every).filter(|&e| e > 0)
-                && step.is_multiple_of(every)
-            {
-                let secs = save_checkpoint(opts, model, &state, observer)?;
-                last_saved = Some(step);
-                if steady_start.is_some() {
-                    eval_seconds_after_warmup += secs;
-                }
-            }
-            window_loss += loss;
-            window_steps += 1;
-            observer.stepped(step);
-            if opts.print_freq > 0
-                && (step.is_multiple_of(opts.print_freq as u64) || step == total_steps)
-            {
-                let secs = window_start.elapsed().as_secs_f64();
-                let rate = (window_steps * bs) as f64 / secs.max(1e-9);
-                last_window_loss = window_loss / window_steps as f64;
-                observer.interval(&IntervalReport {
-                    step,
-                    total_steps,
-                    epoch,
-                    loss: last_window_loss,
-                    ms_per_step: secs * 1e3 / window_steps as f64,
-                    samples_per_sec: rate,
-                });
-                window_loss = 0.0;
-                window_steps = 0;
-                window_start = Instant::now();
-            }
-            if opts.test_freq > 0
-                && step.is_multiple_of(opts.test_freq as u64)
-                && step < total_steps
-            {
-                let t = Instant::now();
-                // Non-finite predictions here come from parameters that diverged since the
-                // last scan: report them as the divergence they are.
-                let m = evaluate(model, data, test_batch, &mut eval_batch).map_err(|e| {
-                    ensure_finite_parameters(model, ParameterScope::All, step)
-                        .err()
-                        .unwrap_or(e)
-                })?;
-                observer.evaluated(step, &m);
-                evals.push(eval_point(step, &m));
-                if steady_start.is_some() {
-                    eval_seconds_after_warmup += t.elapsed().as_secs_f64();
-                }
-            }
+        epoch_order(
+            &mut order,
+            run.plan.data_batches,
+            data.shuffle(),
+            &mut shuffle_rng,
+        );
+        for k in std::mem::take(&mut skip)..run.plan.per_epoch {
+            opts.cancel.check()?;
+            run.clock.before_step(run.state.step);
+            let bi = order[(k % run.plan.data_batches) as usize];
+            let loss = run.step(epoch, bi)?;
+            run.after_step(epoch, k, epoch_shuffle_state, loss)?;
         }
     }
-    let train_seconds =
-        steady_start.map_or(0.0, |s| s.elapsed().as_secs_f64()) - eval_seconds_after_warmup;
-    let steady_steps = (step - start_step).saturating_sub(warmup);
-    let samples_per_sec = if steady_steps > 0 && train_seconds > 0.0 {
-        (steady_steps * bs) as f64 / train_seconds
-    } else {
-        f64::NAN
-    };
-    let phases = timer.seconds();
-    observer.finished();
-    if last_saved != Some(step) {
-        save_checkpoint(opts, model, &state, observer)?;
-    }
-
-    let final_eval = evaluate(model, data, test_batch, &mut eval_batch)?;
-    evals.push(eval_point(step, &final_eval));
-    let train_rmse = match model.task() {
-        Task::Classification => None,
-        Task::Regression => {
-            let m = score(
-                model,
-                data,
-                Samples::Training,
-                train_batch.max(test_batch),
-                &mut eval_batch,
-            )?;
-            m.rmse
-        }
-    };
-    if window_steps > 0 {
-        last_window_loss = window_loss / window_steps as f64;
-    }
-    Ok(TrainReport {
-        model: model.name().to_string(),
-        samples_per_sec,
-        threads,
-        batch_size: opts.batch_size,
-        steps: total_steps,
-        train_loss: last_window_loss,
-        test_loss: final_eval.loss,
-        test_accuracy: final_eval.accuracy,
-        test_auc: final_eval.auc,
-        test_ne: final_eval.ne,
-        test_rmse: final_eval.rmse,
-        train_rmse,
-        teacher_auc: data.ceiling_auc(),
-        evals,
-        phase_seconds: phases,
-        peak_rss_bytes: peak_rss_bytes(),
-        optimizer: model.optimizer(),
-        learning_rate: opts.lr.base,
-        wall_seconds: started.elapsed().as_secs_f64(),
-    })
+    run.finish(threads)
 }
 
 /// Checks that every parameter, tables included, is finite, then saves a checkpoint at `state`

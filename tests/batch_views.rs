@@ -3,12 +3,12 @@
 //! bit, what they give on copied batches; a view names the same samples as a filled batch.
 
 use dlrm::cancel::Cancel;
-use dlrm::config::{Architecture, InteractionOp, join};
 use dlrm::data::Batch;
 use dlrm::data::binary::{BinaryDataset, DatasetSplit, Encoding};
-use dlrm::data::preprocess::{EncodingChoice, PreprocessOptions, Sources, preprocess};
+use dlrm::data::preprocess::{EncodingChoice, PreprocessOptions, Progress, Sources, preprocess};
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
 use dlrm::model::OptimizerKind;
+use dlrm::model::architecture::{Architecture, InteractionOp, join};
 use dlrm::model::dlrm::Dlrm;
 use dlrm::storage::StorageKind;
 use dlrm::train::{DataSource, LrSchedule, Quiet, TrainOptions, TrainReport, train};
@@ -71,7 +71,7 @@ fn dataset(dir: &Path, rows: usize) -> PathBuf {
         skip_bad_lines: false,
         shuffle_seed: None,
         chunk_bytes: 1 << 20,
-        progress: false,
+        progress: Progress::none(),
         cancel: Cancel::never(),
     })
     .unwrap();

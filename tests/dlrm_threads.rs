@@ -2,11 +2,12 @@
 //! alone, so 1, 2 and 3 threads, with every kernel on its parallel path (`Par::AlwaysSplit`),
 //! give bit-identical parameters, optimizer state and predictions, and so does the serial path.
 
-use dlrm::config::{Architecture, InteractionOp, Preset, join};
+use dlrm::config::Preset;
 use dlrm::data::Batch;
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
 use dlrm::kernels::parallel::Par;
 use dlrm::model::PhaseTimer;
+use dlrm::model::architecture::{Architecture, InteractionOp};
 use dlrm::model::dlrm::Dlrm;
 use dlrm::model::{Model, OptimizerKind};
 use dlrm::storage::StorageKind;
@@ -14,11 +15,11 @@ use dlrm::train::DataSource;
 
 fn arch(interaction: InteractionOp) -> Architecture {
     let p = Preset::Tiny.values();
-    Architecture::from_flags(
+    Architecture::new(
         16,
-        &join(&p.table_sizes),
-        p.bottom,
-        p.top,
+        p.table_sizes,
+        p.bottom.to_vec(),
+        p.top.to_vec(),
         interaction,
         false,
     )

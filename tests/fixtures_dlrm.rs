@@ -5,22 +5,23 @@
 mod common;
 
 use common::fixtures::{Fixture, load};
-use dlrm::config::{Architecture, InteractionOp, parse_dims};
 use dlrm::data::Batch;
 use dlrm::model::OptimizerKind;
 use dlrm::model::PhaseTimer;
+use dlrm::model::architecture::{Architecture, InteractionOp, parse_dims};
 use dlrm::model::dlrm::Dlrm;
+use dlrm::names::Field;
 use dlrm::storage::StorageKind;
 
 fn model_from(fx: &Fixture, optimizer: OptimizerKind) -> Dlrm {
-    let top_full = parse_dims("arch_mlp_top", fx.config_str("arch_mlp_top")).unwrap();
-    let top_tail: Vec<String> = top_full[1..].iter().map(|w| w.to_string()).collect();
+    let dims = |field, key| parse_dims(field, fx.config_str(key)).unwrap();
+    let top_full = dims(Field::Top, "arch_mlp_top");
     let op: InteractionOp = fx.config_str("arch_interaction_op").parse().unwrap();
-    let arch = Architecture::from_flags(
+    let arch = Architecture::new(
         fx.config_usize("arch_sparse_feature_size"),
-        fx.config_str("table_rows"),
-        fx.config_str("arch_mlp_bot"),
-        &top_tail.join("-"),
+        dims(Field::TableSizes, "table_rows"),
+        dims(Field::Bottom, "arch_mlp_bot"),
+        top_full[1..].to_vec(),
         op,
         fx.config_bool("arch_interaction_itself"),
     )

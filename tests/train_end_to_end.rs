@@ -1,7 +1,7 @@
 //! Training end to end through the library: the model learns teacher data, a seed fixes the
 //! run bit for bit, and a training step allocates nothing once warm.
 
-use dlrm::config::{Architecture, InteractionOp, Preset, join};
+use dlrm::config::Preset;
 use dlrm::data::Batch;
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
 use dlrm::model::OptimizerKind;
@@ -42,16 +42,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
 static GLOBAL: CountingAllocator = CountingAllocator;
 
 fn tiny(seed: u64, optimizer: OptimizerKind) -> (Dlrm, SyntheticSource) {
-    let p = Preset::Tiny.values();
-    let arch = Architecture::from_flags(
-        p.embedding_dim,
-        &join(&p.table_sizes),
-        p.bottom,
-        p.top,
-        InteractionOp::Dot,
-        false,
-    )
-    .unwrap();
+    let arch = Preset::Tiny.values().architecture();
     let data = SyntheticData::new(SyntheticConfig {
         num_dense: arch.num_dense(),
         table_sizes: arch.table_sizes.clone(),

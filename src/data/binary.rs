@@ -26,9 +26,9 @@
 //! place ([`BatchView`], no copy), and filling a [`Batch`] is one `memcpy` per array (one-hot
 //! bags: no offsets).
 
-use super::{Batch, BatchView, IdColumns};
+use super::{Batch, BatchView, DataSource, IdColumns};
+use crate::names::{Choice, choice_names};
 use crate::storage::map_read_only;
-use crate::train::DataSource;
 use anyhow::{Context, Result};
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
@@ -61,7 +61,7 @@ pub fn dictionary_file(table: usize) -> String {
 }
 
 /// A part of the dataset.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DatasetSplit {
     /// Training: the rows the model learns from.
@@ -88,6 +88,22 @@ impl DatasetSplit {
         self as usize
     }
 }
+
+impl Choice for DatasetSplit {
+    const ALL: &'static [DatasetSplit] = &DatasetSplit::ALL;
+    fn name(self) -> &'static str {
+        DatasetSplit::name(self)
+    }
+    fn help(self) -> &'static str {
+        match self {
+            DatasetSplit::Train => "Training: the rows the model learns from",
+            DatasetSplit::Val => "Validation: for choosing settings",
+            DatasetSplit::Test => "Test: for the final figure",
+        }
+    }
+}
+
+choice_names!(DatasetSplit);
 
 /// Rows per split (u64: the Terabyte logs have 4.4 billion).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,6 +5,8 @@ pub mod binary;
 pub mod criteo;
 pub mod movielens;
 pub mod preprocess;
+pub mod source;
 pub mod synthetic;
 
 pub use batch::{Batch, BatchView, IdColumns};
+pub use source::DataSource;

@@ -11,8 +11,8 @@
 //! make poor gradient steps.
 
 use super::Batch;
+use super::DataSource;
 use crate::rng::{SplitMix64, derive_key};
-use crate::train::DataSource;
 use anyhow::{Context, Result, bail};
 use std::path::Path;
 

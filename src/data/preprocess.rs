@@ -36,16 +36,17 @@ use super::binary::{
 };
 use super::criteo::{NUM_CATEGORICAL, NUM_DENSE, ParseError, RawRow, dense_feature, parse_line};
 use crate::cancel::{Cancel, note_removed, partial_path, remove_stale_partials};
+use crate::names::{Field, ensure_field};
 use crate::rng::{SplitMix64, counter_hash, derive_key};
 use anyhow::{Context, Result};
 use dlrm_kernels::simd::prefetch_read;
-use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use serde::Serialize;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 use thiserror::Error;
 
@@ -103,6 +104,75 @@ pub enum EncodingChoice {
     Like(PathBuf),
 }
 
+/// Watches the passes of preprocessing (the CLI draws a progress bar); every method has an
+/// empty default. Called from the pool's threads.
+pub trait PassObserver: Send + Sync {
+    /// A pass named `what` over `bytes` bytes of input starts.
+    fn started(&self, what: &'static str, bytes: u64) {
+        let _ = (what, bytes);
+    }
+    /// `bytes` more bytes of the pass are done.
+    fn advanced(&self, bytes: u64) {
+        let _ = bytes;
+    }
+    /// Rows per second of the pass so far.
+    fn rate(&self, rows_per_sec: f64) {
+        let _ = rows_per_sec;
+    }
+    /// The pass is over.
+    fn finished(&self) {}
+}
+
+/// The observer of a preprocessing run, if any.
+#[derive(Clone)]
+pub struct Progress(Option<Arc<dyn PassObserver>>);
+
+impl Progress {
+    /// Nobody watches.
+    pub fn none() -> Progress {
+        Progress(None)
+    }
+
+    pub fn new(observer: Arc<dyn PassObserver>) -> Progress {
+        Progress(Some(observer))
+    }
+
+    fn start(&self, what: &'static str, bytes: u64) -> &Progress {
+        if let Some(o) = &self.0 {
+            o.started(what, bytes);
+        }
+        self
+    }
+
+    fn inc(&self, bytes: u64) {
+        if let Some(o) = &self.0 {
+            o.advanced(bytes);
+        }
+    }
+
+    fn set_rate(&self, rows_per_sec: f64) {
+        if let Some(o) = &self.0 {
+            o.rate(rows_per_sec);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(o) = &self.0 {
+            o.finished();
+        }
+    }
+}
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Progress(watched)"
+        } else {
+            "Progress(none)"
+        })
+    }
+}
+
 /// What `dlrm preprocess` does.
 #[derive(Clone, Debug)]
 pub struct PreprocessOptions {
@@ -119,7 +189,8 @@ pub struct PreprocessOptions {
     /// Size of the chunks parsed in parallel ([`CHUNK_BYTES`]; the output does not depend on
     /// it).
     pub chunk_bytes: u64,
-    pub progress: bool,
+    /// Who watches the passes (a progress bar in the CLI; [`Progress::none`] for nobody).
+    pub progress: Progress,
     /// Checked between rounds of chunks (`Cancel::never()` for work that is not cancelled).
     pub cancel: Cancel,
 }
@@ -337,10 +408,12 @@ fn hash_value(value: Option<u32>, max_ind_range: u64) -> u32 {
 }
 
 fn check_max_ind_range(max_ind_range: u64) -> Result<()> {
-    anyhow::ensure!(
-        (1..=1 << 32).contains(&max_ind_range),
-        "--max-ind-range must be between 1 and 2^32 (ids are 32-bit), not {max_ind_range}"
-    );
+    ensure_field((1..=1 << 32).contains(&max_ind_range), move |n| {
+        format!(
+            "{} must be between 1 and 2^32 (ids are 32-bit), not {max_ind_range}",
+            n(Field::MaxIndRange)
+        )
+    })?;
     Ok(())
 }
 
@@ -581,7 +654,7 @@ fn plan_file(
     input: &mut Input,
     first_row: u64,
     chunk_bytes: u64,
-    bar: &ProgressBar,
+    bar: &Progress,
 ) -> Result<Vec<Chunk>> {
     let len = input.bytes;
     let reader: &Input = input;
@@ -746,29 +819,11 @@ impl Pass<'_> {
     }
 }
 
-fn progress_bar(show: bool, bytes: u64, what: &'static str) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(bytes);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix:>12} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {decimal_bytes_per_sec} {msg}",
-        )
-        .expect("valid template"),
-    );
-    bar.set_prefix(what);
-    bar
-}
-
 /// Updates a bar after a round: its bytes, and the rows per second so far.
-fn advance(bar: &ProgressBar, round: &[Chunk], rows: &mut u64, since: Instant) {
+fn advance(bar: &Progress, round: &[Chunk], rows: &mut u64, since: Instant) {
     bar.inc(round.iter().map(|c| c.end - c.start).sum());
     *rows += round.iter().map(|c| c.lines).sum::<u64>();
-    bar.set_message(format!(
-        "{:.0} rows/s",
-        *rows as f64 / since.elapsed().as_secs_f64().max(1e-9)
-    ));
+    bar.set_rate(*rows as f64 / since.elapsed().as_secs_f64().max(1e-9));
 }
 
 /// Pass 2: each table's values in the training lines, counted.
@@ -776,7 +831,7 @@ fn count_values(
     cx: &Pass,
     chunks: &[Chunk],
     min_frequency: u64,
-    bar: &ProgressBar,
+    bar: &Progress,
 ) -> Result<Encoder> {
     let end_row = cx.boundaries[0];
     let train_chunks: Vec<Chunk> = chunks
@@ -823,7 +878,7 @@ fn first_seen_values(
     cx: &Pass,
     chunks: &[Chunk],
     max_ind_range: u64,
-    bar: &ProgressBar,
+    bar: &Progress,
 ) -> Result<Encoder> {
     let mut dicts: Vec<Dictionary> = (0..NUM_CATEGORICAL)
         .map(|_| Dictionary::default())
@@ -899,7 +954,7 @@ impl Buckets {
         mut self,
         labelled: bool,
         out: &mut SplitWriter,
-        bar: &ProgressBar,
+        bar: &Progress,
         cancel: &Cancel,
     ) -> Result<()> {
         for (path, file) in self.paths.iter().zip(&mut self.files) {
@@ -955,7 +1010,7 @@ fn encode_rows(
     encoder: &Encoder,
     writers: &mut [SplitWriter],
     mut buckets: Option<&mut Buckets>,
-    bar: &ProgressBar,
+    bar: &Progress,
 ) -> Result<BadLines> {
     let bucket_key = buckets.as_ref().map(|b| (b.key, b.paths.len()));
     let mut bad = BadLines::default();
@@ -1085,15 +1140,21 @@ pub fn preprocess(opts: &PreprocessOptions) -> Result<PreprocessSummary> {
     })
 }
 
-fn run_passes(opts: &PreprocessOptions, cancel: &Cancel) -> Result<PreprocessSummary> {
-    let started = Instant::now();
-    let (paths, rule): (Vec<&PathBuf>, SplitRule) = match &opts.sources {
+/// The input files in order, and the rule that splits their rows.
+fn source_paths(sources: &Sources) -> Result<(Vec<&PathBuf>, SplitRule)> {
+    Ok(match sources {
         Sources::Weights { files, weights } => {
-            anyhow::ensure!(
+            let weights_given = *weights;
+            ensure_field(
                 weights.iter().all(|w| w.is_finite() && *w >= 0.0)
                     && weights.iter().sum::<f64>() > 0.0,
-                "--split: weights must be non-negative numbers, not all 0 (got {weights:?})"
-            );
+                move |n| {
+                    format!(
+                        "{}: weights must be non-negative numbers, not all 0 (got {weights_given:?})",
+                        n(Field::Split)
+                    )
+                },
+            )?;
             (files.iter().collect(), SplitRule::Weights(*weights))
         }
         Sources::Days { train, eval } => (
@@ -1103,18 +1164,12 @@ fn run_passes(opts: &PreprocessOptions, cancel: &Cancel) -> Result<PreprocessSum
             },
         ),
         Sources::ReferenceKaggle { files } => (files.iter().collect(), SplitRule::ReferenceKaggle),
-    };
-    anyhow::ensure!(!paths.is_empty(), "no input files");
-    anyhow::ensure!(
-        opts.chunk_bytes > 0,
-        "the chunk size must be at least 1 byte"
-    );
-    anyhow::ensure!(
-        !opts.out.exists(),
-        "{} already exists: remove it or choose another output folder",
-        opts.out.display()
-    );
-    let mut inputs = paths
+    })
+}
+
+/// Opens every input file and reads its size.
+fn open_inputs(paths: &[&PathBuf]) -> Result<Vec<Input>> {
+    paths
         .iter()
         .map(|&p| {
             let file = File::open(p).with_context(|| format!("opening {}", p.display()))?;
@@ -1129,9 +1184,12 @@ fn run_passes(opts: &PreprocessOptions, cancel: &Cancel) -> Result<PreprocessSum
                 lines: 0,
             })
         })
-        .collect::<Result<Vec<_>>>()?;
-    // The encoding is checked (or loaded) before any pass.
-    let pending = match &opts.encoding {
+        .collect::<Result<Vec<_>>>()
+}
+
+/// The encoding chosen, checked or loaded before any pass.
+fn pending_encoding(choice: &EncodingChoice) -> Result<PendingEncoding> {
+    Ok(match choice {
         EncodingChoice::Like(dir) => PendingEncoding::Ready(
             Encoder::load(dir)
                 .with_context(|| format!("loading the encoding of {}", dir.display()))?,
@@ -1140,7 +1198,9 @@ fn run_passes(opts: &PreprocessOptions, cancel: &Cancel) -> Result<PreprocessSum
             PendingEncoding::Ready(Encoder::hash(*max_ind_range)?)
         }
         EncodingChoice::New(Encoding::Dictionary { min_frequency }) => {
-            anyhow::ensure!(*min_frequency >= 1, "--min-frequency must be at least 1");
+            ensure_field(*min_frequency >= 1, |n| {
+                format!("{} must be at least 1", n(Field::MinFrequency))
+            })?;
             PendingEncoding::Count {
                 min_frequency: *min_frequency,
             }
@@ -1151,7 +1211,139 @@ fn run_passes(opts: &PreprocessOptions, cancel: &Cancel) -> Result<PreprocessSum
                 max_ind_range: *max_ind_range,
             }
         }
+    })
+}
+
+/// Pass 2: the encoder, from the dictionaries of the data when the encoding needs them.
+fn build_encoder(
+    cx: &Pass,
+    chunks: &[Chunk],
+    pending: PendingEncoding,
+    progress: &Progress,
+    bytes: u64,
+) -> Result<Encoder> {
+    Ok(match pending {
+        PendingEncoding::Ready(e) => e,
+        PendingEncoding::Count { min_frequency } => {
+            let train_bytes = chunks
+                .iter()
+                .filter(|c| c.first_row < cx.boundaries[0])
+                .map(|c| c.end - c.start)
+                .sum();
+            let bar = progress.start("dictionaries", train_bytes);
+            let e = count_values(cx, chunks, min_frequency, bar)?;
+            bar.finish();
+            e
+        }
+        PendingEncoding::FirstSeen { max_ind_range } => {
+            let bar = progress.start("dictionaries", bytes);
+            let e = first_seen_values(cx, chunks, max_ind_range, bar)?;
+            bar.finish();
+            e
+        }
+    })
+}
+
+/// The writers of the splits in `tmp`, and the shuffle buckets of the `train_rows` training
+/// rows when a shuffle seed is given.
+fn create_writers(
+    tmp: &Path,
+    opts: &PreprocessOptions,
+    train_rows: u64,
+) -> Result<(Vec<SplitWriter>, Option<Buckets>)> {
+    let writers = DatasetSplit::ALL
+        .iter()
+        .map(|s| {
+            let dir = tmp.join(s.name());
+            SplitWriter::create(&dir, NUM_CATEGORICAL, opts.labelled)
+                .with_context(|| format!("creating {}", dir.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let buckets = match opts.shuffle_seed {
+        Some(seed) => {
+            let train_bytes = train_rows * record_bytes(opts.labelled) as u64;
+            let count = train_bytes.div_ceil(BUCKET_BYTES).max(1) as usize;
+            Some(Buckets::create(&tmp.join("shuffle"), count, seed)?)
+        }
+        None => None,
     };
+    Ok((writers, buckets))
+}
+
+/// Writes the encoding and the header (with the encoding's fingerprint) into `tmp`: the
+/// dataset of `inputs` split by `rule` into `rows`, `bad_lines` left out.
+fn write_header(
+    tmp: &Path,
+    opts: &PreprocessOptions,
+    encoder: &Encoder,
+    inputs: &[Input],
+    rows: SplitRows,
+    rule: SplitRule,
+    bad_lines: u64,
+) -> Result<()> {
+    let mut header = DatasetHeader {
+        format: FORMAT_NAME.to_string(),
+        version: FORMAT_VERSION,
+        num_dense: NUM_DENSE,
+        table_sizes: encoder.table_sizes(),
+        labelled: opts.labelled,
+        rows,
+        encoding: encoder.encoding(),
+        dense_transform: "ln(1 + max(x, 0)) in f32; empty = 0".to_string(),
+        split: rule,
+        shuffle_seed: opts.shuffle_seed,
+        sources: inputs
+            .iter()
+            .map(|i| SourceFile {
+                path: i.path.display().to_string(),
+                bytes: i.bytes,
+                lines: i.lines,
+            })
+            .collect(),
+        bad_lines,
+        encoding_fingerprint: None,
+    };
+    encoder.save(tmp)?;
+    // From the files just written: the same computation as for a dataset without it.
+    header.encoding_fingerprint = Some(compute_encoding_fingerprint(&header, tmp)?);
+    header.write(tmp)
+}
+
+/// Pass 1: the chunks of every input (`bytes` in all) and the number of lines.
+fn plan_chunks(
+    inputs: &mut [Input],
+    opts: &PreprocessOptions,
+    bytes: u64,
+    cancel: &Cancel,
+) -> Result<(Vec<Chunk>, u64)> {
+    let bar = opts.progress.start("lines", bytes);
+    let mut chunks = Vec::new();
+    let mut rows_before = 0;
+    for (i, input) in inputs.iter_mut().enumerate() {
+        cancel.check()?;
+        chunks.extend(plan_file(i, input, rows_before, opts.chunk_bytes, bar)?);
+        rows_before += input.lines;
+    }
+    bar.finish();
+    Ok((chunks, rows_before))
+}
+
+fn run_passes(opts: &PreprocessOptions, cancel: &Cancel) -> Result<PreprocessSummary> {
+    let started = Instant::now();
+    let (paths, rule) = source_paths(&opts.sources)?;
+    anyhow::ensure!(!paths.is_empty(), "no input files");
+    anyhow::ensure!(
+        opts.chunk_bytes > 0,
+        "the chunk size must be at least 1 byte"
+    );
+    anyhow::ensure!(
+        !opts.out.exists(),
+        "{} already exists: remove it or choose another output folder",
+        opts.out.display()
+    );
+    let mut inputs = open_inputs(&paths)?;
+    // The encoding is checked (or loaded) before any pass.
+    let pending = pending_encoding(&opts.encoding)?;
     let bytes: u64 = inputs.iter().map(|i| i.bytes).sum();
     // Every byte belongs to a line, so no bytes means no rows: nothing to write.
     anyhow::ensure!(
@@ -1168,16 +1360,7 @@ fn run_passes(opts: &PreprocessOptions, cancel: &Cancel) -> Result<PreprocessSum
 
     // Pass 1: chunks and lines.
     let t = Instant::now();
-    let bar = progress_bar(opts.progress, bytes, "lines");
-    let mut chunks = Vec::new();
-    let mut rows_before = 0;
-    for (i, input) in inputs.iter_mut().enumerate() {
-        cancel.check()?;
-        chunks.extend(plan_file(i, input, rows_before, opts.chunk_bytes, &bar)?);
-        rows_before += input.lines;
-    }
-    bar.finish_and_clear();
-    let lines = rows_before;
+    let (chunks, lines) = plan_chunks(&mut inputs, opts, bytes, cancel)?;
     let (boundaries, run_splits) = segments(&opts.sources, &inputs);
     let cx = Pass {
         inputs: &inputs,
@@ -1191,64 +1374,32 @@ fn run_passes(opts: &PreprocessOptions, cancel: &Cancel) -> Result<PreprocessSum
 
     // Pass 2: dictionaries.
     let t = Instant::now();
-    let encoder = match pending {
-        PendingEncoding::Ready(e) => e,
-        PendingEncoding::Count { min_frequency } => {
-            let train_bytes = chunks
-                .iter()
-                .filter(|c| c.first_row < cx.boundaries[0])
-                .map(|c| c.end - c.start)
-                .sum();
-            let bar = progress_bar(opts.progress, train_bytes, "dictionaries");
-            let e = count_values(&cx, &chunks, min_frequency, &bar)?;
-            bar.finish_and_clear();
-            e
-        }
-        PendingEncoding::FirstSeen { max_ind_range } => {
-            let bar = progress_bar(opts.progress, bytes, "dictionaries");
-            let e = first_seen_values(&cx, &chunks, max_ind_range, &bar)?;
-            bar.finish_and_clear();
-            e
-        }
-    };
+    let encoder = build_encoder(&cx, &chunks, pending, &opts.progress, bytes)?;
     secs.dictionaries = t.elapsed().as_secs_f64();
 
     // Pass 3: encode.
     let t = Instant::now();
-    let mut writers = DatasetSplit::ALL
-        .iter()
-        .map(|s| {
-            let dir = tmp.path.join(s.name());
-            SplitWriter::create(&dir, NUM_CATEGORICAL, opts.labelled)
-                .with_context(|| format!("creating {}", dir.display()))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let mut buckets = match opts.shuffle_seed {
-        Some(seed) => {
-            let train_bytes = cx.boundaries[0] * record_bytes(opts.labelled) as u64;
-            let count = train_bytes.div_ceil(BUCKET_BYTES).max(1) as usize;
-            Some(Buckets::create(&tmp.path.join("shuffle"), count, seed)?)
-        }
-        None => None,
-    };
-    let bar = progress_bar(opts.progress, bytes, "encode");
-    let bad = encode_rows(&cx, &chunks, &encoder, &mut writers, buckets.as_mut(), &bar)?;
-    bar.finish_and_clear();
-    anyhow::ensure!(
-        bad.count < lines,
-        "no rows to write: all {lines} lines are bad and were left out by --skip-bad-lines (the first: {})",
-        bad.examples.first().map_or("", String::as_str)
-    );
+    let (mut writers, mut buckets) = create_writers(&tmp.path, opts, cx.boundaries[0])?;
+    let bar = opts.progress.start("encode", bytes);
+    let bad = encode_rows(&cx, &chunks, &encoder, &mut writers, buckets.as_mut(), bar)?;
+    bar.finish();
+    let first_bad = bad.examples.first().cloned().unwrap_or_default();
+    ensure_field(bad.count < lines, move |n| {
+        format!(
+            "no rows to write: all {lines} lines are bad and were left out by {} (the first: {first_bad})",
+            n(Field::SkipBadLines)
+        )
+    })?;
     secs.encode = t.elapsed().as_secs_f64();
 
     // Pass 4: shuffle.
     let t = Instant::now();
     if let Some(b) = buckets {
         let bucket_bytes = cx.boundaries[0] * record_bytes(opts.labelled) as u64;
-        let bar = progress_bar(opts.progress, bucket_bytes, "shuffle");
-        b.finish(opts.labelled, &mut writers[0], &bar, cancel)?;
+        let bar = opts.progress.start("shuffle", bucket_bytes);
+        b.finish(opts.labelled, &mut writers[0], bar, cancel)?;
         std::fs::remove_dir(tmp.path.join("shuffle")).context("removing the shuffle folder")?;
-        bar.finish_and_clear();
+        bar.finish();
     }
     secs.shuffle = t.elapsed().as_secs_f64();
 
@@ -1256,33 +1407,7 @@ fn run_passes(opts: &PreprocessOptions, cancel: &Cancel) -> Result<PreprocessSum
     for (s, w) in DatasetSplit::ALL.iter().zip(writers) {
         rows.set(*s, w.finish().context("writing the dataset")?);
     }
-    let table_sizes = encoder.table_sizes();
-    let mut header = DatasetHeader {
-        format: FORMAT_NAME.to_string(),
-        version: FORMAT_VERSION,
-        num_dense: NUM_DENSE,
-        table_sizes: table_sizes.clone(),
-        labelled: opts.labelled,
-        rows,
-        encoding: encoder.encoding(),
-        dense_transform: "ln(1 + max(x, 0)) in f32; empty = 0".to_string(),
-        split: rule,
-        shuffle_seed: opts.shuffle_seed,
-        sources: inputs
-            .iter()
-            .map(|i| SourceFile {
-                path: i.path.display().to_string(),
-                bytes: i.bytes,
-                lines: i.lines,
-            })
-            .collect(),
-        bad_lines: bad.count,
-        encoding_fingerprint: None,
-    };
-    encoder.save(&tmp.path)?;
-    // From the files just written: the same computation as for a dataset without it.
-    header.encoding_fingerprint = Some(compute_encoding_fingerprint(&header, &tmp.path)?);
-    header.write(&tmp.path)?;
+    write_header(&tmp.path, opts, &encoder, &inputs, rows, rule, bad.count)?;
     std::fs::rename(&tmp.path, &opts.out)
         .with_context(|| format!("renaming {} to {}", tmp.path.display(), opts.out.display()))?;
     let mut tmp = tmp;
@@ -1295,7 +1420,7 @@ fn run_passes(opts: &PreprocessOptions, cancel: &Cancel) -> Result<PreprocessSum
         bad_lines: bad.count,
         bad_examples: bad.examples,
         removed_partials,
-        table_sizes,
+        table_sizes: encoder.table_sizes(),
         seconds: started.elapsed().as_secs_f64(),
         pass_seconds: secs,
         threads: rayon::current_num_threads(),

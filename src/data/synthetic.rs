@@ -9,12 +9,13 @@
 
 use super::Batch;
 use super::batch::bag_range;
+use crate::names::{Choice, choice_names};
 use crate::rng::{RankScatter, SplitMix64, Zipf, counter_hash, derive_key, unit_f32};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// How ids and labels are drawn.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Generation {
     /// Uniform ids, labels Bernoulli(0.5): nothing to learn (a speed workload).
@@ -24,6 +25,28 @@ pub enum Generation {
     /// Zipf(α) ids, labels from a random teacher model.
     Teacher,
 }
+
+impl Choice for Generation {
+    const ALL: &'static [Generation] = &[Generation::Random, Generation::Zipf, Generation::Teacher];
+    fn name(self) -> &'static str {
+        match self {
+            Generation::Random => "random",
+            Generation::Zipf => "zipf",
+            Generation::Teacher => "teacher",
+        }
+    }
+    fn help(self) -> &'static str {
+        match self {
+            Generation::Random => {
+                "Uniform ids, labels Bernoulli(0.5): nothing to learn (a speed workload)"
+            }
+            Generation::Zipf => "Zipf(α) ids, labels Bernoulli(0.5)",
+            Generation::Teacher => "Zipf(α) ids, labels from a random teacher model",
+        }
+    }
+}
+
+choice_names!(Generation);
 
 /// Which part of the synthetic data set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -401,7 +424,7 @@ impl SyntheticSource {
     }
 }
 
-impl crate::train::DataSource for SyntheticSource {
+impl super::DataSource for SyntheticSource {
     fn train_len(&self) -> u64 {
         self.train_len
     }

@@ -11,6 +11,7 @@
 //!
 //! Every buffer is sized once for the largest batch, so a step allocates nothing.
 
+use super::architecture::{Architecture, InteractionOp};
 use super::mlp::Mlp;
 use super::parameters::{
     Named, Parameters, TableSource, Tensor, TensorMut, visit_mlp, visit_mlp_mut,
@@ -20,7 +21,6 @@ use super::{
     BatchError, DenseOptimizer, Model, ModelConfig, OptimizerKind, PhaseTimer, Task,
     check_capacity, head_loss, head_predict, mlp_floats_per_sample, validate_batch,
 };
-use crate::config::{Architecture, InteractionOp};
 use crate::data::BatchView;
 use crate::rng::{SplitMix64, derive_key};
 use crate::storage::StorageKind;

@@ -26,6 +26,7 @@ use super::{
     check_capacity, head_loss, head_predict, validate_batch,
 };
 use crate::data::BatchView;
+use crate::names::{Field, ensure_field};
 use crate::storage::StorageKind;
 use dlrm_kernels::embedding::Bags;
 use dlrm_kernels::fm::{FmField, fm_backward, fm_forward};
@@ -123,10 +124,10 @@ impl Fm {
         source: TableSource,
     ) -> anyhow::Result<Fm> {
         anyhow::ensure!(cfg.factors > 0, "the latent width must be at least 1");
-        anyhow::ensure!(
+        ensure_field(
             cfg.weight_decay >= 0.0 && cfg.weight_decay.is_finite(),
-            "--weight-decay must be a non-negative number"
-        );
+            |n| format!("{} must be a non-negative number", n(Field::WeightDecay)),
+        )?;
         let mut rows = cfg.table_sizes.clone();
         if cfg.num_dense > 0 {
             rows.push(cfg.num_dense);

@@ -207,3 +207,16 @@ impl Mlp {
         }
     }
 }
+
+/// PyTorch state_dict names of the MLP layers: dlrm_s_pytorch.py builds each MLP as an
+/// nn.Sequential of Linear, ReLU, Linear, ... so Linear k is module 2k.
+pub fn layer_names(prefix: &str, layers: usize) -> Vec<(String, String)> {
+    (0..layers)
+        .map(|k| {
+            (
+                format!("{prefix}.{}.weight", 2 * k),
+                format!("{prefix}.{}.bias", 2 * k),
+            )
+        })
+        .collect()
+}

@@ -1,5 +1,6 @@
 //! The models and their parameters, and what the trainer needs from a model.
 
+pub mod architecture;
 pub mod dcn;
 pub mod dlrm;
 pub mod embedding;
@@ -10,6 +11,7 @@ pub mod parameters;
 pub mod sparse;
 
 use crate::data::BatchView;
+use crate::names::{Choice, choice_names};
 use dlrm_kernels::activation::{bce_with_logits, sigmoid, squared_error};
 use dlrm_kernels::embedding::BagError;
 use dlrm_kernels::optim::{SparseOptimizer, adagrad_update, sgd_update};
@@ -23,13 +25,30 @@ use thiserror::Error;
 
 /// The optimizer, named as `--optimizer` names it. Embedding tables use the named one; dense
 /// parameters use SGD for `sgd` and element-wise Adagrad otherwise, as the reference does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OptimizerKind {
     Sgd,
     Adagrad,
     RowwiseAdagrad,
 }
+
+impl Choice for OptimizerKind {
+    const ALL: &'static [OptimizerKind] = &[
+        OptimizerKind::Sgd,
+        OptimizerKind::Adagrad,
+        OptimizerKind::RowwiseAdagrad,
+    ];
+    fn name(self) -> &'static str {
+        match self {
+            OptimizerKind::Sgd => "sgd",
+            OptimizerKind::Adagrad => "adagrad",
+            OptimizerKind::RowwiseAdagrad => "rowwise-adagrad",
+        }
+    }
+}
+
+choice_names!(OptimizerKind);
 
 /// PyTorch's Adagrad epsilon (torch.optim.Adagrad default).
 pub const ADAGRAD_EPS: f32 = 1e-10;
@@ -56,7 +75,7 @@ impl OptimizerKind {
 }
 
 /// The models `dlrm train --model` trains.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ModelKind {
     /// DLRM (Naumov et al. 2019): bottom MLP, embeddings, pairwise-dot interaction, top MLP.
@@ -83,6 +102,40 @@ impl ModelKind {
         }
     }
 }
+
+impl Choice for ModelKind {
+    const ALL: &'static [ModelKind] = &[
+        ModelKind::Dlrm,
+        ModelKind::Dcn,
+        ModelKind::DcnV2,
+        ModelKind::Fm,
+        ModelKind::Mf,
+    ];
+    fn name(self) -> &'static str {
+        ModelKind::name(self)
+    }
+    fn help(self) -> &'static str {
+        match self {
+            ModelKind::Dlrm => {
+                "DLRM (Naumov et al. 2019): bottom MLP, embeddings, pairwise-dot interaction, top MLP"
+            }
+            ModelKind::Dcn => {
+                "DCN (Wang et al. 2017): a rank-one cross network beside a deep network"
+            }
+            ModelKind::DcnV2 => {
+                "DCN-v2 (Wang et al. 2021): a full-rank cross network beside a deep network"
+            }
+            ModelKind::Fm => {
+                "Factorization machine (Rendle 2010) over the dense and categorical features"
+            }
+            ModelKind::Mf => {
+                "Biased matrix factorization of ratings (users x items, from --train/--test files)"
+            }
+        }
+    }
+}
+
+choice_names!(ModelKind);
 
 /// The optimizer of a model's dense parameters (everything but the embedding tables): SGD for
 /// `sgd`, element-wise Adagrad otherwise (as [`OptimizerKind`] says), with zeroed accumulators

@@ -2,13 +2,13 @@
 //! under its PyTorch-style name, with its shape, its values and its optimizer state, so that
 //! checkpoints, export, import and the finiteness checks walk any model without knowing it.
 
+use super::architecture::Architecture;
 use super::dcn::{Dcn, DcnConfig};
 use super::dlrm::Dlrm;
 use super::embedding::{EmbeddingTable, OptimizerState, create_tables};
 use super::fm::{Fm, FmConfig};
-use super::mlp::Mlp;
+use super::mlp::{Mlp, layer_names};
 use super::{Model, ModelKind, OptimizerKind};
-use crate::config::Architecture;
 use crate::storage::{StorageKind, state_file_name, table_file_name};
 use dlrm_kernels::cross::CrossKind;
 use serde::{Deserialize, Serialize};
@@ -102,19 +102,6 @@ pub fn named_table_mut<'a>(
 ) -> Named<TensorMut<'a>> {
     let shape = vec![table.rows(), table.dim()];
     (name, shape, TensorMut::Table { table, state })
-}
-
-/// PyTorch state_dict names of the MLP layers: dlrm_s_pytorch.py builds each MLP as an
-/// nn.Sequential of Linear, ReLU, Linear, ... so Linear k is module 2k.
-pub fn layer_names(prefix: &str, layers: usize) -> Vec<(String, String)> {
-    (0..layers)
-        .map(|k| {
-            (
-                format!("{prefix}.{}.weight", 2 * k),
-                format!("{prefix}.{}.bias", 2 * k),
-            )
-        })
-        .collect()
 }
 
 /// (name, shape) of every tensor of an MLP of `widths` (input first): per layer the weight

@@ -2,14 +2,18 @@
 //! and socket by socket. Flags and orchestration only; the work is in the `dlrm_tools` library.
 
 use anyhow::{Context, Result};
-use clap::{Parser, ValueEnum};
-use dlrm::config::{Architecture, InteractionOp, Preset, join, parse_dims};
+use clap::Parser;
+use clap::builder::{PossibleValue, PossibleValuesParser, RangedU64ValueParser, TypedValueParser};
+use dlrm::config::Preset;
 use dlrm::data::synthetic::{Generation, SyntheticConfig};
 use dlrm::model::OptimizerKind;
+use dlrm::model::architecture::join;
+use dlrm::names::{Choice, parse_choice};
+use dlrm::spec::{ArchitectureOverrides, resolve_architecture};
 use dlrm::storage::interleave_memory;
 use dlrm_tools::measure::Schedule;
 use dlrm_tools::study::{StudyOptions, busy_warning, run};
-use dlrm_tools::sweep::{boundaries, default_sweep, parse_threads};
+use dlrm_tools::sweep::{boundaries, default_sweep, sweep_of};
 use dlrm_tools::topology::{Placement, Topology, format_cpulist};
 use dlrm_tools::workload::{WorkloadKind, WorkloadSpec};
 use dlrm_tools::{plot, report};
@@ -37,19 +41,19 @@ struct Args {
     #[arg(long, value_enum, default_value_t = WorkloadKind::Train)]
     workload: WorkloadKind,
     /// The `dlrm train` preset the model, data and batch come from.
-    #[arg(long, value_enum, default_value_t = Preset::Kaggle)]
+    #[arg(long, value_parser = choice::<Preset>(), default_value_t = Preset::Kaggle)]
     preset: Preset,
     /// Samples per step (per thread count 1 with --weak); default: the preset's.
     #[arg(long)]
     mini_batch_size: Option<usize>,
     /// Optimizer of the training and sparse-update workloads.
-    #[arg(long, value_enum, default_value_t = OptimizerKind::Sgd)]
+    #[arg(long, value_parser = choice::<OptimizerKind>(), default_value_t = OptimizerKind::Sgd)]
     optimizer: OptimizerKind,
     /// Learning rate; default: the preset's.
     #[arg(long)]
     learning_rate: Option<f32>,
     /// How synthetic ids and labels are drawn (as `dlrm train --data-generation`).
-    #[arg(long, value_enum, default_value_t = Generation::Teacher)]
+    #[arg(long, value_parser = choice::<Generation>(), default_value_t = Generation::Teacher)]
     data_generation: Generation,
     /// Exponent of the Zipf distribution of ids.
     #[arg(long, default_value_t = 1.05)]
@@ -62,13 +66,13 @@ struct Args {
     data_batches: Option<usize>,
     /// Input and output width of the gemm workload's layer (e.g. 367-512); default: the
     /// preset's first top-MLP layer.
-    #[arg(long)]
-    gemm_layer: Option<String>,
+    #[arg(long, value_delimiter = '-')]
+    gemm_layer: Option<Vec<usize>>,
 
     /// Thread counts, comma-separated (e.g. 1,2,3); default: 1, 2, 4, ... up to all cores,
     /// each socket boundary, and all logical CPUs.
-    #[arg(long)]
-    threads: Option<String>,
+    #[arg(long, value_delimiter = ',', value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
+    threads: Option<Vec<usize>>,
     /// Fill one socket before the next (compact) or alternate sockets (scatter); physical
     /// cores always come before SMT siblings.
     #[arg(long, value_enum, default_value_t = Placement::Compact)]
@@ -103,6 +107,15 @@ struct Args {
     topology: bool,
 }
 
+/// The parser of a library enumeration's values by their names, offered with their help.
+fn choice<T: Choice>() -> impl TypedValueParser<Value = T> {
+    PossibleValuesParser::new(T::ALL.iter().map(|&v| match v.help() {
+        "" => PossibleValue::new(v.name()),
+        help => PossibleValue::new(v.name()).help(help),
+    }))
+    .try_map(|name| parse_choice::<T>(&name))
+}
+
 fn main() {
     if let Err(e) = main_result() {
         eprintln!("error: {e:#}");
@@ -110,36 +123,17 @@ fn main() {
     }
 }
 
-fn main_result() -> Result<()> {
-    let a = Args::parse();
-    let topo = Topology::detect();
-    print!("{topo}");
-    let order = topo.order(a.placement);
-    if a.topology {
-        for p in [Placement::Compact, Placement::Scatter] {
-            let ids: Vec<String> = topo.order(p).iter().map(|c| c.id.to_string()).collect();
-            println!("{p} order: {}", ids.join(" "));
-        }
-        println!("default thread counts: {:?}", default_sweep(&topo));
-        return Ok(());
-    }
-
+/// The study the flags describe: the preset's model and data, the sweep, the schedule.
+fn study_options(a: &Args, topo: &Topology) -> Result<StudyOptions> {
     let p = a.preset.values();
-    let mut arch = Architecture::from_flags(
-        p.embedding_dim,
-        &join(&p.table_sizes),
-        p.bottom,
-        p.top,
-        InteractionOp::Dot,
-        false,
-    )?;
-    if let Some(cap) = p.max_ind_range {
-        arch.table_sizes.iter_mut().for_each(|r| *r = (*r).min(cap));
-    }
+    let arch = resolve_architecture(&p, &ArchitectureOverrides::default(), None)?;
     let gemm_in_out = match &a.gemm_layer {
-        Some(s) => match parse_dims("--gemm-layer", s)?[..] {
-            [i, o] => (i, o),
-            _ => anyhow::bail!("--gemm-layer: '{s}' must be two widths, IN-OUT (e.g. 367-512)"),
+        Some(widths) => match widths[..] {
+            [i, o] if i > 0 && o > 0 => (i, o),
+            _ => anyhow::bail!(
+                "--gemm-layer: '{}' must be two widths of at least 1, IN-OUT (e.g. 367-512)",
+                join(widths)
+            ),
         },
         None => (arch.top[0], arch.top[1]),
     };
@@ -152,8 +146,8 @@ fn main_result() -> Result<()> {
     let batch = a.mini_batch_size.unwrap_or(p.mini_batch_size);
     anyhow::ensure!(batch >= 1, "--mini-batch-size must be at least 1");
     let threads = match &a.threads {
-        Some(list) => parse_threads(list).map_err(|e| anyhow::anyhow!("--threads: {e}"))?,
-        None => default_sweep(&topo),
+        Some(counts) => sweep_of(counts),
+        None => default_sweep(topo),
     };
     let max_threads = *threads.last().expect("at least one thread count");
     if max_threads > topo.logical_cpus() {
@@ -193,6 +187,24 @@ fn main_result() -> Result<()> {
         },
     };
 
+    Ok(opts)
+}
+
+fn main_result() -> Result<()> {
+    let a = Args::parse();
+    let topo = Topology::detect();
+    print!("{topo}");
+    let order = topo.order(a.placement);
+    if a.topology {
+        for p in [Placement::Compact, Placement::Scatter] {
+            let ids: Vec<String> = topo.order(p).iter().map(|c| c.id.to_string()).collect();
+            println!("{p} order: {}", ids.join(" "));
+        }
+        println!("default thread counts: {:?}", default_sweep(&topo));
+        return Ok(());
+    }
+
+    let opts = study_options(&a, &topo)?;
     if a.numa == Numa::Interleave {
         let nodes = topo.nodes();
         anyhow::ensure!(
@@ -213,13 +225,11 @@ fn main_result() -> Result<()> {
     } else {
         a.placement.to_string()
     };
-    let preset = a
-        .preset
-        .to_possible_value()
-        .map_or_else(String::new, |v| v.get_name().to_string());
+    let preset = a.preset.name();
     let title = format!(
-        "{} | {preset} preset | batch {batch}{} ({scaling} scaling) | {placement}",
+        "{} | {preset} preset | batch {}{} ({scaling} scaling) | {placement}",
         a.workload.name(),
+        opts.batch,
         if a.weak { " per thread" } else { "" },
     );
     println!("{title}");

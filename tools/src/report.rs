@@ -120,16 +120,20 @@ pub fn csv_header() -> Vec<String> {
 /// scaling.csv: a header line, then one line per row. `placement` is "compact", "scatter" or
 /// "unpinned".
 pub fn csv(workload: &str, placement: &str, rows: &[Row]) -> String {
-    let mut out = csv_header().join(",");
-    out.push('\n');
+    let mut out = csv::Writer::from_writer(Vec::new());
+    let record = |out: &mut csv::Writer<Vec<u8>>, fields: &[String]| {
+        out.write_record(fields)
+            .expect("writing CSV to memory cannot fail")
+    };
+    record(&mut out, &csv_header());
     for r in rows {
         let mut fields = vec![
             workload.to_string(),
             placement.to_string(),
             r.threads.to_string(),
             r.sockets.to_string(),
-            // CPU lists hold commas.
-            format!("\"{}\"", r.cpus),
+            // Quoted by the writer when the CPU list holds commas.
+            r.cpus.clone(),
             r.batch.to_string(),
             format!("{:.1}", r.samples_per_sec),
             format!("{:.1}", r.samples_per_sec_min),
@@ -147,10 +151,12 @@ pub fn csv(workload: &str, placement: &str, rows: &[Row]) -> String {
                 .as_ref()
                 .map_or(String::new(), |e| format!("{:.4}", e[i].1))
         }));
-        out.push_str(&fields.join(","));
-        out.push('\n');
+        record(&mut out, &fields);
     }
-    out
+    let bytes = out
+        .into_inner()
+        .expect("flushing CSV to memory cannot fail");
+    String::from_utf8(bytes).expect("the fields are UTF-8")
 }
 
 /// The main table: one line per thread count.
@@ -314,7 +320,7 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3);
         assert_eq!(lines[0], header.join(","));
-        // The quoted CPU list "0-1" has no comma; every line has the header's field count.
+        // The CPU list "0-1" has no comma; every line has the header's field count.
         for l in &lines[1..] {
             assert_eq!(l.split(',').count(), header.len(), "{l}");
         }

@@ -4,20 +4,11 @@
 use crate::topology::{Cpu, Topology};
 use std::collections::BTreeSet;
 
-/// Parses `--threads 1,2,3` into ascending, distinct counts of at least 1.
-pub fn parse_threads(list: &str) -> Result<Vec<usize>, String> {
-    let mut out = BTreeSet::new();
-    for item in list.split(',') {
-        let item = item.trim();
-        let n: usize = item.parse().map_err(|_| {
-            format!("'{item}' in '{list}' is not a thread count; expected e.g. 1,2,4")
-        })?;
-        if n == 0 {
-            return Err(format!("'{list}': thread counts must be at least 1"));
-        }
-        out.insert(n);
-    }
-    Ok(out.into_iter().collect())
+/// The thread counts of `--threads 1,2,3` (each at least 1, as the flag's parser checks),
+/// ascending and distinct.
+pub fn sweep_of(counts: &[usize]) -> Vec<usize> {
+    let distinct: BTreeSet<usize> = counts.iter().copied().collect();
+    distinct.into_iter().collect()
 }
 
 /// The default sweep: 1, 2, 4, ... below the core count, the core count of the first socket,
@@ -117,13 +108,9 @@ mod tests {
     }
 
     #[test]
-    fn thread_lists_parse() {
-        assert_eq!(parse_threads("1,2,3").unwrap(), [1, 2, 3]);
-        assert_eq!(parse_threads(" 4, 1,2,2").unwrap(), [1, 2, 4]);
-        assert!(parse_threads("1,0").unwrap_err().contains("at least 1"));
-        assert!(parse_threads("1,x").unwrap_err().contains("'x'"));
-        assert!(parse_threads("").is_err());
-        assert!(parse_threads("1,,2").is_err());
+    fn thread_lists_sort_and_drop_repeats() {
+        assert_eq!(sweep_of(&[1, 2, 3]), [1, 2, 3]);
+        assert_eq!(sweep_of(&[4, 1, 2, 2]), [1, 2, 4]);
     }
 
     #[test]

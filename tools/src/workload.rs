@@ -8,8 +8,8 @@
 //! main thread.
 
 use anyhow::{Context, Result, ensure};
-use dlrm::config::Architecture;
 use dlrm::data::Batch;
+use dlrm::model::architecture::Architecture;
 use dlrm::model::dlrm::Dlrm;
 use dlrm::model::sparse::SparseTables;
 use dlrm::model::{Model, OptimizerKind, PhaseSeconds, PhaseTimer, TableSource};

@@ -11,8 +11,76 @@ pub mod train;
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+use dlrm::model::architecture::ArchitectureError;
+use dlrm::names::{Choice, Field, FieldError, parse_choice};
+use dlrm::train::Diverged;
+use std::io::IsTerminal;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+
+/// Whether to draw progress bars: on a terminal, unless --quiet (or RUST_LOG) silences the
+/// info lines they stand beside.
+pub fn show_progress() -> bool {
+    std::io::stderr().is_terminal() && log::log_enabled!(log::Level::Info)
+}
+
+/// The flag that sets each setting the library's errors cite.
+pub fn flag(field: Field) -> &'static str {
+    match field {
+        Field::EmbeddingDim => "--arch-sparse-feature-size",
+        Field::TableSizes => "--arch-embedding-size",
+        Field::Bottom => "--arch-mlp-bot",
+        Field::Top => "--arch-mlp-top",
+        Field::Interaction => "--arch-interaction-op",
+        Field::MaxIndRange => "--max-ind-range",
+        Field::LearningRate => "--learning-rate",
+        Field::WarmupSteps => "--lr-num-warmup-steps",
+        Field::DecayStartStep => "--lr-decay-start-step",
+        Field::BatchSize => "--mini-batch-size",
+        Field::TestBatchSize => "--test-mini-batch-size",
+        Field::Epochs => "--nepochs",
+        Field::NumBatches => "--num-batches",
+        Field::Split => "--split",
+        Field::MinFrequency => "--min-frequency",
+        Field::WeightDecay => "--weight-decay",
+        Field::SkipBadLines => "--skip-bad-lines",
+        Field::Model => "--model",
+        Field::EvalSplit => "--eval-split",
+        Field::TrainRatings => "--train",
+        Field::TestRatings => "--test",
+        Field::Named(flag) => flag,
+    }
+}
+
+/// One error of a chain as the CLI words it: the settings the library cites named by their
+/// flags.
+pub fn render_cause(cause: &(dyn std::error::Error + 'static)) -> String {
+    if let Some(e) = cause.downcast_ref::<FieldError>() {
+        e.render(&flag)
+    } else if let Some(e) = cause.downcast_ref::<ArchitectureError>() {
+        e.render(&flag)
+    } else if let Some(e) = cause.downcast_ref::<Diverged>() {
+        e.render(&flag)
+    } else {
+        cause.to_string()
+    }
+}
+
+/// An error and its causes, joined by ": " (as anyhow's `{:#}` writes them), as the CLI words
+/// them ([`render_cause`]).
+pub fn render_error(e: &anyhow::Error) -> String {
+    e.chain().map(render_cause).collect::<Vec<_>>().join(": ")
+}
+
+/// The parser of a library enumeration's values by their names, offered with their help.
+pub fn choice<T: Choice>() -> impl TypedValueParser<Value = T> {
+    PossibleValuesParser::new(T::ALL.iter().map(|&v| match v.help() {
+        "" => PossibleValue::new(v.name()),
+        help => PossibleValue::new(v.name()).help(help),
+    }))
+    .try_map(|name| parse_choice::<T>(&name))
+}
 
 /// `--threads` and `--oversubscribe`, as every command with a thread pool takes them.
 #[derive(Args, Clone, Debug)]
@@ -29,10 +97,16 @@ pub struct ThreadArgs {
 const MAX_THREADS_PER_CORE: usize = 4;
 
 impl ThreadArgs {
-    /// The pool of `--threads` workers (checked: at least 1, at most 4 x the logical cores
-    /// unless --oversubscribe) and its size.
+    /// The pool of `--threads` workers ([`ThreadArgs::count`]) and its size.
     pub fn pool(&self) -> Result<(rayon::ThreadPool, usize)> {
-        let threads = match self.threads {
+        let threads = self.count()?;
+        Ok((dlrm::spec::thread_pool(threads)?, threads))
+    }
+
+    /// The number of `--threads` (checked: at least 1, at most 4 x the logical cores unless
+    /// --oversubscribe; default the physical cores).
+    pub fn count(&self) -> Result<usize> {
+        Ok(match self.threads {
             Some(0) => anyhow::bail!("--threads 0: at least one thread is needed"),
             Some(n) => {
                 let cores = num_cpus::get();
@@ -44,12 +118,7 @@ impl ThreadArgs {
                 n
             }
             None => num_cpus::get_physical().max(1),
-        };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .with_context(|| format!("building a pool of {threads} threads"))?;
-        Ok((pool, threads))
+        })
     }
 }
 

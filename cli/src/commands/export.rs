@@ -1,14 +1,15 @@
 //! `dlrm export` and `dlrm import`: a checkpoint's parameters to and from one safetensors file
 //! under the PyTorch reference's state_dict names (see dlrm::interop).
 
+use super::choice;
 use anyhow::{Context, Result};
 use clap::Args;
 use dlrm::cancel::Cancel;
 use dlrm::checkpoint::{self, LoadOptions, TrainState};
-use dlrm::config::{InteractionOp, join};
 use dlrm::data::binary::BinaryDataset;
 use dlrm::interop::{ImportOptions, export_safetensors, import_model};
 use dlrm::model::OptimizerKind;
+use dlrm::model::architecture::{InteractionOp, join};
 use dlrm::storage::StorageKind;
 use dlrm::train::LrSchedule;
 use std::path::{Path, PathBuf};
@@ -39,7 +40,7 @@ pub struct ImportArgs {
     #[arg(long)]
     save_model: PathBuf,
     /// Optimizer whose (fresh) state the checkpoint carries.
-    #[arg(long, value_enum, default_value_t = OptimizerKind::Sgd)]
+    #[arg(long, value_parser = choice::<OptimizerKind>(), default_value_t = OptimizerKind::Sgd)]
     optimizer: OptimizerKind,
     /// Replace the checkpoints of another run in --save-model (its versions and LATEST).
     #[arg(long)]
@@ -82,7 +83,7 @@ pub fn run_export(a: ExportArgs, cancel: &Cancel) -> Result<()> {
         },
     )?;
     export_safetensors(model.as_mut(), &a.out, cancel)?;
-    eprintln!("exported {} to {}", version.display(), a.out.display());
+    log::info!("exported {} to {}", version.display(), a.out.display());
     Ok(())
 }
 
@@ -145,6 +146,6 @@ pub fn run_import(a: ImportArgs) -> Result<()> {
         &Cancel::never(),
     )
     .with_context(|| format!("writing the checkpoint to {}", a.save_model.display()))?;
-    eprintln!("imported {} into {}", a.input.display(), version.display());
+    log::info!("imported {} into {}", a.input.display(), version.display());
     Ok(())
 }

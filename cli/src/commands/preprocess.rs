@@ -9,7 +9,6 @@ use dlrm::data::binary::Encoding;
 use dlrm::data::preprocess::{
     CHUNK_BYTES, EncodingChoice, PreprocessOptions, PreprocessSummary, Sources, preprocess,
 };
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 /// How raw rows become a dataset: the settings `dlrm preprocess` and `dlrm train --criteo`
@@ -180,7 +179,7 @@ pub fn run(a: PreprocessArgs, cancel: &Cancel) -> Result<()> {
         skip_bad_lines: a.encoding.skip_bad_lines,
         shuffle_seed: a.encoding.shuffle_seed,
         chunk_bytes: CHUNK_BYTES,
-        progress: std::io::stderr().is_terminal(),
+        progress: super::progress::passes(),
         cancel: cancel.clone(),
     };
     let (pool, _) = a.threads.pool()?;

@@ -3,15 +3,20 @@
 //! `--test-freq` steps; the validation accuracy and ROC AUC against iterations are written as a
 //! CSV table and an SVG plot. FM and DCN-v2 can join the same table (`--models`).
 
-use super::models::{self, ModelFlags};
-use super::{ThreadArgs, ensure_at_least_one, ensure_zipf_alpha, samples_of};
+use super::models::ModelFlags;
+use super::{ThreadArgs, choice, ensure_at_least_one, ensure_zipf_alpha, render_cause, samples_of};
 use anyhow::{Context, Result};
 use clap::Args;
-use dlrm::config::{Architecture, InteractionOp, Preset, join};
+use dlrm::config::Preset;
 use dlrm::data::binary::{BinaryDataset, DatasetSplit};
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
 use dlrm::metrics::format_auc;
+use dlrm::model::architecture::Architecture;
 use dlrm::model::{ModelKind, OptimizerKind};
+use dlrm::spec::{
+    ArchitectureOverrides, ModelOptions, build_model, describe, open_training_dataset,
+    resolve_architecture,
+};
 use dlrm::storage::StorageKind;
 use dlrm::train::{
     DataSource, Diverged, EvalPoint, LrSchedule, TrainOptions, TrainReport, ensure_learning_rate,
@@ -28,10 +33,10 @@ use std::path::{Path, PathBuf};
 )]
 pub struct CompareArgs {
     /// Models to train, comma-separated (mf needs rating files and is not compared here).
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ModelKind::Dlrm, ModelKind::Dcn])]
+    #[arg(long, value_parser = choice::<ModelKind>(), value_delimiter = ',', default_values_t = [ModelKind::Dlrm, ModelKind::Dcn])]
     models: Vec<ModelKind>,
     /// Optimizers to train each model with, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [OptimizerKind::Sgd, OptimizerKind::Adagrad])]
+    #[arg(long, value_parser = choice::<OptimizerKind>(), value_delimiter = ',', default_values_t = [OptimizerKind::Sgd, OptimizerKind::Adagrad])]
     optimizers: Vec<OptimizerKind>,
     /// Learning rate of the SGD runs.
     #[arg(long, default_value_t = 0.1)]
@@ -41,20 +46,20 @@ pub struct CompareArgs {
     lr_adagrad: f32,
 
     /// Starting configuration of the tables and the embedding width.
-    #[arg(long, value_enum, default_value_t = Preset::Tiny)]
+    #[arg(long, value_parser = choice::<Preset>(), default_value_t = Preset::Tiny)]
     preset: Preset,
     /// Embedding width d (also the DLRM bottom MLP's output width).
     #[arg(long)]
     arch_sparse_feature_size: Option<usize>,
     /// Rows of each embedding table, dash-separated (with --dataset: the dataset's).
-    #[arg(long, conflicts_with = "dataset")]
-    arch_embedding_size: Option<String>,
+    #[arg(long, value_delimiter = '-', conflicts_with = "dataset")]
+    arch_embedding_size: Option<Vec<usize>>,
     /// DLRM's bottom MLP (the paper's Criteo Kaggle configuration by default).
-    #[arg(long, default_value = "13-512-256-64-16")]
-    arch_mlp_bot: String,
+    #[arg(long, value_delimiter = '-', default_value = "13-512-256-64-16")]
+    arch_mlp_bot: Vec<usize>,
     /// DLRM's top MLP, without its input.
-    #[arg(long, default_value = "512-256-1")]
-    arch_mlp_top: String,
+    #[arg(long, value_delimiter = '-', default_value = "512-256-1")]
+    arch_mlp_top: Vec<usize>,
     #[command(flatten)]
     models_flags: ModelFlags,
 
@@ -71,13 +76,13 @@ pub struct CompareArgs {
     #[arg(long)]
     dataset: Option<PathBuf>,
     /// The split of --dataset every evaluation scores.
-    #[arg(long, value_enum, default_value_t = DatasetSplit::Val, requires = "dataset")]
+    #[arg(long, value_parser = choice::<DatasetSplit>(), default_value_t = DatasetSplit::Val, requires = "dataset")]
     eval_split: DatasetSplit,
     /// Evaluate on the held-out data every this many steps.
     #[arg(long, default_value_t = 100)]
     test_freq: usize,
     /// How synthetic ids and labels are drawn.
-    #[arg(long, value_enum, default_value_t = Generation::Teacher)]
+    #[arg(long, value_parser = choice::<Generation>(), default_value_t = Generation::Teacher)]
     data_generation: Generation,
     /// Exponent of the Zipf distribution of ids.
     #[arg(long, default_value_t = 1.05)]
@@ -115,6 +120,110 @@ impl Run {
 }
 
 pub fn run(a: CompareArgs) -> Result<()> {
+    check_flags(&a)?;
+    let (pool, threads) = a.threads.pool()?;
+    let dataset = a
+        .dataset
+        .as_deref()
+        .map(|dir| open_training_dataset(dir, a.eval_split))
+        .transpose()?;
+    let arch = architecture(&a, dataset.as_ref())?;
+    let model_options = a.models_flags.options()?;
+    let p = a.preset.values();
+    let num_batches = match (&dataset, a.num_batches) {
+        (_, Some(n)) => n,
+        (Some(_), None) => 0,
+        (None, None) => p.num_batches,
+    };
+    let train_len = samples_of(num_batches, a.mini_batch_size)?;
+    let synth = SyntheticConfig {
+        num_dense: arch.num_dense(),
+        table_sizes: arch.table_sizes.clone(),
+        generation: a.data_generation,
+        zipf_alpha: a.zipf_alpha,
+        num_indices_per_lookup: a.num_indices_per_lookup,
+        fixed_bag_size: true,
+        seed: a.seed,
+    };
+    let setup = Setup {
+        arch,
+        model_options,
+        num_batches,
+        threads,
+    };
+
+    for &kind in &a.models {
+        log::info!("{}", describe(kind, &setup.arch, &setup.model_options)?);
+    }
+    std::fs::create_dir_all(&a.out_dir)
+        .with_context(|| format!("creating {}", a.out_dir.display()))?;
+    let csv = a.out_dir.join("compare.csv");
+    let mut table = CsvTable::create(&csv)?;
+    let runs = pool.install(|| -> Result<Vec<Run>> {
+        if let Some(ds) = &dataset {
+            log::info!(
+                "data: {} training / {} {} rows of {}; {threads} threads",
+                ds.rows(DatasetSplit::Train),
+                ds.rows(a.eval_split),
+                a.eval_split.name(),
+                ds.dir().display()
+            );
+            return compare(&a, &setup, ds, &mut table);
+        }
+        let data = SyntheticSource::new(SyntheticData::new(synth), train_len, a.test_data_size);
+        let ceiling = data
+            .ceiling_auc()
+            .map_or(String::new(), |auc| format!(", teacher AUC {auc:.4}"));
+        log::info!(
+            "data: {train_len} training / {} held-out synthetic samples ({:?}{ceiling}); {threads} threads",
+            a.test_data_size, a.data_generation
+        );
+        compare(&a, &setup, &data, &mut table)
+    })?;
+    println!("{}", summary(&runs));
+    let finished: Vec<&Run> = runs.iter().filter(|r| r.finished().is_some()).collect();
+    anyhow::ensure!(
+        !finished.is_empty(),
+        "every run diverged (see {}); lower --lr-sgd / --lr-adagrad",
+        csv.display()
+    );
+    let svg = a.out_dir.join("compare.svg");
+    plot(&finished, &svg)?;
+    log::info!("wrote {} and {}", csv.display(), svg.display());
+    Ok(())
+}
+
+/// compare.csv, written a run at a time: the header when created, each run's rows when the
+/// run ends, so the runs that finished are kept whatever happens to the later ones.
+struct CsvTable {
+    writer: csv::Writer<std::fs::File>,
+    path: PathBuf,
+}
+
+impl CsvTable {
+    fn create(path: &Path) -> Result<CsvTable> {
+        let mut table = CsvTable {
+            writer: csv::Writer::from_path(path)
+                .with_context(|| format!("creating {}", path.display()))?,
+            path: path.to_path_buf(),
+        };
+        table.append(&[CSV_HEADER.map(String::from).to_vec()])?;
+        Ok(table)
+    }
+
+    /// Writes `records` and flushes them to the file.
+    fn append(&mut self, records: &[Vec<String>]) -> Result<()> {
+        records
+            .iter()
+            .try_for_each(|r| self.writer.write_record(r))
+            .map_err(anyhow::Error::from)
+            .and_then(|()| Ok(self.writer.flush()?))
+            .with_context(|| format!("writing {}", self.path.display()))
+    }
+}
+
+/// Refuses flags that make no sense, before any work.
+fn check_flags(a: &CompareArgs) -> Result<()> {
     anyhow::ensure!(
         !a.models.contains(&ModelKind::Mf),
         "--models: mf factorizes rating files; compare it with `dlrm train --model mf`"
@@ -146,150 +255,44 @@ pub fn run(a: CompareArgs) -> Result<()> {
     ensure_learning_rate("--lr-sgd", a.lr_sgd)?;
     ensure_learning_rate("--lr-adagrad", a.lr_adagrad)?;
     ensure_zipf_alpha(a.zipf_alpha)?;
-    let (pool, threads) = a.threads.pool()?;
-    let p = a.preset.values();
-    let d = a.arch_sparse_feature_size.unwrap_or(p.embedding_dim);
-    let dataset = a
-        .dataset
-        .as_ref()
-        .map(|dir| -> Result<BinaryDataset> {
-            let ds = BinaryDataset::open(dir)
-                .with_context(|| format!("opening the dataset {}", dir.display()))?;
-            anyhow::ensure!(
-                ds.header().labelled,
-                "{}: the dataset has no labels",
-                dir.display()
-            );
-            anyhow::ensure!(
-                ds.rows(a.eval_split) > 0,
-                "{}: the {} split is empty: choose another --eval-split",
-                dir.display(),
-                a.eval_split.name()
-            );
-            Ok(ds.with_eval_split(a.eval_split))
-        })
-        .transpose()?;
-    let tables = match &dataset {
-        Some(ds) => join(
-            &ds.header()
-                .table_sizes
-                .iter()
-                .map(|&n| n as usize)
-                .collect::<Vec<_>>(),
-        ),
-        None => a
-            .arch_embedding_size
-            .clone()
-            .unwrap_or_else(|| join(&p.table_sizes)),
-    };
-    let arch = Architecture::from_flags(
-        d,
-        &tables,
-        &a.arch_mlp_bot,
-        &a.arch_mlp_top,
-        InteractionOp::Dot,
-        false,
-    )?;
-    if let Some(ds) = &dataset {
-        anyhow::ensure!(
-            arch.num_dense() == ds.header().num_dense,
-            "--arch-mlp-bot: the bottom MLP takes {} inputs, the dataset has {} dense features",
-            arch.num_dense(),
-            ds.header().num_dense
-        );
-    }
-    let num_batches = match (&dataset, a.num_batches) {
-        (_, Some(n)) => n,
-        (Some(_), None) => 0,
-        (None, None) => p.num_batches,
-    };
-    let train_len = samples_of(num_batches, a.mini_batch_size)?;
-    let synth = SyntheticConfig {
-        num_dense: arch.num_dense(),
-        table_sizes: arch.table_sizes.clone(),
-        generation: a.data_generation,
-        zipf_alpha: a.zipf_alpha,
-        num_indices_per_lookup: a.num_indices_per_lookup,
-        fixed_bag_size: true,
-        seed: a.seed,
-    };
-    for &kind in &a.models {
-        eprintln!("{}", models::describe(kind, &arch, &a.models_flags)?);
-    }
-    std::fs::create_dir_all(&a.out_dir)
-        .with_context(|| format!("creating {}", a.out_dir.display()))?;
-    let csv = a.out_dir.join("compare.csv");
-    let mut table = CsvTable::create(&csv)?;
-    let runs = pool.install(|| -> Result<Vec<Run>> {
-        if let Some(ds) = &dataset {
-            eprintln!(
-                "data: {} training / {} {} rows of {}; {threads} threads",
-                ds.rows(DatasetSplit::Train),
-                ds.rows(a.eval_split),
-                a.eval_split.name(),
-                ds.dir().display()
-            );
-            return compare(&a, &arch, ds, num_batches, threads, &mut table);
-        }
-        let data = SyntheticSource::new(SyntheticData::new(synth), train_len, a.test_data_size);
-        let ceiling = data
-            .ceiling_auc()
-            .map_or(String::new(), |auc| format!(", teacher AUC {auc:.4}"));
-        eprintln!(
-            "data: {train_len} training / {} held-out synthetic samples ({:?}{ceiling}); {threads} threads",
-            a.test_data_size, a.data_generation
-        );
-        compare(&a, &arch, &data, num_batches, threads, &mut table)
-    })?;
-    println!("{}", summary(&runs));
-    let finished: Vec<&Run> = runs.iter().filter(|r| r.finished().is_some()).collect();
-    anyhow::ensure!(
-        !finished.is_empty(),
-        "every run diverged (see {}); lower --lr-sgd / --lr-adagrad",
-        csv.display()
-    );
-    let svg = a.out_dir.join("compare.svg");
-    plot(&finished, &svg)?;
-    eprintln!("wrote {} and {}", csv.display(), svg.display());
     Ok(())
 }
 
-/// compare.csv, written a run at a time: the header when created, each run's rows when the
-/// run ends, so the runs that finished are kept whatever happens to the later ones.
-struct CsvTable {
-    file: std::fs::File,
-    path: PathBuf,
+/// The architecture of every run: the preset's tables and embedding width (or the dataset's
+/// tables), the DLRM MLPs of the flags.
+fn architecture(a: &CompareArgs, dataset: Option<&BinaryDataset>) -> Result<Architecture> {
+    let given = ArchitectureOverrides {
+        embedding_dim: a.arch_sparse_feature_size,
+        table_sizes: a.arch_embedding_size.clone(),
+        bottom: Some(a.arch_mlp_bot.clone()),
+        top: Some(a.arch_mlp_top.clone()),
+        ..ArchitectureOverrides::default()
+    };
+    resolve_architecture(&a.preset.values(), &given, dataset)
 }
 
-impl CsvTable {
-    fn create(path: &Path) -> Result<CsvTable> {
-        let mut table = CsvTable {
-            file: std::fs::File::create(path)
-                .with_context(|| format!("creating {}", path.display()))?,
-            path: path.to_path_buf(),
-        };
-        table.append(CSV_HEADER)?;
-        Ok(table)
-    }
-
-    fn append(&mut self, rows: &str) -> Result<()> {
-        use std::io::Write as _;
-        self.file
-            .write_all(rows.as_bytes())
-            .and_then(|()| self.file.flush())
-            .with_context(|| format!("writing {}", self.path.display()))
-    }
+/// What every run of the comparison shares.
+struct Setup {
+    arch: Architecture,
+    model_options: ModelOptions,
+    num_batches: usize,
+    threads: usize,
 }
 
 /// Trains every model with every optimizer on `data`, evaluating every `--test-freq` steps.
 fn compare(
     a: &CompareArgs,
-    arch: &Architecture,
+    setup: &Setup,
     data: &dyn DataSource,
-    num_batches: usize,
-    threads: usize,
     table: &mut CsvTable,
 ) -> Result<Vec<Run>> {
+    let Setup {
+        arch,
+        model_options,
+        num_batches,
+        threads,
+    } = setup;
+    let (num_batches, threads) = (*num_batches, *threads);
     let mut runs = Vec::new();
     for &model in &a.models {
         for &optimizer in &a.optimizers {
@@ -304,15 +307,15 @@ fn compare(
                 seed: a.seed,
                 ..TrainOptions::new(a.mini_batch_size, LrSchedule::constant(lr))
             };
-            let mut m = models::build(
+            let mut m = build_model(
                 model,
                 arch,
-                &a.models_flags,
+                model_options,
                 optimizer,
                 &StorageKind::Anon,
                 a.seed,
             )?;
-            eprintln!(
+            log::info!(
                 "-- {} with {} (learning rate {lr})",
                 model.name(),
                 optimizer_name(optimizer)
@@ -325,7 +328,7 @@ fn compare(
                 &mut super::progress::Console::new(),
             ) {
                 Ok(report) => {
-                    eprintln!(
+                    log::info!(
                         "   accuracy {:.4}, AUC {}, {:.0} samples/s",
                         report.test_accuracy,
                         format_auc(report.test_auc),
@@ -335,7 +338,7 @@ fn compare(
                 }
                 Err(e) => match e.downcast::<Diverged>() {
                     Ok(diverged) => {
-                        eprintln!("   diverged: {diverged}");
+                        log::warn!("   diverged: {}", render_cause(&diverged));
                         Err(diverged)
                     }
                     Err(other) => return Err(other),
@@ -363,39 +366,56 @@ fn optimizer_name(o: OptimizerKind) -> &'static str {
 }
 
 /// The columns of compare.csv.
-const CSV_HEADER: &str = "model,optimizer,learning_rate,step,samples,loss,accuracy,auc,ne,status\n";
+const CSV_HEADER: [&str; 10] = [
+    "model",
+    "optimizer",
+    "learning_rate",
+    "step",
+    "samples",
+    "loss",
+    "accuracy",
+    "auc",
+    "ne",
+    "status",
+];
 
 /// A run's rows: one per evaluation (model, optimizer, learning rate, step, samples seen, the
 /// held-out log loss, accuracy, AUC and normalized entropy, status `ok`), or for a run that
 /// diverged one row at the step it stopped, metrics empty, status `diverged`.
-fn csv_rows(r: &Run) -> String {
-    let mut s = String::new();
+fn csv_rows(r: &Run) -> Vec<Vec<String>> {
     let (model, optimizer) = (r.model.name(), optimizer_name(r.optimizer));
+    let row = |step: u64, rest: [String; 6]| {
+        [model, optimizer]
+            .map(String::from)
+            .into_iter()
+            .chain([r.learning_rate.to_string(), step.to_string()])
+            .chain(rest)
+            .collect()
+    };
     match &r.outcome {
-        Ok(report) => {
-            for e in &report.evals {
-                writeln!(
-                    s,
-                    "{model},{optimizer},{},{},{},{:.6},{:.6},{:.6},{:.6},ok",
-                    r.learning_rate,
+        Ok(report) => report
+            .evals
+            .iter()
+            .map(|e| {
+                row(
                     e.step,
-                    e.step * report.batch_size as u64,
-                    e.loss,
-                    e.accuracy,
-                    e.auc,
-                    e.ne
+                    [
+                        (e.step * report.batch_size as u64).to_string(),
+                        format!("{:.6}", e.loss),
+                        format!("{:.6}", e.accuracy),
+                        format!("{:.6}", e.auc),
+                        format!("{:.6}", e.ne),
+                        "ok".to_string(),
+                    ],
                 )
-                .expect("writing to a String");
-            }
+            })
+            .collect(),
+        Err(d) => {
+            let mut empty = [(); 6].map(|()| String::new());
+            empty[5] = "diverged".to_string();
+            vec![row(d.step, empty)]
         }
-        Err(d) => writeln!(
-            s,
-            "{model},{optimizer},{},{},,,,,,diverged",
-            r.learning_rate, d.step
-        )
-        .expect("writing to a String"),
     }
-    s
 }
 
 /// The final evaluation of every run, as a Markdown table.

@@ -1,17 +1,19 @@
 //! `dlrm synth`: synthetic data written as files, to exercise the real-data path (parsing,
 //! preprocessing, training from a dataset) without licensed data.
 
-use super::{ThreadArgs, ensure_zipf_alpha};
+use super::{ThreadArgs, choice, ensure_zipf_alpha};
 use anyhow::{Context, Result};
 use clap::Args;
 use dlrm::cancel::{Cancel, note_removed, partial_path, remove_stale_partials};
-use dlrm::config::{KAGGLE_TABLE_SIZES, parse_dims};
+use dlrm::config::KAGGLE_TABLE_SIZES;
 use dlrm::data::Batch;
 use dlrm::data::criteo::SyntheticTsv;
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData};
+use dlrm::model::architecture::check_dims;
+use dlrm::names::Field;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::fs::File;
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -40,10 +42,10 @@ pub struct SynthArgs {
     #[arg(long)]
     rows: u64,
     /// Ids per categorical feature, 26 dash-separated sizes [default: the Kaggle table sizes]
-    #[arg(long)]
-    arch_embedding_size: Option<String>,
+    #[arg(long, value_delimiter = '-')]
+    arch_embedding_size: Option<Vec<usize>>,
     /// How ids and labels are drawn (teacher: labels a model can learn).
-    #[arg(long, value_enum, default_value_t = Generation::Teacher)]
+    #[arg(long, value_parser = choice::<Generation>(), default_value_t = Generation::Teacher)]
     data_generation: Generation,
     /// Exponent of the Zipf distribution of ids.
     #[arg(long, default_value_t = 1.05)]
@@ -62,7 +64,10 @@ pub fn run(a: SynthArgs, cancel: &Cancel) -> Result<()> {
     let Format::CriteoTsv = a.format;
     super::check_output(&a.out, &[], a.force)?;
     let table_sizes = match &a.arch_embedding_size {
-        Some(s) => parse_dims("--arch-embedding-size", s)?,
+        Some(sizes) => {
+            check_dims(Field::TableSizes, sizes)?;
+            sizes.clone()
+        }
         None => KAGGLE_TABLE_SIZES.to_vec(),
     };
     ensure_zipf_alpha(a.zipf_alpha)?;
@@ -79,10 +84,10 @@ pub fn run(a: SynthArgs, cancel: &Cancel) -> Result<()> {
     let (pool, _) = a.threads.pool()?;
 
     for stale in remove_stale_partials(&a.out) {
-        eprintln!("removed {}, left by a run that was killed", stale.display());
+        log::warn!("removed {}, left by a run that was killed", stale.display());
     }
     let tmp = partial_path(&a.out)?;
-    let bar = if std::io::stderr().is_terminal() {
+    let bar = if super::show_progress() {
         let b = ProgressBar::new(a.rows);
         b.set_style(
             ProgressStyle::with_template(

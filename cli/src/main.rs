@@ -17,6 +17,34 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// More detail on stderr: -v debug, -vv trace (RUST_LOG, e.g. RUST_LOG=dlrm=debug, refines
+    /// it).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Only warnings and errors on stderr: no progress bars, no info lines.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+}
+
+/// Sends the `log` records of the run to stderr as plain lines (errors prefixed `error: `, as
+/// main prints a failure), at the level -v / --quiet ask for; RUST_LOG, when set, adds its
+/// directives.
+fn init_logging(verbose: u8, quiet: bool) {
+    use std::io::Write;
+    let level = match (quiet, verbose) {
+        (true, _) => log::LevelFilter::Warn,
+        (false, 0) => log::LevelFilter::Info,
+        (false, 1) => log::LevelFilter::Debug,
+        (false, _) => log::LevelFilter::Trace,
+    };
+    env_logger::Builder::new()
+        .filter_level(level)
+        .parse_default_env()
+        .format(|out, record| match record.level() {
+            log::Level::Error => writeln!(out, "error: {}", record.args()),
+            _ => writeln!(out, "{}", record.args()),
+        })
+        .init();
 }
 
 #[derive(Subcommand)]
@@ -62,6 +90,7 @@ fn cancel_on_signals() -> anyhow::Result<Cancel> {
 
 fn main() {
     let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
     let result = match cli.command {
         Command::Train(args) => cancel_on_signals().and_then(|c| commands::train::run(*args, &c)),
         Command::Eval(args) => commands::serve::run_eval(*args),
@@ -84,7 +113,7 @@ fn main() {
             eprintln!("{i}");
             std::process::exit(128 + i.reason as i32);
         }
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", commands::render_error(&e));
         std::process::exit(1);
     }
 }

@@ -5,13 +5,13 @@
 
 use dlrm::cancel::Cancel;
 use dlrm::checkpoint::{self, LoadOptions, TrainState};
-use dlrm::config::{Architecture, InteractionOp};
 use dlrm::data::Batch;
 use dlrm::data::movielens::{MovieLensSource, Ratings};
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
 use dlrm::interop::{ImportOptions, export_safetensors, import_model};
 use dlrm::kernels::cross::CrossKind;
 use dlrm::model::PhaseTimer;
+use dlrm::model::architecture::{Architecture, InteractionOp};
 use dlrm::model::dcn::DcnConfig;
 use dlrm::model::fm::FmConfig;
 use dlrm::model::parameters::{TensorKind, tensors};

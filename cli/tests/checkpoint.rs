@@ -4,10 +4,11 @@
 
 use dlrm::cancel::Cancel;
 use dlrm::checkpoint::{self, TrainState};
-use dlrm::config::{Architecture, InteractionOp, Preset, join};
+use dlrm::config::Preset;
 use dlrm::data::Batch;
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
 use dlrm::model::OptimizerKind;
+use dlrm::model::architecture::Architecture;
 use dlrm::model::dlrm::Dlrm;
 use dlrm::storage::StorageKind;
 use dlrm::train::{CheckpointPolicy, DataSource, LrSchedule, Quiet, TrainOptions, train};
@@ -60,16 +61,7 @@ impl DataSource for Shuffled {
 }
 
 fn arch() -> Architecture {
-    let p = Preset::Tiny.values();
-    Architecture::from_flags(
-        16,
-        &join(&p.table_sizes),
-        p.bottom,
-        p.top,
-        InteractionOp::Dot,
-        false,
-    )
-    .unwrap()
+    Preset::Tiny.values().architecture()
 }
 
 fn source() -> Shuffled {

@@ -1,25 +1,28 @@
 //! `dlrm train`: flags (the reference's names where it has one), presets, and the run.
 
-use super::models::{self, ModelFlags};
+use super::models::ModelFlags;
 use super::preprocess::EncodingArgs;
-use super::{ThreadArgs, ensure_at_least_one, ensure_zipf_alpha, samples_of};
+use super::{ThreadArgs, choice, ensure_at_least_one, ensure_zipf_alpha, samples_of};
 use anyhow::{Context, Result};
 use clap::Args;
 use dlrm::cancel::{Cancel, note_removed};
 use dlrm::checkpoint;
-use dlrm::config::{Architecture, InteractionOp, Preset, join};
+use dlrm::config::{Preset, PresetValues};
 use dlrm::data::binary::{BinaryDataset, DatasetSplit};
-use dlrm::data::movielens::MovieLensSource;
 use dlrm::data::preprocess::{CHUNK_BYTES, EncodingChoice, PreprocessOptions, preprocess};
-use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
+use dlrm::data::synthetic::{Generation, SyntheticConfig};
 use dlrm::metrics::{format_auc, format_ne};
-use dlrm::model::{Model, ModelConfig, ModelKind, OptimizerKind};
+use dlrm::model::architecture::{Architecture, InteractionOp, join};
+use dlrm::model::{ModelConfig, ModelKind, OptimizerKind};
+use dlrm::spec::{
+    ArchitectureOverrides, DataSpec, RunSpec, open_training_dataset, resolve_architecture,
+    thread_pool,
+};
 use dlrm::storage::StorageKind;
 use dlrm::train::{
-    CheckpointPolicy, DataSource, LrSchedule, TrainOptions, TrainReport, ensure_learning_rate,
-    total_steps, train,
+    CheckpointPolicy, LrSchedule, TrainOptions, TrainReport, ensure_learning_rate, total_steps,
+    train,
 };
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 /// Where the embedding tables live.
@@ -35,12 +38,12 @@ enum StorageArg {
 pub struct TrainArgs {
     /// The model: DLRM, DCN, DCN-v2, a factorization machine (on the same features), or
     /// matrix factorization (of the ratings in --train and --test).
-    #[arg(long, value_enum, default_value_t = ModelKind::Dlrm)]
+    #[arg(long, value_parser = choice::<ModelKind>(), default_value_t = ModelKind::Dlrm)]
     model: ModelKind,
 
     /// Starting configuration; every other flag overrides it [default: tiny; kaggle with
     /// --dataset or --criteo]
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = choice::<Preset>())]
     preset: Option<Preset>,
 
     // Real data.
@@ -53,7 +56,7 @@ pub struct TrainArgs {
     #[arg(long)]
     criteo: Option<PathBuf>,
     /// The held-out split evaluated during and after training (with --dataset or --criteo).
-    #[arg(long, value_enum, default_value_t = DatasetSplit::Test)]
+    #[arg(long, value_parser = choice::<DatasetSplit>(), default_value_t = DatasetSplit::Test)]
     eval_split: DatasetSplit,
     #[command(flatten)]
     encoding: EncodingArgs,
@@ -63,14 +66,14 @@ pub struct TrainArgs {
     #[arg(long)]
     arch_sparse_feature_size: Option<usize>,
     /// Rows of each embedding table, dash-separated (e.g. 1460-583-10131227).
-    #[arg(long)]
-    arch_embedding_size: Option<String>,
+    #[arg(long, value_delimiter = '-')]
+    arch_embedding_size: Option<Vec<usize>>,
     /// Bottom MLP widths, dense feature count first (e.g. 13-512-256-64-16).
-    #[arg(long)]
-    arch_mlp_bot: Option<String>,
+    #[arg(long, value_delimiter = '-')]
+    arch_mlp_bot: Option<Vec<usize>>,
     /// Top MLP widths without the input, which follows from the interaction (e.g. 512-256-1).
-    #[arg(long)]
-    arch_mlp_top: Option<String>,
+    #[arg(long, value_delimiter = '-')]
+    arch_mlp_top: Option<Vec<usize>>,
     /// Feature interaction: dot (pairwise dot products) or cat (concatenation).
     #[arg(long, default_value = "dot")]
     arch_interaction_op: InteractionOp,
@@ -106,7 +109,7 @@ pub struct TrainArgs {
     #[arg(long)]
     learning_rate: Option<f32>,
     /// Optimizer for the embedding tables; dense layers use SGD for sgd, Adagrad otherwise.
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = choice::<OptimizerKind>())]
     optimizer: Option<OptimizerKind>,
     /// Steps of linear learning-rate warm-up.
     #[arg(long, default_value_t = 0)]
@@ -133,7 +136,7 @@ pub struct TrainArgs {
 
     // Synthetic data.
     /// How synthetic ids and labels are drawn.
-    #[arg(long, value_enum, default_value_t = Generation::Teacher)]
+    #[arg(long, value_parser = choice::<Generation>(), default_value_t = Generation::Teacher)]
     data_generation: Generation,
     /// Exponent of the Zipf distribution of ids (zipf and teacher data).
     #[arg(long, default_value_t = 1.05)]
@@ -195,13 +198,9 @@ pub struct TrainArgs {
     allow_non_finite: bool,
 }
 
-/// Preprocesses `file` into a dataset inside `dir`, as `dlrm preprocess` would.
-fn preprocess_criteo(
-    a: &TrainArgs,
-    file: &Path,
-    dir: &Path,
-    cancel: &Cancel,
-) -> Result<BinaryDataset> {
+/// Preprocesses `file` into a dataset inside `dir`, as `dlrm preprocess` would; returns the
+/// dataset's folder.
+fn preprocess_criteo(a: &TrainArgs, file: &Path, dir: &Path, cancel: &Cancel) -> Result<PathBuf> {
     let out = dir.join("dataset");
     let opts = PreprocessOptions {
         sources: a.encoding.sources(vec![file.to_path_buf()])?,
@@ -211,11 +210,11 @@ fn preprocess_criteo(
         skip_bad_lines: a.encoding.skip_bad_lines,
         shuffle_seed: a.encoding.shuffle_seed,
         chunk_bytes: CHUNK_BYTES,
-        progress: std::io::stderr().is_terminal(),
+        progress: super::progress::passes(),
         cancel: cancel.clone(),
     };
     let s = preprocess(&opts)?;
-    eprintln!(
+    log::info!(
         "preprocessed {} ({} lines, {} bad) in {:.2} s: train {} / validation {} / test {} rows",
         file.display(),
         s.lines,
@@ -225,7 +224,7 @@ fn preprocess_criteo(
         s.rows.val,
         s.rows.test
     );
-    BinaryDataset::open(&out)
+    Ok(out)
 }
 
 pub fn run(a: TrainArgs, cancel: &Cancel) -> Result<()> {
@@ -249,10 +248,67 @@ pub fn run(a: TrainArgs, cancel: &Cancel) -> Result<()> {
     })
 }
 
+/// A checkpoint to resume from: its version folder, its meta data, its model's config and
+/// optimizer.
+struct Resume {
+    version: PathBuf,
+    meta: checkpoint::Meta,
+    config: ModelConfig,
+    optimizer: OptimizerKind,
+}
+
 /// The run, with `temp` the temporary folder for the --criteo dataset.
 fn run_with(a: TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<()> {
-    let real = a.dataset.is_some() || a.criteo.is_some();
-    if !real {
+    check_data_flags(&a)?;
+    // Taken before any work, so that a second run saving into the same folder fails at once.
+    let _checkpoint_lock = claim_checkpoint_folder(&a)?;
+    let p = a.preset.unwrap_or(default_preset(&a)).values();
+    check_numeric_flags(&a, p.learning_rate)?;
+    let threads = a.threads.count()?;
+    let pool = thread_pool(threads)?;
+    let dataset = pool.install(|| open_data(&a, cancel, temp))?;
+    let arch = resolve_architecture(&p, &architecture_overrides(&a)?, dataset.as_ref())?;
+    let storage = storage(&a)?;
+    let resume = read_resume(&a, &arch, dataset.as_ref())?;
+    let spec = run_spec(
+        &a,
+        &p,
+        arch,
+        storage,
+        dataset,
+        resume.as_ref(),
+        threads,
+        cancel,
+    )?;
+    let Some(report) = pool.install(|| train_spec(&a, spec, resume.as_ref()))? else {
+        return Ok(());
+    };
+    print_summary(&report);
+    if let Some(path) = &a.report_json {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, json + "\n")
+            .with_context(|| format!("writing the report to {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Whether the run trains on real data (a dataset or a raw Criteo file).
+fn real_data(a: &TrainArgs) -> bool {
+    a.dataset.is_some() || a.criteo.is_some()
+}
+
+/// The preset when --preset is not given: kaggle for real data, tiny for synthetic data.
+fn default_preset(a: &TrainArgs) -> Preset {
+    if real_data(a) {
+        Preset::Kaggle
+    } else {
+        Preset::Tiny
+    }
+}
+
+/// Refuses data flags that do nothing with the data chosen.
+fn check_data_flags(a: &TrainArgs) -> Result<()> {
+    if !real_data(a) {
         anyhow::ensure!(
             !a.encoding.any(),
             "--min-frequency, --split, --shuffle-seed and --skip-bad-lines preprocess --criteo FILE; without it they do nothing"
@@ -267,108 +323,54 @@ fn run_with(a: TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<()> {
             "--max-ind-range applies when preprocessing (dlrm preprocess --max-ind-range); the dataset's ids are already in range"
         );
     }
-    // Taken before any work, so that a second run saving into the same folder fails at once.
-    let _checkpoint_lock = match &a.save_model {
-        Some(dir) => {
-            let resumed_from = a
-                .load_model
-                .as_deref()
-                .map(checkpoint::resolve)
-                .transpose()?;
-            Some(checkpoint::claim(
-                dir,
-                resumed_from.as_deref(),
-                a.overwrite,
-            )?)
-        }
-        None => None,
-    };
-    let p = a
-        .preset
-        .unwrap_or(if real { Preset::Kaggle } else { Preset::Tiny })
-        .values();
-    check_numeric_flags(&a, p.learning_rate)?;
-    let (pool, threads) = a.threads.pool()?;
-    let dataset = pool.install(|| -> Result<Option<BinaryDataset>> {
-        Ok(match (&a.dataset, &a.criteo) {
-            (Some(dir), _) => Some(
-                BinaryDataset::open(dir)
-                    .with_context(|| format!("opening the dataset {}", dir.display()))?,
-            ),
-            (None, Some(file)) => {
-                let dir = temp.context("--criteo needs a temporary folder")?;
-                Some(preprocess_criteo(&a, file, dir, cancel)?)
-            }
-            (None, None) => None,
-        })
-    })?;
+    Ok(())
+}
 
-    let d = a.arch_sparse_feature_size.unwrap_or(p.embedding_dim);
-    let tables = match &dataset {
-        Some(ds) => {
-            let from_data = join(
-                &ds.header()
-                    .table_sizes
-                    .iter()
-                    .map(|&n| n as usize)
-                    .collect::<Vec<_>>(),
-            );
-            if let Some(given) = &a.arch_embedding_size {
-                anyhow::ensure!(
-                    *given == from_data,
-                    "--arch-embedding-size {given} differs from the dataset's table sizes {from_data}; leave it out to use the dataset's"
-                );
-            }
-            from_data
-        }
-        None => a
-            .arch_embedding_size
-            .clone()
-            .unwrap_or_else(|| join(&p.table_sizes)),
+/// The claim on the --save-model folder (none without it).
+fn claim_checkpoint_folder(a: &TrainArgs) -> Result<Option<checkpoint::FolderLock>> {
+    let Some(dir) = &a.save_model else {
+        return Ok(None);
     };
-    let mut arch = Architecture::from_flags(
-        d,
-        &tables,
-        a.arch_mlp_bot.as_deref().unwrap_or(p.bottom),
-        a.arch_mlp_top.as_deref().unwrap_or(p.top),
-        a.arch_interaction_op,
-        a.arch_interaction_itself,
-    )?;
-    match &dataset {
-        Some(ds) => {
-            let h = ds.header();
-            anyhow::ensure!(
-                arch.num_dense() == h.num_dense,
-                "--arch-mlp-bot: the bottom MLP takes {} inputs, the dataset has {} dense features",
-                arch.num_dense(),
-                h.num_dense
-            );
-            anyhow::ensure!(
-                h.labelled,
-                "the dataset has no labels: it cannot be trained on"
-            );
-            anyhow::ensure!(
-                ds.rows(a.eval_split) > 0,
-                "the {} split of the dataset is empty: choose another --eval-split",
-                a.eval_split.name()
-            );
+    let resumed_from = a
+        .load_model
+        .as_deref()
+        .map(checkpoint::resolve)
+        .transpose()?;
+    Ok(Some(checkpoint::claim(
+        dir,
+        resumed_from.as_deref(),
+        a.overwrite,
+    )?))
+}
+
+/// The dataset of --dataset, or of --criteo preprocessed into `temp`; none for synthetic data.
+fn open_data(a: &TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<Option<BinaryDataset>> {
+    let dir = match (&a.dataset, &a.criteo) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(file)) => {
+            let temp = temp.context("--criteo needs a temporary folder")?;
+            preprocess_criteo(a, file, temp, cancel)?
         }
-        None => {
-            if let Some(cap) = a.max_ind_range.or(p.max_ind_range) {
-                anyhow::ensure!(cap > 0, "--max-ind-range must be at least 1");
-                arch.table_sizes.iter_mut().for_each(|r| *r = (*r).min(cap));
-            }
-        }
-    }
-    let batch_size = a.mini_batch_size.unwrap_or(p.mini_batch_size);
-    let num_batches = a.num_batches.unwrap_or(p.num_batches);
-    let train_len = match a.data_size {
-        Some(n) => n,
-        None => samples_of(num_batches.max(1), batch_size)?,
+        (None, None) => return Ok(None),
     };
-    let test_len = a
-        .test_data_size
-        .unwrap_or((train_len / 8).clamp(4096, 262_144));
+    open_training_dataset(&dir, a.eval_split).map(Some)
+}
+
+/// The architecture flags given.
+fn architecture_overrides(a: &TrainArgs) -> Result<ArchitectureOverrides> {
+    Ok(ArchitectureOverrides {
+        embedding_dim: a.arch_sparse_feature_size,
+        table_sizes: a.arch_embedding_size.clone(),
+        bottom: a.arch_mlp_bot.clone(),
+        top: a.arch_mlp_top.clone(),
+        interaction: Some(a.arch_interaction_op),
+        self_interaction: a.arch_interaction_itself,
+        max_ind_range: a.max_ind_range,
+    })
+}
+
+/// Where the tables live; the --tables-dir folder is created.
+fn storage(a: &TrainArgs) -> Result<StorageKind> {
     let storage = match a.embedding_storage {
         StorageArg::Anon => StorageKind::Anon,
         StorageArg::File => StorageKind::File {
@@ -383,44 +385,124 @@ fn run_with(a: TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<()> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("--tables-dir {}: cannot create", dir.display()))?;
     }
+    Ok(storage)
+}
+
+/// The --load-model checkpoint, checked against the flags and the dataset.
+fn read_resume(
+    a: &TrainArgs,
+    arch: &Architecture,
+    dataset: Option<&BinaryDataset>,
+) -> Result<Option<Resume>> {
+    let Some(dir) = &a.load_model else {
+        return Ok(None);
+    };
+    let version = checkpoint::resolve(dir)?;
+    let meta = checkpoint::read_meta(&version)?;
+    let (config, optimizer) = checkpoint::read_model_config(&version, &meta)?;
+    check_flags_match(a, arch, &config, optimizer)
+        .with_context(|| format!("--load-model {}", version.display()))?;
+    if let Some(ds) = dataset {
+        checkpoint::check_encoding(&version, &meta, ds)?;
+    }
+    Ok(Some(Resume {
+        version,
+        meta,
+        config,
+        optimizer,
+    }))
+}
+
+/// The run the flags describe (a resumed checkpoint's architecture, optimizer and seed unless
+/// given).
+#[allow(clippy::too_many_arguments)]
+fn run_spec(
+    a: &TrainArgs,
+    p: &PresetValues,
+    arch: Architecture,
+    storage: StorageKind,
+    dataset: Option<BinaryDataset>,
+    resume: Option<&Resume>,
+    threads: usize,
+    cancel: &Cancel,
+) -> Result<RunSpec> {
     let bags = a.num_indices_per_lookup.unwrap_or(p.num_indices_per_lookup);
     anyhow::ensure!(bags >= 1, "--num-indices-per-lookup must be at least 1");
-    let loaded = match &a.load_model {
-        Some(dir) => {
-            let version = checkpoint::resolve(dir)?;
-            let meta = checkpoint::read_meta(&version)?;
-            let (config, optimizer) = checkpoint::read_model_config(&version, &meta)?;
-            check_flags_match(&a, &arch, &config, optimizer)
-                .with_context(|| format!("--load-model {}", version.display()))?;
-            if let Some(ds) = &dataset {
-                checkpoint::check_encoding(&version, &meta, ds)?;
-            }
-            if let ModelConfig::Dlrm(saved) = &config {
-                arch = saved.clone();
-            }
-            Some((version, meta, optimizer))
-        }
-        None => None,
+    // A DLRM checkpoint carries its architecture; the other models' inputs were checked
+    // against the run's data.
+    let arch = match resume.map(|r| &r.config) {
+        Some(ModelConfig::Dlrm(saved)) => saved.clone(),
+        _ => arch,
     };
     let optimizer = a
         .optimizer
-        .or(loaded.as_ref().map(|l| l.2))
+        .or(resume.map(|r| r.optimizer))
         .unwrap_or(OptimizerKind::Sgd);
     let seed = a
         .seed
-        .or(loaded.as_ref().map(|l| l.1.train_state.seed))
+        .or(resume.map(|r| r.meta.train_state.seed))
         .unwrap_or(1);
-    let synth = SyntheticConfig {
-        num_dense: arch.num_dense(),
-        table_sizes: arch.table_sizes.clone(),
-        generation: a.data_generation,
-        zipf_alpha: a.zipf_alpha,
-        num_indices_per_lookup: bags,
-        fixed_bag_size: a.num_indices_per_lookup_fixed.unwrap_or(true),
-        seed,
-    };
     ensure_zipf_alpha(a.zipf_alpha)?;
-    let opts = TrainOptions {
+    let batch_size = a.mini_batch_size.unwrap_or(p.mini_batch_size);
+    let train = train_options(a, p, batch_size, seed, dataset.as_ref(), resume, cancel);
+    let data = match (a.model, &a.train, &a.test, dataset) {
+        (ModelKind::Mf, Some(train), Some(test), _) => DataSpec::Ratings {
+            train: train.clone(),
+            test: test.clone(),
+        },
+        (ModelKind::Mf, _, _, _) => {
+            anyhow::bail!("--model mf trains on rating files: give --train FILE --test FILE")
+        }
+        (kind, Some(_), _, _) | (kind, _, Some(_), _) => anyhow::bail!(
+            "--train and --test are rating files for --model mf, not {}",
+            kind.name()
+        ),
+        (_, None, None, Some(ds)) => DataSpec::Dataset(Box::new(ds)),
+        (_, None, None, None) => {
+            let train_len = match a.data_size {
+                Some(n) => n,
+                None => samples_of(a.num_batches.unwrap_or(p.num_batches).max(1), batch_size)?,
+            };
+            DataSpec::Synthetic {
+                config: SyntheticConfig {
+                    num_dense: arch.num_dense(),
+                    table_sizes: arch.table_sizes.clone(),
+                    generation: a.data_generation,
+                    zipf_alpha: a.zipf_alpha,
+                    num_indices_per_lookup: bags,
+                    fixed_bag_size: a.num_indices_per_lookup_fixed.unwrap_or(true),
+                    seed,
+                },
+                train_len,
+                test_len: a
+                    .test_data_size
+                    .unwrap_or((train_len / 8).clamp(4096, 262_144)),
+            }
+        }
+    };
+    Ok(RunSpec {
+        model: a.model,
+        arch,
+        model_options: a.models.options()?,
+        optimizer,
+        storage,
+        threads,
+        data,
+        train,
+    })
+}
+
+/// The training loop's options from the flags.
+fn train_options(
+    a: &TrainArgs,
+    p: &PresetValues,
+    batch_size: usize,
+    seed: u64,
+    dataset: Option<&BinaryDataset>,
+    resume: Option<&Resume>,
+    cancel: &Cancel,
+) -> TrainOptions {
+    TrainOptions {
         batch_size,
         // By default one epoch is the whole training set (for synthetic data, --num-batches
         // steps of the preset unless --data-size says otherwise).
@@ -441,127 +523,79 @@ fn run_with(a: TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<()> {
             dir,
             every: a.save_every,
             keep: a.keep_checkpoints,
-            dataset_files: dataset.as_ref().map(|ds| ds.dir().to_path_buf()),
+            dataset_files: dataset.map(|ds| ds.dir().to_path_buf()),
         }),
-        resume: loaded.as_ref().map(|l| l.1.train_state.clone()),
+        resume: resume.map(|r| r.meta.train_state.clone()),
         cancel: cancel.clone(),
-    };
-
-    let ratings = match (a.model, &a.train, &a.test) {
-        (ModelKind::Mf, Some(train), Some(test)) => Some((train, test)),
-        (ModelKind::Mf, _, _) => {
-            anyhow::bail!("--model mf trains on rating files: give --train FILE --test FILE")
-        }
-        (_, None, None) => None,
-        (kind, _, _) => anyhow::bail!(
-            "--train and --test are rating files for --model mf, not {}",
-            kind.name()
-        ),
-    };
-
-    let report = pool.install(|| -> Result<Option<TrainReport>> {
-        let t = std::time::Instant::now();
-        let (source, mut model): (Box<dyn DataSource>, Box<dyn Model>) = match ratings {
-            Some((train_file, test_file)) => {
-                let row_bytes = models::table_row_bytes(ModelKind::Mf, d, optimizer);
-                let max_rows = dlrm::train::available_memory_bytes() / row_bytes;
-                let source = MovieLensSource::load_within(train_file, test_file, seed, max_rows)?;
-                eprintln!(
-                    "{} | {threads} threads, batch {batch_size}",
-                    models::describe_mf(&source, d, &a.models)
-                );
-                let model = match &loaded {
-                    Some((version, _, _)) => {
-                        let model = load_checkpoint(version, &storage, &a)?;
-                        let saved = model.config();
-                        let ModelConfig::Fm(cfg) = &saved else {
-                            unreachable!("the checkpoint's kind was checked against --model")
-                        };
-                        anyhow::ensure!(
-                            cfg.table_sizes == [source.users, source.items],
-                            "--load-model {}: factorizes {} users x {} items, the rating files have {} x {}",
-                            version.display(),
-                            cfg.table_sizes[0],
-                            cfg.table_sizes[1],
-                            source.users,
-                            source.items
-                        );
-                        model
-                    }
-                    None => models::build_mf(&source, d, &a.models, optimizer, &storage, seed)?,
-                };
-                eprintln!(
-                    "data: {} training / {} test ratings; model ready in {:.1} s",
-                    source.train_len(),
-                    source.test_len(),
-                    t.elapsed().as_secs_f64()
-                );
-                (Box::new(source), model)
-            }
-            None => {
-                eprintln!(
-                    "{} | {:.2} GiB of tables | {threads} threads, batch {batch_size}",
-                    models::describe(a.model, &arch, &a.models)?,
-                    arch.table_sizes.iter().sum::<usize>() as f64 * d as f64 * 4.0
-                        / (1u64 << 30) as f64,
-                );
-                let source: Box<dyn DataSource> = match dataset {
-                    Some(ds) => Box::new(ds.with_eval_split(a.eval_split)),
-                    None => Box::new(SyntheticSource::new(
-                        SyntheticData::new(synth),
-                        train_len,
-                        test_len,
-                    )),
-                };
-                let model = match &loaded {
-                    Some((version, _, _)) => load_checkpoint(version, &storage, &a)?,
-                    None => models::build(a.model, &arch, &a.models, optimizer, &storage, seed)?,
-                };
-                // After the load, so that a damaged checkpoint is an error, not "nothing to do".
-                if let Some((version, meta, _)) = &loaded {
-                    let total = total_steps(&opts, source.train_len())?;
-                    if meta.train_state.step >= total {
-                        eprintln!(
-                            "nothing to do: the checkpoint is at step {} of {total} ({})",
-                            meta.train_state.step,
-                            version.display()
-                        );
-                        return Ok(None);
-                    }
-                }
-                let what = match (&a.dataset, &a.criteo) {
-                    (Some(dir), _) => format!("rows of {}", dir.display()),
-                    (None, Some(file)) => format!("rows of {}", file.display()),
-                    (None, None) => format!("synthetic samples ({:?})", a.data_generation),
-                };
-                eprintln!(
-                    "data: {} training / {} held-out {what}; model ready in {:.1} s",
-                    source.train_len(),
-                    source.test_len(),
-                    t.elapsed().as_secs_f64()
-                );
-                (source, model)
-            }
-        };
-        train(
-            model.as_mut(),
-            source.as_ref(),
-            &opts,
-            threads,
-            &mut super::progress::Console::new(),
-        )
-        .map(Some)
-    })?;
-    let Some(report) = report else {
-        return Ok(());
-    };
-    print_summary(&report);
-    if let Some(path) = &a.report_json {
-        let json = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, json + "\n")
-            .with_context(|| format!("writing the report to {}", path.display()))?;
     }
-    Ok(())
+}
+
+/// Builds the model (or loads the checkpoint's) and the data source, and trains; `None` when
+/// the checkpoint has already reached the run's end.
+fn train_spec(
+    a: &TrainArgs,
+    spec: RunSpec,
+    resume: Option<&Resume>,
+) -> Result<Option<TrainReport>> {
+    let t = std::time::Instant::now();
+    let loaded = match resume {
+        Some(r) => {
+            let opts = checkpoint::LoadOptions {
+                allow_non_finite: a.allow_non_finite,
+            };
+            Some(checkpoint::load_model(&r.version, &spec.storage, opts)?.0)
+        }
+        None => None,
+    };
+    let batch_size = spec.train.batch_size;
+    let mut run = match resume {
+        Some(r) => spec
+            .build(loaded)
+            .with_context(|| format!("--load-model {}", r.version.display()))?,
+        None => spec.build(loaded)?,
+    };
+    let threads = run.threads;
+    log::info!(
+        "{} | {threads} threads, batch {batch_size}",
+        run.description
+    );
+    // After the load, so that a damaged checkpoint is an error, not "nothing to do".
+    if let Some(r) = resume {
+        let total = total_steps(&run.train, run.source.train_len())?;
+        if r.meta.train_state.step >= total {
+            log::info!(
+                "nothing to do: the checkpoint is at step {} of {total} ({})",
+                r.meta.train_state.step,
+                r.version.display()
+            );
+            return Ok(None);
+        }
+    }
+    let what = match (&a.dataset, &a.criteo, &a.train) {
+        (_, _, Some(_)) => "ratings".to_string(),
+        (Some(dir), _, _) => format!("rows of {}", dir.display()),
+        (None, Some(file), _) => format!("rows of {}", file.display()),
+        (None, None, None) => format!("synthetic samples ({:?})", a.data_generation),
+    };
+    let held_out = if a.train.is_some() {
+        "test"
+    } else {
+        "held-out"
+    };
+    log::info!(
+        "data: {} training / {} {held_out} {what}; model ready in {:.1} s",
+        run.source.train_len(),
+        run.source.test_len(),
+        t.elapsed().as_secs_f64()
+    );
+    train(
+        run.model.as_mut(),
+        run.source.as_ref(),
+        &run.train,
+        threads,
+        &mut super::progress::Console::new(),
+    )
+    .map(Some)
 }
 
 /// Refuses numeric flags that make no sense, before any work: counts of 0 where something
@@ -578,14 +612,6 @@ fn check_numeric_flags(a: &TrainArgs, preset_lr: f32) -> Result<()> {
         ("--num-indices-per-lookup", count(a.num_indices_per_lookup)),
     ])?;
     ensure_learning_rate("--learning-rate", a.learning_rate.unwrap_or(preset_lr))
-}
-
-/// The model of checkpoint `version`, its tables in `storage`.
-fn load_checkpoint(version: &Path, storage: &StorageKind, a: &TrainArgs) -> Result<Box<dyn Model>> {
-    let opts = checkpoint::LoadOptions {
-        allow_non_finite: a.allow_non_finite,
-    };
-    Ok(checkpoint::load_model(version, storage, opts)?.0)
 }
 
 /// The model, architecture and optimizer flags given explicitly must agree with a loaded
@@ -642,19 +668,19 @@ fn check_dlrm_flags_match(
         )?;
     }
     if let Some(t) = &a.arch_embedding_size
-        && *t != join(&arch.table_sizes)
+        && *t != arch.table_sizes
     {
-        mismatch("--arch-embedding-size", t.clone(), join(&arch.table_sizes))?;
+        mismatch("--arch-embedding-size", join(t), join(&arch.table_sizes))?;
     }
     if let Some(b) = &a.arch_mlp_bot
-        && *b != join(&arch.bottom)
+        && *b != arch.bottom
     {
-        mismatch("--arch-mlp-bot", b.clone(), join(&arch.bottom))?;
+        mismatch("--arch-mlp-bot", join(b), join(&arch.bottom))?;
     }
     if let Some(t) = &a.arch_mlp_top
-        && *t != arch.top_flag()
+        && t[..] != arch.top[1..]
     {
-        mismatch("--arch-mlp-top", t.clone(), arch.top_flag())?;
+        mismatch("--arch-mlp-top", join(t), arch.top_flag())?;
     }
     check_optimizer_matches(a, optimizer)
 }

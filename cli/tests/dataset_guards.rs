@@ -4,7 +4,7 @@
 
 use dlrm::cancel::Cancel;
 use dlrm::data::binary::{BinaryDataset, DatasetHeader, DatasetSplit};
-use dlrm::data::preprocess::{EncodingChoice, PreprocessOptions, Sources, preprocess};
+use dlrm::data::preprocess::{EncodingChoice, PreprocessOptions, Progress, Sources, preprocess};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -487,13 +487,14 @@ fn reference_view(ds: &Path, max_ind_range: u64) -> serde_json::Value {
 
 fn golden(name: &str) -> serde_json::Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
+        .join("../tests/fixtures")
         .join(name);
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 /// `dlrm preprocess FILE --max-ind-range N` with the default split gives the reference's
-/// table sizes, ids and splits (golden values from tests/fixtures/reference_criteo_encoding.py).
+/// table sizes, ids and splits (golden values from tests/fixtures/reference_criteo_encoding.py
+/// at the repository root).
 fn check_against_reference(file: &Path, max_ind_range: u64, golden_name: &str, dir: &Scratch) {
     let ds = dir.path("ds");
     let n = max_ind_range.to_string();
@@ -572,7 +573,7 @@ fn first_seen_dictionaries_do_not_depend_on_threads_or_chunks() {
             skip_bad_lines: false,
             shuffle_seed: None,
             chunk_bytes,
-            progress: false,
+            progress: Progress::none(),
             cancel: Cancel::never(),
         };
         let pool = rayon::ThreadPoolBuilder::new()

@@ -1,6 +1,7 @@
 //! `dlrm eval` and `dlrm predict`: a saved model on held-out or new data, forward pass only.
 
 use super::ThreadArgs;
+use super::choice;
 use anyhow::{Context, Result};
 use clap::Args;
 use dlrm::cancel::{Cancel, PartialFile, note_removed};
@@ -10,6 +11,7 @@ use dlrm::data::binary::{BinaryDataset, DatasetSplit};
 use dlrm::data::preprocess::Encoder;
 use dlrm::metrics::EvalMetrics;
 use dlrm::model::Model;
+use dlrm::names::Field;
 use dlrm::predict::{ScoreOptions, ScoreSummary, score_file};
 use dlrm::storage::StorageKind;
 use dlrm::train::{evaluate, reserve_checked};
@@ -47,7 +49,7 @@ pub struct EvalArgs {
     #[arg(long)]
     criteo: Option<PathBuf>,
     /// The split of --dataset to score.
-    #[arg(long, value_enum, default_value_t = DatasetSplit::Test)]
+    #[arg(long, value_parser = choice::<DatasetSplit>(), default_value_t = DatasetSplit::Test)]
     eval_split: DatasetSplit,
 }
 
@@ -118,7 +120,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
                 );
                 // No batch is larger than the split.
                 let batch_size = (a.model.mini_batch_size as u64).min(rows) as usize;
-                reserve_checked(model.as_mut(), batch_size, false, "--mini-batch-size")?;
+                reserve_checked(model.as_mut(), batch_size, false, Field::BatchSize)?;
                 let mut batch = Batch::default();
                 (evaluate(model.as_mut(), &ds, batch_size, &mut batch)?, rows)
             }
@@ -202,7 +204,7 @@ pub fn run_predict(a: PredictArgs, cancel: &Cancel) -> Result<()> {
         drop(out);
         partial.commit()?;
         report_skipped(&s, &a.criteo);
-        eprintln!(
+        log::info!(
             "scored {} rows of {} into {} in {:.2} s ({:.0} rows/s)",
             s.lines - s.skipped,
             a.criteo.display(),
@@ -216,10 +218,10 @@ pub fn run_predict(a: PredictArgs, cancel: &Cancel) -> Result<()> {
 
 fn report_skipped(s: &ScoreSummary, file: &Path) {
     for e in &s.bad_examples {
-        eprintln!("skipped {e}");
+        log::warn!("skipped {e}");
     }
     if s.skipped > 0 {
-        eprintln!(
+        log::warn!(
             "{}: skipped {} lines that could not be parsed",
             file.display(),
             s.skipped

@@ -547,7 +547,10 @@ fn import_reads_the_interaction_from_the_file_and_refuses_to_guess() {
     ]);
     let v = version(&dir.arg("back"));
     let cfg = checkpoint::read_dlrm_config(&v, &checkpoint::read_meta(&v).unwrap()).unwrap();
-    assert_eq!(cfg.arch.interaction, dlrm::config::InteractionOp::Cat);
+    assert_eq!(
+        cfg.arch.interaction,
+        dlrm::model::architecture::InteractionOp::Cat
+    );
 
     // Without metadata the file is ambiguous: refused, unless the flags say which.
     let bare = dir.arg("bare.safetensors");

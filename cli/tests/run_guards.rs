@@ -4,9 +4,9 @@
 //! marked row, and one-class metrics read "undefined".
 
 use dlrm::checkpoint;
-use dlrm::config::{Architecture, InteractionOp};
 use dlrm::data::Batch;
 use dlrm::kernels::cross::CrossKind;
+use dlrm::model::architecture::{Architecture, InteractionOp};
 use dlrm::model::dcn::{Dcn, DcnConfig};
 use dlrm::model::dlrm::Dlrm;
 use dlrm::model::fm::{Fm, FmConfig};

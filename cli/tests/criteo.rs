@@ -3,7 +3,6 @@
 //! training.
 
 use dlrm::cancel::Cancel;
-use dlrm::config::{Architecture, InteractionOp, join};
 use dlrm::data::Batch;
 use dlrm::data::binary::{BinaryDataset, DatasetSplit, Encoding, SplitRule};
 use dlrm::data::criteo::{
@@ -12,10 +11,11 @@ use dlrm::data::criteo::{
 };
 use dlrm::data::preprocess::{
     CHUNK_BYTES, EMPTY_ID, EncodingChoice, FIRST_VALUE_ID, PreprocessOptions, PreprocessSummary,
-    RARE_ID, Sources, preprocess,
+    Progress, RARE_ID, Sources, preprocess,
 };
 use dlrm::data::synthetic::{Generation, Split, SyntheticConfig, SyntheticData};
 use dlrm::model::OptimizerKind;
+use dlrm::model::architecture::{Architecture, InteractionOp, join};
 use dlrm::model::dlrm::Dlrm;
 use dlrm::rng::SplitMix64;
 use dlrm::storage::StorageKind;
@@ -86,7 +86,7 @@ fn options(files: Vec<PathBuf>, weights: [f64; 3], out: PathBuf) -> PreprocessOp
         skip_bad_lines: false,
         shuffle_seed: None,
         chunk_bytes: CHUNK_BYTES,
-        progress: false,
+        progress: Progress::none(),
         cancel: Cancel::never(),
     }
 }

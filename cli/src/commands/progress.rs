@@ -1,11 +1,12 @@
 //! A training run on the terminal: a progress bar when stderr is one, plain lines otherwise
-//! (logs and pipes).
+//! (logs and pipes), through `log` so that --quiet silences both.
 
+use dlrm::data::preprocess::{PassObserver, Progress};
 use dlrm::metrics::EvalMetrics;
 use dlrm::train::{IntervalReport, TrainObserver};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::io::IsTerminal;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 pub struct Console {
     bar: ProgressBar,
@@ -16,7 +17,7 @@ impl Console {
     pub fn new() -> Console {
         Console {
             bar: ProgressBar::hidden(),
-            interactive: std::io::stderr().is_terminal(),
+            interactive: super::show_progress(),
         }
     }
 
@@ -25,7 +26,7 @@ impl Console {
         if self.interactive {
             self.bar.println(text);
         } else {
-            eprintln!("{text}");
+            log::info!("{text}");
         }
     }
 }
@@ -55,9 +56,14 @@ impl TrainObserver for Console {
                 r.loss, r.samples_per_sec
             ));
         } else {
-            eprintln!(
+            log::info!(
                 "step {}/{} (epoch {}): loss {:.6}, {:.2} ms/step, {:.0} samples/s",
-                r.step, r.total_steps, r.epoch, r.loss, r.ms_per_step, r.samples_per_sec
+                r.step,
+                r.total_steps,
+                r.epoch,
+                r.loss,
+                r.ms_per_step,
+                r.samples_per_sec
             );
         }
     }
@@ -83,5 +89,52 @@ impl TrainObserver for Console {
 
     fn finished(&mut self) {
         self.bar.finish_and_clear();
+    }
+}
+
+/// The passes of preprocessing as a progress bar per pass (bytes done, rows per second).
+struct PassBar(Mutex<ProgressBar>);
+
+impl PassBar {
+    fn bar(&self) -> std::sync::MutexGuard<'_, ProgressBar> {
+        // A panic elsewhere while drawing leaves a bar that is still fit to draw.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl PassObserver for PassBar {
+    fn started(&self, what: &'static str, bytes: u64) {
+        let bar = ProgressBar::new(bytes);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>12} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {decimal_bytes_per_sec} {msg}",
+            )
+            .expect("valid template"),
+        );
+        bar.set_prefix(what);
+        *self.bar() = bar;
+    }
+
+    fn advanced(&self, bytes: u64) {
+        self.bar().inc(bytes);
+    }
+
+    fn rate(&self, rows_per_sec: f64) {
+        self.bar().set_message(format!("{rows_per_sec:.0} rows/s"));
+    }
+
+    fn finished(&self) {
+        self.bar().finish_and_clear();
+    }
+}
+
+/// The observer of a preprocessing run: bars when [`super::show_progress`], else none.
+pub fn passes() -> Progress {
+    if super::show_progress() {
+        Progress::new(Arc::new(PassBar(Mutex::new(ProgressBar::hidden()))))
+    } else {
+        Progress::none()
     }
 }
