@@ -257,7 +257,19 @@ impl RunSpec {
                 let source = MovieLensSource::load_within(&train, &test, seed, max_rows)?;
                 let description = describe_mf(&source, d, &options);
                 let model = match loaded {
-                    Some(model) => model,
+                    Some(model) => {
+                        let config = model.config();
+                        let (tables, _) = config.inputs();
+                        anyhow::ensure!(
+                            tables == [source.users, source.items],
+                            "the loaded model factorizes {} users x {} items, the rating files have {} x {}",
+                            tables[0],
+                            tables.get(1).copied().unwrap_or(0),
+                            source.users,
+                            source.items
+                        );
+                        model
+                    }
                     None => build_mf(&source, d, &options, optimizer, &storage, seed)?,
                 };
                 (Box::new(source), model, description)

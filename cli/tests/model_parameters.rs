@@ -563,6 +563,27 @@ fn a_model_checkpoint_that_does_not_fit_the_command_line_is_refused() {
         &strs(&train("dcn", "adagrad", &other_tables)),
         &["--load-model", "tables", "7-8-9"],
     );
+    // An MF checkpoint of other rating files: the users and items differ.
+    let ratings = |users: usize| -> String {
+        (0..200)
+            .map(|i| format!("{}\t{}\t3\t881250949\n", i % users + 1, i % 17 + 1))
+            .collect()
+    };
+    for (name, users) in [("a.base", 20), ("b.base", 25)] {
+        std::fs::write(dir.0.join(name), ratings(users)).unwrap();
+    }
+    let mf = |base: &str, extra: &[&str]| -> Vec<String> {
+        let (base, test) = (arg(base), arg("a.base"));
+        let mut v = vec!["train", "--model", "mf", "--train", &base, "--test", &test];
+        v.extend(extra);
+        v.into_iter().map(String::from).collect()
+    };
+    let mf_ck = arg("mf-ck");
+    cli_ok(&strs(&mf("a.base", &["--save-model", &mf_ck])));
+    cli_fails(
+        &strs(&mf("b.base", &["--nepochs", "2", "--load-model", &mf_ck])),
+        &["--load-model", "factorizes 21 users x 18 items", "26 x 18"],
+    );
     let export = arg("dcn.safetensors");
     cli_ok(&["export", "--load-model", &ck, "--out", &export]);
     cli_fails(
