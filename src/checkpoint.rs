@@ -38,6 +38,7 @@ use crate::model::dlrm::Dlrm;
 use crate::model::embedding::{EmbeddingTable, OptimizerState};
 use crate::model::parameters::tensors;
 use crate::model::{Model, ModelConfig, OptimizerKind, TableSource, TensorKind, TensorMut};
+use crate::names::{Field, FieldError};
 use crate::rng::derive_key;
 use crate::schedule::LrSchedule;
 use crate::storage::{StorageKind, map_read_only, state_file_name, table_file_name};
@@ -119,12 +120,19 @@ pub fn check_encoding(version: &Path, meta: &Meta, data: &BinaryDataset) -> Resu
         None => return Ok(()),
     };
     let given = data.encoding_fingerprint()?;
-    ensure!(
-        trained == given,
-        "the dataset {} is encoded differently from the data the checkpoint {} was trained on (encoding fingerprint {given}, the checkpoint's {trained}): preprocess its raw rows with --encode-like <the training dataset>, or score them with --criteo",
-        data.dir().display(),
-        version.display()
-    );
+    if trained != given {
+        let (dataset, version) = (data.dir().to_path_buf(), version.to_path_buf());
+        return Err(FieldError::new(move |name| {
+            format!(
+                "the dataset {} is encoded differently from the data the checkpoint {} was trained on (encoding fingerprint {given}, the checkpoint's {trained}): preprocess its raw rows with {} <the training dataset>, or score them with {}",
+                dataset.display(),
+                version.display(),
+                name(Field::EncodeLike),
+                name(Field::RawRows)
+            )
+        })
+        .into());
+    }
     Ok(())
 }
 
@@ -235,13 +243,20 @@ pub fn claim(dir: &Path, resumed_from: Option<&Path>, overwrite: bool) -> Result
     if old.is_empty() && !latest.exists() {
         return Ok(lock);
     }
-    ensure!(
-        overwrite,
-        "--save-model {}: holds the checkpoints of another run ({}); continue that run with --load-model {}, replace its checkpoints with --overwrite, or save elsewhere",
-        dir.display(),
-        old.join(", "),
-        dir.display()
-    );
+    if !overwrite {
+        let (dir, old) = (dir.to_path_buf(), old.join(", "));
+        return Err(FieldError::new(move |name| {
+            format!(
+                "{} {}: holds the checkpoints of another run ({old}); continue that run with {} {}, replace its checkpoints with {}, or save elsewhere",
+                name(Field::SaveModel),
+                dir.display(),
+                name(Field::LoadModel),
+                dir.display(),
+                name(Field::Overwrite)
+            )
+        })
+        .into());
+    }
     for name in &old {
         let path = dir.join(name);
         fs::remove_dir_all(&path).with_context(|| format!("{}: cannot remove", path.display()))?;
@@ -510,11 +525,14 @@ pub fn check_finite(
         *i = rest % n.max(1);
         rest /= n.max(1);
     }
-    bail!(
-        "{}: tensor {name} holds {} at index {index:?}; pass --allow-non-finite to load it anyway",
-        file.display(),
-        values[flat]
-    )
+    let (file, tensor, value) = (file.display().to_string(), name.to_string(), values[flat]);
+    Err(FieldError::new(move |name| {
+        format!(
+            "{file}: tensor {tensor} holds {value} at index {index:?}; pass {} to load it anyway",
+            name(Field::AllowNonFinite)
+        )
+    })
+    .into())
 }
 
 /// Tensor `name` of a safetensors file, checked to be F32 of `shape`.

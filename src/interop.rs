@@ -21,6 +21,7 @@ use crate::model::architecture::{Architecture, InteractionOp, interaction_width,
 use crate::model::dlrm::Dlrm;
 use crate::model::parameters::tensors;
 use crate::model::{Model, ModelConfig, OptimizerKind, Parameters, TableSource, TensorMut};
+use crate::names::{Field, FieldError};
 use crate::storage::{StorageKind, map_read_only};
 use anyhow::{Context, Result, bail, ensure};
 use safetensors::{Dtype, SafeTensors};
@@ -290,11 +291,17 @@ pub fn import_model(
             path, optimizer, storage, seed, opts,
         )?));
     };
-    ensure!(
-        opts.interaction.is_none() && opts.self_interaction.is_none(),
-        "--arch-interaction-op and --arch-interaction-itself apply to DLRM files, and {} holds a {kind} model",
-        path.display()
-    );
+    if opts.interaction.is_some() || opts.self_interaction.is_some() {
+        let (file, kind) = (path.display().to_string(), kind.clone());
+        return Err(FieldError::new(move |name| {
+            format!(
+                "{} and {} apply to DLRM files, and {file} holds a {kind} model",
+                name(Field::Interaction),
+                name(Field::SelfInteraction)
+            )
+        })
+        .into());
+    }
     let config_json = metadata.get(META_CONFIG).with_context(|| {
         format!(
             "{}: __metadata__ names a {kind} model but has no {META_CONFIG}",
@@ -365,12 +372,16 @@ fn read_parameters(
             .filter(|n| !known.iter().any(|k| k == n))
             .collect();
         unknown.sort_unstable();
-        ensure!(
-            unknown.is_empty(),
-            "{}: tensors that are not parameters of this model: {}; pass --ignore-unknown to skip them",
-            path.display(),
-            unknown.join(", ")
-        );
+        if !unknown.is_empty() {
+            let (file, unknown) = (path.display().to_string(), unknown.join(", "));
+            return Err(FieldError::new(move |name| {
+                format!(
+                    "{file}: tensors that are not parameters of this model: {unknown}; pass {} to skip them",
+                    name(Field::IgnoreUnknown)
+                )
+            })
+            .into());
+        }
     }
     let mut result = Ok(());
     model.parameters_mut(&mut |(name, shape, tensor)| {
@@ -412,21 +423,31 @@ fn interaction(
         })?),
         None => None,
     };
-    if let (Some(flag), Some(file)) = (opts.interaction, file_op) {
-        ensure!(
-            flag == file,
-            "--arch-interaction-op {} contradicts {}, whose metadata says {}",
-            interaction_name(flag),
-            path.display(),
-            interaction_name(file)
-        );
+    if let (Some(flag), Some(file)) = (opts.interaction, file_op)
+        && flag != file
+    {
+        let path = path.display().to_string();
+        return Err(FieldError::new(move |name| {
+            format!(
+                "{} {} contradicts {path}, whose metadata says {}",
+                name(Field::Interaction),
+                interaction_name(flag),
+                interaction_name(file)
+            )
+        })
+        .into());
     }
-    if let (Some(flag), Some(file)) = (opts.self_interaction, file_itself) {
-        ensure!(
-            flag == file,
-            "--arch-interaction-itself {flag} contradicts {}, whose metadata says {file}",
-            path.display()
-        );
+    if let (Some(flag), Some(file)) = (opts.self_interaction, file_itself)
+        && flag != file
+    {
+        let path = path.display().to_string();
+        return Err(FieldError::new(move |name| {
+            format!(
+                "{} {flag} contradicts {path}, whose metadata says {file}",
+                name(Field::SelfInteraction)
+            )
+        })
+        .into());
     }
     let op = opts.interaction.or(file_op);
     let itself = opts.self_interaction.or(file_itself);
@@ -450,9 +471,16 @@ fn interaction(
                 None => String::new(),
             }
         ),
-        _ => bail!(
-            "{}: the top MLP's {top_in} inputs fit both the dot and the cat interaction of {features} vectors of width {d}, and the file's metadata does not say which: pass --arch-interaction-op (and --arch-interaction-itself)",
-            path.display()
-        ),
+        _ => {
+            let path = path.display().to_string();
+            Err(FieldError::new(move |name| {
+                format!(
+                    "{path}: the top MLP's {top_in} inputs fit both the dot and the cat interaction of {features} vectors of width {d}, and the file's metadata does not say which: pass {} (and {})",
+                    name(Field::Interaction),
+                    name(Field::SelfInteraction)
+                )
+            })
+            .into())
+        }
     }
 }

@@ -40,6 +40,21 @@ pub enum Field {
     /// The training and test rating files of matrix factorization.
     TrainRatings,
     TestRatings,
+    /// Whether the interaction includes each vector with itself.
+    SelfInteraction,
+    /// Load tensors that hold NaN or infinity instead of refusing them.
+    AllowNonFinite,
+    /// Skip tensors of a file that are not parameters of the model.
+    IgnoreUnknown,
+    /// The checkpoint folder a run saves into, the one it resumes from, and whether it may
+    /// replace another run's checkpoints.
+    SaveModel,
+    LoadModel,
+    Overwrite,
+    /// Preprocess with the encoding of an existing dataset.
+    EncodeLike,
+    /// Raw Criteo rows scored or trained on directly, preprocessed on the fly.
+    RawRows,
     /// A setting only a front end has (a tool's flag), named as the front end names it.
     Named(&'static str),
 }
@@ -69,6 +84,14 @@ impl Field {
             Field::EvalSplit => "eval_split",
             Field::TrainRatings => "train_ratings",
             Field::TestRatings => "test_ratings",
+            Field::SelfInteraction => "self_interaction",
+            Field::AllowNonFinite => "allow_non_finite",
+            Field::IgnoreUnknown => "ignore_unknown",
+            Field::SaveModel => "save_model",
+            Field::LoadModel => "load_model",
+            Field::Overwrite => "overwrite",
+            Field::EncodeLike => "encode_like",
+            Field::RawRows => "raw_rows",
             Field::Named(name) => name,
         }
     }

@@ -49,6 +49,14 @@ pub fn flag(field: Field) -> &'static str {
         Field::EvalSplit => "--eval-split",
         Field::TrainRatings => "--train",
         Field::TestRatings => "--test",
+        Field::SelfInteraction => "--arch-interaction-itself",
+        Field::AllowNonFinite => "--allow-non-finite",
+        Field::IgnoreUnknown => "--ignore-unknown",
+        Field::SaveModel => "--save-model",
+        Field::LoadModel => "--load-model",
+        Field::Overwrite => "--overwrite",
+        Field::EncodeLike => "--encode-like",
+        Field::RawRows => "--criteo",
         Field::Named(flag) => flag,
     }
 }
