@@ -268,18 +268,8 @@ fn run_with(a: TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<()> {
     let pool = thread_pool(threads)?;
     let dataset = pool.install(|| open_data(&a, cancel, temp))?;
     let arch = resolve_architecture(&p, &architecture_overrides(&a)?, dataset.as_ref())?;
-    let storage = storage(&a)?;
     let resume = read_resume(&a, &arch, dataset.as_ref())?;
-    let spec = run_spec(
-        &a,
-        &p,
-        arch,
-        storage,
-        dataset,
-        resume.as_ref(),
-        threads,
-        cancel,
-    )?;
+    let spec = run_spec(&a, &p, arch, dataset, resume.as_ref(), cancel)?;
     let Some(report) = pool.install(|| train_spec(&a, spec, resume.as_ref()))? else {
         return Ok(());
     };
@@ -415,17 +405,16 @@ fn read_resume(
 
 /// The run the flags describe (a resumed checkpoint's architecture, optimizer and seed unless
 /// given).
-#[allow(clippy::too_many_arguments)]
 fn run_spec(
     a: &TrainArgs,
     p: &PresetValues,
     arch: Architecture,
-    storage: StorageKind,
     dataset: Option<BinaryDataset>,
     resume: Option<&Resume>,
-    threads: usize,
     cancel: &Cancel,
 ) -> Result<RunSpec> {
+    let storage = storage(a)?;
+    let threads = a.threads.count()?;
     let bags = a.num_indices_per_lookup.unwrap_or(p.num_indices_per_lookup);
     anyhow::ensure!(bags >= 1, "--num-indices-per-lookup must be at least 1");
     // A DLRM checkpoint carries its architecture; the other models' inputs were checked
