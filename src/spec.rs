@@ -10,10 +10,9 @@ use crate::data::binary::{BinaryDataset, DatasetSplit};
 use crate::data::movielens::MovieLensSource;
 use crate::data::synthetic::{SyntheticConfig, SyntheticData, SyntheticSource};
 use crate::model::architecture::{Architecture, InteractionOp, join};
-use crate::model::dcn::{Dcn, DcnConfig};
-use crate::model::dlrm::Dlrm;
-use crate::model::fm::{Fm, FmConfig};
-use crate::model::{Model, ModelKind, OptimizerKind, Task, mf};
+use crate::model::dcn::DcnConfig;
+use crate::model::fm::FmConfig;
+use crate::model::{Model, ModelConfig, ModelKind, OptimizerKind, TableSource, Task, mf};
 use crate::names::{Field, FieldError, ensure_field};
 use crate::storage::StorageKind;
 use crate::train::{TrainOptions, available_memory_bytes, ensure_fits_in_memory};
@@ -311,28 +310,29 @@ pub fn build_model(
     options.check(kind)?;
     let rows = arch.table_sizes.iter().map(|&r| r as u64).sum();
     ensure_tables_fit(kind, rows, arch.embedding_dim, optimizer, storage)?;
+    model_config(kind, arch, options)?.build(optimizer, seed, TableSource::Init(storage))
+}
+
+/// The configuration of a `kind` model (any but MF, see [`build_mf`]) over the tables,
+/// embedding width and dense features of `arch`: what [`ModelConfig::build`] builds and a
+/// checkpoint records.
+pub fn model_config(
+    kind: ModelKind,
+    arch: &Architecture,
+    options: &ModelOptions,
+) -> Result<ModelConfig> {
     Ok(match kind {
-        ModelKind::Dlrm => Box::new(Dlrm::new(arch.clone(), optimizer, storage, seed)?),
-        ModelKind::Dcn | ModelKind::DcnV2 => Box::new(Dcn::new(
-            options.dcn_config(kind, arch),
-            optimizer,
-            storage,
-            seed,
-        )?),
-        ModelKind::Fm => Box::new(Fm::new(
-            FmConfig {
-                model: ModelKind::Fm,
-                task: Task::Classification,
-                factors: arch.embedding_dim,
-                table_sizes: arch.table_sizes.clone(),
-                num_dense: arch.num_dense(),
-                weight_decay: options.weight_decay,
-                initial_bias: 0.0,
-            },
-            optimizer,
-            storage,
-            seed,
-        )?),
+        ModelKind::Dlrm => ModelConfig::Dlrm(arch.clone()),
+        ModelKind::Dcn | ModelKind::DcnV2 => ModelConfig::Dcn(options.dcn_config(kind, arch)),
+        ModelKind::Fm => ModelConfig::Fm(FmConfig {
+            model: ModelKind::Fm,
+            task: Task::Classification,
+            factors: arch.embedding_dim,
+            table_sizes: arch.table_sizes.clone(),
+            num_dense: arch.num_dense(),
+            weight_decay: options.weight_decay,
+            initial_bias: 0.0,
+        }),
         ModelKind::Mf => return Err(ratings_needed().into()),
     })
 }
