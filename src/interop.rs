@@ -175,93 +175,22 @@ pub fn import_safetensors(
     let bytes = map_file(path)?;
     let st = SafeTensors::deserialize(&bytes)
         .with_context(|| format!("{}: not a safetensors file", path.display()))?;
-    let shape = |name: &str| -> Result<Vec<usize>> {
-        let t = st
-            .tensor(name)
-            .with_context(|| format!("{}: no tensor {name}", path.display()))?;
-        ensure!(
-            t.dtype() == Dtype::F32,
-            "{}: {name} is {:?}, expected F32",
-            path.display(),
-            t.dtype()
-        );
-        Ok(t.shape().to_vec())
-    };
-    let count = |prefix: &str, suffix: &str, step: usize| {
-        (0..)
-            .take_while(|k| {
-                st.tensor(&format!("{prefix}.{}.{suffix}", k * step))
-                    .is_ok()
-            })
-            .count()
-    };
-    let tables = count("emb_l", "weight", 1);
-    ensure!(
-        tables > 0,
-        "{}: no emb_l.0.weight: not a DLRM state_dict",
-        path.display()
-    );
-    let first = shape("emb_l.0.weight")?;
-    ensure!(
-        first.len() == 2,
-        "{}: emb_l.0.weight is not a matrix",
-        path.display()
-    );
-    let d = first[1];
-    let mut sizes = Vec::with_capacity(tables);
-    for t in 0..tables {
-        let s = shape(&format!("emb_l.{t}.weight"))?;
-        ensure!(
-            s.len() == 2 && s[1] == d,
-            "{}: emb_l.{t}.weight has shape {s:?}, expected (rows, {d})",
-            path.display()
-        );
-        sizes.push(s[0]);
-    }
-    let widths = |prefix: &str| -> Result<Vec<usize>> {
-        let n = count(prefix, "weight", 2);
-        ensure!(n > 0, "{}: no {prefix}.0.weight", path.display());
-        let mut w = Vec::with_capacity(n + 1);
-        for k in 0..n {
-            let s = shape(&format!("{prefix}.{}.weight", 2 * k))?;
-            ensure!(
-                s.len() == 2,
-                "{}: {prefix}.{}.weight is not a matrix",
-                path.display(),
-                2 * k
-            );
-            if k == 0 {
-                w.push(s[1]);
-            } else if s[1] != w[k] {
-                bail!(
-                    "{}: {prefix}.{}.weight takes {} inputs, the layer before gives {}",
-                    path.display(),
-                    2 * k,
-                    s[1],
-                    w[k]
-                );
-            }
-            w.push(s[0]);
-        }
-        Ok(w)
-    };
-    let bottom = widths("bot_l")?;
-    let top = widths("top_l")?;
+    let shapes = DlrmShapes::of(&st, path)?;
     let (_, header) = SafeTensors::read_metadata(&bytes)
         .with_context(|| format!("{}: not a safetensors file", path.display()))?;
     let (op, itself) = interaction(
         path,
         header.metadata().as_ref(),
         opts,
-        tables + 1,
-        d,
-        top[0],
+        shapes.table_sizes.len() + 1,
+        shapes.embedding_dim,
+        shapes.top[0],
     )?;
-    let arch = Architecture::from_flags(
-        d,
-        &join(&sizes),
-        &join(&bottom),
-        &join(&top[1..]),
+    let arch = Architecture::new(
+        shapes.embedding_dim,
+        shapes.table_sizes,
+        shapes.bottom,
+        shapes.top[1..].to_vec(),
         op,
         itself,
     )
@@ -269,6 +198,101 @@ pub fn import_safetensors(
     let mut model = Dlrm::build(arch, optimizer, seed, TableSource::Init(&eager(storage)))?;
     read_parameters(&mut model, &st, path, opts)?;
     Ok(model)
+}
+
+/// What a DLRM state_dict's tensor shapes say of its architecture: the embedding width, the
+/// table sizes, and the widths of both MLPs (input first).
+struct DlrmShapes {
+    embedding_dim: usize,
+    table_sizes: Vec<usize>,
+    bottom: Vec<usize>,
+    top: Vec<usize>,
+}
+
+impl DlrmShapes {
+    /// Reads the shapes of `emb_l.*`, `bot_l.*` and `top_l.*` in `st` (the file at `path`).
+    fn of(st: &SafeTensors, path: &Path) -> Result<DlrmShapes> {
+        let tables = count_layers(st, "emb_l", 1);
+        ensure!(
+            tables > 0,
+            "{}: no emb_l.0.weight: not a DLRM state_dict",
+            path.display()
+        );
+        let first = f32_shape(st, path, "emb_l.0.weight")?;
+        ensure!(
+            first.len() == 2,
+            "{}: emb_l.0.weight is not a matrix",
+            path.display()
+        );
+        let d = first[1];
+        let mut table_sizes = Vec::with_capacity(tables);
+        for t in 0..tables {
+            let s = f32_shape(st, path, &format!("emb_l.{t}.weight"))?;
+            ensure!(
+                s.len() == 2 && s[1] == d,
+                "{}: emb_l.{t}.weight has shape {s:?}, expected (rows, {d})",
+                path.display()
+            );
+            table_sizes.push(s[0]);
+        }
+        Ok(DlrmShapes {
+            embedding_dim: d,
+            table_sizes,
+            bottom: mlp_widths(st, path, "bot_l")?,
+            top: mlp_widths(st, path, "top_l")?,
+        })
+    }
+}
+
+/// The shape of F32 tensor `name` of `st` (the file at `path`).
+fn f32_shape(st: &SafeTensors, path: &Path, name: &str) -> Result<Vec<usize>> {
+    let t = st
+        .tensor(name)
+        .with_context(|| format!("{}: no tensor {name}", path.display()))?;
+    ensure!(
+        t.dtype() == Dtype::F32,
+        "{}: {name} is {:?}, expected F32",
+        path.display(),
+        t.dtype()
+    );
+    Ok(t.shape().to_vec())
+}
+
+/// How many layers `{prefix}.{k * step}.weight` (k = 0, 1, ...) `st` holds in a row.
+fn count_layers(st: &SafeTensors, prefix: &str, step: usize) -> usize {
+    (0..)
+        .take_while(|k| st.tensor(&format!("{prefix}.{}.weight", k * step)).is_ok())
+        .count()
+}
+
+/// The widths (input first) of the MLP `prefix` of a DLRM state_dict: Linear k is module 2k
+/// of the reference's nn.Sequential, each taking the previous layer's outputs.
+fn mlp_widths(st: &SafeTensors, path: &Path, prefix: &str) -> Result<Vec<usize>> {
+    let n = count_layers(st, prefix, 2);
+    ensure!(n > 0, "{}: no {prefix}.0.weight", path.display());
+    let mut w = Vec::with_capacity(n + 1);
+    for k in 0..n {
+        let s = f32_shape(st, path, &format!("{prefix}.{}.weight", 2 * k))?;
+        ensure!(
+            s.len() == 2,
+            "{}: {prefix}.{}.weight is not a matrix",
+            path.display(),
+            2 * k
+        );
+        if k == 0 {
+            w.push(s[1]);
+        } else if s[1] != w[k] {
+            bail!(
+                "{}: {prefix}.{}.weight takes {} inputs, the layer before gives {}",
+                path.display(),
+                2 * k,
+                s[1],
+                w[k]
+            );
+        }
+        w.push(s[0]);
+    }
+    Ok(w)
 }
 
 /// Reads any exported model: a DLRM state_dict as [`import_safetensors`] does, another model
