@@ -659,14 +659,30 @@ pub fn load_model(
 ) -> Result<(Box<dyn Model>, Meta)> {
     let meta = read_meta(version)?;
     let (config, optimizer) = read_model_config(version, &meta)?;
-    let dense = DenseFile::open(version, &config, optimizer)?;
-    let source = TableSource::Files {
+    let model = load_parameters(version, storage, opts, &config, optimizer, |source| {
+        config.build(optimizer, 0, source)
+    })?;
+    Ok((model, meta))
+}
+
+/// The model `build` makes over the tables of `version` (in `storage`), its dense parameters
+/// and their optimizer state read from the version's file (checked against `config` before
+/// anything is built).
+fn load_parameters<M: std::ops::DerefMut<Target: crate::model::Parameters>>(
+    version: &Path,
+    storage: &StorageKind,
+    opts: LoadOptions,
+    config: &ModelConfig,
+    optimizer: OptimizerKind,
+    build: impl FnOnce(TableSource) -> Result<M>,
+) -> Result<M> {
+    let dense = DenseFile::open(version, config, optimizer)?;
+    let mut model = build(TableSource::Files {
         dir: version,
         storage,
-    };
-    let mut model = config.build(optimizer, 0, source)?;
-    dense.read_into(model.as_mut(), version, opts)?;
-    Ok((model, meta))
+    })?;
+    dense.read_into(&mut *model, version, opts)?;
+    Ok(model)
 }
 
 /// Loads a DLRM checkpoint version into `storage` (as [`load_model`]), refusing non-finite
@@ -683,14 +699,11 @@ pub fn load_dlrm_with(
 ) -> Result<(Dlrm, Meta)> {
     let meta = read_meta(version)?;
     let cfg = read_dlrm_config(version, &meta)?;
-    let dense = DenseFile::open(version, &ModelConfig::Dlrm(cfg.arch.clone()), cfg.optimizer)?;
-    let source = TableSource::Files {
-        dir: version,
-        storage,
-    };
-    let mut model = Dlrm::build(cfg.arch, cfg.optimizer, 0, source)?;
-    dense.read_into(&mut model, version, opts)?;
-    Ok((model, meta))
+    let config = ModelConfig::Dlrm(cfg.arch.clone());
+    let model = load_parameters(version, storage, opts, &config, cfg.optimizer, |source| {
+        Ok(Box::new(Dlrm::build(cfg.arch, cfg.optimizer, 0, source)?))
+    })?;
+    Ok((*model, meta))
 }
 
 /// A version's dense.safetensors, mapped (deserialized in place, never read whole).
@@ -727,7 +740,7 @@ impl DenseFile {
     /// tables (loaded from `version`) for non-finite values, unless `opts` allows them.
     fn read_into(
         &self,
-        model: &mut dyn crate::model::Parameters,
+        model: &mut (impl crate::model::Parameters + ?Sized),
         version: &Path,
         opts: LoadOptions,
     ) -> Result<()> {
