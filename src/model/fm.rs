@@ -76,8 +76,6 @@ pub struct Fm {
     /// The dense field's bags: every sample looks up rows 0 .. num_dense.
     dense_ids: Vec<u32>,
     dense_offsets: Vec<u32>,
-    /// 0, 1, 2, ...: bags of one position each, for the latent rows' per-position gradients.
-    unit_offsets: Vec<u32>,
     sums: Vec<f32>,
     outputs: Vec<f32>,
     probs: Vec<f32>,
@@ -145,7 +143,6 @@ impl Fm {
             capacity: 0,
             dense_ids: Vec::new(),
             dense_offsets: Vec::new(),
-            unit_offsets: Vec::new(),
             sums: Vec::new(),
             outputs: Vec::new(),
             probs: Vec::new(),
@@ -232,13 +229,6 @@ impl Fm {
 
         let (ids, offs) = (&self.dense_ids, &self.dense_offsets);
         let bags = |t| field_bags(batch, ids, offs, t);
-        let most = (0..self.cfg.num_fields())
-            .map(|t| bags(t).indices().len())
-            .max()
-            .unwrap_or(0);
-        if self.unit_offsets.len() < most {
-            self.unit_offsets = (0..most as u32).collect();
-        }
         let (factors, linear, grad) = (&self.factors, &self.linear, &self.grad_out[..b]);
         let sums = &self.sums[..b * k];
         self.grad_rows
@@ -265,12 +255,10 @@ impl Fm {
             });
         timer.lap(|p| &mut p.interaction_bwd);
 
-        let (rows, units, wd) = (&self.grad_rows, &self.unit_offsets, self.cfg.weight_decay);
+        // One gradient row per looked-up id: each id is its own bag.
+        let (rows, wd) = (&self.grad_rows, self.cfg.weight_decay);
         self.factors.update(
-            |t| {
-                let indices = bags(t).indices();
-                Bags::with_offsets(indices, &units[..indices.len()])
-            },
+            |t| Bags::one_hot(bags(t).indices()),
             |t| (&rows[t][..], k),
             lr,
             wd,
