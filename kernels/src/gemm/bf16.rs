@@ -124,27 +124,34 @@ fn gemm_bf16_portable(a: Bf16Mat, b: Bf16Mat, beta: f32, c: MatMut, par: Par) {
     );
 }
 
-/// The pair (x[i, 2p], x[i, 2p + 1]) as one 32-bit lane, the element of even k in the low
-/// half (VDPBF16PS's bf16[2i]); zero past the end of the row.
-fn k_pair(x: Bf16Mat, i: usize, p: usize) -> u32 {
-    let at = |kk: usize| {
-        if kk < x.cols {
-            u32::from(x.get(i, kk).to_bits())
-        } else {
-            0
-        }
-    };
-    at(2 * p) | (at(2 * p + 1) << 16)
-}
-
 /// Packs the `width` lines (rows of A or of B) starting at `line0` over the K pairs
-/// `p0 .. p0 + pairs` as `panel[q * width + r] = k_pair(line0 + r, p0 + q)`; lines past the
-/// matrix are zero.
+/// `p0 .. p0 + pairs` as `panel[q * width + r]` = the pair (x[line0 + r, 2(p0 + q)],
+/// x[line0 + r, 2(p0 + q) + 1]) in one 32-bit lane, the even-k element in the low half
+/// (VDPBF16PS's bf16[2i]). Lines past the matrix, and an odd K's missing last element, are
+/// zero.
 fn pack_pairs(x: Bf16Mat, line0: usize, width: usize, p0: usize, pairs: usize, panel: &mut [u32]) {
-    for (q, step) in panel[..pairs * width].chunks_exact_mut(width).enumerate() {
-        for (r, lane) in step.iter_mut().enumerate() {
-            let i = line0 + r;
-            *lane = if i < x.rows { k_pair(x, i, p0 + q) } else { 0 };
+    let panel = &mut panel[..pairs * width];
+    let k_end = x.cols.min(2 * (p0 + pairs));
+    for r in 0..width {
+        let i = line0 + r;
+        let row = if i < x.rows {
+            &x.data[i * x.cols + 2 * p0..i * x.cols + k_end]
+        } else {
+            &[]
+        };
+        let mut lanes = panel[r..].iter_mut().step_by(width);
+        let mut two = row.chunks_exact(2);
+        // `two` first: zip polls its left side first, and must not consume a lane it will
+        // not fill.
+        for (pair, lane) in (&mut two).zip(&mut lanes) {
+            *lane = u32::from(pair[0].to_bits()) | (u32::from(pair[1].to_bits()) << 16);
+        }
+        let odd_last = two
+            .remainder()
+            .first()
+            .map_or(0, |x| u32::from(x.to_bits()));
+        for (q, lane) in lanes.enumerate() {
+            *lane = if q == 0 { odd_last } else { 0 };
         }
     }
 }
