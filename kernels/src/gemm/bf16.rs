@@ -3,18 +3,26 @@
 //! The shape is that of a layer's forward product Y = X W^T with PyTorch's W (out x in): A is
 //! M x K and B is N x K, both row-major, so both are read along K.
 //!
-//! On AVX512-BF16 the microkernel is built on VDPBF16PS (Intel SDM: for each f32 lane i,
-//! `dst[i] += a.bf16[2i+1] * b.bf16[2i+1] + a.bf16[2i] * b.bf16[2i]`, products and sums in
-//! f32 with round-to-nearest-even, denormal inputs and outputs flushed to zero, MXCSR not
-//! consulted). It consumes K in pairs, so B is packed into panels of NR columns in which each
+//! On AVX512-BF16 the microkernel is built on VDPBF16PS (Intel SDM pseudocode: for each f32
+//! lane i, `dst[i] += a.bf16[2i+1] * b.bf16[2i+1]`, then `dst[i] += a.bf16[2i] * b.bf16[2i]`;
+//! f32 arithmetic, round to nearest even, denormal inputs and outputs flushed to zero, MXCSR
+//! not consulted). It consumes K in pairs, so B is packed into panels of NR columns in which each
 //! 32-bit lane holds the pair (B[j, 2p], B[j, 2p+1]), and A into MR-row panels of the same
 //! pairs, broadcast one row at a time; an odd K is padded with a zero. The MR x NR tile of f32
 //! accumulators stays in registers (MR * NR / 16 = 24 of the 32 zmm registers).
 //!
+//! Throughput: VDPBF16PS does twice the FLOPs of an FMA per instruction, but on the Sapphire
+//! Rapids-class core this was measured on it retires at about a quarter of the FMA rate (a
+//! register-only loop of 24 independent accumulators: about 70 GFLOP/s against about 150 for
+//! VFMADD231PS), so this path runs at about 0.6x the f32 GEMM on compute-bound shapes (see the
+//! `gemm-bf16` benches). What it saves is operand memory and bandwidth (half of f32's); the
+//! compute gain on Intel needs AMX (TDPBF16PS).
+//!
 //! Elsewhere (or with `DLRM_ISA=portable`), the operands are converted to f32, exactly, and
-//! multiplied by the f32 [`gemm`](super::gemm). The two paths differ in rounding (VDPBF16PS
-//! adds the two products of a pair before the accumulator), not in what they compute; each
-//! is deterministic, and gives the same bits for any thread count (threads split M only).
+//! multiplied by the f32 [`gemm`](fn@super::gemm). The two paths differ in rounding
+//! (VDPBF16PS's own intermediate rounding, and its flushing of denormals; the f32 GEMM's
+//! summation order), not in what they compute; each is deterministic, and gives the same
+//! bits for any thread count (threads split M only).
 
 use super::{GemmOps, MatMut, MatRef, gemm};
 use crate::bf16::{Bf16, Isa, bf16_to_f32_slice};
