@@ -277,4 +277,11 @@ mod tests {
         let err = Isa::from_env_value(Some("avx9")).unwrap_err();
         assert!(err.contains("DLRM_ISA") && err.contains("avx9"), "{err}");
     }
+
+    /// Run with and without `DLRM_ISA=portable`: the selection follows the variable.
+    #[test]
+    fn selected_follows_the_environment() {
+        let value = std::env::var(ISA_ENV).ok();
+        assert_eq!(Ok(Isa::selected()), Isa::from_env_value(value.as_deref()));
+    }
 }
