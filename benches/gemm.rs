@@ -5,9 +5,14 @@
 //! elements, so criterion's elem/s reads as FLOP/s.
 //!
 //! `DLRM_BENCH_SWEEP=1` adds an exhaustive sweep of square and skinny shapes.
+//!
+//! `gemm-bf16/fwd-t<threads>/<M>x<N>x<K>`: the forward products of the top MLP's wide layers
+//! with bf16 X and W and f32 accumulation, on the ISA `Isa::selected` picks (AVX512-BF16
+//! where present; `DLRM_ISA=portable` measures the portable path), 2 M N K FLOP as above.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use dlrm_kernels::gemm::{self, GemmOps, MatMut, MatRef};
+use dlrm_kernels::bf16::{Bf16, Isa, f32_to_bf16_slice};
+use dlrm_kernels::gemm::{self, Bf16Mat, GemmOps, MatMut, MatRef};
 use dlrm_kernels::parallel::Par;
 use std::hint::black_box;
 use std::time::Duration;
@@ -210,5 +215,46 @@ fn bench_gemm(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_gemm);
+fn bench_gemm_bf16(c: &mut Criterion) {
+    let mut group = c.benchmark_group("gemm-bf16");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_millis(1200));
+    let pools = [(1, pool(1)), (2, pool(2))];
+    let isa = Isa::selected();
+    let to_bf16 = |x: Vec<f32>| {
+        let mut out = vec![Bf16::default(); x.len()];
+        f32_to_bf16_slice(&x, &mut out, isa);
+        out
+    };
+    // (batch, in, out): the top MLP's layers wide enough for register tiles.
+    for (m, k, n) in [(2048, 367, 512), (2048, 512, 256), (2048, 256, 64)] {
+        let x = to_bf16(values(m * k, 1));
+        let w = to_bf16(values(n * k, 2));
+        let mut y = vec![0.0f32; m * n];
+        group.throughput(Throughput::Elements((2 * m * n * k) as u64));
+        for (t, pl) in &pools {
+            let id = BenchmarkId::new(format!("fwd-t{t}"), format!("{m}x{n}x{k}"));
+            group.bench_function(id, |b| {
+                pl.install(|| {
+                    b.iter(|| {
+                        gemm::gemm_bf16(
+                            Bf16Mat::new(&x, m, k),
+                            Bf16Mat::new(&w, n, k),
+                            0.0,
+                            MatMut::new(&mut y, m, n),
+                            isa,
+                            Par::Rayon,
+                        )
+                    })
+                })
+            });
+        }
+        black_box(&y);
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_gemm, bench_gemm_bf16);
 criterion_main!(benches);

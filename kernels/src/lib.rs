@@ -13,6 +13,7 @@
 //! Every kernel has a scalar twin in [`reference`], the oracle of the property tests.
 
 pub mod activation;
+pub mod bf16;
 pub mod cross;
 pub mod embedding;
 pub mod fm;

@@ -4,6 +4,7 @@
 use crate::gemm::{GemmOps, MatMut, MatRef};
 
 mod activation;
+mod bf16;
 mod cross;
 mod embedding;
 mod fm;
@@ -12,6 +13,7 @@ mod optim;
 mod roofline;
 
 pub use activation::*;
+pub use bf16::*;
 pub use cross::*;
 pub use embedding::*;
 pub use fm::*;

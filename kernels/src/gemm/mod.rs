@@ -21,12 +21,14 @@
 //! `cargo bench --bench gemm`, see README.md): no packing of a block that is read only once or
 //! twice, a dot-product path for C with a handful of columns.
 
+pub mod bf16;
 mod blocking;
 pub mod linear;
 mod microkernel;
 mod pack;
 
 pub use crate::mat::{MatMut, MatRef};
+pub use bf16::{Bf16Mat, gemm_bf16};
 pub use blocking::{BlockSizes, CacheSizes};
 pub use linear::{bias_grad, linear_backward_input, linear_backward_weight, linear_forward};
 pub use microkernel::{NARROW_MR, WIDE_MR, WIDE_NR};
