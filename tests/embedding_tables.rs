@@ -2,7 +2,9 @@
 //! trip, bad files are errors naming the file, a full disk is an error at creation, and lazily
 //! initialised tables far larger than RAM are cheap to create and touch.
 
-use dlrm::kernels::embedding::{Bags, Pooling, SparseGradWorkspace, embedding_bag_forward};
+use dlrm::kernels::embedding::{
+    BagError, Bags, Pooling, SparseGradWorkspace, embedding_bag_forward,
+};
 use dlrm::kernels::mat::{MatMut, MatRef};
 use dlrm::kernels::optim::{SparseOptimizer, TableMut, embedding_bag_backward_update};
 use dlrm::kernels::parallel::Par;
@@ -229,13 +231,22 @@ fn lazy_tables_resume_with_their_bitmap() {
 }
 
 #[test]
-fn check_ids_reports_the_first_bad_position() {
+fn ids_are_checked_against_the_table_rows_naming_the_first_bad_position() {
     let table = EmbeddingTable::create(0, 10, 4, 0, &StorageKind::Anon).unwrap();
-    assert_eq!(table.check_ids(&[0, 9, 9, 1]), Ok(()));
+    assert_eq!(Bags::one_hot(&[0, 9, 9, 1]).check(table.rows()), Ok(()));
     let mut ids = vec![3u32; 1000];
     ids[617] = 10;
     ids[900] = 4_000_000_000;
-    assert_eq!(table.check_ids(&ids), Err((617, 10)));
+    assert_eq!(
+        Bags::one_hot(&ids).check(table.rows()),
+        Err(BagError::IdOutOfRange {
+            position: 617,
+            id: 10,
+            rows: 10
+        })
+    );
+    // 2^32 rows: every u32 is a row.
+    assert_eq!(Bags::one_hot(&[u32::MAX]).check(1 << 32), Ok(()));
 }
 
 #[test]
@@ -427,7 +438,7 @@ fn touch_zipf_rows(tag: &str, rows: usize, dim: usize) -> f64 {
     let ids: Vec<u32> = (0..4000)
         .map(|_| scatter.map(zipf.sample(&mut rng) - 1) as u32)
         .collect();
-    table.check_ids(&ids).unwrap();
+    Bags::one_hot(&ids).check(table.rows()).unwrap();
     let distinct: BTreeSet<u32> = ids.iter().copied().collect();
     let (lo, hi) = (*distinct.first().unwrap(), *distinct.last().unwrap());
     assert!(
@@ -550,7 +561,7 @@ fn train_zipf_batches(tag: &str, rows: usize, dim: usize, batches: usize) -> f64
                 ids.push(scatter.map(zipf.sample(&mut rng) - 1) as u32);
             }
         }
-        table.check_ids(&ids).unwrap();
+        Bags::one_hot(&ids).check(table.rows()).unwrap();
         table.materialize(&ids);
         let compact_ids = compact.map(
             &ids,

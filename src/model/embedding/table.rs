@@ -133,7 +133,7 @@ impl EmbeddingTable {
 
     /// Gives every row among `ids` not yet materialised its initial value (lazy tables; a no-op
     /// for eager ones, and O(1) once every row is materialised). Ids must be valid rows
-    /// ([`check_ids`](Self::check_ids)); an id out of range panics.
+    /// (checked by the kernels' `Bags::check`); an id out of range panics.
     pub fn materialize(&mut self, ids: &[u32]) {
         if self.lazy.pending == 0 {
             return;
@@ -158,13 +158,6 @@ impl EmbeddingTable {
     /// Rows still waiting for their initial value (0 for eager tables).
     pub fn pending_rows(&self) -> usize {
         self.lazy.pending
-    }
-
-    /// Checks that every id is a row of this table: `Err((position, id))` for the first one
-    /// that is not. One branch-free max scan (vectorised) over the ids when all are valid, the
-    /// usual case.
-    pub fn check_ids(&self, ids: &[u32]) -> Result<(), (usize, u32)> {
-        check_ids(ids, self.rows())
     }
 
     /// The table file, `None` for an anonymous table.
@@ -209,35 +202,10 @@ impl EmbeddingTable {
     }
 }
 
-/// `Err((position, id))` for the first id `>= rows`.
-fn check_ids(ids: &[u32], rows: usize) -> Result<(), (usize, u32)> {
-    let Ok(limit) = u32::try_from(rows) else {
-        return Ok(()); // 2^32 rows: every u32 is a row
-    };
-    if ids.iter().fold(0u32, |m, &id| m.max(id)) < limit {
-        return Ok(());
-    }
-    let pos = ids
-        .iter()
-        .position(|&id| id >= limit)
-        .expect("the max is out of range");
-    Err((pos, ids[pos]))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::storage::mmap::MAX_ROWS;
-
-    #[test]
-    fn check_ids_finds_the_first_bad_id() {
-        assert_eq!(check_ids(&[], 1), Ok(()));
-        assert_eq!(check_ids(&[0, 9, 3], 10), Ok(()));
-        assert_eq!(check_ids(&[0, 10, 3, 11], 10), Err((1, 10)));
-        assert_eq!(check_ids(&[u32::MAX, 0], 10), Err((0, u32::MAX)));
-        assert_eq!(check_ids(&[u32::MAX], MAX_ROWS), Ok(()));
-        assert_eq!(check_ids(&[u32::MAX], MAX_ROWS - 1), Err((0, u32::MAX)));
-    }
 
     #[test]
     fn shapes_are_checked() {
