@@ -353,6 +353,14 @@ impl Dcn {
             .update_batch(batch, |t| (&grads[nd + t * d..], w0), lr, 0.0, par);
         timer.lap(|p| &mut p.emb_update);
 
+        self.update_dense(lr);
+        timer.lap(|p| &mut p.dense_update);
+        Ok(loss_sum / b as f64)
+    }
+
+    /// The dense optimizer's step over the cross layers, then the deep network and the head,
+    /// in that fixed order (the order of the optimizer state).
+    fn update_dense(&mut self, lr: f32) {
         let cross = [
             (&mut self.cross_w[..], &self.grad_cross_w[..]),
             (&mut self.cross_b[..], &self.grad_cross_b[..]),
@@ -369,9 +377,7 @@ impl Dcn {
                 ]
             });
         self.dense_opt
-            .step(cross.into_iter().chain(layers), lr, par);
-        timer.lap(|p| &mut p.dense_update);
-        Ok(loss_sum / b as f64)
+            .step(cross.into_iter().chain(layers), lr, self.par);
     }
 }
 
