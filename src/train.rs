@@ -137,6 +137,10 @@ pub struct EvalPoint {
 pub struct TrainReport {
     pub model: String,
     pub samples_per_sec: f64,
+    /// The dense compute's rate in the steady state: [`Model::flops_per_sample`] times
+    /// `samples_per_sec` (absent for models that do not count their FLOPs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gflop_per_sec: Option<f64>,
     pub threads: usize,
     pub batch_size: usize,
     pub steps: u64,
@@ -748,6 +752,7 @@ impl Run<'_> {
         Ok(TrainReport {
             model: model.name().to_string(),
             samples_per_sec,
+            gflop_per_sec: model.flops_per_sample().map(|f| f * samples_per_sec * 1e-9),
             threads,
             batch_size: opts.batch_size,
             steps: self.plan.total_steps,

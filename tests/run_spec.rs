@@ -105,6 +105,16 @@ fn every_model_but_mf_builds_and_trains_from_a_spec() {
         }
         let report = run(spec(kind, OptimizerKind::Sgd));
         assert_eq!(report.model, kind.name());
+        // The dense compute's rate is the architecture's FLOPs per sample at the run's rate.
+        match kind {
+            ModelKind::Dlrm => {
+                let flops = tiny_arch().flops_per_sample();
+                let want = flops * report.samples_per_sec * 1e-9;
+                let got = report.gflop_per_sec.expect("DLRM counts its FLOPs");
+                assert!((got - want).abs() <= 1e-9 * want, "{got} vs {want}");
+            }
+            _ => assert_eq!(report.gflop_per_sec, None, "{kind}"),
+        }
         assert_eq!(report.steps, 20);
         assert!(report.test_loss.is_finite(), "{kind}: {}", report.test_loss);
     }

@@ -361,6 +361,9 @@ impl Model for Dlrm {
     fn config(&self) -> ModelConfig {
         ModelConfig::Dlrm(self.arch.clone())
     }
+    fn flops_per_sample(&self) -> Option<f64> {
+        Some(self.arch.flops_per_sample())
+    }
     fn buffer_floats_per_sample(&self, training: bool) -> usize {
         // features and top_in, their gradients in training, probabilities and logit gradients.
         let per_pass = self.feature_stride() + self.arch.top[0] + 1;

@@ -486,6 +486,12 @@ pub trait Model: Send + Parameters {
     /// f32 values of the step's buffers per sample of a batch (forward only, or with the
     /// gradients for `training`): what `reserve` allocates per sample, for memory checks.
     fn buffer_floats_per_sample(&self, training: bool) -> usize;
+    /// Floating-point operations per sample of one training step in the dense compute (each
+    /// MLP product forward, input gradient and weight gradient; the interaction), for the
+    /// report's GFLOP/s; `None` where the model does not count them.
+    fn flops_per_sample(&self) -> Option<f64> {
+        None
+    }
     /// The first parameter value that is NaN or infinite, among the dense parameters or, with
     /// `ParameterScope::All`, the embedding tables too (each tensor scanned in parallel).
     fn first_non_finite(&self, scope: ParameterScope) -> Option<NonFinite> {

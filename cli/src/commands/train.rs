@@ -692,6 +692,9 @@ fn print_summary(r: &TrainReport) {
         "steps {} x batch {} on {} threads: {:.0} samples/s (steady state), {:.1} s wall",
         r.steps, r.batch_size, r.threads, r.samples_per_sec, r.wall_seconds
     );
+    if let Some(g) = r.gflop_per_sec {
+        println!("dense compute {g:.1} GFLOP/s (MLP products and interaction, steady state)");
+    }
     println!("train loss {:.5} (last report interval)", r.train_loss);
     match (r.test_rmse, r.train_rmse) {
         (Some(test), Some(train)) => println!(
