@@ -14,11 +14,9 @@
 //!   (mantissa MSB, bit 6) set.
 //!
 //! The AVX512-BF16 paths are compiled for every x86_64 build (`#[target_feature]`) and taken
-//! only when the CPU has the extension: [`Isa::selected`] detects it once per process. The
-//! environment variable `DLRM_ISA` overrides the choice: `portable` forces the portable path
-//! (to test or compare it on a BF16 machine), `native` (or unset) takes the best the CPU has.
+//! only when the CPU has the extension and the [`Isa`] asks for it ([`crate::isa`]).
 
-use std::sync::OnceLock;
+pub use crate::isa::{ISA_ENV, Isa};
 
 /// One bfloat16 value, stored as its bit pattern.
 #[derive(Clone, Copy, Debug, Default)]
@@ -62,85 +60,6 @@ impl Bf16 {
     }
 }
 
-/// Which implementation the BF16 kernels run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Isa {
-    /// AVX512-BF16 (VCVTNE2PS2BF16, VDPBF16PS) with AVX512F/BW/VL: Intel Cooper Lake,
-    /// Sapphire Rapids and later, AMD Zen 4 and later.
-    Avx512Bf16,
-    /// Any CPU: scalar conversions, and the f32 GEMM on converted operands.
-    Portable,
-}
-
-/// The environment variable that overrides [`Isa::selected`].
-pub const ISA_ENV: &str = "DLRM_ISA";
-
-impl Isa {
-    /// The ISA the BF16 kernels should run here: the best this CPU supports unless
-    /// `DLRM_ISA` says otherwise. Detected and read once per process.
-    ///
-    /// Panics (on first use) if `DLRM_ISA` holds a value other than `portable` or `native`;
-    /// a program can check the variable first with [`Isa::from_env_value`].
-    pub fn selected() -> Isa {
-        static SELECTED: OnceLock<Isa> = OnceLock::new();
-        *SELECTED.get_or_init(|| {
-            let value = std::env::var(ISA_ENV).ok();
-            Isa::from_env_value(value.as_deref()).unwrap_or_else(|e| panic!("{e}"))
-        })
-    }
-
-    /// The ISA for a value of `DLRM_ISA` (`None`: unset): `portable`, or `native` / unset /
-    /// empty for the best this CPU supports.
-    pub fn from_env_value(value: Option<&str>) -> Result<Isa, String> {
-        match value {
-            None | Some("") | Some("native") => Ok(Isa::best_supported()),
-            Some("portable") => Ok(Isa::Portable),
-            Some(other) => Err(format!(
-                "{ISA_ENV}={other:?}: expected \"portable\" or \"native\""
-            )),
-        }
-    }
-
-    /// The fastest ISA this CPU supports, ignoring `DLRM_ISA`.
-    pub fn best_supported() -> Isa {
-        if Isa::Avx512Bf16.is_supported() {
-            Isa::Avx512Bf16
-        } else {
-            Isa::Portable
-        }
-    }
-
-    /// Whether this CPU can run the ISA's kernels.
-    pub fn is_supported(self) -> bool {
-        match self {
-            Isa::Portable => true,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Bf16 => {
-                is_x86_feature_detected!("avx512bf16")
-                    && is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx512bw")
-                    && is_x86_feature_detected!("avx512vl")
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx512Bf16 => false,
-        }
-    }
-
-    /// Every ISA this CPU supports (the portable one first).
-    pub fn all_supported() -> Vec<Isa> {
-        [Isa::Portable, Isa::Avx512Bf16]
-            .into_iter()
-            .filter(|isa| isa.is_supported())
-            .collect()
-    }
-
-    /// Panics unless the CPU supports this ISA: running its instructions otherwise would be
-    /// undefined behaviour, not merely a wrong answer.
-    pub(crate) fn assert_supported(self) {
-        assert!(self.is_supported(), "{self:?} kernels on a CPU without it");
-    }
-}
-
 /// `dst[i] = bf16(src[i])`, rounded as [`Bf16::from_f32`]; bit-identical on every ISA.
 pub fn f32_to_bf16_slice(src: &[f32], dst: &mut [Bf16], isa: Isa) {
     assert_eq!(
@@ -152,7 +71,8 @@ pub fn f32_to_bf16_slice(src: &[f32], dst: &mut [Bf16], isa: Isa) {
     );
     isa.assert_supported();
     match isa {
-        Isa::Portable => {
+        // The levels below AVX512-BF16 have no conversion instruction.
+        Isa::Portable | Isa::Avx2 | Isa::Avx512 => {
             for (d, &s) in dst.iter_mut().zip(src) {
                 *d = Bf16::from_f32(s);
             }
@@ -178,7 +98,8 @@ pub fn bf16_to_f32_slice(src: &[Bf16], dst: &mut [f32], isa: Isa) {
     );
     isa.assert_supported();
     match isa {
-        Isa::Portable => {
+        // The levels below AVX512-BF16 have no conversion instruction.
+        Isa::Portable | Isa::Avx2 | Isa::Avx512 => {
             for (d, &s) in dst.iter_mut().zip(src) {
                 *d = s.to_f32();
             }
@@ -259,29 +180,5 @@ mod avx512 {
                 _mm512_mask_storeu_ps(dst.as_mut_ptr().add(i), mask, _mm512_castsi512_ps(bits));
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn env_value_parses() {
-        assert_eq!(Isa::from_env_value(Some("portable")), Ok(Isa::Portable));
-        assert_eq!(Isa::from_env_value(None), Ok(Isa::best_supported()));
-        assert_eq!(
-            Isa::from_env_value(Some("native")),
-            Ok(Isa::best_supported())
-        );
-        let err = Isa::from_env_value(Some("avx9")).unwrap_err();
-        assert!(err.contains("DLRM_ISA") && err.contains("avx9"), "{err}");
-    }
-
-    /// Run with and without `DLRM_ISA=portable`: the selection follows the variable.
-    #[test]
-    fn selected_follows_the_environment() {
-        let value = std::env::var(ISA_ENV).ok();
-        assert_eq!(Ok(Isa::selected()), Isa::from_env_value(value.as_deref()));
     }
 }

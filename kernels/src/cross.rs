@@ -31,10 +31,11 @@
 //! with u_l = W_l x_l + b_l kept from the forward: three GEMM products per layer (the last
 //! accumulating into g) and one elementwise pass.
 
-use crate::gemm::{GemmOps, MatMut, MatRef, bias_grad, dot, gemm, linear_backward_weight};
+use crate::gemm::{GemmOps, MatMut, MatRef, bias_grad_with_isa, dot_lanes, gemm_with_isa};
+use crate::isa::Isa;
 use crate::mat::check_view;
 use crate::parallel::{Par, join_ranges, should_split, split_rows, task_grain};
-use crate::simd::{F32s, LANES, load_upto, store_upto};
+use crate::simd::{SimdVec, dispatch};
 use core::ops::Range;
 
 /// Samples per partial-sum chunk of the rank-one backward: the chunks are fixed by the batch
@@ -173,37 +174,39 @@ fn for_samples<'a>(
 
 /// y = x * s + (b + z), elementwise: the rank-one layer's output row.
 #[inline(always)]
-fn rank_one_row(y: &mut [f32], x: &[f32], s: f32, b: &[f32], z: &[f32]) {
-    let s = F32s::splat(s);
+fn rank_one_row<V: SimdVec>(y: &mut [f32], x: &[f32], s: f32, b: &[f32], z: &[f32]) {
+    let s = V::splat(s);
     for (((yc, xc), bc), zc) in y
-        .chunks_mut(LANES)
-        .zip(x.chunks(LANES))
-        .zip(b.chunks(LANES))
-        .zip(z.chunks(LANES))
+        .chunks_mut(V::LANES)
+        .zip(x.chunks(V::LANES))
+        .zip(b.chunks(V::LANES))
+        .zip(z.chunks(V::LANES))
     {
-        store_upto(yc, load_upto(xc).mul_add(s, load_upto(bc) + load_upto(zc)));
+        let v = V::from_slice(xc).mul_add(s, V::from_slice(bc) + V::from_slice(zc));
+        v.store_to(yc);
     }
 }
 
 /// y = x ⊙ u + z, elementwise: the full-rank layer's output row.
 #[inline(always)]
-fn full_rank_row(y: &mut [f32], x: &[f32], u: &[f32], z: &[f32]) {
+fn full_rank_row<V: SimdVec>(y: &mut [f32], x: &[f32], u: &[f32], z: &[f32]) {
     for (((yc, xc), uc), zc) in y
-        .chunks_mut(LANES)
-        .zip(x.chunks(LANES))
-        .zip(u.chunks(LANES))
-        .zip(z.chunks(LANES))
+        .chunks_mut(V::LANES)
+        .zip(x.chunks(V::LANES))
+        .zip(u.chunks(V::LANES))
+        .zip(z.chunks(V::LANES))
     {
-        store_upto(yc, load_upto(xc).mul_add(load_upto(uc), load_upto(zc)));
+        let v = V::from_slice(xc).mul_add(V::from_slice(uc), V::from_slice(zc));
+        v.store_to(yc);
     }
 }
 
 /// y (+)= x: copies a row, or adds it when `add`.
 #[inline(always)]
-fn copy_or_add(y: &mut [f32], x: &[f32], add: bool) {
+fn copy_or_add<V: SimdVec>(y: &mut [f32], x: &[f32], add: bool) {
     if add {
-        for (yc, xc) in y.chunks_mut(LANES).zip(x.chunks(LANES)) {
-            store_upto(yc, load_upto(yc) + load_upto(xc));
+        for (yc, xc) in y.chunks_mut(V::LANES).zip(x.chunks(V::LANES)) {
+            (V::from_slice(yc) + V::from_slice(xc)).store_to(yc);
         }
     } else {
         y.copy_from_slice(x);
@@ -212,8 +215,21 @@ fn copy_or_add(y: &mut [f32], x: &[f32], add: bool) {
 
 /// Forward of the cross network: `out` (batch x d) = x_L for the rows of `x0` (batch x d).
 /// `saved` (`kind.saved_len(dim, layers, batch)` floats, laid out as the backward reads it)
-/// receives what the backward needs. Padding between output rows is left untouched.
+/// receives what the backward needs. Padding between output rows is left untouched. Runs on
+/// [`Isa::selected`].
 pub fn cross_forward(net: &CrossNet, x0: MatRef, saved: &mut [f32], out: MatMut, par: Par) {
+    cross_forward_with_isa(Isa::selected(), net, x0, saved, out, par)
+}
+
+/// [`cross_forward`] on `isa` (panics if the CPU lacks it).
+pub fn cross_forward_with_isa(
+    isa: Isa,
+    net: &CrossNet,
+    x0: MatRef,
+    saved: &mut [f32],
+    out: MatMut,
+    par: Par,
+) {
     const WHO: &str = "cross_forward";
     net.check(WHO);
     let (d, batch) = (net.dim, x0.rows());
@@ -244,37 +260,44 @@ pub fn cross_forward(net: &CrossNet, x0: MatRef, saved: &mut [f32], out: MatMut,
         return;
     }
     match net.kind {
-        CrossKind::RankOne => rank_one_forward(net, x0, saved, out, par),
-        CrossKind::FullRank => full_rank_forward(net, x0, saved, out, par),
+        CrossKind::RankOne => rank_one_forward(isa, net, x0, saved, out, par),
+        CrossKind::FullRank => full_rank_forward(isa, net, x0, saved, out, par),
     }
 }
 
 /// Rank-one forward, one sample at a time through all layers. `saved` holds per sample
 /// `[x_1 .. x_{L-1} | s_0 .. s_{L-1}]`, s_l = x_l . w_l.
-fn rank_one_forward(net: &CrossNet, x0: MatRef, saved: &mut [f32], out: MatMut, par: Par) {
+fn rank_one_forward(
+    isa: Isa,
+    net: &CrossNet,
+    x0: MatRef,
+    saved: &mut [f32],
+    out: MatMut,
+    par: Par,
+) {
     let (batch, x0_stride, x0) = (x0.rows(), x0.row_stride(), x0.as_slice());
     let (out_stride, out) = (out.row_stride(), out.into_slice());
     let (d, layers) = (net.dim, net.layers);
     let width = net.saved_len(1);
     let hidden_len = (layers - 1) * d;
     let leaf = |r: Range<usize>, (sv, o): (&mut [f32], &mut [f32])| {
-        for (i, b) in r.enumerate() {
+        dispatch!(isa, V => for (i, b) in r.enumerate() {
             let x0_row = &x0[b * x0_stride..][..d];
             let (hidden, dots) = sv[i * width..][..width].split_at_mut(hidden_len);
             let out_row = &mut o[i * out_stride..][..d];
             for l in 0..layers {
                 let (done, rest) = hidden.split_at_mut(l * d);
                 let xl = if l == 0 { x0_row } else { &done[(l - 1) * d..] };
-                let s = dot(xl, &net.w[l * d..(l + 1) * d]);
+                let s = dot_lanes::<V>(xl, &net.w[l * d..(l + 1) * d]);
                 dots[l] = s;
                 let dst = if l + 1 == layers {
                     &mut *out_row
                 } else {
                     &mut rest[..d]
                 };
-                rank_one_row(dst, x0_row, s, &net.b[l * d..(l + 1) * d], xl);
+                rank_one_row::<V>(dst, x0_row, s, &net.b[l * d..(l + 1) * d], xl);
             }
-        }
+        })
     };
     let grain = task_grain(
         batch,
@@ -298,7 +321,14 @@ fn rank_one_forward(net: &CrossNet, x0: MatRef, saved: &mut [f32], out: MatMut, 
 /// Full-rank forward, layer by layer: u_l = x_l W_l^T + b_l on the GEMM, then x_{l+1} =
 /// x0 ⊙ u_l + x_l elementwise. `saved` holds `[x_1 | .. | x_{L-1} | u_0 | .. | u_{L-1}]`,
 /// each a contiguous batch x d matrix.
-fn full_rank_forward(net: &CrossNet, x0: MatRef, saved: &mut [f32], out: MatMut, par: Par) {
+fn full_rank_forward(
+    isa: Isa,
+    net: &CrossNet,
+    x0: MatRef,
+    saved: &mut [f32],
+    out: MatMut,
+    par: Par,
+) {
     let (batch, x0_stride, x0) = (x0.rows(), x0.row_stride(), x0.as_slice());
     let (out_stride, out) = (out.row_stride(), out.into_slice());
     let (d, layers) = (net.dim, net.layers);
@@ -312,12 +342,17 @@ fn full_rank_forward(net: &CrossNet, x0: MatRef, saved: &mut [f32], out: MatMut,
             (&done[(l - 1) * bd..], d)
         };
         let u = &mut us[l * bd..(l + 1) * bd];
-        crate::gemm::linear_forward(
+        // u = x_l W_l^T + b_l, the layer's forward product.
+        let ops = GemmOps {
+            bias: Some(&net.b[l * d..(l + 1) * d]),
+            ..GemmOps::default()
+        };
+        gemm_with_isa(
+            isa,
             MatRef::with_row_stride(xl, batch, d, xl_stride),
-            MatRef::new(&net.w[l * d * d..(l + 1) * d * d], d, d),
-            Some(&net.b[l * d..(l + 1) * d]),
-            false,
+            MatRef::new(&net.w[l * d * d..(l + 1) * d * d], d, d).t(),
             MatMut::new(u, batch, d),
+            &ops,
             par,
         );
         let u: &[f32] = u;
@@ -333,14 +368,14 @@ fn full_rank_forward(net: &CrossNet, x0: MatRef, saved: &mut [f32], out: MatMut,
             (dst, dst_stride),
             &|r, y: &mut [f32]| {
                 let lo = r.start;
-                for b in r {
-                    full_rank_row(
+                dispatch!(isa, V => for b in r {
+                    full_rank_row::<V>(
                         &mut y[(b - lo) * dst_stride..][..d],
                         &x0[b * x0_stride..][..d],
                         &u[b * d..][..d],
                         &xl[b * xl_stride..][..d],
                     );
-                }
+                })
             },
         );
     }
@@ -349,8 +384,24 @@ fn full_rank_forward(net: &CrossNet, x0: MatRef, saved: &mut [f32], out: MatMut,
 /// Backward of [`cross_forward`] from the gradient of its output (`grad_out`, batch x d),
 /// with the `saved` values of that forward: the gradients of x0, of the weights and of the
 /// biases (see [`CrossGrads`]). Parameter gradients are sums over the batch, added in an order
-/// fixed by the batch size alone.
+/// fixed by the batch size alone. Runs on [`Isa::selected`].
 pub fn cross_backward(
+    net: &CrossNet,
+    x0: MatRef,
+    saved: &[f32],
+    grad_out: MatRef,
+    grads: CrossGrads,
+    ws: &mut CrossWorkspace,
+    par: Par,
+) {
+    let isa = Isa::selected();
+    cross_backward_with_isa(isa, net, x0, saved, grad_out, grads, ws, par)
+}
+
+/// [`cross_backward`] on `isa` (panics if the CPU lacks it).
+#[allow(clippy::too_many_arguments)]
+pub fn cross_backward_with_isa(
+    isa: Isa,
     net: &CrossNet,
     x0: MatRef,
     saved: &[f32],
@@ -396,23 +447,25 @@ pub fn cross_backward(
             (grads.x0.into_slice(), gs),
             &|r, gx: &mut [f32]| {
                 let lo = r.start;
-                for b in r {
+                dispatch!(isa, V => for b in r {
                     let src = &grad_out[b * grad_out_stride..][..d];
-                    copy_or_add(&mut gx[(b - lo) * gs..][..d], src, acc);
-                }
+                    copy_or_add::<V>(&mut gx[(b - lo) * gs..][..d], src, acc);
+                })
             },
         );
         return;
     }
     match net.kind {
-        CrossKind::RankOne => rank_one_backward(net, x0, saved, grad_out, grads, ws, par),
-        CrossKind::FullRank => full_rank_backward(net, x0, saved, grad_out, grads, ws, par),
+        CrossKind::RankOne => rank_one_backward(isa, net, x0, saved, grad_out, grads, ws, par),
+        CrossKind::FullRank => full_rank_backward(isa, net, x0, saved, grad_out, grads, ws, par),
     }
 }
 
 /// Rank-one backward: fixed chunks of CROSS_CHUNK samples, each through all layers one sample
 /// at a time, with its own partial dw and db; the partials are then added in chunk order.
+#[allow(clippy::too_many_arguments)]
 fn rank_one_backward(
+    isa: Isa,
     net: &CrossNet,
     x0: MatRef,
     saved: &[f32],
@@ -443,7 +496,7 @@ fn rank_one_backward(
     let leaf = |chunk_range: Range<usize>, (parts, gx): (&mut [f32], &mut [f32])| {
         let k0 = chunk_range.start;
         let s0 = k0 * CROSS_CHUNK;
-        for k in chunk_range {
+        dispatch!(isa, V => for k in chunk_range {
             let (pw, rest) = parts[(k - k0) * part_len..][..part_len].split_at_mut(ld);
             let (pb, g) = rest.split_at_mut(ld);
             pw.fill(0.0);
@@ -462,28 +515,29 @@ fn rank_one_backward(
                     } else {
                         &hidden[(l - 1) * d..l * d]
                     };
-                    let c = F32s::splat(dot(g, x0_row));
-                    let s = F32s::splat(dots[l]);
+                    let c = V::splat(dot_lanes::<V>(g, x0_row));
+                    let s = V::splat(dots[l]);
                     let w = &net.w[l * d..(l + 1) * d];
                     let (dw, db) = (&mut pw[l * d..(l + 1) * d], &mut pb[l * d..(l + 1) * d]);
+                    let n = V::LANES;
                     for (((((gc, xc), wc), dwc), dbc), gxc) in g
-                        .chunks_mut(LANES)
-                        .zip(xl.chunks(LANES))
-                        .zip(w.chunks(LANES))
-                        .zip(dw.chunks_mut(LANES))
-                        .zip(db.chunks_mut(LANES))
-                        .zip(gx0.chunks_mut(LANES))
+                        .chunks_mut(n)
+                        .zip(xl.chunks(n))
+                        .zip(w.chunks(n))
+                        .zip(dw.chunks_mut(n))
+                        .zip(db.chunks_mut(n))
+                        .zip(gx0.chunks_mut(n))
                     {
-                        let gv = load_upto(gc);
-                        store_upto(gxc, gv.mul_add(s, load_upto(gxc)));
-                        store_upto(dwc, load_upto(xc).mul_add(c, load_upto(dwc)));
-                        store_upto(dbc, load_upto(dbc) + gv);
-                        store_upto(gc, load_upto(wc).mul_add(c, gv));
+                        let gv = V::from_slice(gc);
+                        gv.mul_add(s, V::from_slice(gxc)).store_to(gxc);
+                        V::from_slice(xc).mul_add(c, V::from_slice(dwc)).store_to(dwc);
+                        (V::from_slice(dbc) + gv).store_to(dbc);
+                        V::from_slice(wc).mul_add(c, gv).store_to(gc);
                     }
                 }
-                copy_or_add(gx0, g, true);
+                copy_or_add::<V>(gx0, g, true);
             }
-        }
+        })
     };
     if chunks > 0 {
         let grain = task_grain(
@@ -505,15 +559,17 @@ fn rank_one_backward(
     // dw, db: the chunks' partials added in chunk order.
     dw.fill(0.0);
     db.fill(0.0);
-    for part in partials.chunks(part_len) {
-        copy_or_add(dw, &part[..ld], true);
-        copy_or_add(db, &part[ld..2 * ld], true);
-    }
+    dispatch!(isa, V => for part in partials.chunks(part_len) {
+        copy_or_add::<V>(dw, &part[..ld], true);
+        copy_or_add::<V>(db, &part[ld..2 * ld], true);
+    });
 }
 
 /// Full-rank backward, layer by layer from the last: per layer one elementwise pass
 /// (du = g ⊙ x0, dx0 += g ⊙ u_l) and three GEMM products (dW_l, db_l, g += du W_l).
+#[allow(clippy::too_many_arguments)]
 fn full_rank_backward(
+    isa: Isa,
     net: &CrossNet,
     x0: MatRef,
     saved: &[f32],
@@ -553,29 +609,30 @@ fn full_rank_backward(
         let gr: &[f32] = g;
         let leaf = |r: Range<usize>, (dur, gxr): (&mut [f32], &mut [f32])| {
             let lo = r.start;
-            for b in r {
+            dispatch!(isa, V => for b in r {
                 let gb = &gr[b * d..][..d];
                 let ub = &u[b * d..][..d];
                 let xb = &x0[b * x0_stride..][..d];
                 let dub = &mut dur[(b - lo) * d..][..d];
                 let gxb = &mut gxr[(b - lo) * gs..][..d];
+                let n = V::LANES;
                 for ((((gc, uc), xc), duc), gxc) in gb
-                    .chunks(LANES)
-                    .zip(ub.chunks(LANES))
-                    .zip(xb.chunks(LANES))
-                    .zip(dub.chunks_mut(LANES))
-                    .zip(gxb.chunks_mut(LANES))
+                    .chunks(n)
+                    .zip(ub.chunks(n))
+                    .zip(xb.chunks(n))
+                    .zip(dub.chunks_mut(n))
+                    .zip(gxb.chunks_mut(n))
                 {
-                    let gv = load_upto(gc);
-                    store_upto(duc, gv * load_upto(xc));
+                    let gv = V::from_slice(gc);
+                    (gv * V::from_slice(xc)).store_to(duc);
                     let base = if add {
-                        load_upto(gxc)
+                        V::from_slice(gxc)
                     } else {
-                        F32s::splat(0.0)
+                        V::splat(0.0)
                     };
-                    store_upto(gxc, gv.mul_add(load_upto(uc), base));
+                    gv.mul_add(V::from_slice(uc), base).store_to(gxc);
                 }
-            }
+            })
         };
         if batch > 0 {
             let grain = task_grain(batch, should_split(par, 5 * bd, MIN_PARALLEL_FLOATS));
@@ -592,20 +649,22 @@ fn full_rank_backward(
             );
         }
         let du_m = MatRef::new(du, batch, d);
-        linear_backward_weight(
-            du_m,
-            None,
+        // dW_l = du^T x_l, the layer's weight product.
+        gemm_with_isa(
+            isa,
+            du_m.t(),
             MatRef::with_row_stride(xl, batch, d, xl_stride),
             MatMut::new(&mut dw[l * d * d..(l + 1) * d * d], d, d),
-            false,
+            &GemmOps::default(),
             par,
         );
-        bias_grad(du_m, None, &mut db[l * d..(l + 1) * d], false, par);
+        bias_grad_with_isa(isa, du_m, None, &mut db[l * d..(l + 1) * d], false, par);
         let ops = GemmOps {
             beta: 1.0,
             ..GemmOps::default()
         };
-        gemm(
+        gemm_with_isa(
+            isa,
             du_m,
             MatRef::new(&net.w[l * d * d..(l + 1) * d * d], d, d),
             MatMut::new(g, batch, d),
@@ -617,8 +676,8 @@ fn full_rank_backward(
     let gr: &[f32] = g;
     for_samples(par, batch, 2 * bd, (gx0, gs), &|r, gx: &mut [f32]| {
         let lo = r.start;
-        for b in r {
-            copy_or_add(&mut gx[(b - lo) * gs..][..d], &gr[b * d..][..d], true);
-        }
+        dispatch!(isa, V => for b in r {
+            copy_or_add::<V>(&mut gx[(b - lo) * gs..][..d], &gr[b * d..][..d], true);
+        })
     });
 }

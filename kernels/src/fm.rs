@@ -30,13 +30,12 @@
 //! over the current pool; the backward splits positions by bag. No result depends on the split.
 
 use crate::embedding::{Bags, PREFETCH_DISTANCE, Pooling};
-use crate::gemm::dot;
+use crate::gemm::dot_lanes;
+use crate::isa::Isa;
 use crate::mat::MatRef;
 use crate::mat::{check_view, table_rows};
 use crate::parallel::{Par, join_ranges, should_split, split_rows, task_grain};
-use crate::simd::{
-    F32s, LANES, load, load_partial, load_upto, prefetch_lines, prefetch_read, store_upto,
-};
+use crate::simd::{SimdVec, dispatch, prefetch_lines, prefetch_read};
 use core::ops::Range;
 
 /// Widest block of k the forward holds in registers at once (twice: S and the squares); wider
@@ -74,8 +73,24 @@ impl FmField<'_> {
 
 /// Forward over `batch` samples of `num_fields` fields (`field(t)`, each with `batch` bags):
 /// `out[b] = bias + first-order + second-order term` of sample b, and `sums[b * k ..][..k]` =
-/// S of sample b (for [`fm_backward`]).
+/// S of sample b (for [`fm_backward`]). Runs on [`Isa::selected`].
 pub fn fm_forward<'t>(
+    num_fields: usize,
+    k: usize,
+    field: impl Fn(usize) -> FmField<'t> + Sync,
+    bias: f32,
+    sums: &mut [f32],
+    out: &mut [f32],
+    par: Par,
+) {
+    let isa = Isa::selected();
+    fm_forward_with_isa(isa, num_fields, k, field, bias, sums, out, par)
+}
+
+/// [`fm_forward`] on `isa` (panics if the CPU lacks it).
+#[allow(clippy::too_many_arguments)]
+pub fn fm_forward_with_isa<'t>(
+    isa: Isa,
     num_fields: usize,
     k: usize,
     field: impl Fn(usize) -> FmField<'t> + Sync,
@@ -109,9 +124,10 @@ pub fn fm_forward<'t>(
     }
     let leaf = |r: Range<usize>, (s, o): (&mut [f32], &mut [f32])| {
         let lo = r.start;
-        for b in r {
-            o[b - lo] = bias + sample(num_fields, k, &field, b, &mut s[(b - lo) * k..][..k]);
-        }
+        dispatch!(isa, V => for b in r {
+            let s = &mut s[(b - lo) * k..][..k];
+            o[b - lo] = bias + sample::<V>(num_fields, k, &field, b, s);
+        })
     };
     join_ranges(
         0..batch,
@@ -130,7 +146,7 @@ pub fn fm_forward<'t>(
 /// up to MAX_NV vectors, each a pass over the sample's features with its accumulators in
 /// registers. The blocks' terms are added in block order.
 #[inline(always)]
-fn sample<'t>(
+fn sample<'t, V: SimdVec>(
     num_fields: usize,
     k: usize,
     field: &impl Fn(usize) -> FmField<'t>,
@@ -138,16 +154,17 @@ fn sample<'t>(
     s: &mut [f32],
 ) -> f32 {
     let mut term = 0.0;
-    for (blk, s) in s.chunks_mut(MAX_NV * LANES).enumerate() {
-        let col = blk * MAX_NV * LANES;
-        let nv = s.len().div_ceil(LANES);
-        let tail = s.len() - (nv - 1) * LANES;
+    let lanes = V::LANES;
+    for (blk, s) in s.chunks_mut(MAX_NV * lanes).enumerate() {
+        let col = blk * MAX_NV * lanes;
+        let nv = s.len().div_ceil(lanes);
+        let tail = s.len() - (nv - 1) * lanes;
         let first = blk == 0;
         term += match nv {
-            1 => block::<1>(num_fields, k, field, b, (col, tail), first, s),
-            2 => block::<2>(num_fields, k, field, b, (col, tail), first, s),
-            3 => block::<3>(num_fields, k, field, b, (col, tail), first, s),
-            4 => block::<4>(num_fields, k, field, b, (col, tail), first, s),
+            1 => block::<V, 1>(num_fields, k, field, b, (col, tail), first, s),
+            2 => block::<V, 2>(num_fields, k, field, b, (col, tail), first, s),
+            3 => block::<V, 3>(num_fields, k, field, b, (col, tail), first, s),
+            4 => block::<V, 4>(num_fields, k, field, b, (col, tail), first, s),
             nv => unreachable!("{nv} vectors in a block of at most {MAX_NV}"),
         };
     }
@@ -158,7 +175,7 @@ fn sample<'t>(
 /// those columns into `s`, and their part of 1/2 sum_f (S_f^2 - sum_p (x_p v_pf)^2), plus the
 /// first-order term when `first` (the first block).
 #[inline(always)]
-fn block<'t, const NV: usize>(
+fn block<'t, V: SimdVec, const NV: usize>(
     num_fields: usize,
     k: usize,
     field: &impl Fn(usize) -> FmField<'t>,
@@ -167,9 +184,10 @@ fn block<'t, const NV: usize>(
     first: bool,
     s: &mut [f32],
 ) -> f32 {
-    let width = (NV - 1) * LANES + tail;
-    let mut sum = [F32s::splat(0.0); NV];
-    let mut sq = [F32s::splat(0.0); NV];
+    let lanes = V::LANES;
+    let width = (NV - 1) * lanes + tail;
+    let mut sum = [V::splat(0.0); NV];
+    let mut sq = [V::splat(0.0); NV];
     let mut linear = 0.0f32;
     for t in 0..num_fields {
         let f = field(t);
@@ -185,15 +203,15 @@ fn block<'t, const NV: usize>(
             let id = ids[p] as usize;
             let x = f.bags.weights().map_or(1.0, |w| w[p]);
             let row = &f.factors[id * k + col..][..width];
-            let xv = F32s::splat(x);
+            let xv = V::splat(x);
             for v in 0..NV {
                 // SAFETY: row holds width floats: LANES at v * LANES for v < NV - 1, tail
                 // for the last vector.
                 let r = unsafe {
-                    if v + 1 < NV || tail == LANES {
-                        load(row.as_ptr().add(v * LANES))
+                    if v + 1 < NV || tail == lanes {
+                        V::load(row.as_ptr().add(v * lanes))
                     } else {
-                        load_partial(row.as_ptr().add(v * LANES), tail)
+                        V::load_partial(row.as_ptr().add(v * lanes), tail)
                     }
                 };
                 let e = r * xv;
@@ -205,10 +223,10 @@ fn block<'t, const NV: usize>(
             }
         }
     }
-    let mut second = F32s::splat(0.0);
+    let mut second = V::splat(0.0);
     for (v, (sv, qv)) in sum.iter().zip(&sq).enumerate() {
         second += sv.mul_sub(*sv, *qv);
-        store_upto(&mut s[v * LANES..width], *sv);
+        sv.store_to(&mut s[v * lanes..width]);
     }
     linear + 0.5 * second.reduce_add()
 }
@@ -216,8 +234,23 @@ fn block<'t, const NV: usize>(
 /// Backward of one field: from the output gradient `grad_out` (one per sample) and the sums S
 /// of the forward (`sums`: one row of k per sample), `grad_rows[p * k ..][..k]` = dL/dv of
 /// position p (rows x k per position, in position order), and, when given,
-/// `grad_weights[p]` = dL/dx_p (the gradient of the feature value).
+/// `grad_weights[p]` = dL/dx_p (the gradient of the feature value). Runs on
+/// [`Isa::selected`].
 pub fn fm_backward(
+    field: FmField,
+    sums: MatRef,
+    grad_out: &[f32],
+    grad_rows: &mut [f32],
+    grad_weights: Option<&mut [f32]>,
+    par: Par,
+) {
+    let isa = Isa::selected();
+    fm_backward_with_isa(isa, field, sums, grad_out, grad_rows, grad_weights, par)
+}
+
+/// [`fm_backward`] on `isa` (panics if the CPU lacks it).
+pub fn fm_backward_with_isa(
+    isa: Isa,
     field: FmField,
     sums: MatRef,
     grad_out: &[f32],
@@ -258,7 +291,7 @@ pub fn fm_backward(
     }
     let leaf = |r: Range<usize>, (rows, mut gw): (&mut [f32], Option<&mut [f32]>)| {
         let p0 = bags.bag(r.start).start;
-        for b in r {
+        dispatch!(isa, V => for b in r {
             let s = &sums[b * sum_stride..][..k];
             let g = grad_out[b];
             for p in bags.bag(b) {
@@ -267,23 +300,25 @@ pub fn fm_backward(
                 let v = &field.factors[id * k..][..k];
                 let out = &mut rows[(p - p0) * k..][..k];
                 // r = S - x v, stored in out first: it also gives <v, r> for dL/dx.
-                let xv = F32s::splat(x);
+                let xv = V::splat(x);
                 for ((oc, sc), vc) in out
-                    .chunks_mut(LANES)
-                    .zip(s.chunks(LANES))
-                    .zip(v.chunks(LANES))
+                    .chunks_mut(V::LANES)
+                    .zip(s.chunks(V::LANES))
+                    .zip(v.chunks(V::LANES))
                 {
-                    store_upto(oc, load_upto(vc).mul_neg_add(xv, load_upto(sc)));
+                    V::from_slice(vc)
+                        .mul_neg_add(xv, V::from_slice(sc))
+                        .store_to(oc);
                 }
                 if let Some(gw) = gw.as_deref_mut() {
-                    gw[p - p0] = g * (field.linear[id] + dot(v, out));
+                    gw[p - p0] = g * (field.linear[id] + dot_lanes::<V>(v, out));
                 }
-                let gx = F32s::splat(g * x);
-                for oc in out.chunks_mut(LANES) {
-                    store_upto(oc, load_upto(oc) * gx);
+                let gx = V::splat(g * x);
+                for oc in out.chunks_mut(V::LANES) {
+                    (V::from_slice(oc) * gx).store_to(oc);
                 }
             }
-        }
+        })
     };
     let parallel = should_split(par, nnz * k * 3, MIN_PARALLEL_FLOATS);
     join_ranges(

@@ -13,7 +13,7 @@
 //! TILE_I x TILE_J pairs (4 x 4 under AVX-512): per chunk of d, TILE_I + TILE_J loads feed
 //! LANES FMAs into LANES accumulators, one per pair. The horizontal sums of the LANES
 //! accumulators are then done together by a transposing reduction
-//! ([`crate::simd::transpose_sum`]: log2(LANES) rounds of shuffle + add leave the LANES sums in
+//! (`SimdVec::transpose_sum`: log2(LANES) rounds of shuffle + add leave the LANES sums in
 //! one vector), and each tile row
 //! is copied straight into its place in the output row: neither the F x F Gram matrix nor a
 //! concatenation buffer exists in memory.
@@ -31,9 +31,10 @@
 //! chunks of samples, and every output element is computed by the same operations whatever
 //! the thread count.
 
+use crate::isa::Isa;
 use crate::mat::{MatMut, MatRef};
 use crate::parallel::{Par, should_split};
-use crate::simd::{F32s, LANES, load, load_partial, store, store_partial, transpose_sum};
+use crate::simd::{SimdVec, dispatch};
 use rayon::prelude::*;
 
 /// Samples per parallel task.
@@ -47,7 +48,9 @@ const TILE_ROWS_ONE_VEC: usize = 8;
 /// Vectors of d per register tile of the backward: TILE_ROWS x TILE_VECS accumulators plus
 /// TILE_VECS loaded vectors must fit the register file (32 vector registers with AVX-512,
 /// 16 with AVX2).
-const TILE_VECS: usize = if LANES >= 16 { 4 } else { 2 };
+const fn tile_vecs(lanes: usize) -> usize {
+    if lanes >= 16 { 4 } else { 2 }
+}
 
 /// Number of pairwise products of `f` feature vectors: F(F-1)/2, or F(F+1)/2 with
 /// self-interaction.
@@ -108,8 +111,9 @@ fn row_offset(i: usize, self_interaction: bool) -> usize {
 }
 
 /// Calls `body(b, row)` for each row of `dst`, splitting the rows over the current pool in
-/// fixed chunks when `rows * work_per_row` is large under `par`.
-fn for_each_row(
+/// fixed chunks when `rows * work_per_row` is large under `par`; each chunk runs compiled for
+/// `V`'s level.
+fn for_each_row<V: SimdVec>(
     par: Par,
     dst: MatMut,
     work_per_row: usize,
@@ -121,9 +125,11 @@ fn for_each_row(
     }
     let dst = dst.into_slice();
     let run = |r0: usize, chunk: &mut [f32]| {
-        for (q, row) in chunk.chunks_mut(stride).enumerate() {
-            body(r0 + q, &mut row[..width]);
-        }
+        V::vectorize(|| {
+            for (q, row) in chunk.chunks_mut(stride).enumerate() {
+                body(r0 + q, &mut row[..width]);
+            }
+        })
     };
     if should_split(par, rows.saturating_mul(work_per_row), MIN_PARALLEL_WORK) {
         dst.par_chunks_mut(SAMPLES_PER_TASK * stride)
@@ -140,7 +146,20 @@ fn for_each_row(
 ///
 /// `features` is batch x F d (F = `f` vectors of width d per row), `out` batch x
 /// (d + num_pairs(f, self_interaction)); padding between `out`'s rows is left untouched.
+/// Runs on [`Isa::selected`].
 pub fn dot_interaction_forward(
+    features: MatRef,
+    f: usize,
+    self_interaction: bool,
+    out: MatMut,
+    par: Par,
+) {
+    dot_interaction_forward_with_isa(Isa::selected(), features, f, self_interaction, out, par)
+}
+
+/// [`dot_interaction_forward`] on `isa` (panics if the CPU lacks it).
+pub fn dot_interaction_forward_with_isa(
+    isa: Isa,
     features: MatRef,
     f: usize,
     self_interaction: bool,
@@ -152,12 +171,18 @@ pub fn dot_interaction_forward(
     let np = num_pairs(f, self_interaction);
     check_rows(K, "out", out.as_ref(), batch, d + np);
     let (x, xs) = (features.as_slice(), features.row_stride());
-    for_each_row(par, out, np * d, |b, row| {
+    dispatch!(isa, V => for_each_row::<V>(par, out, np * d, |b, row| {
         let x = &x[b * xs..][..f * d];
         let (bottom, dots) = row.split_at_mut(d);
         bottom.copy_from_slice(&x[..d]);
-        forward_sample(x, f, d, self_interaction, dots);
-    });
+        // The tile height is a constant of V; the match makes it a const parameter.
+        match V::LANES / TILE_J {
+            4 => forward_sample::<V, 4>(x, f, d, self_interaction, dots),
+            2 => forward_sample::<V, 2>(x, f, d, self_interaction, dots),
+            1 => forward_sample::<V, 1>(x, f, d, self_interaction, dots),
+            rows => unreachable!("no forward tile of {rows} rows"),
+        }
+    }));
 }
 
 /// The batch and the width d of `features` (one row of `f` vectors of d values per sample,
@@ -184,9 +209,16 @@ fn check_rows(kernel: &str, name: &str, view: MatRef, rows: usize, cols: usize) 
 }
 
 /// The pair dot products of one sample (`x` holds its F x d features), written to `dots` in
-/// pair order, one TILE_I x TILE_J block of the lower triangle at a time.
+/// pair order, one TILE_I x TILE_J block of the lower triangle at a time (TILE_I = LANES /
+/// TILE_J, so that the block's dot products fill one vector).
 #[inline(always)]
-fn forward_sample(x: &[f32], f: usize, d: usize, self_interaction: bool, dots: &mut [f32]) {
+fn forward_sample<V: SimdVec, const TILE_I: usize>(
+    x: &[f32],
+    f: usize,
+    d: usize,
+    self_interaction: bool,
+    dots: &mut [f32],
+) {
     let row_len = |i: usize| i + usize::from(self_interaction);
     // Rows and columns past the last vector (in the last blocks) read vector f - 1 instead;
     // their results are not stored.
@@ -197,7 +229,7 @@ fn forward_sample(x: &[f32], f: usize, d: usize, self_interaction: bool, dots: &
             let vi: [*const f32; TILE_I] = core::array::from_fn(|r| vector(i0 + r));
             let vj: [*const f32; TILE_J] = core::array::from_fn(|c| vector(j0 + c));
             // SAFETY: every pointer is one of the f vectors of d floats in x.
-            let sums = unsafe { tile_dots(vi, vj, d) }.to_array();
+            let sums = unsafe { tile_dots::<V, TILE_I>(vi, vj, d) }.to_lanes();
             for r in 0..rows {
                 let len = row_len(i0 + r);
                 if len <= j0 {
@@ -220,8 +252,6 @@ fn forward_sample(x: &[f32], f: usize, d: usize, self_interaction: bool, dots: &
 
 /// Columns (j) of a forward register tile.
 const TILE_J: usize = 4;
-/// Rows (i) of a forward register tile: its TILE_I x TILE_J dot products fill one vector.
-const TILE_I: usize = LANES / TILE_J;
 
 /// The TILE_I x TILE_J dot products <vi[r], vj[c]> of d-vectors, lane r * TILE_J + c. The
 /// elementwise products accumulate across the chunks of d in LANES registers (TILE_I + TILE_J
@@ -231,33 +261,40 @@ const TILE_I: usize = LANES / TILE_J;
 /// # Safety
 /// `p .. p + d` must be readable for every pointer p of `vi` and `vj`.
 #[inline(always)]
-unsafe fn tile_dots(vi: [*const f32; TILE_I], vj: [*const f32; TILE_J], d: usize) -> F32s {
-    let mut acc = [F32s::splat(0.0); LANES];
-    let mut fma = |a: [F32s; TILE_I], b: [F32s; TILE_J]| {
-        for (r, a) in a.iter().enumerate() {
-            for (c, b) in b.iter().enumerate() {
-                acc[r * TILE_J + c] = a.mul_add(*b, acc[r * TILE_J + c]);
+unsafe fn tile_dots<V: SimdVec, const TILE_I: usize>(
+    vi: [*const f32; TILE_I],
+    vj: [*const f32; TILE_J],
+    d: usize,
+) -> V {
+    debug_assert_eq!(TILE_I * TILE_J, V::LANES);
+    let lanes = V::LANES;
+    let mut acc = [[V::splat(0.0); TILE_J]; TILE_I];
+    let mut fma = |a: [V; TILE_I], b: [V; TILE_J]| {
+        for (acc_r, a) in acc.iter_mut().zip(a) {
+            for (acc_rc, b) in acc_r.iter_mut().zip(b) {
+                *acc_rc = a.mul_add(b, *acc_rc);
             }
         }
     };
     let mut k = 0;
     // SAFETY: (all loads) k + LANES <= d, or the d - k < LANES tail, lies inside each vector.
     unsafe {
-        while k + LANES <= d {
+        while k + lanes <= d {
             fma(
-                core::array::from_fn(|r| load(vi[r].add(k))),
-                core::array::from_fn(|c| load(vj[c].add(k))),
+                core::array::from_fn(|r| V::load(vi[r].add(k))),
+                core::array::from_fn(|c| V::load(vj[c].add(k))),
             );
-            k += LANES;
+            k += lanes;
         }
         if k < d {
             fma(
-                core::array::from_fn(|r| load_partial(vi[r].add(k), d - k)),
-                core::array::from_fn(|c| load_partial(vj[c].add(k), d - k)),
+                core::array::from_fn(|r| V::load_partial(vi[r].add(k), d - k)),
+                core::array::from_fn(|c| V::load_partial(vj[c].add(k), d - k)),
             );
         }
     }
-    transpose_sum(acc)
+    // Lane r * TILE_J + c sums acc[r][c].
+    V::transpose_sum(acc.as_flattened())
 }
 
 /// Backward of [`dot_interaction_forward`]:
@@ -268,8 +305,30 @@ unsafe fn tile_dots(vi: [*const f32; TILE_I], vj: [*const f32; TILE_J], d: usize
 /// ```
 /// i.e. (G + G^T) F per sample with G the pair gradients scattered to F x F, computed without
 /// materialising G. `grad_features` is overwritten (padding between rows is left untouched);
-/// it has the layout of `features`, with its own stride.
+/// it has the layout of `features`, with its own stride. Runs on [`Isa::selected`].
 pub fn dot_interaction_backward(
+    features: MatRef,
+    f: usize,
+    self_interaction: bool,
+    grad_out: MatRef,
+    grad_features: MatMut,
+    par: Par,
+) {
+    let isa = Isa::selected();
+    dot_interaction_backward_with_isa(
+        isa,
+        features,
+        f,
+        self_interaction,
+        grad_out,
+        grad_features,
+        par,
+    )
+}
+
+/// [`dot_interaction_backward`] on `isa` (panics if the CPU lacks it).
+pub fn dot_interaction_backward_with_isa(
+    isa: Isa,
     features: MatRef,
     f: usize,
     self_interaction: bool,
@@ -289,7 +348,7 @@ pub fn dot_interaction_backward(
     );
     let (x, xs) = (features.as_slice(), features.row_stride());
     let (g, gs) = (grad_out.as_slice(), grad_out.row_stride());
-    for_each_row(par, grad_features, f * f * d, |b, row| {
+    dispatch!(isa, V => for_each_row::<V>(par, grad_features, f * f * d, |b, row| {
         let s = Sample {
             x: &x[b * xs..][..f * d],
             g: &g[b * gs..][..d + np],
@@ -297,8 +356,8 @@ pub fn dot_interaction_backward(
             d,
             self_interaction,
         };
-        s.backward(row);
-    });
+        s.backward::<V>(row);
+    }));
 }
 
 /// One sample of the backward: its features `x` (F x d) and its output gradient `g`
@@ -318,12 +377,13 @@ impl Sample<'_> {
     /// not divide F, the last tile overlaps the one before: each row is computed by the same
     /// operations in the same order (j = 0, 1, ...) whatever its tile, so rewriting one
     /// changes no bit.
-    fn backward(&self, out: &mut [f32]) {
+    #[inline(always)]
+    fn backward<V: SimdVec>(&self, out: &mut [f32]) {
         let (f, d) = (self.f, self.d);
         let mut k0 = 0;
         while k0 < d {
-            let len = (TILE_VECS * LANES).min(d - k0);
-            let nv = len.div_ceil(LANES);
+            let len = (tile_vecs(V::LANES) * V::LANES).min(d - k0);
+            let nv = len.div_ceil(V::LANES);
             let want = if nv == 1 {
                 TILE_ROWS_ONE_VEC
             } else {
@@ -335,15 +395,15 @@ impl Sample<'_> {
                 .expect("f >= 1");
             for i0 in (0..f).step_by(rows) {
                 let i0 = i0.min(f - rows);
-                macro_rules! dispatch {
+                macro_rules! tile_shapes {
                     ($(($r:literal, $v:literal))*) => {
                         match (rows, nv) {
-                            $(($r, $v) => self.tile::<$r, $v>(i0, k0, len, out),)*
+                            $(($r, $v) => self.tile::<V, $r, $v>(i0, k0, len, out),)*
                             _ => unreachable!("no tile of {rows} rows x {nv} vectors"),
                         }
                     };
                 }
-                dispatch!(
+                tile_shapes!(
                     (8, 1)(4, 1)(4, 2)(4, 3)(4, 4)(2, 1)(2, 2)(2, 3)(2, 4)(1, 1)(1, 2)(1, 3)(1, 4)
                 );
             }
@@ -351,10 +411,10 @@ impl Sample<'_> {
         }
     }
 
-    /// dF rows i0 .. i0 + R, columns k0 .. k0 + len (V = ceil(len / LANES) vectors):
+    /// dF rows i0 .. i0 + R, columns k0 .. k0 + len (NV = ceil(len / LANES) vectors):
     /// sum over j of coef(i, j) F_j[k0 ..], plus the pass-through on row 0.
     #[inline(always)]
-    fn tile<const R: usize, const V: usize>(
+    fn tile<V: SimdVec, const R: usize, const NV: usize>(
         &self,
         i0: usize,
         k0: usize,
@@ -362,16 +422,16 @@ impl Sample<'_> {
         out: &mut [f32],
     ) {
         let (f, d, si) = (self.f, self.d, self.self_interaction);
-        assert!(i0 + R <= f && k0 + len <= d && len.div_ceil(LANES) == V);
+        assert!(i0 + R <= f && k0 + len <= d && len.div_ceil(V::LANES) == NV);
         let np = num_pairs(f, si);
         assert!(out.len() >= f * d && self.x.len() >= f * d && self.g.len() >= d + np);
-        let tail = len - (V - 1) * LANES;
+        let tail = len - (NV - 1) * V::LANES;
         let x = self.x.as_ptr().wrapping_add(k0);
         let g = self.g.as_ptr();
-        let mut acc = [[F32s::splat(0.0); V]; R];
+        let mut acc = [[V::splat(0.0); NV]; R];
         if i0 == 0 {
             // SAFETY: g holds d >= k0 + len floats (asserted above).
-            acc[0] = unsafe { load_vecs::<V>(g.add(k0), tail) };
+            acc[0] = unsafe { load_vecs::<V, NV>(g.add(k0), tail) };
         }
         // Columns left of the tile: coef(i, j) = g_pair(i, j), contiguous along each row i.
         let row: [*const f32; R] =
@@ -379,7 +439,7 @@ impl Sample<'_> {
         for j in 0..i0 {
             // SAFETY: j < i0 <= i, so pair (i, j) is one of the g.len() - d pairs; j < f, so
             // F_j[k0 .. k0 + len] lies inside x (asserted above).
-            unsafe { fma_rows(&mut acc, |r| *row[r].add(j), x.add(j * d), tail) };
+            unsafe { fma_rows::<V, R, NV>(&mut acc, |r| *row[r].add(j), x.add(j * d), tail) };
         }
         // The diagonal block: its R x R coefficients gathered once (column-major: block[c][r]
         // is coef(i0 + r, i0 + c)), then read like the others.
@@ -396,75 +456,77 @@ impl Sample<'_> {
         }
         for (c, coefs) in block.iter().enumerate() {
             // SAFETY: as above, i0 + c < i0 + R <= f.
-            unsafe { fma_rows(&mut acc, |r| coefs[r], x.add((i0 + c) * d), tail) };
+            unsafe { fma_rows::<V, R, NV>(&mut acc, |r| coefs[r], x.add((i0 + c) * d), tail) };
         }
         // Columns right of the tile: coef(i, j) = g_pair(j, i), R consecutive values.
         for j in i0 + R..f {
             let col = g.wrapping_add(d + row_offset(j, si) + i0);
             // SAFETY: i0 + r < i0 + R <= j < f, so pair (j, i0 + r) is one of the pairs in g;
             // F_j lies inside x as above.
-            unsafe { fma_rows(&mut acc, |r| *col.add(r), x.add(j * d), tail) };
+            unsafe { fma_rows::<V, R, NV>(&mut acc, |r| *col.add(r), x.add(j * d), tail) };
         }
         for (r, acc_r) in acc.iter().enumerate() {
             let dst = &mut out[(i0 + r) * d + k0..][..len];
-            // SAFETY: dst holds len = (V - 1) * LANES + tail writable floats.
+            // SAFETY: dst holds len = (NV - 1) * LANES + tail writable floats.
             unsafe { store_vecs(dst.as_mut_ptr(), acc_r, tail) };
         }
     }
 }
 
-/// `acc[r][v] += coef(r) * x[v]` for the V vectors at `x` (the last one `tail` floats long).
+/// `acc[r][v] += coef(r) * x[v]` for the NV vectors at `x` (the last one `tail` floats long).
 /// The coefficients are read after the vectors are loaded, so that each read folds into its
 /// FMA as a broadcast operand.
 ///
 /// # Safety
-/// `x .. x + (V - 1) * LANES + tail` must be readable, and `coef` safe to call for r < R.
+/// `x .. x + (NV - 1) * LANES + tail` must be readable, and `coef` safe to call for r < R.
 #[inline(always)]
-unsafe fn fma_rows<const R: usize, const V: usize>(
-    acc: &mut [[F32s; V]; R],
+unsafe fn fma_rows<V: SimdVec, const R: usize, const NV: usize>(
+    acc: &mut [[V; NV]; R],
     coef: impl Fn(usize) -> f32,
     x: *const f32,
     tail: usize,
 ) {
     // SAFETY: forwarded from the caller.
-    let xv = unsafe { load_vecs::<V>(x, tail) };
+    let xv = unsafe { load_vecs::<V, NV>(x, tail) };
     for (r, acc_r) in acc.iter_mut().enumerate() {
-        let c = F32s::splat(coef(r));
+        let c = V::splat(coef(r));
         for (a, &xv) in acc_r.iter_mut().zip(&xv) {
             *a = c.mul_add(xv, *a);
         }
     }
 }
 
-/// V vectors from `p`, the last one `tail <= LANES` floats long (zero-filled).
+/// NV vectors from `p`, the last one `tail <= LANES` floats long (zero-filled).
 ///
 /// # Safety
-/// `p .. p + (V - 1) * LANES + tail` must be readable.
+/// `p .. p + (NV - 1) * LANES + tail` must be readable.
 #[inline(always)]
-unsafe fn load_vecs<const V: usize>(p: *const f32, tail: usize) -> [F32s; V] {
-    // SAFETY: vector v < V - 1 lies below the last one; the last reads `tail` floats.
+unsafe fn load_vecs<V: SimdVec, const NV: usize>(p: *const f32, tail: usize) -> [V; NV] {
+    let lanes = V::LANES;
+    // SAFETY: vector v < NV - 1 lies below the last one; the last reads `tail` floats.
     core::array::from_fn(|v| unsafe {
-        if v + 1 < V || tail == LANES {
-            load(p.add(v * LANES))
+        if v + 1 < NV || tail == lanes {
+            V::load(p.add(v * lanes))
         } else {
-            load_partial(p.add(v * LANES), tail)
+            V::load_partial(p.add(v * lanes), tail)
         }
     })
 }
 
-/// Stores V vectors to `p`, the last one `tail <= LANES` floats long.
+/// Stores NV vectors to `p`, the last one `tail <= LANES` floats long.
 ///
 /// # Safety
-/// `p .. p + (V - 1) * LANES + tail` must be writable.
+/// `p .. p + (NV - 1) * LANES + tail` must be writable.
 #[inline(always)]
-unsafe fn store_vecs<const V: usize>(p: *mut f32, v: &[F32s; V], tail: usize) {
+unsafe fn store_vecs<V: SimdVec, const NV: usize>(p: *mut f32, v: &[V; NV], tail: usize) {
+    let lanes = V::LANES;
     for (q, &x) in v.iter().enumerate() {
-        // SAFETY: vector q < V - 1 lies below the last one; the last writes `tail` floats.
+        // SAFETY: vector q < NV - 1 lies below the last one; the last writes `tail` floats.
         unsafe {
-            if q + 1 < V || tail == LANES {
-                store(p.add(q * LANES), x);
+            if q + 1 < NV || tail == lanes {
+                V::store(p.add(q * lanes), x);
             } else {
-                store_partial(p.add(q * LANES), tail, x);
+                V::store_partial(p.add(q * lanes), tail, x);
             }
         }
     }
@@ -491,9 +553,9 @@ fn copy_rows(kernel: &str, src: MatRef, dst: MatMut, par: Par) {
         "{kernel}: source columns are not contiguous"
     );
     let (s, ss, width) = (src.as_slice(), src.row_stride(), src.cols());
-    for_each_row(par, dst, width, |b, row| {
+    dispatch!(Isa::selected(), V => for_each_row::<V>(par, dst, width, |b, row| {
         row.copy_from_slice(&s[b * ss..][..width]);
-    });
+    }));
 }
 
 #[cfg(test)]

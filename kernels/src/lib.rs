@@ -19,6 +19,7 @@ pub mod embedding;
 pub mod fm;
 pub mod gemm;
 pub mod interaction;
+pub mod isa;
 pub mod mat;
 pub mod optim;
 pub mod parallel;

@@ -18,12 +18,11 @@
 //! whatever the thread count.
 
 use crate::embedding::{Bags, Pooling, RowGrads, SparseGradWorkspace, with_width};
+use crate::isa::Isa;
 use crate::mat::{MatMut, MatRef, table_rows};
 use crate::parallel::{Par, join_ranges, should_split};
 use crate::scratch::{EMB_ROW, with_scratch};
-use crate::simd::{
-    F32s, LANES, load, load_partial, prefetch_lines, prefetch_write, store, store_partial,
-};
+use crate::simd::{SimdVec, dispatch, prefetch_lines, prefetch_write};
 use core::ops::Range;
 use rayon::prelude::*;
 
@@ -48,18 +47,18 @@ impl SparseOptimizer {
     /// Applies the update of one row `p` with gradient `g` and its state `s`
     /// (state_width(p.len()) floats).
     #[inline(always)]
-    fn apply(&self, p: &mut [f32], s: &mut [f32], g: &[f32]) {
+    fn apply<V: SimdVec>(&self, p: &mut [f32], s: &mut [f32], g: &[f32]) {
         match *self {
-            SparseOptimizer::Sgd { lr } => sgd_lanes(p, g, lr),
-            SparseOptimizer::Adagrad { lr, eps } => adagrad_lanes(p, g, s, lr, eps),
+            SparseOptimizer::Sgd { lr } => sgd_lanes::<V>(p, g, lr),
+            SparseOptimizer::Adagrad { lr, eps } => adagrad_lanes::<V>(p, g, s, lr, eps),
             SparseOptimizer::RowwiseAdagrad { lr, eps } => {
-                let mut sq = F32s::splat(0.0);
-                for_each_lane_block(g.len(), |r| {
-                    let gv = load_at(g, r);
+                let mut sq = V::splat(0.0);
+                for_each_lane_block::<V>(g.len(), |r| {
+                    let gv = load_at::<V>(g, r);
                     sq = gv.mul_add(gv, sq);
                 });
                 s[0] += sq.reduce_add() / g.len() as f32;
-                sgd_lanes(p, g, lr / (s[0].sqrt() + eps));
+                sgd_lanes::<V>(p, g, lr / (s[0].sqrt() + eps));
             }
         }
     }
@@ -67,10 +66,10 @@ impl SparseOptimizer {
 
 /// Calls `f` on consecutive ranges of at most LANES elements covering 0..len.
 #[inline(always)]
-fn for_each_lane_block(len: usize, mut f: impl FnMut(Range<usize>)) {
+fn for_each_lane_block<V: SimdVec>(len: usize, mut f: impl FnMut(Range<usize>)) {
     let mut i = 0;
     while i < len {
-        let end = (i + LANES).min(len);
+        let end = (i + V::LANES).min(len);
         f(i..end);
         i = end;
     }
@@ -78,50 +77,34 @@ fn for_each_lane_block(len: usize, mut f: impl FnMut(Range<usize>)) {
 
 /// The elements `r` (at most LANES) of `x`, zero-filled.
 #[inline(always)]
-fn load_at(x: &[f32], r: Range<usize>) -> F32s {
-    let x = &x[r];
-    // SAFETY: x holds x.len() <= LANES readable floats (a full vector when equal).
-    unsafe {
-        if x.len() == LANES {
-            load(x.as_ptr())
-        } else {
-            load_partial(x.as_ptr(), x.len())
-        }
-    }
+fn load_at<V: SimdVec>(x: &[f32], r: Range<usize>) -> V {
+    V::from_slice(&x[r])
 }
 
 /// Stores the first r.len() lanes of `v` to the elements `r` (at most LANES) of `x`.
 #[inline(always)]
-fn store_at(x: &mut [f32], r: Range<usize>, v: F32s) {
-    let x = &mut x[r];
-    // SAFETY: x holds x.len() <= LANES writable floats (a full vector when equal).
-    unsafe {
-        if x.len() == LANES {
-            store(x.as_mut_ptr(), v)
-        } else {
-            store_partial(x.as_mut_ptr(), x.len(), v)
-        }
-    }
+fn store_at<V: SimdVec>(x: &mut [f32], r: Range<usize>, v: V) {
+    v.store_to(&mut x[r]);
 }
 
 /// p -= lr * g, as one FMA per element.
 #[inline(always)]
-fn sgd_lanes(p: &mut [f32], g: &[f32], lr: f32) {
+fn sgd_lanes<V: SimdVec>(p: &mut [f32], g: &[f32], lr: f32) {
     assert_eq!(p.len(), g.len());
-    let neg_lr = F32s::splat(-lr);
-    for_each_lane_block(p.len(), |r| {
-        let v = load_at(g, r.clone()).mul_add(neg_lr, load_at(p, r.clone()));
+    let neg_lr = V::splat(-lr);
+    for_each_lane_block::<V>(p.len(), |r| {
+        let v = load_at::<V>(g, r.clone()).mul_add(neg_lr, load_at(p, r.clone()));
         store_at(p, r, v);
     });
 }
 
 /// s += g * g; p -= lr * g / (sqrt(s) + eps).
 #[inline(always)]
-fn adagrad_lanes(p: &mut [f32], g: &[f32], s: &mut [f32], lr: f32, eps: f32) {
+fn adagrad_lanes<V: SimdVec>(p: &mut [f32], g: &[f32], s: &mut [f32], lr: f32, eps: f32) {
     assert!(p.len() == g.len() && s.len() == g.len());
-    let (neg_lr, eps) = (F32s::splat(-lr), F32s::splat(eps));
-    for_each_lane_block(p.len(), |r| {
-        let gv = load_at(g, r.clone());
+    let (neg_lr, eps) = (V::splat(-lr), V::splat(eps));
+    for_each_lane_block::<V>(p.len(), |r| {
+        let gv = load_at::<V>(g, r.clone());
         let sv = gv.mul_add(gv, load_at(s, r.clone()));
         let pv = (gv / (sv.sqrt() + eps)).mul_add(neg_lr, load_at(p, r.clone()));
         store_at(s, r.clone(), sv);
@@ -184,8 +167,24 @@ impl From<SparseOptimizer> for SparseStep {
 /// Backward of the bag + fused optimizer update, straight into the table and its state, from
 /// the gradient of the pooled output (`grad_out`: one row of the table's width per bag). Never
 /// builds a dense gradient; each distinct row is updated once per call with the sum of its
-/// gradients (plus `step.weight_decay` times the row).
+/// gradients (plus `step.weight_decay` times the row). Runs on [`Isa::selected`].
 pub fn embedding_bag_backward_update(
+    table: TableMut,
+    bags: Bags,
+    pooling: Pooling,
+    grad_out: MatRef,
+    step: SparseStep,
+    ws: &mut SparseGradWorkspace,
+    par: Par,
+) {
+    let isa = Isa::selected();
+    embedding_bag_backward_update_with_isa(isa, table, bags, pooling, grad_out, step, ws, par)
+}
+
+/// [`embedding_bag_backward_update`] on `isa` (panics if the CPU lacks it).
+#[allow(clippy::too_many_arguments)]
+pub fn embedding_bag_backward_update_with_isa(
+    isa: Isa,
     table: TableMut,
     bags: Bags,
     pooling: Pooling,
@@ -220,25 +219,25 @@ pub fn embedding_bag_backward_update(
     let leaf = |range: Range<usize>, (t, s): (&mut [f32], &mut [f32])| {
         let base = ids[range.start] as usize;
         with_scratch(&EMB_ROW, dim, |g| {
-            with_width!(dim, |width| for i in range.clone() {
+            dispatch!(isa, V => with_width!(dim, |width| for i in range.clone() {
                 if let Some(&ahead) = ids[..range.end].get(i + UPDATE_PREFETCH_DISTANCE) {
                     let r = ahead as usize - base;
                     prefetch_lines(t.as_ptr().wrapping_add(r * width), width, prefetch_write);
                     prefetch_lines(s.as_ptr().wrapping_add(r * sw), sw, prefetch_write);
                 }
                 let g = &mut g[..width];
-                rg.sum_into(i, g);
+                rg.sum_into::<V>(i, g);
                 let r = ids[i] as usize - base;
                 if weight_decay != 0.0 {
                     // g += weight_decay * p: an axpy, i.e. an SGD step with the negated rate.
-                    sgd_lanes(g, &t[r * dim..(r + 1) * dim], -weight_decay);
+                    sgd_lanes::<V>(g, &t[r * dim..(r + 1) * dim], -weight_decay);
                 }
-                opt.apply(
+                opt.apply::<V>(
                     &mut t[r * width..(r + 1) * width],
                     &mut s[r * sw..(r + 1) * sw],
                     g,
                 );
-            })
+            }))
         });
     };
     // A part is (table rows, state rows) from the first distinct row of its range on.
@@ -263,8 +262,13 @@ const DENSE_CHUNK: usize = 1 << 14;
 const MIN_PARALLEL_DENSE: usize = 1 << 16;
 
 /// Dense parameter updates (MLP weights/biases), SIMD, parallel when large, bit-identical.
-/// SGD: param -= lr * grad.
+/// SGD: param -= lr * grad, on [`Isa::selected`].
 pub fn sgd_update(param: &mut [f32], grad: &[f32], lr: f32, par: Par) {
+    sgd_update_with_isa(Isa::selected(), param, grad, lr, par)
+}
+
+/// [`sgd_update`] on `isa` (panics if the CPU lacks it).
+pub fn sgd_update_with_isa(isa: Isa, param: &mut [f32], grad: &[f32], lr: f32, par: Par) {
     assert_eq!(
         param.len(),
         grad.len(),
@@ -276,14 +280,28 @@ pub fn sgd_update(param: &mut [f32], grad: &[f32], lr: f32, par: Par) {
         param
             .par_chunks_mut(DENSE_CHUNK)
             .zip(grad.par_chunks(DENSE_CHUNK))
-            .for_each(|(p, g)| sgd_lanes(p, g, lr));
+            .for_each(|(p, g)| dispatch!(isa, V => sgd_lanes::<V>(p, g, lr)));
     } else {
-        sgd_lanes(param, grad, lr);
+        dispatch!(isa, V => sgd_lanes::<V>(param, grad, lr));
     }
 }
 
-/// Dense Adagrad: state += grad^2; param -= lr * grad / (sqrt(state) + eps).
+/// Dense Adagrad: state += grad^2; param -= lr * grad / (sqrt(state) + eps), on
+/// [`Isa::selected`].
 pub fn adagrad_update(
+    param: &mut [f32],
+    grad: &[f32],
+    state: &mut [f32],
+    lr: f32,
+    eps: f32,
+    par: Par,
+) {
+    adagrad_update_with_isa(Isa::selected(), param, grad, state, lr, eps, par)
+}
+
+/// [`adagrad_update`] on `isa` (panics if the CPU lacks it).
+pub fn adagrad_update_with_isa(
+    isa: Isa,
     param: &mut [f32],
     grad: &[f32],
     state: &mut [f32],
@@ -303,8 +321,8 @@ pub fn adagrad_update(
             .par_chunks_mut(DENSE_CHUNK)
             .zip(grad.par_chunks(DENSE_CHUNK))
             .zip(state.par_chunks_mut(DENSE_CHUNK))
-            .for_each(|((p, g), s)| adagrad_lanes(p, g, s, lr, eps));
+            .for_each(|((p, g), s)| dispatch!(isa, V => adagrad_lanes::<V>(p, g, s, lr, eps)));
     } else {
-        adagrad_lanes(param, grad, state, lr, eps);
+        dispatch!(isa, V => adagrad_lanes::<V>(param, grad, state, lr, eps));
     }
 }

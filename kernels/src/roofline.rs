@@ -8,8 +8,9 @@
 //! kernels could reach with their own instructions.
 
 use crate::embedding::PREFETCH_DISTANCE;
+use crate::isa::Isa;
 use crate::parallel::{Par, should_split};
-use crate::simd::{F32s, LANES, load, load_partial, prefetch_read, store, store_partial};
+use crate::simd::{SimdVec, dispatch, prefetch_read};
 use rayon::prelude::*;
 
 /// Independent FMA chains: at least FMA latency (4 cycles) x FMA ports (2), with slack.
@@ -29,64 +30,46 @@ const GATHER_CHUNK: usize = 1 << 14;
 const MIN_PARALLEL_FLOATS: usize = 1 << 16;
 
 /// Floating-point operations done by one [`fma_peak`] call of `iters` steps.
-pub const fn fma_peak_flops(iters: usize) -> usize {
-    iters * FMA_PEAK_CHAINS * LANES * 2
+pub fn fma_peak_flops(iters: usize) -> usize {
+    fma_peak_flops_with_isa(Isa::selected(), iters)
+}
+
+/// Floating-point operations done by one [`fma_peak_with_isa`] call of `iters` steps.
+pub fn fma_peak_flops_with_isa(isa: Isa, iters: usize) -> usize {
+    iters * FMA_PEAK_CHAINS * isa.simd_level().lanes() * 2
 }
 
 /// Runs `iters` steps of [`FMA_PEAK_CHAINS`] independent vector FMA chains held in registers
-/// (no memory traffic): the machine's peak FMA rate per thread. `x` and `y` should be opaque
-/// to the optimiser (pass them through `black_box`); the result depends on every chain.
+/// (no memory traffic): the machine's peak FMA rate per thread, on [`Isa::selected`]. `x` and
+/// `y` should be opaque to the optimiser (pass them through `black_box`); the result depends
+/// on every chain.
 pub fn fma_peak(iters: usize, x: f32, y: f32) -> f32 {
-    let (xv, yv) = (F32s::splat(x), F32s::splat(y));
-    let mut acc: [F32s; FMA_PEAK_CHAINS] = core::array::from_fn(|i| F32s::splat(i as f32 * 1e-3));
+    fma_peak_with_isa(Isa::selected(), iters, x, y)
+}
+
+/// [`fma_peak`] on `isa` (panics if the CPU lacks it).
+pub fn fma_peak_with_isa(isa: Isa, iters: usize, x: f32, y: f32) -> f32 {
+    dispatch!(isa, V => fma_chains::<V>(iters, x, y))
+}
+
+#[inline(always)]
+fn fma_chains<V: SimdVec>(iters: usize, x: f32, y: f32) -> f32 {
+    let (xv, yv) = (V::splat(x), V::splat(y));
+    let mut acc: [V; FMA_PEAK_CHAINS] = core::array::from_fn(|i| V::splat(i as f32 * 1e-3));
     for _ in 0..iters {
         for a in acc.iter_mut() {
             *a = a.mul_add(xv, yv);
         }
     }
-    acc.iter()
-        .fold(F32s::splat(0.0), |s, a| s + *a)
-        .reduce_add()
-}
-
-/// Loads the `w <= LANES` floats at `p` (zero-filled past them).
-///
-/// # Safety
-/// `p .. p + w` must be readable.
-#[inline(always)]
-unsafe fn load_n(p: *const f32, w: usize) -> F32s {
-    // SAFETY: the caller guarantees w readable floats, a full vector when w == LANES.
-    unsafe {
-        if w == LANES {
-            load(p)
-        } else {
-            load_partial(p, w)
-        }
-    }
-}
-
-/// Stores the first `w <= LANES` lanes of `v` at `p`.
-///
-/// # Safety
-/// `p .. p + w` must be writable.
-#[inline(always)]
-unsafe fn store_n(p: *mut f32, w: usize, v: F32s) {
-    // SAFETY: the caller guarantees w writable floats, a full vector when w == LANES.
-    unsafe {
-        if w == LANES {
-            store(p, v)
-        } else {
-            store_partial(p, w, v)
-        }
-    }
+    acc.iter().fold(V::splat(0.0), |s, a| s + *a).reduce_add()
 }
 
 /// Calls `f(k, w)` for the vectors covering 0..len: from k, w = min(LANES, len - k) elements.
 #[inline(always)]
-fn for_each_vector(len: usize, mut f: impl FnMut(usize, usize)) {
+fn for_each_vector<V: SimdVec>(len: usize, mut f: impl FnMut(usize, usize)) {
     let mut k = 0;
     while k < len {
-        let w = LANES.min(len - k);
+        let w = V::LANES.min(len - k);
         f(k, w);
         k += w;
     }
@@ -94,8 +77,12 @@ fn for_each_vector(len: usize, mut f: impl FnMut(usize, usize)) {
 
 /// `dst = src`, STREAM's copy: a vector load and a vector store per LANES elements. Threads
 /// split the arrays. Moves 2 x 4 bytes per element as STREAM counts them (the read that a
-/// plain store's write-allocate adds is not counted).
+/// plain store's write-allocate adds is not counted). Runs on [`Isa::selected`].
 pub fn stream_copy(src: &[f32], dst: &mut [f32], par: Par) {
+    dispatch!(Isa::selected(), V => stream_copy_lanes::<V>(src, dst, par))
+}
+
+fn stream_copy_lanes<V: SimdVec>(src: &[f32], dst: &mut [f32], par: Par) {
     assert_eq!(
         src.len(),
         dst.len(),
@@ -104,9 +91,10 @@ pub fn stream_copy(src: &[f32], dst: &mut [f32], par: Par) {
         dst.len()
     );
     let copy = |s: &[f32], d: &mut [f32]| {
-        for_each_vector(s.len(), |k, w| {
-            // SAFETY: k + w <= len floats are readable in s and writable in d.
-            unsafe { store_n(d.as_mut_ptr().add(k), w, load_n(s.as_ptr().add(k), w)) }
+        V::vectorize(|| {
+            for_each_vector::<V>(s.len(), |k, w| {
+                V::from_slice(&s[k..k + w]).store_to(&mut d[k..k + w]);
+            })
         });
     };
     if should_split(par, src.len(), MIN_PARALLEL_FLOATS) {
@@ -119,8 +107,12 @@ pub fn stream_copy(src: &[f32], dst: &mut [f32], par: Par) {
 }
 
 /// `a = b + s * c`, STREAM's triad, as one FMA per element. Threads split the arrays. Moves
-/// 3 x 4 bytes per element as STREAM counts them.
+/// 3 x 4 bytes per element as STREAM counts them. Runs on [`Isa::selected`].
 pub fn stream_triad(a: &mut [f32], b: &[f32], c: &[f32], s: f32, par: Par) {
+    dispatch!(Isa::selected(), V => stream_triad_lanes::<V>(a, b, c, s, par))
+}
+
+fn stream_triad_lanes<V: SimdVec>(a: &mut [f32], b: &[f32], c: &[f32], s: f32, par: Par) {
     assert!(
         b.len() == a.len() && c.len() == a.len(),
         "stream_triad: arrays of {}, {} and {} floats",
@@ -128,14 +120,13 @@ pub fn stream_triad(a: &mut [f32], b: &[f32], c: &[f32], s: f32, par: Par) {
         b.len(),
         c.len()
     );
-    let sv = F32s::splat(s);
+    let sv = V::splat(s);
     let triad = |a: &mut [f32], b: &[f32], c: &[f32]| {
-        for_each_vector(a.len(), |k, w| {
-            // SAFETY: k + w <= len floats are readable in b and c and writable in a.
-            unsafe {
-                let v = load_n(c.as_ptr().add(k), w).mul_add(sv, load_n(b.as_ptr().add(k), w));
-                store_n(a.as_mut_ptr().add(k), w, v);
-            }
+        V::vectorize(|| {
+            for_each_vector::<V>(a.len(), |k, w| {
+                let v = V::from_slice(&c[k..k + w]).mul_add(sv, V::from_slice(&b[k..k + w]));
+                v.store_to(&mut a[k..k + w]);
+            })
         });
     };
     if should_split(par, a.len(), MIN_PARALLEL_FLOATS) {
@@ -153,8 +144,13 @@ pub fn stream_triad(a: &mut [f32], b: &[f32], c: &[f32], s: f32, par: Par) {
 /// boundary), in order, each requested [`PREFETCH_DISTANCE`] lines ahead as the embedding
 /// kernels request their rows, and returns the XOR of all their bits: the reads cannot be
 /// optimised away, and XOR, being associative and commutative, gives the same result for any
-/// thread count. Threads split `lines`. Panics if a line is past the end of `buf`.
+/// thread count. Threads split `lines`. Panics if a line is past the end of `buf`. Runs on
+/// [`Isa::selected`].
 pub fn gather_lines(buf: &[f32], lines: &[u32], par: Par) -> u32 {
+    dispatch!(Isa::selected(), V => gather_lines_lanes::<V>(buf, lines, par))
+}
+
+fn gather_lines_lanes<V: SimdVec>(buf: &[f32], lines: &[u32], par: Par) -> u32 {
     let count = buf.len() / LINE_FLOATS;
     if let Some(&m) = lines.iter().max() {
         assert!(
@@ -163,19 +159,23 @@ pub fn gather_lines(buf: &[f32], lines: &[u32], par: Par) -> u32 {
         );
     }
     let xor = |ls: &[u32]| {
-        let mut acc = F32s::splat(0.0);
-        for (i, &l) in ls.iter().enumerate() {
-            if let Some(&ahead) = ls.get(i + PREFETCH_DISTANCE) {
-                prefetch_read(buf.as_ptr().wrapping_add(ahead as usize * LINE_FLOATS));
+        V::vectorize(|| {
+            let mut acc = V::splat(0.0);
+            for (i, &l) in ls.iter().enumerate() {
+                if let Some(&ahead) = ls.get(i + PREFETCH_DISTANCE) {
+                    prefetch_read(buf.as_ptr().wrapping_add(ahead as usize * LINE_FLOATS));
+                }
+                let line = &buf[l as usize * LINE_FLOATS..][..LINE_FLOATS];
+                for k in (0..LINE_FLOATS).step_by(V::LANES) {
+                    // SAFETY: k + LANES <= LINE_FLOATS floats of the line are readable (LANES
+                    // divides LINE_FLOATS).
+                    acc ^= unsafe { V::load(line.as_ptr().add(k)) };
+                }
             }
-            let line = &buf[l as usize * LINE_FLOATS..][..LINE_FLOATS];
-            for k in (0..LINE_FLOATS).step_by(LANES) {
-                // SAFETY: k + LANES <= LINE_FLOATS floats of the line are readable (LANES
-                // divides LINE_FLOATS).
-                acc ^= unsafe { load(line.as_ptr().add(k)) };
-            }
-        }
-        acc.to_array().iter().fold(0, |x, v| x ^ v.to_bits())
+            acc.to_lanes()[..V::LANES]
+                .iter()
+                .fold(0, |x, v| x ^ v.to_bits())
+        })
     };
     if should_split(par, lines.len() * LINE_FLOATS, MIN_PARALLEL_FLOATS) {
         lines

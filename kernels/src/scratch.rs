@@ -5,11 +5,16 @@
 //! afterwards; a nested call on the same thread (a rayon worker that steals another kernel's
 //! task while it waits) finds the slot empty and uses a fresh buffer instead of aliasing.
 
-use crate::simd::{F32s, LANES};
+use crate::simd::MAX_LANES;
 use std::cell::Cell;
 use std::thread::LocalKey;
 
-pub(crate) type Slot = Cell<Vec<F32s>>;
+/// A cache line of floats: the unit of the buffers, so that they are aligned for any vector.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub(crate) struct Line([f32; MAX_LANES]);
+
+pub(crate) type Slot = Cell<Vec<Line>>;
 
 thread_local! {
     pub(crate) static PACK_A: Slot = const { Cell::new(Vec::new()) };
@@ -25,12 +30,12 @@ pub(crate) fn with_scratch<R>(
     f: impl FnOnce(&mut [f32]) -> R,
 ) -> R {
     let mut buf = slot.take();
-    let vectors = len.div_ceil(LANES);
-    if buf.len() < vectors {
-        buf.resize(vectors, F32s::splat(0.0));
+    let lines = len.div_ceil(MAX_LANES);
+    if buf.len() < lines {
+        buf.resize(lines, Line([0.0; MAX_LANES]));
     }
-    // SAFETY: F32s is LANES contiguous f32 values with no padding, so `vectors` of them are
-    // `vectors * LANES >= len` valid, initialised floats, exclusively borrowed through `buf`.
+    // SAFETY: Line is MAX_LANES contiguous f32 values with no padding, so `lines` of them are
+    // `lines * MAX_LANES >= len` valid, initialised floats, exclusively borrowed through `buf`.
     let floats = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<f32>(), len) };
     let r = f(floats);
     slot.set(buf);

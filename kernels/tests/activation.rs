@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::isas;
+use dlrm_kernels::isa::Isa;
 use dlrm_kernels::{activation, reference};
 use proptest::prelude::*;
 
@@ -28,20 +30,27 @@ fn close(a: f32, e: f32, abs: f32, rel: f32) -> bool {
 /// Relative accuracy expected of the vectorised exp/ln_1p in f32.
 const REL: f32 = 4.0 * f32::EPSILON;
 
-fn run_bce(z: &[f32], y: &[f32], scale: f32, twin: bool) -> (Vec<f32>, Vec<f32>, f64) {
+/// The kernel on `isa`, or its scalar twin when `isa` is None.
+fn run_bce(z: &[f32], y: &[f32], scale: f32, isa: Option<Isa>) -> (Vec<f32>, Vec<f32>, f64) {
     let (mut p, mut g) = (vec![f32::NAN; z.len()], vec![f32::NAN; z.len()]);
-    let sum = if twin {
-        reference::bce_with_logits(z, y, &mut p, &mut g, scale)
-    } else {
-        activation::bce_with_logits(z, y, &mut p, &mut g, scale)
+    let sum = match isa {
+        None => reference::bce_with_logits(z, y, &mut p, &mut g, scale),
+        Some(isa) => activation::bce_with_logits_with_isa(isa, z, y, &mut p, &mut g, scale),
     };
     (p, g, sum)
 }
 
 fn check_bce(z: &[f32], y: &[f32]) -> Result<(), TestCaseError> {
+    for isa in isas() {
+        check_bce_on(isa, z, y)?;
+    }
+    Ok(())
+}
+
+fn check_bce_on(isa: Isa, z: &[f32], y: &[f32]) -> Result<(), TestCaseError> {
     let scale = 1.0 / z.len().max(1) as f32;
-    let (p, g, sum) = run_bce(z, y, scale, false);
-    let (pe, ge, sume) = run_bce(z, y, scale, true);
+    let (p, g, sum) = run_bce(z, y, scale, Some(isa));
+    let (pe, ge, sume) = run_bce(z, y, scale, None);
     for i in 0..z.len() {
         prop_assert!(
             p[i].is_finite() && g[i].is_finite(),
@@ -86,7 +95,8 @@ fn check_bce(z: &[f32], y: &[f32]) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    // Half the cases of a single path: every case runs on each ISA of `isas()`.
+    #![proptest_config(ProptestConfig::with_cases(128))]
 
     #[test]
     fn bce_with_logits_matches_reference(zy in prop::collection::vec((logit(), label()), 0..80)) {
@@ -96,12 +106,14 @@ proptest! {
 
     #[test]
     fn sigmoid_matches_reference(x in prop::collection::vec(logit(), 0..80)) {
-        let mut ours = vec![f32::NAN; x.len()];
         let mut twin = vec![f32::NAN; x.len()];
-        activation::sigmoid(&x, &mut ours);
         reference::sigmoid(&x, &mut twin);
-        for i in 0..x.len() {
-            prop_assert!(close(ours[i], twin[i], 1e-30, REL), "sigmoid({}) = {}, twin {}", x[i], ours[i], twin[i]);
+        for isa in isas() {
+            let mut ours = vec![f32::NAN; x.len()];
+            activation::sigmoid_with_isa(isa, &x, &mut ours);
+            for i in 0..x.len() {
+                prop_assert!(close(ours[i], twin[i], 1e-30, REL), "{:?}: sigmoid({}) = {}, twin {}", isa, x[i], ours[i], twin[i]);
+            }
         }
     }
 
@@ -111,16 +123,18 @@ proptest! {
     ) {
         let (p, t): (Vec<f32>, Vec<f32>) = pt.into_iter().unzip();
         let scale = 2.0 / p.len().max(1) as f32;
-        let mut ours = vec![f32::NAN; p.len()];
         let mut twin = vec![f32::NAN; p.len()];
-        let sum = activation::squared_error(&p, &t, &mut ours, scale);
         let sume = reference::squared_error(&p, &t, &mut twin, scale);
-        for i in 0..p.len() {
-            // One rounding for the difference, one for the scaling.
-            prop_assert!(close(ours[i], twin[i], 1e-30, 2.0 * f32::EPSILON), "{} vs {}", ours[i], twin[i]);
+        for isa in isas() {
+            let mut ours = vec![f32::NAN; p.len()];
+            let sum = activation::squared_error_with_isa(isa, &p, &t, &mut ours, scale);
+            for i in 0..p.len() {
+                // One rounding for the difference, one for the scaling.
+                prop_assert!(close(ours[i], twin[i], 1e-30, 2.0 * f32::EPSILON), "{} vs {}", ours[i], twin[i]);
+            }
+            // Each square from an f32 difference (one rounding), summed in f64.
+            prop_assert!((sum - sume).abs() <= sume * 2.0 * f32::EPSILON as f64 + 1e-30, "{sum} vs {sume}");
         }
-        // Each square from an f32 difference (one rounding), summed in f64.
-        prop_assert!((sum - sume).abs() <= sume * 2.0 * f32::EPSILON as f64 + 1e-30, "{sum} vs {sume}");
     }
 
     #[test]
@@ -128,12 +142,14 @@ proptest! {
         pg in prop::collection::vec((0.0f32..=1.0, -2.0f32..2.0), 0..80),
     ) {
         let (p, g): (Vec<f32>, Vec<f32>) = pg.into_iter().unzip();
-        let mut ours = vec![f32::NAN; p.len()];
         let mut twin = vec![f32::NAN; p.len()];
-        activation::sigmoid_backward(&p, &g, &mut ours);
         reference::sigmoid_backward(&p, &g, &mut twin);
-        for i in 0..p.len() {
-            prop_assert!(close(ours[i], twin[i], 1e-12, 4.0 * f32::EPSILON), "{} vs {}", ours[i], twin[i]);
+        for isa in isas() {
+            let mut ours = vec![f32::NAN; p.len()];
+            activation::sigmoid_backward_with_isa(isa, &p, &g, &mut ours);
+            for i in 0..p.len() {
+                prop_assert!(close(ours[i], twin[i], 1e-12, 4.0 * f32::EPSILON), "{} vs {}", ours[i], twin[i]);
+            }
         }
     }
 }
@@ -146,13 +162,16 @@ fn bce_is_stable_at_extreme_logits() {
         for y in [0.0f32, 1.0] {
             let z64 = z as f64;
             let want = z64.max(0.0) - z64 * y as f64 + (-z64.abs()).exp().ln_1p();
-            for n in [1, 2 * dlrm_kernels::simd::LANES + 3] {
-                let (p, g, sum) = run_bce(&vec![z; n], &vec![y; n], 0.5, false);
+            for (n, isa) in [1, 2 * dlrm_kernels::simd::MAX_LANES + 3]
+                .into_iter()
+                .flat_map(|n| isas().into_iter().map(move |isa| (n, isa)))
+            {
+                let (p, g, sum) = run_bce(&vec![z; n], &vec![y; n], 0.5, Some(isa));
                 assert!(sum.is_finite() && p.iter().chain(&g).all(|v| v.is_finite()));
                 let per = sum / n as f64;
                 assert!(
                     (per - want).abs() <= 1e-6 * want.abs() + 1e-30,
-                    "loss(z = {z}, y = {y}) = {per}, want {want}"
+                    "{isa:?}: loss(z = {z}, y = {y}) = {per}, want {want}"
                 );
                 let want_p = 1.0 / (1.0 + (-z64).exp());
                 assert!(((p[0] as f64) - want_p).abs() <= 1e-7 * want_p + 1e-38);

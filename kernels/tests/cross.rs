@@ -5,10 +5,12 @@
 
 mod common;
 
-use common::{bits, fill, fill_range, on_1_2_3_threads};
+use common::{bits, fill, fill_range, isas, on_1_2_3_threads};
 use dlrm_kernels::cross::{
-    CROSS_CHUNK, CrossGrads, CrossKind, CrossNet, CrossWorkspace, cross_backward, cross_forward,
+    CROSS_CHUNK, CrossGrads, CrossKind, CrossNet, CrossWorkspace, cross_backward,
+    cross_backward_with_isa, cross_forward, cross_forward_with_isa,
 };
+use dlrm_kernels::isa::Isa;
 use dlrm_kernels::mat::{MatMut, MatRef};
 use dlrm_kernels::parallel::Par;
 use dlrm_kernels::reference;
@@ -101,11 +103,12 @@ impl Case {
 }
 
 /// Forward and backward with the kernels: (output, dx0, dw, db); output padding starts NaN.
-fn run(cs: &Case, inp: &Inputs, par: Par) -> [Vec<f32>; 4] {
+fn run(isa: Isa, cs: &Case, inp: &Inputs, par: Par) -> [Vec<f32>; 4] {
     let net = cs.net(inp);
     let mut saved = vec![f32::NAN; cs.kind.saved_len(cs.d, cs.layers, cs.batch)];
     let mut out = vec![f32::NAN; cs.len(1)];
-    cross_forward(
+    cross_forward_with_isa(
+        isa,
         &net,
         MatRef::with_row_stride(&inp.x0, cs.batch, cs.d, cs.stride(0)),
         &mut saved,
@@ -124,7 +127,8 @@ fn run(cs: &Case, inp: &Inputs, par: Par) -> [Vec<f32>; 4] {
         }
     }
     let (mut dw, mut db) = (vec![f32::NAN; inp.w.len()], vec![f32::NAN; inp.b.len()]);
-    cross_backward(
+    cross_backward_with_isa(
+        isa,
         &net,
         MatRef::with_row_stride(&inp.x0, cs.batch, cs.d, cs.stride(0)),
         &saved,
@@ -172,9 +176,16 @@ fn check_rows(
 }
 
 fn check_case(cs: &Case) -> Result<(), TestCaseError> {
+    for isa in isas() {
+        check_case_on(isa, cs)?;
+    }
+    Ok(())
+}
+
+fn check_case_on(isa: Isa, cs: &Case) -> Result<(), TestCaseError> {
     let inp = cs.inputs();
     let net = cs.net(&inp);
-    let [out, gx, dw, db] = run(cs, &inp, Par::Rayon);
+    let [out, gx, dw, db] = run(isa, cs, &inp, Par::Rayon);
     let (d, layers) = (cs.d, cs.layers);
     // Each layer adds a dot product (d terms) or a GEMM row (d terms) to the rounding of the
     // layer before; the backward also sums over the batch.
@@ -219,16 +230,19 @@ fn check_case(cs: &Case) -> Result<(), TestCaseError> {
 
 fn check_thread_invariance(cs: &Case) -> Result<(), TestCaseError> {
     let inp = cs.inputs();
-    let runs = on_1_2_3_threads(|par| run(cs, &inp, par).map(|v| bits(&v)));
-    for (k, one) in runs[0].iter().enumerate() {
-        prop_assert_eq!(one, &runs[1][k], "output {} on 2 threads", k);
-        prop_assert_eq!(one, &runs[2][k], "output {} on 3 threads", k);
+    for isa in isas() {
+        let runs = on_1_2_3_threads(|par| run(isa, cs, &inp, par).map(|v| bits(&v)));
+        for (k, one) in runs[0].iter().enumerate() {
+            prop_assert_eq!(one, &runs[1][k], "{:?}: output {} on 2 threads", isa, k);
+            prop_assert_eq!(one, &runs[2][k], "{:?}: output {} on 3 threads", isa, k);
+        }
     }
     Ok(())
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(96))]
+    // Half the cases of a single path: every case runs on each ISA of `isas()`.
+    #![proptest_config(ProptestConfig::with_cases(48))]
 
     #[test]
     fn cross_matches_reference(cs in case()) {

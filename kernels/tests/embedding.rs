@@ -5,19 +5,21 @@
 
 mod common;
 
-use common::{BagCase, assert_close, bag_case, bits, fill, on_1_2_3_threads, sum_tol};
+use common::{BagCase, assert_close, bag_case, bits, fill, isas, on_1_2_3_threads, sum_tol};
 use dlrm_kernels::embedding::{
     self, BagError, Bags, Pooling, SparseGradWorkspace, embedding_bag_backward_coalesce,
 };
+use dlrm_kernels::isa::Isa;
 use dlrm_kernels::mat::{MatMut, MatRef};
 use dlrm_kernels::parallel::Par;
 use dlrm_kernels::reference;
 use proptest::prelude::*;
 
 /// Forward into a NaN-filled strided buffer (padding must stay NaN).
-fn forward(c: &BagCase, par: Par) -> Vec<f32> {
+fn forward(isa: Isa, c: &BagCase, par: Par) -> Vec<f32> {
     let mut out = vec![f32::NAN; c.strided_len()];
-    embedding::embedding_bag_forward(
+    embedding::embedding_bag_forward_with_isa(
+        isa,
         MatRef::from_rows(&c.table, c.dim),
         c.bags(),
         c.pooling,
@@ -28,9 +30,10 @@ fn forward(c: &BagCase, par: Par) -> Vec<f32> {
 }
 
 /// Every looked-up row copied into a NaN-filled strided buffer, one row per index.
-fn gather(c: &BagCase, par: Par) -> Vec<f32> {
+fn gather(isa: Isa, c: &BagCase, par: Par) -> Vec<f32> {
     let mut out = vec![f32::NAN; gathered_len(c)];
-    embedding::gather_rows(
+    embedding::gather_rows_with_isa(
+        isa,
         MatRef::from_rows(&c.table, c.dim),
         &c.indices,
         MatMut::with_row_stride(&mut out, c.indices.len(), c.dim, c.stride),
@@ -50,12 +53,15 @@ fn check_gather(c: &BagCase) {
     let mut expect = vec![f32::NAN; gathered_len(c)];
     reference::gather_rows(&c.table, c.dim, &c.indices, &mut expect, c.stride);
     // A copy is exact, and the padding between rows stays NaN.
-    assert_eq!(bits(&gather(c, Par::Rayon)), bits(&expect));
+    for isa in isas() {
+        assert_eq!(bits(&gather(isa, c, Par::Rayon)), bits(&expect), "{isa:?}");
+    }
 }
 
-fn weight_grad(c: &BagCase, par: Par) -> Vec<f32> {
+fn weight_grad(isa: Isa, c: &BagCase, par: Par) -> Vec<f32> {
     let mut gw = vec![f32::NAN; c.indices.len()];
-    embedding::embedding_bag_weight_grad(
+    embedding::embedding_bag_weight_grad_with_isa(
+        isa,
         MatRef::from_rows(&c.table, c.dim),
         c.bags(),
         MatRef::with_row_stride(&c.grad_out, c.bags().len(), c.dim, c.stride),
@@ -65,8 +71,9 @@ fn weight_grad(c: &BagCase, par: Par) -> Vec<f32> {
     gw
 }
 
-fn coalesce(c: &BagCase, ws: &mut SparseGradWorkspace, par: Par) -> (Vec<u32>, Vec<f32>) {
-    let g = embedding_bag_backward_coalesce(
+fn coalesce(isa: Isa, c: &BagCase, ws: &mut SparseGradWorkspace, par: Par) -> (Vec<u32>, Vec<f32>) {
+    let g = embedding::embedding_bag_backward_coalesce_with_isa(
+        isa,
         c.rows,
         c.bags(),
         c.pooling,
@@ -78,16 +85,21 @@ fn coalesce(c: &BagCase, ws: &mut SparseGradWorkspace, par: Par) -> (Vec<u32>, V
 }
 
 fn check_forward(c: &BagCase) {
-    let out = forward(c, Par::Rayon);
     let mut expect = vec![f32::NAN; c.strided_len()];
     reference::embedding_bag_forward(&c.table, c.dim, c.bags(), c.pooling, &mut expect, c.stride);
-    for b in 0..c.num_bags() {
-        let row = b * c.stride..b * c.stride + c.dim;
-        let tol = sum_tol(c.bags().bag(b).len());
-        assert_close("out", &out[row.clone()], &expect[row], tol, 0.0);
-        if b + 1 < c.num_bags() {
-            let pad = b * c.stride + c.dim..(b + 1) * c.stride;
-            assert!(out[pad].iter().all(|x| x.is_nan()), "padding written");
+    for isa in isas() {
+        let out = forward(isa, c, Par::Rayon);
+        for b in 0..c.num_bags() {
+            let row = b * c.stride..b * c.stride + c.dim;
+            let tol = sum_tol(c.bags().bag(b).len());
+            assert_close("out", &out[row.clone()], &expect[row], tol, 0.0);
+            if b + 1 < c.num_bags() {
+                let pad = b * c.stride + c.dim..(b + 1) * c.stride;
+                assert!(
+                    out[pad].iter().all(|x| x.is_nan()),
+                    "{isa:?}: padding written"
+                );
+            }
         }
     }
 }
@@ -103,7 +115,8 @@ fn check_grads(c: &BagCase, rows: &[u32], grads: &[f32], expect: &[f32]) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    // Half the cases of a single path: every case runs on each ISA of `isas()`.
+    #![proptest_config(ProptestConfig::with_cases(128))]
 
     #[test]
     fn forward_matches_reference(c in bag_case()) {
@@ -117,41 +130,48 @@ proptest! {
 
     #[test]
     fn weight_grad_matches_reference(c in bag_case()) {
-        let gw = weight_grad(&c, Par::Rayon);
         let mut expect = vec![0.0; c.indices.len()];
         let (t, g) = (&c.table, &c.grad_out);
         reference::embedding_bag_weight_grad(t, c.dim, c.bags(), g, c.stride, &mut expect);
-        // A dim-long dot product of values in [-1, 1].
-        assert_close("grad_weights", &gw, &expect, sum_tol(c.dim), 0.0);
+        for isa in isas() {
+            let gw = weight_grad(isa, &c, Par::Rayon);
+            // A dim-long dot product of values in [-1, 1].
+            assert_close("grad_weights", &gw, &expect, sum_tol(c.dim), 0.0);
+        }
     }
 
     #[test]
     fn coalesce_matches_reference(c in bag_case()) {
-        let mut ws = SparseGradWorkspace::default();
-        let (rows, grads) = coalesce(&c, &mut ws, Par::Rayon);
         let (erows, egrads) = reference::embedding_bag_backward_coalesce(
             c.rows, c.dim, c.bags(), c.pooling, &c.grad_out, c.stride);
-        prop_assert_eq!(&rows, &erows);
-        check_grads(&c, &rows, &grads, &egrads);
-        // The workspace, reused on another problem and then on this one, gives the same again.
-        let mut other = c.clone();
-        other.indices.reverse();
-        other.grad_out.iter_mut().for_each(|g| *g = -*g);
-        coalesce(&other, &mut ws, Par::Rayon);
-        let (rows2, grads2) = coalesce(&c, &mut ws, Par::Rayon);
-        prop_assert_eq!(rows2, rows);
-        prop_assert_eq!(bits(&grads2), bits(&grads));
+        for isa in isas() {
+            let mut ws = SparseGradWorkspace::default();
+            let (rows, grads) = coalesce(isa, &c, &mut ws, Par::Rayon);
+            prop_assert_eq!(&rows, &erows);
+            check_grads(&c, &rows, &grads, &egrads);
+            // The workspace, reused on another problem and then on this one, gives the same.
+            let mut other = c.clone();
+            other.indices.reverse();
+            other.grad_out.iter_mut().for_each(|g| *g = -*g);
+            coalesce(isa, &other, &mut ws, Par::Rayon);
+            let (rows2, grads2) = coalesce(isa, &c, &mut ws, Par::Rayon);
+            prop_assert_eq!(rows2, rows);
+            prop_assert_eq!(bits(&grads2), bits(&grads));
+        }
     }
 
     #[test]
     fn kernels_are_thread_count_invariant(c in bag_case()) {
-        let [one, two, three] = on_1_2_3_threads(|par| {
-            let (rows, grads) = coalesce(&c, &mut SparseGradWorkspace::default(), par);
-            let outputs = [forward(&c, par), weight_grad(&c, par), gather(&c, par)];
-            (outputs.map(|o| bits(&o)), rows, bits(&grads))
-        });
-        prop_assert_eq!(&one, &two);
-        prop_assert_eq!(&one, &three);
+        for isa in isas() {
+            let [one, two, three] = on_1_2_3_threads(|par| {
+                let (rows, grads) = coalesce(isa, &c, &mut SparseGradWorkspace::default(), par);
+                let outputs =
+                    [forward(isa, &c, par), weight_grad(isa, &c, par), gather(isa, &c, par)];
+                (outputs.map(|o| bits(&o)), rows, bits(&grads))
+            });
+            prop_assert_eq!(&one, &two);
+            prop_assert_eq!(&one, &three);
+        }
     }
 }
 
@@ -196,8 +216,6 @@ fn large_problems_match_reference() {
         let c = case_with(20_000, dim, &sizes, 20_000, pooling, dim as u64);
         check_forward(&c);
         check_gather(&c);
-        let mut ws = SparseGradWorkspace::default();
-        let (rows, grads) = coalesce(&c, &mut ws, Par::Rayon);
         let (erows, egrads) = reference::embedding_bag_backward_coalesce(
             c.rows,
             c.dim,
@@ -206,8 +224,12 @@ fn large_problems_match_reference() {
             &c.grad_out,
             c.stride,
         );
-        assert_eq!(rows, erows);
-        check_grads(&c, &rows, &grads, &egrads);
+        for isa in isas() {
+            let mut ws = SparseGradWorkspace::default();
+            let (rows, grads) = coalesce(isa, &c, &mut ws, Par::Rayon);
+            assert_eq!(rows, erows);
+            check_grads(&c, &rows, &grads, &egrads);
+        }
     }
 }
 
@@ -226,14 +248,16 @@ fn duplicates_are_summed_in_batch_order() {
             }
         }
     }
-    let mut ws = SparseGradWorkspace::default();
-    let (rows, grads) = coalesce(&c, &mut ws, Par::Rayon);
-    for (i, &r) in rows.iter().enumerate() {
-        assert_eq!(
-            bits(&grads[i * c.dim..(i + 1) * c.dim]),
-            bits(&expect[r as usize]),
-            "row {r}"
-        );
+    for isa in isas() {
+        let mut ws = SparseGradWorkspace::default();
+        let (rows, grads) = coalesce(isa, &c, &mut ws, Par::Rayon);
+        for (i, &r) in rows.iter().enumerate() {
+            assert_eq!(
+                bits(&grads[i * c.dim..(i + 1) * c.dim]),
+                bits(&expect[r as usize]),
+                "{isa:?}: row {r}"
+            );
+        }
     }
 }
 
@@ -245,8 +269,12 @@ fn coalesce_handles_ids_of_every_magnitude() {
     for bags in [500, 6000] {
         let sizes: Vec<usize> = (0..bags).map(|b| b % 4).collect();
         let small = case_with(300, 5, &sizes, 300, Pooling::Sum, 4);
-        let (rows_small, grads_small) =
-            coalesce(&small, &mut SparseGradWorkspace::default(), Par::Rayon);
+        let (rows_small, grads_small) = coalesce(
+            Isa::selected(),
+            &small,
+            &mut SparseGradWorkspace::default(),
+            Par::Rayon,
+        );
         for top in [
             1u32 << 9,
             1 << 13,
@@ -513,13 +541,14 @@ fn tables_case() -> impl Strategy<Value = TablesCase> {
 }
 
 /// The multi-table forward into a NaN-filled buffer (columns it does not own must stay NaN).
-fn forward_tables(c: &TablesCase, par: Par) -> Vec<f32> {
+fn forward_tables(isa: Isa, c: &TablesCase, par: Par) -> Vec<f32> {
     let (n, dim) = (c.tables.len(), c.dim);
     let span = c.first_col + n * dim;
     let len = c.batch.checked_sub(1).map_or(0, |b| b * c.stride + span);
     let mut out = vec![f32::NAN; len];
     let rows = MatMut::with_row_stride(&mut out, c.batch, span, c.stride);
-    embedding::embedding_bag_forward_tables(
+    embedding::embedding_bag_forward_tables_with_isa(
+        isa,
         n,
         |t| {
             (
@@ -535,35 +564,60 @@ fn forward_tables(c: &TablesCase, par: Par) -> Vec<f32> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    // Half the cases of a single path: every case runs on each ISA of `isas()`.
+    #![proptest_config(ProptestConfig::with_cases(128))]
 
     /// Each table's slot of each output row is the scalar twin's pooled bag; every other
-    /// column stays untouched; the bits are the same on any thread count.
+    /// column stays untouched; the bits are the same on any thread count; on every ISA.
     #[test]
     fn forward_tables_matches_reference(c in tables_case()) {
-        let out = forward_tables(&c, Par::Rayon);
-        let (dim, stride) = (c.dim, c.stride);
-        let mut owned = vec![false; out.len()];
-        for (t, table) in c.tables.iter().enumerate() {
-            let mut expect = vec![0.0; c.batch * dim];
-            reference::embedding_bag_forward(
-                &table.table, dim, table.bags(), c.pooling, &mut expect, dim);
-            for b in 0..c.batch {
-                let at = b * stride + c.first_col + t * dim;
-                let tol = sum_tol(table.bags().bag(b).len());
-                assert_close("out", &out[at..at + dim], &expect[b * dim..][..dim], tol, 0.0);
-                owned[at..at + dim].iter_mut().for_each(|o| *o = true);
-            }
+        for isa in isas() {
+            check_forward_tables(isa, &c)?;
         }
-        for (i, x) in out.iter().enumerate() {
-            prop_assert!(owned[i] || x.is_nan(), "column {} of row {} written", i % stride, i / stride);
-        }
-        let [one, two, three] = on_1_2_3_threads(|par| bits(&forward_tables(&c, par)));
-        prop_assert_eq!(&one, &bits(&out));
-        prop_assert_eq!(&one, &two);
-        prop_assert_eq!(&one, &three);
-        prop_assert_eq!(&one, &bits(&forward_tables(&c, Par::Seq)));
     }
+}
+
+fn check_forward_tables(isa: Isa, c: &TablesCase) -> Result<(), TestCaseError> {
+    let out = forward_tables(isa, c, Par::Rayon);
+    let (dim, stride) = (c.dim, c.stride);
+    let mut owned = vec![false; out.len()];
+    for (t, table) in c.tables.iter().enumerate() {
+        let mut expect = vec![0.0; c.batch * dim];
+        reference::embedding_bag_forward(
+            &table.table,
+            dim,
+            table.bags(),
+            c.pooling,
+            &mut expect,
+            dim,
+        );
+        for b in 0..c.batch {
+            let at = b * stride + c.first_col + t * dim;
+            let tol = sum_tol(table.bags().bag(b).len());
+            assert_close(
+                "out",
+                &out[at..at + dim],
+                &expect[b * dim..][..dim],
+                tol,
+                0.0,
+            );
+            owned[at..at + dim].iter_mut().for_each(|o| *o = true);
+        }
+    }
+    for (i, x) in out.iter().enumerate() {
+        prop_assert!(
+            owned[i] || x.is_nan(),
+            "column {} of row {} written",
+            i % stride,
+            i / stride
+        );
+    }
+    let [one, two, three] = on_1_2_3_threads(|par| bits(&forward_tables(isa, c, par)));
+    prop_assert_eq!(&one, &bits(&out));
+    prop_assert_eq!(&one, &two);
+    prop_assert_eq!(&one, &three);
+    prop_assert_eq!(&one, &bits(&forward_tables(isa, c, Par::Seq)));
+    Ok(())
 }
 
 /// What the checking constructor must say of `ids` in bags delimited by `offsets` (None:

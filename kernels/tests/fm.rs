@@ -5,9 +5,12 @@
 
 mod common;
 
-use common::{bits, fill, fill_range, on_1_2_3_threads};
+use common::{bits, fill, fill_range, isas, on_1_2_3_threads};
 use dlrm_kernels::embedding::Bags;
-use dlrm_kernels::fm::{FmField, fm_backward, fm_forward};
+use dlrm_kernels::fm::{
+    FmField, fm_backward, fm_backward_with_isa, fm_forward, fm_forward_with_isa,
+};
+use dlrm_kernels::isa::Isa;
 use dlrm_kernels::mat::MatRef;
 use dlrm_kernels::parallel::Par;
 use dlrm_kernels::reference;
@@ -132,11 +135,12 @@ impl Case {
 }
 
 /// Kernel forward: (outputs, sums).
-fn forward(cs: &Case, par: Par) -> (Vec<f32>, Vec<f32>) {
+fn forward(isa: Isa, cs: &Case, par: Par) -> (Vec<f32>, Vec<f32>) {
     let views = cs.views();
     let mut out = vec![f32::NAN; cs.batch];
     let mut sums = vec![f32::NAN; cs.batch * cs.k];
-    fm_forward(
+    fm_forward_with_isa(
+        isa,
         views.len(),
         cs.k,
         |t| views[t],
@@ -149,14 +153,15 @@ fn forward(cs: &Case, par: Par) -> (Vec<f32>, Vec<f32>) {
 }
 
 /// Kernel backward of every field: (latent row gradients, feature value gradients) per field.
-fn backward(cs: &Case, sums: &[f32], par: Par) -> Vec<(Vec<f32>, Vec<f32>)> {
+fn backward(isa: Isa, cs: &Case, sums: &[f32], par: Par) -> Vec<(Vec<f32>, Vec<f32>)> {
     cs.views()
         .into_iter()
         .map(|f| {
             let nnz = f.bags.indices().len();
             let mut rows = vec![f32::NAN; nnz * cs.k];
             let mut gw = vec![f32::NAN; nnz];
-            fm_backward(
+            fm_backward_with_isa(
+                isa,
                 f,
                 MatRef::new(sums, f.bags.len(), cs.k),
                 &cs.grad_out,
@@ -170,9 +175,16 @@ fn backward(cs: &Case, sums: &[f32], par: Par) -> Vec<(Vec<f32>, Vec<f32>)> {
 }
 
 fn check_case(cs: &Case) -> Result<(), TestCaseError> {
+    for isa in isas() {
+        check_case_on(isa, cs)?;
+    }
+    Ok(())
+}
+
+fn check_case_on(isa: Isa, cs: &Case) -> Result<(), TestCaseError> {
     let k = cs.k;
     let mags = cs.magnitudes();
-    let (out, sums) = forward(cs, Par::Rayon);
+    let (out, sums) = forward(isa, cs, Par::Rayon);
     let views = cs.views();
     let (mut eout, mut esums) = (vec![0.0; cs.batch], vec![0.0; cs.batch * k]);
     reference::fm_forward(&views, k, cs.bias, &mut esums, &mut eout);
@@ -189,7 +201,7 @@ fn check_case(cs: &Case) -> Result<(), TestCaseError> {
             prop_assert!((s - e).abs() <= tol, "S[{b}, {f}] = {s}, reference {e}");
         }
     }
-    for (t, (rows, gw)) in backward(cs, &sums, Par::Rayon).into_iter().enumerate() {
+    for (t, (rows, gw)) in backward(isa, cs, &sums, Par::Rayon).into_iter().enumerate() {
         let (erows, egw) = reference::fm_backward(&views, t, k, &cs.grad_out);
         let bags = views[t].bags;
         for (b, &mag) in mags.iter().enumerate() {
@@ -215,7 +227,8 @@ fn check_case(cs: &Case) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(128))]
+    // Half the cases of a single path: every case runs on each ISA of `isas()`.
+    #![proptest_config(ProptestConfig::with_cases(64))]
 
     #[test]
     fn fm_matches_reference(cs in case()) {
@@ -224,14 +237,18 @@ proptest! {
 
     #[test]
     fn fm_is_thread_count_invariant(cs in case()) {
-        let runs = on_1_2_3_threads(|par| {
-            let (out, sums) = forward(&cs, par);
-            let grads: Vec<(Vec<u32>, Vec<u32>)> =
-                backward(&cs, &sums, par).iter().map(|(r, w)| (bits(r), bits(w))).collect();
-            (bits(&out), bits(&sums), grads)
-        });
-        prop_assert_eq!(&runs[0], &runs[1]);
-        prop_assert_eq!(&runs[0], &runs[2]);
+        for isa in isas() {
+            let runs = on_1_2_3_threads(|par| {
+                let (out, sums) = forward(isa, &cs, par);
+                let grads: Vec<(Vec<u32>, Vec<u32>)> = backward(isa, &cs, &sums, par)
+                    .iter()
+                    .map(|(r, w)| (bits(r), bits(w)))
+                    .collect();
+                (bits(&out), bits(&sums), grads)
+            });
+            prop_assert_eq!(&runs[0], &runs[1]);
+            prop_assert_eq!(&runs[0], &runs[2]);
+        }
     }
 }
 

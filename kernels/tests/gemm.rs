@@ -2,7 +2,11 @@
 //! width and the register tile), every transpose combination, strided operands, every
 //! epilogue; and bit-identical results for any thread count.
 
+mod common;
+
+use common::isas;
 use dlrm_kernels::gemm::{self, GemmOps, MatMut, MatRef};
+use dlrm_kernels::isa::Isa;
 use dlrm_kernels::parallel::Par;
 use dlrm_kernels::reference;
 use proptest::prelude::*;
@@ -136,7 +140,7 @@ fn inputs(cs: &Case) -> Inputs {
     }
 }
 
-fn run_ours(cs: &Case, inp: &Inputs, par: Par) -> Vec<f32> {
+fn run_ours(isa: Isa, cs: &Case, inp: &Inputs, par: Par) -> Vec<f32> {
     let mut c = inp.c0.clone();
     let ops = GemmOps {
         alpha: cs.alpha,
@@ -145,7 +149,8 @@ fn run_ours(cs: &Case, inp: &Inputs, par: Par) -> Vec<f32> {
         relu: cs.relu,
         a_relu_mask: inp.mask.as_ref().map(|m| m.view()),
     };
-    gemm::gemm(
+    gemm::gemm_with_isa(
+        isa,
         inp.a.view(),
         inp.b.view(),
         MatMut::with_row_stride(&mut c, cs.m, cs.n, inp.ldc),
@@ -156,8 +161,15 @@ fn run_ours(cs: &Case, inp: &Inputs, par: Par) -> Vec<f32> {
 }
 
 fn check_against_reference(cs: &Case) -> Result<(), TestCaseError> {
+    for isa in isas() {
+        check_isa_against_reference(isa, cs)?;
+    }
+    Ok(())
+}
+
+fn check_isa_against_reference(isa: Isa, cs: &Case) -> Result<(), TestCaseError> {
     let inp = inputs(cs);
-    let ours = run_ours(cs, &inp, Par::Rayon);
+    let ours = run_ours(isa, cs, &inp, Par::Rayon);
     let mut expect = inp.c0.clone();
     let ops = GemmOps {
         alpha: cs.alpha,
@@ -179,7 +191,7 @@ fn check_against_reference(cs: &Case) -> Result<(), TestCaseError> {
             let (o, e) = (ours[i * inp.ldc + j], expect[i * inp.ldc + j]);
             prop_assert!(
                 (o - e).abs() <= tol * (1.0 + e.abs()),
-                "C[{i},{j}] = {o}, reference {e} (tol {tol}) in {cs:?}"
+                "{isa:?}: C[{i},{j}] = {o}, reference {e} (tol {tol}) in {cs:?}"
             );
         }
         // Padding between rows is never written.
@@ -197,7 +209,8 @@ fn check_against_reference(cs: &Case) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(96))]
+    // Half the cases of a single path: every case runs on each ISA of `isas()`.
+    #![proptest_config(ProptestConfig::with_cases(48))]
 
     #[test]
     fn gemm_matches_reference(cs in case()) {
@@ -209,12 +222,14 @@ proptest! {
         let inp = inputs(&cs);
         let pool = |t| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
         let split = Par::AlwaysSplit;
-        let one = pool(1).install(|| run_ours(&cs, &inp, split));
-        let two = pool(2).install(|| run_ours(&cs, &inp, split));
-        let three = pool(3).install(|| run_ours(&cs, &inp, split));
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        prop_assert_eq!(bits(&one), bits(&two));
-        prop_assert_eq!(bits(&one), bits(&three));
+        for isa in isas() {
+            let one = pool(1).install(|| run_ours(isa, &cs, &inp, split));
+            let two = pool(2).install(|| run_ours(isa, &cs, &inp, split));
+            let three = pool(3).install(|| run_ours(isa, &cs, &inp, split));
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            prop_assert_eq!(bits(&one), bits(&two));
+            prop_assert_eq!(bits(&one), bits(&three));
+        }
     }
 }
 
@@ -260,20 +275,26 @@ fn bias_grad_matches_reference_and_is_thread_invariant() {
             let mask = masked.then(|| MatRef::new(&y, m, n));
             let mut expect = fill(n, 13);
             reference::bias_grad(MatRef::new(&dy, m, n), mask, &mut expect, true);
-            let run = |threads: usize, par: Par| {
-                let mut db = fill(n, 13);
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap()
-                    .install(|| gemm::bias_grad(MatRef::new(&dy, m, n), mask, &mut db, true, par));
-                db
-            };
-            let (one, two) = (run(1, Par::AlwaysSplit), run(2, Par::AlwaysSplit));
-            assert_eq!(one, two);
-            assert_eq!(one, run(2, Par::Seq));
-            for (o, e) in one.iter().zip(&expect) {
-                assert!((o - e).abs() <= 1e-4 * (1.0 + e.abs()), "{o} vs {e}");
+            for isa in isas() {
+                let run = |threads: usize, par: Par| {
+                    let mut db = fill(n, 13);
+                    let dy = MatRef::new(&dy, m, n);
+                    rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap()
+                        .install(|| gemm::bias_grad_with_isa(isa, dy, mask, &mut db, true, par));
+                    db
+                };
+                let (one, two) = (run(1, Par::AlwaysSplit), run(2, Par::AlwaysSplit));
+                assert_eq!(one, two);
+                assert_eq!(one, run(2, Par::Seq));
+                for (o, e) in one.iter().zip(&expect) {
+                    assert!(
+                        (o - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                        "{isa:?}: {o} vs {e}"
+                    );
+                }
             }
         }
     }

@@ -5,8 +5,9 @@
 
 mod common;
 
-use common::{bits, fill, on_1_2_3_threads};
+use common::{bits, fill, isas, on_1_2_3_threads};
 use dlrm_kernels::interaction::{self, num_pairs};
+use dlrm_kernels::isa::Isa;
 use dlrm_kernels::mat::{MatMut, MatRef};
 use dlrm_kernels::parallel::Par;
 use dlrm_kernels::reference;
@@ -85,11 +86,20 @@ impl Case {
 
 /// Calls the scalar twin of an interaction kernel (`kernel` = None) or the kernel itself with
 /// the given parallelism (its extra last argument).
+/// Which implementation a helper runs: the scalar twin (None), or the kernel on an ISA.
+type Kernel = Option<(Isa, Par)>;
+
 macro_rules! call {
+    ($kernel:expr, $name:ident / $with_isa:ident($($arg:expr),* $(,)?)) => {
+        match $kernel {
+            None => reference::$name($($arg),*),
+            Some((isa, par)) => interaction::$with_isa(isa, $($arg),*, par),
+        }
+    };
     ($kernel:expr, $name:ident($($arg:expr),* $(,)?)) => {
         match $kernel {
             None => reference::$name($($arg),*),
-            Some(par) => interaction::$name($($arg),*, par),
+            Some((_, par)) => interaction::$name($($arg),*, par),
         }
     };
 }
@@ -111,37 +121,39 @@ impl Buffers {
     }
 }
 
-fn dot_forward(cs: &Case, bf: &Buffers, kernel: Option<Par>) -> Vec<f32> {
+fn dot_forward(cs: &Case, bf: &Buffers, kernel: Kernel) -> Vec<f32> {
     let mut out = vec![f32::NAN; cs.len(bf.out_stride, bf.out_width)];
     let out_view = MatMut::with_row_stride(&mut out, cs.batch, bf.out_width, bf.out_stride);
     let (f, si) = (cs.f, cs.self_interaction);
     call!(
         kernel,
-        dot_interaction_forward(bf.features(cs), f, si, out_view)
+        dot_interaction_forward
+            / dot_interaction_forward_with_isa(bf.features(cs), f, si, out_view)
     );
     out
 }
 
-fn dot_backward(cs: &Case, bf: &Buffers, kernel: Option<Par>) -> Vec<f32> {
+fn dot_backward(cs: &Case, bf: &Buffers, kernel: Kernel) -> Vec<f32> {
     let (fd, gs) = (cs.f * cs.d, bf.grad_feature_stride);
     let mut grad = vec![f32::NAN; cs.len(gs, fd)];
     let grad_view = MatMut::with_row_stride(&mut grad, cs.batch, fd, gs);
     let (f, si) = (cs.f, cs.self_interaction);
     call!(
         kernel,
-        dot_interaction_backward(bf.features(cs), f, si, bf.grad_out(cs), grad_view)
+        dot_interaction_backward
+            / dot_interaction_backward_with_isa(bf.features(cs), f, si, bf.grad_out(cs), grad_view)
     );
     grad
 }
 
-fn cat_forward(cs: &Case, bf: &Buffers, kernel: Option<Par>) -> Vec<f32> {
+fn cat_forward(cs: &Case, bf: &Buffers, kernel: Kernel) -> Vec<f32> {
     let mut out = vec![f32::NAN; cs.len(bf.out_stride, bf.out_width)];
     let out_view = MatMut::with_row_stride(&mut out, cs.batch, bf.out_width, bf.out_stride);
     call!(kernel, cat_interaction_forward(bf.features(cs), out_view));
     out
 }
 
-fn cat_backward(cs: &Case, bf: &Buffers, kernel: Option<Par>) -> Vec<f32> {
+fn cat_backward(cs: &Case, bf: &Buffers, kernel: Kernel) -> Vec<f32> {
     let (fd, gs) = (cs.f * cs.d, bf.grad_feature_stride);
     let mut grad = vec![f32::NAN; cs.len(gs, fd)];
     let grad_view = MatMut::with_row_stride(&mut grad, cs.batch, fd, gs);
@@ -178,21 +190,23 @@ fn check_rows(
 }
 
 fn check_case(cs: &Case) -> Result<(), TestCaseError> {
+    for isa in isas() {
+        check_case_on(isa, cs)?;
+    }
+    Ok(())
+}
+
+fn check_case_on(isa: Isa, cs: &Case) -> Result<(), TestCaseError> {
+    let kernel = Some((isa, Par::Rayon));
     let eps = f32::EPSILON;
     let bf = cs.buffers(true);
     // A dot product of d terms of magnitude <= 1.
     let tol = (cs.d as f32 + 4.0) * 2.0 * eps;
-    let (ours, twin) = (
-        dot_forward(cs, &bf, Some(Par::Rayon)),
-        dot_forward(cs, &bf, None),
-    );
+    let (ours, twin) = (dot_forward(cs, &bf, kernel), dot_forward(cs, &bf, None));
     check_rows(&ours, &twin, cs.batch, bf.out_stride, bf.out_width, tol)?;
     // F terms of magnitude <= 2 per output, plus the pass-through.
     let tol = (cs.f as f32 + 4.0) * 4.0 * eps;
-    let (ours, twin) = (
-        dot_backward(cs, &bf, Some(Par::Rayon)),
-        dot_backward(cs, &bf, None),
-    );
+    let (ours, twin) = (dot_backward(cs, &bf, kernel), dot_backward(cs, &bf, None));
     check_rows(
         &ours,
         &twin,
@@ -203,15 +217,9 @@ fn check_case(cs: &Case) -> Result<(), TestCaseError> {
     )?;
 
     let bf = cs.buffers(false);
-    let (ours, twin) = (
-        cat_forward(cs, &bf, Some(Par::Rayon)),
-        cat_forward(cs, &bf, None),
-    );
+    let (ours, twin) = (cat_forward(cs, &bf, kernel), cat_forward(cs, &bf, None));
     prop_assert_eq!(bits(&ours), bits(&twin));
-    let (ours, twin) = (
-        cat_backward(cs, &bf, Some(Par::Rayon)),
-        cat_backward(cs, &bf, None),
-    );
+    let (ours, twin) = (cat_backward(cs, &bf, kernel), cat_backward(cs, &bf, None));
     prop_assert_eq!(bits(&ours), bits(&twin));
     Ok(())
 }
@@ -219,23 +227,39 @@ fn check_case(cs: &Case) -> Result<(), TestCaseError> {
 fn check_thread_invariance(cs: &Case) -> Result<(), TestCaseError> {
     let dot = cs.buffers(true);
     let cat = cs.buffers(false);
-    let runs = on_1_2_3_threads(|par| {
-        [
-            dot_forward(cs, &dot, Some(par)),
-            dot_backward(cs, &dot, Some(par)),
-            cat_forward(cs, &cat, Some(par)),
-            cat_backward(cs, &cat, Some(par)),
-        ]
-    });
-    for (k, one) in runs[0].iter().enumerate() {
-        prop_assert_eq!(bits(one), bits(&runs[1][k]), "output {} on 2 threads", k);
-        prop_assert_eq!(bits(one), bits(&runs[2][k]), "output {} on 3 threads", k);
+    for isa in isas() {
+        let runs = on_1_2_3_threads(|par| {
+            let ours = Some((isa, par));
+            [
+                dot_forward(cs, &dot, ours),
+                dot_backward(cs, &dot, ours),
+                cat_forward(cs, &cat, ours),
+                cat_backward(cs, &cat, ours),
+            ]
+        });
+        for (k, one) in runs[0].iter().enumerate() {
+            prop_assert_eq!(
+                bits(one),
+                bits(&runs[1][k]),
+                "{:?}: output {} on 2 threads",
+                isa,
+                k
+            );
+            prop_assert_eq!(
+                bits(one),
+                bits(&runs[2][k]),
+                "{:?}: output {} on 3 threads",
+                isa,
+                k
+            );
+        }
     }
     Ok(())
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(160))]
+    // Half the cases of a single path: every case runs on each ISA of `isas()`.
+    #![proptest_config(ProptestConfig::with_cases(80))]
 
     #[test]
     fn interaction_matches_reference(cs in case()) {

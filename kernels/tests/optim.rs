@@ -5,8 +5,13 @@
 
 mod common;
 
-use common::{BagCase, assert_close, bag_case, bits, fill, fill_range, on_1_2_3_threads, sum_tol};
-use dlrm_kernels::embedding::{SparseGradWorkspace, embedding_bag_backward_coalesce};
+use common::{
+    BagCase, assert_close, bag_case, bits, fill, fill_range, isas, on_1_2_3_threads, sum_tol,
+};
+use dlrm_kernels::embedding::{
+    SparseGradWorkspace, embedding_bag_backward_coalesce, embedding_bag_backward_coalesce_with_isa,
+};
+use dlrm_kernels::isa::Isa;
 use dlrm_kernels::mat::{MatMut, MatRef};
 use dlrm_kernels::optim::{self, SparseOptimizer, SparseStep, TableMut};
 use dlrm_kernels::parallel::Par;
@@ -36,6 +41,7 @@ fn initial_state(c: &BagCase, opt: SparseOptimizer) -> Vec<f32> {
 /// (table, state) after one fused backward + update from `state` (with L2 regularisation
 /// when `wd` is not 0).
 fn update_from(
+    isa: Isa,
     c: &BagCase,
     opt: SparseOptimizer,
     wd: f32,
@@ -53,23 +59,27 @@ fn update_from(
         opt,
         weight_decay: wd,
     };
-    optim::embedding_bag_backward_update(table_mut, c.bags(), c.pooling, grad_out, step, ws, par);
+    let (bags, pooling) = (c.bags(), c.pooling);
+    optim::embedding_bag_backward_update_with_isa(
+        isa, table_mut, bags, pooling, grad_out, step, ws, par,
+    );
     (table, state)
 }
 
 fn update(
+    isa: Isa,
     c: &BagCase,
     opt: SparseOptimizer,
     wd: f32,
     ws: &mut SparseGradWorkspace,
     par: Par,
 ) -> (Vec<f32>, Vec<f32>) {
-    update_from(c, opt, wd, initial_state(c, opt), ws, par)
+    update_from(isa, c, opt, wd, initial_state(c, opt), ws, par)
 }
 
 /// The fused update against the twin from `state0`: every looked-up row within the rounding
 /// of its summed gradient, times `sensitivity` (the most a unit change of the gradient moves
-/// the step); rows never looked up, and their state, bit-identical.
+/// the step); rows never looked up, and their state, bit-identical. On every ISA.
 fn check_update_from(
     c: &BagCase,
     opt: SparseOptimizer,
@@ -77,8 +87,21 @@ fn check_update_from(
     state0: Vec<f32>,
     sensitivity: f32,
 ) {
+    for isa in isas() {
+        check_update_on(isa, c, opt, wd, state0.clone(), sensitivity);
+    }
+}
+
+fn check_update_on(
+    isa: Isa,
+    c: &BagCase,
+    opt: SparseOptimizer,
+    wd: f32,
+    state0: Vec<f32>,
+    sensitivity: f32,
+) {
     let ws = &mut SparseGradWorkspace::default();
-    let (table, state) = update_from(c, opt, wd, state0.clone(), ws, Par::Rayon);
+    let (table, state) = update_from(isa, c, opt, wd, state0.clone(), ws, Par::Rayon);
     let (mut etable, mut estate) = (c.table.clone(), state0.clone());
     reference::embedding_bag_backward_update(
         TableMut {
@@ -128,19 +151,20 @@ fn dense_len() -> impl Strategy<Value = usize> {
     ]
 }
 
-fn dense(len: usize, seed: u64, adagrad: bool, par: Par) -> (Vec<f32>, Vec<f32>) {
+fn dense(isa: Isa, len: usize, seed: u64, adagrad: bool, par: Par) -> (Vec<f32>, Vec<f32>) {
     let (mut p, g) = (fill(len, seed), fill(len, seed ^ 1));
     let mut s = fill_range(len, seed ^ 2, 0.0, 1.0);
     if adagrad {
-        optim::adagrad_update(&mut p, &g, &mut s, 0.1, 1e-10, par);
+        optim::adagrad_update_with_isa(isa, &mut p, &g, &mut s, 0.1, 1e-10, par);
     } else {
-        optim::sgd_update(&mut p, &g, 0.1, par);
+        optim::sgd_update_with_isa(isa, &mut p, &g, 0.1, par);
     }
     (p, s)
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    // Half the cases of a single path: every case runs on each ISA of `isas()`.
+    #![proptest_config(ProptestConfig::with_cases(128))]
 
     #[test]
     fn backward_update_matches_reference(c in bag_case(), opt in optimizer(), wd in weight_decay()) {
@@ -153,12 +177,14 @@ proptest! {
         opt in optimizer(),
         wd in weight_decay(),
     ) {
-        let [one, two, three] = on_1_2_3_threads(|par| {
-            let (t, s) = update(&c, opt, wd, &mut SparseGradWorkspace::default(), par);
-            (bits(&t), bits(&s))
-        });
-        prop_assert_eq!(&one, &two);
-        prop_assert_eq!(&one, &three);
+        for isa in isas() {
+            let [one, two, three] = on_1_2_3_threads(|par| {
+                let (t, s) = update(isa, &c, opt, wd, &mut SparseGradWorkspace::default(), par);
+                (bits(&t), bits(&s))
+            });
+            prop_assert_eq!(&one, &two);
+            prop_assert_eq!(&one, &three);
+        }
     }
 
     /// The fused update is the coalesced gradient put through the dense update of each row.
@@ -169,21 +195,26 @@ proptest! {
         } else {
             SparseOptimizer::Sgd { lr: 0.1 }
         };
-        let mut ws = SparseGradWorkspace::default();
-        let (table, state) = update(&c, opt, 0.0, &mut ws, Par::Rayon);
-        let (mut etable, mut estate) = (c.table.clone(), initial_state(&c, opt));
-        let g = embedding_bag_backward_coalesce(c.rows, c.bags(), c.pooling, MatRef::with_row_stride(&c.grad_out, c.bags().len(), c.dim, c.stride), &mut ws, Par::Rayon);
-        let d = c.dim;
-        for (&r, g) in g.rows.iter().zip(g.grads.chunks(d)) {
-            let row = r as usize * d..(r as usize + 1) * d;
-            if adagrad {
-                optim::adagrad_update(&mut etable[row.clone()], g, &mut estate[row], 0.1, 1e-10, Par::Rayon);
-            } else {
-                optim::sgd_update(&mut etable[row], g, 0.1, Par::Rayon);
+        for isa in isas() {
+            let mut ws = SparseGradWorkspace::default();
+            let (table, state) = update(isa, &c, opt, 0.0, &mut ws, Par::Rayon);
+            let (mut etable, mut estate) = (c.table.clone(), initial_state(&c, opt));
+            let grad_out = MatRef::with_row_stride(&c.grad_out, c.bags().len(), c.dim, c.stride);
+            let g = embedding_bag_backward_coalesce_with_isa(
+                isa, c.rows, c.bags(), c.pooling, grad_out, &mut ws, Par::Rayon);
+            let d = c.dim;
+            for (&r, g) in g.rows.iter().zip(g.grads.chunks(d)) {
+                let row = r as usize * d..(r as usize + 1) * d;
+                if adagrad {
+                    let (p, s) = (&mut etable[row.clone()], &mut estate[row]);
+                    optim::adagrad_update_with_isa(isa, p, g, s, 0.1, 1e-10, Par::Rayon);
+                } else {
+                    optim::sgd_update_with_isa(isa, &mut etable[row], g, 0.1, Par::Rayon);
+                }
             }
+            prop_assert_eq!(bits(&table), bits(&etable));
+            prop_assert_eq!(bits(&state), bits(&estate));
         }
-        prop_assert_eq!(bits(&table), bits(&etable));
-        prop_assert_eq!(bits(&state), bits(&estate));
     }
 
     #[test]
@@ -192,16 +223,20 @@ proptest! {
         seed in any::<u64>(),
         adagrad in any::<bool>(),
     ) {
-        let (p, s) = dense(len, seed, adagrad, Par::Rayon);
         let (mut ep, eg) = (fill(len, seed), fill(len, seed ^ 1));
         let mut es = fill_range(len, seed ^ 2, 0.0, 1.0);
         if adagrad {
             reference::adagrad_update(&mut ep, &eg, &mut es, 0.1, 1e-10);
-            assert_close("state", &s, &es, 1e-6, 1e-6);
         } else {
             reference::sgd_update(&mut ep, &eg, 0.1);
         }
-        assert_close("param", &p, &ep, 1e-6, 1e-6);
+        for isa in isas() {
+            let (p, s) = dense(isa, len, seed, adagrad, Par::Rayon);
+            if adagrad {
+                assert_close("state", &s, &es, 1e-6, 1e-6);
+            }
+            assert_close("param", &p, &ep, 1e-6, 1e-6);
+        }
     }
 
     #[test]
@@ -210,12 +245,14 @@ proptest! {
         seed in any::<u64>(),
         adagrad in any::<bool>(),
     ) {
-        let [one, two, three] = on_1_2_3_threads(|par| {
-            let (p, s) = dense(len, seed, adagrad, par);
-            (bits(&p), bits(&s))
-        });
-        prop_assert_eq!(&one, &two);
-        prop_assert_eq!(&one, &three);
+        for isa in isas() {
+            let [one, two, three] = on_1_2_3_threads(|par| {
+                let (p, s) = dense(isa, len, seed, adagrad, par);
+                (bits(&p), bits(&s))
+            });
+            prop_assert_eq!(&one, &two);
+            prop_assert_eq!(&one, &three);
+        }
     }
 }
 

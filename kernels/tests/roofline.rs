@@ -3,13 +3,13 @@
 
 mod common;
 
-use common::{bits, fill, on_1_2_3_threads};
+use common::{bits, fill, isas, on_1_2_3_threads};
 use dlrm_kernels::parallel::Par;
 use dlrm_kernels::reference;
 use dlrm_kernels::roofline::{
-    LINE_FLOATS, fma_peak, fma_peak_flops, gather_lines, stream_copy, stream_triad,
+    LINE_FLOATS, fma_peak_flops_with_isa, fma_peak_with_isa, gather_lines, stream_copy,
+    stream_triad,
 };
-use dlrm_kernels::simd::LANES;
 use proptest::prelude::*;
 
 /// Lengths: empty, one, primes, around the lane count, and past one parallel chunk (1 << 16).
@@ -90,15 +90,18 @@ proptest! {
 /// contracts, so rounding errors do not grow).
 #[test]
 fn fma_peak_matches_reference() {
-    for iters in [0, 1, 5, 1000, 4096] {
-        let got = f64::from(fma_peak(iters, 0.999, 1e-3));
-        let expect = reference::fma_peak(iters, 0.999, 1e-3);
-        assert!(
-            (got - expect).abs() <= 1e-4 * expect.abs().max(1.0),
-            "{iters} steps: {got}, reference {expect}"
-        );
+    for isa in isas() {
+        let lanes = isa.simd_level().lanes();
+        for iters in [0, 1, 5, 1000, 4096] {
+            let got = f64::from(fma_peak_with_isa(isa, iters, 0.999, 1e-3));
+            let expect = reference::fma_peak(iters, 0.999, 1e-3, lanes);
+            assert!(
+                (got - expect).abs() <= 1e-4 * expect.abs().max(1.0),
+                "{isa:?}, {iters} steps: {got}, reference {expect}"
+            );
+        }
+        assert_eq!(fma_peak_flops_with_isa(isa, 3), 3 * 16 * lanes * 2);
     }
-    assert_eq!(fma_peak_flops(3), 3 * 16 * LANES * 2);
 }
 
 /// A line past the end of the buffer is a programmer error caught at entry.

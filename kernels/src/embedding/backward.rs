@@ -3,15 +3,38 @@
 //! forward bag); the fused optimizer update built on it lives in [`crate::optim`].
 
 use super::{Bags, MIN_PARALLEL_FLOATS, PREFETCH_DISTANCE, Pooling, pool_rows};
+use crate::isa::Isa;
 use crate::mat::{MatRef, check_view, table_rows, table_slice};
 use crate::parallel::{Par, join_ranges, should_split, task_grain};
-use crate::simd::{F32s, LANES, load_partial, prefetch_lines, prefetch_read};
+use crate::simd::{SimdVec, dispatch, prefetch_lines, prefetch_read};
 use core::ops::Range;
 use rayon::prelude::*;
 
 /// d loss / d per_sample_weights:
-/// `grad_weights[p] = dot(grad_out[bag(p)], table[indices[p]])`.
+/// `grad_weights[p] = dot(grad_out[bag(p)], table[indices[p]])`, on [`Isa::selected`].
 pub fn embedding_bag_weight_grad(
+    table: MatRef,
+    bags: Bags,
+    grad_out: MatRef,
+    grad_weights: &mut [f32],
+    par: Par,
+) {
+    embedding_bag_weight_grad_with_isa(Isa::selected(), table, bags, grad_out, grad_weights, par)
+}
+
+/// [`embedding_bag_weight_grad`] on `isa` (panics if the CPU lacks it).
+pub fn embedding_bag_weight_grad_with_isa(
+    isa: Isa,
+    table: MatRef,
+    bags: Bags,
+    grad_out: MatRef,
+    grad_weights: &mut [f32],
+    par: Par,
+) {
+    dispatch!(isa, V => weight_grad::<V>(table, bags, grad_out, grad_weights, par))
+}
+
+fn weight_grad<V: SimdVec>(
     table: MatRef,
     bags: Bags,
     grad_out: MatRef,
@@ -34,21 +57,7 @@ pub fn embedding_bag_weight_grad(
         indices.len()
     );
     let leaf = |range: Range<usize>, gw: &mut [f32]| {
-        let p0 = bags.bag(range.start).start;
-        for b in range {
-            let g = &grad_out[b * grad_stride..b * grad_stride + dim];
-            for p in bags.bag(b) {
-                if let Some(&id) = indices.get(p + PREFETCH_DISTANCE) {
-                    prefetch_lines(
-                        table.as_ptr().wrapping_add(id as usize * dim),
-                        dim,
-                        prefetch_read,
-                    );
-                }
-                let id = indices[p] as usize;
-                gw[p - p0] = dot(g, &table[id * dim..(id + 1) * dim]);
-            }
-        }
+        V::vectorize(|| weight_grad_leaf::<V>((table, dim), bags, grad_out, grad_stride, range, gw))
     };
     let parallel = should_split(par, indices.len() * dim, MIN_PARALLEL_FLOATS);
     if !bags.is_empty() {
@@ -62,17 +71,45 @@ pub fn embedding_bag_weight_grad(
     }
 }
 
+/// grad_weights for the bags `range`, into `gw` (from the first position of the range).
+#[inline(always)]
+fn weight_grad_leaf<V: SimdVec>(
+    (table, dim): (&[f32], usize),
+    bags: Bags,
+    grad_out: &[f32],
+    grad_stride: usize,
+    range: Range<usize>,
+    gw: &mut [f32],
+) {
+    let indices = bags.indices();
+    let p0 = bags.bag(range.start).start;
+    for b in range {
+        let g = &grad_out[b * grad_stride..b * grad_stride + dim];
+        for p in bags.bag(b) {
+            if let Some(&id) = indices.get(p + PREFETCH_DISTANCE) {
+                prefetch_lines(
+                    table.as_ptr().wrapping_add(id as usize * dim),
+                    dim,
+                    prefetch_read,
+                );
+            }
+            let id = indices[p] as usize;
+            gw[p - p0] = dot::<V>(g, &table[id * dim..(id + 1) * dim]);
+        }
+    }
+}
+
 /// Dot product of two equally long slices, in LANES-wide partial sums added up in a fixed order.
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+#[inline(always)]
+fn dot<V: SimdVec>(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
-    let mut acc = F32s::splat(0.0);
-    for (x, y) in a.chunks(LANES).zip(b.chunks(LANES)) {
+    let mut acc = V::splat(0.0);
+    for (x, y) in a.chunks(V::LANES).zip(b.chunks(V::LANES)) {
         // SAFETY: both chunks hold x.len() <= LANES readable floats.
         let (xv, yv) = unsafe {
             (
-                load_partial(x.as_ptr(), x.len()),
-                load_partial(y.as_ptr(), y.len()),
+                V::load_partial(x.as_ptr(), x.len()),
+                V::load_partial(y.as_ptr(), y.len()),
             )
         };
         acc = xv.mul_add(yv, acc);
@@ -207,7 +244,7 @@ impl<'w, 'a> RowGrads<'w, 'a> {
     /// out = the summed gradient of distinct row i (`out` holds dim floats). Always inlined,
     /// so that a caller passing a slice of literal length gets the pooling loop of that width.
     #[inline(always)]
-    pub(crate) fn sum_into(&self, i: usize, out: &mut [f32]) {
+    pub(crate) fn sum_into<V: SimdVec>(&self, i: usize, out: &mut [f32]) {
         debug_assert_eq!(out.len(), self.dim);
         let run = self.starts[i] as usize..self.starts[i + 1] as usize;
         let stride = self.grad_stride;
@@ -229,7 +266,7 @@ impl<'w, 'a> RowGrads<'w, 'a> {
                 );
             }
         };
-        pool_rows(out.len(), run.len(), &row, &prefetch, None, out);
+        pool_rows::<V>(out.len(), run.len(), &row, &prefetch, None, out);
     }
 
     /// Floats read and written by the backward (the measure for going parallel).
@@ -300,8 +337,22 @@ fn sort_by_row(keys: &mut Vec<u64>, tmp: &mut Vec<u64>, hist: &mut Vec<u32>, max
 /// The coalesced (duplicate-summed) sparse gradient of a table of `rows` rows from the
 /// gradient of its pooled output (`grad_out`: one row of the table's width per bag): distinct
 /// rows ascending, and their summed gradients (rows.len() x dim), duplicates summed in batch
-/// (position) order.
+/// (position) order. Runs on [`Isa::selected`].
 pub fn embedding_bag_backward_coalesce<'w>(
+    rows: usize,
+    bags: Bags,
+    pooling: Pooling,
+    grad_out: MatRef,
+    ws: &'w mut SparseGradWorkspace,
+    par: Par,
+) -> CoalescedGrad<'w> {
+    let isa = Isa::selected();
+    embedding_bag_backward_coalesce_with_isa(isa, rows, bags, pooling, grad_out, ws, par)
+}
+
+/// [`embedding_bag_backward_coalesce`] on `isa` (panics if the CPU lacks it).
+pub fn embedding_bag_backward_coalesce_with_isa<'w>(
+    isa: Isa,
     rows: usize,
     bags: Bags,
     pooling: Pooling,
@@ -325,12 +376,12 @@ pub fn embedding_bag_backward_coalesce<'w>(
     let grads = &mut grads[..n * dim];
     let grain = rg.grain(par);
     let chunk = |t: usize, g: &mut [f32]| {
-        with_width!(
+        dispatch!(isa, V => with_width!(
             dim,
             |width| for (i, out) in g.chunks_exact_mut(width).enumerate() {
-                rg.sum_into(t * grain + i, out);
+                rg.sum_into::<V>(t * grain + i, out);
             }
-        )
+        ))
     };
     if grain >= n {
         chunk(0, grads);

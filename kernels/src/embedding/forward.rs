@@ -3,26 +3,62 @@
 //! ([`gather_rows`]) it is measured against.
 
 use super::{Bags, MIN_PARALLEL_FLOATS, PREFETCH_DISTANCE, Pooling, pool_rows};
+use crate::isa::Isa;
 use crate::mat::{MatMut, MatRef, check_view, table_rows, table_slice};
 use crate::parallel::{Par, should_split, task_grain};
-use crate::simd::{LANES, load, load_partial, prefetch_lines, prefetch_read, store, store_partial};
+use crate::simd::{SimdVec, dispatch, prefetch_lines, prefetch_read};
 use rayon::prelude::*;
 
 /// Row b of `out` (bags x dim) = pooled rows of bag b of `table` (rows x dim, contiguous).
 /// The ids are validated by the caller ([`Bags::check`]); an id >= rows panics when its row
 /// is read (see [`Bags`]).
 pub fn embedding_bag_forward(table: MatRef, bags: Bags, pooling: Pooling, out: MatMut, par: Par) {
-    embedding_bag_forward_tables(1, |_| (table, bags), pooling, out, par);
+    embedding_bag_forward_with_isa(Isa::selected(), table, bags, pooling, out, par);
+}
+
+/// [`embedding_bag_forward`] on `isa` (panics if the CPU lacks it).
+pub fn embedding_bag_forward_with_isa(
+    isa: Isa,
+    table: MatRef,
+    bags: Bags,
+    pooling: Pooling,
+    out: MatMut,
+    par: Par,
+) {
+    embedding_bag_forward_tables_with_isa(isa, 1, |_| (table, bags), pooling, out, par);
 }
 
 /// Pools `num_tables` tables into shared output rows: `lookup(t)` gives table t (rows x dim,
 /// contiguous) and its bags, and bag b of table t goes to columns `t * dim .. (t + 1) * dim`
 /// of row b of `out` (bags x num_tables * dim: the model's feature rows, one slot per table).
 /// Every table has the same number of bags. Threads split the bags (output rows), and each
-/// task pools all tables for its rows, table by table, so every task owns whole rows.
+/// task pools all tables for its rows, table by table, so every task owns whole rows. Runs on
+/// the ISA [`Isa::selected`].
 pub fn embedding_bag_forward_tables<'t>(
     num_tables: usize,
     lookup: impl Fn(usize) -> (MatRef<'t>, Bags<'t>) + Sync,
+    pooling: Pooling,
+    out: MatMut,
+    par: Par,
+) {
+    embedding_bag_forward_tables_with_isa(Isa::selected(), num_tables, lookup, pooling, out, par)
+}
+
+/// [`embedding_bag_forward_tables`] on `isa` (panics if the CPU lacks it).
+pub fn embedding_bag_forward_tables_with_isa<'t>(
+    isa: Isa,
+    num_tables: usize,
+    lookup: impl Fn(usize) -> (MatRef<'t>, Bags<'t>) + Sync,
+    pooling: Pooling,
+    out: MatMut,
+    par: Par,
+) {
+    dispatch!(isa, V => forward_tables::<V>(num_tables, &lookup, pooling, out, par))
+}
+
+fn forward_tables<'t, V: SimdVec>(
+    num_tables: usize,
+    lookup: &(impl Fn(usize) -> (MatRef<'t>, Bags<'t>) + Sync),
     pooling: Pooling,
     out: MatMut,
     par: Par,
@@ -65,17 +101,19 @@ pub fn embedding_bag_forward_tables<'t>(
     }
     let out = out.into_slice();
     let rows_from = |b0: usize, out: &mut [f32]| {
-        for t in 0..num_tables {
-            pool_bags(
-                (table(t), dim),
-                bags(t),
-                pooling,
-                b0,
-                out,
-                out_stride,
-                t * dim,
-            );
-        }
+        V::vectorize(|| {
+            for t in 0..num_tables {
+                pool_bags::<V>(
+                    (table(t), dim),
+                    bags(t),
+                    pooling,
+                    b0,
+                    out,
+                    out_stride,
+                    t * dim,
+                );
+            }
+        })
     };
     if should_split(par, work, MIN_PARALLEL_FLOATS) {
         let grain = task_grain(n, true);
@@ -90,7 +128,8 @@ pub fn embedding_bag_forward_tables<'t>(
 /// Pools the bags from `b0` on, one per `out_stride` row of `out`, into columns
 /// `col .. col + dim` (as many bags as `out` has rows), `table` being rows of dim floats. The
 /// ids are not scanned: each row is a bounds-checked slice of `table`.
-fn pool_bags(
+#[inline(always)]
+fn pool_bags<V: SimdVec>(
     (table, dim): (&[f32], usize),
     bags: Bags,
     pooling: Pooling,
@@ -105,7 +144,7 @@ fn pool_bags(
         // Every bag is one row (Criteo's one-hot features): the pooled row is the row itself,
         // so it is copied, without the per-bag accumulator set-up, FMA pass and bookkeeping.
         let ids = &indices[b0..b0 + count];
-        return with_width!(dim, |width| copy_rows(
+        return with_width!(dim, |width| copy_rows::<V>(
             table,
             width,
             ids,
@@ -130,7 +169,7 @@ fn pool_bags(
             }
         };
         let div = (pooling == Pooling::Mean && !pos.is_empty()).then(|| pos.len() as f32);
-        pool_rows(dim, pos.len(), &row, &prefetch, div, &mut o[col..col + dim]);
+        pool_rows::<V>(dim, pos.len(), &row, &prefetch, div, &mut o[col..col + dim]);
     }
 }
 
@@ -138,8 +177,17 @@ fn pool_bags(
 /// copied with no arithmetic (PyTorch's `index_select` along rows). The row loads, stores and
 /// prefetches are the forward's, minus its FMAs and bag bookkeeping, so on the same ids this
 /// runs at the speed of the memory system: the ceiling the forward is benchmarked against.
-/// Threads split the output rows. Panics if an index >= rows.
+/// Threads split the output rows. Panics if an index >= rows. Runs on [`Isa::selected`].
 pub fn gather_rows(table: MatRef, indices: &[u32], out: MatMut, par: Par) {
+    gather_rows_with_isa(Isa::selected(), table, indices, out, par)
+}
+
+/// [`gather_rows`] on `isa` (panics if the CPU lacks it).
+pub fn gather_rows_with_isa(isa: Isa, table: MatRef, indices: &[u32], out: MatMut, par: Par) {
+    dispatch!(isa, V => gather_rows_lanes::<V>(table, indices, out, par))
+}
+
+fn gather_rows_lanes<V: SimdVec>(table: MatRef, indices: &[u32], out: MatMut, par: Par) {
     const WHO: &str = "gather_rows";
     let dim = table.cols();
     let table = table_slice(table, dim, WHO);
@@ -156,7 +204,11 @@ pub fn gather_rows(table: MatRef, indices: &[u32], out: MatMut, par: Par) {
     let out = out.into_slice();
     let rows_from = |i0: usize, out: &mut [f32]| {
         let ids = &indices[i0..];
-        with_width!(dim, |width| copy_rows(table, width, ids, out, out_stride))
+        V::vectorize(|| {
+            with_width!(dim, |width| copy_rows::<V>(
+                table, width, ids, out, out_stride
+            ))
+        })
     };
     if should_split(par, 2 * n * dim, MIN_PARALLEL_FLOATS) {
         let grain = task_grain(n, true);
@@ -174,7 +226,13 @@ pub fn gather_rows(table: MatRef, indices: &[u32], out: MatMut, par: Par) {
 /// so the specialised widths copy in a fixed number of full vectors. Ids are checked by the
 /// caller.
 #[inline(always)]
-fn copy_rows(table: &[f32], width: usize, ids: &[u32], out: &mut [f32], out_stride: usize) {
+fn copy_rows<V: SimdVec>(
+    table: &[f32],
+    width: usize,
+    ids: &[u32],
+    out: &mut [f32],
+    out_stride: usize,
+) {
     for (i, o) in out.chunks_mut(out_stride).enumerate() {
         if let Some(&ahead) = ids.get(i + PREFETCH_DISTANCE) {
             prefetch_lines(
@@ -185,19 +243,19 @@ fn copy_rows(table: &[f32], width: usize, ids: &[u32], out: &mut [f32], out_stri
         }
         let id = ids[i] as usize;
         let (src, dst) = (&table[id * width..(id + 1) * width], &mut o[..width]);
-        let full = width - width % LANES;
-        for k in (0..full).step_by(LANES) {
+        let full = width - width % V::LANES;
+        for k in (0..full).step_by(V::LANES) {
             // SAFETY: k + LANES <= width floats are readable in src and writable in dst.
-            unsafe { store(dst.as_mut_ptr().add(k), load(src.as_ptr().add(k))) }
+            unsafe { V::store(dst.as_mut_ptr().add(k), V::load(src.as_ptr().add(k))) }
         }
         if full < width {
             let tail = width - full;
             // SAFETY: the tail floats from `full` are readable in src and writable in dst.
             unsafe {
-                store_partial(
+                V::store_partial(
                     dst.as_mut_ptr().add(full),
                     tail,
-                    load_partial(src.as_ptr().add(full), tail),
+                    V::load_partial(src.as_ptr().add(full), tail),
                 )
             }
         }

@@ -19,7 +19,7 @@
 //! form runs in batch order; each run is then pooled like a forward bag, whose "table" is the
 //! output gradient. Distinct rows are independent, so threads take contiguous runs of them.
 
-use crate::simd::{F32s, LANES, load, load_partial, store, store_partial};
+use crate::simd::SimdVec;
 use core::ops::Range;
 
 /// How the rows of a bag are reduced.
@@ -300,7 +300,7 @@ const MIN_PARALLEL_FLOATS: usize = 1 << 15;
 /// read (to request a row further ahead). Rows are added in k order, with one FMA per
 /// element and row after the first, so the bits depend only on the rows and their order.
 #[inline(always)]
-fn pool_block<'r, const NV: usize>(
+fn pool_block<'r, V: SimdVec, const NV: usize>(
     n: usize,
     row: &impl Fn(usize) -> (&'r [f32], f32),
     prefetch: &impl Fn(usize),
@@ -309,22 +309,23 @@ fn pool_block<'r, const NV: usize>(
     div: Option<f32>,
     out: &mut [f32],
 ) {
-    let width = (NV - 1) * LANES + tail;
-    assert!(tail > 0 && tail <= LANES && out.len() == width);
-    let mut acc = [F32s::splat(0.0); NV];
+    let lanes = V::LANES;
+    let width = (NV - 1) * lanes + tail;
+    assert!(tail > 0 && tail <= lanes && out.len() == width);
+    let mut acc = [V::splat(0.0); NV];
     for k in 0..n {
         prefetch(k);
         let (r, w) = row(k);
         let r = &r[col..col + width];
-        let w = F32s::splat(w);
+        let w = V::splat(w);
         for (v, a) in acc.iter_mut().enumerate() {
             // SAFETY: r holds width floats: LANES at v * LANES for v < NV - 1, tail for the
             // last vector.
             let x = unsafe {
-                if v + 1 < NV || tail == LANES {
-                    load(r.as_ptr().add(v * LANES))
+                if v + 1 < NV || tail == lanes {
+                    V::load(r.as_ptr().add(v * lanes))
                 } else {
-                    load_partial(r.as_ptr().add(v * LANES), tail)
+                    V::load_partial(r.as_ptr().add(v * lanes), tail)
                 }
             };
             // The first row is multiplied rather than added to zero, so a bag of one row pools
@@ -333,18 +334,18 @@ fn pool_block<'r, const NV: usize>(
         }
     }
     if let Some(d) = div {
-        let d = F32s::splat(d);
+        let d = V::splat(d);
         for a in acc.iter_mut() {
-            *a /= d;
+            *a = *a / d;
         }
     }
     for (v, a) in acc.iter().enumerate() {
         // SAFETY: out holds width floats, laid out as for the loads above.
         unsafe {
-            if v + 1 < NV || tail == LANES {
-                store(out.as_mut_ptr().add(v * LANES), *a)
+            if v + 1 < NV || tail == lanes {
+                V::store(out.as_mut_ptr().add(v * lanes), *a)
             } else {
-                store_partial(out.as_mut_ptr().add(v * LANES), tail, *a)
+                V::store_partial(out.as_mut_ptr().add(v * lanes), tail, *a)
             }
         }
     }
@@ -378,29 +379,30 @@ macro_rules! with_width {
 }
 pub(crate) use with_width;
 
-/// Calls `pool_block::<N>` for the runtime vector count `$nv` in 1..=GENERIC_NV.
+/// Calls `pool_block::<V, N>` for the runtime vector count `$nv` in 1..=GENERIC_NV (a
+/// constant where the width is, see [`with_width`]).
 macro_rules! pool_block_nv {
-    ($nv:expr, ($($arg:expr),*)) => {
+    ($V:ident, $nv:expr, ($($arg:expr),*)) => {
         match $nv {
-            1 => pool_block::<1>($($arg),*),
-            2 => pool_block::<2>($($arg),*),
-            3 => pool_block::<3>($($arg),*),
-            4 => pool_block::<4>($($arg),*),
-            5 => pool_block::<5>($($arg),*),
-            6 => pool_block::<6>($($arg),*),
-            7 => pool_block::<7>($($arg),*),
-            8 => pool_block::<8>($($arg),*),
+            1 => pool_block::<$V, 1>($($arg),*),
+            2 => pool_block::<$V, 2>($($arg),*),
+            3 => pool_block::<$V, 3>($($arg),*),
+            4 => pool_block::<$V, 4>($($arg),*),
+            5 => pool_block::<$V, 5>($($arg),*),
+            6 => pool_block::<$V, 6>($($arg),*),
+            7 => pool_block::<$V, 7>($($arg),*),
+            8 => pool_block::<$V, 8>($($arg),*),
             nv => unreachable!("{nv} vectors in a block of at most {GENERIC_NV}"),
         }
     };
 }
 
 /// out[..width] = (sum over k < n of w_k * row_k[..width]) / div, for rows given by `row(k)`
-/// (see [`pool_block`]). The common widths (16, 32, 64, 128) are compiled with their vector
-/// count as a constant and no tail; any other width is pooled in column blocks of up to
-/// GENERIC_NV vectors, the last one masked. `prefetch` runs during the first block only.
+/// (see [`pool_block`]). A width of whole vectors, at most GENERIC_NV of them (16, 32, 64, 128
+/// on AVX-512), is pooled in one block with no tail; any other width in column blocks of up
+/// to GENERIC_NV vectors, the last one masked. `prefetch` runs during the first block only.
 #[inline(always)]
-fn pool_rows<'r>(
+fn pool_rows<'r, V: SimdVec>(
     width: usize,
     n: usize,
     row: &impl Fn(usize) -> (&'r [f32], f32),
@@ -409,22 +411,19 @@ fn pool_rows<'r>(
     out: &mut [f32],
 ) {
     let out = &mut out[..width];
-    match width {
-        16 => pool_block::<{ 16 / LANES }>(n, row, prefetch, 0, LANES, div, out),
-        32 => pool_block::<{ 32 / LANES }>(n, row, prefetch, 0, LANES, div, out),
-        64 => pool_block::<{ 64 / LANES }>(n, row, prefetch, 0, LANES, div, out),
-        128 => pool_block::<{ 128 / LANES }>(n, row, prefetch, 0, LANES, div, out),
-        _ => {
-            for (blk, out) in out.chunks_mut(GENERIC_NV * LANES).enumerate() {
-                let col = blk * GENERIC_NV * LANES;
-                let nv = out.len().div_ceil(LANES);
-                let tail = out.len() - (nv - 1) * LANES;
-                if blk == 0 {
-                    pool_block_nv!(nv, (n, row, prefetch, col, tail, div, out));
-                } else {
-                    pool_block_nv!(nv, (n, row, &|_| {}, col, tail, div, out));
-                }
-            }
+    let lanes = V::LANES;
+    if width > 0 && width.is_multiple_of(lanes) && width <= GENERIC_NV * lanes {
+        pool_block_nv!(V, width / lanes, (n, row, prefetch, 0, lanes, div, out));
+        return;
+    }
+    for (blk, out) in out.chunks_mut(GENERIC_NV * lanes).enumerate() {
+        let col = blk * GENERIC_NV * lanes;
+        let nv = out.len().div_ceil(lanes);
+        let tail = out.len() - (nv - 1) * lanes;
+        if blk == 0 {
+            pool_block_nv!(V, nv, (n, row, prefetch, col, tail, div, out));
+        } else {
+            pool_block_nv!(V, nv, (n, row, &|_| {}, col, tail, div, out));
         }
     }
 }
@@ -434,6 +433,11 @@ mod forward;
 
 pub(crate) use backward::RowGrads;
 pub use backward::{
-    CoalescedGrad, SparseGradWorkspace, embedding_bag_backward_coalesce, embedding_bag_weight_grad,
+    CoalescedGrad, SparseGradWorkspace, embedding_bag_backward_coalesce,
+    embedding_bag_backward_coalesce_with_isa, embedding_bag_weight_grad,
+    embedding_bag_weight_grad_with_isa,
 };
-pub use forward::{embedding_bag_forward, embedding_bag_forward_tables, gather_rows};
+pub use forward::{
+    embedding_bag_forward, embedding_bag_forward_tables, embedding_bag_forward_tables_with_isa,
+    embedding_bag_forward_with_isa, gather_rows, gather_rows_with_isa,
+};

@@ -24,7 +24,7 @@
 //! summation order), not in what they compute; each is deterministic, and gives the same
 //! bits for any thread count (threads split M only).
 
-use super::{GemmOps, MatMut, MatRef, gemm};
+use super::{GemmOps, MatMut, MatRef, gemm_with_isa};
 use crate::bf16::{Bf16, Isa, bf16_to_f32_slice};
 use crate::parallel::{Par, should_split};
 use rayon::prelude::*;
@@ -102,8 +102,8 @@ pub fn gemm_bf16(a: Bf16Mat, b: Bf16Mat, beta: f32, c: MatMut, isa: Isa, par: Pa
     }
     match isa {
         // K = 0: the product is zero and C = beta * C, which the f32 GEMM's epilogue does.
-        _ if k == 0 => gemm_bf16_portable(a, b, beta, c, par),
-        Isa::Portable => gemm_bf16_portable(a, b, beta, c, par),
+        _ if k == 0 => gemm_bf16_portable(a, b, beta, c, isa, par),
+        Isa::Portable | Isa::Avx2 | Isa::Avx512 => gemm_bf16_portable(a, b, beta, c, isa, par),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Bf16 => gemm_bf16_avx512(a, b, beta, c, par),
         #[cfg(not(target_arch = "x86_64"))]
@@ -111,8 +111,8 @@ pub fn gemm_bf16(a: Bf16Mat, b: Bf16Mat, beta: f32, c: MatMut, isa: Isa, par: Pa
     }
 }
 
-/// The operands converted to f32 (exact) and multiplied by the f32 GEMM.
-fn gemm_bf16_portable(a: Bf16Mat, b: Bf16Mat, beta: f32, c: MatMut, par: Par) {
+/// The operands converted to f32 (exact) and multiplied by the f32 GEMM on `isa`.
+fn gemm_bf16_portable(a: Bf16Mat, b: Bf16Mat, beta: f32, c: MatMut, isa: Isa, par: Par) {
     let widen = |x: Bf16Mat| {
         let mut out = vec![0.0f32; x.data.len()];
         bf16_to_f32_slice(x.data, &mut out, Isa::Portable);
@@ -123,7 +123,8 @@ fn gemm_bf16_portable(a: Bf16Mat, b: Bf16Mat, beta: f32, c: MatMut, par: Par) {
         beta,
         ..GemmOps::default()
     };
-    gemm(
+    gemm_with_isa(
+        isa,
         MatRef::new(&a32, a.rows, a.cols),
         MatRef::new(&b32, b.rows, b.cols).t(),
         c,

@@ -12,7 +12,8 @@
 //! clamped to a sane range. Only KC changes the arithmetic (it decides where the K loop is cut
 //! and C re-read); MC and NC only reorder independent work.
 
-use crate::simd::LANES;
+use crate::isa::Isa;
+use crate::simd::MAX_LANES;
 
 /// Cache sizes in bytes, per core for L1d and L2; L3 as reported (shared).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,10 +107,10 @@ pub struct BlockSizes {
     pub nc: usize,
 }
 
-/// Multiple that MC is rounded to: a common multiple of the microkernels' MR.
+/// Multiple that MC is rounded to: a common multiple of the microkernels' MR (6, 12, 24).
 const MC_QUANTUM: usize = 24;
-/// Multiple that NC is rounded to: the widest microkernel's NR.
-const NC_QUANTUM: usize = 4 * LANES;
+/// Multiple that NC is rounded to: a multiple of every level's NR.
+const NC_QUANTUM: usize = 4 * MAX_LANES;
 
 impl BlockSizes {
     /// Derives the block sizes from cache sizes for a microkernel whose B micro-panel is
@@ -125,11 +126,17 @@ impl BlockSizes {
         BlockSizes { kc, mc, nc }
     }
 
-    /// Block sizes for this machine (cpuid), computed once.
+    /// Block sizes for this machine (cpuid) and the ISA [`Isa::selected`], computed once.
     pub fn host() -> BlockSizes {
-        static HOST: std::sync::OnceLock<BlockSizes> = std::sync::OnceLock::new();
-        *HOST.get_or_init(|| {
-            BlockSizes::from_caches(CacheSizes::detect(), super::microkernel::WIDE_NR)
-        })
+        BlockSizes::for_isa(Isa::selected())
+    }
+
+    /// Block sizes for this machine's caches (cpuid, read once) and the microkernel of `isa`
+    /// (its NR sets KC).
+    pub fn for_isa(isa: Isa) -> BlockSizes {
+        static CACHES: std::sync::OnceLock<CacheSizes> = std::sync::OnceLock::new();
+        let caches = *CACHES.get_or_init(CacheSizes::detect);
+        let nr = super::microkernel::WIDE_NV * isa.simd_level().lanes();
+        BlockSizes::from_caches(caches, nr)
     }
 }

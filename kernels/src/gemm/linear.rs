@@ -9,8 +9,9 @@
 //! | db       | db (+)= column sums of dY ⊙ [Y>0] |   |     |       |
 
 use super::{GemmOps, MatMut, MatRef, gemm};
+use crate::isa::Isa;
 use crate::parallel::{Par, should_split};
-use crate::simd::{F32s, LANES, load_partial, store_partial};
+use crate::simd::{MAX_LANES, SimdVec, dispatch};
 use rayon::prelude::*;
 
 /// Y = X . W^T + bias, then ReLU if `relu`. `x` is batch x in, `w` is out x in.
@@ -55,13 +56,35 @@ pub fn linear_backward_weight(
     gemm(dy.t(), x, dw, &ops, par);
 }
 
-/// Columns per parallel task of [`bias_grad`].
-const BIAS_GRAD_COLS_PER_TASK: usize = 4 * LANES;
+/// Columns per parallel task of [`bias_grad`] (a multiple of every level's LANES).
+const BIAS_GRAD_COLS_PER_TASK: usize = 4 * MAX_LANES;
 
-/// db = column sums of dY ⊙ [Y > 0] (added to db if `accumulate`). Threads split the columns,
-/// and each column is summed over the rows in row order, so the bits never depend on the
-/// thread count.
+/// db = column sums of dY ⊙ [Y > 0] (added to db if `accumulate`), on [`Isa::selected`].
+/// Threads split the columns, and each column is summed over the rows in row order, so the
+/// bits never depend on the thread count.
 pub fn bias_grad(dy: MatRef, relu_out: Option<MatRef>, db: &mut [f32], accumulate: bool, par: Par) {
+    bias_grad_with_isa(Isa::selected(), dy, relu_out, db, accumulate, par)
+}
+
+/// [`bias_grad`] on `isa` (panics if the CPU lacks it).
+pub fn bias_grad_with_isa(
+    isa: Isa,
+    dy: MatRef,
+    relu_out: Option<MatRef>,
+    db: &mut [f32],
+    accumulate: bool,
+    par: Par,
+) {
+    dispatch!(isa, V => bias_grad_lanes::<V>(dy, relu_out, db, accumulate, par))
+}
+
+fn bias_grad_lanes<V: SimdVec>(
+    dy: MatRef,
+    relu_out: Option<MatRef>,
+    db: &mut [f32],
+    accumulate: bool,
+    par: Par,
+) {
     let (m, n) = (dy.rows(), dy.cols());
     assert_eq!(
         db.len(),
@@ -77,27 +100,26 @@ pub fn bias_grad(dy: MatRef, relu_out: Option<MatRef>, db: &mut [f32], accumulat
         );
     }
     let columns = |j0: usize, out: &mut [f32]| {
-        for (v, out_v) in out.chunks_mut(LANES).enumerate() {
-            let j = j0 + v * LANES;
-            let w = out_v.len();
-            let mut acc = if accumulate {
-                crate::simd::load_slice_partial(out_v)
-            } else {
-                F32s::splat(0.0)
-            };
-            for i in 0..m {
-                let g = row_vec(&dy, i, j, w);
-                acc += match &relu_out {
-                    None => g,
-                    Some(y) => {
-                        // An all-ones lane mask where Y > 0: AND keeps g there, zero elsewhere.
-                        row_vec(y, i, j, w).simd_gt(F32s::splat(0.0)) & g
-                    }
+        V::vectorize(|| {
+            for (v, out_v) in out.chunks_mut(V::LANES).enumerate() {
+                let j = j0 + v * V::LANES;
+                let w = out_v.len();
+                let mut acc = if accumulate {
+                    V::from_slice(out_v)
+                } else {
+                    V::splat(0.0)
                 };
+                for i in 0..m {
+                    let g = row_vec::<V>(&dy, i, j, w);
+                    acc += match &relu_out {
+                        // An all-ones lane mask where Y > 0: AND keeps g there, zero elsewhere.
+                        Some(y) => row_vec::<V>(y, i, j, w).simd_gt(V::splat(0.0)) & g,
+                        None => g,
+                    };
+                }
+                acc.store_to(out_v);
             }
-            // SAFETY: out_v holds w <= LANES writable floats.
-            unsafe { store_partial(out_v.as_mut_ptr(), w, acc) };
-        }
+        })
     };
     if should_split(par, m * n, 1 << 16) {
         db.par_chunks_mut(BIAS_GRAD_COLS_PER_TASK)
@@ -110,16 +132,16 @@ pub fn bias_grad(dy: MatRef, relu_out: Option<MatRef>, db: &mut [f32], accumulat
 
 /// Up to LANES elements of row i from column j (zero-filled), for any column stride.
 #[inline(always)]
-fn row_vec(x: &MatRef, i: usize, j: usize, w: usize) -> F32s {
+fn row_vec<V: SimdVec>(x: &MatRef, i: usize, j: usize, w: usize) -> V {
     if x.col_stride() == 1 {
         let s = x.row_slice(i, j, w);
         // SAFETY: s holds w <= LANES readable floats.
-        unsafe { load_partial(s.as_ptr(), w) }
+        unsafe { V::load_partial(s.as_ptr(), w) }
     } else {
-        let mut buf = [0.0f32; LANES];
+        let mut buf = [0.0f32; MAX_LANES];
         for (q, b) in buf.iter_mut().enumerate().take(w) {
             *b = x.get(i, j + q);
         }
-        F32s::new(buf)
+        V::from_slice(&buf[..w])
     }
 }

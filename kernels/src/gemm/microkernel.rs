@@ -2,8 +2,9 @@
 //!
 //! Per step of k: NV vector loads of one B row, MR broadcasts of one A column, MR * NV FMAs
 //! into accumulators that never leave registers (MR * NV of them: 24 of the 32 zmm registers
-//! on AVX-512, 12 of the 16 ymm on AVX2). That is 2 + 12 loads per 24 FMAs, inside the
-//! two-loads-per-cycle budget that feeds two FMA ports.
+//! on AVX-512 with a 12 x 32 tile, 12 of the 16 ymm on AVX2 with BLIS's Haswell 6 x 16 tile;
+//! [`SimdVec::GEMM_MR`]). That is 2 + 12 loads per 24 FMAs, inside the two-loads-per-cycle
+//! budget that feeds two FMA ports.
 //!
 //! A is either packed (MR values per k step, contiguous) or read in place through strides; B is
 //! either packed (NR values per k step, zero-padded, so full-width loads are always safe) or
@@ -11,25 +12,10 @@
 //! The epilogue (alpha, beta, bias, ReLU) is applied as the tile is stored; rows past `m` and
 //! columns past `n` are never written.
 
-use crate::simd::{
-    F32s, LANES, load, load_partial, prefetch_read, prefetch_write, store, store_partial,
-};
+use crate::simd::{SimdVec, prefetch_read, prefetch_write};
 
-/// Rows of the wide microkernel's register tile.
-#[cfg(target_feature = "avx512f")]
-pub const WIDE_MR: usize = 12;
-#[cfg(not(target_feature = "avx512f"))]
-pub const WIDE_MR: usize = 6;
-/// Vectors per row of the wide microkernel's tile.
+/// Vectors per row of the wide microkernel's tile (NR = WIDE_NV * LANES columns).
 pub const WIDE_NV: usize = 2;
-/// Columns of the wide microkernel's tile.
-pub const WIDE_NR: usize = WIDE_NV * LANES;
-
-/// Rows of the narrow (one vector wide) microkernel, used when C has at most LANES columns.
-#[cfg(target_feature = "avx512f")]
-pub const NARROW_MR: usize = 24;
-#[cfg(not(target_feature = "avx512f"))]
-pub const NARROW_MR: usize = 12;
 
 /// How many k steps ahead the microkernel prefetches its operands.
 const PREFETCH_STEPS: usize = 8;
@@ -64,7 +50,7 @@ pub struct StoreOps {
     pub relu: bool,
 }
 
-/// Computes one MR x (NV * LANES) tile.
+/// Computes one MR x (NV * LANES) tile, in a function compiled for `V`'s level.
 ///
 /// # Safety
 /// - A: when `A_PACKED`, `MR * k` readable floats at `t.a`; otherwise element (i, p) at
@@ -73,21 +59,47 @@ pub struct StoreOps {
 /// - C: row i at `t.c + i * c_rs`, `t.n` writable (and readable if beta != 0) floats, i < t.m.
 /// - bias: null or `t.n` readable floats.
 #[inline(never)]
-pub unsafe fn tile<const MR: usize, const NV: usize, const A_PACKED: bool, const B_FULL: bool>(
+pub unsafe fn tile<
+    V: SimdVec,
+    const MR: usize,
+    const NV: usize,
+    const A_PACKED: bool,
+    const B_FULL: bool,
+>(
     t: &Tile,
     s: &StoreOps,
 ) {
-    let mut cnt = [LANES; NV];
+    // SAFETY: forwarded from the caller.
+    V::vectorize(|| unsafe { tile_body::<V, MR, NV, A_PACKED, B_FULL>(t, s) })
+}
+
+/// The body of [`tile`], inlined into its `#[target_feature]` wrapper.
+///
+/// # Safety
+/// As for [`tile`].
+#[inline(always)]
+unsafe fn tile_body<
+    V: SimdVec,
+    const MR: usize,
+    const NV: usize,
+    const A_PACKED: bool,
+    const B_FULL: bool,
+>(
+    t: &Tile,
+    s: &StoreOps,
+) {
+    let lanes = V::LANES;
+    let mut cnt = [lanes; NV];
     for (v, c) in cnt.iter_mut().enumerate() {
-        *c = t.n.saturating_sub(v * LANES).min(LANES);
+        *c = t.n.saturating_sub(v * lanes).min(lanes);
     }
     for i in 0..MR.min(t.m) {
         // Warm the C rows for the store while the k loop runs.
         prefetch_write(t.c.wrapping_add(i * t.c_rs));
-        prefetch_write(t.c.wrapping_add(i * t.c_rs + NV * LANES - 1));
+        prefetch_write(t.c.wrapping_add(i * t.c_rs + NV * lanes - 1));
     }
 
-    let zero = F32s::splat(0.0);
+    let zero = V::splat(0.0);
     let mut acc = [[zero; NV]; MR];
     let mut a = t.a;
     let mut b = t.b;
@@ -97,7 +109,7 @@ pub unsafe fn tile<const MR: usize, const NV: usize, const A_PACKED: bool, const
         // each on AVX-512) and A's column. Measured +2-7% on the DLRM layer shapes and 1024^3
         // (interleaved A/B runs, one thread), as the B micro-panel does not stay in L1 whole.
         for v in 0..NV {
-            prefetch_read(b.wrapping_add(PREFETCH_STEPS * t.b_rs + v * LANES));
+            prefetch_read(b.wrapping_add(PREFETCH_STEPS * t.b_rs + v * lanes));
         }
         prefetch_read(a.wrapping_add(PREFETCH_STEPS * a_step));
         let mut bv = [zero; NV];
@@ -105,9 +117,9 @@ pub unsafe fn tile<const MR: usize, const NV: usize, const A_PACKED: bool, const
             // SAFETY: row p of B has NV*LANES (B_FULL) or cnt[v] readable floats at offset v*LANES.
             bv[v] = unsafe {
                 if B_FULL {
-                    load(b.add(v * LANES))
+                    V::load(b.add(v * lanes))
                 } else {
-                    load_partial(b.add(v * LANES), cnt[v])
+                    V::load_partial(b.add(v * lanes), cnt[v])
                 }
             };
         }
@@ -120,7 +132,7 @@ pub unsafe fn tile<const MR: usize, const NV: usize, const A_PACKED: bool, const
                     *a.add(i * t.a_rs)
                 }
             };
-            let av = F32s::splat(ai);
+            let av = V::splat(ai);
             for v in 0..NV {
                 acc_row[v] = av.mul_add(bv[v], acc_row[v]);
             }
@@ -129,8 +141,8 @@ pub unsafe fn tile<const MR: usize, const NV: usize, const A_PACKED: bool, const
         b = b.wrapping_add(t.b_rs);
     }
 
-    let alpha = F32s::splat(s.alpha);
-    let beta = F32s::splat(s.beta);
+    let alpha = V::splat(s.alpha);
+    let beta = V::splat(s.beta);
     for (i, acc_row) in acc.iter().enumerate() {
         if i >= t.m {
             break;
@@ -141,33 +153,33 @@ pub unsafe fn tile<const MR: usize, const NV: usize, const A_PACKED: bool, const
             if n == 0 {
                 continue;
             }
-            let cp = crow.wrapping_add(v * LANES);
+            let cp = crow.wrapping_add(v * lanes);
             let mut r = acc_row[v] * alpha;
             // SAFETY: n floats of C row i (and of bias) at offset v*LANES are valid.
             unsafe {
                 if s.beta != 0.0 {
-                    let old = if n == LANES {
-                        load(cp)
+                    let old = if n == lanes {
+                        V::load(cp)
                     } else {
-                        load_partial(cp, n)
+                        V::load_partial(cp, n)
                     };
                     r = old.mul_add(beta, r);
                 }
                 if !s.bias.is_null() {
-                    let bp = s.bias.add(v * LANES);
-                    r += if n == LANES {
-                        load(bp)
+                    let bp = s.bias.add(v * lanes);
+                    r += if n == lanes {
+                        V::load(bp)
                     } else {
-                        load_partial(bp, n)
+                        V::load_partial(bp, n)
                     };
                 }
                 if s.relu {
                     r = r.max(zero);
                 }
-                if n == LANES {
-                    store(cp, r)
+                if n == lanes {
+                    V::store(cp, r)
                 } else {
-                    store_partial(cp, n, r)
+                    V::store_partial(cp, n, r)
                 }
             }
         }

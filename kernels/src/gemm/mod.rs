@@ -30,21 +30,23 @@ mod pack;
 pub use crate::mat::{MatMut, MatRef};
 pub use bf16::{Bf16Mat, gemm_bf16};
 pub use blocking::{BlockSizes, CacheSizes};
-pub use linear::{bias_grad, linear_backward_input, linear_backward_weight, linear_forward};
-pub use microkernel::{NARROW_MR, WIDE_MR, WIDE_NR};
+pub use linear::{
+    bias_grad, bias_grad_with_isa, linear_backward_input, linear_backward_weight, linear_forward,
+};
 
+use crate::isa::Isa;
 use crate::parallel::{Par, should_split};
 use crate::scratch::{PACK_A, PACK_B, PARTIALS, with_scratch};
-use crate::simd::{F32s, LANES, load, load_partial, store};
-use microkernel::{StoreOps, Tile};
+use crate::simd::{SimdVec, dispatch};
+use microkernel::{StoreOps, Tile, WIDE_NV};
 use rayon::prelude::*;
 
 /// A is not packed when C has at most this many rows: the block is small enough to stay in
 /// cache and packing would cost a copy for little reuse.
 pub const NOPACK_A_MAX_M: usize = 64;
-/// B is not packed (when its rows are contiguous) if C has at most this many rows: each B
-/// micro-panel is then read by at most two register tiles, too few to repay the copy.
-pub const NOPACK_B_MAX_M: usize = 2 * WIDE_MR;
+/// B is not packed (when its rows are contiguous) if C has at most this many register tiles'
+/// rows: each B micro-panel is then read by at most two tiles, too few to repay the copy.
+pub const NOPACK_B_MAX_TILES: usize = 2;
 /// C with at most this many columns, A rows and B columns contiguous (Y = X W^T with a
 /// one-output layer), is computed as dot products along K instead of register tiles that
 /// would be mostly padding.
@@ -86,13 +88,20 @@ impl Default for GemmOps<'_> {
     }
 }
 
-/// C = relu(alpha * op(A) . op(B) + beta * C + bias), with this machine's block sizes.
+/// C = relu(alpha * op(A) . op(B) + beta * C + bias), on the ISA [`Isa::selected`] with this
+/// machine's block sizes.
 pub fn gemm(a: MatRef, b: MatRef, c: MatMut, ops: &GemmOps, par: Par) {
-    gemm_with_blocks(&BlockSizes::host(), a, b, c, ops, par)
+    gemm_with_isa(Isa::selected(), a, b, c, ops, par)
 }
 
-/// [`gemm`] with explicit block sizes.
+/// [`gemm`] on `isa` (panics if the CPU lacks it).
+pub fn gemm_with_isa(isa: Isa, a: MatRef, b: MatRef, c: MatMut, ops: &GemmOps, par: Par) {
+    gemm_with_blocks(isa, &BlockSizes::for_isa(isa), a, b, c, ops, par)
+}
+
+/// [`gemm`] on `isa` with explicit block sizes.
 pub fn gemm_with_blocks(
+    isa: Isa,
     bs: &BlockSizes,
     a: MatRef,
     b: MatRef,
@@ -136,13 +145,37 @@ pub fn gemm_with_blocks(
         return;
     }
     if n <= DOT_MAX_N && a.cs == 1 && b.rs == 1 && ops.a_relu_mask.is_none() {
-        gemm_dot(a, b, c, ops, par);
+        dispatch!(isa, V => gemm_dot::<V>(a, b, c, ops, par));
     } else if m * n <= SPLIT_K_MAX_MN && k >= 2 * SPLIT_K_CHUNK {
-        gemm_split_k(bs, a, b, c, ops, par);
-    } else if n <= LANES {
-        gemm_blocked::<NARROW_MR, 1>(bs, a, b, c.rb_mut(), ops, par);
+        dispatch!(isa, V => gemm_split_k::<V>(isa, bs, a, b, c, ops, par));
     } else {
-        gemm_blocked::<WIDE_MR, { microkernel::WIDE_NV }>(bs, a, b, c.rb_mut(), ops, par);
+        dispatch!(isa, V => gemm_tiled::<V>(bs, a, b, c, ops, par));
+    }
+}
+
+/// The register-tiled GEMM with `V`'s microkernel: one vector wide when C has at most LANES
+/// columns, else two.
+fn gemm_tiled<V: SimdVec>(
+    bs: &BlockSizes,
+    a: MatRef,
+    b: MatRef,
+    c: MatMut,
+    ops: &GemmOps,
+    par: Par,
+) {
+    // The tile heights are constants of V; the match turns them into const parameters.
+    if b.cols <= V::LANES {
+        match V::GEMM_NARROW_MR {
+            24 => gemm_blocked::<V, 24, 1>(bs, a, b, c, ops, par),
+            12 => gemm_blocked::<V, 12, 1>(bs, a, b, c, ops, par),
+            mr => unreachable!("no narrow microkernel of {mr} rows"),
+        }
+    } else {
+        match V::GEMM_MR {
+            12 => gemm_blocked::<V, 12, WIDE_NV>(bs, a, b, c, ops, par),
+            6 => gemm_blocked::<V, 6, WIDE_NV>(bs, a, b, c, ops, par),
+            mr => unreachable!("no wide microkernel of {mr} rows"),
+        }
     }
 }
 
@@ -181,7 +214,7 @@ fn task_grid(m_tiles: usize, n_tiles: usize, threads: usize) -> (usize, usize) {
     (tm, tn)
 }
 
-fn gemm_blocked<const MR: usize, const NV: usize>(
+fn gemm_blocked<V: SimdVec, const MR: usize, const NV: usize>(
     bs: &BlockSizes,
     a: MatRef,
     b: MatRef,
@@ -190,9 +223,9 @@ fn gemm_blocked<const MR: usize, const NV: usize>(
     par: Par,
 ) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    let nr = NV * LANES;
+    let nr = NV * V::LANES;
     let pack_a = ops.a_relu_mask.is_some() || (m > NOPACK_A_MAX_M && n > nr);
-    let pack_b = b.cs != 1 || m > NOPACK_B_MAX_M;
+    let pack_b = b.cs != 1 || m > NOPACK_B_MAX_TILES * V::GEMM_MR;
     let kc_max = bs.kc;
     let mc_max = (bs.mc / MR).max(1) * MR;
     let nc_max = (bs.nc / nr).max(1) * nr;
@@ -222,9 +255,9 @@ fn gemm_blocked<const MR: usize, const NV: usize>(
                         panels
                             .par_chunks_mut(kc * nr)
                             .enumerate()
-                            .for_each(|(q, p)| pack::pack_b_panel(b_blk, q * nr, nr, p));
+                            .for_each(|(q, p)| pack::pack_b_panel::<V>(b_blk, q * nr, nr, p));
                     } else {
-                        pack::pack_b(b_blk, nr, panels);
+                        pack::pack_b::<V>(b_blk, nr, panels);
                     }
                     panels
                 } else {
@@ -257,7 +290,7 @@ fn gemm_blocked<const MR: usize, const NV: usize>(
                         relu: last && ops.relu,
                         mc_max,
                     };
-                    blk.run::<MR, NV>(i0..i1, j0..j1);
+                    blk.run::<V, MR, NV>(i0..i1, j0..j1);
                 };
                 if tm * tn > 1 {
                     (0..tm * tn).into_par_iter().for_each(task);
@@ -295,12 +328,12 @@ struct Block<'a> {
 
 impl Block<'_> {
     /// Rows `rows` of C (absolute), columns `cols` (relative to jc, multiples of NR but the end).
-    fn run<const MR: usize, const NV: usize>(
+    fn run<V: SimdVec, const MR: usize, const NV: usize>(
         &self,
         rows: std::ops::Range<usize>,
         cols: std::ops::Range<usize>,
     ) {
-        let nr = NV * LANES;
+        let nr = NV * V::LANES;
         let kc = self.kc;
         let a_len = if self.pack_a {
             self.mc_max.min(rows.len()).div_ceil(MR) * MR * kc
@@ -312,7 +345,7 @@ impl Block<'_> {
                 let mc = self.mc_max.min(rows.end - ic);
                 if self.pack_a {
                     let mask = self.mask.map(|mk| mk.sub(ic, self.pc, mc, kc));
-                    pack::pack_a::<MR>(self.a.sub(ic, self.pc, mc, kc), mask, a_buf);
+                    pack::pack_a::<V, MR>(self.a.sub(ic, self.pc, mc, kc), mask, a_buf);
                 }
                 for jr in cols.clone().step_by(nr) {
                     let nv = nr.min(cols.end - jr);
@@ -352,7 +385,7 @@ impl Block<'_> {
                         // ic+ir .. ic+ir+mv < m, columns jc+jr .. +nv <= n, k steps pc .. pc+kc;
                         // packed buffers hold full MR/NR panels; this task alone writes it.
                         unsafe {
-                            run_tile::<MR, NV>(&t, &st, self.pack_a, self.pack_b || nv == nr)
+                            run_tile::<V, MR, NV>(&t, &st, self.pack_a, self.pack_b || nv == nr)
                         };
                     }
                 }
@@ -367,7 +400,7 @@ impl Block<'_> {
 ///
 /// # Safety
 /// As for [`microkernel::tile`].
-unsafe fn run_tile<const MR: usize, const NV: usize>(
+unsafe fn run_tile<V: SimdVec, const MR: usize, const NV: usize>(
     t: &Tile,
     st: &StoreOps,
     a_packed: bool,
@@ -377,13 +410,13 @@ unsafe fn run_tile<const MR: usize, const NV: usize>(
     // SAFETY: (all calls) forwarded from the caller; sub-tiles only shrink the row range.
     unsafe {
         match (a_packed, b_full) {
-            (true, true) => tile::<MR, NV, true, true>(t, st),
-            (true, false) => tile::<MR, NV, true, false>(t, st),
+            (true, true) => tile::<V, MR, NV, true, true>(t, st),
+            (true, false) => tile::<V, MR, NV, true, false>(t, st),
             (false, _) if t.m == MR => {
                 if b_full {
-                    tile::<MR, NV, false, true>(t, st)
+                    tile::<V, MR, NV, false, true>(t, st)
                 } else {
-                    tile::<MR, NV, false, false>(t, st)
+                    tile::<V, MR, NV, false, false>(t, st)
                 }
             }
             (false, _) => {
@@ -398,9 +431,9 @@ unsafe fn run_tile<const MR: usize, const NV: usize>(
                                 ..*t
                             };
                             if b_full {
-                                tile::<$rows, NV, false, true>(&s, st)
+                                tile::<V, $rows, NV, false, true>(&s, st)
                             } else {
-                                tile::<$rows, NV, false, false>(&s, st)
+                                tile::<V, $rows, NV, false, false>(&s, st)
                             }
                             done += $rows;
                         }
@@ -419,19 +452,21 @@ unsafe fn run_tile<const MR: usize, const NV: usize>(
 
 /// C = epilogue(A . B) for C with few columns, as dot products along K: A's rows and B's
 /// columns are contiguous, so each element is one vectorised dot product.
-fn gemm_dot(a: MatRef, b: MatRef, c: MatMut, ops: &GemmOps, par: Par) {
+fn gemm_dot<V: SimdVec>(a: MatRef, b: MatRef, c: MatMut, ops: &GemmOps, par: Par) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let c_rs = c.rs;
     let rows_per_task = 64;
     let run = |i0: usize, c_rows: &mut [f32]| {
-        let mut acc = [0.0f32; DOT_MAX_N];
-        for (r, c_row) in c_rows.chunks_mut(c_rs).enumerate() {
-            let a_row = a.row_slice(i0 + r, 0, k);
-            for (j, acc_j) in acc.iter_mut().enumerate().take(n) {
-                *acc_j = dot(a_row, &b.data[j * b.cs..j * b.cs + k]);
+        V::vectorize(|| {
+            let mut acc = [0.0f32; DOT_MAX_N];
+            for (r, c_row) in c_rows.chunks_mut(c_rs).enumerate() {
+                let a_row = a.row_slice(i0 + r, 0, k);
+                for (j, acc_j) in acc.iter_mut().enumerate().take(n) {
+                    *acc_j = dot_lanes::<V>(a_row, &b.data[j * b.cs..j * b.cs + k]);
+                }
+                epilogue_row(Some(&acc[..n]), &mut c_row[..n], ops);
             }
-            epilogue_row(Some(&acc[..n]), &mut c_row[..n], ops);
-        }
+        })
     };
     let data = &mut c.data[..];
     if should_split(par, 2 * m * n * k, MIN_PARALLEL_FLOPS) {
@@ -443,27 +478,34 @@ fn gemm_dot(a: MatRef, b: MatRef, c: MatMut, ops: &GemmOps, par: Par) {
     }
 }
 
+/// Dot product of two equal-length slices on the ISA [`Isa::selected`]; see [`dot_lanes`].
+pub fn dot(x: &[f32], y: &[f32]) -> f32 {
+    dispatch!(Isa::selected(), V => dot_lanes::<V>(x, y))
+}
+
 /// Dot product of two equal-length slices with two vector accumulators (to cover FMA
 /// latency) and a masked tail; a fixed order, so the same inputs give the same bits.
-pub fn dot(x: &[f32], y: &[f32]) -> f32 {
+#[inline(always)]
+pub(crate) fn dot_lanes<V: SimdVec>(x: &[f32], y: &[f32]) -> f32 {
     assert_eq!(x.len(), y.len());
-    let len = x.len();
-    let (mut s0, mut s1) = (F32s::splat(0.0), F32s::splat(0.0));
+    let (len, lanes) = (x.len(), V::LANES);
+    let (mut s0, mut s1) = (V::splat(0.0), V::splat(0.0));
     let mut p = 0;
     // SAFETY: (all loads) p + LANES <= len (or the partial count) floats are in bounds.
     unsafe {
-        while p + 2 * LANES <= len {
-            s0 = load(x.as_ptr().add(p)).mul_add(load(y.as_ptr().add(p)), s0);
-            s1 = load(x.as_ptr().add(p + LANES)).mul_add(load(y.as_ptr().add(p + LANES)), s1);
-            p += 2 * LANES;
+        let (xp, yp) = (x.as_ptr(), y.as_ptr());
+        while p + 2 * lanes <= len {
+            s0 = V::load(xp.add(p)).mul_add(V::load(yp.add(p)), s0);
+            s1 = V::load(xp.add(p + lanes)).mul_add(V::load(yp.add(p + lanes)), s1);
+            p += 2 * lanes;
         }
-        if p + LANES <= len {
-            s0 = load(x.as_ptr().add(p)).mul_add(load(y.as_ptr().add(p)), s0);
-            p += LANES;
+        if p + lanes <= len {
+            s0 = V::load(xp.add(p)).mul_add(V::load(yp.add(p)), s0);
+            p += lanes;
         }
         if p < len {
             let r = len - p;
-            s1 = load_partial(x.as_ptr().add(p), r).mul_add(load_partial(y.as_ptr().add(p), r), s1);
+            s1 = V::load_partial(xp.add(p), r).mul_add(V::load_partial(yp.add(p), r), s1);
         }
     }
     (s0 + s1).reduce_add()
@@ -471,7 +513,15 @@ pub fn dot(x: &[f32], y: &[f32]) -> f32 {
 
 /// C = epilogue(sum over fixed K chunks of A_chunk . B_chunk), partial products added in
 /// chunk order. The chunks run in parallel; each is an ordinary serial-or-parallel GEMM.
-fn gemm_split_k(bs: &BlockSizes, a: MatRef, b: MatRef, mut c: MatMut, ops: &GemmOps, par: Par) {
+fn gemm_split_k<V: SimdVec>(
+    isa: Isa,
+    bs: &BlockSizes,
+    a: MatRef,
+    b: MatRef,
+    mut c: MatMut,
+    ops: &GemmOps,
+    par: Par,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let chunks = k.div_ceil(SPLIT_K_CHUNK);
     let mn = m * n;
@@ -484,6 +534,7 @@ fn gemm_split_k(bs: &BlockSizes, a: MatRef, b: MatRef, mut c: MatMut, ops: &Gemm
                 ..GemmOps::default()
             };
             gemm_with_blocks(
+                isa,
                 bs,
                 a.sub(0, p0, m, kq),
                 b.sub(p0, 0, kq, n),
@@ -504,9 +555,11 @@ fn gemm_split_k(bs: &BlockSizes, a: MatRef, b: MatRef, mut c: MatMut, ops: &Gemm
         }
         // Sum the partials in chunk order, into the first one, vectorised along the rows.
         let (first, rest) = partials.split_at_mut(mn);
-        for part in rest.chunks(mn) {
-            add_assign(first, part);
-        }
+        V::vectorize(|| {
+            for part in rest.chunks(mn) {
+                add_assign::<V>(first, part);
+            }
+        });
         for i in 0..m {
             epilogue_row(Some(&first[i * n..(i + 1) * n]), c.row_mut(i), ops);
         }
@@ -514,13 +567,14 @@ fn gemm_split_k(bs: &BlockSizes, a: MatRef, b: MatRef, mut c: MatMut, ops: &Gemm
 }
 
 /// x += y elementwise.
-fn add_assign(x: &mut [f32], y: &[f32]) {
+#[inline(always)]
+fn add_assign<V: SimdVec>(x: &mut [f32], y: &[f32]) {
     assert_eq!(x.len(), y.len());
-    let mut xc = x.chunks_exact_mut(LANES);
-    let mut yc = y.chunks_exact(LANES);
+    let mut xc = x.chunks_exact_mut(V::LANES);
+    let mut yc = y.chunks_exact(V::LANES);
     for (xv, yv) in (&mut xc).zip(&mut yc) {
         // SAFETY: both chunks hold exactly LANES floats.
-        unsafe { store(xv.as_mut_ptr(), load(xv.as_ptr()) + load(yv.as_ptr())) };
+        unsafe { V::store(xv.as_mut_ptr(), V::load(xv.as_ptr()) + V::load(yv.as_ptr())) };
     }
     for (xi, yi) in xc.into_remainder().iter_mut().zip(yc.remainder()) {
         *xi += yi;

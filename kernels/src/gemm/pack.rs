@@ -8,12 +8,12 @@
 //! a LANES x LANES in-register transpose (lines contiguous along p).
 
 use super::MatRef;
-use crate::simd::{F32s, LANES, load_slice_partial, store_slice_partial, transpose};
+use crate::simd::{MAX_LANES, SimdVec};
 
 /// Packs `a` (mc x kc) into `dst` as ceil(mc / MR) micro-panels of MR x kc. Elements where
 /// `mask` is not positive are packed as 0: this is how the ReLU backward mask dY * [Y > 0] is
 /// fused into the read of dY.
-pub fn pack_a<const MR: usize>(a: MatRef, mask: Option<MatRef>, dst: &mut [f32]) {
+pub fn pack_a<V: SimdVec, const MR: usize>(a: MatRef, mask: Option<MatRef>, dst: &mut [f32]) {
     let (mc, kc) = (a.rows(), a.cols());
     if let Some(m) = &mask {
         assert_eq!((m.rows(), m.cols()), (mc, kc));
@@ -23,7 +23,7 @@ pub fn pack_a<const MR: usize>(a: MatRef, mask: Option<MatRef>, dst: &mut [f32])
     for (q, panel) in dst.chunks_exact_mut(MR * kc).take(panels).enumerate() {
         let i0 = q * MR;
         let rows = MR.min(mc - i0);
-        pack_panel(
+        pack_panel::<V>(
             a.sub(i0, 0, rows, kc),
             mask.map(|m| m.sub(i0, 0, rows, kc)),
             panel,
@@ -33,23 +33,30 @@ pub fn pack_a<const MR: usize>(a: MatRef, mask: Option<MatRef>, dst: &mut [f32])
 }
 
 /// Packs `b` (kc x nc) into `dst` as ceil(nc / nr) micro-panels of kc x nr.
-pub fn pack_b(b: MatRef, nr: usize, dst: &mut [f32]) {
+pub fn pack_b<V: SimdVec>(b: MatRef, nr: usize, dst: &mut [f32]) {
     let panels = b.cols().div_ceil(nr);
     assert!(dst.len() >= panels * nr * b.rows());
     for (q, panel) in dst.chunks_exact_mut(nr * b.rows()).take(panels).enumerate() {
-        pack_b_panel(b, q * nr, nr, panel);
+        pack_b_panel::<V>(b, q * nr, nr, panel);
     }
 }
 
 /// Packs the `nr` columns of `b` starting at `j0` into one micro-panel (kc x nr).
-pub fn pack_b_panel(b: MatRef, j0: usize, nr: usize, panel: &mut [f32]) {
+pub fn pack_b_panel<V: SimdVec>(b: MatRef, j0: usize, nr: usize, panel: &mut [f32]) {
     let cols = nr.min(b.cols() - j0);
-    pack_panel(b.sub(0, j0, b.rows(), cols).t(), None, panel, nr);
+    pack_panel::<V>(b.sub(0, j0, b.rows(), cols).t(), None, panel, nr);
 }
 
 /// `panel[p * width + r] = src(r, p)` (0 where `mask(r, p) <= 0`) for the `src.rows() <= width`
-/// lines, zero for the padding lines up to `width`.
-fn pack_panel(src: MatRef, mask: Option<MatRef>, panel: &mut [f32], width: usize) {
+/// lines, zero for the padding lines up to `width`. Compiled for `V`'s level (a parallel task
+/// runs it).
+fn pack_panel<V: SimdVec>(src: MatRef, mask: Option<MatRef>, panel: &mut [f32], width: usize) {
+    V::vectorize(|| pack_panel_body::<V>(src, mask, panel, width))
+}
+
+/// The body of [`pack_panel`].
+#[inline(always)]
+fn pack_panel_body<V: SimdVec>(src: MatRef, mask: Option<MatRef>, panel: &mut [f32], width: usize) {
     let (lines, kc) = (src.rows(), src.cols());
     let panel = &mut panel[..width * kc];
     if lines < width {
@@ -60,9 +67,9 @@ fn pack_panel(src: MatRef, mask: Option<MatRef>, panel: &mut [f32], width: usize
         s(&src) == 1 && mask.is_none_or(|m| s(&m) == 1)
     };
     if unit(true) {
-        pack_by_copy(src, mask, panel, width);
+        pack_by_copy::<V>(src, mask, panel, width);
     } else if unit(false) {
-        pack_by_transpose(src, mask, panel, width);
+        pack_by_transpose::<V>(src, mask, panel, width);
     } else {
         for p in 0..kc {
             for r in 0..lines {
@@ -74,46 +81,53 @@ fn pack_panel(src: MatRef, mask: Option<MatRef>, panel: &mut [f32], width: usize
 }
 
 /// `src` lines are contiguous across r (a transposed view): one vector copy per k step.
-fn pack_by_copy(src: MatRef, mask: Option<MatRef>, panel: &mut [f32], width: usize) {
+#[inline(always)]
+fn pack_by_copy<V: SimdVec>(src: MatRef, mask: Option<MatRef>, panel: &mut [f32], width: usize) {
     let lines = src.rows();
     let (st, mt) = (src.t(), mask.map(|m| m.t()));
-    let zero = F32s::splat(0.0);
+    let zero = V::splat(0.0);
     for (p, out) in panel.chunks_exact_mut(width).enumerate() {
-        for r0 in (0..lines).step_by(LANES) {
-            let n = LANES.min(lines - r0);
-            let x = load_slice_partial(st.row_slice(p, r0, n));
+        for r0 in (0..lines).step_by(V::LANES) {
+            let n = V::LANES.min(lines - r0);
+            let x = V::from_slice(st.row_slice(p, r0, n));
             let v = match &mt {
                 None => x,
-                Some(m) => keep_positive(load_slice_partial(m.row_slice(p, r0, n)), x, zero),
+                Some(m) => keep_positive(V::from_slice(m.row_slice(p, r0, n)), x, zero),
             };
-            store_slice_partial(&mut out[r0..r0 + n], v);
+            v.store_to(&mut out[r0..r0 + n]);
         }
     }
 }
 
 /// `src` lines are contiguous along p (row-major A, or W for B = W^T): LANES x LANES blocks are
 /// loaded a line per vector, transposed in registers and stored a k step per vector.
-fn pack_by_transpose(src: MatRef, mask: Option<MatRef>, panel: &mut [f32], width: usize) {
+#[inline(always)]
+fn pack_by_transpose<V: SimdVec>(
+    src: MatRef,
+    mask: Option<MatRef>,
+    panel: &mut [f32],
+    width: usize,
+) {
     let (lines, kc) = (src.rows(), src.cols());
-    let zero = F32s::splat(0.0);
-    for p0 in (0..kc).step_by(LANES) {
-        let w = LANES.min(kc - p0);
-        for r0 in (0..lines).step_by(LANES) {
-            let n = LANES.min(lines - r0);
-            let mut blk = [zero; LANES];
+    let zero = V::splat(0.0);
+    let lanes = V::LANES;
+    for p0 in (0..kc).step_by(lanes) {
+        let w = lanes.min(kc - p0);
+        for r0 in (0..lines).step_by(lanes) {
+            let n = lanes.min(lines - r0);
+            let mut blk = [zero; MAX_LANES];
+            let blk = &mut blk[..lanes];
             for (r, v) in blk.iter_mut().enumerate().take(n) {
-                let x = load_slice_partial(src.row_slice(r0 + r, p0, w));
+                let x = V::from_slice(src.row_slice(r0 + r, p0, w));
                 *v = match &mask {
                     None => x,
-                    Some(m) => {
-                        keep_positive(load_slice_partial(m.row_slice(r0 + r, p0, w)), x, zero)
-                    }
+                    Some(m) => keep_positive(V::from_slice(m.row_slice(r0 + r, p0, w)), x, zero),
                 };
             }
-            transpose(&mut blk);
+            V::transpose(blk);
             for (l, v) in blk.iter().enumerate().take(w) {
                 let at = (p0 + l) * width + r0;
-                store_slice_partial(&mut panel[at..at + n], *v);
+                v.store_to(&mut panel[at..at + n]);
             }
         }
     }
@@ -121,6 +135,6 @@ fn pack_by_transpose(src: MatRef, mask: Option<MatRef>, panel: &mut [f32], width
 
 /// x where y > 0, else 0 (the compare gives all-ones lanes, so AND selects).
 #[inline(always)]
-fn keep_positive(y: F32s, x: F32s, zero: F32s) -> F32s {
+fn keep_positive<V: SimdVec>(y: V, x: V, zero: V) -> V {
     y.simd_gt(zero) & x
 }

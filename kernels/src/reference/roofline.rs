@@ -1,18 +1,17 @@
 //! Scalar twins of the roofline loops.
 
 use crate::roofline::{FMA_PEAK_CHAINS, LINE_FLOATS};
-use crate::simd::LANES;
 
-/// The sum over the LANES copies of each of the FMA_PEAK_CHAINS chains a <- a x + y, chain i
+/// The sum over the `lanes` copies of each of the FMA_PEAK_CHAINS chains a <- a x + y, chain i
 /// starting at i / 1000, after `iters` steps, in f64.
-pub fn fma_peak(iters: usize, x: f32, y: f32) -> f64 {
+pub fn fma_peak(iters: usize, x: f32, y: f32, lanes: usize) -> f64 {
     (0..FMA_PEAK_CHAINS)
         .map(|i| {
             let mut a = f64::from(i as f32 * 1e-3);
             for _ in 0..iters {
                 a = a * f64::from(x) + f64::from(y);
             }
-            a * LANES as f64
+            a * lanes as f64
         })
         .sum()
 }

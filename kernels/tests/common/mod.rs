@@ -155,3 +155,19 @@ pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], abs: f32, rel:
         );
     }
 }
+
+/// One ISA per vector width this CPU runs (portable, then AVX2, then AVX-512 where present):
+/// the property tests call every kernel once per path. AVX512-BF16 runs the f32 kernels on
+/// the AVX-512 path, so it is not repeated.
+pub fn isas() -> Vec<dlrm_kernels::isa::Isa> {
+    let mut out: Vec<dlrm_kernels::isa::Isa> = Vec::new();
+    for isa in dlrm_kernels::isa::Isa::all_supported() {
+        if out
+            .last()
+            .is_none_or(|last| last.simd_level() != isa.simd_level())
+        {
+            out.push(isa);
+        }
+    }
+    out
+}
