@@ -78,12 +78,12 @@ pub fn f32_to_bf16_slice(src: &[f32], dst: &mut [Bf16], isa: Isa) {
             }
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Bf16 => {
+        Isa::Avx512Bf16 | Isa::Amx => {
             // SAFETY: the CPU has AVX512-BF16/F/BW/VL (asserted above); equal lengths.
             unsafe { avx512::f32_to_bf16(src, dst) }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        Isa::Avx512Bf16 => unreachable!("asserted unsupported"),
+        Isa::Avx512Bf16 | Isa::Amx => unreachable!("asserted unsupported"),
     }
 }
 
@@ -105,12 +105,12 @@ pub fn bf16_to_f32_slice(src: &[Bf16], dst: &mut [f32], isa: Isa) {
             }
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Bf16 => {
+        Isa::Avx512Bf16 | Isa::Amx => {
             // SAFETY: the CPU has AVX512-BF16/F/BW/VL (asserted above); equal lengths.
             unsafe { avx512::bf16_to_f32(src, dst) }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        Isa::Avx512Bf16 => unreachable!("asserted unsupported"),
+        Isa::Avx512Bf16 | Isa::Amx => unreachable!("asserted unsupported"),
     }
 }
 

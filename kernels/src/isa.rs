@@ -6,8 +6,8 @@
 //! instructions include the previous one's.
 //!
 //! [`Isa::selected`] detects the CPU once per process. The environment variable `DLRM_ISA`
-//! forces a level: `portable`, `avx2`, `avx512`, `avx512bf16`, or `native` (or unset) for the
-//! best the CPU has. Asking for a level the CPU lacks is an error, never undefined behaviour.
+//! forces a level: `portable`, `avx2`, `avx512`, `avx512bf16`, `amx`, or `native` (or unset)
+//! for the best the CPU has. Asking for a level the CPU lacks is an error, never undefined behaviour.
 
 use std::sync::OnceLock;
 
@@ -24,6 +24,9 @@ pub enum Isa {
     /// [`Isa::Avx512`] plus AVX512-BF16 (VCVTNE2PS2BF16, VDPBF16PS): Intel Cooper Lake,
     /// Sapphire Rapids and later, AMD Zen 4 and later.
     Avx512Bf16,
+    /// [`Isa::Avx512Bf16`] plus AMX-BF16 tiles (TDPBF16PS) for the BF16 GEMM: Intel Sapphire
+    /// Rapids and later, on an OS that grants the tile state (Linux 5.16+).
+    Amx,
 }
 
 /// The environment variable that overrides [`Isa::selected`].
@@ -51,7 +54,13 @@ impl SimdLevel {
 
 impl Isa {
     /// Every level, in order.
-    pub const ALL: [Isa; 4] = [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16];
+    pub const ALL: [Isa; 5] = [
+        Isa::Portable,
+        Isa::Avx2,
+        Isa::Avx512,
+        Isa::Avx512Bf16,
+        Isa::Amx,
+    ];
 
     /// The ISA the kernels should run here: the best this CPU supports unless `DLRM_ISA` says
     /// otherwise. Detected and read once per process.
@@ -73,6 +82,7 @@ impl Isa {
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
             Isa::Avx512Bf16 => "avx512bf16",
+            Isa::Amx => "amx",
         }
     }
 
@@ -127,6 +137,9 @@ impl Isa {
                 Isa::Avx2 => avx2(),
                 Isa::Avx512 => avx512(),
                 Isa::Avx512Bf16 => avx512() && is_x86_feature_detected!("avx512bf16"),
+                Isa::Amx => {
+                    Isa::Avx512Bf16.is_supported() && crate::gemm::amx::tiles_usable()
+                }
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -148,7 +161,7 @@ impl Isa {
         match self {
             Isa::Portable => SimdLevel::Portable,
             Isa::Avx2 => SimdLevel::Avx2,
-            Isa::Avx512 | Isa::Avx512Bf16 => SimdLevel::Avx512,
+            Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => SimdLevel::Avx512,
         }
     }
 
@@ -187,7 +200,7 @@ mod tests {
     #[test]
     fn levels_are_ordered_and_supported_downwards() {
         assert!(Isa::Portable < Isa::Avx2 && Isa::Avx2 < Isa::Avx512);
-        assert!(Isa::Avx512 < Isa::Avx512Bf16);
+        assert!(Isa::Avx512 < Isa::Avx512Bf16 && Isa::Avx512Bf16 < Isa::Amx);
         let supported = Isa::all_supported();
         assert_eq!(supported[0], Isa::Portable);
         // A level is supported only if every level below it is.

@@ -148,6 +148,7 @@ fn run_ours(isa: Isa, cs: &Case, inp: &Inputs, par: Par) -> Vec<f32> {
         bias: inp.bias.as_deref(),
         relu: cs.relu,
         a_relu_mask: inp.mask.as_ref().map(|m| m.view()),
+        ..GemmOps::default()
     };
     gemm::gemm_with_isa(
         isa,
@@ -177,6 +178,7 @@ fn check_isa_against_reference(isa: Isa, cs: &Case) -> Result<(), TestCaseError>
         bias: inp.bias.as_deref(),
         relu: cs.relu,
         a_relu_mask: inp.mask.as_ref().map(|m| m.view()),
+        ..GemmOps::default()
     };
     reference::gemm(
         inp.a.view(),

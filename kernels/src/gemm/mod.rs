@@ -21,6 +21,8 @@
 //! `cargo bench --bench gemm`, see README.md): no packing of a block that is read only once or
 //! twice, a dot-product path for C with a handful of columns.
 
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 pub mod bf16;
 mod blocking;
 pub mod linear;
@@ -28,7 +30,7 @@ mod microkernel;
 mod pack;
 
 pub use crate::mat::{MatMut, MatRef};
-pub use bf16::{Bf16Mat, gemm_bf16};
+pub use bf16::{Bf16Mat, gemm_bf16, gemm_rounded_bf16};
 pub use blocking::{BlockSizes, CacheSizes};
 pub use linear::{
     bias_grad, bias_grad_with_isa, linear_backward_input, linear_backward_weight, linear_forward,
@@ -74,6 +76,23 @@ pub struct GemmOps<'a> {
     /// If set (same shape as A), A is read as A ⊙ [mask > 0]: the ReLU backward, with the
     /// layer's output as the mask, fused into the read of dY.
     pub a_relu_mask: Option<MatRef<'a>>,
+    /// The precision of the operands in the product (the accumulation and the epilogue are
+    /// f32 either way).
+    pub precision: Precision,
+}
+
+/// The precision the operands of [`gemm`] are multiplied in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 operands, f32 accumulation.
+    #[default]
+    F32,
+    /// Mixed precision (Micikevicius et al., "Mixed Precision Training", ICLR 2018; Kalamkar
+    /// et al., "A Study of BFLOAT16 for Deep Learning Training", 2019): op(A) (after the ReLU
+    /// mask) and op(B) are rounded to bf16 with round-to-nearest-even
+    /// ([`Bf16::from_f32`](crate::bf16::Bf16::from_f32)) as they are packed, their products
+    /// are accumulated in f32, and the epilogue (alpha, beta, bias, ReLU) is f32.
+    Bf16,
 }
 
 impl Default for GemmOps<'_> {
@@ -84,6 +103,7 @@ impl Default for GemmOps<'_> {
             bias: None,
             relu: false,
             a_relu_mask: None,
+            precision: Precision::F32,
         }
     }
 }
@@ -99,7 +119,8 @@ pub fn gemm_with_isa(isa: Isa, a: MatRef, b: MatRef, c: MatMut, ops: &GemmOps, p
     gemm_with_blocks(isa, &BlockSizes::for_isa(isa), a, b, c, ops, par)
 }
 
-/// [`gemm`] on `isa` with explicit block sizes.
+/// [`gemm`] on `isa` with explicit block sizes (of the f32 kernels: a [`Precision::Bf16`]
+/// product runs on [`gemm_rounded_bf16`], whose kernels have their own blocking).
 pub fn gemm_with_blocks(
     isa: Isa,
     bs: &BlockSizes,
@@ -144,7 +165,9 @@ pub fn gemm_with_blocks(
         }
         return;
     }
-    if n <= DOT_MAX_N && a.cs == 1 && b.rs == 1 && ops.a_relu_mask.is_none() {
+    if ops.precision == Precision::Bf16 {
+        gemm_rounded_bf16(a, b, c, ops, isa, par);
+    } else if n <= DOT_MAX_N && a.cs == 1 && b.rs == 1 && ops.a_relu_mask.is_none() {
         dispatch!(isa, V => gemm_dot::<V>(a, b, c, ops, par));
     } else if m * n <= SPLIT_K_MAX_MN && k >= 2 * SPLIT_K_CHUNK {
         dispatch!(isa, V => gemm_split_k::<V>(isa, bs, a, b, c, ops, par));
