@@ -430,6 +430,7 @@ fn pool_rows<'r>(
 }
 
 mod backward;
+pub mod bf16;
 mod forward;
 
 pub(crate) use backward::RowGrads;
