@@ -594,12 +594,13 @@ fn save_parameters(model: &dyn Model, dir: &Path) -> Result<serde_json::Value> {
     }
     crash_point("tables");
     let mut dense: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
-    for (name, shape, t) in &all {
+    let values: Vec<_> = all.iter().map(|(_, _, t)| t.values()).collect();
+    for ((name, shape, t), values) in all.iter().zip(&values) {
         if let TensorKind::Dense = t.kind {
             if !t.state.is_empty() {
                 dense.push((format!("optim.{name}"), shape.clone(), t.state));
             }
-            dense.push((name.clone(), shape.clone(), t.values));
+            dense.push((name.clone(), shape.clone(), values));
         }
     }
     write_safetensors(&dir.join(DENSE), &dense)?;
@@ -781,7 +782,7 @@ fn check_table_finite(
     opts: LoadOptions,
 ) -> Result<()> {
     let table_path = version.join(table_file_name(table.index()));
-    check_finite(&table_path, name, shape, table.weights(), opts)?;
+    check_finite(&table_path, name, shape, &table.values(), opts)?;
     let state_path = version.join(state_file_name(table.index()));
     let state_shape = [state.rows(), state.width()];
     let state_name = format!("optim.{name}");

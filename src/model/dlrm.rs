@@ -12,13 +12,14 @@
 //! Every buffer is sized once for the largest batch, so a step allocates nothing.
 
 use super::architecture::{Architecture, InteractionOp};
+use super::embedding::TableLayout;
 use super::mlp::Mlp;
 use super::parameters::{
     Named, Parameters, TableSource, Tensor, TensorMut, visit_mlp, visit_mlp_mut,
 };
 use super::sparse::SparseTables;
 use super::{
-    BatchError, DenseOptimizer, Model, ModelConfig, OptimizerKind, PhaseTimer, Task,
+    BatchError, DenseOptimizer, Model, ModelConfig, OptimizerKind, PhaseTimer, Precision, Task,
     check_capacity, head_loss, head_predict, mlp_floats_per_sample, validate_batch,
 };
 use crate::data::BatchView;
@@ -357,6 +358,18 @@ impl Model for Dlrm {
     }
     fn set_parallelism(&mut self, par: Par) {
         self.par = par;
+    }
+    fn precision(&self) -> Precision {
+        match self.embeddings.layout() {
+            TableLayout::Fp32 => Precision::Fp32,
+            TableLayout::SplitBf16 => Precision::Bf16,
+        }
+    }
+    fn set_precision(&mut self, precision: Precision) -> anyhow::Result<()> {
+        self.embeddings.set_layout(match precision {
+            Precision::Fp32 => TableLayout::Fp32,
+            Precision::Bf16 => TableLayout::SplitBf16,
+        })
     }
     fn config(&self) -> ModelConfig {
         ModelConfig::Dlrm(self.arch.clone())
