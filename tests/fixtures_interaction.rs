@@ -7,7 +7,8 @@ mod common;
 use common::fixtures::{self, Fixture};
 use dlrm::kernels::activation;
 use dlrm::kernels::gemm::{
-    MatMut, MatRef, bias_grad, linear_backward_input, linear_backward_weight, linear_forward,
+    MatMut, MatRef, Precision, bias_grad, linear_backward_input, linear_backward_weight,
+    linear_forward,
 };
 use dlrm::kernels::interaction;
 use dlrm::kernels::parallel::Par;
@@ -187,6 +188,7 @@ fn check_mlp(case: &str) {
                 Some(bias(l)),
                 false,
                 MatMut::new(&mut z, batch, w.rows()),
+                Precision::F32,
                 Par::Rayon,
             );
             fx.assert_close(&format!("preact_{l}"), &z);
@@ -198,6 +200,7 @@ fn check_mlp(case: &str) {
             Some(bias(l)),
             hidden,
             MatMut::new(&mut y, batch, w.rows()),
+            Precision::F32,
             Par::Rayon,
         );
         acts.push(y);
@@ -230,6 +233,7 @@ fn check_mlp(case: &str) {
             input,
             MatMut::new(&mut dw, w.rows(), w.cols()),
             false,
+            Precision::F32,
             Par::Rayon,
         );
         fx.assert_close(&format!("grad_w{l}"), &dw);
@@ -242,6 +246,7 @@ fn check_mlp(case: &str) {
             mask,
             w,
             MatMut::new(&mut dx, batch, w.cols()),
+            Precision::F32,
             Par::Rayon,
         );
         dy = dx;

@@ -318,6 +318,7 @@ fn full_rank_forward(net: &CrossNet, x0: MatRef, saved: &mut [f32], out: MatMut,
             Some(&net.b[l * d..(l + 1) * d]),
             false,
             MatMut::new(u, batch, d),
+            crate::gemm::Precision::F32,
             par,
         );
         let u: &[f32] = u;
@@ -598,6 +599,7 @@ fn full_rank_backward(
             MatRef::with_row_stride(xl, batch, d, xl_stride),
             MatMut::new(&mut dw[l * d * d..(l + 1) * d * d], d, d),
             false,
+            crate::gemm::Precision::F32,
             par,
         );
         bias_grad(du_m, None, &mut db[l * d..(l + 1) * d], false, par);

@@ -144,6 +144,7 @@ fn run_ours(cs: &Case, inp: &Inputs, par: Par) -> Vec<f32> {
         bias: inp.bias.as_deref(),
         relu: cs.relu,
         a_relu_mask: inp.mask.as_ref().map(|m| m.view()),
+        ..GemmOps::default()
     };
     gemm::gemm(
         inp.a.view(),
@@ -165,6 +166,7 @@ fn check_against_reference(cs: &Case) -> Result<(), TestCaseError> {
         bias: inp.bias.as_deref(),
         relu: cs.relu,
         a_relu_mask: inp.mask.as_ref().map(|m| m.view()),
+        ..GemmOps::default()
     };
     reference::gemm(
         inp.a.view(),

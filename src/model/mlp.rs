@@ -4,7 +4,8 @@
 
 use crate::rng::SplitMix64;
 use dlrm_kernels::gemm::{
-    MatMut, MatRef, bias_grad, linear_backward_input, linear_backward_weight, linear_forward,
+    MatMut, MatRef, Precision, bias_grad, linear_backward_input, linear_backward_weight,
+    linear_forward,
 };
 use dlrm_kernels::parallel::Par;
 
@@ -140,6 +141,7 @@ impl Mlp {
                 Some(&layer.bias),
                 layer.relu,
                 y,
+                Precision::F32,
                 par,
             );
         }
@@ -193,6 +195,7 @@ impl Mlp {
                 input,
                 MatMut::new(&mut layer.grad_weight, outs, ins),
                 false,
+                Precision::F32,
                 par,
             );
             bias_grad(dy, mask, &mut layer.grad_bias, false, par);
@@ -202,7 +205,7 @@ impl Mlp {
                 Some(MatMut::new(&mut below[l - 1][..batch * ins], batch, ins))
             };
             if let Some(d) = d_input {
-                linear_backward_input(dy, mask, layer.weight_view(), d, par);
+                linear_backward_input(dy, mask, layer.weight_view(), d, Precision::F32, par);
             }
         }
     }

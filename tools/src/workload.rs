@@ -16,7 +16,7 @@ use dlrm::model::{Model, OptimizerKind, PhaseSeconds, PhaseTimer, TableSource};
 use dlrm::rng::{SplitMix64, derive_key};
 use dlrm::storage::StorageKind;
 use dlrm::train::DataSource;
-use dlrm_kernels::gemm::{MatMut, MatRef, linear_forward};
+use dlrm_kernels::gemm::{MatMut, MatRef, Precision, linear_forward};
 use dlrm_kernels::parallel::Par;
 
 /// Distinct batches a kernel workload cycles through (their ids spread over the tables, so the
@@ -210,6 +210,7 @@ impl Workload for Gemm {
             None,
             false,
             MatMut::new(&mut self.y, self.rows, self.outputs),
+            Precision::F32,
             Par::Rayon,
         );
         Ok(())

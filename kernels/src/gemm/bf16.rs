@@ -24,7 +24,7 @@
 //! summation order), not in what they compute; each is deterministic, and gives the same
 //! bits for any thread count (threads split M only).
 
-use super::{GemmOps, MatMut, MatRef, gemm};
+use super::{BlockSizes, GemmOps, MatMut, MatRef, Precision, gemm, gemm_with_blocks};
 use crate::bf16::{Bf16, Isa, bf16_to_f32_slice};
 use crate::parallel::{Par, should_split};
 use rayon::prelude::*;
@@ -130,6 +130,65 @@ fn gemm_bf16_portable(a: Bf16Mat, b: Bf16Mat, beta: f32, c: MatMut, par: Par) {
         &ops,
         par,
     );
+}
+
+/// [`Precision::Bf16`] for [`gemm_with_blocks`]: op(A) ⊙ [mask > 0] and op(B) rounded to bf16
+/// (held exactly as f32), then multiplied by the f32 GEMM: a product of two bf16 values is
+/// exact in f32, so this is bf16 operands with f32 accumulation.
+pub(super) fn gemm_rounded(
+    bs: &BlockSizes,
+    a: MatRef,
+    b: MatRef,
+    c: MatMut,
+    ops: &GemmOps,
+    par: Par,
+) {
+    let (a_data, a_trans) = round_to_bf16(a, ops.a_relu_mask);
+    let (b_data, b_trans) = round_to_bf16(b, None);
+    fn view(data: &[f32], rows: usize, cols: usize, trans: bool) -> MatRef<'_> {
+        if trans {
+            MatRef::new(data, cols, rows).t()
+        } else {
+            MatRef::new(data, rows, cols)
+        }
+    }
+    let f32_ops = GemmOps {
+        a_relu_mask: None,
+        precision: Precision::F32,
+        ..*ops
+    };
+    gemm_with_blocks(
+        bs,
+        view(&a_data, a.rows, a.cols, a_trans),
+        view(&b_data, b.rows, b.cols, b_trans),
+        c,
+        &f32_ops,
+        par,
+    );
+}
+
+/// `x ⊙ [mask > 0]` rounded to bf16 (as f32 values), dense, in the orientation of `x`'s unit
+/// stride: row-major, or column-major (returned `true`) when `x` is a transposed view.
+fn round_to_bf16(x: MatRef, mask: Option<MatRef>) -> (Vec<f32>, bool) {
+    let trans = x.rs == 1 && x.cs != 1;
+    let (lines, len) = if trans {
+        (x.cols, x.rows)
+    } else {
+        (x.rows, x.cols)
+    };
+    let mut out = vec![0.0f32; lines * len];
+    for (l, line) in out.chunks_exact_mut(len.max(1)).take(lines).enumerate() {
+        for (e, o) in line.iter_mut().enumerate() {
+            let (i, j) = if trans { (e, l) } else { (l, e) };
+            let keep = mask.is_none_or(|mk| mk.get(i, j) > 0.0);
+            *o = if keep {
+                Bf16::from_f32(x.get(i, j)).to_f32()
+            } else {
+                0.0
+            };
+        }
+    }
+    (out, trans)
 }
 
 /// Packs the `width` lines (rows of A or of B) starting at `line0` over the K pairs

@@ -7,17 +7,29 @@
 //! | dX       | dX = (dY ⊙ [Y>0]) . W         | batch | in  | out   |
 //! | dW       | dW (+)= (dY ⊙ [Y>0])^T . X    | out   | in  | batch |
 //! | db       | db (+)= column sums of dY ⊙ [Y>0] |   |     |       |
+//!
+//! The three products take a [`Precision`]: with [`Precision::Bf16`] their operands are
+//! rounded to bf16 and multiplied with f32 accumulation; db is always summed in f32.
 
-use super::{GemmOps, MatMut, MatRef, gemm};
+use super::{GemmOps, MatMut, MatRef, Precision, gemm};
 use crate::parallel::{Par, should_split};
 use crate::simd::{F32s, LANES, load_partial, store_partial};
 use rayon::prelude::*;
 
 /// Y = X . W^T + bias, then ReLU if `relu`. `x` is batch x in, `w` is out x in.
-pub fn linear_forward(x: MatRef, w: MatRef, bias: Option<&[f32]>, relu: bool, y: MatMut, par: Par) {
+pub fn linear_forward(
+    x: MatRef,
+    w: MatRef,
+    bias: Option<&[f32]>,
+    relu: bool,
+    y: MatMut,
+    precision: Precision,
+    par: Par,
+) {
     let ops = GemmOps {
         bias,
         relu,
+        precision,
         ..GemmOps::default()
     };
     gemm(x, w.t(), y, &ops, par);
@@ -29,10 +41,12 @@ pub fn linear_backward_input(
     relu_out: Option<MatRef>,
     w: MatRef,
     dx: MatMut,
+    precision: Precision,
     par: Par,
 ) {
     let ops = GemmOps {
         a_relu_mask: relu_out,
+        precision,
         ..GemmOps::default()
     };
     gemm(dy, w, dx, &ops, par);
@@ -45,11 +59,13 @@ pub fn linear_backward_weight(
     x: MatRef,
     dw: MatMut,
     accumulate: bool,
+    precision: Precision,
     par: Par,
 ) {
     let ops = GemmOps {
         beta: if accumulate { 1.0 } else { 0.0 },
         a_relu_mask: relu_out.map(|y| y.t()),
+        precision,
         ..GemmOps::default()
     };
     gemm(dy.t(), x, dw, &ops, par);

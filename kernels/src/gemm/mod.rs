@@ -72,6 +72,23 @@ pub struct GemmOps<'a> {
     /// If set (same shape as A), A is read as A ⊙ [mask > 0]: the ReLU backward, with the
     /// layer's output as the mask, fused into the read of dY.
     pub a_relu_mask: Option<MatRef<'a>>,
+    /// The precision of the operands in the product (the accumulation and the epilogue are
+    /// f32 either way).
+    pub precision: Precision,
+}
+
+/// The precision the operands of [`gemm`] are multiplied in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 operands, f32 accumulation.
+    #[default]
+    F32,
+    /// Mixed precision (Micikevicius et al., "Mixed Precision Training", ICLR 2018; Kalamkar
+    /// et al., "A Study of BFLOAT16 for Deep Learning Training", 2019): op(A) (after the ReLU
+    /// mask) and op(B) are rounded to bf16 with round-to-nearest-even
+    /// ([`Bf16::from_f32`](crate::bf16::Bf16::from_f32)) as they are packed, their products
+    /// are accumulated in f32, and the epilogue (alpha, beta, bias, ReLU) is f32.
+    Bf16,
 }
 
 impl Default for GemmOps<'_> {
@@ -82,6 +99,7 @@ impl Default for GemmOps<'_> {
             bias: None,
             relu: false,
             a_relu_mask: None,
+            precision: Precision::F32,
         }
     }
 }
@@ -135,7 +153,9 @@ pub fn gemm_with_blocks(
         }
         return;
     }
-    if n <= DOT_MAX_N && a.cs == 1 && b.rs == 1 && ops.a_relu_mask.is_none() {
+    if ops.precision == Precision::Bf16 {
+        bf16::gemm_rounded(bs, a, b, c, ops, par);
+    } else if n <= DOT_MAX_N && a.cs == 1 && b.rs == 1 && ops.a_relu_mask.is_none() {
         gemm_dot(a, b, c, ops, par);
     } else if m * n <= SPLIT_K_MAX_MN && k >= 2 * SPLIT_K_CHUNK {
         gemm_split_k(bs, a, b, c, ops, par);

@@ -1,0 +1,356 @@
+//! The GEMM with [`Precision::Bf16`] against its scalar twin: op(A) ⊙ [mask > 0] and op(B)
+//! rounded to bf16 by `Bf16::from_f32`, multiplied exactly (f64), the epilogue in f64.
+//!
+//! The kernel accumulates the exact bf16 products in f32, so it may differ from the twin by the
+//! rounding of an f32 summation only: with u = 2^-24 and at most K + 3 roundings (the K - 1
+//! additions, pair sums inside the BF16 instructions, alpha, beta, bias), each erring by at most
+//! u times the running sum of magnitudes,
+//!   |C - C_ref| <= (K + 4) * 2u * (|alpha| sum_p |A_ip B_pj| + |beta C_ij| + |bias_j|) + tiny,
+//! with a factor 2 of slack. That is far tighter than the effect of the bf16 rounding itself
+//! (about 2^-9 relative per operand), which [`f32_operands_fail_the_bf16_bound`] checks, so a
+//! kernel that skipped the rounding would fail.
+
+use dlrm_kernels::bf16::Bf16;
+use dlrm_kernels::gemm::{self, GemmOps, MatMut, MatRef, Precision};
+use dlrm_kernels::parallel::Par;
+use dlrm_kernels::reference;
+use proptest::prelude::*;
+
+/// Dimensions biased towards the awkward: 1, tile and pair edges (15, 16, 17, 31, 32, 33), odd.
+fn dim() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        3 => prop::sample::select(vec![1usize, 2, 3, 7, 12, 13, 15, 16, 17, 24, 31, 32, 33, 47, 48, 63, 64, 65, 97, 128, 129, 255, 257]),
+        1 => 1usize..=300,
+    ]
+}
+
+/// Deterministic pseudo-random values in [-1, 1), most not representable in bf16.
+fn fill(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// A matrix of logical shape rows x cols, stored transposed or not, with padded leading
+/// dimension.
+struct Operand {
+    data: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    trans: bool,
+    ld: usize,
+}
+
+impl Operand {
+    fn new(rows: usize, cols: usize, trans: bool, pad: usize, seed: u64) -> Self {
+        let (sr, sc) = if trans { (cols, rows) } else { (rows, cols) };
+        let ld = sc + pad;
+        Operand {
+            data: fill(sr * ld, seed),
+            rows,
+            cols,
+            trans,
+            ld,
+        }
+    }
+
+    fn view(&self) -> MatRef<'_> {
+        if self.trans {
+            MatRef::with_row_stride(&self.data, self.cols, self.rows, self.ld).t()
+        } else {
+            MatRef::with_row_stride(&self.data, self.rows, self.cols, self.ld)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    m: usize,
+    n: usize,
+    k: usize,
+    ta: bool,
+    tb: bool,
+    pads: (usize, usize, usize),
+    alpha: f32,
+    beta: f32,
+    bias: bool,
+    relu: bool,
+    mask: bool,
+    seed: u64,
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        (dim(), dim(), dim()),
+        (any::<bool>(), any::<bool>()),
+        (0usize..3, 0usize..3, 0usize..3),
+        prop::sample::select(vec![1.0f32, -0.5, 2.0]),
+        prop::sample::select(vec![0.0f32, 1.0, 0.25]),
+        (any::<bool>(), any::<bool>(), any::<bool>()),
+        any::<u64>(),
+    )
+        .prop_map(
+            |((m, n, k), (ta, tb), pads, alpha, beta, (bias, relu, mask), seed)| Case {
+                m,
+                n,
+                k,
+                ta,
+                tb,
+                pads,
+                alpha,
+                beta,
+                bias,
+                relu,
+                mask,
+                seed,
+            },
+        )
+}
+
+struct Inputs {
+    a: Operand,
+    b: Operand,
+    mask: Option<Operand>,
+    bias: Option<Vec<f32>>,
+    c0: Vec<f32>,
+    ldc: usize,
+}
+
+fn inputs(cs: &Case) -> Inputs {
+    let a = Operand::new(cs.m, cs.k, cs.ta, cs.pads.0, cs.seed);
+    let b = Operand::new(cs.k, cs.n, cs.tb, cs.pads.1, cs.seed ^ 1);
+    let mask = cs
+        .mask
+        .then(|| Operand::new(cs.m, cs.k, cs.ta, cs.pads.0, cs.seed ^ 2));
+    let bias = cs.bias.then(|| fill(cs.n, cs.seed ^ 3));
+    let ldc = cs.n + cs.pads.2;
+    // NaN in C must not leak out when beta = 0 (C is then write-only).
+    let c0 = if cs.beta == 0.0 {
+        vec![f32::NAN; cs.m * ldc]
+    } else {
+        fill(cs.m * ldc, cs.seed ^ 4)
+    };
+    Inputs {
+        a,
+        b,
+        mask,
+        bias,
+        c0,
+        ldc,
+    }
+}
+
+fn ops<'a>(cs: &Case, inp: &'a Inputs, precision: Precision) -> GemmOps<'a> {
+    GemmOps {
+        alpha: cs.alpha,
+        beta: cs.beta,
+        bias: inp.bias.as_deref(),
+        relu: cs.relu,
+        a_relu_mask: inp.mask.as_ref().map(|m| m.view()),
+        precision,
+    }
+}
+
+fn run(cs: &Case, inp: &Inputs, precision: Precision, par: Par) -> Vec<f32> {
+    let mut c = inp.c0.clone();
+    gemm::gemm(
+        inp.a.view(),
+        inp.b.view(),
+        MatMut::with_row_stride(&mut c, cs.m, cs.n, inp.ldc),
+        &ops(cs, inp, precision),
+        par,
+    );
+    c
+}
+
+fn round(x: f32) -> f32 {
+    Bf16::from_f32(x).to_f32()
+}
+
+/// The scalar twin: dense row-major op(A) ⊙ [mask > 0] and op(B), rounded to bf16.
+fn rounded_operands(cs: &Case, inp: &Inputs) -> (Vec<f32>, Vec<f32>) {
+    let (a, b) = (inp.a.view(), inp.b.view());
+    let mask = inp.mask.as_ref().map(|m| m.view());
+    let mut ar = vec![0.0f32; cs.m * cs.k];
+    for i in 0..cs.m {
+        for p in 0..cs.k {
+            if mask.is_none_or(|mk| mk.get(i, p) > 0.0) {
+                ar[i * cs.k + p] = round(a.get(i, p));
+            }
+        }
+    }
+    let mut br = vec![0.0f32; cs.k * cs.n];
+    for p in 0..cs.k {
+        for j in 0..cs.n {
+            br[p * cs.n + j] = round(b.get(p, j));
+        }
+    }
+    (ar, br)
+}
+
+/// Checks `ours` against the twin; `Err` names the first element off by more than the bound.
+fn check(cs: &Case, inp: &Inputs, ours: &[f32]) -> Result<(), String> {
+    let (ar, br) = rounded_operands(cs, inp);
+    let mut expect = inp.c0.clone();
+    let twin_ops = GemmOps {
+        alpha: cs.alpha,
+        beta: cs.beta,
+        bias: inp.bias.as_deref(),
+        relu: cs.relu,
+        ..GemmOps::default()
+    };
+    reference::gemm(
+        MatRef::new(&ar, cs.m, cs.k),
+        MatRef::new(&br, cs.k, cs.n),
+        &mut MatMut::with_row_stride(&mut expect, cs.m, cs.n, inp.ldc),
+        &twin_ops,
+    );
+    let u = f32::EPSILON / 2.0;
+    for i in 0..cs.m {
+        for j in 0..cs.n {
+            let idx = i * inp.ldc + j;
+            let magnitude: f32 = (0..cs.k)
+                .map(|p| (ar[i * cs.k + p] * br[p * cs.n + j]).abs())
+                .sum::<f32>()
+                * cs.alpha.abs()
+                + if cs.beta != 0.0 {
+                    (cs.beta * inp.c0[idx]).abs()
+                } else {
+                    0.0
+                }
+                + inp.bias.as_ref().map_or(0.0, |b| b[j].abs());
+            let tol = (cs.k as f32 + 4.0) * 2.0 * u * 2.0 * magnitude + 1e-30;
+            let (o, e) = (ours[idx], expect[idx]);
+            if !((o - e).abs() <= tol) {
+                return Err(format!("C[{i},{j}] = {o}, twin {e} (tol {tol}) in {cs:?}"));
+            }
+        }
+        // Padding between rows is never written.
+        if i + 1 < cs.m {
+            for idx in i * inp.ldc + cs.n..(i + 1) * inp.ldc {
+                if ours[idx].to_bits() != inp.c0[idx].to_bits() {
+                    return Err(format!("padding C[{idx}] written in {cs:?}"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    #[test]
+    fn bf16_gemm_matches_the_rounded_twin(cs in case()) {
+        let inp = inputs(&cs);
+        let ours = run(&cs, &inp, Precision::Bf16, Par::Rayon);
+        check(&cs, &inp, &ours).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn bf16_gemm_is_thread_count_invariant(cs in case()) {
+        let inp = inputs(&cs);
+        let seq = run(&cs, &inp, Precision::Bf16, Par::Seq);
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let split = pool.install(|| run(&cs, &inp, Precision::Bf16, Par::AlwaysSplit));
+            prop_assert_eq!(bits(&seq), bits(&split), "{} threads", threads);
+        }
+    }
+}
+
+/// The layer shapes of the Kaggle preset (forward, dX, dW at batch 2048) and the special paths
+/// of the f32 GEMM (dot products, split K, narrow tiles), with every epilogue.
+#[test]
+fn bf16_gemm_layer_shapes_match_the_twin() {
+    let shapes = [
+        (2048, 512, 367, false, true),  // top MLP forward: Y = X W^T
+        (2048, 367, 512, false, false), // its dX = dY W
+        (512, 367, 2048, true, false),  // its dW = dY^T X, K = batch
+        (2048, 1, 256, false, true),    // one output
+        (1, 256, 2048, true, false),    // dW of a one-output layer
+        (512, 13, 600, true, false),    // dW of the 13 -> 512 layer
+        (33, 17, 1, false, false),      // K = 1
+    ];
+    for (m, n, k, ta, tb) in shapes {
+        for (beta, relu, mask) in [(0.0, false, false), (1.0, true, true)] {
+            let cs = Case {
+                m,
+                n,
+                k,
+                ta,
+                tb,
+                pads: (1, 0, 2),
+                alpha: 1.0,
+                beta,
+                bias: true,
+                relu,
+                mask,
+                seed: (m * 31 + n * 7 + k) as u64,
+            };
+            let inp = inputs(&cs);
+            let ours = run(&cs, &inp, Precision::Bf16, Par::Rayon);
+            check(&cs, &inp, &ours).unwrap();
+        }
+    }
+}
+
+/// The bound is tight enough to see the rounding: the f32 product of the same operands fails
+/// it, so a BF16 path that forgot to round would too.
+#[test]
+fn f32_operands_fail_the_bf16_bound() {
+    let cs = Case {
+        m: 40,
+        n: 40,
+        k: 64,
+        ta: false,
+        tb: false,
+        pads: (0, 0, 0),
+        alpha: 1.0,
+        beta: 0.0,
+        bias: false,
+        relu: false,
+        mask: false,
+        seed: 7,
+    };
+    let inp = inputs(&cs);
+    let f32_result = run(&cs, &inp, Precision::F32, Par::Seq);
+    assert!(check(&cs, &inp, &f32_result).is_err());
+}
+
+/// Values that are already bf16 give the f32 GEMM's result up to summation order.
+#[test]
+fn bf16_representable_operands_are_unchanged() {
+    let (m, n, k) = (37, 45, 70);
+    let a: Vec<f32> = fill(m * k, 3).into_iter().map(round).collect();
+    let b: Vec<f32> = fill(k * n, 4).into_iter().map(round).collect();
+    let product = |precision| {
+        let mut c = vec![0.0f32; m * n];
+        let ops = GemmOps {
+            precision,
+            ..GemmOps::default()
+        };
+        gemm::gemm(
+            MatRef::new(&a, m, k),
+            MatRef::new(&b, k, n),
+            MatMut::new(&mut c, m, n),
+            &ops,
+            Par::Seq,
+        );
+        c
+    };
+    let (f32_c, bf16_c) = (product(Precision::F32), product(Precision::Bf16));
+    for (x, y) in f32_c.iter().zip(&bf16_c) {
+        assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{x} vs {y}");
+    }
+}
