@@ -37,7 +37,9 @@ use crate::model::architecture::Architecture;
 use crate::model::dlrm::Dlrm;
 use crate::model::embedding::{EmbeddingTable, OptimizerState};
 use crate::model::parameters::tensors;
-use crate::model::{Model, ModelConfig, OptimizerKind, TableSource, TensorKind, TensorMut};
+use crate::model::{
+    Model, ModelConfig, OptimizerKind, Precision, TableSource, TensorKind, TensorMut,
+};
 use crate::names::{Field, FieldError};
 use crate::rng::derive_key;
 use crate::schedule::LrSchedule;
@@ -108,6 +110,11 @@ pub struct Meta {
     /// before it was stored, whose `dataset/` folder gives it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoding_fingerprint: Option<String>,
+    /// The precision the run trained in (a resume continues in it unless told otherwise).
+    /// The parameters are stored as f32 whatever it is; absent (fp32) in checkpoints of f32
+    /// runs and in those written before it was stored.
+    #[serde(default, skip_serializing_if = "Precision::is_fp32")]
+    pub precision: Precision,
 }
 
 /// Refuses a dataset whose ids were encoded otherwise than the checkpoint's training data
@@ -427,6 +434,7 @@ fn write_version(
         train_state: state.clone(),
         dataset: dataset_files.is_some(),
         encoding_fingerprint: dataset_files.map(encoding_fingerprint_of).transpose()?,
+        precision: model.precision(),
     };
     write_durable(
         &tmp.join(META),

@@ -25,7 +25,7 @@ use super::{
 use crate::data::BatchView;
 use crate::rng::{SplitMix64, derive_key};
 use crate::storage::StorageKind;
-use dlrm_kernels::gemm::{MatMut, MatRef};
+use dlrm_kernels::gemm::{MatMut, MatRef, Precision as GemmPrecision};
 use dlrm_kernels::interaction::{
     cat_interaction_backward, cat_interaction_forward, dot_interaction_backward,
     dot_interaction_forward,
@@ -360,16 +360,21 @@ impl Model for Dlrm {
         self.par = par;
     }
     fn precision(&self) -> Precision {
-        match self.embeddings.layout() {
-            TableLayout::Fp32 => Precision::Fp32,
-            TableLayout::SplitBf16 => Precision::Bf16,
+        match self.bottom.precision {
+            GemmPrecision::F32 => Precision::Fp32,
+            GemmPrecision::Bf16 => Precision::Bf16,
         }
     }
+    /// BF16: the MLP products on bf16 operands, the tables split (see [`Precision`]).
     fn set_precision(&mut self, precision: Precision) -> anyhow::Result<()> {
-        self.embeddings.set_layout(match precision {
-            Precision::Fp32 => TableLayout::Fp32,
-            Precision::Bf16 => TableLayout::SplitBf16,
-        })
+        let (gemm, layout) = match precision {
+            Precision::Fp32 => (GemmPrecision::F32, TableLayout::Fp32),
+            Precision::Bf16 => (GemmPrecision::Bf16, TableLayout::SplitBf16),
+        };
+        self.embeddings.set_layout(layout)?;
+        self.bottom.precision = gemm;
+        self.top.precision = gemm;
+        Ok(())
     }
     fn config(&self) -> ModelConfig {
         ModelConfig::Dlrm(self.arch.clone())
