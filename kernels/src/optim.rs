@@ -235,8 +235,15 @@ pub(crate) trait UpdateRows: Send + Sized {
     /// Requests the lines of row `r` (and of its state) for writing.
     fn prefetch_row(&self, r: usize);
     /// Runs `update(p, s)` on row `r`'s `width` f32 values and its state, and keeps what it
-    /// leaves in `p`. Always inlined, so that a literal `width` unrolls the row's loops.
-    fn update_row(&mut self, r: usize, width: usize, update: impl FnOnce(&mut [f32], &mut [f32]));
+    /// leaves in `p`; `scratch` (`width` floats) may hold the values meanwhile. Always
+    /// inlined, so that a literal `width` unrolls the row's loops.
+    fn update_row(
+        &mut self,
+        r: usize,
+        width: usize,
+        scratch: &mut [f32],
+        update: impl FnOnce(&mut [f32], &mut [f32]),
+    );
 }
 
 /// A plain f32 table's rows (rows x dim) with their state (rows x sw), from the same first row.
@@ -278,7 +285,13 @@ impl UpdateRows for Fp32Rows<'_> {
     }
 
     #[inline(always)]
-    fn update_row(&mut self, r: usize, width: usize, update: impl FnOnce(&mut [f32], &mut [f32])) {
+    fn update_row(
+        &mut self,
+        r: usize,
+        width: usize,
+        _scratch: &mut [f32],
+        update: impl FnOnce(&mut [f32], &mut [f32]),
+    ) {
         let sw = self.sw;
         update(
             &mut self.table[r * width..(r + 1) * width],
@@ -300,14 +313,17 @@ pub(crate) fn update_coalesced_rows<R: UpdateRows>(
     let (ids, dim) = (rg.rows, rg.dim);
     let leaf = |range: Range<usize>, mut part: R| {
         let base = ids[range.start] as usize;
-        with_scratch(&EMB_ROW, dim, |g| {
+        // The row's gradient, and the scratch row of `update_row`.
+        with_scratch(&EMB_ROW, 2 * dim, |buf| {
+            let (g, scratch) = buf.split_at_mut(dim);
             with_width!(dim, |width| for i in range.clone() {
                 if let Some(&ahead) = ids[..range.end].get(i + UPDATE_PREFETCH_DISTANCE) {
                     part.prefetch_row(ahead as usize - base);
                 }
                 let g = &mut g[..width];
                 rg.sum_into(i, g);
-                part.update_row(ids[i] as usize - base, width, |p, s| {
+                let r = ids[i] as usize - base;
+                part.update_row(r, width, &mut scratch[..width], |p, s| {
                     if weight_decay != 0.0 {
                         // g += weight_decay * p: an axpy, i.e. an SGD step with the negated
                         // rate.

@@ -16,8 +16,6 @@ thread_local! {
     pub(crate) static PACK_B: Slot = const { Cell::new(Vec::new()) };
     pub(crate) static PARTIALS: Slot = const { Cell::new(Vec::new()) };
     pub(crate) static EMB_ROW: Slot = const { Cell::new(Vec::new()) };
-    /// The f32 row joined from a split-BF16 table's halves during its update.
-    pub(crate) static SPLIT_ROW: Slot = const { Cell::new(Vec::new()) };
 }
 
 /// Runs `f` with a vector-aligned scratch slice of exactly `len` floats (contents unspecified).

@@ -85,7 +85,8 @@ impl SparseTables {
         self.tables[t].weights()
     }
 
-    /// The layout of the tables (all share it; f32 when there are none).
+    /// The layout of the tables (all share it, see [`set_layout`](Self::set_layout); f32 when
+    /// there are none).
     pub fn layout(&self) -> TableLayout {
         self.tables
             .first()
@@ -103,9 +104,22 @@ impl SparseTables {
                 path.display()
             );
         }
-        let tables = std::mem::take(&mut self.tables);
-        for table in tables {
-            self.tables.push(table.into_layout(layout)?);
+        // One table at a time (each is briefly held twice); on a failure the tables already
+        // converted go back, so that all tables keep one layout.
+        let old = self.layout();
+        for t in 0..self.tables.len() {
+            if self.tables[t].layout() == layout {
+                continue;
+            }
+            match self.tables[t].with_layout(layout) {
+                Ok(table) => self.tables[t] = table,
+                Err(e) => {
+                    for table in &mut self.tables[..t] {
+                        *table = table.with_layout(old)?;
+                    }
+                    return Err(e.into());
+                }
+            }
         }
         Ok(())
     }

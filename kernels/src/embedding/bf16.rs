@@ -21,7 +21,6 @@ use crate::bf16::Isa;
 use crate::mat::{MatMut, MatRef, check_view};
 use crate::optim::{SparseStep, UpdateRows, update_coalesced_rows};
 use crate::parallel::{Par, should_split, task_grain};
-use crate::scratch::{SPLIT_ROW, with_scratch};
 use rayon::prelude::*;
 
 /// The upper (bf16) half of an f32's bits.
@@ -307,16 +306,21 @@ impl UpdateRows for SplitRows<'_> {
         prefetch_write(self.state.as_ptr().wrapping_add(r * sw).cast(), 4 * sw);
     }
 
+    /// The row joined into `scratch`, updated there, and split back.
     #[inline(always)]
-    fn update_row(&mut self, r: usize, width: usize, update: impl FnOnce(&mut [f32], &mut [f32])) {
+    fn update_row(
+        &mut self,
+        r: usize,
+        width: usize,
+        scratch: &mut [f32],
+        update: impl FnOnce(&mut [f32], &mut [f32]),
+    ) {
         let (sw, isa) = (self.sw, self.isa);
         let hi = &mut self.hi[r * width..(r + 1) * width];
         let lo = &mut self.lo[r * width..(r + 1) * width];
-        with_scratch(&SPLIT_ROW, width, |p| {
-            join_row(hi, lo, p, isa);
-            update(p, &mut self.state[r * sw..(r + 1) * sw]);
-            split_row(p, hi, lo, isa);
-        });
+        join_row(hi, lo, scratch, isa);
+        update(scratch, &mut self.state[r * sw..(r + 1) * sw]);
+        split_row(scratch, hi, lo, isa);
     }
 }
 

@@ -215,16 +215,13 @@ impl EmbeddingTable {
         all.split_at_mut(half)
     }
 
-    /// This table in `layout`, its values unchanged (the split is exact). Only eager tables in
-    /// anonymous memory are split (a file table's format is f32); the new layout is built in
-    /// a new anonymous map, so a table is briefly held twice.
-    pub fn into_layout(self, layout: TableLayout) -> Result<EmbeddingTable, TableError> {
-        if layout == self.layout {
-            return Ok(self);
-        }
+    /// A copy of this table in the other layout `layout`, its values unchanged (the split is
+    /// exact). Only eager tables in anonymous memory are split (a file table's format is f32);
+    /// the copy is a new anonymous map.
+    pub fn with_layout(&self, layout: TableLayout) -> Result<EmbeddingTable, TableError> {
         assert!(
-            self.file_path().is_none() && self.lazy.pending == 0,
-            "table {}: only an eager anonymous table changes layout",
+            layout != self.layout && self.file_path().is_none() && self.lazy.pending == 0,
+            "table {}: only an eager anonymous table changes layout, to another one",
             self.index()
         );
         let (rows, dim) = (self.rows(), self.dim());
