@@ -16,7 +16,8 @@
 //! The AVX512-BF16 paths are compiled for every x86_64 build (`#[target_feature]`) and taken
 //! only when the CPU has the extension: [`Isa::selected`] detects it once per process. The
 //! environment variable `DLRM_ISA` overrides the choice: `portable` forces the portable path
-//! (to test or compare it on a BF16 machine), `native` (or unset) takes the best the CPU has.
+//! (to test or compare it on a BF16 machine), `avx512bf16` the AVX512-BF16 path without AMX,
+//! `amx` the AMX tiles, `native` (or unset) takes the best the CPU has.
 
 use std::sync::OnceLock;
 
@@ -65,6 +66,9 @@ impl Bf16 {
 /// Which implementation the BF16 kernels run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
+    /// AMX-BF16 tiles (TDPBF16PS) for the GEMM, AVX512-BF16 for the rest: Intel Sapphire
+    /// Rapids and later, on an OS that grants the tile state (Linux 5.16+).
+    Amx,
     /// AVX512-BF16 (VCVTNE2PS2BF16, VDPBF16PS) with AVX512F/BW/VL: Intel Cooper Lake,
     /// Sapphire Rapids and later, AMD Zen 4 and later.
     Avx512Bf16,
@@ -79,8 +83,9 @@ impl Isa {
     /// The ISA the BF16 kernels should run here: the best this CPU supports unless
     /// `DLRM_ISA` says otherwise. Detected and read once per process.
     ///
-    /// Panics (on first use) if `DLRM_ISA` holds a value other than `portable` or `native`;
-    /// a program can check the variable first with [`Isa::from_env_value`].
+    /// Panics (on first use) if `DLRM_ISA` holds a value other than `portable`, `avx512bf16`,
+    /// `amx` or `native`, or names an ISA this CPU lacks; a program can check the variable
+    /// first with [`Isa::from_env_value`].
     pub fn selected() -> Isa {
         static SELECTED: OnceLock<Isa> = OnceLock::new();
         *SELECTED.get_or_init(|| {
@@ -89,25 +94,37 @@ impl Isa {
         })
     }
 
-    /// The ISA for a value of `DLRM_ISA` (`None`: unset): `portable`, or `native` / unset /
-    /// empty for the best this CPU supports.
+    /// The ISA for a value of `DLRM_ISA` (`None`: unset): `portable`, `avx512bf16`, `amx`, or
+    /// `native` / unset / empty for the best this CPU supports. Naming an ISA this CPU cannot
+    /// run is an error.
     pub fn from_env_value(value: Option<&str>) -> Result<Isa, String> {
-        match value {
-            None | Some("") | Some("native") => Ok(Isa::best_supported()),
-            Some("portable") => Ok(Isa::Portable),
-            Some(other) => Err(format!(
-                "{ISA_ENV}={other:?}: expected \"portable\" or \"native\""
-            )),
+        let isa = match value {
+            None | Some("") | Some("native") => return Ok(Isa::best_supported()),
+            Some("portable") => Isa::Portable,
+            Some("avx512bf16") => Isa::Avx512Bf16,
+            Some("amx") => Isa::Amx,
+            Some(other) => {
+                return Err(format!(
+                    "{ISA_ENV}={other:?}: expected \"portable\", \"avx512bf16\", \"amx\" or \"native\""
+                ));
+            }
+        };
+        if isa.is_supported() {
+            Ok(isa)
+        } else {
+            Err(format!(
+                "{ISA_ENV}={}: this CPU (or OS) cannot run {isa:?}",
+                value.unwrap_or("")
+            ))
         }
     }
 
     /// The fastest ISA this CPU supports, ignoring `DLRM_ISA`.
     pub fn best_supported() -> Isa {
-        if Isa::Avx512Bf16.is_supported() {
-            Isa::Avx512Bf16
-        } else {
-            Isa::Portable
-        }
+        [Isa::Amx, Isa::Avx512Bf16]
+            .into_iter()
+            .find(|isa| isa.is_supported())
+            .unwrap_or(Isa::Portable)
     }
 
     /// Whether this CPU can run the ISA's kernels.
@@ -121,14 +138,17 @@ impl Isa {
                     && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vl")
             }
+            // The AMX paths pack and store with AVX512-BF16.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => Isa::Avx512Bf16.is_supported() && crate::gemm::amx::tiles_usable(),
             #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx512Bf16 => false,
+            Isa::Avx512Bf16 | Isa::Amx => false,
         }
     }
 
     /// Every ISA this CPU supports (the portable one first).
     pub fn all_supported() -> Vec<Isa> {
-        [Isa::Portable, Isa::Avx512Bf16]
+        [Isa::Portable, Isa::Avx512Bf16, Isa::Amx]
             .into_iter()
             .filter(|isa| isa.is_supported())
             .collect()
@@ -158,12 +178,12 @@ pub fn f32_to_bf16_slice(src: &[f32], dst: &mut [Bf16], isa: Isa) {
             }
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Bf16 => {
+        Isa::Avx512Bf16 | Isa::Amx => {
             // SAFETY: the CPU has AVX512-BF16/F/BW/VL (asserted above); equal lengths.
             unsafe { avx512::f32_to_bf16(src, dst) }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        Isa::Avx512Bf16 => unreachable!("asserted unsupported"),
+        Isa::Avx512Bf16 | Isa::Amx => unreachable!("asserted unsupported"),
     }
 }
 
@@ -184,12 +204,12 @@ pub fn bf16_to_f32_slice(src: &[Bf16], dst: &mut [f32], isa: Isa) {
             }
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Bf16 => {
+        Isa::Avx512Bf16 | Isa::Amx => {
             // SAFETY: the CPU has AVX512-BF16/F/BW/VL (asserted above); equal lengths.
             unsafe { avx512::bf16_to_f32(src, dst) }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        Isa::Avx512Bf16 => unreachable!("asserted unsupported"),
+        Isa::Avx512Bf16 | Isa::Amx => unreachable!("asserted unsupported"),
     }
 }
 
@@ -276,6 +296,12 @@ mod tests {
         );
         let err = Isa::from_env_value(Some("avx9")).unwrap_err();
         assert!(err.contains("DLRM_ISA") && err.contains("avx9"), "{err}");
+        for (value, isa) in [("avx512bf16", Isa::Avx512Bf16), ("amx", Isa::Amx)] {
+            match Isa::from_env_value(Some(value)) {
+                Ok(got) => assert!(got == isa && isa.is_supported()),
+                Err(err) => assert!(!isa.is_supported() && err.contains(value), "{err}"),
+            }
+        }
     }
 
     /// Run with and without `DLRM_ISA=portable`: the selection follows the variable.

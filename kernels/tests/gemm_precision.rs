@@ -9,8 +9,11 @@
 //! with a factor 2 of slack. That is far tighter than the effect of the bf16 rounding itself
 //! (about 2^-9 relative per operand), which [`f32_operands_fail_the_bf16_bound`] checks, so a
 //! kernel that skipped the rounding would fail.
+//!
+//! `gemm` runs the path `Isa::selected` picks; every path this CPU supports (portable,
+//! AVX512-BF16, AMX tiles) is also checked directly through `gemm_rounded_bf16`.
 
-use dlrm_kernels::bf16::Bf16;
+use dlrm_kernels::bf16::{Bf16, Isa};
 use dlrm_kernels::gemm::{self, GemmOps, MatMut, MatRef, Precision};
 use dlrm_kernels::parallel::Par;
 use dlrm_kernels::reference;
@@ -169,6 +172,20 @@ fn run(cs: &Case, inp: &Inputs, precision: Precision, par: Par) -> Vec<f32> {
     c
 }
 
+/// The product on one ISA's path.
+fn run_on(cs: &Case, inp: &Inputs, isa: Isa, par: Par) -> Vec<f32> {
+    let mut c = inp.c0.clone();
+    gemm::gemm_rounded_bf16(
+        inp.a.view(),
+        inp.b.view(),
+        MatMut::with_row_stride(&mut c, cs.m, cs.n, inp.ldc),
+        &ops(cs, inp, Precision::Bf16),
+        isa,
+        par,
+    );
+    c
+}
+
 fn round(x: f32) -> f32 {
     Bf16::from_f32(x).to_f32()
 }
@@ -196,51 +213,81 @@ fn rounded_operands(cs: &Case, inp: &Inputs) -> (Vec<f32>, Vec<f32>) {
 
 /// Checks `ours` against the twin; `Err` names the first element off by more than the bound.
 fn check(cs: &Case, inp: &Inputs, ours: &[f32]) -> Result<(), String> {
-    let (ar, br) = rounded_operands(cs, inp);
-    let mut expect = inp.c0.clone();
-    let twin_ops = GemmOps {
-        alpha: cs.alpha,
-        beta: cs.beta,
-        bias: inp.bias.as_deref(),
-        relu: cs.relu,
-        ..GemmOps::default()
-    };
-    reference::gemm(
-        MatRef::new(&ar, cs.m, cs.k),
-        MatRef::new(&br, cs.k, cs.n),
-        &mut MatMut::with_row_stride(&mut expect, cs.m, cs.n, inp.ldc),
-        &twin_ops,
-    );
-    let u = f32::EPSILON / 2.0;
-    for i in 0..cs.m {
-        for j in 0..cs.n {
-            let idx = i * inp.ldc + j;
-            let magnitude: f32 = (0..cs.k)
-                .map(|p| (ar[i * cs.k + p] * br[p * cs.n + j]).abs())
-                .sum::<f32>()
-                * cs.alpha.abs()
-                + if cs.beta != 0.0 {
+    Twin::new(cs, inp).check(ours)
+}
+
+/// The twin's result and the error bound of each element.
+struct Twin<'a> {
+    cs: &'a Case,
+    inp: &'a Inputs,
+    expect: Vec<f32>,
+    tol: Vec<f32>,
+}
+
+impl<'a> Twin<'a> {
+    fn new(cs: &'a Case, inp: &'a Inputs) -> Self {
+        let (ar, br) = rounded_operands(cs, inp);
+        let mut expect = inp.c0.clone();
+        let twin_ops = GemmOps {
+            alpha: cs.alpha,
+            beta: cs.beta,
+            bias: inp.bias.as_deref(),
+            relu: cs.relu,
+            ..GemmOps::default()
+        };
+        reference::gemm(
+            MatRef::new(&ar, cs.m, cs.k),
+            MatRef::new(&br, cs.k, cs.n),
+            &mut MatMut::with_row_stride(&mut expect, cs.m, cs.n, inp.ldc),
+            &twin_ops,
+        );
+        let u = f32::EPSILON / 2.0;
+        let mut tol = vec![0.0f32; expect.len()];
+        for i in 0..cs.m {
+            for j in 0..cs.n {
+                let idx = i * inp.ldc + j;
+                let products: f32 = (0..cs.k)
+                    .map(|p| (ar[i * cs.k + p] * br[p * cs.n + j]).abs())
+                    .sum();
+                let c_term = if cs.beta != 0.0 {
                     (cs.beta * inp.c0[idx]).abs()
                 } else {
                     0.0
-                }
-                + inp.bias.as_ref().map_or(0.0, |b| b[j].abs());
-            let tol = (cs.k as f32 + 4.0) * 2.0 * u * 2.0 * magnitude + 1e-30;
-            let (o, e) = (ours[idx], expect[idx]);
-            if !((o - e).abs() <= tol) {
-                return Err(format!("C[{i},{j}] = {o}, twin {e} (tol {tol}) in {cs:?}"));
+                };
+                let bias_term = inp.bias.as_ref().map_or(0.0, |b| b[j].abs());
+                let magnitude = products * cs.alpha.abs() + c_term + bias_term;
+                tol[idx] = (cs.k as f32 + 4.0) * 2.0 * u * 2.0 * magnitude + 1e-30;
             }
         }
-        // Padding between rows is never written.
-        if i + 1 < cs.m {
-            for idx in i * inp.ldc + cs.n..(i + 1) * inp.ldc {
-                if ours[idx].to_bits() != inp.c0[idx].to_bits() {
-                    return Err(format!("padding C[{idx}] written in {cs:?}"));
-                }
-            }
+        Twin {
+            cs,
+            inp,
+            expect,
+            tol,
         }
     }
-    Ok(())
+
+    fn check(&self, ours: &[f32]) -> Result<(), String> {
+        let (cs, ldc) = (self.cs, self.inp.ldc);
+        for i in 0..cs.m {
+            for j in 0..cs.n {
+                let idx = i * ldc + j;
+                let (o, e, tol) = (ours[idx], self.expect[idx], self.tol[idx]);
+                if !((o - e).abs() <= tol) {
+                    return Err(format!("C[{i},{j}] = {o}, twin {e} (tol {tol}) in {cs:?}"));
+                }
+            }
+            // Padding between rows is never written.
+            if i + 1 < cs.m {
+                for idx in i * ldc + cs.n..(i + 1) * ldc {
+                    if ours[idx].to_bits() != self.inp.c0[idx].to_bits() {
+                        return Err(format!("padding C[{idx}] written in {cs:?}"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -265,6 +312,18 @@ proptest! {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let split = pool.install(|| run(&cs, &inp, Precision::Bf16, Par::AlwaysSplit));
             prop_assert_eq!(bits(&seq), bits(&split), "{} threads", threads);
+        }
+    }
+
+    #[test]
+    fn every_isa_matches_the_rounded_twin_for_any_thread_count(cs in case()) {
+        let inp = inputs(&cs);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        for isa in Isa::all_supported() {
+            let seq = run_on(&cs, &inp, isa, Par::Seq);
+            check(&cs, &inp, &seq).map_err(|e| TestCaseError::fail(format!("{isa:?}: {e}")))?;
+            let split = pool.install(|| run_on(&cs, &inp, isa, Par::AlwaysSplit));
+            prop_assert_eq!(bits(&seq), bits(&split), "{:?}", isa);
         }
     }
 }
@@ -299,10 +358,27 @@ fn bf16_gemm_layer_shapes_match_the_twin() {
                 seed: (m * 31 + n * 7 + k) as u64,
             };
             let inp = inputs(&cs);
-            let ours = run(&cs, &inp, Precision::Bf16, Par::Rayon);
-            check(&cs, &inp, &ours).unwrap();
+            let twin = Twin::new(&cs, &inp);
+            twin.check(&run(&cs, &inp, Precision::Bf16, Par::Rayon))
+                .unwrap();
+            for isa in Isa::all_supported() {
+                let ours = run_on(&cs, &inp, isa, Par::Rayon);
+                twin.check(&ours).unwrap_or_else(|e| panic!("{isa:?}: {e}"));
+            }
         }
     }
+}
+
+/// This CPU's paths are all exercised: print them (visible with --nocapture), and check
+/// that `Isa::selected` is one of them.
+#[test]
+fn selected_isa_is_supported() {
+    let all = Isa::all_supported();
+    eprintln!(
+        "BF16 paths on this CPU: {all:?}, selected {:?}",
+        Isa::selected()
+    );
+    assert!(all.contains(&Isa::selected()));
 }
 
 /// The bound is tight enough to see the rounding: the f32 product of the same operands fails

@@ -1,31 +1,38 @@
-//! Mixed-precision GEMM: C (f32) = A (bf16) . B^T (bf16) + beta * C, with f32 accumulation.
+//! Mixed-precision GEMM: bf16 operands, f32 accumulation, f32 epilogue. Two entry points share
+//! one packing and the same kernels:
+//! - [`gemm_bf16`]: C (f32) = A (bf16) . B^T (bf16) + beta * C, operands already in bf16, in the
+//!   shape of a layer's forward product Y = X W^T with PyTorch's W (out x in): A is M x K and B
+//!   is N x K, both row-major, so both are read along K;
+//! - [`gemm_rounded_bf16`] (what [`gemm`](fn@super::gemm) runs for [`Precision::Bf16`]): f32
+//!   strided views, any transpose, the ReLU mask applied first, rounded to bf16 with
+//!   round-to-nearest-even ([`Bf16::from_f32`]) as they are packed, and the full epilogue
+//!   (alpha, beta, bias, ReLU).
 //!
-//! The shape is that of a layer's forward product Y = X W^T with PyTorch's W (out x in): A is
-//! M x K and B is N x K, both row-major, so both are read along K.
+//! Both see their operands as [`Operand`]s: `lines x K` (the rows of A, the columns of B), and
+//! pack them into K *pairs*: one 32-bit lane holds (x[l, 2p], x[l, 2p+1]), the even-k element in
+//! the low half, an odd K padded with a zero. That is the operand layout of both BF16 dot
+//! product instructions.
 //!
-//! On AVX512-BF16 the microkernel is built on VDPBF16PS (Intel SDM pseudocode: for each f32
-//! lane i, `dst[i] += a.bf16[2i+1] * b.bf16[2i+1]`, then `dst[i] += a.bf16[2i] * b.bf16[2i]`;
-//! f32 arithmetic, round to nearest even, denormal inputs and outputs flushed to zero, MXCSR
-//! not consulted). It consumes K in pairs, so B is packed into panels of NR columns in which each
-//! 32-bit lane holds the pair (B[j, 2p], B[j, 2p+1]), and A into MR-row panels of the same
-//! pairs, broadcast one row at a time; an odd K is padded with a zero. The MR x NR tile of f32
-//! accumulators stays in registers (MR * NR / 16 = 24 of the 32 zmm registers).
+//! Paths, chosen at run time ([`Isa::selected`], `DLRM_ISA` forces one):
+//! - AMX ([`super::amx`]): TDPBF16PS on 16 x 16 f32 tiles, 32 K values per instruction.
+//! - AVX512-BF16: a 12 x 32 register tile built on VDPBF16PS (Intel SDM pseudocode: for each f32
+//!   lane i, `dst[i] += a.bf16[2i+1] * b.bf16[2i+1]`, then `dst[i] += a.bf16[2i] * b.bf16[2i]`;
+//!   f32 arithmetic, round to nearest even, denormal inputs and outputs flushed to zero, MXCSR
+//!   not consulted). B is packed into panels of NR columns of pairs, A into MR-row panels of
+//!   pairs, broadcast one row at a time; the MR x NR tile of f32 accumulators stays in registers
+//!   (MR * NR / 16 = 24 of the 32 zmm registers). On the Sapphire Rapids-class core this was
+//!   measured on VDPBF16PS retires at about a quarter of the FMA rate (a register-only loop of
+//!   24 independent accumulators: about 70 GFLOP/s against about 150 for VFMADD231PS), so this
+//!   path runs at about 0.6x the f32 GEMM there; on AMD Zen 4 it runs at twice the FMA rate.
+//! - Portable: the operands rounded into dense f32 copies (a product of two bf16 values is
+//!   exact in f32) and multiplied by the f32 GEMM.
 //!
-//! Throughput: VDPBF16PS does twice the FLOPs of an FMA per instruction, but on the Sapphire
-//! Rapids-class core this was measured on it retires at about a quarter of the FMA rate (a
-//! register-only loop of 24 independent accumulators: about 70 GFLOP/s against about 150 for
-//! VFMADD231PS), so this path runs at about 0.6x the f32 GEMM on compute-bound shapes (see the
-//! `gemm-bf16` benches). What it saves is operand memory and bandwidth (half of f32's); the
-//! compute gain on Intel needs AMX (TDPBF16PS).
-//!
-//! Elsewhere (or with `DLRM_ISA=portable`), the operands are converted to f32, exactly, and
-//! multiplied by the f32 [`gemm`](fn@super::gemm). The two paths differ in rounding
-//! (VDPBF16PS's own intermediate rounding, and its flushing of denormals; the f32 GEMM's
-//! summation order), not in what they compute; each is deterministic, and gives the same
-//! bits for any thread count (threads split M only).
+//! The paths differ in rounding (the BF16 instructions' own intermediate rounding and flushing
+//! of denormals; the f32 GEMM's summation order), not in what they compute; each is
+//! deterministic, and gives the same bits for any thread count (threads split M and N, never K).
 
-use super::{BlockSizes, GemmOps, MatMut, MatRef, Precision, gemm, gemm_with_blocks};
-use crate::bf16::{Bf16, Isa, bf16_to_f32_slice};
+use super::{BlockSizes, GemmOps, MatMut, MatRef, Precision, gemm_with_blocks};
+use crate::bf16::{Bf16, Isa, f32_to_bf16_slice};
 use crate::parallel::{Par, should_split};
 use rayon::prelude::*;
 
@@ -69,18 +76,8 @@ impl<'a> Bf16Mat<'a> {
     }
 }
 
-/// Rows of the AVX512-BF16 register tile.
-pub const BF16_MR: usize = 12;
-/// Columns of the register tile: two zmm vectors of 16 f32 lanes.
-pub const BF16_NR: usize = 32;
-/// K pairs per rank-KC update: a KC x NR micro-panel of B (256 pairs * 32 lanes * 4 bytes =
-/// 32 KiB) stays in L1d while the MC rows of A stream past it.
-const KC_PAIRS: usize = 256;
-/// Rows of C per task (a multiple of MR): the packed A block (MC * KC_PAIRS * 4 bytes =
-/// 96 KiB) lives in L2. A constant of the shape, so the split never depends on threads.
-const MC: usize = 8 * BF16_MR;
 /// Smallest product (in FLOPs) split across threads.
-const MIN_PARALLEL_FLOPS: usize = 1 << 21;
+pub(super) const MIN_PARALLEL_FLOPS: usize = 1 << 21;
 
 /// C = A . B^T + beta * C, where A is M x K, B is N x K (bf16) and C is M x N (f32); with
 /// beta = 0, C is only written. Accumulates in f32 on `isa` (pass [`Isa::selected`]).
@@ -96,145 +93,404 @@ pub fn gemm_bf16(a: Bf16Mat, b: Bf16Mat, beta: f32, c: MatMut, isa: Isa, par: Pa
         c.rows,
         c.cols
     );
+    let epi = Epilogue {
+        beta,
+        ..Epilogue::default()
+    };
+    product(isa, Operand::Bf16(a), Operand::Bf16(b), c, &epi, par);
+}
+
+/// The [`Precision::Bf16`] product of [`gemm`](fn@super::gemm) on `isa`:
+/// C = relu(alpha * bf16(op(A) ⊙ [mask > 0]) . bf16(op(B)) + beta * C + bias), accumulated
+/// in f32 (`ops.precision` is ignored). [`gemm`](fn@super::gemm) runs it on
+/// [`Isa::selected`]; other ISAs are for tests and benches.
+///
+/// Panics on mismatched shapes, or if the CPU does not support `isa`.
+pub fn gemm_rounded_bf16(a: MatRef, b: MatRef, c: MatMut, ops: &GemmOps, isa: Isa, par: Par) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(b.rows, k, "gemm: A is {m}x{k} but B is {}x{n}", b.rows);
+    assert_eq!(
+        (c.rows, c.cols),
+        (m, n),
+        "gemm: C is {}x{}, the product is {m}x{n}",
+        c.rows,
+        c.cols
+    );
+    if let Some(mask) = &ops.a_relu_mask {
+        assert_eq!(
+            (mask.rows, mask.cols),
+            (m, k),
+            "gemm: mask shape differs from A"
+        );
+    }
+    let epi = Epilogue {
+        alpha: ops.alpha,
+        beta: ops.beta,
+        bias: ops.bias,
+        relu: ops.relu,
+    };
+    if let Some(bias) = epi.bias {
+        assert_eq!(
+            bias.len(),
+            n,
+            "gemm: bias has {} values for {n} columns",
+            bias.len()
+        );
+    }
+    let a = Operand::Rounded {
+        x: a,
+        mask: ops.a_relu_mask,
+    };
+    let b = Operand::Rounded {
+        x: b.t(),
+        mask: None,
+    };
+    product(isa, a, b, c, &epi, par);
+}
+
+/// C = epilogue(A . B^T) with A (M lines) and B (N lines) of the same depth K.
+fn product(isa: Isa, a: Operand, b: Operand, c: MatMut, epi: &Epilogue, par: Par) {
     isa.assert_supported();
-    if m == 0 || n == 0 {
+    if a.lines() == 0 || b.lines() == 0 {
         return;
     }
     match isa {
-        // K = 0: the product is zero and C = beta * C, which the f32 GEMM's epilogue does.
-        _ if k == 0 => gemm_bf16_portable(a, b, beta, c, par),
-        Isa::Portable => gemm_bf16_portable(a, b, beta, c, par),
+        // K = 0: the product is zero; the f32 GEMM applies the epilogue alone.
+        _ if a.depth() == 0 => product_portable(a, b, c, epi, par),
+        Isa::Portable => product_portable(a, b, c, epi, par),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Bf16 => gemm_bf16_avx512(a, b, beta, c, par),
+        Isa::Amx => super::amx::product(a, b, c, epi, par),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Bf16 => product_avx512(a, b, c, epi, par),
         #[cfg(not(target_arch = "x86_64"))]
-        Isa::Avx512Bf16 => unreachable!("asserted unsupported"),
+        Isa::Amx | Isa::Avx512Bf16 => unreachable!("asserted unsupported"),
     }
 }
 
-/// The operands converted to f32 (exact) and multiplied by the f32 GEMM.
-fn gemm_bf16_portable(a: Bf16Mat, b: Bf16Mat, beta: f32, c: MatMut, par: Par) {
-    let widen = |x: Bf16Mat| {
-        let mut out = vec![0.0f32; x.data.len()];
-        bf16_to_f32_slice(x.data, &mut out, Isa::Portable);
+/// What is applied as a tile of the product is stored:
+/// C = relu(alpha * acc + beta * C + bias), in f32, in this order (that of the f32 GEMM).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Epilogue<'a> {
+    pub alpha: f32,
+    /// 0: C is only written.
+    pub beta: f32,
+    /// Length N.
+    pub bias: Option<&'a [f32]>,
+    pub relu: bool,
+}
+
+impl Default for Epilogue<'_> {
+    fn default() -> Self {
+        Epilogue {
+            alpha: 1.0,
+            beta: 0.0,
+            bias: None,
+            relu: false,
+        }
+    }
+}
+
+/// An operand of a BF16 product seen as `lines x depth` (depth = K): the rows of A, or the
+/// columns of B.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Operand<'a> {
+    /// f32 values, line l = row l of `x`, read as `x ⊙ [mask > 0]` rounded to bf16.
+    Rounded {
+        x: MatRef<'a>,
+        mask: Option<MatRef<'a>>,
+    },
+    /// bf16 values, line l = row l.
+    Bf16(Bf16Mat<'a>),
+}
+
+/// Values read per call of [`Operand::read`] (a stack buffer).
+const READ_CHUNK: usize = 64;
+
+impl<'a> Operand<'a> {
+    pub fn lines(&self) -> usize {
+        match self {
+            Operand::Rounded { x, .. } => x.rows,
+            Operand::Bf16(x) => x.rows,
+        }
+    }
+
+    pub fn depth(&self) -> usize {
+        match self {
+            Operand::Rounded { x, .. } => x.cols,
+            Operand::Bf16(x) => x.cols,
+        }
+    }
+
+    /// Whether one k step is contiguous across consecutive lines (a transposed view, as B of
+    /// the products of a layer usually is), rather than each line along k.
+    fn across_is_contiguous(&self) -> bool {
+        match self {
+            Operand::Rounded { x, mask } => {
+                x.rs == 1 && x.cs != 1 && mask.is_none_or(|mk| mk.rs == 1)
+            }
+            Operand::Bf16(_) => false,
+        }
+    }
+
+    /// bf16 values of the elements (l + e, k) (`across`) or (l, k + e) for e < out.len() <=
+    /// READ_CHUNK, zero past the lines or the depth.
+    fn read(&self, l: usize, k: usize, across: bool, out: &mut [Bf16], isa: Isa) {
+        debug_assert!(out.len() <= READ_CHUNK);
+        let (limit, from) = if across {
+            (self.lines(), l)
+        } else {
+            (self.depth(), k)
+        };
+        let valid = limit.saturating_sub(from).min(out.len());
+        if l >= self.lines() || k >= self.depth() {
+            out.fill(Bf16::default());
+            return;
+        }
+        match self {
+            Operand::Rounded { x, mask } => {
+                // The run as a slice where it is contiguous in memory.
+                let run = |v: MatRef<'a>| -> Option<&'a [f32]> {
+                    let (v, i, j) = if across { (v.t(), k, l) } else { (v, l, k) };
+                    (v.cs == 1).then(move || v.row_slice(i, j, valid))
+                };
+                let mut vals = [0.0f32; READ_CHUNK];
+                let vals = &mut vals[..valid];
+                match (run(*x), mask.map(run)) {
+                    (Some(xs), None) => vals.copy_from_slice(xs),
+                    (Some(xs), Some(Some(ms))) => {
+                        for ((v, &xv), &mv) in vals.iter_mut().zip(xs).zip(ms) {
+                            *v = if mv > 0.0 { xv } else { 0.0 };
+                        }
+                    }
+                    _ => {
+                        for (e, v) in vals.iter_mut().enumerate() {
+                            let (i, j) = if across { (l + e, k) } else { (l, k + e) };
+                            let keep = mask.is_none_or(|mk| mk.get(i, j) > 0.0);
+                            *v = if keep { x.get(i, j) } else { 0.0 };
+                        }
+                    }
+                }
+                f32_to_bf16_slice(vals, &mut out[..valid], isa);
+            }
+            Operand::Bf16(x) if !across => {
+                out[..valid].copy_from_slice(&x.data[l * x.cols + k..][..valid]);
+            }
+            Operand::Bf16(x) => {
+                for (e, o) in out[..valid].iter_mut().enumerate() {
+                    *o = x.data[(l + e) * x.cols + k];
+                }
+            }
+        }
+        out[valid..].fill(Bf16::default());
+    }
+}
+
+/// One 32-bit lane of a K pair: the even-k value in the low half (the `bf16[2i]` of VDPBF16PS
+/// and TDPBF16PS).
+#[inline(always)]
+fn pair(even: Bf16, odd: Bf16) -> u32 {
+    u32::from(even.to_bits()) | (u32::from(odd.to_bits()) << 16)
+}
+
+/// Packs `out[r * line_stride + q * pair_stride]` = the pair (x[line0 + r, 2(p0 + q)],
+/// x[line0 + r, 2(p0 + q) + 1]) for r < width, q < pairs; lines past the operand and K past
+/// its depth are zero. The operand is read along whichever direction is contiguous.
+pub(super) fn pack_pairs(
+    x: &Operand,
+    (line0, width): (usize, usize),
+    (p0, pairs): (usize, usize),
+    (line_stride, pair_stride): (usize, usize),
+    out: &mut [u32],
+    isa: Isa,
+) {
+    let (mut even, mut odd) = ([Bf16::default(); READ_CHUNK], [Bf16::default(); READ_CHUNK]);
+    if x.across_is_contiguous() {
+        for q in 0..pairs {
+            let k = 2 * (p0 + q);
+            for r0 in (0..width).step_by(READ_CHUNK) {
+                let n = READ_CHUNK.min(width - r0);
+                x.read(line0 + r0, k, true, &mut even[..n], isa);
+                x.read(line0 + r0, k + 1, true, &mut odd[..n], isa);
+                for r in 0..n {
+                    out[(r0 + r) * line_stride + q * pair_stride] = pair(even[r], odd[r]);
+                }
+            }
+        }
+    } else {
+        let buf = &mut even;
+        for r in 0..width {
+            for q0 in (0..pairs).step_by(READ_CHUNK / 2) {
+                let n = (READ_CHUNK / 2).min(pairs - q0);
+                x.read(line0 + r, 2 * (p0 + q0), false, &mut buf[..2 * n], isa);
+                for q in 0..n {
+                    out[r * line_stride + (q0 + q) * pair_stride] =
+                        pair(buf[2 * q], buf[2 * q + 1]);
+                }
+            }
+        }
+    }
+}
+
+/// The operands rounded into dense f32 copies (exact) and multiplied by the f32 GEMM.
+fn product_portable(a: Operand, b: Operand, c: MatMut, epi: &Epilogue, par: Par) {
+    let dense = |x: &Operand| {
+        let (lines, depth) = (x.lines(), x.depth());
+        let mut out = vec![0.0f32; lines * depth];
+        let mut buf = [Bf16::default(); READ_CHUNK];
+        for (l, line) in out.chunks_exact_mut(depth.max(1)).take(lines).enumerate() {
+            for (k0, vals) in line.chunks_mut(READ_CHUNK).enumerate() {
+                let n = vals.len();
+                x.read(l, k0 * READ_CHUNK, false, &mut buf[..n], Isa::Portable);
+                for (v, h) in vals.iter_mut().zip(&buf[..n]) {
+                    *v = h.to_f32();
+                }
+            }
+        }
         out
     };
-    let (a32, b32) = (widen(a), widen(b));
+    let (a32, b32) = (dense(&a), dense(&b));
+    let (m, k, n) = (a.lines(), a.depth(), b.lines());
     let ops = GemmOps {
-        beta,
-        ..GemmOps::default()
+        alpha: epi.alpha,
+        beta: epi.beta,
+        bias: epi.bias,
+        relu: epi.relu,
+        a_relu_mask: None,
+        precision: Precision::F32,
     };
-    gemm(
-        MatRef::new(&a32, a.rows, a.cols),
-        MatRef::new(&b32, b.rows, b.cols).t(),
+    gemm_with_blocks(
+        &BlockSizes::host(),
+        MatRef::new(&a32, m, k),
+        MatRef::new(&b32, n, k).t(),
         c,
         &ops,
         par,
     );
 }
 
-/// [`Precision::Bf16`] for [`gemm_with_blocks`]: op(A) ⊙ [mask > 0] and op(B) rounded to bf16
-/// (held exactly as f32), then multiplied by the f32 GEMM: a product of two bf16 values is
-/// exact in f32, so this is bf16 operands with f32 accumulation.
-pub(super) fn gemm_rounded(
-    bs: &BlockSizes,
-    a: MatRef,
-    b: MatRef,
-    c: MatMut,
-    ops: &GemmOps,
-    par: Par,
-) {
-    let (a_data, a_trans) = round_to_bf16(a, ops.a_relu_mask);
-    let (b_data, b_trans) = round_to_bf16(b, None);
-    fn view(data: &[f32], rows: usize, cols: usize, trans: bool) -> MatRef<'_> {
-        if trans {
-            MatRef::new(data, cols, rows).t()
-        } else {
-            MatRef::new(data, rows, cols)
-        }
-    }
-    let f32_ops = GemmOps {
-        a_relu_mask: None,
-        precision: Precision::F32,
-        ..*ops
-    };
-    gemm_with_blocks(
-        bs,
-        view(&a_data, a.rows, a.cols, a_trans),
-        view(&b_data, b.rows, b.cols, b_trans),
-        c,
-        &f32_ops,
-        par,
-    );
-}
+/// Rows of the AVX512-BF16 register tile.
+pub const BF16_MR: usize = 12;
+/// Columns of the register tile: two zmm vectors of 16 f32 lanes.
+pub const BF16_NR: usize = 32;
+/// K pairs per rank-KC update: a KC x NR micro-panel of B (256 pairs * 32 lanes * 4 bytes =
+/// 32 KiB) stays in L1d while the MC rows of A stream past it.
+const KC_PAIRS: usize = 256;
+/// Rows of C per task (a multiple of MR): the packed A block (MC * KC_PAIRS * 4 bytes =
+/// 96 KiB) lives in L2. A constant of the shape, so the split never depends on threads.
+const MC: usize = 8 * BF16_MR;
 
-/// `x ⊙ [mask > 0]` rounded to bf16 (as f32 values), dense, in the orientation of `x`'s unit
-/// stride: row-major, or column-major (returned `true`) when `x` is a transposed view.
-fn round_to_bf16(x: MatRef, mask: Option<MatRef>) -> (Vec<f32>, bool) {
-    let trans = x.rs == 1 && x.cs != 1;
-    let (lines, len) = if trans {
-        (x.cols, x.rows)
-    } else {
-        (x.rows, x.cols)
-    };
-    let mut out = vec![0.0f32; lines * len];
-    for (l, line) in out.chunks_exact_mut(len.max(1)).take(lines).enumerate() {
-        for (e, o) in line.iter_mut().enumerate() {
-            let (i, j) = if trans { (e, l) } else { (l, e) };
-            let keep = mask.is_none_or(|mk| mk.get(i, j) > 0.0);
-            *o = if keep {
-                Bf16::from_f32(x.get(i, j)).to_f32()
-            } else {
-                0.0
-            };
-        }
-    }
-    (out, trans)
+/// A raw pointer to C for tasks that write disjoint tiles of it.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub(super) struct SharedC {
+    ptr: *mut f32,
+    rows: usize,
+    cols: usize,
+    rs: usize,
 }
-
-/// Packs the `width` lines (rows of A or of B) starting at `line0` over the K pairs
-/// `p0 .. p0 + pairs` as `panel[q * width + r]` = the pair (x[line0 + r, 2(p0 + q)],
-/// x[line0 + r, 2(p0 + q) + 1]) in one 32-bit lane, the even-k element in the low half
-/// (VDPBF16PS's bf16[2i]). Lines past the matrix, and an odd K's missing last element, are
-/// zero.
-fn pack_pairs(x: Bf16Mat, line0: usize, width: usize, p0: usize, pairs: usize, panel: &mut [u32]) {
-    let panel = &mut panel[..pairs * width];
-    let k_end = x.cols.min(2 * (p0 + pairs));
-    for r in 0..width {
-        let i = line0 + r;
-        let row = if i < x.rows {
-            &x.data[i * x.cols + 2 * p0..i * x.cols + k_end]
-        } else {
-            &[]
-        };
-        let mut lanes = panel[r..].iter_mut().step_by(width);
-        let mut two = row.chunks_exact(2);
-        // `two` first: zip polls its left side first, and must not consume a lane it will
-        // not fill.
-        for (pair, lane) in (&mut two).zip(&mut lanes) {
-            *lane = u32::from(pair[0].to_bits()) | (u32::from(pair[1].to_bits()) << 16);
-        }
-        let odd_last = two
-            .remainder()
-            .first()
-            .map_or(0, |x| u32::from(x.to_bits()));
-        for (q, lane) in lanes.enumerate() {
-            *lane = if q == 0 { odd_last } else { 0 };
-        }
-    }
-}
+// SAFETY: tasks write disjoint tiles of C, and the fork-join ends before the exclusive borrow
+// of C that produced the pointer does.
+#[cfg(target_arch = "x86_64")]
+unsafe impl Send for SharedC {}
+// SAFETY: as above: concurrent use never touches the same element.
+#[cfg(target_arch = "x86_64")]
+unsafe impl Sync for SharedC {}
 
 #[cfg(target_arch = "x86_64")]
-fn gemm_bf16_avx512(a: Bf16Mat, b: Bf16Mat, beta: f32, c: MatMut, par: Par) {
-    let (m, k, n) = (a.rows, a.cols, b.rows);
-    let c_rs = c.rs;
-    let c_data = c.into_slice();
+impl SharedC {
+    pub fn new(c: MatMut) -> SharedC {
+        let (rows, cols, rs) = (c.rows, c.cols, c.rs);
+        SharedC {
+            ptr: c.into_slice().as_mut_ptr(),
+            rows,
+            cols,
+            rs,
+        }
+    }
+
+    /// Stores the tile `acc` (row r at `acc[r * acc_rs..]`) at C[i0.., j0..] with `epi`,
+    /// clipped to C.
+    ///
+    /// # Safety
+    /// The CPU supports AVX512F; no other thread accesses this tile of C meanwhile; `acc`
+    /// holds the clipped tile.
+    pub unsafe fn store(
+        &self,
+        acc: &[f32],
+        acc_rs: usize,
+        (i0, j0): (usize, usize),
+        epi: &Epilogue,
+    ) {
+        let rows = self.rows.saturating_sub(i0).min(acc.len().div_ceil(acc_rs));
+        let cols = self.cols.saturating_sub(j0).min(acc_rs);
+        assert!(rows == 0 || (rows - 1) * acc_rs + cols <= acc.len());
+        let bias = epi.bias.map(|b| &b[j0..j0 + cols]);
+        for r in 0..rows {
+            // SAFETY: row i0 + r < rows of C, columns j0 .. j0 + cols <= cols of C, so the
+            // slice lies inside C's data (MatMut's invariant); this task owns the tile.
+            let c_row = unsafe {
+                std::slice::from_raw_parts_mut(self.ptr.add((i0 + r) * self.rs + j0), cols)
+            };
+            // SAFETY: AVX512F (caller).
+            unsafe { store_row(&acc[r * acc_rs..r * acc_rs + cols], c_row, bias, epi) };
+        }
+    }
+}
+
+/// c = relu(alpha * acc + beta * c + bias), 16 lanes at a time, masked tail.
+///
+/// # Safety
+/// The CPU supports AVX512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_row(acc: &[f32], c: &mut [f32], bias: Option<&[f32]>, epi: &Epilogue) {
+    use core::arch::x86_64::*;
+    let (alpha, beta, zero) = (
+        _mm512_set1_ps(epi.alpha),
+        _mm512_set1_ps(epi.beta),
+        _mm512_setzero_ps(),
+    );
+    for j in (0..c.len()).step_by(16) {
+        let mask = ((1u32 << (c.len() - j).min(16)) - 1) as u16;
+        // SAFETY: the masked lanes are j .. min(j + 16, len) of acc, c and bias, which have
+        // (at least) c.len() elements.
+        unsafe {
+            let mut r = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, acc.as_ptr().add(j)), alpha);
+            if epi.beta != 0.0 {
+                r = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, c.as_ptr().add(j)), beta, r);
+            }
+            if let Some(b) = bias {
+                r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(mask, b.as_ptr().add(j)));
+            }
+            if epi.relu {
+                r = _mm512_max_ps(r, zero);
+            }
+            _mm512_mask_storeu_ps(c.as_mut_ptr().add(j), mask, r);
+        }
+    }
+}
+
+/// The AVX512-BF16 product: B packed whole into NR-column panels of pairs, threads split C
+/// into MC-row blocks, each packs its A panels per rank-KC update.
+#[cfg(target_arch = "x86_64")]
+fn product_avx512(a: Operand, b: Operand, c: MatMut, epi: &Epilogue, par: Par) {
+    let (m, k, n) = (a.lines(), a.depth(), b.lines());
+    let isa = Isa::Avx512Bf16;
     let k_pairs = k.div_ceil(2);
     let n_panels = n.div_ceil(BF16_NR);
     let parallel = should_split(par, 2 * m * n * k, MIN_PARALLEL_FLOPS);
     // B whole, panel by panel: panel j holds columns j*NR .. over all K pairs.
     let mut b_packed = vec![0u32; n_panels * k_pairs * BF16_NR];
-    let pack_b_panel =
-        |(j, panel): (usize, &mut [u32])| pack_pairs(b, j * BF16_NR, BF16_NR, 0, k_pairs, panel);
+    let pack_b_panel = |(j, panel): (usize, &mut [u32])| {
+        pack_pairs(
+            &b,
+            (j * BF16_NR, BF16_NR),
+            (0, k_pairs),
+            (1, BF16_NR),
+            panel,
+            isa,
+        )
+    };
     if parallel {
         b_packed
             .par_chunks_mut(k_pairs * BF16_NR)
@@ -247,12 +503,13 @@ fn gemm_bf16_avx512(a: Bf16Mat, b: Bf16Mat, beta: f32, c: MatMut, par: Par) {
             .for_each(pack_b_panel);
     }
     let b_packed = &b_packed[..];
-    // One task: rows i0 .. i0 + MC of C, whose slice starts at row i0.
-    let rows_task = |(t, c_rows): (usize, &mut [f32])| {
+    let c = SharedC::new(c);
+    // One task: rows i0 .. i0 + MC of C.
+    let rows_task = |t: usize| {
         let i0 = t * MC;
-        let rows = MC.min(m - i0);
-        let tiles = rows.div_ceil(BF16_MR);
+        let tiles = MC.min(m - i0).div_ceil(BF16_MR);
         let mut a_packed = vec![0u32; tiles * BF16_MR * KC_PAIRS.min(k_pairs)];
+        let mut acc = [0.0f32; BF16_MR * BF16_NR];
         for p0 in (0..k_pairs).step_by(KC_PAIRS) {
             let pairs = KC_PAIRS.min(k_pairs - p0);
             for (tile, panel) in a_packed
@@ -260,63 +517,48 @@ fn gemm_bf16_avx512(a: Bf16Mat, b: Bf16Mat, beta: f32, c: MatMut, par: Par) {
                 .take(tiles)
                 .enumerate()
             {
-                pack_pairs(a, i0 + tile * BF16_MR, BF16_MR, p0, pairs, panel);
+                let lines = (i0 + tile * BF16_MR, BF16_MR);
+                pack_pairs(&a, lines, (p0, pairs), (1, BF16_MR), panel, isa);
             }
-            let tile_beta = if p0 == 0 { beta } else { 1.0 };
+            let last = p0 + pairs == k_pairs;
+            // Alpha on every rank-KC update, then beta = 1 to add the next: as the f32 GEMM.
+            let block_epi = Epilogue {
+                alpha: epi.alpha,
+                beta: if p0 == 0 { epi.beta } else { 1.0 },
+                bias: epi.bias.filter(|_| last),
+                relu: epi.relu && last,
+            };
             for j in 0..n_panels {
                 let b_panel = &b_packed[(j * k_pairs + p0) * BF16_NR..][..pairs * BF16_NR];
-                let cols = BF16_NR.min(n - j * BF16_NR);
                 for tile in 0..tiles {
-                    let r0 = tile * BF16_MR;
                     let a_panel = &a_packed[tile * BF16_MR * pairs..][..pairs * BF16_MR];
-                    let c_tile = &mut c_rows[r0 * c_rs + j * BF16_NR..];
-                    let out = TileOut {
-                        rows: BF16_MR.min(rows - r0),
-                        cols,
-                        rs: c_rs,
-                        beta: tile_beta,
-                    };
-                    out.check(c_tile.len());
-                    // SAFETY: the CPU has AVX512-BF16 and AVX512F (checked by the caller's
-                    // assert_supported); the panels hold `pairs` full steps of MR and NR
-                    // lanes; `check` verified that C's tile lies inside `c_tile`.
-                    unsafe { avx512::tile(pairs, a_panel, b_panel, c_tile.as_mut_ptr(), &out) };
+                    // SAFETY: the CPU has AVX512-BF16 and AVX512F (`product` asserted it);
+                    // the panels hold `pairs` full steps of MR and NR lanes; this task alone
+                    // owns rows i0 .. i0 + MC of C.
+                    unsafe {
+                        avx512::tile(pairs, a_panel, b_panel, &mut acc);
+                        c.store(
+                            &acc,
+                            BF16_NR,
+                            (i0 + tile * BF16_MR, j * BF16_NR),
+                            &block_epi,
+                        );
+                    }
                 }
             }
         }
     };
+    let tasks = m.div_ceil(MC);
     if parallel {
-        c_data
-            .par_chunks_mut(MC * c_rs)
-            .enumerate()
-            .for_each(rows_task);
+        (0..tasks).into_par_iter().for_each(rows_task);
     } else {
-        c_data.chunks_mut(MC * c_rs).enumerate().for_each(rows_task);
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-/// Where and how a register tile is stored: C[r][j] = acc[r][j] + beta * C[r][j] for
-/// r < rows, j < cols, at `r * rs + j` from the tile's first element.
-struct TileOut {
-    rows: usize,
-    cols: usize,
-    rs: usize,
-    beta: f32,
-}
-
-#[cfg(target_arch = "x86_64")]
-impl TileOut {
-    /// Panics unless a slice of `len` floats holds the tile.
-    fn check(&self, len: usize) {
-        assert!(self.rows <= BF16_MR && self.cols <= BF16_NR);
-        assert!(self.rows == 0 || (self.rows - 1) * self.rs + self.cols <= len);
+        (0..tasks).for_each(rows_task);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{BF16_MR, BF16_NR, TileOut};
+    use super::{BF16_MR, BF16_NR};
     use core::arch::x86_64::*;
 
     /// Vectors of 16 f32 lanes per tile row.
@@ -330,16 +572,14 @@ mod avx512 {
         unsafe { core::mem::transmute::<__m512i, __m512bh>(v) }
     }
 
-    /// acc[MR x NR] = sum over `pairs` K pairs of A pair (broadcast) . B pairs (VDPBF16PS),
-    /// then stored with the epilogue of `out`.
+    /// acc[MR x NR] = sum over `pairs` K pairs of A pair (broadcast) . B pairs (VDPBF16PS).
     ///
     /// # Safety
     /// The CPU supports AVX512-BF16 and AVX512F; `a` holds `pairs * MR` and `b`
-    /// `pairs * NR` lanes; the tile described by `out` is writable (and readable if
-    /// beta != 0) at `c`.
+    /// `pairs * NR` lanes.
     #[target_feature(enable = "avx512bf16,avx512f")]
-    pub unsafe fn tile(pairs: usize, a: &[u32], b: &[u32], c: *mut f32, out: &TileOut) {
-        debug_assert!(a.len() >= pairs * BF16_MR && b.len() >= pairs * BF16_NR);
+    pub unsafe fn tile(pairs: usize, a: &[u32], b: &[u32], out: &mut [f32; BF16_MR * BF16_NR]) {
+        assert!(a.len() >= pairs * BF16_MR && b.len() >= pairs * BF16_NR);
         let mut acc = [[_mm512_setzero_ps(); NV]; BF16_MR];
         let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
         for _ in 0..pairs {
@@ -359,24 +599,10 @@ mod avx512 {
             ap = ap.wrapping_add(BF16_MR);
             bp = bp.wrapping_add(BF16_NR);
         }
-        let beta = _mm512_set1_ps(out.beta);
-        for (r, acc_row) in acc.iter().enumerate().take(out.rows) {
+        for (r, acc_row) in acc.iter().enumerate() {
             for (v, &acc_v) in acc_row.iter().enumerate() {
-                let lanes = out.cols.saturating_sub(16 * v).min(16);
-                if lanes == 0 {
-                    continue;
-                }
-                let mask = ((1u32 << lanes) - 1) as u16;
-                let cp = c.wrapping_add(r * out.rs + 16 * v);
-                // SAFETY: the `lanes` masked lanes of row r are inside the tile (caller).
-                unsafe {
-                    let result = if out.beta != 0.0 {
-                        _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, cp), beta, acc_v)
-                    } else {
-                        acc_v
-                    };
-                    _mm512_mask_storeu_ps(cp, mask, result);
-                }
+                // SAFETY: 16 floats at (r, 16 v) are inside the MR x NR array.
+                unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(r * BF16_NR + 16 * v), acc_v) };
             }
         }
     }

@@ -21,6 +21,8 @@
 //! `cargo bench --bench gemm`, see README.md): no packing of a block that is read only once or
 //! twice, a dot-product path for C with a handful of columns.
 
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 pub mod bf16;
 mod blocking;
 pub mod linear;
@@ -28,7 +30,7 @@ mod microkernel;
 mod pack;
 
 pub use crate::mat::{MatMut, MatRef};
-pub use bf16::{Bf16Mat, gemm_bf16};
+pub use bf16::{Bf16Mat, gemm_bf16, gemm_rounded_bf16};
 pub use blocking::{BlockSizes, CacheSizes};
 pub use linear::{bias_grad, linear_backward_input, linear_backward_weight, linear_forward};
 pub use microkernel::{NARROW_MR, WIDE_MR, WIDE_NR};
@@ -154,7 +156,7 @@ pub fn gemm_with_blocks(
         return;
     }
     if ops.precision == Precision::Bf16 {
-        bf16::gemm_rounded(bs, a, b, c, ops, par);
+        gemm_rounded_bf16(a, b, c, ops, crate::bf16::Isa::selected(), par);
     } else if n <= DOT_MAX_N && a.cs == 1 && b.rs == 1 && ops.a_relu_mask.is_none() {
         gemm_dot(a, b, c, ops, par);
     } else if m * n <= SPLIT_K_MAX_MN && k >= 2 * SPLIT_K_CHUNK {
