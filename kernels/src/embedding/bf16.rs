@@ -11,9 +11,9 @@
 //! master weight's own bits, so nothing is stored twice. The forward therefore sees each
 //! weight with a relative error below 2^-7.
 //!
-//! Both kernels run on an [`Isa`]: with AVX512-BF16 (AVX-512 F/BW/VL are what they use: a
-//! masked 16-lane load of bf16 bits widened by VPMOVZXWD and a shift, VPMOVDW to narrow), or
-//! the portable scalar path. The paths give the same bits: pooling is one multiply for a bag's
+//! Both kernels run on an [`Isa`]: with AVX512-BF16 or AMX (AVX-512 F/BW/VL are what they use:
+//! a masked 16-lane load of bf16 bits widened by VPMOVZXWD and a shift, VPMOVDW to narrow; no
+//! tile work here), or the portable scalar path. The paths give the same bits: pooling is one multiply for a bag's
 //! first row and one fused multiply-add per further row, in bag order, on both.
 
 use super::{Bags, MIN_PARALLEL_FLOATS, PREFETCH_DISTANCE, Pooling, RowGrads, SparseGradWorkspace};
@@ -67,7 +67,7 @@ fn split_row(src: &[f32], hi: &mut [u16], lo: &mut [u16], isa: Isa) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has AVX-512 F/BW/VL (callers assert the ISA); equal lengths.
-        Isa::Avx512Bf16 => unsafe { avx512::split(src, hi, lo) },
+        Isa::Avx512Bf16 | Isa::Amx => unsafe { avx512::split(src, hi, lo) },
         _ => {
             for ((&x, h), l) in src.iter().zip(hi.iter_mut()).zip(lo.iter_mut()) {
                 (*h, *l) = (upper(x), x.to_bits() as u16);
@@ -82,7 +82,7 @@ fn join_row(hi: &[u16], lo: &[u16], dst: &mut [f32], isa: Isa) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has AVX-512 F/BW/VL (callers assert the ISA); equal lengths.
-        Isa::Avx512Bf16 => unsafe { avx512::join(hi, lo, dst) },
+        Isa::Avx512Bf16 | Isa::Amx => unsafe { avx512::join(hi, lo, dst) },
         _ => {
             for ((&h, &l), d) in hi.iter().zip(lo).zip(dst.iter_mut()) {
                 *d = f32::from_bits((u32::from(h) << 16) | u32::from(l));
@@ -218,7 +218,7 @@ fn pool_bag(table: SplitTable, bags: Bags, b: usize, pooling: Pooling, out: &mut
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has AVX-512 F/BW/VL (the caller asserted the ISA).
-        Isa::Avx512Bf16 => unsafe { avx512::pool(&bag, out) },
+        Isa::Avx512Bf16 | Isa::Amx => unsafe { avx512::pool(&bag, out) },
         _ => bag.pool_portable(out),
     }
 }
