@@ -9,6 +9,10 @@
 //! `gemm-bf16/fwd-t<threads>/<M>x<N>x<K>`: the forward products of the top MLP's wide layers
 //! with bf16 X and W and f32 accumulation, on the ISA `Isa::selected` picks (AVX512-BF16
 //! where present; `DLRM_ISA=portable` measures the portable path), 2 M N K FLOP as above.
+//!
+//! `gemm-precision/<form>-<path>-t<threads>/<M>x<N>x<K>`: the Kaggle MLP's products with f32
+//! operands (`f32`) against bf16-rounded operands with f32 accumulation on each BF16 path the
+//! CPU has (`bf16-avx512`: VDPBF16PS, `bf16-amx`: AMX tiles), 2 M N K FLOP as above.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use dlrm_kernels::bf16::{Bf16, Isa, f32_to_bf16_slice};
@@ -91,6 +95,11 @@ impl Problem {
     }
 
     fn run_ours(&mut self) {
+        self.run_on(None);
+    }
+
+    /// The product in f32 (`None`) or with bf16 operands on `isa`'s path.
+    fn run_on(&mut self, bf16_isa: Option<Isa>) {
         let (m, n) = (self.m, self.n);
         let mut c = std::mem::take(&mut self.c);
         let (a, b) = self.views();
@@ -106,7 +115,11 @@ impl Problem {
             },
             _ => GemmOps::default(),
         };
-        gemm::gemm(a, b, MatMut::new(&mut c, m, n), &ops, Par::Rayon);
+        let c_mat = MatMut::new(&mut c, m, n);
+        match bf16_isa {
+            None => gemm::gemm(a, b, c_mat, &ops, Par::Rayon),
+            Some(isa) => gemm::gemm_rounded_bf16(a, b, c_mat, &ops, isa, Par::Rayon),
+        }
         self.c = c;
     }
 
@@ -256,5 +269,44 @@ fn bench_gemm_bf16(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_gemm, bench_gemm_bf16);
+/// The Kaggle preset's MLP products (layers 13-512-256-64 and 367-512-256, batch 2048 and
+/// 1024), f32 against bf16 operands on each BF16 path this CPU has.
+fn bench_gemm_precision(c: &mut Criterion) {
+    let mut group = c.benchmark_group("gemm-precision");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_millis(1200));
+    let pools = [(1, pool(1)), (2, pool(2))];
+    let mut paths = vec![("f32", None)];
+    for (name, isa) in [("bf16-avx512", Isa::Avx512Bf16), ("bf16-amx", Isa::Amx)] {
+        if isa.is_supported() {
+            paths.push((name, Some(isa)));
+        }
+    }
+    let layers = [
+        (2048, 13, 512),
+        (2048, 512, 256),
+        (2048, 256, 64),
+        (2048, 367, 512),
+    ];
+    let more = [(1024, 367, 512), (1024, 512, 256)];
+    for (batch, inp, out) in layers.into_iter().chain(more) {
+        for form in [Form::Fwd, Form::Dx, Form::Dw] {
+            let mut p = Problem::layer(form, batch, inp, out);
+            let shape = format!("{}x{}x{}", p.m, p.n, p.k);
+            group.throughput(Throughput::Elements((2 * p.m * p.n * p.k) as u64));
+            for (name, isa) in &paths {
+                for (t, pl) in &pools {
+                    let id = BenchmarkId::new(format!("{}-{name}-t{t}", form.name()), &shape);
+                    group.bench_function(id, |b| pl.install(|| b.iter(|| p.run_on(*isa))));
+                }
+            }
+            black_box(&p.c);
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_gemm, bench_gemm_bf16, bench_gemm_precision);
 criterion_main!(benches);

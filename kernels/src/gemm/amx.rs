@@ -22,10 +22,12 @@
 //! `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)` (Documentation/arch/x86/xstate.rst);
 //! [`tiles_usable`] asks once, after checking CPUID and XCR0.
 
-use super::bf16::{Epilogue, MIN_PARALLEL_FLOPS, Operand, SharedC, pack_pairs};
+use super::bf16::{Contiguity, Epilogue, MIN_PARALLEL_FLOPS, Operand, SharedC, pack_pairs};
 use crate::bf16::Isa;
 use crate::parallel::{Par, should_split};
+use crate::scratch::{PACK_A, PACK_B, with_scratch};
 use core::arch::asm;
+use core::arch::x86_64::*;
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
@@ -190,14 +192,156 @@ struct Block([f32; 4 * TILE_LANES]);
 /// Packs the lines of `x` from `line0` on into `out` as runs of tiles, one run per 16 lines:
 /// its `k_tiles` tiles of 16 K pairs, as A tiles (a line per tile row) or B tiles (a pair per
 /// tile row).
-fn pack_tiles(x: &Operand, line0: usize, k_tiles: usize, a_layout: bool, out: &mut [u32]) {
-    let layout = if a_layout { (TILE, 1) } else { (1, TILE) };
+fn pack_tiles(x: &Operand, line0: usize, k_tiles: usize, b_tiles: bool, out: &mut [u32]) {
     for (t, run) in out.chunks_exact_mut(k_tiles * TILE_LANES).enumerate() {
         for (q, tile) in run.chunks_exact_mut(TILE_LANES).enumerate() {
-            let lines = (line0 + t * TILE, TILE);
-            pack_pairs(x, lines, (q * TILE, TILE), layout, tile, Isa::Amx);
+            pack_tile(x, line0 + t * TILE, q * TILE, b_tiles, tile);
         }
     }
+}
+
+/// One tile of 16 lines from `line0` x 16 K pairs from `p0`: `out[r * 16 + q]` (A tile) or
+/// `out[q * 16 + r]` (B tile) = the pair (x[line, 2p], x[line, 2p + 1]), zero past the operand.
+/// Vector loads along the contiguous direction give the tile in one orientation; a 16 x 16
+/// transpose of the 32-bit pairs gives the other.
+fn pack_tile(x: &Operand, line0: usize, p0: usize, b_tile: bool, out: &mut [u32]) {
+    let mut t = [[0u32; TILE]; TILE];
+    let across = match x.contiguity() {
+        Contiguity::Along => false,
+        Contiguity::Across => true,
+        Contiguity::Neither => {
+            let layout = if b_tile { (1, TILE) } else { (TILE, 1) };
+            pack_pairs(x, (line0, TILE), (p0, TILE), layout, out, Isa::Amx);
+            return;
+        }
+    };
+    // SAFETY: the AMX path requires AVX512-BF16, F and BW (`Isa::Amx.is_supported`).
+    unsafe {
+        if across {
+            pairs_across(x, line0, 2 * p0, &mut t);
+        } else {
+            pairs_along(x, line0, 2 * p0, &mut t);
+        }
+    }
+    // `t` is line-major (t[r][q]) when read along K, pair-major (t[q][r]) when read across.
+    let transpose = across != b_tile;
+    for (i, row) in out.chunks_exact_mut(TILE).enumerate() {
+        for (j, o) in row.iter_mut().enumerate() {
+            *o = if transpose { t[j][i] } else { t[i][j] };
+        }
+    }
+}
+
+/// The first `n <= 16` lanes.
+fn lanes16(n: usize) -> u16 {
+    ((1u32 << n.min(16)) - 1) as u16
+}
+
+/// 16 f32 values at `p` (the first `n`), zeroed where the mask at `mp` is not positive,
+/// rounded to bf16 (VCVTNEPS2BF16, as `Bf16::from_f32`).
+///
+/// # Safety
+/// AVX512-BF16 and F; `n` floats readable at `p` and at `mp` (when given).
+#[inline]
+#[target_feature(enable = "avx512bf16,avx512f")]
+unsafe fn masked_f32(p: *const f32, mp: Option<*const f32>, n: usize) -> __m512 {
+    let lanes = lanes16(n);
+    // SAFETY: only the first n lanes are read (caller).
+    unsafe {
+        let keep = match mp {
+            None => lanes,
+            Some(mp) => {
+                let m = _mm512_maskz_loadu_ps(lanes, mp);
+                _mm512_mask_cmp_ps_mask::<_CMP_GT_OQ>(lanes, m, _mm512_setzero_ps())
+            }
+        };
+        _mm512_maskz_loadu_ps(keep, p)
+    }
+}
+
+/// Line-major pairs: `t[r][q]` = (x[line0 + r, k0 + 2q], x[line0 + r, k0 + 2q + 1]), x read
+/// along K (32 values per line, masked at the operand's edges).
+///
+/// # Safety
+/// AVX512-BF16, F and BW; `x` is [`Contiguity::Along`].
+#[target_feature(enable = "avx512bf16,avx512f,avx512bw")]
+unsafe fn pairs_along(x: &Operand, line0: usize, k0: usize, t: &mut [[u32; TILE]; TILE]) {
+    let valid = x.depth().saturating_sub(k0).min(2 * TILE);
+    let lines = x.lines().saturating_sub(line0).min(TILE);
+    if valid == 0 {
+        return;
+    }
+    for (r, row) in t.iter_mut().enumerate().take(lines) {
+        let v = match x {
+            Operand::Rounded { x, mask } => {
+                let xs = x.row_slice(line0 + r, k0, valid);
+                let ms = mask.map(|mk| mk.row_slice(line0 + r, k0, valid));
+                let half = |h: usize| {
+                    let n = valid.saturating_sub(16 * h);
+                    let at = |s: &[f32]| s.as_ptr().wrapping_add(16 * h);
+                    // SAFETY: n <= 16 floats from 16 h are inside the slices (len = valid).
+                    unsafe { masked_f32(at(xs), ms.map(at), n) }
+                };
+                let (lo, hi) = (half(0), half(1));
+                // VCVTNE2PS2BF16: the second source fills the low 16 bf16 lanes, in K order.
+                let bf = _mm512_cvtne2ps_pbh(hi, lo);
+                // SAFETY: a 512-bit vector reinterpreted as another; all bit patterns valid.
+                unsafe { core::mem::transmute::<__m512bh, __m512i>(bf) }
+            }
+            Operand::Bf16(b) => {
+                let row = &b.data()[(line0 + r) * b.cols() + k0..][..valid];
+                let lanes = ((1u64 << valid) - 1) as u32;
+                // SAFETY: the first `valid` u16 lanes are inside `row`.
+                unsafe { _mm512_maskz_loadu_epi16(lanes, row.as_ptr().cast()) }
+            }
+        };
+        // SAFETY: a row of t is 64 bytes.
+        unsafe { _mm512_storeu_si512(row.as_mut_ptr().cast(), v) };
+    }
+}
+
+/// Pair-major pairs: `t[q][r]` = (x[line0 + r, k0 + 2q], x[line0 + r, k0 + 2q + 1]), x read
+/// across lines (16 values per K step, masked at the operand's edges).
+///
+/// # Safety
+/// AVX512-BF16 and F; `x` is [`Contiguity::Across`] (so f32 values).
+#[target_feature(enable = "avx512bf16,avx512f")]
+unsafe fn pairs_across(x: &Operand, line0: usize, k0: usize, t: &mut [[u32; TILE]; TILE]) {
+    let Operand::Rounded { x, mask } = x else {
+        unreachable!("bf16 operands are read along K");
+    };
+    let n = x.rows().saturating_sub(line0).min(TILE);
+    if n == 0 {
+        return;
+    }
+    let (xt, mt) = (x.t(), mask.map(|mk| mk.t()));
+    // One K step across the lines, rounded, zero-extended to 32-bit lanes.
+    let step = |k: usize| {
+        if k >= xt.rows() {
+            return _mm512_setzero_si512();
+        }
+        let xs = xt.row_slice(k, line0, n);
+        let ms = mt.map(|mk| mk.row_slice(k, line0, n).as_ptr());
+        // SAFETY: n floats readable in both slices.
+        let v = unsafe { masked_f32(xs.as_ptr(), ms, n) };
+        let bf = _mm512_cvtneps_pbh(v);
+        // SAFETY: a 256-bit vector reinterpreted as another; all bit patterns valid.
+        let h = unsafe { core::mem::transmute::<__m256bh, __m256i>(bf) };
+        _mm512_cvtepu16_epi32(h)
+    };
+    for (q, row) in t.iter_mut().enumerate() {
+        let (even, odd) = (step(k0 + 2 * q), step(k0 + 2 * q + 1));
+        let pairs = _mm512_or_si512(even, _mm512_slli_epi32::<16>(odd));
+        // SAFETY: a row of t is 64 bytes.
+        unsafe { _mm512_storeu_si512(row.as_mut_ptr().cast(), pairs) };
+    }
+}
+
+/// `f32` scratch viewed as 32-bit lanes.
+fn as_lanes(buf: &mut [f32]) -> &mut [u32] {
+    // SAFETY: f32 and u32 have the same size and alignment and every bit pattern is valid
+    // in both; the exclusive borrow moves to the result.
+    unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u32>(), buf.len()) }
 }
 
 /// C = epilogue(A . B^T) on AMX tiles.
@@ -208,22 +352,42 @@ pub(super) fn product(a: Operand, b: Operand, c: super::MatMut, epi: &Epilogue, 
     let run = k_tiles * TILE_LANES;
     let n_tiles = n.div_ceil(2 * TILE) * 2;
     let parallel = should_split(par, 2 * m * n * k, MIN_PARALLEL_FLOPS);
-    let mut b_packed = vec![0u32; n_tiles * run];
-    let pack_b = |(t, out): (usize, &mut [u32])| pack_tiles(&b, t * TILE, k_tiles, false, out);
-    if parallel {
-        b_packed.par_chunks_mut(run).enumerate().for_each(pack_b);
-    } else {
-        b_packed.chunks_mut(run).enumerate().for_each(pack_b);
-    }
-    let b_packed = &b_packed[..];
     let c = SharedC::new(c);
-    let rows_task = |task: usize| {
-        let i0 = task * MC;
-        let m_tiles = MC.min(m - i0).div_ceil(2 * TILE) * 2;
-        let mut a_packed = vec![0u32; m_tiles * run];
-        pack_tiles(&a, i0, k_tiles, true, &mut a_packed);
+    with_scratch(&PACK_B, n_tiles * run, |b_buf| {
+        let b_packed = as_lanes(b_buf);
+        let pack_b = |(t, out): (usize, &mut [u32])| pack_tiles(&b, t * TILE, k_tiles, true, out);
+        if parallel {
+            b_packed.par_chunks_mut(run).enumerate().for_each(pack_b);
+        } else {
+            b_packed.chunks_mut(run).enumerate().for_each(pack_b);
+        }
+        let b_packed = &b_packed[..];
+        let task = |t: usize| rows_task(&a, b_packed, (t * MC, k_tiles), c, epi);
+        let tasks = m.div_ceil(MC);
+        if parallel {
+            (0..tasks).into_par_iter().for_each(task);
+        } else {
+            (0..tasks).for_each(task);
+        }
+    });
+}
+
+/// Rows i0 .. i0 + MC of C: packs their A tiles, then every 32 x 32 block over all of K.
+fn rows_task(
+    a: &Operand,
+    b_packed: &[u32],
+    (i0, k_tiles): (usize, usize),
+    c: SharedC,
+    epi: &Epilogue,
+) {
+    let run = k_tiles * TILE_LANES;
+    let n_tiles = b_packed.len() / run;
+    let m_tiles = MC.min(a.lines() - i0).div_ceil(2 * TILE) * 2;
+    with_scratch(&PACK_A, m_tiles * run, |a_buf| {
+        let a_packed = as_lanes(a_buf);
+        pack_tiles(a, i0, k_tiles, false, a_packed);
         let mut block = Block([0.0; 4 * TILE_LANES]);
-        // SAFETY: `tiles_usable` was asserted above.
+        // SAFETY: `product` asserted `tiles_usable`.
         let tiles = unsafe { Tiles::configure() };
         for jt in (0..n_tiles).step_by(2) {
             let b_runs = [
@@ -243,11 +407,5 @@ pub(super) fn product(a: Operand, b: Operand, c: super::MatMut, epi: &Epilogue, 
                 unsafe { c.store(&block.0, 2 * TILE, (i0 + it * TILE, jt * TILE), epi) };
             }
         }
-    };
-    let tasks = m.div_ceil(MC);
-    if parallel {
-        (0..tasks).into_par_iter().for_each(rows_task);
-    } else {
-        (0..tasks).for_each(rows_task);
-    }
+    });
 }

@@ -203,6 +203,17 @@ pub(super) enum Operand<'a> {
     Bf16(Bf16Mat<'a>),
 }
 
+/// Which direction of an [`Operand`] is contiguous in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Contiguity {
+    /// Each line along K (row-major A, or B = W^T).
+    Along,
+    /// One K step across consecutive lines (a transposed view: B = W, or A = dY^T).
+    Across,
+    /// Neither (both strides above 1).
+    Neither,
+}
+
 /// Values read per call of [`Operand::read`] (a stack buffer).
 const READ_CHUNK: usize = 64;
 
@@ -221,14 +232,19 @@ impl<'a> Operand<'a> {
         }
     }
 
-    /// Whether one k step is contiguous across consecutive lines (a transposed view, as B of
-    /// the products of a layer usually is), rather than each line along k.
-    fn across_is_contiguous(&self) -> bool {
+    /// Which direction of the operand (and its mask) is contiguous in memory.
+    pub fn contiguity(&self) -> Contiguity {
         match self {
             Operand::Rounded { x, mask } => {
-                x.rs == 1 && x.cs != 1 && mask.is_none_or(|mk| mk.rs == 1)
+                if x.cs == 1 && mask.is_none_or(|mk| mk.cs == 1) {
+                    Contiguity::Along
+                } else if x.rs == 1 && mask.is_none_or(|mk| mk.rs == 1) {
+                    Contiguity::Across
+                } else {
+                    Contiguity::Neither
+                }
             }
-            Operand::Bf16(_) => false,
+            Operand::Bf16(_) => Contiguity::Along,
         }
     }
 
@@ -304,7 +320,7 @@ pub(super) fn pack_pairs(
     isa: Isa,
 ) {
     let (mut even, mut odd) = ([Bf16::default(); READ_CHUNK], [Bf16::default(); READ_CHUNK]);
-    if x.across_is_contiguous() {
+    if x.contiguity() == Contiguity::Across {
         for q in 0..pairs {
             let k = 2 * (p0 + q);
             for r0 in (0..width).step_by(READ_CHUNK) {

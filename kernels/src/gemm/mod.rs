@@ -111,7 +111,9 @@ pub fn gemm(a: MatRef, b: MatRef, c: MatMut, ops: &GemmOps, par: Par) {
     gemm_with_blocks(&BlockSizes::host(), a, b, c, ops, par)
 }
 
-/// [`gemm`] with explicit block sizes.
+/// [`gemm`] with explicit block sizes (of the f32 kernels: a [`Precision::Bf16`] product runs
+/// on [`gemm_rounded_bf16`] with [`Isa::selected`](crate::bf16::Isa::selected), whose
+/// kernels have their own blocking).
 pub fn gemm_with_blocks(
     bs: &BlockSizes,
     a: MatRef,
