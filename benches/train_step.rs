@@ -1,5 +1,6 @@
 //! One full training step (forward, loss, backward, fused sparse and dense updates) of the
-//! Kaggle-preset DLRM on synthetic batches: `train_step/kaggle-<optimizer>-t<threads>/b<batch>`,
+//! Kaggle-preset DLRM on synthetic batches: `train_step/kaggle-<optimizer>-t<threads>/b<batch>`
+//! (f32), `train_step/kaggle-bf16-t<threads>/b2048` (SGD in BF16 mixed precision),
 //! and beside it DCN (6 rank-one cross layers, deep 512-256) and the factorization machine on
 //! the same tables and batches: `train_step/<dcn|fm>-<optimizer>-t<threads>/b2048`.
 //! Beside them, the inference-only forward pass of the same Kaggle model (no gradient buffers):
@@ -22,7 +23,7 @@ use dlrm::model::architecture::Architecture;
 use dlrm::model::dcn::{Dcn, DcnConfig};
 use dlrm::model::dlrm::Dlrm;
 use dlrm::model::fm::{Fm, FmConfig};
-use dlrm::model::{Model, ModelKind, OptimizerKind, Task};
+use dlrm::model::{Model, ModelKind, OptimizerKind, Precision, Task};
 use dlrm::storage::StorageKind;
 use std::time::Duration;
 
@@ -84,6 +85,19 @@ fn bench_train_step(c: &mut Criterion) {
             bench_steps(&mut group, &mut model, &variant, &b, &thread_counts);
         }
     }
+    // BF16 mixed precision (bf16 MLP operands, split-SGD tables) beside kaggle-sgd.
+    let mut bf16 =
+        Dlrm::new(arch.clone(), OptimizerKind::Sgd, &StorageKind::Anon, 1).expect("kaggle model");
+    bf16.set_precision(Precision::Bf16)
+        .expect("anonymous tables split");
+    bench_steps(
+        &mut group,
+        &mut bf16,
+        "kaggle-bf16",
+        &batches(2048),
+        &thread_counts,
+    );
+    drop(bf16);
     // The other models on the same tables and batches, at the batch size of the comparison.
     let b = batches(2048);
     for kind in [ModelKind::Dcn, ModelKind::Fm] {

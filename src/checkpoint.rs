@@ -37,7 +37,9 @@ use crate::model::architecture::Architecture;
 use crate::model::dlrm::Dlrm;
 use crate::model::embedding::{EmbeddingTable, OptimizerState};
 use crate::model::parameters::tensors;
-use crate::model::{Model, ModelConfig, OptimizerKind, TableSource, TensorKind, TensorMut};
+use crate::model::{
+    Model, ModelConfig, OptimizerKind, Precision, TableSource, TensorKind, TensorMut,
+};
 use crate::names::{Field, FieldError};
 use crate::rng::derive_key;
 use crate::schedule::LrSchedule;
@@ -108,6 +110,11 @@ pub struct Meta {
     /// before it was stored, whose `dataset/` folder gives it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoding_fingerprint: Option<String>,
+    /// The precision the run trained in (a resume continues in it unless told otherwise).
+    /// The parameters are stored as f32 whatever it is; absent (fp32) in checkpoints of f32
+    /// runs and in those written before it was stored.
+    #[serde(default, skip_serializing_if = "Precision::is_fp32")]
+    pub precision: Precision,
 }
 
 /// Refuses a dataset whose ids were encoded otherwise than the checkpoint's training data
@@ -427,6 +434,7 @@ fn write_version(
         train_state: state.clone(),
         dataset: dataset_files.is_some(),
         encoding_fingerprint: dataset_files.map(encoding_fingerprint_of).transpose()?,
+        precision: model.precision(),
     };
     write_durable(
         &tmp.join(META),
@@ -594,12 +602,13 @@ fn save_parameters(model: &dyn Model, dir: &Path) -> Result<serde_json::Value> {
     }
     crash_point("tables");
     let mut dense: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
-    for (name, shape, t) in &all {
+    let values: Vec<_> = all.iter().map(|(_, _, t)| t.values()).collect();
+    for ((name, shape, t), values) in all.iter().zip(&values) {
         if let TensorKind::Dense = t.kind {
             if !t.state.is_empty() {
                 dense.push((format!("optim.{name}"), shape.clone(), t.state));
             }
-            dense.push((name.clone(), shape.clone(), t.values));
+            dense.push((name.clone(), shape.clone(), values));
         }
     }
     write_safetensors(&dir.join(DENSE), &dense)?;
@@ -781,7 +790,7 @@ fn check_table_finite(
     opts: LoadOptions,
 ) -> Result<()> {
     let table_path = version.join(table_file_name(table.index()));
-    check_finite(&table_path, name, shape, table.weights(), opts)?;
+    check_finite(&table_path, name, shape, &table.values(), opts)?;
     let state_path = version.join(state_file_name(table.index()));
     let state_shape = [state.rows(), state.width()];
     let state_name = format!("optim.{name}");

@@ -43,9 +43,13 @@ pub fn export_safetensors(model: &mut dyn Model, path: &Path, cancel: &Cancel) -
     });
     tables.par_iter_mut().for_each(|t| t.materialize_all());
     let metadata = export_metadata(&model.config())?;
-    let tensors: Vec<(String, Vec<usize>, &[u8])> = tensors(&*model)
+    let values: Vec<_> = tensors(&*model)
         .into_iter()
-        .map(|(name, shape, t)| (name, shape, bytemuck::cast_slice(t.values)))
+        .map(|(name, shape, t)| (name, shape, t.values()))
+        .collect();
+    let tensors: Vec<(String, Vec<usize>, &[u8])> = values
+        .iter()
+        .map(|(name, shape, v)| (name.clone(), shape.clone(), bytemuck::cast_slice(v)))
         .collect();
     write_safetensors_sorted(path, cancel, tensors, &metadata)
 }

@@ -12,7 +12,9 @@ use crate::data::synthetic::{SyntheticConfig, SyntheticData, SyntheticSource};
 use crate::model::architecture::{Architecture, InteractionOp, join};
 use crate::model::dcn::DcnConfig;
 use crate::model::fm::FmConfig;
-use crate::model::{Model, ModelConfig, ModelKind, OptimizerKind, TableSource, Task, mf};
+use crate::model::{
+    Model, ModelConfig, ModelKind, OptimizerKind, Precision, TableSource, Task, mf,
+};
 use crate::names::{Field, FieldError, ensure_field};
 use crate::storage::StorageKind;
 use crate::train::{TrainOptions, available_memory_bytes, ensure_fits_in_memory};
@@ -200,6 +202,8 @@ pub struct RunSpec {
     pub arch: Architecture,
     pub model_options: ModelOptions,
     pub optimizer: OptimizerKind,
+    /// The precision the model trains in (a loaded model is converted to it).
+    pub precision: Precision,
     pub storage: StorageKind,
     pub threads: usize,
     pub data: DataSpec,
@@ -231,6 +235,7 @@ impl RunSpec {
             arch,
             model_options: options,
             optimizer,
+            precision,
             storage,
             threads,
             data,
@@ -287,6 +292,8 @@ impl RunSpec {
                 (ds, fresh(loaded)?, description)
             }
         };
+        let mut model = model;
+        model.set_precision(precision)?;
         Ok(Run {
             source,
             model,

@@ -6,9 +6,12 @@ use crate::cancel::Cancel;
 use crate::checkpoint::{self, TrainState};
 use crate::data::Batch;
 use crate::metrics::EvalMetrics;
-use crate::model::{Model, OptimizerKind, ParameterScope, PhaseSeconds, PhaseTimer, Task};
+use crate::model::{
+    Model, OptimizerKind, ParameterScope, PhaseSeconds, PhaseTimer, Precision, Task,
+};
 use crate::names::{Field, FieldError, FieldNames, ensure_field};
 use crate::rng::{SplitMix64, derive_key};
+use dlrm_kernels::bf16::Isa;
 
 pub use crate::data::DataSource;
 pub use crate::schedule::{LrSchedule, ensure_learning_rate};
@@ -142,6 +145,13 @@ pub struct TrainReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gflop_per_sec: Option<f64>,
     pub threads: usize,
+    /// The precision the model trained in ([`Model::precision`]).
+    #[serde(default)]
+    pub precision: Precision,
+    /// The instruction set the BF16 kernels run on ([`Isa::selected`], as `Debug` names it:
+    /// `Avx512Bf16`, `Portable`).
+    #[serde(default)]
+    pub isa: String,
     pub batch_size: usize,
     pub steps: u64,
     pub train_loss: f64,
@@ -754,6 +764,8 @@ impl Run<'_> {
             samples_per_sec,
             gflop_per_sec: model.flops_per_sample().map(|f| f * samples_per_sec * 1e-9),
             threads,
+            precision: model.precision(),
+            isa: format!("{:?}", Isa::selected()),
             batch_size: opts.batch_size,
             steps: self.plan.total_steps,
             train_loss: self.window.final_loss(),

@@ -54,6 +54,7 @@ fn spec(model: ModelKind, optimizer: OptimizerKind) -> RunSpec {
             weight_decay: 0.0,
         },
         optimizer,
+        precision: Default::default(),
         storage: StorageKind::Anon,
         threads: 1,
         train: options(3),

@@ -152,7 +152,7 @@ fn snapshot(m: &dyn Model) -> Snapshot {
         .into_iter()
         .map(|(name, shape, t)| {
             let table = matches!(t.kind, TensorKind::Table { .. });
-            (name, shape, table, bits(t.values), bits(t.state))
+            (name, shape, table, bits(&t.values()), bits(t.state))
         })
         .collect()
 }
@@ -283,8 +283,8 @@ fn every_model_visits_the_dense_tensors_its_configuration_describes() {
             .iter()
             .filter(|(_, _, t)| matches!(t.kind, TensorKind::Dense))
             .map(|(n, s, t)| {
-                assert_eq!(t.values.len(), s.iter().product::<usize>(), "{n}");
-                assert_eq!(t.state.len(), t.values.len(), "{n}: Adagrad state");
+                assert_eq!(t.values().len(), s.iter().product::<usize>(), "{n}");
+                assert_eq!(t.state.len(), t.values().len(), "{n}: Adagrad state");
                 (n.clone(), s.clone())
             })
             .collect();

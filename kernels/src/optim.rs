@@ -194,7 +194,7 @@ pub fn embedding_bag_backward_update_with_isa(
     par: Par,
 ) {
     const WHO: &str = "embedding_bag_backward_update";
-    let SparseStep { opt, weight_decay } = step;
+    let opt = step.opt;
     let dim = table.weights.cols();
     let TableMut { weights, state } = table;
     assert!(
@@ -211,46 +211,134 @@ pub fn embedding_bag_backward_update_with_isa(
         state.len()
     );
     let (rg, _) = RowGrads::prepare(rows, bags, pooling, grad_out, ws, WHO);
-    let ids = rg.rows;
-    let Some(&first) = ids.first() else {
+    let Some(&first) = rg.rows.first() else {
         return;
     };
     let first = first as usize;
-    let leaf = |range: Range<usize>, (t, s): (&mut [f32], &mut [f32])| {
+    let part = Fp32Rows {
+        table: &mut table[first * dim..],
+        state: &mut state[first * sw..],
+        dim,
+        sw,
+    };
+    update_coalesced_rows(isa, &rg, part, step, par);
+}
+
+/// The rows of a table (and their optimizer state) from some first row on, as the fused
+/// update sees them: it cuts them between tasks, requests a row ahead, and updates a row
+/// through its f32 values. Plain f32 tables ([`Fp32Rows`]) and split-BF16 tables
+/// ([`crate::embedding::bf16`]) implement it, so both run the same update, bit for bit.
+pub(crate) trait UpdateRows: Send + Sized {
+    /// The first `rows` rows, and the rest.
+    fn split_rows(self, rows: usize) -> (Self, Self);
+    /// Requests the lines of row `r` (and of its state) for writing.
+    fn prefetch_row(&self, r: usize);
+    /// Runs `update(p, s)` on row `r`'s `width` f32 values and its state, and keeps what it
+    /// leaves in `p`; `scratch` (`width` floats) may hold the values meanwhile. Always
+    /// inlined, so that a literal `width` unrolls the row's loops.
+    fn update_row(
+        &mut self,
+        r: usize,
+        width: usize,
+        scratch: &mut [f32],
+        update: impl FnOnce(&mut [f32], &mut [f32]),
+    );
+}
+
+/// A plain f32 table's rows (rows x dim) with their state (rows x sw), from the same first row.
+struct Fp32Rows<'a> {
+    table: &'a mut [f32],
+    state: &'a mut [f32],
+    dim: usize,
+    sw: usize,
+}
+
+impl UpdateRows for Fp32Rows<'_> {
+    fn split_rows(self, rows: usize) -> (Self, Self) {
+        let Fp32Rows {
+            table,
+            state,
+            dim,
+            sw,
+        } = self;
+        let (t0, t1) = table.split_at_mut(rows * dim);
+        let (s0, s1) = state.split_at_mut(rows * sw);
+        let part = |table, state| Fp32Rows {
+            table,
+            state,
+            dim,
+            sw,
+        };
+        (part(t0, s0), part(t1, s1))
+    }
+
+    #[inline(always)]
+    fn prefetch_row(&self, r: usize) {
+        let (dim, sw) = (self.dim, self.sw);
+        prefetch_lines(
+            self.table.as_ptr().wrapping_add(r * dim),
+            dim,
+            prefetch_write,
+        );
+        prefetch_lines(self.state.as_ptr().wrapping_add(r * sw), sw, prefetch_write);
+    }
+
+    #[inline(always)]
+    fn update_row(
+        &mut self,
+        r: usize,
+        width: usize,
+        _scratch: &mut [f32],
+        update: impl FnOnce(&mut [f32], &mut [f32]),
+    ) {
+        let sw = self.sw;
+        update(
+            &mut self.table[r * width..(r + 1) * width],
+            &mut self.state[r * sw..(r + 1) * sw],
+        );
+    }
+}
+
+/// The fused update of every distinct row of `rg`: its summed gradient (plus the weight
+/// decay times the row), then the optimizer, applied through `rows` (which starts at the
+/// first distinct row). Tasks own disjoint runs of distinct rows.
+pub(crate) fn update_coalesced_rows<R: UpdateRows>(
+    isa: Isa,
+    rg: &RowGrads,
+    rows: R,
+    step: SparseStep,
+    par: Par,
+) {
+    let SparseStep { opt, weight_decay } = step;
+    let (ids, dim) = (rg.rows, rg.dim);
+    let leaf = |range: Range<usize>, mut part: R| {
         let base = ids[range.start] as usize;
-        with_scratch(&EMB_ROW, dim, |g| {
+        // The row's gradient, and the scratch row of `update_row`.
+        with_scratch(&EMB_ROW, 2 * dim, |buf| {
+            let (g, scratch) = buf.split_at_mut(dim);
             dispatch!(isa, V => with_width!(dim, |width| for i in range.clone() {
                 if let Some(&ahead) = ids[..range.end].get(i + UPDATE_PREFETCH_DISTANCE) {
-                    let r = ahead as usize - base;
-                    prefetch_lines(t.as_ptr().wrapping_add(r * width), width, prefetch_write);
-                    prefetch_lines(s.as_ptr().wrapping_add(r * sw), sw, prefetch_write);
+                    part.prefetch_row(ahead as usize - base);
                 }
                 let g = &mut g[..width];
                 rg.sum_into::<V>(i, g);
                 let r = ids[i] as usize - base;
-                if weight_decay != 0.0 {
-                    // g += weight_decay * p: an axpy, i.e. an SGD step with the negated rate.
-                    sgd_lanes::<V>(g, &t[r * dim..(r + 1) * dim], -weight_decay);
-                }
-                opt.apply::<V>(
-                    &mut t[r * width..(r + 1) * width],
-                    &mut s[r * sw..(r + 1) * sw],
-                    g,
-                );
+                part.update_row(r, width, &mut scratch[..width], |p, s| {
+                    if weight_decay != 0.0 {
+                        // g += weight_decay * p: an axpy, i.e. an SGD step with the negated
+                        // rate.
+                        sgd_lanes::<V>(g, p, -weight_decay);
+                    }
+                    opt.apply::<V>(p, s, g);
+                });
             }))
         });
     };
-    // A part is (table rows, state rows) from the first distinct row of its range on.
     join_ranges(
         0..ids.len(),
         rg.grain(par),
-        (&mut table[first * dim..], &mut state[first * sw..]),
-        &|(t, s): (&mut [f32], &mut [f32]), lo, mid| {
-            let skip = (ids[mid] - ids[lo]) as usize;
-            let (t0, t1) = t.split_at_mut(skip * dim);
-            let (s0, s1) = s.split_at_mut(skip * sw);
-            ((t0, s0), (t1, s1))
-        },
+        rows,
+        &|part: R, lo, mid| part.split_rows((ids[mid] - ids[lo]) as usize),
         &leaf,
     );
 }

@@ -12,19 +12,20 @@
 //! Every buffer is sized once for the largest batch, so a step allocates nothing.
 
 use super::architecture::{Architecture, InteractionOp};
+use super::embedding::TableLayout;
 use super::mlp::Mlp;
 use super::parameters::{
     Named, Parameters, TableSource, Tensor, TensorMut, visit_mlp, visit_mlp_mut,
 };
 use super::sparse::SparseTables;
 use super::{
-    BatchError, DenseOptimizer, Model, ModelConfig, OptimizerKind, PhaseTimer, Task,
+    BatchError, DenseOptimizer, Model, ModelConfig, OptimizerKind, PhaseTimer, Precision, Task,
     check_capacity, head_loss, head_predict, mlp_floats_per_sample, validate_batch,
 };
 use crate::data::BatchView;
 use crate::rng::{SplitMix64, derive_key};
 use crate::storage::StorageKind;
-use dlrm_kernels::gemm::{MatMut, MatRef};
+use dlrm_kernels::gemm::{MatMut, MatRef, Precision as GemmPrecision};
 use dlrm_kernels::interaction::{
     cat_interaction_backward, cat_interaction_forward, dot_interaction_backward,
     dot_interaction_forward,
@@ -357,6 +358,23 @@ impl Model for Dlrm {
     }
     fn set_parallelism(&mut self, par: Par) {
         self.par = par;
+    }
+    fn precision(&self) -> Precision {
+        match self.bottom.precision {
+            GemmPrecision::F32 => Precision::Fp32,
+            GemmPrecision::Bf16 => Precision::Bf16,
+        }
+    }
+    /// BF16: the MLP products on bf16 operands, the tables split (see [`Precision`]).
+    fn set_precision(&mut self, precision: Precision) -> anyhow::Result<()> {
+        let (gemm, layout) = match precision {
+            Precision::Fp32 => (GemmPrecision::F32, TableLayout::Fp32),
+            Precision::Bf16 => (GemmPrecision::Bf16, TableLayout::SplitBf16),
+        };
+        self.embeddings.set_layout(layout)?;
+        self.bottom.precision = gemm;
+        self.top.precision = gemm;
+        Ok(())
     }
     fn config(&self) -> ModelConfig {
         ModelConfig::Dlrm(self.arch.clone())

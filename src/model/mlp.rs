@@ -62,6 +62,9 @@ pub struct Mlp {
     /// Batch sizes the forward and the gradient buffers are sized for.
     capacity: usize,
     grad_capacity: usize,
+    /// The operands of every product: f32, or rounded to bf16 in the GEMM (the weights stay
+    /// f32 masters).
+    pub precision: Precision,
 }
 
 impl Mlp {
@@ -79,6 +82,7 @@ impl Mlp {
             grads: vec![Vec::new(); n],
             capacity: 0,
             grad_capacity: 0,
+            precision: Precision::F32,
         }
     }
 
@@ -141,7 +145,7 @@ impl Mlp {
                 Some(&layer.bias),
                 layer.relu,
                 y,
-                Precision::F32,
+                self.precision,
                 par,
             );
         }
@@ -169,7 +173,7 @@ impl Mlp {
             batch <= self.grad_capacity,
             "reserve() the MLP for training on batch {batch}"
         );
-        let n = self.layers.len();
+        let (n, precision) = (self.layers.len(), self.precision);
         for l in (0..n).rev() {
             let (ins, outs) = (self.layers[l].inputs, self.layers[l].outputs);
             let input = if l == 0 {
@@ -195,7 +199,7 @@ impl Mlp {
                 input,
                 MatMut::new(&mut layer.grad_weight, outs, ins),
                 false,
-                Precision::F32,
+                precision,
                 par,
             );
             bias_grad(dy, mask, &mut layer.grad_bias, false, par);
@@ -205,7 +209,7 @@ impl Mlp {
                 Some(MatMut::new(&mut below[l - 1][..batch * ins], batch, ins))
             };
             if let Some(d) = d_input {
-                linear_backward_input(dy, mask, layer.weight_view(), d, Precision::F32, par);
+                linear_backward_input(dy, mask, layer.weight_view(), d, precision, par);
             }
         }
     }

@@ -8,6 +8,7 @@ pub mod fm;
 pub mod mf;
 pub mod mlp;
 pub mod parameters;
+pub mod precision;
 pub mod sparse;
 
 use crate::data::BatchView;
@@ -18,6 +19,7 @@ use dlrm_kernels::optim::{SparseOptimizer, adagrad_update, sgd_update};
 use dlrm_kernels::parallel::Par;
 use embedding::EmbeddingTable;
 pub use parameters::{ModelConfig, Parameters, TableSource, Tensor, TensorKind, TensorMut};
+pub use precision::Precision;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
@@ -503,14 +505,29 @@ pub trait Model: Send + Parameters {
             scope == ParameterScope::All && !matches!(t.kind, TensorKind::Dense)
         });
         dense.chain(tables).find_map(|(name, _, t)| {
-            first_non_finite_index(t.values).map(|index| NonFinite {
+            let values = t.values();
+            first_non_finite_index(&values).map(|index| NonFinite {
                 name: name.clone(),
                 index,
-                value: t.values[index],
+                value: values[index],
             })
         })
     }
     /// How the kernels may use threads from now on (default [`Par::Rayon`]: split over the
     /// current rayon pool when the work pays for it).
     fn set_parallelism(&mut self, par: Par);
+    /// The precision the model trains in.
+    fn precision(&self) -> Precision {
+        Precision::Fp32
+    }
+    /// Trains in `precision` from now on (the parameters' values unchanged). Models without a
+    /// BF16 path refuse [`Precision::Bf16`].
+    fn set_precision(&mut self, precision: Precision) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            precision == Precision::Fp32,
+            "precision {precision} is implemented for the DLRM model only, not {}",
+            self.name()
+        );
+        Ok(())
+    }
 }

@@ -12,6 +12,7 @@ use super::{Model, ModelKind, OptimizerKind};
 use crate::storage::{StorageKind, state_file_name, table_file_name};
 use dlrm_kernels::cross::CrossKind;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::path::Path;
 
 /// One parameter tensor of a model, read-only.
@@ -19,8 +20,9 @@ use std::path::Path;
 pub struct Tensor<'a> {
     /// Where the values live: a dense tensor, or an embedding table with its own storage.
     pub kind: TensorKind<'a>,
-    /// The values, row-major.
-    pub values: &'a [f32],
+    /// The values, row-major (of a dense tensor; a table's come from the table, see
+    /// [`Tensor::values`]).
+    values: &'a [f32],
     /// The optimizer state: a dense tensor's Adagrad accumulators (one per value), a table's
     /// sparse state (rows x state width); empty when the optimizer keeps none.
     pub state: &'a [f32],
@@ -75,8 +77,17 @@ impl<'a> Tensor<'a> {
     pub fn table(table: &'a EmbeddingTable, state: &'a OptimizerState) -> Tensor<'a> {
         Tensor {
             kind: TensorKind::Table { table, state },
-            values: table.weights(),
+            values: &[],
             state: state.as_slice(),
+        }
+    }
+
+    /// The values, row-major: borrowed, or for a split-BF16 table its halves joined into a
+    /// new buffer.
+    pub fn values(&self) -> Cow<'a, [f32]> {
+        match self.kind {
+            TensorKind::Dense => Cow::Borrowed(self.values),
+            TensorKind::Table { table, .. } => table.values(),
         }
     }
 }

@@ -2,9 +2,13 @@
 //! optimizer state and its backward workspace, updated in parallel, one table per task.
 
 use super::OptimizerKind;
-use super::embedding::{EmbeddingTable, OptimizerState};
+use super::embedding::{EmbeddingTable, OptimizerState, TableLayout};
 use super::parameters::{Named, TableSource, Tensor, TensorMut, named_table, named_table_mut};
 use crate::data::BatchView;
+use dlrm_kernels::bf16::Isa;
+use dlrm_kernels::embedding::bf16::{
+    SplitTable, SplitTableMut, embedding_bag_backward_update_split, embedding_bag_forward_split,
+};
 use dlrm_kernels::embedding::{Bags, Pooling, SparseGradWorkspace, embedding_bag_forward_tables};
 use dlrm_kernels::gemm::{MatMut, MatRef};
 use dlrm_kernels::optim::{SparseStep, TableMut, embedding_bag_backward_update};
@@ -76,9 +80,48 @@ impl SparseTables {
         }
     }
 
-    /// Table t's weights.
+    /// Table t's weights (f32 tables).
     pub fn weights(&self, t: usize) -> &[f32] {
         self.tables[t].weights()
+    }
+
+    /// The layout of the tables (all share it, see [`set_layout`](Self::set_layout); f32 when
+    /// there are none).
+    pub fn layout(&self) -> TableLayout {
+        self.tables
+            .first()
+            .map_or(TableLayout::Fp32, EmbeddingTable::layout)
+    }
+
+    /// Stores every table in `layout`, one table at a time, values unchanged. Split-BF16
+    /// tables live in anonymous memory: tables in files are refused.
+    pub fn set_layout(&mut self, layout: TableLayout) -> anyhow::Result<()> {
+        if layout == TableLayout::SplitBf16
+            && let Some(path) = self.tables.iter().find_map(|t| t.file_path())
+        {
+            anyhow::bail!(
+                "split-BF16 embedding tables (precision bf16) live in anonymous memory, but table file {} is memory-mapped: train in bf16 with anonymous table storage, or in fp32",
+                path.display()
+            );
+        }
+        // One table at a time (each is briefly held twice); on a failure the tables already
+        // converted go back, so that all tables keep one layout.
+        let old = self.layout();
+        for t in 0..self.tables.len() {
+            if self.tables[t].layout() == layout {
+                continue;
+            }
+            match self.tables[t].with_layout(layout) {
+                Ok(table) => self.tables[t] = table,
+                Err(e) => {
+                    for table in &mut self.tables[..t] {
+                        *table = table.with_layout(old)?;
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The forward of every table for `batch`: the rows it looks up in lazily initialised
@@ -87,6 +130,15 @@ impl SparseTables {
     pub fn forward(&mut self, batch: &BatchView, out: MatMut, par: Par) {
         self.materialize(|t| batch.bags(t).indices());
         let tables = &self.tables;
+        if self.layout() == TableLayout::SplitBf16 {
+            let lookup = |t: usize| {
+                let (hi, _) = tables[t].split_halves();
+                (SplitTable::new(hi, tables[t].dim()), batch.bags(t))
+            };
+            let isa = Isa::selected();
+            embedding_bag_forward_split(tables.len(), lookup, Pooling::Sum, out, isa, par);
+            return;
+        }
         embedding_bag_forward_tables(
             tables.len(),
             |t| {
@@ -142,18 +194,38 @@ impl SparseTables {
             .for_each(|(t, ((table, state), ws))| {
                 let dim = table.dim();
                 let (g, stride) = grads(t);
-                embedding_bag_backward_update(
-                    TableMut {
-                        weights: MatMut::from_rows(table.weights_mut(), dim),
-                        state: state.as_mut_slice(),
-                    },
-                    bags(t),
-                    Pooling::Sum,
-                    MatRef::with_row_stride(g, bags(t).len(), dim, stride),
-                    SparseStep { opt, weight_decay },
-                    ws,
-                    par,
-                );
+                let grad_out = MatRef::with_row_stride(g, bags(t).len(), dim, stride);
+                let step = SparseStep { opt, weight_decay };
+                let state = state.as_mut_slice();
+                match table.layout() {
+                    TableLayout::Fp32 => embedding_bag_backward_update(
+                        TableMut {
+                            weights: MatMut::from_rows(table.weights_mut(), dim),
+                            state,
+                        },
+                        bags(t),
+                        Pooling::Sum,
+                        grad_out,
+                        step,
+                        ws,
+                        par,
+                    ),
+                    TableLayout::SplitBf16 => {
+                        let (hi, lo) = table.split_halves_mut();
+                        let split = SplitTableMut { hi, lo, dim, state };
+                        let isa = Isa::selected();
+                        embedding_bag_backward_update_split(
+                            split,
+                            bags(t),
+                            Pooling::Sum,
+                            grad_out,
+                            step,
+                            ws,
+                            isa,
+                            par,
+                        );
+                    }
+                }
             });
     }
 }

@@ -13,7 +13,7 @@ use dlrm::data::preprocess::{CHUNK_BYTES, EncodingChoice, PreprocessOptions, pre
 use dlrm::data::synthetic::{Generation, SyntheticConfig};
 use dlrm::metrics::{format_auc, format_ne};
 use dlrm::model::architecture::{Architecture, InteractionOp, join};
-use dlrm::model::{ModelConfig, ModelKind, OptimizerKind};
+use dlrm::model::{ModelConfig, ModelKind, OptimizerKind, Precision};
 use dlrm::spec::{
     ArchitectureOverrides, DataSpec, RunSpec, open_training_dataset, resolve_architecture,
     thread_pool,
@@ -111,6 +111,12 @@ pub struct TrainArgs {
     /// Optimizer for the embedding tables; dense layers use SGD for sgd, Adagrad otherwise.
     #[arg(long, value_parser = choice::<OptimizerKind>())]
     optimizer: Option<OptimizerKind>,
+    /// Training precision (default fp32, or the checkpoint's). bf16: the MLP products on bf16
+    /// operands with f32 accumulation and f32 master weights, and split-SGD embedding tables
+    /// (bf16 upper halves read by the forward, f32-exact updates); DLRM with anonymous table
+    /// storage only. Checkpoints and exports hold f32 values either way.
+    #[arg(long, value_parser = choice::<Precision>())]
+    precision: Option<Precision>,
     /// Steps of linear learning-rate warm-up.
     #[arg(long, default_value_t = 0)]
     lr_num_warmup_steps: u64,
@@ -260,6 +266,10 @@ struct Resume {
 /// The run, with `temp` the temporary folder for the --criteo dataset.
 fn run_with(a: TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<()> {
     check_data_flags(&a)?;
+    // An explicit --precision is checked before any work; a checkpoint's, once it is read.
+    if let Some(precision) = a.precision {
+        check_precision(&a, precision)?;
+    }
     // Taken before any work, so that a second run saving into the same folder fails at once.
     let _checkpoint_lock = claim_checkpoint_folder(&a)?;
     let p = a.preset.unwrap_or(default_preset(&a)).values();
@@ -413,6 +423,11 @@ fn run_spec(
     resume: Option<&Resume>,
     cancel: &Cancel,
 ) -> Result<RunSpec> {
+    let precision = a
+        .precision
+        .or(resume.map(|r| r.meta.precision))
+        .unwrap_or_default();
+    check_precision(a, precision)?;
     let storage = storage(a)?;
     let threads = a.threads.count()?;
     let bags = a.num_indices_per_lookup.unwrap_or(p.num_indices_per_lookup);
@@ -474,11 +489,35 @@ fn run_spec(
         arch,
         model_options: a.models.options()?,
         optimizer,
+        precision,
         storage,
         threads,
         data,
         train,
     })
+}
+
+/// Refuses bf16 where it has no implementation, before anything is created: models other
+/// than DLRM, and tables in files (split-BF16 tables live in anonymous memory).
+fn check_precision(a: &TrainArgs, precision: Precision) -> Result<()> {
+    if precision == Precision::Fp32 {
+        return Ok(());
+    }
+    let given = if a.precision.is_some() {
+        "--precision bf16"
+    } else {
+        "the checkpoint's precision bf16 (--load-model)"
+    };
+    anyhow::ensure!(
+        a.model == ModelKind::Dlrm,
+        "{given} is implemented for --model dlrm only, not --model {}: use --precision fp32",
+        a.model.name()
+    );
+    anyhow::ensure!(
+        matches!(a.embedding_storage, StorageArg::Anon),
+        "{given} cannot be combined with --embedding-storage file: split-BF16 tables live in anonymous memory (use --embedding-storage anon, or --precision fp32)"
+    );
+    Ok(())
 }
 
 /// The training loop's options from the flags.
@@ -692,6 +731,7 @@ fn print_summary(r: &TrainReport) {
         "steps {} x batch {} on {} threads: {:.0} samples/s (steady state), {:.1} s wall",
         r.steps, r.batch_size, r.threads, r.samples_per_sec, r.wall_seconds
     );
+    println!("precision {} (BF16 kernels on {})", r.precision, r.isa);
     if let Some(g) = r.gflop_per_sec {
         println!("dense compute {g:.1} GFLOP/s (MLP products and interaction, steady state)");
     }

@@ -429,6 +429,7 @@ fn pool_rows<'r, V: SimdVec>(
 }
 
 mod backward;
+pub mod bf16;
 mod forward;
 
 pub(crate) use backward::RowGrads;

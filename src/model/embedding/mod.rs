@@ -34,7 +34,7 @@ mod table;
 
 pub use init::{init_bound, init_row};
 pub use state::OptimizerState;
-pub use table::EmbeddingTable;
+pub use table::{EmbeddingTable, TableLayout};
 
 use crate::storage::{MatrixFile, MatrixId, StorageKind, TableError};
 use std::path::{Path, PathBuf};

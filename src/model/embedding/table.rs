@@ -4,16 +4,36 @@
 use super::init::RowInit;
 use super::lazy::LazyRows;
 use crate::storage::{MatrixFile, MatrixId, StorageKind, TableError};
+use dlrm_kernels::bf16::Isa;
+use dlrm_kernels::embedding::bf16::{join_f32_slice, split_f32_slice};
+use rayon::prelude::*;
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
-/// One embedding table: rows x dim f32 weights in a memory map, initialised from
-/// (seed, index, row) eagerly or, for lazy file tables, on first touch.
+/// How a table stores its f32 weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableLayout {
+    /// rows x dim f32 values.
+    Fp32,
+    /// Split BF16 ([`dlrm_kernels::embedding::bf16`]): the rows x dim upper halves (bf16,
+    /// what the forward reads), then the rows x dim lower halves, in the same bytes an f32
+    /// table takes. Anonymous memory only.
+    SplitBf16,
+}
+
+/// One embedding table: rows x dim f32 weights in a memory map (as f32 values, or split into
+/// bf16 upper and 16-bit lower halves), initialised from (seed, index, row) eagerly or, for
+/// lazy file tables, on first touch.
 #[derive(Debug)]
 pub struct EmbeddingTable {
     weights: MatrixFile,
     /// Rows still pending; nothing for eager tables (those without a row bitmap).
     lazy: LazyRows,
+    layout: TableLayout,
 }
+
+/// Rows per task when a table changes layout (about 1 MiB of f32 rows).
+const RELAYOUT_TASK_BYTES: usize = 1 << 20;
 
 impl EmbeddingTable {
     /// A table over `weights`, counting the rows its row bitmap (if any) leaves pending.
@@ -21,7 +41,11 @@ impl EmbeddingTable {
         let lazy = weights.bitmap().map_or_else(LazyRows::default, |bits| {
             LazyRows::count(bits, weights.rows())
         });
-        EmbeddingTable { weights, lazy }
+        EmbeddingTable {
+            weights,
+            lazy,
+            layout: TableLayout::Fp32,
+        }
     }
 
     /// Creates table `index` (rows x dim) in `storage`, initialised from `seed` (eagerly, or
@@ -43,7 +67,11 @@ impl EmbeddingTable {
                 LazyRows::default()
             }
         };
-        Ok(EmbeddingTable { weights, lazy })
+        Ok(EmbeddingTable {
+            weights,
+            lazy,
+            layout: TableLayout::Fp32,
+        })
     }
 
     /// Creates table `index` holding `values` (rows x dim, row-major; e.g. imported weights)
@@ -109,9 +137,26 @@ impl EmbeddingTable {
         self.weights.seed()
     }
 
-    /// The rows x dim weights, row-major. In a lazy table, rows not yet materialised read as
-    /// zeros: call [`materialize`](Self::materialize) with the ids about to be used first.
+    /// How the weights are stored.
+    pub fn layout(&self) -> TableLayout {
+        self.layout
+    }
+
+    /// Panics on a split table: its f32 values exist only as halves.
+    fn assert_fp32(&self, what: &str) {
+        assert_eq!(
+            self.layout,
+            TableLayout::Fp32,
+            "table {}: {what} of a split-BF16 table (use values() or split_halves())",
+            self.index()
+        );
+    }
+
+    /// The rows x dim weights, row-major, of an f32 table (panics on a split one: see
+    /// [`values`](Self::values)). In a lazy table, rows not yet materialised read as zeros:
+    /// call [`materialize`](Self::materialize) with the ids about to be used first.
     pub fn weights(&self) -> &[f32] {
+        self.assert_fp32("weights()");
         self.weights.as_slice()
     }
 
@@ -120,10 +165,89 @@ impl EmbeddingTable {
         bytemuck::cast_slice(self.weights())
     }
 
-    /// The weights, writable (same caveat as [`weights`](Self::weights) for lazy tables: a
-    /// write to a row not yet materialised is overwritten when it is).
+    /// The f32 weights whatever the layout: borrowed from an f32 table, the halves of a split
+    /// one joined (exactly) into a new buffer.
+    pub fn values(&self) -> Cow<'_, [f32]> {
+        match self.layout {
+            TableLayout::Fp32 => Cow::Borrowed(self.weights.as_slice()),
+            TableLayout::SplitBf16 => {
+                let mut out = vec![0.0f32; self.rows() * self.dim()];
+                let (hi, lo) = self.split_halves();
+                join_rows(hi, lo, &mut out, self.dim());
+                Cow::Owned(out)
+            }
+        }
+    }
+
+    /// The weights, writable, of an f32 table (panics on a split one; same caveat as
+    /// [`weights`](Self::weights) for lazy tables: a write to a row not yet materialised is
+    /// overwritten when it is).
     pub fn weights_mut(&mut self) -> &mut [f32] {
+        self.assert_fp32("weights_mut()");
         self.weights.as_mut_slice()
+    }
+
+    /// Sets every weight from `values` (rows x dim, row-major), in either layout.
+    pub fn assign(&mut self, values: &[f32]) {
+        let dim = self.dim();
+        match self.layout {
+            TableLayout::Fp32 => self.weights_mut().copy_from_slice(values),
+            TableLayout::SplitBf16 => {
+                let (hi, lo) = self.split_halves_mut();
+                split_rows(values, hi, lo, dim);
+            }
+        }
+    }
+
+    /// The upper (bf16) and lower halves of a split table, rows x dim each (panics on an f32
+    /// table).
+    pub fn split_halves(&self) -> (&[u16], &[u16]) {
+        assert_eq!(self.layout, TableLayout::SplitBf16, "not a split table");
+        let all: &[u16] = bytemuck::cast_slice(self.weights.as_slice());
+        all.split_at(all.len() / 2)
+    }
+
+    /// [`split_halves`](Self::split_halves), writable.
+    pub fn split_halves_mut(&mut self) -> (&mut [u16], &mut [u16]) {
+        assert_eq!(self.layout, TableLayout::SplitBf16, "not a split table");
+        let all: &mut [u16] = bytemuck::cast_slice_mut(self.weights.as_mut_slice());
+        let half = all.len() / 2;
+        all.split_at_mut(half)
+    }
+
+    /// A copy of this table in the other layout `layout`, its values unchanged (the split is
+    /// exact). Only eager tables in anonymous memory are split (a file table's format is f32);
+    /// the copy is a new anonymous map.
+    pub fn with_layout(&self, layout: TableLayout) -> Result<EmbeddingTable, TableError> {
+        assert!(
+            layout != self.layout && self.file_path().is_none() && self.lazy.pending == 0,
+            "table {}: only an eager anonymous table changes layout, to another one",
+            self.index()
+        );
+        let (rows, dim) = (self.rows(), self.dim());
+        let mut weights = MatrixFile::create(
+            self.weights.id(),
+            rows,
+            dim,
+            self.seed(),
+            &StorageKind::Anon,
+        )?;
+        match layout {
+            TableLayout::SplitBf16 => {
+                let all: &mut [u16] = bytemuck::cast_slice_mut(weights.as_mut_slice());
+                let (hi, lo) = all.split_at_mut(rows * dim);
+                split_rows(self.weights.as_slice(), hi, lo, dim);
+            }
+            TableLayout::Fp32 => {
+                let (hi, lo) = self.split_halves();
+                join_rows(hi, lo, weights.as_mut_slice(), dim);
+            }
+        }
+        Ok(EmbeddingTable {
+            weights,
+            lazy: LazyRows::default(),
+            layout,
+        })
     }
 
     /// The generator of this table's initial values.
@@ -169,8 +293,20 @@ impl EmbeddingTable {
     /// `dir/`[`table_file_name`](crate::storage::table_file_name)`(index)` (header, weights,
     /// and the row bitmap of a lazy table), with sequential writes: how a checkpoint stores
     /// it, whatever the table's own storage.
+    /// A split table is written as its joined f32 values (built in a temporary anonymous
+    /// map), so checkpoints are the same for both layouts.
     pub fn write_to_dir(&self, dir: &Path) -> Result<PathBuf, TableError> {
-        self.weights.write_to_dir(dir)
+        match self.layout {
+            TableLayout::Fp32 => self.weights.write_to_dir(dir),
+            TableLayout::SplitBf16 => {
+                let (rows, dim, seed) = (self.rows(), self.dim(), self.seed());
+                let id = self.weights.id();
+                let mut joined = MatrixFile::create(id, rows, dim, seed, &StorageKind::Anon)?;
+                let (hi, lo) = self.split_halves();
+                join_rows(hi, lo, joined.as_mut_slice(), dim);
+                joined.write_to_dir(dir)
+            }
+        }
     }
 
     /// Loads table `index` from a table file (as [`write_to_dir`](Self::write_to_dir) writes
@@ -200,6 +336,26 @@ impl EmbeddingTable {
     pub fn flush(&self) -> Result<(), TableError> {
         self.weights.flush()
     }
+}
+
+/// Splits f32 rows of `dim` values into their halves, rows in parallel.
+fn split_rows(values: &[f32], hi: &mut [u16], lo: &mut [u16], dim: usize) {
+    let chunk = (RELAYOUT_TASK_BYTES / (4 * dim)).max(1) * dim;
+    let isa = Isa::selected();
+    values
+        .par_chunks(chunk)
+        .zip(hi.par_chunks_mut(chunk).zip(lo.par_chunks_mut(chunk)))
+        .for_each(|(v, (h, l))| split_f32_slice(v, h, l, isa));
+}
+
+/// Joins halves into f32 rows of `dim` values, rows in parallel.
+fn join_rows(hi: &[u16], lo: &[u16], values: &mut [f32], dim: usize) {
+    let chunk = (RELAYOUT_TASK_BYTES / (4 * dim)).max(1) * dim;
+    let isa = Isa::selected();
+    values
+        .par_chunks_mut(chunk)
+        .zip(hi.par_chunks(chunk).zip(lo.par_chunks(chunk)))
+        .for_each(|(v, (h, l))| join_f32_slice(h, l, v, isa));
 }
 
 #[cfg(test)]
