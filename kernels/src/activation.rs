@@ -121,6 +121,7 @@ fn bce_lanes<V: SimdVec>(
         "bce_with_logits",
         [logits, labels],
         [probs, grad_logits],
+        #[inline(always)]
         |[z, y], w| {
             let e = exp_neg_abs(z);
             let (p_num, q_num) = sigmoid_parts(z, e);
@@ -163,13 +164,19 @@ fn squared_error_lanes<V: SimdVec>(
 ) -> f64 {
     let scale = V::splat(grad_scale);
     let mut sums = [0.0f64; MAX_LANES];
-    map_vectors::<V, 2, 1>("squared_error", [pred, target], [grad], |[p, t], w| {
-        let e = p - t;
-        for (s, x) in sums.iter_mut().zip(e.to_lanes()).take(w) {
-            *s += f64::from(x) * f64::from(x);
-        }
-        [e * scale]
-    });
+    map_vectors::<V, 2, 1>(
+        "squared_error",
+        [pred, target],
+        [grad],
+        #[inline(always)]
+        |[p, t], w| {
+            let e = p - t;
+            for (s, x) in sums.iter_mut().zip(e.to_lanes()).take(w) {
+                *s += f64::from(x) * f64::from(x);
+            }
+            [e * scale]
+        },
+    );
     sums.iter().sum()
 }
 
@@ -180,7 +187,7 @@ pub fn sigmoid(x: &[f32], out: &mut [f32]) {
 
 /// [`sigmoid`] on `isa` (panics if the CPU lacks it).
 pub fn sigmoid_with_isa(isa: Isa, x: &[f32], out: &mut [f32]) {
-    dispatch!(isa, V => map_vectors::<V, 1, 1>("sigmoid", [x], [out], |[z], _| {
+    dispatch!(isa, V => map_vectors::<V, 1, 1>("sigmoid", [x], [out], #[inline(always)] |[z], _| {
         [sigmoid_from(z, exp_neg_abs(z))]
     }))
 }
@@ -204,7 +211,7 @@ pub fn sigmoid_backward_with_isa(
             "sigmoid_backward",
             [probs, grad_probs],
             [grad_logits],
-            |[p, g], _| [g * p * (one - p)],
+            #[inline(always)] |[p, g], _| [g * p * (one - p)],
         )
     })
 }

@@ -125,11 +125,14 @@ fn for_each_row<V: SimdVec>(
     }
     let dst = dst.into_slice();
     let run = |r0: usize, chunk: &mut [f32]| {
-        V::vectorize(|| {
-            for (q, row) in chunk.chunks_mut(stride).enumerate() {
-                body(r0 + q, &mut row[..width]);
-            }
-        })
+        V::vectorize(
+            #[inline(always)]
+            || {
+                for (q, row) in chunk.chunks_mut(stride).enumerate() {
+                    body(r0 + q, &mut row[..width]);
+                }
+            },
+        )
     };
     if should_split(par, rows.saturating_mul(work_per_row), MIN_PARALLEL_WORK) {
         dst.par_chunks_mut(SAMPLES_PER_TASK * stride)
@@ -171,7 +174,7 @@ pub fn dot_interaction_forward_with_isa(
     let np = num_pairs(f, self_interaction);
     check_rows(K, "out", out.as_ref(), batch, d + np);
     let (x, xs) = (features.as_slice(), features.row_stride());
-    dispatch!(isa, V => for_each_row::<V>(par, out, np * d, |b, row| {
+    dispatch!(isa, V => for_each_row::<V>(par, out, np * d, #[inline(always)] |b, row| {
         let x = &x[b * xs..][..f * d];
         let (bottom, dots) = row.split_at_mut(d);
         bottom.copy_from_slice(&x[..d]);
@@ -348,7 +351,7 @@ pub fn dot_interaction_backward_with_isa(
     );
     let (x, xs) = (features.as_slice(), features.row_stride());
     let (g, gs) = (grad_out.as_slice(), grad_out.row_stride());
-    dispatch!(isa, V => for_each_row::<V>(par, grad_features, f * f * d, |b, row| {
+    dispatch!(isa, V => for_each_row::<V>(par, grad_features, f * f * d, #[inline(always)] |b, row| {
         let s = Sample {
             x: &x[b * xs..][..f * d],
             g: &g[b * gs..][..d + np],

@@ -53,10 +53,14 @@ impl SparseOptimizer {
             SparseOptimizer::Adagrad { lr, eps } => adagrad_lanes::<V>(p, g, s, lr, eps),
             SparseOptimizer::RowwiseAdagrad { lr, eps } => {
                 let mut sq = V::splat(0.0);
-                for_each_lane_block::<V>(g.len(), |r| {
-                    let gv = load_at::<V>(g, r);
-                    sq = gv.mul_add(gv, sq);
-                });
+                for_each_lane_block::<V>(
+                    g.len(),
+                    #[inline(always)]
+                    |r| {
+                        let gv = load_at::<V>(g, r);
+                        sq = gv.mul_add(gv, sq);
+                    },
+                );
                 s[0] += sq.reduce_add() / g.len() as f32;
                 sgd_lanes::<V>(p, g, lr / (s[0].sqrt() + eps));
             }
@@ -92,10 +96,14 @@ fn store_at<V: SimdVec>(x: &mut [f32], r: Range<usize>, v: V) {
 fn sgd_lanes<V: SimdVec>(p: &mut [f32], g: &[f32], lr: f32) {
     assert_eq!(p.len(), g.len());
     let neg_lr = V::splat(-lr);
-    for_each_lane_block::<V>(p.len(), |r| {
-        let v = load_at::<V>(g, r.clone()).mul_add(neg_lr, load_at(p, r.clone()));
-        store_at(p, r, v);
-    });
+    for_each_lane_block::<V>(
+        p.len(),
+        #[inline(always)]
+        |r| {
+            let v = load_at::<V>(g, r.clone()).mul_add(neg_lr, load_at(p, r.clone()));
+            store_at(p, r, v);
+        },
+    );
 }
 
 /// s += g * g; p -= lr * g / (sqrt(s) + eps).
@@ -103,13 +111,17 @@ fn sgd_lanes<V: SimdVec>(p: &mut [f32], g: &[f32], lr: f32) {
 fn adagrad_lanes<V: SimdVec>(p: &mut [f32], g: &[f32], s: &mut [f32], lr: f32, eps: f32) {
     assert!(p.len() == g.len() && s.len() == g.len());
     let (neg_lr, eps) = (V::splat(-lr), V::splat(eps));
-    for_each_lane_block::<V>(p.len(), |r| {
-        let gv = load_at::<V>(g, r.clone());
-        let sv = gv.mul_add(gv, load_at(s, r.clone()));
-        let pv = (gv / (sv.sqrt() + eps)).mul_add(neg_lr, load_at(p, r.clone()));
-        store_at(s, r.clone(), sv);
-        store_at(p, r, pv);
-    });
+    for_each_lane_block::<V>(
+        p.len(),
+        #[inline(always)]
+        |r| {
+            let gv = load_at::<V>(g, r.clone());
+            let sv = gv.mul_add(gv, load_at(s, r.clone()));
+            let pv = (gv / (sv.sqrt() + eps)).mul_add(neg_lr, load_at(p, r.clone()));
+            store_at(s, r.clone(), sv);
+            store_at(p, r, pv);
+        },
+    );
 }
 
 /// Distinct rows between the row being updated and the row whose table (and state) lines are

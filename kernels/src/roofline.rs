@@ -91,11 +91,14 @@ fn stream_copy_lanes<V: SimdVec>(src: &[f32], dst: &mut [f32], par: Par) {
         dst.len()
     );
     let copy = |s: &[f32], d: &mut [f32]| {
-        V::vectorize(|| {
-            for_each_vector::<V>(s.len(), |k, w| {
-                V::from_slice(&s[k..k + w]).store_to(&mut d[k..k + w]);
-            })
-        });
+        V::vectorize(
+            #[inline(always)]
+            || {
+                for_each_vector::<V>(s.len(), |k, w| {
+                    V::from_slice(&s[k..k + w]).store_to(&mut d[k..k + w]);
+                })
+            },
+        );
     };
     if should_split(par, src.len(), MIN_PARALLEL_FLOATS) {
         dst.par_chunks_mut(STREAM_CHUNK)
@@ -122,12 +125,15 @@ fn stream_triad_lanes<V: SimdVec>(a: &mut [f32], b: &[f32], c: &[f32], s: f32, p
     );
     let sv = V::splat(s);
     let triad = |a: &mut [f32], b: &[f32], c: &[f32]| {
-        V::vectorize(|| {
-            for_each_vector::<V>(a.len(), |k, w| {
-                let v = V::from_slice(&c[k..k + w]).mul_add(sv, V::from_slice(&b[k..k + w]));
-                v.store_to(&mut a[k..k + w]);
-            })
-        });
+        V::vectorize(
+            #[inline(always)]
+            || {
+                for_each_vector::<V>(a.len(), |k, w| {
+                    let v = V::from_slice(&c[k..k + w]).mul_add(sv, V::from_slice(&b[k..k + w]));
+                    v.store_to(&mut a[k..k + w]);
+                })
+            },
+        );
     };
     if should_split(par, a.len(), MIN_PARALLEL_FLOATS) {
         a.par_chunks_mut(STREAM_CHUNK)
@@ -159,23 +165,26 @@ fn gather_lines_lanes<V: SimdVec>(buf: &[f32], lines: &[u32], par: Par) -> u32 {
         );
     }
     let xor = |ls: &[u32]| {
-        V::vectorize(|| {
-            let mut acc = V::splat(0.0);
-            for (i, &l) in ls.iter().enumerate() {
-                if let Some(&ahead) = ls.get(i + PREFETCH_DISTANCE) {
-                    prefetch_read(buf.as_ptr().wrapping_add(ahead as usize * LINE_FLOATS));
+        V::vectorize(
+            #[inline(always)]
+            || {
+                let mut acc = V::splat(0.0);
+                for (i, &l) in ls.iter().enumerate() {
+                    if let Some(&ahead) = ls.get(i + PREFETCH_DISTANCE) {
+                        prefetch_read(buf.as_ptr().wrapping_add(ahead as usize * LINE_FLOATS));
+                    }
+                    let line = &buf[l as usize * LINE_FLOATS..][..LINE_FLOATS];
+                    for k in (0..LINE_FLOATS).step_by(V::LANES) {
+                        // SAFETY: k + LANES <= LINE_FLOATS floats of the line are readable (LANES
+                        // divides LINE_FLOATS).
+                        acc ^= unsafe { V::load(line.as_ptr().add(k)) };
+                    }
                 }
-                let line = &buf[l as usize * LINE_FLOATS..][..LINE_FLOATS];
-                for k in (0..LINE_FLOATS).step_by(V::LANES) {
-                    // SAFETY: k + LANES <= LINE_FLOATS floats of the line are readable (LANES
-                    // divides LINE_FLOATS).
-                    acc ^= unsafe { V::load(line.as_ptr().add(k)) };
-                }
-            }
-            acc.to_lanes()[..V::LANES]
-                .iter()
-                .fold(0, |x, v| x ^ v.to_bits())
-        })
+                acc.to_lanes()[..V::LANES]
+                    .iter()
+                    .fold(0, |x, v| x ^ v.to_bits())
+            },
+        )
     };
     if should_split(par, lines.len() * LINE_FLOATS, MIN_PARALLEL_FLOATS) {
         lines

@@ -215,12 +215,18 @@ macro_rules! dispatch {
             #[cfg(target_arch = "x86_64")]
             $crate::isa::SimdLevel::Avx512 => {
                 type $V = $crate::simd::F32x16;
-                <$V as $crate::simd::SimdVec>::vectorize(|| $body)
+                <$V as $crate::simd::SimdVec>::vectorize(
+                    #[inline(always)]
+                    || $body,
+                )
             }
             #[cfg(target_arch = "x86_64")]
             $crate::isa::SimdLevel::Avx2 => {
                 type $V = $crate::simd::F32x8;
-                <$V as $crate::simd::SimdVec>::vectorize(|| $body)
+                <$V as $crate::simd::SimdVec>::vectorize(
+                    #[inline(always)]
+                    || $body,
+                )
             }
             #[cfg(not(target_arch = "x86_64"))]
             $crate::isa::SimdLevel::Avx512 | $crate::isa::SimdLevel::Avx2 => {

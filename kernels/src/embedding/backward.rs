@@ -57,7 +57,10 @@ fn weight_grad<V: SimdVec>(
         indices.len()
     );
     let leaf = |range: Range<usize>, gw: &mut [f32]| {
-        V::vectorize(|| weight_grad_leaf::<V>((table, dim), bags, grad_out, grad_stride, range, gw))
+        V::vectorize(
+            #[inline(always)]
+            || weight_grad_leaf::<V>((table, dim), bags, grad_out, grad_stride, range, gw),
+        )
     };
     let parallel = should_split(par, indices.len() * dim, MIN_PARALLEL_FLOATS);
     if !bags.is_empty() {

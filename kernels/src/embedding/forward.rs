@@ -101,19 +101,22 @@ fn forward_tables<'t, V: SimdVec>(
     }
     let out = out.into_slice();
     let rows_from = |b0: usize, out: &mut [f32]| {
-        V::vectorize(|| {
-            for t in 0..num_tables {
-                pool_bags::<V>(
-                    (table(t), dim),
-                    bags(t),
-                    pooling,
-                    b0,
-                    out,
-                    out_stride,
-                    t * dim,
-                );
-            }
-        })
+        V::vectorize(
+            #[inline(always)]
+            || {
+                for t in 0..num_tables {
+                    pool_bags::<V>(
+                        (table(t), dim),
+                        bags(t),
+                        pooling,
+                        b0,
+                        out,
+                        out_stride,
+                        t * dim,
+                    );
+                }
+            },
+        )
     };
     if should_split(par, work, MIN_PARALLEL_FLOATS) {
         let grain = task_grain(n, true);
@@ -204,11 +207,14 @@ fn gather_rows_lanes<V: SimdVec>(table: MatRef, indices: &[u32], out: MatMut, pa
     let out = out.into_slice();
     let rows_from = |i0: usize, out: &mut [f32]| {
         let ids = &indices[i0..];
-        V::vectorize(|| {
-            with_width!(dim, |width| copy_rows::<V>(
-                table, width, ids, out, out_stride
-            ))
-        })
+        V::vectorize(
+            #[inline(always)]
+            || {
+                with_width!(dim, |width| copy_rows::<V>(
+                    table, width, ids, out, out_stride
+                ))
+            },
+        )
     };
     if should_split(par, 2 * n * dim, MIN_PARALLEL_FLOATS) {
         let grain = task_grain(n, true);

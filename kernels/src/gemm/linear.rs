@@ -116,26 +116,29 @@ fn bias_grad_lanes<V: SimdVec>(
         );
     }
     let columns = |j0: usize, out: &mut [f32]| {
-        V::vectorize(|| {
-            for (v, out_v) in out.chunks_mut(V::LANES).enumerate() {
-                let j = j0 + v * V::LANES;
-                let w = out_v.len();
-                let mut acc = if accumulate {
-                    V::from_slice(out_v)
-                } else {
-                    V::splat(0.0)
-                };
-                for i in 0..m {
-                    let g = row_vec::<V>(&dy, i, j, w);
-                    acc += match &relu_out {
-                        // An all-ones lane mask where Y > 0: AND keeps g there, zero elsewhere.
-                        Some(y) => row_vec::<V>(y, i, j, w).simd_gt(V::splat(0.0)) & g,
-                        None => g,
+        V::vectorize(
+            #[inline(always)]
+            || {
+                for (v, out_v) in out.chunks_mut(V::LANES).enumerate() {
+                    let j = j0 + v * V::LANES;
+                    let w = out_v.len();
+                    let mut acc = if accumulate {
+                        V::from_slice(out_v)
+                    } else {
+                        V::splat(0.0)
                     };
+                    for i in 0..m {
+                        let g = row_vec::<V>(&dy, i, j, w);
+                        acc += match &relu_out {
+                            // An all-ones lane mask where Y > 0: AND keeps g there, zero elsewhere.
+                            Some(y) => row_vec::<V>(y, i, j, w).simd_gt(V::splat(0.0)) & g,
+                            None => g,
+                        };
+                    }
+                    acc.store_to(out_v);
                 }
-                acc.store_to(out_v);
-            }
-        })
+            },
+        )
     };
     if should_split(par, m * n, 1 << 16) {
         db.par_chunks_mut(BIAS_GRAD_COLS_PER_TASK)

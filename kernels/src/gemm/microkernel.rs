@@ -70,7 +70,10 @@ pub unsafe fn tile<
     s: &StoreOps,
 ) {
     // SAFETY: forwarded from the caller.
-    V::vectorize(|| unsafe { tile_body::<V, MR, NV, A_PACKED, B_FULL>(t, s) })
+    V::vectorize(
+        #[inline(always)]
+        || unsafe { tile_body::<V, MR, NV, A_PACKED, B_FULL>(t, s) },
+    )
 }
 
 /// The body of [`tile`], inlined into its `#[target_feature]` wrapper.

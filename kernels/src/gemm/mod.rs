@@ -480,16 +480,19 @@ fn gemm_dot<V: SimdVec>(a: MatRef, b: MatRef, c: MatMut, ops: &GemmOps, par: Par
     let c_rs = c.rs;
     let rows_per_task = 64;
     let run = |i0: usize, c_rows: &mut [f32]| {
-        V::vectorize(|| {
-            let mut acc = [0.0f32; DOT_MAX_N];
-            for (r, c_row) in c_rows.chunks_mut(c_rs).enumerate() {
-                let a_row = a.row_slice(i0 + r, 0, k);
-                for (j, acc_j) in acc.iter_mut().enumerate().take(n) {
-                    *acc_j = dot_lanes::<V>(a_row, &b.data[j * b.cs..j * b.cs + k]);
+        V::vectorize(
+            #[inline(always)]
+            || {
+                let mut acc = [0.0f32; DOT_MAX_N];
+                for (r, c_row) in c_rows.chunks_mut(c_rs).enumerate() {
+                    let a_row = a.row_slice(i0 + r, 0, k);
+                    for (j, acc_j) in acc.iter_mut().enumerate().take(n) {
+                        *acc_j = dot_lanes::<V>(a_row, &b.data[j * b.cs..j * b.cs + k]);
+                    }
+                    epilogue_row(Some(&acc[..n]), &mut c_row[..n], ops);
                 }
-                epilogue_row(Some(&acc[..n]), &mut c_row[..n], ops);
-            }
-        })
+            },
+        )
     };
     let data = &mut c.data[..];
     if should_split(par, 2 * m * n * k, MIN_PARALLEL_FLOPS) {
@@ -578,11 +581,14 @@ fn gemm_split_k<V: SimdVec>(
         }
         // Sum the partials in chunk order, into the first one, vectorised along the rows.
         let (first, rest) = partials.split_at_mut(mn);
-        V::vectorize(|| {
-            for part in rest.chunks(mn) {
-                add_assign::<V>(first, part);
-            }
-        });
+        V::vectorize(
+            #[inline(always)]
+            || {
+                for part in rest.chunks(mn) {
+                    add_assign::<V>(first, part);
+                }
+            },
+        );
         for i in 0..m {
             epilogue_row(Some(&first[i * n..(i + 1) * n]), c.row_mut(i), ops);
         }

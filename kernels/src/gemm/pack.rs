@@ -51,7 +51,10 @@ pub fn pack_b_panel<V: SimdVec>(b: MatRef, j0: usize, nr: usize, panel: &mut [f3
 /// lines, zero for the padding lines up to `width`. Compiled for `V`'s level (a parallel task
 /// runs it).
 fn pack_panel<V: SimdVec>(src: MatRef, mask: Option<MatRef>, panel: &mut [f32], width: usize) {
-    V::vectorize(|| pack_panel_body::<V>(src, mask, panel, width))
+    V::vectorize(
+        #[inline(always)]
+        || pack_panel_body::<V>(src, mask, panel, width),
+    )
 }
 
 /// The body of [`pack_panel`].
