@@ -81,14 +81,15 @@ fn chunking_depends_on_the_batch_size_only_and_covers_it() {
             "batch {b}: chunks of {rows}"
         );
     }
-    assert_eq!(chunking(2048), (4, 512));
-    assert_eq!(chunking(100), (1, 100));
+    assert_eq!(chunking(2048), (8, 256));
+    assert_eq!(chunking(128), (1, 128));
 }
 
 #[test]
 fn steps_are_bit_identical_on_1_2_3_threads() {
-    // 256: whole chunks; 300 and 201: a shorter last chunk; 100: one chunk; 130: two.
-    let sizes = [256, 300, 201, 100, 130, 300];
+    // 512 (4 chunks) and 300 (2): whole chunks; 601, 401 and 1100 (8 chunks): a shorter last
+    // chunk; 100: one chunk.
+    let sizes = [512, 601, 401, 100, 300, 1100];
     for optimizer in [OptimizerKind::Sgd, OptimizerKind::Adagrad] {
         let one = train_bits(optimizer, &sizes, 1, Par::Rayon);
         for (threads, par) in [
@@ -127,9 +128,9 @@ fn chunked_gradients_are_the_mean_of_per_sample_gradients() {
     let data = teacher(&arch);
     let mut m = Dlrm::new(arch, OptimizerKind::Sgd, &StorageKind::Anon, 9).unwrap();
     Model::reserve(&mut m, 512);
-    // 4 chunks of 75 rows, the last one of 75 - (4 * 75 - 297) = 72.
-    let b = 297;
-    assert_eq!(chunking(b), (4, 75));
+    // 3 chunks of 133 rows, the last one of 397 - 2 * 133 = 131.
+    let b = 397;
+    assert_eq!(chunking(b), (3, 133));
     let (loss, grads) = loss_and_grads(&mut m, &data, 40, b);
     let mut mean_loss = 0.0;
     let mut mean = vec![0.0f64; grads.len()];
