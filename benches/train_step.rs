@@ -5,7 +5,9 @@
 //! the same tables and batches: `train_step/<dcn|fm>-<optimizer>-t<threads>/b2048`.
 //! Beside them, the inference-only forward pass of the same Kaggle model (no gradient buffers):
 //! `inference/kaggle-t<threads>/b<batch>`. Throughput is in samples, so criterion's elem/s is
-//! samples/s.
+//! samples/s. Each DLRM benchmark also prints its dense compute rate in GFLOP/s and its
+//! fraction of the FMA peak of the same threads (`cargo bench --bench roofline`'s `fma-peak`
+//! loop, measured right after).
 //!
 //! The tables are the real Kaggle sizes (2 GiB, anonymous huge-page maps); batches rotate
 //! through pre-generated Zipf-distributed ids so that lookups stay cold.
@@ -25,7 +27,12 @@ use dlrm::model::dlrm::Dlrm;
 use dlrm::model::fm::{Fm, FmConfig};
 use dlrm::model::{Model, ModelKind, OptimizerKind, Precision, Task};
 use dlrm::storage::StorageKind;
-use std::time::Duration;
+use dlrm::train::measure_fma_peak;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+/// Seconds of the FMA-peak probe after each benchmark.
+const FMA_PROBE_SECONDS: f64 = 0.2;
 
 /// Distinct batches cycled through (their ids far exceed the caches).
 const BATCHES: usize = 8;
@@ -151,6 +158,9 @@ fn opt_name(opt: OptimizerKind) -> &'static str {
 }
 
 /// `train_step/<variant>-t<threads>/b<batch>` for each thread count, cycling through `batches`.
+/// For a model that counts its FLOPs, each benchmark that ran also prints its dense compute
+/// rate (over every step criterion timed, warm-up included) and that rate's fraction of the
+/// FMA peak measured right after on the same threads.
 fn bench_steps(
     group: &mut BenchmarkGroup<WallTime>,
     model: &mut dyn Model,
@@ -166,18 +176,35 @@ fn bench_steps(
             .num_threads(threads)
             .build()
             .expect("thread pool");
-        let id = BenchmarkId::new(format!("{variant}-t{threads}"), format!("b{batch_size}"));
+        let name = format!("{variant}-t{threads}");
+        let id = BenchmarkId::new(&name, format!("b{batch_size}"));
         let mut i = 0;
+        let (mut steps, mut seconds) = (0u64, 0.0f64);
         group.bench_function(id, |b| {
             pool.install(|| {
-                b.iter(|| {
-                    i = (i + 1) % batches.len();
-                    model
-                        .train_step(&batches[i].view(), 0.01, &mut PhaseTimer::default())
-                        .expect("valid batch")
+                b.iter_custom(|iters| {
+                    let started = Instant::now();
+                    for _ in 0..iters {
+                        i = (i + 1) % batches.len();
+                        let view = batches[i].view();
+                        let step = model.train_step(&view, 0.01, &mut PhaseTimer::default());
+                        black_box(step.expect("valid batch"));
+                    }
+                    let elapsed = started.elapsed();
+                    steps += iters;
+                    seconds += elapsed.as_secs_f64();
+                    elapsed
                 })
             })
         });
+        if let (Some(flops), true) = (model.flops_per_sample(), steps > 0) {
+            let gflops = flops * (steps as usize * batch_size) as f64 / seconds * 1e-9;
+            let peak = pool.install(|| measure_fma_peak(FMA_PROBE_SECONDS));
+            println!(
+                "train_step/{name}/b{batch_size}: dense compute {gflops:.1} GFLOP/s, {:.1}% of the {peak:.1} GFLOP/s FMA peak of {threads} threads",
+                100.0 * gflops / peak
+            );
+        }
     }
 }
 

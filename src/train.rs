@@ -12,6 +12,7 @@ use crate::model::{
 use crate::names::{Field, FieldError, FieldNames, ensure_field};
 use crate::rng::{SplitMix64, derive_key};
 use dlrm_kernels::bf16::Isa;
+use dlrm_kernels::roofline::{fma_peak, fma_peak_flops};
 
 pub use crate::data::DataSource;
 pub use crate::schedule::{LrSchedule, ensure_learning_rate};
@@ -144,6 +145,13 @@ pub struct TrainReport {
     /// `samples_per_sec` (absent for models that do not count their FLOPs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gflop_per_sec: Option<f64>,
+    /// The FMA peak of the training threads, measured after the run by [`measure_fma_peak`]
+    /// (absent unless asked for with [`TrainReport::add_fma_peak`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fma_peak_gflop_per_sec: Option<f64>,
+    /// `gflop_per_sec` / `fma_peak_gflop_per_sec`: the step's fraction of the machine's peak.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_fraction: Option<f64>,
     pub threads: usize,
     /// The precision the model trained in ([`Model::precision`]).
     #[serde(default)]
@@ -173,6 +181,44 @@ pub struct TrainReport {
     pub optimizer: OptimizerKind,
     pub learning_rate: f32,
     pub wall_seconds: f64,
+}
+
+impl TrainReport {
+    /// Records the FMA peak `gflop_per_sec` of the threads that trained, and the dense
+    /// compute's fraction of it.
+    pub fn add_fma_peak(&mut self, gflop_per_sec: f64) {
+        self.fma_peak_gflop_per_sec = Some(gflop_per_sec);
+        self.peak_fraction = self.gflop_per_sec.map(|g| g / gflop_per_sec);
+    }
+}
+
+/// Vector FMAs per [`fma_peak`] call of the probe: about 0.1 ms, so the clock is read rarely.
+const FMA_PROBE_ITERS: usize = 1 << 14;
+
+/// The peak FMA rate (GFLOP/s) of the current thread pool: every thread runs independent
+/// vector FMA chains on registers (the roofline bench's `fma-peak` loop) for `seconds`.
+pub fn measure_fma_peak(seconds: f64) -> f64 {
+    use rayon::prelude::*;
+    use std::hint::black_box;
+    let threads = rayon::current_num_threads();
+    let started = Instant::now();
+    let calls: usize = (0..threads)
+        .into_par_iter()
+        .with_max_len(1)
+        .map(|_| {
+            let mut calls = 0;
+            while started.elapsed().as_secs_f64() < seconds {
+                black_box(fma_peak(
+                    FMA_PROBE_ITERS,
+                    black_box(0.999_999),
+                    black_box(1e-7),
+                ));
+                calls += 1;
+            }
+            calls
+        })
+        .sum();
+    (calls * fma_peak_flops(FMA_PROBE_ITERS)) as f64 / started.elapsed().as_secs_f64() * 1e-9
 }
 
 /// Steps excluded from the throughput figure while caches, pages and buffers warm up.
@@ -763,6 +809,8 @@ impl Run<'_> {
             model: model.name().to_string(),
             samples_per_sec,
             gflop_per_sec: model.flops_per_sample().map(|f| f * samples_per_sec * 1e-9),
+            fma_peak_gflop_per_sec: None,
+            peak_fraction: None,
             threads,
             precision: model.precision(),
             isa: format!("{:?}", Isa::selected()),

@@ -137,9 +137,7 @@ impl Isa {
                 Isa::Avx2 => avx2(),
                 Isa::Avx512 => avx512(),
                 Isa::Avx512Bf16 => avx512() && is_x86_feature_detected!("avx512bf16"),
-                Isa::Amx => {
-                    Isa::Avx512Bf16.is_supported() && crate::gemm::amx::tiles_usable()
-                }
+                Isa::Amx => Isa::Avx512Bf16.is_supported() && crate::gemm::amx::tiles_usable(),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]

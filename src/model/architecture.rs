@@ -326,16 +326,23 @@ impl Architecture {
     }
 
     /// Floating-point operations of one training step per sample in the MLPs and the
-    /// interaction (forward 2·in·out per layer, backward twice that; the first bottom layer
-    /// needs no input gradient).
+    /// interaction, counting a multiply-add as 2: per layer 2·in·out for the forward, the same
+    /// for dX and for dW (the first bottom layer needs no dX); per interaction pair 2·d for its
+    /// dot product and 2·2·d for the gradients of its two vectors. Bias, ReLU and loss work is
+    /// O(widths) per sample and not counted.
     pub fn flops_per_sample(&self) -> f64 {
         let layer =
             |w: &[usize]| -> f64 { w.windows(2).map(|p| 2.0 * p[0] as f64 * p[1] as f64).sum() };
         let first_bottom = 2.0 * self.bottom[0] as f64 * self.bottom[1] as f64;
         let mlp = 3.0 * (layer(&self.bottom) + layer(&self.top)) - first_bottom;
-        let f = self.num_features() as f64;
         let inter = match self.interaction {
-            InteractionOp::Dot => 3.0 * f * f * self.embedding_dim as f64,
+            InteractionOp::Dot => {
+                let pairs = dlrm_kernels::interaction::num_pairs(
+                    self.num_features(),
+                    self.self_interaction,
+                );
+                6.0 * pairs as f64 * self.embedding_dim as f64
+            }
             InteractionOp::Cat => 0.0,
         };
         mlp + inter

@@ -10,27 +10,102 @@
 //!   is the bottom MLP's output gradient and whose other slots feed the fused sparse updates.
 //!
 //! Every buffer is sized once for the largest batch, so a step allocates nothing.
+//!
+//! The dense part runs data-parallel inside the process: a batch is cut into row chunks (by
+//! [`chunking`], a function of the batch size alone), and each chunk runs the whole chain
+//! (bottom MLP, interaction, top MLP, loss and their backward) on one thread with serial
+//! kernels, its weight gradients into its own buffers. One reduction then adds the chunks'
+//! gradients in chunk order, so the bits never depend on the thread count. A step has three
+//! parallel regions: the embedding forward beside the chunks' bottom MLP forward, the chunks'
+//! chain, and the sparse update beside the dense reduction and update.
 
 use super::architecture::{Architecture, InteractionOp};
 use super::embedding::TableLayout;
-use super::mlp::Mlp;
+use super::mlp::{LayerGrads, Linear, Mlp, MlpBuffers, swap_grads};
 use super::parameters::{
     Named, Parameters, TableSource, Tensor, TensorMut, visit_mlp, visit_mlp_mut,
 };
 use super::sparse::SparseTables;
 use super::{
     BatchError, DenseOptimizer, Model, ModelConfig, OptimizerKind, PhaseTimer, Precision, Task,
-    check_capacity, head_loss, head_predict, mlp_floats_per_sample, validate_batch,
+    check_capacity, head_predict, mlp_floats_per_sample, validate_batch,
 };
 use crate::data::BatchView;
 use crate::rng::{SplitMix64, derive_key};
 use crate::storage::StorageKind;
+use dlrm_kernels::activation::bce_with_logits;
 use dlrm_kernels::gemm::{MatMut, MatRef, Precision as GemmPrecision};
 use dlrm_kernels::interaction::{
     cat_interaction_backward, cat_interaction_forward, dot_interaction_backward,
     dot_interaction_forward,
 };
-use dlrm_kernels::parallel::Par;
+use dlrm_kernels::parallel::{Par, should_split};
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// Fewest rows of a chunk of the dense step: below it a chunk's weight-gradient products (K =
+/// its rows) are too short to pay for the extra gradient buffer they write and the reduction
+/// reads. Chunks of 128 to 256 rows keep a chunk's activations in L2: on one thread, 8 chunks
+/// of 256 rows ran the Kaggle step faster than the whole batch of 2048 at once.
+pub const MIN_CHUNK_ROWS: usize = 128;
+/// Most chunks a batch is cut into (each adds one gradient buffer to the reduction).
+pub const MAX_CHUNKS: usize = 8;
+
+/// How a batch of `b` samples is cut into chunks of the dense step: (chunk count, rows per
+/// chunk; the last may be shorter). A function of the batch size only, never of the threads.
+pub fn chunking(b: usize) -> (usize, usize) {
+    let rows = b.div_ceil((b / MIN_CHUNK_ROWS).clamp(1, MAX_CHUNKS)).max(1);
+    (b.div_ceil(rows), rows)
+}
+
+/// Rows chunk `c` holds at most over batches of 1 ..= `batch` samples.
+fn chunk_capacity(batch: usize, c: usize) -> usize {
+    (1..=batch)
+        .filter_map(|b| {
+            let (n, rows) = chunking(b);
+            (c < n).then(|| rows.min(b - c * rows))
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// One chunk's buffers: its MLP activations, its gradients of every dense parameter and of
+/// the rows it owns alone.
+struct DenseChunk {
+    /// The batch rows of the current step.
+    rows: Range<usize>,
+    bottom: MlpBuffers,
+    top: MlpBuffers,
+    bottom_grads: Vec<LayerGrads>,
+    top_grads: Vec<LayerGrads>,
+    grad_logits: Vec<f32>,
+    grad_top_in: Vec<f32>,
+    /// The chunk's sum of per-sample losses.
+    loss_sum: f64,
+}
+
+/// A chunk with its rows of the batch-wide buffers, for one parallel region.
+struct ChunkJob<'a> {
+    chunk: &'a mut DenseChunk,
+    features: &'a mut [f32],
+    top_in: &'a mut [f32],
+    logits: &'a mut [f32],
+    probs: &'a mut [f32],
+    /// Empty in inference.
+    grad_features: &'a mut [f32],
+}
+
+/// What every chunk reads: the layers, the shapes and the batch.
+struct StepShared<'a> {
+    arch: &'a Architecture,
+    bottom: &'a [Linear],
+    top: &'a [Linear],
+    batch: &'a BatchView<'a>,
+    /// The operands of the MLP products (f32, or rounded to bf16 in the GEMM).
+    precision: GemmPrecision,
+    /// The kernels' parallelism inside a chunk: serial when several chunks share the threads.
+    par: Par,
+}
 
 /// The model: parameters, optimizer state and the step's buffers.
 pub struct Dlrm {
@@ -45,12 +120,13 @@ pub struct Dlrm {
     /// Batch sizes the forward and the training buffers are sized for.
     capacity: usize,
     train_capacity: usize,
+    /// The dense step's chunks ([`MAX_CHUNKS`], the unused ones without buffers).
+    chunks: Vec<DenseChunk>,
     features: Vec<f32>,
     top_in: Vec<f32>,
-    grad_top_in: Vec<f32>,
+    logits: Vec<f32>,
     grad_features: Vec<f32>,
     probs: Vec<f32>,
-    grad_logits: Vec<f32>,
     /// How the kernels may use threads (set with [`Model::set_parallelism`]).
     par: Par,
 }
@@ -93,6 +169,18 @@ impl Dlrm {
                 .chain(&top.layers)
                 .flat_map(|l| [l.weight.len(), l.bias.len()]),
         );
+        let chunks = (0..MAX_CHUNKS)
+            .map(|_| DenseChunk {
+                rows: 0..0,
+                bottom: MlpBuffers::new(&bottom.layers),
+                top: MlpBuffers::new(&top.layers),
+                bottom_grads: Vec::new(),
+                top_grads: Vec::new(),
+                grad_logits: Vec::new(),
+                grad_top_in: Vec::new(),
+                loss_sum: 0.0,
+            })
+            .collect();
         Ok(Dlrm {
             arch,
             optimizer,
@@ -102,12 +190,12 @@ impl Dlrm {
             dense_opt,
             capacity: 0,
             train_capacity: 0,
+            chunks,
             features: Vec::new(),
             top_in: Vec::new(),
-            grad_top_in: Vec::new(),
+            logits: Vec::new(),
             grad_features: Vec::new(),
             probs: Vec::new(),
-            grad_logits: Vec::new(),
             par: Par::default(),
         })
     }
@@ -133,13 +221,23 @@ impl Dlrm {
         if batch <= self.train_capacity {
             return;
         }
-        let fd = self.feature_stride();
-        let w = self.arch.top[0];
-        self.bottom.reserve(batch);
-        self.top.reserve(batch);
-        self.grad_features.resize(batch * fd, 0.0);
-        self.grad_top_in.resize(batch * w, 0.0);
-        self.grad_logits.resize(batch, 0.0);
+        let (bottom, top, w) = (&self.bottom.layers, &self.top.layers, self.arch.top[0]);
+        for (c, chunk) in self.chunks.iter_mut().enumerate() {
+            let rows = chunk_capacity(batch, c);
+            if rows == 0 {
+                continue;
+            }
+            chunk.bottom.reserve(bottom, rows);
+            chunk.top.reserve(top, rows);
+            if chunk.bottom_grads.is_empty() {
+                chunk.bottom_grads = LayerGrads::for_layers(bottom);
+                chunk.top_grads = LayerGrads::for_layers(top);
+            }
+            chunk.grad_logits.resize(rows, 0.0);
+            chunk.grad_top_in.resize(rows * w, 0.0);
+        }
+        self.grad_features
+            .resize(batch * self.feature_stride(), 0.0);
         self.train_capacity = batch;
     }
 
@@ -150,10 +248,14 @@ impl Dlrm {
         }
         let fd = self.feature_stride();
         let w = self.arch.top[0];
-        self.bottom.reserve_forward(batch);
-        self.top.reserve_forward(batch);
+        for (c, chunk) in self.chunks.iter_mut().enumerate() {
+            let rows = chunk_capacity(batch, c);
+            chunk.bottom.reserve_forward(&self.bottom.layers, rows);
+            chunk.top.reserve_forward(&self.top.layers, rows);
+        }
         self.features.resize(batch * fd, 0.0);
         self.top_in.resize(batch * w, 0.0);
+        self.logits.resize(batch, 0.0);
         self.probs.resize(batch, 0.0);
         self.capacity = batch;
     }
@@ -167,139 +269,129 @@ impl Dlrm {
         validate_batch(batch, self.arch.num_dense(), &self.embeddings.tables)
     }
 
-    /// Forward to the logits (in the top MLP's output buffer). The batch must be valid.
-    fn forward_logits(&mut self, batch: &BatchView, timer: &mut PhaseTimer) {
-        let par = self.par;
-        let b = batch.size();
-        let d = self.arch.embedding_dim;
-        let fd = self.feature_stride();
-        let f = self.arch.num_features();
-        // Every table pooled into its slot of the feature rows.
+    /// The forward to the logits, and in training the loss and the backward of everything but
+    /// the embeddings (the chunks' weight gradients not yet reduced). The batch must be valid.
+    /// Returns the batch's summed loss (0 in inference).
+    fn dense_pass(&mut self, batch: &BatchView, training: bool, timer: &mut PhaseTimer) -> f64 {
+        let (b, d, fd) = (batch.size(), self.arch.embedding_dim, self.feature_stride());
+        let (n, rows) = chunking(b);
+        let chunks = &mut self.chunks[..n];
+        for (c, chunk) in chunks.iter_mut().enumerate() {
+            chunk.rows = c * rows..((c + 1) * rows).min(b);
+        }
+        let shared = StepShared {
+            arch: &self.arch,
+            bottom: &self.bottom.layers,
+            top: &self.top.layers,
+            batch,
+            precision: self.bottom.precision,
+            par: if n == 1 { self.par } else { Par::Seq },
+        };
+        // The embedding lookups (memory-bound) beside the bottom MLP (compute-bound).
         let slots = MatMut::new(&mut self.features[..b * fd], b, fd)
             .into_cols(d, self.embeddings.len() * d);
-        self.embeddings.forward(batch, slots, par);
+        let embeddings = &mut self.embeddings;
+        join(
+            self.par,
+            || embeddings.forward(batch, slots, self.par),
+            || {
+                for_each_chunk(self.par, &mut *chunks, |chunk| {
+                    let x = MatRef::new(batch.dense, b, batch.num_dense);
+                    let x = x.sub(chunk.rows.start, 0, chunk.rows.len(), batch.num_dense);
+                    chunk
+                        .bottom
+                        .forward(shared.bottom, x, None, shared.precision, shared.par);
+                })
+            },
+        );
         timer.lap(|p| &mut p.emb_fwd);
 
-        let dense = MatRef::new(batch.dense, b, batch.num_dense);
-        let slot0 = MatMut::with_row_stride(&mut self.features, b, d, fd);
-        self.bottom.forward(dense, Some(slot0), par);
-        timer.lap(|p| &mut p.bot_fwd);
-
-        let w = self.arch.top[0];
-        let features = MatRef::new(&self.features[..b * fd], b, fd);
-        let top_in = MatMut::new(&mut self.top_in[..b * w], b, w);
-        match self.arch.interaction {
-            InteractionOp::Dot => {
-                dot_interaction_forward(features, f, self.arch.self_interaction, top_in, par)
-            }
-            InteractionOp::Cat => cat_interaction_forward(features, top_in, par),
+        let (w, grad_fd) = (self.arch.top[0], if training { fd } else { 0 });
+        let mut rest = (
+            &mut self.features[..b * fd],
+            &mut self.top_in[..b * w],
+            &mut self.logits[..b],
+            &mut self.probs[..b],
+            &mut self.grad_features[..b * grad_fd],
+        );
+        let mut jobs: [Option<ChunkJob>; MAX_CHUNKS] = Default::default();
+        for (job, chunk) in jobs.iter_mut().zip(chunks) {
+            let r = chunk.rows.len();
+            *job = Some(ChunkJob {
+                chunk,
+                features: take_rows(&mut rest.0, r * fd),
+                top_in: take_rows(&mut rest.1, r * w),
+                logits: take_rows(&mut rest.2, r),
+                probs: take_rows(&mut rest.3, r),
+                grad_features: take_rows(&mut rest.4, r * grad_fd),
+            });
         }
-        timer.lap(|p| &mut p.interaction_fwd);
-
-        self.top
-            .forward(MatRef::new(&self.top_in[..b * w], b, w), None, par);
-        timer.lap(|p| &mut p.top_fwd);
+        for_each_chunk(self.par, &mut jobs[..n], |job| {
+            let job = job.as_mut().expect("one job per chunk");
+            chunk_forward(&shared, job);
+            job.chunk.loss_sum = if training {
+                chunk_backward(&shared, job)
+            } else {
+                0.0
+            };
+        });
+        timer.lap(|p| &mut p.top_bwd);
+        self.chunks[..n].iter().map(|c| c.loss_sum).sum()
     }
 
     /// Click probabilities for a batch (inference: no gradient work).
     pub fn predict(&mut self, batch: &BatchView, probs: &mut Vec<f32>) -> Result<(), BatchError> {
         check_capacity(batch, self.capacity)?;
         self.validate(batch)?;
-        self.forward_logits(batch, &mut PhaseTimer::default());
+        self.dense_pass(batch, false, &mut PhaseTimer::default());
         let b = batch.size();
         probs.resize(b, 0.0);
-        head_predict(Task::Classification, self.top.output(b).as_slice(), probs);
+        head_predict(Task::Classification, &self.logits[..b], probs);
         Ok(())
     }
 
     /// One training step: forward, mean BCE loss, backward, and the updates (embeddings fused
-    /// into their backward, dense parameters after). Returns the batch's mean loss.
+    /// into their backward, dense parameters after the reduction of the chunks' gradients).
+    /// Returns the batch's mean loss. The timer books each parallel region to one phase:
+    /// `emb_fwd` (the embedding forward beside the bottom MLP forward), `top_bwd` (the chunks'
+    /// interaction, top MLP, loss and backward), `emb_update` (the sparse update beside the
+    /// reduction and the dense update); `other` is the batch check.
     pub fn train_step(
         &mut self,
         batch: &BatchView,
         lr: f32,
         timer: &mut PhaseTimer,
     ) -> Result<f64, BatchError> {
-        let par = self.par;
         check_capacity(batch, self.train_capacity)?;
         self.validate(batch)?;
         timer.lap(|p| &mut p.other);
-        self.forward_logits(batch, timer);
+        let loss_sum = self.dense_pass(batch, true, timer);
 
-        let b = batch.size();
-        let d = self.arch.embedding_dim;
-        let fd = self.feature_stride();
-        let f = self.arch.num_features();
-        let w = self.arch.top[0];
-        let loss_sum = head_loss(
-            Task::Classification,
-            self.top.output(b).as_slice(),
-            batch.labels,
-            &mut self.probs[..b],
-            &mut self.grad_logits[..b],
-        );
-        timer.lap(|p| &mut p.loss);
-
-        // Top MLP backward, into the gradient of the interaction output.
-        let top_input = MatRef::new(&self.top_in[..b * w], b, w);
-        let d_logits = MatRef::new(&self.grad_logits[..b], b, 1);
-        self.top.backward(
-            top_input,
-            None,
-            d_logits,
-            Some(MatMut::new(&mut self.grad_top_in[..b * w], b, w)),
-            par,
-        );
-        timer.lap(|p| &mut p.top_bwd);
-
-        let features = MatRef::new(&self.features[..b * fd], b, fd);
-        let grad_top_in = MatRef::new(&self.grad_top_in[..b * w], b, w);
-        let grad_features = MatMut::new(&mut self.grad_features[..b * fd], b, fd);
-        match self.arch.interaction {
-            InteractionOp::Dot => dot_interaction_backward(
-                features,
-                f,
-                self.arch.self_interaction,
-                grad_top_in,
-                grad_features,
-                par,
-            ),
-            InteractionOp::Cat => cat_interaction_backward(grad_top_in, grad_features, par),
-        }
-        timer.lap(|p| &mut p.interaction_bwd);
-
-        let dense = MatRef::new(batch.dense, b, batch.num_dense);
-        let bottom_out = MatRef::with_row_stride(&self.features, b, d, fd);
-        let d_bottom_out = MatRef::with_row_stride(&self.grad_features, b, d, fd);
-        self.bottom
-            .backward(dense, Some(bottom_out), d_bottom_out, None, par);
-        timer.lap(|p| &mut p.bot_bwd);
-
-        // Sparse updates, fused with the embeddings' backward: tables in parallel, each
-        // reading its slot of the feature gradients.
+        // The sparse updates (fused with the embeddings' backward, tables in parallel, each
+        // reading its slot of the feature gradients) beside the dense ones.
+        let (d, fd, par) = (self.arch.embedding_dim, self.feature_stride(), self.par);
+        let n = chunking(batch.size()).0;
         let grads = &self.grad_features;
-        self.embeddings
-            .update_batch(batch, |t| (&grads[(t + 1) * d..], fd), lr, 0.0, par);
+        let embeddings = &mut self.embeddings;
+        let (bottom, top) = (&mut self.bottom.layers, &mut self.top.layers);
+        let (chunks, dense_opt) = (&mut self.chunks[..n], &mut self.dense_opt);
+        join(
+            par,
+            || embeddings.update_batch(batch, |t| (&grads[(t + 1) * d..], fd), lr, 0.0, par),
+            || {
+                if let [only] = chunks {
+                    // One chunk's gradients are the batch's: moved, not copied.
+                    swap_grads(bottom, &mut only.bottom_grads);
+                    swap_grads(top, &mut only.top_grads);
+                } else {
+                    reduce_grads(bottom, chunks, |c| &c.bottom_grads, par);
+                    reduce_grads(top, chunks, |c| &c.top_grads, par);
+                }
+                update_dense(dense_opt, bottom, top, lr, par);
+            },
+        );
         timer.lap(|p| &mut p.emb_update);
-
-        self.update_dense(lr);
-        timer.lap(|p| &mut p.dense_update);
-        Ok(loss_sum / b as f64)
-    }
-
-    fn update_dense(&mut self, lr: f32) {
-        let layers = self
-            .bottom
-            .layers
-            .iter_mut()
-            .chain(self.top.layers.iter_mut())
-            .flat_map(|l| {
-                [
-                    (&mut l.weight[..], &l.grad_weight[..]),
-                    (&mut l.bias[..], &l.grad_bias[..]),
-                ]
-            });
-        self.dense_opt.step(layers, lr, self.par);
+        Ok(loss_sum / batch.size() as f64)
     }
 
     /// The feature rows of the last forward: per sample [bottom output | pooled table 0 | ...].
@@ -314,13 +406,190 @@ impl Dlrm {
 
     /// The logits of the last forward.
     pub fn logits(&self, batch_size: usize) -> &[f32] {
-        self.top.output(batch_size).as_slice()
+        &self.logits[..batch_size]
     }
 
     /// The last batch's probabilities (valid after `train_step`).
     pub fn last_probabilities(&self, batch_size: usize) -> &[f32] {
         &self.probs[..batch_size]
     }
+}
+
+/// The first `len` floats of `rest`, which keeps the others.
+fn take_rows<'a>(rest: &mut &'a mut [f32], len: usize) -> &'a mut [f32] {
+    let (head, tail) = std::mem::take(rest).split_at_mut(len);
+    *rest = tail;
+    head
+}
+
+/// `a` and `b`, side by side on the pool unless `par` is serial.
+fn join(par: Par, a: impl FnOnce() + Send, b: impl FnOnce() + Send) {
+    if par == Par::Seq {
+        a();
+        b();
+    } else {
+        rayon::join(a, b);
+    }
+}
+
+/// `f` on every item, one pool task each unless `par` is serial.
+fn for_each_chunk<T: Send>(par: Par, items: &mut [T], f: impl Fn(&mut T) + Sync + Send) {
+    if par == Par::Seq || items.len() == 1 {
+        items.iter_mut().for_each(f);
+    } else {
+        items.par_iter_mut().for_each(f);
+    }
+}
+
+/// A chunk's forward after its bottom MLP: its bottom output into slot 0 of its feature rows,
+/// the interaction, and the top MLP into its logits.
+fn chunk_forward(s: &StepShared, job: &mut ChunkJob) {
+    let (r, d, f) = (
+        job.logits.len(),
+        s.arch.embedding_dim,
+        s.arch.num_features(),
+    );
+    let (fd, w) = (f * d, s.arch.top[0]);
+    let bottom_out = job.chunk.bottom.output(r);
+    for (i, row) in job.features.chunks_exact_mut(fd).enumerate() {
+        row[..d].copy_from_slice(bottom_out.row_slice(i, 0, d));
+    }
+    let features = MatRef::new(job.features, r, fd);
+    let top_in = MatMut::new(job.top_in, r, w);
+    match s.arch.interaction {
+        InteractionOp::Dot => {
+            dot_interaction_forward(features, f, s.arch.self_interaction, top_in, s.par)
+        }
+        InteractionOp::Cat => cat_interaction_forward(features, top_in, s.par),
+    }
+    let logits = MatMut::new(job.logits, r, 1);
+    let top_in = MatRef::new(job.top_in, r, w);
+    job.chunk
+        .top
+        .forward(s.top, top_in, Some(logits), s.precision, s.par);
+}
+
+/// A chunk's loss and backward down to its feature gradients and its dense gradients.
+/// Returns the chunk's summed loss.
+fn chunk_backward(s: &StepShared, job: &mut ChunkJob) -> f64 {
+    let (r, d, f) = (
+        job.logits.len(),
+        s.arch.embedding_dim,
+        s.arch.num_features(),
+    );
+    let (fd, w, rows) = (f * d, s.arch.top[0], job.chunk.rows.clone());
+    let chunk = &mut *job.chunk;
+    // The mean over the whole batch: each sample's gradient is scaled by 1 / batch size.
+    let grad_logits = &mut chunk.grad_logits[..r];
+    let loss_sum = bce_with_logits(
+        job.logits,
+        &s.batch.labels[rows.clone()],
+        job.probs,
+        grad_logits,
+        1.0 / s.batch.size() as f32,
+    );
+    let (top_in, logits) = (MatRef::new(job.top_in, r, w), MatRef::new(job.logits, r, 1));
+    let grad_top_in = &mut chunk.grad_top_in[..r * w];
+    chunk.top.backward(
+        s.top,
+        top_in,
+        Some(logits),
+        MatRef::new(grad_logits, r, 1),
+        Some(MatMut::new(grad_top_in, r, w)),
+        &mut chunk.top_grads,
+        s.precision,
+        s.par,
+    );
+    let features = MatRef::new(job.features, r, fd);
+    let grad_top_in = MatRef::new(grad_top_in, r, w);
+    let grad_features = MatMut::new(job.grad_features, r, fd);
+    match s.arch.interaction {
+        InteractionOp::Dot => dot_interaction_backward(
+            features,
+            f,
+            s.arch.self_interaction,
+            grad_top_in,
+            grad_features,
+            s.par,
+        ),
+        InteractionOp::Cat => cat_interaction_backward(grad_top_in, grad_features, s.par),
+    }
+    let dense = MatRef::new(s.batch.dense, s.batch.size(), s.batch.num_dense);
+    let x = dense.sub(rows.start, 0, r, s.batch.num_dense);
+    let d_bottom_out = MatRef::with_row_stride(job.grad_features, r, d, fd);
+    chunk.bottom.backward(
+        s.bottom,
+        x,
+        None,
+        d_bottom_out,
+        None,
+        &mut chunk.bottom_grads,
+        s.precision,
+        s.par,
+    );
+    loss_sum
+}
+
+/// Elements per task of the gradient reduction.
+const REDUCE_BLOCK: usize = 1 << 14;
+
+/// Each layer's gradients = the sum of the chunks' gradients `grads(chunk)`, added in chunk
+/// order (so the bits do not depend on how the elements are split over threads).
+fn reduce_grads(
+    layers: &mut [Linear],
+    chunks: &[DenseChunk],
+    grads: fn(&DenseChunk) -> &[LayerGrads],
+    par: Par,
+) {
+    for (l, layer) in layers.iter_mut().enumerate() {
+        sum_in_order(
+            &mut layer.grad_weight,
+            |c| &grads(&chunks[c])[l].weight,
+            chunks.len(),
+            par,
+        );
+        sum_in_order(
+            &mut layer.grad_bias,
+            |c| &grads(&chunks[c])[l].bias,
+            chunks.len(),
+            par,
+        );
+    }
+}
+
+/// out = part(0) + part(1) + ... + part(n - 1), element by element in that order.
+fn sum_in_order<'a>(out: &mut [f32], part: impl Fn(usize) -> &'a [f32] + Sync, n: usize, par: Par) {
+    let block = |(k, out): (usize, &mut [f32])| {
+        let at = k * REDUCE_BLOCK..k * REDUCE_BLOCK + out.len();
+        out.copy_from_slice(&part(0)[at.clone()]);
+        for c in 1..n {
+            for (o, g) in out.iter_mut().zip(&part(c)[at.clone()]) {
+                *o += g;
+            }
+        }
+    };
+    if should_split(par, out.len() * n, 4 * REDUCE_BLOCK) {
+        out.par_chunks_mut(REDUCE_BLOCK).enumerate().for_each(block);
+    } else {
+        out.chunks_mut(REDUCE_BLOCK).enumerate().for_each(block);
+    }
+}
+
+/// The optimizer step of every dense parameter (bottom then top, weight then bias).
+fn update_dense(
+    opt: &mut DenseOptimizer,
+    bottom: &mut [Linear],
+    top: &mut [Linear],
+    lr: f32,
+    par: Par,
+) {
+    let layers = bottom.iter_mut().chain(top.iter_mut()).flat_map(|l| {
+        [
+            (&mut l.weight[..], &l.grad_weight[..]),
+            (&mut l.bias[..], &l.grad_bias[..]),
+        ]
+    });
+    opt.step(layers, lr, par);
 }
 
 impl Model for Dlrm {

@@ -49,11 +49,41 @@ impl Linear {
     }
 }
 
-/// A stack of layers with its activation and gradient buffers, sized once for the largest
-/// batch and reused every step.
+/// The weight and bias gradients of one layer, computed apart from the layer (by one chunk of a
+/// batch) and added into the layer's own gradients afterwards.
+#[derive(Clone, Debug, Default)]
+pub struct LayerGrads {
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+}
+
+impl LayerGrads {
+    /// Zeroed gradients for each of `layers`.
+    pub fn for_layers(layers: &[Linear]) -> Vec<LayerGrads> {
+        layers
+            .iter()
+            .map(|l| LayerGrads {
+                weight: vec![0.0; l.weight.len()],
+                bias: vec![0.0; l.bias.len()],
+            })
+            .collect()
+    }
+}
+
+/// Swaps each layer's gradients with `grads` (moving a Vec swaps three words: no copy, no
+/// allocation).
+pub fn swap_grads(layers: &mut [Linear], grads: &mut [LayerGrads]) {
+    for (layer, g) in layers.iter_mut().zip(grads) {
+        std::mem::swap(&mut layer.grad_weight, &mut g.weight);
+        std::mem::swap(&mut layer.grad_bias, &mut g.bias);
+    }
+}
+
+/// The activation and gradient buffers of a forward and backward through a stack of layers,
+/// sized once for the largest batch and reused every step. Several buffers may serve one stack
+/// of layers (one per chunk of a batch).
 #[derive(Clone, Debug)]
-pub struct Mlp {
-    pub layers: Vec<Linear>,
+pub struct MlpBuffers {
     /// Output of each layer (batch x outputs); the last one unused when the caller redirects
     /// the output into its own buffer.
     acts: Vec<Vec<f32>>,
@@ -62,73 +92,70 @@ pub struct Mlp {
     /// Batch sizes the forward and the gradient buffers are sized for.
     capacity: usize,
     grad_capacity: usize,
-    /// The operands of every product: f32, or rounded to bf16 in the GEMM (the weights stay
-    /// f32 masters).
-    pub precision: Precision,
+    /// Width of the last layer's output.
+    outputs: usize,
 }
 
-impl Mlp {
-    /// Layers `widths[0] -> widths[1] -> ...`, ReLU after every layer, or after every layer but
-    /// the last when `!relu_last`.
-    pub fn new(widths: &[usize], relu_last: bool, rng: &mut SplitMix64) -> Mlp {
-        assert!(widths.len() >= 2, "an MLP needs at least one layer");
-        let n = widths.len() - 1;
-        let layers = (0..n)
-            .map(|l| Linear::new(widths[l], widths[l + 1], relu_last || l + 1 < n, rng))
-            .collect();
-        Mlp {
-            layers,
-            acts: vec![Vec::new(); n],
-            grads: vec![Vec::new(); n],
+impl MlpBuffers {
+    /// Empty buffers for `layers` (nothing allocated before `reserve`).
+    pub fn new(layers: &[Linear]) -> MlpBuffers {
+        MlpBuffers {
+            acts: vec![Vec::new(); layers.len()],
+            grads: vec![Vec::new(); layers.len()],
             capacity: 0,
             grad_capacity: 0,
-            precision: Precision::F32,
+            outputs: layers.last().map_or(0, |l| l.outputs),
         }
-    }
-
-    pub fn inputs(&self) -> usize {
-        self.layers[0].inputs
-    }
-
-    pub fn outputs(&self) -> usize {
-        self.layers.last().expect("non-empty").outputs
     }
 
     /// Sizes the buffers for training on batches of up to `batch` samples (allocates only when
     /// growing).
-    pub fn reserve(&mut self, batch: usize) {
-        self.reserve_forward(batch);
+    pub fn reserve(&mut self, layers: &[Linear], batch: usize) {
+        self.reserve_forward(layers, batch);
         if batch <= self.grad_capacity {
             return;
         }
-        for (l, layer) in self.layers.iter().enumerate() {
-            self.grads[l].resize(batch * layer.outputs, 0.0);
+        for (grad, layer) in self.grads.iter_mut().zip(layers) {
+            grad.resize(batch * layer.outputs, 0.0);
         }
         self.grad_capacity = batch;
     }
 
     /// Sizes only the forward buffers (inference: no gradient memory).
-    pub fn reserve_forward(&mut self, batch: usize) {
+    pub fn reserve_forward(&mut self, layers: &[Linear], batch: usize) {
         if batch <= self.capacity {
             return;
         }
-        for (l, layer) in self.layers.iter().enumerate() {
-            self.acts[l].resize(batch * layer.outputs, 0.0);
+        for (act, layer) in self.acts.iter_mut().zip(layers) {
+            act.resize(batch * layer.outputs, 0.0);
         }
         self.capacity = batch;
     }
 
-    /// Forward over `x` (batch x inputs). The last layer writes into `out` when given (e.g.
-    /// straight into the interaction's input rows), else into the MLP's own buffer.
-    pub fn forward(&mut self, x: MatRef, mut out: Option<MatMut>, par: Par) {
+    /// The last layer's output (when forward had no `out`).
+    pub fn output(&self, batch: usize) -> MatRef<'_> {
+        let (last, o) = (self.acts.last().expect("non-empty"), self.outputs);
+        MatRef::new(&last[..batch * o], batch, o)
+    }
+
+    /// Forward of `layers` over `x` (batch x inputs). The last layer writes into `out` when
+    /// given (e.g. straight into the interaction's input rows), else into these buffers.
+    /// `precision` is that of the products' operands (the weights stay f32 masters).
+    pub fn forward(
+        &mut self,
+        layers: &[Linear],
+        x: MatRef,
+        mut out: Option<MatMut>,
+        precision: Precision,
+        par: Par,
+    ) {
         let batch = x.rows();
         assert!(
             batch <= self.capacity,
             "reserve() the MLP for batch {batch}"
         );
-        let n = self.layers.len();
-        for l in 0..n {
-            let layer = &self.layers[l];
+        let n = layers.len();
+        for (l, layer) in layers.iter().enumerate() {
             let (done, rest) = self.acts.split_at_mut(l);
             let input = if l == 0 {
                 x
@@ -145,27 +172,26 @@ impl Mlp {
                 Some(&layer.bias),
                 layer.relu,
                 y,
-                self.precision,
+                precision,
                 par,
             );
         }
     }
 
-    /// The last layer's output in the MLP's own buffer (when forward had no `out`).
-    pub fn output(&self, batch: usize) -> MatRef<'_> {
-        let o = self.outputs();
-        MatRef::new(&self.acts[self.layers.len() - 1][..batch * o], batch, o)
-    }
-
-    /// Backward: from `d_out` (gradient w.r.t. the output), fills every layer's grad_weight /
-    /// grad_bias (overwritten) and, when `dx` is given, the gradient w.r.t. the input `x`.
-    /// `out` is where forward wrote the output: the caller's buffer, or None for the MLP's own.
+    /// Backward of `layers` from `d_out` (gradient w.r.t. the output): fills `grads[l]` with
+    /// layer l's weight and bias gradients (overwritten) and, when `dx` is given, the gradient
+    /// w.r.t. the input `x`. `out` is where forward wrote the output: the caller's buffer, or
+    /// None for these buffers.
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &mut self,
+        layers: &[Linear],
         x: MatRef,
         out: Option<MatRef>,
         d_out: MatRef,
         mut dx: Option<MatMut>,
+        grads: &mut [LayerGrads],
+        precision: Precision,
         par: Par,
     ) {
         let batch = x.rows();
@@ -173,9 +199,9 @@ impl Mlp {
             batch <= self.grad_capacity,
             "reserve() the MLP for training on batch {batch}"
         );
-        let (n, precision) = (self.layers.len(), self.precision);
+        let n = layers.len();
         for l in (0..n).rev() {
-            let (ins, outs) = (self.layers[l].inputs, self.layers[l].outputs);
+            let (ins, outs) = (layers[l].inputs, layers[l].outputs);
             let input = if l == 0 {
                 x
             } else {
@@ -191,27 +217,115 @@ impl Mlp {
             } else {
                 MatRef::new(&here[0][..batch * outs], batch, outs)
             };
-            let layer = &mut self.layers[l];
-            let mask = layer.relu.then_some(y);
+            let mask = layers[l].relu.then_some(y);
+            let g = &mut grads[l];
             linear_backward_weight(
                 dy,
                 mask,
                 input,
-                MatMut::new(&mut layer.grad_weight, outs, ins),
+                MatMut::new(&mut g.weight, outs, ins),
                 false,
                 precision,
                 par,
             );
-            bias_grad(dy, mask, &mut layer.grad_bias, false, par);
+            bias_grad(dy, mask, &mut g.bias, false, par);
             let d_input = if l == 0 {
                 dx.as_mut().map(|d| d.rb_mut())
             } else {
                 Some(MatMut::new(&mut below[l - 1][..batch * ins], batch, ins))
             };
             if let Some(d) = d_input {
-                linear_backward_input(dy, mask, layer.weight_view(), d, precision, par);
+                linear_backward_input(dy, mask, layers[l].weight_view(), d, precision, par);
             }
         }
+    }
+}
+
+/// A stack of layers with its activation and gradient buffers.
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    pub layers: Vec<Linear>,
+    buffers: MlpBuffers,
+    /// Where [`Mlp::backward`] holds the layers' gradients while it writes them (empty vectors
+    /// otherwise): moved out of the layers, so that the layers stay readable meanwhile.
+    grads_out: Vec<LayerGrads>,
+    /// The operands of every product: f32, or rounded to bf16 in the GEMM (the weights stay
+    /// f32 masters).
+    pub precision: Precision,
+}
+
+impl Mlp {
+    /// Layers `widths[0] -> widths[1] -> ...`, ReLU after every layer, or after every layer but
+    /// the last when `!relu_last`.
+    pub fn new(widths: &[usize], relu_last: bool, rng: &mut SplitMix64) -> Mlp {
+        assert!(widths.len() >= 2, "an MLP needs at least one layer");
+        let n = widths.len() - 1;
+        let layers: Vec<Linear> = (0..n)
+            .map(|l| Linear::new(widths[l], widths[l + 1], relu_last || l + 1 < n, rng))
+            .collect();
+        Mlp {
+            buffers: MlpBuffers::new(&layers),
+            grads_out: vec![LayerGrads::default(); n],
+            layers,
+            precision: Precision::F32,
+        }
+    }
+
+    pub fn inputs(&self) -> usize {
+        self.layers[0].inputs
+    }
+
+    pub fn outputs(&self) -> usize {
+        self.layers.last().expect("non-empty").outputs
+    }
+
+    /// Sizes the buffers for training on batches of up to `batch` samples (allocates only when
+    /// growing).
+    pub fn reserve(&mut self, batch: usize) {
+        self.buffers.reserve(&self.layers, batch);
+    }
+
+    /// Sizes only the forward buffers (inference: no gradient memory).
+    pub fn reserve_forward(&mut self, batch: usize) {
+        self.buffers.reserve_forward(&self.layers, batch);
+    }
+
+    /// Forward over `x` (batch x inputs). The last layer writes into `out` when given (e.g.
+    /// straight into the interaction's input rows), else into the MLP's own buffer.
+    pub fn forward(&mut self, x: MatRef, out: Option<MatMut>, par: Par) {
+        self.buffers
+            .forward(&self.layers, x, out, self.precision, par);
+    }
+
+    /// The last layer's output in the MLP's own buffer (when forward had no `out`).
+    pub fn output(&self, batch: usize) -> MatRef<'_> {
+        self.buffers.output(batch)
+    }
+
+    /// Backward: from `d_out` (gradient w.r.t. the output), fills every layer's grad_weight /
+    /// grad_bias (overwritten) and, when `dx` is given, the gradient w.r.t. the input `x`.
+    /// `out` is where forward wrote the output: the caller's buffer, or None for the MLP's own.
+    pub fn backward(
+        &mut self,
+        x: MatRef,
+        out: Option<MatRef>,
+        d_out: MatRef,
+        dx: Option<MatMut>,
+        par: Par,
+    ) {
+        swap_grads(&mut self.layers, &mut self.grads_out);
+        let precision = self.precision;
+        self.buffers.backward(
+            &self.layers,
+            x,
+            out,
+            d_out,
+            dx,
+            &mut self.grads_out,
+            precision,
+            par,
+        );
+        swap_grads(&mut self.layers, &mut self.grads_out);
     }
 }
 

@@ -20,10 +20,13 @@ use dlrm::spec::{
 };
 use dlrm::storage::StorageKind;
 use dlrm::train::{
-    CheckpointPolicy, LrSchedule, TrainOptions, TrainReport, ensure_learning_rate, total_steps,
-    train,
+    CheckpointPolicy, LrSchedule, TrainOptions, TrainReport, ensure_learning_rate,
+    measure_fma_peak, total_steps, train,
 };
 use std::path::{Path, PathBuf};
+
+/// Seconds of the FMA-peak probe after a run whose report is written as JSON.
+const FMA_PROBE_SECONDS: f64 = 0.2;
 
 /// Where the embedding tables live.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -280,9 +283,13 @@ fn run_with(a: TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<()> {
     let arch = resolve_architecture(&p, &architecture_overrides(&a)?, dataset.as_ref())?;
     let resume = read_resume(&a, &arch, dataset.as_ref())?;
     let spec = run_spec(&a, &p, arch, dataset, resume.as_ref(), cancel)?;
-    let Some(report) = pool.install(|| train_spec(&a, spec, resume.as_ref()))? else {
+    let Some(mut report) = pool.install(|| train_spec(&a, spec, resume.as_ref()))? else {
         return Ok(());
     };
+    if a.report_json.is_some() {
+        // The machine's limit on the same threads, to state the step as a fraction of it.
+        report.add_fma_peak(pool.install(|| measure_fma_peak(FMA_PROBE_SECONDS)));
+    }
     print_summary(&report);
     if let Some(path) = &a.report_json {
         let json = serde_json::to_string_pretty(&report)?;
@@ -731,9 +738,16 @@ fn print_summary(r: &TrainReport) {
         "steps {} x batch {} on {} threads: {:.0} samples/s (steady state), {:.1} s wall",
         r.steps, r.batch_size, r.threads, r.samples_per_sec, r.wall_seconds
     );
-    println!("precision {} (BF16 kernels on {})", r.precision, r.isa);
-    if let Some(g) = r.gflop_per_sec {
-        println!("dense compute {g:.1} GFLOP/s (MLP products and interaction, steady state)");
+    println!("precision {} (kernels on {})", r.precision, r.isa);
+    match (r.gflop_per_sec, r.fma_peak_gflop_per_sec) {
+        (Some(g), Some(peak)) => println!(
+            "dense compute {g:.1} GFLOP/s ({:.1}% of the {peak:.1} GFLOP/s FMA peak; MLP products and interaction, steady state)",
+            100.0 * g / peak
+        ),
+        (Some(g), None) => {
+            println!("dense compute {g:.1} GFLOP/s (MLP products and interaction, steady state)")
+        }
+        _ => {}
     }
     println!("train loss {:.5} (last report interval)", r.train_loss);
     match (r.test_rmse, r.train_rmse) {
