@@ -119,7 +119,7 @@ async fn score(
 ) -> Result<(String, Vec<f32>), Failure> {
     let deadline = arrived + app.timeout;
     let format = body_format(headers)?;
-    // Bodies are read (and held) by a bounded number of requests at a time.
+    // A bounded number of requests read, hold and wait for their rows at a time.
     let Ok(_permit) = app.bodies.try_acquire() else {
         return Err(Failure(
             StatusCode::SERVICE_UNAVAILABLE,

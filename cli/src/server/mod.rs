@@ -11,6 +11,7 @@ mod reload;
 
 use crate::commands::ThreadArgs;
 use anyhow::{Context, Result};
+use axum::serve::ListenerExt;
 use batcher::Queue;
 use clap::Args;
 use metrics::Metrics;
@@ -48,7 +49,8 @@ pub struct ServeArgs {
     /// Most rows waiting for a forward pass (a request that finds the queue full answers 503).
     #[arg(long, default_value_t = 1 << 16)]
     queue_rows: usize,
-    /// Most request bodies read and parsed at a time (others answer 503).
+    /// Most requests handled at a time, from reading the body to the answer (others answer
+    /// 503): with --max-body-bytes, what bounds the memory requests hold.
     #[arg(long, default_value_t = 256)]
     max_in_flight: usize,
     /// How often LATEST is checked for a new version, in milliseconds (0: only on SIGHUP).
@@ -64,7 +66,7 @@ pub struct App {
     current: RwLock<Arc<Served>>,
     queue: Queue,
     metrics: Metrics,
-    /// Permits to read a request body (`--max-in-flight`).
+    /// Permits to handle a request (`--max-in-flight`).
     bodies: tokio::sync::Semaphore,
     max_body_bytes: usize,
     timeout: Duration,
@@ -181,6 +183,12 @@ async fn serve(app: Arc<App>, listen: SocketAddr, reload: reload::Waker) -> Resu
         };
         log::info!("{name}: finishing the requests in flight");
     };
+    // Answers go out at once, not held back to coalesce with the next (Nagle's algorithm).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            log::debug!("cannot set TCP_NODELAY: {e}");
+        }
+    });
     axum::serve(listener, http::router(app))
         .with_graceful_shutdown(stop)
         .await
