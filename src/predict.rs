@@ -474,8 +474,9 @@ fn json_count(v: &serde_json::Value) -> Option<Option<i64>> {
         Value::Null => Some(None),
         Value::Number(n) => match (n.as_i64(), n.as_f64()) {
             (Some(x), _) => Some(Some(x)),
-            // An integral float within i64 (2^63 is exactly representable, and excluded).
-            (None, Some(x)) if x.fract() == 0.0 && x.abs() < 9.223_372_036_854_775_808e18 => {
+            // An integral float within i64: below 2^63 in magnitude (-2^63 itself is an i64,
+            // which `as_i64` took).
+            (None, Some(x)) if x.fract() == 0.0 && x.abs() < -(i64::MIN as f64) => {
                 Some(Some(x as i64))
             }
             _ => None,
