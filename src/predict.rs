@@ -4,9 +4,12 @@
 
 use crate::cancel::Cancel;
 use crate::data::Batch;
-use crate::data::criteo::{NUM_CATEGORICAL, NUM_DENSE, RawRow, dense_feature, parse_line};
+use crate::data::criteo::{
+    Field as RowField, NUM_CATEGORICAL, NUM_DENSE, ParseError, RawRow, dense_feature, num_fields,
+    parse_hex, parse_line,
+};
 use crate::data::preprocess::{Encoder, LineError};
-use crate::model::Model;
+use crate::model::{BatchError, Model};
 use crate::names::Field;
 use crate::train::{ensure_finite_predictions, reserve_checked};
 use anyhow::{Context, Result, bail};
@@ -74,82 +77,153 @@ pub fn encode_rows(encoder: &Encoder, rows: &[RawRow], labelled: bool, batch: &m
     }
 }
 
-/// Reads up to `LINES_PER_ROUND` lines of `reader` into `lines` (without their `\n`; the
-/// parser drops a `\r` itself); none at the end of the file.
-fn read_round(reader: &mut impl BufRead, input: &Path, lines: &mut Vec<Vec<u8>>) -> Result<()> {
-    lines.clear();
+/// A round of lines: their bytes one after another (each without its `\n`; the parser drops a
+/// `\r` itself) and where each ends, in buffers reused from round to round.
+#[derive(Default)]
+struct Lines {
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl Lines {
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    fn line(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.bytes[start..self.ends[i]]
+    }
+}
+
+/// Reads up to `LINES_PER_ROUND` lines of `reader` into `lines`; none at the end of the file.
+fn read_round(reader: &mut impl BufRead, input: &Path, lines: &mut Lines) -> Result<()> {
+    lines.bytes.clear();
+    lines.ends.clear();
     for _ in 0..LINES_PER_ROUND {
-        let mut line = Vec::new();
         let n = reader
-            .read_until(b'\n', &mut line)
+            .read_until(b'\n', &mut lines.bytes)
             .with_context(|| format!("{}: cannot read", input.display()))?;
         if n == 0 {
             break;
         }
-        if line.last() == Some(&b'\n') {
-            line.pop();
+        if lines.bytes.last() == Some(&b'\n') {
+            lines.bytes.pop();
         }
-        lines.push(line);
+        lines.ends.push(lines.bytes.len());
     }
     Ok(())
 }
 
-/// Parses a round of lines, the first being line `first_line` of `input`, in parallel: a row
-/// per line, `None` for a bad line skipped (counted in `summary`, the first few kept as
-/// examples); a bad line is an error unless `opts.skip_bad_lines`.
+/// What parsing a round of lines gives: a row per good line, in order (the buffer reused from
+/// round to round), and the positions in the round of the bad lines skipped, ascending.
+#[derive(Default)]
+struct ParsedRound {
+    rows: Vec<RawRow>,
+    bad: Vec<usize>,
+}
+
+impl ParsedRound {
+    /// The position in the round of the `row`-th good line.
+    fn line_of(&self, row: usize) -> usize {
+        let mut at = row;
+        for &b in &self.bad {
+            if b > at {
+                break;
+            }
+            at += 1;
+        }
+        at
+    }
+}
+
+/// Parses a round of lines, the first being line `first_line` of `input`, in parallel into
+/// `parsed`; a bad line is an error unless `skip_bad_lines`, when it is skipped (counted in
+/// `summary`, the first few kept as examples).
 fn parse_round(
-    lines: &[Vec<u8>],
+    lines: &Lines,
     first_line: u64,
     input: &Path,
-    labelled: bool,
-    skip_bad_lines: bool,
+    (labelled, skip_bad_lines): (bool, bool),
     summary: &mut ScoreSummary,
-) -> Result<Vec<Option<RawRow>>> {
-    let results: Vec<Result<RawRow, LineError>> = lines
-        .par_iter()
+    parsed: &mut ParsedRound,
+) -> Result<()> {
+    parsed.rows.resize(lines.len(), RawRow::default());
+    // An indexed parallel iterator collects in order: the errors come by line.
+    let errors: Vec<(usize, ParseError)> = parsed
+        .rows
+        .par_iter_mut()
         .enumerate()
-        .map(|(i, l)| {
-            let mut row = RawRow::default();
-            parse_line(l, labelled, &mut row)
-                .map(|()| row)
-                .map_err(|error| LineError {
-                    path: input.display().to_string(),
-                    line: first_line + i as u64,
-                    error,
-                })
+        .filter_map(|(i, row)| {
+            parse_line(lines.line(i), labelled, row)
+                .err()
+                .map(|e| (i, e))
         })
         .collect();
-    results
-        .into_iter()
-        .map(|r| match r {
-            Ok(row) => Ok(Some(row)),
-            Err(e) if skip_bad_lines => {
-                summary.skipped += 1;
-                if summary.bad_examples.len() < BAD_EXAMPLES {
-                    summary.bad_examples.push(e.to_string());
-                }
-                Ok(None)
-            }
-            Err(e) => bail!("{e}"),
-        })
-        .collect()
+    parsed.bad.clear();
+    for (i, error) in errors {
+        let e = LineError {
+            path: input.display().to_string(),
+            line: first_line + i as u64,
+            error,
+        };
+        if !skip_bad_lines {
+            bail!("{e}");
+        }
+        summary.skipped += 1;
+        if summary.bad_examples.len() < BAD_EXAMPLES {
+            summary.bad_examples.push(e.to_string());
+        }
+        parsed.bad.push(i);
+    }
+    if !parsed.bad.is_empty() {
+        let (mut i, mut next_bad) = (0, parsed.bad.iter().peekable());
+        parsed.rows.retain(|_| {
+            let bad = next_bad.next_if_eq(&&i).is_some();
+            i += 1;
+            !bad
+        });
+    }
+    Ok(())
 }
 
 /// Writes a score per line of the round: the row's, or NaN for a skipped line.
-fn write_scores(out: &mut dyn Write, parsed: &[Option<RawRow>], scores: &[f32]) -> Result<()> {
+fn write_scores(
+    out: &mut dyn Write,
+    lines: usize,
+    parsed: &ParsedRound,
+    scores: &[f32],
+) -> Result<()> {
     use std::fmt::Write as _;
     let mut text = String::new();
-    let mut s = scores.iter();
-    for p in parsed {
-        match p {
-            Some(_) => {
-                let _ = writeln!(text, "{}", s.next().expect("a score per parsed row"));
-            }
-            None => text.push_str("NaN\n"),
+    let (mut s, mut next_bad) = (scores.iter(), parsed.bad.iter().peekable());
+    for i in 0..lines {
+        if next_bad.next_if_eq(&&i).is_some() {
+            text.push_str("NaN\n");
+        } else {
+            let _ = writeln!(text, "{}", s.next().expect("a score per parsed row"));
         }
     }
     out.write_all(text.as_bytes())
         .context("writing the predictions")
+}
+
+/// Encodes `rows` with `encoder` into `batch` and writes the model's probabilities into `out`:
+/// one forward pass, as many rows as the model's buffers were reserved for.
+pub fn score_rows(
+    model: &mut dyn Model,
+    encoder: &Encoder,
+    rows: &[RawRow],
+    labelled: bool,
+    batch: &mut Batch,
+    out: &mut Vec<f32>,
+) -> Result<(), BatchError> {
+    encode_rows(encoder, rows, labelled, batch);
+    model.predict(&batch.view(), out)
 }
 
 /// What scoring a file holds between rounds.
@@ -163,32 +237,30 @@ struct Scorer<'a> {
 }
 
 impl Scorer<'_> {
-    /// The scores of the round's parsed rows (`parsed`, its first line `first_line`), in
-    /// batches; the labels go to `labels` when given.
+    /// The scores of the round's parsed rows (its first line `first_line`), in batches; the
+    /// labels go to `labels` when given.
     fn score(
         &mut self,
-        parsed: &[Option<RawRow>],
+        parsed: &ParsedRound,
         first_line: u64,
         labelled: bool,
         mut labels: Option<&mut Vec<f32>>,
     ) -> Result<Vec<f32>> {
         let input = self.input;
-        let good: Vec<RawRow> = parsed.iter().flatten().cloned().collect();
-        let mut scores = Vec::with_capacity(good.len());
-        for chunk in good.chunks(self.batch_size) {
-            encode_rows(self.encoder, chunk, labelled, &mut self.batch);
-            self.model
-                .predict(&self.batch.view(), &mut self.probs)
-                .with_context(|| format!("{}: lines from {first_line}", input.display()))?;
+        let mut scores = Vec::with_capacity(parsed.rows.len());
+        for chunk in parsed.rows.chunks(self.batch_size) {
+            let (model, encoder) = (&mut *self.model, self.encoder);
+            score_rows(
+                model,
+                encoder,
+                chunk,
+                labelled,
+                &mut self.batch,
+                &mut self.probs,
+            )
+            .with_context(|| format!("{}: lines from {first_line}", input.display()))?;
             ensure_finite_predictions(&*self.model, &self.probs, |i| {
-                // The line of the (scores.len() + i)-th parsed row, skipped lines counted.
-                let row = scores.len() + i;
-                let at = parsed
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, p)| p.is_some())
-                    .nth(row);
-                let line = first_line + at.map_or(row, |(j, _)| j) as u64;
+                let line = first_line + parsed.line_of(scores.len() + i) as u64;
                 format!("{}:{line}", input.display())
             })?;
             scores.extend_from_slice(&self.probs);
@@ -220,7 +292,8 @@ pub fn score_file(
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let started = Instant::now();
     let mut summary = ScoreSummary::default();
-    let mut lines: Vec<Vec<u8>> = Vec::with_capacity(LINES_PER_ROUND);
+    let mut lines = Lines::default();
+    let mut parsed = ParsedRound::default();
     // A round of lines is the most one forward pass can take.
     let batch_size = opts.batch_size.min(LINES_PER_ROUND);
     reserve_checked(model, batch_size, false, Field::BatchSize)?;
@@ -239,13 +312,13 @@ pub fn score_file(
             break;
         }
         let first_line = summary.lines + 1;
-        let (labelled, skip) = (opts.labelled, opts.skip_bad_lines);
-        let parsed = parse_round(&lines, first_line, input, labelled, skip, &mut summary)?;
+        let flags = (opts.labelled, opts.skip_bad_lines);
+        parse_round(&lines, first_line, input, flags, &mut summary, &mut parsed)?;
         summary.lines += lines.len() as u64;
         let labels = opts.keep.then_some(&mut summary.labels);
         let scores = scorer.score(&parsed, first_line, opts.labelled, labels)?;
         if let Some(out) = opts.out.as_deref_mut() {
-            write_scores(out, &parsed, &scores)?;
+            write_scores(out, lines.len(), &parsed, &scores)?;
         }
         if opts.keep {
             summary.probs.extend_from_slice(&scores);
@@ -253,4 +326,174 @@ pub fn score_file(
     }
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// Why the rows of a request (the scoring server's) cannot be scored: the row (1-based) and the
+/// field are named.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RequestError {
+    #[error("the request has no rows")]
+    NoRows,
+    #[error("malformed JSON: {0}")]
+    Json(String),
+    #[error("row {row}: {what}")]
+    Row { row: usize, what: String },
+}
+
+/// Appends the rows of a body of Criteo lines to `rows`: tab-separated, each with or without
+/// its label column (told by its field count: 39 fields have none), as `predict` reads them.
+/// A last `\n` ends the last line.
+pub fn parse_tsv_rows(body: &[u8], rows: &mut Vec<RawRow>) -> Result<(), RequestError> {
+    let body = body.strip_suffix(b"\n").unwrap_or(body);
+    if body.is_empty() {
+        return Err(RequestError::NoRows);
+    }
+    for (i, line) in body.split(|&b| b == b'\n').enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let fields = memchr::memchr_iter(b'\t', line).count() + 1;
+        let mut row = RawRow::default();
+        parse_line(line, fields != num_fields(false), &mut row).map_err(|e| RequestError::Row {
+            row: i + 1,
+            what: e.to_string(),
+        })?;
+        rows.push(row);
+    }
+    Ok(())
+}
+
+/// Appends the rows of a JSON body to `rows`: `{"rows": [{"dense": [13 values], "sparse": [26
+/// values]}, ...]}`. A dense value is the raw integer count of a Criteo line (an integral
+/// number; `null` for an empty field); a sparse value is the raw category, as the hexadecimal
+/// string of a Criteo line or as the number it writes (`null` or `""` for an empty field). A
+/// row may carry a `"label"` (0 or 1), which scoring ignores.
+pub fn parse_json_rows(body: &[u8], rows: &mut Vec<RawRow>) -> Result<(), RequestError> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        rows: Vec<serde_json::Value>,
+    }
+    // serde_json refuses nesting deeper than 128 levels: no input can exhaust the stack.
+    let body: Body = serde_json::from_slice(body).map_err(|e| RequestError::Json(e.to_string()))?;
+    if body.rows.is_empty() {
+        return Err(RequestError::NoRows);
+    }
+    for (i, value) in body.rows.iter().enumerate() {
+        let row = json_row(value).map_err(|what| RequestError::Row { row: i + 1, what })?;
+        rows.push(row);
+    }
+    Ok(())
+}
+
+/// Longest excerpt of a bad JSON value quoted in an error.
+const JSON_QUOTE_LEN: usize = 40;
+
+/// A JSON value as an error quotes it: its text, cut to `JSON_QUOTE_LEN` characters.
+fn quote(value: &serde_json::Value) -> String {
+    let text = value.to_string();
+    match text.char_indices().nth(JSON_QUOTE_LEN) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text,
+    }
+}
+
+/// One row of a JSON body (see [`parse_json_rows`]); the error names the field.
+fn json_row(value: &serde_json::Value) -> Result<RawRow, String> {
+    let object = value.as_object().ok_or_else(|| {
+        format!(
+            "{} is not an object with \"dense\" and \"sparse\"",
+            quote(value)
+        )
+    })?;
+    if let Some(key) = object
+        .keys()
+        .find(|k| !["dense", "sparse", "label"].contains(&k.as_str()))
+    {
+        return Err(format!(
+            "unknown key {key:?} (a row has \"dense\", \"sparse\" and optionally \"label\")"
+        ));
+    }
+    let mut row = RawRow::default();
+    if let Some(label) = object.get("label") {
+        row.label = match label.as_u64() {
+            Some(0) => false,
+            Some(1) => true,
+            _ => return Err(format!("label: {} is not 0 or 1", quote(label))),
+        };
+    }
+    let values = |key: &str, count: usize| -> Result<&Vec<serde_json::Value>, String> {
+        match object.get(key) {
+            Some(serde_json::Value::Array(a)) if a.len() == count => Ok(a),
+            Some(serde_json::Value::Array(a)) => Err(format!(
+                "\"{key}\" has {} values, expected {count}",
+                a.len()
+            )),
+            Some(v) => Err(format!("\"{key}\": {} is not an array", quote(v))),
+            None => Err(format!("no \"{key}\" ({count} values)")),
+        }
+    };
+    let bad = |key: &str, i: usize, field: RowField, v: &serde_json::Value, why: &str| {
+        format!("{key}[{i}] ({field}): {} {why}", quote(v))
+    };
+    for (i, (v, x)) in values("dense", NUM_DENSE)?
+        .iter()
+        .zip(&mut row.dense)
+        .enumerate()
+    {
+        *x = json_count(v).ok_or_else(|| {
+            bad(
+                "dense",
+                i,
+                RowField::Integer(i),
+                v,
+                "is not an integer count (within 64 bits) or null",
+            )
+        })?;
+    }
+    for (i, (v, x)) in values("sparse", NUM_CATEGORICAL)?
+        .iter()
+        .zip(&mut row.categorical)
+        .enumerate()
+    {
+        *x = json_category(v).ok_or_else(|| {
+            bad(
+                "sparse",
+                i,
+                RowField::Categorical(i),
+                v,
+                "is not a category (1 to 8 hexadecimal digits, a number below 2^32, or null)",
+            )
+        })?;
+    }
+    Ok(row)
+}
+
+/// A dense JSON value: `Some(None)` for an empty field, `None` for a value that is no count.
+fn json_count(v: &serde_json::Value) -> Option<Option<i64>> {
+    use serde_json::Value;
+    match v {
+        Value::Null => Some(None),
+        Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(x), _) => Some(Some(x)),
+            // An integral float within i64: below 2^63 in magnitude (-2^63 itself is an i64,
+            // which `as_i64` took).
+            (None, Some(x)) if x.fract() == 0.0 && x.abs() < -(i64::MIN as f64) => {
+                Some(Some(x as i64))
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// A sparse JSON value: `Some(None)` for an empty field, `None` for a value that is no
+/// category.
+fn json_category(v: &serde_json::Value) -> Option<Option<u32>> {
+    use serde_json::Value;
+    match v {
+        Value::Null => Some(None),
+        Value::String(s) if s.is_empty() => Some(None),
+        Value::String(s) => parse_hex(s.as_bytes()).map(Some),
+        Value::Number(n) => n.as_u64().and_then(|x| u32::try_from(x).ok()).map(Some),
+        _ => None,
+    }
 }

@@ -1,6 +1,7 @@
 //! The `dlrm` command line: argument parsing and orchestration only (no math lives here).
 
 mod commands;
+mod server;
 
 use clap::{Parser, Subcommand};
 use dlrm::cancel::{Cancel, Interrupted};
@@ -54,9 +55,12 @@ enum Command {
     Train(Box<commands::train::TrainArgs>),
     /// Score a saved model on a dataset's held-out split or on raw labelled Criteo rows: loss,
     /// accuracy, AUC, normalized entropy.
-    Eval(Box<commands::serve::EvalArgs>),
+    Eval(Box<commands::score::EvalArgs>),
     /// Write one click probability per line of a raw Criteo file, with a saved model.
-    Predict(Box<commands::serve::PredictArgs>),
+    Predict(Box<commands::score::PredictArgs>),
+    /// Serve a saved model over HTTP: micro-batched scoring of raw Criteo rows, metrics, hot
+    /// reload of new checkpoint versions.
+    Serve(Box<server::ServeArgs>),
     /// Write a checkpoint's parameters as safetensors under the PyTorch reference's names.
     Export(commands::export::ExportArgs),
     /// Read parameters from a PyTorch-named safetensors file into a new checkpoint.
@@ -93,10 +97,11 @@ fn main() {
     init_logging(cli.verbose, cli.quiet);
     let result = match cli.command {
         Command::Train(args) => cancel_on_signals().and_then(|c| commands::train::run(*args, &c)),
-        Command::Eval(args) => commands::serve::run_eval(*args),
+        Command::Eval(args) => commands::score::run_eval(*args),
         Command::Predict(args) => {
-            cancel_on_signals().and_then(|c| commands::serve::run_predict(*args, &c))
+            cancel_on_signals().and_then(|c| commands::score::run_predict(*args, &c))
         }
+        Command::Serve(args) => server::run(*args),
         Command::Export(args) => {
             cancel_on_signals().and_then(|c| commands::export::run_export(args, &c))
         }

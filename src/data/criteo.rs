@@ -95,7 +95,7 @@ static HEX_DIGIT: [u8; 256] = {
 
 /// A categorical value: 1 to 8 hexadecimal digits (either case), so every 32-bit value and
 /// nothing larger.
-fn parse_hex(field: &[u8]) -> Option<u32> {
+pub fn parse_hex(field: &[u8]) -> Option<u32> {
     if field.is_empty() || field.len() > 8 {
         return None;
     }

@@ -5,7 +5,7 @@ pub mod export;
 pub mod models;
 pub mod preprocess;
 pub mod progress;
-pub mod serve;
+pub mod score;
 pub mod synth;
 pub mod train;
 

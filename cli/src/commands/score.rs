@@ -75,19 +75,23 @@ pub struct PredictArgs {
 /// written back); its buffers are sized by the scoring, to the rows there are.
 fn load(a: &ModelArgs) -> Result<(Box<dyn Model>, PathBuf)> {
     let version = checkpoint::resolve(&a.load_model)?;
-    let storage = StorageKind::File {
-        dir: version.clone(),
-        lazy_init: false,
-    };
     let opts = checkpoint::LoadOptions {
         allow_non_finite: a.allow_non_finite,
     };
-    let (model, _) = checkpoint::load_model(&version, &storage, opts)?;
-    Ok((model, version))
+    Ok((load_version(&version, opts)?, version))
+}
+
+/// The model of a checkpoint version, as [`load`] maps it.
+pub fn load_version(version: &Path, opts: checkpoint::LoadOptions) -> Result<Box<dyn Model>> {
+    let storage = StorageKind::File {
+        dir: version.to_path_buf(),
+        lazy_init: false,
+    };
+    Ok(checkpoint::load_model(version, &storage, opts)?.0)
 }
 
 /// The encoding the checkpoint's training data had.
-fn encoder(version: &Path) -> Result<Encoder> {
+pub fn encoder(version: &Path) -> Result<Encoder> {
     let dir = version.join(DATASET_DIR);
     anyhow::ensure!(
         dir.is_dir(),
