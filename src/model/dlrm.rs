@@ -18,10 +18,11 @@ use super::parameters::{
 };
 use super::sparse::SparseTables;
 use super::{
-    BatchError, DenseOptimizer, Model, ModelConfig, OptimizerKind, PhaseTimer, Task,
+    BatchError, ClickLoss, DenseOptimizer, Model, ModelConfig, OptimizerKind, PhaseTimer, Task,
     check_capacity, head_loss, head_predict, mlp_floats_per_sample, validate_batch,
 };
 use crate::data::BatchView;
+use crate::names::FieldError;
 use crate::rng::{SplitMix64, derive_key};
 use crate::storage::StorageKind;
 use dlrm_kernels::gemm::{MatMut, MatRef};
@@ -49,6 +50,8 @@ pub struct Dlrm {
     grad_top_in: Vec<f32>,
     grad_features: Vec<f32>,
     probs: Vec<f32>,
+    /// The click loss trained with (set with [`Model::set_click_loss`]).
+    loss: ClickLoss,
     grad_logits: Vec<f32>,
     /// How the kernels may use threads (set with [`Model::set_parallelism`]).
     par: Par,
@@ -106,6 +109,7 @@ impl Dlrm {
             grad_top_in: Vec::new(),
             grad_features: Vec::new(),
             probs: Vec::new(),
+            loss: ClickLoss::default(),
             grad_logits: Vec::new(),
             par: Par::default(),
         })
@@ -232,6 +236,7 @@ impl Dlrm {
         let w = self.arch.top[0];
         let loss_sum = head_loss(
             Task::Classification,
+            &self.loss,
             self.top.output(b).as_slice(),
             batch.labels,
             &mut self.probs[..b],
@@ -357,6 +362,11 @@ impl Model for Dlrm {
     }
     fn set_parallelism(&mut self, par: Par) {
         self.par = par;
+    }
+    fn set_click_loss(&mut self, loss: ClickLoss) -> Result<(), FieldError> {
+        loss.check()?;
+        self.loss = loss;
+        Ok(())
     }
     fn config(&self) -> ModelConfig {
         ModelConfig::Dlrm(self.arch.clone())
