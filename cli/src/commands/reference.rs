@@ -519,9 +519,7 @@ impl ReferenceArgs {
     /// The evaluation of --inference-only: the reference's accuracy line (with
     /// --mlperf-logging, its recall ... accuracy line), then ours.
     pub fn print_inference(&self, m: &EvalMetrics) {
-        let mut log = ReferenceLog::new(self, MlRun::default(), 1);
-        log.mlperf = self.mlperf_logging.then_some(MlLog);
-        log.print_metrics(m);
+        ReferenceLog::new(self, MlRun::default(), 1).print_metrics(m);
         println!(
             "test loss {:.5}  accuracy {:.4}  {}",
             m.loss,

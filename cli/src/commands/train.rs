@@ -299,7 +299,11 @@ fn reference_sources(a: &TrainArgs, raw: &Path) -> Result<Sources> {
                 a.encoding.split.is_none(),
                 "--split cuts one file; with --data-set=terabyte the last day file is halved into test and validation"
             );
-            let day = |i: usize| PathBuf::from(format!("{}_{i}", raw.display()));
+            let day = |i: usize| {
+                let mut name = raw.as_os_str().to_owned();
+                name.push(format!("_{i}"));
+                PathBuf::from(name)
+            };
             let mut days: Vec<PathBuf> = (0..).map(day).take_while(|p| p.is_file()).collect();
             anyhow::ensure!(
                 days.len() >= 2,
@@ -479,6 +483,10 @@ fn defaults(a: &TrainArgs) -> Defaults {
 /// Refuses data flags that do nothing with the data chosen.
 fn check_data_flags(a: &TrainArgs) -> Result<()> {
     a.reference.check(a.generation())?;
+    anyhow::ensure!(
+        !(a.reference.inference_only && a.save_model.is_some()),
+        "--inference-only trains nothing, so --save-model would save nothing: drop one of them"
+    );
     anyhow::ensure!(
         a.generation() != DataGeneration::Dataset || (a.dataset.is_none() && a.criteo.is_none()),
         "--data-generation=dataset reads --raw-data-file or --processed-data-file; --dataset and --criteo name the data themselves: give one of the two ways"
