@@ -18,6 +18,11 @@ pub const TERABYTE_TABLE_SIZES: [usize; 26] = [
     11938, 155, 4, 976, 14, 39979771, 25641295, 39664984, 585935, 12972, 108, 36,
 ];
 
+/// The batch of the reference's Criteo Kaggle recipe (its bench/dlrm_s_criteo_kaggle.sh:
+/// `--mini-batch-size=128 --learning-rate=0.1`, SGD): what a run on Criteo data uses unless a
+/// preset is named.
+pub const REFERENCE_KAGGLE_BATCH: usize = 128;
+
 /// A named starting configuration; every flag given on the command line overrides it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -83,6 +88,39 @@ impl Choice for Preset {
 choice_names!(Preset);
 
 impl PresetValues {
+    /// The values in one line, as `--help` shows them: `d 16, 8 tables of 10 to 5000 rows,
+    /// bottom 13-64-16, top 64-1, batch 128, lr 0.1, 2000 batches`.
+    pub fn summary(&self) -> String {
+        let join = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join("-");
+        let (min, max) = (
+            self.table_sizes.iter().min().copied().unwrap_or(0),
+            self.table_sizes.iter().max().copied().unwrap_or(0),
+        );
+        let mut s = format!(
+            "d {}, {} tables of {min} to {max} rows",
+            self.embedding_dim,
+            self.table_sizes.len()
+        );
+        if let Some(cap) = self.max_ind_range {
+            s += &format!(" (capped at {cap})");
+        }
+        if self.num_indices_per_lookup > 1 {
+            s += &format!(", {} ids per bag", self.num_indices_per_lookup);
+        }
+        s += &format!(
+            ", bottom {}, top {}, batch {}, lr {}, {} batches",
+            join(self.bottom),
+            join(self.top),
+            self.mini_batch_size,
+            self.learning_rate,
+            self.num_batches
+        );
+        if self.test_freq > 0 {
+            s += &format!(", evaluated every {}", self.test_freq);
+        }
+        s
+    }
+
     /// The preset's architecture (dot interaction without self-interaction; tables not yet
     /// capped by `max_ind_range`).
     pub fn architecture(&self) -> Architecture {

@@ -66,6 +66,60 @@ pub fn accuracy(probs: &[f32], labels: &[f32]) -> f64 {
     right as f64 / probs.len() as f64
 }
 
+/// Precision, recall and F1 of the predictions p > 0.5 against labels above 0.5, as
+/// scikit-learn's `precision_score`, `recall_score` and `f1_score` of `round(p)` (which the
+/// reference's MLPerf path prints; `round` takes 0.5 to 0): 0 where a denominator is 0, as
+/// scikit-learn's default `zero_division` gives.
+pub fn precision_recall_f1(probs: &[f32], labels: &[f32]) -> (f64, f64, f64) {
+    assert_eq!(
+        probs.len(),
+        labels.len(),
+        "precision_recall_f1: lengths differ"
+    );
+    let (mut tp, mut fp, mut fneg) = (0u64, 0u64, 0u64);
+    for (&p, &y) in probs.iter().zip(labels) {
+        match (p > 0.5, y > 0.5) {
+            (true, true) => tp += 1,
+            (true, false) => fp += 1,
+            (false, true) => fneg += 1,
+            (false, false) => {}
+        }
+    }
+    let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    let (precision, recall) = (ratio(tp, tp + fp), ratio(tp, tp + fneg));
+    (precision, recall, ratio(2 * tp, 2 * tp + fp + fneg))
+}
+
+/// Average precision as scikit-learn's `average_precision_score`: the sum over the distinct
+/// scores, highest first, of (R_n - R_(n-1)) P_n, with P_n and R_n the precision and recall
+/// of predicting positive every sample scored at least the n-th score; NaN without
+/// positives. O(n log n).
+pub fn average_precision(scores: &[f32], labels: &[f32]) -> f64 {
+    assert_eq!(
+        scores.len(),
+        labels.len(),
+        "average_precision: lengths differ"
+    );
+    let mut ranked: Vec<(f32, bool)> = scores
+        .iter()
+        .zip(labels)
+        .map(|(&s, &y)| (s + 0.0, y > 0.5))
+        .collect();
+    ranked.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
+    let positives = ranked.iter().filter(|(_, p)| *p).count() as f64;
+    if positives == 0.0 {
+        return f64::NAN;
+    }
+    let (mut tp, mut seen, mut ap) = (0.0f64, 0.0f64, 0.0f64);
+    for group in ranked.chunk_by(|a, b| a.0.total_cmp(&b.0).is_eq()) {
+        let pos = group.iter().filter(|(_, p)| *p).count() as f64;
+        tp += pos;
+        seen += group.len() as f64;
+        ap += (pos / positives) * (tp / seen);
+    }
+    ap
+}
+
 /// Probabilities are clamped to [LOG_LOSS_EPS, 1 - LOG_LOSS_EPS] before the logarithm, so one
 /// confidently wrong prediction costs at most -ln(1e-7) ≈ 16.1 instead of infinity.
 pub const LOG_LOSS_EPS: f64 = 1e-7;
@@ -146,6 +200,12 @@ pub struct EvalMetrics {
     pub ne: f64,
     /// Root mean squared error, for regression only.
     pub rmse: Option<f64>,
+    /// Precision, recall and F1 of p > 0.5, and the average precision ([`precision_recall_f1`],
+    /// [`average_precision`]): what the reference's MLPerf path prints (NaN for regression).
+    pub precision: f64,
+    pub recall: f64,
+    pub f1: f64,
+    pub average_precision: f64,
 }
 
 impl EvalMetrics {
@@ -153,12 +213,17 @@ impl EvalMetrics {
     pub fn compute(probs: &[f32], labels: &[f32]) -> EvalMetrics {
         let loss = log_loss(probs, labels);
         let positive_rate = labels.iter().map(|&y| f64::from(y)).sum::<f64>() / labels.len() as f64;
+        let (precision, recall, f1) = precision_recall_f1(probs, labels);
         EvalMetrics {
             loss,
             accuracy: accuracy(probs, labels),
             auc: roc_auc(probs, labels).unwrap_or(f64::NAN),
             ne: normalized_entropy(loss, positive_rate),
             rmse: None,
+            precision,
+            recall,
+            f1,
+            average_precision: average_precision(probs, labels),
         }
     }
 
@@ -177,6 +242,10 @@ impl EvalMetrics {
             auc: f64::NAN,
             ne: f64::NAN,
             rmse: Some(mse.sqrt()),
+            precision: f64::NAN,
+            recall: f64::NAN,
+            f1: f64::NAN,
+            average_precision: f64::NAN,
         }
     }
 }
@@ -185,6 +254,24 @@ impl EvalMetrics {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Values scikit-learn gives for the same inputs (`precision_score`, `recall_score`,
+    /// `f1_score` of `round(p)`, `average_precision_score`).
+    #[test]
+    fn precision_recall_f1_and_average_precision_as_scikit_learn() {
+        let p = [0.9f32, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2];
+        let y = [1.0f32, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0];
+        let (precision, recall, f1) = precision_recall_f1(&p, &y);
+        assert_eq!((precision, recall), (0.75, 0.75));
+        assert!((f1 - 0.75).abs() < 1e-12);
+        // 1/4 (1/1 + 2/3 + 3/4 + 4/6)
+        let ap = average_precision(&p, &y);
+        assert!((ap - 0.770_833_333_333_333_3).abs() < 1e-12, "{ap}");
+        // Ties form one threshold: precision 1/2 at recall 1.
+        assert_eq!(average_precision(&[0.5, 0.5], &[1.0, 0.0]), 0.5);
+        assert!(average_precision(&[0.5], &[0.0]).is_nan());
+        assert_eq!(precision_recall_f1(&[0.2], &[1.0]), (0.0, 0.0, 0.0));
+    }
 
     #[test]
     fn auc_of_orderings_and_ties() {

@@ -166,6 +166,11 @@ pub trait Choice: Copy + Sized + Send + Sync + 'static {
     fn help(self) -> &'static str {
         ""
     }
+    /// Other names accepted for the value (another tool's spelling, e.g. the reference's
+    /// `rwsadagrad`); never offered, never written.
+    fn aliases(self) -> &'static [&'static str] {
+        &[]
+    }
 }
 
 /// A name that is none of a [`Choice`]'s values.
@@ -181,7 +186,7 @@ pub fn parse_choice<T: Choice>(name: &str) -> Result<T, UnknownName> {
     T::ALL
         .iter()
         .copied()
-        .find(|v| v.name() == name)
+        .find(|v| v.name() == name || v.aliases().contains(&name))
         .ok_or_else(|| UnknownName {
             given: name.to_string(),
             expected: T::ALL

@@ -60,6 +60,10 @@ pub trait TrainObserver {
     }
     /// The steps are over (the final evaluation follows).
     fn finished(&mut self) {}
+    /// The final evaluation, after step `step` (the run's last), which the report also holds.
+    fn final_evaluation(&mut self, step: u64, metrics: &EvalMetrics) {
+        let _ = (step, metrics);
+    }
 }
 
 /// An observer that ignores everything.
@@ -796,6 +800,7 @@ impl Run<'_> {
         }
         let (train_batch, test_batch) = (self.plan.train_batch, self.plan.test_batch);
         let final_eval = evaluate(model, data, test_batch, &mut self.eval_batch)?;
+        self.observer.final_evaluation(step, &final_eval);
         self.evals.push(eval_point(step, &final_eval));
         let train_rmse = match model.task() {
             Task::Classification => None,

@@ -21,10 +21,11 @@ use super::parameters::{
 };
 use super::sparse::SparseTables;
 use super::{
-    BatchError, DenseOptimizer, Model, ModelConfig, OptimizerKind, PhaseTimer, Task,
+    BatchError, ClickLoss, DenseOptimizer, Model, ModelConfig, OptimizerKind, PhaseTimer, Task,
     check_capacity, head_loss, head_predict, mlp_floats_per_sample, validate_batch,
 };
 use crate::data::BatchView;
+use crate::names::FieldError;
 use crate::rng::{SplitMix64, derive_key};
 use crate::storage::StorageKind;
 use dlrm_kernels::cross::{
@@ -152,6 +153,8 @@ pub struct Dcn {
     grad_head_in: Vec<f32>,
     grad_x0: Vec<f32>,
     probs: Vec<f32>,
+    /// The click loss trained with (set with [`Model::set_click_loss`]).
+    loss: ClickLoss,
     grad_logits: Vec<f32>,
     /// How the kernels may use threads (set with [`Model::set_parallelism`]).
     par: Par,
@@ -231,6 +234,7 @@ impl Dcn {
             grad_head_in: Vec::new(),
             grad_x0: Vec::new(),
             probs: Vec::new(),
+            loss: ClickLoss::default(),
             grad_logits: Vec::new(),
             par: Par::default(),
         })
@@ -305,6 +309,7 @@ impl Dcn {
         let hw = self.cfg.head_width();
         let loss_sum = head_loss(
             Task::Classification,
+            &self.loss,
             self.head.output(b).as_slice(),
             batch.labels,
             &mut self.probs[..b],
@@ -443,6 +448,11 @@ impl Model for Dcn {
 
     fn set_parallelism(&mut self, par: Par) {
         self.par = par;
+    }
+    fn set_click_loss(&mut self, loss: ClickLoss) -> Result<(), FieldError> {
+        loss.check()?;
+        self.loss = loss;
+        Ok(())
     }
 }
 

@@ -27,13 +27,13 @@ use super::parameters::{
 };
 use super::sparse::SparseTables;
 use super::{
-    BatchError, DenseOptimizer, Model, ModelConfig, OptimizerKind, PhaseTimer, Precision, Task,
-    check_capacity, head_predict, mlp_floats_per_sample, validate_batch,
+    BatchError, ClickLoss, DenseOptimizer, Model, ModelConfig, OptimizerKind, PhaseTimer,
+    Precision, Task, check_capacity, head_predict, mlp_floats_per_sample, validate_batch,
 };
 use crate::data::BatchView;
+use crate::names::FieldError;
 use crate::rng::{SplitMix64, derive_key};
 use crate::storage::StorageKind;
-use dlrm_kernels::activation::bce_with_logits;
 use dlrm_kernels::gemm::{MatMut, MatRef, Precision as GemmPrecision};
 use dlrm_kernels::interaction::{
     cat_interaction_backward, cat_interaction_forward, dot_interaction_backward,
@@ -101,6 +101,8 @@ struct StepShared<'a> {
     bottom: &'a [Linear],
     top: &'a [Linear],
     batch: &'a BatchView<'a>,
+    /// The click loss and its gradient.
+    loss: &'a ClickLoss,
     /// The operands of the MLP products (f32, or rounded to bf16 in the GEMM).
     precision: GemmPrecision,
     /// The kernels' parallelism inside a chunk: serial when several chunks share the threads.
@@ -127,6 +129,8 @@ pub struct Dlrm {
     logits: Vec<f32>,
     grad_features: Vec<f32>,
     probs: Vec<f32>,
+    /// The click loss trained with (set with [`Model::set_click_loss`]).
+    loss: ClickLoss,
     /// How the kernels may use threads (set with [`Model::set_parallelism`]).
     par: Par,
 }
@@ -196,6 +200,7 @@ impl Dlrm {
             logits: Vec::new(),
             grad_features: Vec::new(),
             probs: Vec::new(),
+            loss: ClickLoss::default(),
             par: Par::default(),
         })
     }
@@ -284,6 +289,7 @@ impl Dlrm {
             bottom: &self.bottom.layers,
             top: &self.top.layers,
             batch,
+            loss: &self.loss,
             precision: self.bottom.precision,
             par: if n == 1 { self.par } else { Par::Seq },
         };
@@ -481,7 +487,7 @@ fn chunk_backward(s: &StepShared, job: &mut ChunkJob) -> f64 {
     let chunk = &mut *job.chunk;
     // The mean over the whole batch: each sample's gradient is scaled by 1 / batch size.
     let grad_logits = &mut chunk.grad_logits[..r];
-    let loss_sum = bce_with_logits(
+    let loss_sum = s.loss.apply(
         job.logits,
         &s.batch.labels[rows.clone()],
         job.probs,
@@ -643,6 +649,11 @@ impl Model for Dlrm {
         self.embeddings.set_layout(layout)?;
         self.bottom.precision = gemm;
         self.top.precision = gemm;
+        Ok(())
+    }
+    fn set_click_loss(&mut self, loss: ClickLoss) -> Result<(), FieldError> {
+        loss.check()?;
+        self.loss = loss;
         Ok(())
     }
     fn config(&self) -> ModelConfig {

@@ -22,11 +22,11 @@
 use super::parameters::{Named, Parameters, TableSource, Tensor, TensorMut};
 use super::sparse::SparseTables;
 use super::{
-    BatchError, DenseOptimizer, Model, ModelConfig, ModelKind, OptimizerKind, PhaseTimer, Task,
-    check_capacity, head_loss, head_predict, validate_batch,
+    BatchError, ClickLoss, DenseOptimizer, Model, ModelConfig, ModelKind, OptimizerKind,
+    PhaseTimer, Task, check_capacity, head_loss, head_predict, validate_batch,
 };
 use crate::data::BatchView;
-use crate::names::{Field, ensure_field};
+use crate::names::{Field, FieldError, ensure_field};
 use crate::storage::StorageKind;
 use dlrm_kernels::embedding::Bags;
 use dlrm_kernels::fm::{FmField, fm_backward, fm_forward};
@@ -79,6 +79,8 @@ pub struct Fm {
     sums: Vec<f32>,
     outputs: Vec<f32>,
     probs: Vec<f32>,
+    /// The click loss trained with (set with [`Model::set_click_loss`]).
+    loss: ClickLoss,
     grad_out: Vec<f32>,
     /// Per field: the latent gradient of each looked-up position (positions x k).
     grad_rows: Vec<Vec<f32>>,
@@ -146,6 +148,7 @@ impl Fm {
             sums: Vec::new(),
             outputs: Vec::new(),
             probs: Vec::new(),
+            loss: ClickLoss::default(),
             grad_out: Vec::new(),
             grad_rows: vec![Vec::new(); fields],
             par: Par::default(),
@@ -220,6 +223,7 @@ impl Fm {
         let k = self.cfg.factors;
         let loss_sum = head_loss(
             self.cfg.task,
+            &self.loss,
             &self.outputs[..b],
             batch.labels,
             &mut self.probs[..b],
@@ -329,6 +333,20 @@ impl Model for Fm {
 
     fn set_parallelism(&mut self, par: Par) {
         self.par = par;
+    }
+    fn set_click_loss(&mut self, loss: ClickLoss) -> Result<(), FieldError> {
+        loss.check()?;
+        ensure_field(
+            self.cfg.task == Task::Classification || loss == ClickLoss::default(),
+            |n| {
+                format!(
+                    "{} applies to click models, not a regression",
+                    n(Field::Named("--loss-function"))
+                )
+            },
+        )?;
+        self.loss = loss;
+        Ok(())
     }
 }
 

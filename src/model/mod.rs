@@ -5,6 +5,7 @@ pub mod dcn;
 pub mod dlrm;
 pub mod embedding;
 pub mod fm;
+pub mod loss;
 pub mod mf;
 pub mod mlp;
 pub mod parameters;
@@ -13,11 +14,12 @@ pub mod sparse;
 
 use crate::data::BatchView;
 use crate::names::{Choice, choice_names};
-use dlrm_kernels::activation::{bce_with_logits, sigmoid, squared_error};
+use dlrm_kernels::activation::{sigmoid, squared_error};
 use dlrm_kernels::embedding::BagError;
 use dlrm_kernels::optim::{SparseOptimizer, adagrad_update, sgd_update};
 use dlrm_kernels::parallel::Par;
 use embedding::EmbeddingTable;
+pub use loss::{ClickLoss, LossFunction};
 pub use parameters::{ModelConfig, Parameters, TableSource, Tensor, TensorKind, TensorMut};
 pub use precision::Precision;
 use rayon::prelude::*;
@@ -46,6 +48,12 @@ impl Choice for OptimizerKind {
             OptimizerKind::Sgd => "sgd",
             OptimizerKind::Adagrad => "adagrad",
             OptimizerKind::RowwiseAdagrad => "rowwise-adagrad",
+        }
+    }
+    fn aliases(self) -> &'static [&'static str] {
+        match self {
+            OptimizerKind::RowwiseAdagrad => &["rwsadagrad"],
+            _ => &[],
         }
     }
 }
@@ -377,11 +385,12 @@ pub fn check_capacity(batch: &BatchView, capacity: usize) -> Result<(), BatchErr
 }
 
 /// The loss head every model ends in: the sum over the batch of the loss of outputs `y`
-/// against `labels` (BCE on sigmoid(y) for classification, the squared error for regression),
-/// with the gradient of the batch's mean loss with respect to each output in `grad` (and, for
-/// classification, the probabilities in `probs`).
+/// against `labels` (`click` on sigmoid(y) for classification, BCE by default; the squared
+/// error for regression), with the gradient of the batch's mean loss with respect to each
+/// output in `grad` (and, for classification, the probabilities in `probs`).
 pub fn head_loss(
     task: Task,
+    click: &ClickLoss,
     y: &[f32],
     labels: &[f32],
     probs: &mut [f32],
@@ -389,7 +398,7 @@ pub fn head_loss(
 ) -> f64 {
     let b = y.len();
     match task {
-        Task::Classification => bce_with_logits(y, labels, probs, grad, 1.0 / b as f32),
+        Task::Classification => click.apply(y, labels, probs, grad, 1.0 / b as f32),
         Task::Regression => squared_error(y, labels, grad, 2.0 / b as f32),
     }
 }
@@ -530,4 +539,7 @@ pub trait Model: Send + Parameters {
         );
         Ok(())
     }
+    /// Trains with `loss` from now on (click models; a regression refuses any loss but the
+    /// default, which it does not use).
+    fn set_click_loss(&mut self, loss: ClickLoss) -> Result<(), crate::names::FieldError>;
 }

@@ -128,7 +128,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
         .map(|dir| open_training_dataset(dir, a.eval_split))
         .transpose()?;
     let arch = architecture(&a, dataset.as_ref())?;
-    let model_options = a.models_flags.options()?;
+    let model_options = a.models_flags.options(0.0)?;
     let p = a.preset.values();
     let num_batches = match (&dataset, a.num_batches) {
         (_, Some(n)) => n,

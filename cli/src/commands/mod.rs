@@ -5,6 +5,7 @@ pub mod export;
 pub mod models;
 pub mod preprocess;
 pub mod progress;
+pub mod reference;
 pub mod score;
 pub mod synth;
 pub mod train;
@@ -83,9 +84,12 @@ pub fn render_error(e: &anyhow::Error) -> String {
 
 /// The parser of a library enumeration's values by their names, offered with their help.
 pub fn choice<T: Choice>() -> impl TypedValueParser<Value = T> {
-    PossibleValuesParser::new(T::ALL.iter().map(|&v| match v.help() {
-        "" => PossibleValue::new(v.name()),
-        help => PossibleValue::new(v.name()).help(help),
+    PossibleValuesParser::new(T::ALL.iter().map(|&v| {
+        let value = PossibleValue::new(v.name()).aliases(v.aliases().iter().copied());
+        match v.help() {
+            "" => value,
+            help => value.help(help),
+        }
     }))
     .try_map(|name| parse_choice::<T>(&name))
 }

@@ -19,21 +19,23 @@ pub struct ModelFlags {
     #[arg(long, value_delimiter = '-', default_value = "512-256")]
     pub arch_mlp_deep: Vec<usize>,
     /// FM, MF: L2 regularisation of the embedding rows each step looks up (added to their
-    /// gradient times this factor, inside the fused sparse update).
-    #[arg(long, default_value_t = 0.0)]
-    pub weight_decay: f32,
+    /// gradient times this factor, inside the fused sparse update) [default: 0; 0.001 for
+    /// `dlrm train --model mf`]
+    #[arg(long)]
+    pub weight_decay: Option<f32>,
 }
 
 impl ModelFlags {
-    /// The options the flags give.
-    pub fn options(&self) -> Result<ModelOptions> {
+    /// The options the flags give, with `default_weight_decay` where --weight-decay is not
+    /// given.
+    pub fn options(&self, default_weight_decay: f32) -> Result<ModelOptions> {
         Ok(ModelOptions {
             cross_layers: self.cross_layers,
             deep: {
                 check_dims(Field::Named("--arch-mlp-deep"), &self.arch_mlp_deep)?;
                 self.arch_mlp_deep.clone()
             },
-            weight_decay: self.weight_decay,
+            weight_decay: self.weight_decay.unwrap_or(default_weight_decay),
         })
     }
 }

@@ -2,26 +2,33 @@
 
 use super::models::ModelFlags;
 use super::preprocess::EncodingArgs;
+use super::reference::{
+    DataGeneration, DataSet, MlRun, REFERENCE_SEED, Randomize, ReferenceArgs, ReferenceLog,
+    parse_bool, parse_data_generation, unset_if_minus_one,
+};
 use super::{ThreadArgs, choice, ensure_at_least_one, ensure_zipf_alpha, samples_of};
 use anyhow::{Context, Result};
 use clap::Args;
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use dlrm::cancel::{Cancel, note_removed};
 use dlrm::checkpoint;
-use dlrm::config::{Preset, PresetValues};
+use dlrm::config::{Preset, PresetValues, REFERENCE_KAGGLE_BATCH};
+use dlrm::data::Batch;
 use dlrm::data::binary::{BinaryDataset, DatasetSplit};
-use dlrm::data::preprocess::{CHUNK_BYTES, EncodingChoice, PreprocessOptions, preprocess};
-use dlrm::data::synthetic::{Generation, SyntheticConfig};
+use dlrm::data::preprocess::{CHUNK_BYTES, EncodingChoice, PreprocessOptions, Sources, preprocess};
+use dlrm::data::synthetic::SyntheticConfig;
 use dlrm::metrics::{format_auc, format_ne};
 use dlrm::model::architecture::{Architecture, InteractionOp, join};
 use dlrm::model::{ModelConfig, ModelKind, OptimizerKind, Precision};
+use dlrm::names::{Choice, parse_choice};
 use dlrm::spec::{
     ArchitectureOverrides, DataSpec, RunSpec, open_training_dataset, resolve_architecture,
     thread_pool,
 };
 use dlrm::storage::StorageKind;
 use dlrm::train::{
-    CheckpointPolicy, LrSchedule, TrainOptions, TrainReport, ensure_learning_rate,
-    measure_fma_peak, total_steps, train,
+    CheckpointPolicy, LrSchedule, TrainObserver, TrainOptions, TrainReport, ensure_learning_rate,
+    evaluate, measure_fma_peak, total_steps, train,
 };
 use std::path::{Path, PathBuf};
 
@@ -44,9 +51,11 @@ pub struct TrainArgs {
     #[arg(long, value_parser = choice::<ModelKind>(), default_value_t = ModelKind::Dlrm)]
     model: ModelKind,
 
-    /// Starting configuration; every other flag overrides it [default: tiny; kaggle with
-    /// --dataset or --criteo]
-    #[arg(long, value_parser = choice::<Preset>())]
+    /// Starting configuration; every other flag overrides it [default: tiny for synthetic
+    /// data; for Criteo data (--dataset, --criteo, --data-generation=dataset) kaggle's
+    /// architecture with the reference's Kaggle recipe: batch 128, SGD, lr 0.1; for --model mf
+    /// Adagrad at 0.05, batch 256, 20 epochs, --weight-decay 0.001]
+    #[arg(long, value_parser = preset_parser())]
     preset: Option<Preset>,
 
     // Real data.
@@ -85,9 +94,9 @@ pub struct TrainArgs {
     arch_interaction_itself: bool,
     /// Cap every table at this many rows (synthetic ids are drawn within the cap; with
     /// --criteo, categories are encoded as the reference does: hashed modulo it, then numbered
-    /// in order of first appearance, as `dlrm preprocess --max-ind-range`).
-    #[arg(long)]
-    max_ind_range: Option<usize>,
+    /// in order of first appearance, as `dlrm preprocess --max-ind-range`; -1: no cap).
+    #[arg(long, allow_negative_numbers = true)]
+    max_ind_range: Option<i64>,
     #[command(flatten)]
     models: ModelFlags,
     /// Training ratings for --model mf: `user item rating timestamp` per line, tab-separated
@@ -105,9 +114,9 @@ pub struct TrainArgs {
     /// Steps per epoch (0 = one pass over the training data).
     #[arg(long)]
     num_batches: Option<usize>,
-    /// Passes over the training data.
-    #[arg(long, default_value_t = 1)]
-    nepochs: usize,
+    /// Passes over the training data [default: 1; 20 for --model mf]
+    #[arg(long)]
+    nepochs: Option<usize>,
     /// Learning rate (before warm-up and decay).
     #[arg(long)]
     learning_rate: Option<f32>,
@@ -129,32 +138,35 @@ pub struct TrainArgs {
     /// Steps over which the learning rate decays (0 = no decay).
     #[arg(long, default_value_t = 0)]
     lr_num_decay_steps: u64,
-    /// Evaluate on the held-out data every this many steps (0 = only at the end).
-    #[arg(long)]
-    test_freq: Option<usize>,
+    /// Evaluate on the held-out data every this many steps (0 or -1 = only at the end).
+    #[arg(long, allow_negative_numbers = true)]
+    test_freq: Option<i64>,
     /// Report the training loss, and check that every dense parameter is finite, every this
     /// many steps (0: no reports; the check then runs every 100 steps).
     #[arg(long)]
     print_freq: Option<usize>,
-    /// Samples per evaluation batch (default: the training batch size).
-    #[arg(long)]
-    test_mini_batch_size: Option<usize>,
+    /// Samples per evaluation batch (default, or -1: the training batch size, at least 1024).
+    #[arg(long, allow_negative_numbers = true)]
+    test_mini_batch_size: Option<i64>,
     /// Drop a last batch smaller than --mini-batch-size instead of training on it.
     #[arg(long)]
     drop_last_batch: bool,
 
     // Synthetic data.
-    /// How synthetic ids and labels are drawn.
-    #[arg(long, value_parser = choice::<Generation>(), default_value_t = Generation::Teacher)]
-    data_generation: Generation,
+    /// How synthetic ids and labels are drawn: random (uniform ids, labels Bernoulli(0.5):
+    /// nothing to learn), zipf (Zipf ids, labels Bernoulli(0.5)), teacher or synthetic (Zipf
+    /// ids, labels from a random teacher model); or dataset: the reference's Criteo data
+    /// (--raw-data-file, --processed-data-file) [default: teacher]
+    #[arg(long, value_parser = parse_data_generation)]
+    data_generation: Option<DataGeneration>,
     /// Exponent of the Zipf distribution of ids (zipf and teacher data).
     #[arg(long, default_value_t = 1.05)]
     zipf_alpha: f64,
     /// Ids per bag (multi-hot lookups).
     #[arg(long)]
     num_indices_per_lookup: Option<usize>,
-    /// Every bag has exactly --num-indices-per-lookup ids (else 1 to that many).
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    /// Every bag has exactly --num-indices-per-lookup ids (else 1 to that many): True or False.
+    #[arg(long, value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true")]
     num_indices_per_lookup_fixed: Option<bool>,
     /// Training samples of the synthetic data set (default: --num-batches x batch).
     #[arg(long)]
@@ -205,48 +217,183 @@ pub struct TrainArgs {
     /// (by default such a checkpoint is refused, naming the tensor and the first index).
     #[arg(long)]
     allow_non_finite: bool,
+
+    // The reference's other flags (docs/reference-flags.md: each is supported, mapped or
+    // refused with why).
+    #[command(flatten)]
+    reference: ReferenceArgs,
 }
 
-/// Preprocesses `file` into a dataset inside `dir`, as `dlrm preprocess` would; returns the
-/// dataset's folder.
-fn preprocess_criteo(a: &TrainArgs, file: &Path, dir: &Path, cancel: &Cancel) -> Result<PathBuf> {
-    let out = dir.join("dataset");
+impl TrainArgs {
+    /// --max-ind-range (-1, the reference's default: no cap).
+    fn max_ind_range(&self) -> Result<Option<usize>> {
+        unset_if_minus_one("--max-ind-range", self.max_ind_range)
+    }
+
+    /// --test-mini-batch-size (-1, the reference's default: not set).
+    fn test_mini_batch_size(&self) -> Result<Option<usize>> {
+        unset_if_minus_one("--test-mini-batch-size", self.test_mini_batch_size)
+    }
+
+    /// --test-freq: -1 (the reference's default: no evaluation while training) is 0 here,
+    /// evaluation at the end only.
+    fn test_freq(&self) -> Result<Option<usize>> {
+        unset_if_minus_one("--test-freq", self.test_freq).map(|f| match self.test_freq {
+            Some(-1) => Some(0),
+            _ => f,
+        })
+    }
+
+    /// --data-generation (teacher when not given).
+    fn generation(&self) -> DataGeneration {
+        self.data_generation.unwrap_or_default()
+    }
+
+    /// --seed, or the reference's --numpy-rand-seed.
+    fn seed(&self) -> Option<u64> {
+        self.seed.or(self.reference.numpy_rand_seed)
+    }
+}
+
+/// The parser of --preset: each preset offered with its values.
+fn preset_parser() -> impl TypedValueParser<Value = Preset> {
+    PossibleValuesParser::new(Preset::ALL.iter().map(|&p| {
+        PossibleValue::new(p.name()).help(format!("{}: {}", p.help(), p.values().summary()))
+    }))
+    .try_map(|name| parse_choice::<Preset>(&name))
+}
+
+/// Preprocesses `sources` into the dataset folder `out`, as `dlrm preprocess` would, with the
+/// encoding flags and --max-ind-range, shuffling the training rows with `shuffle_seed`.
+fn preprocess_criteo(
+    a: &TrainArgs,
+    sources: Sources,
+    out: &Path,
+    shuffle_seed: Option<u64>,
+    cancel: &Cancel,
+) -> Result<()> {
     let opts = PreprocessOptions {
-        sources: a.encoding.sources(vec![file.to_path_buf()])?,
-        out: out.clone(),
-        encoding: EncodingChoice::New(a.encoding.encoding(a.max_ind_range.map(|n| n as u64))?),
+        sources,
+        out: out.to_path_buf(),
+        encoding: EncodingChoice::New(a.encoding.encoding(a.max_ind_range()?.map(|n| n as u64))?),
         labelled: true,
         skip_bad_lines: a.encoding.skip_bad_lines,
-        shuffle_seed: a.encoding.shuffle_seed,
+        shuffle_seed,
         chunk_bytes: CHUNK_BYTES,
         progress: super::progress::passes(),
         cancel: cancel.clone(),
     };
     let s = preprocess(&opts)?;
     log::info!(
-        "preprocessed {} ({} lines, {} bad) in {:.2} s: train {} / validation {} / test {} rows",
-        file.display(),
+        "preprocessed {} lines ({} bad) in {:.2} s into {}: train {} / validation {} / test {} rows",
         s.lines,
         s.bad_lines,
         s.seconds,
+        out.display(),
         s.rows.train,
         s.rows.val,
         s.rows.test
     );
-    Ok(out)
+    Ok(())
+}
+
+/// The raw files of the reference's --data-set: Kaggle's one file, or the Terabyte day
+/// files PREFIX_0, PREFIX_1, ... (all but the last train; the last is halved into test and
+/// validation, as the reference splits day 23).
+fn reference_sources(a: &TrainArgs, raw: &Path) -> Result<Sources> {
+    match a.reference.data_set.unwrap_or(DataSet::Kaggle) {
+        DataSet::Kaggle => a.encoding.sources(vec![raw.to_path_buf()]),
+        DataSet::Terabyte => {
+            anyhow::ensure!(
+                a.encoding.split.is_none(),
+                "--split cuts one file; with --data-set=terabyte the last day file is halved into test and validation"
+            );
+            let day = |i: usize| {
+                let mut name = raw.as_os_str().to_owned();
+                name.push(format!("_{i}"));
+                PathBuf::from(name)
+            };
+            let mut days: Vec<PathBuf> = (0..).map(day).take_while(|p| p.is_file()).collect();
+            anyhow::ensure!(
+                days.len() >= 2,
+                "--raw-data-file {} with --data-set=terabyte names day files {}_0, {}_1, ...: found {} (at least 2 needed: training days and the evaluation day)",
+                raw.display(),
+                raw.display(),
+                raw.display(),
+                days.len()
+            );
+            let eval = days.pop().into_iter().collect();
+            Ok(Sources::Days { train: days, eval })
+        }
+    }
+}
+
+/// The dataset of the reference's --data-generation=dataset: --processed-data-file when it
+/// holds one, else --raw-data-file preprocessed into it (kept, as the reference keeps its
+/// processed file) or, without it, into `temp`.
+fn reference_dataset(a: &TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<PathBuf> {
+    let r = &a.reference;
+    let processed = r.processed_data_file.as_deref();
+    if let Some(dir) = processed
+        && dir.exists()
+    {
+        anyhow::ensure!(
+            dir.is_dir(),
+            "--processed-data-file {} is a file (the reference's .npz?): here it names the dataset folder that --raw-data-file is preprocessed into, or one written by `dlrm preprocess`",
+            dir.display()
+        );
+        log::info!(
+            "--processed-data-file {}: training on this dataset",
+            dir.display()
+        );
+        return Ok(dir.to_path_buf());
+    }
+    let raw = r.raw_data_file.as_deref().context(
+        "--data-generation=dataset needs --raw-data-file (raw Criteo rows) or an existing --processed-data-file dataset",
+    )?;
+    let sources = reference_sources(a, raw)?;
+    let shuffle = match (
+        a.encoding.shuffle_seed,
+        r.data_randomize.unwrap_or(Randomize::Total),
+    ) {
+        (Some(seed), _) => Some(seed),
+        (None, Randomize::Total) => Some(a.seed().unwrap_or(REFERENCE_SEED)),
+        (None, _) => None,
+    };
+    let Some(out) = processed else {
+        let out = temp
+            .context("--raw-data-file needs a temporary folder")?
+            .join("dataset");
+        preprocess_criteo(a, sources, &out, shuffle, cancel)?;
+        return Ok(out);
+    };
+    // Written beside the destination and renamed when complete, so that a failed run leaves
+    // no half-written dataset under the name the next run would reuse.
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".partial-{}", std::process::id()));
+    let partial = out.with_file_name(name);
+    let written = preprocess_criteo(a, sources, &partial, shuffle, cancel).and_then(|()| {
+        std::fs::rename(&partial, out)
+            .with_context(|| format!("renaming {} to {}", partial.display(), out.display()))
+    });
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    written?;
+    Ok(out.to_path_buf())
 }
 
 pub fn run(a: TrainArgs, cancel: &Cancel) -> Result<()> {
     // The temporary dataset of --criteo, removed when dropped: when the run ends, fails or is
     // interrupted.
-    let temp = match &a.criteo {
-        Some(_) => Some(
+    let temp = match (&a.criteo, &a.reference.raw_data_file) {
+        (Some(_), _) | (_, Some(_)) => Some(
             tempfile::Builder::new()
                 .prefix("dlrm-criteo-")
                 .tempdir()
                 .context("creating a temporary folder for the --criteo dataset")?,
         ),
-        None => None,
+        _ => None,
     };
     let temp_path = temp.as_ref().map(|t| t.path().to_path_buf());
     let result = run_with(a, cancel, temp_path.as_deref());
@@ -273,17 +420,20 @@ fn run_with(a: TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<()> {
     if let Some(precision) = a.precision {
         check_precision(&a, precision)?;
     }
+    a.reference.log_init_start();
     // Taken before any work, so that a second run saving into the same folder fails at once.
     let _checkpoint_lock = claim_checkpoint_folder(&a)?;
-    let p = a.preset.unwrap_or(default_preset(&a)).values();
+    let d = defaults(&a);
+    let p = &d.p;
     check_numeric_flags(&a, p.learning_rate)?;
     let threads = a.threads.count()?;
     let pool = thread_pool(threads)?;
     let dataset = pool.install(|| open_data(&a, cancel, temp))?;
-    let arch = resolve_architecture(&p, &architecture_overrides(&a)?, dataset.as_ref())?;
+    let arch = resolve_architecture(p, &architecture_overrides(&a)?, dataset.as_ref())?;
     let resume = read_resume(&a, &arch, dataset.as_ref())?;
-    let spec = run_spec(&a, &p, arch, dataset, resume.as_ref(), cancel)?;
+    let spec = run_spec(&a, &d, arch, dataset, resume.as_ref(), cancel)?;
     let Some(mut report) = pool.install(|| train_spec(&a, spec, resume.as_ref()))? else {
+        // Nothing trained (--inference-only, or a checkpoint already at the run's end).
         return Ok(());
     };
     if a.report_json.is_some() {
@@ -301,7 +451,7 @@ fn run_with(a: TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<()> {
 
 /// Whether the run trains on real data (a dataset or a raw Criteo file).
 fn real_data(a: &TrainArgs) -> bool {
-    a.dataset.is_some() || a.criteo.is_some()
+    a.dataset.is_some() || a.criteo.is_some() || a.generation() == DataGeneration::Dataset
 }
 
 /// The preset when --preset is not given: kaggle for real data, tiny for synthetic data.
@@ -313,8 +463,51 @@ fn default_preset(a: &TrainArgs) -> Preset {
     }
 }
 
+/// What the run uses for the flags not given.
+struct Defaults {
+    /// The preset's values (batch and learning rate adjusted below).
+    p: PresetValues,
+    optimizer: OptimizerKind,
+    nepochs: usize,
+    weight_decay: f32,
+}
+
+/// The run's defaults: the --preset's values, SGD, one epoch; without --preset, real Criteo
+/// data trains with the reference's Kaggle recipe (bench/dlrm_s_criteo_kaggle.sh: batch 128,
+/// SGD at 0.1) and synthetic data with the tiny preset. Matrix factorization on ratings
+/// trains with Adagrad at 0.05, batches of 256, 20 epochs and L2 0.001 on the rows looked up
+/// (test RMSE about 0.92 on MovieLens' u1 split).
+fn defaults(a: &TrainArgs) -> Defaults {
+    let preset = a.preset.unwrap_or(default_preset(a));
+    let mut d = Defaults {
+        p: preset.values(),
+        optimizer: OptimizerKind::Sgd,
+        nepochs: 1,
+        weight_decay: 0.0,
+    };
+    if a.model == ModelKind::Mf {
+        d.p.mini_batch_size = 256;
+        d.p.learning_rate = 0.05;
+        d.optimizer = OptimizerKind::Adagrad;
+        d.nepochs = 20;
+        d.weight_decay = 0.001;
+    } else if a.preset.is_none() && real_data(a) {
+        d.p.mini_batch_size = REFERENCE_KAGGLE_BATCH;
+    }
+    d
+}
+
 /// Refuses data flags that do nothing with the data chosen.
 fn check_data_flags(a: &TrainArgs) -> Result<()> {
+    a.reference.check(a.generation())?;
+    anyhow::ensure!(
+        !(a.reference.inference_only && a.save_model.is_some()),
+        "--inference-only trains nothing, so --save-model would save nothing: drop one of them"
+    );
+    anyhow::ensure!(
+        a.generation() != DataGeneration::Dataset || (a.dataset.is_none() && a.criteo.is_none()),
+        "--data-generation=dataset reads --raw-data-file or --processed-data-file; --dataset and --criteo name the data themselves: give one of the two ways"
+    );
     if !real_data(a) {
         anyhow::ensure!(
             !a.encoding.any(),
@@ -326,7 +519,7 @@ fn check_data_flags(a: &TrainArgs) -> Result<()> {
             "--data-size and --test-data-size size synthetic data; a dataset has its own"
         );
         anyhow::ensure!(
-            a.dataset.is_none() || a.max_ind_range.is_none(),
+            a.dataset.is_none() || a.max_ind_range()?.is_none(),
             "--max-ind-range applies when preprocessing (dlrm preprocess --max-ind-range); the dataset's ids are already in range"
         );
     }
@@ -355,8 +548,15 @@ fn open_data(a: &TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<Opti
     let dir = match (&a.dataset, &a.criteo) {
         (Some(dir), _) => dir.clone(),
         (None, Some(file)) => {
-            let temp = temp.context("--criteo needs a temporary folder")?;
-            preprocess_criteo(a, file, temp, cancel)?
+            let out = temp
+                .context("--criteo needs a temporary folder")?
+                .join("dataset");
+            let sources = a.encoding.sources(vec![file.clone()])?;
+            preprocess_criteo(a, sources, &out, a.encoding.shuffle_seed, cancel)?;
+            out
+        }
+        (None, None) if a.generation() == DataGeneration::Dataset => {
+            reference_dataset(a, cancel, temp)?
         }
         (None, None) => return Ok(None),
     };
@@ -372,7 +572,7 @@ fn architecture_overrides(a: &TrainArgs) -> Result<ArchitectureOverrides> {
         top: a.arch_mlp_top.clone(),
         interaction: Some(a.arch_interaction_op),
         self_interaction: a.arch_interaction_itself,
-        max_ind_range: a.max_ind_range,
+        max_ind_range: a.max_ind_range()?,
     })
 }
 
@@ -424,12 +624,13 @@ fn read_resume(
 /// given).
 fn run_spec(
     a: &TrainArgs,
-    p: &PresetValues,
+    d: &Defaults,
     arch: Architecture,
     dataset: Option<BinaryDataset>,
     resume: Option<&Resume>,
     cancel: &Cancel,
 ) -> Result<RunSpec> {
+    let p = &d.p;
     let precision = a
         .precision
         .or(resume.map(|r| r.meta.precision))
@@ -448,14 +649,14 @@ fn run_spec(
     let optimizer = a
         .optimizer
         .or(resume.map(|r| r.optimizer))
-        .unwrap_or(OptimizerKind::Sgd);
+        .unwrap_or(d.optimizer);
     let seed = a
-        .seed
+        .seed()
         .or(resume.map(|r| r.meta.train_state.seed))
         .unwrap_or(1);
     ensure_zipf_alpha(a.zipf_alpha)?;
     let batch_size = a.mini_batch_size.unwrap_or(p.mini_batch_size);
-    let train = train_options(a, p, batch_size, seed, dataset.as_ref(), resume, cancel);
+    let train = train_options(a, d, batch_size, seed, dataset.as_ref(), resume, cancel)?;
     let data = match (a.model, &a.train, &a.test, dataset) {
         (ModelKind::Mf, Some(train), Some(test), _) => DataSpec::Ratings {
             train: train.clone(),
@@ -478,7 +679,10 @@ fn run_spec(
                 config: SyntheticConfig {
                     num_dense: arch.num_dense(),
                     table_sizes: arch.table_sizes.clone(),
-                    generation: a.data_generation,
+                    generation: match a.generation() {
+                        DataGeneration::Synthetic(g) => g,
+                        DataGeneration::Dataset => unreachable!("dataset runs have a dataset"),
+                    },
                     zipf_alpha: a.zipf_alpha,
                     num_indices_per_lookup: bags,
                     fixed_bag_size: a.num_indices_per_lookup_fixed.unwrap_or(true),
@@ -494,7 +698,7 @@ fn run_spec(
     Ok(RunSpec {
         model: a.model,
         arch,
-        model_options: a.models.options()?,
+        model_options: a.models.options(d.weight_decay)?,
         optimizer,
         precision,
         storage,
@@ -530,28 +734,29 @@ fn check_precision(a: &TrainArgs, precision: Precision) -> Result<()> {
 /// The training loop's options from the flags.
 fn train_options(
     a: &TrainArgs,
-    p: &PresetValues,
+    d: &Defaults,
     batch_size: usize,
     seed: u64,
     dataset: Option<&BinaryDataset>,
     resume: Option<&Resume>,
     cancel: &Cancel,
-) -> TrainOptions {
-    TrainOptions {
+) -> Result<TrainOptions> {
+    let p = &d.p;
+    Ok(TrainOptions {
         batch_size,
         // By default one epoch is the whole training set (for synthetic data, --num-batches
         // steps of the preset unless --data-size says otherwise).
         num_batches: a.num_batches.unwrap_or(0),
-        nepochs: a.nepochs,
+        nepochs: a.nepochs.unwrap_or(d.nepochs),
         lr: LrSchedule {
             base: a.learning_rate.unwrap_or(p.learning_rate),
             warmup_steps: a.lr_num_warmup_steps,
             decay_start_step: a.lr_decay_start_step,
             decay_steps: a.lr_num_decay_steps,
         },
-        test_freq: a.test_freq.unwrap_or(p.test_freq),
+        test_freq: a.test_freq()?.unwrap_or(p.test_freq),
         print_freq: a.print_freq.unwrap_or(100),
-        test_batch_size: a.test_mini_batch_size.unwrap_or(batch_size.max(1024)),
+        test_batch_size: a.test_mini_batch_size()?.unwrap_or(batch_size.max(1024)),
         keep_last_batch: !a.drop_last_batch,
         seed,
         checkpoint: a.save_model.clone().map(|dir| CheckpointPolicy {
@@ -562,7 +767,7 @@ fn train_options(
         }),
         resume: resume.map(|r| r.meta.train_state.clone()),
         cancel: cancel.clone(),
-    }
+    })
 }
 
 /// Builds the model (or loads the checkpoint's) and the data source, and trains; `None` when
@@ -594,6 +799,19 @@ fn train_spec(
         "{} | {threads} threads, batch {batch_size}",
         run.description
     );
+    run.model.set_click_loss(a.reference.click_loss()?)?;
+    if a.reference.inference_only {
+        let test_batch = run.train.test_batch_size;
+        run.model.reserve_inference(test_batch);
+        let m = evaluate(
+            run.model.as_mut(),
+            run.source.as_ref(),
+            test_batch,
+            &mut Batch::default(),
+        )?;
+        a.reference.print_inference(&m);
+        return Ok(None);
+    }
     // After the load, so that a damaged checkpoint is an error, not "nothing to do".
     if let Some(r) = resume {
         let total = total_steps(&run.train, run.source.train_len())?;
@@ -606,31 +824,52 @@ fn train_spec(
             return Ok(None);
         }
     }
-    let what = match (&a.dataset, &a.criteo, &a.train) {
-        (_, _, Some(_)) => "ratings".to_string(),
-        (Some(dir), _, _) => format!("rows of {}", dir.display()),
-        (None, Some(file), _) => format!("rows of {}", file.display()),
-        (None, None, None) => format!("synthetic samples ({:?})", a.data_generation),
-    };
-    let held_out = if a.train.is_some() {
-        "test"
-    } else {
-        "held-out"
-    };
     log::info!(
-        "data: {} training / {} {held_out} {what}; model ready in {:.1} s",
+        "data: {} training / {} {}; model ready in {:.1} s",
         run.source.train_len(),
         run.source.test_len(),
+        data_description(a),
         t.elapsed().as_secs_f64()
     );
+    let (mut console, mut reference);
+    let observer: &mut dyn TrainObserver = if a.reference.reference_log() {
+        let lr = &run.train.lr;
+        let ml = MlRun {
+            seed: run.train.seed,
+            batch_size,
+            learning_rate: lr.base,
+            warmup_steps: lr.warmup_steps,
+            decay_start_step: lr.decay_start_step,
+            decay_steps: lr.decay_steps,
+        };
+        reference = ReferenceLog::new(&a.reference, ml, run.train.nepochs);
+        &mut reference
+    } else {
+        console = super::progress::Console::new();
+        &mut console
+    };
     train(
         run.model.as_mut(),
         run.source.as_ref(),
         &run.train,
         threads,
-        &mut super::progress::Console::new(),
+        observer,
     )
     .map(Some)
+}
+
+/// What the held-out samples and the training samples are, for the log.
+fn data_description(a: &TrainArgs) -> String {
+    let raw = a.reference.raw_data_file.as_ref().or(a.criteo.as_ref());
+    match (&a.dataset, raw, &a.train) {
+        (_, _, Some(_)) => "test ratings".to_string(),
+        (Some(dir), _, _) => format!("held-out rows of {}", dir.display()),
+        (None, Some(file), _) => format!("held-out rows of {}", file.display()),
+        (None, None, None) => match a.generation() {
+            DataGeneration::Synthetic(g) => format!("held-out synthetic samples ({g:?})"),
+            DataGeneration::Dataset => "held-out rows of the processed dataset".to_string(),
+        },
+    }
 }
 
 /// Refuses numeric flags that make no sense, before any work: counts of 0 where something
@@ -639,8 +878,8 @@ fn check_numeric_flags(a: &TrainArgs, preset_lr: f32) -> Result<()> {
     let count = |v: Option<usize>| v.map(|n| n as u64);
     ensure_at_least_one(&[
         ("--mini-batch-size", count(a.mini_batch_size)),
-        ("--test-mini-batch-size", count(a.test_mini_batch_size)),
-        ("--nepochs", Some(a.nepochs as u64)),
+        ("--test-mini-batch-size", count(a.test_mini_batch_size()?)),
+        ("--nepochs", count(a.nepochs)),
         ("--keep-checkpoints", Some(a.keep_checkpoints as u64)),
         ("--data-size", a.data_size),
         ("--test-data-size", a.test_data_size),
