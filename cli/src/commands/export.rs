@@ -20,7 +20,7 @@ pub struct ExportArgs {
     #[arg(long)]
     load_model: PathBuf,
     /// The safetensors file to write.
-    #[arg(long)]
+    #[arg(long, short)]
     out: PathBuf,
     /// Replace --out if it exists (never a file of the checkpoint itself).
     #[arg(long)]

@@ -5,8 +5,11 @@ pub mod export;
 pub mod models;
 pub mod preprocess;
 pub mod progress;
+pub mod records;
+pub mod runconfig;
 pub mod serve;
 pub mod synth;
+mod tfevents;
 pub mod train;
 
 use anyhow::{Context, Result, bail, ensure};

@@ -64,7 +64,7 @@ pub struct PredictArgs {
     #[arg(long)]
     no_label: bool,
     /// Where to write one probability per input line.
-    #[arg(long)]
+    #[arg(long, short)]
     out: PathBuf,
     /// Replace --out if it exists (never the input itself).
     #[arg(long)]

@@ -2,9 +2,12 @@
 
 use super::models::ModelFlags;
 use super::preprocess::EncodingArgs;
+use super::progress::{Console, working};
+use super::records::{Recorder, run_config};
+use super::runconfig::{resolved_settings, typed};
 use super::{ThreadArgs, choice, ensure_at_least_one, ensure_zipf_alpha, samples_of};
 use anyhow::{Context, Result};
-use clap::Args;
+use clap::{ArgMatches, Args};
 use dlrm::cancel::{Cancel, note_removed};
 use dlrm::checkpoint;
 use dlrm::config::{Preset, PresetValues};
@@ -14,6 +17,7 @@ use dlrm::data::synthetic::{Generation, SyntheticConfig};
 use dlrm::metrics::{format_auc, format_ne};
 use dlrm::model::architecture::{Architecture, InteractionOp, join};
 use dlrm::model::{ModelConfig, ModelKind, OptimizerKind};
+use dlrm::names::Choice;
 use dlrm::spec::{
     ArchitectureOverrides, DataSpec, RunSpec, open_training_dataset, resolve_architecture,
     thread_pool,
@@ -196,6 +200,25 @@ pub struct TrainArgs {
     /// (by default such a checkpoint is refused, naming the tensor and the first index).
     #[arg(long)]
     allow_non_finite: bool,
+    /// End the run after this many steps (of this run) with a checkpoint in --save-model and
+    /// the final evaluation; --load-model then resumes it exactly where it stopped.
+    #[arg(long, requires = "save_model")]
+    stop_after_steps: Option<u64>,
+
+    // Records and configuration files.
+    /// Take flags from this TOML file, keys named as the flags (`mini_batch_size = 128`,
+    /// `arch_mlp_bot = [13, 512, 256, 64, 16]`); flags on the command line win.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the resolved configuration (every setting, presets applied) as TOML for --config,
+    /// and exit without training.
+    #[arg(long)]
+    print_config: bool,
+    /// Write the run's records into this folder: config.json (settings, version, CPU, threads,
+    /// git commit), metrics.csv (each report interval and evaluation) and TensorBoard event
+    /// files.
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
 }
 
 /// Preprocesses `file` into a dataset inside `dir`, as `dlrm preprocess` would; returns the
@@ -227,7 +250,7 @@ fn preprocess_criteo(a: &TrainArgs, file: &Path, dir: &Path, cancel: &Cancel) ->
     Ok(out)
 }
 
-pub fn run(a: TrainArgs, cancel: &Cancel) -> Result<()> {
+pub fn run(a: TrainArgs, matches: &ArgMatches, cancel: &Cancel) -> Result<()> {
     // The temporary dataset of --criteo, removed when dropped: when the run ends, fails or is
     // interrupted.
     let temp = match &a.criteo {
@@ -240,7 +263,7 @@ pub fn run(a: TrainArgs, cancel: &Cancel) -> Result<()> {
         None => None,
     };
     let temp_path = temp.as_ref().map(|t| t.path().to_path_buf());
-    let result = run_with(a, cancel, temp_path.as_deref());
+    let result = run_with(a, matches, cancel, temp_path.as_deref());
     drop(temp);
     result.map_err(|e| match &temp_path {
         Some(path) => note_removed(e, path),
@@ -257,12 +280,19 @@ struct Resume {
     optimizer: OptimizerKind,
 }
 
-/// The run, with `temp` the temporary folder for the --criteo dataset.
-fn run_with(a: TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<()> {
+/// The run, with `matches` its parsed flags and `temp` the temporary folder for the --criteo
+/// dataset.
+fn run_with(
+    a: TrainArgs,
+    matches: &ArgMatches,
+    cancel: &Cancel,
+    temp: Option<&Path>,
+) -> Result<()> {
     check_data_flags(&a)?;
     // Taken before any work, so that a second run saving into the same folder fails at once.
     let _checkpoint_lock = claim_checkpoint_folder(&a)?;
-    let p = a.preset.unwrap_or(default_preset(&a)).values();
+    let preset = a.preset.unwrap_or(default_preset(&a));
+    let p = preset.values();
     check_numeric_flags(&a, p.learning_rate)?;
     let threads = a.threads.count()?;
     let pool = thread_pool(threads)?;
@@ -270,16 +300,75 @@ fn run_with(a: TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<()> {
     let arch = resolve_architecture(&p, &architecture_overrides(&a)?, dataset.as_ref())?;
     let resume = read_resume(&a, &arch, dataset.as_ref())?;
     let spec = run_spec(&a, &p, arch, dataset, resume.as_ref(), cancel)?;
-    let Some(report) = pool.install(|| train_spec(&a, spec, resume.as_ref()))? else {
+    let train_command = TrainArgs::augment_args(clap::Command::new("train"));
+    let settings = resolved_settings(&train_command, matches, resolved_flags(&a, preset, &spec));
+    if a.print_config {
+        print!("{}", toml::to_string(&settings)?);
+        return Ok(());
+    }
+    let recorder = match &a.log_dir {
+        Some(dir) => Some(Recorder::create(dir, &run_config(&settings, threads)?)?),
+        None => None,
+    };
+    let Some((report, config)) =
+        pool.install(|| train_spec(&a, spec, resume.as_ref(), recorder))?
+    else {
         return Ok(());
     };
     print_summary(&report);
     if let Some(path) = &a.report_json {
-        let json = serde_json::to_string_pretty(&report)?;
+        let mut json = serde_json::to_value(&report)?;
+        json["architecture"] = serde_json::to_value(&config)?;
+        let json = serde_json::to_string_pretty(&json)?;
         std::fs::write(path, json + "\n")
             .with_context(|| format!("writing the report to {}", path.display()))?;
     }
     Ok(())
+}
+
+/// The settings that the preset, the data or a resumed checkpoint decide, as the flags that
+/// would set them (for --print-config and config.json).
+fn resolved_flags(
+    a: &TrainArgs,
+    preset: Preset,
+    spec: &RunSpec,
+) -> Vec<(&'static str, toml::Value)> {
+    let t = &spec.train;
+    let value = |x: &dyn std::fmt::Display| typed(&x.to_string());
+    let widths = |w: &[usize]| toml::Value::Array(w.iter().map(|&n| value(&n)).collect());
+    let mut flags = vec![
+        ("preset", preset.name().into()),
+        ("mini_batch_size", value(&t.batch_size)),
+        ("learning_rate", value(&t.lr.base)),
+        ("optimizer", spec.optimizer.name().into()),
+        ("test_freq", value(&t.test_freq)),
+        ("print_freq", value(&t.print_freq)),
+        ("test_mini_batch_size", value(&t.test_batch_size)),
+        ("seed", value(&t.seed)),
+        ("threads", value(&spec.threads)),
+    ];
+    if a.model != ModelKind::Mf {
+        let arch = &spec.arch;
+        flags.push(("arch_sparse_feature_size", value(&arch.embedding_dim)));
+        flags.push(("arch_mlp_bot", widths(&arch.bottom)));
+        flags.push(("arch_mlp_top", widths(&arch.top[1..])));
+    }
+    if let DataSpec::Synthetic {
+        config,
+        train_len,
+        test_len,
+    } = &spec.data
+    {
+        flags.push(("arch_embedding_size", widths(&config.table_sizes)));
+        flags.push(("data_size", value(train_len)));
+        flags.push(("test_data_size", value(test_len)));
+        flags.push((
+            "num_indices_per_lookup",
+            value(&config.num_indices_per_lookup),
+        ));
+        flags.push(("num_indices_per_lookup_fixed", config.fixed_bag_size.into()));
+    }
+    flags
 }
 
 /// Whether the run trains on real data (a dataset or a raw Criteo file).
@@ -343,7 +432,10 @@ fn open_data(a: &TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<Opti
         }
         (None, None) => return Ok(None),
     };
-    open_training_dataset(&dir, a.eval_split).map(Some)
+    working(&format!("mapping the dataset {}", dir.display()), || {
+        open_training_dataset(&dir, a.eval_split)
+    })
+    .map(Some)
 }
 
 /// The architecture flags given.
@@ -515,17 +607,20 @@ fn train_options(
             dataset_files: dataset.map(|ds| ds.dir().to_path_buf()),
         }),
         resume: resume.map(|r| r.meta.train_state.clone()),
+        stop_after_steps: a.stop_after_steps,
         cancel: cancel.clone(),
     }
 }
 
-/// Builds the model (or loads the checkpoint's) and the data source, and trains; `None` when
-/// the checkpoint has already reached the run's end.
+/// Builds the model (or loads the checkpoint's) and the data source, and trains, reporting to
+/// the console and to `recorder`; returns the report and the model's configuration, `None`
+/// when the checkpoint has already reached the run's end.
 fn train_spec(
     a: &TrainArgs,
     spec: RunSpec,
     resume: Option<&Resume>,
-) -> Result<Option<TrainReport>> {
+    recorder: Option<Recorder>,
+) -> Result<Option<(TrainReport, ModelConfig)>> {
     let t = std::time::Instant::now();
     let loaded = match resume {
         Some(r) => {
@@ -537,11 +632,14 @@ fn train_spec(
         None => None,
     };
     let batch_size = spec.train.batch_size;
+    let building = match resume {
+        Some(r) => format!("loading the model of {}", r.version.display()),
+        None => "initialising the model's tables".to_string(),
+    };
     let mut run = match resume {
-        Some(r) => spec
-            .build(loaded)
+        Some(r) => working(&building, || spec.build(loaded))
             .with_context(|| format!("--load-model {}", r.version.display()))?,
-        None => spec.build(loaded)?,
+        None => working(&building, || spec.build(loaded))?,
     };
     let threads = run.threads;
     log::info!(
@@ -577,14 +675,17 @@ fn train_spec(
         run.source.test_len(),
         t.elapsed().as_secs_f64()
     );
-    train(
-        run.model.as_mut(),
-        run.source.as_ref(),
-        &run.train,
-        threads,
-        &mut super::progress::Console::new(),
-    )
-    .map(Some)
+    let (model, source, opts) = (run.model.as_mut(), run.source.as_ref(), &run.train);
+    let report = match recorder {
+        None => train(model, source, opts, threads, &mut Console::new())?,
+        Some(recorder) => {
+            let mut observers = (Console::new(), recorder);
+            let report = train(model, source, opts, threads, &mut observers)?;
+            observers.1.finish(&report)?;
+            report
+        }
+    };
+    Ok(Some((report, run.model.config())))
 }
 
 /// Refuses numeric flags that make no sense, before any work: counts of 0 where something
@@ -599,6 +700,7 @@ fn check_numeric_flags(a: &TrainArgs, preset_lr: f32) -> Result<()> {
         ("--data-size", a.data_size),
         ("--test-data-size", a.test_data_size),
         ("--num-indices-per-lookup", count(a.num_indices_per_lookup)),
+        ("--stop-after-steps", a.stop_after_steps),
     ])?;
     ensure_learning_rate("--learning-rate", a.learning_rate.unwrap_or(preset_lr))
 }
