@@ -204,7 +204,8 @@ pub fn run_predict(a: PredictArgs, cancel: &Cancel) -> Result<()> {
         drop(out);
         partial.commit()?;
         report_skipped(&s, &a.criteo);
-        log::info!(
+        // The summary goes to stdout, as train's does; the probabilities are in --out.
+        println!(
             "scored {} rows of {} into {} in {:.2} s ({:.0} rows/s)",
             s.lines - s.skipped,
             a.criteo.display(),
