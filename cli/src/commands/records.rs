@@ -145,8 +145,10 @@ impl Recorder {
 impl TrainObserver for Recorder {
     fn interval(&mut self, r: &IntervalReport) {
         self.epoch = r.epoch;
+        // The learning rate's shortest decimal as an f32 (0.1), not its f64 expansion.
+        let lr = r.lr.to_string().parse().unwrap_or(f64::NAN);
         let cells = [
-            ("lr", f64::from(r.lr)),
+            ("lr", lr),
             ("train_loss", r.loss),
             ("samples_per_sec", r.samples_per_sec),
         ];
