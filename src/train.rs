@@ -28,6 +28,8 @@ pub struct IntervalReport {
     pub step: u64,
     pub total_steps: u64,
     pub epoch: u64,
+    /// The learning rate of the interval's last step.
+    pub lr: f32,
     /// Mean training loss of the interval.
     pub loss: f64,
     pub ms_per_step: f64,
@@ -71,6 +73,65 @@ pub struct Quiet;
 
 impl TrainObserver for Quiet {}
 
+/// Two observers watching one run (e.g. the console and a run's records): each event goes to
+/// the first, then to the second.
+impl<A: TrainObserver, B: TrainObserver> TrainObserver for (A, B) {
+    fn started(&mut self, first_step: u64, total_steps: u64) {
+        self.0.started(first_step, total_steps);
+        self.1.started(first_step, total_steps);
+    }
+    fn stepped(&mut self, step: u64) {
+        self.0.stepped(step);
+        self.1.stepped(step);
+    }
+    fn interval(&mut self, report: &IntervalReport) {
+        self.0.interval(report);
+        self.1.interval(report);
+    }
+    fn evaluated(&mut self, step: u64, metrics: &EvalMetrics) {
+        self.0.evaluated(step, metrics);
+        self.1.evaluated(step, metrics);
+    }
+    fn saved(&mut self, step: u64, path: &Path, seconds: f64) {
+        self.0.saved(step, path, seconds);
+        self.1.saved(step, path, seconds);
+    }
+    fn finished(&mut self) {
+        self.0.finished();
+        self.1.finished();
+    }
+    fn final_evaluation(&mut self, step: u64, metrics: &EvalMetrics) {
+        self.0.final_evaluation(step, metrics);
+        self.1.final_evaluation(step, metrics);
+    }
+}
+
+/// An observer lent for a run (e.g. one chosen at run time, `&mut dyn TrainObserver`, paired
+/// with another).
+impl<T: TrainObserver + ?Sized> TrainObserver for &mut T {
+    fn started(&mut self, first_step: u64, total_steps: u64) {
+        (**self).started(first_step, total_steps);
+    }
+    fn stepped(&mut self, step: u64) {
+        (**self).stepped(step);
+    }
+    fn interval(&mut self, report: &IntervalReport) {
+        (**self).interval(report);
+    }
+    fn evaluated(&mut self, step: u64, metrics: &EvalMetrics) {
+        (**self).evaluated(step, metrics);
+    }
+    fn saved(&mut self, step: u64, path: &Path, seconds: f64) {
+        (**self).saved(step, path, seconds);
+    }
+    fn finished(&mut self) {
+        (**self).finished();
+    }
+    fn final_evaluation(&mut self, step: u64, metrics: &EvalMetrics) {
+        (**self).final_evaluation(step, metrics);
+    }
+}
+
 /// What a training run does.
 #[derive(Clone, Debug)]
 pub struct TrainOptions {
@@ -90,6 +151,10 @@ pub struct TrainOptions {
     pub checkpoint: Option<CheckpointPolicy>,
     /// Continue a run from this state (a loaded checkpoint's) instead of from step 0.
     pub resume: Option<TrainState>,
+    /// End the run after this many steps of this call (counted from `resume`'s step), with the
+    /// checkpoint and evaluation of a run's end: a later run resumes from that checkpoint
+    /// exactly. None: run to the configured end.
+    pub stop_after_steps: Option<u64>,
     /// Checked between steps and in checkpoint saves (never requested by default).
     pub cancel: Cancel,
 }
@@ -110,6 +175,7 @@ impl TrainOptions {
             seed: 1,
             checkpoint: None,
             resume: None,
+            stop_after_steps: None,
             cancel: Cancel::never(),
         }
     }
@@ -499,6 +565,8 @@ struct Plan {
     /// Samples of a training and of an evaluation batch (no batch is larger than its data).
     train_batch: usize,
     test_batch: usize,
+    /// The step `stop_after_steps` ends the run at, when before the end.
+    stop_at: Option<u64>,
 }
 
 impl Plan {
@@ -517,6 +585,14 @@ impl Plan {
             "nothing to do: the checkpoint is at step {resumed_at} of {total_steps}"
         );
         let bs = opts.batch_size as u64;
+        anyhow::ensure!(
+            opts.stop_after_steps != Some(0),
+            "stop_after_steps must be at least 1"
+        );
+        let stop_at = opts
+            .stop_after_steps
+            .map(|n| resumed_at.saturating_add(n))
+            .filter(|&s| s < total_steps);
         Ok(Plan {
             train_len,
             data_batches,
@@ -525,6 +601,7 @@ impl Plan {
             bs,
             train_batch: bs.min(train_len) as usize,
             test_batch: (opts.test_batch_size as u64).min(data.test_len()) as usize,
+            stop_at,
         })
     }
 }
@@ -640,13 +717,21 @@ impl Window {
     }
 
     /// Ends the interval: its mean loss and speed; the next one starts.
-    fn close(&mut self, step: u64, total_steps: u64, epoch: u64, bs: u64) -> IntervalReport {
+    fn close(
+        &mut self,
+        step: u64,
+        total_steps: u64,
+        epoch: u64,
+        bs: u64,
+        lr: f32,
+    ) -> IntervalReport {
         let secs = self.start.elapsed().as_secs_f64();
         self.last_loss = self.loss / self.steps as f64;
         let report = IntervalReport {
             step,
             total_steps,
             epoch,
+            lr,
             loss: self.last_loss,
             ms_per_step: secs * 1e3 / self.steps as f64,
             samples_per_sec: (self.steps * bs) as f64 / secs.max(1e-9),
@@ -760,11 +845,13 @@ impl Run<'_> {
         self.window.steps += 1;
         self.observer.stepped(step);
         let total = self.plan.total_steps;
-        if opts.print_freq > 0 && (step.is_multiple_of(opts.print_freq as u64) || step == total) {
-            let report = self.window.close(step, total, epoch, self.plan.bs);
+        let last = step == total || Some(step) == self.plan.stop_at;
+        if opts.print_freq > 0 && (step.is_multiple_of(opts.print_freq as u64) || last) {
+            let lr = opts.lr.at(step - 1);
+            let report = self.window.close(step, total, epoch, self.plan.bs, lr);
             self.observer.interval(&report);
         }
-        if opts.test_freq > 0 && step.is_multiple_of(opts.test_freq as u64) && step < total {
+        if opts.test_freq > 0 && step.is_multiple_of(opts.test_freq as u64) && !last {
             self.periodic_eval(step)?;
         }
         Ok(())
@@ -820,7 +907,7 @@ impl Run<'_> {
             precision: model.precision(),
             isa: format!("{:?}", Isa::selected()),
             batch_size: opts.batch_size,
-            steps: self.plan.total_steps,
+            steps: step,
             train_loss: self.window.final_loss(),
             test_loss: final_eval.loss,
             test_accuracy: final_eval.accuracy,
@@ -876,7 +963,7 @@ pub fn train(
             n => n as u64,
         },
     };
-    for epoch in first_epoch..opts.nepochs as u64 {
+    'epochs: for epoch in first_epoch..opts.nepochs as u64 {
         let epoch_shuffle_state = shuffle_rng.state();
         epoch_order(
             &mut order,
@@ -885,6 +972,9 @@ pub fn train(
             &mut shuffle_rng,
         );
         for k in std::mem::take(&mut skip)..run.plan.per_epoch {
+            if Some(run.state.step) == run.plan.stop_at {
+                break 'epochs;
+            }
             opts.cancel.check()?;
             run.clock.before_step(run.state.step);
             let bi = order[(k % run.plan.data_batches) as usize];

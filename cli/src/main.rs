@@ -3,7 +3,7 @@
 mod commands;
 mod server;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use dlrm::cancel::{Cancel, Interrupted};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
@@ -93,10 +93,23 @@ fn cancel_on_signals() -> anyhow::Result<Cancel> {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    // `dlrm train --config FILE` adds the file's flags to the command line before parsing.
+    let args =
+        commands::runconfig::with_config_file(&Cli::command(), std::env::args_os().collect())
+            .unwrap_or_else(|e| {
+                eprintln!("error: {}", commands::render_error(&e));
+                std::process::exit(1);
+            });
+    let matches = Cli::command().get_matches_from(args);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     init_logging(cli.verbose, cli.quiet);
     let result = match cli.command {
-        Command::Train(args) => cancel_on_signals().and_then(|c| commands::train::run(*args, &c)),
+        Command::Train(args) => {
+            let given = matches
+                .subcommand_matches("train")
+                .expect("the train command's flags");
+            cancel_on_signals().and_then(|c| commands::train::run(*args, given, &c))
+        }
         Command::Eval(args) => commands::score::run_eval(*args),
         Command::Predict(args) => {
             cancel_on_signals().and_then(|c| commands::score::run_predict(*args, &c))

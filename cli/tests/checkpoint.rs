@@ -101,6 +101,7 @@ fn options(nepochs: usize, ckpt: Option<&Path>, resume: Option<TrainState>) -> T
             dataset_files: None,
         }),
         resume,
+        stop_after_steps: None,
         cancel: Cancel::never(),
     }
 }

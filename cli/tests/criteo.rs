@@ -899,7 +899,7 @@ fn eval_and_predict_score_a_saved_model_with_its_encoding() {
     let probs_path = dir.path("probs.txt");
     let o = predict(&file, &probs_path, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("rows/s"));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("rows/s"));
     let probs = read(&probs_path);
     assert_eq!(probs.len(), 3000);
     assert!(probs.iter().all(|p| *p > 0.0 && *p < 1.0));

@@ -34,10 +34,12 @@ fn draw(
     let root = root.titled(title, ("sans-serif", 20))?;
     let (upper, lower) = root.split_vertically(TOP_PANEL);
 
+    let min_t = rows.iter().map(|r| r.threads).min().unwrap_or(1) as f64;
     let max_t = rows.iter().map(|r| r.threads).max().unwrap_or(1) as f64;
-    let x_range = 0.0..max_t * 1.04 + 0.5;
+    // The measured thread counts and half a thread either side, nothing more.
+    let x_range = min_t - 0.5..max_t + 0.5;
     // Whole thread counts only: one label per thread on small machines, ~12 on big ones.
-    let x_labels = (max_t as usize + 2).min(MAX_X_LABELS);
+    let x_labels = ((max_t - min_t) as usize + 2).min(MAX_X_LABELS);
     let base = &rows[0];
     let per_thread = base.samples_per_sec / base.threads as f64;
     let ideal = |t: f64| per_thread * t;
@@ -48,7 +50,7 @@ fn draw(
         * 1.1;
     let marks: Vec<&Boundary> = boundaries
         .iter()
-        .filter(|b| b.threads as f64 <= max_t)
+        .filter(|b| (min_t..=max_t).contains(&(b.threads as f64)))
         .collect();
 
     let mut chart = ChartBuilder::on(&upper)
@@ -61,8 +63,8 @@ fn draw(
         .x_desc("threads")
         .y_desc("samples/s")
         .x_labels(x_labels)
-        .x_label_formatter(&|v| format!("{v:.0}"))
-        .y_label_formatter(&|v| format!("{v:.0}"))
+        .x_label_formatter(&whole_threads)
+        .y_label_formatter(&|v| thousands(*v))
         .light_line_style(WHITE)
         .draw()?;
     chart
@@ -115,12 +117,12 @@ fn draw(
         .x_desc("threads")
         .y_desc("parallel efficiency (%)")
         .x_labels(x_labels)
-        .x_label_formatter(&|v| format!("{v:.0}"))
+        .x_label_formatter(&whole_threads)
         .y_label_formatter(&|v| format!("{v:.0}"))
         .light_line_style(WHITE)
         .draw()?;
     chart.draw_series(DashedLineSeries::new(
-        [(0.0, 100.0), (max_t * 1.04 + 0.5, 100.0)],
+        [(min_t - 0.5, 100.0), (max_t + 0.5, 100.0)],
         6,
         4,
         IDEAL.stroke_width(2),
@@ -140,6 +142,31 @@ fn draw(
     draw_marks(&mut chart, &marks, eff_top)?;
     root.present()?;
     Ok(())
+}
+
+/// A thread-count label: whole numbers only (a mesh line between two counts gets none).
+fn whole_threads(v: &f64) -> String {
+    if v.fract().abs() < 1e-9 {
+        format!("{v:.0}")
+    } else {
+        String::new()
+    }
+}
+
+/// `v` rounded to a whole number, its digits grouped by threes with commas (1,234,567).
+pub fn thousands(v: f64) -> String {
+    let digits = format!("{:.0}", v.abs());
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3 + 1);
+    if v.round() < 0.0 {
+        out.push('-');
+    }
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// A dashed vertical line half a thread before each boundary, labelled at the top.
@@ -175,6 +202,17 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thousands_groups_digits_by_three() {
+        assert_eq!(thousands(0.0), "0");
+        assert_eq!(thousands(999.4), "999");
+        assert_eq!(thousands(1000.0), "1,000");
+        assert_eq!(thousands(1_234_567.0), "1,234,567");
+        assert_eq!(thousands(-12_345.0), "-12,345");
+        assert_eq!(whole_threads(&4.0), "4");
+        assert_eq!(whole_threads(&4.5), "");
+    }
     use crate::measure::Measurement;
     use crate::report::{Point, rows};
 

@@ -13,6 +13,7 @@ use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, Syntheti
 use dlrm::metrics::format_auc;
 use dlrm::model::architecture::Architecture;
 use dlrm::model::{ModelKind, OptimizerKind};
+use dlrm::names::Choice;
 use dlrm::spec::{
     ArchitectureOverrides, ModelOptions, build_model, describe, open_training_dataset,
     resolve_architecture,
@@ -188,7 +189,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
         csv.display()
     );
     let svg = a.out_dir.join("compare.svg");
-    plot(&finished, &svg)?;
+    plot(&finished, &svg, &configuration(&a, threads))?;
     log::info!("wrote {} and {}", csv.display(), svg.display());
     Ok(())
 }
@@ -469,20 +470,48 @@ fn evals(r: &Run) -> &[EvalPoint] {
     r.finished().map_or(&[], |t| &t.evals)
 }
 
+/// The comparison's configuration in one line, for under the plot's title.
+fn configuration(a: &CompareArgs, threads: usize) -> String {
+    let data = match &a.dataset {
+        Some(dir) => format!("{} ({} split)", dir.display(), a.eval_split.name()),
+        None => format!("synthetic {} data", a.data_generation.name()),
+    };
+    format!(
+        "{data}; preset {}, batch {}, {} epoch(s), evaluated every {} steps; lr SGD {}, Adagrad {}; {threads} threads, seed {}",
+        a.preset.name(),
+        a.mini_batch_size,
+        a.nepochs,
+        a.test_freq,
+        a.lr_sgd,
+        a.lr_adagrad,
+        a.seed
+    )
+}
+
 /// What a panel plots of an evaluation.
 type Metric = fn(&EvalPoint) -> f64;
 
 /// Validation accuracy (left) and AUC (right) against iterations, one line per run: a colour
-/// per model, solid for SGD and dashed for the Adagrads (the layout of the paper's Figure 5).
-pub fn plot(runs: &[&Run], path: &Path) -> Result<()> {
-    let root = SVGBackend::new(path, (1360, 480)).into_drawing_area();
+/// per model, solid for SGD and dashed for the Adagrads (the layout of the paper's Figure 5);
+/// the AUC panel marks the teacher's AUC (the ceiling on teacher data) when there is one, and
+/// `configuration` stands under the title.
+pub fn plot(runs: &[&Run], path: &Path, configuration: &str) -> Result<()> {
+    let root = SVGBackend::new(path, (1360, 540)).into_drawing_area();
     root.fill(&WHITE)?;
+    let root = root.titled(
+        "Validation metrics against iterations (DLRM paper, Figure 5)",
+        ("sans-serif", 24),
+    )?;
+    let root = root.titled(configuration, ("sans-serif", 15))?;
+    let ceiling = runs
+        .iter()
+        .find_map(|r| r.finished().and_then(|t| t.teacher_auc));
     // Two panels, and a column for the legend, which no line can then hide.
     let (plots, legend) = root.split_horizontally(1180);
     let panels = plots.split_evenly((1, 2));
-    let metrics: [(&str, Metric); 2] = [
-        ("validation accuracy", |e| e.accuracy),
-        ("validation AUC", |e| e.auc),
+    let metrics: [(&str, Metric, Option<f64>); 2] = [
+        ("validation accuracy", |e| e.accuracy, None),
+        ("validation AUC", |e| e.auc, ceiling),
     ];
     let last_step = runs
         .iter()
@@ -490,10 +519,11 @@ pub fn plot(runs: &[&Run], path: &Path) -> Result<()> {
         .max()
         .unwrap_or(1)
         .max(1);
-    for (panel, (title, metric)) in panels.iter().zip(metrics) {
+    for (panel, (title, metric, ceiling)) in panels.iter().zip(metrics) {
         let values = runs
             .iter()
             .flat_map(|r| evals(r).iter().map(metric))
+            .chain(ceiling)
             .filter(|v| v.is_finite());
         let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
             (lo.min(v), hi.max(v))
@@ -517,6 +547,19 @@ pub fn plot(runs: &[&Run], path: &Path) -> Result<()> {
             .y_desc(title)
             .y_label_formatter(&|v| format!("{v:.3}"))
             .draw()?;
+        if let Some(auc) = ceiling {
+            chart.draw_series(DashedLineSeries::new(
+                [(0, auc), (last_step, auc)],
+                4,
+                4,
+                BLACK.stroke_width(1),
+            ))?;
+            chart.draw_series(std::iter::once(Text::new(
+                format!("teacher AUC {auc:.4} (ceiling)"),
+                (last_step / 50, auc),
+                ("sans-serif", 14),
+            )))?;
+        }
         for r in runs {
             let points: Vec<(u64, f64)> = evals(r)
                 .iter()

@@ -20,7 +20,7 @@ pub struct ExportArgs {
     #[arg(long)]
     load_model: PathBuf,
     /// The safetensors file to write.
-    #[arg(long)]
+    #[arg(long, short)]
     out: PathBuf,
     /// Replace --out if it exists (never a file of the checkpoint itself).
     #[arg(long)]
@@ -83,7 +83,8 @@ pub fn run_export(a: ExportArgs, cancel: &Cancel) -> Result<()> {
         },
     )?;
     export_safetensors(model.as_mut(), &a.out, cancel)?;
-    log::info!("exported {} to {}", version.display(), a.out.display());
+    // The summary goes to stdout, as train's, synth's and predict's do.
+    println!("exported {} to {}", version.display(), a.out.display());
     Ok(())
 }
 
@@ -146,6 +147,6 @@ pub fn run_import(a: ImportArgs) -> Result<()> {
         &Cancel::never(),
     )
     .with_context(|| format!("writing the checkpoint to {}", a.save_model.display()))?;
-    log::info!("imported {} into {}", a.input.display(), version.display());
+    println!("imported {} into {}", a.input.display(), version.display());
     Ok(())
 }

@@ -5,9 +5,12 @@ pub mod export;
 pub mod models;
 pub mod preprocess;
 pub mod progress;
+pub mod records;
 pub mod reference;
+pub mod runconfig;
 pub mod score;
 pub mod synth;
+mod tfevents;
 pub mod train;
 
 use anyhow::{Context, Result, bail, ensure};

@@ -37,11 +37,13 @@ impl TrainObserver for Console {
             self.bar = ProgressBar::new(total_steps);
             self.bar.set_style(
                 ProgressStyle::with_template(
-                    "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}",
+                    "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  ETA {eta}  {msg}",
                 )
                 .expect("valid template"),
             );
             self.bar.set_position(first_step);
+            // The rate, and so the ETA, counts this run's steps only, not a resumed run's.
+            self.bar.reset_eta();
         }
     }
 
@@ -90,6 +92,25 @@ impl TrainObserver for Console {
     fn finished(&mut self) {
         self.bar.finish_and_clear();
     }
+}
+
+/// Runs `work` (`what`: a step of unknown length, such as initialising tables) with a spinner
+/// and the time so far on a terminal, a line beforehand otherwise, so that it is never silent.
+pub fn working<T>(what: &str, work: impl FnOnce() -> T) -> T {
+    if !super::show_progress() {
+        log::info!("{what}...");
+        return work();
+    }
+    let spinner = ProgressBar::new_spinner();
+    spinner.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}...")
+            .expect("valid template"),
+    );
+    spinner.set_message(what.to_string());
+    spinner.enable_steady_tick(std::time::Duration::from_millis(100));
+    let result = work();
+    spinner.finish_and_clear();
+    result
 }
 
 /// The passes of preprocessing as a progress bar per pass (bytes done, rows per second).

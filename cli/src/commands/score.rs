@@ -64,7 +64,7 @@ pub struct PredictArgs {
     #[arg(long)]
     no_label: bool,
     /// Where to write one probability per input line.
-    #[arg(long)]
+    #[arg(long, short)]
     out: PathBuf,
     /// Replace --out if it exists (never the input itself).
     #[arg(long)]
@@ -208,7 +208,8 @@ pub fn run_predict(a: PredictArgs, cancel: &Cancel) -> Result<()> {
         drop(out);
         partial.commit()?;
         report_skipped(&s, &a.criteo);
-        log::info!(
+        // The summary goes to stdout, as train's does; the probabilities are in --out.
+        println!(
             "scored {} rows of {} into {} in {:.2} s ({:.0} rows/s)",
             s.lines - s.skipped,
             a.criteo.display(),

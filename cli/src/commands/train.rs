@@ -2,14 +2,17 @@
 
 use super::models::ModelFlags;
 use super::preprocess::EncodingArgs;
+use super::progress::{Console, working};
+use super::records::{Recorder, run_config};
 use super::reference::{
     DataGeneration, DataSet, MlRun, REFERENCE_SEED, Randomize, ReferenceArgs, ReferenceLog,
     parse_bool, parse_data_generation, unset_if_minus_one,
 };
+use super::runconfig::{resolved_settings, typed};
 use super::{ThreadArgs, choice, ensure_at_least_one, ensure_zipf_alpha, samples_of};
 use anyhow::{Context, Result};
-use clap::Args;
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+use clap::{ArgMatches, Args};
 use dlrm::cancel::{Cancel, note_removed};
 use dlrm::checkpoint;
 use dlrm::config::{Preset, PresetValues, REFERENCE_KAGGLE_BATCH};
@@ -222,6 +225,26 @@ pub struct TrainArgs {
     // refused with why).
     #[command(flatten)]
     reference: ReferenceArgs,
+
+    /// End the run after this many steps (of this run) with a checkpoint in --save-model and
+    /// the final evaluation; --load-model then resumes it exactly where it stopped.
+    #[arg(long, requires = "save_model")]
+    stop_after_steps: Option<u64>,
+
+    // Records and configuration files.
+    /// Take flags from this TOML file, keys named as the flags (`mini_batch_size = 128`,
+    /// `arch_mlp_bot = [13, 512, 256, 64, 16]`); flags on the command line win.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the resolved configuration (every setting, presets applied) as TOML for --config,
+    /// and exit without training.
+    #[arg(long)]
+    print_config: bool,
+    /// Write the run's records into this folder: config.json (settings, version, CPU, threads,
+    /// git commit), metrics.csv (each report interval and evaluation) and TensorBoard event
+    /// files.
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
 }
 
 impl TrainArgs {
@@ -383,7 +406,7 @@ fn reference_dataset(a: &TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Res
     Ok(out.to_path_buf())
 }
 
-pub fn run(a: TrainArgs, cancel: &Cancel) -> Result<()> {
+pub fn run(a: TrainArgs, matches: &ArgMatches, cancel: &Cancel) -> Result<()> {
     // The temporary dataset of --criteo, removed when dropped: when the run ends, fails or is
     // interrupted.
     let temp = match (&a.criteo, &a.reference.raw_data_file) {
@@ -396,7 +419,7 @@ pub fn run(a: TrainArgs, cancel: &Cancel) -> Result<()> {
         _ => None,
     };
     let temp_path = temp.as_ref().map(|t| t.path().to_path_buf());
-    let result = run_with(a, cancel, temp_path.as_deref());
+    let result = run_with(a, matches, cancel, temp_path.as_deref());
     drop(temp);
     result.map_err(|e| match &temp_path {
         Some(path) => note_removed(e, path),
@@ -413,8 +436,14 @@ struct Resume {
     optimizer: OptimizerKind,
 }
 
-/// The run, with `temp` the temporary folder for the --criteo dataset.
-fn run_with(a: TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<()> {
+/// The run, with `matches` its parsed flags and `temp` the temporary folder for the --criteo
+/// dataset.
+fn run_with(
+    a: TrainArgs,
+    matches: &ArgMatches,
+    cancel: &Cancel,
+    temp: Option<&Path>,
+) -> Result<()> {
     check_data_flags(&a)?;
     // An explicit --precision is checked before any work; a checkpoint's, once it is read.
     if let Some(precision) = a.precision {
@@ -424,7 +453,7 @@ fn run_with(a: TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<()> {
     // Taken before any work, so that a second run saving into the same folder fails at once.
     let _checkpoint_lock = claim_checkpoint_folder(&a)?;
     let d = defaults(&a);
-    let p = &d.p;
+    let (preset, p) = (d.preset, &d.p);
     check_numeric_flags(&a, p.learning_rate)?;
     let threads = a.threads.count()?;
     let pool = thread_pool(threads)?;
@@ -432,7 +461,19 @@ fn run_with(a: TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<()> {
     let arch = resolve_architecture(p, &architecture_overrides(&a)?, dataset.as_ref())?;
     let resume = read_resume(&a, &arch, dataset.as_ref())?;
     let spec = run_spec(&a, &d, arch, dataset, resume.as_ref(), cancel)?;
-    let Some(mut report) = pool.install(|| train_spec(&a, spec, resume.as_ref()))? else {
+    let train_command = TrainArgs::augment_args(clap::Command::new("train"));
+    let settings = resolved_settings(&train_command, matches, resolved_flags(&a, preset, &spec));
+    if a.print_config {
+        print!("{}", toml::to_string(&settings)?);
+        return Ok(());
+    }
+    let recorder = match &a.log_dir {
+        Some(dir) => Some(Recorder::create(dir, &run_config(&settings, threads)?)?),
+        None => None,
+    };
+    let Some((mut report, config)) =
+        pool.install(|| train_spec(&a, spec, resume.as_ref(), recorder))?
+    else {
         // Nothing trained (--inference-only, or a checkpoint already at the run's end).
         return Ok(());
     };
@@ -442,11 +483,58 @@ fn run_with(a: TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<()> {
     }
     print_summary(&report);
     if let Some(path) = &a.report_json {
-        let json = serde_json::to_string_pretty(&report)?;
+        let mut json = serde_json::to_value(&report)?;
+        json["architecture"] = serde_json::to_value(&config)?;
+        let json = serde_json::to_string_pretty(&json)?;
         std::fs::write(path, json + "\n")
             .with_context(|| format!("writing the report to {}", path.display()))?;
     }
     Ok(())
+}
+
+/// The settings that the preset, the data or a resumed checkpoint decide, as the flags that
+/// would set them (for --print-config and config.json).
+fn resolved_flags(
+    a: &TrainArgs,
+    preset: Preset,
+    spec: &RunSpec,
+) -> Vec<(&'static str, toml::Value)> {
+    let t = &spec.train;
+    let value = |x: &dyn std::fmt::Display| typed(&x.to_string());
+    let widths = |w: &[usize]| toml::Value::Array(w.iter().map(|&n| value(&n)).collect());
+    let mut flags = vec![
+        ("preset", preset.name().into()),
+        ("mini_batch_size", value(&t.batch_size)),
+        ("learning_rate", value(&t.lr.base)),
+        ("optimizer", spec.optimizer.name().into()),
+        ("test_freq", value(&t.test_freq)),
+        ("print_freq", value(&t.print_freq)),
+        ("test_mini_batch_size", value(&t.test_batch_size)),
+        ("seed", value(&t.seed)),
+        ("threads", value(&spec.threads)),
+    ];
+    if a.model != ModelKind::Mf {
+        let arch = &spec.arch;
+        flags.push(("arch_sparse_feature_size", value(&arch.embedding_dim)));
+        flags.push(("arch_mlp_bot", widths(&arch.bottom)));
+        flags.push(("arch_mlp_top", widths(&arch.top[1..])));
+    }
+    if let DataSpec::Synthetic {
+        config,
+        train_len,
+        test_len,
+    } = &spec.data
+    {
+        flags.push(("arch_embedding_size", widths(&config.table_sizes)));
+        flags.push(("data_size", value(train_len)));
+        flags.push(("test_data_size", value(test_len)));
+        flags.push((
+            "num_indices_per_lookup",
+            value(&config.num_indices_per_lookup),
+        ));
+        flags.push(("num_indices_per_lookup_fixed", config.fixed_bag_size.into()));
+    }
+    flags
 }
 
 /// Whether the run trains on real data (a dataset or a raw Criteo file).
@@ -465,6 +553,8 @@ fn default_preset(a: &TrainArgs) -> Preset {
 
 /// What the run uses for the flags not given.
 struct Defaults {
+    /// The preset named, or chosen for the data.
+    preset: Preset,
     /// The preset's values (batch and learning rate adjusted below).
     p: PresetValues,
     optimizer: OptimizerKind,
@@ -480,6 +570,7 @@ struct Defaults {
 fn defaults(a: &TrainArgs) -> Defaults {
     let preset = a.preset.unwrap_or(default_preset(a));
     let mut d = Defaults {
+        preset,
         p: preset.values(),
         optimizer: OptimizerKind::Sgd,
         nepochs: 1,
@@ -560,7 +651,10 @@ fn open_data(a: &TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<Opti
         }
         (None, None) => return Ok(None),
     };
-    open_training_dataset(&dir, a.eval_split).map(Some)
+    working(&format!("mapping the dataset {}", dir.display()), || {
+        open_training_dataset(&dir, a.eval_split)
+    })
+    .map(Some)
 }
 
 /// The architecture flags given.
@@ -766,17 +860,20 @@ fn train_options(
             dataset_files: dataset.map(|ds| ds.dir().to_path_buf()),
         }),
         resume: resume.map(|r| r.meta.train_state.clone()),
+        stop_after_steps: a.stop_after_steps,
         cancel: cancel.clone(),
     })
 }
 
-/// Builds the model (or loads the checkpoint's) and the data source, and trains; `None` when
-/// the checkpoint has already reached the run's end.
+/// Builds the model (or loads the checkpoint's) and the data source, and trains, reporting to
+/// the console and to `recorder`; returns the report and the model's configuration, `None`
+/// when the checkpoint has already reached the run's end.
 fn train_spec(
     a: &TrainArgs,
     spec: RunSpec,
     resume: Option<&Resume>,
-) -> Result<Option<TrainReport>> {
+    recorder: Option<Recorder>,
+) -> Result<Option<(TrainReport, ModelConfig)>> {
     let t = std::time::Instant::now();
     let loaded = match resume {
         Some(r) => {
@@ -788,11 +885,14 @@ fn train_spec(
         None => None,
     };
     let batch_size = spec.train.batch_size;
+    let building = match resume {
+        Some(r) => format!("loading the model of {}", r.version.display()),
+        None => "initialising the model's tables".to_string(),
+    };
     let mut run = match resume {
-        Some(r) => spec
-            .build(loaded)
+        Some(r) => working(&building, || spec.build(loaded))
             .with_context(|| format!("--load-model {}", r.version.display()))?,
-        None => spec.build(loaded)?,
+        None => working(&building, || spec.build(loaded))?,
     };
     let threads = run.threads;
     log::info!(
@@ -845,17 +945,20 @@ fn train_spec(
         reference = ReferenceLog::new(&a.reference, ml, run.train.nepochs);
         &mut reference
     } else {
-        console = super::progress::Console::new();
+        console = Console::new();
         &mut console
     };
-    train(
-        run.model.as_mut(),
-        run.source.as_ref(),
-        &run.train,
-        threads,
-        observer,
-    )
-    .map(Some)
+    let (model, source, opts) = (run.model.as_mut(), run.source.as_ref(), &run.train);
+    let report = match recorder {
+        None => train(model, source, opts, threads, observer)?,
+        Some(recorder) => {
+            let mut observers = (observer, recorder);
+            let report = train(model, source, opts, threads, &mut observers)?;
+            observers.1.finish()?;
+            report
+        }
+    };
+    Ok(Some((report, run.model.config())))
 }
 
 /// What the held-out samples and the training samples are, for the log.
@@ -884,6 +987,7 @@ fn check_numeric_flags(a: &TrainArgs, preset_lr: f32) -> Result<()> {
         ("--data-size", a.data_size),
         ("--test-data-size", a.test_data_size),
         ("--num-indices-per-lookup", count(a.num_indices_per_lookup)),
+        ("--stop-after-steps", a.stop_after_steps),
     ])?;
     ensure_learning_rate("--learning-rate", a.learning_rate.unwrap_or(preset_lr))
 }
