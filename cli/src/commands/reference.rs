@@ -88,7 +88,8 @@ pub struct ReferenceArgs {
     #[arg(long, value_enum)]
     pub data_set: Option<DataSet>,
     /// With --data-generation dataset: raw Criteo rows (Kaggle's train.txt, or the prefix of
-    /// the Terabyte day files), preprocessed as the reference splits them.
+    /// the Terabyte day files), preprocessed as the reference splits and numbers them (the
+    /// categories of all days by first appearance, hashed by --max-ind-range when given).
     #[arg(long)]
     pub raw_data_file: Option<PathBuf>,
     /// With --data-generation dataset: the dataset folder --raw-data-file is preprocessed into
