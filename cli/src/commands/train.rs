@@ -961,22 +961,23 @@ fn train_spec(
             decay_start_step: lr.decay_start_step,
             decay_steps: lr.decay_steps,
         };
-        reference = ReferenceLog::new(&a.reference, ml, run.train.nepochs);
+        let target = a.reference.quality_target()?;
+        reference = ReferenceLog::with_target(&a.reference, ml, run.train.nepochs, target);
         &mut reference
     } else {
         console = Console::new();
         &mut console
     };
     let (model, source, opts) = (run.model.as_mut(), run.source.as_ref(), &run.train);
-    let report = match recorder {
-        None => train(model, source, opts, threads, observer)?,
-        Some(recorder) => {
-            let mut observers = (observer, recorder);
-            let report = train(model, source, opts, threads, &mut observers)?;
-            observers.1.finish()?;
-            report
-        }
-    };
+    let mut observers = (observer, (recorder, a.reference.tensor_board()?));
+    let report = train(model, source, opts, threads, &mut observers)?;
+    let (_, (recorder, events)) = observers;
+    if let Some(recorder) = recorder {
+        recorder.finish()?;
+    }
+    if let Some(events) = events {
+        events.finish()?;
+    }
     Ok(Some((report, run.model.config())))
 }
 
