@@ -66,6 +66,12 @@ pub trait TrainObserver {
     fn final_evaluation(&mut self, step: u64, metrics: &EvalMetrics) {
         let _ = (step, metrics);
     }
+    /// Asked after every step: true ends the run there, with the checkpoint and the final
+    /// evaluation of a run's end (e.g. a quality target reached at the latest evaluation,
+    /// whose results the final evaluation then reports without evaluating again).
+    fn should_stop(&self) -> bool {
+        false
+    }
 }
 
 /// An observer that ignores everything.
@@ -104,6 +110,52 @@ impl<A: TrainObserver, B: TrainObserver> TrainObserver for (A, B) {
         self.0.final_evaluation(step, metrics);
         self.1.final_evaluation(step, metrics);
     }
+    fn should_stop(&self) -> bool {
+        self.0.should_stop() || self.1.should_stop()
+    }
+}
+
+/// An observer that may be absent (e.g. records written only when asked for): when absent,
+/// events are ignored.
+impl<T: TrainObserver> TrainObserver for Option<T> {
+    fn started(&mut self, first_step: u64, total_steps: u64) {
+        if let Some(o) = self {
+            o.started(first_step, total_steps);
+        }
+    }
+    fn stepped(&mut self, step: u64) {
+        if let Some(o) = self {
+            o.stepped(step);
+        }
+    }
+    fn interval(&mut self, report: &IntervalReport) {
+        if let Some(o) = self {
+            o.interval(report);
+        }
+    }
+    fn evaluated(&mut self, step: u64, metrics: &EvalMetrics) {
+        if let Some(o) = self {
+            o.evaluated(step, metrics);
+        }
+    }
+    fn saved(&mut self, step: u64, path: &Path, seconds: f64) {
+        if let Some(o) = self {
+            o.saved(step, path, seconds);
+        }
+    }
+    fn finished(&mut self) {
+        if let Some(o) = self {
+            o.finished();
+        }
+    }
+    fn final_evaluation(&mut self, step: u64, metrics: &EvalMetrics) {
+        if let Some(o) = self {
+            o.final_evaluation(step, metrics);
+        }
+    }
+    fn should_stop(&self) -> bool {
+        self.as_ref().is_some_and(|o| o.should_stop())
+    }
 }
 
 /// An observer lent for a run (e.g. one chosen at run time, `&mut dyn TrainObserver`, paired
@@ -129,6 +181,9 @@ impl<T: TrainObserver + ?Sized> TrainObserver for &mut T {
     }
     fn final_evaluation(&mut self, step: u64, metrics: &EvalMetrics) {
         (**self).final_evaluation(step, metrics);
+    }
+    fn should_stop(&self) -> bool {
+        (**self).should_stop()
     }
 }
 
@@ -767,6 +822,8 @@ struct Run<'a> {
     clock: Clock,
     window: Window,
     evals: Vec<EvalPoint>,
+    /// The latest periodic evaluation and its step: the final one when the run ends there.
+    last_eval: Option<(u64, EvalMetrics)>,
     last_saved: Option<u64>,
     /// The time per phase: the loop times the data loading (`other`), each step its own
     /// phases.
@@ -872,6 +929,7 @@ impl Run<'_> {
         )?;
         self.observer.evaluated(step, &m);
         self.evals.push(eval_point(step, &m));
+        self.last_eval = Some((step, m));
         self.clock.exclude(t.elapsed().as_secs_f64());
         Ok(())
     }
@@ -886,7 +944,15 @@ impl Run<'_> {
             save_checkpoint(opts, model, &self.state, self.observer)?;
         }
         let (train_batch, test_batch) = (self.plan.train_batch, self.plan.test_batch);
-        let final_eval = evaluate(model, data, test_batch, &mut self.eval_batch)?;
+        // The model has not changed since an evaluation at this step (a run stopped by its
+        // observer right after one): its results are the final ones.
+        let final_eval = match self.last_eval {
+            Some((at, m)) if at == step => {
+                self.evals.pop();
+                m
+            }
+            _ => evaluate(model, data, test_batch, &mut self.eval_batch)?,
+        };
         self.observer.final_evaluation(step, &final_eval);
         self.evals.push(eval_point(step, &final_eval));
         let train_rmse = match model.task() {
@@ -956,6 +1022,7 @@ pub fn train(
         plan,
         window: Window::new(),
         evals: Vec::new(),
+        last_eval: None,
         last_saved: None,
         timer: PhaseTimer::default(),
         check_interval: match opts.print_freq {
@@ -980,6 +1047,9 @@ pub fn train(
             let bi = order[(k % run.plan.data_batches) as usize];
             let loss = run.step(epoch, bi)?;
             run.after_step(epoch, k, epoch_shuffle_state, loss)?;
+            if run.observer.should_stop() {
+                break 'epochs;
+            }
         }
     }
     run.finish(threads)

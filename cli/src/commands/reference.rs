@@ -6,14 +6,15 @@
 //! training loop.
 
 use super::choice;
-use anyhow::{Result, bail, ensure};
+use super::tfevents::EventWriter;
+use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 use dlrm::data::synthetic::Generation;
 use dlrm::metrics::EvalMetrics;
 use dlrm::model::{ClickLoss, LossFunction};
 use dlrm::names::parse_choice;
 use dlrm::train::{IntervalReport, TrainObserver};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// A value of the reference's `type=bool` flags: `True`/`False` as its command lines spell
 /// them (any case), or 1/0. (Python's `bool("False")` is true, so the reference itself takes
@@ -88,7 +89,8 @@ pub struct ReferenceArgs {
     #[arg(long, value_enum)]
     pub data_set: Option<DataSet>,
     /// With --data-generation dataset: raw Criteo rows (Kaggle's train.txt, or the prefix of
-    /// the Terabyte day files), preprocessed as the reference splits them.
+    /// the Terabyte day files), preprocessed as the reference splits and numbers them (the
+    /// categories of all days by first appearance, hashed by --max-ind-range when given).
     #[arg(long)]
     pub raw_data_file: Option<PathBuf>,
     /// With --data-generation dataset: the dataset folder --raw-data-file is preprocessed into
@@ -154,6 +156,19 @@ pub struct ReferenceArgs {
     /// Accepted: the datasets here are always binary files.
     #[arg(long)]
     pub mlperf_bin_loader: bool,
+    /// With --mlperf-logging: end training at the first evaluation whose best accuracy so far
+    /// exceeds this fraction (MLPerf's Kaggle target is 0.789) [default: 0: never]
+    #[arg(long)]
+    pub mlperf_acc_threshold: Option<f64>,
+    /// With --mlperf-logging: end training at the first evaluation whose best ROC AUC so far
+    /// exceeds this (MLPerf's Terabyte target is 0.8025) [default: 0: never]
+    #[arg(long)]
+    pub mlperf_auc_threshold: Option<f64>,
+    /// Also write TensorBoard scalar events as the reference does, into the folder NAME
+    /// (relative to the working directory): Train/Loss at each print interval, and at each
+    /// evaluation Test/Acc (with --mlperf-logging, mlperf-metrics-test/*).
+    #[arg(long, value_name = "NAME")]
+    pub tensor_board_filename: Option<PathBuf>,
     #[command(flatten)]
     pub refused: RefusedArgs,
 }
@@ -225,12 +240,6 @@ pub struct RefusedArgs {
     debug_mode: Option<String>,
     #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "")]
     plot_compute_graph: Option<String>,
-    #[arg(long, hide = true)]
-    tensor_board_filename: Option<String>,
-    #[arg(long, hide = true)]
-    mlperf_acc_threshold: Option<String>,
-    #[arg(long, hide = true)]
-    mlperf_auc_threshold: Option<String>,
     #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "")]
     mlperf_bin_shuffle: Option<String>,
     #[arg(long, hide = true)]
@@ -247,11 +256,9 @@ const TRACE: &str =
 const QUANTIZE: &str = "quantized inference is not implemented: parameters are fp32 (32)";
 const DISTRIBUTED: &str =
     "distributed training is not implemented: one process trains with --threads threads";
-const THRESHOLD: &str =
-    "stopping when a quality threshold is reached is not implemented: the run trains to its end";
 
 impl RefusedArgs {
-    fn refusals(&self) -> [Refusal<'_>; 32] {
+    fn refusals(&self) -> [Refusal<'_>; 29] {
         fn r<'a>(
             flag: &'static str,
             given: &'a Option<String>,
@@ -379,24 +386,6 @@ impl RefusedArgs {
                 "the model is fixed Rust code, not a torch graph to plot",
             ),
             r(
-                "--tensor-board-filename",
-                &self.tensor_board_filename,
-                &[],
-                "TensorBoard event files are not written by this flag",
-            ),
-            r(
-                "--mlperf-acc-threshold",
-                &self.mlperf_acc_threshold,
-                &["0"],
-                THRESHOLD,
-            ),
-            r(
-                "--mlperf-auc-threshold",
-                &self.mlperf_auc_threshold,
-                &["0"],
-                THRESHOLD,
-            ),
-            r(
                 "--mlperf-bin-shuffle",
                 &self.mlperf_bin_shuffle,
                 &[],
@@ -451,6 +440,7 @@ impl ReferenceArgs {
     /// Refuses what cannot mean the same here; logs the flags accepted without effect.
     pub fn check(&self, generation: DataGeneration) -> Result<()> {
         self.refused.check()?;
+        self.thresholds()?;
         let real = generation == DataGeneration::Dataset;
         ensure!(
             real || (self.data_set.is_none()
@@ -528,6 +518,62 @@ impl ReferenceArgs {
         );
     }
 
+    /// The MLPerf quality target of --mlperf-acc-threshold / --mlperf-auc-threshold. As in the
+    /// reference they apply with --mlperf-logging only (without it they are reported as
+    /// ignored), and the accuracy is a fraction, as the reference compares it.
+    pub fn quality_target(&self) -> Result<QualityTarget> {
+        let target = self.thresholds()?;
+        if target.is_set() && !self.mlperf_logging {
+            log::warn!(
+                "--mlperf-acc-threshold and --mlperf-auc-threshold apply with --mlperf-logging only, as in the reference: this run trains to its end"
+            );
+            return Ok(QualityTarget::default());
+        }
+        Ok(target)
+    }
+
+    /// The thresholds given, checked.
+    fn thresholds(&self) -> Result<QualityTarget> {
+        let threshold = |flag: &str, value: Option<f64>| -> Result<f64> {
+            let t = value.unwrap_or(0.0);
+            ensure!(
+                (0.0..=1.0).contains(&t),
+                "{flag} {t}: must be between 0 (off) and 1; accuracy and AUC are fractions here as in the reference (e.g. 0.789, not 78.9)"
+            );
+            Ok(t)
+        };
+        Ok(QualityTarget {
+            accuracy: threshold("--mlperf-acc-threshold", self.mlperf_acc_threshold)?,
+            auc: threshold("--mlperf-auc-threshold", self.mlperf_auc_threshold)?,
+        })
+    }
+
+    /// The TensorBoard events of --tensor-board-filename, when given.
+    pub fn tensor_board(&self) -> Result<Option<ReferenceEvents>> {
+        let Some(name) = &self.tensor_board_filename else {
+            return Ok(None);
+        };
+        // The reference's SummaryWriter("./" + name): a folder under the working directory.
+        let dir = Path::new(".").join(name);
+        std::fs::create_dir_all(&dir).with_context(|| {
+            format!(
+                "--tensor-board-filename {}: cannot create the folder",
+                name.display()
+            )
+        })?;
+        let events = EventWriter::create(&dir).with_context(|| {
+            format!(
+                "--tensor-board-filename {}: cannot create the event file",
+                name.display()
+            )
+        })?;
+        Ok(Some(ReferenceEvents {
+            events,
+            mlperf: self.mlperf_logging,
+            error: None,
+        }))
+    }
+
     /// Whether the reference's log lines replace the progress lines.
     pub fn reference_log(&self) -> bool {
         self.print_time || self.print_wall_time || self.mlperf_logging
@@ -594,6 +640,35 @@ impl MlLog {
     }
 }
 
+/// MLPerf's quality target: training ends at the first evaluation whose best accuracy or
+/// best ROC AUC so far exceeds its threshold (dlrm_s_pytorch.py, `--mlperf-acc-threshold`,
+/// `--mlperf-auc-threshold`; 0 is off). The reference tests the best values that its
+/// `inference()` returns to no one, so there they stay at their start and no run stops; here
+/// they are the run's.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct QualityTarget {
+    pub accuracy: f64,
+    pub auc: f64,
+}
+
+impl QualityTarget {
+    pub fn is_set(&self) -> bool {
+        self.accuracy > 0.0 || self.auc > 0.0
+    }
+
+    /// The metric and threshold that the best values exceed, accuracy first as the reference
+    /// tests them.
+    fn reached(&self, best_accuracy: f64, best_auc: f64) -> Option<(&'static str, f64)> {
+        if self.accuracy > 0.0 && best_accuracy > self.accuracy {
+            Some(("accuracy", self.accuracy))
+        } else if self.auc > 0.0 && best_auc > self.auc {
+            Some(("auc", self.auc))
+        } else {
+            None
+        }
+    }
+}
+
 /// What the reference logs at the start of a run: the submission, the seed, the batch and the
 /// learning-rate schedule.
 #[derive(Default)]
@@ -641,10 +716,25 @@ pub struct ReferenceLog {
     mlperf: Option<MlLog>,
     best_accuracy: f64,
     best_auc: f64,
+    target: QualityTarget,
+    /// The target was reached: the run ends after this step.
+    target_reached: bool,
+    /// The step of the latest evaluation printed.
+    last_tested: Option<u64>,
 }
 
 impl ReferenceLog {
     pub fn new(a: &ReferenceArgs, run: MlRun, nepochs: usize) -> ReferenceLog {
+        ReferenceLog::with_target(a, run, nepochs, QualityTarget::default())
+    }
+
+    /// A log that also ends the run when `target` is reached.
+    pub fn with_target(
+        a: &ReferenceArgs,
+        run: MlRun,
+        nepochs: usize,
+        target: QualityTarget,
+    ) -> ReferenceLog {
         ReferenceLog {
             run,
             nepochs: nepochs.max(1) as u64,
@@ -655,6 +745,34 @@ impl ReferenceLog {
             mlperf: a.mlperf_logging.then_some(MlLog),
             best_accuracy: 0.0,
             best_auc: 0.0,
+            target,
+            target_reached: false,
+            last_tested: None,
+        }
+    }
+
+    /// `run_stop` with its status.
+    fn run_stop(&self, status: &str) {
+        if let Some(ml) = self.mlperf {
+            ml.log(
+                MlEvent::End,
+                "run_stop",
+                serde_json::json!(null),
+                serde_json::json!({"status": status}),
+            );
+        }
+    }
+
+    /// After an evaluation: the reference's line when the quality target is reached, and the
+    /// end of the run.
+    fn check_target(&mut self) {
+        if self.target_reached {
+            return;
+        }
+        if let Some((metric, threshold)) = self.target.reached(self.best_accuracy, self.best_auc) {
+            println!("MLPerf testing {metric} threshold {threshold:?} reached, stop training");
+            self.run_stop("success");
+            self.target_reached = true;
         }
     }
 
@@ -721,6 +839,8 @@ impl ReferenceLog {
             );
             ml.log(MlEvent::End, "eval_stop", serde_json::json!(null), meta);
         }
+        self.last_tested = Some(step);
+        self.check_target();
     }
 
     /// The reference's line of an evaluation's results, tracking the best values.
@@ -806,17 +926,83 @@ impl TrainObserver for ReferenceLog {
     }
 
     fn final_evaluation(&mut self, step: u64, m: &EvalMetrics) {
-        if m.rmse.is_none() {
+        // A run stopped at its target ends right after the evaluation already printed.
+        if m.rmse.is_none() && self.last_tested != Some(step) {
             self.testing(step, m);
         }
-        if let Some(ml) = self.mlperf {
-            ml.log(
-                MlEvent::End,
-                "run_stop",
-                serde_json::json!(null),
-                serde_json::json!({"status": "success"}),
-            );
+        if !self.target_reached {
+            // As the reference: a target missed ends the run "aborted".
+            self.run_stop(if self.target.is_set() {
+                "aborted"
+            } else {
+                "success"
+            });
         }
+    }
+
+    fn should_stop(&self) -> bool {
+        self.target_reached
+    }
+}
+
+/// The reference's TensorBoard scalars (`--tensor-board-filename`), as its SummaryWriter
+/// writes them: `Train/Loss` at each print interval and, at each evaluation, `Test/Acc` or,
+/// with --mlperf-logging, `mlperf-metrics-test/{recall,precision,f1,ap,roc_auc,accuracy}`;
+/// the step is the global iteration. Write errors cannot stop the loop from inside an
+/// observer: the first is kept and returned by [`ReferenceEvents::finish`].
+pub struct ReferenceEvents {
+    events: EventWriter,
+    mlperf: bool,
+    error: Option<anyhow::Error>,
+}
+
+impl ReferenceEvents {
+    /// The first write error, if any.
+    pub fn finish(self) -> Result<()> {
+        self.error.map_or(Ok(()), Err)
+    }
+
+    fn scalars(&mut self, step: u64, values: &[(&str, f64)]) {
+        for &(tag, value) in values {
+            if self.error.is_some() || !value.is_finite() {
+                continue;
+            }
+            if let Err(e) = self.events.scalar(tag, step, value as f32) {
+                log::warn!("{e:#}: the run goes on without its TensorBoard events");
+                self.error = Some(e.context("writing --tensor-board-filename's events"));
+            }
+        }
+    }
+}
+
+impl TrainObserver for ReferenceEvents {
+    fn interval(&mut self, r: &IntervalReport) {
+        self.scalars(r.step, &[("Train/Loss", r.loss)]);
+    }
+
+    fn evaluated(&mut self, step: u64, m: &EvalMetrics) {
+        if m.rmse.is_some() {
+            return;
+        }
+        if self.mlperf {
+            self.scalars(
+                step,
+                &[
+                    ("mlperf-metrics-test/recall", m.recall),
+                    ("mlperf-metrics-test/precision", m.precision),
+                    ("mlperf-metrics-test/f1", m.f1),
+                    ("mlperf-metrics-test/ap", m.average_precision),
+                    ("mlperf-metrics-test/roc_auc", m.auc),
+                    ("mlperf-metrics-test/accuracy", m.accuracy),
+                ],
+            );
+        } else {
+            self.scalars(step, &[("Test/Acc", m.accuracy)]);
+        }
+    }
+
+    fn final_evaluation(&mut self, step: u64, m: &EvalMetrics) {
+        self.evaluated(step, m);
     }
 }
 

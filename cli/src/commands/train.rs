@@ -17,7 +17,7 @@ use dlrm::cancel::{Cancel, note_removed};
 use dlrm::checkpoint;
 use dlrm::config::{Preset, PresetValues, REFERENCE_KAGGLE_BATCH};
 use dlrm::data::Batch;
-use dlrm::data::binary::{BinaryDataset, DatasetSplit};
+use dlrm::data::binary::{BinaryDataset, DatasetSplit, Encoding};
 use dlrm::data::preprocess::{CHUNK_BYTES, EncodingChoice, PreprocessOptions, Sources, preprocess};
 use dlrm::data::synthetic::SyntheticConfig;
 use dlrm::metrics::{format_auc, format_ne};
@@ -286,11 +286,12 @@ fn preset_parser() -> impl TypedValueParser<Value = Preset> {
     .try_map(|name| parse_choice::<Preset>(&name))
 }
 
-/// Preprocesses `sources` into the dataset folder `out`, as `dlrm preprocess` would, with the
-/// encoding flags and --max-ind-range, shuffling the training rows with `shuffle_seed`.
+/// Preprocesses `sources` into the dataset folder `out`, as `dlrm preprocess` would, with
+/// `encoding`, shuffling the training rows with `shuffle_seed`.
 fn preprocess_criteo(
     a: &TrainArgs,
     sources: Sources,
+    encoding: Encoding,
     out: &Path,
     shuffle_seed: Option<u64>,
     cancel: &Cancel,
@@ -298,7 +299,7 @@ fn preprocess_criteo(
     let opts = PreprocessOptions {
         sources,
         out: out.to_path_buf(),
-        encoding: EncodingChoice::New(a.encoding.encoding(a.max_ind_range()?.map(|n| n as u64))?),
+        encoding: EncodingChoice::New(encoding),
         labelled: true,
         skip_bad_lines: a.encoding.skip_bad_lines,
         shuffle_seed,
@@ -351,6 +352,21 @@ fn reference_sources(a: &TrainArgs, raw: &Path) -> Result<Sources> {
     }
 }
 
+/// The encoding of the reference's --data-generation=dataset (data_utils.py getCriteoAdData):
+/// every category of every day, hashed modulo --max-ind-range when given, numbered in order of
+/// first appearance. Without --max-ind-range the reference numbers the values themselves: a
+/// modulus of 2^32 leaves every 32-bit value as it is. --min-frequency asks for this
+/// project's dictionaries instead.
+fn reference_encoding(a: &TrainArgs) -> Result<Encoding> {
+    let max_ind_range = a.max_ind_range()?.map(|n| n as u64);
+    if max_ind_range.is_none() && a.encoding.min_frequency.is_none() {
+        return Ok(Encoding::HashFirstSeen {
+            max_ind_range: 1 << 32,
+        });
+    }
+    a.encoding.encoding(max_ind_range)
+}
+
 /// The dataset of the reference's --data-generation=dataset: --processed-data-file when it
 /// holds one, else --raw-data-file preprocessed into it (kept, as the reference keeps its
 /// processed file) or, without it, into `temp`.
@@ -375,6 +391,7 @@ fn reference_dataset(a: &TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Res
         "--data-generation=dataset needs --raw-data-file (raw Criteo rows) or an existing --processed-data-file dataset",
     )?;
     let sources = reference_sources(a, raw)?;
+    let encoding = reference_encoding(a)?;
     let shuffle = match (
         a.encoding.shuffle_seed,
         r.data_randomize.unwrap_or(Randomize::Total),
@@ -387,7 +404,7 @@ fn reference_dataset(a: &TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Res
         let out = temp
             .context("--raw-data-file needs a temporary folder")?
             .join("dataset");
-        preprocess_criteo(a, sources, &out, shuffle, cancel)?;
+        preprocess_criteo(a, sources, encoding, &out, shuffle, cancel)?;
         return Ok(out);
     };
     // Written beside the destination and renamed when complete, so that a failed run leaves
@@ -395,10 +412,11 @@ fn reference_dataset(a: &TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Res
     let mut name = out.file_name().unwrap_or_default().to_os_string();
     name.push(format!(".partial-{}", std::process::id()));
     let partial = out.with_file_name(name);
-    let written = preprocess_criteo(a, sources, &partial, shuffle, cancel).and_then(|()| {
-        std::fs::rename(&partial, out)
-            .with_context(|| format!("renaming {} to {}", partial.display(), out.display()))
-    });
+    let written =
+        preprocess_criteo(a, sources, encoding, &partial, shuffle, cancel).and_then(|()| {
+            std::fs::rename(&partial, out)
+                .with_context(|| format!("renaming {} to {}", partial.display(), out.display()))
+        });
     if written.is_err() {
         let _ = std::fs::remove_dir_all(&partial);
     }
@@ -643,7 +661,8 @@ fn open_data(a: &TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<Opti
                 .context("--criteo needs a temporary folder")?
                 .join("dataset");
             let sources = a.encoding.sources(vec![file.clone()])?;
-            preprocess_criteo(a, sources, &out, a.encoding.shuffle_seed, cancel)?;
+            let encoding = a.encoding.encoding(a.max_ind_range()?.map(|n| n as u64))?;
+            preprocess_criteo(a, sources, encoding, &out, a.encoding.shuffle_seed, cancel)?;
             out
         }
         (None, None) if a.generation() == DataGeneration::Dataset => {
@@ -942,22 +961,23 @@ fn train_spec(
             decay_start_step: lr.decay_start_step,
             decay_steps: lr.decay_steps,
         };
-        reference = ReferenceLog::new(&a.reference, ml, run.train.nepochs);
+        let target = a.reference.quality_target()?;
+        reference = ReferenceLog::with_target(&a.reference, ml, run.train.nepochs, target);
         &mut reference
     } else {
         console = Console::new();
         &mut console
     };
     let (model, source, opts) = (run.model.as_mut(), run.source.as_ref(), &run.train);
-    let report = match recorder {
-        None => train(model, source, opts, threads, observer)?,
-        Some(recorder) => {
-            let mut observers = (observer, recorder);
-            let report = train(model, source, opts, threads, &mut observers)?;
-            observers.1.finish()?;
-            report
-        }
-    };
+    let mut observers = (observer, (recorder, a.reference.tensor_board()?));
+    let report = train(model, source, opts, threads, &mut observers)?;
+    let (_, (recorder, events)) = observers;
+    if let Some(recorder) = recorder {
+        recorder.finish()?;
+    }
+    if let Some(events) = events {
+        events.finish()?;
+    }
     Ok(Some((report, run.model.config())))
 }
 
