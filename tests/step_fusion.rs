@@ -47,7 +47,11 @@ fn run(layers: &[Linear], packed: Option<&[PackedWeights]>, rows: usize) -> Vec<
         Par::Seq,
     );
     let grads = grads.iter().flat_map(|g| g.weight.iter().chain(&g.bias));
-    out.iter().chain(&dx).chain(grads).map(|v| v.to_bits()).collect()
+    out.iter()
+        .chain(&dx)
+        .chain(grads)
+        .map(|v| v.to_bits())
+        .collect()
 }
 
 fn packed(layers: &[Linear]) -> Vec<PackedWeights> {
@@ -58,7 +62,11 @@ fn packed(layers: &[Linear]) -> Vec<PackedWeights> {
 
 #[test]
 fn packed_weights_give_the_same_bits_on_the_kaggle_mlps() {
-    for widths in [&[13, 512, 256, 64, 16][..], &[367, 512, 256, 1], &[5, 33, 17, 3]] {
+    for widths in [
+        &[13, 512, 256, 64, 16][..],
+        &[367, 512, 256, 1],
+        &[5, 33, 17, 3],
+    ] {
         let layers = layers(widths, 7);
         let packed = packed(&layers);
         // The chunk of a 2048 batch, a short last chunk, one row, and rows off the tile.
