@@ -21,7 +21,7 @@
 
 use super::architecture::{Architecture, InteractionOp};
 use super::embedding::TableLayout;
-use super::mlp::{LayerGrads, Linear, Mlp, MlpBuffers, swap_grads};
+use super::mlp::{LayerGrads, Linear, Mlp, MlpBuffers, PackedWeights, swap_grads};
 use super::parameters::{
     Named, Parameters, TableSource, Tensor, TensorMut, visit_mlp, visit_mlp_mut,
 };
@@ -105,6 +105,9 @@ struct StepShared<'a> {
     loss: &'a ClickLoss,
     /// The operands of the MLP products (f32, or rounded to bf16 in the GEMM).
     precision: GemmPrecision,
+    /// The layers' weights packed once for all chunks (None: each product packs its own).
+    bottom_packed: Option<&'a [PackedWeights]>,
+    top_packed: Option<&'a [PackedWeights]>,
     /// The kernels' parallelism inside a chunk: serial when several chunks share the threads.
     par: Par,
 }
@@ -124,6 +127,9 @@ pub struct Dlrm {
     train_capacity: usize,
     /// The dense step's chunks ([`MAX_CHUNKS`], the unused ones without buffers).
     chunks: Vec<DenseChunk>,
+    /// The MLPs' weights packed at the start of each multi-chunk pass, for all its chunks.
+    bottom_packed: Vec<PackedWeights>,
+    top_packed: Vec<PackedWeights>,
     features: Vec<f32>,
     top_in: Vec<f32>,
     logits: Vec<f32>,
@@ -188,6 +194,8 @@ impl Dlrm {
         Ok(Dlrm {
             arch,
             optimizer,
+            bottom_packed: PackedWeights::for_layers(&bottom.layers),
+            top_packed: PackedWeights::for_layers(&top.layers),
             bottom,
             top,
             embeddings,
@@ -284,7 +292,21 @@ impl Dlrm {
         for (c, chunk) in chunks.iter_mut().enumerate() {
             chunk.rows = c * rows..((c + 1) * rows).min(b);
         }
+        // Several chunks share one packing of each weight matrix (f32 products only: the bf16
+        // products round while packing, in their own layout).
+        let prepack = n > 1 && self.bottom.precision == GemmPrecision::F32;
+        if prepack {
+            let (bottom, top) = (&self.bottom.layers, &self.top.layers);
+            let (bottom_packed, top_packed) = (&mut self.bottom_packed, &mut self.top_packed);
+            join(
+                self.par,
+                || pack_weights(bottom, bottom_packed, self.par),
+                || pack_weights(top, top_packed, self.par),
+            );
+        }
         let shared = StepShared {
+            bottom_packed: prepack.then_some(&self.bottom_packed[..]),
+            top_packed: prepack.then_some(&self.top_packed[..]),
             arch: &self.arch,
             bottom: &self.bottom.layers,
             top: &self.top.layers,
@@ -304,9 +326,14 @@ impl Dlrm {
                 for_each_chunk(self.par, &mut *chunks, |chunk| {
                     let x = MatRef::new(batch.dense, b, batch.num_dense);
                     let x = x.sub(chunk.rows.start, 0, chunk.rows.len(), batch.num_dense);
-                    chunk
-                        .bottom
-                        .forward(shared.bottom, x, None, shared.precision, shared.par);
+                    chunk.bottom.forward(
+                        shared.bottom,
+                        shared.bottom_packed,
+                        x,
+                        None,
+                        shared.precision,
+                        shared.par,
+                    );
                 })
             },
         );
@@ -438,6 +465,19 @@ fn join(par: Par, a: impl FnOnce() + Send, b: impl FnOnce() + Send) {
     }
 }
 
+/// Packs each layer's weights into its [`PackedWeights`], layers in parallel unless `par` is
+/// serial.
+fn pack_weights(layers: &[Linear], packed: &mut [PackedWeights], par: Par) {
+    if par == Par::Seq {
+        packed.iter_mut().zip(layers).for_each(|(p, l)| p.pack(l));
+    } else {
+        packed
+            .par_iter_mut()
+            .zip(layers)
+            .for_each(|(p, l)| p.pack(l));
+    }
+}
+
 /// `f` on every item, one pool task each unless `par` is serial.
 fn for_each_chunk<T: Send>(par: Par, items: &mut [T], f: impl Fn(&mut T) + Sync + Send) {
     if par == Par::Seq || items.len() == 1 {
@@ -470,9 +510,14 @@ fn chunk_forward(s: &StepShared, job: &mut ChunkJob) {
     }
     let logits = MatMut::new(job.logits, r, 1);
     let top_in = MatRef::new(job.top_in, r, w);
-    job.chunk
-        .top
-        .forward(s.top, top_in, Some(logits), s.precision, s.par);
+    job.chunk.top.forward(
+        s.top,
+        s.top_packed,
+        top_in,
+        Some(logits),
+        s.precision,
+        s.par,
+    );
 }
 
 /// A chunk's loss and backward down to its feature gradients and its dense gradients.
@@ -498,6 +543,7 @@ fn chunk_backward(s: &StepShared, job: &mut ChunkJob) -> f64 {
     let grad_top_in = &mut chunk.grad_top_in[..r * w];
     chunk.top.backward(
         s.top,
+        s.top_packed,
         top_in,
         Some(logits),
         MatRef::new(grad_logits, r, 1),
@@ -525,6 +571,7 @@ fn chunk_backward(s: &StepShared, job: &mut ChunkJob) -> f64 {
     let d_bottom_out = MatRef::with_row_stride(job.grad_features, r, d, fd);
     chunk.bottom.backward(
         s.bottom,
+        s.bottom_packed,
         x,
         None,
         d_bottom_out,

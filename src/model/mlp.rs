@@ -4,8 +4,8 @@
 
 use crate::rng::SplitMix64;
 use dlrm_kernels::gemm::{
-    MatMut, MatRef, Precision, bias_grad, linear_backward_input, linear_backward_weight,
-    linear_forward,
+    MatMut, MatRef, PackedB, Precision, bias_grad, linear_backward_input_prepacked,
+    linear_backward_weight, linear_forward_prepacked,
 };
 use dlrm_kernels::parallel::Par;
 
@@ -67,6 +67,27 @@ impl LayerGrads {
                 bias: vec![0.0; l.bias.len()],
             })
             .collect()
+    }
+}
+
+/// A layer's weights packed for the products that read them as the GEMM's B operand: W^T in
+/// the forward, W in dX. Packed once per step, they serve every row chunk of the batch.
+#[derive(Clone, Debug, Default)]
+pub struct PackedWeights {
+    forward: PackedB,
+    backward_input: PackedB,
+}
+
+impl PackedWeights {
+    /// Empty packings for each of `layers` (allocated by the first [`PackedWeights::pack`]).
+    pub fn for_layers(layers: &[Linear]) -> Vec<PackedWeights> {
+        vec![PackedWeights::default(); layers.len()]
+    }
+
+    /// Packs `layer`'s current weights.
+    pub fn pack(&mut self, layer: &Linear) {
+        self.forward.pack(layer.weight_view().t());
+        self.backward_input.pack(layer.weight_view());
     }
 }
 
@@ -140,10 +161,12 @@ impl MlpBuffers {
 
     /// Forward of `layers` over `x` (batch x inputs). The last layer writes into `out` when
     /// given (e.g. straight into the interaction's input rows), else into these buffers.
-    /// `precision` is that of the products' operands (the weights stay f32 masters).
+    /// `precision` is that of the products' operands (the weights stay f32 masters). `packed`:
+    /// the layers' weights packed ahead ([`PackedWeights`]), or None to pack them here.
     pub fn forward(
         &mut self,
         layers: &[Linear],
+        packed: Option<&[PackedWeights]>,
         x: MatRef,
         mut out: Option<MatMut>,
         precision: Precision,
@@ -166,9 +189,10 @@ impl MlpBuffers {
                 (Some(o), true) => o.rb_mut(),
                 _ => MatMut::new(&mut rest[0][..batch * layer.outputs], batch, layer.outputs),
             };
-            linear_forward(
+            linear_forward_prepacked(
                 input,
                 layer.weight_view(),
+                packed.map(|p| &p[l].forward),
                 Some(&layer.bias),
                 layer.relu,
                 y,
@@ -181,11 +205,12 @@ impl MlpBuffers {
     /// Backward of `layers` from `d_out` (gradient w.r.t. the output): fills `grads[l]` with
     /// layer l's weight and bias gradients (overwritten) and, when `dx` is given, the gradient
     /// w.r.t. the input `x`. `out` is where forward wrote the output: the caller's buffer, or
-    /// None for these buffers.
+    /// None for these buffers. `packed` as in [`MlpBuffers::forward`].
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &mut self,
         layers: &[Linear],
+        packed: Option<&[PackedWeights]>,
         x: MatRef,
         out: Option<MatRef>,
         d_out: MatRef,
@@ -235,7 +260,9 @@ impl MlpBuffers {
                 Some(MatMut::new(&mut below[l - 1][..batch * ins], batch, ins))
             };
             if let Some(d) = d_input {
-                linear_backward_input(dy, mask, layers[l].weight_view(), d, precision, par);
+                let packed_w = packed.map(|p| &p[l].backward_input);
+                let w = layers[l].weight_view();
+                linear_backward_input_prepacked(dy, mask, w, packed_w, d, precision, par);
             }
         }
     }
@@ -294,7 +321,7 @@ impl Mlp {
     /// straight into the interaction's input rows), else into the MLP's own buffer.
     pub fn forward(&mut self, x: MatRef, out: Option<MatMut>, par: Par) {
         self.buffers
-            .forward(&self.layers, x, out, self.precision, par);
+            .forward(&self.layers, None, x, out, self.precision, par);
     }
 
     /// The last layer's output in the MLP's own buffer (when forward had no `out`).
@@ -317,6 +344,7 @@ impl Mlp {
         let precision = self.precision;
         self.buffers.backward(
             &self.layers,
+            None,
             x,
             out,
             d_out,

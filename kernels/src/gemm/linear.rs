@@ -11,7 +11,7 @@
 //! The three products take a [`Precision`]: with [`Precision::Bf16`] their operands are
 //! rounded to bf16 and multiplied with f32 accumulation; db is always summed in f32.
 
-use super::{GemmOps, MatMut, MatRef, Precision, gemm};
+use super::{GemmOps, MatMut, MatRef, PackedB, Precision, gemm, gemm_prepacked};
 use crate::isa::Isa;
 use crate::parallel::{Par, should_split};
 use crate::simd::{MAX_LANES, SimdVec, dispatch};
@@ -27,13 +27,43 @@ pub fn linear_forward(
     precision: Precision,
     par: Par,
 ) {
+    linear_forward_prepacked(x, w, None, bias, relu, y, precision, par)
+}
+
+/// [`linear_forward`] reading W^T from `packed_wt` when given ([`PackedB::pack`] of `w.t()`,
+/// shared by the row chunks of a batch; the same bits as without).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_forward_prepacked(
+    x: MatRef,
+    w: MatRef,
+    packed_wt: Option<&PackedB>,
+    bias: Option<&[f32]>,
+    relu: bool,
+    y: MatMut,
+    precision: Precision,
+    par: Par,
+) {
     let ops = GemmOps {
         bias,
         relu,
         precision,
         ..GemmOps::default()
     };
-    gemm(x, w.t(), y, &ops, par);
+    prepacked_or_gemm(x, w.t(), packed_wt, y, &ops, par);
+}
+
+fn prepacked_or_gemm(
+    a: MatRef,
+    b: MatRef,
+    packed_b: Option<&PackedB>,
+    c: MatMut,
+    ops: &GemmOps,
+    par: Par,
+) {
+    match packed_b {
+        Some(packed) => gemm_prepacked(a, b, packed, c, ops, par),
+        None => gemm(a, b, c, ops, par),
+    }
 }
 
 /// dX = (dY ⊙ [Y > 0]) . W, where `relu_out` is the layer's output Y if a ReLU followed it.
@@ -45,12 +75,26 @@ pub fn linear_backward_input(
     precision: Precision,
     par: Par,
 ) {
+    linear_backward_input_prepacked(dy, relu_out, w, None, dx, precision, par)
+}
+
+/// [`linear_backward_input`] reading W from `packed_w` when given ([`PackedB::pack`] of `w`;
+/// the same bits as without).
+pub fn linear_backward_input_prepacked(
+    dy: MatRef,
+    relu_out: Option<MatRef>,
+    w: MatRef,
+    packed_w: Option<&PackedB>,
+    dx: MatMut,
+    precision: Precision,
+    par: Par,
+) {
     let ops = GemmOps {
         a_relu_mask: relu_out,
         precision,
         ..GemmOps::default()
     };
-    gemm(dy, w, dx, &ops, par);
+    prepacked_or_gemm(dy, w, packed_w, dx, &ops, par);
 }
 
 /// dW = (dY ⊙ [Y > 0])^T . X, added to dW's contents if `accumulate`.

@@ -28,13 +28,16 @@ mod blocking;
 pub mod linear;
 mod microkernel;
 mod pack;
+mod prepacked;
 
 pub use crate::mat::{MatMut, MatRef};
 pub use bf16::{Bf16Mat, gemm_bf16, gemm_rounded_bf16};
 pub use blocking::{BlockSizes, CacheSizes};
 pub use linear::{
-    bias_grad, bias_grad_with_isa, linear_backward_input, linear_backward_weight, linear_forward,
+    bias_grad, bias_grad_with_isa, linear_backward_input, linear_backward_input_prepacked,
+    linear_backward_weight, linear_forward, linear_forward_prepacked,
 };
+pub use prepacked::{PackedB, gemm_prepacked, gemm_prepacked_with_isa};
 
 use crate::isa::Isa;
 use crate::parallel::{Par, should_split};
@@ -130,6 +133,29 @@ pub fn gemm_with_blocks(
     ops: &GemmOps,
     par: Par,
 ) {
+    check_operands(&a, &b, &c, ops);
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(bs.kc > 0 && bs.mc > 0 && bs.nc > 0, "gemm: zero block size");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        // The product is zero: only the scaling and the epilogue remain.
+        for i in 0..m {
+            epilogue_row(None, c.row_mut(i), ops);
+        }
+        return;
+    }
+    match path(a, b, ops) {
+        Path::Bf16 => gemm_rounded_bf16(a, b, c, ops, isa, par),
+        Path::Dot => dispatch!(isa, V => gemm_dot::<V>(a, b, c, ops, par)),
+        Path::SplitK => dispatch!(isa, V => gemm_split_k::<V>(isa, bs, a, b, c, ops, par)),
+        Path::Tiled => dispatch!(isa, V => gemm_tiled::<V>(bs, a, b, c, ops, par, None)),
+    }
+}
+
+/// Panics unless A (m x k), B (k x n), C (m x n), the bias (n) and the mask (m x k) agree.
+fn check_operands(a: &MatRef, b: &MatRef, c: &MatMut, ops: &GemmOps) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "gemm: A is {m}x{k} but B is {}x{n}", b.rows);
     assert_eq!(
@@ -154,30 +180,47 @@ pub fn gemm_with_blocks(
             "gemm: mask shape differs from A"
         );
     }
-    assert!(bs.kc > 0 && bs.mc > 0 && bs.nc > 0, "gemm: zero block size");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        // The product is zero: only the scaling and the epilogue remain.
-        for i in 0..m {
-            epilogue_row(None, c.row_mut(i), ops);
-        }
-        return;
-    }
+}
+
+/// The algorithm a product of these shapes and options runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// Operands rounded to bf16 ([`gemm_rounded_bf16`]).
+    Bf16,
+    /// At most [`DOT_MAX_N`] columns, both operands contiguous along K: dot products.
+    Dot,
+    /// Few outputs and a long K ([`SPLIT_K_CHUNK`]).
+    SplitK,
+    /// The register-tiled, cache-blocked GEMM.
+    Tiled,
+}
+
+fn path(a: MatRef, b: MatRef, ops: &GemmOps) -> Path {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
     if ops.precision == Precision::Bf16 {
-        gemm_rounded_bf16(a, b, c, ops, isa, par);
+        Path::Bf16
     } else if n <= DOT_MAX_N && a.cs == 1 && b.rs == 1 && ops.a_relu_mask.is_none() {
-        dispatch!(isa, V => gemm_dot::<V>(a, b, c, ops, par));
+        Path::Dot
     } else if m * n <= SPLIT_K_MAX_MN && k >= 2 * SPLIT_K_CHUNK {
-        dispatch!(isa, V => gemm_split_k::<V>(isa, bs, a, b, c, ops, par));
+        Path::SplitK
     } else {
-        dispatch!(isa, V => gemm_tiled::<V>(bs, a, b, c, ops, par));
+        Path::Tiled
+    }
+}
+
+/// The micro-panel width of the tiled GEMM for B with `n` columns: one vector when C has at
+/// most LANES columns, else [`WIDE_NV`] vectors (as [`gemm_tiled`] chooses its microkernel).
+fn tile_nr<V: SimdVec>(n: usize) -> usize {
+    if n <= V::LANES {
+        V::LANES
+    } else {
+        WIDE_NV * V::LANES
     }
 }
 
 /// The register-tiled GEMM with `V`'s microkernel: one vector wide when C has at most LANES
-/// columns, else two.
+/// columns, else two. `prepacked`: B's blocks as [`PackedB`] lays them out (None: packed here
+/// when worth it).
 fn gemm_tiled<V: SimdVec>(
     bs: &BlockSizes,
     a: MatRef,
@@ -185,18 +228,19 @@ fn gemm_tiled<V: SimdVec>(
     c: MatMut,
     ops: &GemmOps,
     par: Par,
+    prepacked: Option<&[f32]>,
 ) {
     // The tile heights are constants of V; the match turns them into const parameters.
     if b.cols <= V::LANES {
         match V::GEMM_NARROW_MR {
-            24 => gemm_blocked::<V, 24, 1>(bs, a, b, c, ops, par),
-            12 => gemm_blocked::<V, 12, 1>(bs, a, b, c, ops, par),
+            24 => gemm_blocked::<V, 24, 1>(bs, a, b, c, ops, par, prepacked),
+            12 => gemm_blocked::<V, 12, 1>(bs, a, b, c, ops, par, prepacked),
             mr => unreachable!("no narrow microkernel of {mr} rows"),
         }
     } else {
         match V::GEMM_MR {
-            12 => gemm_blocked::<V, 12, WIDE_NV>(bs, a, b, c, ops, par),
-            6 => gemm_blocked::<V, 6, WIDE_NV>(bs, a, b, c, ops, par),
+            12 => gemm_blocked::<V, 12, WIDE_NV>(bs, a, b, c, ops, par, prepacked),
+            6 => gemm_blocked::<V, 6, WIDE_NV>(bs, a, b, c, ops, par, prepacked),
             mr => unreachable!("no wide microkernel of {mr} rows"),
         }
     }
@@ -244,11 +288,12 @@ fn gemm_blocked<V: SimdVec, const MR: usize, const NV: usize>(
     c: MatMut,
     ops: &GemmOps,
     par: Par,
+    prepacked: Option<&[f32]>,
 ) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let nr = NV * V::LANES;
     let pack_a = ops.a_relu_mask.is_some() || (m > NOPACK_A_MAX_M && n > nr);
-    let pack_b = b.cs != 1 || m > NOPACK_B_MAX_TILES * V::GEMM_MR;
+    let pack_b = prepacked.is_some() || b.cs != 1 || m > NOPACK_B_MAX_TILES * V::GEMM_MR;
     let kc_max = bs.kc;
     let mc_max = (bs.mc / MR).max(1) * MR;
     let nc_max = (bs.nc / nr).max(1) * nr;
@@ -260,20 +305,25 @@ fn gemm_blocked<V: SimdVec, const MR: usize, const NV: usize>(
     };
     let c_rs = c.rs;
     let c_ptr = SharedC(c.data.as_mut_ptr());
-    let b_len = if pack_b {
+    let b_len = if pack_b && prepacked.is_none() {
         kc_max.min(k) * n.min(nc_max).div_ceil(nr) * nr
     } else {
         0
     };
     with_scratch(&PACK_B, b_len, |b_buf| {
+        let mut packed_at = 0;
         for jc in (0..n).step_by(nc_max) {
             let nc = nc_max.min(n - jc);
             for pc in (0..k).step_by(kc_max) {
                 let kc = kc_max.min(k - pc);
                 let last = pc + kc == k;
                 let b_blk = b.sub(pc, jc, kc, nc);
-                let b_panels: &[f32] = if pack_b {
-                    let panels = &mut b_buf[..kc * nc.div_ceil(nr) * nr];
+                let blk_len = kc * nc.div_ceil(nr) * nr;
+                let b_panels: &[f32] = if let Some(pre) = prepacked {
+                    packed_at += blk_len;
+                    &pre[packed_at - blk_len..packed_at]
+                } else if pack_b {
+                    let panels = &mut b_buf[..blk_len];
                     if threads > 1 {
                         panels
                             .par_chunks_mut(kc * nr)
