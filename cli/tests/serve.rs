@@ -357,20 +357,6 @@ fn model_metrics_deadlines_and_graceful_shutdown() {
     );
 }
 
-impl Server {
-    /// Waits (at most 20 s) for the exit a signal already sent asked for.
-    fn stop_after_signal(mut self) -> Option<i32> {
-        let until = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            assert!(Instant::now() < until, "the server did not stop");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
 /// Polls `/v1/model` until it names `version` (at most 20 s).
 fn wait_for_version(server: &Server, version: &str) {
     let until = Instant::now() + Duration::from_secs(20);

@@ -136,8 +136,13 @@ impl Server {
     }
 
     /// Sends SIGTERM and returns the exit code (waiting at most 20 s).
-    pub fn stop(mut self) -> Option<i32> {
+    pub fn stop(self) -> Option<i32> {
         self.signal(libc::SIGTERM);
+        self.stop_after_signal()
+    }
+
+    /// Waits (at most 20 s) for the exit a signal already sent asked for.
+    pub fn stop_after_signal(mut self) -> Option<i32> {
         let until = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
