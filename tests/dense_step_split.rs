@@ -3,67 +3,31 @@
 //! thread count, for batches that are and are not multiples of the chunk, and the reduced
 //! gradients are the batch mean of the per-sample gradients.
 
-use dlrm::config::Preset;
+mod common;
+
+use common::threads::{new_dlrm, on_threads, parameters, teacher, tiny_arch, train_steps};
 use dlrm::data::Batch;
-use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
+use dlrm::data::synthetic::SyntheticSource;
 use dlrm::kernels::parallel::Par;
 use dlrm::model::PhaseTimer;
 use dlrm::model::architecture::{Architecture, InteractionOp};
 use dlrm::model::dlrm::{Dlrm, MAX_CHUNKS, MIN_CHUNK_ROWS, chunking};
 use dlrm::model::{Model, OptimizerKind};
-use dlrm::storage::StorageKind;
 use dlrm::train::DataSource;
 
 fn arch() -> Architecture {
-    let p = Preset::Tiny.values();
-    Architecture::new(
-        16,
-        p.table_sizes,
-        p.bottom.to_vec(),
-        p.top.to_vec(),
-        InteractionOp::Dot,
-        false,
-    )
-    .unwrap()
-}
-
-fn teacher(arch: &Architecture) -> SyntheticSource {
-    let data = SyntheticData::new(SyntheticConfig {
-        num_dense: arch.num_dense(),
-        table_sizes: arch.table_sizes.clone(),
-        generation: Generation::Teacher,
-        zipf_alpha: 1.05,
-        num_indices_per_lookup: 2,
-        fixed_bag_size: false,
-        seed: 11,
-    });
-    SyntheticSource::new(data, 8_192, 512)
+    tiny_arch(InteractionOp::Dot)
 }
 
 /// The bits of every dense parameter and table after steps of `sizes` samples on a pool of
 /// `threads` threads under `par`.
 fn train_bits(optimizer: OptimizerKind, sizes: &[usize], threads: usize, par: Par) -> Vec<u32> {
     let arch = arch();
-    let data = teacher(&arch);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap();
-    pool.install(|| {
-        let mut m = Dlrm::new(arch.clone(), optimizer, &StorageKind::Anon, 5).unwrap();
-        m.set_parallelism(par);
-        Model::reserve(&mut m, *sizes.iter().max().unwrap());
-        let mut batch = Batch::default();
-        let mut start = 0;
-        for &b in sizes {
-            data.fill_train(start, b, &mut batch).unwrap();
-            start += b as u64;
-            Model::train_step(&mut m, &batch.view(), 0.05, &mut PhaseTimer::default()).unwrap();
-        }
-        let layers = m.bottom.layers.iter().chain(&m.top.layers);
-        let dense = layers.flat_map(|l| l.weight.iter().chain(&l.bias));
-        let tables = m.embeddings.tables.iter().flat_map(|t| t.weights());
-        dense.chain(tables).map(|x| x.to_bits()).collect()
+    let data = teacher(&arch, 2, 11, 8_192);
+    on_threads(threads, || {
+        let mut m = new_dlrm(&arch, optimizer, 5, par, *sizes.iter().max().unwrap());
+        train_steps(&mut m, &data, sizes, 0.05);
+        parameters(&m).map(|x| x.to_bits()).collect()
     })
 }
 
@@ -125,9 +89,8 @@ fn loss_and_grads(m: &mut Dlrm, data: &SyntheticSource, start: u64, b: usize) ->
 #[test]
 fn chunked_gradients_are_the_mean_of_per_sample_gradients() {
     let arch = arch();
-    let data = teacher(&arch);
-    let mut m = Dlrm::new(arch, OptimizerKind::Sgd, &StorageKind::Anon, 9).unwrap();
-    Model::reserve(&mut m, 512);
+    let data = teacher(&arch, 2, 11, 8_192);
+    let mut m = new_dlrm(&arch, OptimizerKind::Sgd, 9, Par::default(), 512);
     // 3 chunks of 133 rows, the last one of 397 - 2 * 133 = 131.
     let b = 397;
     assert_eq!(chunking(b), (3, 133));

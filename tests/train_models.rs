@@ -3,6 +3,9 @@
 //! u1 split of MovieLens 100K when DLRM_MOVIELENS names its folder, training gives the same
 //! bits on any thread count, and a training step of every model allocates nothing once warm.
 
+mod common;
+
+use common::alloc::{CountingAllocator, allocations};
 use dlrm::config::Preset;
 use dlrm::data::Batch;
 use dlrm::data::movielens::{MovieLensSource, Ratings};
@@ -16,35 +19,7 @@ use dlrm::model::{Model, ModelKind, OptimizerKind, Task, mf};
 use dlrm::rng::SplitMix64;
 use dlrm::storage::StorageKind;
 use dlrm::train::{DataSource, LrSchedule, Quiet, TrainOptions, TrainReport, train};
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::path::PathBuf;
-
-/// Counts the allocations made by the current thread.
-struct CountingAllocator;
-
-thread_local! {
-    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
-}
-
-// SAFETY: forwards every call to the system allocator unchanged; the counter is a const
-// thread-local Cell, whose access never allocates.
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.with(|c| c.set(c.get() + 1));
-        // SAFETY: same contract as GlobalAlloc::alloc.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as GlobalAlloc::dealloc.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.with(|c| c.set(c.get() + 1));
-        // SAFETY: same contract as GlobalAlloc::realloc.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
 
 #[global_allocator]
 static GLOBAL: CountingAllocator = CountingAllocator;
@@ -271,11 +246,11 @@ fn a_training_step_of_every_model_allocates_nothing_once_warm() {
                     let mut in_steps = 0;
                     for i in 0..13 {
                         data.fill_train(i * 256, 256, &mut batch).unwrap();
-                        let before = ALLOCATIONS.with(Cell::get);
+                        let before = allocations();
                         m.train_step(&batch.view(), 0.05, &mut PhaseTimer::default())
                             .unwrap();
                         if i >= 3 {
-                            in_steps += ALLOCATIONS.with(Cell::get) - before;
+                            in_steps += allocations() - before;
                         }
                     }
                     assert_eq!(

@@ -2,6 +2,8 @@
 //! checkpoint loadable and intact, training never writes through to a checkpoint, and a
 //! damaged or mismatched checkpoint is an error naming the file.
 
+mod support;
+
 use dlrm::cancel::Cancel;
 use dlrm::checkpoint::{self, TrainState};
 use dlrm::config::Preset;
@@ -14,6 +16,7 @@ use dlrm::storage::StorageKind;
 use dlrm::train::{CheckpointPolicy, DataSource, LrSchedule, Quiet, TrainOptions, train};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use support::SHORT_TRAIN;
 
 /// A temporary folder removed on drop.
 struct TempDir(PathBuf);
@@ -202,25 +205,13 @@ fn dlrm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_dlrm"))
 }
 
-const RUN: [&str; 10] = [
-    "train",
-    "--data-size",
-    "2560",
-    "--test-data-size",
-    "1024",
-    "--mini-batch-size",
-    "128",
-    "--threads",
-    "2",
-    "--print-freq=0",
-];
-
 #[test]
 fn a_crash_at_any_phase_of_a_save_leaves_a_loadable_checkpoint() {
     let dir = TempDir::new("crash");
     let d = dir.0.to_str().unwrap();
     let ok = dlrm()
-        .args(RUN)
+        .args(SHORT_TRAIN)
+        .arg("--print-freq=0")
         .args(["--optimizer", "adagrad", "--save-model", d])
         .output()
         .unwrap();
@@ -247,7 +238,8 @@ fn a_crash_at_any_phase_of_a_save_leaves_a_loadable_checkpoint() {
         // LATEST names (a run with none has nothing to do, and saves nothing).
         let nepochs = (i + 2).to_string();
         let out = dlrm()
-            .args(RUN)
+            .args(SHORT_TRAIN)
+            .arg("--print-freq=0")
             .args(["--nepochs", &nepochs, "--load-model", d, "--save-model", d])
             .env("DLRM_CRASH_AT", phase)
             .output()
@@ -282,7 +274,8 @@ fn damaged_or_mismatched_checkpoints_are_errors_naming_the_file() {
     let dir = TempDir::new("bad");
     let d = dir.0.to_str().unwrap();
     let ok = dlrm()
-        .args(RUN)
+        .args(SHORT_TRAIN)
+        .arg("--print-freq=0")
         .args(["--optimizer", "adagrad", "--save-model", d])
         .output()
         .unwrap();
@@ -294,7 +287,8 @@ fn damaged_or_mismatched_checkpoints_are_errors_naming_the_file() {
     let version = checkpoint::resolve(&dir.0).unwrap();
     let run = |extra: &[&str]| {
         let out = dlrm()
-            .args(RUN)
+            .args(SHORT_TRAIN)
+            .arg("--print-freq=0")
             .args(["--load-model", d])
             .args(extra)
             .output()

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 mod support;
 use support::dlrm as run;
-use support::{Scratch, assert_error, assert_ok, stderr};
+use support::{SHORT_TRAIN, Scratch, assert_error, assert_ok, stderr};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -19,20 +19,6 @@ fn s(p: &Path) -> &str {
 fn dlrm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_dlrm"))
 }
-
-/// A short synthetic training run (20 steps of 128).
-const TRAIN: [&str; 10] = [
-    "train",
-    "--data-size",
-    "2560",
-    "--test-data-size",
-    "1024",
-    "--mini-batch-size",
-    "128",
-    "--threads",
-    "2",
-    "--print-freq=0",
-];
 
 /// The names in `dir` that start with `prefix`.
 fn entries(dir: &Path, prefix: &str) -> Vec<String> {
@@ -90,7 +76,8 @@ fn a_second_run_cannot_save_into_a_folder_in_use() {
     let ck = dir.path("ck");
     // The first run holds the folder, paused in its first save.
     let mut first = dlrm()
-        .args(TRAIN)
+        .args(SHORT_TRAIN)
+        .arg("--print-freq=0")
         .args(["--save-model", s(&ck)])
         .env("DLRM_PAUSE_AT", "parameters")
         .stdout(Stdio::null())
@@ -101,7 +88,12 @@ fn a_second_run_cannot_save_into_a_folder_in_use() {
         entries(&ck, ".tmp-ckpt-").len() == 1
     });
     let t = Instant::now();
-    let second = run(&[&TRAIN[..], &["--save-model", s(&ck)]].concat());
+    let second = run(&[
+        &SHORT_TRAIN[..],
+        &["--print-freq=0"],
+        &["--save-model", s(&ck)],
+    ]
+    .concat());
     let pid = first.id().to_string();
     assert_error(&second, &[s(&ck), &format!("pid {pid}")]);
     assert!(
@@ -109,7 +101,12 @@ fn a_second_run_cannot_save_into_a_folder_in_use() {
         "the second run waited"
     );
     // Even with --overwrite and --load-model it may not.
-    let second = run(&[&TRAIN[..], &["--save-model", s(&ck), "--overwrite"]].concat());
+    let second = run(&[
+        &SHORT_TRAIN[..],
+        &["--print-freq=0"],
+        &["--save-model", s(&ck), "--overwrite"],
+    ]
+    .concat());
     assert_error(&second, &[s(&ck), &format!("pid {pid}")]);
 
     // SIGTERM in the middle of the save: exit 143, no temporary folder left.
@@ -126,7 +123,12 @@ fn a_second_run_cannot_save_into_a_folder_in_use() {
     assert_eq!(entries(&ck, "ckpt-"), Vec::<String>::new());
 
     // The lock went with the process: the folder is free again.
-    assert_ok(&run(&[&TRAIN[..], &["--save-model", s(&ck)]].concat()));
+    assert_ok(&run(&[
+        &SHORT_TRAIN[..],
+        &["--print-freq=0"],
+        &["--save-model", s(&ck)],
+    ]
+    .concat()));
 }
 
 #[test]
@@ -141,20 +143,23 @@ fn another_runs_folder_is_refused_unless_resumed_or_overwritten() {
         "--keep-checkpoints",
         "2",
     ];
-    assert_ok(&run(&[&TRAIN[..], &save].concat()));
+    assert_ok(&run(
+        &[&SHORT_TRAIN[..], &["--print-freq=0"], &save].concat()
+    ));
     let old = entries(&ck, "ckpt-");
     assert_eq!(old.len(), 2, "{old:?}");
     let old_id = run_id(&ck.join(&old[0]));
     std::fs::write(ck.join("notes.txt"), "kept").unwrap();
 
     // A new run may not mix its checkpoints with the old run's.
-    let o = run(&[&TRAIN[..], &save].concat());
+    let o = run(&[&SHORT_TRAIN[..], &["--print-freq=0"], &save].concat());
     assert_error(&o, &["--save-model", s(&ck), "--overwrite", "--load-model"]);
     assert_eq!(entries(&ck, "ckpt-"), old);
 
     // Resuming from the same folder continues that run's lineage.
     let o = run(&[
-        &TRAIN[..],
+        &SHORT_TRAIN[..],
+        &["--print-freq=0"],
         &save,
         &["--load-model", s(&ck), "--nepochs", "2"],
     ]
@@ -170,7 +175,13 @@ fn another_runs_folder_is_refused_unless_resumed_or_overwritten() {
     assert_eq!(run_id(&ck.join(&resumed[1])), old_id);
 
     // --overwrite replaces the old run's versions (and only them).
-    let o = run(&[&TRAIN[..], &save, &["--overwrite"]].concat());
+    let o = run(&[
+        &SHORT_TRAIN[..],
+        &["--print-freq=0"],
+        &save,
+        &["--overwrite"],
+    ]
+    .concat());
     assert_ok(&o);
     let new = entries(&ck, "ckpt-");
     assert_eq!(new, ["ckpt-000000000015-000", "ckpt-000000000020-000"]);
@@ -186,7 +197,7 @@ fn another_runs_folder_is_refused_unless_resumed_or_overwritten() {
         ck.join("ckpt-000000000020-000")
     );
     // --overwrite without --save-model is a usage error.
-    let o = run(&[&TRAIN[..], &["--overwrite"]].concat());
+    let o = run(&[&SHORT_TRAIN[..], &["--print-freq=0"], &["--overwrite"]].concat());
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }
 
@@ -202,7 +213,9 @@ fn pruning_keeps_this_runs_newest_versions_and_no_other_runs() {
         "--keep-checkpoints",
         "2",
     ];
-    assert_ok(&run(&[&TRAIN[..], &save].concat()));
+    assert_ok(&run(
+        &[&SHORT_TRAIN[..], &["--print-freq=0"], &save].concat()
+    ));
     // A version of another lineage that sorts after every version of this run.
     let first = entries(&ck, "ckpt-");
     let foreign = ck.join("ckpt-000000009999-000");
@@ -218,7 +231,8 @@ fn pruning_keeps_this_runs_newest_versions_and_no_other_runs() {
     std::fs::write(foreign.join("meta.json"), meta.replace(&id, "another-run")).unwrap();
 
     let o = run(&[
-        &TRAIN[..],
+        &SHORT_TRAIN[..],
+        &["--print-freq=0"],
         &save,
         &["--load-model", s(&ck), "--nepochs", "2"],
     ]

@@ -5,25 +5,11 @@
 mod support;
 
 use std::path::Path;
-use support::{Scratch, assert_error, assert_ok, dlrm, latest};
-
-/// A short synthetic run: 20 steps of 128 samples.
-const RUN: [&str; 10] = [
-    "train",
-    "--data-size",
-    "2560",
-    "--test-data-size",
-    "1024",
-    "--mini-batch-size",
-    "128",
-    "--threads",
-    "2",
-    "--seed=5",
-];
+use support::{SHORT_TRAIN, Scratch, assert_error, assert_ok, dlrm, latest};
 
 fn run(extra: &[&str]) -> std::process::Output {
-    let args: Vec<&str> = RUN.iter().chain(extra).copied().collect();
-    dlrm(&args)
+    // A short synthetic run: 20 steps of 128 samples.
+    dlrm(&[&SHORT_TRAIN[..], &["--seed=5"], extra].concat())
 }
 
 /// CRC-32C (Castagnoli), bit by bit: an implementation independent of the writer's table.
@@ -214,7 +200,7 @@ fn a_config_file_sets_flags_and_the_command_line_wins() {
     assert_eq!(resolved["learning_rate"].as_float(), Some(0.05));
     assert_eq!(resolved["num_batches"].as_integer(), Some(7));
     assert_eq!(resolved["test_freq"].as_integer(), Some(3));
-    // RUN's --mini-batch-size 128 is on the command line: it wins over the file's 999.
+    // SHORT_TRAIN's --mini-batch-size 128 is on the command line: it wins over the file's 999.
     assert_eq!(resolved["mini_batch_size"].as_integer(), Some(128));
     let top = resolved["arch_mlp_top"].as_array().unwrap();
     assert_eq!(

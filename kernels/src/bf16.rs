@@ -62,37 +62,58 @@ impl Bf16 {
 
 /// `dst[i] = bf16(src[i])`, rounded as [`Bf16::from_f32`]; bit-identical on every ISA.
 pub fn f32_to_bf16_slice(src: &[f32], dst: &mut [Bf16], isa: Isa) {
-    assert_eq!(
-        src.len(),
-        dst.len(),
-        "f32_to_bf16_slice: {} values into {}",
-        src.len(),
-        dst.len()
-    );
-    isa.assert_supported();
-    match isa {
-        // The levels below AVX512-BF16 have no conversion instruction.
-        Isa::Portable | Isa::Avx2 | Isa::Avx512 => {
-            for (d, &s) in dst.iter_mut().zip(src) {
-                *d = Bf16::from_f32(s);
-            }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Bf16 | Isa::Amx => {
-            // SAFETY: the CPU has AVX512-BF16/F/BW/VL (asserted above); equal lengths.
-            unsafe { avx512::f32_to_bf16(src, dst) }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        Isa::Avx512Bf16 | Isa::Amx => unreachable!("asserted unsupported"),
-    }
+    convert_slice(src, dst, isa);
 }
 
 /// `dst[i] = f32(src[i])`, exact; bit-identical on every ISA.
 pub fn bf16_to_f32_slice(src: &[Bf16], dst: &mut [f32], isa: Isa) {
+    convert_slice(src, dst, isa);
+}
+
+/// One direction of conversion: its scalar rule and its AVX512-BF16 kernel.
+trait SliceConversion: Copy {
+    type To;
+    const NAME: &'static str;
+    fn scalar(self) -> Self::To;
+    /// # Safety
+    /// The CPU must support AVX512-BF16, F, BW and VL; `src.len() == dst.len()`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn avx512bf16(src: &[Self], dst: &mut [Self::To]);
+}
+
+impl SliceConversion for f32 {
+    type To = Bf16;
+    const NAME: &'static str = "f32_to_bf16_slice";
+    fn scalar(self) -> Bf16 {
+        Bf16::from_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn avx512bf16(src: &[f32], dst: &mut [Bf16]) {
+        // SAFETY: the caller's contract is the kernel's.
+        unsafe { avx512::f32_to_bf16(src, dst) }
+    }
+}
+
+impl SliceConversion for Bf16 {
+    type To = f32;
+    const NAME: &'static str = "bf16_to_f32_slice";
+    fn scalar(self) -> f32 {
+        self.to_f32()
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn avx512bf16(src: &[Bf16], dst: &mut [f32]) {
+        // SAFETY: the caller's contract is the kernel's.
+        unsafe { avx512::bf16_to_f32(src, dst) }
+    }
+}
+
+/// `dst[i] = src[i].scalar()` on the path `isa` names.
+fn convert_slice<S: SliceConversion>(src: &[S], dst: &mut [S::To], isa: Isa) {
     assert_eq!(
         src.len(),
         dst.len(),
-        "bf16_to_f32_slice: {} values into {}",
+        "{}: {} values into {}",
+        S::NAME,
         src.len(),
         dst.len()
     );
@@ -101,13 +122,13 @@ pub fn bf16_to_f32_slice(src: &[Bf16], dst: &mut [f32], isa: Isa) {
         // The levels below AVX512-BF16 have no conversion instruction.
         Isa::Portable | Isa::Avx2 | Isa::Avx512 => {
             for (d, &s) in dst.iter_mut().zip(src) {
-                *d = s.to_f32();
+                *d = s.scalar();
             }
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Bf16 | Isa::Amx => {
             // SAFETY: the CPU has AVX512-BF16/F/BW/VL (asserted above); equal lengths.
-            unsafe { avx512::bf16_to_f32(src, dst) }
+            unsafe { S::avx512bf16(src, dst) }
         }
         #[cfg(not(target_arch = "x86_64"))]
         Isa::Avx512Bf16 | Isa::Amx => unreachable!("asserted unsupported"),

@@ -151,23 +151,43 @@ impl CrossWorkspace {
 /// Runs `leaf(samples, part)` over sub-ranges of `0..batch`, in parallel when `work` floats
 /// are worth it. `part` holds rows `stride` apart from the first sample of its range; the
 /// result of a sample never depends on the split.
-fn for_samples<'a>(
+fn for_samples(
     par: Par,
     batch: usize,
     work: usize,
-    rows: (&'a mut [f32], usize),
+    rows: (&mut [f32], usize),
     leaf: &(impl Fn(Range<usize>, &mut [f32]) + Sync),
 ) {
-    if batch == 0 {
+    for_items(par, batch, work, rows, (&mut [], 0), &|r, (part, _)| {
+        leaf(r, part)
+    });
+}
+
+/// Runs `leaf(items, (a, b))` over sub-ranges of `0..n`, in parallel when `work` floats are
+/// worth it. `a` and `b` hold `a.1` and `b.1` floats per item from the first item of the
+/// range (a shorter tail is the last item's); the result of an item never depends on the
+/// split.
+fn for_items(
+    par: Par,
+    n: usize,
+    work: usize,
+    (a, a_stride): (&mut [f32], usize),
+    (b, b_stride): (&mut [f32], usize),
+    leaf: &(impl Fn(Range<usize>, (&mut [f32], &mut [f32])) + Sync),
+) {
+    if n == 0 {
         return;
     }
-    let stride = rows.1;
-    let grain = task_grain(batch, should_split(par, work, MIN_PARALLEL_FLOATS));
+    let grain = task_grain(n, should_split(par, work, MIN_PARALLEL_FLOATS));
     join_ranges(
-        0..batch,
+        0..n,
         grain,
-        rows.0,
-        &|s: &'a mut [f32], lo, mid| split_rows(s, stride, mid - lo),
+        (a, b),
+        &|(a, b): (&mut [f32], &mut [f32]), lo, mid| {
+            let (a0, a1) = split_rows(a, a_stride, mid - lo);
+            let (b0, b1) = split_rows(b, b_stride, mid - lo);
+            ((a0, b0), (a1, b1))
+        },
         leaf,
     );
 }
@@ -299,23 +319,8 @@ fn rank_one_forward(
             }
         })
     };
-    let grain = task_grain(
-        batch,
-        should_split(par, batch * layers * d * 3, MIN_PARALLEL_FLOATS),
-    );
-    if batch > 0 {
-        join_ranges(
-            0..batch,
-            grain,
-            (saved, out),
-            &|(sv, o): (&mut [f32], &mut [f32]), lo, mid| {
-                let (s0, s1) = split_rows(sv, width, mid - lo);
-                let (o0, o1) = split_rows(o, out_stride, mid - lo);
-                ((s0, o0), (s1, o1))
-            },
-            &leaf,
-        );
-    }
+    let work = batch * layers * d * 3;
+    for_items(par, batch, work, (saved, width), (out, out_stride), &leaf);
 }
 
 /// Full-rank forward, layer by layer: u_l = x_l W_l^T + b_l on the GEMM, then x_{l+1} =
@@ -539,23 +544,10 @@ fn rank_one_backward(
             }
         })
     };
-    if chunks > 0 {
-        let grain = task_grain(
-            chunks,
-            should_split(par, batch * layers * d * 6, MIN_PARALLEL_FLOATS),
-        );
-        join_ranges(
-            0..chunks,
-            grain,
-            (&mut *partials, gx0),
-            &|(p, gx): (&mut [f32], &mut [f32]), lo, mid| {
-                let (p0, p1) = split_rows(p, part_len, mid - lo);
-                let (g0, g1) = split_rows(gx, gs, (mid - lo) * CROSS_CHUNK);
-                ((p0, g0), (p1, g1))
-            },
-            &leaf,
-        );
-    }
+    // Items are chunks: CROSS_CHUNK rows of dx0 each.
+    let work = batch * layers * d * 6;
+    let (partial_rows, gx0_rows) = ((&mut *partials, part_len), (gx0, gs * CROSS_CHUNK));
+    for_items(par, chunks, work, partial_rows, gx0_rows, &leaf);
     // dw, db: the chunks' partials added in chunk order.
     dw.fill(0.0);
     db.fill(0.0);
@@ -634,20 +626,7 @@ fn full_rank_backward(
                 }
             })
         };
-        if batch > 0 {
-            let grain = task_grain(batch, should_split(par, 5 * bd, MIN_PARALLEL_FLOATS));
-            join_ranges(
-                0..batch,
-                grain,
-                (&mut *du, &mut *gx0),
-                &|(a, b): (&mut [f32], &mut [f32]), lo, mid| {
-                    let (a0, a1) = split_rows(a, d, mid - lo);
-                    let (b0, b1) = split_rows(b, gs, mid - lo);
-                    ((a0, b0), (a1, b1))
-                },
-                &leaf,
-            );
-        }
+        for_items(par, batch, 5 * bd, (&mut *du, d), (&mut *gx0, gs), &leaf);
         let du_m = MatRef::new(du, batch, d);
         // dW_l = du^T x_l, the layer's weight product.
         gemm_with_isa(

@@ -10,6 +10,9 @@
 //!   |C - C_ref| <= (K + 2) * 2u * (sum_p |A_ip B_jp| + |beta C_ij|) + f32::MIN_POSITIVE,
 //! with a factor 2 of slack and an absolute floor for products that cancel to zero.
 
+mod common;
+
+use common::fill;
 use dlrm_kernels::bf16::{Bf16, Isa, bf16_to_f32_slice, f32_to_bf16_slice};
 use dlrm_kernels::gemm::{Bf16Mat, MatMut, gemm_bf16};
 use dlrm_kernels::parallel::Par;
@@ -113,15 +116,9 @@ fn f32_to_bf16_matches_reference_on_a_sweep_of_bit_patterns() {
 
 /// Deterministic pseudo-random values in [-scale, scale], rounded to bf16.
 fn bf16_values(len: usize, seed: u64, scale: f32) -> Vec<Bf16> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            let unit = ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
-            Bf16::from_f32(unit * scale)
-        })
+    fill(len, seed)
+        .into_iter()
+        .map(|unit| Bf16::from_f32(unit * scale))
         .collect()
 }
 

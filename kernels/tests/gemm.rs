@@ -4,152 +4,25 @@
 
 mod common;
 
-use common::isas;
-use dlrm_kernels::gemm::{self, GemmOps, MatMut, MatRef};
+use common::gemm::{Case, Inputs, case, inputs, ops};
+use common::{bits, fill, isas};
+use dlrm_kernels::gemm::{self, MatMut, MatRef};
 use dlrm_kernels::isa::Isa;
 use dlrm_kernels::parallel::Par;
 use dlrm_kernels::reference;
 use proptest::prelude::*;
 
 /// Dimensions biased towards the awkward: 0, 1, primes, around lane and tile multiples.
-fn dim() -> impl Strategy<Value = usize> {
+fn dim() -> impl Strategy<Value = usize> + Clone {
     prop_oneof![
         3 => prop::sample::select(vec![0usize, 1, 2, 3, 5, 7, 8, 13, 15, 16, 17, 23, 24, 25, 31, 32, 33, 47, 48, 49, 64, 97, 127, 128, 129, 193, 255, 256, 257, 300]),
         2 => 0usize..=300,
     ]
 }
 
-/// Deterministic pseudo-random values in [-1, 1].
-fn fill(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
-/// A matrix of logical shape rows x cols, stored transposed or not, with padded leading
-/// dimension.
-struct Operand {
-    data: Vec<f32>,
-    rows: usize,
-    cols: usize,
-    trans: bool,
-    ld: usize,
-}
-
-impl Operand {
-    fn new(rows: usize, cols: usize, trans: bool, pad: usize, seed: u64) -> Self {
-        let (sr, sc) = if trans { (cols, rows) } else { (rows, cols) };
-        let ld = sc + pad;
-        Operand {
-            data: fill(sr * ld, seed),
-            rows,
-            cols,
-            trans,
-            ld,
-        }
-    }
-    fn view(&self) -> MatRef<'_> {
-        if self.trans {
-            MatRef::with_row_stride(&self.data, self.cols, self.rows, self.ld).t()
-        } else {
-            MatRef::with_row_stride(&self.data, self.rows, self.cols, self.ld)
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Case {
-    m: usize,
-    n: usize,
-    k: usize,
-    ta: bool,
-    tb: bool,
-    pads: (usize, usize, usize),
-    alpha: f32,
-    beta: f32,
-    bias: bool,
-    relu: bool,
-    mask: bool,
-    seed: u64,
-}
-
-fn case() -> impl Strategy<Value = Case> {
-    (
-        (dim(), dim(), dim()),
-        (any::<bool>(), any::<bool>()),
-        (0usize..3, 0usize..3, 0usize..3),
-        prop::sample::select(vec![1.0f32, -0.5, 2.0]),
-        prop::sample::select(vec![0.0f32, 1.0, 0.25]),
-        (any::<bool>(), any::<bool>(), any::<bool>()),
-        any::<u64>(),
-    )
-        .prop_map(
-            |((m, n, k), (ta, tb), pads, alpha, beta, (bias, relu, mask), seed)| Case {
-                m,
-                n,
-                k,
-                ta,
-                tb,
-                pads,
-                alpha,
-                beta,
-                bias,
-                relu,
-                mask,
-                seed,
-            },
-        )
-}
-
-struct Inputs {
-    a: Operand,
-    b: Operand,
-    mask: Option<Operand>,
-    bias: Option<Vec<f32>>,
-    c0: Vec<f32>,
-    ldc: usize,
-}
-
-fn inputs(cs: &Case) -> Inputs {
-    let a = Operand::new(cs.m, cs.k, cs.ta, cs.pads.0, cs.seed);
-    let b = Operand::new(cs.k, cs.n, cs.tb, cs.pads.1, cs.seed ^ 1);
-    let mask = cs
-        .mask
-        .then(|| Operand::new(cs.m, cs.k, cs.ta, cs.pads.0, cs.seed ^ 2));
-    let bias = cs.bias.then(|| fill(cs.n, cs.seed ^ 3));
-    let ldc = cs.n + cs.pads.2;
-    // NaN in C must not leak out when beta = 0 (C is then write-only).
-    let c0 = if cs.beta == 0.0 {
-        vec![f32::NAN; cs.m * ldc]
-    } else {
-        fill(cs.m * ldc, cs.seed ^ 4)
-    };
-    Inputs {
-        a,
-        b,
-        mask,
-        bias,
-        c0,
-        ldc,
-    }
-}
-
 fn run_ours(isa: Isa, cs: &Case, inp: &Inputs, par: Par) -> Vec<f32> {
     let mut c = inp.c0.clone();
-    let ops = GemmOps {
-        alpha: cs.alpha,
-        beta: cs.beta,
-        bias: inp.bias.as_deref(),
-        relu: cs.relu,
-        a_relu_mask: inp.mask.as_ref().map(|m| m.view()),
-        ..GemmOps::default()
-    };
+    let ops = ops(cs, inp);
     gemm::gemm_with_isa(
         isa,
         inp.a.view(),
@@ -172,14 +45,7 @@ fn check_isa_against_reference(isa: Isa, cs: &Case) -> Result<(), TestCaseError>
     let inp = inputs(cs);
     let ours = run_ours(isa, cs, &inp, Par::Rayon);
     let mut expect = inp.c0.clone();
-    let ops = GemmOps {
-        alpha: cs.alpha,
-        beta: cs.beta,
-        bias: inp.bias.as_deref(),
-        relu: cs.relu,
-        a_relu_mask: inp.mask.as_ref().map(|m| m.view()),
-        ..GemmOps::default()
-    };
+    let ops = ops(cs, &inp);
     reference::gemm(
         inp.a.view(),
         inp.b.view(),
@@ -215,12 +81,12 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
     #[test]
-    fn gemm_matches_reference(cs in case()) {
+    fn gemm_matches_reference(cs in case(dim())) {
         check_against_reference(&cs)?;
     }
 
     #[test]
-    fn gemm_is_thread_count_invariant(cs in case()) {
+    fn gemm_is_thread_count_invariant(cs in case(dim())) {
         let inp = inputs(&cs);
         let pool = |t| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
         let split = Par::AlwaysSplit;
@@ -228,7 +94,6 @@ proptest! {
             let one = pool(1).install(|| run_ours(isa, &cs, &inp, split));
             let two = pool(2).install(|| run_ours(isa, &cs, &inp, split));
             let three = pool(3).install(|| run_ours(isa, &cs, &inp, split));
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             prop_assert_eq!(bits(&one), bits(&two));
             prop_assert_eq!(bits(&one), bits(&three));
         }

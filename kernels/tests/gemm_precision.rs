@@ -13,6 +13,10 @@
 //! `gemm` runs the path `Isa::selected` picks; every path this CPU supports (portable,
 //! AVX512-BF16, AMX tiles) is also checked directly through `gemm_rounded_bf16`.
 
+mod common;
+
+use common::gemm::{Case, Inputs, case, inputs};
+use common::{bits, fill};
 use dlrm_kernels::bf16::{Bf16, Isa};
 use dlrm_kernels::gemm::{self, GemmOps, MatMut, MatRef, Precision};
 use dlrm_kernels::parallel::Par;
@@ -20,143 +24,17 @@ use dlrm_kernels::reference;
 use proptest::prelude::*;
 
 /// Dimensions biased towards the awkward: 1, tile and pair edges (15, 16, 17, 31, 32, 33), odd.
-fn dim() -> impl Strategy<Value = usize> {
+fn dim() -> impl Strategy<Value = usize> + Clone {
     prop_oneof![
         3 => prop::sample::select(vec![1usize, 2, 3, 7, 12, 13, 15, 16, 17, 24, 31, 32, 33, 47, 48, 63, 64, 65, 97, 128, 129, 255, 257]),
         1 => 1usize..=300,
     ]
 }
 
-/// Deterministic pseudo-random values in [-1, 1), most not representable in bf16.
-fn fill(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
-/// A matrix of logical shape rows x cols, stored transposed or not, with padded leading
-/// dimension.
-struct Operand {
-    data: Vec<f32>,
-    rows: usize,
-    cols: usize,
-    trans: bool,
-    ld: usize,
-}
-
-impl Operand {
-    fn new(rows: usize, cols: usize, trans: bool, pad: usize, seed: u64) -> Self {
-        let (sr, sc) = if trans { (cols, rows) } else { (rows, cols) };
-        let ld = sc + pad;
-        Operand {
-            data: fill(sr * ld, seed),
-            rows,
-            cols,
-            trans,
-            ld,
-        }
-    }
-
-    fn view(&self) -> MatRef<'_> {
-        if self.trans {
-            MatRef::with_row_stride(&self.data, self.cols, self.rows, self.ld).t()
-        } else {
-            MatRef::with_row_stride(&self.data, self.rows, self.cols, self.ld)
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Case {
-    m: usize,
-    n: usize,
-    k: usize,
-    ta: bool,
-    tb: bool,
-    pads: (usize, usize, usize),
-    alpha: f32,
-    beta: f32,
-    bias: bool,
-    relu: bool,
-    mask: bool,
-    seed: u64,
-}
-
-fn case() -> impl Strategy<Value = Case> {
-    (
-        (dim(), dim(), dim()),
-        (any::<bool>(), any::<bool>()),
-        (0usize..3, 0usize..3, 0usize..3),
-        prop::sample::select(vec![1.0f32, -0.5, 2.0]),
-        prop::sample::select(vec![0.0f32, 1.0, 0.25]),
-        (any::<bool>(), any::<bool>(), any::<bool>()),
-        any::<u64>(),
-    )
-        .prop_map(
-            |((m, n, k), (ta, tb), pads, alpha, beta, (bias, relu, mask), seed)| Case {
-                m,
-                n,
-                k,
-                ta,
-                tb,
-                pads,
-                alpha,
-                beta,
-                bias,
-                relu,
-                mask,
-                seed,
-            },
-        )
-}
-
-struct Inputs {
-    a: Operand,
-    b: Operand,
-    mask: Option<Operand>,
-    bias: Option<Vec<f32>>,
-    c0: Vec<f32>,
-    ldc: usize,
-}
-
-fn inputs(cs: &Case) -> Inputs {
-    let a = Operand::new(cs.m, cs.k, cs.ta, cs.pads.0, cs.seed);
-    let b = Operand::new(cs.k, cs.n, cs.tb, cs.pads.1, cs.seed ^ 1);
-    let mask = cs
-        .mask
-        .then(|| Operand::new(cs.m, cs.k, cs.ta, cs.pads.0, cs.seed ^ 2));
-    let bias = cs.bias.then(|| fill(cs.n, cs.seed ^ 3));
-    let ldc = cs.n + cs.pads.2;
-    // NaN in C must not leak out when beta = 0 (C is then write-only).
-    let c0 = if cs.beta == 0.0 {
-        vec![f32::NAN; cs.m * ldc]
-    } else {
-        fill(cs.m * ldc, cs.seed ^ 4)
-    };
-    Inputs {
-        a,
-        b,
-        mask,
-        bias,
-        c0,
-        ldc,
-    }
-}
-
 fn ops<'a>(cs: &Case, inp: &'a Inputs, precision: Precision) -> GemmOps<'a> {
     GemmOps {
-        alpha: cs.alpha,
-        beta: cs.beta,
-        bias: inp.bias.as_deref(),
-        relu: cs.relu,
-        a_relu_mask: inp.mask.as_ref().map(|m| m.view()),
         precision,
+        ..common::gemm::ops(cs, inp)
     }
 }
 
@@ -291,22 +169,18 @@ impl<'a> Twin<'a> {
     }
 }
 
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(96))]
 
     #[test]
-    fn bf16_gemm_matches_the_rounded_twin(cs in case()) {
+    fn bf16_gemm_matches_the_rounded_twin(cs in case(dim())) {
         let inp = inputs(&cs);
         let ours = run(&cs, &inp, Precision::Bf16, Par::Rayon);
         check(&cs, &inp, &ours).map_err(TestCaseError::fail)?;
     }
 
     #[test]
-    fn bf16_gemm_is_thread_count_invariant(cs in case()) {
+    fn bf16_gemm_is_thread_count_invariant(cs in case(dim())) {
         let inp = inputs(&cs);
         let seq = run(&cs, &inp, Precision::Bf16, Par::Seq);
         for threads in [1, 2, 3] {
@@ -317,7 +191,7 @@ proptest! {
     }
 
     #[test]
-    fn every_isa_matches_the_rounded_twin_for_any_thread_count(cs in case()) {
+    fn every_isa_matches_the_rounded_twin_for_any_thread_count(cs in case(dim())) {
         let inp = inputs(&cs);
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         for isa in Isa::all_supported() {

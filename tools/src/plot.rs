@@ -23,23 +23,51 @@ pub fn write_svg(path: &Path, title: &str, rows: &[Row], boundaries: &[Boundary]
     draw(path, title, rows, boundaries).map_err(|e| anyhow!("drawing {}: {e}", path.display()))
 }
 
-fn draw(
-    path: &Path,
-    title: &str,
-    rows: &[Row],
-    boundaries: &[Boundary],
-) -> Result<(), Box<dyn std::error::Error>> {
+type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
+type DrawResult = Result<(), Box<dyn std::error::Error>>;
+
+/// What both panels share: the thread axis and the boundary marks on it.
+struct ThreadAxis<'a> {
+    min_t: f64,
+    max_t: f64,
+    /// The measured thread counts and half a thread either side, nothing more.
+    range: std::ops::Range<f64>,
+    labels: usize,
+    marks: Vec<&'a Boundary>,
+}
+
+impl<'a> ThreadAxis<'a> {
+    fn new(rows: &[Row], boundaries: &'a [Boundary]) -> Self {
+        let min_t = rows.iter().map(|r| r.threads).min().unwrap_or(1) as f64;
+        let max_t = rows.iter().map(|r| r.threads).max().unwrap_or(1) as f64;
+        ThreadAxis {
+            min_t,
+            max_t,
+            range: min_t - 0.5..max_t + 0.5,
+            // Whole thread counts only: one label per thread on small machines, ~12 on big ones.
+            labels: ((max_t - min_t) as usize + 2).min(MAX_X_LABELS),
+            marks: boundaries
+                .iter()
+                .filter(|b| (min_t..=max_t).contains(&(b.threads as f64)))
+                .collect(),
+        }
+    }
+}
+
+fn draw(path: &Path, title: &str, rows: &[Row], boundaries: &[Boundary]) -> DrawResult {
     let root = SVGBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
     root.fill(&WHITE)?;
     let root = root.titled(title, ("sans-serif", 20))?;
     let (upper, lower) = root.split_vertically(TOP_PANEL);
+    let axis = ThreadAxis::new(rows, boundaries);
+    draw_throughput(&upper, &axis, rows)?;
+    draw_efficiency(&lower, &axis, rows)?;
+    root.present()?;
+    Ok(())
+}
 
-    let min_t = rows.iter().map(|r| r.threads).min().unwrap_or(1) as f64;
-    let max_t = rows.iter().map(|r| r.threads).max().unwrap_or(1) as f64;
-    // The measured thread counts and half a thread either side, nothing more.
-    let x_range = min_t - 0.5..max_t + 0.5;
-    // Whole thread counts only: one label per thread on small machines, ~12 on big ones.
-    let x_labels = ((max_t - min_t) as usize + 2).min(MAX_X_LABELS);
+/// The upper panel: samples/s against threads, with the ideal line and min-max bars.
+fn draw_throughput(area: &Area, axis: &ThreadAxis, rows: &[Row]) -> DrawResult {
     let base = &rows[0];
     let per_thread = base.samples_per_sec / base.threads as f64;
     let ideal = |t: f64| per_thread * t;
@@ -48,28 +76,23 @@ fn draw(
         .map(|r| r.samples_per_sec_max.max(ideal(r.threads as f64)))
         .fold(0.0, f64::max)
         * 1.1;
-    let marks: Vec<&Boundary> = boundaries
-        .iter()
-        .filter(|b| (min_t..=max_t).contains(&(b.threads as f64)))
-        .collect();
-
-    let mut chart = ChartBuilder::on(&upper)
+    let mut chart = ChartBuilder::on(area)
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(80)
-        .build_cartesian_2d(x_range.clone(), 0.0..top.max(1.0))?;
+        .build_cartesian_2d(axis.range.clone(), 0.0..top.max(1.0))?;
     chart
         .configure_mesh()
         .x_desc("threads")
         .y_desc("samples/s")
-        .x_labels(x_labels)
+        .x_labels(axis.labels)
         .x_label_formatter(&whole_threads)
         .y_label_formatter(&|v| thousands(*v))
         .light_line_style(WHITE)
         .draw()?;
     chart
         .draw_series(DashedLineSeries::new(
-            [base.threads as f64, max_t].map(|t| (t, ideal(t))),
+            [base.threads as f64, axis.max_t].map(|t| (t, ideal(t))),
             6,
             4,
             IDEAL.stroke_width(2),
@@ -94,35 +117,39 @@ fn draw(
             MEASURED.stroke_width(1),
         )
     }))?;
-    draw_marks(&mut chart, &marks, top)?;
+    draw_marks(&mut chart, &axis.marks, top)?;
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()?;
+    Ok(())
+}
 
+/// The lower panel: parallel efficiency (%) against threads, with the 100% line.
+fn draw_efficiency(area: &Area, axis: &ThreadAxis, rows: &[Row]) -> DrawResult {
     let eff_top = rows
         .iter()
         .map(|r| 100.0 * r.efficiency)
         .fold(110.0, f64::max)
         * 1.05;
-    let mut chart = ChartBuilder::on(&lower)
+    let mut chart = ChartBuilder::on(area)
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(80)
-        .build_cartesian_2d(x_range, 0.0..eff_top)?;
+        .build_cartesian_2d(axis.range.clone(), 0.0..eff_top)?;
     chart
         .configure_mesh()
         .x_desc("threads")
         .y_desc("parallel efficiency (%)")
-        .x_labels(x_labels)
+        .x_labels(axis.labels)
         .x_label_formatter(&whole_threads)
         .y_label_formatter(&|v| format!("{v:.0}"))
         .light_line_style(WHITE)
         .draw()?;
     chart.draw_series(DashedLineSeries::new(
-        [(min_t - 0.5, 100.0), (max_t + 0.5, 100.0)],
+        [(axis.min_t - 0.5, 100.0), (axis.max_t + 0.5, 100.0)],
         6,
         4,
         IDEAL.stroke_width(2),
@@ -139,8 +166,7 @@ fn draw(
             MEASURED.filled(),
         )
     }))?;
-    draw_marks(&mut chart, &marks, eff_top)?;
-    root.present()?;
+    draw_marks(&mut chart, &axis.marks, eff_top)?;
     Ok(())
 }
 

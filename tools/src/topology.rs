@@ -157,73 +157,96 @@ fn parse_id(what: String, value: &str) -> Result<i64, TopologyError> {
     })
 }
 
+/// One CPU's sysfs strings, parsed: its package and core ids, and its thread rank (its
+/// position in its sibling list).
+struct ParsedCpu {
+    id: usize,
+    package: i64,
+    core: i64,
+    thread: usize,
+}
+
+impl ParsedCpu {
+    fn parse(c: &RawCpu) -> Result<ParsedCpu, TopologyError> {
+        let package = parse_id(
+            format!("cpu{} physical_package_id", c.id),
+            &c.physical_package_id,
+        )?;
+        let core = parse_id(format!("cpu{} core_id", c.id), &c.core_id)?;
+        let siblings = parse_cpulist(
+            &format!("cpu{} thread_siblings_list", c.id),
+            &c.thread_siblings_list,
+        )?;
+        let thread = siblings.iter().position(|&s| s == c.id).ok_or_else(|| {
+            TopologyError::NotOwnSibling {
+                cpu: c.id,
+                list: c.thread_siblings_list.trim().to_string(),
+            }
+        })?;
+        Ok(ParsedCpu {
+            id: c.id,
+            package,
+            core,
+            thread,
+        })
+    }
+}
+
+/// The NUMA node of each CPU listed by a node.
+fn node_of_cpus(nodes: &[RawNode]) -> Result<BTreeMap<usize, usize>, TopologyError> {
+    let mut node_of = BTreeMap::new();
+    for n in nodes {
+        for cpu in parse_cpulist(&format!("node{} cpulist", n.id), &n.cpulist)? {
+            node_of.insert(cpu, n.id);
+        }
+    }
+    Ok(node_of)
+}
+
+/// The rank of each (package id, core id) within its package, cores ordered by (node, first
+/// CPU).
+fn core_ranks(
+    parsed: &[ParsedCpu],
+    node_of: &BTreeMap<usize, usize>,
+    packages: &BTreeSet<i64>,
+) -> BTreeMap<(i64, i64), usize> {
+    let mut cores: BTreeMap<(i64, i64), (Option<usize>, usize)> = BTreeMap::new();
+    for p in parsed {
+        let key = (node_of.get(&p.id).copied(), p.id);
+        cores
+            .entry((p.package, p.core))
+            .and_modify(|k| *k = (*k).min(key))
+            .or_insert(key);
+    }
+    let mut core_rank = BTreeMap::new();
+    for &package in packages {
+        let mut in_socket: Vec<_> = cores
+            .iter()
+            .filter(|((pk, _), _)| *pk == package)
+            .map(|(&k, &order)| (order, k))
+            .collect();
+        in_socket.sort();
+        for (rank, (_, k)) in in_socket.into_iter().enumerate() {
+            core_rank.insert(k, rank);
+        }
+    }
+    core_rank
+}
+
 impl Topology {
     /// Builds the topology from the sysfs strings of every online CPU and every NUMA node.
     pub fn parse(cpus: &[RawCpu], nodes: &[RawNode]) -> Result<Topology, TopologyError> {
         if cpus.is_empty() {
             return Err(TopologyError::Empty);
         }
-        let mut node_of = BTreeMap::new();
-        for n in nodes {
-            for cpu in parse_cpulist(&format!("node{} cpulist", n.id), &n.cpulist)? {
-                node_of.insert(cpu, n.id);
-            }
-        }
-        // (package id, core id) -> the core's CPUs; the thread rank of a CPU is its position
-        // in its sibling list.
-        struct Parsed {
-            id: usize,
-            package: i64,
-            core: i64,
-            thread: usize,
-        }
-        let mut parsed = Vec::with_capacity(cpus.len());
-        for c in cpus {
-            let package = parse_id(
-                format!("cpu{} physical_package_id", c.id),
-                &c.physical_package_id,
-            )?;
-            let core = parse_id(format!("cpu{} core_id", c.id), &c.core_id)?;
-            let siblings = parse_cpulist(
-                &format!("cpu{} thread_siblings_list", c.id),
-                &c.thread_siblings_list,
-            )?;
-            let thread = siblings.iter().position(|&s| s == c.id).ok_or_else(|| {
-                TopologyError::NotOwnSibling {
-                    cpu: c.id,
-                    list: c.thread_siblings_list.trim().to_string(),
-                }
-            })?;
-            parsed.push(Parsed {
-                id: c.id,
-                package,
-                core,
-                thread,
-            });
-        }
+        let node_of = node_of_cpus(nodes)?;
+        let parsed = cpus
+            .iter()
+            .map(ParsedCpu::parse)
+            .collect::<Result<Vec<_>, _>>()?;
         let packages: BTreeSet<i64> = parsed.iter().map(|p| p.package).collect();
         let socket_of = |package: i64| packages.iter().position(|&p| p == package).expect("seen");
-        // Cores of each socket, ordered by (node, first CPU).
-        let mut cores: BTreeMap<(i64, i64), (Option<usize>, usize)> = BTreeMap::new();
-        for p in &parsed {
-            let key = (node_of.get(&p.id).copied(), p.id);
-            cores
-                .entry((p.package, p.core))
-                .and_modify(|k| *k = (*k).min(key))
-                .or_insert(key);
-        }
-        let mut core_rank = BTreeMap::new();
-        for &package in &packages {
-            let mut in_socket: Vec<_> = cores
-                .iter()
-                .filter(|((pk, _), _)| *pk == package)
-                .map(|(&k, &order)| (order, k))
-                .collect();
-            in_socket.sort();
-            for (rank, (_, k)) in in_socket.into_iter().enumerate() {
-                core_rank.insert(k, rank);
-            }
-        }
+        let core_rank = core_ranks(&parsed, &node_of, &packages);
         let mut cpus: Vec<Cpu> = parsed
             .iter()
             .map(|p| Cpu {

@@ -68,6 +68,11 @@ impl Queue {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Most rows that may wait (`--queue-rows`).
+    pub fn capacity_rows(&self) -> usize {
+        self.capacity_rows
+    }
+
     /// Rows waiting.
     pub fn rows(&self) -> usize {
         self.lock().rows

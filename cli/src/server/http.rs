@@ -150,6 +150,7 @@ async fn score(
     let served = app.current();
     let version = served.name.clone();
     let (reply, answer) = tokio::sync::oneshot::channel();
+    let num_rows = rows.len();
     let job = Job {
         rows,
         served,
@@ -163,7 +164,10 @@ async fn score(
         ),
         Refused::TooLarge => Failure(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "the request has more rows than --queue-rows".into(),
+            format!(
+                "the request has {num_rows} rows, more than --queue-rows ({})",
+                app.queue.capacity_rows()
+            ),
         ),
         Refused::Closed => Failure(
             StatusCode::SERVICE_UNAVAILABLE,

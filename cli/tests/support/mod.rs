@@ -2,8 +2,24 @@
 //! of a clean error. Each test binary uses part of it.
 #![allow(dead_code)]
 
+pub mod serve;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+/// `dlrm train` arguments of a short synthetic run: 20 steps of 128 samples on 2 threads, then
+/// an evaluation on 1024 rows.
+pub const SHORT_TRAIN: [&str; 9] = [
+    "train",
+    "--data-size",
+    "2560",
+    "--test-data-size",
+    "1024",
+    "--mini-batch-size",
+    "128",
+    "--threads",
+    "2",
+];
 
 /// A folder of its own under the system's temporary folder, removed when dropped.
 pub struct Scratch(pub PathBuf);

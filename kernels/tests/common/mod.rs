@@ -1,5 +1,8 @@
-//! Random embedding-bag problems shared by the embedding and optimizer property tests.
+//! Random inputs shared by the kernels' property tests: embedding-bag problems here, GEMM
+//! problems in [`gemm`].
 #![allow(dead_code)]
+
+pub mod gemm;
 
 use dlrm_kernels::embedding::{Bags, Pooling};
 use dlrm_kernels::parallel::Par;
