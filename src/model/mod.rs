@@ -193,11 +193,24 @@ pub fn validate_batch(
     num_dense: usize,
     tables: &[EmbeddingTable],
 ) -> Result<(), BatchError> {
+    validate_batch_rows(
+        batch,
+        num_dense,
+        &tables.iter().map(|t| t.rows()).collect::<Vec<_>>(),
+    )
+}
+
+/// [`validate_batch`] against tables of `table_rows[t]` rows.
+pub fn validate_batch_rows(
+    batch: &BatchView,
+    num_dense: usize,
+    table_rows: &[usize],
+) -> Result<(), BatchError> {
     let b = batch.size();
-    if batch.num_tables() != tables.len() {
+    if batch.num_tables() != table_rows.len() {
         return Err(BatchError::TableCount {
             got: batch.num_tables(),
-            expected: tables.len(),
+            expected: table_rows.len(),
         });
     }
     if batch.num_dense != num_dense {
@@ -211,7 +224,7 @@ pub fn validate_batch(
             "dense values != samples x dense features",
         ));
     }
-    for (t, table) in tables.iter().enumerate() {
+    for (t, &rows) in table_rows.iter().enumerate() {
         let one_hot = batch.is_one_hot(t);
         let bags = batch.bags(t);
         if bags.len() != b {
@@ -226,7 +239,7 @@ pub fn validate_batch(
             });
         }
         // The one scan of the ids (the kernels do not check them again).
-        match bags.check(table.rows()) {
+        match bags.check(rows) {
             Ok(()) => {}
             Err(BagError::IdOutOfRange { position, id, rows }) => {
                 return Err(BatchError::IdOutOfRange {
