@@ -1,5 +1,6 @@
 //! `dlrm train`: flags (the reference's names where it has one), presets, and the run.
 
+use super::distributed::DistributedArgs;
 use super::models::ModelFlags;
 use super::preprocess::EncodingArgs;
 use super::{ThreadArgs, choice, ensure_at_least_one, ensure_zipf_alpha, samples_of};
@@ -175,6 +176,8 @@ pub struct TrainArgs {
     /// Write the run's summary as JSON to this file.
     #[arg(long)]
     report_json: Option<PathBuf>,
+    #[command(flatten)]
+    distributed: DistributedArgs,
 
     // Checkpoints.
     /// Save checkpoints (versioned, atomic) into this folder: at the end, and every
@@ -273,6 +276,14 @@ fn run_with(a: TrainArgs, cancel: &Cancel, temp: Option<&Path>) -> Result<()> {
     let arch = resolve_architecture(&p, &architecture_overrides(&a)?, dataset.as_ref())?;
     let resume = read_resume(&a, &arch, dataset.as_ref())?;
     let spec = run_spec(&a, &p, arch, dataset, resume.as_ref(), cancel)?;
+    if a.distributed.wanted() {
+        super::distributed::check_flags(&a.distributed)?;
+        anyhow::ensure!(
+            a.save_model.is_none() && a.load_model.is_none(),
+            "--save-model and --load-model are not supported in distributed training yet"
+        );
+        return super::distributed::run(&a.distributed, spec, a.report_json.as_deref());
+    }
     let Some(mut report) = pool.install(|| train_spec(&a, spec, resume.as_ref()))? else {
         return Ok(());
     };

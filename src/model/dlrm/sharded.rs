@@ -154,6 +154,10 @@ impl ShardedDlrm {
         &self.model
     }
 
+    pub fn reduction(&self) -> DenseReduction {
+        self.reduction
+    }
+
     /// The communication so far.
     pub fn comm_stats(&self) -> CommStats {
         self.stats
