@@ -170,14 +170,14 @@ impl ShardedDlrm {
     /// Why a global training batch of `b` samples cannot run on these ranks, if it cannot.
     pub fn batch_size_error(&self, b: usize) -> Option<String> {
         let n = self.plan.ranks();
-        if b % n != 0 {
+        if !b.is_multiple_of(n) {
             return Some(format!(
                 "--mini-batch-size {b} is not divisible by the {n} ranks (each rank trains an \
                  equal slice of the global batch)"
             ));
         }
         let rows = chunking(b).1;
-        if self.reduction == DenseReduction::Ordered && (b / n) % rows != 0 {
+        if self.reduction == DenseReduction::Ordered && !(b / n).is_multiple_of(rows) {
             return Some(format!(
                 "--deterministic needs each rank's {} samples to be whole chunks of the dense \
                  step ({rows} rows at --mini-batch-size {b}); pick a batch size whose slices are",
