@@ -286,7 +286,9 @@ impl ShardedDlrm {
             ));
         }
         let arch = &self.model.arch;
-        validate_batch_rows(batch, arch.num_dense(), &arch.table_sizes)?;
+        validate_batch_rows(batch, arch.num_dense(), arch.num_tables(), |t| {
+            arch.table_sizes[t]
+        })?;
         timer.lap(|p| &mut p.other);
         let (input, n) = self.forward(comm, batch, timer);
         let loss = self.model.chunk_chain(input, n, true, timer);
@@ -410,7 +412,9 @@ impl ShardedDlrm {
     ) -> Result<(), BatchError> {
         check_capacity(batch, self.model.capacity)?;
         let arch = &self.model.arch;
-        validate_batch_rows(batch, arch.num_dense(), &arch.table_sizes)?;
+        validate_batch_rows(batch, arch.num_dense(), arch.num_tables(), |t| {
+            arch.table_sizes[t]
+        })?;
         let mut timer = PhaseTimer::default();
         let (input, n) = self.forward(comm, batch, &mut timer);
         self.model.chunk_chain(input, n, false, &mut timer);
