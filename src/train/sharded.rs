@@ -65,17 +65,15 @@ pub fn train_sharded(
     if let Some(why) = model.batch_size_error(b) {
         anyhow::bail!(why);
     }
-    // Whole global batches only: a last partial batch of an epoch is dropped (the ranks split
-    // every batch evenly).
-    let full_batches = data.train_len() / b as u64;
+    // Whole global batches only: the ranks split every batch evenly.
+    let len = data.train_len();
     anyhow::ensure!(
-        full_batches > 0,
-        "--mini-batch-size {b} is larger than the {} training samples",
-        data.train_len()
+        len >= b as u64 && (!opts.keep_last_batch || len.is_multiple_of(b as u64)),
+        "the {len} training samples are not a whole number of --mini-batch-size {b} batches: \
+         pass --drop-last-batch (each rank trains an equal slice of every global batch)"
     );
-    let (data_batches, per_epoch) = steps_per_epoch(opts, data.train_len())?;
-    let data_batches = data_batches.min(full_batches);
-    let steps = total_steps(opts, data.train_len())?;
+    let (data_batches, per_epoch) = steps_per_epoch(opts, len)?;
+    let steps = total_steps(opts, len)?;
     // The batch order of the single-process loop (shuffled per epoch when the data asks).
     let (_, mut shuffle_rng) = start_state(opts)?;
     let mut order = Vec::new();
