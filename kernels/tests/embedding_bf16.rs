@@ -61,7 +61,8 @@ fn split_update(
 }
 
 /// (table, state) after the f32 table's fused update.
-fn fp32_update(c: &BagCase, step: SparseStep, state0: &[f32]) -> (Vec<f32>, Vec<f32>) {
+/// The f32 update on `isa` (whose vector width decides whether multiply-adds are fused).
+fn fp32_update(c: &BagCase, step: SparseStep, state0: &[f32], isa: Isa) -> (Vec<f32>, Vec<f32>) {
     let (mut table, mut state) = (c.table.clone(), state0.to_vec());
     let t = TableMut {
         weights: MatMut::from_rows(&mut table, c.dim),
@@ -69,7 +70,17 @@ fn fp32_update(c: &BagCase, step: SparseStep, state0: &[f32]) -> (Vec<f32>, Vec<
     };
     let grad_out = MatRef::with_row_stride(&c.grad_out, c.num_bags(), c.dim, c.stride);
     let ws = &mut SparseGradWorkspace::default();
-    optim::embedding_bag_backward_update(t, c.bags(), c.pooling, grad_out, step, ws, Par::Rayon);
+    let bags = c.bags();
+    optim::embedding_bag_backward_update_with_isa(
+        isa,
+        t,
+        bags,
+        c.pooling,
+        grad_out,
+        step,
+        ws,
+        Par::Rayon,
+    );
     (table, state)
 }
 
@@ -129,14 +140,15 @@ proptest! {
     ) {
         let step = SparseStep { opt, weight_decay: wd };
         let state0 = fill_range(c.rows * opt.state_width(c.dim), c.seed ^ 11, 0.1, 1.1);
-        let (want_table, want_state) = fp32_update(&c, step, &state0);
         for isa in Isa::all_supported() {
+            let (want_table, want_state) = fp32_update(&c, step, &state0, isa);
             for (hi, lo, state) in on_1_2_3_threads(|par| split_update(&c, step, &state0, isa, par)) {
                 prop_assert_eq!(bits(&reference::join_f32(&hi, &lo)), bits(&want_table), "{:?}", isa);
                 prop_assert_eq!(bits(&state), bits(&want_state), "{:?}", isa);
             }
         }
         // The twin (f64 arithmetic) agrees within the f32 update's rounding.
+        let (want_table, _) = fp32_update(&c, step, &state0, Isa::selected());
         let (mut hi, mut lo) = reference::split_f32(&c.table);
         let mut state = state0.clone();
         let grad_out = MatRef::with_row_stride(&c.grad_out, c.num_bags(), c.dim, c.stride);
