@@ -53,7 +53,7 @@ fn tensors(model: &dyn Parameters) -> Tensors {
     let mut out = Tensors::new();
     model.parameters(&mut |(name, _, tensor)| {
         out.insert(format!("{name} state"), tensor.state.to_vec());
-        out.insert(name, tensor.values.to_vec());
+        out.insert(name, tensor.values().to_vec());
     });
     out
 }

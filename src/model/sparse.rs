@@ -170,7 +170,7 @@ impl SparseTables {
         if self.layout() == TableLayout::SplitBf16 {
             let lookup = |t: usize| {
                 let (hi, _) = tables[t].split_halves();
-                (SplitTable::new(hi, tables[t].dim()), batch.bags(t))
+                (SplitTable::new(hi, tables[t].dim()), bags(t))
             };
             let isa = Isa::selected();
             embedding_bag_forward_split(tables.len(), lookup, Pooling::Sum, out, isa, par);

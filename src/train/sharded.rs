@@ -105,6 +105,7 @@ pub fn train_sharded(
                 epoch: step / per_epoch,
                 loss: interval_loss / interval_steps as f64,
                 ms_per_step: 1e3 * secs / interval_steps as f64,
+                lr: opts.lr.at(step),
                 samples_per_sec: (interval_steps * b as u64) as f64 / secs,
             });
             (interval_loss, interval_steps, interval_start) = (0.0, 0, Instant::now());
