@@ -8,7 +8,9 @@
 use dlrm::config::Preset;
 use dlrm::data::Batch;
 use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
-use dlrm::distributed::{Collectives, LocalGroup, PlanError, ShardPlan};
+use dlrm::distributed::{
+    Collectives, LocalGroup, Placement, PlanError, PlanOptions, ShardPlan, TableCost,
+};
 use dlrm::model::architecture::{Architecture, InteractionOp};
 use dlrm::model::dlrm::{DenseReduction, Dlrm, ShardedDlrm};
 use dlrm::model::parameters::{Parameters, TableSource};
@@ -58,13 +60,21 @@ fn tensors(model: &dyn Parameters) -> Tensors {
     out
 }
 
-fn plan(arch: &Architecture, ranks: usize) -> ShardPlan {
-    let bytes: Vec<u64> = arch
-        .table_sizes
-        .iter()
-        .map(|&r| (r * arch.embedding_dim * 4) as u64)
+/// The plan of `arch`'s tables on `ranks`; `replicate_tiny`: the tables under 2,048 rows
+/// (6 of the tiny preset's 8) on every rank.
+fn plan(arch: &Architecture, ranks: usize, replicate_tiny: bool) -> ShardPlan {
+    let tables: Vec<TableCost> = (arch.table_sizes.iter())
+        .map(|&rows| TableCost {
+            rows,
+            bytes: (rows * arch.embedding_dim * 4) as u64,
+            lookup_bytes: 2 * arch.embedding_dim as u64 * 4,
+        })
         .collect();
-    ShardPlan::table_wise(&bytes, ranks, None).unwrap()
+    let options = PlanOptions {
+        budget: None,
+        replicate_tiny,
+    };
+    ShardPlan::table_wise(&tables, ranks, options).unwrap()
 }
 
 /// One process: the parameters after `steps` steps of `batch` samples, and the predictions
@@ -91,13 +101,13 @@ fn single(optimizer: OptimizerKind, batch: usize, steps: usize) -> (Tensors, Vec
 /// rank 0's predictions for the held-out set.
 fn sharded(
     optimizer: OptimizerKind,
-    ranks: usize,
+    plan: &ShardPlan,
     reduction: DenseReduction,
     batch: usize,
     steps: usize,
 ) -> (Tensors, Vec<f32>) {
     let (arch, data) = (arch(), data(&arch()));
-    let plan = plan(&arch, ranks);
+    let ranks = plan.ranks();
     let results: Vec<(Tensors, Vec<f32>)> = std::thread::scope(|s| {
         let handles: Vec<_> = LocalGroup::ranks(ranks)
             .into_iter()
@@ -167,19 +177,19 @@ fn ordered_reduction_is_bit_identical_to_one_process_on_1_to_4_ranks() {
         for ranks in 1..=4 {
             let batch = batch_for(ranks);
             let (want, want_probs) = single(optimizer, batch, 4);
-            let (got, got_probs) = sharded(optimizer, ranks, DenseReduction::Ordered, batch, 4);
-            assert_eq!(
-                want.keys().collect::<Vec<_>>(),
-                got.keys().collect::<Vec<_>>()
-            );
-            for (name, w) in &want {
-                assert_eq!(bits(w), bits(&got[name]), "{optimizer:?} N={ranks}: {name}");
+            for replicate_tiny in [false, true] {
+                let plan = plan(&arch(), ranks, replicate_tiny);
+                let case = format!("{optimizer:?} N={ranks} replicas {replicate_tiny}");
+                let (got, got_probs) = sharded(optimizer, &plan, DenseReduction::Ordered, batch, 4);
+                assert_eq!(
+                    want.keys().collect::<Vec<_>>(),
+                    got.keys().collect::<Vec<_>>()
+                );
+                for (name, w) in &want {
+                    assert_eq!(bits(w), bits(&got[name]), "{case}: {name}");
+                }
+                assert_eq!(bits(&want_probs), bits(&got_probs), "{case}");
             }
-            assert_eq!(
-                bits(&want_probs),
-                bits(&got_probs),
-                "{optimizer:?} N={ranks}"
-            );
         }
     }
 }
@@ -190,7 +200,7 @@ fn all_reduce_agrees_with_one_process_within_1e_5() {
     let (want, _) = single(OptimizerKind::Adagrad, batch, steps);
     let (got, _) = sharded(
         OptimizerKind::Adagrad,
-        ranks,
+        &plan(&arch(), ranks, true),
         DenseReduction::AllReduce,
         batch,
         steps,
@@ -209,14 +219,69 @@ fn all_reduce_agrees_with_one_process_within_1e_5() {
     }
 }
 
+/// Tables of `rows`, each row and each lookup 1 byte ([`TableCost`]s for plan tests).
+fn costs(tables: &[(usize, u64)]) -> Vec<TableCost> {
+    (tables.iter())
+        .map(|&(rows, lookup_bytes)| TableCost {
+            rows,
+            bytes: rows as u64,
+            lookup_bytes,
+        })
+        .collect()
+}
+
 #[test]
-fn the_plan_packs_largest_tables_first_onto_the_least_loaded_rank() {
-    let plan = ShardPlan::table_wise(&[10, 40, 30, 20, 5], 2, None).unwrap();
-    // 40 -> 0, 30 -> 1, 20 -> 1 (30 < 40), 10 -> 0 (40 < 50), 5 -> 0 (50 = 50: lower rank).
-    assert_eq!(plan.owner, [0, 0, 1, 1, 0]);
-    assert_eq!(plan.rank_bytes, [55, 50]);
+fn the_plan_packs_largest_tables_first_balancing_bytes_and_lookups() {
+    let opts = PlanOptions::default();
+    // Equal lookups, so bytes decide: 40 -> 0, 30 -> 1, 20 -> 1 (a share of 50/105 beats
+    // 60/105), 10 -> 0 (50/105 beats 60/105), 5 -> 0 (both shares tie: the lower rank).
+    let tables = costs(&[(10, 1), (40, 1), (30, 1), (20, 1), (5, 1)]);
+    let plan = ShardPlan::table_wise(&tables, 2, opts).unwrap();
+    let owner = Placement::Owner;
+    assert_eq!(
+        plan.placement,
+        [owner(0), owner(0), owner(1), owner(1), owner(0)]
+    );
+    assert_eq!(
+        (plan.rank_bytes.clone(), plan.rank_lookup_bytes.clone()),
+        (vec![55, 50], vec![3, 2])
+    );
     assert_eq!(plan.tables_of(1), [2, 3]);
-    let err = ShardPlan::table_wise(&[10, 40, 30], 2, Some(35)).unwrap_err();
+    // Table 0 is read 6 times a sample: by bytes alone rank 0 would also get table 2 (7 of the
+    // 9 lookups); balancing both leaves rank 0 the one table and at most 70% of either.
+    let tables = costs(&[(30, 6), (30, 1), (30, 1), (10, 1)]);
+    let plan = ShardPlan::table_wise(&tables, 2, opts).unwrap();
+    assert_eq!(plan.tables_of(0), [0]);
+    assert_eq!(plan.tables_of(1), [1, 2, 3]);
+}
+
+#[test]
+fn tiny_tables_are_replicated_on_every_rank_and_count_against_every_budget() {
+    let tables = costs(&[(100_000, 1), (2_047, 1), (2_048, 1), (50_000, 1), (10, 1)]);
+    let options = PlanOptions {
+        budget: None,
+        replicate_tiny: true,
+    };
+    let plan = ShardPlan::table_wise(&tables, 2, options).unwrap();
+    assert_eq!(plan.replicated(), [1, 4]);
+    assert_eq!(plan.tables_of(0), [0]);
+    assert_eq!(plan.tables_of(1), [2, 3]);
+    assert_eq!(plan.rank_bytes, [100_000 + 2_057, 52_048 + 2_057]);
+    let text = plan.to_string();
+    assert!(
+        text.contains("every rank: tables [1,4] replicated"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_plan_that_does_not_fit_is_refused_naming_the_table_and_its_bytes() {
+    let tables = costs(&[(10, 1), (40, 1), (30, 1)]);
+    let budget = |b| PlanOptions {
+        budget: Some(b),
+        replicate_tiny: false,
+    };
+    let err = ShardPlan::table_wise(&tables, 2, budget(35)).unwrap_err();
     assert_eq!(
         err,
         PlanError::DoesNotFit {
@@ -227,6 +292,20 @@ fn the_plan_packs_largest_tables_first_onto_the_least_loaded_rank() {
         }
     );
     assert!(err.to_string().contains("table 1 (40 bytes"), "{err}");
+    // Replicas fill every rank first: 10 + 40 + 30 replicated leave no room past 70.
+    let replicate = PlanOptions {
+        replicate_tiny: true,
+        ..budget(70)
+    };
+    let err = ShardPlan::table_wise(&tables, 2, replicate).unwrap_err();
+    assert!(err.to_string().contains("table 2 (30 bytes"), "{err}");
+    // The budget steers a table off the rank balance picks (rank 0: 60 + 20 > 75).
+    let tables = costs(&[(60, 1), (50, 5), (20, 1)]);
+    let unlimited = ShardPlan::table_wise(&tables, 2, PlanOptions::default()).unwrap();
+    assert_eq!(unlimited.tables_of(0), [0, 2]);
+    let plan = ShardPlan::table_wise(&tables, 2, budget(75)).unwrap();
+    assert_eq!(plan.tables_of(0), [0]);
+    assert_eq!(plan.tables_of(1), [1, 2]);
 }
 
 #[test]
@@ -238,7 +317,7 @@ fn a_batch_the_ranks_cannot_split_is_refused_with_the_reason() {
         OptimizerKind::Sgd,
         SEED,
         source,
-        plan(&arch, 3),
+        plan(&arch, 3, false),
         0,
         DenseReduction::Ordered,
     )

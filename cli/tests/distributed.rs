@@ -102,7 +102,7 @@ mod mpi {
                 let sharded = report(Some(n), &args);
                 assert_eq!(sharded["ranks"], n);
                 assert_eq!(sharded["per_rank"].as_array().unwrap().len(), n);
-                assert_eq!(sharded["plan"]["owner"].as_array().unwrap().len(), 8);
+                assert_eq!(sharded["plan"]["placement"].as_array().unwrap().len(), 8);
                 for m in METRICS {
                     assert_eq!(single[m], sharded[m], "{optimizer} on {n} ranks: {m}");
                 }

@@ -15,7 +15,7 @@
 pub mod mpi;
 mod plan;
 
-pub use plan::{PlanError, ShardPlan};
+pub use plan::{Placement, PlanError, PlanOptions, REPLICATE_BELOW_ROWS, ShardPlan, TableCost};
 
 use std::sync::{Arc, Barrier, Mutex, PoisonError};
 

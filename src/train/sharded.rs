@@ -23,7 +23,7 @@ pub struct RankTimes {
     /// `dense_update`, the dense reduction to `dense_update`).
     pub phase_seconds: BTreeMap<&'static str, f64>,
     /// Seconds and bytes of each collective (forward all-to-all, backward all-to-all, dense
-    /// all-reduce).
+    /// all-reduce, replicas' gradient gather).
     pub collectives: CommStats,
 }
 
@@ -167,6 +167,7 @@ fn gather_times(comm: &dyn Collectives, phases: PhaseSeconds, stats: CommStats) 
         stats.forward_all_to_all,
         stats.backward_all_to_all,
         stats.dense_all_reduce,
+        stats.replica_all_gather,
     ];
     let cost_values: Vec<[Vec<f64>; 3]> = costs
         .iter()
@@ -195,6 +196,7 @@ fn gather_times(comm: &dyn Collectives, phases: PhaseSeconds, stats: CommStats) 
                     forward_all_to_all: cost(0),
                     backward_all_to_all: cost(1),
                     dense_all_reduce: cost(2),
+                    replica_all_gather: cost(3),
                 },
             }
         })

@@ -8,10 +8,11 @@ use anyhow::Result;
 /// How the tables are placed on the ranks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ShardingArg {
-    /// Whole tables on ranks, largest first onto the least loaded rank (by bytes).
+    /// Whole tables on ranks, largest first onto the least loaded rank (by bytes and
+    /// lookups), within --rank-memory-gib.
     Table,
-    /// Table-wise packing within --rank-memory-gib (refused, naming the table, if it does
-    /// not fit).
+    /// As `table`, with the tables under 2,048 rows replicated on every rank
+    /// (data-parallel, out of the all-to-alls).
     Auto,
 }
 
@@ -84,7 +85,7 @@ mod with_mpi {
     use anyhow::{Context, Result};
     use dlrm::data::synthetic::{SyntheticData, SyntheticSource};
     use dlrm::distributed::mpi::MpiCollectives;
-    use dlrm::distributed::{Collectives, ShardPlan};
+    use dlrm::distributed::{Collectives, PlanOptions, ShardPlan, TableCost};
     use dlrm::metrics::{format_auc, format_ne};
     use dlrm::model::ModelKind;
     use dlrm::model::dlrm::{DenseReduction, ShardedDlrm};
@@ -111,7 +112,7 @@ mod with_mpi {
         let plan = plan(a, &spec, ranks)?;
         if rank == 0 {
             println!(
-                "sharding plan ({ranks} ranks, {:?}, table-wise):\n{plan}",
+                "sharding plan ({ranks} ranks, --sharding {:?}):\n{plan}",
                 a.sharding
             );
         }
@@ -166,18 +167,27 @@ mod with_mpi {
         Ok(())
     }
 
-    /// The table-wise plan of `spec`'s tables (weights and optimizer state) on `ranks`.
+    /// The plan of `spec`'s tables (weights and optimizer state; the ids per sample of the
+    /// data) on `ranks`.
     fn plan(a: &DistributedArgs, spec: &RunSpec, ranks: usize) -> Result<ShardPlan> {
         let d = spec.arch.embedding_dim;
         let width = spec.optimizer.sparse(0.0).state_width(d);
-        let bytes: Vec<u64> = (spec.arch.table_sizes.iter())
-            .map(|&rows| (rows * (d + width) * 4) as u64)
-            .collect();
-        let budget = match a.sharding {
-            ShardingArg::Table => None,
-            ShardingArg::Auto => a.rank_memory_gib.map(|g| (g * (1u64 << 30) as f64) as u64),
+        let ids_per_sample = match &spec.data {
+            DataSpec::Synthetic { config, .. } => config.num_indices_per_lookup.max(1),
+            _ => 1,
         };
-        Ok(ShardPlan::table_wise(&bytes, ranks, budget)?)
+        let tables: Vec<TableCost> = (spec.arch.table_sizes.iter())
+            .map(|&rows| TableCost {
+                rows,
+                bytes: (rows * (d + width) * 4) as u64,
+                lookup_bytes: (ids_per_sample * d * 4) as u64,
+            })
+            .collect();
+        let options = PlanOptions {
+            budget: a.rank_memory_gib.map(|g| (g * (1u64 << 30) as f64) as u64),
+            replicate_tiny: a.sharding == ShardingArg::Auto,
+        };
+        Ok(ShardPlan::table_wise(&tables, ranks, options)?)
     }
 
     fn print_summary(r: &ShardedReport) {

@@ -10,6 +10,11 @@
 //!   which applies its fused sparse update; the dense gradients are reduced across ranks
 //!   before the dense update.
 //!
+//! Tiny tables the plan replicates are data-parallel like the MLPs: each rank looks them up
+//! for its slice; backward their pooled gradients are gathered in rank order (the global
+//! batch's, in sample order) and every rank applies the whole batch's fused update, the very
+//! update one process applies, so the replicas stay identical and exact.
+//!
 //! With [`DenseReduction::Ordered`] every chunk's gradients are gathered and added in global
 //! chunk order, which is the single-process reduction (`reduce_grads`): N ranks then train
 //! bit for bit the model one process trains on the same global batch.
@@ -29,6 +34,7 @@ use crate::model::sparse::SparseTables;
 use crate::model::{
     BatchError, OptimizerKind, PhaseTimer, Task, check_capacity, head_predict, validate_batch_rows,
 };
+use dlrm_kernels::embedding::Bags;
 use serde::Serialize;
 use std::ops::Range;
 use std::time::Instant;
@@ -68,6 +74,8 @@ pub struct CommStats {
     pub forward_all_to_all: CollectiveCost,
     pub backward_all_to_all: CollectiveCost,
     pub dense_all_reduce: CollectiveCost,
+    /// The replicated tables' pooled gradients, gathered from every rank.
+    pub replica_all_gather: CollectiveCost,
 }
 
 impl CommStats {
@@ -75,6 +83,7 @@ impl CommStats {
         self.forward_all_to_all.seconds
             + self.backward_all_to_all.seconds
             + self.dense_all_reduce.seconds
+            + self.replica_all_gather.seconds
     }
 }
 
@@ -90,6 +99,15 @@ pub struct ShardedDlrm {
     rank: usize,
     /// Per rank: the tables it owns, in table order.
     owned: Vec<Vec<usize>>,
+    /// The tables every rank holds (in table order) and this rank's replicas of them.
+    replicated: Vec<usize>,
+    replicas: SparseTables,
+    /// Per replica: its bags' offsets for this rank's slice, rebased to start at 0.
+    slice_offsets: Vec<Vec<u32>>,
+    /// This rank's slice x replicas x d: their pooled vectors, then their gradients.
+    replica_pooled: Vec<f32>,
+    /// Global batch x replicas x d: every rank's replica gradients, in sample order.
+    replica_grads: Vec<f32>,
     reduction: DenseReduction,
     /// Global batch x this rank's tables x d: the pooled lookups, then their gradients.
     pooled: Vec<f32>,
@@ -117,19 +135,22 @@ impl ShardedDlrm {
         reduction: DenseReduction,
     ) -> anyhow::Result<ShardedDlrm> {
         let owned: Vec<Vec<usize>> = (0..plan.ranks()).map(|q| plan.tables_of(q)).collect();
-        let tables = SparseTables::create_at(
-            &owned[rank],
-            &arch.table_sizes,
-            arch.embedding_dim,
-            optimizer,
-            source,
-            seed,
-        )?;
+        let replicated = plan.replicated();
+        let create = |indices: &[usize]| {
+            let (rows, d) = (&arch.table_sizes, arch.embedding_dim);
+            SparseTables::create_at(indices, rows, d, optimizer, source, seed)
+        };
+        let (tables, replicas) = (create(&owned[rank])?, create(&replicated)?);
         Ok(ShardedDlrm {
             model: Dlrm::with_tables(arch, optimizer, seed, tables),
             plan,
             rank,
             owned,
+            slice_offsets: vec![Vec::new(); replicated.len()],
+            replicated,
+            replicas,
+            replica_pooled: Vec::new(),
+            replica_grads: Vec::new(),
             reduction,
             pooled: Vec::new(),
             exchange: Vec::new(),
@@ -206,10 +227,20 @@ impl ShardedDlrm {
         if self.pooled.len() < pooled {
             self.pooled.resize(pooled, 0.0);
         }
-        let exchange = slice * self.model.arch.num_tables() * d;
+        let exchange = slice * self.sharded_tables() * d;
         if self.exchange.len() < exchange {
             self.exchange.resize(exchange, 0.0);
         }
+        let r = self.replicated.len();
+        if self.replica_grads.len() < batch * r * d {
+            self.replica_pooled.resize(slice * r * d, 0.0);
+            self.replica_grads.resize(batch * r * d, 0.0);
+        }
+    }
+
+    /// The number of tables the ranks own (the ones the all-to-alls carry).
+    fn sharded_tables(&self) -> usize {
+        self.owned.iter().map(Vec::len).sum()
     }
 
     /// Rank `q`'s rows of a global batch of `b`.
@@ -227,7 +258,8 @@ impl ShardedDlrm {
         timer: &mut PhaseTimer,
     ) -> (DenseInput<'a>, usize) {
         let (big_b, d, par) = (batch.size(), self.model.arch.embedding_dim, self.model.par);
-        let input = DenseInput::rows(batch, self.slice(self.rank, big_b));
+        let mine = self.slice(self.rank, big_b);
+        let input = DenseInput::rows(batch, mine.clone());
         let b = input.size();
         let rows = match self.reduction {
             DenseReduction::Ordered => chunking(big_b).1,
@@ -236,14 +268,25 @@ impl ShardedDlrm {
         let n = self.model.place_chunks(b, rows);
         let precision = self.model.bottom.precision;
         let owned = &self.owned[self.rank];
-        let k = owned.len();
+        let (k, r) = (owned.len(), self.replicated.len());
         let pooled =
             dlrm_kernels::gemm::MatMut::new(&mut self.pooled[..big_b * k * d], big_b, k * d);
-        let embeddings = &mut self.model.embeddings;
+        for (offsets, &t) in self.slice_offsets.iter_mut().zip(&self.replicated) {
+            rebase_offsets(batch.offsets(t), mine.clone(), offsets);
+        }
+        let (replicated, slice_offsets) = (&self.replicated, &self.slice_offsets);
+        let replica_bags =
+            |i: usize| slice_bags(batch, replicated[i], mine.clone(), &slice_offsets[i]);
+        let replica_pooled =
+            dlrm_kernels::gemm::MatMut::new(&mut self.replica_pooled[..b * r * d], b, r * d);
+        let (embeddings, replicas) = (&mut self.model.embeddings, &mut self.replicas);
         let (chunks, bottom) = (&mut self.model.chunks[..n], &self.model.bottom.layers);
         join(
             par,
-            || embeddings.forward_bags(|t| batch.bags(owned[t]), pooled, par),
+            || {
+                embeddings.forward_bags(|t| batch.bags(owned[t]), pooled, par);
+                replicas.forward_bags(replica_bags, replica_pooled, par);
+            },
             || bottom_forward(chunks, bottom, &input, precision, par),
         );
         timer.lap(|p| &mut p.emb_fwd);
@@ -252,11 +295,12 @@ impl ShardedDlrm {
             .map(|q| self.slice(q, big_b).len() * k * d)
             .collect();
         let recv: Vec<usize> = self.owned.iter().map(|o| b * o.len() * d).collect();
+        let exchanged = b * self.sharded_tables() * d;
         let start = Instant::now();
         comm.all_to_all_v(
             &self.pooled[..big_b * k * d],
             &send,
-            &mut self.exchange[..b * self.model.arch.num_tables() * d],
+            &mut self.exchange[..exchanged],
             &recv,
         );
         let fd = self.model.feature_stride();
@@ -264,6 +308,15 @@ impl ShardedDlrm {
         for_each_slot(&self.owned, b, d, fd, |at, slot| {
             features[slot..slot + d].copy_from_slice(&self.exchange[at..at + d]);
         });
+        for_each_slot(
+            std::slice::from_ref(&self.replicated),
+            b,
+            d,
+            fd,
+            |at, slot| {
+                features[slot..slot + d].copy_from_slice(&self.replica_pooled[at..at + d]);
+            },
+        );
         self.stats
             .forward_all_to_all
             .add(start, 4 * (send.iter().sum::<usize>() - send[self.rank]));
@@ -294,16 +347,19 @@ impl ShardedDlrm {
         let (input, n) = self.forward(comm, batch, timer);
         let loss = self.model.chunk_chain(input, n, true, timer);
         self.backward_all_to_all(comm, batch.size(), input.size());
+        self.gather_replica_grads(comm, batch.size(), input.size());
         self.reduce_dense(comm, n);
         timer.lap(|p| &mut p.dense_update);
 
-        let (d, k, par) = (
+        let (d, k, r, par) = (
             self.model.arch.embedding_dim,
             self.tables().len(),
+            self.replicated.len(),
             self.model.par,
         );
         let (owned, grads) = (&self.owned[self.rank], &self.pooled);
-        let m = &mut self.model;
+        let (replicated, replica_grads) = (&self.replicated, &self.replica_grads);
+        let (replicas, m) = (&mut self.replicas, &mut self.model);
         let (embeddings, dense_opt) = (&mut m.embeddings, &mut m.dense_opt);
         let (bottom, top) = (&mut m.bottom.layers, &mut m.top.layers);
         join(
@@ -315,7 +371,14 @@ impl ShardedDlrm {
                     lr,
                     0.0,
                     par,
-                )
+                );
+                replicas.update(
+                    |t| batch.bags(replicated[t]),
+                    |t| (&replica_grads[t * d..], r * d),
+                    lr,
+                    0.0,
+                    par,
+                );
             },
             || update_dense(dense_opt, bottom, top, lr, par),
         );
@@ -337,9 +400,10 @@ impl ShardedDlrm {
         let recv: Vec<usize> = (0..self.plan.ranks())
             .map(|q| self.slice(q, big_b).len() * k * d)
             .collect();
+        let exchanged = b * self.sharded_tables() * d;
         let start = Instant::now();
         comm.all_to_all_v(
-            &self.exchange[..b * self.model.arch.num_tables() * d],
+            &self.exchange[..exchanged],
             &send,
             &mut self.pooled[..big_b * k * d],
             &recv,
@@ -347,6 +411,36 @@ impl ShardedDlrm {
         self.stats
             .backward_all_to_all
             .add(start, 4 * (send.iter().sum::<usize>() - send[self.rank]));
+    }
+
+    /// Every rank's pooled gradients of the replicated tables for its slice, gathered in rank
+    /// order into `replica_grads`: the whole batch's, in sample order.
+    fn gather_replica_grads(&mut self, comm: &dyn Collectives, big_b: usize, b: usize) {
+        let r = self.replicated.len();
+        if r == 0 {
+            return;
+        }
+        let (d, fd) = (self.model.arch.embedding_dim, self.model.feature_stride());
+        let (grads, mine) = (&self.model.grad_features, &mut self.replica_pooled);
+        for_each_slot(
+            std::slice::from_ref(&self.replicated),
+            b,
+            d,
+            fd,
+            |at, slot| {
+                mine[at..at + d].copy_from_slice(&grads[slot..slot + d]);
+            },
+        );
+        let counts: Vec<usize> = (0..self.plan.ranks())
+            .map(|q| self.slice(q, big_b).len() * r * d)
+            .collect();
+        let start = Instant::now();
+        comm.all_gather_v(
+            &self.replica_pooled[..b * r * d],
+            &mut self.replica_grads[..big_b * r * d],
+            &counts,
+        );
+        self.stats.replica_all_gather.add(start, b * r * d * 4);
     }
 
     /// The layers' gradients = the global batch's: this rank's `n` chunks' gradients reduced
@@ -452,6 +546,32 @@ fn for_each_slot(
     }
 }
 
+/// `offsets` (a table's bag offsets for a whole batch; empty when one-hot) of the bags in
+/// `rows`, rebased to start at 0 (empty when one-hot).
+fn rebase_offsets(offsets: &[u32], rows: Range<usize>, out: &mut Vec<u32>) {
+    out.clear();
+    if let Some(&first) = offsets.get(rows.start) {
+        out.extend(offsets[rows].iter().map(|&o| o - first));
+    }
+}
+
+/// Table `t`'s bags of the samples `rows` of `batch`, with `offsets` from [`rebase_offsets`].
+fn slice_bags<'a>(
+    batch: &BatchView<'a>,
+    t: usize,
+    rows: Range<usize>,
+    offsets: &'a [u32],
+) -> Bags<'a> {
+    let ids = batch.ids(t);
+    if batch.is_one_hot(t) {
+        return Bags::one_hot(&ids[rows]);
+    }
+    let all = batch.offsets(t);
+    let start = all[rows.start] as usize;
+    let end = all.get(rows.end).map_or(ids.len(), |&e| e as usize);
+    Bags::with_offsets(&ids[start..end], offsets)
+}
+
 /// The layers' gradients from `flat` (bottom then top; weight then bias).
 fn unflatten_grads(flat: &[f32], bottom: &mut [Linear], top: &mut [Linear]) {
     let mut at = 0;
@@ -471,6 +591,8 @@ impl Parameters for ShardedDlrm {
         let m = &self.model;
         m.embeddings
             .visit(|t| format!("emb_l.{}.weight", owned[t]), visit);
+        let replicated = &self.replicated;
+        (self.replicas).visit(|t| format!("emb_l.{}.weight", replicated[t]), visit);
         let mut states = m.dense_opt.states();
         visit_mlp("bot_l", &m.bottom, &mut states, visit);
         visit_mlp("top_l", &m.top, &mut states, visit);
@@ -481,6 +603,8 @@ impl Parameters for ShardedDlrm {
         let m = &mut self.model;
         m.embeddings
             .visit_mut(|t| format!("emb_l.{}.weight", owned[t]), visit);
+        let replicated = &self.replicated;
+        (self.replicas).visit_mut(|t| format!("emb_l.{}.weight", replicated[t]), visit);
         let mut states = m.dense_opt.states_mut();
         visit_mlp_mut("bot_l", &mut m.bottom, &mut states, visit);
         visit_mlp_mut("top_l", &mut m.top, &mut states, visit);
