@@ -6,8 +6,10 @@
 //!
 //! Modules import only from the layers below their own (lowest first):
 //!
-//! 1. `names`, `rng`, `cancel`, `metrics`: leaf utilities that import nothing of the crate.
+//! 1. `names`, `rng`, `cancel`, `metrics`, `distributed`: leaf utilities that import nothing of
+//!    the crate.
 //!    `metrics` is one of them, so the synthetic data may compute its ceiling AUC with it.
+//!    `distributed` (the collectives of hybrid-parallel training and the sharding plan) too.
 //! 2. `storage`: files, maps and system calls.
 //! 3. `data`: batches, their sources (`DataSource`), the generators, the Criteo reader, the
 //!    binary dataset and preprocessing.
@@ -24,6 +26,7 @@ pub mod cancel;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod distributed;
 pub mod interop;
 pub mod metrics;
 pub mod model;

@@ -2,6 +2,9 @@
 //! evaluation on held-out data, progress, and the summary the DLRM paper's CPU profile reports
 //! (throughput and the time split by phase).
 
+mod sharded;
+pub use sharded::{RankTimes, ShardedReport, evaluate_sharded, train_sharded};
+
 use crate::cancel::Cancel;
 use crate::checkpoint::{self, TrainState};
 use crate::data::Batch;

@@ -5,11 +5,12 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 /// Each top-level module's layer (lowest first), as the crate's doc lists them.
-const LAYERS: [(&str, u32); 16] = [
+const LAYERS: [(&str, u32); 17] = [
     ("names", 0),
     ("rng", 0),
     ("cancel", 0),
     ("metrics", 0),
+    ("distributed", 0),
     ("storage", 1),
     ("data", 2),
     ("model", 3),

@@ -43,6 +43,9 @@ use dlrm_kernels::parallel::{Par, should_split};
 use rayon::prelude::*;
 use std::ops::Range;
 
+mod sharded;
+pub use sharded::{CollectiveCost, CommStats, DenseReduction, ShardedDlrm, slice_of};
+
 /// Fewest rows of a chunk of the dense step: below it a chunk's weight-gradient products (K =
 /// its rows) are too short to pay for the extra gradient buffer they write and the reduction
 /// reads. Chunks of 128 to 256 rows keep a chunk's activations in L2: on one thread, 8 chunks
@@ -95,12 +98,55 @@ struct ChunkJob<'a> {
     grad_features: &'a mut [f32],
 }
 
-/// What every chunk reads: the layers, the shapes and the batch.
+/// The rows the dense step runs on (the whole batch, or a rank's slice of it).
+#[derive(Clone, Copy)]
+struct DenseInput<'a> {
+    /// rows x num_dense.
+    dense: &'a [f32],
+    num_dense: usize,
+    labels: &'a [f32],
+    /// 1 / the global batch size: the loss is the mean over the whole batch on every rank.
+    loss_scale: f32,
+}
+
+impl<'a> DenseInput<'a> {
+    /// A whole batch.
+    fn whole(batch: &BatchView<'a>) -> DenseInput<'a> {
+        Self::rows(batch, 0..batch.size())
+    }
+
+    /// Rows `rows` of `batch`, the loss averaged over the whole batch.
+    fn rows(batch: &BatchView<'a>, rows: Range<usize>) -> DenseInput<'a> {
+        let nd = batch.num_dense;
+        DenseInput {
+            dense: &batch.dense[rows.start * nd..rows.end * nd],
+            num_dense: nd,
+            labels: &batch.labels[rows],
+            loss_scale: 1.0 / batch.size() as f32,
+        }
+    }
+
+    fn size(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Rows `rows` of the dense features.
+    fn dense_rows(&self, rows: Range<usize>) -> MatRef<'a> {
+        MatRef::new(self.dense, self.size(), self.num_dense).sub(
+            rows.start,
+            0,
+            rows.len(),
+            self.num_dense,
+        )
+    }
+}
+
+/// What every chunk reads: the layers, the shapes and the rows.
 struct StepShared<'a> {
     arch: &'a Architecture,
     bottom: &'a [Linear],
     top: &'a [Linear],
-    batch: &'a BatchView<'a>,
+    input: DenseInput<'a>,
     /// The click loss and its gradient.
     loss: &'a ClickLoss,
     /// The operands of the MLP products (f32, or rounded to bf16 in the GEMM).
@@ -130,6 +176,8 @@ pub struct Dlrm {
     /// The MLPs' weights packed at the start of each multi-chunk pass, for all its chunks.
     bottom_packed: Vec<PackedWeights>,
     top_packed: Vec<PackedWeights>,
+    /// Whether the packings hold this pass's weights (set by `place_chunks`).
+    weights_packed: bool,
     features: Vec<f32>,
     top_in: Vec<f32>,
     logits: Vec<f32>,
@@ -160,9 +208,6 @@ impl Dlrm {
         seed: u64,
         source: TableSource,
     ) -> anyhow::Result<Dlrm> {
-        let mut rng = SplitMix64::new(derive_key(seed, &[0x0d15_e0de]));
-        let bottom = Mlp::new(&arch.bottom, true, &mut rng);
-        let top = Mlp::new(&arch.top, false, &mut rng);
         let embeddings = SparseTables::create(
             0,
             &arch.table_sizes,
@@ -171,6 +216,20 @@ impl Dlrm {
             source,
             seed,
         )?;
+        Ok(Self::with_tables(arch, optimizer, seed, embeddings))
+    }
+
+    /// A model whose MLPs are initialised from `seed`, over `embeddings` (all the tables, or
+    /// a rank's share of them).
+    fn with_tables(
+        arch: Architecture,
+        optimizer: OptimizerKind,
+        seed: u64,
+        embeddings: SparseTables,
+    ) -> Dlrm {
+        let mut rng = SplitMix64::new(derive_key(seed, &[0x0d15_e0de]));
+        let bottom = Mlp::new(&arch.bottom, true, &mut rng);
+        let top = Mlp::new(&arch.top, false, &mut rng);
         let dense_opt = DenseOptimizer::new(
             optimizer,
             bottom
@@ -191,11 +250,12 @@ impl Dlrm {
                 loss_sum: 0.0,
             })
             .collect();
-        Ok(Dlrm {
+        Dlrm {
             arch,
             optimizer,
             bottom_packed: PackedWeights::for_layers(&bottom.layers),
             top_packed: PackedWeights::for_layers(&top.layers),
+            weights_packed: false,
             bottom,
             top,
             embeddings,
@@ -210,7 +270,7 @@ impl Dlrm {
             probs: Vec::new(),
             loss: ClickLoss::default(),
             par: Par::default(),
-        })
+        }
     }
 
     pub fn arch(&self) -> &Architecture {
@@ -286,16 +346,40 @@ impl Dlrm {
     /// the embeddings (the chunks' weight gradients not yet reduced). The batch must be valid.
     /// Returns the batch's summed loss (0 in inference).
     fn dense_pass(&mut self, batch: &BatchView, training: bool, timer: &mut PhaseTimer) -> f64 {
-        let (b, d, fd) = (batch.size(), self.arch.embedding_dim, self.feature_stride());
-        let (n, rows) = chunking(b);
-        let chunks = &mut self.chunks[..n];
-        for (c, chunk) in chunks.iter_mut().enumerate() {
+        let (b, d, fd, par) = (
+            batch.size(),
+            self.arch.embedding_dim,
+            self.feature_stride(),
+            self.par,
+        );
+        let input = DenseInput::whole(batch);
+        let n = self.place_chunks(b, chunking(b).1);
+        let precision = self.bottom.precision;
+        let bottom_packed = self.weights_packed.then_some(&self.bottom_packed[..]);
+        // The embedding lookups (memory-bound) beside the bottom MLP (compute-bound).
+        let slots = MatMut::new(&mut self.features[..b * fd], b, fd)
+            .into_cols(d, self.embeddings.len() * d);
+        let embeddings = &mut self.embeddings;
+        let (chunks, bottom) = (&mut self.chunks[..n], &self.bottom.layers);
+        join(
+            par,
+            || embeddings.forward(batch, slots, par),
+            || bottom_forward(chunks, bottom, bottom_packed, &input, precision, par),
+        );
+        timer.lap(|p| &mut p.emb_fwd);
+        self.chunk_chain(input, n, training, timer)
+    }
+
+    /// Cuts `b` rows into chunks of `rows` (the last may be shorter); returns their count.
+    /// Several chunks share one packing of each weight matrix, made here (f32 products only:
+    /// the bf16 products round while packing, in their own layout).
+    fn place_chunks(&mut self, b: usize, rows: usize) -> usize {
+        let n = b.div_ceil(rows);
+        for (c, chunk) in self.chunks[..n].iter_mut().enumerate() {
             chunk.rows = c * rows..((c + 1) * rows).min(b);
         }
-        // Several chunks share one packing of each weight matrix (f32 products only: the bf16
-        // products round while packing, in their own layout).
-        let prepack = n > 1 && self.bottom.precision == GemmPrecision::F32;
-        if prepack {
+        self.weights_packed = n > 1 && self.bottom.precision == GemmPrecision::F32;
+        if self.weights_packed {
             let (bottom, top) = (&self.bottom.layers, &self.top.layers);
             let (bottom_packed, top_packed) = (&mut self.bottom_packed, &mut self.top_packed);
             join(
@@ -304,41 +388,32 @@ impl Dlrm {
                 || pack_weights(top, top_packed, self.par),
             );
         }
+        n
+    }
+
+    /// After the bottom MLP and with the embedding slots of `features` filled: each of the
+    /// `n` chunks' interaction, top MLP and (in training) loss and backward. Returns the summed
+    /// loss of the input's rows.
+    fn chunk_chain(
+        &mut self,
+        input: DenseInput,
+        n: usize,
+        training: bool,
+        timer: &mut PhaseTimer,
+    ) -> f64 {
+        let (b, fd) = (input.size(), self.feature_stride());
+        let chunks = &mut self.chunks[..n];
         let shared = StepShared {
-            bottom_packed: prepack.then_some(&self.bottom_packed[..]),
-            top_packed: prepack.then_some(&self.top_packed[..]),
             arch: &self.arch,
             bottom: &self.bottom.layers,
             top: &self.top.layers,
-            batch,
+            input,
             loss: &self.loss,
             precision: self.bottom.precision,
+            bottom_packed: self.weights_packed.then_some(&self.bottom_packed[..]),
+            top_packed: self.weights_packed.then_some(&self.top_packed[..]),
             par: if n == 1 { self.par } else { Par::Seq },
         };
-        // The embedding lookups (memory-bound) beside the bottom MLP (compute-bound).
-        let slots = MatMut::new(&mut self.features[..b * fd], b, fd)
-            .into_cols(d, self.embeddings.len() * d);
-        let embeddings = &mut self.embeddings;
-        join(
-            self.par,
-            || embeddings.forward(batch, slots, self.par),
-            || {
-                for_each_chunk(self.par, &mut *chunks, |chunk| {
-                    let x = MatRef::new(batch.dense, b, batch.num_dense);
-                    let x = x.sub(chunk.rows.start, 0, chunk.rows.len(), batch.num_dense);
-                    chunk.bottom.forward(
-                        shared.bottom,
-                        shared.bottom_packed,
-                        x,
-                        None,
-                        shared.precision,
-                        shared.par,
-                    );
-                })
-            },
-        );
-        timer.lap(|p| &mut p.emb_fwd);
-
         let (w, grad_fd) = (self.arch.top[0], if training { fd } else { 0 });
         let mut rest = (
             &mut self.features[..b * fd],
@@ -487,6 +562,22 @@ fn for_each_chunk<T: Send>(par: Par, items: &mut [T], f: impl Fn(&mut T) + Sync 
     }
 }
 
+/// Each chunk's bottom MLP forward on its rows of `input` (chunks in parallel unless one).
+fn bottom_forward(
+    chunks: &mut [DenseChunk],
+    layers: &[Linear],
+    packed: Option<&[PackedWeights]>,
+    input: &DenseInput,
+    precision: GemmPrecision,
+    par: Par,
+) {
+    let chunk_par = if chunks.len() == 1 { par } else { Par::Seq };
+    for_each_chunk(par, chunks, |chunk| {
+        let x = input.dense_rows(chunk.rows.clone());
+        chunk.bottom.forward(layers, packed, x, None, precision, chunk_par);
+    });
+}
+
 /// A chunk's forward after its bottom MLP: its bottom output into slot 0 of its feature rows,
 /// the interaction, and the top MLP into its logits.
 fn chunk_forward(s: &StepShared, job: &mut ChunkJob) {
@@ -530,14 +621,14 @@ fn chunk_backward(s: &StepShared, job: &mut ChunkJob) -> f64 {
     );
     let (fd, w, rows) = (f * d, s.arch.top[0], job.chunk.rows.clone());
     let chunk = &mut *job.chunk;
-    // The mean over the whole batch: each sample's gradient is scaled by 1 / batch size.
+    // The mean over the whole (global) batch: each sample's gradient is scaled by 1 / its size.
     let grad_logits = &mut chunk.grad_logits[..r];
     let loss_sum = s.loss.apply(
         job.logits,
-        &s.batch.labels[rows.clone()],
+        &s.input.labels[rows.clone()],
         job.probs,
         grad_logits,
-        1.0 / s.batch.size() as f32,
+        s.input.loss_scale,
     );
     let (top_in, logits) = (MatRef::new(job.top_in, r, w), MatRef::new(job.logits, r, 1));
     let grad_top_in = &mut chunk.grad_top_in[..r * w];
@@ -566,8 +657,7 @@ fn chunk_backward(s: &StepShared, job: &mut ChunkJob) -> f64 {
         ),
         InteractionOp::Cat => cat_interaction_backward(grad_top_in, grad_features, s.par),
     }
-    let dense = MatRef::new(s.batch.dense, s.batch.size(), s.batch.num_dense);
-    let x = dense.sub(rows.start, 0, r, s.batch.num_dense);
+    let x = s.input.dense_rows(rows);
     let d_bottom_out = MatRef::with_row_stride(job.grad_features, r, d, fd);
     chunk.bottom.backward(
         s.bottom,

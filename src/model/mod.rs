@@ -203,11 +203,21 @@ pub fn validate_batch(
     num_dense: usize,
     tables: &[EmbeddingTable],
 ) -> Result<(), BatchError> {
+    validate_batch_rows(batch, num_dense, tables.len(), |t| tables[t].rows())
+}
+
+/// [`validate_batch`] against `num_tables` tables, table t of `rows(t)` rows.
+pub fn validate_batch_rows(
+    batch: &BatchView,
+    num_dense: usize,
+    num_tables: usize,
+    rows: impl Fn(usize) -> usize,
+) -> Result<(), BatchError> {
     let b = batch.size();
-    if batch.num_tables() != tables.len() {
+    if batch.num_tables() != num_tables {
         return Err(BatchError::TableCount {
             got: batch.num_tables(),
-            expected: tables.len(),
+            expected: num_tables,
         });
     }
     if batch.num_dense != num_dense {
@@ -221,7 +231,7 @@ pub fn validate_batch(
             "dense values != samples x dense features",
         ));
     }
-    for (t, table) in tables.iter().enumerate() {
+    for t in 0..num_tables {
         let one_hot = batch.is_one_hot(t);
         let bags = batch.bags(t);
         if bags.len() != b {
@@ -236,7 +246,7 @@ pub fn validate_batch(
             });
         }
         // The one scan of the ids (the kernels do not check them again).
-        match bags.check(table.rows()) {
+        match bags.check(rows(t)) {
             Ok(()) => {}
             Err(BagError::IdOutOfRange { position, id, rows }) => {
                 return Err(BatchError::IdOutOfRange {

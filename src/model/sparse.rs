@@ -47,6 +47,33 @@ impl SparseTables {
         })
     }
 
+    /// The tables numbered `indices` (of `rows[index]` x `dim` each), in that order: a rank's
+    /// share of a model's tables, each keyed and named by its index in the whole model.
+    pub fn create_at(
+        indices: &[usize],
+        rows: &[usize],
+        dim: usize,
+        optimizer: OptimizerKind,
+        source: TableSource,
+        seed: u64,
+    ) -> anyhow::Result<SparseTables> {
+        let width = optimizer.sparse(0.0).state_width(dim);
+        let (mut tables, mut states) = (Vec::new(), Vec::new());
+        for &index in indices {
+            let (table, state) = source.tables(index, &[rows[index]], dim, width, seed)?;
+            tables.extend(table);
+            states.extend(state);
+        }
+        Ok(SparseTables {
+            workspaces: (0..tables.len())
+                .map(|_| SparseGradWorkspace::default())
+                .collect(),
+            tables,
+            states,
+            optimizer,
+        })
+    }
+
     /// Number of tables.
     pub fn len(&self) -> usize {
         self.tables.len()
@@ -128,12 +155,22 @@ impl SparseTables {
     /// tables get their initial values, then each sample's pooled (summed) vector of table t
     /// is written to columns t·dim .. (t + 1)·dim of its row of `out`.
     pub fn forward(&mut self, batch: &BatchView, out: MatMut, par: Par) {
-        self.materialize(|t| batch.bags(t).indices());
+        self.forward_bags(|t| batch.bags(t), out, par);
+    }
+
+    /// [`forward`](Self::forward) with table t's bags `bags(t)`.
+    pub fn forward_bags<'a>(
+        &mut self,
+        bags: impl Fn(usize) -> Bags<'a> + Sync,
+        out: MatMut,
+        par: Par,
+    ) {
+        self.materialize(|t| bags(t).indices());
         let tables = &self.tables;
         if self.layout() == TableLayout::SplitBf16 {
             let lookup = |t: usize| {
                 let (hi, _) = tables[t].split_halves();
-                (SplitTable::new(hi, tables[t].dim()), batch.bags(t))
+                (SplitTable::new(hi, tables[t].dim()), bags(t))
             };
             let isa = Isa::selected();
             embedding_bag_forward_split(tables.len(), lookup, Pooling::Sum, out, isa, par);
@@ -144,7 +181,7 @@ impl SparseTables {
             |t| {
                 let table = &tables[t];
                 let weights = MatRef::from_rows(table.weights(), table.dim());
-                (weights, batch.bags(t))
+                (weights, bags(t))
             },
             Pooling::Sum,
             out,

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod compare;
+pub mod distributed;
 pub mod export;
 pub mod models;
 pub mod preprocess;

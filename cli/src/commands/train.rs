@@ -1,5 +1,6 @@
 //! `dlrm train`: flags (the reference's names where it has one), presets, and the run.
 
+use super::distributed::DistributedArgs;
 use super::models::ModelFlags;
 use super::preprocess::EncodingArgs;
 use super::progress::{Console, working};
@@ -196,6 +197,8 @@ pub struct TrainArgs {
     /// Write the run's summary as JSON to this file.
     #[arg(long)]
     report_json: Option<PathBuf>,
+    #[command(flatten)]
+    distributed: DistributedArgs,
 
     // Checkpoints.
     /// Save checkpoints (versioned, atomic) into this folder: at the end, and every
@@ -484,6 +487,14 @@ fn run_with(
     if a.print_config {
         print!("{}", toml::to_string(&settings)?);
         return Ok(());
+    }
+    if a.distributed.wanted() {
+        super::distributed::check_flags(&a.distributed)?;
+        anyhow::ensure!(
+            a.save_model.is_none() && a.load_model.is_none() && a.log_dir.is_none(),
+            "--save-model, --load-model and --log-dir are not supported in distributed training yet"
+        );
+        return super::distributed::run(&a.distributed, spec, a.report_json.as_deref());
     }
     let recorder = match &a.log_dir {
         Some(dir) => Some(Recorder::create(dir, &run_config(&settings, threads)?)?),

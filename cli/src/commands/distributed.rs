@@ -1,0 +1,214 @@
+//! `dlrm train` on N MPI ranks (the `mpi` feature): tables model-parallel, MLPs data-parallel
+//! (see `dlrm::model::dlrm::ShardedDlrm`). Under `mpirun` a run is distributed by itself;
+//! `--distributed` forces it. Rank 0 prints the plan, the progress and the summary and writes
+//! the report.
+
+use anyhow::Result;
+
+/// How the tables are placed on the ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ShardingArg {
+    /// Whole tables on ranks, largest first onto the least loaded rank (by bytes and
+    /// lookups), within --rank-memory-gib.
+    Table,
+    /// As `table`, with the tables under 2,048 rows replicated on every rank
+    /// (data-parallel, out of the all-to-alls).
+    Auto,
+}
+
+/// The distributed flags of `dlrm train`.
+#[derive(clap::Args, Debug)]
+pub struct DistributedArgs {
+    /// Train on the ranks of an MPI job (automatic when started by mpirun with more than one
+    /// process; needs a build with `--features mpi`).
+    #[arg(long)]
+    pub distributed: bool,
+    /// How the embedding tables are placed on the ranks.
+    #[arg(long, value_enum, default_value_t = ShardingArg::Auto)]
+    pub sharding: ShardingArg,
+    /// Memory for tables and their optimizer state per rank, in GiB (default: unlimited).
+    #[arg(long)]
+    pub rank_memory_gib: Option<f64>,
+    /// Reduce the dense gradients in a fixed order (gather, then add every chunk's in batch
+    /// order): N ranks train bit for bit the single-process model. Slower than the all-reduce.
+    #[arg(long)]
+    pub deterministic: bool,
+}
+
+/// The number of processes of the MPI job this process was started in (1 outside one), from
+/// the launcher's environment (OpenMPI, MPICH/Hydra, Slurm).
+pub fn launched_ranks() -> usize {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+        .unwrap_or(1)
+}
+
+impl DistributedArgs {
+    /// Whether the run is distributed: asked for, or started by mpirun with several ranks.
+    pub fn wanted(&self) -> bool {
+        self.distributed || launched_ranks() > 1
+    }
+}
+
+/// Checks the distributed flags before any work (a budget must be a positive number).
+pub fn check_flags(a: &DistributedArgs) -> Result<()> {
+    if let Some(gib) = a.rank_memory_gib {
+        anyhow::ensure!(
+            gib.is_finite() && gib > 0.0,
+            "--rank-memory-gib {gib}: a positive number of GiB is needed"
+        );
+    }
+    Ok(())
+}
+
+/// Trains `spec` on the ranks of this MPI job. `report_json`: where rank 0 writes the report.
+#[cfg(not(feature = "mpi"))]
+pub fn run(
+    _a: &DistributedArgs,
+    _spec: dlrm::spec::RunSpec,
+    _report_json: Option<&std::path::Path>,
+) -> Result<()> {
+    anyhow::bail!(
+        "distributed training (--distributed, or {} processes started by mpirun) needs a build \
+         with MPI: cargo build --release --features mpi",
+        launched_ranks()
+    )
+}
+
+#[cfg(feature = "mpi")]
+pub use with_mpi::run;
+
+#[cfg(feature = "mpi")]
+mod with_mpi {
+    use super::{DistributedArgs, ShardingArg};
+    use anyhow::{Context, Result};
+    use dlrm::data::synthetic::{SyntheticData, SyntheticSource};
+    use dlrm::distributed::mpi::MpiCollectives;
+    use dlrm::distributed::{Collectives, PlanOptions, ShardPlan, TableCost};
+    use dlrm::metrics::{format_auc, format_ne};
+    use dlrm::model::ModelKind;
+    use dlrm::model::dlrm::{DenseReduction, ShardedDlrm};
+    use dlrm::model::parameters::TableSource;
+    use dlrm::spec::{DataSpec, RunSpec, thread_pool};
+    use dlrm::train::{DataSource, Quiet, ShardedReport, TrainObserver, train_sharded};
+    use std::path::Path;
+
+    /// Trains `spec` on the ranks of this MPI job (see the module's doc).
+    pub fn run(a: &DistributedArgs, spec: RunSpec, report_json: Option<&Path>) -> Result<()> {
+        // MPI lives on one worker of the run's pool (initialised, called and finalised there:
+        // MPI_THREAD_SINGLE suffices), which hands the kernels' parallel work to the pool.
+        thread_pool(spec.threads)?.install(|| run_on_pool(a, spec, report_json))
+    }
+
+    fn run_on_pool(a: &DistributedArgs, spec: RunSpec, report_json: Option<&Path>) -> Result<()> {
+        let comm = MpiCollectives::init().context("MPI was already initialised")?;
+        let (rank, ranks) = (comm.rank(), comm.size());
+        anyhow::ensure!(
+            spec.model == ModelKind::Dlrm,
+            "distributed training is for --model dlrm, not {}",
+            spec.model.name()
+        );
+        let plan = plan(a, &spec, ranks)?;
+        if rank == 0 {
+            println!(
+                "sharding plan ({ranks} ranks, --sharding {:?}):\n{plan}",
+                a.sharding
+            );
+        }
+        let source: Box<dyn DataSource> = match spec.data {
+            DataSpec::Synthetic {
+                config,
+                train_len,
+                test_len,
+            } => Box::new(SyntheticSource::new(
+                SyntheticData::new(config),
+                train_len,
+                test_len,
+            )),
+            DataSpec::Dataset(ds) => ds,
+            DataSpec::Ratings { .. } => anyhow::bail!("distributed training is for DLRM"),
+        };
+        let reduction = if a.deterministic {
+            DenseReduction::Ordered
+        } else {
+            DenseReduction::AllReduce
+        };
+        let tables = TableSource::Init(&spec.storage);
+        let seed = spec.train.seed;
+        let mut model = ShardedDlrm::new(
+            spec.arch,
+            spec.optimizer,
+            seed,
+            tables,
+            plan,
+            rank,
+            reduction,
+        )?;
+        let mut console = super::super::progress::Console::new();
+        let observer: &mut dyn TrainObserver = if rank == 0 { &mut console } else { &mut Quiet };
+        let report: ShardedReport = train_sharded(
+            &comm,
+            &mut model,
+            source.as_ref(),
+            &spec.train,
+            spec.threads,
+            observer,
+        )?;
+        if rank == 0 {
+            print_summary(&report);
+            if let Some(path) = report_json {
+                let json = serde_json::to_string_pretty(&report)?;
+                std::fs::write(path, json + "\n")
+                    .with_context(|| format!("writing the report to {}", path.display()))?;
+            }
+        }
+        comm.barrier();
+        Ok(())
+    }
+
+    /// The plan of `spec`'s tables (weights and optimizer state; the ids per sample of the
+    /// data) on `ranks`.
+    fn plan(a: &DistributedArgs, spec: &RunSpec, ranks: usize) -> Result<ShardPlan> {
+        let d = spec.arch.embedding_dim;
+        let width = spec.optimizer.sparse(0.0).state_width(d);
+        let ids_per_sample = match &spec.data {
+            DataSpec::Synthetic { config, .. } => config.num_indices_per_lookup.max(1),
+            _ => 1,
+        };
+        let tables: Vec<TableCost> = (spec.arch.table_sizes.iter())
+            .map(|&rows| TableCost {
+                rows,
+                bytes: (rows * (d + width) * 4) as u64,
+                lookup_bytes: (ids_per_sample * d * 4) as u64,
+            })
+            .collect();
+        let options = PlanOptions {
+            budget: a.rank_memory_gib.map(|g| (g * (1u64 << 30) as f64) as u64),
+            replicate_tiny: a.sharding == ShardingArg::Auto,
+        };
+        Ok(ShardPlan::table_wise(&tables, ranks, options)?)
+    }
+
+    fn print_summary(r: &ShardedReport) {
+        println!("\n== dlrm distributed training summary ==");
+        println!(
+            "steps {} x global batch {} on {} ranks x {} threads: {:.0} samples/s, \
+             communication {:.1}% of the step time (rank 0)",
+            r.steps,
+            r.batch_size,
+            r.ranks,
+            r.threads_per_rank,
+            r.samples_per_sec,
+            100.0 * r.comm_fraction
+        );
+        println!(
+            "train loss {:.5} | held-out loss {:.5}, accuracy {:.4}, AUC {}, NE {}",
+            r.train_loss,
+            r.test_loss,
+            r.test_accuracy,
+            format_auc(r.test_auc),
+            format_ne(r.test_ne)
+        );
+    }
+}
