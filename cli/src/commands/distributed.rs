@@ -131,7 +131,7 @@ mod with_mpi {
                 config,
                 train_len,
                 test_len,
-            } => Box::new(SyntheticSource::new(
+            } => Box::new(SyntheticSource::on_the_fly(
                 SyntheticData::new(config),
                 train_len,
                 test_len,
