@@ -76,10 +76,13 @@ fn a_synthetic_part_holds_the_whole_batch_bits_at_its_rows_and_tables() {
     }
 }
 
+/// The parts a rank asked for: its rows and tables, per request.
+type Requests = Vec<(Range<usize>, Vec<usize>)>;
+
 /// A source that records the parts it is asked for and refuses to give a whole batch.
 struct Recording {
     inner: SyntheticSource,
-    parts: Mutex<Vec<(Range<usize>, Vec<usize>)>>,
+    parts: Mutex<Requests>,
 }
 
 impl Recording {
@@ -128,12 +131,7 @@ impl DataSource for Recording {
 /// samples: a last batch of 232, split unevenly),
 /// each reading from its own recording source. Returns rank 0's report, and per rank its
 /// tables and the parts it asked for.
-fn run(
-    ranks: usize,
-) -> (
-    ShardedReport,
-    Vec<(Vec<usize>, Vec<(Range<usize>, Vec<usize>)>)>,
-) {
+fn run(ranks: usize) -> (ShardedReport, Vec<(Vec<usize>, Requests)>) {
     let arch = arch();
     let bytes: Vec<u64> = (arch.table_sizes.iter())
         .map(|&r| (r * arch.embedding_dim * 4) as u64)
