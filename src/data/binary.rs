@@ -26,7 +26,7 @@
 //! place ([`BatchView`], no copy), and filling a [`Batch`] is one `memcpy` per array (one-hot
 //! bags: no offsets).
 
-use super::{Batch, BatchView, DataSource, IdColumns};
+use super::{Batch, BatchView, DataSource, IdColumns, RankPart};
 use crate::names::{Choice, choice_names};
 use crate::storage::map_read_only;
 use anyhow::{Context, Result};
@@ -589,9 +589,8 @@ impl BinaryDataset {
         self.splits[split.index()].rows
     }
 
-    /// Rows `first .. first + size` of `split`, borrowed from the maps. Checks that the rows
-    /// are in the split and that their dense values are finite.
-    fn mapped_rows(&self, split: DatasetSplit, first: u64, size: usize) -> Result<MappedRows<'_>> {
+    /// The maps of `split`, checking that it holds rows `first .. first + size`.
+    fn split_rows(&self, split: DatasetSplit, first: u64, size: usize) -> Result<&SplitMaps> {
         let s = &self.splits[split.index()];
         anyhow::ensure!(
             first
@@ -602,6 +601,13 @@ impl BinaryDataset {
             split.name(),
             s.rows
         );
+        Ok(s)
+    }
+
+    /// Rows `first .. first + size` of `split`, borrowed from the maps. Checks that the rows
+    /// are in the split and that their dense values are finite.
+    fn mapped_rows(&self, split: DatasetSplit, first: u64, size: usize) -> Result<MappedRows<'_>> {
+        let s = self.split_rows(split, first, size)?;
         let (a, b) = (first as usize, first as usize + size);
         let nd = self.header.num_dense;
         let dense = &as_f32(&s.dense)[a * nd..b * nd];
@@ -659,6 +665,46 @@ impl BinaryDataset {
         Ok(())
     }
 
+    /// The `part` of rows `first .. first + size` of `split` one rank reads (see
+    /// [`RankPart::assemble`]): only the slice's dense rows and labels and the part's id
+    /// columns are touched. Unlabelled data gets labels 0.
+    pub fn fill_part(
+        &self,
+        split: DatasetSplit,
+        first: u64,
+        size: usize,
+        part: &RankPart,
+        batch: &mut Batch,
+    ) -> Result<()> {
+        let s = self.split_rows(split, first, size)?;
+        let rows = &part.rows;
+        let slice = self.mapped_rows(split, first + rows.start as u64, rows.len())?;
+        let unlabelled = vec![
+            0.0;
+            if slice.labels.is_some() {
+                0
+            } else {
+                rows.len()
+            }
+        ];
+        let labels = slice.labels.unwrap_or(&unlabelled);
+        let (nd, nt) = (self.header.num_dense, self.header.num_tables());
+        let (a, b) = (first as usize, first as usize + size);
+        part.assemble(
+            size,
+            nd,
+            (slice.dense, labels),
+            nt,
+            batch,
+            |t, ids, offsets| {
+                ids.clear();
+                ids.extend_from_slice(&as_u32(&s.ids[t])[a..b]);
+                offsets.clear();
+            },
+        );
+        Ok(())
+    }
+
     /// Rows `first .. first + size` of `split`, borrowed from the maps (no copy); unlabelled
     /// data, whose labels 0 are not stored, is filled into `batch` instead.
     pub fn view<'a>(
@@ -706,6 +752,24 @@ impl DataSource for BinaryDataset {
     }
     fn fill_test(&self, first: u64, size: usize, batch: &mut Batch) -> Result<()> {
         self.fill(self.eval_split, first, size, batch)
+    }
+    fn fill_train_part(
+        &self,
+        first: u64,
+        size: usize,
+        part: &RankPart,
+        batch: &mut Batch,
+    ) -> Result<()> {
+        self.fill_part(DatasetSplit::Train, first, size, part, batch)
+    }
+    fn fill_test_part(
+        &self,
+        first: u64,
+        size: usize,
+        part: &RankPart,
+        batch: &mut Batch,
+    ) -> Result<()> {
+        self.fill_part(self.eval_split, first, size, part, batch)
     }
     fn train_view<'a>(
         &'a self,

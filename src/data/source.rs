@@ -2,6 +2,54 @@
 
 use super::{Batch, BatchView};
 use anyhow::Result;
+use std::ops::Range;
+
+/// The part of a global batch one rank of hybrid-parallel training reads (Naumov et al. 2019,
+/// section "Parallelism"): the dense rows and labels of its slice of the samples, and its
+/// embedding tables' ids for every sample.
+#[derive(Clone, Debug)]
+pub struct RankPart<'a> {
+    /// The rank's samples, counted from the batch's first.
+    pub rows: Range<usize>,
+    /// The tables the rank owns.
+    pub tables: &'a [usize],
+}
+
+impl RankPart<'_> {
+    /// Shapes `batch` as a global batch of `size` samples and `num_tables` tables holding only
+    /// this part: `dense` and `labels` (the slice's) at the slice's rows, zeros elsewhere; the
+    /// ids `table_ids(t, ids, offsets)` gives for this part's tables; one-hot id 0 for every
+    /// other table (so the batch still validates; the rank never reads them).
+    pub fn assemble(
+        &self,
+        size: usize,
+        num_dense: usize,
+        (dense, labels): (&[f32], &[f32]),
+        num_tables: usize,
+        batch: &mut Batch,
+        mut table_ids: impl FnMut(usize, &mut Vec<u32>, &mut Vec<u32>),
+    ) {
+        let Range { start, end } = self.rows;
+        batch.num_dense = num_dense;
+        batch.dense.clear();
+        batch.dense.resize(size * num_dense, 0.0);
+        batch.dense[start * num_dense..end * num_dense].copy_from_slice(dense);
+        batch.labels.clear();
+        batch.labels.resize(size, 0.0);
+        batch.labels[start..end].copy_from_slice(labels);
+        batch.indices.resize(num_tables, Vec::new());
+        batch.offsets.resize(num_tables, Vec::new());
+        for (t, (ids, offsets)) in (batch.indices.iter_mut().zip(&mut batch.offsets)).enumerate() {
+            if self.tables.contains(&t) {
+                table_ids(t, ids, offsets);
+            } else {
+                ids.clear();
+                ids.resize(size, 0);
+                offsets.clear();
+            }
+        }
+    }
+}
 
 /// Where batches come from: an in-memory generator or a mapped dataset.
 pub trait DataSource: Sync {
@@ -34,6 +82,30 @@ pub trait DataSource: Sync {
     ) -> Result<BatchView<'a>> {
         self.fill_test(first, size, batch)?;
         Ok(batch.view())
+    }
+    /// Fills `batch` with the `part` of training samples `first .. first + size` one rank
+    /// reads (see [`RankPart::assemble`]). By default the whole batch: a source that can read
+    /// a part alone overrides it.
+    fn fill_train_part(
+        &self,
+        first: u64,
+        size: usize,
+        part: &RankPart,
+        batch: &mut Batch,
+    ) -> Result<()> {
+        let _ = part;
+        self.fill_train(first, size, batch)
+    }
+    /// [`DataSource::fill_train_part`] of the held-out samples.
+    fn fill_test_part(
+        &self,
+        first: u64,
+        size: usize,
+        part: &RankPart,
+        batch: &mut Batch,
+    ) -> Result<()> {
+        let _ = part;
+        self.fill_test(first, size, batch)
     }
     /// The AUC of the labels' own generating model on the held-out samples, when known.
     fn ceiling_auc(&self) -> Option<f64> {

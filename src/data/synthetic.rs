@@ -7,8 +7,8 @@
 //! Sample `i` of a split is a pure function of (seed, split, i): any batch can be produced in
 //! any order, by any number of threads, with the same bits.
 
-use super::Batch;
 use super::batch::bag_range;
+use super::{Batch, RankPart};
 use crate::names::{Choice, choice_names};
 use crate::rng::{RankScatter, SplitMix64, Zipf, counter_hash, derive_key, unit_f32};
 use rayon::prelude::*;
@@ -259,38 +259,13 @@ impl SyntheticData {
             batch.indices.resize(nt, Vec::new());
             batch.offsets.resize(nt, Vec::new());
         }
-        // Bag sizes first (cheap), so every sample knows where its ids go; bags of one id
-        // are one-hot tables, without offsets.
-        let one_hot = self.cfg.num_indices_per_lookup == 1;
-        for t in 0..nt {
-            let offs = &mut batch.offsets[t];
-            offs.clear();
-            if one_hot {
-                batch.indices[t].resize(size, 0);
-                continue;
-            }
-            let mut at = 0u32;
-            for i in 0..size {
-                offs.push(at);
-                at += self.bag_size(split, first + i as u64, t) as u32;
-            }
-            batch.indices[t].resize(at as usize, 0);
-        }
         // Ids, in parallel over tables (each table's ids are its own buffer).
         batch
             .indices
             .par_iter_mut()
-            .zip(&batch.offsets)
+            .zip(&mut batch.offsets)
             .enumerate()
-            .for_each(|(t, (ids, offs))| {
-                for i in 0..size {
-                    let bag = bag_range(ids, offs, i);
-                    let mut rng = self.sample_rng(split, first + i as u64, 2 + t as u64);
-                    for id in &mut ids[bag] {
-                        *id = self.draw_id(t, &mut rng);
-                    }
-                }
-            });
+            .for_each(|(t, (ids, offs))| self.fill_table(split, first, size, t, ids, offs));
         // Dense features and labels, in parallel over sample chunks.
         let indices = &batch.indices;
         let offsets = &batch.offsets;
@@ -309,6 +284,59 @@ impl SyntheticData {
                     *label = if rng.bernoulli(p as f64) { 1.0 } else { 0.0 };
                 }
             });
+    }
+
+    /// Table `t`'s ids (and offsets; none when bags are of one id: one-hot) for samples
+    /// `first .. first + size` of `split`.
+    fn fill_table(
+        &self,
+        split: Split,
+        first: u64,
+        size: usize,
+        t: usize,
+        ids: &mut Vec<u32>,
+        offs: &mut Vec<u32>,
+    ) {
+        // Bag sizes first (cheap), so every sample knows where its ids go.
+        offs.clear();
+        if self.cfg.num_indices_per_lookup == 1 {
+            ids.resize(size, 0);
+        } else {
+            let mut at = 0u32;
+            for i in 0..size {
+                offs.push(at);
+                at += self.bag_size(split, first + i as u64, t) as u32;
+            }
+            ids.resize(at as usize, 0);
+        }
+        for i in 0..size {
+            let bag = bag_range(ids, offs, i);
+            let mut rng = self.sample_rng(split, first + i as u64, 2 + t as u64);
+            for id in &mut ids[bag] {
+                *id = self.draw_id(t, &mut rng);
+            }
+        }
+    }
+
+    /// The `part` of samples `first .. first + size` of `split` one rank reads (see
+    /// [`RankPart::assemble`]): the slice's samples (their labels need every table's ids) and
+    /// the part's tables' ids for all samples; the same bits as [`SyntheticData::fill_batch`].
+    pub fn fill_part(
+        &self,
+        split: Split,
+        first: u64,
+        size: usize,
+        part: &RankPart,
+        batch: &mut Batch,
+    ) {
+        let mut slice = Batch::default();
+        let rows = &part.rows;
+        self.fill_batch(split, first + rows.start as u64, rows.len(), &mut slice);
+        let nt = self.cfg.table_sizes.len();
+        let columns = (&slice.dense[..], &slice.labels[..]);
+        part.assemble(size, self.cfg.num_dense, columns, nt, batch, |t, ids, o| {
+            self.fill_table(split, first, size, t, ids, o)
+        });
     }
 
     /// The teacher's click probability for sample `i` of a filled batch (None without teacher).
@@ -390,6 +418,20 @@ impl SyntheticSource {
         src
     }
 
+    /// The data set generated batch by batch, never held: what each rank of a distributed run
+    /// uses, generating only its part of every batch. No teacher AUC (it would generate the
+    /// whole held-out split).
+    pub fn on_the_fly(data: SyntheticData, train_len: u64, test_len: u64) -> SyntheticSource {
+        SyntheticSource {
+            data,
+            train_len,
+            test_len,
+            train: None,
+            test: None,
+            ceiling: None,
+        }
+    }
+
     /// Whether the data set is held in memory.
     pub fn in_memory(&self) -> bool {
         self.train.is_some()
@@ -437,6 +479,27 @@ impl super::DataSource for SyntheticSource {
     }
     fn fill_test(&self, first: u64, size: usize, batch: &mut Batch) -> anyhow::Result<()> {
         self.fill(Split::Test, first, size, batch);
+        Ok(())
+    }
+    /// Generated, never read from the held copy: the same bits, and a rank's part only.
+    fn fill_train_part(
+        &self,
+        first: u64,
+        size: usize,
+        part: &RankPart,
+        batch: &mut Batch,
+    ) -> anyhow::Result<()> {
+        self.data.fill_part(Split::Train, first, size, part, batch);
+        Ok(())
+    }
+    fn fill_test_part(
+        &self,
+        first: u64,
+        size: usize,
+        part: &RankPart,
+        batch: &mut Batch,
+    ) -> anyhow::Result<()> {
+        self.data.fill_part(Split::Test, first, size, part, batch);
         Ok(())
     }
     fn ceiling_auc(&self) -> Option<f64> {

@@ -1,14 +1,15 @@
 //! The training loop of a [`ShardedDlrm`] on N ranks: every rank steps through the same global
-//! batches (each reading its slice's dense rows and labels and its tables' ids), and the final
+//! batches, each reading from the data source only its part of them ([`RankPart`]: its slice's
+//! dense rows and labels and its tables' ids), and the final
 //! evaluation scores the whole held-out set (each rank its slice, gathered).
 
 use super::{
     DataSource, EvalMetrics, IntervalReport, TrainObserver, TrainOptions, epoch_order, start_state,
     steps_per_epoch, total_steps,
 };
-use crate::data::Batch;
+use crate::data::{Batch, RankPart};
 use crate::distributed::{Collectives, ShardPlan};
-use crate::model::dlrm::{CollectiveCost, CommStats, DenseReduction, ShardedDlrm};
+use crate::model::dlrm::{CollectiveCost, CommStats, DenseReduction, ShardedDlrm, slice_of};
 use crate::model::{PhaseSeconds, PhaseTimer};
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -89,10 +90,10 @@ pub fn train_sharded(
             epoch_order(&mut order, data_batches, data.shuffle(), &mut shuffle_rng);
         }
         let first = order[((step % per_epoch) % data_batches) as usize] * b as u64;
-        let view = data.train_view(first, b, &mut batch)?;
+        data.fill_train_part(first, b, &rank_part(comm, model, b), &mut batch)?;
         timer.restart();
         let loss = model
-            .train_step(comm, &view, opts.lr.at(step), &mut timer)
+            .train_step(comm, &batch.view(), opts.lr.at(step), &mut timer)
             .with_context(|| format!("training samples {first}..{}", first + b as u64))?;
         (interval_loss, interval_steps, train_loss) =
             (interval_loss + loss, interval_steps + 1, loss);
@@ -135,7 +136,8 @@ pub fn train_sharded(
     })
 }
 
-/// The metrics of the whole held-out set (each rank scores its slice of every batch).
+/// The metrics of the whole held-out set (each rank scores its slice of every batch; the
+/// predictions and the labels, which each rank reads for its slice only, are gathered).
 pub fn evaluate_sharded(
     comm: &dyn Collectives,
     model: &mut ShardedDlrm,
@@ -148,15 +150,30 @@ pub fn evaluate_sharded(
     let mut first = 0;
     while first < n {
         let size = batch_size.min((n - first) as usize);
-        let view = data.test_view(first, size, batch)?;
+        let part = rank_part(comm, model, size);
+        data.fill_test_part(first, size, &part, batch)?;
+        let rows = part.rows;
         model
-            .predict(comm, &view, &mut out)
+            .predict(comm, &batch.view(), &mut out)
             .with_context(|| format!("held-out samples {first}..{}", first + size as u64))?;
         preds.extend_from_slice(&out);
-        labels.extend_from_slice(view.labels);
+        let counts: Vec<usize> = (0..comm.size())
+            .map(|q| slice_of(q, comm.size(), size).len())
+            .collect();
+        let at = labels.len();
+        labels.resize(at + size, 0.0);
+        comm.all_gather_v(&batch.labels[rows], &mut labels[at..], &counts);
         first += size as u64;
     }
     Ok(EvalMetrics::compute(&preds, &labels))
+}
+
+/// What this rank reads of a global batch of `size` samples: its slice's rows, its tables.
+fn rank_part<'a>(comm: &dyn Collectives, model: &'a ShardedDlrm, size: usize) -> RankPart<'a> {
+    RankPart {
+        rows: slice_of(comm.rank(), comm.size(), size),
+        tables: model.tables(),
+    }
 }
 
 /// Every rank's phase and collective times, in rank order.

@@ -33,6 +33,10 @@ pub struct DistributedArgs {
     /// order): N ranks train bit for bit the single-process model. Slower than the all-reduce.
     #[arg(long)]
     pub deterministic: bool,
+    /// Seconds a collective may wait for the other ranks: past it (a rank died or hangs) the
+    /// job ends with exit code 1, naming the ranks that stopped answering.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+    pub collective_timeout: f64,
 }
 
 /// The number of processes of the MPI job this process was started in (1 outside one), from
@@ -51,8 +55,14 @@ impl DistributedArgs {
     }
 }
 
-/// Checks the distributed flags before any work (a budget must be a positive number).
+/// Checks the distributed flags before any work (a budget and a timeout must be positive
+/// numbers).
 pub fn check_flags(a: &DistributedArgs) -> Result<()> {
+    let t = a.collective_timeout;
+    anyhow::ensure!(
+        t.is_finite() && t > 0.0,
+        "--collective-timeout {t}: a positive number of seconds is needed"
+    );
     if let Some(gib) = a.rank_memory_gib {
         anyhow::ensure!(
             gib.is_finite() && gib > 0.0,
@@ -102,7 +112,8 @@ mod with_mpi {
     }
 
     fn run_on_pool(a: &DistributedArgs, spec: RunSpec, report_json: Option<&Path>) -> Result<()> {
-        let comm = MpiCollectives::init().context("MPI was already initialised")?;
+        let timeout = std::time::Duration::from_secs_f64(a.collective_timeout);
+        let comm = MpiCollectives::init(timeout).context("MPI was already initialised")?;
         let (rank, ranks) = (comm.rank(), comm.size());
         anyhow::ensure!(
             spec.model == ModelKind::Dlrm,
@@ -121,7 +132,7 @@ mod with_mpi {
                 config,
                 train_len,
                 test_len,
-            } => Box::new(SyntheticSource::new(
+            } => Box::new(SyntheticSource::on_the_fly(
                 SyntheticData::new(config),
                 train_len,
                 test_len,
