@@ -7,7 +7,7 @@
 use dlrm::config::Preset;
 use dlrm::data::synthetic::{Generation, Split, SyntheticConfig, SyntheticData, SyntheticSource};
 use dlrm::data::{Batch, RankPart};
-use dlrm::distributed::{Collectives, LocalGroup, ShardPlan};
+use dlrm::distributed::{Collectives, LocalGroup, PlanOptions, ShardPlan, TableCost};
 use dlrm::model::OptimizerKind;
 use dlrm::model::architecture::{Architecture, InteractionOp};
 use dlrm::model::dlrm::{DenseReduction, ShardedDlrm, slice_of};
@@ -129,14 +129,23 @@ impl DataSource for Recording {
 
 /// Trains on `ranks` threads (batch 768, whole 128-row chunks per rank: 4 steps; 1000 held-out
 /// samples: a last batch of 232, split unevenly),
-/// each reading from its own recording source. Returns rank 0's report, and per rank its
-/// tables and the parts it asked for.
+/// each reading from its own recording source. Returns rank 0's report, and per rank the
+/// tables it reads (its own and the replicated) and the parts it asked for.
 fn run(ranks: usize) -> (ShardedReport, Vec<(Vec<usize>, Requests)>) {
     let arch = arch();
-    let bytes: Vec<u64> = (arch.table_sizes.iter())
-        .map(|&r| (r * arch.embedding_dim * 4) as u64)
+    let tables: Vec<TableCost> = (arch.table_sizes.iter())
+        .map(|&rows| TableCost {
+            rows,
+            bytes: (rows * arch.embedding_dim * 4) as u64,
+            lookup_bytes: 3 * arch.embedding_dim as u64 * 4,
+        })
         .collect();
-    let plan = ShardPlan::table_wise(&bytes, ranks, None).unwrap();
+    // The tiny tables replicated: every rank reads their ids for the whole batch too.
+    let options = PlanOptions {
+        budget: None,
+        replicate_tiny: true,
+    };
+    let plan = ShardPlan::table_wise(&tables, ranks, options).unwrap();
     let opts = TrainOptions {
         test_batch_size: 768,
         ..TrainOptions::new(768, LrSchedule::constant(0.05))
@@ -164,7 +173,7 @@ fn run(ranks: usize) -> (ShardedReport, Vec<(Vec<usize>, Requests)>) {
                     let report =
                         train_sharded(&comm, &mut model, &source, opts, 1, &mut Quiet).unwrap();
                     let parts = source.parts.into_inner().unwrap();
-                    (report, (model.tables().to_vec(), parts))
+                    (report, (model.tables_read().to_vec(), parts))
                 })
             })
             .collect();
@@ -195,8 +204,13 @@ fn each_rank_reads_only_its_part_and_the_metrics_equal_one_ranks() {
             assert_eq!(got_tables, tables, "rank {rank}, request {i}");
         }
     }
-    let tables: usize = parts.iter().map(|(t, _)| t.len()).sum();
-    assert_eq!(tables, arch().num_tables());
+    let mut read: Vec<usize> = parts.iter().flat_map(|(t, _)| t.clone()).collect();
+    read.sort_unstable();
+    read.dedup();
+    assert_eq!(read, (0..arch().num_tables()).collect::<Vec<_>>());
+    for (rank, (tables, _)) in parts.iter().enumerate() {
+        assert!(tables.len() < arch().num_tables(), "rank {rank} reads {tables:?}");
+    }
     for (a, b) in [
         (one.test_loss, three.test_loss),
         (one.test_auc, three.test_auc),

@@ -168,11 +168,12 @@ pub fn evaluate_sharded(
     Ok(EvalMetrics::compute(&preds, &labels))
 }
 
-/// What this rank reads of a global batch of `size` samples: its slice's rows, its tables.
+/// What this rank reads of a global batch of `size` samples: its slice's rows; its own and the
+/// replicated tables.
 fn rank_part<'a>(comm: &dyn Collectives, model: &'a ShardedDlrm, size: usize) -> RankPart<'a> {
     RankPart {
         rows: slice_of(comm.rank(), comm.size(), size),
-        tables: model.tables(),
+        tables: model.tables_read(),
     }
 }
 

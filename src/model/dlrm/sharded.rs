@@ -102,6 +102,8 @@ pub struct ShardedDlrm {
     /// The tables every rank holds (in table order) and this rank's replicas of them.
     replicated: Vec<usize>,
     replicas: SparseTables,
+    /// The tables whose ids this rank reads for the whole global batch, in table order.
+    read: Vec<usize>,
     /// Per replica: its bags' offsets for this rank's slice, rebased to start at 0.
     slice_offsets: Vec<Vec<u32>>,
     /// This rank's slice x replicas x d: their pooled vectors, then their gradients.
@@ -141,7 +143,10 @@ impl ShardedDlrm {
             SparseTables::create_at(indices, rows, d, optimizer, source, seed)
         };
         let (tables, replicas) = (create(&owned[rank])?, create(&replicated)?);
+        let mut read = [&owned[rank][..], &replicated[..]].concat();
+        read.sort_unstable();
         Ok(ShardedDlrm {
+            read,
             model: Dlrm::with_tables(arch, optimizer, seed, tables),
             plan,
             rank,
@@ -167,6 +172,12 @@ impl ShardedDlrm {
     /// The tables this rank owns, in table order.
     pub fn tables(&self) -> &[usize] {
         &self.owned[self.rank]
+    }
+
+    /// The tables whose ids this rank reads for the whole global batch, in table order: those
+    /// it owns and the replicated ones (every rank applies a replica's whole-batch update).
+    pub fn tables_read(&self) -> &[usize] {
+        &self.read
     }
 
     /// This rank's model: its tables (`embeddings`, in the order of [`tables`](Self::tables))
