@@ -1,5 +1,6 @@
 //! scaling.svg: throughput (with the ideal linear line and each point's min-max spread) and
-//! parallel efficiency against threads, with the thread counts where a new socket or the SMT
+//! parallel efficiency against threads (with MPI ranks: against cores = ranks x threads, one
+//! series per ranks value), with the thread counts where a new socket or the SMT
 //! siblings come in marked by vertical dashed lines.
 
 use crate::report::Row;
@@ -13,14 +14,77 @@ const HEIGHT: u32 = 720;
 /// Height of the throughput panel; the efficiency panel takes the rest.
 const TOP_PANEL: u32 = 400;
 const MAX_X_LABELS: usize = 12;
-const MEASURED: RGBColor = RGBColor(31, 119, 180);
+/// The measured series' colours, one per ranks value (matplotlib's "tab10" order).
+const SERIES: [RGBColor; 4] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+];
 const IDEAL: RGBColor = RGBColor(150, 150, 150);
 const MARK: RGBColor = RGBColor(214, 39, 40);
 
-/// Writes the plot of `rows` (ascending thread counts) to `path`.
+/// Writes the plot of `rows` (ascending thread counts; with MPI ranks, one run of them per
+/// ranks value) to `path`.
 pub fn write_svg(path: &Path, title: &str, rows: &[Row], boundaries: &[Boundary]) -> Result<()> {
     anyhow::ensure!(!rows.is_empty(), "nothing to plot");
     draw(path, title, rows, boundaries).map_err(|e| anyhow!("drawing {}: {e}", path.display()))
+}
+
+/// The rows of each ranks value, in the order the values first appear, with its legend label.
+fn series(rows: &[Row]) -> Vec<(String, Vec<&Row>)> {
+    let mut ranks: Vec<usize> = rows.iter().map(|r| r.ranks).collect();
+    ranks.dedup();
+    if ranks == [1] && rows.iter().all(|r| r.comm_fraction.is_none()) {
+        return vec![(
+            "measured (median; bars: min - max)".into(),
+            rows.iter().collect(),
+        )];
+    }
+    ranks.sort_unstable();
+    ranks.dedup();
+    (ranks.iter())
+        .map(|&n| {
+            let label = format!("{n} rank{} x threads", if n == 1 { "" } else { "s" });
+            (label, rows.iter().filter(|r| r.ranks == n).collect())
+        })
+        .collect()
+}
+
+type Chart<'a, DB> = ChartContext<
+    'a,
+    DB,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// One series: the line through `value` of each row against its cores, a dot per point and,
+/// with `spread`, each point's min - max bar.
+fn draw_series<DB: DrawingBackend>(
+    chart: &mut Chart<'_, DB>,
+    rows: &[&Row],
+    colour: RGBColor,
+    value: impl Fn(&Row) -> f64,
+    spread: bool,
+) -> Result<(), Box<dyn std::error::Error>>
+where
+    DB::ErrorType: 'static,
+{
+    let xy = |r: &Row| (r.cores() as f64, value(r));
+    chart.draw_series(LineSeries::new(
+        rows.iter().map(|r| xy(r)),
+        colour.stroke_width(2),
+    ))?;
+    chart.draw_series(rows.iter().map(|r| Circle::new(xy(r), 4, colour.filled())))?;
+    if spread {
+        chart.draw_series(rows.iter().map(|r| {
+            let x = r.cores() as f64;
+            PathElement::new(
+                [(x, r.samples_per_sec_min), (x, r.samples_per_sec_max)],
+                colour.stroke_width(1),
+            )
+        }))?;
+    }
+    Ok(())
 }
 
 fn draw(
@@ -33,19 +97,25 @@ fn draw(
     root.fill(&WHITE)?;
     let root = root.titled(title, ("sans-serif", 20))?;
     let (upper, lower) = root.split_vertically(TOP_PANEL);
+    let series = series(rows);
+    let x_desc = if series.len() == 1 && rows[0].ranks == 1 {
+        "threads"
+    } else {
+        "cores (ranks x threads)"
+    };
 
-    let min_t = rows.iter().map(|r| r.threads).min().unwrap_or(1) as f64;
-    let max_t = rows.iter().map(|r| r.threads).max().unwrap_or(1) as f64;
-    // The measured thread counts and half a thread either side, nothing more.
+    let min_t = rows.iter().map(Row::cores).min().unwrap_or(1) as f64;
+    let max_t = rows.iter().map(Row::cores).max().unwrap_or(1) as f64;
+    // The measured core counts and half a core either side, nothing more.
     let x_range = min_t - 0.5..max_t + 0.5;
-    // Whole thread counts only: one label per thread on small machines, ~12 on big ones.
+    // Whole core counts only: one label per core on small machines, ~12 on big ones.
     let x_labels = ((max_t - min_t) as usize + 2).min(MAX_X_LABELS);
-    let base = &rows[0];
-    let per_thread = base.samples_per_sec / base.threads as f64;
-    let ideal = |t: f64| per_thread * t;
+    let base = rows.iter().min_by_key(|r| r.cores()).expect("rows");
+    let per_core = base.samples_per_sec / base.cores() as f64;
+    let ideal = |t: f64| per_core * t;
     let top = rows
         .iter()
-        .map(|r| r.samples_per_sec_max.max(ideal(r.threads as f64)))
+        .map(|r| r.samples_per_sec_max.max(ideal(r.cores() as f64)))
         .fold(0.0, f64::max)
         * 1.1;
     let marks: Vec<&Boundary> = boundaries
@@ -60,7 +130,7 @@ fn draw(
         .build_cartesian_2d(x_range.clone(), 0.0..top.max(1.0))?;
     chart
         .configure_mesh()
-        .x_desc("threads")
+        .x_desc(x_desc)
         .y_desc("samples/s")
         .x_labels(x_labels)
         .x_label_formatter(&whole_threads)
@@ -69,31 +139,22 @@ fn draw(
         .draw()?;
     chart
         .draw_series(DashedLineSeries::new(
-            [base.threads as f64, max_t].map(|t| (t, ideal(t))),
+            [base.cores() as f64, max_t].map(|t| (t, ideal(t))),
             6,
             4,
             IDEAL.stroke_width(2),
         ))?
         .label("ideal (linear from the first point)")
         .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], IDEAL.stroke_width(2)));
-    chart
-        .draw_series(LineSeries::new(
-            rows.iter().map(|r| (r.threads as f64, r.samples_per_sec)),
-            MEASURED.stroke_width(2),
-        ))?
-        .label("measured (median; bars: min - max)")
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], MEASURED.stroke_width(2)));
-    chart.draw_series(
-        rows.iter()
-            .map(|r| Circle::new((r.threads as f64, r.samples_per_sec), 4, MEASURED.filled())),
-    )?;
-    chart.draw_series(rows.iter().map(|r| {
-        let t = r.threads as f64;
-        PathElement::new(
-            [(t, r.samples_per_sec_min), (t, r.samples_per_sec_max)],
-            MEASURED.stroke_width(1),
-        )
-    }))?;
+    for (i, (label, points)) in series.iter().enumerate() {
+        let colour = SERIES[i % SERIES.len()];
+        draw_series(&mut chart, points, colour, |r| r.samples_per_sec, true)?;
+        // A legend entry of its own: an empty series carries it.
+        chart
+            .draw_series(std::iter::empty::<Circle<(f64, f64), i32>>())?
+            .label(label.as_str())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], colour.stroke_width(2)));
+    }
     draw_marks(&mut chart, &marks, top)?;
     chart
         .configure_series_labels()
@@ -114,7 +175,7 @@ fn draw(
         .build_cartesian_2d(x_range, 0.0..eff_top)?;
     chart
         .configure_mesh()
-        .x_desc("threads")
+        .x_desc(x_desc)
         .y_desc("parallel efficiency (%)")
         .x_labels(x_labels)
         .x_label_formatter(&whole_threads)
@@ -127,18 +188,10 @@ fn draw(
         4,
         IDEAL.stroke_width(2),
     ))?;
-    chart.draw_series(LineSeries::new(
-        rows.iter()
-            .map(|r| (r.threads as f64, 100.0 * r.efficiency)),
-        MEASURED.stroke_width(2),
-    ))?;
-    chart.draw_series(rows.iter().map(|r| {
-        Circle::new(
-            (r.threads as f64, 100.0 * r.efficiency),
-            4,
-            MEASURED.filled(),
-        )
-    }))?;
+    for (i, (_, points)) in series.iter().enumerate() {
+        let colour = SERIES[i % SERIES.len()];
+        draw_series(&mut chart, points, colour, |r| 100.0 * r.efficiency, false)?;
+    }
     draw_marks(&mut chart, &marks, eff_top)?;
     root.present()?;
     Ok(())
@@ -171,11 +224,7 @@ pub fn thousands(v: f64) -> String {
 
 /// A dashed vertical line half a thread before each boundary, labelled at the top.
 fn draw_marks<DB: DrawingBackend>(
-    chart: &mut ChartContext<
-        '_,
-        DB,
-        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
-    >,
+    chart: &mut Chart<'_, DB>,
     marks: &[&Boundary],
     top: f64,
 ) -> Result<(), Box<dyn std::error::Error>>
@@ -221,6 +270,7 @@ mod tests {
         let points: Vec<Point> = [1usize, 2, 4, 8, 12, 16]
             .iter()
             .map(|&t| Point {
+                ranks: 1,
                 threads: t,
                 sockets: 1 + (t > 8) as usize,
                 cpus: crate::topology::format_cpulist(0..t),
@@ -233,6 +283,7 @@ mod tests {
                     sched: None,
                 },
                 flops_per_sample: None,
+                comm_fraction: None,
             })
             .collect();
         let marks = [
