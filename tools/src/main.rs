@@ -12,11 +12,11 @@ use dlrm::names::{Choice, parse_choice};
 use dlrm::spec::{ArchitectureOverrides, resolve_architecture};
 use dlrm::storage::interleave_memory;
 use dlrm_tools::measure::Schedule;
+use dlrm_tools::ranks::{Launcher, sibling_dlrm};
 use dlrm_tools::study::{StudyOptions, busy_warning, run};
 use dlrm_tools::sweep::{boundaries, default_sweep, sweep_of};
 use dlrm_tools::topology::{Placement, Topology, format_cpulist};
 use dlrm_tools::workload::{WorkloadKind, WorkloadSpec};
-use dlrm_tools::ranks::{Launcher, sibling_dlrm};
 use dlrm_tools::{plot, ranks, report};
 use std::path::PathBuf;
 

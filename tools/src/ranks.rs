@@ -83,7 +83,10 @@ fn command(
         .args(["--learning-rate", &spec.learning_rate.to_string()])
         .args(["--data-generation", data.generation.name()])
         .args(["--zipf-alpha", &data.zipf_alpha.to_string()])
-        .args(["--num-indices-per-lookup", &data.num_indices_per_lookup.to_string()])
+        .args([
+            "--num-indices-per-lookup",
+            &data.num_indices_per_lookup.to_string(),
+        ])
         .args(["--num-indices-per-lookup-fixed", "true"])
         .args(["--seed", &spec.seed.to_string()])
         .args(["--print-freq", "0", "--report-json"])

@@ -420,7 +420,10 @@ mod tests {
         let t = table(&r);
         let last = t.lines().last().unwrap();
         assert!(t.starts_with("ranks") && t.contains("comm"), "{t}");
-        assert!(last.trim_start().starts_with('2') && last.ends_with("25.0%"), "{t}");
+        assert!(
+            last.trim_start().starts_with('2') && last.ends_with("25.0%"),
+            "{t}"
+        );
         let text = csv("train", "unpinned", &r);
         let header = csv_header();
         let col = |name: &str| header.iter().position(|h| h == name).unwrap();

@@ -79,7 +79,10 @@ fn ranks_and_threads_share_one_csv_and_plot() {
         }
         panic!("{stdout}{stderr}");
     }
-    assert!(stdout.contains("ranks 1,2") && stdout.contains("comm"), "{stdout}");
+    assert!(
+        stdout.contains("ranks 1,2") && stdout.contains("comm"),
+        "{stdout}"
+    );
     let csv = std::fs::read_to_string(out.join("scaling.csv")).unwrap();
     let lines: Vec<&str> = csv.lines().collect();
     let header: Vec<&str> = lines[0].split(',').collect();
@@ -93,7 +96,11 @@ fn ranks_and_threads_share_one_csv_and_plot() {
         assert!(rate > 0.0 && (0.0..1.0).contains(&comm), "{line}");
     }
     let svg = std::fs::read_to_string(out.join("scaling.svg")).unwrap();
-    for label in ["1 rank x threads", "2 ranks x threads", "cores (ranks x threads)"] {
+    for label in [
+        "1 rank x threads",
+        "2 ranks x threads",
+        "cores (ranks x threads)",
+    ] {
         assert!(svg.contains(label), "the plot lacks {label}");
     }
 }
@@ -132,7 +139,14 @@ fn a_failing_job_names_its_point_and_command() {
         return;
     }
     let mut args = QUICK.to_vec();
-    args.extend(["--ranks", "1,2", "--threads", "1", "--dlrm-bin", "/bin/false"]);
+    args.extend([
+        "--ranks",
+        "1,2",
+        "--threads",
+        "1",
+        "--dlrm-bin",
+        "/bin/false",
+    ]);
     let o = scaling(&args, None);
     let stderr = text(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{stderr}");
