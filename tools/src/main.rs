@@ -203,7 +203,7 @@ fn study_options(a: &Args, topo: &Topology) -> Result<StudyOptions> {
 
 /// The launcher of the MPI points, checked before any work: they train (`dlrm train`), and
 /// need the `dlrm` binary and mpirun.
-fn launcher(a: &Args) -> Result<Launcher> {
+fn mpi_launcher(a: &Args) -> Result<Launcher> {
     anyhow::ensure!(
         a.workload == WorkloadKind::Train,
         "--ranks above 1 runs `dlrm train`: it measures --workload train, not {}",
@@ -252,7 +252,7 @@ fn main_result() -> Result<()> {
     let ranks = sweep_of(&a.ranks);
     let launcher = match ranks[..] {
         [1] => None,
-        _ => Some(launcher(&a)?),
+        _ => Some(mpi_launcher(&a)?),
     };
     let scaling = if a.weak { "weak" } else { "strong" };
     let placement = if a.no_pin || launcher.is_some() {
