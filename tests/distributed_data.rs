@@ -209,7 +209,10 @@ fn each_rank_reads_only_its_part_and_the_metrics_equal_one_ranks() {
     read.dedup();
     assert_eq!(read, (0..arch().num_tables()).collect::<Vec<_>>());
     for (rank, (tables, _)) in parts.iter().enumerate() {
-        assert!(tables.len() < arch().num_tables(), "rank {rank} reads {tables:?}");
+        assert!(
+            tables.len() < arch().num_tables(),
+            "rank {rank} reads {tables:?}"
+        );
     }
     for (a, b) in [
         (one.test_loss, three.test_loss),

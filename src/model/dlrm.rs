@@ -574,7 +574,9 @@ fn bottom_forward(
     let chunk_par = if chunks.len() == 1 { par } else { Par::Seq };
     for_each_chunk(par, chunks, |chunk| {
         let x = input.dense_rows(chunk.rows.clone());
-        chunk.bottom.forward(layers, packed, x, None, precision, chunk_par);
+        chunk
+            .bottom
+            .forward(layers, packed, x, None, precision, chunk_par);
     });
 }
 

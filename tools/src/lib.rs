@@ -5,6 +5,7 @@
 
 pub mod measure;
 pub mod plot;
+pub mod ranks;
 pub mod report;
 pub mod schedstat;
 pub mod study;

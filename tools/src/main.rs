@@ -12,11 +12,12 @@ use dlrm::names::{Choice, parse_choice};
 use dlrm::spec::{ArchitectureOverrides, resolve_architecture};
 use dlrm::storage::interleave_memory;
 use dlrm_tools::measure::Schedule;
+use dlrm_tools::ranks::{Launcher, sibling_dlrm};
 use dlrm_tools::study::{StudyOptions, busy_warning, run};
 use dlrm_tools::sweep::{boundaries, default_sweep, sweep_of};
 use dlrm_tools::topology::{Placement, Topology, format_cpulist};
 use dlrm_tools::workload::{WorkloadKind, WorkloadSpec};
-use dlrm_tools::{plot, report};
+use dlrm_tools::{plot, ranks, report};
 use std::path::PathBuf;
 
 /// Where the pages of the tables go on a multi-socket machine.
@@ -73,6 +74,16 @@ struct Args {
     /// each socket boundary, and all logical CPUs.
     #[arg(long, value_delimiter = ',', value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     threads: Option<Vec<usize>>,
+    /// MPI ranks, comma-separated (e.g. 1,2). With any above 1, every ranks x threads point is
+    /// an `mpirun -np R dlrm train --distributed --threads T` job (1 rank included, so that all
+    /// points are measured alike; unpinned), compared on cores = ranks x threads, with each
+    /// job's communication share.
+    #[arg(long, value_delimiter = ',', default_value = "1", value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
+    ranks: Vec<usize>,
+    /// The `dlrm` binary (built with --features mpi) that --ranks starts; default: `dlrm`
+    /// beside this executable.
+    #[arg(long, value_name = "PATH")]
+    dlrm_bin: Option<PathBuf>,
     /// Fill one socket before the next (compact) or alternate sockets (scatter); physical
     /// cores always come before SMT siblings.
     #[arg(long, value_enum, default_value_t = Placement::Compact)]
@@ -190,6 +201,25 @@ fn study_options(a: &Args, topo: &Topology) -> Result<StudyOptions> {
     Ok(opts)
 }
 
+/// The launcher of the MPI points, checked before any work: they train (`dlrm train`), and
+/// need the `dlrm` binary and mpirun.
+fn mpi_launcher(a: &Args) -> Result<Launcher> {
+    anyhow::ensure!(
+        a.workload == WorkloadKind::Train,
+        "--ranks above 1 runs `dlrm train`: it measures --workload train, not {}",
+        a.workload.name()
+    );
+    let l = Launcher {
+        dlrm: match &a.dlrm_bin {
+            Some(path) => path.clone(),
+            None => sibling_dlrm()?,
+        },
+        preset: a.preset.name().to_string(),
+    };
+    ranks::check(&l)?;
+    Ok(l)
+}
+
 fn main_result() -> Result<()> {
     let a = Args::parse();
     let topo = Topology::detect();
@@ -219,18 +249,30 @@ fn main_result() -> Result<()> {
             )
         })?;
     }
+    let ranks = sweep_of(&a.ranks);
+    let launcher = match ranks[..] {
+        [1] => None,
+        _ => Some(mpi_launcher(&a)?),
+    };
     let scaling = if a.weak { "weak" } else { "strong" };
-    let placement = if a.no_pin {
+    let placement = if a.no_pin || launcher.is_some() {
         "unpinned".to_string()
     } else {
         a.placement.to_string()
     };
     let preset = a.preset.name();
     let title = format!(
-        "{} | {preset} preset | batch {}{} ({scaling} scaling) | {placement}",
+        "{} | {preset} preset | batch {}{} ({scaling} scaling) | {placement}{}",
         a.workload.name(),
         opts.batch,
         if a.weak { " per thread" } else { "" },
+        match launcher {
+            Some(_) => {
+                let list: Vec<String> = ranks.iter().map(usize::to_string).collect();
+                format!(" | ranks {}", list.join(","))
+            }
+            None => String::new(),
+        },
     );
     println!("{title}");
     if let Some(w) = std::fs::read_to_string("/proc/loadavg")
@@ -239,7 +281,10 @@ fn main_result() -> Result<()> {
     {
         eprintln!("{w}");
     }
-    let points = run(&opts, &topo)?;
+    let points = match &launcher {
+        Some(l) => ranks::run(l, &opts, &ranks)?,
+        None => run(&opts, &topo)?,
+    };
     let rows = report::rows(&points);
     println!("\n{}", report::table(&rows));
     if let Some(phases) = report::phase_table(&rows) {
@@ -250,7 +295,7 @@ fn main_result() -> Result<()> {
         let csv = dir.join("scaling.csv");
         std::fs::write(&csv, report::csv(a.workload.name(), &placement, &rows))
             .with_context(|| format!("writing {}", csv.display()))?;
-        let marks = if a.no_pin {
+        let marks = if a.no_pin || launcher.is_some() {
             Vec::new()
         } else {
             boundaries(&order)

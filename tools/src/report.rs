@@ -10,9 +10,12 @@ use crate::measure::{Measurement, combine_phases};
 use dlrm::model::PhaseSeconds;
 use std::fmt::Write;
 
-/// One measured thread count.
+/// One measured configuration: `ranks` processes of `threads` threads each.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Point {
+    /// MPI ranks (1: the study's own process).
+    pub ranks: usize,
+    /// Threads per rank.
     pub threads: usize,
     /// Sockets its threads ran on (0 when unpinned: the OS placed them).
     pub sockets: usize,
@@ -20,11 +23,21 @@ pub struct Point {
     pub cpus: String,
     pub measurement: Measurement,
     pub flops_per_sample: Option<f64>,
+    /// The share of the step time rank 0 spent in collectives (MPI points only).
+    pub comm_fraction: Option<f64>,
+}
+
+impl Point {
+    /// The cores the point uses: ranks x threads.
+    pub fn cores(&self) -> usize {
+        self.ranks * self.threads
+    }
 }
 
 /// A point with its derived figures.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Row {
+    pub ranks: usize,
     pub threads: usize,
     pub sockets: usize,
     pub cpus: String,
@@ -44,14 +57,23 @@ pub struct Row {
     pub cpu_wait: Option<f64>,
     /// Milliseconds per step of each training phase.
     pub phases_ms: Option<PhaseSeconds>,
+    pub comm_fraction: Option<f64>,
 }
 
-/// Derives speed-up and efficiency relative to the point with the fewest threads.
+impl Row {
+    /// The cores the row's point used: ranks x threads.
+    pub fn cores(&self) -> usize {
+        self.ranks * self.threads
+    }
+}
+
+/// Derives speed-up and efficiency relative to the point with the fewest cores (the first
+/// such: with --ranks, the one with fewer ranks).
 pub fn rows(points: &[Point]) -> Vec<Row> {
-    let Some(base) = points.iter().min_by_key(|p| p.threads) else {
+    let Some(base) = points.iter().min_by_key(|p| p.cores()) else {
         return Vec::new();
     };
-    let (t0, rate0) = (base.threads as f64, base.measurement.samples_per_sec());
+    let (t0, rate0) = (base.cores() as f64, base.measurement.samples_per_sec());
     points
         .iter()
         .map(|p| {
@@ -59,6 +81,7 @@ pub fn rows(points: &[Point]) -> Vec<Row> {
             let rate = m.samples_per_sec();
             let speedup = t0 * rate / rate0;
             Row {
+                ranks: p.ranks,
                 threads: p.threads,
                 sockets: p.sockets,
                 cpus: p.cpus.clone(),
@@ -67,7 +90,7 @@ pub fn rows(points: &[Point]) -> Vec<Row> {
                 samples_per_sec_min: m.min_rate(),
                 samples_per_sec_max: m.max_rate(),
                 speedup,
-                efficiency: speedup / p.threads as f64,
+                efficiency: speedup / p.cores() as f64,
                 step_ms: m.step_ms(),
                 gflop_per_sec: p.flops_per_sample.map(|f| f * rate * 1e-9),
                 cpu_busy: m.cpu_busy(),
@@ -75,6 +98,7 @@ pub fn rows(points: &[Point]) -> Vec<Row> {
                 phases_ms: m
                     .phases_per_step
                     .map(|s| combine_phases(&s, &s, |secs, _| secs * 1e3)),
+                comm_fraction: p.comm_fraction,
             }
         })
         .collect()
@@ -89,13 +113,15 @@ pub fn phase_names() -> Vec<&'static str> {
         .collect()
 }
 
-/// The columns of scaling.csv: the study, the point, its rates, the pool's CPU busy and wait
-/// fractions (empty where the OS does not report them), and one `<phase>_ms` column per training
+/// The columns of scaling.csv: the study, the point (ranks, threads per rank), its rates, the
+/// pool's CPU busy and wait fractions (empty where the OS does not report them), rank 0's
+/// share of the step time in collectives (empty without MPI ranks), and one `<phase>_ms` column per training
 /// phase (milliseconds per step; empty for kernel workloads).
 pub fn csv_header() -> Vec<String> {
     let mut cols: Vec<String> = [
         "workload",
         "placement",
+        "ranks",
         "threads",
         "sockets",
         "cpus",
@@ -109,6 +135,7 @@ pub fn csv_header() -> Vec<String> {
         "gflop_per_sec",
         "cpu_busy",
         "cpu_wait",
+        "comm_fraction",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -130,6 +157,7 @@ pub fn csv(workload: &str, placement: &str, rows: &[Row]) -> String {
         let mut fields = vec![
             workload.to_string(),
             placement.to_string(),
+            r.ranks.to_string(),
             r.threads.to_string(),
             r.sockets.to_string(),
             // Quoted by the writer when the CPU list holds commas.
@@ -144,6 +172,7 @@ pub fn csv(workload: &str, placement: &str, rows: &[Row]) -> String {
             r.gflop_per_sec.map_or(String::new(), |g| format!("{g:.3}")),
             r.cpu_busy.map_or(String::new(), |f| format!("{f:.4}")),
             r.cpu_wait.map_or(String::new(), |f| format!("{f:.4}")),
+            r.comm_fraction.map_or(String::new(), |f| format!("{f:.4}")),
         ];
         let phases = r.phases_ms.map(|p| p.entries());
         fields.extend((0..phase_names().len()).map(|i| {
@@ -159,11 +188,16 @@ pub fn csv(workload: &str, placement: &str, rows: &[Row]) -> String {
     String::from_utf8(bytes).expect("the fields are UTF-8")
 }
 
-/// The main table: one line per thread count.
+/// The main table: one line per point; with MPI ranks, each line starts with its ranks and
+/// ends with its communication share.
 pub fn table(rows: &[Row]) -> String {
     let mut s = String::new();
     let gflops = rows.iter().any(|r| r.gflop_per_sec.is_some());
     let sched = rows.iter().any(|r| r.cpu_busy.is_some());
+    let comm = rows.iter().any(|r| r.comm_fraction.is_some());
+    if comm {
+        let _ = write!(s, "{:>5} ", "ranks");
+    }
     let _ = write!(
         s,
         "{:>7} {:>7} {:>12} {:>21} {:>8} {:>10} {:>9}",
@@ -175,8 +209,14 @@ pub fn table(rows: &[Row]) -> String {
     if sched {
         let _ = write!(s, " {:>8} {:>8}", "CPU busy", "CPU wait");
     }
+    if comm {
+        let _ = write!(s, " {:>6}", "comm");
+    }
     s.push('\n');
     for r in rows {
+        if comm {
+            let _ = write!(s, "{:>5} ", r.ranks);
+        }
         let _ = write!(
             s,
             "{:>7} {:>7} {:>12.0} {:>21} {:>7.2}x {:>9.1}% {:>9.2}",
@@ -201,6 +241,9 @@ pub fn table(rows: &[Row]) -> String {
         }
         if let (Some(busy), Some(wait)) = (r.cpu_busy, r.cpu_wait) {
             let _ = write!(s, " {:>7.1}% {:>7.1}%", 100.0 * busy, 100.0 * wait);
+        }
+        if let Some(f) = r.comm_fraction {
+            let _ = write!(s, " {:>5.1}%", 100.0 * f);
         }
         s.push('\n');
     }
@@ -246,6 +289,7 @@ mod tests {
 
     fn point(threads: usize, rates: Vec<f64>, phases: Option<PhaseSeconds>) -> Point {
         Point {
+            ranks: 1,
             threads,
             sockets: 1,
             cpus: crate::topology::format_cpulist(0..threads),
@@ -261,6 +305,7 @@ mod tests {
                 }),
             },
             flops_per_sample: Some(1e6),
+            comm_fraction: None,
         }
     }
 
@@ -311,7 +356,7 @@ mod tests {
         ] {
             assert!(header.iter().any(|h| h == col), "missing {col}");
         }
-        assert_eq!(header.len(), 15 + 11);
+        assert_eq!(header.len(), 17 + 11);
         let r = rows(&[
             point(1, vec![100.0], Some(phases(1.0))),
             point(2, vec![150.0], None),
@@ -325,8 +370,9 @@ mod tests {
             assert_eq!(l.split(',').count(), header.len(), "{l}");
         }
         let first: Vec<&str> = lines[1].split(',').collect();
-        assert_eq!(&first[..4], ["train", "compact", "1", "1"]);
         let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+        assert_eq!(&first[..5], ["train", "compact", "1", "1", "1"]);
+        assert_eq!(first[col("comm_fraction")], "");
         assert_eq!(first[col("efficiency")], "1.0000");
         assert_eq!(first[col("top_bwd_ms")], "750.0000");
         assert_eq!(first[col("cpu_wait")], "0.0500");
@@ -352,5 +398,39 @@ mod tests {
         assert!(top.contains("750.000") && top.contains("375.000") && top.ends_with("2.00x"));
         let kernels = rows(&[point(1, vec![1.0], None)]);
         assert!(phase_table(&kernels).is_none());
+    }
+
+    #[test]
+    fn ranks_count_as_cores_and_show_their_communication() {
+        let mpi = |ranks: usize, threads: usize, rate: f64, comm: f64| Point {
+            ranks,
+            comm_fraction: Some(comm),
+            ..point(threads, vec![rate], None)
+        };
+        // 2 ranks x 1 thread against 1 rank x 2 threads: both 2 cores, both against 1 core.
+        let r = rows(&[
+            mpi(1, 1, 100.0, 0.0),
+            mpi(1, 2, 180.0, 0.0),
+            mpi(2, 1, 150.0, 0.25),
+        ]);
+        assert_eq!(r[0].cores(), 1);
+        assert!((r[1].efficiency - 0.9).abs() < 1e-12);
+        assert!((r[2].speedup - 1.5).abs() < 1e-12);
+        assert!((r[2].efficiency - 0.75).abs() < 1e-12);
+        let t = table(&r);
+        let last = t.lines().last().unwrap();
+        assert!(t.starts_with("ranks") && t.contains("comm"), "{t}");
+        assert!(
+            last.trim_start().starts_with('2') && last.ends_with("25.0%"),
+            "{t}"
+        );
+        let text = csv("train", "unpinned", &r);
+        let header = csv_header();
+        let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+        let third: Vec<&str> = text.lines().nth(3).unwrap().split(',').collect();
+        assert_eq!((third[col("ranks")], third[col("threads")]), ("2", "1"));
+        assert_eq!(third[col("comm_fraction")], "0.2500");
+        // Without ranks, the table is the thread study's own.
+        assert!(table(&rows(&[point(1, vec![1.0], None)])).starts_with("threads"));
     }
 }

@@ -155,6 +155,7 @@ pub fn run(opts: &StudyOptions, topo: &Topology) -> Result<Vec<Point>> {
             Ok((m, w.flops_per_sample()))
         })?;
         points.push(Point {
+            ranks: 1,
             threads,
             sockets: if opts.pin { sockets_used(&cpus) } else { 0 },
             cpus: if opts.pin {
@@ -164,6 +165,7 @@ pub fn run(opts: &StudyOptions, topo: &Topology) -> Result<Vec<Point>> {
             },
             measurement,
             flops_per_sample,
+            comm_fraction: None,
         });
     }
     Ok(points)

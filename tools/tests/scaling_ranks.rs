@@ -1,0 +1,174 @@
+//! `dlrm-scaling --ranks`: ranks x threads points as `mpirun dlrm train` jobs in one CSV and
+//! plot, and the clear refusals when they cannot run (no mpirun, no `dlrm` binary, a job that
+//! fails, a workload other than training). The end-to-end test needs mpirun on PATH and the
+//! `dlrm` binary beside `dlrm-scaling` built with `--features mpi` (as
+//! `cargo test -p dlrm-cli --features mpi` leaves it); it says why when it skips.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn scaling(args: &[&str], path_env: Option<&Path>) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dlrm-scaling"));
+    if let Some(p) = path_env {
+        c.env("PATH", p);
+    }
+    c.args(args).output().expect("run dlrm-scaling")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn mpirun_found() -> bool {
+    let found = Command::new("mpirun").arg("--version").output().is_ok();
+    if !found {
+        eprintln!("mpirun is not on PATH: skipping");
+    }
+    found
+}
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("dlrm-ranks-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Quick points: the tiny preset, 1 + 2 x 2 steps a job.
+const QUICK: [&str; 8] = [
+    "--preset",
+    "tiny",
+    "--warmup-steps",
+    "1",
+    "--repeats",
+    "2",
+    "--steps",
+    "2",
+];
+
+#[test]
+fn ranks_and_threads_share_one_csv_and_plot() {
+    if !mpirun_found() {
+        return;
+    }
+    let dir = TempDir::new("e2e");
+    let out = dir.0.join("out");
+    let mut args = QUICK.to_vec();
+    args.extend(["--ranks", "2,1", "--threads", "1"]);
+    args.extend(["--out", out.to_str().unwrap()]);
+    let o = scaling(&args, None);
+    let (stdout, stderr) = (text(&o.stdout), text(&o.stderr));
+    if !o.status.success() {
+        // The refusals name what is missing, and leave no output behind.
+        assert_eq!(o.status.code(), Some(1), "{stderr}");
+        assert!(!out.exists());
+        if stderr.contains("--features mpi") {
+            eprintln!("the dlrm binary beside dlrm-scaling lacks the mpi feature: skipping");
+            return;
+        }
+        panic!("{stdout}{stderr}");
+    }
+    assert!(
+        stdout.contains("ranks 1,2") && stdout.contains("comm"),
+        "{stdout}"
+    );
+    let csv = std::fs::read_to_string(out.join("scaling.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    let header: Vec<&str> = lines[0].split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    assert_eq!(lines.len(), 3, "{csv}");
+    for (line, ranks) in lines[1..].iter().zip(["1", "2"]) {
+        let f: Vec<&str> = line.split(',').collect();
+        assert_eq!((f[col("ranks")], f[col("threads")]), (ranks, "1"), "{line}");
+        let rate: f64 = f[col("samples_per_sec")].parse().unwrap();
+        let comm: f64 = f[col("comm_fraction")].parse().unwrap();
+        // Two ranks spend time exchanging. (Not bounded by 1: the report divides all of rank
+        // 0's collective time, evaluation's included, by the training steps' time.)
+        let exchanged = if ranks == "1" {
+            comm >= 0.0
+        } else {
+            comm > 0.0
+        };
+        assert!(rate > 0.0 && comm.is_finite() && exchanged, "{line}");
+    }
+    let svg = std::fs::read_to_string(out.join("scaling.svg")).unwrap();
+    for label in [
+        "1 rank x threads",
+        "2 ranks x threads",
+        "cores (ranks x threads)",
+    ] {
+        assert!(svg.contains(label), "the plot lacks {label}");
+    }
+}
+
+#[test]
+fn without_mpirun_ranks_are_refused_before_any_work() {
+    let dir = TempDir::new("nompi");
+    let out = dir.0.join("out");
+    // An existing file as the binary: the refusal is about mpirun alone.
+    let bin = env!("CARGO_BIN_EXE_dlrm-scaling");
+    let mut args = QUICK.to_vec();
+    args.extend(["--ranks", "1,2", "--dlrm-bin", bin]);
+    args.extend(["--out", out.to_str().unwrap()]);
+    let o = scaling(&args, Some(&dir.0));
+    let stderr = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--ranks needs mpirun on PATH"), "{stderr}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn a_missing_dlrm_binary_is_named() {
+    let o = scaling(&["--ranks", "2", "--dlrm-bin", "/nonexistent/dlrm"], None);
+    let stderr = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--dlrm-bin /nonexistent/dlrm: no such file")
+            && stderr.contains("--features mpi"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_failing_job_names_its_point_and_command() {
+    if !mpirun_found() {
+        return;
+    }
+    let mut args = QUICK.to_vec();
+    args.extend([
+        "--ranks",
+        "1,2",
+        "--threads",
+        "1",
+        "--dlrm-bin",
+        "/bin/false",
+    ]);
+    let o = scaling(&args, None);
+    let stderr = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("1 ranks x 1 threads") && stderr.contains("failed"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn ranks_measure_training_only_and_at_least_one() {
+    let o = scaling(&["--workload", "gemm", "--ranks", "2"], None);
+    let stderr = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--workload train, not gemm"), "{stderr}");
+    let o = scaling(&["--ranks", "0"], None);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+}
