@@ -73,7 +73,7 @@ def cpu_model():
 def run_reference(ref_dir, batch, optimizer, threads, batches):
     print_freq = max(batches // 5, 1)
     cmd = [
-        sys.executable, "-c", SHIM, os.path.join(ref_dir, "dlrm_s_pytorch.py"),
+        sys.executable, "-c", SHIM, os.path.join(os.path.abspath(ref_dir), "dlrm_s_pytorch.py"),
         "--arch-sparse-feature-size=16",
         f"--arch-mlp-bot={BOTTOM}",
         f"--arch-mlp-top={TOP}",
@@ -93,7 +93,12 @@ def run_reference(ref_dir, batch, optimizer, threads, batches):
         "--nepochs=1",
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    # The reference always writes TensorBoard events into ./run_kaggle_pt: run it in a
+    # scratch folder so that nothing is left behind.
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run(
+            cmd, env=env, cwd=tmp, capture_output=True, text=True, check=True
+        ).stdout
     times = [float(m.group(1)) for m in MS_PER_IT.finditer(out)]
     if len(times) < 2:
         raise RuntimeError(f"no timing lines in the reference's output:\n{out[-2000:]}")
