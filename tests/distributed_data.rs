@@ -105,25 +105,16 @@ impl DataSource for Recording {
     fn fill_test(&self, _: u64, _: usize, _: &mut Batch) -> anyhow::Result<()> {
         panic!("a rank asked for a whole held-out batch")
     }
-    fn fill_train_part(
+    fn fill_part(
         &self,
+        split: Split,
         first: u64,
         size: usize,
         part: &RankPart,
         batch: &mut Batch,
     ) -> anyhow::Result<()> {
         self.record(part);
-        self.inner.fill_train_part(first, size, part, batch)
-    }
-    fn fill_test_part(
-        &self,
-        first: u64,
-        size: usize,
-        part: &RankPart,
-        batch: &mut Batch,
-    ) -> anyhow::Result<()> {
-        self.record(part);
-        self.inner.fill_test_part(first, size, part, batch)
+        self.inner.fill_part(split, first, size, part, batch)
     }
 }
 

@@ -20,37 +20,16 @@ use dlrm::model::dlrm::Dlrm;
 use dlrm::rng::SplitMix64;
 use dlrm::storage::StorageKind;
 use dlrm::train::{DataSource, LrSchedule, Quiet, TrainOptions, TrainReport, train};
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Counts the allocations made by the current thread.
-struct CountingAllocator;
+/// The root package's counting allocator (the CLI package cannot name the root's test
+/// modules, so the file is included by path).
+#[path = "../../tests/common/alloc.rs"]
+mod counting_alloc;
 
-thread_local! {
-    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
-}
-
-// SAFETY: forwards every call to the system allocator unchanged; the counter is a const
-// thread-local Cell, whose access never allocates.
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.with(|c| c.set(c.get() + 1));
-        // SAFETY: same contract as GlobalAlloc::alloc.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as GlobalAlloc::dealloc.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.with(|c| c.set(c.get() + 1));
-        // SAFETY: same contract as GlobalAlloc::realloc.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+use counting_alloc::{CountingAllocator, allocations};
 
 #[global_allocator]
 static GLOBAL: CountingAllocator = CountingAllocator;
@@ -641,12 +620,12 @@ fn filling_batches_allocates_nothing_once_warm_and_epochs_keep_or_drop_the_last_
     assert!(data.shuffle());
     let mut batch = Batch::default();
     data.fill_train(0, 8, &mut batch).unwrap();
-    let before = ALLOCATIONS.with(Cell::get);
+    let before = allocations();
     for first in [3, 20, 22, 0] {
         data.fill_train(first, 8, &mut batch).unwrap();
         assert_eq!(batch.size(), 8);
     }
-    assert_eq!(ALLOCATIONS.with(Cell::get) - before, 0);
+    assert_eq!(allocations() - before, 0);
     assert!(data.fill_train(25, 8, &mut batch).is_err(), "past the end");
 
     let arch = kaggle_mlps(&data.header().table_sizes, "13-16", "8-1");

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 mod support;
+use support::dataset::{fnv1a64, id_columns, label_counts};
 use support::{Scratch, assert_error, assert_ok, dlrm};
 
 fn s(p: &Path) -> String {
@@ -446,15 +447,6 @@ fn drop_json_field(path: &Path, field: &str) {
     std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
 }
 
-/// FNV-1a 64 of ids as little-endian u32, as the golden script computes it.
-fn fnv1a64(ids: &[u8]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in ids {
-        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{h:016x}")
-}
-
 /// What the golden script prints, computed from a dataset folder.
 fn reference_view(ds: &Path, max_ind_range: u64) -> serde_json::Value {
     let header = DatasetHeader::read(ds).unwrap();
@@ -462,18 +454,10 @@ fn reference_view(ds: &Path, max_ind_range: u64) -> serde_json::Value {
     let mut positives = BTreeMap::new();
     let mut ids = BTreeMap::new();
     for split in ["train", "val", "test"] {
-        let labels = std::fs::read(ds.join(split).join("labels.f32")).unwrap();
-        let labels: Vec<f32> = labels
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        rows.insert(split, labels.len());
-        positives.insert(split, labels.iter().filter(|&&l| l == 1.0).count());
-        let hashes: Vec<String> = (0..26)
-            .map(|t| {
-                fnv1a64(&std::fs::read(ds.join(split).join(format!("ids_{t:02}.u32"))).unwrap())
-            })
-            .collect();
+        let (n, positive) = label_counts(ds, split);
+        rows.insert(split, n);
+        positives.insert(split, positive);
+        let hashes: Vec<String> = id_columns(ds, split).iter().map(|c| fnv1a64(c)).collect();
         ids.insert(split, hashes);
     }
     serde_json::json!({

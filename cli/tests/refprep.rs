@@ -10,6 +10,7 @@ use dlrm::data::binary::{DatasetHeader, Encoding};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use support::dataset::{CRITEO_TABLES, fnv1a64, id_columns, label_counts};
 use support::{Scratch, assert_ok, dlrm};
 
 /// The file a data variable names, or None (with a message) when it is unset.
@@ -21,23 +22,6 @@ fn data_env(var: &str) -> Option<PathBuf> {
     path
 }
 
-/// FNV-1a 64 of the values as little-endian u32, as the golden script hashes them.
-fn fnv1a64(values: &[u32]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in values.iter().flat_map(|v| v.to_le_bytes()) {
-        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{h:016x}")
-}
-
-fn read_u32s(path: &Path) -> Vec<u32> {
-    std::fs::read(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .chunks_exact(4)
-        .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
-        .collect()
-}
-
 /// What the golden script prints, read from a dataset folder, with the golden file's samples
 /// looked up here.
 fn view(ds: &Path, max_ind_range: i64, samples: &[Value]) -> Value {
@@ -45,21 +29,15 @@ fn view(ds: &Path, max_ind_range: i64, samples: &[Value]) -> Value {
     let (mut rows, mut positives, mut ids) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
     let mut columns = BTreeMap::new();
     for split in ["train", "test", "val"] {
-        let labels = std::fs::read(ds.join(split).join("labels.f32")).unwrap();
-        let labels: Vec<f32> = labels
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        rows.insert(split, labels.len());
-        positives.insert(split, labels.iter().filter(|&&l| l == 1.0).count());
-        let tables: Vec<Vec<u32>> = (0..26)
-            .map(|t| read_u32s(&ds.join(split).join(format!("ids_{t:02}.u32"))))
-            .collect();
+        let (n, positive) = label_counts(ds, split);
+        rows.insert(split, n);
+        positives.insert(split, positive);
+        let tables = id_columns(ds, split);
         let hashes: Vec<String> = tables.iter().map(|c| fnv1a64(c)).collect();
         ids.insert(split, hashes);
         columns.insert(split, tables);
     }
-    let dictionaries: Vec<String> = (0..26)
+    let dictionaries: Vec<String> = (0..CRITEO_TABLES)
         .map(|t| fnv1a64(&header.read_dictionary(ds, t).unwrap()))
         .collect();
     let samples: Vec<Value> = samples

@@ -26,7 +26,7 @@
 //! place ([`BatchView`], no copy), and filling a [`Batch`] is one `memcpy` per array (one-hot
 //! bags: no offsets).
 
-use super::{Batch, BatchView, DataSource, IdColumns, RankPart};
+use super::{Batch, BatchView, DataSource, IdColumns, RankPart, Split};
 use crate::names::{Choice, choice_names};
 use crate::storage::map_read_only;
 use anyhow::{Context, Result};
@@ -668,7 +668,7 @@ impl BinaryDataset {
     /// The `part` of rows `first .. first + size` of `split` one rank reads (see
     /// [`RankPart::assemble`]): only the slice's dense rows and labels and the part's id
     /// columns are touched. Unlabelled data gets labels 0.
-    pub fn fill_part(
+    pub fn fill_rank_part(
         &self,
         split: DatasetSplit,
         first: u64,
@@ -753,23 +753,19 @@ impl DataSource for BinaryDataset {
     fn fill_test(&self, first: u64, size: usize, batch: &mut Batch) -> Result<()> {
         self.fill(self.eval_split, first, size, batch)
     }
-    fn fill_train_part(
+    fn fill_part(
         &self,
+        split: Split,
         first: u64,
         size: usize,
         part: &RankPart,
         batch: &mut Batch,
     ) -> Result<()> {
-        self.fill_part(DatasetSplit::Train, first, size, part, batch)
-    }
-    fn fill_test_part(
-        &self,
-        first: u64,
-        size: usize,
-        part: &RankPart,
-        batch: &mut Batch,
-    ) -> Result<()> {
-        self.fill_part(self.eval_split, first, size, part, batch)
+        let split = match split {
+            Split::Train => DatasetSplit::Train,
+            Split::Test => self.eval_split,
+        };
+        self.fill_rank_part(split, first, size, part, batch)
     }
     fn train_view<'a>(
         &'a self,

@@ -9,4 +9,4 @@ pub mod source;
 pub mod synthetic;
 
 pub use batch::{Batch, BatchView, IdColumns};
-pub use source::{DataSource, RankPart};
+pub use source::{DataSource, RankPart, Split};

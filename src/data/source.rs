@@ -51,6 +51,13 @@ impl RankPart<'_> {
     }
 }
 
+/// The two parts of a [`DataSource`]: the training samples and the held-out ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Test,
+}
+
 /// Where batches come from: an in-memory generator or a mapped dataset.
 pub trait DataSource: Sync {
     /// Training samples in one epoch.
@@ -83,29 +90,22 @@ pub trait DataSource: Sync {
         self.fill_test(first, size, batch)?;
         Ok(batch.view())
     }
-    /// Fills `batch` with the `part` of training samples `first .. first + size` one rank
+    /// Fills `batch` with the `part` of samples `first .. first + size` of `split` one rank
     /// reads (see [`RankPart::assemble`]). By default the whole batch: a source that can read
     /// a part alone overrides it.
-    fn fill_train_part(
+    fn fill_part(
         &self,
+        split: Split,
         first: u64,
         size: usize,
         part: &RankPart,
         batch: &mut Batch,
     ) -> Result<()> {
         let _ = part;
-        self.fill_train(first, size, batch)
-    }
-    /// [`DataSource::fill_train_part`] of the held-out samples.
-    fn fill_test_part(
-        &self,
-        first: u64,
-        size: usize,
-        part: &RankPart,
-        batch: &mut Batch,
-    ) -> Result<()> {
-        let _ = part;
-        self.fill_test(first, size, batch)
+        match split {
+            Split::Train => self.fill_train(first, size, batch),
+            Split::Test => self.fill_test(first, size, batch),
+        }
     }
     /// The AUC of the labels' own generating model on the held-out samples, when known.
     fn ceiling_auc(&self) -> Option<f64> {

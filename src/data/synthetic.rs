@@ -49,11 +49,7 @@ impl Choice for Generation {
 choice_names!(Generation);
 
 /// Which part of the synthetic data set.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Split {
-    Train,
-    Test,
-}
+pub use super::Split;
 
 impl Split {
     fn key(self) -> u64 {
@@ -482,24 +478,15 @@ impl super::DataSource for SyntheticSource {
         Ok(())
     }
     /// Generated, never read from the held copy: the same bits, and a rank's part only.
-    fn fill_train_part(
+    fn fill_part(
         &self,
+        split: Split,
         first: u64,
         size: usize,
         part: &RankPart,
         batch: &mut Batch,
     ) -> anyhow::Result<()> {
-        self.data.fill_part(Split::Train, first, size, part, batch);
-        Ok(())
-    }
-    fn fill_test_part(
-        &self,
-        first: u64,
-        size: usize,
-        part: &RankPart,
-        batch: &mut Batch,
-    ) -> anyhow::Result<()> {
-        self.data.fill_part(Split::Test, first, size, part, batch);
+        self.data.fill_part(split, first, size, part, batch);
         Ok(())
     }
     fn ceiling_auc(&self) -> Option<f64> {

@@ -35,16 +35,7 @@ impl SparseTables {
         source: TableSource,
         seed: u64,
     ) -> anyhow::Result<SparseTables> {
-        let width = optimizer.sparse(0.0).state_width(dim);
-        let (tables, states) = source.tables(first_index, rows, dim, width, seed)?;
-        Ok(SparseTables {
-            workspaces: (0..tables.len())
-                .map(|_| SparseGradWorkspace::default())
-                .collect(),
-            tables,
-            states,
-            optimizer,
-        })
+        Self::from_runs([(first_index, rows)], dim, optimizer, source, seed)
     }
 
     /// The tables numbered `indices` (of `rows[index]` x `dim` each), in that order: a rank's
@@ -57,12 +48,28 @@ impl SparseTables {
         source: TableSource,
         seed: u64,
     ) -> anyhow::Result<SparseTables> {
+        let runs = indices
+            .iter()
+            .map(|&index| (index, std::slice::from_ref(&rows[index])));
+        Self::from_runs(runs, dim, optimizer, source, seed)
+    }
+
+    /// The tables of `runs`, in order: each run `(first_index, rows)` is the tables numbered
+    /// `first_index + t` of `rows[t]` x `dim`, taken from `source` in one call (which checks
+    /// the room for the whole run and removes its files if one fails).
+    fn from_runs<'r>(
+        runs: impl IntoIterator<Item = (usize, &'r [usize])>,
+        dim: usize,
+        optimizer: OptimizerKind,
+        source: TableSource,
+        seed: u64,
+    ) -> anyhow::Result<SparseTables> {
         let width = optimizer.sparse(0.0).state_width(dim);
         let (mut tables, mut states) = (Vec::new(), Vec::new());
-        for &index in indices {
-            let (table, state) = source.tables(index, &[rows[index]], dim, width, seed)?;
-            tables.extend(table);
-            states.extend(state);
+        for (first_index, rows) in runs {
+            let (run_tables, run_states) = source.tables(first_index, rows, dim, width, seed)?;
+            tables.extend(run_tables);
+            states.extend(run_states);
         }
         Ok(SparseTables {
             workspaces: (0..tables.len())

@@ -90,7 +90,13 @@ pub fn train_sharded(
             epoch_order(&mut order, data_batches, data.shuffle(), &mut shuffle_rng);
         }
         let first = order[((step % per_epoch) % data_batches) as usize] * b as u64;
-        data.fill_train_part(first, b, &rank_part(comm, model, b), &mut batch)?;
+        data.fill_part(
+            crate::data::Split::Train,
+            first,
+            b,
+            &rank_part(comm, model, b),
+            &mut batch,
+        )?;
         timer.restart();
         let loss = model
             .train_step(comm, &batch.view(), opts.lr.at(step), &mut timer)
@@ -153,7 +159,7 @@ pub fn evaluate_sharded(
     while first < n {
         let size = batch_size.min((n - first) as usize);
         let part = rank_part(comm, model, size);
-        data.fill_test_part(first, size, &part, batch)?;
+        data.fill_part(crate::data::Split::Test, first, size, &part, batch)?;
         let rows = part.rows;
         model
             .predict(comm, &batch.view(), &mut out)

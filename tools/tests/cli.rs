@@ -1,60 +1,23 @@
 //! The `dlrm-scaling` binary end to end, on the tiny preset: it prints the topology and the
 //! tables, writes scaling.csv and scaling.svg, runs every workload, and names bad flags.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn scaling(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dlrm-scaling"))
-        .args(args)
-        .output()
-        .expect("run dlrm-scaling")
+use common::{QUICK, TempDir, scaling, text};
+use std::path::Path;
+
+/// Quick points on a data set of 4 batches.
+fn quick() -> Vec<&'static str> {
+    let mut args = QUICK.to_vec();
+    args.extend(["--data-batches", "4"]);
+    args
 }
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("dlrm-scaling-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        TempDir(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Quick points: the tiny preset, few steps.
-const QUICK: [&str; 10] = [
-    "--preset",
-    "tiny",
-    "--data-batches",
-    "4",
-    "--warmup-steps",
-    "1",
-    "--repeats",
-    "2",
-    "--steps",
-    "2",
-];
 
 #[test]
 fn two_points_write_the_csv_and_the_plot() {
     let dir = TempDir::new("e2e");
     let out_dir = dir.path().join("out");
-    let mut args = QUICK.to_vec();
+    let mut args = quick();
     args.extend(["--threads", "1,2", "--out", out_dir.to_str().unwrap()]);
     let o = scaling(&args);
     let (stdout, stderr) = (text(&o.stdout), text(&o.stderr));
@@ -112,7 +75,7 @@ fn two_points_write_the_csv_and_the_plot() {
 #[test]
 fn kernel_workloads_and_weak_scaling_run() {
     for workload in ["gemm", "embedding", "sparse-update"] {
-        let mut args = QUICK.to_vec();
+        let mut args = quick();
         args.extend(["--workload", workload, "--threads", "1", "--weak"]);
         args.extend(["--optimizer", "adagrad"]);
         // Interleaving needs NUMA nodes in /sys (a single node is enough).
@@ -126,7 +89,7 @@ fn kernel_workloads_and_weak_scaling_run() {
         // Kernel workloads have no training phases.
         assert!(!stdout.contains("top_bwd"), "{workload}: {stdout}");
     }
-    let mut args = QUICK.to_vec();
+    let mut args = quick();
     args.extend([
         "--workload",
         "gemm",

@@ -4,20 +4,10 @@
 //! `dlrm` binary beside `dlrm-scaling` built with `--features mpi` (as
 //! `cargo test -p dlrm-cli --features mpi` leaves it); it says why when it skips.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn scaling(args: &[&str], path_env: Option<&Path>) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_dlrm-scaling"));
-    if let Some(p) = path_env {
-        c.env("PATH", p);
-    }
-    c.args(args).output().expect("run dlrm-scaling")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use common::{QUICK, TempDir, scaling, scaling_with_path, text};
+use std::process::Command;
 
 fn mpirun_found() -> bool {
     let found = Command::new("mpirun").arg("--version").output().is_ok();
@@ -27,47 +17,17 @@ fn mpirun_found() -> bool {
     found
 }
 
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("dlrm-ranks-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Quick points: the tiny preset, 1 + 2 x 2 steps a job.
-const QUICK: [&str; 8] = [
-    "--preset",
-    "tiny",
-    "--warmup-steps",
-    "1",
-    "--repeats",
-    "2",
-    "--steps",
-    "2",
-];
-
 #[test]
 fn ranks_and_threads_share_one_csv_and_plot() {
     if !mpirun_found() {
         return;
     }
-    let dir = TempDir::new("e2e");
-    let out = dir.0.join("out");
+    let dir = TempDir::new("ranks-e2e");
+    let out = dir.path().join("out");
     let mut args = QUICK.to_vec();
     args.extend(["--ranks", "2,1", "--threads", "1"]);
     args.extend(["--out", out.to_str().unwrap()]);
-    let o = scaling(&args, None);
+    let o = scaling(&args);
     let (stdout, stderr) = (text(&o.stdout), text(&o.stderr));
     if !o.status.success() {
         // The refusals name what is missing, and leave no output behind.
@@ -113,14 +73,14 @@ fn ranks_and_threads_share_one_csv_and_plot() {
 
 #[test]
 fn without_mpirun_ranks_are_refused_before_any_work() {
-    let dir = TempDir::new("nompi");
-    let out = dir.0.join("out");
+    let dir = TempDir::new("ranks-nompi");
+    let out = dir.path().join("out");
     // An existing file as the binary: the refusal is about mpirun alone.
     let bin = env!("CARGO_BIN_EXE_dlrm-scaling");
     let mut args = QUICK.to_vec();
     args.extend(["--ranks", "1,2", "--dlrm-bin", bin]);
     args.extend(["--out", out.to_str().unwrap()]);
-    let o = scaling(&args, Some(&dir.0));
+    let o = scaling_with_path(&args, dir.path());
     let stderr = text(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("--ranks needs mpirun on PATH"), "{stderr}");
@@ -129,7 +89,7 @@ fn without_mpirun_ranks_are_refused_before_any_work() {
 
 #[test]
 fn a_missing_dlrm_binary_is_named() {
-    let o = scaling(&["--ranks", "2", "--dlrm-bin", "/nonexistent/dlrm"], None);
+    let o = scaling(&["--ranks", "2", "--dlrm-bin", "/nonexistent/dlrm"]);
     let stderr = text(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{stderr}");
     assert!(
@@ -153,7 +113,7 @@ fn a_failing_job_names_its_point_and_command() {
         "--dlrm-bin",
         "/bin/false",
     ]);
-    let o = scaling(&args, None);
+    let o = scaling(&args);
     let stderr = text(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{stderr}");
     assert!(
@@ -164,10 +124,10 @@ fn a_failing_job_names_its_point_and_command() {
 
 #[test]
 fn ranks_measure_training_only_and_at_least_one() {
-    let o = scaling(&["--workload", "gemm", "--ranks", "2"], None);
+    let o = scaling(&["--workload", "gemm", "--ranks", "2"]);
     let stderr = text(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("--workload train, not gemm"), "{stderr}");
-    let o = scaling(&["--ranks", "0"], None);
+    let o = scaling(&["--ranks", "0"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
 }

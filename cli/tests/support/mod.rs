@@ -2,6 +2,7 @@
 //! of a clean error. Each test binary uses part of it.
 #![allow(dead_code)]
 
+pub mod dataset;
 pub mod serve;
 
 use std::path::{Path, PathBuf};
