@@ -59,6 +59,8 @@ pub fn launched_rank() -> usize {
 }
 
 /// The files a distributed run reads and writes besides its data and checkpoints.
+// Read by the MPI build only; the flags are parsed into it either way.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
 pub struct RunFiles<'a> {
     /// Where rank 0 writes the report.
     pub report_json: Option<&'a Path>,
