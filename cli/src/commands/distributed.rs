@@ -1,7 +1,11 @@
 //! `dlrm train` on N MPI ranks (the `mpi` feature): tables model-parallel, MLPs data-parallel
 //! (see `dlrm::model::dlrm::ShardedDlrm`). Under `mpirun` a run is distributed by itself;
 //! `--distributed` forces it. Rank 0 prints the plan, the progress and the summary and writes
-//! the report.
+//! the report and the --log-dir records. Checkpoints (--save-model, --load-model) are
+//! single-process ones written and read by all the ranks together (each its own tables; see
+//! `dlrm::checkpoint::save_sharded`): a run resumes on any number of ranks or in one process.
+//! The --save-model folder must be on a file system every rank reaches (shared across
+//! machines); `DLRM_CRASH_AT=<phase>@<rank>` crashes one rank mid-save (the crash tests).
 
 use anyhow::Result;
 use std::path::Path;
