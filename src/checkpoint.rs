@@ -18,9 +18,15 @@
 //! A save writes a hidden temporary folder, fsyncs every file and the folder, renames it into
 //! place, and only then replaces `LATEST` (written to a temporary name, fsynced, renamed, folder
 //! fsynced); older versions are pruned last. A process killed at any point therefore leaves
-//! `LATEST` naming a complete version. `DLRM_CRASH_AT=<phase>` aborts at a named phase of a save,
-//! so that tests can check this deterministically; `DLRM_PAUSE_AT=<phase>` waits there until the
-//! save is cancelled, so that tests can interrupt it deterministically.
+//! `LATEST` naming a complete version. `DLRM_CRASH_AT=<phase>` aborts at a named phase of a save
+//! (`<phase>@<rank>`: on that rank of a distributed job only), so that tests can check this
+//! deterministically; `DLRM_PAUSE_AT=<phase>` waits there until the save is cancelled, so that
+//! tests can interrupt it deterministically.
+//!
+//! The ranks of a distributed run ([`save_sharded`]) write one such version together: each its
+//! own tables, rank 0 the rest, and rank 0 renames it into place only after every rank has
+//! synced its files. The version is the one a single process writes (meta.json adds the plan),
+//! so it loads, exports and resumes on any number of ranks ([`load_sharded`]) or in one process.
 //!
 //! Every model is written and read through its [`crate::model::Parameters`] visitor: the
 //! meta's `model` and `model_config` say what to build ([`ModelConfig`]), the visitor says
@@ -33,10 +39,11 @@
 
 use crate::cancel::{Cancel, note_removed};
 use crate::data::binary::{BinaryDataset, encoding_fingerprint_of};
+use crate::distributed::{Collectives, LocalRank, Placement, ShardPlan};
 use crate::model::architecture::Architecture;
-use crate::model::dlrm::Dlrm;
+use crate::model::dlrm::{DenseReduction, Dlrm, ShardedDlrm};
 use crate::model::embedding::{EmbeddingTable, OptimizerState};
-use crate::model::parameters::tensors;
+use crate::model::parameters::{Parameters, tensors};
 use crate::model::{
     Model, ModelConfig, OptimizerKind, Precision, TableSource, TensorKind, TensorMut,
 };
@@ -115,6 +122,9 @@ pub struct Meta {
     /// runs and in those written before it was stored.
     #[serde(default, skip_serializing_if = "Precision::is_fp32")]
     pub precision: Precision,
+    /// The ranks and sharding plan of a distributed run (absent for one process).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sharding: Option<Sharding>,
 }
 
 /// Refuses a dataset whose ids were encoded otherwise than the checkpoint's training data
@@ -159,10 +169,14 @@ struct SavedModel {
     optimizer: OptimizerKind,
 }
 
-/// Aborts the process if `DLRM_CRASH_AT` names this phase (the crash tests' hook).
-pub fn crash_point(phase: &str) {
-    if std::env::var("DLRM_CRASH_AT").is_ok_and(|p| p == phase) {
-        log::error!("DLRM_CRASH_AT={phase}: aborting");
+/// Aborts the process (rank `rank` of its job; a single process is rank 0) if `DLRM_CRASH_AT`
+/// names this phase, as `<phase>` (any rank) or `<phase>@<rank>` (the crash tests' hook).
+pub fn crash_point(phase: &str, rank: usize) {
+    let Ok(at) = std::env::var("DLRM_CRASH_AT") else {
+        return;
+    };
+    if at == phase || at == format!("{phase}@{rank}") {
+        log::error!("DLRM_CRASH_AT={at}: rank {rank} aborting");
         std::process::abort();
     }
 }
@@ -288,16 +302,10 @@ fn write_durable(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("{}: cannot write", path.display()))
 }
 
-/// Makes every file of `dir` durable, in parallel: writing all the files first and syncing
-/// them together lets the kernel write them back at once instead of one file per round trip.
-fn sync_files(dir: &Path) -> Result<()> {
+/// Makes `files` durable, in parallel: writing all the files first and syncing them together
+/// lets the kernel write them back at once instead of one file per round trip.
+fn sync_files(files: &[PathBuf]) -> Result<()> {
     use rayon::prelude::*;
-    let files: Vec<PathBuf> = fs::read_dir(dir)
-        .with_context(|| format!("{}: cannot list", dir.display()))?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-        .map(|e| e.path())
-        .collect();
     files.par_iter().try_for_each(|p| {
         File::open(p)
             .and_then(|f| f.sync_all())
@@ -336,38 +344,188 @@ pub fn save(
     keep: usize,
     cancel: &Cancel,
 ) -> Result<PathBuf> {
+    let share = Share {
+        comm: &LocalRank::single(),
+        tensors: model,
+        described: model,
+        writes_table: &|_| true,
+        sharding: None,
+    };
+    save_share(dir, &share, state, dataset_files, keep, cancel)
+}
+
+/// How the ranks of a job trained the checkpoint (meta.json's `sharding`; informational: a
+/// resume on any number of ranks plans its own placement and loads the same table files).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Sharding {
+    pub ranks: usize,
+    /// The [`ShardPlan`] the ranks trained under.
+    pub plan: serde_json::Value,
+}
+
+/// Saves rank `comm.rank()`'s share of a checkpoint of the [`ShardedDlrm`] the ranks of `comm`
+/// train, as [`save`] saves one process's model; every rank calls it at the same step. The
+/// version is one a single process writes (same files and names), so it loads, resumes and
+/// exports as one, on any number of ranks:
+///
+/// - each rank writes the table files of the tables it owns, rank 0 also those of the
+///   replicated tables, `dense.safetensors`, the dataset files and `meta.json` (with the plan);
+/// - each rank fsyncs what it wrote, and the ranks agree (a gather of every rank's outcome,
+///   which no rank passes before all have arrived) that every part is durable;
+/// - only then does rank 0 rename the folder into place and replace `LATEST`.
+///
+/// A rank that fails or dies before the agreement leaves `LATEST` on the previous version
+/// (the others return an error naming it, or the job ends by the collective timeout).
+///
+/// The folder must be one every rank reaches (a shared file system across machines).
+/// `DLRM_CRASH_AT=<phase>` aborts every rank at that phase; `DLRM_CRASH_AT=<phase>@<rank>`
+/// only rank `<rank>`.
+pub fn save_sharded(
+    dir: &Path,
+    comm: &dyn Collectives,
+    model: &ShardedDlrm,
+    state: &TrainState,
+    dataset_files: Option<&Path>,
+    keep: usize,
+    cancel: &Cancel,
+) -> Result<PathBuf> {
+    let (plan, rank) = (model.plan(), comm.rank());
+    let writes_table = |t: usize| match plan.placement[t] {
+        Placement::Owner(owner) => owner == rank,
+        Placement::Replicated => rank == 0,
+    };
+    let share = Share {
+        comm,
+        tensors: model,
+        described: model.local(),
+        writes_table: &writes_table,
+        sharding: Some(Sharding {
+            ranks: comm.size(),
+            plan: serde_json::to_value(plan)?,
+        }),
+    };
+    save_share(dir, &share, state, dataset_files, keep, cancel)
+}
+
+/// One process's share of a save by the `comm.size()` processes of a job (one process: all).
+struct Share<'a> {
+    comm: &'a dyn Collectives,
+    /// This process's tensors.
+    tensors: &'a dyn Parameters,
+    /// The model meta.json describes (its name, configuration, optimizer, precision).
+    described: &'a dyn Model,
+    /// Whether this process writes table t (by its index in the whole model).
+    writes_table: &'a dyn Fn(usize) -> bool,
+    sharding: Option<Sharding>,
+}
+
+/// The save protocol of [`save`] and [`save_sharded`]: rank 0 names the version and creates
+/// its temporary folder, every rank writes and syncs its part, and once all agree that every
+/// part is durable, rank 0 publishes it (rename, `LATEST`, pruning).
+fn save_share(
+    dir: &Path,
+    share: &Share,
+    state: &TrainState,
+    dataset_files: Option<&Path>,
+    keep: usize,
+    cancel: &Cancel,
+) -> Result<PathBuf> {
+    let (comm, lead) = (share.comm, share.comm.rank() == 0);
+    let prepared = match lead {
+        true => prepare_version(dir, state, cancel).map(|seq| seq as f64),
+        false => Ok(0.0),
+    };
+    let seq = agree(comm, "prepare the checkpoint folder", prepared)?[0] as usize;
+    let name = version_name(state.step, seq);
+    let tmp = dir.join(temp_name(&name));
+    let written = write_share(&tmp, share, state, dataset_files, cancel).map(|()| 0.0);
+    // Every rank takes the same path from here: all return at a failed agreement.
+    let published = match agree(comm, "write its part of the checkpoint", written) {
+        Ok(_) if lead => publish(dir, &tmp, &name, state, keep),
+        Ok(_) => Ok(()),
+        Err(e) => Err(e),
+    };
+    let published = published.map_err(|e| {
+        if lead && tmp.exists() {
+            // Never renamed into place, and no rank writes into it after the agreement.
+            let _ = fs::remove_dir_all(&tmp);
+            return note_removed(e, &tmp);
+        }
+        e
+    });
+    agree(comm, "publish the checkpoint", published.map(|()| 0.0))?;
+    Ok(dir.join(name))
+}
+
+/// Every rank's outcome of a phase of a save, gathered (no rank returns before all have
+/// arrived): the values, if every rank succeeded; else this rank's own error, or one naming
+/// the ranks that failed to `what`.
+fn agree(comm: &dyn Collectives, what: &str, outcome: Result<f64>) -> Result<Vec<f64>> {
+    // NaN marks a failure (the values exchanged are counts, never NaN).
+    let all = comm.all_gather_f64(*outcome.as_ref().unwrap_or(&f64::NAN));
+    outcome?;
+    let failed: Vec<String> = (all.iter().enumerate())
+        .filter(|(_, v)| v.is_nan())
+        .map(|(q, _)| q.to_string())
+        .collect();
+    ensure!(
+        failed.is_empty(),
+        "rank {} could not {what} (its error is in its output)",
+        failed.join(", ")
+    );
+    Ok(all)
+}
+
+fn version_name(step: u64, seq: usize) -> String {
+    format!("{VERSION_PREFIX}{step:012}-{seq:03}")
+}
+
+/// The temporary folder of version `name`: named by the version alone, so that every rank of
+/// a job names it alike (the folder lock keeps other runs from saving beside it).
+fn temp_name(name: &str) -> String {
+    format!("{TEMP_PREFIX}{name}")
+}
+
+/// Creates `dir` if needed and the empty temporary folder of the next version at `state`;
+/// returns its sequence number among the versions of the same step.
+fn prepare_version(dir: &Path, state: &TrainState, cancel: &Cancel) -> Result<usize> {
     cancel.check()?;
     fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    let existing = versions(dir)?;
-    let base = format!("{VERSION_PREFIX}{:012}", state.step);
-    let seq = existing.iter().filter(|n| n.starts_with(&base)).count();
-    let name = format!("{base}-{seq:03}");
-    // Removed on drop: a failed or interrupted save leaves nothing behind.
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!("{TEMP_PREFIX}{name}-"))
-        .tempdir_in(dir)
-        .with_context(|| format!("{}: cannot create a temporary folder", dir.display()))?;
-    let tmp_path = tmp.path().to_path_buf();
-    write_version(&tmp_path, model, state, dataset_files, cancel)
-        .map_err(|e| note_removed(e, &tmp_path))?;
-
-    let version = dir.join(&name);
-    fs::rename(&tmp_path, &version).with_context(|| {
+    let base = format!("{VERSION_PREFIX}{:012}-", state.step);
+    let seq = versions(dir)?
+        .iter()
+        .filter(|n| n.starts_with(&base))
+        .count();
+    let tmp = dir.join(temp_name(&version_name(state.step, seq)));
+    if tmp.exists() {
+        // Left by a save that was killed: never published, so nobody's.
+        fs::remove_dir_all(&tmp).with_context(|| format!("{}: cannot remove", tmp.display()))?;
+    }
+    fs::create_dir(&tmp).with_context(|| {
         format!(
-            "{}: cannot rename to {}",
-            tmp_path.display(),
-            version.display()
+            "{}: cannot create a temporary folder {}",
+            dir.display(),
+            tmp.display()
         )
     })?;
-    // The folder now lives on as the version: nothing left for the guard to remove.
-    let _ = tmp.keep();
+    Ok(seq)
+}
+
+/// Renames the complete, synced folder `tmp` into place as version `name` of `dir`, points
+/// `LATEST` at it and prunes: the newest `keep` versions of the run stay.
+fn publish(dir: &Path, tmp: &Path, name: &str, state: &TrainState, keep: usize) -> Result<()> {
+    // Every rank synced its files; the folder's entries are made durable once, here.
+    sync_dir(tmp)?;
+    let version = dir.join(name);
+    fs::rename(tmp, &version)
+        .with_context(|| format!("{}: cannot rename to {}", tmp.display(), version.display()))?;
     sync_dir(dir)?;
-    crash_point("renamed");
+    crash_point("renamed", 0);
 
     let latest_tmp = dir.join(format!("{TEMP_PREFIX}{LATEST}"));
     let replace_latest = || -> Result<()> {
         write_durable(&latest_tmp, format!("{name}\n").as_bytes())?;
-        crash_point("latest-written");
+        crash_point("latest-written", 0);
         fs::rename(&latest_tmp, dir.join(LATEST))
             .with_context(|| format!("{}: cannot replace {LATEST}", dir.display()))
     };
@@ -375,7 +533,7 @@ pub fn save(
         let _ = fs::remove_file(&latest_tmp);
     })?;
     sync_dir(dir)?;
-    crash_point("latest-replaced");
+    crash_point("latest-replaced", 0);
 
     // Prune: this run's versions beyond the newest `keep` (never the one just written; other
     // runs' versions are not this run's to remove), and temporary folders left by interrupted
@@ -396,54 +554,69 @@ pub fn save(
             fs::remove_dir_all(entry.path())?;
         }
     }
-    crash_point("pruned");
-    Ok(version)
+    crash_point("pruned", 0);
+    Ok(())
 }
 
-/// Writes a complete, synced version of `model` at `state` into the empty folder `tmp`.
-fn write_version(
+/// Writes and syncs this process's share of a version of the model at `state` into the
+/// folder `tmp`: its tables; on rank 0 also the dense tensors, the dataset files and meta.json.
+fn write_share(
     tmp: &Path,
-    model: &dyn Model,
+    share: &Share,
     state: &TrainState,
     dataset_files: Option<&Path>,
     cancel: &Cancel,
 ) -> Result<()> {
-    let model_config = save_parameters(model, tmp)?;
-    crash_point("parameters");
-    pause_point("parameters", cancel)?;
-    if let Some(src) = dataset_files {
-        let dst = tmp.join(DATASET_DIR);
-        fs::create_dir(&dst).with_context(|| format!("{}: cannot create", dst.display()))?;
-        for entry in fs::read_dir(src).with_context(|| format!("{}: cannot list", src.display()))? {
-            let entry = entry?;
-            // The dataset's top-level files are its header and dictionaries; the large arrays
-            // live in its split folders and stay behind.
-            if entry.file_type()?.is_file() {
-                let to = dst.join(entry.file_name());
-                fs::copy(entry.path(), &to)
-                    .with_context(|| format!("{}: cannot copy", entry.path().display()))?;
-                File::open(&to)?.sync_all()?;
-            }
-        }
-        sync_dir(&dst)?;
+    let (rank, lead) = (share.comm.rank(), share.comm.rank() == 0);
+    let mut written = save_tables(share.tensors, tmp, share.writes_table)?;
+    crash_point("tables", rank);
+    if lead {
+        written.push(save_dense(share.tensors, tmp)?);
     }
-    let meta = Meta {
-        format: FORMAT,
-        model: model.name().to_string(),
-        model_config,
-        train_state: state.clone(),
-        dataset: dataset_files.is_some(),
-        encoding_fingerprint: dataset_files.map(encoding_fingerprint_of).transpose()?,
-        precision: model.precision(),
-    };
-    write_durable(
-        &tmp.join(META),
-        serde_json::to_string_pretty(&meta)?.as_bytes(),
-    )?;
-    sync_files(tmp)?;
-    sync_dir(tmp)?;
-    crash_point("synced");
+    crash_point("parameters", rank);
+    pause_point("parameters", cancel)?;
+    if lead {
+        if let Some(src) = dataset_files {
+            copy_dataset_files(src, &tmp.join(DATASET_DIR))?;
+        }
+        let model = share.described;
+        let meta = Meta {
+            format: FORMAT,
+            model: model.name().to_string(),
+            model_config: serde_json::to_value(SavedModel {
+                config: model.config(),
+                optimizer: model.optimizer(),
+            })?,
+            train_state: state.clone(),
+            dataset: dataset_files.is_some(),
+            encoding_fingerprint: dataset_files.map(encoding_fingerprint_of).transpose()?,
+            precision: model.precision(),
+            sharding: share.sharding.clone(),
+        };
+        write_durable(
+            &tmp.join(META),
+            serde_json::to_string_pretty(&meta)?.as_bytes(),
+        )?;
+    }
+    sync_files(&written)?;
+    crash_point("synced", rank);
     pause_point("synced", cancel)
+}
+
+/// Copies the dataset's top-level files (its header and dictionaries; the large arrays live in
+/// its split folders and stay behind) from `src` into the new folder `dst`, synced.
+fn copy_dataset_files(src: &Path, dst: &Path) -> Result<()> {
+    fs::create_dir(dst).with_context(|| format!("{}: cannot create", dst.display()))?;
+    for entry in fs::read_dir(src).with_context(|| format!("{}: cannot list", src.display()))? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            let to = dst.join(entry.file_name());
+            fs::copy(entry.path(), &to)
+                .with_context(|| format!("{}: cannot copy", entry.path().display()))?;
+            File::open(&to)?.sync_all()?;
+        }
+    }
+    sync_dir(dst)
 }
 
 /// The version `LATEST` in `dir` names (or `dir` itself if it is a version folder).
@@ -590,17 +763,29 @@ fn copy_f32s(bytes: &[u8], out: &mut [f32]) {
     bytemuck::cast_slice_mut::<f32, u8>(out).copy_from_slice(bytes);
 }
 
-/// Writes every tensor of `model` into a checkpoint folder (tables and their state as table
-/// files, the dense tensors and their state in one safetensors file); returns its model_config.
-fn save_parameters(model: &dyn Model, dir: &Path) -> Result<serde_json::Value> {
-    let all = tensors(model);
-    for (_, _, t) in &all {
-        if let TensorKind::Table { table, state } = t.kind {
-            table.write_to_dir(dir)?;
-            state.write_to_dir(dir, table)?;
+/// Writes the tables of `model` that `writes_table` selects (by index in the whole model) and
+/// their optimizer state into a checkpoint folder as table files; returns the files written.
+fn save_tables(
+    model: &dyn Parameters,
+    dir: &Path,
+    writes_table: &dyn Fn(usize) -> bool,
+) -> Result<Vec<PathBuf>> {
+    let mut written = Vec::new();
+    for (_, _, t) in &tensors(model) {
+        if let TensorKind::Table { table, state } = t.kind
+            && writes_table(table.index())
+        {
+            written.push(table.write_to_dir(dir)?);
+            written.extend(state.write_to_dir(dir, table)?);
         }
     }
-    crash_point("tables");
+    Ok(written)
+}
+
+/// Writes the dense tensors of `model` and their optimizer state ("optim." prefix) into a
+/// checkpoint folder's safetensors file; returns its path.
+fn save_dense(model: &dyn Parameters, dir: &Path) -> Result<PathBuf> {
+    let all = tensors(model);
     let mut dense: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
     let values: Vec<_> = all.iter().map(|(_, _, t)| t.values()).collect();
     for ((name, shape, t), values) in all.iter().zip(&values) {
@@ -611,11 +796,9 @@ fn save_parameters(model: &dyn Model, dir: &Path) -> Result<serde_json::Value> {
             dense.push((name.clone(), shape.clone(), values));
         }
     }
-    write_safetensors(&dir.join(DENSE), &dense)?;
-    Ok(serde_json::to_value(SavedModel {
-        config: model.config(),
-        optimizer: model.optimizer(),
-    })?)
+    let path = dir.join(DENSE);
+    write_safetensors(&path, &dense)?;
+    Ok(path)
 }
 
 /// The DLRM description of a version's meta, with its architecture checked as the
@@ -711,6 +894,28 @@ pub fn load_dlrm_with(
     let config = ModelConfig::Dlrm(cfg.arch.clone());
     let model = load_parameters(version, storage, opts, &config, cfg.optimizer, |source| {
         Ok(Box::new(Dlrm::build(cfg.arch, cfg.optimizer, 0, source)?))
+    })?;
+    Ok((*model, meta))
+}
+
+/// Loads rank `rank`'s share of a DLRM checkpoint version under `plan` (any number of ranks,
+/// whatever the ranks that wrote it): the tables it owns and the replicas from their table
+/// files into `storage`, the dense parameters and their optimizer state, as [`load_dlrm`]
+/// loads the whole model.
+pub fn load_sharded(
+    version: &Path,
+    storage: &StorageKind,
+    opts: LoadOptions,
+    plan: ShardPlan,
+    rank: usize,
+    reduction: DenseReduction,
+) -> Result<(ShardedDlrm, Meta)> {
+    let meta = read_meta(version)?;
+    let cfg = read_dlrm_config(version, &meta)?;
+    let config = ModelConfig::Dlrm(cfg.arch.clone());
+    let model = load_parameters(version, storage, opts, &config, cfg.optimizer, |source| {
+        let model = ShardedDlrm::new(cfg.arch, cfg.optimizer, 0, source, plan, rank, reduction)?;
+        Ok(Box::new(model))
     })?;
     Ok((*model, meta))
 }

@@ -1,12 +1,14 @@
 //! The training loop of a [`ShardedDlrm`] on N ranks: every rank steps through the same global
 //! batches, each reading from the data source only its part of them ([`RankPart`]: its slice's
-//! dense rows and labels and its tables' ids), and the final
-//! evaluation scores the whole held-out set (each rank its slice, gathered).
+//! dense rows and labels and its tables' ids), saves its share of the checkpoints, and the
+//! final evaluation scores the whole held-out set (each rank its slice, gathered). A resumed
+//! run continues from the checkpoint's step, epoch and batch order as one process does.
 
 use super::{
     DataSource, EvalMetrics, IntervalReport, TrainObserver, TrainOptions, epoch_order, start_state,
     steps_per_epoch, total_steps,
 };
+use crate::checkpoint::{self, TrainState};
 use crate::data::{Batch, RankPart};
 use crate::distributed::{Collectives, ShardPlan};
 use crate::model::dlrm::{CollectiveCost, CommStats, DenseReduction, ShardedDlrm, slice_of};
@@ -50,9 +52,11 @@ pub struct ShardedReport {
     pub wall_seconds: f64,
 }
 
-/// Trains `model` (this rank's share) for the steps `opts` asks of `data`, then scores the
-/// held-out set. Every rank calls it with the same options; `observer` sees the progress
-/// (the caller gives rank 0 the one that prints).
+/// Trains `model` (this rank's share) for the steps `opts` asks of `data` (from `opts.resume`'s
+/// state when it resumes a checkpoint, as one process resumes it), saving the checkpoints
+/// `opts.checkpoint` asks for ([`checkpoint::save_sharded`]), then scores the held-out set.
+/// Every rank calls it with the same options; `observer` sees the progress (the caller gives
+/// rank 0 the one that prints and records).
 pub fn train_sharded(
     comm: &dyn Collectives,
     model: &mut ShardedDlrm,
@@ -75,54 +79,53 @@ pub fn train_sharded(
     );
     let (data_batches, per_epoch) = steps_per_epoch(opts, len)?;
     let steps = total_steps(opts, len)?;
-    // The batch order of the single-process loop (shuffled per epoch when the data asks).
-    let (_, mut shuffle_rng) = start_state(opts)?;
+    // The batch order and the position of the single-process loop (shuffled per epoch when
+    // the data asks), from step 0 or from the resumed state.
+    let (mut state, mut shuffle_rng) = start_state(opts)?;
+    let first_step = state.step;
+    anyhow::ensure!(
+        first_step < steps,
+        "nothing to do: the checkpoint is at step {first_step} of {steps}"
+    );
+    let stop_at = (opts.stop_after_steps)
+        .map(|n| first_step.saturating_add(n))
+        .filter(|&s| s < steps);
+    let (first_epoch, mut skip) = (state.epoch, state.batch_in_epoch);
     let mut order = Vec::new();
     model.reserve(b);
     model.reserve_inference(opts.test_batch_size);
-    observer.started(0, steps);
-    let (mut batch, mut timer) = (Batch::default(), PhaseTimer::default());
-    let (mut interval_loss, mut interval_steps, mut train_loss) = (0.0, 0u64, 0.0);
-    let mut interval_start = Instant::now();
-    let steps_start = Instant::now();
-    for step in 0..steps {
-        if step % per_epoch == 0 {
-            epoch_order(&mut order, data_batches, data.shuffle(), &mut shuffle_rng);
-        }
-        let first = order[((step % per_epoch) % data_batches) as usize] * b as u64;
-        data.fill_part(
-            crate::data::Split::Train,
-            first,
-            b,
-            &rank_part(comm, model, b),
-            &mut batch,
-        )?;
-        timer.restart();
-        let loss = model
-            .train_step(comm, &batch.view(), opts.lr.at(step), &mut timer)
-            .with_context(|| format!("training samples {first}..{}", first + b as u64))?;
-        (interval_loss, interval_steps, train_loss) =
-            (interval_loss + loss, interval_steps + 1, loss);
-        observer.stepped(step + 1);
-        if opts.print_freq > 0 && (step + 1) % opts.print_freq as u64 == 0 {
-            let secs = interval_start.elapsed().as_secs_f64();
-            observer.interval(&IntervalReport {
-                step: step + 1,
-                total_steps: steps,
-                epoch: step / per_epoch,
-                loss: interval_loss / interval_steps as f64,
-                ms_per_step: 1e3 * secs / interval_steps as f64,
-                lr: opts.lr.at(step),
-                samples_per_sec: (interval_steps * b as u64) as f64 / secs,
-            });
-            (interval_loss, interval_steps, interval_start) = (0.0, 0, Instant::now());
+    observer.started(first_step, steps);
+    let mut run = Steps::new(comm, model, data, opts, observer);
+    'epochs: for epoch in first_epoch..opts.nepochs as u64 {
+        let epoch_shuffle_state = shuffle_rng.state();
+        epoch_order(&mut order, data_batches, data.shuffle(), &mut shuffle_rng);
+        for k in std::mem::take(&mut skip)..per_epoch {
+            if Some(state.step) == stop_at {
+                break 'epochs;
+            }
+            let first = order[(k % data_batches) as usize] * b as u64;
+            run.step(state.step, first)?;
+            state = TrainState {
+                step: state.step + 1,
+                epoch,
+                batch_in_epoch: k + 1,
+                epoch_shuffle_state,
+                ..state
+            };
+            run.after_step(&state, steps, epoch)?;
         }
     }
-    let step_seconds = steps_start.elapsed().as_secs_f64();
+    if run.last_saved != Some(state.step) {
+        run.save(&state)?;
+    }
+    let step_seconds = run.steps_start.elapsed().as_secs_f64() - run.save_seconds;
+    let (timer, train_loss) = (run.timer, run.train_loss);
     // The training steps' collectives, before the evaluation adds its forward exchanges.
     let train_comm = model.comm_stats();
     observer.finished();
+    let mut batch = Batch::default();
     let metrics = evaluate_sharded(comm, model, data, opts.test_batch_size, &mut batch)?;
+    observer.final_evaluation(state.step, &metrics);
     let per_rank = gather_times(comm, timer.seconds(), train_comm);
     Ok(ShardedReport {
         model: "dlrm".into(),
@@ -131,8 +134,8 @@ pub fn train_sharded(
         dense_reduction: model.reduction(),
         threads_per_rank,
         batch_size: b,
-        steps,
-        samples_per_sec: (steps * b as u64) as f64 / step_seconds,
+        steps: state.step,
+        samples_per_sec: ((state.step - first_step) * b as u64) as f64 / step_seconds,
         comm_fraction: train_comm.seconds() / step_seconds,
         train_loss,
         test_loss: metrics.loss,
@@ -142,6 +145,118 @@ pub fn train_sharded(
         per_rank,
         wall_seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// The training steps of one rank: what it trains on, its progress reports and checkpoints.
+struct Steps<'a> {
+    comm: &'a dyn Collectives,
+    model: &'a mut ShardedDlrm,
+    data: &'a dyn DataSource,
+    opts: &'a TrainOptions,
+    observer: &'a mut dyn TrainObserver,
+    batch: Batch,
+    timer: PhaseTimer,
+    interval_loss: f64,
+    interval_steps: u64,
+    interval_start: Instant,
+    train_loss: f64,
+    steps_start: Instant,
+    /// Seconds spent saving checkpoints (left out of the throughput).
+    save_seconds: f64,
+    last_saved: Option<u64>,
+}
+
+impl<'a> Steps<'a> {
+    fn new(
+        comm: &'a dyn Collectives,
+        model: &'a mut ShardedDlrm,
+        data: &'a dyn DataSource,
+        opts: &'a TrainOptions,
+        observer: &'a mut dyn TrainObserver,
+    ) -> Steps<'a> {
+        Steps {
+            comm,
+            model,
+            data,
+            opts,
+            observer,
+            batch: Batch::default(),
+            timer: PhaseTimer::default(),
+            interval_loss: 0.0,
+            interval_steps: 0,
+            interval_start: Instant::now(),
+            train_loss: f64::NAN,
+            steps_start: Instant::now(),
+            save_seconds: 0.0,
+            last_saved: None,
+        }
+    }
+
+    /// Step `step` on the global batch starting at training sample `first`.
+    fn step(&mut self, step: u64, first: u64) -> Result<()> {
+        let b = self.opts.batch_size;
+        let part = rank_part(self.comm, self.model, b);
+        (self.data).fill_part(crate::data::Split::Train, first, b, &part, &mut self.batch)?;
+        self.timer.restart();
+        let lr = self.opts.lr.at(step);
+        let loss = (self.model)
+            .train_step(self.comm, &self.batch.view(), lr, &mut self.timer)
+            .with_context(|| format!("training samples {first}..{}", first + b as u64))?;
+        self.interval_loss += loss;
+        self.interval_steps += 1;
+        self.train_loss = loss;
+        Ok(())
+    }
+
+    /// After a step (the run now at `state`): the periodic checkpoint and progress report.
+    fn after_step(&mut self, state: &TrainState, total_steps: u64, epoch: u64) -> Result<()> {
+        let step = state.step;
+        if let Some(every) = (self.opts.checkpoint.as_ref().map(|c| c.every)).filter(|&e| e > 0)
+            && step.is_multiple_of(every)
+        {
+            self.save(state)?;
+        }
+        self.observer.stepped(step);
+        let print_freq = self.opts.print_freq as u64;
+        if print_freq > 0 && step.is_multiple_of(print_freq) {
+            let secs = self.interval_start.elapsed().as_secs_f64();
+            let n = self.interval_steps;
+            self.observer.interval(&IntervalReport {
+                step,
+                total_steps,
+                epoch,
+                loss: self.interval_loss / n as f64,
+                ms_per_step: 1e3 * secs / n as f64,
+                lr: self.opts.lr.at(step - 1),
+                samples_per_sec: (n * self.opts.batch_size as u64) as f64 / secs,
+            });
+            (self.interval_loss, self.interval_steps) = (0.0, 0);
+            self.interval_start = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Saves this rank's share of a checkpoint at `state`, if the options ask for checkpoints.
+    fn save(&mut self, state: &TrainState) -> Result<()> {
+        let Some(policy) = &self.opts.checkpoint else {
+            return Ok(());
+        };
+        let t = Instant::now();
+        let path = checkpoint::save_sharded(
+            &policy.dir,
+            self.comm,
+            self.model,
+            state,
+            policy.dataset_files.as_deref(),
+            policy.keep,
+            &self.opts.cancel,
+        )?;
+        let secs = t.elapsed().as_secs_f64();
+        self.observer.saved(state.step, &path, secs);
+        self.save_seconds += secs;
+        self.last_saved = Some(state.step);
+        Ok(())
+    }
 }
 
 /// The metrics of the whole held-out set (each rank scores its slice of every batch; the

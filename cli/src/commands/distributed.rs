@@ -1,9 +1,14 @@
 //! `dlrm train` on N MPI ranks (the `mpi` feature): tables model-parallel, MLPs data-parallel
 //! (see `dlrm::model::dlrm::ShardedDlrm`). Under `mpirun` a run is distributed by itself;
 //! `--distributed` forces it. Rank 0 prints the plan, the progress and the summary and writes
-//! the report.
+//! the report and the --log-dir records. Checkpoints (--save-model, --load-model) are
+//! single-process ones written and read by all the ranks together (each its own tables; see
+//! `dlrm::checkpoint::save_sharded`): a run resumes on any number of ranks or in one process.
+//! The --save-model folder must be on a file system every rank reaches (shared across
+//! machines); `DLRM_CRASH_AT=<phase>@<rank>` crashes one rank mid-save (the crash tests).
 
 use anyhow::Result;
+use std::path::Path;
 
 /// How the tables are placed on the ranks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -48,6 +53,28 @@ pub fn launched_ranks() -> usize {
         .unwrap_or(1)
 }
 
+/// This process's rank in the MPI job it was started in (0 outside one), from the launcher's
+/// environment, for what must be decided before MPI starts.
+pub fn launched_rank() -> usize {
+    ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The files a distributed run reads and writes besides its data and checkpoints.
+// Read by the MPI build only; the flags are parsed into it either way.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+pub struct RunFiles<'a> {
+    /// Where rank 0 writes the report.
+    pub report_json: Option<&'a Path>,
+    /// The checkpoint version every rank loads its share of (resumed on any number of ranks).
+    pub load_model: Option<&'a Path>,
+    pub load: dlrm::checkpoint::LoadOptions,
+    /// Where rank 0 records the run (config.json, metrics.csv, events), with its config.json.
+    pub log_dir: Option<(&'a Path, serde_json::Value)>,
+}
+
 impl DistributedArgs {
     /// Whether the run is distributed: asked for, or started by mpirun with several ranks.
     pub fn wanted(&self) -> bool {
@@ -72,13 +99,9 @@ pub fn check_flags(a: &DistributedArgs) -> Result<()> {
     Ok(())
 }
 
-/// Trains `spec` on the ranks of this MPI job. `report_json`: where rank 0 writes the report.
+/// Trains `spec` on the ranks of this MPI job, reading and writing `files`.
 #[cfg(not(feature = "mpi"))]
-pub fn run(
-    _a: &DistributedArgs,
-    _spec: dlrm::spec::RunSpec,
-    _report_json: Option<&std::path::Path>,
-) -> Result<()> {
+pub fn run(_a: &DistributedArgs, _spec: dlrm::spec::RunSpec, _files: &RunFiles) -> Result<()> {
     anyhow::bail!(
         "distributed training (--distributed, or {} processes started by mpirun) needs a build \
          with MPI: cargo build --release --features mpi",
@@ -91,8 +114,10 @@ pub use with_mpi::run;
 
 #[cfg(feature = "mpi")]
 mod with_mpi {
-    use super::{DistributedArgs, ShardingArg};
+    use super::super::records::Recorder;
+    use super::{DistributedArgs, RunFiles, ShardingArg};
     use anyhow::{Context, Result};
+    use dlrm::checkpoint;
     use dlrm::data::synthetic::{SyntheticData, SyntheticSource};
     use dlrm::distributed::mpi::MpiCollectives;
     use dlrm::distributed::{Collectives, PlanOptions, ShardPlan, TableCost};
@@ -102,16 +127,15 @@ mod with_mpi {
     use dlrm::model::parameters::TableSource;
     use dlrm::spec::{DataSpec, RunSpec, thread_pool};
     use dlrm::train::{DataSource, Quiet, ShardedReport, TrainObserver, train_sharded};
-    use std::path::Path;
 
     /// Trains `spec` on the ranks of this MPI job (see the module's doc).
-    pub fn run(a: &DistributedArgs, spec: RunSpec, report_json: Option<&Path>) -> Result<()> {
+    pub fn run(a: &DistributedArgs, spec: RunSpec, files: &RunFiles) -> Result<()> {
         // MPI lives on one worker of the run's pool (initialised, called and finalised there:
         // MPI_THREAD_SINGLE suffices), which hands the kernels' parallel work to the pool.
-        thread_pool(spec.threads)?.install(|| run_on_pool(a, spec, report_json))
+        thread_pool(spec.threads)?.install(|| run_on_pool(a, spec, files))
     }
 
-    fn run_on_pool(a: &DistributedArgs, spec: RunSpec, report_json: Option<&Path>) -> Result<()> {
+    fn run_on_pool(a: &DistributedArgs, spec: RunSpec, files: &RunFiles) -> Result<()> {
         let timeout = std::time::Duration::from_secs_f64(a.collective_timeout);
         let comm = MpiCollectives::init(timeout).context("MPI was already initialised")?;
         let (rank, ranks) = (comm.rank(), comm.size());
@@ -145,19 +169,32 @@ mod with_mpi {
         } else {
             DenseReduction::AllReduce
         };
-        let tables = TableSource::Init(&spec.storage);
-        let seed = spec.train.seed;
-        let mut model = ShardedDlrm::new(
-            spec.arch,
-            spec.optimizer,
-            seed,
-            tables,
-            plan,
-            rank,
-            reduction,
-        )?;
+        let mut model = match files.load_model {
+            // This rank's tables under this run's plan, whatever the ranks that saved them.
+            Some(version) => {
+                checkpoint::load_sharded(version, &spec.storage, files.load, plan, rank, reduction)
+                    .with_context(|| format!("--load-model {}", version.display()))?
+                    .0
+            }
+            None => ShardedDlrm::new(
+                spec.arch,
+                spec.optimizer,
+                spec.train.seed,
+                TableSource::Init(&spec.storage),
+                plan,
+                rank,
+                reduction,
+            )?,
+        };
+        // Rank 0 prints and records; the other ranks write nothing beside their checkpoint
+        // tables.
+        let recorder = match &files.log_dir {
+            Some((dir, config)) if rank == 0 => Some(Recorder::create(dir, config)?),
+            _ => None,
+        };
         let mut console = super::super::progress::Console::new();
-        let observer: &mut dyn TrainObserver = if rank == 0 { &mut console } else { &mut Quiet };
+        let mut rank0 = (&mut console, recorder);
+        let observer: &mut dyn TrainObserver = if rank == 0 { &mut rank0 } else { &mut Quiet };
         let report: ShardedReport = train_sharded(
             &comm,
             &mut model,
@@ -166,9 +203,12 @@ mod with_mpi {
             spec.threads,
             observer,
         )?;
+        if let Some(recorder) = rank0.1 {
+            recorder.finish()?;
+        }
         if rank == 0 {
             print_summary(&report);
-            if let Some(path) = report_json {
+            if let Some(path) = files.report_json {
                 let json = serde_json::to_string_pretty(&report)?;
                 std::fs::write(path, json + "\n")
                     .with_context(|| format!("writing the report to {}", path.display()))?;

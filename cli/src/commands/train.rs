@@ -490,11 +490,18 @@ fn run_with(
     }
     if a.distributed.wanted() {
         super::distributed::check_flags(&a.distributed)?;
-        anyhow::ensure!(
-            a.save_model.is_none() && a.load_model.is_none() && a.log_dir.is_none(),
-            "--save-model, --load-model and --log-dir are not supported in distributed training yet"
-        );
-        return super::distributed::run(&a.distributed, spec, a.report_json.as_deref());
+        let files = super::distributed::RunFiles {
+            report_json: a.report_json.as_deref(),
+            load_model: resume.as_ref().map(|r| r.version.as_path()),
+            load: checkpoint::LoadOptions {
+                allow_non_finite: a.allow_non_finite,
+            },
+            log_dir: match &a.log_dir {
+                Some(dir) => Some((dir.as_path(), run_config(&settings, threads)?)),
+                None => None,
+            },
+        };
+        return super::distributed::run(&a.distributed, spec, &files);
     }
     let recorder = match &a.log_dir {
         Some(dir) => Some(Recorder::create(dir, &run_config(&settings, threads)?)?),
@@ -651,6 +658,10 @@ fn claim_checkpoint_folder(a: &TrainArgs) -> Result<Option<checkpoint::FolderLoc
     let Some(dir) = &a.save_model else {
         return Ok(None);
     };
+    // The ranks of a distributed run share the folder: rank 0 holds it for them.
+    if a.distributed.wanted() && super::distributed::launched_rank() != 0 {
+        return Ok(None);
+    }
     let resumed_from = a
         .load_model
         .as_deref()
