@@ -65,6 +65,11 @@ pub const SPLIT_K_MAX_MN: usize = 64 * 256;
 /// Smallest product (in FLOPs) that is split across threads: below it a fork-join costs more
 /// than it saves.
 pub const MIN_PARALLEL_FLOPS: usize = 1 << 21;
+/// Smallest B block (in floats: 512 KiB) packed by all threads in its own fork-join; a smaller
+/// one (the B = X of every dW of the Kaggle MLPs at batch 128: at most 128 x 512) is packed
+/// by the calling thread in tens of microseconds, less than a wake-up of the pool costs on a
+/// busy machine. Packing is a copy: the bits do not depend on who packs.
+pub const MIN_PARALLEL_PACK_FLOATS: usize = 1 << 17;
 
 /// What is applied around the product: C = relu(alpha * (A ⊙ mask) . B + beta * C + bias).
 #[derive(Clone, Copy, Debug)]
@@ -324,7 +329,7 @@ fn gemm_blocked<V: SimdVec, const MR: usize, const NV: usize>(
                     &pre[packed_at - blk_len..packed_at]
                 } else if pack_b {
                     let panels = &mut b_buf[..blk_len];
-                    if threads > 1 {
+                    if threads > 1 && blk_len >= MIN_PARALLEL_PACK_FLOATS {
                         panels
                             .par_chunks_mut(kc * nr)
                             .enumerate()
