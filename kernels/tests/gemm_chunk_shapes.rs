@@ -165,7 +165,7 @@ proptest! {
         gemm::gemm(a, wt, MatMut::new(&mut c, m, n), &GemmOps::default(), Par::Seq);
         for i in 0..m {
             for j in 0..n {
-                let alone = gemm::dot(&a.row_slice(i, 0, k).to_vec(), &w[j * k..(j + 1) * k]);
+                let alone = gemm::dot(a.row_slice(i, 0, k), &w[j * k..(j + 1) * k]);
                 prop_assert_eq!(c[i * n + j].to_bits(), alone.to_bits(), "C[{}][{}]", i, j);
             }
         }
