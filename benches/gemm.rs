@@ -13,13 +13,22 @@
 //! `gemm-precision/<form>-<path>-t<threads>/<M>x<N>x<K>`: the Kaggle MLP's products with f32
 //! operands (`f32`) against bf16-rounded operands with f32 accumulation on each BF16 path the
 //! CPU has (`bf16-avx512`: VDPBF16PS, `bf16-amx`: AMX tiles), 2 M N K FLOP as above.
+//!
+//! `gemm-chunk/<form>-t1/<M>x<N>x<K>`: the products of the Kaggle MLPs (bottom 13-512-256-64-16,
+//! top 367-512-256-1) exactly as one row chunk of the training step runs them (`dlrm::model::
+//! dlrm`: batch 2048 in 8 chunks of 256 rows, batch 128 in one chunk of 128), on one thread:
+//! the forward with bias and ReLU and W^T prepacked, dX with the ReLU mask and W prepacked, dW
+//! with the mask and overwritten. Each benchmark also prints its GFLOP/s and that rate's
+//! fraction of the one-thread FMA peak probed right after (`dlrm::train::measure_fma_peak`, the
+//! roofline bench's `fma-peak` probe).
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use dlrm::train::measure_fma_peak;
 use dlrm_kernels::bf16::{Bf16, Isa, f32_to_bf16_slice};
-use dlrm_kernels::gemm::{self, Bf16Mat, GemmOps, MatMut, MatRef};
+use dlrm_kernels::gemm::{self, Bf16Mat, GemmOps, MatMut, MatRef, PackedB};
 use dlrm_kernels::parallel::Par;
 use std::hint::black_box;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy)]
 enum Form {
@@ -308,5 +317,175 @@ fn bench_gemm_precision(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_gemm, bench_gemm_bf16, bench_gemm_precision);
+/// One layer product of a training chunk, operands laid out as `MlpBuffers` keeps them.
+struct ChunkProduct {
+    form: Form,
+    rows: usize,
+    inp: usize,
+    out: usize,
+    relu: bool,
+    /// X (rows x inp) for fwd and dW; dY (rows x out) for dX.
+    x: Vec<f32>,
+    /// dY (rows x out) for dW.
+    dy: Vec<f32>,
+    /// The layer's output Y (rows x out): the ReLU mask of dX and dW.
+    y: Vec<f32>,
+    w: Vec<f32>,
+    bias: Vec<f32>,
+    /// W^T (fwd) or W (dX) packed once, as the step packs it for all its chunks.
+    packed: PackedB,
+    c: Vec<f32>,
+}
+
+impl ChunkProduct {
+    fn new(form: Form, rows: usize, inp: usize, out: usize, relu: bool) -> ChunkProduct {
+        let w = values(out * inp, 2);
+        let mut packed = PackedB::new();
+        match form {
+            Form::Fwd => packed.pack(MatRef::new(&w, out, inp).t()),
+            Form::Dx => packed.pack(MatRef::new(&w, out, inp)),
+            Form::Dw | Form::Nn => {}
+        }
+        let c_len = match form {
+            Form::Dx => rows * inp,
+            Form::Dw => out * inp,
+            Form::Fwd | Form::Nn => rows * out,
+        };
+        ChunkProduct {
+            form,
+            rows,
+            inp,
+            out,
+            relu,
+            x: values(rows * inp.max(out), 1),
+            dy: values(rows * out, 4),
+            y: values(rows * out, 5),
+            w,
+            bias: values(out, 3),
+            packed,
+            c: vec![0.0; c_len],
+        }
+    }
+
+    /// (M, N, K) of the product.
+    fn mnk(&self) -> (usize, usize, usize) {
+        match self.form {
+            Form::Dx => (self.rows, self.inp, self.out),
+            Form::Dw => (self.out, self.inp, self.rows),
+            Form::Fwd | Form::Nn => (self.rows, self.out, self.inp),
+        }
+    }
+
+    fn run(&mut self) {
+        let (r, i, o) = (self.rows, self.inp, self.out);
+        let w = MatRef::new(&self.w, o, i);
+        let mask = self.relu.then(|| MatRef::new(&self.y, r, o));
+        let seq = Par::Seq;
+        let precision = gemm::Precision::F32;
+        match self.form {
+            Form::Fwd => gemm::linear_forward_prepacked(
+                MatRef::new(&self.x[..r * i], r, i),
+                w,
+                Some(&self.packed),
+                Some(&self.bias),
+                self.relu,
+                MatMut::new(&mut self.c, r, o),
+                precision,
+                seq,
+            ),
+            Form::Dx => gemm::linear_backward_input_prepacked(
+                MatRef::new(&self.dy, r, o),
+                mask,
+                w,
+                Some(&self.packed),
+                MatMut::new(&mut self.c, r, i),
+                precision,
+                seq,
+            ),
+            Form::Dw => gemm::linear_backward_weight(
+                MatRef::new(&self.dy, r, o),
+                mask,
+                MatRef::new(&self.x[..r * i], r, i),
+                MatMut::new(&mut self.c, o, i),
+                false,
+                precision,
+                seq,
+            ),
+            Form::Nn => unreachable!("no square product in a chunk"),
+        }
+    }
+}
+
+/// The products one chunk of `rows` rows runs in a Kaggle training step: (form, in, out, relu).
+/// The bottom MLP's first layer has no dX (the dense features need no gradient); the 512-256
+/// layer of both MLPs is listed once.
+fn chunk_products() -> Vec<(Form, usize, usize, bool)> {
+    let layers = [
+        (13, 512, true),
+        (512, 256, true),
+        (256, 64, true),
+        (64, 16, true),
+        (367, 512, true),
+        (256, 1, false),
+    ];
+    let mut v = Vec::new();
+    for (l, (inp, out, relu)) in layers.into_iter().enumerate() {
+        for form in [Form::Fwd, Form::Dx, Form::Dw] {
+            if l > 0 || !matches!(form, Form::Dx) {
+                v.push((form, inp, out, relu));
+            }
+        }
+    }
+    v
+}
+
+fn bench_gemm_chunk(c: &mut Criterion) {
+    let mut group = c.benchmark_group("gemm-chunk");
+    group
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_millis(1000));
+    let one = pool(1);
+    for rows in [256, 128] {
+        for (form, inp, out, relu) in chunk_products() {
+            let mut p = ChunkProduct::new(form, rows, inp, out, relu);
+            let (m, n, k) = p.mnk();
+            let flops = 2 * m * n * k;
+            group.throughput(Throughput::Elements(flops as u64));
+            let (name, shape) = (format!("{}-t1", form.name()), format!("{m}x{n}x{k}"));
+            let (mut runs, mut seconds) = (0u64, 0.0f64);
+            group.bench_function(BenchmarkId::new(&name, &shape), |b| {
+                one.install(|| {
+                    b.iter_custom(|iters| {
+                        let started = Instant::now();
+                        for _ in 0..iters {
+                            p.run();
+                        }
+                        let elapsed = started.elapsed();
+                        (runs, seconds) = (runs + iters, seconds + elapsed.as_secs_f64());
+                        elapsed
+                    })
+                })
+            });
+            black_box(&p.c);
+            if runs > 0 {
+                let gflops = (flops as u64 * runs) as f64 / seconds * 1e-9;
+                let peak = one.install(|| measure_fma_peak(0.1));
+                println!(
+                    "gemm-chunk/{name}/{shape}: {gflops:.1} GFLOP/s, {:.1}% of the {peak:.1} GFLOP/s one-thread FMA peak",
+                    100.0 * gflops / peak
+                );
+            }
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_gemm,
+    bench_gemm_bf16,
+    bench_gemm_precision,
+    bench_gemm_chunk
+);
 criterion_main!(benches);

@@ -353,7 +353,7 @@ impl Dlrm {
             self.par,
         );
         let input = DenseInput::whole(batch);
-        let n = self.place_chunks(b, chunking(b).1);
+        let n = self.place_chunks(b, chunking(b).1, training);
         let precision = self.bottom.precision;
         let bottom_packed = self.weights_packed.then_some(&self.bottom_packed[..]);
         // The embedding lookups (memory-bound) beside the bottom MLP (compute-bound).
@@ -372,13 +372,15 @@ impl Dlrm {
 
     /// Cuts `b` rows into chunks of `rows` (the last may be shorter); returns their count.
     /// Several chunks share one packing of each weight matrix, made here (f32 products only:
-    /// the bf16 products round while packing, in their own layout).
-    fn place_chunks(&mut self, b: usize, rows: usize) -> usize {
+    /// the bf16 products round while packing, in their own layout). So does a training step
+    /// of one chunk: its products then skip their own packing (a fork-join each when they run
+    /// on the pool), which is most of a small batch's fixed cost.
+    fn place_chunks(&mut self, b: usize, rows: usize, training: bool) -> usize {
         let n = b.div_ceil(rows);
         for (c, chunk) in self.chunks[..n].iter_mut().enumerate() {
             chunk.rows = c * rows..((c + 1) * rows).min(b);
         }
-        self.weights_packed = n > 1 && self.bottom.precision == GemmPrecision::F32;
+        self.weights_packed = (n > 1 || training) && self.bottom.precision == GemmPrecision::F32;
         if self.weights_packed {
             let (bottom, top) = (&self.bottom.layers, &self.top.layers);
             let (bottom_packed, top_packed) = (&mut self.bottom_packed, &mut self.top_packed);

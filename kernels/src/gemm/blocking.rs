@@ -126,6 +126,16 @@ impl BlockSizes {
         BlockSizes { kc, mc, nc }
     }
 
+    /// The depth of the K-loop cut for a product of depth `k`: K in as few blocks as `self.kc`
+    /// allows, of equal depth (rounded up to a multiple of 8, at most `self.kc`). A short last
+    /// block re-reads and re-writes C for a few k steps: K = 512 with KC = 384 would run
+    /// 384 + 128, balanced it runs 256 + 256 (dX and the forward of the Kaggle MLP's 512-wide
+    /// layers). A function of K and KC alone, so the bits never depend on the thread count.
+    pub fn kc_for(&self, k: usize) -> usize {
+        let blocks = k.div_ceil(self.kc).max(1);
+        k.div_ceil(blocks).next_multiple_of(8).min(self.kc)
+    }
+
     /// Block sizes for this machine (cpuid) and the ISA [`Isa::selected`], computed once.
     pub fn host() -> BlockSizes {
         BlockSizes::for_isa(Isa::selected())

@@ -65,6 +65,11 @@ pub const SPLIT_K_MAX_MN: usize = 64 * 256;
 /// Smallest product (in FLOPs) that is split across threads: below it a fork-join costs more
 /// than it saves.
 pub const MIN_PARALLEL_FLOPS: usize = 1 << 21;
+/// Smallest B block (in floats: 512 KiB) packed by all threads in its own fork-join; a smaller
+/// one (the B = X of every dW of the Kaggle MLPs at batch 128: at most 128 x 512) is packed
+/// by the calling thread in tens of microseconds, less than a wake-up of the pool costs on a
+/// busy machine. Packing is a copy: the bits do not depend on who packs.
+pub const MIN_PARALLEL_PACK_FLOATS: usize = 1 << 17;
 
 /// What is applied around the product: C = relu(alpha * (A ⊙ mask) . B + beta * C + bias).
 #[derive(Clone, Copy, Debug)]
@@ -294,7 +299,7 @@ fn gemm_blocked<V: SimdVec, const MR: usize, const NV: usize>(
     let nr = NV * V::LANES;
     let pack_a = ops.a_relu_mask.is_some() || (m > NOPACK_A_MAX_M && n > nr);
     let pack_b = prepacked.is_some() || b.cs != 1 || m > NOPACK_B_MAX_TILES * V::GEMM_MR;
-    let kc_max = bs.kc;
+    let kc_max = bs.kc_for(k);
     let mc_max = (bs.mc / MR).max(1) * MR;
     let nc_max = (bs.nc / nr).max(1) * nr;
     let parallel = should_split(par, 2 * m * n * k, MIN_PARALLEL_FLOPS);
@@ -324,7 +329,7 @@ fn gemm_blocked<V: SimdVec, const MR: usize, const NV: usize>(
                     &pre[packed_at - blk_len..packed_at]
                 } else if pack_b {
                     let panels = &mut b_buf[..blk_len];
-                    if threads > 1 {
+                    if threads > 1 && blk_len >= MIN_PARALLEL_PACK_FLOATS {
                         panels
                             .par_chunks_mut(kc * nr)
                             .enumerate()
@@ -523,8 +528,14 @@ unsafe fn run_tile<V: SimdVec, const MR: usize, const NV: usize>(
     }
 }
 
+/// Rows of A that [`gemm_dot`] runs through one [`dot_rows`] call: 4 rows x 2 accumulators
+/// keep 8 independent FMA chains in flight, enough to cover the FMA latency (4 cycles, 2 per
+/// cycle), where one row's 2 chains left three quarters of the FMA slots idle.
+const DOT_ROWS: usize = 4;
+
 /// C = epilogue(A . B) for C with few columns, as dot products along K: A's rows and B's
-/// columns are contiguous, so each element is one vectorised dot product.
+/// columns are contiguous, so each element is one vectorised dot product, [`DOT_ROWS`] rows
+/// at a time.
 fn gemm_dot<V: SimdVec>(a: MatRef, b: MatRef, c: MatMut, ops: &GemmOps, par: Par) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let c_rs = c.rs;
@@ -533,13 +544,21 @@ fn gemm_dot<V: SimdVec>(a: MatRef, b: MatRef, c: MatMut, ops: &GemmOps, par: Par
         V::vectorize(
             #[inline(always)]
             || {
-                let mut acc = [0.0f32; DOT_MAX_N];
-                for (r, c_row) in c_rows.chunks_mut(c_rs).enumerate() {
-                    let a_row = a.row_slice(i0 + r, 0, k);
-                    for (j, acc_j) in acc.iter_mut().enumerate().take(n) {
-                        *acc_j = dot_lanes::<V>(a_row, &b.data[j * b.cs..j * b.cs + k]);
+                let rows = c_rows.len().div_ceil(c_rs);
+                let mut acc = [[0.0f32; DOT_MAX_N]; DOT_ROWS];
+                for r0 in (0..rows).step_by(DOT_ROWS) {
+                    let a_row = |r: usize| a.row_slice(i0 + (r0 + r).min(rows - 1), 0, k);
+                    let a_rows: [&[f32]; DOT_ROWS] = std::array::from_fn(a_row);
+                    for j in 0..n {
+                        let dots = dot_rows::<V, DOT_ROWS>(a_rows, &b.data[j * b.cs..][..k]);
+                        for (acc_r, d) in acc.iter_mut().zip(dots) {
+                            acc_r[j] = d;
+                        }
                     }
-                    epilogue_row(Some(&acc[..n]), &mut c_row[..n], ops);
+                    for (r, acc_r) in acc.iter().enumerate().take(rows - r0) {
+                        let c_row = &mut c_rows[(r0 + r) * c_rs..][..n];
+                        epilogue_row(Some(&acc_r[..n]), c_row, ops);
+                    }
                 }
             },
         )
@@ -563,28 +582,49 @@ pub fn dot(x: &[f32], y: &[f32]) -> f32 {
 /// latency) and a masked tail; a fixed order, so the same inputs give the same bits.
 #[inline(always)]
 pub(crate) fn dot_lanes<V: SimdVec>(x: &[f32], y: &[f32]) -> f32 {
-    assert_eq!(x.len(), y.len());
-    let (len, lanes) = (x.len(), V::LANES);
-    let (mut s0, mut s1) = (V::splat(0.0), V::splat(0.0));
+    dot_rows::<V, 1>([x], y)[0]
+}
+
+/// The dot products of `R` slices with one `y`, interleaved so that their 2 R accumulator
+/// chains overlap. Each product is summed exactly as [`dot_lanes`] sums it alone (two vector
+/// accumulators, alternate vectors, a masked tail into the second, then one horizontal sum),
+/// so its bits do not depend on R.
+#[inline(always)]
+fn dot_rows<V: SimdVec, const R: usize>(xs: [&[f32]; R], y: &[f32]) -> [f32; R] {
+    let (len, lanes) = (y.len(), V::LANES);
+    assert!(xs.iter().all(|x| x.len() == len));
+    let mut s0 = [V::splat(0.0); R];
+    let mut s1 = [V::splat(0.0); R];
     let mut p = 0;
-    // SAFETY: (all loads) p + LANES <= len (or the partial count) floats are in bounds.
+    // SAFETY: (all loads) p + LANES <= len (or the partial count) floats are in bounds of y
+    // and of every x (all of length len).
     unsafe {
-        let (xp, yp) = (x.as_ptr(), y.as_ptr());
+        let yp = y.as_ptr();
         while p + 2 * lanes <= len {
-            s0 = V::load(xp.add(p)).mul_add(V::load(yp.add(p)), s0);
-            s1 = V::load(xp.add(p + lanes)).mul_add(V::load(yp.add(p + lanes)), s1);
+            let (y0, y1) = (V::load(yp.add(p)), V::load(yp.add(p + lanes)));
+            for r in 0..R {
+                let xp = xs[r].as_ptr();
+                s0[r] = V::load(xp.add(p)).mul_add(y0, s0[r]);
+                s1[r] = V::load(xp.add(p + lanes)).mul_add(y1, s1[r]);
+            }
             p += 2 * lanes;
         }
         if p + lanes <= len {
-            s0 = V::load(xp.add(p)).mul_add(V::load(yp.add(p)), s0);
+            let y0 = V::load(yp.add(p));
+            for r in 0..R {
+                s0[r] = V::load(xs[r].as_ptr().add(p)).mul_add(y0, s0[r]);
+            }
             p += lanes;
         }
         if p < len {
-            let r = len - p;
-            s1 = V::load_partial(xp.add(p), r).mul_add(V::load_partial(yp.add(p), r), s1);
+            let rest = len - p;
+            let y1 = V::load_partial(yp.add(p), rest);
+            for r in 0..R {
+                s1[r] = V::load_partial(xs[r].as_ptr().add(p), rest).mul_add(y1, s1[r]);
+            }
         }
     }
-    (s0 + s1).reduce_add()
+    std::array::from_fn(|r| (s0[r] + s1[r]).reduce_add())
 }
 
 /// C = epilogue(sum over fixed K chunks of A_chunk . B_chunk), partial products added in

@@ -83,21 +83,26 @@ fn pack_panel_body<V: SimdVec>(src: MatRef, mask: Option<MatRef>, panel: &mut [f
     }
 }
 
-/// `src` lines are contiguous across r (a transposed view): one vector copy per k step.
+/// `src` lines are contiguous across r (a transposed view): one vector copy per k step. The
+/// step's source (and mask) row is sliced once and walked a vector at a time: this is the
+/// packing of both operands of every dW (dY^T and X), where per-vector indexing cost as much
+/// as the copy.
 #[inline(always)]
 fn pack_by_copy<V: SimdVec>(src: MatRef, mask: Option<MatRef>, panel: &mut [f32], width: usize) {
     let lines = src.rows();
     let (st, mt) = (src.t(), mask.map(|m| m.t()));
     let zero = V::splat(0.0);
     for (p, out) in panel.chunks_exact_mut(width).enumerate() {
-        for r0 in (0..lines).step_by(V::LANES) {
-            let n = V::LANES.min(lines - r0);
-            let x = V::from_slice(st.row_slice(p, r0, n));
-            let v = match &mt {
-                None => x,
-                Some(m) => keep_positive(V::from_slice(m.row_slice(p, r0, n)), x, zero),
-            };
-            v.store_to(&mut out[r0..r0 + n]);
+        let (x_row, out) = (st.row_slice(p, 0, lines), &mut out[..lines]);
+        let pieces = x_row.chunks(V::LANES).zip(out.chunks_mut(V::LANES));
+        match &mt {
+            None => pieces.for_each(|(x, o)| V::from_slice(x).store_to(o)),
+            Some(m) => {
+                let m_row = m.row_slice(p, 0, lines).chunks(V::LANES);
+                for ((x, o), y) in pieces.zip(m_row) {
+                    keep_positive(V::from_slice(y), V::from_slice(x), zero).store_to(o);
+                }
+            }
         }
     }
 }

@@ -42,7 +42,7 @@ impl PackedB {
 
     fn pack_blocks<V: SimdVec>(&mut self, bs: &BlockSizes, b: MatRef) {
         let (k, n, nr) = (b.rows(), b.cols(), tile_nr::<V>(b.cols()));
-        let (kc_max, nc_max) = (bs.kc, (bs.nc / nr).max(1) * nr);
+        let (kc_max, nc_max) = (bs.kc_for(k), (bs.nc / nr).max(1) * nr);
         self.panels.resize(k * n.div_ceil(nr) * nr, 0.0);
         let mut at = 0;
         for jc in (0..n).step_by(nc_max) {

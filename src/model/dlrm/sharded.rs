@@ -261,11 +261,12 @@ impl ShardedDlrm {
 
     /// The lookups of this rank's tables for the whole batch beside its slice's bottom MLP,
     /// then the forward all-to-all into its feature rows. Returns the slice's dense input and
-    /// its chunk count.
+    /// its chunk count. `training`: the pass of a training step (see `Dlrm::place_chunks`).
     fn forward<'a>(
         &mut self,
         comm: &dyn Collectives,
         batch: &BatchView<'a>,
+        training: bool,
         timer: &mut PhaseTimer,
     ) -> (DenseInput<'a>, usize) {
         let (big_b, d, par) = (batch.size(), self.model.arch.embedding_dim, self.model.par);
@@ -276,7 +277,7 @@ impl ShardedDlrm {
             DenseReduction::Ordered => chunking(big_b).1,
             DenseReduction::AllReduce => chunking(b).1,
         };
-        let n = self.model.place_chunks(b, rows);
+        let n = self.model.place_chunks(b, rows, training);
         let precision = self.model.bottom.precision;
         let owned = &self.owned[self.rank];
         let (k, r) = (owned.len(), self.replicated.len());
@@ -356,7 +357,7 @@ impl ShardedDlrm {
             arch.table_sizes[t]
         })?;
         timer.lap(|p| &mut p.other);
-        let (input, n) = self.forward(comm, batch, timer);
+        let (input, n) = self.forward(comm, batch, true, timer);
         let loss = self.model.chunk_chain(input, n, true, timer);
         self.backward_all_to_all(comm, batch.size(), input.size());
         self.gather_replica_grads(comm, batch.size(), input.size());
@@ -523,7 +524,7 @@ impl ShardedDlrm {
             arch.table_sizes[t]
         })?;
         let mut timer = PhaseTimer::default();
-        let (input, n) = self.forward(comm, batch, &mut timer);
+        let (input, n) = self.forward(comm, batch, false, &mut timer);
         self.model.chunk_chain(input, n, false, &mut timer);
         let b = input.size();
         let mut mine = vec![0.0; b];
