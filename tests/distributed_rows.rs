@@ -274,7 +274,7 @@ fn assert_covers_every_row_once(plan: &ShardPlan) {
             .filter_map(|r| plan.rows_of(t, r))
             .collect();
         match placement {
-            Placement::Owner(_) => assert_eq!(held, [0..rows], "table {t}"),
+            Placement::Owner(_) => assert_eq!(held, vec![0..rows; 1], "table {t}"),
             Placement::Replicated => assert_eq!(held, vec![0..rows; plan.ranks()], "table {t}"),
             Placement::Rows(bounds) => {
                 assert_eq!(
