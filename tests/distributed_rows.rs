@@ -389,14 +389,17 @@ fn a_table_whose_rows_fit_nowhere_is_refused_naming_it() {
 }
 
 #[test]
-fn split_tables_in_file_storage_are_refused() {
+fn split_tables_in_file_storage_are_refused_before_any_table_file_is_made() {
     let arch = arch();
-    let plan = ShardPlan::row_wise(
-        &costs_of(&arch, OptimizerKind::Sgd),
-        2,
-        PlanOptions::default(),
-    )
-    .unwrap();
+    // Table 4 split, the others whole on their owners or replicated: none may reach a file.
+    let costs = costs_of(&arch, OptimizerKind::Sgd);
+    let budget = (3_553 + 4_800) * costs[0].bytes / costs[0].rows as u64;
+    let options = PlanOptions {
+        budget: Some(budget),
+        replicate_tiny: true,
+    };
+    let plan = ShardPlan::auto(&costs, 3, options).unwrap();
+    assert_eq!(plan.row_split(), [4]);
     let dir = std::env::temp_dir().join(format!("dlrm-rows-{}", std::process::id()));
     let storage = StorageKind::File {
         dir: dir.clone(),

@@ -153,13 +153,7 @@ impl ShardedDlrm {
         rank: usize,
         reduction: DenseReduction,
     ) -> anyhow::Result<ShardedDlrm> {
-        let owned: Vec<Vec<usize>> = (0..plan.ranks()).map(|q| plan.tables_of(q)).collect();
-        let replicated = plan.replicated();
-        let create = |indices: &[usize]| {
-            let (rows, d) = (&arch.table_sizes, arch.embedding_dim);
-            SparseTables::create_at(indices, rows, d, optimizer, source, seed)
-        };
-        let (tables, replicas) = (create(&owned[rank])?, create(&replicated)?);
+        // Checked before any table is made, so that a refusal leaves no table file behind.
         if !plan.row_split().is_empty() && !matches!(source, TableSource::Init(StorageKind::Anon)) {
             anyhow::bail!(
                 "tables split row-wise (--sharding row, or auto with a table larger than \
@@ -167,6 +161,13 @@ impl ShardedDlrm {
                  are not supported for them"
             );
         }
+        let owned: Vec<Vec<usize>> = (0..plan.ranks()).map(|q| plan.tables_of(q)).collect();
+        let replicated = plan.replicated();
+        let create = |indices: &[usize]| {
+            let (rows, d) = (&arch.table_sizes, arch.embedding_dim);
+            SparseTables::create_at(indices, rows, d, optimizer, source, seed)
+        };
+        let (tables, replicas) = (create(&owned[rank])?, create(&replicated)?);
         let (d, sizes) = (arch.embedding_dim, &arch.table_sizes);
         let rows = RowShards::new(&plan, rank, sizes, d, optimizer, seed)?;
         let mut read = [&owned[rank][..], &replicated[..], rows.tables()].concat();
