@@ -1,8 +1,9 @@
-//! The sharding plan: which rank owns each embedding table, and which tiny tables every rank
-//! holds a replica of.
+//! The sharding plan: which rank owns each embedding table (or each contiguous row range of a
+//! table split row-wise), and which tiny tables every rank holds a replica of.
 
 use serde::Serialize;
 use std::fmt;
+use std::ops::Range;
 
 /// Tables of fewer rows than this are replicated data-parallel on every rank under
 /// [`PlanOptions::replicate_tiny`], as Intel's MLPerf DLRM runs do (their `--dp-threshold`):
@@ -21,7 +22,7 @@ pub struct TableCost {
 }
 
 /// Where one table lives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Placement {
     /// One rank owns it (table-wise model parallelism) and looks it up for the whole batch.
@@ -29,6 +30,10 @@ pub enum Placement {
     /// Every rank holds it, looks it up for its own slice and applies the whole batch's
     /// update (data parallelism).
     Replicated,
+    /// Split row-wise: rank r owns the rows `bounds[r] .. bounds[r + 1]` (contiguous, in rank
+    /// order, covering every row once; a range may be empty) and looks them up for the whole
+    /// batch.
+    Rows(Vec<usize>),
 }
 
 /// How a plan is made.
@@ -45,6 +50,8 @@ pub struct PlanOptions {
 pub struct ShardPlan {
     /// Per table (in table order).
     pub placement: Vec<Placement>,
+    /// Per table: its rows.
+    pub rows: Vec<usize>,
     /// Per rank: the bytes of its tables and replicas (weights and optimizer state).
     pub rank_bytes: Vec<u64>,
     /// Per rank: the bytes its owned tables' lookups read per sample of the global batch.
@@ -57,6 +64,12 @@ pub enum PlanError {
     #[error("no ranks to place tables on")]
     NoRanks,
     #[error(
+        "table {table} ({bytes} bytes with its optimizer state) fits on no rank even split \
+         row-wise: the ranks have {free} bytes free in all within --rank-memory-gib; use more \
+         ranks or more memory per rank"
+    )]
+    RowsDoNotFit { table: usize, bytes: u64, free: u64 },
+    #[error(
         "table {table} ({bytes} bytes with its optimizer state) fits on no rank: the least \
          loaded holds {used} of its {budget} bytes (--rank-memory-gib); use more ranks or more \
          memory per rank"
@@ -67,6 +80,16 @@ pub enum PlanError {
         used: u64,
         budget: u64,
     },
+}
+
+/// Which tables a plan splits row-wise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RowSplit {
+    Never,
+    /// Those that fit on no rank whole.
+    Unfit,
+    /// Every table not replicated.
+    Every,
 }
 
 impl ShardPlan {
@@ -81,6 +104,38 @@ impl ShardPlan {
         tables: &[TableCost],
         ranks: usize,
         options: PlanOptions,
+    ) -> Result<ShardPlan, PlanError> {
+        ShardPlan::pack(tables, ranks, options, RowSplit::Never)
+    }
+
+    /// [`table_wise`](Self::table_wise), except that a table that fits on no rank whole is
+    /// split row-wise over the ranks with room (see [`row_wise`](Self::row_wise)); refused
+    /// only when even its rows do not fit in the room left on all the ranks together.
+    pub fn auto(
+        tables: &[TableCost],
+        ranks: usize,
+        options: PlanOptions,
+    ) -> Result<ShardPlan, PlanError> {
+        ShardPlan::pack(tables, ranks, options, RowSplit::Unfit)
+    }
+
+    /// Every table (but the replicated tiny ones, when asked) split row-wise over all the
+    /// ranks into contiguous ranges in rank order, as even as the budget allows: with room
+    /// everywhere rank r gets ceil(rows / N) or floor(rows / N) rows, the larger ranges first;
+    /// a rank short of room gets what fits and the others share the rest evenly.
+    pub fn row_wise(
+        tables: &[TableCost],
+        ranks: usize,
+        options: PlanOptions,
+    ) -> Result<ShardPlan, PlanError> {
+        ShardPlan::pack(tables, ranks, options, RowSplit::Every)
+    }
+
+    fn pack(
+        tables: &[TableCost],
+        ranks: usize,
+        options: PlanOptions,
+        split: RowSplit,
     ) -> Result<ShardPlan, PlanError> {
         if ranks == 0 {
             return Err(PlanError::NoRanks);
@@ -103,8 +158,12 @@ impl ShardPlan {
             }
             replica_bytes += bytes;
         }
-        let mut rank_bytes = vec![replica_bytes; ranks];
-        let mut rank_lookup_bytes = vec![0u64; ranks];
+        let mut plan = ShardPlan {
+            placement: Vec::new(),
+            rows: tables.iter().map(|c| c.rows).collect(),
+            rank_bytes: vec![replica_bytes; ranks],
+            rank_lookup_bytes: vec![0u64; ranks],
+        };
         let mut order: Vec<usize> = (0..tables.len())
             .filter(|&t| !replicated(&tables[t]))
             .collect();
@@ -119,6 +178,7 @@ impl ShardPlan {
             .max(1) as f64;
         for t in order {
             let cost = tables[t];
+            let (rank_bytes, rank_lookup_bytes) = (&plan.rank_bytes, &plan.rank_lookup_bytes);
             let fits = |r: &usize| {
                 options
                     .budget
@@ -130,29 +190,87 @@ impl ShardPlan {
                 let lookups = (rank_lookup_bytes[r] + cost.lookup_bytes) as f64 / total_lookups;
                 (bytes.max(lookups), bytes + lookups)
             };
-            let Some(rank) = (0..ranks).filter(fits).min_by(|&p, &q| {
+            let best = (0..ranks).filter(fits).min_by(|&p, &q| {
                 let ((max_p, sum_p), (max_q, sum_q)) = (load(p), load(q));
                 (max_p.total_cmp(&max_q))
                     .then(sum_p.total_cmp(&sum_q))
                     .then(p.cmp(&q))
-            }) else {
-                let used = *rank_bytes.iter().min().expect("at least one rank");
-                return Err(PlanError::DoesNotFit {
-                    table: t,
-                    bytes: cost.bytes,
-                    used,
-                    budget: options.budget.expect("only a budget refuses a table"),
-                });
+            });
+            placement[t] = match (best, split) {
+                (Some(rank), RowSplit::Never | RowSplit::Unfit) => {
+                    plan.rank_bytes[rank] += cost.bytes;
+                    plan.rank_lookup_bytes[rank] += cost.lookup_bytes;
+                    Placement::Owner(rank)
+                }
+                (None, RowSplit::Never) => {
+                    return Err(PlanError::DoesNotFit {
+                        table: t,
+                        bytes: cost.bytes,
+                        used: *plan.rank_bytes.iter().min().expect("at least one rank"),
+                        budget: options.budget.expect("only a budget refuses a table"),
+                    });
+                }
+                _ => plan.split_rows(t, cost, options.budget)?,
             };
-            placement[t] = Placement::Owner(rank);
-            rank_bytes[rank] += cost.bytes;
-            rank_lookup_bytes[rank] += cost.lookup_bytes;
         }
-        Ok(ShardPlan {
-            placement,
-            rank_bytes,
-            rank_lookup_bytes,
-        })
+        plan.placement = placement;
+        Ok(plan)
+    }
+
+    /// Splits table `t` over the ranks' room left in `budget` (as even as it allows, see
+    /// [`even_rows`]), charging each rank its share of the bytes and of the lookups (ids are
+    /// taken as spread evenly over the rows).
+    fn split_rows(
+        &mut self,
+        t: usize,
+        cost: TableCost,
+        budget: Option<u64>,
+    ) -> Result<Placement, PlanError> {
+        // Weights and state are per row, so bytes / rows is exact.
+        let row_bytes = cost.bytes.div_ceil(cost.rows.max(1) as u64).max(1);
+        let room: Vec<usize> = (self.rank_bytes.iter())
+            .map(|&used| {
+                budget.map_or(usize::MAX, |b| {
+                    (b.saturating_sub(used) / row_bytes) as usize
+                })
+            })
+            .collect();
+        let Some(counts) = even_rows(cost.rows, &room) else {
+            let free = (self.rank_bytes.iter())
+                .map(|&used| budget.map_or(0, |b| b.saturating_sub(used)))
+                .sum();
+            return Err(PlanError::RowsDoNotFit {
+                table: t,
+                bytes: cost.bytes,
+                free,
+            });
+        };
+        let mut bounds = vec![0];
+        for (r, &n) in counts.iter().enumerate() {
+            bounds.push(bounds[r] + n);
+            self.rank_bytes[r] += n as u64 * row_bytes;
+            self.rank_lookup_bytes[r] +=
+                (cost.lookup_bytes * n as u64).div_ceil(cost.rows.max(1) as u64);
+        }
+        Ok(Placement::Rows(bounds))
+    }
+
+    /// The tables split row-wise, in table order.
+    pub fn row_split(&self) -> Vec<usize> {
+        self.tables_where(|p| matches!(p, Placement::Rows(_)))
+    }
+
+    /// The rows of table `table` (of the whole table's row numbers) that rank `rank` holds and
+    /// updates: its range of a table split row-wise, or every row of a table it owns or holds
+    /// a replica of; None when it holds none. What the rank stores of the table, and writes at
+    /// row offset `start` of a checkpoint's table.
+    pub fn rows_of(&self, table: usize, rank: usize) -> Option<Range<usize>> {
+        let rows = match &self.placement[table] {
+            Placement::Owner(r) if *r != rank => return None,
+            Placement::Owner(_) | Placement::Replicated => 0..self.rows[table],
+            Placement::Rows(bounds) => bounds[rank]..bounds[rank + 1],
+        };
+        (!rows.is_empty()).then_some(rows)
     }
 
     /// The number of ranks.
@@ -162,19 +280,48 @@ impl ShardPlan {
 
     /// The tables rank `rank` owns, in table order.
     pub fn tables_of(&self, rank: usize) -> Vec<usize> {
-        self.tables_where(|p| p == Placement::Owner(rank))
+        self.tables_where(|p| *p == Placement::Owner(rank))
     }
 
     /// The tables every rank holds a replica of, in table order.
     pub fn replicated(&self) -> Vec<usize> {
-        self.tables_where(|p| p == Placement::Replicated)
+        self.tables_where(|p| *p == Placement::Replicated)
     }
 
-    fn tables_where(&self, keep: impl Fn(Placement) -> bool) -> Vec<usize> {
+    fn tables_where(&self, keep: impl Fn(&Placement) -> bool) -> Vec<usize> {
         (0..self.placement.len())
-            .filter(|&t| keep(self.placement[t]))
+            .filter(|&t| keep(&self.placement[t]))
             .collect()
     }
+}
+
+/// Rows per rank for a table of `rows` rows over ranks with room for `room[r]` rows, as even
+/// as the room allows (water-filling): the least level L with sum_r min(room_r, L) >= rows;
+/// every rank takes min(room_r, L - 1) rows, and the ranks with room for L take one more, in
+/// rank order, until all rows are placed. None when the room is short of the rows.
+fn even_rows(rows: usize, room: &[usize]) -> Option<Vec<usize>> {
+    let filled = |level: usize| (room.iter().map(|&r| r.min(level))).fold(0, usize::saturating_add);
+    if filled(rows) < rows {
+        return None;
+    }
+    let (mut lo, mut hi) = (0, rows);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if filled(mid) >= rows {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    let mut counts: Vec<usize> = room.iter().map(|&r| r.min(lo.saturating_sub(1))).collect();
+    let mut left = rows - counts.iter().sum::<usize>();
+    for (count, &r) in counts.iter_mut().zip(room) {
+        if left > 0 && r >= lo {
+            *count += 1;
+            left -= 1;
+        }
+    }
+    Some(counts)
 }
 
 impl fmt::Display for ShardPlan {
@@ -185,9 +332,18 @@ impl fmt::Display for ShardPlan {
             names.join(",")
         };
         for rank in 0..self.ranks() {
+            let ranges: Vec<String> = (self.row_split().into_iter())
+                .filter_map(|t| Some(format!("{t}[{:?}]", self.rows_of(t, rank)?)))
+                .collect();
+            let rows = if ranges.is_empty() {
+                String::new()
+            } else {
+                format!(", rows {}", ranges.join(" "))
+            };
             writeln!(
                 f,
-                "rank {rank}: tables [{}], {:.1} MiB with replicas, {} lookup bytes per sample",
+                "rank {rank}: tables [{}]{rows}, {:.1} MiB with replicas, {} lookup bytes per \
+                 sample",
                 list(self.tables_of(rank)),
                 self.rank_bytes[rank] as f64 / (1 << 20) as f64,
                 self.rank_lookup_bytes[rank]

@@ -14,6 +14,7 @@ use dlrm_kernels::gemm::{MatMut, MatRef};
 use dlrm_kernels::optim::{SparseStep, TableMut, embedding_bag_backward_update};
 use dlrm_kernels::parallel::Par;
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Embedding tables (rows x dim each), their sparse optimizer state and workspaces.
 pub struct SparseTables {
@@ -71,14 +72,45 @@ impl SparseTables {
             tables.extend(run_tables);
             states.extend(run_states);
         }
-        Ok(SparseTables {
+        Ok(SparseTables::from_parts(tables, states, optimizer))
+    }
+
+    /// Row-wise shards: `shards[i] = (index, rows)` holds rows `rows` of table `index` (of
+    /// `table_rows[index]` x `dim`), initialised as the whole table's rows are, in anonymous
+    /// memory, with the state `optimizer` needs. Shard row i is the table's row
+    /// `rows.start + i`, so the shard takes ids rebased by `rows.start`.
+    pub fn create_row_shards(
+        shards: &[(usize, Range<usize>)],
+        table_rows: &[usize],
+        dim: usize,
+        optimizer: OptimizerKind,
+        seed: u64,
+    ) -> anyhow::Result<SparseTables> {
+        let width = optimizer.sparse(0.0).state_width(dim);
+        let (mut tables, mut states) = (Vec::new(), Vec::new());
+        for (index, rows) in shards {
+            let table =
+                EmbeddingTable::create_rows(*index, table_rows[*index], rows.clone(), dim, seed)?;
+            states.push(OptimizerState::create_for(&table, width)?);
+            tables.push(table);
+        }
+        Ok(SparseTables::from_parts(tables, states, optimizer))
+    }
+
+    /// The set of `tables` with their `states` and a workspace each.
+    fn from_parts(
+        tables: Vec<EmbeddingTable>,
+        states: Vec<OptimizerState>,
+        optimizer: OptimizerKind,
+    ) -> SparseTables {
+        SparseTables {
             workspaces: (0..tables.len())
                 .map(|_| SparseGradWorkspace::default())
                 .collect(),
             tables,
             states,
             optimizer,
-        })
+        }
     }
 
     /// Number of tables.

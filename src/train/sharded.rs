@@ -309,6 +309,8 @@ fn gather_times(comm: &dyn Collectives, phases: PhaseSeconds, stats: CommStats) 
         stats.backward_all_to_all,
         stats.dense_all_reduce,
         stats.replica_all_gather,
+        stats.row_shard_all_to_all,
+        stats.row_shard_all_gather,
     ];
     let cost_values: Vec<[Vec<f64>; 3]> = costs
         .iter()
@@ -338,6 +340,8 @@ fn gather_times(comm: &dyn Collectives, phases: PhaseSeconds, stats: CommStats) 
                     backward_all_to_all: cost(1),
                     dense_all_reduce: cost(2),
                     replica_all_gather: cost(3),
+                    row_shard_all_to_all: cost(4),
+                    row_shard_all_gather: cost(5),
                 },
             }
         })

@@ -16,8 +16,12 @@ pub enum ShardingArg {
     /// Whole tables on ranks, largest first onto the least loaded rank (by bytes and
     /// lookups), within --rank-memory-gib.
     Table,
+    /// Every table split row-wise into contiguous row ranges, one per rank (as even as
+    /// --rank-memory-gib allows); each rank looks its ranges up for the whole batch.
+    Row,
     /// As `table`, with the tables under 2,048 rows replicated on every rank
-    /// (data-parallel, out of the all-to-alls).
+    /// (data-parallel, out of the all-to-alls), and a table that fits on no rank within
+    /// --rank-memory-gib split row-wise over the ranks.
     Auto,
 }
 
@@ -238,7 +242,11 @@ mod with_mpi {
             budget: a.rank_memory_gib.map(|g| (g * (1u64 << 30) as f64) as u64),
             replicate_tiny: a.sharding == ShardingArg::Auto,
         };
-        Ok(ShardPlan::table_wise(&tables, ranks, options)?)
+        Ok(match a.sharding {
+            ShardingArg::Table => ShardPlan::table_wise(&tables, ranks, options),
+            ShardingArg::Row => ShardPlan::row_wise(&tables, ranks, options),
+            ShardingArg::Auto => ShardPlan::auto(&tables, ranks, options),
+        }?)
     }
 
     fn print_summary(r: &ShardedReport) {

@@ -15,6 +15,9 @@
 //! batch's, in sample order) and every rank applies the whole batch's fused update, the very
 //! update one process applies, so the replicas stay identical and exact.
 //!
+//! Tables too large for one rank are split row-wise ([`Placement::Rows`]): see [`row_shards`]
+//! for how their ranges are looked up, pooled and updated, bit for bit as one process does.
+//!
 //! With [`DenseReduction::Ordered`] every chunk's gradients are gathered and added in global
 //! chunk order, which is the single-process reduction (`reduce_grads`): N ranks then train
 //! bit for bit the model one process trains on the same global batch.
@@ -24,6 +27,8 @@ use super::{
     update_dense,
 };
 use crate::data::BatchView;
+#[cfg(doc)]
+use crate::distributed::Placement;
 use crate::distributed::{Collectives, ShardPlan};
 use crate::model::architecture::Architecture;
 use crate::model::mlp::Linear;
@@ -34,10 +39,14 @@ use crate::model::sparse::SparseTables;
 use crate::model::{
     BatchError, OptimizerKind, PhaseTimer, Task, check_capacity, head_predict, validate_batch_rows,
 };
+use crate::storage::StorageKind;
 use dlrm_kernels::embedding::Bags;
+use row_shards::{RowShards, slices};
 use serde::Serialize;
 use std::ops::Range;
 use std::time::Instant;
+
+mod row_shards;
 
 /// How the dense gradients are reduced across ranks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -76,6 +85,10 @@ pub struct CommStats {
     pub dense_all_reduce: CollectiveCost,
     /// The replicated tables' pooled gradients, gathered from every rank.
     pub replica_all_gather: CollectiveCost,
+    /// The rows looked up in row-wise shards, sent to the ranks owning each sample.
+    pub row_shard_all_to_all: CollectiveCost,
+    /// The row-wise shards' pooled gradients, gathered from every rank.
+    pub row_shard_all_gather: CollectiveCost,
 }
 
 impl CommStats {
@@ -84,6 +97,8 @@ impl CommStats {
             + self.backward_all_to_all.seconds
             + self.dense_all_reduce.seconds
             + self.replica_all_gather.seconds
+            + self.row_shard_all_to_all.seconds
+            + self.row_shard_all_gather.seconds
     }
 }
 
@@ -102,6 +117,8 @@ pub struct ShardedDlrm {
     /// The tables every rank holds (in table order) and this rank's replicas of them.
     replicated: Vec<usize>,
     replicas: SparseTables,
+    /// This rank's ranges of the tables split row-wise.
+    rows: RowShards,
     /// The tables whose ids this rank reads for the whole global batch, in table order.
     read: Vec<usize>,
     /// Per replica: its bags' offsets for this rank's slice, rebased to start at 0.
@@ -136,6 +153,14 @@ impl ShardedDlrm {
         rank: usize,
         reduction: DenseReduction,
     ) -> anyhow::Result<ShardedDlrm> {
+        // Checked before any table is made, so that a refusal leaves no table file behind.
+        if !plan.row_split().is_empty() && !matches!(source, TableSource::Init(StorageKind::Anon)) {
+            anyhow::bail!(
+                "tables split row-wise (--sharding row, or auto with a table larger than \
+                 --rank-memory-gib) live in anonymous memory: file-backed or loaded tables \
+                 are not supported for them"
+            );
+        }
         let owned: Vec<Vec<usize>> = (0..plan.ranks()).map(|q| plan.tables_of(q)).collect();
         let replicated = plan.replicated();
         let create = |indices: &[usize]| {
@@ -143,7 +168,9 @@ impl ShardedDlrm {
             SparseTables::create_at(indices, rows, d, optimizer, source, seed)
         };
         let (tables, replicas) = (create(&owned[rank])?, create(&replicated)?);
-        let mut read = [&owned[rank][..], &replicated[..]].concat();
+        let (d, sizes) = (arch.embedding_dim, &arch.table_sizes);
+        let rows = RowShards::new(&plan, rank, sizes, d, optimizer, seed)?;
+        let mut read = [&owned[rank][..], &replicated[..], rows.tables()].concat();
         read.sort_unstable();
         Ok(ShardedDlrm {
             read,
@@ -154,6 +181,7 @@ impl ShardedDlrm {
             slice_offsets: vec![Vec::new(); replicated.len()],
             replicated,
             replicas,
+            rows,
             replica_pooled: Vec::new(),
             replica_grads: Vec::new(),
             reduction,
@@ -175,7 +203,8 @@ impl ShardedDlrm {
     }
 
     /// The tables whose ids this rank reads for the whole global batch, in table order: those
-    /// it owns and the replicated ones (every rank applies a replica's whole-batch update).
+    /// it owns, the replicated ones (every rank applies a replica's whole-batch update) and
+    /// those split row-wise (every rank pools its slice from them, and updates its range).
     pub fn tables_read(&self) -> &[usize] {
         &self.read
     }
@@ -242,6 +271,7 @@ impl ShardedDlrm {
         if self.exchange.len() < exchange {
             self.exchange.resize(exchange, 0.0);
         }
+        self.rows.reserve(batch, self.plan.ranks());
         let r = self.replicated.len();
         if self.replica_grads.len() < batch * r * d {
             self.replica_pooled.resize(slice * r * d, 0.0);
@@ -333,6 +363,12 @@ impl ShardedDlrm {
         self.stats
             .forward_all_to_all
             .add(start, 4 * (send.iter().sum::<usize>() - send[self.rank]));
+        let start = Instant::now();
+        let slices = slices(self.plan.ranks(), big_b);
+        let sent = (self.rows).forward(comm, batch, &slices, features, fd, par);
+        if !self.rows.tables().is_empty() {
+            self.stats.row_shard_all_to_all.add(start, sent);
+        }
         timer.lap(|p| &mut p.emb_fwd);
         (input, n)
     }
@@ -361,6 +397,13 @@ impl ShardedDlrm {
         let loss = self.model.chunk_chain(input, n, true, timer);
         self.backward_all_to_all(comm, batch.size(), input.size());
         self.gather_replica_grads(comm, batch.size(), input.size());
+        let (start, fd) = (Instant::now(), self.model.feature_stride());
+        let slices = slices(self.plan.ranks(), batch.size());
+        let grads = &self.model.grad_features;
+        let sent = self.rows.gather_grads(comm, &slices, grads, fd);
+        if !self.rows.tables().is_empty() {
+            self.stats.row_shard_all_gather.add(start, sent);
+        }
         self.reduce_dense(comm, n);
         timer.lap(|p| &mut p.dense_update);
 
@@ -372,7 +415,7 @@ impl ShardedDlrm {
         );
         let (owned, grads) = (&self.owned[self.rank], &self.pooled);
         let (replicated, replica_grads) = (&self.replicated, &self.replica_grads);
-        let (replicas, m) = (&mut self.replicas, &mut self.model);
+        let (replicas, rows, m) = (&mut self.replicas, &mut self.rows, &mut self.model);
         let (embeddings, dense_opt) = (&mut m.embeddings, &mut m.dense_opt);
         let (bottom, top) = (&mut m.bottom.layers, &mut m.top.layers);
         join(
@@ -392,6 +435,7 @@ impl ShardedDlrm {
                     0.0,
                     par,
                 );
+                rows.update(lr, par);
             },
             || update_dense(dense_opt, bottom, top, lr, par),
         );
@@ -606,6 +650,7 @@ impl Parameters for ShardedDlrm {
             .visit(|t| format!("emb_l.{}.weight", owned[t]), visit);
         let replicated = &self.replicated;
         (self.replicas).visit(|t| format!("emb_l.{}.weight", replicated[t]), visit);
+        self.rows.visit(visit);
         let mut states = m.dense_opt.states();
         visit_mlp("bot_l", &m.bottom, &mut states, visit);
         visit_mlp("top_l", &m.top, &mut states, visit);
@@ -618,6 +663,7 @@ impl Parameters for ShardedDlrm {
             .visit_mut(|t| format!("emb_l.{}.weight", owned[t]), visit);
         let replicated = &self.replicated;
         (self.replicas).visit_mut(|t| format!("emb_l.{}.weight", replicated[t]), visit);
+        self.rows.visit_mut(visit);
         let mut states = m.dense_opt.states_mut();
         visit_mlp_mut("bot_l", &mut m.bottom, &mut states, visit);
         visit_mlp_mut("top_l", &mut m.top, &mut states, visit);

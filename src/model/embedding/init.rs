@@ -58,12 +58,18 @@ impl RowInit {
     /// Initialises every row of `data` (rows x cols) in parallel on the current rayon pool.
     /// Each row is a pure function of its key, so the result is the same for any thread count.
     pub(super) fn fill_all(&self, data: &mut [f32], cols: usize) {
+        self.fill_from(data, cols, 0);
+    }
+
+    /// [`fill_all`](Self::fill_all) for the rows `first_row ..` of the table held in `data`
+    /// (a row-wise shard): its row i gets the initial values of row `first_row + i`.
+    pub(super) fn fill_from(&self, data: &mut [f32], cols: usize, first_row: usize) {
         let rows_per_task = (INIT_TASK_BYTES / (cols * 4)).max(1);
         data.par_chunks_mut(rows_per_task * cols)
             .enumerate()
             .for_each(|(task, chunk)| {
                 for (i, row) in chunk.chunks_exact_mut(cols).enumerate() {
-                    self.fill(task * rows_per_task + i, row);
+                    self.fill(first_row + task * rows_per_task + i, row);
                 }
             });
     }

@@ -8,6 +8,7 @@ use dlrm_kernels::bf16::Isa;
 use dlrm_kernels::embedding::bf16::{join_f32_slice, split_f32_slice};
 use rayon::prelude::*;
 use std::borrow::Cow;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 /// How a table stores its f32 weights.
@@ -72,6 +73,22 @@ impl EmbeddingTable {
             lazy,
             layout: TableLayout::Fp32,
         })
+    }
+
+    /// Rows `rows` of table `index` (a `total_rows` x `dim` table) in anonymous memory, each
+    /// holding the initial value of its row of the whole table: a rank's row-wise shard, whose
+    /// row i is the table's row `rows.start + i`.
+    pub fn create_rows(
+        index: usize,
+        total_rows: usize,
+        rows: Range<usize>,
+        dim: usize,
+        seed: u64,
+    ) -> Result<EmbeddingTable, TableError> {
+        let id = MatrixId::weights(index);
+        let mut weights = MatrixFile::create(id, rows.len(), dim, seed, &StorageKind::Anon)?;
+        RowInit::new(seed, index, total_rows).fill_from(weights.as_mut_slice(), dim, rows.start);
+        Ok(EmbeddingTable::over(weights))
     }
 
     /// Creates table `index` holding `values` (rows x dim, row-major; e.g. imported weights)
