@@ -390,9 +390,14 @@ pub fn save_sharded(
     cancel: &Cancel,
 ) -> Result<PathBuf> {
     let (plan, rank) = (model.plan(), comm.rank());
+    // A version holds whole tables; a row-wise shard's rows would need writing at their offset.
+    if let Some(t) = (plan.placement.iter()).position(|p| matches!(p, Placement::Rows(_))) {
+        bail!("table {t} is split row-wise: checkpoints of row-wise shards are not supported");
+    }
     let writes_table = |t: usize| match plan.placement[t] {
         Placement::Owner(owner) => owner == rank,
         Placement::Replicated => rank == 0,
+        Placement::Rows(_) => unreachable!("refused above"),
     };
     let share = Share {
         comm,
@@ -910,6 +915,9 @@ pub fn load_sharded(
     rank: usize,
     reduction: DenseReduction,
 ) -> Result<(ShardedDlrm, Meta)> {
+    if let Some(t) = (plan.placement.iter()).position(|p| matches!(p, Placement::Rows(_))) {
+        bail!("table {t} is split row-wise: a checkpoint loads as whole tables only");
+    }
     let meta = read_meta(version)?;
     let cfg = read_dlrm_config(version, &meta)?;
     let config = ModelConfig::Dlrm(cfg.arch.clone());
