@@ -289,3 +289,47 @@ fn a_save_failing_on_one_rank_leaves_latest_on_the_previous_version() {
     assert!(!dir.path().join("ckpt-000000000005-000").exists());
     checkpoint::load_dlrm(&before, &StorageKind::Anon).unwrap();
 }
+
+#[test]
+fn row_wise_shards_are_refused_by_save_and_load_naming_the_split_table() {
+    let arch = arch();
+    let tables: Vec<TableCost> = (arch.table_sizes.iter())
+        .map(|&rows| TableCost {
+            rows,
+            bytes: (rows * arch.embedding_dim * 8) as u64,
+            lookup_bytes: 2 * arch.embedding_dim as u64 * 4,
+        })
+        .collect();
+    let rows = ShardPlan::row_wise(&tables, 1, PlanOptions::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (anon, reduction) = (&StorageKind::Anon, DenseReduction::Ordered);
+    let err = checkpoint::load_sharded(
+        dir.path(),
+        anon,
+        LoadOptions::default(),
+        rows.clone(),
+        0,
+        reduction,
+    )
+    .err()
+    .expect("a row-wise plan cannot load whole tables");
+    assert!(format!("{err:#}").contains("split row-wise"), "{err:#}");
+    let comm = LocalGroup::ranks(1).pop().unwrap();
+    let init = TableSource::Init(anon);
+    let model = ShardedDlrm::new(arch, OPTIMIZER, SEED, init, rows, 0, reduction).unwrap();
+    let state = TrainState {
+        step: 1,
+        epoch: 0,
+        batch_in_epoch: 1,
+        epoch_shuffle_state: 0,
+        lr: LrSchedule::constant(0.05),
+        batch_size: 8,
+        seed: SEED,
+        run_id: String::new(),
+    };
+    let cancel = Cancel::new(Arc::new(AtomicUsize::new(0)));
+    let err =
+        checkpoint::save_sharded(dir.path(), &comm, &model, &state, None, 10, &cancel).unwrap_err();
+    assert!(format!("{err:#}").contains("split row-wise"), "{err:#}");
+    assert!(file_names(dir.path()).is_empty(), "nothing is written");
+}
