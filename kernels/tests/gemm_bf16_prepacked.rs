@@ -1,8 +1,7 @@
 //! The BF16 product with B rounded and packed ahead (`PackedPairs`, `PackedB::pack_for`)
 //! against the BF16 product that packs B itself: the same bits on every ISA the CPU has, for
 //! any thread count, on awkward shapes with every transpose, padding and epilogue; and the
-//! fallbacks when the packing does not fit the product. Also: products whose epilogue is a
-//! plain store (written straight from the AMX tiles into C) equal those with an epilogue.
+//! fallbacks when the packing does not fit the product.
 
 mod common;
 
@@ -150,35 +149,6 @@ fn pairs_that_do_not_fit_fall_back_to_packing_in_the_product() {
                 gemm_rounded_bf16_prepacked(a, b, &packed, c, &ops, isa, Par::Seq)
             });
             same_bits(&ours, &expected).unwrap();
-        }
-    }
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(48))]
-
-    /// C = A . B^T stored as it is (the AMX path writes whole 32 x 32 blocks straight from the
-    /// tiles into C, the edges through the epilogue) equals the same product with a zero bias
-    /// (every block through the epilogue), up to the sign of zero (C's untouched padding holds
-    /// NaN).
-    #[test]
-    fn plain_stores_equal_stores_through_the_epilogue(cs in case(dim())) {
-        let cs = Case { alpha: 1.0, beta: 0.0, bias: false, relu: false, ..cs };
-        let inp = inputs(&cs);
-        let plain = bf16_ops(&cs, &inp);
-        let zeros = vec![0.0f32; cs.n];
-        let with_bias = GemmOps { bias: Some(&zeros), ..plain };
-        let (a, b) = (inp.a.view(), inp.b.view());
-        for isa in Isa::all_supported() {
-            for par in [Par::Seq, Par::Rayon] {
-                let ours = run(&cs, &inp, |c| gemm_rounded_bf16(a, b, c, &plain, isa, par));
-                let theirs = run(&cs, &inp, |c| gemm_rounded_bf16(a, b, c, &with_bias, isa, par));
-                if let Some(i) = ours.iter().zip(&theirs).position(|(x, y)| x != y && x.to_bits() != y.to_bits()) {
-                    return Err(TestCaseError::fail(format!(
-                        "{isa:?} {par:?}: element {i}: {} vs {}", ours[i], theirs[i]
-                    )));
-                }
-            }
         }
     }
 }

@@ -126,28 +126,18 @@ impl Tiles {
         Tiles(())
     }
 
-    /// C block (32 x 32 f32) = A . B over all of K, stored at `c` with rows `c_rs` floats
-    /// apart: `a` are the runs of A tiles of its two 16-row halves, `b` those of B's two
-    /// 16-column halves, each `k_tiles` contiguous packed tiles (16 K pairs each).
+    /// C block (32 x 32 f32, row stride 32) = A . B over all of K: `a` are the runs of A tiles
+    /// of its two 16-row halves, `b` those of B's two 16-column halves, each `k_tiles`
+    /// contiguous packed tiles (16 K pairs each).
     ///
     /// # Safety
     /// `a[0]`, `a[1]`, `b[0]`, `b[1]` each point to `k_tiles >= 1` readable tiles of
-    /// TILE_LANES lanes; 32 rows of 32 floats at `c`, `c_rs` apart, are writable and no other
-    /// thread accesses them meanwhile.
-    unsafe fn block(
-        &self,
-        a: [*const u32; 2],
-        b: [*const u32; 2],
-        k_tiles: usize,
-        (c, c_rs): (*mut f32, usize),
-    ) {
+    /// TILE_LANES lanes; `c` holds 32 x 32 floats.
+    unsafe fn block(&self, a: [*const u32; 2], b: [*const u32; 2], k_tiles: usize, c: &mut Block) {
         debug_assert!(k_tiles >= 1);
-        let stride = 4 * c_rs;
-        // Rows 16.. of the block: the lower two accumulator tiles.
-        let c16 = c.wrapping_add(TILE * c_rs);
         // SAFETY: the tiles are configured (self exists); the loads read k_tiles tiles of
         // 1 KiB (16 rows of 64 bytes) at each of the four pointers, in bounds (caller); the
-        // stores write four 16 x 64-byte tiles inside the 32 x 32 block (caller).
+        // stores write four 16 x 64-byte tiles inside the 4 KiB block (row stride 128).
         unsafe {
             asm!(
                 "tilezero tmm0",
@@ -169,19 +159,18 @@ impl Tiles {
                 "add {b1}, 1024",
                 "dec {n}",
                 "jnz 2b",
-                "tilestored [{c} + {stride}*1], tmm0",
-                "tilestored [{c} + {stride}*1 + 64], tmm1",
-                "tilestored [{c16} + {stride}*1], tmm2",
-                "tilestored [{c16} + {stride}*1 + 64], tmm3",
+                "tilestored [{c} + {s128}*1], tmm0",
+                "tilestored [{c} + {s128}*1 + 64], tmm1",
+                "tilestored [{c} + {s128}*1 + 2048], tmm2",
+                "tilestored [{c} + {s128}*1 + 2112], tmm3",
                 a0 = inout(reg) a[0] => _,
                 a1 = inout(reg) a[1] => _,
                 b0 = inout(reg) b[0] => _,
                 b1 = inout(reg) b[1] => _,
                 n = inout(reg) k_tiles => _,
                 s64 = in(reg) 64usize,
-                stride = in(reg) stride,
-                c = in(reg) c,
-                c16 = in(reg) c16,
+                s128 = in(reg) 128usize,
+                c = in(reg) c.0.as_mut_ptr(),
                 options(nostack),
             );
         }
@@ -236,50 +225,10 @@ fn pack_tile(x: &Operand, line0: usize, p0: usize, b_tile: bool, out: &mut [u32]
     }
     // `t` is line-major (t[r][q]) when read along K, pair-major (t[q][r]) when read across.
     let transpose = across != b_tile;
-    let out: &mut [u32; TILE_LANES] = out.try_into().expect("one tile");
-    // SAFETY: AVX512F, as above.
-    unsafe { store_tile(&t, transpose, out) };
-}
-
-/// `out[i * 16 + j]` = `t[j][i]` when `transpose`, else `t[i][j]`: sixteen 512-bit rows, and
-/// for the transpose the usual 4-stage network (32-bit and 64-bit unpacks within 128-bit
-/// lanes, then two rounds of 128-bit lane shuffles; Intel Optimization Reference Manual,
-/// "matrix transposition"), 64 shuffles instead of 256 scalar moves.
-///
-/// # Safety
-/// The CPU supports AVX512F.
-#[target_feature(enable = "avx512f")]
-unsafe fn store_tile(t: &[[u32; TILE]; TILE], transpose: bool, out: &mut [u32; TILE_LANES]) {
-    // SAFETY: each row of t is 64 readable bytes.
-    let mut r: [__m512i; TILE] =
-        core::array::from_fn(|i| unsafe { _mm512_loadu_si512(t[i].as_ptr().cast()) });
-    if transpose {
-        let mut u = [_mm512_setzero_si512(); TILE];
-        for i in 0..8 {
-            u[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-            u[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    for (i, row) in out.chunks_exact_mut(TILE).enumerate() {
+        for (j, o) in row.iter_mut().enumerate() {
+            *o = if transpose { t[j][i] } else { t[i][j] };
         }
-        for i in 0..4 {
-            r[4 * i] = _mm512_unpacklo_epi64(u[4 * i], u[4 * i + 2]);
-            r[4 * i + 1] = _mm512_unpackhi_epi64(u[4 * i], u[4 * i + 2]);
-            r[4 * i + 2] = _mm512_unpacklo_epi64(u[4 * i + 1], u[4 * i + 3]);
-            r[4 * i + 3] = _mm512_unpackhi_epi64(u[4 * i + 1], u[4 * i + 3]);
-        }
-        for i in 0..2 {
-            for j in 0..4 {
-                let (lo, hi) = (r[8 * i + j], r[8 * i + 4 + j]);
-                u[8 * i + j] = _mm512_shuffle_i32x4::<0x88>(lo, hi);
-                u[8 * i + 4 + j] = _mm512_shuffle_i32x4::<0xDD>(lo, hi);
-            }
-        }
-        for j in 0..8 {
-            r[j] = _mm512_shuffle_i32x4::<0x88>(u[j], u[8 + j]);
-            r[8 + j] = _mm512_shuffle_i32x4::<0xDD>(u[j], u[8 + j]);
-        }
-    }
-    for (i, row) in r.iter().enumerate() {
-        // SAFETY: row i of the tile is 16 lanes inside `out`.
-        unsafe { _mm512_storeu_si512(out.as_mut_ptr().add(i * TILE).cast(), *row) };
     }
 }
 
@@ -464,10 +413,7 @@ fn rows_task(
         let a_packed = as_lanes(a_buf);
         pack_tiles(a, i0, k_tiles, false, a_packed);
         let mut block = Block([0.0; 4 * TILE_LANES]);
-        // Blocks wholly inside C whose epilogue stores the sums as they are go straight from
-        // the tiles to C.
-        let plain = epi.is_plain_store();
-        // SAFETY: `product_packed` asserted `tiles_usable`.
+        // SAFETY: `product` asserted `tiles_usable`.
         let tiles = unsafe { Tiles::configure() };
         for jt in (0..n_tiles).step_by(2) {
             let b_runs = [
@@ -479,118 +425,13 @@ fn rows_task(
                     a_packed[it * run..].as_ptr(),
                     a_packed[(it + 1) * run..].as_ptr(),
                 ];
-                let (i, j) = (i0 + it * TILE, jt * TILE);
-                let in_place = plain.then(|| c.block_in_place(i, j, 2 * TILE)).flatten();
-                let out = in_place.unwrap_or((block.0.as_mut_ptr(), 2 * TILE));
                 // SAFETY: tiles it, it + 1 < m_tiles and jt, jt + 1 < n_tiles each start a run
-                // of k_tiles >= 1 (K > 0 here) full tiles in the packed buffers; `out` is the
-                // 32 x 32 block buffer or a block of C inside C that this task alone owns
-                // (rows i0 .. i0 + MC).
-                unsafe { tiles.block(a_runs, b_runs, k_tiles, out) };
-                if in_place.is_none() {
-                    // SAFETY: the CPU has AVX512F (Isa::Amx requires AVX512-BF16); this task
-                    // alone owns rows i0 .. i0 + MC of C; the block holds 32 x 32 floats.
-                    unsafe { c.store(&block.0, 2 * TILE, (i, j), epi) };
-                }
+                // of k_tiles >= 1 (K > 0 here) full tiles in the packed buffers.
+                unsafe { tiles.block(a_runs, b_runs, k_tiles, &mut block) };
+                // SAFETY: the CPU has AVX512F (Isa::Amx requires AVX512-BF16); this task alone
+                // owns rows i0 .. i0 + MC of C; the block holds 32 x 32 floats.
+                unsafe { c.store(&block.0, 2 * TILE, (i0 + it * TILE, jt * TILE), epi) };
             }
         }
     });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::bf16::{Bf16, f32_to_bf16_slice};
-    use crate::gemm::{Bf16Mat, MatRef};
-    use proptest::prelude::*;
-
-    /// Values in [-1, 1) with some ties and zeros, deterministic in `seed`.
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as i32 - (1 << 23)) as f32 / (1 << 23) as f32
-            })
-            .collect()
-    }
-
-    /// x[l, k] of a rounded operand, masked.
-    fn rounded_value(op: &Operand, l: usize, k: usize) -> f32 {
-        let Operand::Rounded { x, mask } = op else {
-            unreachable!()
-        };
-        if mask.is_none_or(|m| m.get(l, k) > 0.0) {
-            x.get(l, k)
-        } else {
-            0.0
-        }
-    }
-
-    /// `pack_tile` (vector loads, rounding, the transpose network) against its scalar twin
-    /// `pack_pairs` on the portable path, for every orientation and contiguity, any mask, and
-    /// tiles hanging past the operand's lines and depth.
-    fn check(lines: usize, depth: usize, storage: u8, mask: bool, at: (usize, usize), seed: u64) {
-        let (ld, rows, cols) = (depth + 3, lines, depth);
-        let x = values(lines.max(depth) * ld, seed);
-        let m = values(lines.max(depth) * ld, seed ^ 9);
-        fn view(
-            d: &[f32],
-            transposed: bool,
-            (rows, cols, ld): (usize, usize, usize),
-        ) -> MatRef<'_> {
-            if transposed {
-                MatRef::with_row_stride(d, cols, rows, ld).t()
-            } else {
-                MatRef::with_row_stride(d, rows, cols, ld)
-            }
-        }
-        let shape = (rows, cols, ld);
-        let rounded = Operand::Rounded {
-            x: view(&x, storage == 1, shape),
-            mask: mask.then(|| view(&m, storage == 1, shape)),
-        };
-        let mut bits = vec![Bf16::default(); lines * depth];
-        let dense: Vec<f32> = (0..lines * depth)
-            .map(|e| rounded_value(&rounded, e / depth, e % depth))
-            .collect();
-        f32_to_bf16_slice(&dense, &mut bits, Isa::Portable);
-        let operands = [rounded, Operand::Bf16(Bf16Mat::new(&bits, lines, depth))];
-        for (o, op) in operands.iter().enumerate() {
-            for b_tile in [false, true] {
-                let (mut ours, mut twin) = ([7u32; TILE_LANES], [7u32; TILE_LANES]);
-                pack_tile(op, at.0, at.1, b_tile, &mut ours);
-                let layout = if b_tile { (1, TILE) } else { (TILE, 1) };
-                pack_pairs(
-                    op,
-                    (at.0, TILE),
-                    (at.1, TILE),
-                    layout,
-                    &mut twin,
-                    Isa::Portable,
-                );
-                assert_eq!(ours, twin, "operand {o}, B tile {b_tile}");
-            }
-        }
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(200))]
-
-        #[test]
-        fn pack_tile_matches_the_scalar_pairs(
-            lines in 1usize..=40,
-            depth in 1usize..=70,
-            storage in 0u8..2,
-            mask in any::<bool>(),
-            at in (prop::sample::select(vec![0usize, 16, 32]), prop::sample::select(vec![0usize, 16, 32])),
-            seed in any::<u64>(),
-        ) {
-            if Isa::Avx512Bf16.is_supported() {
-                check(lines, depth, storage, mask, at, seed);
-            }
-        }
-    }
 }

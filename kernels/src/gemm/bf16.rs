@@ -279,13 +279,6 @@ pub(super) struct Epilogue<'a> {
     pub relu: bool,
 }
 
-impl Epilogue<'_> {
-    /// Whether C = acc: nothing to scale, add or clamp.
-    pub fn is_plain_store(&self) -> bool {
-        self.alpha == 1.0 && self.beta == 0.0 && self.bias.is_none() && !self.relu
-    }
-}
-
 impl Default for Epilogue<'_> {
     fn default() -> Self {
         Epilogue {
@@ -529,14 +522,6 @@ impl SharedC {
             cols,
             rs,
         }
-    }
-
-    /// The address of C[i0, j0] and C's row stride, when the `size x size` block from there
-    /// lies wholly inside C.
-    pub fn block_in_place(&self, i0: usize, j0: usize, size: usize) -> Option<(*mut f32, usize)> {
-        let inside = i0 + size <= self.rows && j0 + size <= self.cols;
-        // The offset is inside C's data (MatMut's invariant) when the block is.
-        inside.then(|| (self.ptr.wrapping_add(i0 * self.rs + j0), self.rs))
     }
 
     /// Stores the tile `acc` (row r at `acc[r * acc_rs..]`) at C[i0.., j0..] with `epi`,
