@@ -158,6 +158,8 @@ def main():
                 else:
                     ref.append(run_reference(a.reference, batch, optimizer, a.threads, batches))
         ratios = [o / r for o, r in zip(ours, ref)]
+        pairs = ", ".join(f"{o:,.0f}/{r:,.0f} = {o / r:.2f}x" for o, r in zip(ours, ref))
+        print(f"pairs, batch {batch}, {optimizer}: {pairs}", file=sys.stderr, flush=True)
         print(f"| {batch} | {optimizer} | {statistics.median(ours):,.0f} "
               f"| {statistics.median(ref):,.0f} | {statistics.median(ratios):.2f}x |", flush=True)
 

@@ -371,23 +371,24 @@ impl Dlrm {
     }
 
     /// Cuts `b` rows into chunks of `rows` (the last may be shorter); returns their count.
-    /// Several chunks share one packing of each weight matrix, made here (f32 products only:
-    /// the bf16 products round while packing, in their own layout). So does a training step
-    /// of one chunk: its products then skip their own packing (a fork-join each when they run
-    /// on the pool), which is most of a small batch's fixed cost.
+    /// Several chunks share one packing of each weight matrix, made here (for bf16 products
+    /// rounded once, in their own layout). So does a training step of one chunk: its products
+    /// then skip their own packing (a fork-join each when they run on the pool), which is most
+    /// of a small batch's fixed cost.
     fn place_chunks(&mut self, b: usize, rows: usize, training: bool) -> usize {
         let n = b.div_ceil(rows);
         for (c, chunk) in self.chunks[..n].iter_mut().enumerate() {
             chunk.rows = c * rows..((c + 1) * rows).min(b);
         }
-        self.weights_packed = (n > 1 || training) && self.bottom.precision == GemmPrecision::F32;
+        self.weights_packed = n > 1 || training;
         if self.weights_packed {
             let (bottom, top) = (&self.bottom.layers, &self.top.layers);
             let (bottom_packed, top_packed) = (&mut self.bottom_packed, &mut self.top_packed);
+            let precision = self.bottom.precision;
             join(
                 self.par,
-                || pack_weights(bottom, bottom_packed, self.par),
-                || pack_weights(top, top_packed, self.par),
+                || pack_weights(bottom, bottom_packed, precision, self.par),
+                || pack_weights(top, top_packed, precision, self.par),
             );
         }
         n
@@ -542,16 +543,19 @@ fn join(par: Par, a: impl FnOnce() + Send, b: impl FnOnce() + Send) {
     }
 }
 
-/// Packs each layer's weights into its [`PackedWeights`], layers in parallel unless `par` is
-/// serial.
-fn pack_weights(layers: &[Linear], packed: &mut [PackedWeights], par: Par) {
+/// Packs each layer's weights into its [`PackedWeights`] for `precision`, layers in parallel
+/// unless `par` is serial.
+fn pack_weights(
+    layers: &[Linear],
+    packed: &mut [PackedWeights],
+    precision: GemmPrecision,
+    par: Par,
+) {
+    let pack = |(p, l): (&mut PackedWeights, &Linear)| p.pack_for(l, precision);
     if par == Par::Seq {
-        packed.iter_mut().zip(layers).for_each(|(p, l)| p.pack(l));
+        packed.iter_mut().zip(layers).for_each(pack);
     } else {
-        packed
-            .par_iter_mut()
-            .zip(layers)
-            .for_each(|(p, l)| p.pack(l));
+        packed.par_iter_mut().zip(layers).for_each(pack);
     }
 }
 

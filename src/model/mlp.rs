@@ -84,10 +84,16 @@ impl PackedWeights {
         vec![PackedWeights::default(); layers.len()]
     }
 
-    /// Packs `layer`'s current weights.
+    /// Packs `layer`'s current weights for f32 products.
     pub fn pack(&mut self, layer: &Linear) {
-        self.forward.pack(layer.weight_view().t());
-        self.backward_input.pack(layer.weight_view());
+        self.pack_for(layer, Precision::F32);
+    }
+
+    /// Packs `layer`'s current weights for the products of `precision` (f32 panels, or
+    /// rounded to bf16 in the BF16 product's pair layout).
+    pub fn pack_for(&mut self, layer: &Linear, precision: Precision) {
+        self.forward.pack_for(layer.weight_view().t(), precision);
+        self.backward_input.pack_for(layer.weight_view(), precision);
     }
 }
 

@@ -344,32 +344,58 @@ fn as_lanes(buf: &mut [f32]) -> &mut [u32] {
     unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u32>(), buf.len()) }
 }
 
+/// Lanes of B (N lines x K) packed as AMX tiles: N and K each padded to multiples of 32.
+pub(super) fn packed_b_len(k: usize, n: usize) -> usize {
+    n.div_ceil(2 * TILE) * 2 * k.div_ceil(2 * TILE) * TILE_LANES
+}
+
+/// B packed whole as runs of B tiles, one run of all K per 16 lines ([`packed_b_len`]
+/// lanes); runs in parallel when `parallel`.
+pub(super) fn pack_b(b: &Operand, out: &mut [u32], parallel: bool) {
+    let k_tiles = b.depth().div_ceil(2 * TILE);
+    let run = k_tiles * TILE_LANES;
+    debug_assert_eq!(out.len(), packed_b_len(b.depth(), b.lines()));
+    let pack_run = |(t, out): (usize, &mut [u32])| pack_tiles(b, t * TILE, k_tiles, true, out);
+    if parallel {
+        out.par_chunks_mut(run).enumerate().for_each(pack_run);
+    } else {
+        out.chunks_mut(run).enumerate().for_each(pack_run);
+    }
+}
+
 /// C = epilogue(A . B^T) on AMX tiles.
 pub(super) fn product(a: Operand, b: Operand, c: super::MatMut, epi: &Epilogue, par: Par) {
     let (m, k, n) = (a.lines(), a.depth(), b.lines());
+    let parallel = should_split(par, 2 * m * n * k, MIN_PARALLEL_FLOPS);
+    with_scratch(&PACK_B, packed_b_len(k, n), |b_buf| {
+        let b_packed = as_lanes(b_buf);
+        pack_b(&b, b_packed, parallel);
+        product_packed(a, b_packed, c, epi, par);
+    });
+}
+
+/// C = epilogue(A . B^T) on AMX tiles, B packed by [`pack_b`] (N = C's columns): threads
+/// split C into MC-row tasks.
+pub(super) fn product_packed(
+    a: Operand,
+    b_packed: &[u32],
+    c: super::MatMut,
+    epi: &Epilogue,
+    par: Par,
+) {
+    let (m, k, n) = (a.lines(), a.depth(), c.cols);
     assert!(tiles_usable(), "AMX kernels without the tile permission");
+    assert_eq!(b_packed.len(), packed_b_len(k, n), "packed B's shape");
     let k_tiles = k.div_ceil(2 * TILE);
-    let run = k_tiles * TILE_LANES;
-    let n_tiles = n.div_ceil(2 * TILE) * 2;
     let parallel = should_split(par, 2 * m * n * k, MIN_PARALLEL_FLOPS);
     let c = SharedC::new(c);
-    with_scratch(&PACK_B, n_tiles * run, |b_buf| {
-        let b_packed = as_lanes(b_buf);
-        let pack_b = |(t, out): (usize, &mut [u32])| pack_tiles(&b, t * TILE, k_tiles, true, out);
-        if parallel {
-            b_packed.par_chunks_mut(run).enumerate().for_each(pack_b);
-        } else {
-            b_packed.chunks_mut(run).enumerate().for_each(pack_b);
-        }
-        let b_packed = &b_packed[..];
-        let task = |t: usize| rows_task(&a, b_packed, (t * MC, k_tiles), c, epi);
-        let tasks = m.div_ceil(MC);
-        if parallel {
-            (0..tasks).into_par_iter().for_each(task);
-        } else {
-            (0..tasks).for_each(task);
-        }
-    });
+    let task = |t: usize| rows_task(&a, b_packed, (t * MC, k_tiles), c, epi);
+    let tasks = m.div_ceil(MC);
+    if parallel {
+        (0..tasks).into_par_iter().for_each(task);
+    } else {
+        (0..tasks).for_each(task);
+    }
 }
 
 /// Rows i0 .. i0 + MC of C: packs their A tiles, then every 32 x 32 block over all of K.

@@ -107,6 +107,45 @@ pub fn gemm_bf16(a: Bf16Mat, b: Bf16Mat, beta: f32, c: MatMut, isa: Isa, par: Pa
 ///
 /// Panics on mismatched shapes, or if the CPU does not support `isa`.
 pub fn gemm_rounded_bf16(a: MatRef, b: MatRef, c: MatMut, ops: &GemmOps, isa: Isa, par: Par) {
+    let (a, b_op, epi) = rounded_operands(a, b, &c, ops);
+    product(isa, a, b_op, c, &epi, par);
+}
+
+/// [`gemm_rounded_bf16`] with B read from `packed`, which must hold `b`'s values packed by
+/// [`PackedPairs::pack_with_isa`] for `isa`: the same bits, without packing B again. Panels
+/// packed for another ISA or shape (or none: the ISA has no BF16 product) fall back to
+/// [`gemm_rounded_bf16`] on `b`.
+pub fn gemm_rounded_bf16_prepacked(
+    a: MatRef,
+    b: MatRef,
+    packed: &PackedPairs,
+    c: MatMut,
+    ops: &GemmOps,
+    isa: Isa,
+    par: Par,
+) {
+    if !packed.fits(isa, &b) || a.rows == 0 {
+        return gemm_rounded_bf16(a, b, c, ops, isa, par);
+    }
+    isa.assert_supported();
+    let (a, _, epi) = rounded_operands(a, b, &c, ops);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Amx => super::amx::product_packed(a, &packed.lanes, c, &epi, par),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Bf16 => product_avx512_packed(a, &packed.lanes, c, &epi, par),
+        _ => unreachable!("PackedPairs holds panels only for the BF16 product paths"),
+    }
+}
+
+/// The operands (A's lines its rows, B's its columns) and epilogue of a rounded product;
+/// panics on mismatched shapes.
+fn rounded_operands<'a>(
+    a: MatRef<'a>,
+    b: MatRef<'a>,
+    c: &MatMut,
+    ops: &GemmOps<'a>,
+) -> (Operand<'a>, Operand<'a>, Epilogue<'a>) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "gemm: A is {m}x{k} but B is {}x{n}", b.rows);
     assert_eq!(
@@ -145,7 +184,68 @@ pub fn gemm_rounded_bf16(a: MatRef, b: MatRef, c: MatMut, ops: &GemmOps, isa: Is
         x: b.t(),
         mask: None,
     };
-    product(isa, a, b, c, &epi, par);
+    (a, b, epi)
+}
+
+/// A GEMM's B operand (K x N) rounded to bf16 and packed once in the pair layout that the
+/// BF16 product of one ISA reads: AMX tiles ([`super::amx`]) or AVX512-BF16 NR-column panels.
+/// Products that share B (a layer's weights, read by every row chunk of a batch) then skip
+/// its rounding and packing; the bits are those of packing it in each product. Reused across
+/// steps: repacking allocates only when B grows.
+#[derive(Clone, Debug, Default)]
+pub struct PackedPairs {
+    /// The path the lanes are laid out for; None when nothing is packed (empty B, K = 0, or
+    /// an ISA without a BF16 product, whose products round dense copies instead).
+    isa: Option<Isa>,
+    k: usize,
+    n: usize,
+    lanes: Vec<u32>,
+}
+
+impl PackedPairs {
+    pub fn new() -> PackedPairs {
+        PackedPairs::default()
+    }
+
+    /// Rounds and packs `b` (K x N, any strides) for [`gemm_rounded_bf16_prepacked`] on `isa`
+    /// (panics if the CPU lacks it).
+    pub fn pack_with_isa(&mut self, isa: Isa, b: MatRef) {
+        isa.assert_supported();
+        let (k, n) = (b.rows, b.cols);
+        let op = Operand::Rounded {
+            x: b.t(),
+            mask: None,
+        };
+        (self.k, self.n, self.isa) = (k, n, None);
+        if k == 0 || n == 0 {
+            return;
+        }
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => {
+                self.lanes.resize(super::amx::packed_b_len(k, n), 0);
+                super::amx::pack_b(&op, &mut self.lanes, false);
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Bf16 => {
+                self.lanes.resize(avx512_packed_b_len(k, n), 0);
+                pack_b_panels(&op, &mut self.lanes, false);
+            }
+            _ => return,
+        }
+        self.isa = Some(isa);
+    }
+
+    /// Marks the lanes stale (kept for the next packing).
+    pub(super) fn invalidate(&mut self) {
+        self.isa = None;
+    }
+
+    /// Whether these lanes are `b`'s shape packed for `isa` (the values are the caller's
+    /// promise).
+    fn fits(&self, isa: Isa, b: &MatRef) -> bool {
+        self.isa == Some(isa) && (self.k, self.n) == (b.rows, b.cols)
+    }
 }
 
 /// C = epilogue(A . B^T) with A (M lines) and B (N lines) of the same depth K.
@@ -486,39 +586,64 @@ unsafe fn store_row(acc: &[f32], c: &mut [f32], bias: Option<&[f32]>, epi: &Epil
     }
 }
 
-/// The AVX512-BF16 product: B packed whole into NR-column panels of pairs, threads split C
-/// into MC-row blocks, each packs its A panels per rank-KC update.
+/// Lanes of B (K x N) packed into NR-column panels of K pairs.
 #[cfg(target_arch = "x86_64")]
-fn product_avx512(a: Operand, b: Operand, c: MatMut, epi: &Epilogue, par: Par) {
-    let (m, k, n) = (a.lines(), a.depth(), b.lines());
-    let isa = Isa::Avx512Bf16;
-    let k_pairs = k.div_ceil(2);
-    let n_panels = n.div_ceil(BF16_NR);
-    let parallel = should_split(par, 2 * m * n * k, MIN_PARALLEL_FLOPS);
-    // B whole, panel by panel: panel j holds columns j*NR .. over all K pairs.
-    let mut b_packed = vec![0u32; n_panels * k_pairs * BF16_NR];
+fn avx512_packed_b_len(k: usize, n: usize) -> usize {
+    n.div_ceil(BF16_NR) * k.div_ceil(2) * BF16_NR
+}
+
+/// B whole, panel by panel: panel j holds columns j*NR .. over all K pairs; panels in
+/// parallel when `parallel`.
+#[cfg(target_arch = "x86_64")]
+fn pack_b_panels(b: &Operand, out: &mut [u32], parallel: bool) {
+    let k_pairs = b.depth().div_ceil(2);
+    debug_assert_eq!(out.len(), avx512_packed_b_len(b.depth(), b.lines()));
     let pack_b_panel = |(j, panel): (usize, &mut [u32])| {
         pack_pairs(
-            &b,
+            b,
             (j * BF16_NR, BF16_NR),
             (0, k_pairs),
             (1, BF16_NR),
             panel,
-            isa,
+            Isa::Avx512Bf16,
         )
     };
     if parallel {
-        b_packed
-            .par_chunks_mut(k_pairs * BF16_NR)
+        out.par_chunks_mut(k_pairs * BF16_NR)
             .enumerate()
             .for_each(pack_b_panel);
     } else {
-        b_packed
-            .chunks_mut(k_pairs * BF16_NR)
+        out.chunks_mut(k_pairs * BF16_NR)
             .enumerate()
             .for_each(pack_b_panel);
     }
-    let b_packed = &b_packed[..];
+}
+
+/// The AVX512-BF16 product: B packed whole into NR-column panels of pairs, then
+/// [`product_avx512_packed`].
+#[cfg(target_arch = "x86_64")]
+fn product_avx512(a: Operand, b: Operand, c: MatMut, epi: &Epilogue, par: Par) {
+    let (m, k, n) = (a.lines(), a.depth(), b.lines());
+    let parallel = should_split(par, 2 * m * n * k, MIN_PARALLEL_FLOPS);
+    let mut b_packed = vec![0u32; avx512_packed_b_len(k, n)];
+    pack_b_panels(&b, &mut b_packed, parallel);
+    product_avx512_packed(a, &b_packed, c, epi, par);
+}
+
+/// C = epilogue(A . B^T) with B packed by [`pack_b_panels`] (N = C's columns): threads split
+/// C into MC-row blocks, each packs its A panels per rank-KC update.
+#[cfg(target_arch = "x86_64")]
+fn product_avx512_packed(a: Operand, b_packed: &[u32], c: MatMut, epi: &Epilogue, par: Par) {
+    let (m, k, n) = (a.lines(), a.depth(), c.cols);
+    let isa = Isa::Avx512Bf16;
+    let k_pairs = k.div_ceil(2);
+    let n_panels = n.div_ceil(BF16_NR);
+    assert_eq!(
+        b_packed.len(),
+        avx512_packed_b_len(k, n),
+        "packed B's shape"
+    );
+    let parallel = should_split(par, 2 * m * n * k, MIN_PARALLEL_FLOPS);
     let c = SharedC::new(c);
     // One task: rows i0 .. i0 + MC of C.
     let rows_task = |t: usize| {

@@ -31,7 +31,7 @@ mod pack;
 mod prepacked;
 
 pub use crate::mat::{MatMut, MatRef};
-pub use bf16::{Bf16Mat, gemm_bf16, gemm_rounded_bf16};
+pub use bf16::{Bf16Mat, PackedPairs, gemm_bf16, gemm_rounded_bf16, gemm_rounded_bf16_prepacked};
 pub use blocking::{BlockSizes, CacheSizes};
 pub use linear::{
     bias_grad, bias_grad_with_isa, linear_backward_input, linear_backward_input_prepacked,

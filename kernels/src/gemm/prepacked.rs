@@ -3,9 +3,10 @@
 //! instead of once per chunk saves the repeated copies (Goto & van de Geijn 2008 pack B per
 //! kc x nc block; here all blocks are kept, in the order the tiled GEMM walks them).
 
+use super::bf16::{PackedPairs, gemm_rounded_bf16_prepacked};
 use super::{
-    BlockSizes, GemmOps, MatMut, MatRef, Path, check_operands, gemm_tiled, gemm_with_isa, pack,
-    path, tile_nr,
+    BlockSizes, GemmOps, MatMut, MatRef, Path, Precision, check_operands, gemm_tiled,
+    gemm_with_isa, pack, path, tile_nr,
 };
 use crate::isa::Isa;
 use crate::parallel::Par;
@@ -21,6 +22,8 @@ pub struct PackedB {
     rows: usize,
     cols: usize,
     panels: Vec<f32>,
+    /// B rounded to bf16 for the [`Precision::Bf16`] products.
+    pairs: PackedPairs,
 }
 
 impl PackedB {
@@ -38,6 +41,27 @@ impl PackedB {
         let bs = BlockSizes::for_isa(isa);
         dispatch!(isa, V => self.pack_blocks::<V>(&bs, b));
         (self.isa, self.rows, self.cols) = (Some(isa), b.rows(), b.cols());
+    }
+
+    /// Packs `b` for the [`gemm_prepacked`] products of `precision` on [`Isa::selected`]: f32
+    /// panels, or for [`Precision::Bf16`] its values rounded to bf16 in the pair layout of the
+    /// BF16 product ([`PackedPairs`]). Only that packing is current afterwards.
+    pub fn pack_for(&mut self, b: MatRef, precision: Precision) {
+        self.pack_for_with_isa(Isa::selected(), b, precision)
+    }
+
+    /// [`PackedB::pack_for`] on `isa` (panics if the CPU lacks it).
+    pub fn pack_for_with_isa(&mut self, isa: Isa, b: MatRef, precision: Precision) {
+        match precision {
+            Precision::F32 => {
+                self.pairs.invalidate();
+                self.pack_with_isa(isa, b)
+            }
+            Precision::Bf16 => {
+                self.isa = None;
+                self.pairs.pack_with_isa(isa, b)
+            }
+        }
     }
 
     fn pack_blocks<V: SimdVec>(&mut self, bs: &BlockSizes, b: MatRef) {
@@ -63,9 +87,10 @@ impl PackedB {
 }
 
 /// C = epilogue(A . B) as [`super::gemm`] computes it (the same bits), with B read from
-/// `packed`, which must hold `b`'s values packed by [`PackedB::pack`]. Products that do not run
-/// on the tiled GEMM (bf16 operands, dot products, split K) or panels packed for another shape
-/// or ISA fall back to [`super::gemm`] on `b`.
+/// `packed`, which must hold `b`'s values packed by [`PackedB::pack`] (or [`PackedB::pack_for`]
+/// the product's precision). Products that do not run on the tiled GEMM or the BF16 product
+/// (dot products, split K) or panels packed for another shape, precision or ISA fall back to
+/// [`super::gemm`] on `b`.
 pub fn gemm_prepacked(a: MatRef, b: MatRef, packed: &PackedB, c: MatMut, ops: &GemmOps, par: Par) {
     gemm_prepacked_with_isa(Isa::selected(), a, b, packed, c, ops, par)
 }
@@ -80,6 +105,9 @@ pub fn gemm_prepacked_with_isa(
     ops: &GemmOps,
     par: Par,
 ) {
+    if ops.precision == Precision::Bf16 {
+        return gemm_rounded_bf16_prepacked(a, b, &packed.pairs, c, ops, isa, par);
+    }
     let tiled = path(a, b, ops) == Path::Tiled;
     if !tiled || !packed.fits(isa, &b) || a.rows() == 0 || b.cols() == 0 || b.rows() == 0 {
         return gemm_with_isa(isa, a, b, c, ops, par);
