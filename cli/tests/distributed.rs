@@ -106,6 +106,13 @@ mod mpi {
                 for m in METRICS {
                     assert_eq!(single[m], sharded[m], "{optimizer} on {n} ranks: {m}");
                 }
+                // The same interval's mean loss (its ranks' sums are added in another order).
+                let loss = |r: &serde_json::Value| r["train_loss"].as_f64().unwrap();
+                let (a, b) = (loss(&single), loss(&sharded));
+                assert!(
+                    (a - b).abs() <= 1e-6 * a.abs(),
+                    "{optimizer} on {n} ranks: train_loss {b} against {a}"
+                );
             }
         }
     }

@@ -119,7 +119,8 @@ pub fn train_sharded(
         run.save(&state)?;
     }
     let step_seconds = run.steps_start.elapsed().as_secs_f64() - run.save_seconds;
-    let (timer, train_loss) = (run.timer, run.train_loss);
+    let train_loss = run.final_loss();
+    let timer = run.timer;
     // The training steps' collectives, before the evaluation adds its forward exchanges.
     let train_comm = model.comm_stats();
     observer.finished();
@@ -159,6 +160,7 @@ struct Steps<'a> {
     interval_loss: f64,
     interval_steps: u64,
     interval_start: Instant,
+    /// The mean loss of the last closed interval.
     train_loss: f64,
     steps_start: Instant,
     /// Seconds spent saving checkpoints (left out of the throughput).
@@ -204,7 +206,6 @@ impl<'a> Steps<'a> {
             .with_context(|| format!("training samples {first}..{}", first + b as u64))?;
         self.interval_loss += loss;
         self.interval_steps += 1;
-        self.train_loss = loss;
         Ok(())
     }
 
@@ -221,11 +222,12 @@ impl<'a> Steps<'a> {
         if print_freq > 0 && step.is_multiple_of(print_freq) {
             let secs = self.interval_start.elapsed().as_secs_f64();
             let n = self.interval_steps;
+            self.train_loss = self.interval_loss / n as f64;
             self.observer.interval(&IntervalReport {
                 step,
                 total_steps,
                 epoch,
-                loss: self.interval_loss / n as f64,
+                loss: self.train_loss,
                 ms_per_step: 1e3 * secs / n as f64,
                 lr: self.opts.lr.at(step - 1),
                 samples_per_sec: (n * self.opts.batch_size as u64) as f64 / secs,
@@ -234,6 +236,15 @@ impl<'a> Steps<'a> {
             self.interval_start = Instant::now();
         }
         Ok(())
+    }
+
+    /// The mean loss of the last interval (the open one if it has steps), as the
+    /// single-process report gives it.
+    fn final_loss(&self) -> f64 {
+        match self.interval_steps {
+            0 => self.train_loss,
+            n => self.interval_loss / n as f64,
+        }
     }
 
     /// Saves this rank's share of a checkpoint at `state`, if the options ask for checkpoints.
