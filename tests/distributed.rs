@@ -5,71 +5,36 @@
 //! 1e-5; predictions over a held-out set equal the single-process ones. The same tests over
 //! MPI are in cli/tests/distributed.rs.
 
-use dlrm::config::Preset;
+mod common;
+
+use common::ranks::{Tensors, table_costs, teacher_data, tensors, tiny_preset_arch};
 use dlrm::data::Batch;
-use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
+use dlrm::data::synthetic::SyntheticSource;
 use dlrm::distributed::{
     Collectives, LocalGroup, Placement, PlanError, PlanOptions, ShardPlan, TableCost,
 };
-use dlrm::model::architecture::{Architecture, InteractionOp};
+use dlrm::model::architecture::Architecture;
 use dlrm::model::dlrm::{DenseReduction, Dlrm, ShardedDlrm};
-use dlrm::model::parameters::{Parameters, TableSource};
+use dlrm::model::parameters::TableSource;
 use dlrm::model::{Model, OptimizerKind, PhaseTimer};
 use dlrm::storage::StorageKind;
 use dlrm::train::DataSource;
-use std::collections::BTreeMap;
 
 const SEED: u64 = 5;
 const LR: f32 = 0.05;
 
 fn arch() -> Architecture {
-    let p = Preset::Tiny.values();
-    Architecture::new(
-        16,
-        p.table_sizes,
-        p.bottom.to_vec(),
-        p.top.to_vec(),
-        InteractionOp::Dot,
-        false,
-    )
-    .unwrap()
+    tiny_preset_arch()
 }
 
 fn data(arch: &Architecture) -> SyntheticSource {
-    let data = SyntheticData::new(SyntheticConfig {
-        num_dense: arch.num_dense(),
-        table_sizes: arch.table_sizes.clone(),
-        generation: Generation::Teacher,
-        zipf_alpha: 1.05,
-        num_indices_per_lookup: 2,
-        fixed_bag_size: false,
-        seed: 11,
-    });
-    SyntheticSource::new(data, 16_384, 1_000)
-}
-
-/// Every named tensor's values (weights and optimizer state).
-type Tensors = BTreeMap<String, Vec<f32>>;
-
-fn tensors(model: &dyn Parameters) -> Tensors {
-    let mut out = Tensors::new();
-    model.parameters(&mut |(name, _, tensor)| {
-        out.insert(format!("{name} state"), tensor.state.to_vec());
-        out.insert(name, tensor.values().to_vec());
-    });
-    out
+    teacher_data(arch, 2, 11)
 }
 
 /// The plan of `arch`'s tables on `ranks`; `replicate_tiny`: the tables under 2,048 rows
 /// (6 of the tiny preset's 8) on every rank.
 fn plan(arch: &Architecture, ranks: usize, replicate_tiny: bool) -> ShardPlan {
-    let tables: Vec<TableCost> = (arch.table_sizes.iter())
-        .map(|&rows| TableCost {
-            rows,
-            bytes: (rows * arch.embedding_dim * 4) as u64,
-            lookup_bytes: 2 * arch.embedding_dim as u64 * 4,
-        })
-        .collect();
+    let tables = table_costs(arch, OptimizerKind::Sgd);
     let options = PlanOptions {
         budget: None,
         replicate_tiny,

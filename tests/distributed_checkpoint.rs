@@ -11,13 +11,15 @@
 //!
 //! The same over MPI, with a rank crashing mid-save, is in cli/tests/distributed_checkpoint.rs.
 
+mod common;
+
+use common::ranks::{table_costs, teacher_data, tiny_preset_arch};
 use dlrm::cancel::Cancel;
 use dlrm::checkpoint::{self, LoadOptions, TrainState};
-use dlrm::config::Preset;
-use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
-use dlrm::distributed::{Collectives, LocalGroup, PlanOptions, ShardPlan, TableCost};
+use dlrm::data::synthetic::SyntheticSource;
+use dlrm::distributed::{Collectives, LocalGroup, PlanOptions, ShardPlan};
 use dlrm::model::OptimizerKind;
-use dlrm::model::architecture::{Architecture, InteractionOp};
+use dlrm::model::architecture::Architecture;
 use dlrm::model::dlrm::{DenseReduction, Dlrm, ShardedDlrm};
 use dlrm::model::parameters::{Parameters, TableSource};
 use dlrm::storage::StorageKind;
@@ -31,30 +33,11 @@ const SEED: u64 = 5;
 const OPTIMIZER: OptimizerKind = OptimizerKind::Adagrad;
 
 fn arch() -> Architecture {
-    let p = Preset::Tiny.values();
-    Architecture::new(
-        16,
-        p.table_sizes,
-        p.bottom.to_vec(),
-        p.top.to_vec(),
-        InteractionOp::Dot,
-        false,
-    )
-    .unwrap()
+    tiny_preset_arch()
 }
 
 fn data() -> SyntheticSource {
-    let arch = arch();
-    let data = SyntheticData::new(SyntheticConfig {
-        num_dense: arch.num_dense(),
-        table_sizes: arch.table_sizes.clone(),
-        generation: Generation::Teacher,
-        zipf_alpha: 1.05,
-        num_indices_per_lookup: 2,
-        fixed_bag_size: false,
-        seed: 11,
-    });
-    SyntheticSource::new(data, 16_384, 1_000)
+    teacher_data(&arch(), 2, 11)
 }
 
 /// Two epochs of 3 steps of `batch` samples; checkpoints every 2 steps into `save` (all kept).
@@ -91,14 +74,7 @@ fn tensors(model: &dyn Parameters) -> Tensors {
 
 /// The plan of the tiny preset's tables on `ranks`, the small ones replicated.
 fn plan(ranks: usize) -> ShardPlan {
-    let arch = arch();
-    let tables: Vec<TableCost> = (arch.table_sizes.iter())
-        .map(|&rows| TableCost {
-            rows,
-            bytes: (rows * arch.embedding_dim * 8) as u64,
-            lookup_bytes: 2 * arch.embedding_dim as u64 * 4,
-        })
-        .collect();
+    let tables = table_costs(&arch(), OPTIMIZER);
     let options = PlanOptions {
         budget: None,
         replicate_tiny: true,
@@ -293,13 +269,7 @@ fn a_save_failing_on_one_rank_leaves_latest_on_the_previous_version() {
 #[test]
 fn row_wise_shards_are_refused_by_save_and_load_naming_the_split_table() {
     let arch = arch();
-    let tables: Vec<TableCost> = (arch.table_sizes.iter())
-        .map(|&rows| TableCost {
-            rows,
-            bytes: (rows * arch.embedding_dim * 8) as u64,
-            lookup_bytes: 2 * arch.embedding_dim as u64 * 4,
-        })
-        .collect();
+    let tables = table_costs(&arch, OPTIMIZER);
     let rows = ShardPlan::row_wise(&tables, 1, PlanOptions::default()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (anon, reduction) = (&StorageKind::Anon, DenseReduction::Ordered);

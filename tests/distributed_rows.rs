@@ -6,19 +6,20 @@
 //! even as the budget allows, and a table that fits nowhere even split is refused. The run
 //! over MPI is in cli/tests/distributed_rows.rs.
 
-use dlrm::config::Preset;
+mod common;
+
+use common::ranks::{Tensors, table_costs, teacher_data, tensors, tiny_arch};
 use dlrm::data::Batch;
-use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
+use dlrm::data::synthetic::SyntheticSource;
 use dlrm::distributed::{
     Collectives, LocalGroup, Placement, PlanError, PlanOptions, ShardPlan, TableCost,
 };
-use dlrm::model::architecture::{Architecture, InteractionOp};
+use dlrm::model::architecture::Architecture;
 use dlrm::model::dlrm::{DenseReduction, Dlrm, ShardedDlrm};
-use dlrm::model::parameters::{Parameters, TableSource};
+use dlrm::model::parameters::TableSource;
 use dlrm::model::{Model, OptimizerKind, PhaseTimer};
 use dlrm::storage::StorageKind;
 use dlrm::train::DataSource;
-use std::collections::BTreeMap;
 
 const SEED: u64 = 7;
 const LR: f32 = 0.05;
@@ -33,55 +34,16 @@ fn batch_for(ranks: usize) -> usize {
 /// The tiny preset's network over tables of 3 to 5,000 rows (3 rows leave a rank of 4 an
 /// empty range).
 fn arch() -> Architecture {
-    let p = Preset::Tiny.values();
-    let tables = vec![100, 400, 1000, 2000, 5000, 50, 3, 3000];
-    Architecture::new(
-        16,
-        tables,
-        p.bottom.to_vec(),
-        p.top.to_vec(),
-        InteractionOp::Dot,
-        false,
-    )
-    .unwrap()
+    tiny_arch(vec![100, 400, 1000, 2000, 5000, 50, 3, 3000])
 }
 
 /// Bags of 1 to 3 ids.
 fn data(arch: &Architecture) -> SyntheticSource {
-    let data = SyntheticData::new(SyntheticConfig {
-        num_dense: arch.num_dense(),
-        table_sizes: arch.table_sizes.clone(),
-        generation: Generation::Teacher,
-        zipf_alpha: 1.05,
-        num_indices_per_lookup: 3,
-        fixed_bag_size: false,
-        seed: 13,
-    });
-    SyntheticSource::new(data, 16_384, 1_000)
-}
-
-/// Every named tensor's values (weights and optimizer state).
-type Tensors = BTreeMap<String, Vec<f32>>;
-
-fn tensors(model: &dyn Parameters) -> Tensors {
-    let mut out = Tensors::new();
-    model.parameters(&mut |(name, _, tensor)| {
-        out.insert(format!("{name} state"), tensor.state.to_vec());
-        out.insert(name, tensor.values().to_vec());
-    });
-    out
+    teacher_data(arch, 3, 13)
 }
 
 fn costs_of(arch: &Architecture, optimizer: OptimizerKind) -> Vec<TableCost> {
-    let d = arch.embedding_dim;
-    let width = optimizer.sparse(0.0).state_width(d);
-    (arch.table_sizes.iter())
-        .map(|&rows| TableCost {
-            rows,
-            bytes: (rows * (d + width) * 4) as u64,
-            lookup_bytes: 2 * d as u64 * 4,
-        })
-        .collect()
+    table_costs(arch, optimizer)
 }
 
 fn single(optimizer: OptimizerKind, batch: usize) -> (Tensors, Vec<f32>) {

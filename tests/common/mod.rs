@@ -3,4 +3,5 @@
 
 pub mod alloc;
 pub mod fixtures;
+pub mod ranks;
 pub mod threads;
