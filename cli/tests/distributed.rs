@@ -22,39 +22,18 @@ fn without_the_feature_a_distributed_run_says_how_to_build_one() {
 }
 
 #[cfg(feature = "mpi")]
+mod support;
+
+#[cfg(feature = "mpi")]
 mod mpi {
     use std::path::Path;
-    use std::process::{Command, Output};
+    use std::process::Output;
 
-    fn mpirun_found() -> bool {
-        let found = Command::new("mpirun").arg("--version").output().is_ok();
-        if !found {
-            eprintln!("mpirun is not on PATH: skipping the MPI tests");
-        }
-        found
-    }
+    use super::support::mpi::{dlrm_train, mpirun_found};
 
     /// `dlrm train` (synthetic data on the tiny preset unless --criteo), on `ranks` MPI ranks (None: one plain process).
     fn train(ranks: Option<usize>, args: &[&str], report: &Path) -> Output {
-        let dlrm = env!("CARGO_BIN_EXE_dlrm");
-        let mut cmd = match ranks {
-            Some(n) => {
-                let mut c = Command::new("mpirun");
-                c.args([
-                    "--oversubscribe",
-                    "--allow-run-as-root",
-                    "-np",
-                    &n.to_string(),
-                ])
-                .args([dlrm, "train", "--distributed"]);
-                c
-            }
-            None => {
-                let mut c = Command::new(dlrm);
-                c.arg("train");
-                c
-            }
-        };
+        let mut cmd = dlrm_train(ranks, &[]);
         if !args.contains(&"--criteo") {
             cmd.args(["--preset", "tiny", "--data-size", "6144"])
                 .args(["--test-data-size", "2000"]);

@@ -7,40 +7,25 @@
 //! tests/distributed_checkpoint.rs checks every parameter on ranks run as threads.
 
 #[cfg(feature = "mpi")]
+mod support;
+
+#[cfg(feature = "mpi")]
 mod mpi {
     use std::path::{Path, PathBuf};
     use std::process::{Command, Output};
 
-    fn mpirun_found() -> bool {
-        let found = Command::new("mpirun").arg("--version").output().is_ok();
-        if !found {
-            eprintln!("mpirun is not on PATH: skipping the MPI checkpoint tests");
-        }
-        found
-    }
+    use super::support::mpi::{dlrm_train, mpirun_found};
 
     const DLRM: &str = env!("CARGO_BIN_EXE_dlrm");
 
     /// `dlrm train` on the tiny preset's synthetic data (8 steps of 768 samples, Adagrad), on
     /// `ranks` MPI ranks (None: one plain process), with `env` set on every rank.
     fn train(ranks: Option<usize>, args: &[&str], env: Option<(&str, &str)>) -> Output {
-        let mut cmd = match ranks {
-            Some(n) => {
-                let mut c = Command::new("mpirun");
-                c.args(["--oversubscribe", "--allow-run-as-root"])
-                    .args(["-np", &n.to_string()]);
-                if let Some((name, _)) = env {
-                    c.args(["-x", name]);
-                }
-                c.args([DLRM, "train", "--distributed", "--deterministic"]);
-                c
-            }
-            None => {
-                let mut c = Command::new(DLRM);
-                c.arg("train");
-                c
-            }
-        };
+        let forward: Vec<&str> = env.iter().map(|(name, _)| *name).collect();
+        let mut cmd = dlrm_train(ranks, &forward);
+        if ranks.is_some() {
+            cmd.arg("--deterministic");
+        }
         cmd.args(["--preset", "tiny", "--data-size", "6144"])
             .args(["--test-data-size", "1000", "--mini-batch-size", "768"])
             .args(["--optimizer", "adagrad", "--threads", "1", "--seed", "3"])

@@ -7,39 +7,17 @@
 
 #![cfg(feature = "mpi")]
 
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn mpirun_found() -> bool {
-    let found = Command::new("mpirun").arg("--version").output().is_ok();
-    if !found {
-        eprintln!("mpirun is not on PATH: skipping the MPI tests");
-    }
-    found
-}
+mod support;
+
+use support::mpi::{dlrm_train, mpirun_found};
 
 /// `dlrm train` (unless --criteo, on synthetic data of the tiny preset: tables of 10 to 5,000
 /// rows, d = 16, bags of 1 to 3 ids), on `ranks` MPI ranks (None: one plain process), writing
 /// its report into `dir`.
 fn train(ranks: Option<usize>, args: &[&str], dir: &std::path::Path) -> Output {
-    let dlrm = env!("CARGO_BIN_EXE_dlrm");
-    let mut cmd = match ranks {
-        Some(n) => {
-            let mut c = Command::new("mpirun");
-            c.args([
-                "--oversubscribe",
-                "--allow-run-as-root",
-                "-np",
-                &n.to_string(),
-            ])
-            .args([dlrm, "train", "--distributed"]);
-            c
-        }
-        None => {
-            let mut c = Command::new(dlrm);
-            c.arg("train");
-            c
-        }
-    };
+    let mut cmd = dlrm_train(ranks, &[]);
     if !args.contains(&"--criteo") {
         cmd.args(["--preset", "tiny", "--data-size", "6144"]).args([
             "--test-data-size",

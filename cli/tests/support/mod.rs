@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod dataset;
+pub mod mpi;
 pub mod serve;
 
 use std::path::{Path, PathBuf};
