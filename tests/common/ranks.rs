@@ -1,8 +1,8 @@
 //! What the distributed tests share: the tiny preset's network over given tables, teacher data
 //! for it, the costs a sharding plan weighs, and every tensor of a model.
 
-use dlrm::config::Preset;
-use dlrm::data::synthetic::{Generation, SyntheticConfig, SyntheticData, SyntheticSource};
+use super::threads::{self, teacher_rows, tiny_network};
+use dlrm::data::synthetic::SyntheticSource;
 use dlrm::distributed::TableCost;
 use dlrm::model::OptimizerKind;
 use dlrm::model::architecture::{Architecture, InteractionOp};
@@ -11,35 +11,17 @@ use std::collections::BTreeMap;
 
 /// The tiny preset's MLPs and dimension 16 over tables of `tables` rows.
 pub fn tiny_arch(tables: Vec<usize>) -> Architecture {
-    let p = Preset::Tiny.values();
-    Architecture::new(
-        16,
-        tables,
-        p.bottom.to_vec(),
-        p.top.to_vec(),
-        InteractionOp::Dot,
-        false,
-    )
-    .unwrap()
+    tiny_network(tables, InteractionOp::Dot)
 }
 
 /// The tiny preset's network.
 pub fn tiny_preset_arch() -> Architecture {
-    tiny_arch(Preset::Tiny.values().table_sizes)
+    threads::tiny_arch(InteractionOp::Dot)
 }
 
 /// 16,384 training and 1,000 held-out teacher rows for `arch`, bags of 1 to `ids_per_lookup`.
 pub fn teacher_data(arch: &Architecture, ids_per_lookup: usize, seed: u64) -> SyntheticSource {
-    let data = SyntheticData::new(SyntheticConfig {
-        num_dense: arch.num_dense(),
-        table_sizes: arch.table_sizes.clone(),
-        generation: Generation::Teacher,
-        zipf_alpha: 1.05,
-        num_indices_per_lookup: ids_per_lookup,
-        fixed_bag_size: false,
-        seed,
-    });
-    SyntheticSource::new(data, 16_384, 1_000)
+    teacher_rows(arch, ids_per_lookup, seed, 16_384, 1_000)
 }
 
 /// Each table's weights and `optimizer` state in bytes, and two lookups a sample.

@@ -13,10 +13,15 @@ use dlrm::train::DataSource;
 
 /// The tiny preset's network with 16-wide embeddings.
 pub fn tiny_arch(interaction: InteractionOp) -> Architecture {
+    tiny_network(Preset::Tiny.values().table_sizes, interaction)
+}
+
+/// The tiny preset's MLPs with 16-wide embeddings over tables of `tables` rows.
+pub fn tiny_network(tables: Vec<usize>, interaction: InteractionOp) -> Architecture {
     let p = Preset::Tiny.values();
     Architecture::new(
         16,
-        p.table_sizes,
+        tables,
         p.bottom.to_vec(),
         p.top.to_vec(),
         interaction,
@@ -32,6 +37,17 @@ pub fn teacher(
     seed: u64,
     train_rows: u64,
 ) -> SyntheticSource {
+    teacher_rows(arch, ids_per_lookup, seed, train_rows, 512)
+}
+
+/// `train_rows` and `test_rows` teacher-labelled rows with bags of up to `ids_per_lookup` ids.
+pub fn teacher_rows(
+    arch: &Architecture,
+    ids_per_lookup: usize,
+    seed: u64,
+    train_rows: u64,
+    test_rows: u64,
+) -> SyntheticSource {
     let data = SyntheticData::new(SyntheticConfig {
         num_dense: arch.num_dense(),
         table_sizes: arch.table_sizes.clone(),
@@ -41,7 +57,7 @@ pub fn teacher(
         fixed_bag_size: false,
         seed,
     });
-    SyntheticSource::new(data, train_rows, 512)
+    SyntheticSource::new(data, train_rows, test_rows)
 }
 
 /// A DLRM over anonymous memory with parallelism `par` and room for batches of `max_batch`.
