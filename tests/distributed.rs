@@ -7,16 +7,16 @@
 
 mod common;
 
-use common::ranks::{Tensors, table_costs, teacher_data, tensors, tiny_preset_arch};
+use common::ranks::{SingleRun, Tensors, table_costs, teacher_data, tensors, tiny_preset_arch};
 use dlrm::data::Batch;
 use dlrm::data::synthetic::SyntheticSource;
 use dlrm::distributed::{
     Collectives, LocalGroup, Placement, PlanError, PlanOptions, ShardPlan, TableCost,
 };
 use dlrm::model::architecture::Architecture;
-use dlrm::model::dlrm::{DenseReduction, Dlrm, ShardedDlrm};
+use dlrm::model::dlrm::{DenseReduction, ShardedDlrm};
 use dlrm::model::parameters::TableSource;
-use dlrm::model::{Model, OptimizerKind, PhaseTimer};
+use dlrm::model::{OptimizerKind, PhaseTimer};
 use dlrm::storage::StorageKind;
 use dlrm::train::DataSource;
 
@@ -42,24 +42,17 @@ fn plan(arch: &Architecture, ranks: usize, replicate_tiny: bool) -> ShardPlan {
     ShardPlan::table_wise(&tables, ranks, options).unwrap()
 }
 
-/// One process: the parameters after `steps` steps of `batch` samples, and the predictions
-/// for the held-out set.
+/// One process on the same data and seed.
 fn single(optimizer: OptimizerKind, batch: usize, steps: usize) -> (Tensors, Vec<f32>) {
-    let (arch, data) = (arch(), data(&arch()));
-    let mut m = Dlrm::new(arch, optimizer, &StorageKind::Anon, SEED).unwrap();
-    Model::reserve(&mut m, batch);
-    let mut b = Batch::default();
-    for s in 0..steps {
-        data.fill_train(((s * batch) % 15_360) as u64, batch, &mut b)
-            .unwrap();
-        m.train_step(&b.view(), LR, &mut PhaseTimer::default())
-            .unwrap();
+    let arch = arch();
+    let data = data(&arch);
+    SingleRun {
+        arch,
+        data: &data,
+        seed: SEED,
+        learning_rate: LR,
     }
-    data.fill_test(0, 1_000, &mut b).unwrap();
-    m.reserve_inference(1_000);
-    let mut probs = Vec::new();
-    m.predict(&b.view(), &mut probs).unwrap();
-    (tensors(&m), probs)
+    .train(optimizer, batch, steps)
 }
 
 /// N ranks as threads: every rank's tensors merged (dense ones must agree across ranks) and

@@ -2,11 +2,15 @@
 //! for it, the costs a sharding plan weighs, and every tensor of a model.
 
 use super::threads::{self, teacher_rows, tiny_network};
+use dlrm::data::Batch;
 use dlrm::data::synthetic::SyntheticSource;
 use dlrm::distributed::TableCost;
-use dlrm::model::OptimizerKind;
 use dlrm::model::architecture::{Architecture, InteractionOp};
+use dlrm::model::dlrm::Dlrm;
 use dlrm::model::parameters::Parameters;
+use dlrm::model::{Model, OptimizerKind, PhaseTimer};
+use dlrm::storage::StorageKind;
+use dlrm::train::DataSource;
 use std::collections::BTreeMap;
 
 /// The tiny preset's MLPs and dimension 16 over tables of `tables` rows.
@@ -35,6 +39,42 @@ pub fn table_costs(arch: &Architecture, optimizer: OptimizerKind) -> Vec<TableCo
             lookup_bytes: 2 * d as u64 * 4,
         })
         .collect()
+}
+
+/// How the one-process run the ranks are compared with is set up.
+pub struct SingleRun<'a> {
+    pub arch: Architecture,
+    pub data: &'a SyntheticSource,
+    pub seed: u64,
+    pub learning_rate: f32,
+}
+
+impl SingleRun<'_> {
+    /// One process: the parameters after `steps` steps of `batch` samples (the training rows
+    /// taken in order, from the start again past 15,360), and the predictions for the first
+    /// 1,000 held-out rows.
+    pub fn train(
+        &self,
+        optimizer: OptimizerKind,
+        batch: usize,
+        steps: usize,
+    ) -> (Tensors, Vec<f32>) {
+        let kind = StorageKind::Anon;
+        let mut m = Dlrm::new(self.arch.clone(), optimizer, &kind, self.seed).unwrap();
+        Model::reserve(&mut m, batch);
+        let mut b = Batch::default();
+        for s in 0..steps {
+            let first = ((s * batch) % 15_360) as u64;
+            self.data.fill_train(first, batch, &mut b).unwrap();
+            m.train_step(&b.view(), self.learning_rate, &mut PhaseTimer::default())
+                .unwrap();
+        }
+        self.data.fill_test(0, 1_000, &mut b).unwrap();
+        m.reserve_inference(1_000);
+        let mut probs = Vec::new();
+        m.predict(&b.view(), &mut probs).unwrap();
+        (tensors(&m), probs)
+    }
 }
 
 /// Every named tensor's values (weights and optimizer state).
