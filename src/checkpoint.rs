@@ -50,7 +50,7 @@ use crate::model::{
 use crate::names::{Field, FieldError};
 use crate::rng::derive_key;
 use crate::schedule::LrSchedule;
-use crate::storage::{StorageKind, map_read_only, state_file_name, table_file_name};
+use crate::storage::{RowSpan, StorageKind, map_read_only, state_file_name, table_file_name};
 use anyhow::{Context, Result, bail, ensure};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Serialize};
@@ -348,7 +348,7 @@ pub fn save(
         comm: &LocalRank::single(),
         tensors: model,
         described: model,
-        writes_table: &|_| true,
+        writes_table: &|_| Some(TablePart::Whole),
         sharding: None,
     };
     save_share(dir, &share, state, dataset_files, keep, cancel)
@@ -370,6 +370,10 @@ pub struct Sharding {
 ///
 /// - each rank writes the table files of the tables it owns, rank 0 also those of the
 ///   replicated tables, `dense.safetensors`, the dataset files and `meta.json` (with the plan);
+/// - a table split row-wise is one file too (one for its state): each range's owner writes
+///   the same header and its rows at their offset, all at once (the file is created and
+///   sized by whoever comes first, never truncated), so the file is the one a single process
+///   writes once every owner has synced;
 /// - each rank fsyncs what it wrote, and the ranks agree (a gather of every rank's outcome,
 ///   which no rank passes before all have arrived) that every part is durable;
 /// - only then does rank 0 rename the folder into place and replace `LATEST`.
@@ -390,14 +394,15 @@ pub fn save_sharded(
     cancel: &Cancel,
 ) -> Result<PathBuf> {
     let (plan, rank) = (model.plan(), comm.rank());
-    // A version holds whole tables; a row-wise shard's rows would need writing at their offset.
-    if let Some(t) = (plan.placement.iter()).position(|p| matches!(p, Placement::Rows(_))) {
-        bail!("table {t} is split row-wise: checkpoints of row-wise shards are not supported");
-    }
-    let writes_table = |t: usize| match plan.placement[t] {
-        Placement::Owner(owner) => owner == rank,
-        Placement::Replicated => rank == 0,
-        Placement::Rows(_) => unreachable!("refused above"),
+    let writes_table = |t: usize| match &plan.placement[t] {
+        Placement::Owner(owner) => (*owner == rank).then_some(TablePart::Whole),
+        Placement::Replicated => (rank == 0).then_some(TablePart::Whole),
+        // Every range's owner writes its rows into the one file (a rank with an empty range
+        // holds no shard of the table and writes nothing).
+        Placement::Rows(bounds) => Some(TablePart::Rows(RowSpan {
+            first: bounds[rank],
+            total: bounds[bounds.len() - 1],
+        })),
     };
     let share = Share {
         comm,
@@ -412,6 +417,16 @@ pub fn save_sharded(
     save_share(dir, &share, state, dataset_files, keep, cancel)
 }
 
+/// What a process writes of a table it holds.
+#[derive(Clone, Copy, Debug)]
+enum TablePart {
+    /// The whole table's files.
+    Whole,
+    /// Its row-wise shard, at its rows' offset in the whole table's files, which the owners of
+    /// the other ranges write at the same time ([`crate::storage::MatrixFile::write_rows_to_dir`]).
+    Rows(RowSpan),
+}
+
 /// One process's share of a save by the `comm.size()` processes of a job (one process: all).
 struct Share<'a> {
     comm: &'a dyn Collectives,
@@ -419,8 +434,8 @@ struct Share<'a> {
     tensors: &'a dyn Parameters,
     /// The model meta.json describes (its name, configuration, optimizer, precision).
     described: &'a dyn Model,
-    /// Whether this process writes table t (by its index in the whole model).
-    writes_table: &'a dyn Fn(usize) -> bool,
+    /// What this process writes of table t (by its index in the whole model), if anything.
+    writes_table: &'a dyn Fn(usize) -> Option<TablePart>,
     sharding: Option<Sharding>,
 }
 
@@ -768,20 +783,28 @@ fn copy_f32s(bytes: &[u8], out: &mut [f32]) {
     bytemuck::cast_slice_mut::<f32, u8>(out).copy_from_slice(bytes);
 }
 
-/// Writes the tables of `model` that `writes_table` selects (by index in the whole model) and
-/// their optimizer state into a checkpoint folder as table files; returns the files written.
+/// Writes what `writes_table` selects of the tables of `model` (by index in the whole model)
+/// and of their optimizer state into a checkpoint folder's table files; returns the files
+/// written.
 fn save_tables(
     model: &dyn Parameters,
     dir: &Path,
-    writes_table: &dyn Fn(usize) -> bool,
+    writes_table: &dyn Fn(usize) -> Option<TablePart>,
 ) -> Result<Vec<PathBuf>> {
     let mut written = Vec::new();
     for (_, _, t) in &tensors(model) {
-        if let TensorKind::Table { table, state } = t.kind
-            && writes_table(table.index())
-        {
-            written.push(table.write_to_dir(dir)?);
-            written.extend(state.write_to_dir(dir, table)?);
+        if let TensorKind::Table { table, state } = t.kind {
+            match writes_table(table.index()) {
+                None => {}
+                Some(TablePart::Whole) => {
+                    written.push(table.write_to_dir(dir)?);
+                    written.extend(state.write_to_dir(dir, table)?);
+                }
+                Some(TablePart::Rows(span)) => {
+                    written.push(table.write_rows_to_dir(dir, span)?);
+                    written.extend(state.write_rows_to_dir(dir, table, span)?);
+                }
+            }
         }
     }
     Ok(written)
@@ -904,8 +927,8 @@ pub fn load_dlrm_with(
 }
 
 /// Loads rank `rank`'s share of a DLRM checkpoint version under `plan` (any number of ranks,
-/// whatever the ranks that wrote it): the tables it owns and the replicas from their table
-/// files into `storage`, the dense parameters and their optimizer state, as [`load_dlrm`]
+/// whatever the ranks that wrote it): the tables it owns, the replicas, and its ranges of the
+/// tables split row-wise (only those rows read) from their table files into `storage`, the dense parameters and their optimizer state, as [`load_dlrm`]
 /// loads the whole model.
 pub fn load_sharded(
     version: &Path,
@@ -915,9 +938,6 @@ pub fn load_sharded(
     rank: usize,
     reduction: DenseReduction,
 ) -> Result<(ShardedDlrm, Meta)> {
-    if let Some(t) = (plan.placement.iter()).position(|p| matches!(p, Placement::Rows(_))) {
-        bail!("table {t} is split row-wise: a checkpoint loads as whole tables only");
-    }
     let meta = read_meta(version)?;
     let cfg = read_dlrm_config(version, &meta)?;
     let config = ModelConfig::Dlrm(cfg.arch.clone());

@@ -10,7 +10,8 @@ use crate::checkpoint::{self, TrainState};
 use crate::data::Batch;
 use crate::metrics::EvalMetrics;
 use crate::model::{
-    Model, OptimizerKind, ParameterScope, PhaseSeconds, PhaseTimer, Precision, Task,
+    Model, OptimizerKind, ParameterScope, Parameters, PhaseSeconds, PhaseTimer, Precision, Task,
+    first_non_finite,
 };
 use crate::names::{Field, FieldError, FieldNames, ensure_field};
 use crate::rng::{SplitMix64, derive_key};
@@ -391,8 +392,12 @@ const DEFAULT_CHECK_INTERVAL: u64 = 100;
 
 /// Refuses a model whose parameters are not all finite (dense parameters, or every parameter
 /// with `ParameterScope::All`): the error names the tensor, the index and the step.
-fn ensure_finite_parameters(model: &dyn Model, scope: ParameterScope, step: u64) -> Result<()> {
-    match model.first_non_finite(scope) {
+fn ensure_finite_parameters<P: Parameters + ?Sized>(
+    model: &P,
+    scope: ParameterScope,
+    step: u64,
+) -> Result<()> {
+    match first_non_finite(model, scope) {
         Some(bad) => Err(Diverged {
             step,
             what: format!("parameter {bad}"),
@@ -400,6 +405,33 @@ fn ensure_finite_parameters(model: &dyn Model, scope: ParameterScope, step: u64)
         .into()),
         None => Ok(()),
     }
+}
+
+/// Refuses a non-finite loss of the step that completed `step` steps.
+fn ensure_finite_loss(loss: f64, step: u64) -> Result<()> {
+    if loss.is_finite() {
+        return Ok(());
+    }
+    Err(Diverged {
+        step,
+        what: format!("the loss diverged to {loss}"),
+    }
+    .into())
+}
+
+/// Steps between scans of the dense parameters: the report interval, or
+/// [`DEFAULT_CHECK_INTERVAL`] without reports.
+fn check_interval(opts: &TrainOptions) -> u64 {
+    match opts.print_freq {
+        0 => DEFAULT_CHECK_INTERVAL,
+        n => n as u64,
+    }
+}
+
+/// Whether the options ask for a periodic evaluation after step `step` (`--test-freq`; never
+/// after the run's `last` step, which the final evaluation scores).
+fn periodic_eval_due(opts: &TrainOptions, step: u64, last: bool) -> bool {
+    opts.test_freq > 0 && step.is_multiple_of(opts.test_freq as u64) && !last
 }
 
 /// Batches in one pass over `train_len` training samples, and steps per epoch.
@@ -581,16 +613,15 @@ fn score(
 /// Refuses non-finite predictions, which make every metric meaningless (all-NaN scores tie,
 /// which reads as AUC 0.5): names the sample (`sample(i)` for prediction i) and the model's
 /// first non-finite parameter.
-pub fn ensure_finite_predictions(
-    model: &dyn Model,
+pub fn ensure_finite_predictions<P: Parameters + ?Sized>(
+    model: &P,
     preds: &[f32],
     sample: impl FnOnce(usize) -> String,
 ) -> Result<()> {
     let Some(i) = preds.iter().position(|p| !p.is_finite()) else {
         return Ok(());
     };
-    let cause = model
-        .first_non_finite(ParameterScope::All)
+    let cause = first_non_finite(model, ParameterScope::All)
         .map_or_else(String::new, |bad| format!(" (parameter {bad})"));
     anyhow::bail!(
         "the model's prediction for {} is {}: its parameters are not finite{cause}",
@@ -857,13 +888,7 @@ impl Run<'_> {
         let loss = model
             .train_step(&view, opts.lr.at(step), &mut self.timer)
             .with_context(samples)?;
-        if !loss.is_finite() {
-            return Err(Diverged {
-                step: step + 1,
-                what: format!("the loss diverged to {loss}"),
-            }
-            .into());
-        }
+        ensure_finite_loss(loss, step + 1)?;
         Ok(loss)
     }
 
@@ -911,7 +936,7 @@ impl Run<'_> {
             let report = self.window.close(step, total, epoch, self.plan.bs, lr);
             self.observer.interval(&report);
         }
-        if opts.test_freq > 0 && step.is_multiple_of(opts.test_freq as u64) && !last {
+        if periodic_eval_due(opts, step, last) {
             self.periodic_eval(step)?;
         }
         Ok(())
@@ -1028,10 +1053,7 @@ pub fn train(
         last_eval: None,
         last_saved: None,
         timer: PhaseTimer::default(),
-        check_interval: match opts.print_freq {
-            0 => DEFAULT_CHECK_INTERVAL,
-            n => n as u64,
-        },
+        check_interval: check_interval(opts),
     };
     'epochs: for epoch in first_epoch..opts.nepochs as u64 {
         let epoch_shuffle_state = shuffle_rng.state();

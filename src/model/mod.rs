@@ -459,6 +459,30 @@ pub fn first_non_finite_index(values: &[f32]) -> Option<usize> {
         })
 }
 
+/// The first parameter value of `model` (any set of parameters: a model, or one rank's share
+/// of one) that is NaN or infinite, among the dense parameters or, with
+/// `ParameterScope::All`, the embedding tables too (each tensor scanned in parallel).
+pub fn first_non_finite<P: Parameters + ?Sized>(
+    model: &P,
+    scope: ParameterScope,
+) -> Option<NonFinite> {
+    let all = parameters::tensors(model);
+    let dense = all
+        .iter()
+        .filter(|(_, _, t)| matches!(t.kind, TensorKind::Dense));
+    let tables = all
+        .iter()
+        .filter(|(_, _, t)| scope == ParameterScope::All && !matches!(t.kind, TensorKind::Dense));
+    dense.chain(tables).find_map(|(name, _, t)| {
+        let values = t.values();
+        first_non_finite_index(&values).map(|index| NonFinite {
+            name: name.clone(),
+            index,
+            value: values[index],
+        })
+    })
+}
+
 /// Floats per sample an MLP's buffers hold: each layer's output, and its gradient in training.
 pub fn mlp_floats_per_sample(mlp: &mlp::Mlp, training: bool) -> usize {
     let outputs: usize = mlp.layers.iter().map(|l| l.outputs).sum();
@@ -516,21 +540,7 @@ pub trait Model: Send + Parameters {
     /// The first parameter value that is NaN or infinite, among the dense parameters or, with
     /// `ParameterScope::All`, the embedding tables too (each tensor scanned in parallel).
     fn first_non_finite(&self, scope: ParameterScope) -> Option<NonFinite> {
-        let all = parameters::tensors(self);
-        let dense = all
-            .iter()
-            .filter(|(_, _, t)| matches!(t.kind, TensorKind::Dense));
-        let tables = all.iter().filter(|(_, _, t)| {
-            scope == ParameterScope::All && !matches!(t.kind, TensorKind::Dense)
-        });
-        dense.chain(tables).find_map(|(name, _, t)| {
-            let values = t.values();
-            first_non_finite_index(&values).map(|index| NonFinite {
-                name: name.clone(),
-                index,
-                value: values[index],
-            })
-        })
+        first_non_finite(self, scope)
     }
     /// How the kernels may use threads from now on (default [`Par::Rayon`]: split over the
     /// current rayon pool when the work pays for it).

@@ -9,10 +9,11 @@ use super::embedding::{EmbeddingTable, OptimizerState, create_tables};
 use super::fm::{Fm, FmConfig};
 use super::mlp::{Mlp, layer_names};
 use super::{Model, ModelKind, OptimizerKind};
-use crate::storage::{StorageKind, state_file_name, table_file_name};
+use crate::storage::{RowSpan, StorageKind, state_file_name, table_file_name};
 use dlrm_kernels::cross::CrossKind;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
+use std::ops::Range;
 use std::path::Path;
 
 /// One parameter tensor of a model, read-only.
@@ -205,6 +206,47 @@ impl TableSource<'_> {
                 Ok((tables, states))
             }
         }
+    }
+
+    /// Rows `rows` of table `index` (of `total_rows` x `dim`; a rank's row-wise shard, row i
+    /// the table's row `rows.start + i`) with its optimizer state `width` wide, in anonymous
+    /// memory: new, initialised as the whole table's rows are; or read from the checkpoint's
+    /// whole-table files (only those rows), into the checkpoint's `storage`. A new shard in
+    /// file storage is refused (shards are made in memory).
+    pub fn row_shard(
+        &self,
+        index: usize,
+        total_rows: usize,
+        rows: Range<usize>,
+        dim: usize,
+        width: usize,
+        seed: u64,
+    ) -> anyhow::Result<(EmbeddingTable, OptimizerState)> {
+        let table = match *self {
+            TableSource::Init(StorageKind::Anon) => {
+                EmbeddingTable::create_rows(index, total_rows, rows, dim, seed)?
+            }
+            TableSource::Init(StorageKind::File { .. }) => anyhow::bail!(
+                "table {index} is split row-wise: new row-wise shards live in anonymous \
+                 memory, not in file storage"
+            ),
+            TableSource::Files { dir, storage } => {
+                let (span, n) = (
+                    RowSpan {
+                        first: rows.start,
+                        total: total_rows,
+                    },
+                    rows.len(),
+                );
+                let path = dir.join(state_file_name(index));
+                let state = OptimizerState::load_rows(&path, index, span, n, width, storage)?;
+                let path = dir.join(table_file_name(index));
+                let table = EmbeddingTable::load_rows(&path, index, span, n, dim, storage)?;
+                return Ok((table, state));
+            }
+        };
+        let state = OptimizerState::create_for(&table, width)?;
+        Ok((table, state))
     }
 }
 

@@ -76,23 +76,25 @@ impl SparseTables {
     }
 
     /// Row-wise shards: `shards[i] = (index, rows)` holds rows `rows` of table `index` (of
-    /// `table_rows[index]` x `dim`), initialised as the whole table's rows are, in anonymous
-    /// memory, with the state `optimizer` needs. Shard row i is the table's row
-    /// `rows.start + i`, so the shard takes ids rebased by `rows.start`.
+    /// `table_rows[index]` x `dim`), from `source` ([`TableSource::row_shard`]: new, initialised
+    /// as the whole table's rows are, or those rows of a checkpoint's table), with the state
+    /// `optimizer` needs. Shard row i is the table's row `rows.start + i`, so the shard takes
+    /// ids rebased by `rows.start`.
     pub fn create_row_shards(
         shards: &[(usize, Range<usize>)],
         table_rows: &[usize],
         dim: usize,
         optimizer: OptimizerKind,
+        source: TableSource,
         seed: u64,
     ) -> anyhow::Result<SparseTables> {
         let width = optimizer.sparse(0.0).state_width(dim);
         let (mut tables, mut states) = (Vec::new(), Vec::new());
         for (index, rows) in shards {
-            let table =
-                EmbeddingTable::create_rows(*index, table_rows[*index], rows.clone(), dim, seed)?;
-            states.push(OptimizerState::create_for(&table, width)?);
+            let total = table_rows[*index];
+            let (table, state) = source.row_shard(*index, total, rows.clone(), dim, width, seed)?;
             tables.push(table);
+            states.push(state);
         }
         Ok(SparseTables::from_parts(tables, states, optimizer))
     }

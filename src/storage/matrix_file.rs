@@ -423,6 +423,66 @@ fn map_bitmap(
     .map_err(io_error(path, "map the row bitmap"))
 }
 
+/// Where a matrix's rows lie in the matrix a table file holds: rows `first ..` of a matrix of
+/// `total` rows (a rank's range of a row-split table; the whole matrix from row 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowSpan {
+    pub first: usize,
+    pub total: usize,
+}
+
+impl RowSpan {
+    /// The whole matrix of `rows` rows.
+    pub fn whole(rows: usize) -> RowSpan {
+        RowSpan {
+            first: 0,
+            total: rows,
+        }
+    }
+
+    fn is_whole(&self, rows: usize) -> bool {
+        self.first == 0 && rows == self.total
+    }
+
+    /// Checks that `rows` rows from `first` lie inside the matrix.
+    fn check(&self, rows: usize, cols: usize) -> Result<(), TableError> {
+        if self
+            .first
+            .checked_add(rows)
+            .is_some_and(|end| end <= self.total)
+        {
+            return Ok(());
+        }
+        Err(TableError::BadShape {
+            rows,
+            cols,
+            reason: "the rows lie past the end of the matrix",
+        })
+    }
+}
+
+/// The bits of rows `first .. first + rows` of a checked lazy table file's row bitmap, read
+/// into anonymous memory and rebased (bit i: row `first + i`).
+fn read_bitmap_rows(
+    file: &File,
+    path: &Path,
+    header: &Header,
+    first: usize,
+    rows: usize,
+) -> Result<MmapMut, TableError> {
+    let mut whole = vec![0u8; (first + rows).div_ceil(8) - first / 8];
+    file.read_exact_at(&mut whole, header.bitmap_offset + (first / 8) as u64)
+        .map_err(io_error(path, "read the row bitmap"))?;
+    let mut bits = MmapMut::map_anon(rows.div_ceil(8)).map_err(io_error(path, "map"))?;
+    for i in 0..rows {
+        let r = first % 8 + i;
+        if whole[r / 8] & (1 << (r % 8)) != 0 {
+            bits[i / 8] |= 1 << (i % 8);
+        }
+    }
+    Ok(bits)
+}
+
 /// One rows x cols f32 matrix of a model (an embedding table's weights or its optimizer
 /// state), row-major, in anonymous memory or a table file, with the row bitmap of a lazily
 /// initialised table. The storage layer only keeps the bits; what a row's initial value is,
@@ -511,16 +571,34 @@ impl MatrixFile {
         cols: usize,
         storage: &StorageKind,
     ) -> Result<MatrixFile, TableError> {
-        let (file, header) = open_file(path, id, rows, cols, false)?;
-        let offset = header.data_offset;
+        Self::load_rows(path, id, RowSpan::whole(rows), rows, cols, storage)
+    }
+
+    /// Loads rows `span.first .. span.first + rows` of matrix `id` (a `span.total` x `cols`
+    /// table file) into `storage`, as [`load`](Self::load) loads the whole matrix: a rank's
+    /// row range of a row-split table, read (anonymous storage: one positioned read of its
+    /// rows) or mapped copy-on-write (file storage) from its offset, the rest of the file
+    /// untouched. The row bitmap of a lazy file comes along for the rows loaded (bit i: row
+    /// `span.first + i`), mapped copy-on-write for the whole matrix, else copied.
+    pub fn load_rows(
+        path: &Path,
+        id: MatrixId,
+        span: RowSpan,
+        rows: usize,
+        cols: usize,
+        storage: &StorageKind,
+    ) -> Result<MatrixFile, TableError> {
+        span.check(rows, cols)?;
+        let (file, header) = open_file(path, id, span.total, cols, false)?;
+        let offset = header.data_offset + (span.first * cols * 4) as u64;
         let data = match storage {
             StorageKind::Anon => MappedMatrix::anon_from_file(&file, path, offset, rows, cols)?,
             StorageKind::File { .. } => MappedMatrix::private(&file, path, offset, rows, cols)?,
         };
-        let bitmap = if header.lazy() {
-            Some(map_bitmap(&file, path, &header, true)?)
-        } else {
-            None
+        let bitmap = match (header.lazy(), span.is_whole(rows)) {
+            (false, _) => None,
+            (true, true) => Some(map_bitmap(&file, path, &header, true)?),
+            (true, false) => Some(read_bitmap_rows(&file, path, &header, span.first, rows)?),
         };
         Ok(MatrixFile {
             data,
@@ -561,6 +639,43 @@ impl MatrixFile {
                 .map_err(io_error(&path, "set the length"))?;
             Ok(path)
         })
+    }
+
+    /// Writes this matrix as rows `span.first ..` of the `span.total`-row matrix file
+    /// `dir/`[`MatrixId::file_name`] (not fsynced): a rank's row range of a row-split table,
+    /// written into the one file a single process writes for the whole table (the same
+    /// header, the rows at their byte offset, the same length). An eager matrix (no row
+    /// bitmap: a row range is always materialised).
+    ///
+    /// The owners of a table's ranges (processes, on one machine or several over a shared
+    /// file system) write the file at the same time, in any order, without waiting for each
+    /// other: each opens it creating it if absent and never truncating, extends it to the
+    /// whole matrix's length (the same length for every writer, so no `ftruncate` cuts rows
+    /// another has written; the unwritten gap reads as zeros until its owner writes it),
+    /// writes the header (the same bytes from every writer, so an interleaving changes
+    /// nothing), then its rows, which overlap no other writer's. Once every owner has
+    /// written and synced, the file holds every row. A failed write leaves the file to the
+    /// caller (other writers may be using it): a checkpoint removes its whole folder.
+    pub fn write_rows_to_dir(&self, dir: &Path, span: RowSpan) -> Result<PathBuf, TableError> {
+        debug_assert!(self.bitmap.is_none(), "a row range is eager");
+        let (rows, cols) = (self.rows(), self.cols());
+        span.check(rows, cols)?;
+        let header = Header::new(self.id, span.total, cols, self.seed, false);
+        let path = dir.join(self.id.file_name());
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_error(&path, "open"))?;
+        let at = header.data_offset + (span.first * cols * 4) as u64;
+        file.set_len(header.file_len())
+            .map_err(io_error(&path, "set the length"))?;
+        file.write_all_at(bytemuck::bytes_of(&header), 0)
+            .map_err(io_error(&path, "write the header"))?;
+        file.write_all_at(bytemuck::cast_slice(self.as_slice()), at)
+            .map_err(io_error(&path, "write the rows"))?;
+        Ok(path)
     }
 
     /// Writes the data of a shared file map and then its row bitmap back to disk and waits, so

@@ -27,7 +27,7 @@ pub mod mmap;
 pub mod sys;
 
 pub use matrix_file::{
-    ELEMENT_F32, FORMAT_VERSION, HEADER_LEN, MAGIC, MatrixFile, MatrixId, MatrixKind,
+    ELEMENT_F32, FORMAT_VERSION, HEADER_LEN, MAGIC, MatrixFile, MatrixId, MatrixKind, RowSpan,
     state_file_name, table_file_name,
 };
 pub use mmap::{MappedMatrix, map_read_only};

@@ -5,14 +5,15 @@
 //! run continues from the checkpoint's step, epoch and batch order as one process does.
 
 use super::{
-    DataSource, EvalMetrics, IntervalReport, TrainObserver, TrainOptions, epoch_order, start_state,
-    steps_per_epoch, total_steps,
+    DataSource, Diverged, EvalMetrics, EvalPoint, IntervalReport, TrainObserver, TrainOptions,
+    check_interval, ensure_finite_loss, ensure_finite_parameters, ensure_finite_predictions,
+    epoch_order, eval_point, periodic_eval_due, start_state, steps_per_epoch, total_steps,
 };
 use crate::checkpoint::{self, TrainState};
 use crate::data::{Batch, RankPart};
 use crate::distributed::{Collectives, ShardPlan};
 use crate::model::dlrm::{CollectiveCost, CommStats, DenseReduction, ShardedDlrm, slice_of};
-use crate::model::{PhaseSeconds, PhaseTimer};
+use crate::model::{ParameterScope, PhaseSeconds, PhaseTimer};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -48,6 +49,9 @@ pub struct ShardedReport {
     pub test_accuracy: f64,
     pub test_auc: f64,
     pub test_ne: f64,
+    /// Every evaluation of the held-out set (`--test-freq`, then the final one), as one
+    /// process reports them.
+    pub evals: Vec<EvalPoint>,
     pub per_rank: Vec<RankTimes>,
     pub wall_seconds: f64,
 }
@@ -96,6 +100,7 @@ pub fn train_sharded(
     model.reserve_inference(opts.test_batch_size);
     observer.started(first_step, steps);
     let mut run = Steps::new(comm, model, data, opts, observer);
+    let stop = stop_at.unwrap_or(steps);
     'epochs: for epoch in first_epoch..opts.nepochs as u64 {
         let epoch_shuffle_state = shuffle_rng.state();
         epoch_order(&mut order, data_batches, data.shuffle(), &mut shuffle_rng);
@@ -112,21 +117,22 @@ pub fn train_sharded(
                 epoch_shuffle_state,
                 ..state
             };
-            run.after_step(&state, steps, epoch)?;
+            run.after_step(&state, steps, epoch, state.step == stop)?;
         }
     }
     if run.last_saved != Some(state.step) {
         run.save(&state)?;
     }
-    let step_seconds = run.steps_start.elapsed().as_secs_f64() - run.save_seconds;
+    let step_seconds = run.steps_start.elapsed().as_secs_f64() - run.excluded_seconds;
     let train_loss = run.final_loss();
-    let timer = run.timer;
+    let (timer, mut evals) = (run.timer, run.evals);
     // The training steps' collectives, before the evaluation adds its forward exchanges.
     let train_comm = model.comm_stats();
     observer.finished();
     let mut batch = Batch::default();
     let metrics = evaluate_sharded(comm, model, data, opts.test_batch_size, &mut batch)?;
     observer.final_evaluation(state.step, &metrics);
+    evals.push(eval_point(state.step, &metrics));
     let per_rank = gather_times(comm, timer.seconds(), train_comm);
     Ok(ShardedReport {
         model: "dlrm".into(),
@@ -143,6 +149,7 @@ pub fn train_sharded(
         test_accuracy: metrics.accuracy,
         test_auc: metrics.auc,
         test_ne: metrics.ne,
+        evals,
         per_rank,
         wall_seconds: start.elapsed().as_secs_f64(),
     })
@@ -156,6 +163,7 @@ struct Steps<'a> {
     opts: &'a TrainOptions,
     observer: &'a mut dyn TrainObserver,
     batch: Batch,
+    eval_batch: Batch,
     timer: PhaseTimer,
     interval_loss: f64,
     interval_steps: u64,
@@ -163,9 +171,13 @@ struct Steps<'a> {
     /// The mean loss of the last closed interval.
     train_loss: f64,
     steps_start: Instant,
-    /// Seconds spent saving checkpoints (left out of the throughput).
-    save_seconds: f64,
+    /// Seconds spent saving checkpoints and evaluating (left out of the throughput).
+    excluded_seconds: f64,
     last_saved: Option<u64>,
+    /// The periodic evaluations so far.
+    evals: Vec<EvalPoint>,
+    /// Steps between scans of the dense parameters.
+    check_interval: u64,
 }
 
 impl<'a> Steps<'a> {
@@ -183,14 +195,17 @@ impl<'a> Steps<'a> {
             opts,
             observer,
             batch: Batch::default(),
+            eval_batch: Batch::default(),
             timer: PhaseTimer::default(),
             interval_loss: 0.0,
             interval_steps: 0,
             interval_start: Instant::now(),
             train_loss: f64::NAN,
             steps_start: Instant::now(),
-            save_seconds: 0.0,
+            excluded_seconds: 0.0,
             last_saved: None,
+            evals: Vec::new(),
+            check_interval: check_interval(opts),
         }
     }
 
@@ -204,14 +219,28 @@ impl<'a> Steps<'a> {
         let loss = (self.model)
             .train_step(self.comm, &self.batch.view(), lr, &mut self.timer)
             .with_context(|| format!("training samples {first}..{}", first + b as u64))?;
+        // The global batch's loss, the same on every rank: all stop here together.
+        ensure_finite_loss(loss, step + 1)?;
         self.interval_loss += loss;
         self.interval_steps += 1;
         Ok(())
     }
 
-    /// After a step (the run now at `state`): the periodic checkpoint and progress report.
-    fn after_step(&mut self, state: &TrainState, total_steps: u64, epoch: u64) -> Result<()> {
+    /// After a step (the run now at `state`; `last`: the run's last step): the periodic
+    /// finiteness scan, checkpoint, progress report and evaluation, as one process does them.
+    fn after_step(
+        &mut self,
+        state: &TrainState,
+        total_steps: u64,
+        epoch: u64,
+        last: bool,
+    ) -> Result<()> {
         let step = state.step;
+        // The loss can stay finite over non-finite parameters: the dense ones are scanned
+        // every report interval, the tables before every save (as `train` does).
+        if step.is_multiple_of(self.check_interval) {
+            ensure_finite_on_every_rank(self.comm, self.model, ParameterScope::Dense, step)?;
+        }
         if let Some(every) = (self.opts.checkpoint.as_ref().map(|c| c.every)).filter(|&e| e > 0)
             && step.is_multiple_of(every)
         {
@@ -235,6 +264,34 @@ impl<'a> Steps<'a> {
             (self.interval_loss, self.interval_steps) = (0.0, 0);
             self.interval_start = Instant::now();
         }
+        if periodic_eval_due(self.opts, step, last) {
+            self.periodic_eval(step)?;
+        }
+        Ok(())
+    }
+
+    /// An evaluation of the whole held-out set after step `step` (`--test-freq`), which the
+    /// observer (rank 0's prints and records it) sees as one process's.
+    fn periodic_eval(&mut self, step: u64) -> Result<()> {
+        let t = Instant::now();
+        let (comm, batch_size) = (self.comm, self.opts.test_batch_size);
+        let m = evaluate_sharded(
+            comm,
+            self.model,
+            self.data,
+            batch_size,
+            &mut self.eval_batch,
+        )
+        .map_err(|e| {
+            // Non-finite predictions (gathered: every rank sees them) come from parameters
+            // that diverged since the last scan: report them as the divergence they are.
+            ensure_finite_on_every_rank(comm, self.model, ParameterScope::All, step)
+                .err()
+                .unwrap_or(e)
+        })?;
+        self.observer.evaluated(step, &m);
+        self.evals.push(eval_point(step, &m));
+        self.excluded_seconds += t.elapsed().as_secs_f64();
         Ok(())
     }
 
@@ -247,12 +304,16 @@ impl<'a> Steps<'a> {
         }
     }
 
-    /// Saves this rank's share of a checkpoint at `state`, if the options ask for checkpoints.
+    /// Checks that every rank's parameters, tables included, are finite, then saves this
+    /// rank's share of a checkpoint at `state` if the options ask for checkpoints: runs before
+    /// every save and at the end (saving or not), so no non-finite model is written.
     fn save(&mut self, state: &TrainState) -> Result<()> {
+        let t = Instant::now();
+        ensure_finite_on_every_rank(self.comm, self.model, ParameterScope::All, state.step)?;
         let Some(policy) = &self.opts.checkpoint else {
+            self.excluded_seconds += t.elapsed().as_secs_f64();
             return Ok(());
         };
-        let t = Instant::now();
         let path = checkpoint::save_sharded(
             &policy.dir,
             self.comm,
@@ -264,7 +325,7 @@ impl<'a> Steps<'a> {
         )?;
         let secs = t.elapsed().as_secs_f64();
         self.observer.saved(state.step, &path, secs);
-        self.save_seconds += secs;
+        self.excluded_seconds += secs;
         self.last_saved = Some(state.step);
         Ok(())
     }
@@ -290,6 +351,10 @@ pub fn evaluate_sharded(
         model
             .predict(comm, &batch.view(), &mut out)
             .with_context(|| format!("held-out samples {first}..{}", first + size as u64))?;
+        // Gathered: every rank finds the same prediction, and fails together.
+        ensure_finite_predictions(model, &out, |i| {
+            format!("held-out sample {}", first + i as u64)
+        })?;
         preds.extend_from_slice(&out);
         let counts: Vec<usize> = (0..comm.size())
             .map(|q| slice_of(q, comm.size(), size).len())
@@ -300,6 +365,36 @@ pub fn evaluate_sharded(
         first += size as u64;
     }
     Ok(EvalMetrics::compute(&preds, &labels))
+}
+
+/// Checks this rank's parameters in `scope` for NaN and infinities after `step` steps, agreeing
+/// with the other ranks (a gather: every rank calls it at the same point), so that all stop
+/// together: a rank holding one returns the error one process gives, naming the parameter;
+/// the others a divergence naming the ranks that found one.
+fn ensure_finite_on_every_rank(
+    comm: &dyn Collectives,
+    model: &ShardedDlrm,
+    scope: ParameterScope,
+    step: u64,
+) -> Result<()> {
+    let mine = ensure_finite_parameters(model, scope, step);
+    let all = comm.all_gather_f64(if mine.is_err() { 1.0 } else { 0.0 });
+    mine?;
+    let ranks: Vec<String> = (all.iter().enumerate())
+        .filter(|(_, bad)| **bad != 0.0)
+        .map(|(q, _)| q.to_string())
+        .collect();
+    if ranks.is_empty() {
+        return Ok(());
+    }
+    Err(Diverged {
+        step,
+        what: format!(
+            "a parameter of rank {} (named in its output)",
+            ranks.join(", ")
+        ),
+    }
+    .into())
 }
 
 /// What this rank reads of a global batch of `size` samples: its slice's rows; its own and the

@@ -2,8 +2,8 @@
 //! (see `dlrm::model::dlrm::ShardedDlrm`). Under `mpirun` a run is distributed by itself;
 //! `--distributed` forces it. Rank 0 prints the plan, the progress and the summary and writes
 //! the report and the --log-dir records. Checkpoints (--save-model, --load-model) are
-//! single-process ones written and read by all the ranks together (each its own tables; see
-//! `dlrm::checkpoint::save_sharded`): a run resumes on any number of ranks or in one process.
+//! single-process ones written and read by all the ranks together (each its own tables, and its
+//! rows of the tables split row-wise; see `dlrm::checkpoint::save_sharded`): a run resumes on any number of ranks or in one process.
 //! The --save-model folder must be on a file system every rank reaches (shared across
 //! machines); `DLRM_CRASH_AT=<phase>@<rank>` crashes one rank mid-save (the crash tests).
 
@@ -124,7 +124,7 @@ mod with_mpi {
     use dlrm::checkpoint;
     use dlrm::data::synthetic::{SyntheticData, SyntheticSource};
     use dlrm::distributed::mpi::MpiCollectives;
-    use dlrm::distributed::{Collectives, Placement, PlanOptions, ShardPlan, TableCost};
+    use dlrm::distributed::{Collectives, PlanOptions, ShardPlan, TableCost};
     use dlrm::metrics::{format_auc, format_ne};
     use dlrm::model::ModelKind;
     use dlrm::model::dlrm::{DenseReduction, ShardedDlrm};
@@ -149,7 +149,6 @@ mod with_mpi {
             spec.model.name()
         );
         let plan = plan(a, &spec, ranks)?;
-        refuse_row_checkpoints(&plan, &spec, files)?;
         if rank == 0 {
             println!(
                 "sharding plan ({ranks} ranks, --sharding {:?}):\n{plan}",
@@ -221,24 +220,6 @@ mod with_mpi {
         }
         comm.barrier();
         Ok(())
-    }
-
-    /// Checkpoints hold whole tables: a plan that splits a table row-wise is refused with
-    /// `--save-model`/`--load-model` before any work, never saved with a table missing.
-    fn refuse_row_checkpoints(plan: &ShardPlan, spec: &RunSpec, files: &RunFiles) -> Result<()> {
-        let split = (plan.placement.iter()).position(|p| matches!(p, Placement::Rows(_)));
-        let flag = match (spec.train.checkpoint.is_some(), files.load_model.is_some()) {
-            (true, _) => "--save-model",
-            (_, true) => "--load-model",
-            _ => return Ok(()),
-        };
-        match split {
-            Some(t) => anyhow::bail!(
-                "{flag} with table {t} split row-wise: checkpoints of row-wise shards are not \
-                 supported; use --sharding table, or a --rank-memory-gib that fits whole tables"
-            ),
-            None => Ok(()),
-        }
     }
 
     /// The plan of `spec`'s tables (weights and optimizer state; the ids per sample of the

@@ -154,11 +154,13 @@ impl ShardedDlrm {
         reduction: DenseReduction,
     ) -> anyhow::Result<ShardedDlrm> {
         // Checked before any table is made, so that a refusal leaves no table file behind.
-        if !plan.row_split().is_empty() && !matches!(source, TableSource::Init(StorageKind::Anon)) {
+        if !plan.row_split().is_empty()
+            && matches!(source, TableSource::Init(StorageKind::File { .. }))
+        {
             anyhow::bail!(
                 "tables split row-wise (--sharding row, or auto with a table larger than \
-                 --rank-memory-gib) live in anonymous memory: file-backed or loaded tables \
-                 are not supported for them"
+                 --rank-memory-gib) are made in anonymous memory: new file-backed tables are \
+                 not supported for them (a checkpoint's tables load into either storage)"
             );
         }
         let owned: Vec<Vec<usize>> = (0..plan.ranks()).map(|q| plan.tables_of(q)).collect();
@@ -169,7 +171,7 @@ impl ShardedDlrm {
         };
         let (tables, replicas) = (create(&owned[rank])?, create(&replicated)?);
         let (d, sizes) = (arch.embedding_dim, &arch.table_sizes);
-        let rows = RowShards::new(&plan, rank, sizes, d, optimizer, seed)?;
+        let rows = RowShards::new(&plan, rank, sizes, d, optimizer, source, seed)?;
         let mut read = [&owned[rank][..], &replicated[..], rows.tables()].concat();
         read.sort_unstable();
         Ok(ShardedDlrm {

@@ -75,14 +75,15 @@ impl LazyRows {
         }
     }
 
-    /// Initialises every pending row of `data` (rows x `dim`, row-major) in parallel and
-    /// marks every row materialised in `bits`.
+    /// Initialises every pending row of `data` (rows x `dim`, row-major; row r is the table's
+    /// row `first_row + r`) in parallel and marks every row materialised in `bits`.
     pub(super) fn materialize_all(
         &mut self,
         init: &RowInit,
         data: &mut [f32],
         bits: &mut [u8],
         dim: usize,
+        first_row: usize,
     ) {
         if self.pending == 0 {
             return;
@@ -91,7 +92,7 @@ impl LazyRows {
         data.par_chunks_mut(dim)
             .enumerate()
             .filter(|(r, _)| !is_done(done, *r))
-            .for_each(|(r, row)| init.fill(r, row));
+            .for_each(|(r, row)| init.fill(first_row + r, row));
         let rows = data.len() / dim;
         bits[..rows / 8].fill(0xFF);
         if !rows.is_multiple_of(8) {

@@ -2,7 +2,7 @@
 //! table's storage.
 
 use super::table::EmbeddingTable;
-use crate::storage::{MatrixFile, MatrixId, StorageKind, TableError};
+use crate::storage::{MatrixFile, MatrixId, RowSpan, StorageKind, TableError};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
@@ -100,15 +100,36 @@ impl OptimizerState {
         dir: &Path,
         table: &EmbeddingTable,
     ) -> Result<Option<PathBuf>, TableError> {
-        let Some(m) = &self.matrix else {
-            return Ok(None);
-        };
+        self.matrix_of(table)
+            .map(|m| m.write_to_dir(dir))
+            .transpose()
+    }
+
+    /// Writes this state of `table` (a row-wise shard: rows `span.first ..` of a table of
+    /// `span.total` rows) at its offset in the whole table's state file, beside the other
+    /// ranges' owners (see [`MatrixFile::write_rows_to_dir`]); not yet fsynced. Nothing for a
+    /// stateless optimizer (returns None).
+    pub fn write_rows_to_dir(
+        &self,
+        dir: &Path,
+        table: &EmbeddingTable,
+        span: RowSpan,
+    ) -> Result<Option<PathBuf>, TableError> {
+        (self.matrix_of(table))
+            .map(|m| m.write_rows_to_dir(dir, span))
+            .transpose()
+    }
+
+    /// The state matrix (None for a stateless optimizer), which records `table`'s index and
+    /// seed in its file's header.
+    fn matrix_of(&self, table: &EmbeddingTable) -> Option<&MatrixFile> {
+        let m = self.matrix.as_ref()?;
         debug_assert_eq!(
             (m.id().index, m.seed()),
             (table.index(), table.seed()),
             "the state of another table"
         );
-        m.write_to_dir(dir).map(Some)
+        Some(m)
     }
 
     /// Loads the state of table `index` (`rows` x `width`; width 0 loads nothing) from a state
@@ -120,13 +141,27 @@ impl OptimizerState {
         width: usize,
         storage: &StorageKind,
     ) -> Result<OptimizerState, TableError> {
+        Self::load_rows(path, index, RowSpan::whole(rows), rows, width, storage)
+    }
+
+    /// Loads rows `span.first .. span.first + rows` of the state of table `index` (a
+    /// `span.total` x `width` state file) into `storage`, like [`EmbeddingTable::load_rows`].
+    pub fn load_rows(
+        path: &Path,
+        index: usize,
+        span: RowSpan,
+        rows: usize,
+        width: usize,
+        storage: &StorageKind,
+    ) -> Result<OptimizerState, TableError> {
         if width == 0 {
             return Ok(OptimizerState { rows, matrix: None });
         }
         let id = MatrixId::state(index);
+        let matrix = MatrixFile::load_rows(path, id, span, rows, width, storage)?;
         Ok(OptimizerState {
             rows,
-            matrix: Some(MatrixFile::load(path, id, rows, width, storage)?),
+            matrix: Some(matrix),
         })
     }
 

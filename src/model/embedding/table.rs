@@ -3,7 +3,7 @@
 
 use super::init::RowInit;
 use super::lazy::LazyRows;
-use crate::storage::{MatrixFile, MatrixId, StorageKind, TableError};
+use crate::storage::{MatrixFile, MatrixId, RowSpan, StorageKind, TableError};
 use dlrm_kernels::bf16::Isa;
 use dlrm_kernels::embedding::bf16::{join_f32_slice, split_f32_slice};
 use rayon::prelude::*;
@@ -292,7 +292,7 @@ impl EmbeddingTable {
     pub fn materialize_all(&mut self) {
         let (init, dim) = (self.row_init(), self.dim());
         if let (data, Some(bits)) = self.weights.values_and_bitmap_mut() {
-            self.lazy.materialize_all(&init, data, bits, dim);
+            self.lazy.materialize_all(&init, data, bits, dim, 0);
         }
     }
 
@@ -313,15 +313,31 @@ impl EmbeddingTable {
     /// A split table is written as its joined f32 values (built in a temporary anonymous
     /// map), so checkpoints are the same for both layouts.
     pub fn write_to_dir(&self, dir: &Path) -> Result<PathBuf, TableError> {
+        self.with_f32_weights(|w| w.write_to_dir(dir))
+    }
+
+    /// Writes this table (a row-wise shard: rows `span.first ..` of a table of `span.total`
+    /// rows) at its offset in the whole table's file in `dir`, beside the other ranges'
+    /// owners (see [`MatrixFile::write_rows_to_dir`]); not yet fsynced.
+    pub fn write_rows_to_dir(&self, dir: &Path, span: RowSpan) -> Result<PathBuf, TableError> {
+        self.with_f32_weights(|w| w.write_rows_to_dir(dir, span))
+    }
+
+    /// Runs `write` on the weights as f32 rows: the table's own matrix, or for a split
+    /// table its joined values in a temporary anonymous map.
+    fn with_f32_weights(
+        &self,
+        write: impl FnOnce(&MatrixFile) -> Result<PathBuf, TableError>,
+    ) -> Result<PathBuf, TableError> {
         match self.layout {
-            TableLayout::Fp32 => self.weights.write_to_dir(dir),
+            TableLayout::Fp32 => write(&self.weights),
             TableLayout::SplitBf16 => {
                 let (rows, dim, seed) = (self.rows(), self.dim(), self.seed());
                 let id = self.weights.id();
                 let mut joined = MatrixFile::create(id, rows, dim, seed, &StorageKind::Anon)?;
                 let (hi, lo) = self.split_halves();
                 join_rows(hi, lo, joined.as_mut_slice(), dim);
-                joined.write_to_dir(dir)
+                write(&joined)
             }
         }
     }
@@ -338,11 +354,34 @@ impl EmbeddingTable {
         dim: usize,
         storage: &StorageKind,
     ) -> Result<EmbeddingTable, TableError> {
+        Self::load_rows(path, index, RowSpan::whole(rows), rows, dim, storage)
+    }
+
+    /// Loads rows `span.first .. span.first + rows` of table `index` (a `span.total` x `dim`
+    /// table file; a rank's row-wise shard, or the whole table) into `storage`, reading only
+    /// those rows, as [`load`](Self::load) loads a whole table. A shard's rows that a lazy
+    /// file never materialised get their initial values (those of the whole table's rows)
+    /// now: a shard has no bitmap of its own.
+    pub fn load_rows(
+        path: &Path,
+        index: usize,
+        span: RowSpan,
+        rows: usize,
+        dim: usize,
+        storage: &StorageKind,
+    ) -> Result<EmbeddingTable, TableError> {
         let id = MatrixId::weights(index);
-        let mut table = EmbeddingTable::over(MatrixFile::load(path, id, rows, dim, storage)?);
-        if *storage == StorageKind::Anon {
-            // In memory the table has no file to keep a bitmap in: it becomes eager.
-            table.materialize_all();
+        let weights = MatrixFile::load_rows(path, id, span, rows, dim, storage)?;
+        let mut table = EmbeddingTable::over(weights);
+        if *storage == StorageKind::Anon || rows != span.total {
+            // In memory the table has no file to keep a bitmap in, and a shard's row numbers
+            // are not the file's: it becomes eager.
+            let init = RowInit::new(table.seed(), index, span.total);
+            if let (data, Some(bits)) = table.weights.values_and_bitmap_mut() {
+                table
+                    .lazy
+                    .materialize_all(&init, data, bits, dim, span.first);
+            }
             table.weights.drop_bitmap();
         }
         Ok(table)

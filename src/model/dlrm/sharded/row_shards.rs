@@ -24,7 +24,7 @@ use super::{for_each_slot, slice_of};
 use crate::data::BatchView;
 use crate::distributed::{Collectives, Placement, ShardPlan, displacements};
 use crate::model::OptimizerKind;
-use crate::model::parameters::{Named, Tensor, TensorMut};
+use crate::model::parameters::{Named, TableSource, Tensor, TensorMut};
 use crate::model::sparse::SparseTables;
 use dlrm_kernels::embedding::{Bags, Pooling, embedding_bag_forward_tables};
 use dlrm_kernels::gemm::{MatMut, MatRef};
@@ -79,13 +79,15 @@ pub(super) struct RowShards {
 }
 
 impl RowShards {
-    /// Rank `rank`'s ranges of the tables `plan` splits row-wise (of `table_rows` x `dim`).
+    /// Rank `rank`'s ranges of the tables `plan` splits row-wise (of `table_rows` x `dim`),
+    /// from `source` (new, or read from a checkpoint's whole tables).
     pub(super) fn new(
         plan: &ShardPlan,
         rank: usize,
         table_rows: &[usize],
         dim: usize,
         optimizer: OptimizerKind,
+        source: TableSource,
         seed: u64,
     ) -> anyhow::Result<RowShards> {
         let tables = plan.row_split();
@@ -102,7 +104,8 @@ impl RowShards {
         let ranges: Vec<(usize, Range<usize>)> = (held.iter())
             .map(|&j| (tables[j], bounds[j][rank]..bounds[j][rank + 1]))
             .collect();
-        let shards = SparseTables::create_row_shards(&ranges, table_rows, dim, optimizer, seed)?;
+        let shards =
+            SparseTables::create_row_shards(&ranges, table_rows, dim, optimizer, source, seed)?;
         let s = tables.len();
         Ok(RowShards {
             tables,
@@ -126,11 +129,17 @@ impl RowShards {
         &self.tables
     }
 
-    /// Sizes the buffers for global batches of up to `batch` samples on `ranks` ranks.
+    /// Sizes the buffers for global batches of up to `batch` samples on `ranks` ranks (never
+    /// shrinking them: training and inference reserve for their own batch sizes).
     pub(super) fn reserve(&mut self, batch: usize, ranks: usize) {
         let sd = self.tables.len() * self.dim;
-        self.pooled.resize(batch.div_ceil(ranks) * sd, 0.0);
-        self.grads.resize(batch * sd, 0.0);
+        let (pooled, grads) = (batch.div_ceil(ranks) * sd, batch * sd);
+        if self.pooled.len() < pooled {
+            self.pooled.resize(pooled, 0.0);
+        }
+        if self.grads.len() < grads {
+            self.grads.resize(grads, 0.0);
+        }
     }
 
     /// The lookups of this rank's ranges for the whole `batch`, sent to the ranks owning each
