@@ -97,8 +97,7 @@ fn main() {
     let args =
         commands::runconfig::with_config_file(&Cli::command(), std::env::args_os().collect())
             .unwrap_or_else(|e| {
-                eprintln!("error: {}", commands::render_error(&e));
-                std::process::exit(1);
+                exit_with_error(&e);
             });
     let matches = Cli::command().get_matches_from(args);
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
@@ -131,7 +130,15 @@ fn main() {
             eprintln!("{i}");
             std::process::exit(128 + i.reason as i32);
         }
-        eprintln!("error: {}", commands::render_error(&e));
-        std::process::exit(1);
+        exit_with_error(&e);
     }
+}
+
+/// Prints `error: ...` and exits 1. The line goes out in one write: under `mpirun` the ranks
+/// share one stderr, and a line written in pieces interleaves with another rank's.
+fn exit_with_error(e: &anyhow::Error) -> ! {
+    use std::io::Write;
+    let line = format!("error: {}\n", commands::render_error(e));
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    std::process::exit(1);
 }
