@@ -398,6 +398,7 @@ impl ChunkProduct {
                 mask,
                 w,
                 Some(&self.packed),
+                None,
                 MatMut::new(&mut self.c, r, i),
                 precision,
                 seq,

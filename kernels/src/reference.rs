@@ -23,7 +23,7 @@ pub use interaction::*;
 pub use optim::*;
 pub use roofline::*;
 
-/// C = relu(alpha * (A ⊙ [mask > 0]) . B + beta * C + bias), triple loop.
+/// C = relu(alpha * (A ⊙ [mask > 0]) . B + beta * C + bias) ⊙ [c_mask > 0], triple loop.
 pub fn gemm(a: MatRef, b: MatRef, c: &mut MatMut, ops: &GemmOps) {
     let (m, k, n) = (a.rows(), a.cols(), b.cols());
     assert_eq!(b.rows(), k);
@@ -46,6 +46,9 @@ pub fn gemm(a: MatRef, b: MatRef, c: &mut MatMut, ops: &GemmOps) {
             }
             if ops.relu {
                 r = r.max(0.0);
+            }
+            if !ops.c_relu_mask.is_none_or(|mk| mk.get(i, j) > 0.0) {
+                r = 0.0;
             }
             c.row_mut(i)[j] = r as f32;
         }

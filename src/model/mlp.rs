@@ -212,6 +212,10 @@ impl MlpBuffers {
     /// layer l's weight and bias gradients (overwritten) and, when `dx` is given, the gradient
     /// w.r.t. the input `x`. `out` is where forward wrote the output: the caller's buffer, or
     /// None for these buffers. `packed` as in [`MlpBuffers::forward`].
+    ///
+    /// Each layer's ReLU backward is applied once: to `d_out` inside the last layer's products
+    /// (as their operand mask), and below it in the store of the layer above's dX (masked by its
+    /// input, the ReLU's output), so the gradients between layers are stored already masked.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &mut self,
@@ -243,12 +247,12 @@ impl MlpBuffers {
                 _ => MatRef::new(&self.acts[l][..batch * outs], batch, outs),
             };
             let (below, here) = self.grads.split_at_mut(l);
-            let dy = if l + 1 == n {
-                d_out
+            // Above the last layer, dY was masked when the layer above stored it.
+            let (dy, mask) = if l + 1 == n {
+                (d_out, layers[l].relu.then_some(y))
             } else {
-                MatRef::new(&here[0][..batch * outs], batch, outs)
+                (MatRef::new(&here[0][..batch * outs], batch, outs), None)
             };
-            let mask = layers[l].relu.then_some(y);
             let g = &mut grads[l];
             linear_backward_weight(
                 dy,
@@ -260,15 +264,20 @@ impl MlpBuffers {
                 par,
             );
             bias_grad(dy, mask, &mut g.bias, false, par);
-            let d_input = if l == 0 {
-                dx.as_mut().map(|d| d.rb_mut())
+            // dX of the layer's input: the caller's (unmasked), or the layer below's output
+            // gradient, masked here by its ReLU.
+            let (d_input, input_relu) = if l == 0 {
+                (dx.as_mut().map(|d| d.rb_mut()), None)
             } else {
-                Some(MatMut::new(&mut below[l - 1][..batch * ins], batch, ins))
+                let d = MatMut::new(&mut below[l - 1][..batch * ins], batch, ins);
+                (Some(d), layers[l - 1].relu.then_some(input))
             };
             if let Some(d) = d_input {
                 let packed_w = packed.map(|p| &p[l].backward_input);
                 let w = layers[l].weight_view();
-                linear_backward_input_prepacked(dy, mask, w, packed_w, d, precision, par);
+                linear_backward_input_prepacked(
+                    dy, mask, w, packed_w, input_relu, d, precision, par,
+                );
             }
         }
     }

@@ -472,6 +472,7 @@ fn product_portable(isa: Isa, a: Operand, b: Operand, c: MatMut, epi: &Epilogue,
         bias: epi.bias,
         relu: epi.relu,
         a_relu_mask: None,
+        c_relu_mask: None,
         precision: Precision::F32,
     };
     gemm_with_isa(

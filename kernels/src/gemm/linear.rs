@@ -4,7 +4,7 @@
 //! | product  | GEMM                          | M     | N   | K     |
 //! |----------|-------------------------------|-------|-----|-------|
 //! | forward  | Y = relu(X . W^T + b)         | batch | out | in    |
-//! | dX       | dX = (dY ⊙ [Y>0]) . W         | batch | in  | out   |
+//! | dX       | dX = ((dY ⊙ [Y>0]) . W) ⊙ [X>0] | batch | in | out   |
 //! | dW       | dW (+)= (dY ⊙ [Y>0])^T . X    | out   | in  | batch |
 //! | db       | db (+)= column sums of dY ⊙ [Y>0] |   |     |       |
 //!
@@ -75,22 +75,27 @@ pub fn linear_backward_input(
     precision: Precision,
     par: Par,
 ) {
-    linear_backward_input_prepacked(dy, relu_out, w, None, dx, precision, par)
+    linear_backward_input_prepacked(dy, relu_out, w, None, None, dx, precision, par)
 }
 
 /// [`linear_backward_input`] reading W from `packed_w` when given ([`PackedB::pack`] of `w`;
-/// the same bits as without).
+/// the same bits as without). With `input_relu` (the layer's input X, the output of a ReLU),
+/// dX is stored as dX ⊙ [X > 0]: the gradient w.r.t. the pre-activation of the layer below,
+/// whose products then take it with no `relu_out` mask (the same values).
+#[allow(clippy::too_many_arguments)]
 pub fn linear_backward_input_prepacked(
     dy: MatRef,
     relu_out: Option<MatRef>,
     w: MatRef,
     packed_w: Option<&PackedB>,
+    input_relu: Option<MatRef>,
     dx: MatMut,
     precision: Precision,
     par: Par,
 ) {
     let ops = GemmOps {
         a_relu_mask: relu_out,
+        c_relu_mask: input_relu,
         precision,
         ..GemmOps::default()
     };

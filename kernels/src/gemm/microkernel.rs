@@ -9,7 +9,7 @@
 //! A is either packed (MR values per k step, contiguous) or read in place through strides; B is
 //! either packed (NR values per k step, zero-padded, so full-width loads are always safe) or
 //! read in place from rows of the caller's matrix, with masked loads on a right-edge tile.
-//! The epilogue (alpha, beta, bias, ReLU) is applied as the tile is stored; rows past `m` and
+//! The epilogue (alpha, beta, bias, ReLU, output mask) is applied as the tile is stored; rows past `m` and
 //! columns past `n` are never written.
 
 use crate::simd::{SimdVec, prefetch_read, prefetch_write};
@@ -42,6 +42,10 @@ pub struct Tile {
     pub m: usize,
     /// Valid columns of C in this tile (<= NR).
     pub n: usize,
+    /// The output mask's element at the tile's first row and column, or null: C is stored as
+    /// C ⊙ [mask > 0] (see [`super::GemmOps::c_relu_mask`]).
+    pub c_mask: *const f32,
+    pub c_mask_rs: usize,
 }
 
 /// How the accumulated tile is merged into C: C = relu(alpha * acc + beta * C + bias).
@@ -63,6 +67,7 @@ pub struct StoreOps {
 /// - B: row p at `t.b + p * b_rs`, `NV * LANES` readable floats when `B_FULL`, else `t.n`.
 /// - C: row i at `t.c + i * c_rs`, `t.n` writable (and readable if beta != 0) floats, i < t.m.
 /// - bias: null or `t.n` readable floats.
+/// - c_mask: null, or row i at `t.c_mask + i * c_mask_rs` with `t.n` readable floats, i < t.m.
 #[inline(never)]
 pub unsafe fn tile<
     V: SimdVec,
@@ -170,7 +175,7 @@ unsafe fn tile_body<
             } else {
                 acc_row[v] * alpha
             };
-            // SAFETY: n floats of C row i (and of bias) at offset v*LANES are valid.
+            // SAFETY: n floats of C row i (and of bias and the mask) at offset v*LANES are valid.
             unsafe {
                 if s.beta != 0.0 {
                     let old = if n == lanes {
@@ -190,6 +195,16 @@ unsafe fn tile_body<
                 }
                 if s.relu {
                     r = r.max(zero);
+                }
+                if !t.c_mask.is_null() {
+                    let mp = t.c_mask.add(i * t.c_mask_rs + v * lanes);
+                    let mask = if n == lanes {
+                        V::load(mp)
+                    } else {
+                        V::load_partial(mp, n)
+                    };
+                    // All-ones lanes where mask > 0: AND keeps r there, zero elsewhere.
+                    r = mask.simd_gt(zero) & r;
                 }
                 if n == lanes {
                     V::store(cp, r)

@@ -71,7 +71,8 @@ pub const MIN_PARALLEL_FLOPS: usize = 1 << 21;
 /// busy machine. Packing is a copy: the bits do not depend on who packs.
 pub const MIN_PARALLEL_PACK_FLOATS: usize = 1 << 17;
 
-/// What is applied around the product: C = relu(alpha * (A ⊙ mask) . B + beta * C + bias).
+/// What is applied around the product:
+/// C = relu(alpha * (A ⊙ mask) . B + beta * C + bias) ⊙ [c_mask > 0].
 #[derive(Clone, Copy, Debug)]
 pub struct GemmOps<'a> {
     pub alpha: f32,
@@ -84,6 +85,11 @@ pub struct GemmOps<'a> {
     /// If set (same shape as A), A is read as A ⊙ [mask > 0]: the ReLU backward, with the
     /// layer's output as the mask, fused into the read of dY.
     pub a_relu_mask: Option<MatRef<'a>>,
+    /// If set (same shape as C), C is stored as C ⊙ [mask > 0] after the rest of the epilogue:
+    /// with a layer's input X as the mask, dX of that layer comes out as the gradient of the
+    /// ReLU below it, already masked, so the products of the layer below read it without a mask
+    /// (one read of X while the tile is stored, instead of a read of the mask in each of them).
+    pub c_relu_mask: Option<MatRef<'a>>,
     /// The precision of the operands in the product (the accumulation and the epilogue are
     /// f32 either way).
     pub precision: Precision,
@@ -111,6 +117,7 @@ impl Default for GemmOps<'_> {
             bias: None,
             relu: false,
             a_relu_mask: None,
+            c_relu_mask: None,
             precision: Precision::F32,
         }
     }
@@ -149,13 +156,42 @@ pub fn gemm_with_blocks(
         for i in 0..m {
             epilogue_row(None, c.row_mut(i), ops);
         }
-        return;
+        return mask_after(c, ops.c_relu_mask);
     }
-    match path(a, b, ops) {
+    let path = path(a, b, ops);
+    if !fuses_c_mask(path, ops) {
+        let unmasked = GemmOps {
+            c_relu_mask: None,
+            ..*ops
+        };
+        gemm_with_blocks(isa, bs, a, b, c.rb_mut(), &unmasked, par);
+        return mask_after(c, ops.c_relu_mask);
+    }
+    match path {
         Path::Bf16 => gemm_rounded_bf16(a, b, c, ops, isa, par),
         Path::Dot => dispatch!(isa, V => gemm_dot::<V>(a, b, c, ops, par)),
         Path::SplitK => dispatch!(isa, V => gemm_split_k::<V>(isa, bs, a, b, c, ops, par)),
         Path::Tiled => dispatch!(isa, V => gemm_tiled::<V>(bs, a, b, c, ops, par, None)),
+    }
+}
+
+/// Whether the product applies `ops.c_relu_mask` in its own store (or has none): only the
+/// tiled store does, reading the mask's rows as vectors.
+fn fuses_c_mask(path: Path, ops: &GemmOps) -> bool {
+    ops.c_relu_mask
+        .is_none_or(|mk| path == Path::Tiled && mk.cs == 1)
+}
+
+/// C = C ⊙ [mask > 0] where `mask` is given (the products that do not fuse it into their store).
+pub(crate) fn mask_after(mut c: MatMut, mask: Option<MatRef>) {
+    let Some(mask) = mask else { return };
+    for i in 0..c.rows {
+        for (j, cj) in c.row_mut(i).iter_mut().enumerate() {
+            let keep = mask.get(i, j) > 0.0; // false for NaN, as in the tiled store
+            if !keep {
+                *cj = 0.0;
+            }
+        }
     }
 }
 
@@ -183,6 +219,13 @@ fn check_operands(a: &MatRef, b: &MatRef, c: &MatMut, ops: &GemmOps) {
             (mask.rows, mask.cols),
             (m, k),
             "gemm: mask shape differs from A"
+        );
+    }
+    if let Some(mask) = &ops.c_relu_mask {
+        assert_eq!(
+            (mask.rows, mask.cols),
+            (m, n),
+            "gemm: output mask shape differs from C"
         );
     }
 }
@@ -363,6 +406,7 @@ fn gemm_blocked<V: SimdVec, const MR: usize, const NV: usize>(
                         c_rs,
                         bias: ops.bias.filter(|_| last),
                         mask: ops.a_relu_mask,
+                        c_mask: ops.c_relu_mask.filter(|_| last),
                         alpha: ops.alpha,
                         beta: if pc == 0 { ops.beta } else { 1.0 },
                         relu: last && ops.relu,
@@ -396,6 +440,8 @@ struct Block<'a> {
     c_rs: usize,
     bias: Option<&'a [f32]>,
     mask: Option<MatRef<'a>>,
+    /// The output mask (C's shape), after the last K block only.
+    c_mask: Option<MatRef<'a>>,
     alpha: f32,
     /// beta for this K block: the caller's for the first, 1 for the others.
     beta: f32,
@@ -447,6 +493,9 @@ impl Block<'_> {
                         } else {
                             (self.a.ptr_at(ic + ir, self.pc), self.a.rs, self.a.cs)
                         };
+                        let (c_mask, c_mask_rs) = self.c_mask.map_or((std::ptr::null(), 0), |mk| {
+                            (mk.ptr_at(ic + ir, self.jc + jr), mk.rs)
+                        });
                         let t = Tile {
                             k: kc,
                             a: a_ptr,
@@ -458,6 +507,8 @@ impl Block<'_> {
                             c_rs: self.c_rs,
                             m: mv,
                             n: nv,
+                            c_mask,
+                            c_mask_rs,
                         };
                         // SAFETY: the tile lies inside A, B and C as validated at entry: rows
                         // ic+ir .. ic+ir+mv < m, columns jc+jr .. +nv <= n, k steps pc .. pc+kc;
@@ -506,6 +557,11 @@ unsafe fn run_tile<V: SimdVec, const MR: usize, const NV: usize>(
                                 a: t.a.wrapping_add(done * t.a_rs),
                                 c: t.c.wrapping_add(done * t.c_rs),
                                 m: $rows,
+                                c_mask: if t.c_mask.is_null() {
+                                    t.c_mask
+                                } else {
+                                    t.c_mask.wrapping_add(done * t.c_mask_rs)
+                                },
                                 ..*t
                             };
                             if b_full {

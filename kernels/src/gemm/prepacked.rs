@@ -5,8 +5,8 @@
 
 use super::bf16::{PackedPairs, gemm_rounded_bf16_prepacked};
 use super::{
-    BlockSizes, GemmOps, MatMut, MatRef, Path, Precision, check_operands, gemm_tiled,
-    gemm_with_isa, pack, path, tile_nr,
+    BlockSizes, GemmOps, MatMut, MatRef, Path, Precision, check_operands, fuses_c_mask, gemm_tiled,
+    gemm_with_isa, mask_after, pack, path, tile_nr,
 };
 use crate::isa::Isa;
 use crate::parallel::Par;
@@ -101,14 +101,23 @@ pub fn gemm_prepacked_with_isa(
     a: MatRef,
     b: MatRef,
     packed: &PackedB,
-    c: MatMut,
+    mut c: MatMut,
     ops: &GemmOps,
     par: Par,
 ) {
+    let path = path(a, b, ops);
+    if !fuses_c_mask(path, ops) {
+        let unmasked = GemmOps {
+            c_relu_mask: None,
+            ..*ops
+        };
+        gemm_prepacked_with_isa(isa, a, b, packed, c.rb_mut(), &unmasked, par);
+        return mask_after(c, ops.c_relu_mask);
+    }
     if ops.precision == Precision::Bf16 {
         return gemm_rounded_bf16_prepacked(a, b, &packed.pairs, c, ops, isa, par);
     }
-    let tiled = path(a, b, ops) == Path::Tiled;
+    let tiled = path == Path::Tiled;
     if !tiled || !packed.fits(isa, &b) || a.rows() == 0 || b.cols() == 0 || b.rows() == 0 {
         return gemm_with_isa(isa, a, b, c, ops, par);
     }
