@@ -35,12 +35,43 @@ pub trait Collectives {
         send_counts: &[usize],
         recv: &mut [f32],
         recv_counts: &[usize],
+    ) {
+        self.all_to_all_v_during(send, send_counts, recv, recv_counts, &mut || {});
+    }
+    /// [`all_to_all_v`](Self::all_to_all_v), running `work` while the exchange is in flight
+    /// (started before `work`, completed after it), so that a rank's compute hides the wait
+    /// for the slower ranks and the transfer. `work` may call other collectives (every rank
+    /// then calls them in the same order, as always).
+    fn all_to_all_v_during(
+        &self,
+        send: &[f32],
+        send_counts: &[usize],
+        recv: &mut [f32],
+        recv_counts: &[usize],
+        work: &mut dyn FnMut(),
     );
     /// MPI_Allgatherv: every rank's `send` (rank q's holds `counts[q]` values) concatenated
     /// in rank order into `recv`.
-    fn all_gather_v(&self, send: &[f32], recv: &mut [f32], counts: &[usize]);
+    fn all_gather_v(&self, send: &[f32], recv: &mut [f32], counts: &[usize]) {
+        self.all_gather_v_during(send, recv, counts, &mut || {});
+    }
+    /// [`all_gather_v`](Self::all_gather_v) with `work` running while it is in flight (as
+    /// [`all_to_all_v_during`](Self::all_to_all_v_during)).
+    fn all_gather_v_during(
+        &self,
+        send: &[f32],
+        recv: &mut [f32],
+        counts: &[usize],
+        work: &mut dyn FnMut(),
+    );
     /// MPI_Allreduce with MPI_SUM, in place: the order of the additions is the library's.
-    fn all_reduce_sum(&self, values: &mut [f32]);
+    fn all_reduce_sum(&self, values: &mut [f32]) {
+        self.all_reduce_sum_during(values, &mut || {});
+    }
+    /// [`all_reduce_sum`](Self::all_reduce_sum) with `work` running while it is in flight (as
+    /// [`all_to_all_v_during`](Self::all_to_all_v_during)): MPI_Iallreduce, as PyTorch's DDP
+    /// overlaps the gradient reduction with the rest of the backward.
+    fn all_reduce_sum_during(&self, values: &mut [f32], work: &mut dyn FnMut());
     /// Every rank's `value`, in rank order.
     fn all_gather_f64(&self, value: f64) -> Vec<f64>;
     /// Returns once every rank has called it.
@@ -131,12 +162,14 @@ impl Collectives for LocalRank {
         self.group.size
     }
 
-    fn all_to_all_v(
+    /// The threads exchange in shared memory at once; `work` runs after the exchange.
+    fn all_to_all_v_during(
         &self,
         send: &[f32],
         send_counts: &[usize],
         recv: &mut [f32],
         recv_counts: &[usize],
+        work: &mut dyn FnMut(),
     ) {
         let post = Post {
             values: send.to_vec(),
@@ -151,10 +184,17 @@ impl Collectives for LocalRank {
                 recv[at..at + n].copy_from_slice(&post.values[start..start + n]);
                 at += n;
             }
-        })
+        });
+        work();
     }
 
-    fn all_gather_v(&self, send: &[f32], recv: &mut [f32], counts: &[usize]) {
+    fn all_gather_v_during(
+        &self,
+        send: &[f32],
+        recv: &mut [f32],
+        counts: &[usize],
+        work: &mut dyn FnMut(),
+    ) {
         let post = Post {
             values: send.to_vec(),
             ..Post::default()
@@ -165,10 +205,11 @@ impl Collectives for LocalRank {
                 recv[at..at + n].copy_from_slice(&post.values[..n]);
                 at += n;
             }
-        })
+        });
+        work();
     }
 
-    fn all_reduce_sum(&self, values: &mut [f32]) {
+    fn all_reduce_sum_during(&self, values: &mut [f32], work: &mut dyn FnMut()) {
         let post = Post {
             values: values.to_vec(),
             ..Post::default()
@@ -181,7 +222,8 @@ impl Collectives for LocalRank {
                     .zip(&post.values)
                     .for_each(|(v, p)| *v += p);
             }
-        })
+        });
+        work();
     }
 
     fn all_gather_f64(&self, value: f64) -> Vec<f64> {

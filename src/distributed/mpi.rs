@@ -8,6 +8,11 @@
 //! ranks that did not answer within a grace period as lost, and ends the job with MPI_Abort:
 //! the pending request cannot be freed while a peer may still write into its buffers, so the
 //! process cannot return an error and carry on.
+//!
+//! The `*_during` collectives run the caller's work between the start and the polling, so a
+//! rank computes while it would otherwise wait for a slower rank. OpenMPI (without an async
+//! progress thread) moves a started collective on inside MPI calls only: at its start, in any
+//! collective the work itself calls, and in the final polling.
 
 use super::{Collectives, displacements};
 use mpi::collective::SystemOperation;
@@ -148,12 +153,13 @@ impl Collectives for MpiCollectives {
         self.world.size() as usize
     }
 
-    fn all_to_all_v(
+    fn all_to_all_v_during(
         &self,
         send: &[f32],
         send_counts: &[usize],
         recv: &mut [f32],
         recv_counts: &[usize],
+        work: &mut dyn FnMut(),
     ) {
         let (sc, sd) = mpi_counts(send_counts);
         let (rc, rd) = mpi_counts(recv_counts);
@@ -163,27 +169,36 @@ impl Collectives for MpiCollectives {
             let r = self
                 .world
                 .immediate_all_to_all_varcount_into(s, &send, &mut recv);
+            work();
             self.complete("all-to-all", r);
         });
     }
 
-    fn all_gather_v(&self, send: &[f32], recv: &mut [f32], counts: &[usize]) {
+    fn all_gather_v_during(
+        &self,
+        send: &[f32],
+        recv: &mut [f32],
+        counts: &[usize],
+        work: &mut dyn FnMut(),
+    ) {
         let (c, d) = mpi_counts(counts);
         let mut recv = PartitionMut::new(recv, c, d);
         scope(|s| {
             let r = self
                 .world
                 .immediate_all_gather_varcount_into(s, send, &mut recv);
+            work();
             self.complete("all-gather", r);
         });
     }
 
-    fn all_reduce_sum(&self, values: &mut [f32]) {
+    fn all_reduce_sum_during(&self, values: &mut [f32], work: &mut dyn FnMut()) {
         let send = values.to_vec();
         scope(|s| {
             let r =
                 self.world
                     .immediate_all_reduce_into(s, &send[..], values, SystemOperation::sum());
+            work();
             self.complete("all-reduce", r);
         });
     }

@@ -10,6 +10,13 @@
 //!   which applies its fused sparse update; the dense gradients are reduced across ranks
 //!   before the dense update.
 //!
+//! Each collective runs beside compute that does not need its result, so that a rank works
+//! while it would otherwise wait for the slowest one: the forward all-to-all is in flight
+//! during the slice's bottom MLP (after the lookups), the dense reduction during the backward
+//! all-to-all and the sparse updates (as PyTorch's DDP overlaps its gradient all-reduce with
+//! the backward). The overlapped pieces touch disjoint buffers and parameters, so the
+//! results are the bits of running them one after the other.
+//!
 //! Tiny tables the plan replicates are data-parallel like the MLPs: each rank looks them up
 //! for its slice; backward their pooled gradients are gathered in rank order (the global
 //! batch's, in sample order) and every rank applies the whole batch's fused update, the very
@@ -23,7 +30,7 @@
 //! bit for bit the model one process trains on the same global batch.
 
 use super::{
-    DenseInput, Dlrm, bottom_forward, chunking, join, reduce_grads, sum_in_order, swap_grads,
+    DenseInput, Dlrm, bottom_forward, chunking, reduce_grads, sum_in_order, swap_grads,
     update_dense,
 };
 use crate::data::BatchView;
@@ -43,6 +50,7 @@ use crate::storage::StorageKind;
 use dlrm_kernels::embedding::Bags;
 use row_shards::{RowShards, slices};
 use serde::Serialize;
+use std::mem::take;
 use std::ops::Range;
 use std::time::Instant;
 
@@ -71,8 +79,14 @@ pub struct CollectiveCost {
 
 impl CollectiveCost {
     fn add(&mut self, since: Instant, bytes: usize) {
+        self.add_beside(since, 0.0, bytes);
+    }
+
+    /// A collective started at `since` that ran beside `overlapped` seconds of other work:
+    /// only the rest is the collective's (its start, and the wait after the work).
+    fn add_beside(&mut self, since: Instant, overlapped: f64, bytes: usize) {
         self.calls += 1;
-        self.seconds += since.elapsed().as_secs_f64();
+        self.seconds += (since.elapsed().as_secs_f64() - overlapped).max(0.0);
         self.bytes += bytes as u64;
     }
 }
@@ -291,9 +305,11 @@ impl ShardedDlrm {
         slice_of(q, self.plan.ranks(), b)
     }
 
-    /// The lookups of this rank's tables for the whole batch beside its slice's bottom MLP,
-    /// then the forward all-to-all into its feature rows. Returns the slice's dense input and
-    /// its chunk count. `training`: the pass of a training step (see `Dlrm::place_chunks`).
+    /// The lookups of this rank's tables for the whole batch, then the forward all-to-all
+    /// into its feature rows with its slice's bottom MLP running while the exchange is in
+    /// flight (the MLP hides the wait for the other ranks' lookups). Returns the slice's
+    /// dense input and its chunk count. `training`: the pass of a training step (see
+    /// `Dlrm::place_chunks`).
     fn forward<'a>(
         &mut self,
         comm: &dyn Collectives,
@@ -305,11 +321,10 @@ impl ShardedDlrm {
         let mine = self.slice(self.rank, big_b);
         let input = DenseInput::rows(batch, mine.clone());
         let b = input.size();
-        let rows = match self.reduction {
-            DenseReduction::Ordered => chunking(big_b).1,
-            DenseReduction::AllReduce => chunking(b).1,
-        };
-        let n = self.model.place_chunks(b, rows, training);
+        // The chunks of the global batch, as one process cuts it: 4 x 256 rows per rank of 2 at
+        // batch 2048 rather than 8 x 128 (longer weight-gradient products, half the chunk
+        // gradients to reduce).
+        let n = self.model.place_chunks(b, chunking(big_b).1, training);
         let precision = self.model.bottom.precision;
         let owned = &self.owned[self.rank];
         let (k, r) = (owned.len(), self.replicated.len());
@@ -323,30 +338,28 @@ impl ShardedDlrm {
             |i: usize| slice_bags(batch, replicated[i], mine.clone(), &slice_offsets[i]);
         let replica_pooled =
             dlrm_kernels::gemm::MatMut::new(&mut self.replica_pooled[..b * r * d], b, r * d);
-        let (embeddings, replicas) = (&mut self.model.embeddings, &mut self.replicas);
-        let (chunks, bottom) = (&mut self.model.chunks[..n], &self.model.bottom.layers);
-        let bottom_packed = (self.model.weights_packed).then_some(&self.model.bottom_packed[..]);
-        join(
-            par,
-            || {
-                embeddings.forward_bags(|t| batch.bags(owned[t]), pooled, par);
-                replicas.forward_bags(replica_bags, replica_pooled, par);
-            },
-            || bottom_forward(chunks, bottom, bottom_packed, &input, precision, par),
-        );
-        timer.lap(|p| &mut p.emb_fwd);
+        (self.model.embeddings).forward_bags(|t| batch.bags(owned[t]), pooled, par);
+        (self.replicas).forward_bags(replica_bags, replica_pooled, par);
 
         let send: Vec<usize> = (0..self.plan.ranks())
             .map(|q| self.slice(q, big_b).len() * k * d)
             .collect();
         let recv: Vec<usize> = self.owned.iter().map(|o| b * o.len() * d).collect();
         let exchanged = b * self.sharded_tables() * d;
+        let (chunks, bottom) = (&mut self.model.chunks[..n], &self.model.bottom.layers);
+        let bottom_packed = (self.model.weights_packed).then_some(&self.model.bottom_packed[..]);
+        let mut bottom_seconds = 0.0;
         let start = Instant::now();
-        comm.all_to_all_v(
+        comm.all_to_all_v_during(
             &self.pooled[..big_b * k * d],
             &send,
             &mut self.exchange[..exchanged],
             &recv,
+            &mut || {
+                let t = Instant::now();
+                bottom_forward(chunks, bottom, bottom_packed, &input, precision, par);
+                bottom_seconds += t.elapsed().as_secs_f64();
+            },
         );
         let fd = self.model.feature_stride();
         let features = &mut self.model.features;
@@ -362,9 +375,11 @@ impl ShardedDlrm {
                 features[slot..slot + d].copy_from_slice(&self.replica_pooled[at..at + d]);
             },
         );
-        self.stats
-            .forward_all_to_all
-            .add(start, 4 * (send.iter().sum::<usize>() - send[self.rank]));
+        self.stats.forward_all_to_all.add_beside(
+            start,
+            bottom_seconds,
+            4 * (send.iter().sum::<usize>() - send[self.rank]),
+        );
         let start = Instant::now();
         let slices = slices(self.plan.ranks(), big_b);
         let sent = (self.rows).forward(comm, batch, &slices, features, fd, par);
@@ -397,16 +412,38 @@ impl ShardedDlrm {
         timer.lap(|p| &mut p.other);
         let (input, n) = self.forward(comm, batch, true, timer);
         let loss = self.model.chunk_chain(input, n, true, timer);
-        self.backward_all_to_all(comm, batch.size(), input.size());
-        self.gather_replica_grads(comm, batch.size(), input.size());
+        // The dense reduction is in flight while the embeddings' gradients are exchanged and
+        // applied (the overlap of PyTorch's DDP): the two touch disjoint parameters, so the
+        // bits are those of running one after the other.
+        self.reduce_dense_during(comm, n, |s| s.sparse_backward(comm, batch, lr, timer));
+        let m = &mut self.model;
+        let (bottom, top) = (&mut m.bottom.layers, &mut m.top.layers);
+        update_dense(&mut m.dense_opt, bottom, top, lr, m.par);
+        timer.lap(|p| &mut p.dense_update);
+        Ok(comm.all_gather_f64(loss).iter().sum::<f64>() / batch.size() as f64)
+    }
+
+    /// The embeddings' backward: each table's output gradients exchanged back to its owner
+    /// (gathered on every rank for the replicas and the row shards; booked to `dense_update`
+    /// as before the overlap), then every sparse update (`emb_update`).
+    fn sparse_backward(
+        &mut self,
+        comm: &dyn Collectives,
+        batch: &BatchView,
+        lr: f32,
+        timer: &mut PhaseTimer,
+    ) {
+        let big_b = batch.size();
+        let b = self.slice(self.rank, big_b).len();
+        self.backward_all_to_all(comm, big_b, b);
+        self.gather_replica_grads(comm, big_b, b);
         let (start, fd) = (Instant::now(), self.model.feature_stride());
-        let slices = slices(self.plan.ranks(), batch.size());
+        let slices = slices(self.plan.ranks(), big_b);
         let grads = &self.model.grad_features;
         let sent = self.rows.gather_grads(comm, &slices, grads, fd);
         if !self.rows.tables().is_empty() {
             self.stats.row_shard_all_gather.add(start, sent);
         }
-        self.reduce_dense(comm, n);
         timer.lap(|p| &mut p.dense_update);
 
         let (d, k, r, par) = (
@@ -416,33 +453,23 @@ impl ShardedDlrm {
             self.model.par,
         );
         let (owned, grads) = (&self.owned[self.rank], &self.pooled);
-        let (replicated, replica_grads) = (&self.replicated, &self.replica_grads);
-        let (replicas, rows, m) = (&mut self.replicas, &mut self.rows, &mut self.model);
-        let (embeddings, dense_opt) = (&mut m.embeddings, &mut m.dense_opt);
-        let (bottom, top) = (&mut m.bottom.layers, &mut m.top.layers);
-        join(
+        (self.model.embeddings).update(
+            |t| batch.bags(owned[t]),
+            |t| (&grads[t * d..], k * d),
+            lr,
+            0.0,
             par,
-            || {
-                embeddings.update(
-                    |t| batch.bags(owned[t]),
-                    |t| (&grads[t * d..], k * d),
-                    lr,
-                    0.0,
-                    par,
-                );
-                replicas.update(
-                    |t| batch.bags(replicated[t]),
-                    |t| (&replica_grads[t * d..], r * d),
-                    lr,
-                    0.0,
-                    par,
-                );
-                rows.update(lr, par);
-            },
-            || update_dense(dense_opt, bottom, top, lr, par),
         );
+        let (replicated, replica_grads) = (&self.replicated, &self.replica_grads);
+        self.replicas.update(
+            |t| batch.bags(replicated[t]),
+            |t| (&replica_grads[t * d..], r * d),
+            lr,
+            0.0,
+            par,
+        );
+        self.rows.update(lr, par);
         timer.lap(|p| &mut p.emb_update);
-        Ok(comm.all_gather_f64(loss).iter().sum::<f64>() / batch.size() as f64)
     }
 
     /// Sends each owner its tables' output gradients of this rank's slice; receives this
@@ -503,11 +530,54 @@ impl ShardedDlrm {
     }
 
     /// The layers' gradients = the global batch's: this rank's `n` chunks' gradients reduced
-    /// with every other rank's.
-    fn reduce_dense(&mut self, comm: &dyn Collectives, n: usize) {
+    /// with every other rank's, with `work` running while the reduction is in flight.
+    fn reduce_dense_during(
+        &mut self,
+        comm: &dyn Collectives,
+        n: usize,
+        mut work: impl FnMut(&mut Self),
+    ) {
+        let (mut flat, mut gathered) = (take(&mut self.flat), take(&mut self.gathered));
+        self.flatten_dense_grads(n, &mut flat);
+        let (ranks, reduction) = (self.plan.ranks(), self.reduction);
+        let mut overlapped = 0.0;
+        let start = Instant::now();
+        let mut beside = || {
+            let t = Instant::now();
+            work(self);
+            overlapped += t.elapsed().as_secs_f64();
+        };
+        match reduction {
+            DenseReduction::AllReduce => comm.all_reduce_sum_during(&mut flat, &mut beside),
+            DenseReduction::Ordered => {
+                gathered.resize(ranks * flat.len(), 0.0);
+                let counts = vec![flat.len(); ranks];
+                comm.all_gather_v_during(&flat, &mut gathered, &counts, &mut beside);
+            }
+        }
+        let sent = flat.len() * 4;
+        self.stats
+            .dense_all_reduce
+            .add_beside(start, overlapped, sent);
+        let m = &mut self.model;
+        if reduction == DenseReduction::Ordered {
+            // Every chunk's gradients added in global chunk order: the single-process sum.
+            let per_chunk = flat.len() / n;
+            flat.truncate(per_chunk);
+            let part = |c: usize| &gathered[c * per_chunk..(c + 1) * per_chunk];
+            sum_in_order(&mut flat, part, ranks * n, m.par);
+        }
+        unflatten_grads(&flat, &mut m.bottom.layers, &mut m.top.layers);
+        (self.flat, self.gathered) = (flat, gathered);
+    }
+
+    /// This rank's dense gradients, flattened into `flat` (bottom then top; weight then bias)
+    /// for the reduction: the sum of its `n` chunks' (all-reduce), or every chunk's in turn
+    /// (ordered).
+    fn flatten_dense_grads(&mut self, n: usize, flat: &mut Vec<f32>) {
         let m = &mut self.model;
         let (bottom, top, chunks) = (&mut m.bottom.layers, &mut m.top.layers, &mut m.chunks[..n]);
-        let start = Instant::now();
+        flat.clear();
         match self.reduction {
             DenseReduction::AllReduce => {
                 if let [only] = chunks {
@@ -517,43 +587,20 @@ impl ShardedDlrm {
                     reduce_grads(bottom, chunks, |c| &c.bottom_grads, m.par);
                     reduce_grads(top, chunks, |c| &c.top_grads, m.par);
                 }
-                self.flat.clear();
                 for layer in bottom.iter().chain(top.iter()) {
-                    self.flat.extend_from_slice(&layer.grad_weight);
-                    self.flat.extend_from_slice(&layer.grad_bias);
+                    flat.extend_from_slice(&layer.grad_weight);
+                    flat.extend_from_slice(&layer.grad_bias);
                 }
-                comm.all_reduce_sum(&mut self.flat);
-                let sent = self.flat.len() * 4;
-                self.stats.dense_all_reduce.add(start, sent);
             }
             DenseReduction::Ordered => {
-                self.flat.clear();
                 for chunk in chunks.iter() {
                     for g in chunk.bottom_grads.iter().chain(&chunk.top_grads) {
-                        self.flat.extend_from_slice(&g.weight);
-                        self.flat.extend_from_slice(&g.bias);
+                        flat.extend_from_slice(&g.weight);
+                        flat.extend_from_slice(&g.bias);
                     }
                 }
-                let ranks = self.plan.ranks();
-                let per_chunk = self.flat.len() / n;
-                self.gathered.resize(ranks * self.flat.len(), 0.0);
-                comm.all_gather_v(
-                    &self.flat,
-                    &mut self.gathered,
-                    &vec![self.flat.len(); ranks],
-                );
-                self.stats.dense_all_reduce.add(start, self.flat.len() * 4);
-                self.flat.truncate(per_chunk);
-                let gathered = &self.gathered;
-                sum_in_order(
-                    &mut self.flat,
-                    |c| &gathered[c * per_chunk..(c + 1) * per_chunk],
-                    ranks * n,
-                    m.par,
-                );
             }
         }
-        unflatten_grads(&self.flat, bottom, top);
     }
 
     /// Click probabilities for a global batch, on every rank (each computes its slice's and
