@@ -8,6 +8,7 @@ pub mod plot;
 pub mod ranks;
 pub mod report;
 pub mod schedstat;
+pub mod simulate;
 pub mod study;
 pub mod sweep;
 pub mod topology;

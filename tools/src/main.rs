@@ -17,7 +17,7 @@ use dlrm_tools::study::{StudyOptions, busy_warning, run};
 use dlrm_tools::sweep::{boundaries, default_sweep, sweep_of};
 use dlrm_tools::topology::{Placement, Topology, format_cpulist};
 use dlrm_tools::workload::{WorkloadKind, WorkloadSpec};
-use dlrm_tools::{plot, ranks, report};
+use dlrm_tools::{plot, ranks, report, simulate};
 use std::path::PathBuf;
 
 /// Where the pages of the tables go on a multi-socket machine.
@@ -116,6 +116,23 @@ struct Args {
     /// Print the topology and the placement orders, then exit.
     #[arg(long)]
     topology: bool,
+
+    /// Measure nothing: print the alpha-beta projection of the preset's hybrid-parallel step
+    /// at --mini-batch-size on these rank counts (e.g. 8,64,512), then exit
+    /// (docs/scaling-model.md).
+    #[arg(long, value_delimiter = ',', value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
+    simulate_ranks: Option<Vec<usize>>,
+    /// Link bandwidths of the projection, Gb/s, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "25,100")]
+    link_gbps: Vec<f64>,
+    /// Latency of one message in the projection, microseconds.
+    #[arg(long, default_value_t = 5.0)]
+    alpha_us: f64,
+    /// Compute microseconds of one sample's training step on one core in the projection
+    /// (default: the Kaggle step measured at batch 2048 on the 2-core Xeon, 36.9 us a sample
+    /// on 2 threads).
+    #[arg(long, default_value_t = 73.8)]
+    compute_us_per_sample: f64,
 }
 
 /// The parser of a library enumeration's values by their names, offered with their help.
@@ -220,8 +237,52 @@ fn mpi_launcher(a: &Args) -> Result<Launcher> {
     Ok(l)
 }
 
+/// `--simulate-ranks`: the projection of the preset's step, checked flags, no measurement.
+fn simulate(a: &Args, ranks: &[usize]) -> Result<()> {
+    let positive = |v: f64| v > 0.0 && v.is_finite();
+    anyhow::ensure!(
+        a.link_gbps.iter().all(|&g| positive(g)),
+        "--link-gbps: every bandwidth must be a positive number of Gb/s"
+    );
+    anyhow::ensure!(
+        a.alpha_us >= 0.0 && a.alpha_us.is_finite(),
+        "--alpha-us must be a number of microseconds, at least 0"
+    );
+    anyhow::ensure!(
+        positive(a.compute_us_per_sample),
+        "--compute-us-per-sample must be a positive number of microseconds"
+    );
+    let p = a.preset.values();
+    let arch = resolve_architecture(&p, &ArchitectureOverrides::default(), None)?;
+    let batch = a.mini_batch_size.unwrap_or(p.mini_batch_size);
+    anyhow::ensure!(batch >= 1, "--mini-batch-size must be at least 1");
+    let machine = simulate::Machine {
+        alpha: a.alpha_us * 1e-6,
+        compute_per_sample: a.compute_us_per_sample * 1e-6,
+    };
+    let points: Vec<_> = (ranks.iter())
+        .flat_map(|&n| a.link_gbps.iter().map(move |&g| (n, g)))
+        .map(|(n, g)| simulate::project(&arch, &machine, batch, n, g))
+        .collect();
+    println!(
+        "{} preset: {} tables of d = {}, {} dense parameters; alpha {} us, compute {} us a \
+         sample on one core",
+        a.preset.name(),
+        arch.num_tables(),
+        arch.embedding_dim,
+        simulate::dense_parameters(&arch),
+        a.alpha_us,
+        a.compute_us_per_sample
+    );
+    print!("{}", simulate::table(&points, &machine));
+    Ok(())
+}
+
 fn main_result() -> Result<()> {
     let a = Args::parse();
+    if let Some(ranks) = &a.simulate_ranks {
+        return simulate(&a, ranks);
+    }
     let topo = Topology::detect();
     print!("{topo}");
     let order = topo.order(a.placement);
