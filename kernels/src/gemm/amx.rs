@@ -202,32 +202,101 @@ fn pack_tiles(x: &Operand, line0: usize, k_tiles: usize, b_tiles: bool, out: &mu
 
 /// One tile of 16 lines from `line0` x 16 K pairs from `p0`: `out[r * 16 + q]` (A tile) or
 /// `out[q * 16 + r]` (B tile) = the pair (x[line, 2p], x[line, 2p + 1]), zero past the operand.
-/// Vector loads along the contiguous direction give the tile in one orientation; a 16 x 16
-/// transpose of the 32-bit pairs gives the other.
 fn pack_tile(x: &Operand, line0: usize, p0: usize, b_tile: bool, out: &mut [u32]) {
-    let mut t = [[0u32; TILE]; TILE];
+    let tile: &mut PairBlock = out.try_into().expect("a tile is 16 x 16 lanes");
+    if !pair_block(x, (line0, TILE), p0, b_tile, tile) {
+        let layout = if b_tile { (1, TILE) } else { (TILE, 1) };
+        pack_pairs(x, (line0, TILE), (p0, TILE), layout, out, Isa::Amx);
+    }
+}
+
+/// 16 x 16 pairs, row r at `[16 r..]`.
+pub(super) type PairBlock = [u32; TILE_LANES];
+
+/// Writes the pairs (x[line0 + r, 2(p0 + q)], x[line0 + r, 2(p0 + q) + 1]) for r < 16,
+/// q < 16 into `t`, at `t[16 q + r]` (`pair_major`) or `t[16 r + q]`; only the first
+/// `width <= 16` lines are read, the others and everything past the operand are zero. Vector
+/// loads along the contiguous direction give the block in one orientation, a 16 x 16
+/// transpose of the 32-bit pairs the other. Returns false (and writes nothing) when the
+/// operand is contiguous in neither direction.
+pub(super) fn pair_block(
+    x: &Operand,
+    (line0, width): (usize, usize),
+    p0: usize,
+    pair_major: bool,
+    t: &mut PairBlock,
+) -> bool {
+    debug_assert!(width <= TILE);
     let across = match x.contiguity() {
         Contiguity::Along => false,
         Contiguity::Across => true,
-        Contiguity::Neither => {
-            let layout = if b_tile { (1, TILE) } else { (TILE, 1) };
-            pack_pairs(x, (line0, TILE), (p0, TILE), layout, out, Isa::Amx);
-            return;
-        }
+        Contiguity::Neither => return false,
     };
-    // SAFETY: the AMX path requires AVX512-BF16, F and BW (`Isa::Amx.is_supported`).
+    t.fill(0);
+    // SAFETY: the BF16 paths that pack pairs (AMX, AVX512-BF16) require AVX512-BF16, F and BW
+    // (`Isa::is_supported`).
     unsafe {
         if across {
-            pairs_across(x, line0, 2 * p0, &mut t);
+            pairs_across(x, (line0, width), 2 * p0, t);
         } else {
-            pairs_along(x, line0, 2 * p0, &mut t);
+            pairs_along(x, (line0, width), 2 * p0, t);
+        }
+        // `t` is line-major (t[r][q]) when read along K, pair-major (t[q][r]) when read across.
+        if across != pair_major {
+            transpose16(t);
         }
     }
-    // `t` is line-major (t[r][q]) when read along K, pair-major (t[q][r]) when read across.
-    let transpose = across != b_tile;
-    for (i, row) in out.chunks_exact_mut(TILE).enumerate() {
-        for (j, o) in row.iter_mut().enumerate() {
-            *o = if transpose { t[j][i] } else { t[i][j] };
+    true
+}
+
+/// Transposes a 16 x 16 block of 32-bit lanes in registers: 32-bit and 64-bit unpacks within
+/// the 128-bit lanes, then a 4 x 4 transpose of the 128-bit lanes (the usual AVX-512 16 x 16
+/// transpose; Intel optimization manual, "matrix transposition").
+///
+/// # Safety
+/// AVX512F.
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(t: &mut PairBlock) {
+    // SAFETY: row i of t is the 64 bytes at 16 i.
+    let r: [__m512i; TILE] =
+        core::array::from_fn(|i| unsafe { _mm512_loadu_si512(t[TILE * i..].as_ptr().cast()) });
+    // Rows 2i, 2i + 1 interleaved: per 128-bit lane L, columns 4L, 4L + 1 (even) and
+    // 4L + 2, 4L + 3 (odd) of the two rows.
+    let mut pairs = [_mm512_setzero_si512(); TILE];
+    for i in 0..TILE / 2 {
+        pairs[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        pairs[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    // quads[4i + c], 128-bit lane L: column 4L + c of rows 4i .. 4i + 4.
+    let mut quads = [_mm512_setzero_si512(); TILE];
+    for i in 0..TILE / 4 {
+        let (e0, o0, e1, o1) = (
+            pairs[4 * i],
+            pairs[4 * i + 1],
+            pairs[4 * i + 2],
+            pairs[4 * i + 3],
+        );
+        quads[4 * i] = _mm512_unpacklo_epi64(e0, e1);
+        quads[4 * i + 1] = _mm512_unpackhi_epi64(e0, e1);
+        quads[4 * i + 2] = _mm512_unpacklo_epi64(o0, o1);
+        quads[4 * i + 3] = _mm512_unpackhi_epi64(o0, o1);
+    }
+    // Column 4L + c: lane L of quads[c], quads[4 + c], quads[8 + c], quads[12 + c].
+    for c in 0..4 {
+        let (q0, q1, q2, q3) = (quads[c], quads[4 + c], quads[8 + c], quads[12 + c]);
+        let low01 = _mm512_shuffle_i32x4::<0x44>(q0, q1);
+        let high01 = _mm512_shuffle_i32x4::<0xEE>(q0, q1);
+        let low23 = _mm512_shuffle_i32x4::<0x44>(q2, q3);
+        let high23 = _mm512_shuffle_i32x4::<0xEE>(q2, q3);
+        let cols = [
+            _mm512_shuffle_i32x4::<0x88>(low01, low23),
+            _mm512_shuffle_i32x4::<0xDD>(low01, low23),
+            _mm512_shuffle_i32x4::<0x88>(high01, high23),
+            _mm512_shuffle_i32x4::<0xDD>(high01, high23),
+        ];
+        for (l, v) in cols.into_iter().enumerate() {
+            // SAFETY: row 4L + c of t is the 64 bytes at 16 (4L + c).
+            unsafe { _mm512_storeu_si512(t[TILE * (4 * l + c)..].as_mut_ptr().cast(), v) };
         }
     }
 }
@@ -259,19 +328,19 @@ unsafe fn masked_f32(p: *const f32, mp: Option<*const f32>, n: usize) -> __m512 
     }
 }
 
-/// Line-major pairs: `t[r][q]` = (x[line0 + r, k0 + 2q], x[line0 + r, k0 + 2q + 1]), x read
-/// along K (32 values per line, masked at the operand's edges).
+/// Line-major pairs: `t[r][q]` = (x[line0 + r, k0 + 2q], x[line0 + r, k0 + 2q + 1]) for
+/// r < width, x read along K (32 values per line, masked at the operand's edges).
 ///
 /// # Safety
 /// AVX512-BF16, F and BW; `x` is [`Contiguity::Along`].
 #[target_feature(enable = "avx512bf16,avx512f,avx512bw")]
-unsafe fn pairs_along(x: &Operand, line0: usize, k0: usize, t: &mut [[u32; TILE]; TILE]) {
+unsafe fn pairs_along(x: &Operand, (line0, width): (usize, usize), k0: usize, t: &mut PairBlock) {
     let valid = x.depth().saturating_sub(k0).min(2 * TILE);
-    let lines = x.lines().saturating_sub(line0).min(TILE);
+    let lines = x.lines().saturating_sub(line0).min(width);
     if valid == 0 {
         return;
     }
-    for (r, row) in t.iter_mut().enumerate().take(lines) {
+    for (r, row) in t.chunks_exact_mut(TILE).enumerate().take(lines) {
         let v = match x {
             Operand::Rounded { x, mask } => {
                 let xs = x.row_slice(line0 + r, k0, valid);
@@ -300,17 +369,17 @@ unsafe fn pairs_along(x: &Operand, line0: usize, k0: usize, t: &mut [[u32; TILE]
     }
 }
 
-/// Pair-major pairs: `t[q][r]` = (x[line0 + r, k0 + 2q], x[line0 + r, k0 + 2q + 1]), x read
-/// across lines (16 values per K step, masked at the operand's edges).
+/// Pair-major pairs: `t[q][r]` = (x[line0 + r, k0 + 2q], x[line0 + r, k0 + 2q + 1]) for
+/// r < width, x read across lines (16 values per K step, masked at the operand's edges).
 ///
 /// # Safety
 /// AVX512-BF16 and F; `x` is [`Contiguity::Across`] (so f32 values).
 #[target_feature(enable = "avx512bf16,avx512f")]
-unsafe fn pairs_across(x: &Operand, line0: usize, k0: usize, t: &mut [[u32; TILE]; TILE]) {
+unsafe fn pairs_across(x: &Operand, (line0, width): (usize, usize), k0: usize, t: &mut PairBlock) {
     let Operand::Rounded { x, mask } = x else {
         unreachable!("bf16 operands are read along K");
     };
-    let n = x.rows().saturating_sub(line0).min(TILE);
+    let n = x.rows().saturating_sub(line0).min(width);
     if n == 0 {
         return;
     }
@@ -329,7 +398,7 @@ unsafe fn pairs_across(x: &Operand, line0: usize, k0: usize, t: &mut [[u32; TILE
         let h = unsafe { core::mem::transmute::<__m256bh, __m256i>(bf) };
         _mm512_cvtepu16_epi32(h)
     };
-    for (q, row) in t.iter_mut().enumerate() {
+    for (q, row) in t.chunks_exact_mut(TILE).enumerate() {
         let (even, odd) = (step(k0 + 2 * q), step(k0 + 2 * q + 1));
         let pairs = _mm512_or_si512(even, _mm512_slli_epi32::<16>(odd));
         // SAFETY: a row of t is 64 bytes.

@@ -410,8 +410,31 @@ fn pair(even: Bf16, odd: Bf16) -> u32 {
 
 /// Packs `out[r * line_stride + q * pair_stride]` = the pair (x[line0 + r, 2(p0 + q)],
 /// x[line0 + r, 2(p0 + q) + 1]) for r < width, q < pairs; lines past the operand and K past
-/// its depth are zero. The operand is read along whichever direction is contiguous.
+/// its depth are zero. The operand is read along whichever direction is contiguous: on the
+/// BF16 paths 16 x 16 blocks of pairs at a time in vectors ([`super::amx::pair_block`]),
+/// else value by value.
 pub(super) fn pack_pairs(
+    x: &Operand,
+    (line0, width): (usize, usize),
+    (p0, pairs): (usize, usize),
+    (line_stride, pair_stride): (usize, usize),
+    out: &mut [u32],
+    isa: Isa,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa, Isa::Avx512Bf16 | Isa::Amx)
+        && (line_stride == 1 || pair_stride == 1)
+        && x.contiguity() != Contiguity::Neither
+    {
+        let strides = (line_stride, pair_stride);
+        return pack_pair_blocks(x, (line0, width), (p0, pairs), strides, out);
+    }
+    let strides = (line_stride, pair_stride);
+    pack_pairs_scalar(x, (line0, width), (p0, pairs), strides, out, isa)
+}
+
+/// [`pack_pairs`] value by value (the twin of [`pack_pair_blocks`]); `isa` converts runs.
+fn pack_pairs_scalar(
     x: &Operand,
     (line0, width): (usize, usize),
     (p0, pairs): (usize, usize),
@@ -441,6 +464,41 @@ pub(super) fn pack_pairs(
                 for q in 0..n {
                     out[r * line_stride + (q0 + q) * pair_stride] =
                         pair(buf[2 * q], buf[2 * q + 1]);
+                }
+            }
+        }
+    }
+}
+
+/// [`pack_pairs`] by 16 x 16 blocks of pairs in vectors: `x` is contiguous along K or across
+/// lines, and one of the strides is 1 (the block is built with that direction contiguous).
+#[cfg(target_arch = "x86_64")]
+fn pack_pair_blocks(
+    x: &Operand,
+    (line0, width): (usize, usize),
+    (p0, pairs): (usize, usize),
+    (line_stride, pair_stride): (usize, usize),
+    out: &mut [u32],
+) {
+    const BLOCK: usize = 16;
+    let pair_major = line_stride == 1;
+    let mut t = [0u32; BLOCK * BLOCK];
+    for r0 in (0..width).step_by(BLOCK) {
+        let lines = BLOCK.min(width - r0);
+        for q0 in (0..pairs).step_by(BLOCK) {
+            let steps = BLOCK.min(pairs - q0);
+            let packed =
+                super::amx::pair_block(x, (line0 + r0, lines), p0 + q0, pair_major, &mut t);
+            assert!(packed, "the operand is contiguous in one direction");
+            if pair_major {
+                for (q, t_row) in t.chunks_exact(BLOCK).enumerate().take(steps) {
+                    let at = (q0 + q) * pair_stride + r0;
+                    out[at..at + lines].copy_from_slice(&t_row[..lines]);
+                }
+            } else {
+                for (r, t_row) in t.chunks_exact(BLOCK).enumerate().take(lines) {
+                    let at = (r0 + r) * line_stride + q0;
+                    out[at..at + steps].copy_from_slice(&t_row[..steps]);
                 }
             }
         }
@@ -746,6 +804,102 @@ mod avx512 {
                 // SAFETY: 16 floats at (r, 16 v) are inside the MR x NR array.
                 unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(r * BF16_NR + 16 * v), acc_v) };
             }
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::{Bf16Mat, MatRef, Operand, pack_pair_blocks, pack_pairs_scalar};
+    use crate::bf16::{Bf16, Isa};
+    use proptest::prelude::*;
+
+    /// Values with the awkward ones mixed in: zeros of both signs, subnormals (flushed), NaN,
+    /// infinities and exact rounding ties (odd and even kept part).
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let special = [
+            0.0f32,
+            -0.0,
+            1e-40,
+            -1e-40,
+            f32::NAN,
+            f32::INFINITY,
+            f32::from_bits(0x3F80_8000),
+            f32::from_bits(0x3F81_8000),
+        ];
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                match s % 8 {
+                    0 => special[(s >> 8) as usize % special.len()],
+                    _ => ((s >> 40) as f32 / (1u64 << 23) as f32) - 1.0,
+                }
+            })
+            .collect()
+    }
+
+    /// Packs one way and the other into buffers that start with a sentinel; equal bits.
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        x: &Operand,
+        line0: usize,
+        width: usize,
+        p0: usize,
+        pairs: usize,
+        pair_major: bool,
+        pad: usize,
+    ) -> Result<(), TestCaseError> {
+        let strides = if pair_major {
+            (1, width + pad)
+        } else {
+            (pairs + pad, 1)
+        };
+        let len = (width - 1) * strides.0 + (pairs - 1) * strides.1 + 1 + pad;
+        let (mut ours, mut twin) = (vec![0xDEAD_BEEFu32; len], vec![0xDEAD_BEEFu32; len]);
+        pack_pair_blocks(x, (line0, width), (p0, pairs), strides, &mut ours);
+        pack_pairs_scalar(
+            x,
+            (line0, width),
+            (p0, pairs),
+            strides,
+            &mut twin,
+            Isa::Portable,
+        );
+        prop_assert_eq!(ours, twin);
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn vector_packing_matches_the_scalar_twin(
+            (lines, depth) in (1usize..40, 1usize..70),
+            (line0, width) in (0usize..42, 1usize..40),
+            (p0, pairs) in (0usize..37, 1usize..40),
+            form in 0usize..5,
+            (pair_major, pad) in (any::<bool>(), 0usize..3),
+            seed in any::<u64>(),
+        ) {
+            if !Isa::Avx512Bf16.is_supported() {
+                return Ok(());
+            }
+            let data = values(lines * depth, seed);
+            let mask_data = values(lines * depth, seed ^ 1);
+            let bits: Vec<Bf16> = data.iter().map(|&v| Bf16::from_f32(v)).collect();
+            // Forms: along K without and with a mask, across lines without and with a mask,
+            // bf16 values.
+            let along = |d| MatRef::new(d, lines, depth);
+            let across = |d| MatRef::new(d, depth, lines).t();
+            let x = match form {
+                0 => Operand::Rounded { x: along(&data), mask: None },
+                1 => Operand::Rounded { x: along(&data), mask: Some(along(&mask_data)) },
+                2 => Operand::Rounded { x: across(&data), mask: None },
+                3 => Operand::Rounded { x: across(&data), mask: Some(across(&mask_data)) },
+                _ => Operand::Bf16(Bf16Mat::new(&bits, lines, depth)),
+            };
+            check(&x, line0, width, p0, pairs, pair_major, pad)?;
         }
     }
 }
