@@ -185,11 +185,18 @@ fn fuses_c_mask(path: Path, ops: &GemmOps) -> bool {
 /// C = C ⊙ [mask > 0] where `mask` is given (the products that do not fuse it into their store).
 pub(crate) fn mask_after(mut c: MatMut, mask: Option<MatRef>) {
     let Some(mask) = mask else { return };
+    let cols = c.cols;
     for i in 0..c.rows {
-        for (j, cj) in c.row_mut(i).iter_mut().enumerate() {
-            let keep = mask.get(i, j) > 0.0; // false for NaN, as in the tiled store
-            if !keep {
-                *cj = 0.0;
+        let row = c.row_mut(i);
+        // `> 0` is false for NaN, as in the tiled store. Rows of a unit-stride mask are read
+        // as slices, a loop the compiler vectorises (this pass runs on every bf16 dX).
+        if mask.col_stride() == 1 {
+            for (cj, &mj) in row.iter_mut().zip(mask.row_slice(i, 0, cols)) {
+                *cj = if mj > 0.0 { *cj } else { 0.0 };
+            }
+        } else {
+            for (cj, mj) in row.iter_mut().zip(mask.row_iter(i)) {
+                *cj = if mj > 0.0 { *cj } else { 0.0 };
             }
         }
     }
