@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::ranks::{Tensors, table_costs, teacher_data, tensors, tiny_arch};
+use common::ranks::{Tensors, bits, merge_ranks, table_costs, teacher_data, tensors, tiny_arch};
 use dlrm::cancel::Cancel;
 use dlrm::checkpoint::{self, LoadOptions, TrainState};
 use dlrm::data::synthetic::SyntheticSource;
@@ -149,24 +149,7 @@ fn sharded(
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    let split: Vec<String> = (plan.row_split().iter())
-        .map(|t| format!("emb_l.{t}.weight"))
-        .collect();
-    let mut merged = Tensors::new();
-    for tensors in per_rank {
-        for (name, values) in tensors {
-            if split.iter().any(|s| *s == name.trim_end_matches(" state")) {
-                merged.entry(name).or_default().extend(values);
-            } else if let Some(other) = merged.insert(name.clone(), values.clone()) {
-                assert_eq!(bits(&other), bits(&values), "{name} differs between ranks");
-            }
-        }
-    }
-    merged
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
+    merge_ranks(&plan, &per_rank)
 }
 
 fn assert_same(want: &Tensors, got: &Tensors, case: &str) {

@@ -8,7 +8,9 @@
 
 mod common;
 
-use common::ranks::{SingleRun, Tensors, table_costs, teacher_data, tensors, tiny_arch};
+use common::ranks::{
+    SingleRun, Tensors, bits, merge_ranks, table_costs, teacher_data, tensors, tiny_arch,
+};
 use dlrm::data::Batch;
 use dlrm::data::synthetic::SyntheticSource;
 use dlrm::distributed::{
@@ -97,30 +99,15 @@ fn sharded(
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    let split: Vec<String> = (plan.row_split().iter())
-        .map(|t| format!("emb_l.{t}.weight"))
-        .collect();
-    let mut merged = Tensors::new();
-    for (tensors, probs) in &results {
+    for (_, probs) in &results {
         assert_eq!(
             bits(probs),
             bits(&results[0].1),
             "every rank gathers the same predictions"
         );
-        for (name, values) in tensors {
-            let table = name.trim_end_matches(" state");
-            if split.iter().any(|s| s == table) {
-                merged.entry(name.clone()).or_default().extend(values);
-            } else if let Some(other) = merged.insert(name.clone(), values.clone()) {
-                assert_eq!(bits(&other), bits(values), "{name} differs between ranks");
-            }
-        }
     }
+    let merged = merge_ranks(plan, results.iter().map(|(tensors, _)| tensors));
     (merged, results.into_iter().next().unwrap().1)
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
 }
 
 fn assert_same(want: &(Tensors, Vec<f32>), got: &(Tensors, Vec<f32>), case: &str) {

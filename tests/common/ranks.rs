@@ -4,7 +4,7 @@
 use super::threads::{self, teacher_rows, tiny_network};
 use dlrm::data::Batch;
 use dlrm::data::synthetic::SyntheticSource;
-use dlrm::distributed::TableCost;
+use dlrm::distributed::{ShardPlan, TableCost};
 use dlrm::model::architecture::{Architecture, InteractionOp};
 use dlrm::model::dlrm::Dlrm;
 use dlrm::model::parameters::Parameters;
@@ -87,4 +87,31 @@ pub fn tensors(model: &dyn Parameters) -> Tensors {
         out.insert(name, tensor.values().to_vec());
     });
     out
+}
+
+/// The whole model from every rank's tensors: the ranges of `plan`'s row-split tables joined in
+/// rank order, and every other tensor required to be bit-equal on every rank that holds it.
+pub fn merge_ranks<'a>(
+    plan: &ShardPlan,
+    per_rank: impl IntoIterator<Item = &'a Tensors>,
+) -> Tensors {
+    let split: Vec<String> = (plan.row_split().iter())
+        .map(|t| format!("emb_l.{t}.weight"))
+        .collect();
+    let mut merged = Tensors::new();
+    for tensors in per_rank {
+        for (name, values) in tensors {
+            if split.iter().any(|s| s == name.trim_end_matches(" state")) {
+                merged.entry(name.clone()).or_default().extend(values);
+            } else if let Some(other) = merged.insert(name.clone(), values.clone()) {
+                assert_eq!(bits(&other), bits(values), "{name} differs between ranks");
+            }
+        }
+    }
+    merged
+}
+
+/// The values' bit patterns, compared where equality must be exact (and NaN equal to itself).
+pub fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
 }
