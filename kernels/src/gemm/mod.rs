@@ -189,7 +189,7 @@ pub(crate) fn mask_after(mut c: MatMut, mask: Option<MatRef>) {
     for i in 0..c.rows {
         let row = c.row_mut(i);
         // `> 0` is false for NaN, as in the tiled store. Rows of a unit-stride mask are read
-        // as slices, a loop the compiler vectorises (this pass runs on every bf16 dX).
+        // as slices, a select loop without index arithmetic or bounds checks per element.
         if mask.col_stride() == 1 {
             for (cj, &mj) in row.iter_mut().zip(mask.row_slice(i, 0, cols)) {
                 *cj = if mj > 0.0 { *cj } else { 0.0 };
