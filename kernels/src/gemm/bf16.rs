@@ -34,6 +34,7 @@
 use super::{GemmOps, MatMut, MatRef, Precision, gemm_with_isa};
 use crate::bf16::{Bf16, Isa, f32_to_bf16_slice};
 use crate::parallel::{Par, should_split};
+use crate::simd::prefetch_write;
 use rayon::prelude::*;
 
 /// A row-major `rows x cols` matrix of bf16 values.
@@ -580,6 +581,24 @@ impl SharedC {
             rows,
             cols,
             rs,
+        }
+    }
+
+    /// Requests the lines of the tile at C[i0.., j0..] (`rows` x `cols`, clipped to C) for
+    /// writing: a line per 16 floats, and the row's last float for a row that ends in the
+    /// next line.
+    pub fn prefetch(&self, (i0, j0): (usize, usize), (rows, cols): (usize, usize)) {
+        let rows = self.rows.saturating_sub(i0).min(rows);
+        let cols = self.cols.saturating_sub(j0).min(cols);
+        if cols == 0 {
+            return;
+        }
+        for r in 0..rows {
+            let row = self.ptr.wrapping_add((i0 + r) * self.rs + j0);
+            for j in (0..cols).step_by(16) {
+                prefetch_write(row.wrapping_add(j));
+            }
+            prefetch_write(row.wrapping_add(cols - 1));
         }
     }
 
