@@ -213,12 +213,11 @@ impl MlpBuffers {
     /// w.r.t. the input `x`. `out` is where forward wrote the output: the caller's buffer, or
     /// None for these buffers. `packed` as in [`MlpBuffers::forward`].
     ///
-    /// In f32 each layer's ReLU backward is applied once: to `d_out` inside the last layer's
-    /// products (as their operand mask), and below it in the store of the layer above's dX
-    /// (masked by its input, the ReLU's output), so the gradients between layers are stored
-    /// already masked. The bf16 products cannot fuse that mask into their store (it would be
-    /// a pass of its own over dX, measured 1.2-2.1x slower per step), so there every layer
-    /// reads dY through its operand mask, fused into the packing of its products.
+    /// Each layer's ReLU backward is applied once: to `d_out` inside the last layer's products
+    /// (as their operand mask), and below it in the store of the layer above's dX (masked by
+    /// its input, the ReLU's output), so the gradients between layers are stored already
+    /// masked, in f32 and bf16 alike (the bf16 products apply the mask in their f32 epilogue),
+    /// and the weight and bias gradients read them without a mask.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &mut self,
@@ -238,7 +237,6 @@ impl MlpBuffers {
             "reserve() the MLP for training on batch {batch}"
         );
         let n = layers.len();
-        let store_masked = precision == Precision::F32;
         for l in (0..n).rev() {
             let (ins, outs) = (layers[l].inputs, layers[l].outputs);
             let input = if l == 0 {
@@ -256,9 +254,8 @@ impl MlpBuffers {
             } else {
                 MatRef::new(&here[0][..batch * outs], batch, outs)
             };
-            // Above the last layer in f32, dY was masked when the layer above stored it.
-            let read_masked = l + 1 == n || !store_masked;
-            let mask = (read_masked && layers[l].relu).then_some(y);
+            // Above the last layer, dY was masked when the layer above stored it.
+            let mask = (l + 1 == n && layers[l].relu).then_some(y);
             let g = &mut grads[l];
             linear_backward_weight(
                 dy,
@@ -276,10 +273,7 @@ impl MlpBuffers {
                 (dx.as_mut().map(|d| d.rb_mut()), None)
             } else {
                 let d = MatMut::new(&mut below[l - 1][..batch * ins], batch, ins);
-                (
-                    Some(d),
-                    (store_masked && layers[l - 1].relu).then_some(input),
-                )
+                (Some(d), layers[l - 1].relu.then_some(input))
             };
             if let Some(d) = d_input {
                 let packed_w = packed.map(|p| &p[l].backward_input);

@@ -163,11 +163,23 @@ fn rounded_operands<'a>(
             "gemm: mask shape differs from A"
         );
     }
+    if let Some(mask) = &ops.c_relu_mask {
+        assert_eq!(
+            (mask.rows, mask.cols),
+            (m, n),
+            "gemm: output mask shape differs from C"
+        );
+        assert_eq!(
+            mask.cs, 1,
+            "gemm: the bf16 output mask has unit column stride"
+        );
+    }
     let epi = Epilogue {
         alpha: ops.alpha,
         beta: ops.beta,
         bias: ops.bias,
         relu: ops.relu,
+        c_mask: ops.c_relu_mask,
     };
     if let Some(bias) = epi.bias {
         assert_eq!(
@@ -269,7 +281,8 @@ fn product(isa: Isa, a: Operand, b: Operand, c: MatMut, epi: &Epilogue, par: Par
 }
 
 /// What is applied as a tile of the product is stored:
-/// C = relu(alpha * acc + beta * C + bias), in f32, in this order (that of the f32 GEMM).
+/// C = relu(alpha * acc + beta * C + bias) ⊙ [c_mask > 0], in f32, in this order (that of the
+/// f32 GEMM).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Epilogue<'a> {
     pub alpha: f32,
@@ -278,6 +291,8 @@ pub(super) struct Epilogue<'a> {
     /// Length N.
     pub bias: Option<&'a [f32]>,
     pub relu: bool,
+    /// C's shape, unit column stride ([`GemmOps::c_relu_mask`]).
+    pub c_mask: Option<MatRef<'a>>,
 }
 
 impl Default for Epilogue<'_> {
@@ -287,6 +302,7 @@ impl Default for Epilogue<'_> {
             beta: 0.0,
             bias: None,
             relu: false,
+            c_mask: None,
         }
     }
 }
@@ -531,7 +547,7 @@ fn product_portable(isa: Isa, a: Operand, b: Operand, c: MatMut, epi: &Epilogue,
         bias: epi.bias,
         relu: epi.relu,
         a_relu_mask: None,
-        c_relu_mask: None,
+        c_relu_mask: epi.c_mask,
         precision: Precision::F32,
     };
     gemm_with_isa(
@@ -625,19 +641,27 @@ impl SharedC {
             let c_row = unsafe {
                 std::slice::from_raw_parts_mut(self.ptr.add((i0 + r) * self.rs + j0), cols)
             };
+            let mask = epi.c_mask.map(|mk| mk.row_slice(i0 + r, j0, cols));
+            let acc_row = &acc[r * acc_rs..r * acc_rs + cols];
             // SAFETY: AVX512F (caller).
-            unsafe { store_row(&acc[r * acc_rs..r * acc_rs + cols], c_row, bias, epi) };
+            unsafe { store_row(acc_row, c_row, bias, mask, epi) };
         }
     }
 }
 
-/// c = relu(alpha * acc + beta * c + bias), 16 lanes at a time, masked tail.
+/// c = relu(alpha * acc + beta * c + bias) ⊙ [mask > 0], 16 lanes at a time, masked tail.
 ///
 /// # Safety
 /// The CPU supports AVX512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn store_row(acc: &[f32], c: &mut [f32], bias: Option<&[f32]>, epi: &Epilogue) {
+unsafe fn store_row(
+    acc: &[f32],
+    c: &mut [f32],
+    bias: Option<&[f32]>,
+    out_mask: Option<&[f32]>,
+    epi: &Epilogue,
+) {
     use core::arch::x86_64::*;
     let (alpha, beta, zero) = (
         _mm512_set1_ps(epi.alpha),
@@ -645,21 +669,27 @@ unsafe fn store_row(acc: &[f32], c: &mut [f32], bias: Option<&[f32]>, epi: &Epil
         _mm512_setzero_ps(),
     );
     for j in (0..c.len()).step_by(16) {
-        let mask = ((1u32 << (c.len() - j).min(16)) - 1) as u16;
-        // SAFETY: the masked lanes are j .. min(j + 16, len) of acc, c and bias, which have
-        // (at least) c.len() elements.
+        let lanes = ((1u32 << (c.len() - j).min(16)) - 1) as u16;
+        // SAFETY: the masked lanes are j .. min(j + 16, len) of acc, c, bias and the output
+        // mask, which have (at least) c.len() elements.
         unsafe {
-            let mut r = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, acc.as_ptr().add(j)), alpha);
+            let mut r = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, acc.as_ptr().add(j)), alpha);
             if epi.beta != 0.0 {
-                r = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, c.as_ptr().add(j)), beta, r);
+                r = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, c.as_ptr().add(j)), beta, r);
             }
             if let Some(b) = bias {
-                r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(mask, b.as_ptr().add(j)));
+                r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(lanes, b.as_ptr().add(j)));
             }
             if epi.relu {
                 r = _mm512_max_ps(r, zero);
             }
-            _mm512_mask_storeu_ps(c.as_mut_ptr().add(j), mask, r);
+            if let Some(m) = out_mask {
+                // Ordered compare: false for NaN, as `> 0` in the f32 store.
+                let y = _mm512_maskz_loadu_ps(lanes, m.as_ptr().add(j));
+                let keep = _mm512_mask_cmp_ps_mask::<_CMP_GT_OQ>(lanes, y, zero);
+                r = _mm512_maskz_mov_ps(keep, r);
+            }
+            _mm512_mask_storeu_ps(c.as_mut_ptr().add(j), lanes, r);
         }
     }
 }
@@ -746,6 +776,7 @@ fn product_avx512_packed(a: Operand, b_packed: &[u32], c: MatMut, epi: &Epilogue
                 beta: if p0 == 0 { epi.beta } else { 1.0 },
                 bias: epi.bias.filter(|_| last),
                 relu: epi.relu && last,
+                c_mask: epi.c_mask.filter(|_| last),
             };
             for j in 0..n_panels {
                 let b_panel = &b_packed[(j * k_pairs + p0) * BF16_NR..][..pairs * BF16_NR];

@@ -172,11 +172,11 @@ pub fn gemm_with_blocks(
     }
 }
 
-/// Whether the product applies `ops.c_relu_mask` in its own store (or has none): only the
-/// tiled store does, reading the mask's rows as vectors.
+/// Whether the product applies `ops.c_relu_mask` in its own store (or has none): the tiled
+/// store and the bf16 products' store do, reading the mask's rows as vectors.
 fn fuses_c_mask(path: Path, ops: &GemmOps) -> bool {
     ops.c_relu_mask
-        .is_none_or(|mk| path == Path::Tiled && mk.cs == 1)
+        .is_none_or(|mk| matches!(path, Path::Tiled | Path::Bf16) && mk.cs == 1)
 }
 
 /// C = C ⊙ [mask > 0] where `mask` is given (the products that do not fuse it into their store).
