@@ -24,6 +24,7 @@
 
 use super::bf16::{Contiguity, Epilogue, MIN_PARALLEL_FLOPS, Operand, SharedC, pack_pairs};
 use crate::bf16::Isa;
+use crate::mat::MatRef;
 use crate::parallel::{Par, should_split};
 use crate::scratch::{PACK_A, PACK_B, with_scratch};
 use core::arch::asm;
@@ -232,14 +233,24 @@ pub(super) fn pair_block(
         Contiguity::Across => true,
         Contiguity::Neither => return false,
     };
+    let k0 = 2 * p0;
+    if let Operand::Rounded { x, mask } = *x
+        && width == TILE
+        && line0 + TILE <= x.rows()
+        && k0 + 2 * TILE <= x.cols()
+    {
+        // SAFETY: as below; the block lies wholly inside `x` (and its mask, of the same shape).
+        unsafe { full_block(x, mask, (line0, k0), across, pair_major, t) };
+        return true;
+    }
     t.fill(0);
     // SAFETY: the BF16 paths that pack pairs (AMX, AVX512-BF16) require AVX512-BF16, F and BW
     // (`Isa::is_supported`).
     unsafe {
         if across {
-            pairs_across(x, (line0, width), 2 * p0, t);
+            pairs_across(x, (line0, width), k0, t);
         } else {
-            pairs_along(x, (line0, width), 2 * p0, t);
+            pairs_along(x, (line0, width), k0, t);
         }
         // `t` is line-major (t[r][q]) when read along K, pair-major (t[q][r]) when read across.
         if across != pair_major {
@@ -249,9 +260,76 @@ pub(super) fn pair_block(
     true
 }
 
-/// Transposes a 16 x 16 block of 32-bit lanes in registers: 32-bit and 64-bit unpacks within
-/// the 128-bit lanes, then a 4 x 4 transpose of the 128-bit lanes (the usual AVX-512 16 x 16
-/// transpose; Intel optimization manual, "matrix transposition").
+/// [`pair_block`] for a block of 16 lines x 32 K values wholly inside `x` (and `mask`): the
+/// 16 vectors of pairs are built and, when the orientation asks, transposed in registers, then
+/// stored once. Without the edge cases' zero fill, lane masks and round trip through `t`, the
+/// Kaggle layers' weights pack 2-2.8x faster along K and 1.4x across lines (one thread,
+/// in cache); the training step packs every layer's weights both ways each step.
+///
+/// # Safety
+/// AVX512-BF16, F and BW; `x` (and `mask`) is contiguous along K (`across` false) or across
+/// lines (`across` true), and holds lines `line0 .. line0 + 16` and depth `k0 .. k0 + 32`.
+#[target_feature(enable = "avx512bf16,avx512f,avx512bw")]
+unsafe fn full_block(
+    x: MatRef,
+    mask: Option<MatRef>,
+    (line0, k0): (usize, usize),
+    across: bool,
+    pair_major: bool,
+    t: &mut PairBlock,
+) {
+    // 16 f32 values at (i, j) and onwards along the contiguous direction, zeroed where the
+    // mask is not positive (as `masked_f32`).
+    let load = |i: usize, j: usize| {
+        // SAFETY: 16 values from (i, j) lie inside x and mask along the contiguous direction
+        // (caller).
+        unsafe {
+            let keep = match mask {
+                None => u16::MAX,
+                Some(mk) => {
+                    let m = _mm512_loadu_ps(mk.ptr_at(i, j));
+                    _mm512_cmp_ps_mask::<_CMP_GT_OQ>(m, _mm512_setzero_ps())
+                }
+            };
+            _mm512_maskz_loadu_ps(keep, x.ptr_at(i, j))
+        }
+    };
+    // Lane 2i <- lane i (even K step), lane 2i + 1 <- lane 16 + i (odd).
+    let interleave = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
+        19, 3, 18, 2, 17, 1, 16, 0,
+    );
+    let rows: [__m512i; TILE] = if across {
+        // Row q: the pairs of K steps k0 + 2q, k0 + 2q + 1 across the 16 lines.
+        core::array::from_fn(|q| {
+            let (k, l) = (k0 + 2 * q, line0);
+            let bf = _mm512_cvtne2ps_pbh(load(l, k + 1), load(l, k));
+            // SAFETY: a 512-bit vector reinterpreted as another; all bit patterns valid.
+            let halves = unsafe { core::mem::transmute::<__m512bh, __m512i>(bf) };
+            _mm512_permutexvar_epi16(interleave, halves)
+        })
+    } else {
+        // Row r: line line0 + r's 32 K values as 16 pairs.
+        core::array::from_fn(|r| {
+            let (l, k) = (line0 + r, k0);
+            // VCVTNE2PS2BF16: the second source fills the low 16 bf16 lanes, in K order.
+            let bf = _mm512_cvtne2ps_pbh(load(l, k + 16), load(l, k));
+            // SAFETY: a 512-bit vector reinterpreted as another; all bit patterns valid.
+            unsafe { core::mem::transmute::<__m512bh, __m512i>(bf) }
+        })
+    };
+    let rows = if across != pair_major {
+        transpose16_regs(rows)
+    } else {
+        rows
+    };
+    for (row, v) in t.chunks_exact_mut(TILE).zip(rows) {
+        // SAFETY: a row of t is 64 bytes.
+        unsafe { _mm512_storeu_si512(row.as_mut_ptr().cast(), v) };
+    }
+}
+
+/// Transposes a 16 x 16 block of 32-bit lanes held in `t`.
 ///
 /// # Safety
 /// AVX512F.
@@ -260,6 +338,19 @@ unsafe fn transpose16(t: &mut PairBlock) {
     // SAFETY: row i of t is the 64 bytes at 16 i.
     let r: [__m512i; TILE] =
         core::array::from_fn(|i| unsafe { _mm512_loadu_si512(t[TILE * i..].as_ptr().cast()) });
+    for (i, v) in transpose16_regs(r).into_iter().enumerate() {
+        // SAFETY: row i of t is the 64 bytes at 16 i.
+        unsafe { _mm512_storeu_si512(t[TILE * i..].as_mut_ptr().cast(), v) };
+    }
+}
+
+/// Transposes a 16 x 16 block of 32-bit lanes in registers: 32-bit and 64-bit unpacks within
+/// the 128-bit lanes, then a 4 x 4 transpose of the 128-bit lanes (the usual AVX-512 16 x 16
+/// transpose; Intel optimization manual, "matrix transposition").
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn transpose16_regs(r: [__m512i; TILE]) -> [__m512i; TILE] {
+    let mut out = [_mm512_setzero_si512(); TILE];
     // Rows 2i, 2i + 1 interleaved: per 128-bit lane L, columns 4L, 4L + 1 (even) and
     // 4L + 2, 4L + 3 (odd) of the two rows.
     let mut pairs = [_mm512_setzero_si512(); TILE];
@@ -295,10 +386,10 @@ unsafe fn transpose16(t: &mut PairBlock) {
             _mm512_shuffle_i32x4::<0xDD>(high01, high23),
         ];
         for (l, v) in cols.into_iter().enumerate() {
-            // SAFETY: row 4L + c of t is the 64 bytes at 16 (4L + c).
-            unsafe { _mm512_storeu_si512(t[TILE * (4 * l + c)..].as_mut_ptr().cast(), v) };
+            out[4 * l + c] = v;
         }
     }
+    out
 }
 
 /// The first `n <= 16` lanes.
