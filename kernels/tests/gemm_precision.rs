@@ -217,7 +217,14 @@ fn bf16_gemm_layer_shapes_match_the_twin() {
         (33, 17, 1, false, false),      // K = 1
     ];
     for (m, n, k, ta, tb) in shapes {
-        for (beta, relu, mask) in [(0.0, false, false), (1.0, true, true)] {
+        // The plain product (a weight gradient's: AMX stores its whole blocks straight from
+        // the tiles), bias alone, and everything.
+        let epilogues = [
+            (0.0, false, false, false),
+            (0.0, false, false, true),
+            (1.0, true, true, true),
+        ];
+        for (beta, relu, mask, bias) in epilogues {
             let cs = Case {
                 m,
                 n,
@@ -227,7 +234,7 @@ fn bf16_gemm_layer_shapes_match_the_twin() {
                 pads: (1, 0, 2),
                 alpha: 1.0,
                 beta,
-                bias: true,
+                bias,
                 relu,
                 mask,
                 seed: (m * 31 + n * 7 + k) as u64,

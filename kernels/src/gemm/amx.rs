@@ -127,18 +127,25 @@ impl Tiles {
         Tiles(())
     }
 
-    /// C block (32 x 32 f32, row stride 32) = A . B over all of K: `a` are the runs of A tiles
-    /// of its two 16-row halves, `b` those of B's two 16-column halves, each `k_tiles`
-    /// contiguous packed tiles (16 K pairs each).
+    /// A 32 x 32 f32 block = A . B over all of K, stored at `c` (row r at `c + r * rs` floats):
+    /// `a` are the runs of A tiles of its two 16-row halves, `b` those of B's two 16-column
+    /// halves, each `k_tiles` contiguous packed tiles (16 K pairs each).
     ///
     /// # Safety
     /// `a[0]`, `a[1]`, `b[0]`, `b[1]` each point to `k_tiles >= 1` readable tiles of
-    /// TILE_LANES lanes; `c` holds 32 x 32 floats.
-    unsafe fn block(&self, a: [*const u32; 2], b: [*const u32; 2], k_tiles: usize, c: &mut Block) {
+    /// TILE_LANES lanes; `c` is writable for 32 rows of 32 floats at row stride `rs`, and no
+    /// other thread accesses them meanwhile.
+    unsafe fn block(
+        &self,
+        a: [*const u32; 2],
+        b: [*const u32; 2],
+        k_tiles: usize,
+        (c, rs): (*mut f32, usize),
+    ) {
         debug_assert!(k_tiles >= 1);
         // SAFETY: the tiles are configured (self exists); the loads read k_tiles tiles of
         // 1 KiB (16 rows of 64 bytes) at each of the four pointers, in bounds (caller); the
-        // stores write four 16 x 64-byte tiles inside the 4 KiB block (row stride 128).
+        // stores write four 16 x 64-byte tiles inside the 32 x 32 block at `c` (caller).
         unsafe {
             asm!(
                 "tilezero tmm0",
@@ -160,18 +167,19 @@ impl Tiles {
                 "add {b1}, 1024",
                 "dec {n}",
                 "jnz 2b",
-                "tilestored [{c} + {s128}*1], tmm0",
-                "tilestored [{c} + {s128}*1 + 64], tmm1",
-                "tilestored [{c} + {s128}*1 + 2048], tmm2",
-                "tilestored [{c} + {s128}*1 + 2112], tmm3",
+                "tilestored [{c0} + {cs}*1], tmm0",
+                "tilestored [{c0} + {cs}*1 + 64], tmm1",
+                "tilestored [{c1} + {cs}*1], tmm2",
+                "tilestored [{c1} + {cs}*1 + 64], tmm3",
                 a0 = inout(reg) a[0] => _,
                 a1 = inout(reg) a[1] => _,
                 b0 = inout(reg) b[0] => _,
                 b1 = inout(reg) b[1] => _,
                 n = inout(reg) k_tiles => _,
                 s64 = in(reg) 64usize,
-                s128 = in(reg) 128usize,
-                c = in(reg) c.0.as_mut_ptr(),
+                cs = in(reg) 4 * rs,
+                c0 = in(reg) c,
+                c1 = in(reg) c.wrapping_add(TILE * rs),
                 options(nostack),
             );
         }
@@ -589,13 +597,23 @@ fn rows_task(
                 // cycles for the DLRM layers' K), so the store below finds them in cache
                 // instead of waiting on each read-for-ownership: 1.08-1.12x on the bf16
                 // training step (Kaggle, batch 2048).
-                c.prefetch((i0 + it * TILE, jt * TILE), (2 * TILE, 2 * TILE));
+                let at = (i0 + it * TILE, jt * TILE);
+                c.prefetch(at, (2 * TILE, 2 * TILE));
+                // A plain product's block inside C (a weight gradient's, all but its edges)
+                // goes from the tiles straight to C: the epilogue would copy it unchanged.
+                if let Some(whole) = c.whole_block(at, 2 * TILE).filter(|_| epi.is_identity()) {
+                    // SAFETY: as below; the 32 x 32 block at `whole` lies inside C, in the rows
+                    // this task alone owns.
+                    unsafe { tiles.block(a_runs, b_runs, k_tiles, whole) };
+                    continue;
+                }
                 // SAFETY: tiles it, it + 1 < m_tiles and jt, jt + 1 < n_tiles each start a run
-                // of k_tiles >= 1 (K > 0 here) full tiles in the packed buffers.
-                unsafe { tiles.block(a_runs, b_runs, k_tiles, &mut block) };
+                // of k_tiles >= 1 (K > 0 here) full tiles in the packed buffers; `block` holds
+                // 32 x 32 floats at row stride 32.
+                unsafe { tiles.block(a_runs, b_runs, k_tiles, (block.0.as_mut_ptr(), 2 * TILE)) };
                 // SAFETY: the CPU has AVX512F (Isa::Amx requires AVX512-BF16); this task alone
                 // owns rows i0 .. i0 + MC of C; the block holds 32 x 32 floats.
-                unsafe { c.store(&block.0, 2 * TILE, (i0 + it * TILE, jt * TILE), epi) };
+                unsafe { c.store(&block.0, 2 * TILE, at, epi) };
             }
         }
     });

@@ -307,6 +307,18 @@ impl Default for Epilogue<'_> {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+impl Epilogue<'_> {
+    /// C = acc: the epilogue leaves every value (-0.0 and NaN included) as the product gave it.
+    pub fn is_identity(&self) -> bool {
+        self.alpha == 1.0
+            && self.beta == 0.0
+            && self.bias.is_none()
+            && !self.relu
+            && self.c_mask.is_none()
+    }
+}
+
 /// An operand of a BF16 product seen as `lines x depth` (depth = K): the rows of A, or the
 /// columns of B.
 #[derive(Clone, Copy, Debug)]
@@ -616,6 +628,13 @@ impl SharedC {
             }
             prefetch_write(row.wrapping_add(cols - 1));
         }
+    }
+
+    /// Where the `size` x `size` block at C[i0.., j0..] starts, and C's row stride, when the
+    /// block lies wholly inside C.
+    pub fn whole_block(&self, (i0, j0): (usize, usize), size: usize) -> Option<(*mut f32, usize)> {
+        (i0 + size <= self.rows && j0 + size <= self.cols)
+            .then(|| (self.ptr.wrapping_add(i0 * self.rs + j0), self.rs))
     }
 
     /// Stores the tile `acc` (row r at `acc[r * acc_rs..]`) at C[i0.., j0..] with `epi`,
