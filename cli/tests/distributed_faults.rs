@@ -156,11 +156,13 @@ fn the_collective_timeout_ends_the_survivors_naming_the_lost_rank() {
         .filter(|l| l.contains("did not complete within --collective-timeout 5 s"))
         .collect::<Vec<_>>();
     assert!(!named.is_empty(), "{}", o.stderr);
+    // Each survivor prints this line right before its MPI_Abort, and the job has ended (above).
+    // OpenMPI 4's mpirun in recovery mode reports 0 for the abort, so its status is not
+    // checked, and it sometimes loses its own "MPI_ABORT was invoked" report ("Data unpack
+    // would read past end of buffer" in show_help.c), so that text is not required either.
     for line in named {
         assert!(line.contains("lost rank 1 "), "{line}");
+        assert!(line.ends_with("; aborting the job"), "{line}");
         assert!(!line.starts_with("error: rank 1:"), "{line}");
     }
-    // The survivors end the job with MPI_Abort (their exit code 1); OpenMPI 4's mpirun in
-    // recovery mode reports 0 for it, so its status is not checked here.
-    assert!(o.stderr.contains("MPI_ABORT was invoked"), "{}", o.stderr);
 }
